@@ -1,0 +1,85 @@
+//! Where output goes and how it looks: data on stdout, diagnostics on stderr, colour only on a
+//! terminal (or when asked), never when `NO_COLOR` is set.
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+
+use clap::ValueEnum;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+/// Options every command takes.
+#[derive(Debug, clap::Args)]
+pub struct Global {
+    /// When to colour diagnostics.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "CAIRN_COLOR",
+        default_value = "auto"
+    )]
+    pub color: Color,
+    /// Print more about what happens (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Print only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Debug)]
+pub struct Output {
+    pub color: bool,
+    pub quiet: bool,
+}
+
+impl Output {
+    pub fn new(global: &Global) -> Self {
+        let color = match global.color {
+            Color::Always => true,
+            Color::Never => false,
+            Color::Auto => {
+                std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                    && std::io::stderr().is_terminal()
+            }
+        };
+        Self {
+            color,
+            quiet: global.quiet,
+        }
+    }
+
+    /// Writes a note to stderr unless `--quiet`.
+    pub fn note(&self, text: &str) {
+        if !self.quiet {
+            diagnostic(text);
+        }
+    }
+}
+
+/// Reports an error on stderr: its message, then its causes.
+pub fn error(err: &anyhow::Error) {
+    let mut text = format!("error: {err}\n");
+    for cause in err.chain().skip(1) {
+        writeln!(text, "  caused by: {cause}").ok();
+    }
+    diagnostic(&text);
+}
+
+/// Writes data to stdout.
+pub fn data(text: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()
+}
+
+/// Writes a diagnostic to stderr. A closed stderr leaves nobody to tell.
+pub fn diagnostic(text: &str) {
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}

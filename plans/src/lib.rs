@@ -1,0 +1,26 @@
+//! The cairn plan format: a YAML file of parameters, steps and their dependencies, hooks and a lock.
+//! This crate is pure: it reads text it is given and knows nothing of databases or processes.
+//!
+//! - [`raw`]: the file as written, with source spans.
+//! - [`validate`]: raw → [`Plan`], collecting every problem ([`parse`] is the entry point).
+//! - [`model`]: the validated plan the engine runs.
+//! - [`template`]: `{{ }}` templates with strict names and shell quoting; `when` expressions.
+//! - [`dag`]: topological order, cycles, upstream queries.
+//! - [`diag`]: problems with `file:line:col`, rendered for people or as JSON.
+//! - [`graph`]: the DAG as text, dot or mermaid. [`schema`]: the JSON Schema. [`units`]: durations
+//!   and sizes. [`cron`]: crontab expressions.
+
+pub mod cron;
+pub mod dag;
+pub mod diag;
+pub mod graph;
+pub mod model;
+pub mod raw;
+pub mod schema;
+pub mod template;
+pub mod units;
+pub mod validate;
+
+pub use diag::{Problem, Problems};
+pub use model::{Action, Param, ParamType, Plan, Step};
+pub use validate::{parse, parse_bytes};

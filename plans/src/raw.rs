@@ -1,0 +1,304 @@
+//! The plan file as written: serde structs that mirror the YAML, with a source span on every value a
+//! later check may need to point at. Nothing here is validated beyond its YAML shape; `validate` turns
+//! a [`RawPlan`] into a [`crate::Plan`]. The doc comments double as the JSON Schema's descriptions.
+//!
+//! Step kinds are optional fields of one struct, not an enum: serde loses spans inside untagged and
+//! internally tagged enums, and "exactly one action" is a check with a better message than serde's.
+
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_saphyr::Spanned;
+
+/// A string with the place it was written.
+pub type Text = Spanned<String>;
+
+/// A cairn plan: parameters, steps and their dependencies, hooks, lock.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "cairn plan")]
+pub struct RawPlan {
+    /// The plan's name: the op's TYPE column. Letters, digits, `-`, `_` and `.`.
+    #[schemars(with = "String")]
+    pub name: Text,
+    /// What the plan does, for people.
+    pub description: Option<String>,
+    /// The parameters an op of this plan takes, by name.
+    #[schemars(with = "Option<std::collections::BTreeMap<String, RawParam>>")]
+    pub params: Option<Pairs<Spanned<RawParam>>>,
+    /// Template for the op's NAME column, e.g. `"{{ params.xstore }}/{{ params.target }}"`.
+    #[schemars(with = "Option<String>")]
+    pub title: Option<Text>,
+    /// Template for the lock key: ops whose rendered keys are equal never run at once.
+    #[schemars(with = "Option<String>")]
+    pub lock: Option<Text>,
+    /// After an op on the lock key ends, a new op on that key is refused for this long unless acknowledged.
+    #[schemars(with = "Option<Scalar>")]
+    pub cooldown: Option<Spanned<Scalar>>,
+    /// How many tasks of one op may run at once (default 8).
+    #[schemars(with = "Option<u32>")]
+    pub max_parallel: Option<Spanned<u32>>,
+    /// The longest the whole op may run, e.g. `2h`.
+    #[schemars(with = "Option<Scalar>")]
+    pub timeout: Option<Spanned<Scalar>>,
+    /// Whether `cairn serve` resumes an interrupted op of this plan by itself (default true).
+    pub auto_resume: Option<bool>,
+    /// The shell for `run` scripts and `check` probes: `bash` (default, with errexit and pipefail), `sh`, or a path.
+    #[schemars(with = "Option<String>")]
+    pub shell: Option<Text>,
+    /// Environment variables for every step and hook; values are templates.
+    #[schemars(with = "Option<std::collections::BTreeMap<String, Scalar>>")]
+    pub env: Option<Pairs<Spanned<Scalar>>>,
+    /// How much of each attempt's stdout and stderr is kept (the tail), e.g. `1MiB` (default 1MiB).
+    #[schemars(with = "Option<Scalar>")]
+    pub log_limit: Option<Spanned<Scalar>>,
+    /// The plan's default schedule, used by `cairn schedule add` when no `--cron` is given.
+    #[schemars(with = "Option<RawSchedule>")]
+    pub schedule: Option<Spanned<RawSchedule>>,
+    /// The steps, in any order; `needs` decides the order they run in.
+    #[schemars(with = "Vec<RawStep>")]
+    pub steps: Spanned<Vec<Spanned<RawStep>>>,
+    /// Commands run before the first step and after the op ends.
+    pub hooks: Option<RawHooks>,
+}
+
+/// A parameter of the plan.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawParam {
+    /// `string` (default), `int`, `bool`, `list` or `map`.
+    #[serde(rename = "type")]
+    #[schemars(with = "Option<String>")]
+    pub ty: Option<Text>,
+    /// Whether an op must be given a value (default false).
+    pub required: Option<bool>,
+    /// The value when none is given; must have the param's type.
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub default: Option<Spanned<serde_json::Value>>,
+    /// The only values allowed.
+    #[serde(rename = "enum")]
+    #[schemars(with = "Option<Vec<serde_json::Value>>")]
+    pub choices: Option<Spanned<Vec<Spanned<serde_json::Value>>>>,
+    /// What the parameter means, for people.
+    pub description: Option<String>,
+    /// Never shown in status, logs or events; reaches steps only through `env`.
+    pub secret: Option<bool>,
+}
+
+/// One step of the plan: an action and the fields that say when and how it runs.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawStep {
+    /// The step's name, unique in the plan: letters, digits, `-` and `_`.
+    #[schemars(with = "String")]
+    pub id: Text,
+    /// What the step does, for people.
+    pub description: Option<String>,
+    /// Steps that must succeed (or be skipped) before this one starts.
+    #[schemars(with = "Option<Vec<String>>")]
+    pub needs: Option<Spanned<Vec<Text>>>,
+    /// An expression; when false the step is skipped, e.g. `params.role == "follower"`.
+    #[schemars(with = "Option<String>")]
+    pub when: Option<Text>,
+    /// A shell script (template; every inserted value is shell-quoted).
+    #[schemars(with = "Option<String>")]
+    pub run: Option<Text>,
+    /// A program and its arguments, run without a shell (each element a template).
+    #[schemars(with = "Option<Vec<String>>")]
+    pub exec: Option<Spanned<Vec<Spanned<Scalar>>>>,
+    /// `true`: a step that does nothing (a join point).
+    #[schemars(with = "Option<bool>")]
+    pub noop: Option<Spanned<bool>>,
+    /// Wait this long, e.g. `30s`.
+    #[schemars(with = "Option<Scalar>")]
+    pub sleep: Option<Spanned<Scalar>>,
+    /// A manual gate: the prompt shown until someone runs `cairn approve`.
+    #[schemars(with = "Option<String>")]
+    pub approve: Option<Text>,
+    /// Run another plan (a path relative to this file) as a child op.
+    #[schemars(with = "Option<String>")]
+    pub plan: Option<Text>,
+    /// The child plan's parameters (values are templates).
+    #[schemars(with = "Option<std::collections::BTreeMap<String, serde_json::Value>>")]
+    pub with: Option<Spanned<Pairs<Spanned<serde_json::Value>>>>,
+    /// The shell for this step's `run` and `check`, overriding the plan's.
+    #[schemars(with = "Option<String>")]
+    pub shell: Option<Text>,
+    /// Environment variables for this step; values are templates.
+    #[schemars(with = "Option<std::collections::BTreeMap<String, Scalar>>")]
+    pub env: Option<Pairs<Spanned<Scalar>>>,
+    /// The working directory (template).
+    #[schemars(with = "Option<String>")]
+    pub cwd: Option<Text>,
+    /// The longest one attempt may run, e.g. `10m`.
+    #[schemars(with = "Option<Scalar>")]
+    pub timeout: Option<Spanned<Scalar>>,
+    /// How failed attempts are retried.
+    #[schemars(with = "Option<RawRetry>")]
+    pub retry: Option<Spanned<RawRetry>>,
+    /// An idempotency probe (shell script): exit 0 means the work is already done and the step is not run.
+    #[schemars(with = "Option<String>")]
+    pub check: Option<Text>,
+    /// Run the step once per item: an expression giving a list, or a list.
+    #[schemars(with = "Option<RawForEach>")]
+    pub for_each: Option<Spanned<RawForEach>>,
+    /// With `for_each`: how many items may run at once.
+    #[schemars(with = "Option<u32>")]
+    pub max_parallel: Option<Spanned<u32>>,
+    /// Let dependents run even when this step fails.
+    pub continue_on_error: Option<bool>,
+    /// The output keys the step promises to write; when given, templates may use only these.
+    #[schemars(with = "Option<Vec<String>>")]
+    pub outputs: Option<Vec<Text>>,
+    /// How much of each attempt's stdout and stderr is kept, overriding the plan's.
+    #[schemars(with = "Option<Scalar>")]
+    pub log_limit: Option<Spanned<Scalar>>,
+}
+
+/// How a step's failed attempts are retried.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// How many attempts in all, the first included (at least 1).
+    #[schemars(with = "u32")]
+    pub attempts: Spanned<u32>,
+    /// `constant` (default) or `exponential`.
+    #[schemars(with = "Option<String>")]
+    pub backoff: Option<Text>,
+    /// The wait before the second attempt (default `1s`).
+    #[schemars(with = "Option<Scalar>")]
+    pub delay: Option<Spanned<Scalar>>,
+    /// The longest wait between attempts.
+    #[schemars(with = "Option<Scalar>")]
+    pub max_delay: Option<Spanned<Scalar>>,
+    /// Retry only when the exit code is one of these.
+    #[schemars(with = "Option<Vec<i32>>")]
+    pub on_exit_codes: Option<Vec<Spanned<i32>>>,
+}
+
+/// A fan-out source: an expression that gives a list, or the list itself.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawForEach {
+    Expression(String),
+    Items(Vec<serde_json::Value>),
+}
+
+/// The plan's default schedule.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawSchedule {
+    /// A 5-field crontab expression, or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
+    #[schemars(with = "String")]
+    pub cron: Text,
+    /// The time zone the expression is read in (default UTC), e.g. `Europe/Paris`.
+    #[schemars(with = "Option<String>")]
+    pub timezone: Option<Text>,
+}
+
+/// Commands run around the op.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawHooks {
+    /// Before the first step, in order; any failure ends the op `failed` before a step runs.
+    #[schemars(with = "Option<Vec<RawHook>>")]
+    pub pre: Option<Vec<Spanned<RawHook>>>,
+    /// After the op succeeded.
+    #[schemars(with = "Option<Vec<RawHook>>")]
+    pub on_success: Option<Vec<Spanned<RawHook>>>,
+    /// After the op failed.
+    #[schemars(with = "Option<Vec<RawHook>>")]
+    pub on_failure: Option<Vec<Spanned<RawHook>>>,
+    /// After the op was canceled.
+    #[schemars(with = "Option<Vec<RawHook>>")]
+    pub on_cancel: Option<Vec<Spanned<RawHook>>>,
+}
+
+/// One hook: a `run` script or an `exec` command.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawHook {
+    /// A name for status and logs (default: the hook's phase and position, `pre[1]`).
+    pub name: Option<String>,
+    /// A shell script (template).
+    #[schemars(with = "Option<String>")]
+    pub run: Option<Text>,
+    /// A program and its arguments (each a template).
+    #[schemars(with = "Option<Vec<String>>")]
+    pub exec: Option<Spanned<Vec<Spanned<Scalar>>>>,
+    /// The shell for `run`.
+    #[schemars(with = "Option<String>")]
+    pub shell: Option<Text>,
+    /// Environment variables (templates).
+    #[schemars(with = "Option<std::collections::BTreeMap<String, Scalar>>")]
+    pub env: Option<Pairs<Spanned<Scalar>>>,
+    /// The working directory (template).
+    #[schemars(with = "Option<String>")]
+    pub cwd: Option<Text>,
+    /// The longest the hook may run (default 5m).
+    #[schemars(with = "Option<Scalar>")]
+    pub timeout: Option<Spanned<Scalar>>,
+}
+
+/// A YAML scalar read as text: `30`, `30s`, `true` and `"x"` all arrive as strings, so that the
+/// check that interprets them (a duration, a size, an environment value) can say what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[schemars(with = "serde_json::Value")]
+pub struct Scalar(pub String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScalarVisitor;
+        impl Visitor<'_> for ScalarVisitor {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, number or boolean")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Scalar, E> {
+                Ok(Scalar(v))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(ScalarVisitor)
+    }
+}
+
+/// A YAML mapping kept in file order, with each key's place. Duplicate keys are rejected by the parser.
+#[derive(Debug)]
+pub struct Pairs<V>(pub Vec<(Text, V)>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Pairs<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PairsVisitor<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for PairsVisitor<V> {
+            type Value = Pairs<V>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Pairs<V>, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(key) = map.next_key::<Text>()? {
+                    pairs.push((key, map.next_value()?));
+                }
+                Ok(Pairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(PairsVisitor(std::marker::PhantomData))
+    }
+}

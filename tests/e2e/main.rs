@@ -1,0 +1,7 @@
+//! End-to-end tests: they run the real `cairn` binary, as users and scripts do.
+
+mod support;
+
+mod examples;
+mod graph;
+mod invalid_plans;
