@@ -1,0 +1,917 @@
+//! The SQLite backend: opening (and refusing) files, migrations, applying changes, reading.
+//!
+//! PRAGMAs, on every connection that may write:
+//!
+//! | pragma | value | why |
+//! | --- | --- | --- |
+//! | `journal_mode` | `WAL` | readers (`status`) never block the writer, nor it them |
+//! | `synchronous` | `FULL` | a commit is on disk (fsync of the WAL) before it returns: invariant 2 |
+//! | `foreign_keys` | `ON` | tasks, attempts and events cannot outlive their op |
+//! | `busy_timeout` | 5 s (or `CAIRN_BUSY_TIMEOUT_MS`) | another cairn process writing is waited for, not an error |
+//! | `application_id` | [`APPLICATION_ID`] | a SQLite file that is not cairn's is recognised and left alone |
+//! | `user_version` | the schema version | migrations run once; a newer schema is refused |
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, params};
+
+use crate::error::{Error, Result};
+use crate::types::{
+    Applied, AttemptRow, AttemptStatus, Change, EventRow, LogChunk, Millis, NewOp, OpId, OpRow,
+    OpStatus, ProcessId, Snapshot, TaskNo, TaskRow, TaskStatus,
+};
+
+/// `cair` in ASCII: the `application_id` of a cairn database.
+pub const APPLICATION_ID: i32 = 0x6361_6972;
+
+/// The migrations, in order; the schema version is their count.
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_initial.sql")];
+
+/// The schema version this cairn writes.
+#[allow(clippy::cast_possible_wrap)]
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+pub(crate) fn busy_timeout() -> Duration {
+    std::env::var("CAIRN_BUSY_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(5), Duration::from_millis)
+}
+
+/// What went wrong, in the words of the path's owner.
+pub(crate) fn classify(path: &Path, err: &rusqlite::Error) -> Error {
+    let code = err.sqlite_error_code();
+    let reason = match code {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            return Error::Locked {
+                path: path.to_path_buf(),
+                waited_ms: u64::try_from(busy_timeout().as_millis()).unwrap_or(u64::MAX),
+            };
+        }
+        Some(ErrorCode::NotADatabase) => "it is not a SQLite database (nor a cairn one)".to_owned(),
+        Some(ErrorCode::DatabaseCorrupt) => "the file is corrupt".to_owned(),
+        Some(ErrorCode::DiskFull) => {
+            return Error::Write {
+                path: path.to_path_buf(),
+                reason: "the disk is full".to_owned(),
+            };
+        }
+        Some(ErrorCode::ReadOnly) => {
+            return Error::Write {
+                path: path.to_path_buf(),
+                reason: "the file is read-only".to_owned(),
+            };
+        }
+        Some(ErrorCode::SystemIoFailure) => {
+            return Error::Write {
+                path: path.to_path_buf(),
+                reason: format!("I/O error: {err}"),
+            };
+        }
+        Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => {
+            format!("cannot open it: {}", std::io::Error::last_os_error())
+        }
+        _ => err.to_string(),
+    };
+    Error::Unusable {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// Opens the database for writing, creating it (private to the user) if it does not exist.
+pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
+    let fresh = create_private(path)?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, &e))?;
+    conn.busy_timeout(busy_timeout())
+        .map_err(|e| classify(path, &e))?;
+    let version = check_identity(&conn, path, fresh)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(|e| classify(path, &e))?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(|e| classify(path, &e))?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(|e| classify(path, &e))?;
+    if version < SCHEMA_VERSION {
+        migrate(&conn, path, version)?;
+    }
+    Ok(conn)
+}
+
+/// Opens the database for reading; `None` when the file does not exist. Never writes to it.
+pub(crate) fn open_reader(path: &Path) -> Result<Option<Connection>> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::Unusable {
+                path: path.to_path_buf(),
+                reason: format!("cannot read it: {e}"),
+            });
+        }
+        Ok(meta) if meta.is_dir() => {
+            return Err(Error::Unusable {
+                path: path.to_path_buf(),
+                reason: "it is a directory".to_owned(),
+            });
+        }
+        Ok(_) => {}
+    }
+    // Fail early and clearly on a file the user cannot read, before SQLite's vaguer error.
+    if let Err(e) = std::fs::File::open(path) {
+        return Err(Error::Unusable {
+            path: path.to_path_buf(),
+            reason: format!("cannot read it: {e}"),
+        });
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, &e))?;
+    conn.busy_timeout(busy_timeout())
+        .map_err(|e| classify(path, &e))?;
+    let version = check_identity(&conn, path, false)?;
+    if version < SCHEMA_VERSION {
+        return Err(Error::Unusable {
+            path: path.to_path_buf(),
+            reason: format!(
+                "its schema (version {version}) is older than this cairn's ({SCHEMA_VERSION}); run any command that writes (e.g. `cairn run`) to upgrade it"
+            ),
+        });
+    }
+    Ok(Some(conn))
+}
+
+/// Creates the file (and its directory) private to the user when missing; returns whether it did.
+fn create_private(path: &Path) -> Result<bool> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let unusable = |reason: String| Error::Unusable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if path.is_dir() {
+        return Err(unusable("it is a directory".to_owned()));
+    }
+    if path.exists() {
+        return Ok(false);
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                unusable(format!(
+                    "cannot create its directory `{}`: {e}",
+                    dir.display()
+                ))
+            })?;
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(file) => {
+            file.sync_all()
+                .map_err(|e| unusable(format!("cannot create it: {e}")))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(unusable(format!("cannot create it: {e}"))),
+    }
+    // The new file's name must survive a crash too.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(true)
+}
+
+/// Checks that the file is a cairn database this cairn can use; returns its schema version
+/// (0 for a new, empty file).
+fn check_identity(conn: &Connection, path: &Path, fresh: bool) -> Result<i32> {
+    let app: i32 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(|e| classify(path, &e))?;
+    let version: i32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| classify(path, &e))?;
+    let objects: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+        .map_err(|e| classify(path, &e))?;
+    let unusable = |reason: String| {
+        Err(Error::Unusable {
+            path: path.to_path_buf(),
+            reason,
+        })
+    };
+    if app == 0 && version == 0 && objects == 0 {
+        // An empty file: new, or made empty by someone; either way nothing is lost by using it.
+        let _ = fresh;
+        return Ok(0);
+    }
+    if app != APPLICATION_ID {
+        return unusable("it is a SQLite database, but not a cairn one".to_owned());
+    }
+    if version > SCHEMA_VERSION {
+        return unusable(format!(
+            "it was written by a newer cairn (schema version {version}; this cairn knows up to {SCHEMA_VERSION})"
+        ));
+    }
+    Ok(version)
+}
+
+fn migrate(conn: &Connection, path: &Path, from: i32) -> Result<()> {
+    let err = |e: rusqlite::Error| classify(path, &e);
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(err)?;
+    let result = (|| {
+        // Another process may have migrated while this one waited for the lock.
+        let version: i32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(version.max(from)).unwrap_or(0))
+        {
+            conn.execute_batch(sql)?;
+            conn.pragma_update(
+                None,
+                "user_version",
+                i32::try_from(i + 1).unwrap_or(i32::MAX),
+            )?;
+        }
+        conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+        conn.execute_batch("COMMIT")
+    })();
+    if let Err(e) = result {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(err(e));
+    }
+    Ok(())
+}
+
+/// Appends an event to the op's trail; every change that alters state calls this in its own
+/// transaction (invariant 6).
+fn event(
+    tx: &Transaction<'_>,
+    op: OpId,
+    at: Millis,
+    kind: &str,
+    task: Option<&str>,
+    message: &str,
+) -> rusqlite::Result<()> {
+    let seq: i64 = tx
+        .prepare_cached(
+            "UPDATE ops SET event_seq = event_seq + 1 WHERE id = ?1 RETURNING event_seq",
+        )?
+        .query_row([op.0], |r| r.get(0))?;
+    tx.prepare_cached(
+        "INSERT INTO events (op_id, seq, at, kind, task, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![op.0, seq, at, kind, task, message])?;
+    Ok(())
+}
+
+/// A failure of one change: either the store's own refusal or SQLite's error.
+pub(crate) enum ApplyError {
+    Refused(Error),
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for ApplyError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sqlite(e)
+    }
+}
+
+impl From<Error> for ApplyError {
+    fn from(e: Error) -> Self {
+        Self::Refused(e)
+    }
+}
+
+type Apply<T> = std::result::Result<T, ApplyError>;
+
+fn owner_of(
+    tx: &Transaction<'_>,
+    op: OpId,
+) -> Apply<(OpStatus, Option<ProcessId>, Option<Millis>)> {
+    let row = tx
+        .prepare_cached(
+            "SELECT status, owner_host, owner_boot, owner_pid, owner_start, lease_until FROM ops WHERE id = ?1",
+        )?
+        .query_row([op.0], |r| {
+            Ok((r.get::<_, String>(0)?, process_at(r, 1)?, r.get::<_, Option<Millis>>(5)?))
+        })
+        .optional()?;
+    let (status, owner, lease) = row.ok_or(Error::NotFound(op))?;
+    Ok((
+        OpStatus::parse(&status).unwrap_or(OpStatus::Failed),
+        owner,
+        lease,
+    ))
+}
+
+/// Refuses a write by a process that no longer owns the op (its lease was taken over): a fenced
+/// owner must stop, not overwrite the new owner's progress.
+fn fence(tx: &Transaction<'_>, op: OpId, writer: &ProcessId) -> Apply<()> {
+    let (_, owner, lease) = owner_of(tx, op)?;
+    match owner {
+        Some(owner) if &owner == writer => Ok(()),
+        Some(owner) => Err(Error::Owned {
+            op,
+            owner,
+            lease_until: lease.unwrap_or(0),
+        }
+        .into()),
+        None => Err(Error::Conflict {
+            op,
+            status: owner_of(tx, op)?.0,
+            reason: format!("{writer} no longer owns it"),
+        }
+        .into()),
+    }
+}
+
+fn process_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Option<ProcessId>> {
+    let host: Option<String> = r.get(first)?;
+    let boot: Option<String> = r.get(first + 1)?;
+    let pid: Option<i64> = r.get(first + 2)?;
+    let start: Option<i64> = r.get(first + 3)?;
+    Ok(match (host, boot, pid, start) {
+        (Some(host), Some(boot_id), Some(pid), Some(start)) => Some(ProcessId {
+            host,
+            boot_id,
+            pid: u32::try_from(pid).unwrap_or(0),
+            start: u64::try_from(start).unwrap_or(0),
+        }),
+        _ => None,
+    })
+}
+
+#[allow(clippy::cast_possible_wrap)]
+fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
+    let files: serde_json::Map<String, serde_json::Value> = new
+        .snapshot
+        .files
+        .iter()
+        .map(|(path, text)| (path.clone(), serde_json::Value::String(text.clone())))
+        .collect();
+    let files = serde_json::Value::Object(files).to_string();
+    tx.prepare_cached(
+        "INSERT INTO plan_snapshots (hash, name, text, files) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (hash) DO NOTHING",
+    )?
+    .execute(params![new.snapshot.hash, new.snapshot.name, new.snapshot.text, files])?;
+    let snapshot_id: i64 = tx
+        .prepare_cached("SELECT id FROM plan_snapshots WHERE hash = ?1")?
+        .query_row([&new.snapshot.hash], |r| r.get(0))?;
+    let id: i64 = tx
+        .prepare_cached(
+            "INSERT INTO ops (uuid, plan, snapshot_id, title, status, params, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+        )?
+        .query_row(
+            params![
+                new.uuid,
+                new.snapshot.name,
+                snapshot_id,
+                new.title,
+                new.status.as_str(),
+                new.params.to_string(),
+                new.at
+            ],
+            |r| r.get(0),
+        )?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO tasks (op_id, task_no, step, name, item, status) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
+        )?;
+        for task in &new.tasks {
+            insert.execute(params![
+                id,
+                task.task_no.0,
+                task.step,
+                task.name,
+                task.item.as_ref().map(ToString::to_string)
+            ])?;
+        }
+    }
+    event(
+        tx,
+        OpId(id),
+        new.at,
+        "submitted",
+        None,
+        &format!(
+            "plan `{}` ({}), {} tasks",
+            new.snapshot.name,
+            new.snapshot.hash,
+            new.tasks.len()
+        ),
+    )?;
+    Ok(Applied::Submitted {
+        id: OpId(id),
+        uuid: new.uuid.clone(),
+    })
+}
+
+#[allow(clippy::too_many_lines, clippy::cast_possible_wrap)]
+pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
+    match change {
+        Change::Submit(new) => return submit(tx, new),
+        Change::Claim {
+            op,
+            owner,
+            lease_until,
+            dead_owner,
+            now,
+            kind,
+            message,
+        } => {
+            let (status, current, lease) = owner_of(tx, *op)?;
+            if status.is_final() {
+                return Err(Error::Conflict {
+                    op: *op,
+                    status,
+                    reason: "it cannot run again".to_owned(),
+                }
+                .into());
+            }
+            if let Some(current) = current {
+                let expired = lease.is_some_and(|l| l < *now);
+                let known_dead = dead_owner.as_ref() == Some(&current);
+                if &current != owner && !expired && !known_dead {
+                    return Err(Error::Owned {
+                        op: *op,
+                        owner: current,
+                        lease_until: lease.unwrap_or(0),
+                    }
+                    .into());
+                }
+            }
+            tx.prepare_cached(
+                "UPDATE ops SET owner_host = ?2, owner_boot = ?3, owner_pid = ?4, owner_start = ?5, lease_until = ?6, \
+                 status = 'running', started_at = COALESCE(started_at, ?7), ended_at = NULL, error = NULL WHERE id = ?1",
+            )?
+            .execute(params![op.0, owner.host, owner.boot_id, owner.pid, owner.start as i64, lease_until, now])?;
+            event(tx, *op, *now, kind, None, message)?;
+        }
+        Change::Heartbeat {
+            op,
+            owner,
+            lease_until,
+        } => {
+            fence(tx, *op, owner)?;
+            tx.prepare_cached("UPDATE ops SET lease_until = ?2 WHERE id = ?1")?
+                .execute(params![op.0, lease_until])?;
+        }
+        Change::StartAttempt {
+            op,
+            owner,
+            task,
+            n,
+            at,
+        } => {
+            fence(tx, *op, owner)?;
+            let (status, name): (String, String) = tx
+                .prepare_cached("SELECT status, name FROM tasks WHERE op_id = ?1 AND task_no = ?2")?
+                .query_row(params![op.0, task.0], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            // The last guard of "a finished step never runs again": the store refuses to start it.
+            if TaskStatus::parse(&status).is_some_and(TaskStatus::is_kept) {
+                return Err(Error::Conflict {
+                    op: *op,
+                    status: OpStatus::Running,
+                    reason: format!("task `{name}` is {status} and must not run again"),
+                }
+                .into());
+            }
+            tx.prepare_cached(
+                "INSERT INTO attempts (op_id, task_no, n, status, started_at) VALUES (?1, ?2, ?3, 'running', ?4)",
+            )?
+            .execute(params![op.0, task.0, n, at])?;
+            tx.prepare_cached(
+                "UPDATE tasks SET status = 'running', attempts = ?3, started_at = COALESCE(started_at, ?4), \
+                 ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = ?1 AND task_no = ?2",
+            )?
+            .execute(params![op.0, task.0, n, at])?;
+            event(
+                tx,
+                *op,
+                *at,
+                "task-started",
+                Some(&name),
+                &format!("attempt {n}"),
+            )?;
+        }
+        Change::AttemptProcess {
+            op,
+            task,
+            n,
+            process,
+            pgid,
+        } => {
+            tx.prepare_cached(
+                "UPDATE attempts SET host = ?4, boot_id = ?5, pid = ?6, pgid = ?7, proc_start = ?8 \
+                 WHERE op_id = ?1 AND task_no = ?2 AND n = ?3",
+            )?
+            .execute(params![
+                op.0,
+                task.0,
+                n,
+                process.host,
+                process.boot_id,
+                process.pid,
+                pgid,
+                process.start as i64
+            ])?;
+        }
+        Change::FinishAttempt {
+            op,
+            owner,
+            task,
+            n,
+            at,
+            outcome,
+        } => {
+            fence(tx, *op, owner)?;
+            tx.prepare_cached(
+                "UPDATE attempts SET status = ?4, ended_at = ?5, exit_code = ?6, error = ?7 \
+                 WHERE op_id = ?1 AND task_no = ?2 AND n = ?3",
+            )?
+            .execute(params![
+                op.0,
+                task.0,
+                n,
+                outcome.attempt.as_str(),
+                at,
+                outcome.exit_code,
+                outcome.error
+            ])?;
+            let outputs = outcome
+                .outputs
+                .as_ref()
+                .map(|o| serde_json::Value::Object(o.clone()).to_string());
+            let ended = (outcome.task != TaskStatus::Pending).then_some(*at);
+            let name: String = tx
+                .prepare_cached(
+                    "UPDATE tasks SET status = ?3, ended_at = ?4, exit_code = ?5, error = ?6, \
+                     outputs = COALESCE(?7, outputs), by_check = ?8 WHERE op_id = ?1 AND task_no = ?2 RETURNING name",
+                )?
+                .query_row(
+                    params![
+                        op.0,
+                        task.0,
+                        outcome.task.as_str(),
+                        ended,
+                        outcome.exit_code,
+                        outcome.error,
+                        outputs,
+                        outcome.by_check
+                    ],
+                    |r| r.get(0),
+                )?;
+            let mut message = format!("attempt {n} {}", outcome.attempt);
+            if outcome.by_check {
+                message.push_str(" by check: already done, the step did not run");
+            }
+            if let Some(code) = outcome.exit_code {
+                write!(message, ", exit code {code}").ok();
+            }
+            if let Some(error) = &outcome.error {
+                write!(message, ": {error}").ok();
+            }
+            let kind = match outcome.attempt {
+                AttemptStatus::Succeeded => "task-succeeded",
+                AttemptStatus::Failed => "task-failed",
+                AttemptStatus::Interrupted => "task-interrupted",
+                AttemptStatus::Canceled => "task-canceled",
+                AttemptStatus::Running => "task-running",
+            };
+            event(tx, *op, *at, kind, Some(&name), &message)?;
+        }
+        Change::SetTask {
+            op,
+            owner,
+            task,
+            status,
+            at,
+            message,
+        } => {
+            fence(tx, *op, owner)?;
+            let ended = matches!(
+                status,
+                TaskStatus::Succeeded
+                    | TaskStatus::Failed
+                    | TaskStatus::Skipped
+                    | TaskStatus::Canceled
+            )
+            .then_some(*at);
+            let name: String = tx
+                .prepare_cached(
+                    "UPDATE tasks SET status = ?3, ended_at = COALESCE(?4, ended_at) WHERE op_id = ?1 AND task_no = ?2 RETURNING name",
+                )?
+                .query_row(params![op.0, task.0, status.as_str(), ended], |r| r.get(0))?;
+            event(
+                tx,
+                *op,
+                *at,
+                &format!("task-{status}"),
+                Some(&name),
+                message,
+            )?;
+        }
+        Change::Log {
+            op,
+            task,
+            attempt,
+            stream,
+            at,
+            data,
+            limit,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO logs (op_id, task_no, attempt, seq, stream, at, data) VALUES (?1, ?2, ?3, \
+                 (SELECT COALESCE(MAX(seq), 0) + 1 FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3), ?4, ?5, ?6)",
+            )?
+            .execute(params![op.0, task.0, attempt, stream, at, data])?;
+            // Keep the tail: drop the oldest chunks while the attempt's log is over its limit.
+            let limit = i64::try_from(*limit).unwrap_or(i64::MAX);
+            loop {
+                let total: i64 = tx
+                    .prepare_cached(
+                        "SELECT COALESCE(SUM(length(data)), 0) FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3",
+                    )?
+                    .query_row(params![op.0, task.0, attempt], |r| r.get(0))?;
+                if total <= limit {
+                    break;
+                }
+                let removed = tx
+                    .prepare_cached(
+                        "DELETE FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3 AND seq = \
+                         (SELECT MIN(seq) FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3) \
+                         AND (SELECT count(*) FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3) > 1",
+                    )?
+                    .execute(params![op.0, task.0, attempt])?;
+                if removed == 0 {
+                    break;
+                }
+            }
+        }
+        Change::SetOp {
+            op,
+            owner,
+            status,
+            at,
+            error,
+            release,
+            kind,
+            message,
+        } => {
+            if let Some(owner) = owner {
+                fence(tx, *op, owner)?;
+            }
+            let ended = status.is_ended().then_some(*at);
+            tx.prepare_cached(
+                "UPDATE ops SET status = ?2, error = ?3, ended_at = ?4, \
+                 current_task = CASE WHEN ?4 IS NULL THEN current_task ELSE NULL END, \
+                 owner_host = CASE WHEN ?5 THEN NULL ELSE owner_host END, \
+                 owner_boot = CASE WHEN ?5 THEN NULL ELSE owner_boot END, \
+                 owner_pid = CASE WHEN ?5 THEN NULL ELSE owner_pid END, \
+                 owner_start = CASE WHEN ?5 THEN NULL ELSE owner_start END, \
+                 lease_until = CASE WHEN ?5 THEN NULL ELSE lease_until END WHERE id = ?1",
+            )?
+            .execute(params![op.0, status.as_str(), error, ended, release])?;
+            event(tx, *op, *at, kind, None, message)?;
+        }
+        Change::CurrentTask { op, text } => {
+            tx.prepare_cached("UPDATE ops SET current_task = ?2 WHERE id = ?1")?
+                .execute(params![op.0, text])?;
+        }
+        Change::Event {
+            op,
+            at,
+            kind,
+            task,
+            message,
+        } => {
+            event(tx, *op, *at, kind, task.as_deref(), message)?;
+        }
+    }
+    Ok(Applied::Done)
+}
+
+const OP_COLUMNS: &str = "id, uuid, plan, title, status, params, created_at, started_at, ended_at, \
+     owner_host, owner_boot, owner_pid, owner_start, lease_until, current_task, error";
+
+fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
+    let status: String = r.get(4)?;
+    let params: String = r.get(5)?;
+    Ok(OpRow {
+        id: OpId(r.get(0)?),
+        uuid: r.get(1)?,
+        plan: r.get(2)?,
+        title: r.get(3)?,
+        status: OpStatus::parse(&status).unwrap_or(OpStatus::Failed),
+        params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
+        created_at: r.get(6)?,
+        started_at: r.get(7)?,
+        ended_at: r.get(8)?,
+        owner: process_at(r, 9)?,
+        lease_until: r.get(13)?,
+        current_task: r.get(14)?,
+        error: r.get(15)?,
+    })
+}
+
+/// Which ops `list_ops` returns, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct OpFilter {
+    pub status: Option<OpStatus>,
+    pub plan: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// Read queries, on any connection.
+pub(crate) struct Reads<'c> {
+    pub conn: &'c Connection,
+    pub path: &'c Path,
+}
+
+impl Reads<'_> {
+    fn err(&self, e: &rusqlite::Error) -> Error {
+        classify(self.path, e)
+    }
+
+    pub fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>> {
+        let mut sql = format!("SELECT {OP_COLUMNS} FROM ops WHERE 1");
+        if filter.status.is_some() {
+            sql.push_str(" AND status = ?1");
+        }
+        if filter.plan.is_some() {
+            sql.push_str(" AND plan = ?2");
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ?3");
+        let limit = filter.limit.map_or(-1, i64::from);
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map(
+                params![filter.status.map(OpStatus::as_str), filter.plan, limit],
+                op_row,
+            )
+            .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
+    pub fn op(&self, op: OpId) -> Result<OpRow> {
+        self.conn
+            .prepare_cached(&format!("SELECT {OP_COLUMNS} FROM ops WHERE id = ?1"))
+            .and_then(|mut s| s.query_row([op.0], op_row).optional())
+            .map_err(|e| self.err(&e))?
+            .ok_or(Error::NotFound(op))
+    }
+
+    pub fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT task_no, step, name, item, status, attempts, started_at, ended_at, exit_code, error, outputs, by_check \
+                 FROM tasks WHERE op_id = ?1 ORDER BY task_no",
+            )
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map([op.0], |r| {
+                let item: Option<String> = r.get(3)?;
+                let status: String = r.get(4)?;
+                let outputs: Option<String> = r.get(10)?;
+                Ok(TaskRow {
+                    task_no: TaskNo(r.get(0)?),
+                    step: r.get(1)?,
+                    name: r.get(2)?,
+                    item: item.and_then(|i| serde_json::from_str(&i).ok()),
+                    status: TaskStatus::parse(&status).unwrap_or(TaskStatus::Failed),
+                    attempts: r.get(5)?,
+                    started_at: r.get(6)?,
+                    ended_at: r.get(7)?,
+                    exit_code: r.get(8)?,
+                    error: r.get(9)?,
+                    outputs: outputs.and_then(|o| serde_json::from_str(&o).ok()),
+                    by_check: r.get(11)?,
+                })
+            })
+            .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
+    pub fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT task_no, n, status, started_at, ended_at, exit_code, error, host, boot_id, pid, proc_start, pgid \
+                 FROM attempts WHERE op_id = ?1 ORDER BY task_no, n",
+            )
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map([op.0], |r| {
+                let status: String = r.get(2)?;
+                let pgid: Option<i64> = r.get(11)?;
+                Ok(AttemptRow {
+                    task_no: TaskNo(r.get(0)?),
+                    n: r.get(1)?,
+                    status: AttemptStatus::parse(&status).unwrap_or(AttemptStatus::Failed),
+                    started_at: r.get(3)?,
+                    ended_at: r.get(4)?,
+                    exit_code: r.get(5)?,
+                    error: r.get(6)?,
+                    process: process_at(r, 7)?,
+                    pgid: pgid.and_then(|p| u32::try_from(p).ok()),
+                })
+            })
+            .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
+    pub fn events(&self, op: OpId) -> Result<Vec<EventRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, at, kind, task, message FROM events WHERE op_id = ?1 ORDER BY seq",
+            )
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map([op.0], |r| {
+                Ok(EventRow {
+                    seq: r.get(0)?,
+                    at: r.get(1)?,
+                    kind: r.get(2)?,
+                    task: r.get(3)?,
+                    message: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
+    /// Log chunks of the op (or of one task), in order, after `after` = (task, attempt, seq).
+    pub fn logs(
+        &self,
+        op: OpId,
+        task: Option<TaskNo>,
+        after: Option<(TaskNo, u32, i64)>,
+    ) -> Result<Vec<LogChunk>> {
+        let (t, a, s) = after.map_or((-1, -1, -1), |(t, a, s)| (i64::from(t.0), i64::from(a), s));
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT task_no, attempt, seq, stream, at, data FROM logs WHERE op_id = ?1 \
+                 AND (?2 IS NULL OR task_no = ?2) AND (task_no, attempt, seq) > (?3, ?4, ?5) \
+                 ORDER BY task_no, attempt, seq",
+            )
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map(params![op.0, task.map(|t| t.0), t, a, s], |r| {
+                Ok(LogChunk {
+                    task_no: TaskNo(r.get(0)?),
+                    attempt: r.get(1)?,
+                    seq: r.get(2)?,
+                    stream: r.get(3)?,
+                    at: r.get(4)?,
+                    data: r.get(5)?,
+                })
+            })
+            .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
+    pub fn snapshot(&self, op: OpId) -> Result<Snapshot> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT s.hash, s.name, s.text, s.files FROM ops o JOIN plan_snapshots s ON s.id = o.snapshot_id WHERE o.id = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([op.0], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?)))
+                    .optional()
+            })
+            .map_err(|e| self.err(&e))?
+            .ok_or(Error::NotFound(op))?;
+        let files: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&row.3).unwrap_or_default();
+        Ok(Snapshot {
+            hash: row.0,
+            name: row.1,
+            text: row.2,
+            files: files
+                .into_iter()
+                .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_owned()))
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,224 @@
+//! The store handle: one writer thread that owns the write connection and commits whatever is
+//! queued in one transaction (group commit), and read connections opened on demand.
+//!
+//! Callers send a batch of [`Change`]s and wait for its reply; the reply comes only after the
+//! transaction holding the batch committed (with `synchronous=FULL`, after the fsync). Each batch
+//! is applied in its own savepoint, so one refused batch does not undo the others that share the
+//! commit.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use rusqlite::Connection;
+
+use crate::error::{Error, Result};
+use crate::sqlite::{self, ApplyError, OpFilter, Reads};
+use crate::types::{
+    Applied, AttemptRow, Change, EventRow, LogChunk, OpId, OpRow, Snapshot, TaskNo, TaskRow,
+};
+
+/// How many batches may wait for the writer before senders block.
+const QUEUE: usize = 1024;
+
+struct Request {
+    batch: Vec<Change>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Applied>>>,
+}
+
+/// A handle on the database: cheap to clone; the writer thread stops when the last clone drops.
+#[derive(Debug, Clone)]
+pub struct Store {
+    path: PathBuf,
+    sender: mpsc::SyncSender<Request>,
+}
+
+impl Store {
+    /// Opens (creating if needed, private to the user) the database at `path` for writing.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = sqlite::open_writer(path)?;
+        let (sender, receiver) = mpsc::sync_channel::<Request>(QUEUE);
+        let thread_path = path.to_path_buf();
+        thread::Builder::new()
+            .name("cairn-store-writer".into())
+            .spawn(move || writer(conn, &thread_path, &receiver))
+            .map_err(|e| Error::Unusable {
+                path: path.to_path_buf(),
+                reason: format!("cannot start its writer: {e}"),
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            sender,
+        })
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes `batch` durable, all or nothing; returns once it is committed.
+    pub async fn apply(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
+        let (reply, wait) = tokio::sync::oneshot::channel();
+        let sender = self.sender.clone();
+        // The queue is bounded; a full queue blocks, which must not block the async runtime.
+        tokio::task::spawn_blocking(move || sender.send(Request { batch, reply }))
+            .await
+            .map_err(|_| Error::Closed)?
+            .map_err(|_| Error::Closed)?;
+        wait.await.map_err(|_| Error::Closed)?
+    }
+
+    /// [`Store::apply`] for callers outside an async runtime.
+    pub fn apply_blocking(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
+        let (reply, wait) = tokio::sync::oneshot::channel();
+        self.sender
+            .send(Request { batch, reply })
+            .map_err(|_| Error::Closed)?;
+        wait.blocking_recv().map_err(|_| Error::Closed)?
+    }
+
+    /// A read connection on the same database.
+    pub fn reader(&self) -> Result<Reader> {
+        Reader::open(&self.path)?.ok_or_else(|| Error::Unusable {
+            path: self.path.clone(),
+            reason: "it disappeared while in use".to_owned(),
+        })
+    }
+}
+
+fn writer(mut conn: Connection, path: &Path, receiver: &mpsc::Receiver<Request>) {
+    while let Ok(first) = receiver.recv() {
+        let mut requests = vec![first];
+        while requests.len() < QUEUE {
+            match receiver.try_recv() {
+                Ok(more) => requests.push(more),
+                Err(_) => break,
+            }
+        }
+        let results = commit(&mut conn, path, &requests);
+        match results {
+            Ok(results) => {
+                for (request, result) in requests.into_iter().zip(results) {
+                    let _ = request.reply.send(result);
+                }
+            }
+            Err(err) => {
+                let message = err.to_string();
+                for request in requests {
+                    let _ = request.reply.send(Err(match &err {
+                        Error::Locked { path, waited_ms } => Error::Locked {
+                            path: path.clone(),
+                            waited_ms: *waited_ms,
+                        },
+                        _ => Error::Write {
+                            path: path.to_path_buf(),
+                            reason: message.clone(),
+                        },
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Applies every request in one transaction, each in a savepoint; commits once.
+fn commit(
+    conn: &mut Connection,
+    path: &Path,
+    requests: &[Request],
+) -> Result<Vec<Result<Vec<Applied>>>> {
+    let err = |e: &rusqlite::Error| sqlite::classify(path, e);
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| err(&e))?;
+    let mut results = Vec::with_capacity(requests.len());
+    for request in requests {
+        tx.execute_batch("SAVEPOINT request").map_err(|e| err(&e))?;
+        let mut applied = Vec::with_capacity(request.batch.len());
+        let mut failure = None;
+        for change in &request.batch {
+            match sqlite::apply(&tx, change) {
+                Ok(a) => applied.push(a),
+                Err(ApplyError::Refused(e)) => {
+                    failure = Some(e);
+                    break;
+                }
+                Err(ApplyError::Sqlite(e)) => {
+                    failure = Some(err(&e));
+                    break;
+                }
+            }
+        }
+        match failure {
+            None => {
+                tx.execute_batch("RELEASE request").map_err(|e| err(&e))?;
+                results.push(Ok(applied));
+            }
+            Some(e) => {
+                tx.execute_batch("ROLLBACK TO request; RELEASE request")
+                    .map_err(|e| err(&e))?;
+                results.push(Err(e));
+            }
+        }
+    }
+    tx.commit().map_err(|e| err(&e))?;
+    Ok(results)
+}
+
+/// A read-only view of the database.
+#[derive(Debug)]
+pub struct Reader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Reader {
+    /// Opens the database at `path` read-only; `None` when there is no file yet. Never writes.
+    pub fn open(path: &Path) -> Result<Option<Self>> {
+        Ok(sqlite::open_reader(path)?.map(|conn| Self {
+            conn,
+            path: path.to_path_buf(),
+        }))
+    }
+
+    fn reads(&self) -> Reads<'_> {
+        Reads {
+            conn: &self.conn,
+            path: &self.path,
+        }
+    }
+
+    pub fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>> {
+        self.reads().list_ops(filter)
+    }
+
+    pub fn op(&self, op: OpId) -> Result<OpRow> {
+        self.reads().op(op)
+    }
+
+    pub fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        self.reads().tasks(op)
+    }
+
+    pub fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
+        self.reads().attempts(op)
+    }
+
+    pub fn events(&self, op: OpId) -> Result<Vec<EventRow>> {
+        self.reads().events(op)
+    }
+
+    pub fn logs(
+        &self,
+        op: OpId,
+        task: Option<TaskNo>,
+        after: Option<(TaskNo, u32, i64)>,
+    ) -> Result<Vec<LogChunk>> {
+        self.reads().logs(op, task, after)
+    }
+
+    pub fn snapshot(&self, op: OpId) -> Result<Snapshot> {
+        self.reads().snapshot(op)
+    }
+}

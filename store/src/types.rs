@@ -1,0 +1,357 @@
+//! What the store holds, in the engine's words: ids, statuses, rows, and the changes the engine
+//! asks for. Nothing here names SQLite.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// An op's id, the small integer people type (`cairn show 42`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct OpId(pub i64);
+
+impl fmt::Display for OpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A task's number within its op: a step's task is its index in the plan; fan-out items follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct TaskNo(pub u32);
+
+/// Milliseconds since the Unix epoch, UTC.
+pub type Millis = i64;
+
+macro_rules! status_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            #[must_use]
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            #[must_use]
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+status_enum! {
+    /// Where an op is in its life. `succeeded` and `canceled` are final.
+    OpStatus {
+        Queued => "queued",
+        Running => "running",
+        Waiting => "waiting",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Canceling => "canceling",
+        Canceled => "canceled",
+        Interrupted => "interrupted",
+    }
+}
+
+impl OpStatus {
+    /// Statuses in which an op has (or had) an owner running it.
+    #[must_use]
+    pub fn is_owned(self) -> bool {
+        matches!(self, Self::Running | Self::Waiting | Self::Canceling)
+    }
+
+    /// Final: the op can never run again.
+    #[must_use]
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Canceled)
+    }
+
+    /// Ended: not running now (final, failed or interrupted).
+    #[must_use]
+    pub fn is_ended(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Canceled | Self::Failed | Self::Interrupted
+        )
+    }
+}
+
+status_enum! {
+    /// Where a task is in its life.
+    TaskStatus {
+        Pending => "pending",
+        Running => "running",
+        Waiting => "waiting",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Skipped => "skipped",
+        Canceled => "canceled",
+    }
+}
+
+impl TaskStatus {
+    /// Done for good: a resume keeps it and never runs it again.
+    #[must_use]
+    pub fn is_kept(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Skipped)
+    }
+}
+
+status_enum! {
+    /// How one attempt ended (or that it is still running).
+    AttemptStatus {
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Interrupted => "interrupted",
+        Canceled => "canceled",
+    }
+}
+
+/// A process that owns an op, or ran an attempt: enough to tell later whether it still lives,
+/// safe against pid reuse (the start time) and reboots (the boot id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProcessId {
+    pub host: String,
+    pub boot_id: String,
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/PID/stat`, field 22).
+    pub start: u64,
+}
+
+impl fmt::Display for ProcessId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pid {} on {}", self.pid, self.host)
+    }
+}
+
+/// An op as `status` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OpRow {
+    pub id: OpId,
+    pub uuid: String,
+    pub plan: String,
+    pub title: String,
+    pub status: OpStatus,
+    pub params: serde_json::Value,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub ended_at: Option<Millis>,
+    pub owner: Option<ProcessId>,
+    pub lease_until: Option<Millis>,
+    pub current_task: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A task as `show` and the engine see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskRow {
+    pub task_no: TaskNo,
+    pub step: String,
+    pub name: String,
+    pub item: Option<serde_json::Value>,
+    pub status: TaskStatus,
+    pub attempts: u32,
+    pub started_at: Option<Millis>,
+    pub ended_at: Option<Millis>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub outputs: Option<serde_json::Map<String, serde_json::Value>>,
+    pub by_check: bool,
+}
+
+/// One try of a task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttemptRow {
+    pub task_no: TaskNo,
+    pub n: u32,
+    pub status: AttemptStatus,
+    pub started_at: Millis,
+    pub ended_at: Option<Millis>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub process: Option<ProcessId>,
+    pub pgid: Option<u32>,
+}
+
+/// One line of an op's audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRow {
+    pub seq: i64,
+    pub at: Millis,
+    pub kind: String,
+    pub task: Option<String>,
+    pub message: String,
+}
+
+/// A chunk of what an attempt printed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogChunk {
+    pub task_no: TaskNo,
+    pub attempt: u32,
+    pub seq: i64,
+    /// 1 for stdout, 2 for stderr.
+    pub stream: u8,
+    pub at: Millis,
+    pub data: Vec<u8>,
+}
+
+/// The plan an op runs, as it was when the op was submitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub hash: String,
+    pub name: String,
+    pub text: String,
+    /// Sub-plan path (as written in the plan) → text.
+    pub files: Vec<(String, String)>,
+}
+
+/// A task to create with a new op.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    pub task_no: TaskNo,
+    pub step: String,
+    pub name: String,
+    pub item: Option<serde_json::Value>,
+}
+
+/// A new op.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewOp {
+    pub uuid: String,
+    pub snapshot: Snapshot,
+    pub title: String,
+    pub status: OpStatus,
+    pub params: serde_json::Value,
+    pub tasks: Vec<NewTask>,
+    pub at: Millis,
+}
+
+/// How a task's attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub task: TaskStatus,
+    pub attempt: AttemptStatus,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub outputs: Option<serde_json::Map<String, serde_json::Value>>,
+    pub by_check: bool,
+}
+
+/// A change the engine asks the store to make durable. Each is applied whole, with its events,
+/// in one transaction (possibly shared with other changes: group commit). Changes that carry an
+/// `owner` are fenced: refused unless that process still owns the op.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Store a new op, its snapshot and its tasks.
+    Submit(NewOp),
+    /// Become the op's owner: only if it has none, its lease expired at `now`, or its owner is
+    /// `dead_owner` (checked dead by the caller). Sets the op `running`.
+    Claim {
+        op: OpId,
+        owner: ProcessId,
+        lease_until: Millis,
+        dead_owner: Option<ProcessId>,
+        now: Millis,
+        /// The event that says why (e.g. `resumed`).
+        kind: &'static str,
+        message: String,
+    },
+    /// Extend the lease of an op this owner holds.
+    Heartbeat {
+        op: OpId,
+        owner: ProcessId,
+        lease_until: Millis,
+    },
+    /// A new attempt of a task starts (recorded before its process is spawned). Refused when the
+    /// task already succeeded or was skipped.
+    StartAttempt {
+        op: OpId,
+        owner: ProcessId,
+        task: TaskNo,
+        n: u32,
+        at: Millis,
+    },
+    /// The process that runs an attempt.
+    AttemptProcess {
+        op: OpId,
+        task: TaskNo,
+        n: u32,
+        process: ProcessId,
+        pgid: u32,
+    },
+    /// An attempt ended.
+    FinishAttempt {
+        op: OpId,
+        owner: ProcessId,
+        task: TaskNo,
+        n: u32,
+        at: Millis,
+        outcome: Outcome,
+    },
+    /// A task changes status without an attempt: skipped by `when`, waiting at a gate.
+    SetTask {
+        op: OpId,
+        owner: ProcessId,
+        task: TaskNo,
+        status: TaskStatus,
+        at: Millis,
+        message: String,
+    },
+    /// Output of an attempt.
+    Log {
+        op: OpId,
+        task: TaskNo,
+        attempt: u32,
+        stream: u8,
+        at: Millis,
+        data: Vec<u8>,
+        limit: u64,
+    },
+    /// The op moves to `status`. `release` gives up ownership (the op ended or stopped).
+    SetOp {
+        op: OpId,
+        owner: Option<ProcessId>,
+        status: OpStatus,
+        at: Millis,
+        error: Option<String>,
+        release: bool,
+        kind: &'static str,
+        message: String,
+    },
+    /// The `CUR_TASK` column.
+    CurrentTask { op: OpId, text: Option<String> },
+    /// An event that goes with no other change.
+    Event {
+        op: OpId,
+        at: Millis,
+        kind: &'static str,
+        task: Option<String>,
+        message: String,
+    },
+}
+
+/// What applying a change gave back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Done,
+    /// The new op's ids.
+    Submitted {
+        id: OpId,
+        uuid: String,
+    },
+}

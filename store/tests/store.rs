@@ -1,0 +1,336 @@
+//! The store on real files: creation, refusal of files that are not cairn's, ownership, fencing,
+//! and the guard that a finished task never starts again.
+
+use std::os::unix::fs::PermissionsExt;
+
+use store::{
+    Applied, AttemptStatus, Change, Error, NewOp, NewTask, OpFilter, OpId, OpStatus, Outcome,
+    ProcessId, Reader, Snapshot, Store, TaskNo, TaskStatus,
+};
+
+fn owner(pid: u32) -> ProcessId {
+    ProcessId {
+        host: "h".into(),
+        boot_id: "b".into(),
+        pid,
+        start: 7,
+    }
+}
+
+fn new_op(tasks: u32) -> NewOp {
+    NewOp {
+        uuid: format!("uuid-{tasks}-{}", std::process::id()),
+        snapshot: Snapshot {
+            hash: "sha256:x".into(),
+            name: "p".into(),
+            text: "name: p".into(),
+            files: vec![],
+        },
+        title: "t".into(),
+        status: OpStatus::Queued,
+        params: serde_json::json!({"a": 1}),
+        tasks: (0..tasks)
+            .map(|i| NewTask {
+                task_no: TaskNo(i),
+                step: format!("s{i}"),
+                name: format!("s{i}"),
+                item: None,
+            })
+            .collect(),
+        at: 1,
+    }
+}
+
+fn submit(store: &Store, tasks: u32) -> OpId {
+    match store
+        .apply_blocking(vec![Change::Submit(new_op(tasks))])
+        .unwrap()
+        .pop()
+    {
+        Some(Applied::Submitted { id, .. }) => id,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn claim(
+    store: &Store,
+    op: OpId,
+    who: &ProcessId,
+    now: i64,
+    dead: Option<ProcessId>,
+) -> store::Result<Vec<Applied>> {
+    store.apply_blocking(vec![Change::Claim {
+        op,
+        owner: who.clone(),
+        lease_until: now + 1000,
+        dead_owner: dead,
+        now,
+        kind: "started",
+        message: "test".into(),
+    }])
+}
+
+#[test]
+fn creates_a_private_file_in_a_private_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state/cairn/cairn.db");
+    let store = Store::open(&path).unwrap();
+    submit(&store, 1);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+}
+
+#[test]
+fn a_second_handle_sees_what_the_first_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let a = Store::open(&path).unwrap();
+    let b = Store::open(&path).unwrap();
+    let op = submit(&a, 3);
+    let op2 = submit(&b, 2);
+    assert_ne!(op, op2);
+    let reader = Reader::open(&path).unwrap().unwrap();
+    let ops = reader.list_ops(&OpFilter::default()).unwrap();
+    assert_eq!(ops.iter().map(|o| o.id).collect::<Vec<_>>(), vec![op2, op]);
+    assert_eq!(reader.tasks(op).unwrap().len(), 3);
+    assert_eq!(reader.events(op).unwrap()[0].kind, "submitted");
+}
+
+#[test]
+fn reading_a_missing_file_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("none.db");
+    assert!(Reader::open(&path).unwrap().is_none());
+    assert!(!path.exists());
+}
+
+#[test]
+fn refuses_files_that_are_not_cairn_databases_and_leaves_them_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.txt");
+    std::fs::write(
+        &text,
+        "just some text that is long enough to have a header of sorts, really\n".repeat(20),
+    )
+    .unwrap();
+    let other = dir.path().join("other.db");
+    rusqlite_free_sqlite(&other);
+    for path in [&text, &other] {
+        let before = std::fs::read(path).unwrap();
+        let err = Store::open(path).unwrap_err();
+        assert!(matches!(err, Error::Unusable { .. }), "{err}");
+        let err = Reader::open(path).unwrap_err();
+        assert!(matches!(err, Error::Unusable { .. }), "{err}");
+        assert_eq!(
+            std::fs::read(path).unwrap(),
+            before,
+            "{} was modified",
+            path.display()
+        );
+    }
+}
+
+/// Runs SQL with the `sqlite3` shell, as a user poking at the file would.
+fn sqlite3(path: &std::path::Path, sql: &str) {
+    let status = std::process::Command::new("sqlite3")
+        .arg(path)
+        .arg(sql)
+        .status()
+        .expect("the sqlite3 shell is installed (.ci/run installs it; apt-get install sqlite3)");
+    assert!(status.success());
+}
+
+/// A SQLite database made by another program.
+fn rusqlite_free_sqlite(path: &std::path::Path) {
+    sqlite3(path, "CREATE TABLE t (x); INSERT INTO t VALUES (1);");
+}
+
+#[test]
+fn refuses_a_database_from_a_newer_cairn() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    drop(Store::open(&path).unwrap());
+    sqlite3(&path, "PRAGMA user_version = 99;");
+    let err = Store::open(&path).unwrap_err();
+    assert!(err.to_string().contains("newer cairn"), "{err}");
+}
+
+#[test]
+fn only_one_live_owner_and_stale_owners_are_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).unwrap();
+    let op = submit(&store, 2);
+    let (a, b) = (owner(1), owner(2));
+    claim(&store, op, &a, 100, None).unwrap();
+    // b cannot take it while a's lease holds and a is not known dead...
+    assert!(matches!(
+        claim(&store, op, &b, 200, None),
+        Err(Error::Owned { .. })
+    ));
+    // ...but can once a is known dead.
+    claim(&store, op, &b, 200, Some(a.clone())).unwrap();
+    // a, still running somewhere, can no longer write.
+    let err = store
+        .apply_blocking(vec![Change::StartAttempt {
+            op,
+            owner: a.clone(),
+            task: TaskNo(0),
+            n: 1,
+            at: 300,
+        }])
+        .unwrap_err();
+    assert!(matches!(err, Error::Owned { .. }), "{err}");
+    // An expired lease also lets another take over.
+    claim(&store, op, &a, 5000, None).unwrap();
+}
+
+#[test]
+fn a_succeeded_task_is_never_started_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).unwrap();
+    let op = submit(&store, 1);
+    let me = owner(1);
+    claim(&store, op, &me, 1, None).unwrap();
+    let start = Change::StartAttempt {
+        op,
+        owner: me.clone(),
+        task: TaskNo(0),
+        n: 1,
+        at: 2,
+    };
+    store.apply_blocking(vec![start.clone()]).unwrap();
+    store
+        .apply_blocking(vec![Change::FinishAttempt {
+            op,
+            owner: me.clone(),
+            task: TaskNo(0),
+            n: 1,
+            at: 3,
+            outcome: Outcome {
+                task: TaskStatus::Succeeded,
+                attempt: AttemptStatus::Succeeded,
+                exit_code: Some(0),
+                error: None,
+                outputs: Some(serde_json::Map::from_iter([(
+                    "k".to_owned(),
+                    serde_json::json!("v"),
+                )])),
+                by_check: false,
+            },
+        }])
+        .unwrap();
+    let again = Change::StartAttempt {
+        op,
+        owner: me,
+        task: TaskNo(0),
+        n: 2,
+        at: 4,
+    };
+    let err = store.apply_blocking(vec![again]).unwrap_err();
+    assert!(err.to_string().contains("must not run again"), "{err}");
+    let reader = store.reader().unwrap();
+    let task = &reader.tasks(op).unwrap()[0];
+    assert_eq!(task.status, TaskStatus::Succeeded);
+    assert_eq!(task.outputs.as_ref().unwrap()["k"], "v");
+    assert_eq!(reader.attempts(op).unwrap().len(), 1);
+}
+
+#[test]
+fn a_refused_batch_does_not_undo_others_in_the_same_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).unwrap();
+    let op = submit(&store, 1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut handles = Vec::new();
+        for i in 0..50 {
+            let store = store.clone();
+            handles.push(tokio::spawn(async move {
+                if i == 25 {
+                    // Refused: no such op.
+                    store
+                        .apply(vec![
+                            Change::CurrentTask {
+                                op: OpId(999),
+                                text: None,
+                            },
+                            Change::Event {
+                                op: OpId(999),
+                                at: 1,
+                                kind: "x",
+                                task: None,
+                                message: String::new(),
+                            },
+                        ])
+                        .await
+                } else {
+                    store
+                        .apply(vec![Change::Event {
+                            op,
+                            at: i,
+                            kind: "note",
+                            task: None,
+                            message: format!("{i}"),
+                        }])
+                        .await
+                }
+            }));
+        }
+        let mut failures = 0;
+        for h in handles {
+            if h.await.unwrap().is_err() {
+                failures += 1;
+            }
+        }
+        assert_eq!(failures, 1);
+    });
+    let events = store.reader().unwrap().events(op).unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "note").count(), 49);
+    // Sequence numbers have no gaps.
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, i64::try_from(i).unwrap() + 1);
+    }
+}
+
+#[test]
+fn logs_keep_the_tail_within_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).unwrap();
+    let op = submit(&store, 1);
+    for i in 0..10u8 {
+        store
+            .apply_blocking(vec![Change::Log {
+                op,
+                task: TaskNo(0),
+                attempt: 1,
+                stream: 1,
+                at: 1,
+                data: vec![b'a' + i; 100],
+                limit: 350,
+            }])
+            .unwrap();
+    }
+    let chunks = store.reader().unwrap().logs(op, None, None).unwrap();
+    let total: usize = chunks.iter().map(|c| c.data.len()).sum();
+    assert!(total <= 350);
+    assert_eq!(
+        chunks.last().unwrap().data[0],
+        b'a' + 9,
+        "the newest output is kept"
+    );
+    assert_eq!(chunks.first().unwrap().seq, 8);
+}
