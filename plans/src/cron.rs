@@ -7,6 +7,22 @@ use croner::parser::{CronParser, Seconds, Year};
 /// Parses a 5-field crontab expression or an `@` shorthand.
 pub fn parse(expression: &str) -> Result<Cron, String> {
     let trimmed = expression.trim();
+    // crontab's `@midnight` is `@daily`; `@reboot` is not a time.
+    let trimmed = match trimmed {
+        "@midnight" => "@daily",
+        "@reboot" => return Err("`@reboot` is not a time: schedules fire at times".to_owned()),
+        t if t.starts_with('@')
+            && !matches!(
+                t,
+                "@yearly" | "@annually" | "@monthly" | "@weekly" | "@daily" | "@hourly"
+            ) =>
+        {
+            return Err(format!(
+                "unknown shorthand `{t}`; expected `@hourly`, `@daily`, `@midnight`, `@weekly`, `@monthly` or `@yearly`"
+            ));
+        }
+        t => t,
+    };
     if !trimmed.starts_with('@') {
         let fields = trimmed.split_whitespace().count();
         if fields != 5 {
@@ -37,6 +53,8 @@ mod tests {
         assert!(parse("*/5 * * * *").is_ok());
         assert!(parse("0 0 * * 0").is_ok());
         assert!(parse("@daily").is_ok());
+        assert!(parse("@midnight").is_ok());
+        assert!(parse("@reboot").unwrap_err().contains("not a time"));
         assert!(parse("0 0 * * * *").unwrap_err().contains("6 fields"));
         assert!(parse("61 * * * *").is_err());
     }

@@ -147,9 +147,12 @@ pub struct JsonProblem<'a> {
 
 impl Problems {
     /// The problems in the order a reader meets them in the file; those without a place come last.
+    /// Repeats of one problem at one place are reported once.
     pub fn sort(&mut self) {
         self.list
             .sort_by_key(|p| p.span.map_or((usize::MAX, 0), |s| (s.offset, s.len)));
+        self.list
+            .dedup_by(|a, b| a.code == b.code && a.span == b.span && a.message == b.message);
     }
 
     #[must_use]

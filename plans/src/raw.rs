@@ -20,7 +20,7 @@ pub type Text = Spanned<String>;
 #[serde(deny_unknown_fields)]
 #[schemars(title = "cairn plan")]
 pub struct RawPlan {
-    /// The plan's name: the op's TYPE column. Letters, digits, `-`, `_` and `.`.
+    /// The plan's name: the op's TYPE column. Letters, digits, `-`, `_` and `.`, starting with a letter or digit.
     #[schemars(with = "String")]
     pub name: Text,
     /// What the plan does, for people.
@@ -106,7 +106,7 @@ pub struct RawStep {
     #[schemars(with = "Option<String>")]
     pub run: Option<Text>,
     /// A program and its arguments, run without a shell (each element a template).
-    #[schemars(with = "Option<Vec<String>>")]
+    #[schemars(with = "Option<Vec<Scalar>>")]
     pub exec: Option<Spanned<Vec<Spanned<Scalar>>>>,
     /// `true`: a step that does nothing (a join point).
     #[schemars(with = "Option<bool>")]
@@ -226,7 +226,7 @@ pub struct RawHook {
     #[schemars(with = "Option<String>")]
     pub run: Option<Text>,
     /// A program and its arguments (each a template).
-    #[schemars(with = "Option<Vec<String>>")]
+    #[schemars(with = "Option<Vec<Scalar>>")]
     pub exec: Option<Spanned<Vec<Spanned<Scalar>>>>,
     /// The shell for `run`.
     #[schemars(with = "Option<String>")]

@@ -86,8 +86,13 @@ static ENV: LazyLock<Environment<'static>> = LazyLock::new(|| {
             out.write_str(&quoted).map_err(|e| {
                 minijinja::Error::new(minijinja::ErrorKind::WriteFailure, e.to_string())
             })
-        } else {
+        } else if value.is_safe() || value.is_undefined() {
             minijinja::escape_formatter(out, state, value)
+        } else {
+            // Plain text: strings as they are, everything else as JSON (`true`, not `True`).
+            out.write_str(&scalar_text(value)).map_err(|e| {
+                minijinja::Error::new(minijinja::ErrorKind::WriteFailure, e.to_string())
+            })
         }
     });
     env.add_filter("raw", |value: Value| {
@@ -118,14 +123,11 @@ fn shell_words(value: &Value) -> Result<String, String> {
     }
 }
 
-/// A value as text: strings as they are, maps and lists as JSON, the rest as minijinja prints them.
+/// A value as text: strings as they are, everything else as JSON (`true`, `null`, `[1,2]`).
 fn scalar_text(value: &Value) -> String {
     match value.kind() {
         minijinja::value::ValueKind::String => value.as_str().unwrap_or_default().to_owned(),
-        minijinja::value::ValueKind::Map | minijinja::value::ValueKind::Seq => {
-            serde_json::to_string(value).unwrap_or_else(|_| value.to_string())
-        }
-        _ => value.to_string(),
+        _ => serde_json::to_string(value).unwrap_or_else(|_| value.to_string()),
     }
 }
 
@@ -834,6 +836,22 @@ mod tests {
             t.render(&ctx).unwrap(),
             "echo 'x; rm -rf /' 'a b' c x; rm -rf /"
         );
+    }
+
+    #[test]
+    fn plain_values_render_as_json_not_python() {
+        let (t, _) = Template::compile(
+            "{{ params.b }} {{ params.l }} {{ params.m }} {{ params.n }}",
+            Quoting::Plain,
+            &index_of,
+        )
+        .unwrap();
+        let mut ctx = Context::new();
+        ctx.param("b", &serde_json::json!(true))
+            .param("l", &serde_json::json!(["a", "b c"]))
+            .param("m", &serde_json::json!({"k": 1}))
+            .param("n", &serde_json::json!(null));
+        assert_eq!(t.render(&ctx).unwrap(), r#"true ["a","b c"] {"k":1} null"#);
     }
 
     #[test]

@@ -126,18 +126,25 @@ fn yaml_problem(err: &serde_saphyr::Error, text: &str) -> Problem {
             )
             .label(format!("{what} needs `{field}`"))
         }
-        E::Unexpected { expected, .. } => Problem::new(
-            "wrong-type",
-            span,
-            format!(
-                "expected {} here",
-                plain_expected(
-                    &expected
-                        .replace("sequence start", "a list")
-                        .replace("mapping start", "a mapping")
-                )
-            ),
-        ),
+        E::Unexpected { expected, .. } => {
+            let expected = expected
+                .replace("sequence start", "a list")
+                .replace("mapping start", "a mapping")
+                .replace("string scalar", "a string");
+            let problem = Problem::new(
+                "wrong-type",
+                span,
+                format!("expected {} here", plain_expected(&expected)),
+            );
+            if span
+                .and_then(|s| text.get(s.offset..))
+                .is_some_and(|t| t.starts_with('{'))
+            {
+                problem.help("a value that starts with `{` is read as a YAML mapping; quote it: `run: \"{{ ... }}\"`")
+            } else {
+                problem
+            }
+        }
         E::InvalidScalar { ty, .. } => {
             let found = span.and_then(|s| text.get(s.offset..)).map(|t| {
                 t.split(['\n', ',', '}', ']', '#'])
@@ -474,6 +481,14 @@ impl Checker<'_> {
     fn bytes(&mut self, value: Option<&Spanned<Scalar>>, key: &str) -> Option<u64> {
         let value = value?;
         match parse_size(&value.value.0) {
+            Ok(0) => {
+                self.report(Problem::new(
+                    "bad-size",
+                    span(value),
+                    format!("`{key}` must be more than zero"),
+                ));
+                None
+            }
             Ok(n) => Some(n),
             Err(e) => {
                 self.report(Problem::new(
@@ -500,14 +515,25 @@ impl Checker<'_> {
     }
 
     fn plan(&mut self, raw: RawPlan) -> Option<Plan> {
-        if !is_step_id(&raw.name.value) || raw.name.value.starts_with('_') {
+        let name_ok = !raw.name.value.is_empty()
+            && raw.name.value.len() <= 128
+            && raw
+                .name
+                .value
+                .starts_with(|c: char| c.is_ascii_alphanumeric())
+            && raw
+                .name
+                .value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !name_ok {
             self.report(
                 Problem::new(
                     "bad-name",
                     span(&raw.name),
                     format!("`{}` is not a valid plan name", raw.name.value),
                 )
-                .help("use letters, digits, `-` and `_`"),
+                .help("use letters, digits, `-`, `_` and `.`, starting with a letter or digit"),
             );
         }
         let params = self.params(raw.params.as_ref());
@@ -1089,6 +1115,18 @@ impl Checker<'_> {
                         None => problem,
                     });
                 }
+                Name::Op(Some(field))
+                    if field == "name" && matches!(scope.what, Where::Plan("title")) =>
+                {
+                    self.report(
+                        Problem::new(
+                            "title-uses-itself",
+                            self.span_in(text, "op.name"),
+                            "the plan's `title` uses `op.name`, which is the title itself",
+                        )
+                        .help("build the title from params, `op.id` or `op.plan`"),
+                    );
+                }
                 Name::Op(field) => {
                     let allowed = |f: &str| {
                         OP_FIELDS.contains(&f) || (scope.outcome && OUTCOME_FIELDS.contains(&f))
@@ -1123,14 +1161,23 @@ impl Checker<'_> {
                     }
                 }
                 Name::Item if !scope.item => {
-                    self.report(
+                    let per_step = matches!(scope.what, Where::Step(key, _) if key == "`when`" || key == "`for_each`");
+                    let problem = if per_step {
+                        Problem::new(
+                            "item-outside-for-each",
+                            self.span_in(text, "item"),
+                            format!("{what} uses `item`, but it is evaluated once for the whole step, before its items exist"),
+                        )
+                        .help("to skip some items, filter the list in `for_each` (e.g. `params.shards | reject(\"equalto\", \"s3\")`)")
+                    } else {
                         Problem::new(
                             "item-outside-for-each",
                             self.span_in(text, "item"),
                             format!("{what} uses `item` outside a `for_each` step"),
                         )
-                        .help("`item` is the current element of a step's `for_each` list"),
-                    );
+                        .help("`item` is the current element of a step's `for_each` list")
+                    };
+                    self.report(problem);
                 }
                 Name::Item | Name::Env(Some(_)) => {}
                 Name::Env(None) => self.report(Problem::new(
@@ -1280,11 +1327,11 @@ impl Checker<'_> {
                 .label("cairn already shell-quotes this value")
                 .help(match place {
                     crate::template::ShellPlace::SingleQuotes | crate::template::ShellPlace::DoubleQuotes => {
-                        "remove the quotes around it: `echo {{ params.x }}` receives the value as one word whatever it holds; or write `{{ params.x | raw }}` to insert it unquoted on purpose"
+                        "remove the quotes around it: `echo {{ params.x }}` receives the value as one word whatever it holds; to build a longer word, write `prefix-{{ params.x }}`, or pass the value in `env:` and write `\"...$NAME...\"`"
                     }
                     crate::template::ShellPlace::Comment => "remove it from the comment: a value with a newline would end the comment",
                     crate::template::ShellPlace::HereDocument => {
-                        "a here-document expands `$(...)` in its body; pass the value in `env:` and write `$NAME`, or use `| raw` on purpose"
+                        "in a here-document a value is not a shell word: an unquoted one runs any `$(...)` in it, a quoted one keeps cairn's quotes as text; pass the value in `env:` and write `$NAME` in an unquoted here-document"
                     }
                 }),
             );
@@ -1686,7 +1733,16 @@ impl Checker<'_> {
             (Some(run), None) => self
                 .template(run, Quoting::Shell, known, scope)
                 .map(|script| Action::Run { script, shell }),
-            (None, Some(exec)) => self.exec(exec, known, scope),
+            (None, Some(exec)) => {
+                if let Some(shell) = &hook.shell {
+                    self.report(Problem::new(
+                        "shell-without-script",
+                        span(shell),
+                        "`shell` applies to `run`; this hook uses `exec`",
+                    ));
+                }
+                self.exec(exec, known, scope)
+            }
             (Some(_), Some(exec)) => {
                 self.report(Problem::new(
                     "two-actions",

@@ -27,3 +27,17 @@ fn every_example_plan_is_valid() {
         );
     }
 }
+
+#[test]
+fn the_committed_schema_is_what_cairn_schema_prints() {
+    let out = cairn_in(&root(), &["schema"]);
+    assert_eq!(out.status.code(), Some(0));
+    let committed = std::fs::read_to_string(root().join("docs/plan.schema.json")).unwrap();
+    assert!(
+        committed == crate::support::stdout(&out),
+        "docs/plan.schema.json is stale: run `cargo run -- schema > docs/plan.schema.json`"
+    );
+    let schema: serde_json::Value = serde_json::from_str(&committed).unwrap();
+    assert_eq!(schema["$schema"], "http://json-schema.org/draft-07/schema#");
+    assert!(schema["properties"]["steps"].is_object());
+}
