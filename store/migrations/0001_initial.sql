@@ -12,7 +12,7 @@ CREATE TABLE plan_snapshots (
 
 -- One execution of a plan with concrete parameters.
 CREATE TABLE ops (
-    id           INTEGER PRIMARY KEY,    -- the small id people use
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,  -- the small id people use; never reused
     uuid         TEXT NOT NULL UNIQUE,   -- UUID v7, for machines
     plan         TEXT NOT NULL,          -- the plan's name: the TYPE column
     snapshot_id  INTEGER NOT NULL REFERENCES plan_snapshots(id),
@@ -20,12 +20,14 @@ CREATE TABLE ops (
     status       TEXT NOT NULL CHECK (status IN
                    ('queued','running','waiting','succeeded','failed','canceling','canceled','interrupted')),
     params       TEXT NOT NULL,          -- JSON object; secret values are encrypted, never in clear
+    workdir      TEXT NOT NULL,          -- the plan file's directory: steps run there, resumes too
+    env          TEXT NOT NULL,          -- JSON object: the base environment captured at submit
     created_at   INTEGER NOT NULL,
     started_at   INTEGER,
     ended_at     INTEGER,
     -- The owner: the process running the op, and until when its lease holds. All NULL when none.
     owner_host   TEXT,
-    owner_boot   TEXT,                   -- the owner's kernel boot id: another boot means it is dead
+    owner_boot   TEXT,                   -- `<boot id>/<pid namespace>`: another boot means it is dead
     owner_pid    INTEGER,
     owner_start  INTEGER,                -- the owner's process start time (clock ticks since boot)
     lease_until  INTEGER,

@@ -370,8 +370,8 @@ fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
         .query_row([&new.snapshot.hash], |r| r.get(0))?;
     let id: i64 = tx
         .prepare_cached(
-            "INSERT INTO ops (uuid, plan, snapshot_id, title, status, params, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+            "INSERT INTO ops (uuid, plan, snapshot_id, title, status, params, workdir, env, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
         )?
         .query_row(
             params![
@@ -381,6 +381,8 @@ fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
                 new.title,
                 new.status.as_str(),
                 new.params.to_string(),
+                new.workdir,
+                serde_json::Value::Object(new.env.clone()).to_string(),
                 new.at
             ],
             |r| r.get(0),
@@ -704,7 +706,7 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
 }
 
 const OP_COLUMNS: &str = "id, uuid, plan, title, status, params, created_at, started_at, ended_at, \
-     owner_host, owner_boot, owner_pid, owner_start, lease_until, current_task, error";
+     owner_host, owner_boot, owner_pid, owner_start, lease_until, current_task, error, workdir, env";
 
 fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
     let status: String = r.get(4)?;
@@ -723,6 +725,8 @@ fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
         lease_until: r.get(13)?,
         current_task: r.get(14)?,
         error: r.get(15)?,
+        workdir: r.get(16)?,
+        env: serde_json::from_str(&r.get::<_, String>(17)?).unwrap_or_default(),
     })
 }
 

@@ -126,7 +126,9 @@ status_enum! {
 /// safe against pid reuse (the start time) and reboots (the boot id).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProcessId {
+    /// For people: where it ran.
     pub host: String,
+    /// `<kernel boot id>/<pid namespace inode>`: a pid means something only within these.
     pub boot_id: String,
     pub pid: u32,
     /// Start time in clock ticks since boot (`/proc/PID/stat`, field 22).
@@ -148,6 +150,8 @@ pub struct OpRow {
     pub title: String,
     pub status: OpStatus,
     pub params: serde_json::Value,
+    pub workdir: String,
+    pub env: serde_json::Map<String, serde_json::Value>,
     pub created_at: Millis,
     pub started_at: Option<Millis>,
     pub ended_at: Option<Millis>,
@@ -237,6 +241,10 @@ pub struct NewOp {
     pub title: String,
     pub status: OpStatus,
     pub params: serde_json::Value,
+    /// The plan file's directory: steps run there.
+    pub workdir: String,
+    /// The base environment captured at submit, so a resume sees the same.
+    pub env: serde_json::Map<String, serde_json::Value>,
     pub tasks: Vec<NewTask>,
     pub at: Millis,
 }

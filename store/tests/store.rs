@@ -29,6 +29,8 @@ fn new_op(tasks: u32) -> NewOp {
         title: "t".into(),
         status: OpStatus::Queued,
         params: serde_json::json!({"a": 1}),
+        workdir: "/".into(),
+        env: serde_json::Map::new(),
         tasks: (0..tasks)
             .map(|i| NewTask {
                 task_no: TaskNo(i),

@@ -1,0 +1,259 @@
+//! Running one step process: its own process group, a cleared environment with only what cairn
+//! passes, stdout and stderr read concurrently into log chunks, a timeout, a stop signal, and the
+//! whole group ended when the leader exits or is stopped.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::proc::{self, Identity, MARKER_VAR};
+
+/// How much of stderr is kept for the error message of a failed attempt.
+const STDERR_TAIL: usize = 2048;
+/// How long to wait for the output pipes after the group is gone (a daemon may hold them open).
+const PIPE_DRAIN: Duration = Duration::from_secs(1);
+
+/// A process to start.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub argv: Vec<String>,
+    /// The whole environment: the process inherits nothing else.
+    pub env: BTreeMap<String, String>,
+    pub cwd: PathBuf,
+    /// `<op uuid>/<task>/<attempt>`, set as [`MARKER_VAR`].
+    pub marker: String,
+    pub timeout: Option<Duration>,
+    /// Between TERM and KILL when the process must stop.
+    pub grace: Duration,
+}
+
+/// Which stream a log chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout = 1,
+    Stderr = 2,
+}
+
+/// A chunk of output, as it arrives.
+#[derive(Debug)]
+pub struct Chunk {
+    pub stream: Stream,
+    pub data: Vec<u8>,
+}
+
+/// Why a process did not end by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    TimedOut,
+    /// The engine asked it to stop (Ctrl-C, SIGTERM, cancel).
+    Asked,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stopped: Option<Stopped>,
+    /// The end of what it wrote on stderr.
+    pub stderr_tail: String,
+    /// How many processes of its group were still running after the leader ended, and were ended.
+    pub leftovers: usize,
+}
+
+impl Exit {
+    #[must_use]
+    pub fn success(&self) -> bool {
+        self.code == Some(0) && self.stopped.is_none()
+    }
+}
+
+/// A started process.
+#[derive(Debug)]
+pub struct Running {
+    child: tokio::process::Child,
+    pub identity: Identity,
+    pub pgid: u32,
+    marker: String,
+    grace: Duration,
+    timeout: Option<Duration>,
+    readers: Vec<tokio::task::JoinHandle<Vec<u8>>>,
+}
+
+/// Why a process could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start `{program}`: {source}")]
+pub struct SpawnError {
+    pub program: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Starts `spec` in a new process group; its output goes to `sink` in chunks.
+pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running, SpawnError> {
+    let program = spec.argv.first().cloned().unwrap_or_default();
+    let mut command = tokio::process::Command::new(&program);
+    command
+        .args(&spec.argv[1..])
+        .env_clear()
+        .envs(&spec.env)
+        .env(MARKER_VAR, &spec.marker)
+        .current_dir(&spec.cwd)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().map_err(|source| SpawnError {
+        program: program.clone(),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    let identity = Identity {
+        host: proc::hostname(),
+        boot_id: proc::boot_id(),
+        pid,
+        start: proc::stat(pid).map_or(0, |s| s.start),
+    };
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(tokio::spawn(read(out, Stream::Stdout, sink.clone())));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(tokio::spawn(read(err, Stream::Stderr, sink.clone())));
+    }
+    Ok(Running {
+        child,
+        identity,
+        pgid: pid,
+        marker: spec.marker.clone(),
+        grace: spec.grace,
+        timeout: spec.timeout,
+        readers,
+    })
+}
+
+/// Forwards a stream in chunks; returns the tail of what it read (kept for stderr).
+async fn read(
+    mut stream: impl AsyncReadExt + Unpin,
+    which: Stream,
+    sink: mpsc::UnboundedSender<Chunk>,
+) -> Vec<u8> {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut tail = Vec::new();
+    loop {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return tail,
+            Ok(n) => {
+                let data = buffer[..n].to_vec();
+                if which == Stream::Stderr {
+                    tail.extend_from_slice(&data);
+                    if tail.len() > STDERR_TAIL {
+                        tail.drain(..tail.len() - STDERR_TAIL);
+                    }
+                }
+                let _ = sink.send(Chunk {
+                    stream: which,
+                    data,
+                });
+            }
+        }
+    }
+}
+
+impl Running {
+    /// The running processes of this attempt's group (and any carrying its marker).
+    fn members(&self) -> Vec<u32> {
+        proc::attempt_processes(Some(self.pgid), Some(self.identity.start), &self.marker)
+    }
+
+    /// Waits until the process ends, its timeout passes, or `stop` turns true; then ends whatever is
+    /// left of its group, so that nothing of the attempt outlives it.
+    pub async fn wait(mut self, mut stop: watch::Receiver<bool>) -> Exit {
+        let timeout = async {
+            match self.timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let stopped_by = async {
+            loop {
+                if *stop.borrow_and_update() {
+                    return;
+                }
+                if stop.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let mut stopped = None;
+        let status = tokio::select! {
+            status = self.child.wait() => status.ok(),
+            () = timeout => { stopped = Some(Stopped::TimedOut); None }
+            () = stopped_by => { stopped = Some(Stopped::Asked); None }
+        };
+        let status = if let Some(status) = status {
+            Some(status)
+        } else {
+            let grace = self.grace;
+            proc::terminate(|| self.members(), grace).await;
+            self.child.wait().await.ok()
+        };
+        // The leader is gone; whatever it left running in its group goes too.
+        let leftovers = proc::terminate(|| self.members(), self.grace).await;
+        let mut tail = Vec::new();
+        for reader in std::mem::take(&mut self.readers) {
+            if let Ok(Ok(t)) = tokio::time::timeout(PIPE_DRAIN, reader).await {
+                tail.extend(t);
+            }
+        }
+        Exit {
+            code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| s.signal()),
+            stopped,
+            stderr_tail: String::from_utf8_lossy(&tail).trim_end().to_owned(),
+            leftovers,
+        }
+    }
+}
+
+/// Reads the `key=value` lines a step appended to its `$CAIRN_OUTPUT` file. Keys are identifiers;
+/// a later line wins over an earlier one with the same key.
+pub fn read_outputs(
+    path: &std::path::Path,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => {
+            String::from_utf8(bytes).map_err(|_| "its output file is not UTF-8".to_owned())?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(serde_json::Map::new()),
+        Err(e) => return Err(format!("cannot read its output file: {e}")),
+    };
+    let mut outputs = serde_json::Map::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!(
+                "output line {} is not `key=value`: `{line}`",
+                n + 1
+            ));
+        };
+        let key = key.trim();
+        let valid = key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return Err(format!(
+                "output line {}: `{key}` is not a valid key (letters, digits, `_`)",
+                n + 1
+            ));
+        }
+        outputs.insert(key.to_owned(), serde_json::Value::String(value.to_owned()));
+    }
+    Ok(outputs)
+}

@@ -1,0 +1,163 @@
+//! Real processes: nothing of an attempt outlives it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use steps::proc::{self, attempt_processes};
+use steps::spawn::{Spec, Stopped, read_outputs, spawn};
+use tokio::sync::{mpsc, watch};
+
+fn spec(script: &str, marker: &str) -> Spec {
+    Spec {
+        argv: vec!["bash".into(), "-c".into(), script.into()],
+        env: BTreeMap::from([("PATH".to_owned(), std::env::var("PATH").unwrap())]),
+        cwd: std::env::temp_dir(),
+        marker: marker.into(),
+        timeout: None,
+        grace: Duration::from_millis(500),
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!(
+        "test-{}-{name}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    )
+}
+
+#[tokio::test]
+async fn a_background_child_left_by_a_finished_step_is_ended() {
+    let marker = unique("bg");
+    let (sink, mut chunks) = mpsc::unbounded_channel();
+    let running = spawn(&spec("sleep 1000 & echo started; exit 0", &marker), &sink).unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let exit = running.wait(stop).await;
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(
+        exit.leftovers, 1,
+        "the background sleep was found and ended"
+    );
+    assert!(
+        attempt_processes(None, None, &marker).is_empty(),
+        "nothing of the attempt runs"
+    );
+    let first = chunks.recv().await.unwrap();
+    assert_eq!(first.data, b"started\n");
+}
+
+#[tokio::test]
+async fn a_timeout_ends_the_whole_group() {
+    let marker = unique("timeout");
+    let (sink, _chunks) = mpsc::unbounded_channel();
+    let mut s = spec("sleep 1000 & sleep 1000; echo never", &marker);
+    s.timeout = Some(Duration::from_millis(300));
+    let running = spawn(&s, &sink).unwrap();
+    let pgid = running.pgid;
+    let (_stop, stop) = watch::channel(false);
+    let exit = running.wait(stop).await;
+    assert_eq!(exit.stopped, Some(Stopped::TimedOut));
+    assert!(!exit.success());
+    assert!(attempt_processes(Some(pgid), None, &marker).is_empty());
+}
+
+#[tokio::test]
+async fn a_stop_request_ends_the_group_even_when_it_ignores_term() {
+    let marker = unique("stop");
+    let (sink, _chunks) = mpsc::unbounded_channel();
+    let running = spawn(
+        &spec("trap '' TERM; sleep 1000 & sleep 1000", &marker),
+        &sink,
+    )
+    .unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    let started = Instant::now();
+    let waiter = tokio::spawn(running.wait(stop));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_tx.send(true).unwrap();
+    let exit = waiter.await.unwrap();
+    assert_eq!(exit.stopped, Some(Stopped::Asked));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(attempt_processes(None, None, &marker).is_empty());
+}
+
+#[tokio::test]
+async fn a_process_that_left_the_group_is_found_by_its_marker() {
+    let marker = unique("setsid");
+    let (sink, _chunks) = mpsc::unbounded_channel();
+    // `setsid` puts the sleep in a new session and group; only the marker still ties it to us.
+    let running = spawn(
+        &spec(
+            "setsid sleep 1000 < /dev/null > /dev/null 2>&1 & exit 0",
+            &marker,
+        ),
+        &sink,
+    )
+    .unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let exit = running.wait(stop).await;
+    assert!(exit.success());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        attempt_processes(None, None, &marker).is_empty(),
+        "the escaped sleep was ended too"
+    );
+    assert!(exit.leftovers >= 1);
+}
+
+#[tokio::test]
+async fn stderr_tail_and_exit_code_are_kept() {
+    let (sink, _chunks) = mpsc::unbounded_channel();
+    let running = spawn(
+        &spec(
+            "echo out; echo 'disk is on fire' >&2; exit 3",
+            &unique("code"),
+        ),
+        &sink,
+    )
+    .unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let exit = running.wait(stop).await;
+    assert_eq!(exit.code, Some(3));
+    assert_eq!(exit.stderr_tail, "disk is on fire");
+}
+
+#[test]
+fn a_dead_process_is_dead_and_a_live_one_alive() {
+    let mut child = std::process::Command::new("sleep")
+        .arg("1000")
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let id = proc::Identity {
+        pid,
+        start: proc::stat(pid).unwrap().start,
+        ..proc::me()
+    };
+    assert_eq!(proc::liveness(&id), proc::Liveness::Alive);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(proc::liveness(&id), proc::Liveness::Dead);
+}
+
+#[test]
+fn outputs_are_key_value_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out");
+    std::fs::write(
+        &path,
+        "source=node-2\nshards=[\"a\",\"b\"]\n\nsource=node-3\nurl=x=y\n",
+    )
+    .unwrap();
+    let outputs = read_outputs(&path).unwrap();
+    assert_eq!(outputs["source"], "node-3");
+    assert_eq!(outputs["shards"], "[\"a\",\"b\"]");
+    assert_eq!(outputs["url"], "x=y");
+    std::fs::write(&path, "not a pair\n").unwrap();
+    assert!(read_outputs(&path).unwrap_err().contains("line 1"));
+    assert!(
+        read_outputs(&dir.path().join("missing"))
+            .unwrap()
+            .is_empty()
+    );
+}
