@@ -13,14 +13,32 @@ pub enum Failure {
     /// Bad input, explained by the error.
     #[error(transparent)]
     BadInput(#[from] anyhow::Error),
+    /// The op ended other than succeeded; already reported.
+    #[error("op ended with code {0}")]
+    Op(u8),
 }
 
+pub const OP_FAILED: u8 = 1;
 pub const BAD_INPUT: u8 = 2;
+pub const OP_INTERRUPTED: u8 = 4;
+
+impl From<engine::Error> for Failure {
+    fn from(e: engine::Error) -> Self {
+        Self::BadInput(e.into())
+    }
+}
+
+impl From<store::Error> for Failure {
+    fn from(e: store::Error) -> Self {
+        Self::BadInput(e.into())
+    }
+}
 
 pub fn code(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Reported) => ExitCode::from(BAD_INPUT),
+        Err(Failure::Op(code)) => ExitCode::from(code),
         Err(Failure::BadInput(err)) => {
             // A closed pipe on stdout (`cairn ... | head`) is not an error.
             if err
@@ -31,6 +49,37 @@ pub fn code(result: Result<(), Failure>) -> ExitCode {
             }
             crate::output::error(&err);
             ExitCode::from(BAD_INPUT)
+        }
+    }
+}
+
+/// The exit code of a run that ended as `end`.
+pub fn of_run(end: &engine::RunEnd, op: store::OpId) -> Result<(), Failure> {
+    match end {
+        engine::RunEnd::Succeeded => Ok(()),
+        engine::RunEnd::Failed(_) => {
+            crate::output::diagnostic(&format!(
+                "op {op} failed; after fixing the cause, continue it with `cairn resume {op}`\n"
+            ));
+            Err(Failure::Op(OP_FAILED))
+        }
+        engine::RunEnd::Interrupted => {
+            crate::output::diagnostic(&format!(
+                "op {op} interrupted; continue it with `cairn resume {op}`\n"
+            ));
+            Err(Failure::Op(OP_INTERRUPTED))
+        }
+        engine::RunEnd::LostOwnership(why) => {
+            crate::output::diagnostic(&format!(
+                "op {op}: stopped running it: another process owns it now ({why})\n"
+            ));
+            Err(Failure::Op(OP_INTERRUPTED))
+        }
+        engine::RunEnd::StoreFailed(why) => {
+            crate::output::diagnostic(&format!(
+                "op {op}: cannot record progress any more ({why}); its steps were stopped. Once the cause is fixed, `cairn resume {op}` continues it\n"
+            ));
+            Err(Failure::Op(OP_INTERRUPTED))
         }
     }
 }

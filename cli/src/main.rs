@@ -4,8 +4,11 @@
 //! maps outcomes to exit codes (see [`exit`]).
 
 mod cmd;
+mod db;
 mod exit;
 mod output;
+mod progress;
+mod signals;
 
 use std::process::ExitCode;
 
@@ -26,7 +29,21 @@ struct Cli {
 enum Command {
     Validate(cmd::validate::Args),
     Graph(cmd::graph::Args),
+    Run(cmd::run::Args),
+    Status(cmd::status::Args),
+    Show(cmd::show::Args),
+    Logs(cmd::logs::Args),
+    Resume(cmd::resume::Args),
     Schema(cmd::schema::Args),
+}
+
+/// The async runtime for commands that run ops.
+fn runtime() -> Result<tokio::runtime::Runtime, exit::Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| exit::Failure::BadInput(anyhow::anyhow!("cannot start the runtime: {e}")))
 }
 
 fn main() -> ExitCode {
@@ -35,6 +52,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => cmd::validate::run(&args, &out),
         Command::Graph(args) => cmd::graph::run(&args, &out),
+        Command::Run(args) => cmd::run::run(&args, &out),
+        Command::Status(args) => cmd::status::run(&args, &out),
+        Command::Show(args) => cmd::show::run(&args, &out),
+        Command::Logs(args) => cmd::logs::run(&args, &out),
+        Command::Resume(args) => cmd::resume::run(&args, &out),
         Command::Schema(args) => cmd::schema::run(&args, &out),
     };
     exit::code(result)

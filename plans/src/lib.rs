@@ -7,6 +7,7 @@
 //! - [`template`]: `{{ }}` templates with strict names and shell quoting; `when` expressions.
 //! - [`dag`]: topological order, cycles, upstream queries.
 //! - [`diag`]: problems with `file:line:col`, rendered for people or as JSON.
+//! - [`params`]: the values an op is given, read as their params' types.
 //! - [`graph`]: the DAG as text, dot or mermaid. [`schema`]: the JSON Schema. [`units`]: durations
 //!   and sizes. [`cron`]: crontab expressions.
 
@@ -15,6 +16,7 @@ pub mod dag;
 pub mod diag;
 pub mod graph;
 pub mod model;
+pub mod params;
 pub mod raw;
 pub mod schema;
 pub mod template;

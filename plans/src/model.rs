@@ -37,6 +37,8 @@ pub struct Plan {
     pub steps: Vec<Step>,
     pub hooks: Hooks,
     pub dag: Dag,
+    /// The `env.*` names its templates use: what an op captures from the environment at submit.
+    pub env_names: Vec<String>,
     /// The plan's text, as submitted.
     pub text: String,
     /// `sha256:<hex>` of [`Plan::text`].
@@ -306,6 +308,8 @@ pub struct Step {
     /// The output keys the step promises, when declared.
     pub outputs: Option<Vec<String>>,
     pub log_limit: u64,
+    /// The steps whose outputs this step's templates use (all upstream of it).
+    pub uses: Vec<usize>,
 }
 
 /// A hook: a command run around the op.

@@ -67,6 +67,8 @@ pub fn parse(file: &str, text: &str) -> Result<Plan, Problems> {
     let mut checker = Checker {
         text,
         problems: Vec::new(),
+        env_names: std::collections::BTreeSet::new(),
+        uses: std::collections::BTreeSet::new(),
     };
     let plan = checker.plan(raw);
     match plan {
@@ -433,6 +435,10 @@ const OUTCOME_FIELDS: &[&str] = &["status", "error", "failed_task"];
 struct Checker<'t> {
     text: &'t str,
     problems: Vec<Problem>,
+    /// Every `env.<name>` a template uses.
+    env_names: std::collections::BTreeSet<String>,
+    /// The steps whose outputs the step being checked uses.
+    uses: std::collections::BTreeSet<usize>,
 }
 
 /// What the checks of templates need to know of the plan.
@@ -679,6 +685,7 @@ impl Checker<'_> {
             steps: steps?,
             hooks: hooks?,
             dag,
+            env_names: std::mem::take(&mut self.env_names).into_iter().collect(),
             text: self.text.to_owned(),
             hash: format!("sha256:{:x}", Sha256::digest(self.text.as_bytes())),
         })
@@ -1067,6 +1074,15 @@ impl Checker<'_> {
         let what = scope.what.describe();
         for name in names {
             match name {
+                Name::Env(Some(var)) => {
+                    self.env_names.insert(var.clone());
+                }
+                Name::Step { index, .. } => {
+                    self.uses.insert(*index);
+                }
+                _ => {}
+            }
+            match name {
                 Name::Param(param) => match known.params.iter().find(|p| &p.name == param) {
                     None => {
                         let problem = Problem::new(
@@ -1348,6 +1364,7 @@ impl Checker<'_> {
         plan_log_limit: u64,
     ) -> Option<Step> {
         let before = self.problems.len();
+        self.uses.clear();
         let has_for_each = step.for_each.is_some();
         let scope = |what: &'static str, item: bool| -> Scope<'s> {
             Scope {
@@ -1514,6 +1531,7 @@ impl Checker<'_> {
                 .as_ref()
                 .map(|o| o.iter().map(|k| k.value.clone()).collect()),
             log_limit,
+            uses: std::mem::take(&mut self.uses).into_iter().collect(),
         })
     }
 

@@ -145,6 +145,7 @@ fn refuses_files_that_are_not_cairn_databases_and_leaves_them_unchanged() {
 /// Runs SQL with the `sqlite3` shell, as a user poking at the file would.
 fn sqlite3(path: &std::path::Path, sql: &str) {
     let status = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
         .arg(path)
         .arg(sql)
         .status()

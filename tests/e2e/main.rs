@@ -2,6 +2,8 @@
 
 mod support;
 
+mod crash;
+mod durable;
 mod examples;
 mod graph;
 mod invalid_plans;

@@ -1,0 +1,91 @@
+//! `cairn logs`: what steps printed, attempt by attempt.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use store::TaskNo;
+
+use crate::db::{DbArgs, op_id};
+use crate::exit::Failure;
+use crate::output::Output;
+
+/// Print the output of an op's steps, attempt by attempt (stdout and stderr interleaved as they
+/// arrived, up to each step's `log_limit`, keeping the end).
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The op's id.
+    op: String,
+    /// Only this step's output.
+    step: Option<String>,
+    /// Keep printing new output until the op stops running.
+    #[arg(long, short)]
+    follow: bool,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
+    let op = op_id(&args.op)?;
+    let reader = args.db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
+    let row = reader.op(op).map_err(|e| match e {
+        store::Error::NotFound(op) => engine::Error::UnknownOp(op),
+        other => engine::Error::Store(other),
+    })?;
+    let tasks = reader.tasks(op)?;
+    let task: Option<TaskNo> = match &args.step {
+        None => None,
+        Some(step) => Some(
+            tasks
+                .iter()
+                .find(|t| &t.name == step || &t.step == step)
+                .map(|t| t.task_no)
+                .with_context(|| {
+                    format!(
+                        "op {op} has no step `{step}`; its steps are {}",
+                        tasks
+                            .iter()
+                            .map(|t| format!("`{}`", t.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?,
+        ),
+    };
+    let name = |no: TaskNo| {
+        tasks
+            .iter()
+            .find(|t| t.task_no == no)
+            .map_or("?", |t| t.name.as_str())
+            .to_owned()
+    };
+    let mut after = None;
+    let mut current: Option<(TaskNo, u32)> = None;
+    let mut row = row;
+    loop {
+        for chunk in reader.logs(op, task, after)? {
+            if current != Some((chunk.task_no, chunk.attempt)) {
+                current = Some((chunk.task_no, chunk.attempt));
+                let dropped = if chunk.seq > 1 {
+                    " (earlier output dropped: over `log_limit`)"
+                } else {
+                    ""
+                };
+                crate::output::data(&format!(
+                    "==> {} (attempt {}){dropped} <==\n",
+                    name(chunk.task_no),
+                    chunk.attempt
+                ))
+                .context("cannot write")?;
+            }
+            let mut std_out = std::io::stdout().lock();
+            std::io::Write::write_all(&mut std_out, &chunk.data).context("cannot write")?;
+            std::io::Write::flush(&mut std_out).context("cannot write")?;
+            after = Some((chunk.task_no, chunk.attempt, chunk.seq));
+        }
+        if !args.follow || engine::owner::shown_status(&row, engine::owner::now()).is_ended() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        row = reader.op(op)?;
+    }
+}

@@ -1,0 +1,52 @@
+//! `cairn resume`: continue an op where it stopped.
+
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
+
+use crate::cmd::run::RunArgs;
+use crate::db::{DbArgs, op_id};
+use crate::exit::Failure;
+use crate::output::Output;
+
+/// Continue an op where it stopped, with the plan it was submitted with.
+///
+/// Tasks that succeeded or were skipped are kept with their outputs; failed and interrupted ones
+/// run again. Processes left behind by a crashed run are ended first. Refused while another live
+/// process runs the op.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The op's id.
+    op: String,
+    /// List what would be kept and what would run, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
+    let op = op_id(&args.op)?;
+    if args.dry_run {
+        let reader = args.db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
+        let (row, planned) = engine::ops::dry_run(&reader, op)?;
+        let mut text = format!("op {op} ({}, {}): a resume would\n", row.plan, row.title);
+        for p in &planned {
+            let what = if p.kept { "keep" } else { "run " };
+            writeln!(text, "  {what}  {}  ({})", p.task, p.status).ok();
+        }
+        crate::output::data(&text).context("cannot write")?;
+        return Ok(());
+    }
+    let store = args.db.store()?;
+    let runtime = crate::runtime()?;
+    let end = runtime.block_on(async {
+        let stop = engine::stop_handle();
+        crate::signals::watch(stop.clone()).context("cannot watch for Ctrl-C")?;
+        let progress = crate::progress::printer(out.quiet);
+        Ok::<_, Failure>(engine::ops::resume(&store, op, args.run.options(), progress, stop).await?)
+    })?;
+    crate::exit::of_run(&end, op)
+}

@@ -1,0 +1,108 @@
+//! `cairn run`: submit an op and run it in this process.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::cmd::validate::load;
+use crate::db::DbArgs;
+use crate::exit::Failure;
+use crate::output::Output;
+
+/// Submit a plan as an op and run it here, with live progress on stderr.
+///
+/// Exits 0 when the op succeeds, 1 when it fails, 4 when it is interrupted (Ctrl-C, SIGTERM):
+/// `cairn resume OP` continues it.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The plan file.
+    plan: PathBuf,
+    /// A parameter, `KEY=VALUE` (repeatable).
+    #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+    params: Vec<String>,
+    /// A YAML or JSON file of parameters; `-p` values override it.
+    #[arg(long = "params", value_name = "FILE")]
+    params_file: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+/// Options of a process that runs ops (`run`, `resume`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// How long steps get to exit after TERM before they are killed, when they must stop.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    pub grace: Duration,
+}
+
+impl RunArgs {
+    pub fn options(&self) -> engine::Options {
+        engine::Options {
+            grace: self.grace,
+            ..engine::Options::default()
+        }
+    }
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    plans::units::parse_duration(text)
+}
+
+/// Reads `--params FILE` as a mapping.
+fn params_file(path: &PathBuf) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read `{}`", path.display()))?;
+    let value: serde_json::Value = serde_saphyr::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("`{}` is not a YAML or JSON mapping: {e}", path.display()))?;
+    value.as_object().cloned().with_context(|| {
+        format!(
+            "`{}` is not a mapping of param names to values",
+            path.display()
+        )
+    })
+}
+
+pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
+    let plan = match load(&args.plan) {
+        Ok(plan) => plan,
+        Err(problems) => {
+            crate::output::diagnostic(&problems.render(out.color));
+            return Err(Failure::Reported);
+        }
+    };
+    let given = args
+        .params
+        .iter()
+        .map(|p| plans::params::split_pair(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("bad `-p`: {e}"))?;
+    let file = args.params_file.as_ref().map(params_file).transpose()?;
+    let params = match plans::params::resolve(&plan, &given, file.as_ref()) {
+        Ok(params) => params,
+        Err(problems) => {
+            for p in problems {
+                crate::output::diagnostic(&format!("error: {p}\n"));
+            }
+            return Err(Failure::Reported);
+        }
+    };
+    engine::ops::check_supported(&plan)?;
+    let store = args.db.store()?;
+    let new = engine::NewRun {
+        env: engine::ops::capture_env(&plan),
+        workdir: engine::ops::plan_dir(&args.plan),
+        plan,
+        params,
+    };
+    let runtime = crate::runtime()?;
+    let (op, end) = runtime.block_on(async {
+        let stop = engine::stop_handle();
+        crate::signals::watch(stop.clone()).context("cannot watch for Ctrl-C")?;
+        let progress = crate::progress::printer(out.quiet);
+        Ok::<_, Failure>(engine::ops::run(&store, new, args.run.options(), progress, stop).await?)
+    })?;
+    crate::exit::of_run(&end, op)
+}

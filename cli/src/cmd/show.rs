@@ -1,0 +1,192 @@
+//! `cairn show`: one op in full: params (secrets masked), tasks, attempts, outputs, events.
+
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
+use comfy_table::{Table, presets};
+use serde_json::{Value, json};
+
+use crate::cmd::status::op_json;
+use crate::db::{DbArgs, op_id};
+use crate::exit::Failure;
+use crate::output::Output;
+
+/// Show one op: its params (secrets masked), every task with its status, attempts, times, exit
+/// code, error and outputs, and its events.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The op's id.
+    op: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+/// Params as shown: sealed secrets as `********`.
+fn shown_params(params: &Value) -> Value {
+    match params {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let v = if engine::secrets::is_sealed(v) {
+                        Value::from("********")
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
+    let op = op_id(&args.op)?;
+    let reader = args.db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
+    let row = reader.op(op).map_err(|e| match e {
+        store::Error::NotFound(op) => engine::Error::UnknownOp(op),
+        other => engine::Error::Store(other),
+    })?;
+    let tasks = reader.tasks(op)?;
+    let attempts = reader.attempts(op)?;
+    let events = reader.events(op)?;
+    let now = engine::owner::now();
+    let time = |t: Option<i64>| t.map(engine::time::rfc3339);
+    if args.json {
+        let mut object = op_json(&row, now);
+        object["params"] = shown_params(&row.params);
+        object["tasks"] = tasks
+            .iter()
+            .map(|t| {
+                json!({
+                    "id": t.name,
+                    "step": t.step,
+                    "item": t.item,
+                    "status": t.status.as_str(),
+                    "attempts": t.attempts,
+                    "started_at": time(t.started_at),
+                    "ended_at": time(t.ended_at),
+                    "exit_code": t.exit_code,
+                    "error": t.error,
+                    "outputs": t.outputs,
+                    "by_check": t.by_check,
+                    "history": attempts.iter().filter(|a| a.task_no == t.task_no).map(|a| json!({
+                        "attempt": a.n,
+                        "status": a.status.as_str(),
+                        "started_at": engine::time::rfc3339(a.started_at),
+                        "ended_at": time(a.ended_at),
+                        "exit_code": a.exit_code,
+                        "error": a.error,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        object["events"] = events
+            .iter()
+            .map(|e| json!({"at": engine::time::rfc3339(e.at), "kind": e.kind, "task": e.task, "message": e.message}))
+            .collect();
+        let mut text = serde_json::to_string_pretty(&object).context("cannot encode")?;
+        text.push('\n');
+        crate::output::data(&text).context("cannot write")?;
+        return Ok(());
+    }
+    let summary = op_json(&row, now);
+    let mut text = String::new();
+    writeln!(text, "op {}  {}  {}", row.id, row.plan, row.title).ok();
+    writeln!(
+        text,
+        "  status:   {}",
+        summary["status"].as_str().unwrap_or_default()
+    )
+    .ok();
+    writeln!(text, "  uuid:     {}", row.uuid).ok();
+    writeln!(text, "  created:  {}", engine::time::local(row.created_at)).ok();
+    if let Some(s) = row.started_at {
+        writeln!(text, "  started:  {}", engine::time::local(s)).ok();
+    }
+    if let Some(e) = row.ended_at {
+        writeln!(text, "  ended:    {}", engine::time::local(e)).ok();
+    }
+    if let Some(error) = &row.error {
+        writeln!(text, "  error:    {error}").ok();
+    }
+    if let Some(owner) = summary.get("owner").filter(|o| !o.is_null()) {
+        writeln!(
+            text,
+            "  owner:    pid {} on {}",
+            owner["pid"],
+            owner["host"].as_str().unwrap_or_default()
+        )
+        .ok();
+    }
+    writeln!(text, "\nparams:").ok();
+    if let Value::Object(params) = shown_params(&row.params) {
+        for (k, v) in params {
+            writeln!(
+                text,
+                "  {k} = {}",
+                v.as_str().map_or_else(|| v.to_string(), ToOwned::to_owned)
+            )
+            .ok();
+        }
+    }
+    writeln!(text, "\ntasks:").ok();
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header([
+        "TASK",
+        "STATUS",
+        "ATTEMPTS",
+        "STARTED",
+        "ENDED",
+        "EXIT",
+        "ERROR / OUTPUTS",
+    ]);
+    for t in &tasks {
+        let detail = match (&t.error, &t.outputs) {
+            (Some(e), _) => e.lines().next().unwrap_or_default().to_owned(),
+            (None, Some(o)) if !o.is_empty() => o
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ if t.by_check => "(done by check)".to_owned(),
+            _ => String::new(),
+        };
+        table.add_row([
+            t.name.clone(),
+            t.status.to_string() + if t.by_check { " (check)" } else { "" },
+            t.attempts.to_string(),
+            t.started_at
+                .map_or_else(|| "-".to_owned(), engine::time::local),
+            t.ended_at
+                .map_or_else(|| "-".to_owned(), engine::time::local),
+            t.exit_code
+                .map_or_else(|| "-".to_owned(), |c| c.to_string()),
+            detail,
+        ]);
+    }
+    for column in table.column_iter_mut() {
+        column.set_padding((2, 0));
+    }
+    for l in table.lines() {
+        writeln!(text, "{}", l.trim_end()).ok();
+    }
+    writeln!(text, "\nevents:").ok();
+    for e in &events {
+        let task = e.task.as_deref().map_or(String::new(), |t| format!(" {t}"));
+        writeln!(
+            text,
+            "  {}  {}{task}: {}",
+            engine::time::local(e.at),
+            e.kind,
+            e.message
+        )
+        .ok();
+    }
+    crate::output::data(&text).context("cannot write")?;
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! `cairn status`: the ops table, newest first (like `OpenMLDB`'s `showopstatus`).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use comfy_table::{Table, presets};
+use serde_json::{Value, json};
+use store::{OpFilter, OpRow, OpStatus};
+
+use crate::db::DbArgs;
+use crate::exit::Failure;
+use crate::output::Output;
+
+/// List ops, newest first.
+///
+/// An op whose owner died while it ran shows as `interrupted`; `cairn resume OP` continues it.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Only ops with this status.
+    #[arg(long, value_parser = status)]
+    status: Option<OpStatus>,
+    /// Only ops of this plan.
+    #[arg(long, value_name = "NAME")]
+    plan: Option<String>,
+    /// How many ops to list.
+    #[arg(long, default_value_t = 20, conflicts_with = "all")]
+    limit: u32,
+    /// List every op.
+    #[arg(long)]
+    all: bool,
+    /// Redraw the table every second until interrupted.
+    #[arg(long, conflicts_with = "json")]
+    watch: bool,
+    /// Print a JSON array.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+fn status(text: &str) -> Result<OpStatus, String> {
+    OpStatus::parse(text).ok_or_else(|| {
+        format!(
+            "expected one of {}",
+            OpStatus::ALL
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+/// An op as `status --json` and `show --json` print it.
+pub fn op_json(op: &OpRow, now: i64) -> Value {
+    let shown = engine::owner::shown_status(op, now);
+    let elapsed = op.started_at.map(|s| op.ended_at.unwrap_or(now) - s);
+    json!({
+        "id": op.id.0,
+        "uuid": op.uuid,
+        "plan": op.plan,
+        "name": op.title,
+        "status": shown.as_str(),
+        "created_at": engine::time::rfc3339(op.created_at),
+        "started_at": op.started_at.map(engine::time::rfc3339),
+        "ended_at": op.ended_at.map(engine::time::rfc3339),
+        "elapsed_ms": elapsed,
+        "current_task": if shown.is_ended() { None } else { op.current_task.clone() },
+        "error": op.error,
+        "owner": op.owner.as_ref().filter(|_| !shown.is_ended()).map(|o| json!({"host": o.host, "pid": o.pid})),
+    })
+}
+
+/// The ops to list: the shown status decides, so `--status interrupted` finds ops whose owner died.
+fn rows(reader: &store::Reader, args: &Args, now: i64) -> anyhow::Result<Vec<OpRow>> {
+    let limit = if args.all { None } else { Some(args.limit) };
+    let Some(wanted) = args.status else {
+        return Ok(reader.list_ops(&OpFilter {
+            status: None,
+            plan: args.plan.clone(),
+            limit,
+        })?);
+    };
+    // Stored statuses that may be shown as `wanted`.
+    let stored: Vec<OpStatus> = match wanted {
+        OpStatus::Interrupted => vec![
+            OpStatus::Interrupted,
+            OpStatus::Running,
+            OpStatus::Waiting,
+            OpStatus::Canceling,
+        ],
+        other => vec![other],
+    };
+    let mut out = Vec::new();
+    for s in stored {
+        out.extend(
+            reader
+                .list_ops(&OpFilter {
+                    status: Some(s),
+                    plan: args.plan.clone(),
+                    limit: None,
+                })?
+                .into_iter()
+                .filter(|op| engine::owner::shown_status(op, now) == wanted),
+        );
+    }
+    out.sort_by_key(|op| std::cmp::Reverse(op.id));
+    if let Some(limit) = limit {
+        out.truncate(limit as usize);
+    }
+    Ok(out)
+}
+
+fn table(ops: &[OpRow], now: i64) -> String {
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header([
+        "OP_ID",
+        "TYPE",
+        "NAME",
+        "STATUS",
+        "START_TIME",
+        "EXECUTE_TIME",
+        "END_TIME",
+        "CUR_TASK",
+    ]);
+    for op in ops {
+        let shown = engine::owner::shown_status(op, now);
+        let elapsed = op.started_at.map(|s| op.ended_at.unwrap_or(now) - s);
+        table.add_row([
+            op.id.to_string(),
+            op.plan.clone(),
+            op.title.clone(),
+            shown.to_string(),
+            op.started_at
+                .map_or_else(|| "-".to_owned(), engine::time::local),
+            elapsed.map_or_else(|| "-".to_owned(), engine::time::elapsed),
+            op.ended_at
+                .map_or_else(|| "-".to_owned(), engine::time::local),
+            op.current_task
+                .clone()
+                .filter(|_| !shown.is_ended())
+                .unwrap_or_else(|| "-".to_owned()),
+        ]);
+    }
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    let mut text: String = table
+        .lines()
+        .map(|l| l.trim_end().to_owned() + "\n")
+        .collect();
+    if ops.is_empty() {
+        text.push_str("(no ops)\n");
+    }
+    text
+}
+
+pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
+    loop {
+        let now = engine::owner::now();
+        let ops = match args.db.reader()? {
+            Some(reader) => rows(&reader, args, now)?,
+            None => Vec::new(),
+        };
+        let text = if args.json {
+            let mut text = serde_json::to_string_pretty(
+                &ops.iter().map(|op| op_json(op, now)).collect::<Vec<_>>(),
+            )
+            .context("cannot encode")?;
+            text.push('\n');
+            text
+        } else {
+            table(&ops, now)
+        };
+        if !args.watch {
+            crate::output::data(&text).context("cannot write")?;
+            return Ok(());
+        }
+        // Clear the screen and draw again.
+        crate::output::data(&format!("\x1b[2J\x1b[H{text}")).context("cannot write")?;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,50 @@
+//! Where the database is (`--db`, `CAIRN_DB`, or the user's XDG state directory) and opening it.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+/// `--db PATH`, shared by every command that touches ops.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DbArgs {
+    /// The database file [default: `$XDG_STATE_HOME/cairn/cairn.db`].
+    #[arg(long, global = true, env = "CAIRN_DB", value_name = "PATH")]
+    pub db: Option<PathBuf>,
+}
+
+impl DbArgs {
+    /// The database path, resolved.
+    pub fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(path) = &self.db {
+            return Ok(path.clone());
+        }
+        let state = std::env::var_os("XDG_STATE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+            .context(
+                "cannot find a place for the database: set --db, CAIRN_DB, XDG_STATE_HOME or HOME",
+            )?;
+        Ok(state.join("cairn").join("cairn.db"))
+    }
+
+    /// Opens the database for writing (creating it).
+    pub fn store(&self) -> anyhow::Result<store::Store> {
+        Ok(store::Store::open(&self.path()?)?)
+    }
+
+    /// Opens the database for reading; `None` when there is none yet.
+    pub fn reader(&self) -> anyhow::Result<Option<store::Reader>> {
+        Ok(store::Reader::open(&self.path()?)?)
+    }
+}
+
+/// Reads an op id as people type it.
+pub fn op_id(text: &str) -> anyhow::Result<store::OpId> {
+    text.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .map(store::OpId)
+        .with_context(|| format!("`{text}` is not an op id (a number, as `cairn status` shows)"))
+}

@@ -1,0 +1,64 @@
+//! What the engine tells whoever watches an op run (the CLI prints it on stderr).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use store::{OpId, OpStatus};
+
+/// One thing that happened while running an op.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    OpStarted {
+        op: OpId,
+        title: String,
+        resumed: bool,
+    },
+    TaskStarted {
+        task: String,
+        attempt: u32,
+    },
+    TaskSucceeded {
+        task: String,
+        by_check: bool,
+        elapsed: Duration,
+    },
+    TaskSkipped {
+        task: String,
+    },
+    TaskFailed {
+        task: String,
+        error: String,
+        retry_in: Option<Duration>,
+    },
+    TaskInterrupted {
+        task: String,
+    },
+    /// Processes left by an attempt whose owner died were ended before the task runs again.
+    LeftoversEnded {
+        task: String,
+        attempt: u32,
+        count: usize,
+    },
+    /// The op is stopping (Ctrl-C, SIGTERM, lost ownership): running tasks are being ended.
+    Stopping {
+        reason: String,
+    },
+    OpEnded {
+        op: OpId,
+        status: OpStatus,
+        error: Option<String>,
+    },
+    /// A resume found the op already succeeded: nothing to do.
+    AlreadyDone {
+        op: OpId,
+    },
+}
+
+/// Where progress goes; cheap to clone.
+pub type Sink = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// A sink that drops everything.
+#[must_use]
+pub fn silent() -> Sink {
+    Arc::new(|_| {})
+}

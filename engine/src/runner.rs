@@ -1,0 +1,1186 @@
+//! Running an owned op: the scheduler, one task's attempts, logs, heartbeats.
+//!
+//! The rules this file keeps (ARCHITECTURE.md, "Crash rules"):
+//! - an attempt is committed `running` before its process is spawned;
+//! - a task's completion is committed before any task that needs it is scheduled: a task's future
+//!   returns only after its completion's commit, and dependents are released from that return;
+//! - a failure stops new tasks from starting; running ones finish; the op ends `failed`;
+//! - a stop (Ctrl-C, SIGTERM, lost ownership) ends running steps' groups and leaves their tasks
+//!   pending for a resume.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use plans::model::{Action, Plan, Step};
+use plans::template::Context;
+use serde_json::{Map, Value};
+use steps::spawn::{self, Chunk, Spec, Stopped};
+use store::{
+    AttemptStatus, Change, Error as StoreError, OpId, OpStatus, Outcome as TaskOutcome, ProcessId,
+    Store, TaskNo, TaskStatus,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::owner::{now, to_store};
+use crate::progress::{Progress, Sink};
+
+/// Knobs of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Between TERM and KILL when steps must stop.
+    pub grace: Duration,
+    /// How long an owner's lease lasts without renewal.
+    pub lease: Duration,
+    /// How often the lease is renewed.
+    pub heartbeat: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(10),
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    Succeeded,
+    Failed(String),
+    /// Stopped by a signal; resumable.
+    Interrupted,
+    /// Another process took the op over (or the store refused this owner): nothing more was written.
+    LostOwnership(String),
+    /// The store could not record progress (disk full, I/O error): the op stays as it was recorded,
+    /// shown `interrupted` once this process exits, and resumable.
+    StoreFailed(String),
+}
+
+impl RunEnd {
+    #[must_use]
+    pub fn status(&self) -> OpStatus {
+        match self {
+            Self::Succeeded => OpStatus::Succeeded,
+            Self::Failed(_) => OpStatus::Failed,
+            _ => OpStatus::Interrupted,
+        }
+    }
+}
+
+/// What a task ended as, as the scheduler needs it.
+#[derive(Debug)]
+enum TaskEnd {
+    Done {
+        status: TaskStatus,
+        outputs: Option<Map<String, Value>>,
+        error: Option<String>,
+    },
+    Interrupted,
+}
+
+/// A task's state as the scheduler keeps it.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskState {
+    pub status: TaskStatus,
+    pub attempts: u32,
+    pub outputs: Option<Map<String, Value>>,
+}
+
+/// Failures that end the run, not just a task.
+#[derive(Debug)]
+enum Fatal {
+    Lost(String),
+    Store(String),
+}
+
+impl From<StoreError> for Fatal {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Owned { .. } | StoreError::Conflict { .. } | StoreError::NotFound(_) => {
+                Self::Lost(e.to_string())
+            }
+            other => Self::Store(other.to_string()),
+        }
+    }
+}
+
+/// Everything a task needs, shared by all tasks of the run.
+pub(crate) struct Shared {
+    pub store: Store,
+    pub plan: Arc<Plan>,
+    pub op: OpId,
+    pub uuid: String,
+    pub title: String,
+    pub me: ProcessId,
+    /// The op's parameters, secrets in clear (they never leave this process but through `env`).
+    pub params: Map<String, Value>,
+    /// The base environment captured at submit.
+    pub env: BTreeMap<String, String>,
+    pub workdir: PathBuf,
+    pub options: Options,
+    pub progress: Sink,
+    /// Where attempts' `$CAIRN_OUTPUT` files live: private to this process.
+    pub outdir: tempfile::TempDir,
+    /// Values that must never be written to logs.
+    pub secrets: Vec<String>,
+    /// Set when the run must stop: by a signal (the caller holds a clone) or by the engine itself.
+    pub stop_tx: Arc<watch::Sender<bool>>,
+    pub stop: watch::Receiver<bool>,
+    /// Set when ownership was lost: nothing more may be written.
+    pub lost: AtomicBool,
+}
+
+/// Applies a batch, waiting out a database that another process holds (up to `patience`).
+async fn apply(store: &Store, batch: Vec<Change>, patience: Duration) -> Result<(), Fatal> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match store.apply(batch.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_transient() && started.elapsed() < patience => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+impl Shared {
+    async fn apply(&self, batch: Vec<Change>) -> Result<(), Fatal> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(Fatal::Lost("another process owns the op".into()));
+        }
+        apply(&self.store, batch, self.options.lease / 2).await
+    }
+
+    fn say(&self, p: &Progress) {
+        (self.progress)(p);
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// The template context of a task: params, the op, the captured environment, and the outputs of
+    /// the steps its templates use.
+    fn context(&self, step: &Step, outputs: &[(usize, Map<String, Value>)]) -> Context {
+        let mut ctx = Context::new();
+        for (name, value) in &self.params {
+            ctx.param(name, value);
+        }
+        ctx.op("id", &Value::from(self.op.0))
+            .op("uuid", &Value::from(self.uuid.clone()))
+            .op("name", &Value::from(self.title.clone()))
+            .op("plan", &Value::from(self.plan.name.clone()));
+        for (name, value) in &self.env {
+            ctx.env(name, value);
+        }
+        for (index, map) in outputs {
+            if step.uses.contains(index) {
+                ctx.outputs(*index, &Value::Object(map.clone()));
+            }
+        }
+        ctx
+    }
+
+    fn mask(&self, data: &[u8]) -> Vec<u8> {
+        let mut text = String::from_utf8_lossy(data).into_owned();
+        let mut changed = false;
+        for secret in self.secrets.iter().filter(|s| !s.is_empty()) {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "********");
+                changed = true;
+            }
+        }
+        if changed {
+            text.into_bytes()
+        } else {
+            data.to_vec()
+        }
+    }
+}
+
+/// Runs the op until it ends or stops. `tasks` is the op's state as stored (indexed by task
+/// number, which is the step's index).
+pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEnd {
+    let plan = shared.plan.clone();
+    let heartbeat = tokio::spawn(heartbeat(shared.clone()));
+    let satisfied = |state: &TaskState, step: &Step| {
+        state.status.is_kept() || (state.status == TaskStatus::Failed && step.continue_on_error)
+    };
+    let mut waiting_on: Vec<usize> = plan
+        .steps
+        .iter()
+        .map(|step| {
+            step.needs
+                .iter()
+                .filter(|&&n| !satisfied(&tasks[n], &plan.steps[n]))
+                .count()
+        })
+        .collect();
+    let mut ready: VecDeque<usize> = plan
+        .dag
+        .order()
+        .iter()
+        .copied()
+        .filter(|&i| waiting_on[i] == 0 && !tasks[i].status.is_kept())
+        .collect();
+    let mut running: JoinSet<(usize, Result<TaskEnd, Fatal>)> = JoinSet::new();
+    let mut first_failure: Option<String> = None;
+    let mut fatal: Option<Fatal> = None;
+    let mut stop = shared.stop.clone();
+    let max = usize::try_from(plan.max_parallel).unwrap_or(usize::MAX);
+    loop {
+        while fatal.is_none()
+            && first_failure.is_none()
+            && !shared.stopping()
+            && running.len() < max
+        {
+            let Some(i) = ready.pop_front() else { break };
+            let outputs: Vec<(usize, Map<String, Value>)> = plan.steps[i]
+                .uses
+                .iter()
+                .filter_map(|&u| tasks[u].outputs.clone().map(|o| (u, o)))
+                .collect();
+            let shared = shared.clone();
+            let prior = tasks[i].attempts;
+            running.spawn(async move { (i, run_task(&shared, i, prior, &outputs).await) });
+        }
+        if running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            joined = running.join_next() => {
+                let Some(joined) = joined else { continue };
+                let (i, result) = match joined {
+                    Ok(r) => r,
+                    Err(e) => {
+                        fatal.get_or_insert(Fatal::Store(format!("a task panicked: {e}")));
+                        continue;
+                    }
+                };
+                match result {
+                    Ok(TaskEnd::Done { status, outputs, error }) => {
+                        tasks[i].status = status;
+                        tasks[i].outputs = outputs;
+                        if status == TaskStatus::Failed && !plan.steps[i].continue_on_error {
+                            first_failure.get_or_insert_with(|| {
+                                format!("task `{}` failed: {}", plan.steps[i].id, error.unwrap_or_default())
+                            });
+                        } else if satisfied(&tasks[i], &plan.steps[i]) {
+                            for &d in plan.dag.dependents(i) {
+                                waiting_on[d] -= 1;
+                                if waiting_on[d] == 0 {
+                                    ready.push_back(d);
+                                }
+                            }
+                        }
+                    }
+                    Ok(TaskEnd::Interrupted) => {}
+                    Err(f) => {
+                        if matches!(f, Fatal::Lost(_)) {
+                            shared.lost.store(true, Ordering::SeqCst);
+                        }
+                        fatal.get_or_insert(f);
+                    }
+                }
+                if fatal.is_some() && !shared.stopping() {
+                    // Nothing more can be recorded: end the running steps now.
+                    stop_all(&shared);
+                }
+            }
+            changed = stop.changed(), if !*stop.borrow() => {
+                if changed.is_ok() {
+                    shared.say(&Progress::Stopping { reason: if shared.lost.load(Ordering::SeqCst) { "another process took the op over".into() } else { "asked to stop".into() } });
+                }
+            }
+        }
+    }
+    heartbeat.abort();
+    if shared.lost.load(Ordering::SeqCst) {
+        return RunEnd::LostOwnership(match fatal {
+            Some(Fatal::Lost(m) | Fatal::Store(m)) => m,
+            None => "another process took the op over".to_owned(),
+        });
+    }
+    let (end, status, error) = match (fatal, shared.stopping(), first_failure) {
+        (Some(Fatal::Lost(m)), _, _) => return RunEnd::LostOwnership(m),
+        (Some(Fatal::Store(m)), _, _) => return RunEnd::StoreFailed(m),
+        (None, true, _) => (
+            RunEnd::Interrupted,
+            OpStatus::Interrupted,
+            Some("stopped before it finished".to_owned()),
+        ),
+        (None, false, Some(f)) => (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f)),
+        (None, false, None) => {
+            if let Some(i) = (0..tasks.len()).find(|&i| !satisfied(&tasks[i], &plan.steps[i])) {
+                let f = format!("task `{}` could not run", plan.steps[i].id);
+                (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f))
+            } else {
+                (RunEnd::Succeeded, OpStatus::Succeeded, None)
+            }
+        }
+    };
+    let message = match &error {
+        Some(e) => format!("op {status}: {e}"),
+        None => format!("op {status}"),
+    };
+    let change = Change::SetOp {
+        op: shared.op,
+        owner: Some(shared.me.clone()),
+        status,
+        at: now(),
+        error: error.clone(),
+        release: true,
+        kind: match status {
+            OpStatus::Succeeded => "op-succeeded",
+            OpStatus::Failed => "op-failed",
+            _ => "op-interrupted",
+        },
+        message,
+    };
+    match shared.apply(vec![change]).await {
+        Ok(()) => {
+            shared.say(&Progress::OpEnded {
+                op: shared.op,
+                status,
+                error,
+            });
+            end
+        }
+        Err(Fatal::Lost(m)) => RunEnd::LostOwnership(m),
+        Err(Fatal::Store(m)) => RunEnd::StoreFailed(m),
+    }
+}
+
+/// Asks every running step to stop, for the engine's own reasons (ownership lost, store failed).
+fn stop_all(shared: &Shared) {
+    shared.stop_tx.send_replace(true);
+}
+
+/// Renews the lease until the run ends; on losing the op, says so and stops the run.
+async fn heartbeat(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(shared.options.heartbeat).await;
+        let lease_until =
+            now() + i64::try_from(shared.options.lease.as_millis()).unwrap_or(i64::MAX);
+        let change = Change::Heartbeat {
+            op: shared.op,
+            owner: shared.me.clone(),
+            lease_until,
+        };
+        if let Err(Fatal::Lost(_)) = shared.apply(vec![change]).await {
+            shared.lost.store(true, Ordering::SeqCst);
+            stop_all(&shared);
+            return;
+        }
+    }
+}
+
+/// Records a task that ends without running a process (a render error): one attempt, failed.
+async fn fail_before_start(
+    shared: &Shared,
+    i: usize,
+    n: u32,
+    error: String,
+) -> Result<TaskEnd, Fatal> {
+    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    let at = now();
+    shared
+        .apply(vec![
+            Change::StartAttempt {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task,
+                n,
+                at,
+            },
+            Change::FinishAttempt {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task,
+                n,
+                at,
+                outcome: TaskOutcome {
+                    task: TaskStatus::Failed,
+                    attempt: AttemptStatus::Failed,
+                    exit_code: None,
+                    error: Some(error.clone()),
+                    outputs: None,
+                    by_check: false,
+                },
+            },
+        ])
+        .await?;
+    shared.say(&Progress::TaskFailed {
+        task: shared.plan.steps[i].id.clone(),
+        error: error.clone(),
+        retry_in: None,
+    });
+    Ok(TaskEnd::Done {
+        status: TaskStatus::Failed,
+        outputs: None,
+        error: Some(error),
+    })
+}
+
+/// Runs task `i`: its `when`, then attempts until one succeeds, retries run out, or the run stops.
+async fn run_task(
+    shared: &Shared,
+    i: usize,
+    prior: u32,
+    outputs: &[(usize, Map<String, Value>)],
+) -> Result<TaskEnd, Fatal> {
+    let step = &shared.plan.steps[i];
+    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    let ctx = shared.context(step, outputs);
+    if let Some(when) = &step.when {
+        match when.is_true(&ctx) {
+            Ok(true) => {}
+            Ok(false) => {
+                shared
+                    .apply(vec![Change::SetTask {
+                        op: shared.op,
+                        owner: shared.me.clone(),
+                        task,
+                        status: TaskStatus::Skipped,
+                        at: now(),
+                        message: format!("skipped: `when: {}` is false", when.source().trim()),
+                    }])
+                    .await?;
+                shared.say(&Progress::TaskSkipped {
+                    task: step.id.clone(),
+                });
+                return Ok(TaskEnd::Done {
+                    status: TaskStatus::Skipped,
+                    outputs: None,
+                    error: None,
+                });
+            }
+            Err(e) => {
+                return fail_before_start(
+                    shared,
+                    i,
+                    prior + 1,
+                    format!("cannot evaluate `when`: {e}"),
+                )
+                .await;
+            }
+        }
+    }
+    let started = Instant::now();
+    match &step.action {
+        Action::Noop => {
+            let at = now();
+            let n = prior + 1;
+            shared
+                .apply(vec![
+                    Change::StartAttempt {
+                        op: shared.op,
+                        owner: shared.me.clone(),
+                        task,
+                        n,
+                        at,
+                    },
+                    Change::FinishAttempt {
+                        op: shared.op,
+                        owner: shared.me.clone(),
+                        task,
+                        n,
+                        at,
+                        outcome: TaskOutcome {
+                            task: TaskStatus::Succeeded,
+                            attempt: AttemptStatus::Succeeded,
+                            exit_code: None,
+                            error: None,
+                            outputs: Some(Map::new()),
+                            by_check: false,
+                        },
+                    },
+                ])
+                .await?;
+            shared.say(&Progress::TaskSucceeded {
+                task: step.id.clone(),
+                by_check: false,
+                elapsed: started.elapsed(),
+            });
+            Ok(TaskEnd::Done {
+                status: TaskStatus::Succeeded,
+                outputs: Some(Map::new()),
+                error: None,
+            })
+        }
+        Action::Sleep(duration) => {
+            let n = prior + 1;
+            shared
+                .apply(vec![Change::StartAttempt {
+                    op: shared.op,
+                    owner: shared.me.clone(),
+                    task,
+                    n,
+                    at: now(),
+                }])
+                .await?;
+            shared.say(&Progress::TaskStarted {
+                task: step.id.clone(),
+                attempt: n,
+            });
+            let mut signal = shared.stop.clone();
+            let stopped = tokio::select! {
+                () = tokio::time::sleep(*duration) => false,
+                _ = signal.wait_for(|s| *s) => true,
+            };
+            finish(
+                shared,
+                i,
+                n,
+                if stopped {
+                    Ended::Interrupted
+                } else {
+                    Ended::Succeeded(Map::new(), false)
+                },
+                started,
+            )
+            .await
+        }
+        Action::Run { .. } | Action::Exec { .. } => {
+            run_process_task(shared, i, prior, &ctx, started).await
+        }
+        Action::Approve { .. } | Action::Plan { .. } => {
+            fail_before_start(
+                shared,
+                i,
+                prior + 1,
+                format!(
+                    "`{}` steps are not supported by this version of cairn",
+                    step.action.kind()
+                ),
+            )
+            .await
+        }
+    }
+}
+
+/// How one attempt ended, before it is recorded.
+enum Ended {
+    Succeeded(Map<String, Value>, bool),
+    Failed {
+        error: String,
+        exit_code: Option<i32>,
+        retry_in: Option<Duration>,
+    },
+    Interrupted,
+}
+
+/// Records an attempt's end and reports it; returns the task's end (or `None` when it will retry).
+async fn finish(
+    shared: &Shared,
+    i: usize,
+    n: u32,
+    ended: Ended,
+    started: Instant,
+) -> Result<TaskEnd, Fatal> {
+    let step = &shared.plan.steps[i];
+    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    let (outcome, end, progress) = match ended {
+        Ended::Succeeded(outputs, by_check) => (
+            TaskOutcome {
+                task: TaskStatus::Succeeded,
+                attempt: AttemptStatus::Succeeded,
+                exit_code: Some(0).filter(|_| !by_check),
+                error: None,
+                outputs: Some(outputs.clone()),
+                by_check,
+            },
+            TaskEnd::Done {
+                status: TaskStatus::Succeeded,
+                outputs: Some(outputs),
+                error: None,
+            },
+            Progress::TaskSucceeded {
+                task: step.id.clone(),
+                by_check,
+                elapsed: started.elapsed(),
+            },
+        ),
+        Ended::Failed {
+            error,
+            exit_code,
+            retry_in,
+        } => (
+            TaskOutcome {
+                task: if retry_in.is_some() {
+                    TaskStatus::Pending
+                } else {
+                    TaskStatus::Failed
+                },
+                attempt: AttemptStatus::Failed,
+                exit_code,
+                error: Some(error.clone()),
+                outputs: None,
+                by_check: false,
+            },
+            TaskEnd::Done {
+                status: TaskStatus::Failed,
+                outputs: None,
+                error: Some(error.clone()),
+            },
+            Progress::TaskFailed {
+                task: step.id.clone(),
+                error,
+                retry_in,
+            },
+        ),
+        Ended::Interrupted => (
+            TaskOutcome {
+                task: TaskStatus::Pending,
+                attempt: AttemptStatus::Interrupted,
+                exit_code: None,
+                error: Some("interrupted: cairn was asked to stop".to_owned()),
+                outputs: None,
+                by_check: false,
+            },
+            TaskEnd::Interrupted,
+            Progress::TaskInterrupted {
+                task: step.id.clone(),
+            },
+        ),
+    };
+    shared
+        .apply(vec![Change::FinishAttempt {
+            op: shared.op,
+            owner: shared.me.clone(),
+            task,
+            n,
+            at: now(),
+            outcome,
+        }])
+        .await?;
+    shared.say(&progress);
+    Ok(end)
+}
+
+/// The environment of a step's process: the captured base, the plan's and step's `env`, every
+/// param as `CAIRN_PARAM_<NAME>`, and cairn's own variables.
+fn environment(
+    shared: &Shared,
+    step: &Step,
+    ctx: &Context,
+    n: u32,
+    output: &std::path::Path,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut env = shared.env.clone();
+    for var in shared.plan.env.iter().chain(&step.env) {
+        let value = var
+            .value
+            .render(ctx)
+            .map_err(|e| format!("cannot render `env.{}`: {e}", var.name))?;
+        env.insert(var.name.clone(), value);
+    }
+    for (name, value) in &shared.params {
+        let text = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        env.insert(format!("CAIRN_PARAM_{}", name.to_uppercase()), text);
+    }
+    env.insert("CAIRN_OP_ID".into(), shared.op.0.to_string());
+    env.insert("CAIRN_OP_UUID".into(), shared.uuid.clone());
+    env.insert("CAIRN_TASK".into(), step.id.clone());
+    env.insert("CAIRN_ATTEMPT".into(), n.to_string());
+    env.insert("CAIRN_OUTPUT".into(), output.display().to_string());
+    Ok(env)
+}
+
+/// The command line of a `run` or `exec` step, rendered.
+fn command_line(step: &Step, ctx: &Context) -> Result<Vec<String>, String> {
+    match &step.action {
+        Action::Run { script, shell } => {
+            let script = script
+                .render(ctx)
+                .map_err(|e| format!("cannot render `run`: {e}"))?;
+            Ok(shell.command_line(&script))
+        }
+        Action::Exec { argv } => argv
+            .iter()
+            .map(|a| {
+                a.render(ctx)
+                    .map_err(|e| format!("cannot render `exec`: {e}"))
+            })
+            .collect(),
+        _ => Err("not a process step".to_owned()),
+    }
+}
+
+/// The outcome of running one process (a step's command or its `check`).
+struct ProcessRun {
+    exit: spawn::Exit,
+    outputs: Result<Map<String, Value>, String>,
+}
+
+/// Spawns one process for attempt `n` of task `i`, records its pid, streams its logs, waits.
+#[allow(clippy::too_many_arguments)] // the parts of one process to start; a struct would only rename them
+async fn run_process(
+    shared: &Shared,
+    i: usize,
+    n: u32,
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    output: &std::path::Path,
+    cwd: PathBuf,
+    marker: String,
+) -> Result<Result<ProcessRun, String>, Fatal> {
+    let step = &shared.plan.steps[i];
+    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    let spec = Spec {
+        argv,
+        env,
+        cwd,
+        marker,
+        timeout: step.timeout,
+        grace: shared.options.grace,
+    };
+    let (sink, chunks) = mpsc::unbounded_channel();
+    let running = match spawn::spawn(&spec, &sink) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    drop(sink);
+    let logs = tokio::spawn(write_logs(
+        shared.store.clone(),
+        shared.op,
+        task,
+        n,
+        chunks,
+        step.log_limit,
+        shared.secrets.clone(),
+    ));
+    shared
+        .apply(vec![Change::AttemptProcess {
+            op: shared.op,
+            task,
+            n,
+            process: to_store(&running.identity),
+            pgid: running.pgid,
+        }])
+        .await?;
+    let exit = running.wait(shared.stop.clone()).await;
+    let _ = logs.await;
+    let outputs = if exit.success() {
+        spawn::read_outputs(output)
+    } else {
+        Ok(Map::new())
+    };
+    Ok(Ok(ProcessRun { exit, outputs }))
+}
+
+/// Batches an attempt's output into log chunks: a write every 64 KiB or 200 ms, secrets masked.
+async fn write_logs(
+    store: Store,
+    op: OpId,
+    task: TaskNo,
+    attempt: u32,
+    mut chunks: mpsc::UnboundedReceiver<Chunk>,
+    limit: u64,
+    secrets: Vec<String>,
+) {
+    let mask = |data: Vec<u8>| -> Vec<u8> {
+        if secrets.iter().all(String::is_empty) {
+            return data;
+        }
+        let mut text = String::from_utf8_lossy(&data).into_owned();
+        for s in secrets.iter().filter(|s| !s.is_empty()) {
+            text = text.replace(s.as_str(), "********");
+        }
+        text.into_bytes()
+    };
+    let mut pending: Vec<(u8, Vec<u8>)> = Vec::new();
+    let mut size = 0;
+    loop {
+        let next = if pending.is_empty() {
+            Some(chunks.recv().await)
+        } else {
+            tokio::time::timeout(Duration::from_millis(200), chunks.recv())
+                .await
+                .ok()
+        };
+        let closed = matches!(next, Some(None));
+        if let Some(Some(chunk)) = next {
+            size += chunk.data.len();
+            let stream = chunk.stream as u8;
+            match pending.last_mut() {
+                Some((s, data)) if *s == stream => data.extend(chunk.data),
+                _ => pending.push((stream, chunk.data)),
+            }
+            if size < 64 * 1024 {
+                continue;
+            }
+        }
+        // Full, quiet for 200 ms, or closed: write what is pending.
+        if !pending.is_empty() {
+            let batch: Vec<Change> = pending
+                .drain(..)
+                .map(|(stream, data)| Change::Log {
+                    op,
+                    task,
+                    attempt,
+                    stream,
+                    at: now(),
+                    data: mask(data),
+                    limit,
+                })
+                .collect();
+            size = 0;
+            // Logs are best effort: a failure here must not fail the step (its state is what counts).
+            let _ = store.apply(batch).await;
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+/// A fresh, private `$CAIRN_OUTPUT` file for one process.
+fn output_file(shared: &Shared, i: usize, n: u32, what: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = shared.outdir.path().join(format!("{i}-{n}-{what}"));
+    let _ = std::fs::remove_file(&path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot create its output file: {e}"))?;
+    Ok(path)
+}
+
+/// Attempts of a `run` or `exec` task.
+async fn run_process_task(
+    shared: &Shared,
+    i: usize,
+    prior: u32,
+    ctx: &Context,
+    started: Instant,
+) -> Result<TaskEnd, Fatal> {
+    let step = &shared.plan.steps[i];
+    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    let cwd = match &step.cwd {
+        Some(t) => match t.render(ctx) {
+            Ok(dir) => shared.workdir.join(dir),
+            Err(e) => {
+                return fail_before_start(
+                    shared,
+                    i,
+                    prior + 1,
+                    format!("cannot render `cwd`: {e}"),
+                )
+                .await;
+            }
+        },
+        None => shared.workdir.clone(),
+    };
+    let argv = match command_line(step, ctx) {
+        Ok(argv) => argv,
+        Err(e) => return fail_before_start(shared, i, prior + 1, e).await,
+    };
+    let check = match &step.check {
+        Some(t) => match t.render(ctx) {
+            Ok(script) => {
+                let shell = match &step.action {
+                    Action::Run { shell, .. } => shell.clone(),
+                    _ => plans::model::Shell::Bash,
+                };
+                Some(shell.command_line(&script))
+            }
+            Err(e) => {
+                return fail_before_start(
+                    shared,
+                    i,
+                    prior + 1,
+                    format!("cannot render `check`: {e}"),
+                )
+                .await;
+            }
+        },
+        None => None,
+    };
+    let mut attempt_in_run = 0;
+    loop {
+        attempt_in_run += 1;
+        let n = prior + attempt_in_run;
+        if shared.stopping() {
+            return Ok(TaskEnd::Interrupted);
+        }
+        shared
+            .apply(vec![
+                Change::StartAttempt {
+                    op: shared.op,
+                    owner: shared.me.clone(),
+                    task,
+                    n,
+                    at: now(),
+                },
+                Change::CurrentTask {
+                    op: shared.op,
+                    text: Some(step.id.clone()),
+                },
+            ])
+            .await?;
+        shared.say(&Progress::TaskStarted {
+            task: step.id.clone(),
+            attempt: n,
+        });
+        let marker = format!("{}/{i}/{n}", shared.uuid);
+        // The idempotency probe: exit 0 means the work is already done.
+        if let Some(check) = &check {
+            let output = match output_file(shared, i, n, "check") {
+                Ok(p) => p,
+                Err(e) => {
+                    return finish(
+                        shared,
+                        i,
+                        n,
+                        Ended::Failed {
+                            error: e,
+                            exit_code: None,
+                            retry_in: None,
+                        },
+                        started,
+                    )
+                    .await;
+                }
+            };
+            let env = match environment(shared, step, ctx, n, &output) {
+                Ok(env) => env,
+                Err(e) => {
+                    return finish(
+                        shared,
+                        i,
+                        n,
+                        Ended::Failed {
+                            error: e,
+                            exit_code: None,
+                            retry_in: None,
+                        },
+                        started,
+                    )
+                    .await;
+                }
+            };
+            match run_process(
+                shared,
+                i,
+                n,
+                check.clone(),
+                env,
+                &output,
+                cwd.clone(),
+                format!("{marker}/check"),
+            )
+            .await?
+            {
+                Ok(run) if run.exit.stopped == Some(Stopped::Asked) => {
+                    return finish(shared, i, n, Ended::Interrupted, started).await;
+                }
+                Ok(run) if run.exit.success() => {
+                    let outputs = match run.outputs {
+                        Ok(o) => o,
+                        Err(e) => {
+                            return finish(
+                                shared,
+                                i,
+                                n,
+                                Ended::Failed {
+                                    error: format!("`check`: {e}"),
+                                    exit_code: None,
+                                    retry_in: None,
+                                },
+                                started,
+                            )
+                            .await;
+                        }
+                    };
+                    if let Some(missing) = missing_output(step, &outputs) {
+                        let error = format!(
+                            "`check` said the step is done but did not publish its output `{missing}`"
+                        );
+                        return finish(
+                            shared,
+                            i,
+                            n,
+                            Ended::Failed {
+                                error,
+                                exit_code: None,
+                                retry_in: None,
+                            },
+                            started,
+                        )
+                        .await;
+                    }
+                    return finish(shared, i, n, Ended::Succeeded(outputs, true), started).await;
+                }
+                _ => {}
+            }
+        }
+        let output = match output_file(shared, i, n, "run") {
+            Ok(p) => p,
+            Err(e) => {
+                return finish(
+                    shared,
+                    i,
+                    n,
+                    Ended::Failed {
+                        error: e,
+                        exit_code: None,
+                        retry_in: None,
+                    },
+                    started,
+                )
+                .await;
+            }
+        };
+        let env = match environment(shared, step, ctx, n, &output) {
+            Ok(env) => env,
+            Err(e) => {
+                return finish(
+                    shared,
+                    i,
+                    n,
+                    Ended::Failed {
+                        error: e,
+                        exit_code: None,
+                        retry_in: None,
+                    },
+                    started,
+                )
+                .await;
+            }
+        };
+        let run = match run_process(
+            shared,
+            i,
+            n,
+            argv.clone(),
+            env,
+            &output,
+            cwd.clone(),
+            marker,
+        )
+        .await?
+        {
+            Ok(run) => run,
+            Err(error) => {
+                return finish(
+                    shared,
+                    i,
+                    n,
+                    Ended::Failed {
+                        error,
+                        exit_code: None,
+                        retry_in: None,
+                    },
+                    started,
+                )
+                .await;
+            }
+        };
+        let exit = &run.exit;
+        if exit.stopped == Some(Stopped::Asked) {
+            return finish(shared, i, n, Ended::Interrupted, started).await;
+        }
+        let failure = if exit.stopped == Some(Stopped::TimedOut) {
+            Some(format!(
+                "timed out after {}",
+                plans::units::format_duration(step.timeout.unwrap_or_default())
+            ))
+        } else if exit.success() {
+            match &run.outputs {
+                Err(e) => Some(e.clone()),
+                Ok(outputs) => missing_output(step, outputs)
+                    .map(|k| format!("it did not publish its declared output `{k}`")),
+            }
+        } else {
+            let how = match (exit.code, exit.signal) {
+                (Some(code), _) => format!("exit code {code}"),
+                (None, Some(signal)) => format!("killed by signal {signal}"),
+                (None, None) => "ended without a status".to_owned(),
+            };
+            Some(if exit.stderr_tail.is_empty() {
+                how
+            } else {
+                format!("{how}: {}", last_lines(&exit.stderr_tail, 5))
+            })
+        };
+        let Some(error) = failure else {
+            return finish(
+                shared,
+                i,
+                n,
+                Ended::Succeeded(run.outputs.unwrap_or_default(), false),
+                started,
+            )
+            .await;
+        };
+        let retry_in = step
+            .retry
+            .retries(attempt_in_run, exit.code)
+            .then(|| step.retry.delay_before(attempt_in_run + 1));
+        let end = finish(
+            shared,
+            i,
+            n,
+            Ended::Failed {
+                error: shared_mask(shared, &error),
+                exit_code: exit.code,
+                retry_in,
+            },
+            started,
+        )
+        .await?;
+        let Some(delay) = retry_in else {
+            return Ok(end);
+        };
+        let _ = shared
+            .apply(vec![Change::CurrentTask {
+                op: shared.op,
+                text: Some(format!(
+                    "{} (retry {} in {})",
+                    step.id,
+                    attempt_in_run + 1,
+                    plans::units::format_duration(delay)
+                )),
+            }])
+            .await;
+        let mut signal = shared.stop.clone();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = signal.wait_for(|s| *s) => return Ok(TaskEnd::Interrupted),
+        }
+    }
+}
+
+fn shared_mask(shared: &Shared, text: &str) -> String {
+    String::from_utf8_lossy(&shared.mask(text.as_bytes())).into_owned()
+}
+
+/// The first declared output a step did not publish.
+fn missing_output<'s>(step: &'s Step, outputs: &Map<String, Value>) -> Option<&'s str> {
+    step.outputs
+        .as_ref()?
+        .iter()
+        .find(|k| !outputs.contains_key(k.as_str()))
+        .map(String::as_str)
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

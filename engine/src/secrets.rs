@@ -1,0 +1,206 @@
+//! Secret params at rest: sealed with XChaCha20-Poly1305 under a key kept outside the database
+//! (a `0600` file beside it, or `CAIRN_SECRET_KEY`), so the database alone never holds a secret in
+//! clear, and a resume can still pass the value to its steps.
+//!
+//! A sealed value is stored as `{"$secret": "v1:<nonce hex>:<ciphertext hex>"}`.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use serde_json::{Map, Value};
+
+/// The JSON key that marks a sealed value.
+pub const MARK: &str = "$secret";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read or create the secret key `{path}`: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("cannot decrypt secret param `{name}`: {reason}")]
+    Open { name: String, reason: String },
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The key file of the database at `db`.
+#[must_use]
+pub fn key_path(db: &Path) -> PathBuf {
+    let mut name = db
+        .file_name()
+        .map(std::ffi::OsStr::to_os_string)
+        .unwrap_or_default();
+    name.push(".key");
+    db.with_file_name(name)
+}
+
+/// Reads the key, creating it when `create` and it does not exist yet. Creation is atomic and
+/// durable: the key is written and synced under a temporary name, then linked into place (a
+/// concurrent creator's key wins and is read back), then the directory is synced.
+pub fn key(db: &Path, create: bool) -> Result<Option<Key>, Error> {
+    if let Ok(hexed) = std::env::var("CAIRN_SECRET_KEY") {
+        return unhex(hexed.trim())
+            .filter(|k| k.len() == 32)
+            .map(|k| Some(*Key::from_slice(&k)))
+            .ok_or_else(|| Error::Key {
+                path: "CAIRN_SECRET_KEY".into(),
+                reason: "it is not 64 hex digits".into(),
+            });
+    }
+    let path = key_path(db);
+    let fail = |reason: String| Error::Key {
+        path: path.clone(),
+        reason,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return unhex(text.trim())
+                .filter(|k| k.len() == 32)
+                .map(|k| Some(*Key::from_slice(&k)))
+                .ok_or_else(|| fail("it does not hold a key".into()));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(fail(e.to_string())),
+    }
+    let fresh = XChaCha20Poly1305::generate_key(&mut OsRng);
+    let temp = path.with_extension(format!("key.{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(|e| fail(e.to_string()))?;
+    file.write_all(hex(&fresh).as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| fail(e.to_string()))?;
+    let linked = std::fs::hard_link(&temp, &path);
+    let _ = std::fs::remove_file(&temp);
+    match linked {
+        Ok(()) => {
+            if let Some(dir) = path.parent()
+                && let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                })
+            {
+                let _ = d.sync_all();
+            }
+            Ok(Some(fresh))
+        }
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => key(db, false),
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// Seals the values of `secret` params in `params`.
+#[must_use]
+pub fn seal(params: &Map<String, Value>, secret: &[&str], key: &Key) -> Map<String, Value> {
+    let cipher = XChaCha20Poly1305::new(key);
+    params
+        .iter()
+        .map(|(name, value)| {
+            if secret.contains(&name.as_str()) {
+                let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+                let plain = value.to_string();
+                let sealed = cipher.encrypt(&nonce, plain.as_bytes()).unwrap_or_default();
+                let text = format!("v1:{}:{}", hex(&nonce), hex(&sealed));
+                (
+                    name.clone(),
+                    Value::Object(Map::from_iter([(MARK.to_owned(), Value::String(text))])),
+                )
+            } else {
+                (name.clone(), value.clone())
+            }
+        })
+        .collect()
+}
+
+/// Whether a stored value is a sealed secret.
+#[must_use]
+pub fn is_sealed(value: &Value) -> bool {
+    value
+        .as_object()
+        .is_some_and(|o| o.len() == 1 && o.contains_key(MARK))
+}
+
+/// Opens the sealed values of `params`; `key` is needed only when there are any.
+pub fn open(params: &Map<String, Value>, key: Option<&Key>) -> Result<Map<String, Value>, Error> {
+    let mut out = Map::new();
+    for (name, value) in params {
+        if !is_sealed(value) {
+            out.insert(name.clone(), value.clone());
+            continue;
+        }
+        let fail = |reason: &str| Error::Open {
+            name: name.clone(),
+            reason: reason.to_owned(),
+        };
+        let key = key.ok_or_else(|| fail("the secret key is missing (set CAIRN_SECRET_KEY, or restore the key file beside the database)"))?;
+        let text = value[MARK].as_str().unwrap_or_default();
+        let mut parts = text.splitn(3, ':');
+        let (Some("v1"), Some(nonce), Some(sealed)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(fail("the stored value is not in a known format"));
+        };
+        let nonce = unhex(nonce)
+            .filter(|n| n.len() == 24)
+            .ok_or_else(|| fail("bad nonce"))?;
+        let sealed = unhex(sealed).ok_or_else(|| fail("bad ciphertext"))?;
+        let plain = XChaCha20Poly1305::new(key)
+            .decrypt(XNonce::from_slice(&nonce), sealed.as_slice())
+            .map_err(|_| fail("the key does not match the one it was sealed with"))?;
+        let value =
+            serde_json::from_slice(&plain).map_err(|_| fail("the decrypted value is not JSON"))?;
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_values_open_with_the_key_only() {
+        let key = XChaCha20Poly1305::generate_key(&mut OsRng);
+        let params = Map::from_iter([
+            ("user".to_owned(), Value::from("admin")),
+            ("password".to_owned(), Value::from("hunter2")),
+        ]);
+        let sealed = seal(&params, &["password"], &key);
+        assert_eq!(sealed["user"], "admin");
+        assert!(is_sealed(&sealed["password"]));
+        assert!(
+            !Value::Object(sealed.clone())
+                .to_string()
+                .contains("hunter2")
+        );
+        assert_eq!(open(&sealed, Some(&key)).unwrap(), params);
+        let other = XChaCha20Poly1305::generate_key(&mut OsRng);
+        assert!(open(&sealed, Some(&other)).is_err());
+        assert!(open(&sealed, None).is_err());
+    }
+}

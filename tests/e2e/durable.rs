@@ -1,0 +1,554 @@
+//! The durable core, through the real binary on a real database file: runs, failures and
+//! resumes, `kill -9` at random moments, Ctrl-C, leftover processes, snapshots, refusals.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A scratch directory with a database, where plans are written and `cairn` runs.
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        command
+            .args(args)
+            .current_dir(self.path())
+            .env("CAIRN_DB", self.path().join("cairn.db"))
+            .env("NO_COLOR", "1")
+            .env_remove("CAIRN_SECRET_KEY");
+        command
+    }
+
+    fn cairn(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.cairn(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn show(&self, op: i64) -> Value {
+        self.json(&["show", &op.to_string(), "--json"])
+    }
+
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path().join(name)).unwrap_or_default()
+    }
+
+    /// Waits until `name` exists (a step wrote it), up to `limit`.
+    fn wait_for(&self, name: &str, limit: Duration) {
+        let started = Instant::now();
+        while !self.path().join(name).exists() {
+            assert!(started.elapsed() < limit, "{name} never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn code(out: &Output) -> Option<i32> {
+    out.status.code()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Whether a process runs (a zombie, dead but not yet reaped, does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
+        })
+        .is_some_and(|state| state != "Z" && state != "X")
+}
+
+/// Running processes of an op's steps: they carry `CAIRN_ATTEMPT_ID=<op uuid>/...`.
+fn step_processes(uuid: &str) -> Vec<u32> {
+    let wanted = format!("CAIRN_ATTEMPT_ID={uuid}/");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            alive(pid)
+                && std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                    env.split(|b| *b == 0)
+                        .any(|v| v.starts_with(wanted.as_bytes()))
+                })
+        })
+        .collect()
+}
+
+fn task<'a>(show: &'a Value, id: &str) -> &'a Value {
+    show["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("no task {id}"))
+}
+
+const PARALLEL: &str = r#"
+name: parallel
+params:
+  who: { default: world }
+steps:
+  - id: start
+    outputs: [greeting]
+    run: |
+      echo start >> runs
+      echo greeting=hello {{ params.who }} >> "$CAIRN_OUTPUT"
+  - id: left
+    needs: [start]
+    outputs: [side]
+    run: |
+      test {{ steps.start.outputs.greeting }} = "hello world"
+      echo left >> runs
+      echo side=L >> "$CAIRN_OUTPUT"
+  - id: right
+    needs: [start]
+    outputs: [side]
+    exec: [sh, -c, 'echo right >> runs; echo side=R >> "$CAIRN_OUTPUT"']
+  - id: join
+    needs: [left, right]
+    run: |
+      echo {{ steps.left.outputs.side }}{{ steps.right.outputs.side }} > joined
+      echo join >> runs
+"#;
+
+#[test]
+fn a_dag_with_parallel_branches_passes_outputs_downstream() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", PARALLEL);
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("joined"), "LR\n");
+    let mut runs: Vec<String> = sandbox.read("runs").lines().map(str::to_owned).collect();
+    runs.sort();
+    assert_eq!(runs, ["join", "left", "right", "start"]);
+
+    let status = sandbox.json(&["status", "--json"]);
+    let op = &status[0];
+    for key in [
+        "id",
+        "uuid",
+        "plan",
+        "name",
+        "status",
+        "created_at",
+        "started_at",
+        "ended_at",
+        "elapsed_ms",
+        "current_task",
+    ] {
+        assert!(op.get(key).is_some(), "status --json lacks `{key}`: {op}");
+    }
+    assert!(op["id"].is_i64());
+    assert_eq!(op["plan"], "parallel");
+    assert_eq!(op["status"], "succeeded");
+    assert!(op["ended_at"].as_str().unwrap().ends_with('Z'));
+    assert!(op["current_task"].is_null());
+
+    let show = sandbox.show(op["id"].as_i64().unwrap());
+    assert_eq!(show["params"]["who"], "world");
+    let start = task(&show, "start");
+    for key in [
+        "id",
+        "step",
+        "item",
+        "status",
+        "attempts",
+        "started_at",
+        "ended_at",
+        "exit_code",
+        "error",
+        "outputs",
+    ] {
+        assert!(start.get(key).is_some(), "task lacks `{key}`: {start}");
+    }
+    assert_eq!(start["outputs"]["greeting"], "hello world");
+    assert_eq!(start["exit_code"], 0);
+    assert_eq!(start["attempts"], 1);
+    assert!(start["item"].is_null());
+    let events = show["events"].as_array().unwrap();
+    for key in ["at", "kind", "task", "message"] {
+        assert!(events[0].get(key).is_some());
+    }
+    assert_eq!(events.first().unwrap()["kind"], "submitted");
+    assert_eq!(events.last().unwrap()["kind"], "op-succeeded");
+}
+
+#[test]
+fn a_failed_op_resumes_without_rerunning_what_succeeded() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: fix-me\nsteps:\n  - id: one\n    run: echo one >> runs\n  - id: two\n    needs: [one]\n    run: test -f fixed && echo two >> runs\n  - id: three\n    needs: [two]\n    run: echo three >> runs\n",
+    );
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cairn resume 1"), "{}", stderr(&out));
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "failed");
+    assert_eq!(task(&show, "two")["status"], "failed");
+    assert_eq!(task(&show, "two")["exit_code"], 1);
+    assert_eq!(task(&show, "three")["status"], "pending");
+
+    let dry = sandbox.cairn(&["resume", "1", "--dry-run"]);
+    let dry = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.contains("keep  one") && dry.contains("run   two") && dry.contains("run   three"),
+        "{dry}"
+    );
+
+    sandbox.write("fixed", "");
+    let out = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("runs"), "one\ntwo\nthree\n", "`one` ran once");
+    // Resuming a finished op is safe to repeat: success, and nothing runs.
+    let again = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&again), Some(0));
+    assert!(
+        stderr(&again).contains("already succeeded"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(sandbox.read("runs"), "one\ntwo\nthree\n");
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "succeeded");
+    assert_eq!(task(&show, "two")["attempts"], 2);
+    assert_eq!(task(&show, "one")["attempts"], 1);
+}
+
+#[test]
+fn resume_uses_the_snapshot_not_the_file() {
+    let sandbox = Sandbox::new();
+    let plan = sandbox.write(
+        "plan.yaml",
+        "name: snap\nsteps:\n  - id: a\n    run: test -f go && echo original >> runs\n",
+    );
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(1));
+    std::fs::write(
+        &plan,
+        "name: snap\nsteps:\n  - id: a\n    run: echo edited >> runs\n",
+    )
+    .unwrap();
+    sandbox.write("go", "");
+    assert_eq!(code(&sandbox.cairn(&["resume", "1"])), Some(0));
+    assert_eq!(sandbox.read("runs"), "original\n");
+    // And with the file gone.
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(0));
+    std::fs::remove_file(&plan).unwrap();
+    std::fs::remove_file(sandbox.path().join("go")).unwrap();
+    std::fs::write(
+        sandbox.path().join("plan2.yaml"),
+        "name: snap2\nsteps:\n  - id: a\n    run: test -f go2\n",
+    )
+    .unwrap();
+    assert_eq!(code(&sandbox.cairn(&["run", "plan2.yaml"])), Some(1));
+    std::fs::remove_file(sandbox.path().join("plan2.yaml")).unwrap();
+    sandbox.write("go2", "");
+    let out = sandbox.cairn(&["resume", "3"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn parameters_cannot_inject_shell_code() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: inject\nparams:\n  target: { required: true }\nsteps:\n  - id: a\n    run: |\n      echo {{ params.target }} > seen\n      ls {{ params.target }} 2>/dev/null || true\n",
+    );
+    for value in [
+        "x; touch pwned",
+        "$(touch pwned)",
+        "`touch pwned`",
+        "a' ; touch pwned; '",
+        "\"; touch pwned; \"",
+        "x\ntouch pwned",
+    ] {
+        let out = sandbox.cairn(&["run", "plan.yaml", "-p", &format!("target={value}")]);
+        assert_eq!(code(&out), Some(0), "{value:?}: {}", stderr(&out));
+        assert!(!sandbox.path().join("pwned").exists(), "{value:?} ran code");
+        assert_eq!(
+            sandbox.read("seen"),
+            format!("{value}\n"),
+            "the value arrived as one word"
+        );
+    }
+}
+
+#[test]
+fn a_second_resume_is_refused_while_the_first_runs() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: wait\nsteps:\n  - id: first\n    run: echo first >> runs\n  - id: gate\n    needs: [first]\n    run: |\n      echo gate >> runs\n      touch started\n      while [ ! -f go ]; do sleep 0.05; done\n",
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    sandbox.wait_for("started", Duration::from_secs(20));
+    run.kill().unwrap(); // SIGKILL
+    run.wait().unwrap();
+    std::fs::remove_file(sandbox.path().join("started")).unwrap();
+    assert_eq!(
+        sandbox.json(&["status", "--json"])[0]["status"],
+        "interrupted"
+    );
+
+    let mut first = sandbox.spawn(&["resume", "1", "--grace", "1s"]);
+    sandbox.wait_for("started", Duration::from_secs(20));
+    let second = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&second), Some(2), "{}", stderr(&second));
+    let message = stderr(&second);
+    assert!(
+        message.contains(&format!("pid {}", first.id())),
+        "names the owner: {message}"
+    );
+    assert!(message.contains("lease"), "{message}");
+    assert_eq!(sandbox.json(&["status", "--json"])[0]["status"], "running");
+
+    sandbox.write("go", "");
+    assert!(first.wait().unwrap().success());
+    assert_eq!(
+        sandbox.read("runs"),
+        "first\ngate\ngate\n",
+        "`first` once; `gate` in flight at the kill, once more"
+    );
+}
+
+#[test]
+fn ctrl_c_interrupts_leaves_no_process_and_resume_finishes() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: interrupt\nsteps:\n  - id: long\n    run: |\n      sleep 1000 &\n      touch started\n      while [ ! -f go ]; do sleep 0.05; done\n      echo long >> runs\n",
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml", "--grace", "2s"]);
+    sandbox.wait_for("started", Duration::from_secs(20));
+    let uuid = sandbox.json(&["status", "--json"])[0]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!step_processes(&uuid).is_empty());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(run.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(4));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        step_processes(&uuid).is_empty(),
+        "no step process is left behind"
+    );
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "interrupted");
+    assert_eq!(task(&show, "long")["status"], "pending");
+
+    sandbox.write("go", "");
+    let out = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("runs"), "long\n");
+    assert!(step_processes(&uuid).is_empty());
+}
+
+#[test]
+fn resume_ends_a_leftover_process_group_before_running_the_step_again() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        r#"name: leftover
+steps:
+  - id: spawner
+    run: |
+      sleep 1000 &
+      echo $! > child.$CAIRN_ATTEMPT
+      touch started
+      if [ "$CAIRN_ATTEMPT" = 1 ]; then wait; fi
+      state=$(cut -d' ' -f3 /proc/$(cat child.1)/stat 2>/dev/null || echo gone)
+      echo "$state" > seen-by-attempt-2
+      case $state in Z|X|gone) ;; *) echo "attempt 1's child still runs" >&2; exit 1 ;; esac
+"#,
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    sandbox.wait_for("child.1", Duration::from_secs(20));
+    sandbox.wait_for("started", Duration::from_secs(20));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let child: u32 = sandbox.read("child.1").trim().parse().unwrap();
+    assert!(
+        alive(child),
+        "the step's child outlived the engine, as a real one would"
+    );
+
+    let out = sandbox.cairn(&["resume", "1", "--grace", "1s"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(!alive(child));
+    let show = sandbox.show(1);
+    let ended = show["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "leftovers-ended")
+        .expect("an event says so");
+    assert_eq!(ended["task"], "spawner");
+    // The event comes before the second attempt started.
+    let kinds: Vec<&str> = show["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    let ended_at = kinds.iter().position(|k| *k == "leftovers-ended").unwrap();
+    let second_start = kinds.iter().rposition(|k| *k == "task-started").unwrap();
+    assert!(ended_at < second_start, "{kinds:?}");
+}
+
+#[test]
+fn status_refuses_files_that_are_not_usable_and_changes_nothing() {
+    let sandbox = Sandbox::new();
+    let text = sandbox.write("notes.db", &"not a database at all\n".repeat(100));
+    let before = std::fs::read(&text).unwrap();
+    let out = sandbox.cairn(&["status", "--db", text.to_str().unwrap()]);
+    assert_eq!(code(&out), Some(2));
+    assert!(
+        stderr(&out).contains("not a SQLite database"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&text).unwrap(), before);
+
+    let other = sandbox.path().join("other.db");
+    assert!(
+        Command::new("sqlite3")
+            .arg(&other)
+            .arg("CREATE TABLE t (x);")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let before = std::fs::read(&other).unwrap();
+    let out = sandbox.cairn(&["status", "--db", other.to_str().unwrap()]);
+    assert_eq!(code(&out), Some(2));
+    assert!(stderr(&out).contains("not a cairn one"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&other).unwrap(), before);
+
+    let dir = sandbox.path().join("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    let out = sandbox.cairn(&["status", "--db", dir.to_str().unwrap()]);
+    assert_eq!(code(&out), Some(2));
+    assert!(stderr(&out).contains("is a directory"), "{}", stderr(&out));
+
+    // A database another process holds exclusively for longer than the busy timeout.
+    sandbox.write("plan.yaml", "name: x\nsteps:\n  - id: a\n    noop: true\n");
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(0));
+    let db = sandbox.path().join("cairn.db");
+    let mut holder = Command::new("sqlite3")
+        .arg(&db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let stdin = holder.stdin.as_mut().unwrap();
+        writeln!(stdin, "PRAGMA locking_mode=EXCLUSIVE; BEGIN EXCLUSIVE; INSERT INTO events SELECT op_id, seq + 100, at, kind, task, message FROM events LIMIT 1; SELECT 'locked';").unwrap();
+        stdin.flush().unwrap();
+    }
+    // Wait until the holder has the lock.
+    let mut reader = std::io::BufReader::new(holder.stdout.take().unwrap());
+    loop {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0,
+            "sqlite3 never took the lock"
+        );
+        if line.trim() == "locked" {
+            break;
+        }
+    }
+    let out = sandbox
+        .command(&["status"])
+        .env("CAIRN_BUSY_TIMEOUT_MS", "200")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("locked"), "{}", stderr(&out));
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(
+        sandbox
+            .json(&["status", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "nothing was lost"
+    );
+}
+
+#[test]
+fn unknown_ops_and_bad_params_are_bad_input() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: x\nparams:\n  n: { type: int, required: true }\nsteps:\n  - id: a\n    noop: true\n",
+    );
+    let out = sandbox.cairn(&["run", "plan.yaml", "-p", "n=many", "-p", "m=1"]);
+    assert_eq!(code(&out), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("param `n` takes an int, found `many`") && err.contains("no param `m`"),
+        "{err}"
+    );
+    for args in [
+        &["show", "7"][..],
+        &["resume", "7"],
+        &["logs", "7"],
+        &["show", "seven"],
+    ] {
+        let out = sandbox.cairn(args);
+        assert_eq!(code(&out), Some(2), "{args:?}");
+    }
+    assert!(stderr(&sandbox.cairn(&["show", "7"])).contains("no op 7"));
+}
