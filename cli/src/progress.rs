@@ -1,9 +1,13 @@
-//! Live progress of a run on stderr: one line per transition, with the time.
+//! Live progress of a run on stderr. On a terminal: a spinner per running task, with every
+//! transition printed above them. Elsewhere (a pipe, a log file, CI): one line per transition.
 
-use std::io::Write as _;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::io::{IsTerminal as _, Write as _};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use engine::progress::{Progress, Sink};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 fn clock() -> String {
     engine::time::local(engine::owner::now())
@@ -18,75 +22,128 @@ fn line(text: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{} {text}", clock());
 }
 
-/// A sink that prints each transition as a line on stderr (nothing with `--quiet`).
+/// The sink for a run: the live view on a terminal, lines otherwise; only the end with `--quiet`.
 pub fn printer(quiet: bool) -> Sink {
+    if !quiet && std::io::stderr().is_terminal() {
+        live()
+    } else {
+        lines(quiet)
+    }
+}
+
+/// One line per transition.
+fn lines(quiet: bool) -> Sink {
     Arc::new(move |p: &Progress| {
         if quiet && !matches!(p, Progress::OpEnded { .. }) {
             return;
         }
+        line(&describe(p));
+    })
+}
+
+/// Spinners for running tasks; transitions printed above them.
+fn live() -> Sink {
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let bars: Mutex<HashMap<String, ProgressBar>> = Mutex::new(HashMap::new());
+    let style = ProgressStyle::with_template("  {spinner} {msg} {elapsed}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    Arc::new(move |p: &Progress| {
+        let Ok(mut bars) = bars.lock() else { return };
         match p {
-            Progress::OpStarted { op, title, resumed } => {
-                line(&format!(
-                    "op {op} {}: {title}",
-                    if *resumed { "resumed" } else { "started" }
-                ));
-            }
             Progress::TaskStarted { task, attempt } => {
-                if *attempt > 1 {
-                    line(&format!("  {task}: started (attempt {attempt})"));
+                let bar = multi.add(ProgressBar::new_spinner());
+                bar.set_style(style.clone());
+                bar.set_message(if *attempt > 1 {
+                    format!("{task} (attempt {attempt})")
                 } else {
-                    line(&format!("  {task}: started"));
+                    task.clone()
+                });
+                bar.enable_steady_tick(Duration::from_millis(120));
+                bars.insert(task.clone(), bar);
+                return;
+            }
+            Progress::TaskSucceeded { task, .. }
+            | Progress::TaskFailed { task, .. }
+            | Progress::TaskSkipped { task }
+            | Progress::TaskInterrupted { task } => {
+                if let Some(bar) = bars.remove(task) {
+                    bar.finish_and_clear();
+                    multi.remove(&bar);
                 }
             }
-            Progress::TaskSucceeded {
-                task,
-                by_check,
-                elapsed,
-            } => {
-                let how = if *by_check {
-                    " by its check (already done)"
-                } else {
-                    ""
-                };
-                line(&format!(
-                    "  {task}: succeeded{how} in {}",
-                    engine::time::elapsed(i64::try_from(elapsed.as_millis()).unwrap_or(0))
-                ));
-            }
-            Progress::TaskSkipped { task } => line(&format!("  {task}: skipped")),
-            Progress::TaskFailed {
-                task,
-                error,
-                retry_in,
-            } => {
-                let retry = retry_in.map_or(String::new(), |d| {
-                    format!(
-                        " (retry in {})",
-                        engine::time::elapsed(i64::try_from(d.as_millis()).unwrap_or(0))
-                    )
-                });
-                line(&format!("  {task}: failed: {error}{retry}"));
-            }
-            Progress::TaskInterrupted { task } => line(&format!("  {task}: interrupted")),
-            Progress::LeftoversEnded {
-                task,
-                attempt,
-                count,
-            } => {
-                line(&format!(
-                    "  {task}: ended {count} process(es) left running by attempt {attempt}"
-                ));
-            }
-            Progress::Stopping { reason } => {
-                line(&format!("stopping: {reason}; ending running steps"));
-            }
-            Progress::AlreadyDone { op } => {
-                line(&format!("op {op} already succeeded; nothing to resume"));
-            }
-            Progress::OpEnded { op, status, error } => match error {
-                Some(e) => line(&format!("op {op} {status}: {e}")),
-                None => line(&format!("op {op} {status}")),
-            },
+            _ => {}
         }
+        let _ = multi.println(format!("{} {}", clock(), describe(p)));
     })
+}
+
+/// The first line of a message, marked when there is more (`cairn show` and `cairn logs` have it all).
+fn first_line(text: &str) -> String {
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or_default();
+    if lines.next().is_some() {
+        format!("{first} [...]")
+    } else {
+        first.to_owned()
+    }
+}
+
+/// The line for a transition.
+fn describe(p: &Progress) -> String {
+    let ms = |d: &Duration| engine::time::elapsed(i64::try_from(d.as_millis()).unwrap_or(0));
+    match p {
+        Progress::OpStarted { op, title, resumed } => {
+            format!(
+                "op {op} {}: {title}",
+                if *resumed { "resumed" } else { "started" }
+            )
+        }
+        Progress::TaskStarted { task, attempt } if *attempt > 1 => {
+            format!("  {task}: started (attempt {attempt})")
+        }
+        Progress::TaskStarted { task, .. } => format!("  {task}: started"),
+        Progress::TaskSucceeded {
+            task,
+            by_check,
+            elapsed,
+        } => {
+            let how = if *by_check {
+                " by its check (already done)"
+            } else {
+                ""
+            };
+            format!("  {task}: succeeded{how} in {}", ms(elapsed))
+        }
+        Progress::TaskSkipped { task } => format!("  {task}: skipped"),
+        Progress::TaskFailed {
+            task,
+            error,
+            retry_in,
+        } => {
+            let retry = retry_in
+                .as_ref()
+                .map_or(String::new(), |d| format!(" (retry in {})", ms(d)));
+            format!("  {task}: failed: {}{retry}", first_line(error))
+        }
+        Progress::TaskInterrupted { task } => format!("  {task}: interrupted"),
+        Progress::LeftoversEnded {
+            task,
+            attempt,
+            count,
+        } => {
+            format!("  {task}: ended {count} process(es) left running by attempt {attempt}")
+        }
+        Progress::Stopping { reason } => format!("stopping: {reason}; ending running steps"),
+        Progress::AlreadyDone { op } => format!("op {op} already succeeded; nothing to resume"),
+        Progress::OpEnded {
+            op,
+            status,
+            error: Some(e),
+        } => format!("op {op} {status}: {}", first_line(e)),
+        Progress::OpEnded {
+            op,
+            status,
+            error: None,
+        } => format!("op {op} {status}"),
+    }
 }

@@ -41,3 +41,65 @@ fn the_committed_schema_is_what_cairn_schema_prints() {
     assert_eq!(schema["$schema"], "http://json-schema.org/draft-07/schema#");
     assert!(schema["properties"]["steps"].is_object());
 }
+
+/// The README's set-up command and quick start: the plan runs; pointed at a missing directory it
+/// fails at `dump`; after the fix, `resume` finishes it without running `prepare` again.
+#[test]
+fn the_quick_start_fails_is_fixed_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("cairn.db");
+    let plan = root().join("examples/quickstart.yaml");
+    let backups = dir.path().join("backups");
+    let cairn = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(args)
+            .env("CAIRN_DB", &db)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    };
+    let workdir = format!("workdir={}", dir.path().join("work").display());
+    let ok = cairn(&["run", plan.to_str().unwrap(), "-p", &workdir]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let failing = cairn(&[
+        "run",
+        plan.to_str().unwrap(),
+        "-p",
+        &workdir,
+        "-p",
+        &format!("backups={}", backups.display()),
+    ]);
+    assert_eq!(failing.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&failing.stderr);
+    assert!(
+        err.contains("dump: failed: exit code 2") && err.contains("cairn resume 2"),
+        "{err}"
+    );
+    std::fs::create_dir(&backups).unwrap();
+    let resumed = cairn(&["resume", "2"]);
+    assert_eq!(
+        resumed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let show: serde_json::Value =
+        serde_json::from_slice(&cairn(&["show", "2", "--json"]).stdout).unwrap();
+    let attempts = |id: &str| {
+        show["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .unwrap()["attempts"]
+            .clone()
+    };
+    assert_eq!(attempts("prepare"), 1);
+    assert_eq!(attempts("dump"), 2);
+    assert!(backups.join("demo-2.tgz").exists());
+}
