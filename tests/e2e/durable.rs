@@ -552,3 +552,61 @@ fn unknown_ops_and_bad_params_are_bad_input() {
     }
     assert!(stderr(&sandbox.cairn(&["show", "7"])).contains("no op 7"));
 }
+
+#[test]
+fn a_secret_is_sealed_in_the_database_masked_everywhere_and_reaches_its_step() {
+    let sandbox = Sandbox::new();
+    let secret = "s3cr3t-Value-42";
+    sandbox.write(
+        "plan.yaml",
+        "name: secret\nparams:\n  user: { default: admin }\n  password: { secret: true, required: true }\nsteps:\n  - id: login\n    env: { PGPASSWORD: \"{{ params.password }}\" }\n    run: |\n      echo connecting as {{ params.user }} with \"$PGPASSWORD\"\n      printf %s \"$PGPASSWORD\" > got-env\n      printf %s \"$CAIRN_PARAM_PASSWORD\" > got-param\n      test -f go\n",
+    );
+    let run = sandbox.cairn(&["run", "plan.yaml", "-p", &format!("password={secret}")]);
+    assert_eq!(code(&run), Some(1), "{}", stderr(&run));
+    sandbox.write("go", "");
+    // The resume needs the secret again: it comes sealed from the database, opened with the key.
+    let resumed = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&resumed), Some(0), "{}", stderr(&resumed));
+
+    let mut everything = String::new();
+    for args in [
+        &["status", "--json"][..],
+        &["show", "1"],
+        &["show", "1", "--json"],
+        &["logs", "1"],
+    ] {
+        let out = sandbox.cairn(args);
+        everything.push_str(&String::from_utf8_lossy(&out.stdout));
+        everything.push_str(&stderr(&out));
+    }
+    everything.push_str(&stderr(&run));
+    everything.push_str(&stderr(&resumed));
+    assert!(
+        !everything.contains(secret),
+        "the secret leaked:\n{everything}"
+    );
+    assert!(
+        everything.contains("connecting as admin with ********"),
+        "{everything}"
+    );
+    assert_eq!(sandbox.show(1)["params"]["password"], "********");
+    assert_eq!(
+        sandbox.read("got-env"),
+        secret,
+        "the step received the secret after the resume"
+    );
+    assert_eq!(sandbox.read("got-param"), secret);
+    for file in ["cairn.db", "cairn.db-wal"] {
+        let bytes = std::fs::read(sandbox.path().join(file)).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{file} holds the secret in clear"
+        );
+    }
+    let key = sandbox.path().join("cairn.db.key");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions())
+            & 0o777,
+        0o600
+    );
+}
