@@ -479,8 +479,56 @@ fn status_refuses_files_that_are_not_usable_and_changes_nothing() {
     assert_eq!(code(&out), Some(2));
     assert!(stderr(&out).contains("is a directory"), "{}", stderr(&out));
 
-    // A database another process holds exclusively for longer than the busy timeout.
+    // A database the user may not read: made by another user (root here), private to it.
     sandbox.write("plan.yaml", "name: x\nsteps:\n  - id: a\n    noop: true\n");
+    let private = sandbox.path().join("private.db");
+    let made = sandbox
+        .command(&["run", "plan.yaml", "--db", private.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(code(&made), Some(0), "{}", stderr(&made));
+    let before = std::fs::read(&private).unwrap();
+    let out = if nix::unistd::geteuid().is_root() {
+        // Root reads anything: ask as `nobody` instead.
+        std::fs::set_permissions(
+            sandbox.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                env!("CARGO_BIN_EXE_cairn"),
+                "status",
+                "--db",
+            ])
+            .arg(&private)
+            .output()
+            .expect("setpriv (util-linux) runs cairn as another user")
+    } else {
+        std::fs::set_permissions(
+            &private,
+            std::os::unix::fs::PermissionsExt::from_mode(0o000),
+        )
+        .unwrap();
+        sandbox.cairn(&["status", "--db", private.to_str().unwrap()])
+    };
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot read it: Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&private).unwrap(), before);
+
+    // A database another process holds exclusively for longer than the busy timeout.
     assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(0));
     let db = sandbox.path().join("cairn.db");
     let mut holder = Command::new("sqlite3")
