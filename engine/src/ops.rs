@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI64};
 
 use plans::model::{Action, Plan};
 use plans::template::{Context, Template};
@@ -205,22 +205,12 @@ pub async fn run(
             })
             .collect(),
         at,
+        owner: Some((me.clone(), lease_until(&options))),
     };
     let mut applied = store.apply(vec![Change::Submit(op)]).await?;
     let Some(Applied::Submitted { id, .. }) = applied.pop() else {
         return Err(Error::Store(store::Error::Closed));
     };
-    store
-        .apply(vec![Change::Claim {
-            op: id,
-            owner: me.clone(),
-            lease_until: lease_until(&options),
-            dead_owner: None,
-            now: at,
-            kind: "started",
-            message: format!("started by {me}"),
-        }])
-        .await?;
     progress(&Progress::OpStarted {
         op: id,
         title: title.clone(),
@@ -230,6 +220,7 @@ pub async fn run(
         TaskState {
             status: TaskStatus::Pending,
             attempts: 0,
+            retry_from: 0,
             outputs: None
         };
         new.plan.steps.len()
@@ -295,6 +286,7 @@ fn shared(
             })
         })?;
     let receiver = stop.subscribe();
+    let options_lease = options.clone();
     Ok(Arc::new(Shared {
         store: store.clone(),
         plan,
@@ -312,6 +304,8 @@ fn shared(
         stop_tx: stop,
         stop: receiver,
         lost: AtomicBool::new(false),
+        // The claim was made just before, with this length.
+        lease_until: AtomicI64::new(lease_until(&options_lease)),
     }))
 }
 
@@ -506,6 +500,7 @@ pub async fn resume(
             TaskState {
                 status: TaskStatus::Pending,
                 attempts: 0,
+                retry_from: 0,
                 outputs: None
             };
             plan.steps.len()
@@ -515,6 +510,7 @@ pub async fn resume(
                 *state = TaskState {
                     status: t.status,
                     attempts: t.attempts,
+                    retry_from: t.retry_from,
                     outputs: t.outputs,
                 };
             }

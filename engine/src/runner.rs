@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use plans::model::{Action, Plan, Step};
@@ -90,6 +90,8 @@ enum TaskEnd {
 pub(crate) struct TaskState {
     pub status: TaskStatus,
     pub attempts: u32,
+    /// Attempts before the current retry round (see `store::TaskRow::retry_from`).
+    pub retry_from: u32,
     pub outputs: Option<Map<String, Value>>,
 }
 
@@ -103,7 +105,7 @@ enum Fatal {
 impl From<StoreError> for Fatal {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Owned { .. } | StoreError::Conflict { .. } | StoreError::NotFound(_) => {
+            StoreError::Owned { .. } | StoreError::Fenced { .. } | StoreError::NotFound(_) => {
                 Self::Lost(e.to_string())
             }
             other => Self::Store(other.to_string()),
@@ -135,6 +137,8 @@ pub(crate) struct Shared {
     pub stop: watch::Receiver<bool>,
     /// Set when ownership was lost: nothing more may be written.
     pub lost: AtomicBool,
+    /// Until when the lease is known to hold (the last successful claim or renewal).
+    pub lease_until: AtomicI64,
 }
 
 /// Applies a batch, waiting out a database that another process holds (up to `patience`).
@@ -169,6 +173,31 @@ impl Shared {
         *self.stop.borrow()
     }
 
+    /// Whether the lease still holds with a safety margin: past it, another process may take the
+    /// op over, so this one must not start anything.
+    fn lease_holds(&self) -> bool {
+        let margin = i64::try_from(self.options.lease.as_millis() / 3).unwrap_or(i64::MAX);
+        now()
+            < self
+                .lease_until
+                .load(Ordering::SeqCst)
+                .saturating_sub(margin)
+    }
+
+    /// A fenced write that also renews the lease: proof, right before starting a process, that this
+    /// process still owns the op.
+    async fn renew(&self) -> Result<(), Fatal> {
+        let until = now() + i64::try_from(self.options.lease.as_millis()).unwrap_or(i64::MAX);
+        self.apply(vec![Change::Heartbeat {
+            op: self.op,
+            owner: self.me.clone(),
+            lease_until: until,
+        }])
+        .await?;
+        self.lease_until.store(until, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// The template context of a task: params, the op, the captured environment, and the outputs of
     /// the steps its templates use.
     fn context(&self, step: &Step, outputs: &[(usize, Map<String, Value>)]) -> Context {
@@ -192,19 +221,7 @@ impl Shared {
     }
 
     fn mask(&self, data: &[u8]) -> Vec<u8> {
-        let mut text = String::from_utf8_lossy(data).into_owned();
-        let mut changed = false;
-        for secret in self.secrets.iter().filter(|s| !s.is_empty()) {
-            if text.contains(secret.as_str()) {
-                text = text.replace(secret.as_str(), "********");
-                changed = true;
-            }
-        }
-        if changed {
-            text.into_bytes()
-        } else {
-            data.to_vec()
-        }
+        Masker::new(&self.secrets).mask(data)
     }
 }
 
@@ -216,13 +233,15 @@ pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEn
     let satisfied = |state: &TaskState, step: &Step| {
         state.status.is_kept() || (state.status == TaskStatus::Failed && step.continue_on_error)
     };
+    // At the start only kept tasks count as done: every other task, a failed `continue_on_error`
+    // one included, runs again, and its dependents wait for that run.
     let mut waiting_on: Vec<usize> = plan
         .steps
         .iter()
         .map(|step| {
             step.needs
                 .iter()
-                .filter(|&&n| !satisfied(&tasks[n], &plan.steps[n]))
+                .filter(|&&n| !tasks[n].status.is_kept())
                 .count()
         })
         .collect();
@@ -252,7 +271,15 @@ pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEn
                 .collect();
             let shared = shared.clone();
             let prior = tasks[i].attempts;
-            running.spawn(async move { (i, run_task(&shared, i, prior, &outputs).await) });
+            // A task that had failed starts a fresh retry round; one interrupted in the middle of a
+            // round (a crash during a retry delay) goes on with what is left of it.
+            let retry_from = if tasks[i].status == TaskStatus::Failed {
+                prior
+            } else {
+                tasks[i].retry_from.min(prior)
+            };
+            running
+                .spawn(async move { (i, run_task(&shared, i, prior, retry_from, &outputs).await) });
         }
         if running.is_empty() {
             break;
@@ -277,7 +304,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEn
                             });
                         } else if satisfied(&tasks[i], &plan.steps[i]) {
                             for &d in plan.dag.dependents(i) {
-                                waiting_on[d] -= 1;
+                                waiting_on[d] = waiting_on[d]
+                                    .checked_sub(1)
+                                    .expect("a task is released by each of its needs once");
                                 if waiting_on[d] == 0 {
                                     ready.push_back(d);
                                 }
@@ -311,22 +340,21 @@ pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEn
             None => "another process took the op over".to_owned(),
         });
     }
-    let (end, status, error) = match (fatal, shared.stopping(), first_failure) {
+    let undone = (0..tasks.len()).find(|&i| !satisfied(&tasks[i], &plan.steps[i]));
+    let (end, status, error) = match (fatal, first_failure, undone) {
         (Some(Fatal::Lost(m)), _, _) => return RunEnd::LostOwnership(m),
         (Some(Fatal::Store(m)), _, _) => return RunEnd::StoreFailed(m),
-        (None, true, _) => (
+        // Everything is done: a stop that came at the end changes nothing.
+        (None, None, None) => (RunEnd::Succeeded, OpStatus::Succeeded, None),
+        (None, Some(f), _) => (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f)),
+        (None, None, Some(_)) if shared.stopping() => (
             RunEnd::Interrupted,
             OpStatus::Interrupted,
             Some("stopped before it finished".to_owned()),
         ),
-        (None, false, Some(f)) => (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f)),
-        (None, false, None) => {
-            if let Some(i) = (0..tasks.len()).find(|&i| !satisfied(&tasks[i], &plan.steps[i])) {
-                let f = format!("task `{}` could not run", plan.steps[i].id);
-                (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f))
-            } else {
-                (RunEnd::Succeeded, OpStatus::Succeeded, None)
-            }
+        (None, None, Some(i)) => {
+            let f = format!("task `{}` could not run", plan.steps[i].id);
+            (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f))
         }
     };
     let message = match &error {
@@ -370,17 +398,17 @@ fn stop_all(shared: &Shared) {
 async fn heartbeat(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(shared.options.heartbeat).await;
-        let lease_until =
-            now() + i64::try_from(shared.options.lease.as_millis()).unwrap_or(i64::MAX);
-        let change = Change::Heartbeat {
-            op: shared.op,
-            owner: shared.me.clone(),
-            lease_until,
-        };
-        if let Err(Fatal::Lost(_)) = shared.apply(vec![change]).await {
-            shared.lost.store(true, Ordering::SeqCst);
-            stop_all(&shared);
-            return;
+        match shared.renew().await {
+            Ok(()) => {}
+            // Lost the op, or cannot renew before the lease runs out (the database is unwritable,
+            // this process was paused): past its lease another process may take the op over, and
+            // two owners must never run steps at once.
+            Err(Fatal::Store(_)) if shared.lease_holds() => {}
+            Err(_) => {
+                shared.lost.store(true, Ordering::SeqCst);
+                stop_all(&shared);
+                return;
+            }
         }
     }
 }
@@ -401,6 +429,7 @@ async fn fail_before_start(
                 owner: shared.me.clone(),
                 task,
                 n,
+                retry_from: n - 1,
                 at,
             },
             Change::FinishAttempt {
@@ -437,6 +466,7 @@ async fn run_task(
     shared: &Shared,
     i: usize,
     prior: u32,
+    retry_from: u32,
     outputs: &[(usize, Map<String, Value>)],
 ) -> Result<TaskEnd, Fatal> {
     let step = &shared.plan.steps[i];
@@ -488,6 +518,7 @@ async fn run_task(
                         owner: shared.me.clone(),
                         task,
                         n,
+                        retry_from: n - 1,
                         at,
                     },
                     Change::FinishAttempt {
@@ -526,6 +557,7 @@ async fn run_task(
                     owner: shared.me.clone(),
                     task,
                     n,
+                    retry_from: n - 1,
                     at: now(),
                 }])
                 .await?;
@@ -552,7 +584,7 @@ async fn run_task(
             .await
         }
         Action::Run { .. } | Action::Exec { .. } => {
-            run_process_task(shared, i, prior, &ctx, started).await
+            run_process_task(shared, i, prior, retry_from, &ctx, started).await
         }
         Action::Approve { .. } | Action::Plan { .. } => {
             fail_before_start(
@@ -748,6 +780,11 @@ async fn run_process(
         timeout: step.timeout,
         grace: shared.options.grace,
     };
+    if !shared.lease_holds() {
+        return Err(Fatal::Lost(
+            "the lease ran out before the step could start".to_owned(),
+        ));
+    }
     let (sink, chunks) = mpsc::unbounded_channel();
     let running = match spawn::spawn(&spec, &sink) {
         Ok(r) => r,
@@ -766,6 +803,7 @@ async fn run_process(
     shared
         .apply(vec![Change::AttemptProcess {
             op: shared.op,
+            owner: shared.me.clone(),
             task,
             n,
             process: to_store(&running.identity),
@@ -773,7 +811,8 @@ async fn run_process(
         }])
         .await?;
     let exit = running.wait(shared.stop.clone()).await;
-    let _ = logs.await;
+    // The log writer ends when the process's output closes (its readers end or are aborted).
+    let _ = tokio::time::timeout(Duration::from_secs(15), logs).await;
     let outputs = if exit.success() {
         spawn::read_outputs(output)
     } else {
@@ -782,7 +821,85 @@ async fn run_process(
     Ok(Ok(ProcessRun { exit, outputs }))
 }
 
-/// Batches an attempt's output into log chunks: a write every 64 KiB or 200 ms, secrets masked.
+/// Masks secret values in output, across the boundaries of the chunks it arrives in: the last bytes
+/// that could begin a secret are held back until more output (or the end) shows what follows.
+struct Masker {
+    secrets: Vec<Vec<u8>>,
+    /// Held-back bytes, per stream (1 stdout, 2 stderr).
+    carry: [Vec<u8>; 3],
+}
+
+const MASK: &[u8] = b"********";
+
+impl Masker {
+    fn new(secrets: &[String]) -> Self {
+        Self {
+            secrets: secrets
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.as_bytes().to_vec())
+                .collect(),
+            carry: [Vec::new(), Vec::new(), Vec::new()],
+        }
+    }
+
+    /// Where the secrets occur in `data`: (start, end) of each, left to right, not overlapping.
+    fn occurrences(&self, data: &[u8]) -> Vec<(usize, usize)> {
+        let mut found = Vec::new();
+        let mut i = 0;
+        while i < data.len() {
+            match self.secrets.iter().find(|s| data[i..].starts_with(s)) {
+                Some(s) => {
+                    found.push((i, i + s.len()));
+                    i += s.len();
+                }
+                None => i += 1,
+            }
+        }
+        found
+    }
+
+    fn mask(&self, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len());
+        let mut at = 0;
+        for (start, end) in self.occurrences(data) {
+            out.extend_from_slice(&data[at..start]);
+            out.extend_from_slice(MASK);
+            at = end;
+        }
+        out.extend_from_slice(&data[at..]);
+        out
+    }
+
+    /// The masked bytes that can be written now; with `last`, everything that is left.
+    fn feed(&mut self, stream: u8, data: &[u8], last: bool) -> Vec<u8> {
+        let slot = usize::from(stream.min(2));
+        let mut buffer = std::mem::take(&mut self.carry[slot]);
+        buffer.extend_from_slice(data);
+        let keep = self
+            .secrets
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        if last || keep == 0 {
+            return self.mask(&buffer);
+        }
+        // Hold back the last `keep` bytes, unless a whole secret straddles that point.
+        let mut split = buffer.len().saturating_sub(keep);
+        for (start, end) in self.occurrences(&buffer) {
+            if start < split && split < end {
+                split = end;
+            }
+        }
+        self.carry[slot] = buffer.split_off(split);
+        self.mask(&buffer)
+    }
+}
+
+/// Batches an attempt's output into log chunks: written when 64 KiB are pending or 200 ms after the
+/// first pending byte, secrets masked.
 async fn write_logs(
     store: Store,
     op: OpId,
@@ -792,29 +909,20 @@ async fn write_logs(
     limit: u64,
     secrets: Vec<String>,
 ) {
-    let mask = |data: Vec<u8>| -> Vec<u8> {
-        if secrets.iter().all(String::is_empty) {
-            return data;
-        }
-        let mut text = String::from_utf8_lossy(&data).into_owned();
-        for s in secrets.iter().filter(|s| !s.is_empty()) {
-            text = text.replace(s.as_str(), "********");
-        }
-        text.into_bytes()
-    };
+    let mut masker = Masker::new(&secrets);
     let mut pending: Vec<(u8, Vec<u8>)> = Vec::new();
     let mut size = 0;
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        let next = if pending.is_empty() {
-            Some(chunks.recv().await)
-        } else {
-            tokio::time::timeout(Duration::from_millis(200), chunks.recv())
-                .await
-                .ok()
+        let next = match deadline {
+            None => Some(chunks.recv().await),
+            Some(at) => tokio::time::timeout_at(at, chunks.recv()).await.ok(),
         };
         let closed = matches!(next, Some(None));
         if let Some(Some(chunk)) = next {
             size += chunk.data.len();
+            deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(200));
             let stream = chunk.stream as u8;
             match pending.last_mut() {
                 Some((s, data)) if *s == stream => data.extend(chunk.data),
@@ -824,23 +932,44 @@ async fn write_logs(
                 continue;
             }
         }
-        // Full, quiet for 200 ms, or closed: write what is pending.
-        if !pending.is_empty() {
-            let batch: Vec<Change> = pending
-                .drain(..)
-                .map(|(stream, data)| Change::Log {
+        // 64 KiB pending, the deadline passed, or the output ended: write what is pending.
+        let mut batch = Vec::new();
+        for (stream, data) in pending.drain(..) {
+            let data = masker.feed(stream, &data, false);
+            if !data.is_empty() {
+                batch.push(Change::Log {
                     op,
                     task,
                     attempt,
                     stream,
                     at: now(),
-                    data: mask(data),
+                    data,
                     limit,
-                })
-                .collect();
-            size = 0;
-            // Logs are best effort: a failure here must not fail the step (its state is what counts).
-            let _ = store.apply(batch).await;
+                });
+            }
+        }
+        if closed {
+            for stream in [1u8, 2] {
+                let data = masker.feed(stream, &[], true);
+                if !data.is_empty() {
+                    batch.push(Change::Log {
+                        op,
+                        task,
+                        attempt,
+                        stream,
+                        at: now(),
+                        data,
+                        limit,
+                    });
+                }
+            }
+        }
+        size = 0;
+        deadline = None;
+        if !batch.is_empty() {
+            // Logs are best effort: a failure must not fail the step (its outcome is what counts),
+            // but a busy database is waited for.
+            let _ = apply(&store, batch, Duration::from_secs(10)).await;
         }
         if closed {
             return;
@@ -867,6 +996,7 @@ async fn run_process_task(
     shared: &Shared,
     i: usize,
     prior: u32,
+    retry_from: u32,
     ctx: &Context,
     started: Instant,
 ) -> Result<TaskEnd, Fatal> {
@@ -912,10 +1042,11 @@ async fn run_process_task(
         },
         None => None,
     };
-    let mut attempt_in_run = 0;
+    // Attempts of this retry round so far.
+    let mut attempt_in_run = prior - retry_from;
     loop {
         attempt_in_run += 1;
-        let n = prior + attempt_in_run;
+        let n = retry_from + attempt_in_run;
         if shared.stopping() {
             return Ok(TaskEnd::Interrupted);
         }
@@ -926,6 +1057,7 @@ async fn run_process_task(
                     owner: shared.me.clone(),
                     task,
                     n,
+                    retry_from,
                     at: now(),
                 },
                 Change::CurrentTask {
@@ -1029,6 +1161,10 @@ async fn run_process_task(
                 }
                 _ => {}
             }
+        }
+        if check.is_some() {
+            // The check may have taken long: prove ownership again before starting the step.
+            shared.renew().await?;
         }
         let output = match output_file(shared, i, n, "run") {
             Ok(p) => p,
@@ -1183,4 +1319,32 @@ fn missing_output<'s>(step: &'s Step, outputs: &Map<String, Value>) -> Option<&'
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Masker;
+
+    #[test]
+    fn a_secret_split_across_chunks_is_still_masked() {
+        let mut m = Masker::new(&["hunter2-very-secret".to_owned()]);
+        let mut out = m.feed(1, b"oops hunter2-v", false);
+        out.extend(m.feed(1, b"ery-secret and more", false));
+        out.extend(m.feed(1, b"", true));
+        assert_eq!(String::from_utf8(out).unwrap(), "oops ******** and more");
+    }
+
+    #[test]
+    fn binary_output_is_kept_as_it_is() {
+        let mut m = Masker::new(&["pw".to_owned()]);
+        let data = [0xff, 0xfe, b'p', b'w', 0x00, 0xc3];
+        let mut out = m.feed(2, &data, false);
+        out.extend(m.feed(2, &[], true));
+        assert_eq!(
+            out,
+            [
+                0xff, 0xfe, b'*', b'*', b'*', b'*', b'*', b'*', b'*', b'*', 0x00, 0xc3
+            ]
+        );
+    }
 }

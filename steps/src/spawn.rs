@@ -83,6 +83,25 @@ pub struct Running {
     grace: Duration,
     timeout: Option<Duration>,
     readers: Vec<tokio::task::JoinHandle<Vec<u8>>>,
+    /// Set once [`Running::wait`] has ended the attempt's processes; until then, dropping this
+    /// kills its group (an error between spawn and wait must not leave a step running).
+    waited: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.waited
+            && let Ok(pgid) = i32::try_from(self.pgid)
+        {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        for reader in &self.readers {
+            reader.abort();
+        }
+    }
 }
 
 /// Why a process could not be started.
@@ -134,6 +153,7 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
         grace: spec.grace,
         timeout: spec.timeout,
         readers,
+        waited: false,
     })
 }
 
@@ -191,7 +211,10 @@ impl Running {
             }
         };
         let mut stopped = None;
+        // `biased`: an exit that is already in wins over a stop or a timeout that came at the same
+        // moment, so a step that finished is recorded as finished.
         let status = tokio::select! {
+            biased;
             status = self.child.wait() => status.ok(),
             () = timeout => { stopped = Some(Stopped::TimedOut); None }
             () = stopped_by => { stopped = Some(Stopped::Asked); None }
@@ -206,11 +229,15 @@ impl Running {
         // The leader is gone; whatever it left running in its group goes too.
         let leftovers = proc::terminate(|| self.members(), self.grace).await;
         let mut tail = Vec::new();
-        for reader in std::mem::take(&mut self.readers) {
-            if let Ok(Ok(t)) = tokio::time::timeout(PIPE_DRAIN, reader).await {
-                tail.extend(t);
+        for mut reader in std::mem::take(&mut self.readers) {
+            match tokio::time::timeout(PIPE_DRAIN, &mut reader).await {
+                Ok(Ok(t)) => tail.extend(t),
+                // A process outside the attempt's reach (it left the group and dropped the marker)
+                // holds the pipe open: stop reading, so that the output channel closes.
+                _ => reader.abort(),
             }
         }
+        self.waited = true;
         Exit {
             code: status.and_then(|s| s.code()),
             signal: status.and_then(|s| s.signal()),

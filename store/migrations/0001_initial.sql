@@ -48,6 +48,7 @@ CREATE TABLE tasks (
     status      TEXT NOT NULL CHECK (status IN
                   ('pending','running','waiting','succeeded','failed','skipped','canceled')),
     attempts    INTEGER NOT NULL DEFAULT 0,
+    retry_from  INTEGER NOT NULL DEFAULT 0,  -- attempts before the current retry round began
     started_at  INTEGER,
     ended_at    INTEGER,
     exit_code   INTEGER,

@@ -16,6 +16,9 @@ pub enum Error {
         owner: ProcessId,
         lease_until: Millis,
     },
+    /// The writer no longer owns the op (another process took it over, or it was released).
+    #[error("op {op}: {writer} no longer owns it")]
+    Fenced { op: OpId, writer: String },
     /// The op is in a state that does not allow the change.
     #[error("op {op} is {status}: {reason}")]
     Conflict {

@@ -327,10 +327,9 @@ fn fence(tx: &Transaction<'_>, op: OpId, writer: &ProcessId) -> Apply<()> {
             lease_until: lease.unwrap_or(0),
         }
         .into()),
-        None => Err(Error::Conflict {
+        None => Err(Error::Fenced {
             op,
-            status: owner_of(tx, op)?.0,
-            reason: format!("{writer} no longer owns it"),
+            writer: writer.to_string(),
         }
         .into()),
     }
@@ -414,6 +413,21 @@ fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
             new.tasks.len()
         ),
     )?;
+    if let Some((owner, lease_until)) = &new.owner {
+        tx.prepare_cached(
+            "UPDATE ops SET owner_host = ?2, owner_boot = ?3, owner_pid = ?4, owner_start = ?5, lease_until = ?6, \
+             status = 'running', started_at = ?7 WHERE id = ?1",
+        )?
+        .execute(params![id, owner.host, owner.boot_id, owner.pid, owner.start as i64, lease_until, new.at])?;
+        event(
+            tx,
+            OpId(id),
+            new.at,
+            "started",
+            None,
+            &format!("started by {owner}"),
+        )?;
+    }
     Ok(Applied::Submitted {
         id: OpId(id),
         uuid: new.uuid.clone(),
@@ -475,6 +489,7 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             owner,
             task,
             n,
+            retry_from,
             at,
         } => {
             fence(tx, *op, owner)?;
@@ -495,10 +510,10 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             )?
             .execute(params![op.0, task.0, n, at])?;
             tx.prepare_cached(
-                "UPDATE tasks SET status = 'running', attempts = ?3, started_at = COALESCE(started_at, ?4), \
+                "UPDATE tasks SET status = 'running', attempts = ?3, retry_from = ?5, started_at = COALESCE(started_at, ?4), \
                  ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = ?1 AND task_no = ?2",
             )?
-            .execute(params![op.0, task.0, n, at])?;
+            .execute(params![op.0, task.0, n, at, retry_from])?;
             event(
                 tx,
                 *op,
@@ -510,11 +525,13 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
         }
         Change::AttemptProcess {
             op,
+            owner,
             task,
             n,
             process,
             pgid,
         } => {
+            fence(tx, *op, owner)?;
             tx.prepare_cached(
                 "UPDATE attempts SET host = ?4, boot_id = ?5, pid = ?6, pgid = ?7, proc_start = ?8 \
                  WHERE op_id = ?1 AND task_no = ?2 AND n = ?3",
@@ -638,7 +655,7 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
                 "INSERT INTO logs (op_id, task_no, attempt, seq, stream, at, data) VALUES (?1, ?2, ?3, \
                  (SELECT COALESCE(MAX(seq), 0) + 1 FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3), ?4, ?5, ?6)",
             )?
-            .execute(params![op.0, task.0, attempt, stream, at, data])?;
+            .execute(params![op.0, task.0, attempt, stream, at, tail(data, *limit)])?;
             // Keep the tail: drop the oldest chunks while the attempt's log is over its limit.
             let limit = i64::try_from(*limit).unwrap_or(i64::MAX);
             loop {
@@ -703,6 +720,12 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
         }
     }
     Ok(Applied::Done)
+}
+
+/// The last `limit` bytes of `data`: one write larger than a log's limit keeps its end.
+fn tail(data: &[u8], limit: u64) -> &[u8] {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    &data[data.len().saturating_sub(limit)..]
 }
 
 const OP_COLUMNS: &str = "id, uuid, plan, title, status, params, created_at, started_at, ended_at, \
@@ -782,7 +805,7 @@ impl Reads<'_> {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT task_no, step, name, item, status, attempts, started_at, ended_at, exit_code, error, outputs, by_check \
+                "SELECT task_no, step, name, item, status, attempts, started_at, ended_at, exit_code, error, outputs, by_check, retry_from \
                  FROM tasks WHERE op_id = ?1 ORDER BY task_no",
             )
             .map_err(|e| self.err(&e))?;
@@ -804,6 +827,7 @@ impl Reads<'_> {
                     error: r.get(9)?,
                     outputs: outputs.and_then(|o| serde_json::from_str(&o).ok()),
                     by_check: r.get(11)?,
+                    retry_from: r.get(12)?,
                 })
             })
             .map_err(|e| self.err(&e))?;

@@ -170,6 +170,8 @@ pub struct TaskRow {
     pub item: Option<serde_json::Value>,
     pub status: TaskStatus,
     pub attempts: u32,
+    /// How many attempts came before the current retry round (its budget counts from there).
+    pub retry_from: u32,
     pub started_at: Option<Millis>,
     pub ended_at: Option<Millis>,
     pub exit_code: Option<i32>,
@@ -247,6 +249,9 @@ pub struct NewOp {
     pub env: serde_json::Map<String, serde_json::Value>,
     pub tasks: Vec<NewTask>,
     pub at: Millis,
+    /// The process that runs the op at once (`cairn run`), with its lease: the op is stored already
+    /// owned and `running`, so no other process can claim it in between.
+    pub owner: Option<(ProcessId, Millis)>,
 }
 
 /// How a task's attempt ended.
@@ -292,11 +297,14 @@ pub enum Change {
         owner: ProcessId,
         task: TaskNo,
         n: u32,
+        /// Attempts before the retry round this attempt belongs to.
+        retry_from: u32,
         at: Millis,
     },
     /// The process that runs an attempt.
     AttemptProcess {
         op: OpId,
+        owner: ProcessId,
         task: TaskNo,
         n: u32,
         process: ProcessId,

@@ -40,6 +40,7 @@ fn new_op(tasks: u32) -> NewOp {
             })
             .collect(),
         at: 1,
+        owner: None,
     }
 }
 
@@ -189,6 +190,7 @@ fn only_one_live_owner_and_stale_owners_are_fenced() {
             owner: a.clone(),
             task: TaskNo(0),
             n: 1,
+            retry_from: 0,
             at: 300,
         }])
         .unwrap_err();
@@ -209,6 +211,7 @@ fn a_succeeded_task_is_never_started_again() {
         owner: me.clone(),
         task: TaskNo(0),
         n: 1,
+        retry_from: 0,
         at: 2,
     };
     store.apply_blocking(vec![start.clone()]).unwrap();
@@ -237,6 +240,7 @@ fn a_succeeded_task_is_never_started_again() {
         owner: me,
         task: TaskNo(0),
         n: 2,
+        retry_from: 0,
         at: 4,
     };
     let err = store.apply_blocking(vec![again]).unwrap_err();

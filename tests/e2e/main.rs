@@ -7,3 +7,4 @@ mod durable;
 mod examples;
 mod graph;
 mod invalid_plans;
+mod regressions;

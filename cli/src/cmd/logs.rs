@@ -58,14 +58,19 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             .map_or("?", |t| t.name.as_str())
             .to_owned()
     };
-    let mut after = None;
+    // Parallel tasks write at the same time: follow each (task, attempt) with its own cursor.
+    let mut seen: std::collections::HashMap<(TaskNo, u32), i64> = std::collections::HashMap::new();
     let mut current: Option<(TaskNo, u32)> = None;
     let mut row = row;
     loop {
-        for chunk in reader.logs(op, task, after)? {
-            if current != Some((chunk.task_no, chunk.attempt)) {
-                current = Some((chunk.task_no, chunk.attempt));
-                let dropped = if chunk.seq > 1 {
+        for chunk in reader.logs(op, task, None)? {
+            let key = (chunk.task_no, chunk.attempt);
+            if seen.get(&key).is_some_and(|&last| chunk.seq <= last) {
+                continue;
+            }
+            if current != Some(key) {
+                current = Some(key);
+                let dropped = if chunk.seq > 1 && !seen.contains_key(&key) {
                     " (earlier output dropped: over `log_limit`)"
                 } else {
                     ""
@@ -77,10 +82,10 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
                 ))
                 .context("cannot write")?;
             }
+            seen.insert(key, chunk.seq);
             let mut std_out = std::io::stdout().lock();
             std::io::Write::write_all(&mut std_out, &chunk.data).context("cannot write")?;
             std::io::Write::flush(&mut std_out).context("cannot write")?;
-            after = Some((chunk.task_no, chunk.attempt, chunk.seq));
         }
         if !args.follow || engine::owner::shown_status(&row, engine::owner::now()).is_ended() {
             return Ok(());

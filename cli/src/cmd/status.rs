@@ -51,10 +51,21 @@ fn status(text: &str) -> Result<OpStatus, String> {
     })
 }
 
+/// How long the op ran: until it ended, or until now while it runs. An op whose owner died without
+/// recording its end has no known end: `None`.
+fn elapsed_ms(op: &OpRow, shown: OpStatus, now: i64) -> Option<i64> {
+    let start = op.started_at?;
+    match op.ended_at {
+        Some(end) => Some(end - start),
+        None if shown.is_ended() => None,
+        None => Some(now - start),
+    }
+}
+
 /// An op as `status --json` and `show --json` print it.
 pub fn op_json(op: &OpRow, now: i64) -> Value {
     let shown = engine::owner::shown_status(op, now);
-    let elapsed = op.started_at.map(|s| op.ended_at.unwrap_or(now) - s);
+    let elapsed = elapsed_ms(op, shown, now);
     json!({
         "id": op.id.0,
         "uuid": op.uuid,
@@ -126,7 +137,7 @@ fn table(ops: &[OpRow], now: i64) -> String {
     ]);
     for op in ops {
         let shown = engine::owner::shown_status(op, now);
-        let elapsed = op.started_at.map(|s| op.ended_at.unwrap_or(now) - s);
+        let elapsed = elapsed_ms(op, shown, now);
         table.add_row([
             op.id.to_string(),
             op.plan.clone(),

@@ -1,0 +1,240 @@
+//! Regressions found by reviewing the durable core, each reproduced through the binary.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn cairn(dir: &std::path::Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("CAIRN_DB", dir.join("cairn.db"))
+        .env("NO_COLOR", "1");
+    command
+}
+
+fn show(dir: &std::path::Path, op: &str) -> Value {
+    let out = cairn(dir, &["show", op, "--json"]).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn task<'a>(show: &'a Value, id: &str) -> &'a Value {
+    show["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap()
+}
+
+fn wait_for(path: &std::path::Path) {
+    let started = Instant::now();
+    while !path.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A dependent of a failed `continue_on_error` step must wait, on resume, for that step's new run
+/// and for its other needs: it started early, and the scheduler's counts underflowed.
+#[test]
+fn resume_waits_for_every_need_of_a_task_after_continue_on_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        r"name: coe
+steps:
+  - id: a
+    continue_on_error: true
+    run: test -f fixed
+  - id: c
+    run: |
+      test -f fixed
+      sleep 0.5
+      touch c-done
+  - id: b
+    needs: [a, c]
+    run: |
+      test -f c-done || { echo 'b ran before c finished' >&2; exit 1; }
+",
+    )
+    .unwrap();
+    let first = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    assert_eq!(first.status.code(), Some(1));
+    std::fs::write(dir.path().join("fixed"), "").unwrap();
+    let resumed = cairn(dir.path(), &["resume", "1"]).output().unwrap();
+    assert_eq!(
+        resumed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(task(&show(dir.path(), "1"), "b")["attempts"], 1);
+}
+
+/// A background process that leaves the step's session and drops its environment holds the step's
+/// stdout open: the step must still end when its leader does (it waited until the process ended).
+#[test]
+fn a_daemon_holding_stdout_does_not_hold_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        "name: daemon\nsteps:\n  - id: start\n    run: |\n      setsid env -i /bin/sleep 30 &\n      echo $! > daemon.pid\n",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    let took = started.elapsed();
+    let pid: i32 = std::fs::read_to_string(dir.path().join("daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "the step waited for the daemon: {took:?}"
+    );
+}
+
+/// A crash in the middle of a retry round must not give the task a fresh budget on resume: with
+/// `attempts: 3` it ran 5 times.
+#[test]
+fn the_retry_budget_survives_a_crash_during_a_retry_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        "name: retry\nsteps:\n  - id: flaky\n    retry: { attempts: 3, delay: 2s }\n    run: |\n      echo $CAIRN_ATTEMPT >> tries\n      exit 1\n",
+    )
+    .unwrap();
+    let mut run = cairn(dir.path(), &["run", "plan.yaml"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&dir.path().join("tries"));
+    // Attempt 1 failed; the engine now waits 2 s before attempt 2.
+    std::thread::sleep(Duration::from_millis(500));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let resumed = cairn(dir.path(), &["resume", "1"]).output().unwrap();
+    assert_eq!(resumed.status.code(), Some(1));
+    let tries = std::fs::read_to_string(dir.path().join("tries")).unwrap();
+    assert_eq!(tries, "1\n2\n3\n", "three attempts in all");
+    // A failed task resumed by a person gets a fresh round.
+    let again = cairn(dir.path(), &["resume", "1"]).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    let tries = std::fs::read_to_string(dir.path().join("tries")).unwrap();
+    assert_eq!(tries.lines().count(), 6);
+}
+
+/// `logs --follow` followed one cursor across parallel tasks and dropped most of their output.
+#[test]
+fn logs_follow_shows_every_line_of_parallel_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        "name: chatty\nsteps:\n  - id: a\n    run: for i in 1 2 3 4 5 6; do echo a$i; sleep 0.25; done\n  - id: b\n    run: for i in 1 2 3 4 5 6; do echo b$i; sleep 0.25; done\n",
+    )
+    .unwrap();
+    let mut run = cairn(dir.path(), &["run", "plan.yaml"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Follow from as early as the op exists.
+    let started = Instant::now();
+    while !cairn(dir.path(), &["show", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let follow = cairn(dir.path(), &["logs", "1", "--follow"])
+        .output()
+        .unwrap();
+    assert!(run.wait().unwrap().success());
+    let text = String::from_utf8_lossy(&follow.stdout);
+    for i in 1..=6 {
+        assert!(
+            text.contains(&format!("a{i}\n")) && text.contains(&format!("b{i}\n")),
+            "missing line {i}:\n{text}"
+        );
+    }
+}
+
+/// Output written steadily (a line every 100 ms) reached the database only at the end: the flush
+/// timer was reset by every chunk.
+#[test]
+fn steady_output_reaches_the_logs_while_the_step_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        "name: steady\nsteps:\n  - id: talk\n    run: |\n      for i in $(seq 1 40); do echo line$i; sleep 0.1; done\n",
+    )
+    .unwrap();
+    let mut run = cairn(dir.path(), &["run", "plan.yaml"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let logs = cairn(dir.path(), &["logs", "1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&logs.stdout).into_owned();
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert!(
+        text.contains("line5\n"),
+        "after 2 s the logs held: {text:?}"
+    );
+}
+
+/// A secret printed in two pieces, with a pause between them, reached the database in clear.
+#[test]
+fn a_secret_split_across_writes_is_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        "name: split\nparams:\n  pw: { secret: true, required: true }\nsteps:\n  - id: leak\n    env: { PW: \"{{ params.pw }}\" }\n    run: |\n      printf 'oops %s' \"${PW:0:8}\"\n      sleep 0.5\n      printf '%s done\\n' \"${PW:8}\"\n",
+    )
+    .unwrap();
+    let secret = "hunter2-very-secret";
+    let out = cairn(
+        dir.path(),
+        &["run", "plan.yaml", "-p", &format!("pw={secret}")],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs = cairn(dir.path(), &["logs", "1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("oops ******** done"), "{text}");
+    for file in ["cairn.db", "cairn.db-wal"] {
+        let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{file} holds the secret"
+        );
+    }
+}
