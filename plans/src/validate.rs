@@ -1132,15 +1132,23 @@ impl Checker<'_> {
                     });
                 }
                 Name::Op(Some(field))
-                    if field == "name" && matches!(scope.what, Where::Plan("title")) =>
+                    if (field == "name" || field == "id")
+                        && matches!(scope.what, Where::Plan("title")) =>
                 {
-                    self.report(
-                        Problem::new(
+                    let (code, message) = if field == "name" {
+                        (
                             "title-uses-itself",
-                            self.span_in(text, "op.name"),
                             "the plan's `title` uses `op.name`, which is the title itself",
                         )
-                        .help("build the title from params, `op.id` or `op.plan`"),
+                    } else {
+                        (
+                            "title-uses-op-id",
+                            "the plan's `title` uses `op.id`, which does not exist yet when the title is set",
+                        )
+                    };
+                    self.report(
+                        Problem::new(code, self.span_in(text, &format!("op.{field}")), message)
+                            .help("build the title from params, `op.uuid` or `op.plan`; `cairn status` shows the op's id in its own column"),
                     );
                 }
                 Name::Op(field) => {
