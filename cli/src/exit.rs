@@ -20,6 +20,7 @@ pub enum Failure {
 
 pub const OP_FAILED: u8 = 1;
 pub const BAD_INPUT: u8 = 2;
+pub const OP_CANCELED: u8 = 3;
 pub const OP_INTERRUPTED: u8 = 4;
 
 impl From<engine::Error> for Failure {
@@ -62,6 +63,10 @@ pub fn of_run(end: &engine::RunEnd, op: store::OpId) -> Result<(), Failure> {
                 "op {op} failed; after fixing the cause, continue it with `cairn resume {op}`\n"
             ));
             Err(Failure::Op(OP_FAILED))
+        }
+        engine::RunEnd::Canceled(why) => {
+            crate::output::diagnostic(&format!("op {op} canceled ({why})\n"));
+            Err(Failure::Op(OP_CANCELED))
         }
         engine::RunEnd::Interrupted => {
             crate::output::diagnostic(&format!(

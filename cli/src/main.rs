@@ -34,6 +34,12 @@ enum Command {
     Show(cmd::show::Args),
     Logs(cmd::logs::Args),
     Resume(cmd::resume::Args),
+    Cancel(cmd::cancel::Args),
+    Approve(cmd::approve::Args),
+    Pause(cmd::pause::PauseArgs),
+    Unpause(cmd::pause::UnpauseArgs),
+    Locks(cmd::locks::Args),
+    Ack(cmd::locks::AckArgs),
     Schema(cmd::schema::Args),
 }
 
@@ -57,6 +63,12 @@ fn main() -> ExitCode {
         Command::Show(args) => cmd::show::run(&args, &out),
         Command::Logs(args) => cmd::logs::run(&args, &out),
         Command::Resume(args) => cmd::resume::run(&args, &out),
+        Command::Cancel(args) => cmd::cancel::run(&args, &out),
+        Command::Approve(args) => cmd::approve::run(&args, &out),
+        Command::Pause(args) => cmd::pause::pause(&args, &out),
+        Command::Unpause(args) => cmd::pause::unpause(&args, &out),
+        Command::Locks(args) => cmd::locks::run(&args, &out),
+        Command::Ack(args) => cmd::locks::ack(&args, &out),
         Command::Schema(args) => cmd::schema::run(&args, &out),
     };
     exit::code(result)

@@ -126,6 +126,14 @@ fn describe(p: &Progress) -> String {
             format!("  {task}: failed: {}{retry}", first_line(error))
         }
         Progress::TaskInterrupted { task } => format!("  {task}: interrupted"),
+        Progress::TaskWaiting { op, task, prompt } => {
+            format!(
+                "  {task}: waiting for approval: {prompt}\n           answer with `cairn approve {op} {task}` (or `--reject`)"
+            )
+        }
+        Progress::WaitingForLock { key, holder } => {
+            format!("waiting for lock `{key}`, held by op {holder}")
+        }
         Progress::LeftoversEnded {
             task,
             attempt,

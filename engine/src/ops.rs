@@ -11,7 +11,7 @@ use plans::template::{Context, Template};
 use serde_json::{Map, Value};
 use store::{
     Applied, AttemptStatus, Change, Millis, NewOp, NewTask, OpId, OpStatus, Outcome as TaskOutcome,
-    ProcessId, Reader, Snapshot, Store, TaskNo, TaskStatus,
+    ProcessId, Reader, Request, Snapshot, Store, TaskNo, TaskStatus,
 };
 use tokio::sync::watch;
 
@@ -45,6 +45,30 @@ pub enum Error {
     Snapshot(String),
     #[error(transparent)]
     Secret(#[from] secrets::Error),
+    #[error(
+        "cairn is paused (by {by} at {at}: {reason}); `cairn unpause` lifts it, `--ignore-pause` starts anyway"
+    )]
+    Paused {
+        by: String,
+        at: String,
+        reason: String,
+    },
+    #[error(
+        "lock `{key}` is held by op {holder}; wait for it (without --no-wait), or cancel that op"
+    )]
+    LockHeld { key: String, holder: OpId },
+    #[error(
+        "lock `{key}` cools down for {left} more after op {after}; `cairn ack {key}` lifts it, `--ignore-cooldown` starts anyway"
+    )]
+    CoolingDown {
+        key: String,
+        after: OpId,
+        left: String,
+    },
+    #[error("op {op} has no step or hook `{step}`")]
+    UnknownStep { op: OpId, step: String },
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Environment variables every op keeps from the environment it was started in (besides those
@@ -70,9 +94,7 @@ pub fn check_supported(plan: &Plan) -> Result<(), Error> {
     let unsupported: Vec<String> = plan
         .steps
         .iter()
-        .filter(|s| {
-            matches!(s.action, Action::Approve { .. } | Action::Plan { .. }) || s.for_each.is_some()
-        })
+        .filter(|s| matches!(s.action, Action::Plan { .. }) || s.for_each.is_some())
         .map(|s| {
             format!(
                 "`{}` ({})",
@@ -85,23 +107,11 @@ pub fn check_supported(plan: &Plan) -> Result<(), Error> {
             )
         })
         .collect();
-    let mut unsupported = unsupported;
-    let hooks = &plan.hooks;
-    if !(hooks.pre.is_empty()
-        && hooks.on_success.is_empty()
-        && hooks.on_failure.is_empty()
-        && hooks.on_cancel.is_empty())
-    {
-        unsupported.push("`hooks`".to_owned());
-    }
-    if plan.lock.is_some() {
-        unsupported.push("`lock`".to_owned());
-    }
     if unsupported.is_empty() {
         Ok(())
     } else {
         Err(Error::Unsupported(format!(
-            "{} use features that come in a later version",
+            "steps {} use features that come in a later version",
             unsupported.join(", ")
         )))
     }
@@ -148,21 +158,161 @@ fn secret_values(plan: &Plan, params: &Map<String, Value>) -> Vec<String> {
         .collect()
 }
 
-/// Stores a new op owned by this process (submit and take in one transaction, so no other
-/// process can claim it in between), then runs it.
+/// What a person allowed when starting or resuming an op; each use is recorded in its events.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Overrides {
+    /// Refuse at once, rather than wait, when another op holds the lock.
+    pub no_wait: bool,
+    /// Start even while the lock key cools down after an earlier op.
+    pub ignore_cooldown: bool,
+    /// Start even while cairn is paused.
+    pub ignore_pause: bool,
+}
+
+/// Who runs this command, for the audit trail: the OS user.
+#[must_use]
+pub fn whoami() -> String {
+    steps::proc::user_name()
+}
+
+/// Refuses while cairn is paused, unless the caller overrides it; returns the pause it overrode.
+fn check_pause(store: &Store, overrides: Overrides) -> Result<Option<Request>, Error> {
+    match store.reader()?.paused()? {
+        Some(pause) if !overrides.ignore_pause => Err(Error::Paused {
+            by: pause.by,
+            at: show_time(pause.at),
+            reason: pause.reason.unwrap_or_else(|| "no reason given".to_owned()),
+        }),
+        other => Ok(other),
+    }
+}
+
+fn pause_event(op: OpId, pause: Option<Request>) -> Vec<Change> {
+    pause
+        .map(|p| Change::Event {
+            op,
+            at: now(),
+            kind: "pause-ignored",
+            task: None,
+            message: format!(
+                "started while cairn is paused (by {}), with --ignore-pause",
+                p.by
+            ),
+        })
+        .into_iter()
+        .collect()
+}
+
+fn lock_error(e: store::Error) -> Error {
+    match e {
+        store::Error::LockHeld { key, holder } => Error::LockHeld { key, holder },
+        store::Error::CoolingDown { key, after, until } => Error::CoolingDown {
+            key,
+            after,
+            left: crate::time::elapsed((until - now()).max(0)),
+        },
+        other => Error::Store(other),
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the parts of one take-over; a struct would only rename them
+/// Takes the op's lock and ownership, waiting while another op holds the lock (`CUR_TASK` says so);
+/// `Ok(false)` when stopped while waiting.
+async fn acquire(
+    store: &Store,
+    op: OpId,
+    me: &ProcessId,
+    dead: Option<ProcessId>,
+    options: &Options,
+    overrides: Overrides,
+    progress: &Sink,
+    stop: &StopHandle,
+    kind: &'static str,
+    message: String,
+) -> Result<bool, Error> {
+    let mut told: Option<OpId> = None;
+    let mut stopped = stop.subscribe();
+    loop {
+        let batch = vec![
+            Change::TakeLock {
+                op,
+                at: now(),
+                ignore_cooldown: overrides.ignore_cooldown,
+            },
+            Change::Claim {
+                op,
+                owner: me.clone(),
+                lease_until: lease_until(options),
+                dead_owner: dead.clone(),
+                now: now(),
+                kind,
+                message: message.clone(),
+            },
+        ];
+        match store.apply(batch).await {
+            Ok(_) => return Ok(true),
+            Err(store::Error::LockHeld { key, holder }) if !overrides.no_wait => {
+                if told != Some(holder) {
+                    told = Some(holder);
+                    progress(&Progress::WaitingForLock {
+                        key: key.clone(),
+                        holder,
+                    });
+                    store
+                        .apply(vec![Change::CurrentTask {
+                            op,
+                            text: Some(format!("waiting for lock {key} held by op {holder}")),
+                        }])
+                        .await?;
+                }
+            }
+            Err(store::Error::Owned {
+                op,
+                owner,
+                lease_until,
+            }) => {
+                return Err(Error::Owned {
+                    op,
+                    owner,
+                    lease: show_time(lease_until),
+                });
+            }
+            Err(store::Error::Conflict { op, status, .. }) => {
+                return Err(Error::Final { op, status });
+            }
+            Err(e) => return Err(lock_error(e)),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = stopped.wait_for(|s| *s) => return Ok(false),
+        }
+    }
+}
+
+/// Stores a new op owned by this process (submit, lock and take in one transaction, so no other
+/// process can claim it in between), then runs it. While another op holds its lock it is stored
+/// `queued` and waits (or, with `no_wait`, nothing is stored and the holder is named).
 pub async fn run(
     store: &Store,
     new: NewRun,
     options: Options,
+    overrides: Overrides,
     progress: Sink,
     stop: StopHandle,
 ) -> Result<(OpId, RunEnd), Error> {
     check_supported(&new.plan)?;
+    let paused = check_pause(store, overrides)?;
     let uuid = uuid::Uuid::now_v7().to_string();
     let title = match &new.plan.title {
-        Some(t) => render_title(t, &new, &uuid)?,
+        Some(t) => render_header(t, &new, &uuid, "title")?,
         None => new.plan.name.clone(),
     };
+    let lock = new
+        .plan
+        .lock
+        .as_ref()
+        .map(|t| render_header(t, &new, &uuid, "lock key"))
+        .transpose()?;
     let secret = secret_names(&new.plan);
     let stored_params = if secret.iter().any(|n| new.params.contains_key(*n)) {
         let key = secrets::key(store.path(), true)?.ok_or_else(|| secrets::Error::Key {
@@ -175,7 +325,7 @@ pub async fn run(
     };
     let me = owner::me();
     let at = now();
-    let op = NewOp {
+    let mut op = NewOp {
         uuid: uuid.clone(),
         snapshot: Snapshot {
             hash: new.plan.hash.clone(),
@@ -206,25 +356,61 @@ pub async fn run(
             .collect(),
         at,
         owner: Some((me.clone(), lease_until(&options))),
+        lock,
+        cooldown_ms: new
+            .plan
+            .cooldown
+            .map(|c| i64::try_from(c.as_millis()).unwrap_or(i64::MAX)),
+        ignore_cooldown: overrides.ignore_cooldown,
     };
-    let mut applied = store.apply(vec![Change::Submit(op)]).await?;
+    let submitted = match store.apply(vec![Change::Submit(op.clone())]).await {
+        Ok(applied) => Ok((applied, true)),
+        Err(store::Error::LockHeld { .. }) if !overrides.no_wait => {
+            // Stored `queued`, without owner or lock, until the lock is free.
+            op.owner = None;
+            store
+                .apply(vec![Change::Submit(op)])
+                .await
+                .map(|a| (a, false))
+                .map_err(Error::from)
+        }
+        Err(e) => Err(lock_error(e)),
+    }?;
+    let (mut applied, owned) = submitted;
     let Some(Applied::Submitted { id, .. }) = applied.pop() else {
         return Err(Error::Store(store::Error::Closed));
     };
+    if !owned {
+        let message = format!("started by {me}");
+        if !acquire(
+            store, id, &me, None, &options, overrides, &progress, &stop, "started", message,
+        )
+        .await?
+        {
+            store
+                .apply(vec![Change::SetOp {
+                    op: id,
+                    owner: None,
+                    status: OpStatus::Interrupted,
+                    at: now(),
+                    error: Some("stopped while waiting for its lock".to_owned()),
+                    release: true,
+                    kind: "op-interrupted",
+                    message: "stopped while waiting for its lock".to_owned(),
+                }])
+                .await?;
+            return Ok((id, RunEnd::Interrupted));
+        }
+    }
+    let events = pause_event(id, paused);
+    if !events.is_empty() {
+        store.apply(events).await?;
+    }
     progress(&Progress::OpStarted {
         op: id,
         title: title.clone(),
         resumed: false,
     });
-    let tasks = vec![
-        TaskState {
-            status: TaskStatus::Pending,
-            attempts: 0,
-            retry_from: 0,
-            outputs: None
-        };
-        new.plan.steps.len()
-    ];
     let secrets = secret_values(&new.plan, &new.params);
     let shared = shared(
         store,
@@ -241,10 +427,25 @@ pub async fn run(
         stop,
         secrets,
     )?;
-    Ok((id, runner::run(shared, tasks).await))
+    let tasks = vec![
+        TaskState {
+            status: TaskStatus::Pending,
+            attempts: 0,
+            retry_from: 0,
+            outputs: None
+        };
+        shared.steps.len()
+    ];
+    Ok((id, runner::run(shared, tasks, None).await))
 }
 
-fn render_title(template: &Template, new: &NewRun, uuid: &str) -> Result<String, Error> {
+/// Renders the op's title or lock key: params, `op.uuid`, `op.plan` and the kept environment.
+fn render_header(
+    template: &Template,
+    new: &NewRun,
+    uuid: &str,
+    what: &'static str,
+) -> Result<String, Error> {
     let mut ctx = Context::new();
     for (name, value) in &new.params {
         ctx.param(name, value);
@@ -255,7 +456,7 @@ fn render_title(template: &Template, new: &NewRun, uuid: &str) -> Result<String,
         ctx.env(name, value);
     }
     template.render(&ctx).map_err(|e| Error::Render {
-        what: "title",
+        what,
         reason: e.message,
     })
 }
@@ -287,6 +488,8 @@ fn shared(
         })?;
     let receiver = stop.subscribe();
     let options_lease = options.clone();
+    let (steps, hooks) = runner::with_hooks(&plan);
+    let (calm_tx, calm) = watch::channel(false);
     Ok(Arc::new(Shared {
         store: store.clone(),
         plan,
@@ -306,6 +509,12 @@ fn shared(
         lost: AtomicBool::new(false),
         // The claim was made just before, with this length.
         lease_until: AtomicI64::new(lease_until(&options_lease)),
+        steps,
+        hooks,
+        stop_reason: std::sync::Mutex::new(None),
+        outcome: std::sync::Mutex::new(None),
+        calm,
+        _calm_tx: calm_tx,
     }))
 }
 
@@ -329,13 +538,20 @@ pub fn show_time(ms: Millis) -> String {
     crate::time::rfc3339(ms)
 }
 
-/// Takes an op over for this process: refused while its owner lives.
+/// Takes an op over for this process: refused while its owner lives. Also takes the op's lock,
+/// waiting for it (or not, with `no_wait`) when another op holds it. `Ok(None)` when stopped while
+/// waiting.
+#[allow(clippy::too_many_arguments)]
 async fn take(
     store: &Store,
     row: &store::OpRow,
     options: &Options,
+    overrides: Overrides,
+    progress: &Sink,
+    stop: &StopHandle,
     kind: &'static str,
-) -> Result<ProcessId, Error> {
+    verb: &str,
+) -> Result<Option<ProcessId>, Error> {
     let op = row.id;
     if row.status.is_final() {
         return Err(Error::Final {
@@ -344,8 +560,7 @@ async fn take(
         });
     }
     let me = owner::me();
-    let at = now();
-    let dead = match owner::owner_state(row, at) {
+    let dead = match owner::owner_state(row, now()) {
         OwnerState::Alive(owner) => {
             return Err(Error::Owned {
                 op,
@@ -356,35 +571,15 @@ async fn take(
         OwnerState::Dead(owner) => Some(owner),
         OwnerState::None => None,
     };
-    let mut message = format!("resumed by {me}");
+    let mut message = format!("{verb} by {me}");
     if let Some(dead) = &dead {
         write!(message, "; its previous owner ({dead}) is gone").ok();
     }
-    let claimed = store
-        .apply(vec![Change::Claim {
-            op,
-            owner: me.clone(),
-            lease_until: lease_until(options),
-            dead_owner: dead,
-            now: at,
-            kind,
-            message,
-        }])
-        .await;
-    match claimed {
-        Ok(_) => Ok(me),
-        Err(store::Error::Owned {
-            op,
-            owner,
-            lease_until,
-        }) => Err(Error::Owned {
-            op,
-            owner,
-            lease: show_time(lease_until),
-        }),
-        Err(store::Error::Conflict { op, status, .. }) => Err(Error::Final { op, status }),
-        Err(e) => Err(e.into()),
-    }
+    Ok(acquire(
+        store, op, &me, dead, options, overrides, progress, stop, kind, message,
+    )
+    .await?
+    .then_some(me))
 }
 
 /// Ends whatever is left of attempts that were running when their owner died, and records them
@@ -464,11 +659,13 @@ async fn sweep(
     Ok(())
 }
 
-/// Continues an op where it stopped, with its plan snapshot.
+/// Continues an op where it stopped, with its plan snapshot. An op with a cancel request is only
+/// finished as canceled.
 pub async fn resume(
     store: &Store,
     op: OpId,
     options: Options,
+    overrides: Overrides,
     progress: Sink,
     stop: StopHandle,
 ) -> Result<RunEnd, Error> {
@@ -479,7 +676,41 @@ pub async fn resume(
         progress(&Progress::AlreadyDone { op });
         return Ok(RunEnd::Succeeded);
     }
-    let plan = snapshot_plan(&reader, op)?;
+    let paused = if row.cancel.is_none() {
+        check_pause(store, overrides)?
+    } else {
+        None
+    };
+    let Some((shared, tasks)) = take_and_load(
+        store, &reader, &row, options, overrides, progress, stop, "resumed", "resumed",
+    )
+    .await?
+    else {
+        return Ok(RunEnd::Interrupted);
+    };
+    let events = pause_event(op, paused);
+    if !events.is_empty() {
+        store.apply(events).await?;
+    }
+    let cancel = row.cancel.map(|c| c.by);
+    Ok(runner::run(shared, tasks, cancel).await)
+}
+
+/// Takes the op over, ends what its dead owner left running, and loads its state.
+#[allow(clippy::too_many_arguments)]
+async fn take_and_load(
+    store: &Store,
+    reader: &Reader,
+    row: &store::OpRow,
+    options: Options,
+    overrides: Overrides,
+    progress: Sink,
+    stop: StopHandle,
+    kind: &'static str,
+    verb: &str,
+) -> Result<Option<(Arc<Shared>, Vec<TaskState>)>, Error> {
+    let op = row.id;
+    let plan = snapshot_plan(reader, op)?;
     check_supported(&plan)?;
     let stored: Map<String, Value> = row.params.as_object().cloned().unwrap_or_default();
     let key = if stored.values().any(secrets::is_sealed) {
@@ -488,35 +719,19 @@ pub async fn resume(
         None
     };
     let params = secrets::open(&stored, key.as_ref())?;
-    let me = take(store, &row, &options, "resumed").await?;
+    let Some(me) = take(
+        store, row, &options, overrides, &progress, &stop, kind, verb,
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
     progress(&Progress::OpStarted {
         op,
         title: row.title.clone(),
         resumed: true,
     });
-    sweep(store, &reader, &row, &plan, &me, &options, &progress).await?;
-    let tasks: Vec<TaskState> = {
-        let mut states = vec![
-            TaskState {
-                status: TaskStatus::Pending,
-                attempts: 0,
-                retry_from: 0,
-                outputs: None
-            };
-            plan.steps.len()
-        ];
-        for t in reader.tasks(op)? {
-            if let Some(state) = states.get_mut(t.task_no.0 as usize) {
-                *state = TaskState {
-                    status: t.status,
-                    attempts: t.attempts,
-                    retry_from: t.retry_from,
-                    outputs: t.outputs,
-                };
-            }
-        }
-        states
-    };
+    sweep(store, reader, row, &plan, &me, &options, &progress).await?;
     let env: BTreeMap<String, String> = row
         .env
         .iter()
@@ -538,7 +753,184 @@ pub async fn resume(
         stop,
         secrets,
     )?;
-    Ok(runner::run(shared, tasks).await)
+    let mut tasks = vec![
+        TaskState {
+            status: TaskStatus::Pending,
+            attempts: 0,
+            retry_from: 0,
+            outputs: None
+        };
+        shared.steps.len()
+    ];
+    for t in reader.tasks(op)? {
+        if let Some(state) = tasks.get_mut(t.task_no.0 as usize) {
+            *state = TaskState {
+                status: t.status,
+                attempts: t.attempts,
+                retry_from: t.retry_from,
+                outputs: t.outputs,
+            };
+        }
+    }
+    Ok(Some((shared, tasks)))
+}
+
+/// How `cairn cancel` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelEnd {
+    /// The op is canceled (by its owner, or by this process when it had none).
+    Canceled,
+    /// The request is recorded; the live owner had not finished canceling when this stopped waiting.
+    Requested { owner: ProcessId },
+}
+
+/// Cancels an op. The request is recorded first (durably); a live owner acts on it, and this waits
+/// for it (up to `wait`). With no live owner, this process takes the op over, ends what is left of
+/// its steps, runs its `on_cancel` hooks, and ends it `canceled`.
+pub async fn cancel(
+    store: &Store,
+    op: OpId,
+    reason: Option<String>,
+    options: Options,
+    wait: std::time::Duration,
+    progress: Sink,
+) -> Result<CancelEnd, Error> {
+    let reader = store.reader()?;
+    let row = read_op(&reader, op)?;
+    if row.status.is_final() {
+        return Err(Error::Final {
+            op,
+            status: row.status,
+        });
+    }
+    let by = whoami();
+    store
+        .apply(vec![Change::RequestCancel {
+            op,
+            request: Request {
+                by: by.clone(),
+                at: now(),
+                reason: reason.clone(),
+            },
+        }])
+        .await?;
+    let row = read_op(&reader, op)?;
+    if let OwnerState::Alive(owner) = owner::owner_state(&row, now()) {
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline {
+            let now_row = read_op(&reader, op)?;
+            if now_row.status == OpStatus::Canceled {
+                return Ok(CancelEnd::Canceled);
+            }
+            if now_row.owner.is_none()
+                || !matches!(owner::owner_state(&now_row, now()), OwnerState::Alive(_))
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let now_row = read_op(&reader, op)?;
+        if now_row.status == OpStatus::Canceled {
+            return Ok(CancelEnd::Canceled);
+        }
+        if matches!(owner::owner_state(&now_row, now()), OwnerState::Alive(_)) {
+            return Ok(CancelEnd::Requested { owner });
+        }
+    }
+    // No live owner: finish the cancel here.
+    let row = read_op(&reader, op)?;
+    let overrides = Overrides {
+        no_wait: true,
+        ignore_cooldown: true,
+        ignore_pause: true,
+    };
+    let why = reason.map_or(String::new(), |r| format!(": {r}"));
+    let taken = take_and_load(
+        store,
+        &reader,
+        &row,
+        options,
+        overrides,
+        progress,
+        stop_handle(),
+        "cancel-taken",
+        "taken over to cancel it",
+    )
+    .await;
+    let (shared, tasks) = match taken {
+        Ok(Some(loaded)) => loaded,
+        // The lock is another op's now: this op never held it; cancel without taking it.
+        Err(Error::LockHeld { .. }) => return cancel_unlocked(store, op, &by).await,
+        Ok(None) => {
+            return Err(Error::Refused(format!(
+                "op {op} could not be taken over to cancel it"
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    match runner::run(shared, tasks, Some(format!("{by}{why}"))).await {
+        RunEnd::Canceled(_) => Ok(CancelEnd::Canceled),
+        other => Err(Error::Refused(format!(
+            "op {op} could not be canceled: it ended {}",
+            other.status()
+        ))),
+    }
+}
+
+/// Cancels an op that holds no lock and cannot take its own (another op holds the key): no step of
+/// it can be running, so it is marked canceled directly.
+async fn cancel_unlocked(store: &Store, op: OpId, by: &str) -> Result<CancelEnd, Error> {
+    store
+        .apply(vec![Change::SetOp {
+            op,
+            owner: None,
+            status: OpStatus::Canceled,
+            at: now(),
+            error: Some(format!("canceled by {by}")),
+            release: true,
+            kind: "op-canceled",
+            message: format!("op canceled by {by} while it waited for its lock"),
+        }])
+        .await?;
+    Ok(CancelEnd::Canceled)
+}
+
+/// Answers an approval gate of an op, with or without a live owner (a waiting `run` goes on by
+/// itself; otherwise `cairn resume` does).
+pub async fn approve(
+    store: &Store,
+    op: OpId,
+    step: &str,
+    approve: bool,
+    comment: Option<String>,
+) -> Result<(), Error> {
+    let reader = store.reader()?;
+    read_op(&reader, op)?;
+    let task = reader
+        .tasks(op)?
+        .into_iter()
+        .find(|t| t.name == step || t.step == step)
+        .ok_or_else(|| Error::UnknownStep {
+            op,
+            step: step.to_owned(),
+        })?;
+    store
+        .apply(vec![Change::Approve {
+            op,
+            task: task.task_no,
+            approve,
+            request: Request {
+                by: whoami(),
+                at: now(),
+                reason: comment,
+            },
+        }])
+        .await
+        .map_err(|e| match e {
+            store::Error::Conflict { reason, .. } => Error::Refused(format!("op {op}: {reason}")),
+            other => Error::Store(other),
+        })?;
+    Ok(())
 }
 
 /// One line of `resume --dry-run`.

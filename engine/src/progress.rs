@@ -33,6 +33,17 @@ pub enum Progress {
     TaskInterrupted {
         task: String,
     },
+    /// An approval gate waits for `cairn approve`.
+    TaskWaiting {
+        op: OpId,
+        task: String,
+        prompt: String,
+    },
+    /// The op waits for its lock, held by another op.
+    WaitingForLock {
+        key: String,
+        holder: OpId,
+    },
     /// Processes left by an attempt whose owner died were ended before the task runs again.
     LeftoversEnded {
         task: String,

@@ -19,8 +19,8 @@ use plans::template::Context;
 use serde_json::{Map, Value};
 use steps::spawn::{self, Chunk, Spec, Stopped};
 use store::{
-    AttemptStatus, Change, Error as StoreError, OpId, OpStatus, Outcome as TaskOutcome, ProcessId,
-    Store, TaskNo, TaskStatus,
+    AttemptStatus, Change, Error as StoreError, NewTask, OpId, OpStatus, Outcome as TaskOutcome,
+    ProcessId, Store, TaskNo, TaskStatus,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -56,6 +56,8 @@ pub enum RunEnd {
     Failed(String),
     /// Stopped by a signal; resumable.
     Interrupted,
+    /// Canceled (by `cairn cancel`); the `on_cancel` hooks ran.
+    Canceled(String),
     /// Another process took the op over (or the store refused this owner): nothing more was written.
     LostOwnership(String),
     /// The store could not record progress (disk full, I/O error): the op stays as it was recorded,
@@ -69,6 +71,7 @@ impl RunEnd {
         match self {
             Self::Succeeded => OpStatus::Succeeded,
             Self::Failed(_) => OpStatus::Failed,
+            Self::Canceled(_) => OpStatus::Canceled,
             _ => OpStatus::Interrupted,
         }
     }
@@ -139,6 +142,17 @@ pub(crate) struct Shared {
     pub lost: AtomicBool,
     /// Until when the lease is known to hold (the last successful claim or renewal).
     pub lease_until: AtomicI64,
+    /// The plan's steps, then its hooks as steps (see [`with_hooks`]); indexed by task number.
+    pub steps: Vec<Step>,
+    pub hooks: HookTasks,
+    /// Why the run is stopping, when the engine stopped it.
+    pub stop_reason: std::sync::Mutex<Option<StopReason>>,
+    /// The op's outcome, once decided, for its finishing hooks.
+    pub outcome: std::sync::Mutex<Option<EndState>>,
+    /// A stop signal that never fires: finishing hooks run to their end even when the op was
+    /// stopped. Its sender lives as long as this.
+    pub calm: watch::Receiver<bool>,
+    pub _calm_tx: watch::Sender<bool>,
 }
 
 /// Applies a batch, waiting out a database that another process holds (up to `patience`).
@@ -171,6 +185,22 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         *self.stop.borrow()
+    }
+
+    pub(crate) fn step(&self, i: usize) -> &Step {
+        &self.steps[i]
+    }
+
+    /// Stops the run for `reason` (the first reason given is kept).
+    fn stop_because(&self, reason: StopReason) {
+        if let Ok(mut slot) = self.stop_reason.lock() {
+            slot.get_or_insert(reason);
+        }
+        stop_all(self);
+    }
+
+    fn stop_reason(&self) -> Option<StopReason> {
+        self.stop_reason.lock().ok().and_then(|r| r.clone())
     }
 
     /// Whether the lease still holds with a safety margin: past it, another process may take the
@@ -217,6 +247,14 @@ impl Shared {
                 ctx.outputs(*index, &Value::Object(map.clone()));
             }
         }
+        if let Some(end) = self.outcome.lock().ok().and_then(|o| o.clone()) {
+            ctx.op("status", &Value::from(end.status.as_str()))
+                .op("error", &end.error.map_or(Value::Null, Value::from))
+                .op(
+                    "failed_task",
+                    &end.failed_task.map_or(Value::Null, Value::from),
+                );
+        }
         ctx
     }
 
@@ -225,11 +263,143 @@ impl Shared {
     }
 }
 
-/// Runs the op until it ends or stops. `tasks` is the op's state as stored (indexed by task
-/// number, which is the step's index).
-pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEnd {
+/// Why a run stops before its tasks are done. A stop with no reason recorded came from outside
+/// (Ctrl-C, SIGTERM, SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// Someone ran `cairn cancel`; the text says who and why.
+    Cancel(String),
+    /// The op's own `timeout` passed.
+    Timeout(String),
+}
+
+/// The task numbers of the plan's hooks, by phase (they follow the steps).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HookTasks {
+    pub pre: Vec<usize>,
+    pub on_success: Vec<usize>,
+    pub on_failure: Vec<usize>,
+    pub on_cancel: Vec<usize>,
+}
+
+/// The plan's steps followed by its hooks as steps of their own, so that a hook runs, is recorded
+/// and is swept like any task; and where each phase's hooks are.
+pub(crate) fn with_hooks(plan: &Plan) -> (Vec<Step>, HookTasks) {
+    let mut steps = plan.steps.clone();
+    let mut tasks = HookTasks::default();
+    let all_steps: Vec<usize> = (0..plan.steps.len()).collect();
+    for (phase, hooks, slot) in [
+        ("pre", &plan.hooks.pre, &mut tasks.pre),
+        ("on_success", &plan.hooks.on_success, &mut tasks.on_success),
+        ("on_failure", &plan.hooks.on_failure, &mut tasks.on_failure),
+        ("on_cancel", &plan.hooks.on_cancel, &mut tasks.on_cancel),
+    ] {
+        for (k, hook) in hooks.iter().enumerate() {
+            let default = format!("{phase}[{}]", k + 1);
+            let id = if hook.name == default {
+                default
+            } else {
+                format!("{phase}:{}", hook.name)
+            };
+            slot.push(steps.len());
+            steps.push(Step {
+                id,
+                description: None,
+                needs: Vec::new(),
+                when: None,
+                action: hook.action.clone(),
+                env: hook.env.clone(),
+                cwd: hook.cwd.clone(),
+                timeout: Some(hook.timeout),
+                retry: plans::model::Retry::default(),
+                check: None,
+                for_each: None,
+                max_parallel: None,
+                continue_on_error: false,
+                outputs: None,
+                log_limit: plan.log_limit,
+                uses: if phase == "pre" {
+                    Vec::new()
+                } else {
+                    all_steps.clone()
+                },
+            });
+        }
+    }
+    (steps, tasks)
+}
+
+/// How the op ended, as its finishing hooks see it (`op.status`, `op.error`, `op.failed_task`).
+#[derive(Debug, Clone)]
+pub(crate) struct EndState {
+    pub status: OpStatus,
+    pub error: Option<String>,
+    pub failed_task: Option<String>,
+}
+
+/// Runs the op until it ends or stops. `tasks` is the op's state as stored, indexed by task number
+/// (the steps, then the hooks). With `cancel` set, the op is only finished as canceled: nothing
+/// new starts, the `on_cancel` hooks run.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut tasks: Vec<TaskState>,
+    cancel: Option<String>,
+) -> RunEnd {
     let plan = shared.plan.clone();
+    let n = plan.steps.len();
+    if let Some(by) = cancel {
+        shared.stop_because(StopReason::Cancel(by));
+    }
     let heartbeat = tokio::spawn(heartbeat(shared.clone()));
+    let watcher = tokio::spawn(watch_for_cancel(shared.clone()));
+    let timer = plan.timeout.map(|limit| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(limit).await;
+            shared.stop_because(StopReason::Timeout(format!(
+                "the op timed out after {}",
+                plans::units::format_duration(limit)
+            )));
+        })
+    });
+    let mut first_failure: Option<(String, String)> = None;
+    let mut fatal: Option<Fatal> = None;
+
+    // `pre` hooks, in order: any failure ends the op before a step runs.
+    let pre = shared.hooks.pre.clone();
+    if !pre.iter().all(|&i| tasks[i].status.is_kept()) && !shared.stopping() {
+        if let Err(f) = add_hook_tasks(&shared, &pre).await {
+            fatal = Some(f);
+        }
+        for &i in &pre {
+            if fatal.is_some() || tasks[i].status.is_kept() {
+                continue;
+            }
+            let stop = shared.stop.clone();
+            match run_task(&shared, i, tasks[i].attempts, tasks[i].attempts, &[], &stop).await {
+                Ok(TaskEnd::Done {
+                    status,
+                    outputs,
+                    error,
+                }) => {
+                    tasks[i].status = status;
+                    tasks[i].outputs = outputs;
+                    if status == TaskStatus::Failed {
+                        let name = shared.step(i).id.clone();
+                        first_failure = Some((
+                            name.clone(),
+                            format!("hook `{name}` failed: {}", error.unwrap_or_default()),
+                        ));
+                        break;
+                    }
+                }
+                Ok(TaskEnd::Interrupted) => break,
+                Err(f) => fatal = Some(f),
+            }
+        }
+    }
+
+    // The steps.
     let satisfied = |state: &TaskState, step: &Step| {
         state.status.is_kept() || (state.status == TaskStatus::Failed && step.continue_on_error)
     };
@@ -241,7 +411,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEn
         .map(|step| {
             step.needs
                 .iter()
-                .filter(|&&n| !tasks[n].status.is_kept())
+                .filter(|&&need| !tasks[need].status.is_kept())
                 .count()
         })
         .collect();
@@ -253,8 +423,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEn
         .filter(|&i| waiting_on[i] == 0 && !tasks[i].status.is_kept())
         .collect();
     let mut running: JoinSet<(usize, Result<TaskEnd, Fatal>)> = JoinSet::new();
-    let mut first_failure: Option<String> = None;
-    let mut fatal: Option<Fatal> = None;
+    let mut in_flight: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
+    let mut shown_waiting = false;
     let mut stop = shared.stop.clone();
     let max = usize::try_from(plan.max_parallel).unwrap_or(usize::MAX);
     loop {
@@ -278,8 +448,47 @@ pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEn
             } else {
                 tasks[i].retry_from.min(prior)
             };
-            running
-                .spawn(async move { (i, run_task(&shared, i, prior, retry_from, &outputs).await) });
+            in_flight.insert(i);
+            running.spawn(async move {
+                let stop = shared.stop.clone();
+                (
+                    i,
+                    run_task(&shared, i, prior, retry_from, &outputs, &stop).await,
+                )
+            });
+        }
+        // The op is `waiting` while approval gates are all that is in flight.
+        let only_gates = !in_flight.is_empty()
+            && in_flight
+                .iter()
+                .all(|&i| matches!(plan.steps[i].action, Action::Approve { .. }));
+        if only_gates != shown_waiting && fatal.is_none() {
+            let (status, kind) = if only_gates {
+                (OpStatus::Waiting, "op-waiting")
+            } else {
+                (OpStatus::Running, "op-running")
+            };
+            let change = Change::SetOp {
+                op: shared.op,
+                owner: Some(shared.me.clone()),
+                status,
+                at: now(),
+                error: None,
+                release: false,
+                kind,
+                message: if only_gates {
+                    "waiting for approval".to_owned()
+                } else {
+                    "running".to_owned()
+                },
+            };
+            match shared.apply(vec![change]).await {
+                Ok(()) => shown_waiting = only_gates,
+                Err(f) => {
+                    fatal.get_or_insert(f);
+                    stop_all(&shared);
+                }
+            }
         }
         if running.is_empty() {
             break;
@@ -291,22 +500,22 @@ pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEn
                     Ok(r) => r,
                     Err(e) => {
                         fatal.get_or_insert(Fatal::Store(format!("a task panicked: {e}")));
+                        stop_all(&shared);
                         continue;
                     }
                 };
+                in_flight.remove(&i);
                 match result {
                     Ok(TaskEnd::Done { status, outputs, error }) => {
                         tasks[i].status = status;
                         tasks[i].outputs = outputs;
                         if status == TaskStatus::Failed && !plan.steps[i].continue_on_error {
                             first_failure.get_or_insert_with(|| {
-                                format!("task `{}` failed: {}", plan.steps[i].id, error.unwrap_or_default())
+                                (plan.steps[i].id.clone(), format!("task `{}` failed: {}", plan.steps[i].id, error.unwrap_or_default()))
                             });
                         } else if satisfied(&tasks[i], &plan.steps[i]) {
                             for &d in plan.dag.dependents(i) {
-                                waiting_on[d] = waiting_on[d]
-                                    .checked_sub(1)
-                                    .expect("a task is released by each of its needs once");
+                                waiting_on[d] = waiting_on[d].checked_sub(1).expect("a task is released by each of its needs once");
                                 if waiting_on[d] == 0 {
                                     ready.push_back(d);
                                 }
@@ -328,40 +537,145 @@ pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEn
             }
             changed = stop.changed(), if !*stop.borrow() => {
                 if changed.is_ok() {
-                    shared.say(&Progress::Stopping { reason: if shared.lost.load(Ordering::SeqCst) { "another process took the op over".into() } else { "asked to stop".into() } });
+                    let reason = match shared.stop_reason() {
+                        _ if shared.lost.load(Ordering::SeqCst) => "another process took the op over".to_owned(),
+                        Some(StopReason::Cancel(by)) => format!("canceled by {by}"),
+                        Some(StopReason::Timeout(why)) => why,
+                        None => "asked to stop".to_owned(),
+                    };
+                    shared.say(&Progress::Stopping { reason });
                 }
             }
         }
     }
-    heartbeat.abort();
+    watcher.abort();
+    if let Some(timer) = timer {
+        timer.abort();
+    }
     if shared.lost.load(Ordering::SeqCst) {
+        heartbeat.abort();
         return RunEnd::LostOwnership(match fatal {
             Some(Fatal::Lost(m) | Fatal::Store(m)) => m,
             None => "another process took the op over".to_owned(),
         });
     }
-    let undone = (0..tasks.len()).find(|&i| !satisfied(&tasks[i], &plan.steps[i]));
-    let (end, status, error) = match (fatal, first_failure, undone) {
-        (Some(Fatal::Lost(m)), _, _) => return RunEnd::LostOwnership(m),
-        (Some(Fatal::Store(m)), _, _) => return RunEnd::StoreFailed(m),
+    let undone = (0..n).find(|&i| !satisfied(&tasks[i], &plan.steps[i]));
+    let failed_task = first_failure.as_ref().map(|(task, _)| task.clone());
+    let (end, status, error) = match (fatal, first_failure, undone, shared.stop_reason()) {
+        (Some(Fatal::Lost(m)), ..) => {
+            heartbeat.abort();
+            return RunEnd::LostOwnership(m);
+        }
+        (Some(Fatal::Store(m)), ..) => {
+            heartbeat.abort();
+            return RunEnd::StoreFailed(m);
+        }
         // Everything is done: a stop that came at the end changes nothing.
-        (None, None, None) => (RunEnd::Succeeded, OpStatus::Succeeded, None),
-        (None, Some(f), _) => (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f)),
-        (None, None, Some(_)) if shared.stopping() => (
+        (None, None, None, _) => (RunEnd::Succeeded, OpStatus::Succeeded, None),
+        (None, _, _, Some(StopReason::Cancel(by))) => {
+            let why = format!("canceled by {by}");
+            (RunEnd::Canceled(why.clone()), OpStatus::Canceled, Some(why))
+        }
+        (None, Some((_, f)), ..) => (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f)),
+        (None, None, Some(_), Some(StopReason::Timeout(why))) => {
+            (RunEnd::Failed(why.clone()), OpStatus::Failed, Some(why))
+        }
+        (None, None, Some(_), None) if shared.stopping() => (
             RunEnd::Interrupted,
             OpStatus::Interrupted,
             Some("stopped before it finished".to_owned()),
         ),
-        (None, None, Some(i)) => {
+        (None, None, Some(i), None) => {
             let f = format!("task `{}` could not run", plan.steps[i].id);
             (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f))
         }
     };
+    // The finishing hooks; the op becomes final only after they are recorded.
+    let phase = match status {
+        OpStatus::Succeeded => shared.hooks.on_success.clone(),
+        OpStatus::Failed => shared.hooks.on_failure.clone(),
+        OpStatus::Canceled => shared.hooks.on_cancel.clone(),
+        _ => Vec::new(),
+    };
+    if !phase.is_empty() {
+        if let Ok(mut outcome) = shared.outcome.lock() {
+            *outcome = Some(EndState {
+                status,
+                error: error.clone(),
+                failed_task,
+            });
+        }
+        if let Err(f) = add_hook_tasks(&shared, &phase).await {
+            heartbeat.abort();
+            return f.into_end();
+        }
+        let every_output: Vec<(usize, Map<String, Value>)> = (0..n)
+            .filter_map(|i| tasks[i].outputs.clone().map(|o| (i, o)))
+            .collect();
+        for &i in &phase {
+            if tasks[i].status.is_kept() {
+                continue;
+            }
+            // Finishing hooks run to their end (or timeout) even when the op was stopped.
+            let calm = shared.calm.clone();
+            match run_task(
+                &shared,
+                i,
+                tasks[i].attempts,
+                tasks[i].attempts,
+                &every_output,
+                &calm,
+            )
+            .await
+            {
+                Ok(TaskEnd::Done {
+                    status: TaskStatus::Failed,
+                    error,
+                    ..
+                }) => {
+                    let _ = shared
+                        .apply(vec![Change::Event {
+                            op: shared.op,
+                            at: now(),
+                            kind: "hook-failed",
+                            task: Some(shared.step(i).id.clone()),
+                            message: format!(
+                                "the op's outcome stands: {}",
+                                error.unwrap_or_default()
+                            ),
+                        }])
+                        .await;
+                }
+                Ok(_) => {}
+                Err(f) => {
+                    heartbeat.abort();
+                    return f.into_end();
+                }
+            }
+        }
+    }
+    heartbeat.abort();
+    let mut batch = Vec::new();
+    if status == OpStatus::Canceled {
+        // What never got to run will not now.
+        for i in (0..n)
+            .filter(|&i| !tasks[i].status.is_kept() && tasks[i].status != TaskStatus::Canceled)
+        {
+            batch.push(Change::SetTask {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task: TaskNo(u32::try_from(i).unwrap_or(u32::MAX)),
+                status: TaskStatus::Canceled,
+                at: now(),
+                message: "canceled with the op".to_owned(),
+            });
+        }
+    }
     let message = match &error {
         Some(e) => format!("op {status}: {e}"),
         None => format!("op {status}"),
     };
-    let change = Change::SetOp {
+    batch.push(Change::SetOp {
         op: shared.op,
         owner: Some(shared.me.clone()),
         status,
@@ -371,11 +685,12 @@ pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEn
         kind: match status {
             OpStatus::Succeeded => "op-succeeded",
             OpStatus::Failed => "op-failed",
+            OpStatus::Canceled => "op-canceled",
             _ => "op-interrupted",
         },
         message,
-    };
-    match shared.apply(vec![change]).await {
+    });
+    match shared.apply(batch).await {
         Ok(()) => {
             shared.say(&Progress::OpEnded {
                 op: shared.op,
@@ -384,8 +699,55 @@ pub(crate) async fn run(shared: Arc<Shared>, mut tasks: Vec<TaskState>) -> RunEn
             });
             end
         }
-        Err(Fatal::Lost(m)) => RunEnd::LostOwnership(m),
-        Err(Fatal::Store(m)) => RunEnd::StoreFailed(m),
+        Err(f) => f.into_end(),
+    }
+}
+
+impl Fatal {
+    fn into_end(self) -> RunEnd {
+        match self {
+            Self::Lost(m) => RunEnd::LostOwnership(m),
+            Self::Store(m) => RunEnd::StoreFailed(m),
+        }
+    }
+}
+
+/// Stores the task rows of hooks about to run (ones that exist are left as they are).
+async fn add_hook_tasks(shared: &Shared, hooks: &[usize]) -> Result<(), Fatal> {
+    let tasks = hooks
+        .iter()
+        .map(|&i| NewTask {
+            task_no: TaskNo(u32::try_from(i).unwrap_or(u32::MAX)),
+            step: shared.step(i).id.clone(),
+            name: shared.step(i).id.clone(),
+            item: None,
+        })
+        .collect();
+    shared
+        .apply(vec![Change::AddTasks {
+            op: shared.op,
+            tasks,
+        }])
+        .await
+}
+
+/// Polls the op for a cancel request; on one, stops the run with that reason.
+async fn watch_for_cancel(shared: Arc<Shared>) {
+    let Ok(reader) = shared.store.reader() else {
+        return;
+    };
+    loop {
+        if let Ok(op) = reader.op(shared.op)
+            && let Some(request) = op.cancel
+        {
+            let why = request
+                .reason
+                .as_ref()
+                .map_or(String::new(), |r| format!(": {r}"));
+            shared.stop_because(StopReason::Cancel(format!("{}{why}", request.by)));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -450,7 +812,7 @@ async fn fail_before_start(
         ])
         .await?;
     shared.say(&Progress::TaskFailed {
-        task: shared.plan.steps[i].id.clone(),
+        task: shared.step(i).id.clone(),
         error: error.clone(),
         retry_in: None,
     });
@@ -468,8 +830,9 @@ async fn run_task(
     prior: u32,
     retry_from: u32,
     outputs: &[(usize, Map<String, Value>)],
+    stop: &watch::Receiver<bool>,
 ) -> Result<TaskEnd, Fatal> {
-    let step = &shared.plan.steps[i];
+    let step = &shared.step(i);
     let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
     let ctx = shared.context(step, outputs);
     if let Some(when) = &step.when {
@@ -565,7 +928,7 @@ async fn run_task(
                 task: step.id.clone(),
                 attempt: n,
             });
-            let mut signal = shared.stop.clone();
+            let mut signal = stop.clone();
             let stopped = tokio::select! {
                 () = tokio::time::sleep(*duration) => false,
                 _ = signal.wait_for(|s| *s) => true,
@@ -584,9 +947,21 @@ async fn run_task(
             .await
         }
         Action::Run { .. } | Action::Exec { .. } => {
-            run_process_task(shared, i, prior, retry_from, &ctx, started).await
+            run_process_task(shared, i, prior, retry_from, &ctx, started, stop).await
         }
-        Action::Approve { .. } | Action::Plan { .. } => {
+        Action::Approve { prompt } => match prompt.render(&ctx) {
+            Ok(prompt) => await_approval(shared, i, &prompt, stop).await,
+            Err(e) => {
+                fail_before_start(
+                    shared,
+                    i,
+                    prior + 1,
+                    format!("cannot render `approve`: {e}"),
+                )
+                .await
+            }
+        },
+        Action::Plan { .. } => {
             fail_before_start(
                 shared,
                 i,
@@ -620,7 +995,7 @@ async fn finish(
     ended: Ended,
     started: Instant,
 ) -> Result<TaskEnd, Fatal> {
-    let step = &shared.plan.steps[i];
+    let step = &shared.step(i);
     let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
     let (outcome, end, progress) = match ended {
         Ended::Succeeded(outputs, by_check) => (
@@ -671,20 +1046,35 @@ async fn finish(
                 retry_in,
             },
         ),
-        Ended::Interrupted => (
-            TaskOutcome {
-                task: TaskStatus::Pending,
-                attempt: AttemptStatus::Interrupted,
-                exit_code: None,
-                error: Some("interrupted: cairn was asked to stop".to_owned()),
-                outputs: None,
-                by_check: false,
-            },
-            TaskEnd::Interrupted,
-            Progress::TaskInterrupted {
-                task: step.id.clone(),
-            },
-        ),
+        Ended::Interrupted => {
+            let (task, attempt, error) = match shared.stop_reason() {
+                Some(StopReason::Cancel(by)) => (
+                    TaskStatus::Canceled,
+                    AttemptStatus::Canceled,
+                    format!("canceled by {by}"),
+                ),
+                Some(StopReason::Timeout(why)) => (TaskStatus::Failed, AttemptStatus::Failed, why),
+                None => (
+                    TaskStatus::Pending,
+                    AttemptStatus::Interrupted,
+                    "interrupted: cairn was asked to stop".to_owned(),
+                ),
+            };
+            (
+                TaskOutcome {
+                    task,
+                    attempt,
+                    exit_code: None,
+                    error: Some(error),
+                    outputs: None,
+                    by_check: false,
+                },
+                TaskEnd::Interrupted,
+                Progress::TaskInterrupted {
+                    task: step.id.clone(),
+                },
+            )
+        }
     };
     shared
         .apply(vec![Change::FinishAttempt {
@@ -769,8 +1159,9 @@ async fn run_process(
     output: &std::path::Path,
     cwd: PathBuf,
     marker: String,
+    stop: &watch::Receiver<bool>,
 ) -> Result<Result<ProcessRun, String>, Fatal> {
-    let step = &shared.plan.steps[i];
+    let step = &shared.step(i);
     let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
     let spec = Spec {
         argv,
@@ -810,7 +1201,7 @@ async fn run_process(
             pgid: running.pgid,
         }])
         .await?;
-    let exit = running.wait(shared.stop.clone()).await;
+    let exit = running.wait(stop.clone()).await;
     // The log writer ends when the process's output closes (its readers end or are aborted).
     let _ = tokio::time::timeout(Duration::from_secs(15), logs).await;
     let outputs = if exit.success() {
@@ -999,8 +1390,9 @@ async fn run_process_task(
     retry_from: u32,
     ctx: &Context,
     started: Instant,
+    stop: &watch::Receiver<bool>,
 ) -> Result<TaskEnd, Fatal> {
-    let step = &shared.plan.steps[i];
+    let step = &shared.step(i);
     let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
     let cwd = match &step.cwd {
         Some(t) => match t.render(ctx) {
@@ -1047,7 +1439,7 @@ async fn run_process_task(
     loop {
         attempt_in_run += 1;
         let n = retry_from + attempt_in_run;
-        if shared.stopping() {
+        if *stop.borrow() {
             return Ok(TaskEnd::Interrupted);
         }
         shared
@@ -1116,6 +1508,7 @@ async fn run_process_task(
                 &output,
                 cwd.clone(),
                 format!("{marker}/check"),
+                stop,
             )
             .await?
             {
@@ -1209,6 +1602,7 @@ async fn run_process_task(
             &output,
             cwd.clone(),
             marker,
+            stop,
         )
         .await?
         {
@@ -1295,9 +1689,72 @@ async fn run_process_task(
                 )),
             }])
             .await;
-        let mut signal = shared.stop.clone();
+        let mut signal = stop.clone();
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
+            _ = signal.wait_for(|s| *s) => return Ok(TaskEnd::Interrupted),
+        }
+    }
+}
+
+/// An approval gate: the task waits (and says so in `CUR_TASK`) until someone runs `cairn approve`
+/// or `cairn approve --reject`; a stop leaves it waiting, for the resume to wait again.
+async fn await_approval(
+    shared: &Shared,
+    i: usize,
+    prompt: &str,
+    stop: &watch::Receiver<bool>,
+) -> Result<TaskEnd, Fatal> {
+    let step = shared.step(i);
+    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    shared
+        .apply(vec![
+            Change::SetTask {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task,
+                status: TaskStatus::Waiting,
+                at: now(),
+                message: format!("waiting for approval: {prompt}"),
+            },
+            Change::CurrentTask {
+                op: shared.op,
+                text: Some(format!("{}: approve? {prompt}", step.id)),
+            },
+        ])
+        .await?;
+    shared.say(&Progress::TaskWaiting {
+        op: shared.op,
+        task: step.id.clone(),
+        prompt: prompt.to_owned(),
+    });
+    let reader = shared.store.reader().map_err(Fatal::from)?;
+    let started = Instant::now();
+    let mut signal = stop.clone();
+    loop {
+        let row = reader.task(shared.op, task).map_err(Fatal::from)?;
+        if row.status != TaskStatus::Waiting {
+            if row.status == TaskStatus::Succeeded {
+                shared.say(&Progress::TaskSucceeded {
+                    task: step.id.clone(),
+                    by_check: false,
+                    elapsed: started.elapsed(),
+                });
+            } else {
+                shared.say(&Progress::TaskFailed {
+                    task: step.id.clone(),
+                    error: row.error.clone().unwrap_or_default(),
+                    retry_in: None,
+                });
+            }
+            return Ok(TaskEnd::Done {
+                status: row.status,
+                outputs: row.outputs,
+                error: row.error,
+            });
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(300)) => {}
             _ = signal.wait_for(|s| *s) => return Ok(TaskEnd::Interrupted),
         }
     }

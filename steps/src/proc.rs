@@ -78,6 +78,16 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
+/// The name of the user running this process (for the audit trail), or `uid N`.
+#[must_use]
+pub fn user_name() -> String {
+    let uid = nix::unistd::getuid();
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid {uid}"), |u| u.name)
+}
+
 /// The identity of the calling process.
 #[must_use]
 pub fn me() -> Identity {

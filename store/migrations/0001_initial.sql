@@ -33,6 +33,11 @@ CREATE TABLE ops (
     lease_until  INTEGER,
     current_task TEXT,                   -- the CUR_TASK column
     error        TEXT,                   -- why the op failed or stopped
+    lock_key     TEXT,                   -- the rendered `lock`: ops with equal keys never run at once
+    cooldown_ms  INTEGER,                -- the plan's `cooldown`, applied to the key when the op ends
+    cancel_requested_at INTEGER,         -- set by `cairn cancel`; the owner acts on it
+    cancel_by    TEXT,
+    cancel_reason TEXT,
     event_seq    INTEGER NOT NULL DEFAULT 0  -- the seq of the op's last event
 );
 CREATE INDEX ops_by_status ON ops (status, id);
@@ -87,6 +92,30 @@ CREATE TABLE logs (
     at       INTEGER NOT NULL,
     data     BLOB NOT NULL,
     PRIMARY KEY (op_id, task_no, attempt, seq)
+) WITHOUT ROWID;
+
+-- Lock keys and the op that holds each. A key is taken when its op starts running and released
+-- when the op succeeds or is canceled; a failed or interrupted op keeps it (its target is half-done).
+CREATE TABLE locks (
+    key     TEXT PRIMARY KEY,
+    op_id   INTEGER NOT NULL REFERENCES ops(id),
+    since   INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Anti-flapping: after an op on a key ends, a new op on the key is refused until `until`, unless
+-- someone acknowledges it (`cairn ack KEY`).
+CREATE TABLE cooldowns (
+    key       TEXT PRIMARY KEY,
+    op_id     INTEGER NOT NULL REFERENCES ops(id),  -- the op whose end started it
+    until     INTEGER NOT NULL,
+    acked_by  TEXT,
+    acked_at  INTEGER
+) WITHOUT ROWID;
+
+-- Switches: `paused` holds JSON {by, at, reason} while no new op may start.
+CREATE TABLE settings (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
 ) WITHOUT ROWID;
 
 -- The audit trail: every state change of an op and its tasks, append-only, written in the same

@@ -19,6 +19,19 @@ pub enum Error {
     /// The writer no longer owns the op (another process took it over, or it was released).
     #[error("op {op}: {writer} no longer owns it")]
     Fenced { op: OpId, writer: String },
+    /// Another op holds the lock key.
+    #[error("lock `{key}` is held by op {holder}")]
+    LockHeld { key: String, holder: OpId },
+    /// The key cools down after an earlier op; `cairn ack KEY` lets a new op take it.
+    #[error("lock `{key}` cools down after op {after} until {until}")]
+    CoolingDown {
+        key: String,
+        after: OpId,
+        until: Millis,
+    },
+    /// `cairn ack` of a key that has no cooldown.
+    #[error("lock `{key}` has no cooldown to acknowledge")]
+    NoCooldown { key: String },
     /// The op is in a state that does not allow the change.
     #[error("op {op} is {status}: {reason}")]
     Conflict {

@@ -19,8 +19,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction,
 
 use crate::error::{Error, Result};
 use crate::types::{
-    Applied, AttemptRow, AttemptStatus, Change, EventRow, LogChunk, Millis, NewOp, OpId, OpRow,
-    OpStatus, ProcessId, Snapshot, TaskNo, TaskRow, TaskStatus,
+    Applied, AttemptRow, AttemptStatus, Change, CooldownRow, EventRow, LockRow, LogChunk, Millis,
+    NewOp, OpId, OpRow, OpStatus, ProcessId, Request, Snapshot, TaskNo, TaskRow, TaskStatus,
 };
 
 /// `cair` in ASCII: the `application_id` of a cairn database.
@@ -369,8 +369,8 @@ fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
         .query_row([&new.snapshot.hash], |r| r.get(0))?;
     let id: i64 = tx
         .prepare_cached(
-            "INSERT INTO ops (uuid, plan, snapshot_id, title, status, params, workdir, env, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
+            "INSERT INTO ops (uuid, plan, snapshot_id, title, status, params, workdir, env, created_at, lock_key, cooldown_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id",
         )?
         .query_row(
             params![
@@ -382,7 +382,9 @@ fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
                 new.params.to_string(),
                 new.workdir,
                 serde_json::Value::Object(new.env.clone()).to_string(),
-                new.at
+                new.at,
+                new.lock,
+                new.cooldown_ms
             ],
             |r| r.get(0),
         )?;
@@ -414,6 +416,8 @@ fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
         ),
     )?;
     if let Some((owner, lease_until)) = &new.owner {
+        // Started at once: its lock is taken now, or nothing is stored.
+        take_lock(tx, OpId(id), new.at, new.ignore_cooldown)?;
         tx.prepare_cached(
             "UPDATE ops SET owner_host = ?2, owner_boot = ?3, owner_pid = ?4, owner_start = ?5, lease_until = ?6, \
              status = 'running', started_at = ?7 WHERE id = ?1",
@@ -704,6 +708,140 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             )?
             .execute(params![op.0, status.as_str(), error, ended, release])?;
             event(tx, *op, *at, kind, None, message)?;
+            if matches!(status, OpStatus::Succeeded | OpStatus::Canceled) {
+                release_lock(tx, *op, *at)?;
+            }
+        }
+        Change::TakeLock {
+            op,
+            at,
+            ignore_cooldown,
+        } => take_lock(tx, *op, *at, *ignore_cooldown)?,
+        Change::RequestCancel { op, request } => {
+            let (status, _, _) = owner_of(tx, *op)?;
+            if status.is_final() {
+                return Err(Error::Conflict {
+                    op: *op,
+                    status,
+                    reason: "it has ended; there is nothing to cancel".into(),
+                }
+                .into());
+            }
+            tx.prepare_cached(
+                "UPDATE ops SET cancel_requested_at = COALESCE(cancel_requested_at, ?2), cancel_by = COALESCE(cancel_by, ?3), \
+                 cancel_reason = COALESCE(cancel_reason, ?4) WHERE id = ?1",
+            )?
+            .execute(params![op.0, request.at, request.by, request.reason])?;
+            let why = request
+                .reason
+                .as_ref()
+                .map_or(String::new(), |r| format!(": {r}"));
+            event(
+                tx,
+                *op,
+                request.at,
+                "cancel-requested",
+                None,
+                &format!("cancel requested by {}{why}", request.by),
+            )?;
+        }
+        Change::Approve {
+            op,
+            task,
+            approve,
+            request,
+        } => {
+            let (status, name): (String, String) = tx
+                .prepare_cached("SELECT status, name FROM tasks WHERE op_id = ?1 AND task_no = ?2")?
+                .query_row(params![op.0, task.0], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .ok_or(Error::NotFound(*op))?;
+            if status != "waiting" {
+                return Err(Error::Conflict {
+                    op: *op,
+                    status: owner_of(tx, *op)?.0,
+                    reason: format!("task `{name}` is {status}, not waiting for an answer"),
+                }
+                .into());
+            }
+            let why = request
+                .reason
+                .as_ref()
+                .map_or(String::new(), |r| format!(": {r}"));
+            let (new_status, kind, error) = if *approve {
+                ("succeeded", "approved", None)
+            } else {
+                (
+                    "failed",
+                    "rejected",
+                    Some(format!("rejected by {}{why}", request.by)),
+                )
+            };
+            tx.prepare_cached(
+                "UPDATE tasks SET status = ?3, ended_at = ?4, error = ?5, outputs = ?6 WHERE op_id = ?1 AND task_no = ?2",
+            )?
+            .execute(params![
+                op.0,
+                task.0,
+                new_status,
+                request.at,
+                error,
+                serde_json::json!({"by": request.by, "comment": request.reason.clone().unwrap_or_default()}).to_string()
+            ])?;
+            event(
+                tx,
+                *op,
+                request.at,
+                kind,
+                Some(&name),
+                &format!("{kind} by {}{why}", request.by),
+            )?;
+        }
+        Change::AddTasks { op, tasks } => {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO tasks (op_id, task_no, step, name, item, status) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
+            )?;
+            for t in tasks {
+                insert.execute(params![
+                    op.0,
+                    t.task_no.0,
+                    t.step,
+                    t.name,
+                    t.item.as_ref().map(ToString::to_string)
+                ])?;
+            }
+        }
+        Change::Ack { key, request } => {
+            let op: Option<i64> = tx
+                .prepare_cached("UPDATE cooldowns SET acked_by = ?2, acked_at = ?3 WHERE key = ?1 RETURNING op_id")?
+                .query_row(params![key, request.by, request.at], |r| r.get(0))
+                .optional()?;
+            let Some(op) = op else {
+                return Err(Error::NoCooldown { key: key.clone() }.into());
+            };
+            let why = request
+                .reason
+                .as_ref()
+                .map_or(String::new(), |r| format!(": {r}"));
+            event(
+                tx,
+                OpId(op),
+                request.at,
+                "cooldown-acked",
+                None,
+                &format!("cooldown of `{key}` acknowledged by {}{why}", request.by),
+            )?;
+        }
+        Change::Pause { request } => {
+            let value = serde_json::to_string(request).unwrap_or_default();
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES ('paused', ?1)",
+            )?
+            .execute([value])?;
+        }
+        Change::Unpause => {
+            tx.prepare_cached("DELETE FROM settings WHERE key = 'paused'")?
+                .execute([])?;
         }
         Change::CurrentTask { op, text } => {
             tx.prepare_cached("UPDATE ops SET current_task = ?2 WHERE id = ?1")?
@@ -722,6 +860,93 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
     Ok(Applied::Done)
 }
 
+/// Takes the op's lock key, unless another op holds it or it cools down.
+fn take_lock(tx: &Transaction<'_>, op: OpId, at: Millis, ignore_cooldown: bool) -> Apply<()> {
+    let key: Option<String> = tx
+        .prepare_cached("SELECT lock_key FROM ops WHERE id = ?1")?
+        .query_row([op.0], |r| r.get(0))
+        .optional()?
+        .ok_or(Error::NotFound(op))?;
+    let Some(key) = key else { return Ok(()) };
+    let holder: Option<i64> = tx
+        .prepare_cached("SELECT op_id FROM locks WHERE key = ?1")?
+        .query_row([&key], |r| r.get(0))
+        .optional()?;
+    match holder {
+        Some(h) if h == op.0 => return Ok(()),
+        Some(h) => {
+            return Err(Error::LockHeld {
+                key,
+                holder: OpId(h),
+            }
+            .into());
+        }
+        None => {}
+    }
+    let cooling: Option<(i64, i64)> = tx
+        .prepare_cached(
+            "SELECT op_id, until FROM cooldowns WHERE key = ?1 AND until > ?2 AND acked_at IS NULL",
+        )?
+        .query_row(params![key, at], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((after, until)) = cooling {
+        if !ignore_cooldown {
+            return Err(Error::CoolingDown {
+                key,
+                after: OpId(after),
+                until,
+            }
+            .into());
+        }
+        event(
+            tx,
+            op,
+            at,
+            "cooldown-ignored",
+            None,
+            &format!(
+                "started despite the cooldown of `{key}` after op {after} (--ignore-cooldown)"
+            ),
+        )?;
+    }
+    tx.prepare_cached("INSERT INTO locks (key, op_id, since) VALUES (?1, ?2, ?3)")?
+        .execute(params![key, op.0, at])?;
+    tx.prepare_cached("DELETE FROM cooldowns WHERE key = ?1")?
+        .execute([&key])?;
+    event(
+        tx,
+        op,
+        at,
+        "lock-taken",
+        None,
+        &format!("took lock `{key}`"),
+    )?;
+    Ok(())
+}
+
+/// Releases the op's lock (it succeeded or was canceled) and starts the key's cooldown.
+fn release_lock(tx: &Transaction<'_>, op: OpId, at: Millis) -> Apply<()> {
+    let row: Option<(String, Option<i64>)> = tx
+        .prepare_cached("SELECT l.key, o.cooldown_ms FROM locks l JOIN ops o ON o.id = l.op_id WHERE l.op_id = ?1")?
+        .query_row([op.0], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((key, cooldown)) = row else {
+        return Ok(());
+    };
+    tx.prepare_cached("DELETE FROM locks WHERE key = ?1")?
+        .execute([&key])?;
+    let mut message = format!("released lock `{key}`");
+    if let Some(ms) = cooldown.filter(|ms| *ms > 0) {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO cooldowns (key, op_id, until) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![key, op.0, at + ms])?;
+        write!(message, "; it cools down for {} s", ms / 1000).ok();
+    }
+    event(tx, op, at, "lock-released", None, &message)?;
+    Ok(())
+}
+
 /// The last `limit` bytes of `data`: one write larger than a log's limit keeps its end.
 fn tail(data: &[u8], limit: u64) -> &[u8] {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
@@ -729,7 +954,8 @@ fn tail(data: &[u8], limit: u64) -> &[u8] {
 }
 
 const OP_COLUMNS: &str = "id, uuid, plan, title, status, params, created_at, started_at, ended_at, \
-     owner_host, owner_boot, owner_pid, owner_start, lease_until, current_task, error, workdir, env";
+     owner_host, owner_boot, owner_pid, owner_start, lease_until, current_task, error, workdir, env, \
+     lock_key, cancel_requested_at, cancel_by, cancel_reason";
 
 fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
     let status: String = r.get(4)?;
@@ -750,6 +976,15 @@ fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
         error: r.get(15)?,
         workdir: r.get(16)?,
         env: serde_json::from_str(&r.get::<_, String>(17)?).unwrap_or_default(),
+        lock_key: r.get(18)?,
+        cancel: match r.get::<_, Option<Millis>>(19)? {
+            Some(at) => Some(Request {
+                by: r.get::<_, Option<String>>(20)?.unwrap_or_default(),
+                at,
+                reason: r.get(21)?,
+            }),
+            None => None,
+        },
     })
 }
 
@@ -802,15 +1037,26 @@ impl Reads<'_> {
     }
 
     pub fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        self.task_rows(op, None)
+    }
+
+    /// One task of an op.
+    pub fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
+        self.task_rows(op, Some(task))?
+            .pop()
+            .ok_or(Error::NotFound(op))
+    }
+
+    fn task_rows(&self, op: OpId, only: Option<TaskNo>) -> Result<Vec<TaskRow>> {
         let mut stmt = self
             .conn
             .prepare_cached(
                 "SELECT task_no, step, name, item, status, attempts, started_at, ended_at, exit_code, error, outputs, by_check, retry_from \
-                 FROM tasks WHERE op_id = ?1 ORDER BY task_no",
+                 FROM tasks WHERE op_id = ?1 AND (?2 IS NULL OR task_no = ?2) ORDER BY task_no",
             )
             .map_err(|e| self.err(&e))?;
         let rows = stmt
-            .query_map([op.0], |r| {
+            .query_map(params![op.0, only.map(|t| t.0)], |r| {
                 let item: Option<String> = r.get(3)?;
                 let status: String = r.get(4)?;
                 let outputs: Option<String> = r.get(10)?;
@@ -916,6 +1162,66 @@ impl Reads<'_> {
             .map_err(|e| self.err(&e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.err(&e))
+    }
+
+    pub fn locks(&self) -> Result<Vec<LockRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key, op_id, since FROM locks ORDER BY key")
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(LockRow {
+                    key: r.get(0)?,
+                    op: OpId(r.get(1)?),
+                    since: r.get(2)?,
+                })
+            })
+            .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
+    /// Cooldowns that still run at `now` (acknowledged ones included, marked).
+    pub fn cooldowns(&self, now: Millis) -> Result<Vec<CooldownRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key, op_id, until, acked_by, acked_at FROM cooldowns WHERE until > ?1 ORDER BY key")
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map([now], |r| {
+                let by: Option<String> = r.get(3)?;
+                let at: Option<Millis> = r.get(4)?;
+                Ok(CooldownRow {
+                    key: r.get(0)?,
+                    op: OpId(r.get(1)?),
+                    until: r.get(2)?,
+                    acked: by.zip(at).map(|(by, at)| Request {
+                        by,
+                        at,
+                        reason: None,
+                    }),
+                })
+            })
+            .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
+    /// Who paused cairn, when and why; `None` when it is not paused.
+    pub fn paused(&self) -> Result<Option<Request>> {
+        let value: Option<String> = self
+            .conn
+            .prepare_cached("SELECT value FROM settings WHERE key = 'paused'")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+            .map_err(|e| self.err(&e))?;
+        Ok(value
+            .and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+            .map(|v| Request {
+                by: v["by"].as_str().unwrap_or_default().to_owned(),
+                at: v["at"].as_i64().unwrap_or_default(),
+                reason: v["reason"].as_str().map(ToOwned::to_owned),
+            }))
     }
 
     pub fn snapshot(&self, op: OpId) -> Result<Snapshot> {

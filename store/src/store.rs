@@ -15,13 +15,14 @@ use rusqlite::Connection;
 use crate::error::{Error, Result};
 use crate::sqlite::{self, ApplyError, OpFilter, Reads};
 use crate::types::{
-    Applied, AttemptRow, Change, EventRow, LogChunk, OpId, OpRow, Snapshot, TaskNo, TaskRow,
+    Applied, AttemptRow, Change, CooldownRow, EventRow, LockRow, LogChunk, Millis, OpId, OpRow,
+    Request, Snapshot, TaskNo, TaskRow,
 };
 
 /// How many batches may wait for the writer before senders block.
 const QUEUE: usize = 1024;
 
-struct Request {
+struct Queued {
     batch: Vec<Change>,
     reply: tokio::sync::oneshot::Sender<Result<Vec<Applied>>>,
 }
@@ -30,14 +31,14 @@ struct Request {
 #[derive(Debug, Clone)]
 pub struct Store {
     path: PathBuf,
-    sender: mpsc::SyncSender<Request>,
+    sender: mpsc::SyncSender<Queued>,
 }
 
 impl Store {
     /// Opens (creating if needed, private to the user) the database at `path` for writing.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = sqlite::open_writer(path)?;
-        let (sender, receiver) = mpsc::sync_channel::<Request>(QUEUE);
+        let (sender, receiver) = mpsc::sync_channel::<Queued>(QUEUE);
         let thread_path = path.to_path_buf();
         thread::Builder::new()
             .name("cairn-store-writer".into())
@@ -62,7 +63,7 @@ impl Store {
         let (reply, wait) = tokio::sync::oneshot::channel();
         let sender = self.sender.clone();
         // The queue is bounded; a full queue blocks, which must not block the async runtime.
-        tokio::task::spawn_blocking(move || sender.send(Request { batch, reply }))
+        tokio::task::spawn_blocking(move || sender.send(Queued { batch, reply }))
             .await
             .map_err(|_| Error::Closed)?
             .map_err(|_| Error::Closed)?;
@@ -73,7 +74,7 @@ impl Store {
     pub fn apply_blocking(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
         let (reply, wait) = tokio::sync::oneshot::channel();
         self.sender
-            .send(Request { batch, reply })
+            .send(Queued { batch, reply })
             .map_err(|_| Error::Closed)?;
         wait.blocking_recv().map_err(|_| Error::Closed)?
     }
@@ -87,7 +88,7 @@ impl Store {
     }
 }
 
-fn writer(mut conn: Connection, path: &Path, receiver: &mpsc::Receiver<Request>) {
+fn writer(mut conn: Connection, path: &Path, receiver: &mpsc::Receiver<Queued>) {
     while let Ok(first) = receiver.recv() {
         let mut requests = vec![first];
         while requests.len() < QUEUE {
@@ -126,7 +127,7 @@ fn writer(mut conn: Connection, path: &Path, receiver: &mpsc::Receiver<Request>)
 fn commit(
     conn: &mut Connection,
     path: &Path,
-    requests: &[Request],
+    requests: &[Queued],
 ) -> Result<Vec<Result<Vec<Applied>>>> {
     let err = |e: &rusqlite::Error| sqlite::classify(path, e);
     let tx = conn
@@ -201,6 +202,10 @@ impl Reader {
         self.reads().tasks(op)
     }
 
+    pub fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
+        self.reads().task(op, task)
+    }
+
     pub fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
         self.reads().attempts(op)
     }
@@ -220,5 +225,17 @@ impl Reader {
 
     pub fn snapshot(&self, op: OpId) -> Result<Snapshot> {
         self.reads().snapshot(op)
+    }
+
+    pub fn locks(&self) -> Result<Vec<LockRow>> {
+        self.reads().locks()
+    }
+
+    pub fn cooldowns(&self, now: Millis) -> Result<Vec<CooldownRow>> {
+        self.reads().cooldowns(now)
+    }
+
+    pub fn paused(&self) -> Result<Option<Request>> {
+        self.reads().paused()
     }
 }

@@ -152,6 +152,9 @@ pub struct OpRow {
     pub params: serde_json::Value,
     pub workdir: String,
     pub env: serde_json::Map<String, serde_json::Value>,
+    pub lock_key: Option<String>,
+    /// Set once someone asked to cancel the op.
+    pub cancel: Option<Request>,
     pub created_at: Millis,
     pub started_at: Option<Millis>,
     pub ended_at: Option<Millis>,
@@ -252,6 +255,36 @@ pub struct NewOp {
     /// The process that runs the op at once (`cairn run`), with its lease: the op is stored already
     /// owned and `running`, so no other process can claim it in between.
     pub owner: Option<(ProcessId, Millis)>,
+    /// The rendered lock key, and the cooldown it gets when the op ends.
+    pub lock: Option<String>,
+    pub cooldown_ms: Option<i64>,
+    /// Take the lock even while its key cools down (recorded in the events).
+    pub ignore_cooldown: bool,
+}
+
+/// Who asked for something, and why, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Request {
+    pub by: String,
+    pub at: Millis,
+    pub reason: Option<String>,
+}
+
+/// A held lock, as `cairn locks` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LockRow {
+    pub key: String,
+    pub op: OpId,
+    pub since: Millis,
+}
+
+/// A cooldown on a key, as `cairn locks` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CooldownRow {
+    pub key: String,
+    pub op: OpId,
+    pub until: Millis,
+    pub acked: Option<Request>,
 }
 
 /// How a task's attempt ended.
@@ -328,6 +361,41 @@ pub enum Change {
         at: Millis,
         message: String,
     },
+    /// Take the op's lock key for it (the op must have one): refused while another op holds the key
+    /// (`Error::LockHeld`), or while the key cools down and nobody acknowledged it
+    /// (`Error::CoolingDown`) unless `ignore_cooldown`.
+    TakeLock {
+        op: OpId,
+        at: Millis,
+        ignore_cooldown: bool,
+    },
+    /// Record a request to cancel the op; its owner (or `cairn cancel` itself) acts on it.
+    RequestCancel {
+        op: OpId,
+        request: Request,
+    },
+    /// Answer an approval gate: only a task that is `waiting` changes.
+    Approve {
+        op: OpId,
+        task: TaskNo,
+        approve: bool,
+        request: Request,
+    },
+    /// Add tasks to an op (its hooks, as they run); ones that exist are left as they are.
+    AddTasks {
+        op: OpId,
+        tasks: Vec<NewTask>,
+    },
+    /// Acknowledge a cooldown, so a new op may take the key at once.
+    Ack {
+        key: String,
+        request: Request,
+    },
+    /// The global switch: while paused no new op starts.
+    Pause {
+        request: Request,
+    },
+    Unpause,
     /// Output of an attempt.
     Log {
         op: OpId,
@@ -350,7 +418,10 @@ pub enum Change {
         message: String,
     },
     /// The `CUR_TASK` column.
-    CurrentTask { op: OpId, text: Option<String> },
+    CurrentTask {
+        op: OpId,
+        text: Option<String>,
+    },
     /// An event that goes with no other change.
     Event {
         op: OpId,

@@ -41,6 +41,9 @@ fn new_op(tasks: u32) -> NewOp {
             .collect(),
         at: 1,
         owner: None,
+        lock: None,
+        cooldown_ms: None,
+        ignore_cooldown: false,
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod controls;
 mod crash;
 mod durable;
 mod examples;

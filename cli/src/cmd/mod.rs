@@ -1,7 +1,11 @@
 //! One module per subcommand.
 
+pub mod approve;
+pub mod cancel;
 pub mod graph;
+pub mod locks;
 pub mod logs;
+pub mod pause;
 pub mod resume;
 pub mod run;
 pub mod schema;

@@ -46,7 +46,17 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         let stop = engine::stop_handle();
         crate::signals::watch(stop.clone()).context("cannot watch for Ctrl-C")?;
         let progress = crate::progress::printer(out.quiet);
-        Ok::<_, Failure>(engine::ops::resume(&store, op, args.run.options(), progress, stop).await?)
+        Ok::<_, Failure>(
+            engine::ops::resume(
+                &store,
+                op,
+                args.run.options(),
+                args.run.overrides(),
+                progress,
+                stop,
+            )
+            .await?,
+        )
     })?;
     crate::exit::of_run(&end, op)
 }

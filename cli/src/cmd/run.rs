@@ -36,9 +36,26 @@ pub struct RunArgs {
     /// How long steps get to exit after TERM before they are killed, when they must stop.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
     pub grace: Duration,
+    /// When another op holds the lock, refuse (exit 2, naming it) instead of waiting.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Start even while the lock key cools down after an earlier op (recorded in the events).
+    #[arg(long)]
+    pub ignore_cooldown: bool,
+    /// Start even while cairn is paused (recorded in the events).
+    #[arg(long)]
+    pub ignore_pause: bool,
 }
 
 impl RunArgs {
+    pub fn overrides(&self) -> engine::ops::Overrides {
+        engine::ops::Overrides {
+            no_wait: self.no_wait,
+            ignore_cooldown: self.ignore_cooldown,
+            ignore_pause: self.ignore_pause,
+        }
+    }
+
     pub fn options(&self) -> engine::Options {
         engine::Options {
             grace: self.grace,
@@ -102,7 +119,17 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         let stop = engine::stop_handle();
         crate::signals::watch(stop.clone()).context("cannot watch for Ctrl-C")?;
         let progress = crate::progress::printer(out.quiet);
-        Ok::<_, Failure>(engine::ops::run(&store, new, args.run.options(), progress, stop).await?)
+        Ok::<_, Failure>(
+            engine::ops::run(
+                &store,
+                new,
+                args.run.options(),
+                args.run.overrides(),
+                progress,
+                stop,
+            )
+            .await?,
+        )
     })?;
     crate::exit::of_run(&end, op)
 }

@@ -1,0 +1,53 @@
+//! `cairn cancel`: cancel an op.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::cmd::run::RunArgs;
+use crate::db::{DbArgs, op_id};
+use crate::exit::Failure;
+use crate::output::Output;
+
+/// Cancel a queued, running, waiting, failed or interrupted op.
+///
+/// The request is recorded first. A live owner ends the op's running steps (TERM, then KILL after
+/// the grace period), runs its `on_cancel` hooks and ends it `canceled`; this waits for that. An op
+/// with no live owner is canceled by this command, hooks included. A canceled op cannot be resumed.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The op's id.
+    op: String,
+    /// Why, for the audit trail.
+    #[arg(long)]
+    reason: Option<String>,
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
+    let op = op_id(&args.op)?;
+    let store = args.db.store()?;
+    let runtime = crate::runtime()?;
+    let progress = crate::progress::printer(out.quiet);
+    let wait = args.run.grace + Duration::from_secs(30);
+    let end = runtime.block_on(engine::ops::cancel(
+        &store,
+        op,
+        args.reason.clone(),
+        args.run.options(),
+        wait,
+        progress,
+    ))?;
+    let text = match end {
+        engine::ops::CancelEnd::Canceled => format!("op {op} canceled\n"),
+        engine::ops::CancelEnd::Requested { owner } => {
+            format!("op {op}: cancel requested; {owner} is still ending it (see `cairn status`)\n")
+        }
+    };
+    crate::output::diagnostic(&text);
+    let _ = crate::output::data("").context("cannot write");
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! `cairn locks` and `cairn ack`: held locks, cooldowns, the pause switch.
+
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use crate::db::DbArgs;
+use crate::exit::Failure;
+use crate::output::Output;
+
+/// List held locks with their holder op and since when, running cooldowns with their end, and
+/// whether cairn is paused (by whom, when, why).
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+/// Acknowledge a lock key's cooldown, so a new op on it may start now (recorded in the events).
+#[derive(Debug, clap::Args)]
+pub struct AckArgs {
+    /// The lock key, as `cairn locks` shows it.
+    key: String,
+    /// Why, for the audit trail.
+    #[arg(long)]
+    reason: Option<String>,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
+    let now = engine::owner::now();
+    let (locks, cooldowns, paused) = match args.db.reader()? {
+        Some(reader) => (reader.locks()?, reader.cooldowns(now)?, reader.paused()?),
+        None => (Vec::new(), Vec::new(), None),
+    };
+    let time = engine::time::local;
+    let text = if args.json {
+        let value = json!({
+            "locks": locks.iter().map(|l| json!({"key": l.key, "op": l.op.0, "since": engine::time::rfc3339(l.since)})).collect::<Vec<_>>(),
+            "cooldowns": cooldowns.iter().map(|c| json!({
+                "key": c.key, "after_op": c.op.0, "until": engine::time::rfc3339(c.until),
+                "acked_by": c.acked.as_ref().map(|a| a.by.clone()),
+            })).collect::<Vec<_>>(),
+            "paused": paused.as_ref().map(|p| json!({"by": p.by, "at": engine::time::rfc3339(p.at), "reason": p.reason})),
+        });
+        let mut text = serde_json::to_string_pretty(&value).context("cannot encode")?;
+        text.push('\n');
+        text
+    } else {
+        let mut text = String::new();
+        match &paused {
+            Some(p) => writeln!(
+                text,
+                "paused by {} since {}: {}",
+                p.by,
+                time(p.at),
+                p.reason.as_deref().unwrap_or("no reason given")
+            )
+            .ok(),
+            None => writeln!(text, "not paused").ok(),
+        };
+        if locks.is_empty() {
+            writeln!(text, "no lock is held").ok();
+        }
+        for l in &locks {
+            writeln!(
+                text,
+                "lock      {}  held by op {} since {}",
+                l.key,
+                l.op,
+                time(l.since)
+            )
+            .ok();
+        }
+        for c in &cooldowns {
+            let state = match &c.acked {
+                Some(a) => format!("acknowledged by {}", a.by),
+                None => format!("{} left", engine::time::elapsed(c.until - now)),
+            };
+            writeln!(
+                text,
+                "cooldown  {}  after op {} until {} ({state})",
+                c.key,
+                c.op,
+                time(c.until)
+            )
+            .ok();
+        }
+        text
+    };
+    crate::output::data(&text).context("cannot write")?;
+    Ok(())
+}
+
+pub fn ack(args: &AckArgs, _out: &Output) -> Result<(), Failure> {
+    let store = args.db.store()?;
+    let request = store::Request {
+        by: engine::ops::whoami(),
+        at: engine::owner::now(),
+        reason: args.reason.clone(),
+    };
+    store.apply_blocking(vec![store::Change::Ack {
+        key: args.key.clone(),
+        request,
+    }])?;
+    crate::output::diagnostic(&format!(
+        "cooldown of `{}` acknowledged: a new op on it may start\n",
+        args.key
+    ));
+    Ok(())
+}

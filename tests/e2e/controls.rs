@@ -1,0 +1,454 @@
+//! Operating ops: cancel, retries, timeouts, `check`, hooks, locks, cooldowns, pause, approvals.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{Sandbox, code, stderr, step_processes, task};
+
+fn events(show: &Value) -> Vec<(String, String)> {
+    show["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                e["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn cancel_ends_a_running_op_its_processes_runs_on_cancel_and_refuses_resume() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: cancel-me\nsteps:\n  - id: long\n    run: |\n      sleep 1000 &\n      touch started\n      sleep 1000\nhooks:\n  on_cancel:\n    - run: echo {{ op.status }} > on-cancel\n",
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml", "--grace", "1s"]);
+    sandbox.wait_for("started", Duration::from_secs(20));
+    let uuid = sandbox.json(&["status", "--json"])[0]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        step_processes(&uuid).len() >= 2,
+        "the step and its background child run"
+    );
+    let started = Instant::now();
+    let cancel = sandbox.cairn(&["cancel", "1", "--reason", "wrong target", "--grace", "1s"]);
+    assert_eq!(code(&cancel), Some(0), "{}", stderr(&cancel));
+    assert!(
+        started.elapsed()
+            < Duration::from_secs(2) + Duration::from_secs(1) + Duration::from_secs(2)
+    );
+    assert!(
+        step_processes(&uuid).is_empty(),
+        "no process of the step remains"
+    );
+    assert_eq!(run.wait().unwrap().code(), Some(3), "the run exits 3");
+    assert_eq!(sandbox.read("on-cancel"), "canceled\n");
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "canceled");
+    assert_eq!(task(&show, "long")["status"], "canceled");
+    assert!(
+        events(&show)
+            .iter()
+            .any(|(k, m)| k == "cancel-requested" && m.contains("wrong target"))
+    );
+    let resume = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&resume), Some(2));
+    assert!(
+        stderr(&resume).contains("canceled and cannot be resumed"),
+        "{}",
+        stderr(&resume)
+    );
+}
+
+#[test]
+fn cancel_of_an_op_without_owner_is_done_by_the_command_hooks_included() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: x\nsteps:\n  - id: a\n    run: test -f never\nhooks:\n  on_cancel:\n    - run: echo cleaned > cleaned\n",
+    );
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(1));
+    let cancel = sandbox.cairn(&["cancel", "1"]);
+    assert_eq!(code(&cancel), Some(0), "{}", stderr(&cancel));
+    assert_eq!(sandbox.read("cleaned"), "cleaned\n");
+    assert_eq!(sandbox.show(1)["status"], "canceled");
+    assert_eq!(
+        code(&sandbox.cairn(&["cancel", "1"])),
+        Some(2),
+        "nothing left to cancel"
+    );
+}
+
+#[test]
+fn retries_follow_the_backoff_and_every_attempt_is_recorded() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: flaky\nsteps:\n  - id: flaky\n    retry: { attempts: 3, backoff: exponential, delay: 1s }\n    run: |\n      date +%s%3N >> starts\n      [ $CAIRN_ATTEMPT -ge 3 ]\n",
+    );
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = sandbox.show(1);
+    let flaky = task(&show, "flaky");
+    assert_eq!(flaky["attempts"], 3);
+    let history = flaky["history"].as_array().unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .map(|a| a["status"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["failed", "failed", "succeeded"]
+    );
+    let starts: Vec<i64> = sandbox
+        .read("starts")
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(starts.len(), 3);
+    // Exponential from 1 s: at least 1 s, then at least 2 s between starts.
+    assert!(starts[1] - starts[0] >= 1000, "{starts:?}");
+    assert!(starts[2] - starts[1] >= 2000, "{starts:?}");
+    let logs = sandbox.cairn(&["logs", "1", "flaky"]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("(attempt 1)") || history.len() == 3, "{text}");
+}
+
+#[test]
+fn a_step_timeout_kills_its_process_group() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: slow\nsteps:\n  - id: slow\n    timeout: 1s\n    run: |\n      sleep 1000 &\n      echo $! > child\n      sleep 1000\n",
+    );
+    let out = sandbox.cairn(&["run", "plan.yaml", "--grace", "1s"]);
+    assert_eq!(code(&out), Some(1));
+    let show = sandbox.show(1);
+    assert_eq!(task(&show, "slow")["error"], "timed out after 1s");
+    let child: u32 = sandbox.read("child").trim().parse().unwrap();
+    assert!(
+        !crate::support::alive(child),
+        "the step's child was killed with its group"
+    );
+}
+
+#[test]
+fn an_op_timeout_fails_the_op() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: slow\ntimeout: 1s\nsteps:\n  - id: slow\n    run: sleep 1000\n",
+    );
+    let out = sandbox.cairn(&["run", "plan.yaml", "--grace", "1s"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert_eq!(sandbox.show(1)["error"], "the op timed out after 1s");
+}
+
+#[test]
+fn a_passing_check_skips_the_command_and_runs_first_after_a_crash() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: idem\nsteps:\n  - id: copy\n    check: test -f done\n    run: |\n      echo ran >> runs\n      touch started\n      while [ ! -f go ]; do sleep 0.05; done\n      touch done\n",
+    );
+    sandbox.write("done", "");
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(0));
+    let show = sandbox.show(1);
+    assert_eq!(task(&show, "copy")["by_check"], true);
+    assert!(sandbox.read("runs").is_empty(), "the command never ran");
+    assert!(events(&show).iter().any(|(_, m)| m.contains("by check")));
+
+    // After a crash mid-step, the resume asks the check first: the step finished meanwhile.
+    std::fs::remove_file(sandbox.path().join("done")).unwrap();
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    sandbox.wait_for("started", Duration::from_secs(20));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    sandbox.write("done", "");
+    let out = sandbox.cairn(&["resume", "2", "--grace", "1s"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("runs"), "ran\n", "the step did not run again");
+    assert_eq!(task(&sandbox.show(2), "copy")["by_check"], true);
+}
+
+#[test]
+fn a_failing_pre_hook_fails_the_op_before_any_step_and_on_failure_sees_the_task() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: hooks\nsteps:\n  - id: step\n    run: echo ran > ran\nhooks:\n  pre:\n    - run: echo first >> order\n    - run: exit 7\n    - run: echo third >> order\n  on_failure:\n    - run: echo {{ op.failed_task }}:$CAIRN_PARAM_X > failed\n",
+    );
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(1));
+    assert!(!sandbox.path().join("ran").exists(), "no step ran");
+    assert_eq!(
+        sandbox.read("order"),
+        "first\n",
+        "hooks run in order and stop at the failure"
+    );
+    assert_eq!(sandbox.read("failed"), "pre[2]:\n");
+    let show = sandbox.show(1);
+    assert_eq!(task(&show, "pre[2]")["exit_code"], 7);
+    assert_eq!(task(&show, "step")["status"], "pending");
+
+    // on_failure after a failing step sees that step.
+    sandbox.write(
+        "plan2.yaml",
+        "name: hooks2\nsteps:\n  - id: restore\n    run: exit 3\nhooks:\n  on_failure:\n    - run: echo {{ op.failed_task }} > failed2\n",
+    );
+    assert_eq!(code(&sandbox.cairn(&["run", "plan2.yaml"])), Some(1));
+    assert_eq!(sandbox.read("failed2"), "restore\n");
+}
+
+#[test]
+fn ops_on_one_lock_never_overlap_and_a_dead_holder_keeps_it_until_canceled() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: locked\nparams:\n  tag: { required: true }\nlock: shared-target\nsteps:\n  - id: work\n    run: |\n      echo \"start {{ params.tag | raw }} $(date +%s%N)\" >> timeline\n      sleep 0.5\n      echo \"end {{ params.tag | raw }} $(date +%s%N)\" >> timeline\n",
+    );
+    let a = sandbox.spawn(&["run", "plan.yaml", "-p", "tag=a"]);
+    let b = sandbox.spawn(&["run", "plan.yaml", "-p", "tag=b"]);
+    for mut child in [a, b] {
+        assert!(child.wait().unwrap().success());
+    }
+    let timeline: Vec<(String, String, u128)> = sandbox
+        .read("timeline")
+        .lines()
+        .map(|l| {
+            let parts: Vec<&str> = l.split(' ').collect();
+            (
+                parts[0].to_owned(),
+                parts[1].to_owned(),
+                parts[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(timeline.len(), 4);
+    assert_eq!(timeline[0].0, "start");
+    assert_eq!(timeline[1].0, "end");
+    assert_eq!(
+        timeline[0].1, timeline[1].1,
+        "one op's start and end are not interleaved: {timeline:?}"
+    );
+    assert!(timeline[1].2 <= timeline[2].2);
+
+    // --no-wait refuses while another op holds the lock, naming it.
+    sandbox.write("holder.yaml", "name: holder\nlock: shared-target\nsteps:\n  - id: hold\n    run: |\n      touch holding\n      sleep 1000\n");
+    let mut holder = sandbox.spawn(&["run", "holder.yaml"]);
+    sandbox.wait_for("holding", Duration::from_secs(20));
+    let refused = sandbox.cairn(&["run", "plan.yaml", "-p", "tag=c", "--no-wait"]);
+    assert_eq!(code(&refused), Some(2));
+    assert!(
+        stderr(&refused).contains("held by op 3"),
+        "{}",
+        stderr(&refused)
+    );
+
+    // kill -9 of the holder: its op is interrupted and keeps the lock.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let locks = sandbox.json(&["locks", "--json"]);
+    assert_eq!(locks["locks"][0]["op"], 3);
+    assert_eq!(
+        code(&sandbox.cairn(&["run", "plan.yaml", "-p", "tag=d", "--no-wait"])),
+        Some(2)
+    );
+    // Canceling it frees the lock.
+    let cancel = sandbox.cairn(&["cancel", "3", "--grace", "1s"]);
+    assert_eq!(code(&cancel), Some(0), "{}", stderr(&cancel));
+    assert!(
+        sandbox.json(&["locks", "--json"])["locks"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        code(&sandbox.cairn(&["run", "plan.yaml", "-p", "tag=e", "--no-wait"])),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_waiting_op_says_why_and_runs_when_the_lock_frees() {
+    let sandbox = Sandbox::new();
+    sandbox.write("holder.yaml", "name: holder\nlock: k\nsteps:\n  - id: hold\n    run: |\n      touch holding\n      while [ ! -f release ]; do sleep 0.05; done\n");
+    sandbox.write(
+        "waiter.yaml",
+        "name: waiter\nlock: k\nsteps:\n  - id: go\n    run: touch waited\n",
+    );
+    let mut holder = sandbox.spawn(&["run", "holder.yaml"]);
+    sandbox.wait_for("holding", Duration::from_secs(20));
+    let mut waiter = sandbox.spawn(&["run", "waiter.yaml"]);
+    let started = Instant::now();
+    loop {
+        let ops = sandbox.json(&["status", "--json"]);
+        let waiting = ops
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["plan"] == "waiter");
+        if let Some(op) = waiting
+            && op["current_task"] == "waiting for lock k held by op 1"
+        {
+            assert_eq!(op["status"], "queued");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{ops}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sandbox.write("release", "");
+    assert!(holder.wait().unwrap().success());
+    assert!(waiter.wait().unwrap().success());
+    assert!(sandbox.path().join("waited").exists());
+}
+
+#[test]
+fn a_cooldown_refuses_a_new_op_until_acknowledged() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", "name: failover\nlock: cluster/main\ncooldown: 1h\nsteps:\n  - id: promote\n    run: echo promoted >> promotions\n");
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(0));
+    let refused = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&refused), Some(2));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("cools down for 59m") && message.contains("after op 1"),
+        "{message}"
+    );
+    let ack = sandbox.cairn(&["ack", "cluster/main", "--reason", "the cluster is healthy"]);
+    assert_eq!(code(&ack), Some(0), "{}", stderr(&ack));
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(0));
+    assert_eq!(sandbox.read("promotions"), "promoted\npromoted\n");
+    let first = events(&sandbox.show(1));
+    assert!(
+        first
+            .iter()
+            .any(|(k, m)| k == "lock-released" && m.contains("cools down")),
+        "{first:?}"
+    );
+    assert!(
+        first
+            .iter()
+            .any(|(k, m)| k == "cooldown-acked" && m.contains("the cluster is healthy")),
+        "{first:?}"
+    );
+    // --ignore-cooldown overrides, and says so.
+    assert_eq!(
+        code(&sandbox.cairn(&["run", "plan.yaml", "--ignore-cooldown"])),
+        Some(0)
+    );
+    assert!(
+        events(&sandbox.show(3))
+            .iter()
+            .any(|(k, _)| k == "cooldown-ignored")
+    );
+}
+
+#[test]
+fn pause_refuses_new_ops_but_not_running_ones() {
+    let sandbox = Sandbox::new();
+    sandbox.write("slow.yaml", "name: slow\nsteps:\n  - id: a\n    run: |\n      touch started\n      while [ ! -f go ]; do sleep 0.05; done\n  - id: b\n    needs: [a]\n    run: touch finished\n");
+    sandbox.write(
+        "quick.yaml",
+        "name: quick\nsteps:\n  - id: a\n    noop: true\n",
+    );
+    let mut running = sandbox.spawn(&["run", "slow.yaml"]);
+    sandbox.wait_for("started", Duration::from_secs(20));
+    assert_eq!(
+        code(&sandbox.cairn(&["pause", "--reason", "storage migration"])),
+        Some(0)
+    );
+    let refused = sandbox.cairn(&["run", "quick.yaml"]);
+    assert_eq!(code(&refused), Some(2));
+    assert!(
+        stderr(&refused).contains("storage migration"),
+        "{}",
+        stderr(&refused)
+    );
+    let locks = String::from_utf8_lossy(&sandbox.cairn(&["locks"]).stdout).into_owned();
+    assert!(
+        locks.contains("paused by") && locks.contains("storage migration"),
+        "{locks}"
+    );
+    sandbox.write("go", "");
+    assert!(running.wait().unwrap().success(), "the running op went on");
+    assert!(sandbox.path().join("finished").exists());
+    let forced = sandbox.cairn(&["run", "quick.yaml", "--ignore-pause"]);
+    assert_eq!(code(&forced), Some(0));
+    assert_eq!(code(&sandbox.cairn(&["unpause"])), Some(0));
+    assert_eq!(code(&sandbox.cairn(&["run", "quick.yaml"])), Some(0));
+    assert!(
+        events(&sandbox.show(2))
+            .iter()
+            .any(|(k, _)| k == "pause-ignored")
+    );
+}
+
+#[test]
+fn an_approval_gate_waits_and_approve_or_reject_decides() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: gate\nparams:\n  target: { default: node-2 }\nsteps:\n  - id: restore\n    run: echo restored\n  - id: confirm\n    needs: [restore]\n    approve: Switch {{ params.target }} into the group?\n  - id: switch\n    needs: [confirm]\n    run: echo switched >> switched\n",
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    let started = Instant::now();
+    let op = loop {
+        let ops = sandbox.json(&["status", "--json"]);
+        if let Some(op) = ops.as_array().unwrap().first()
+            && op["status"] == "waiting"
+        {
+            break op.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{ops}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        op["current_task"],
+        "confirm: approve? Switch node-2 into the group?"
+    );
+    let approve = sandbox.cairn(&["approve", "1", "confirm", "--comment", "looks right"]);
+    assert_eq!(code(&approve), Some(0), "{}", stderr(&approve));
+    assert!(run.wait().unwrap().success());
+    assert_eq!(sandbox.read("switched"), "switched\n");
+    let show = sandbox.show(1);
+    let approved = events(&show)
+        .into_iter()
+        .find(|(k, _)| k == "approved")
+        .unwrap();
+    assert!(approved.1.contains("looks right"), "{approved:?}");
+    // Answering twice is refused.
+    assert_eq!(code(&sandbox.cairn(&["approve", "1", "confirm"])), Some(2));
+
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    let started = Instant::now();
+    while sandbox.json(&["status", "--json"])[0]["status"] != "waiting" {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reject = sandbox.cairn(&[
+        "approve",
+        "2",
+        "confirm",
+        "--reject",
+        "--comment",
+        "wrong node",
+    ]);
+    assert_eq!(code(&reject), Some(0));
+    assert_eq!(run.wait().unwrap().code(), Some(1));
+    let show = sandbox.show(2);
+    assert_eq!(task(&show, "confirm")["status"], "failed");
+    assert!(
+        task(&show, "confirm")["error"]
+            .as_str()
+            .unwrap()
+            .contains("wrong node")
+    );
+    assert_eq!(task(&show, "switch")["status"], "pending");
+}
