@@ -103,3 +103,31 @@ fn the_quick_start_fails_is_fixed_and_resumes() {
     assert_eq!(attempts("dump"), 2);
     assert!(backups.join("demo-2.tgz").exists());
 }
+
+/// The metadata backup example runs as shipped: its lock, hooks and outputs.
+#[test]
+fn the_backup_example_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args([
+            "run",
+            root()
+                .join("examples/backup-metadata.yaml")
+                .to_str()
+                .unwrap(),
+            "-p",
+            "dataset=hbase",
+        ])
+        .arg("-p")
+        .arg(format!("workdir={}", dir.path().display()))
+        .env("CAIRN_DB", dir.path().join("cairn.db"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("on_success[1]: succeeded"), "{err}");
+    let backups: Vec<_> = std::fs::read_dir(dir.path().join("backups/hbase"))
+        .unwrap()
+        .collect();
+    assert_eq!(backups.len(), 1);
+}
