@@ -1119,6 +1119,15 @@ fn environment(
     env.insert("CAIRN_TASK".into(), step.id.clone());
     env.insert("CAIRN_ATTEMPT".into(), n.to_string());
     env.insert("CAIRN_OUTPUT".into(), output.display().to_string());
+    // Finishing hooks see the op's outcome, as orchestrator's hooks get their placeholders.
+    if let Some(end) = shared.outcome.lock().ok().and_then(|o| o.clone()) {
+        env.insert("CAIRN_OP_STATUS".into(), end.status.to_string());
+        env.insert("CAIRN_OP_ERROR".into(), end.error.unwrap_or_default());
+        env.insert(
+            "CAIRN_FAILED_TASK".into(),
+            end.failed_task.unwrap_or_default(),
+        );
+    }
     Ok(env)
 }
 
@@ -1682,10 +1691,14 @@ async fn run_process_task(
             .apply(vec![Change::CurrentTask {
                 op: shared.op,
                 text: Some(format!(
-                    "{} (retry {} in {})",
+                    "{} (attempt {} failed; retry {} at {})",
                     step.id,
+                    n,
                     attempt_in_run + 1,
-                    plans::units::format_duration(delay)
+                    crate::time::local(now() + i64::try_from(delay.as_millis()).unwrap_or(0))
+                        .split(' ')
+                        .nth(1)
+                        .unwrap_or_default()
                 )),
             }])
             .await;

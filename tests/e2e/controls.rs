@@ -182,7 +182,7 @@ fn a_failing_pre_hook_fails_the_op_before_any_step_and_on_failure_sees_the_task(
     let sandbox = Sandbox::new();
     sandbox.write(
         "plan.yaml",
-        "name: hooks\nsteps:\n  - id: step\n    run: echo ran > ran\nhooks:\n  pre:\n    - run: echo first >> order\n    - run: exit 7\n    - run: echo third >> order\n  on_failure:\n    - run: echo {{ op.failed_task }}:$CAIRN_PARAM_X > failed\n",
+        "name: hooks\nsteps:\n  - id: step\n    run: echo ran > ran\nhooks:\n  pre:\n    - run: echo first >> order\n    - run: exit 7\n    - run: echo third >> order\n  on_failure:\n    - run: echo {{ op.failed_task }}:$CAIRN_FAILED_TASK:$CAIRN_OP_STATUS > failed\n",
     );
     let out = sandbox.cairn(&["run", "plan.yaml"]);
     assert_eq!(code(&out), Some(1));
@@ -192,7 +192,7 @@ fn a_failing_pre_hook_fails_the_op_before_any_step_and_on_failure_sees_the_task(
         "first\n",
         "hooks run in order and stop at the failure"
     );
-    assert_eq!(sandbox.read("failed"), "pre[2]:\n");
+    assert_eq!(sandbox.read("failed"), "pre[2]:pre[2]:failed\n");
     let show = sandbox.show(1);
     assert_eq!(task(&show, "pre[2]")["exit_code"], 7);
     assert_eq!(task(&show, "step")["status"], "pending");
@@ -451,4 +451,22 @@ fn an_approval_gate_waits_and_approve_or_reject_decides() {
             .contains("wrong node")
     );
     assert_eq!(task(&show, "switch")["status"], "pending");
+}
+
+#[test]
+fn status_says_when_a_task_waits_for_its_retry() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", "name: wait\nsteps:\n  - id: flaky\n    retry: { attempts: 2, delay: 3s }\n    run: exit 1\n");
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    let started = Instant::now();
+    let current = loop {
+        let ops = sandbox.json(&["status", "--json"]);
+        if let Some(text) = ops[0]["current_task"].as_str().filter(|t| t.contains("retry")) {
+            break text.to_owned();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{ops}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(current.starts_with("flaky (attempt 1 failed; retry 2 at "), "{current}");
+    assert_eq!(run.wait().unwrap().code(), Some(1));
 }
