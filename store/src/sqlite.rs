@@ -131,6 +131,10 @@ pub(crate) fn open_reader(path: &Path) -> Result<Option<Connection>> {
     conn.busy_timeout(busy_timeout())
         .map_err(|e| classify(path, &e))?;
     let version = check_identity(&conn, path, false)?;
+    if version == 0 {
+        // An empty file: just created by a writer that has not committed the schema yet. No op yet.
+        return Ok(None);
+    }
     if version < SCHEMA_VERSION {
         return Err(Error::Unusable {
             path: path.to_path_buf(),

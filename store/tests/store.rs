@@ -344,3 +344,16 @@ fn logs_keep_the_tail_within_the_limit() {
     );
     assert_eq!(chunks.first().unwrap().seq, 8);
 }
+
+#[test]
+fn an_empty_file_reads_as_no_ops_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    std::fs::write(&path, b"").unwrap();
+    assert!(Reader::open(&path).unwrap().is_none());
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"",
+        "reading it wrote nothing"
+    );
+}

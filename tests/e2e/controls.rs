@@ -461,12 +461,18 @@ fn status_says_when_a_task_waits_for_its_retry() {
     let started = Instant::now();
     let current = loop {
         let ops = sandbox.json(&["status", "--json"]);
-        if let Some(text) = ops[0]["current_task"].as_str().filter(|t| t.contains("retry")) {
+        if let Some(text) = ops[0]["current_task"]
+            .as_str()
+            .filter(|t| t.contains("retry"))
+        {
             break text.to_owned();
         }
         assert!(started.elapsed() < Duration::from_secs(20), "{ops}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(current.starts_with("flaky (attempt 1 failed; retry 2 at "), "{current}");
+    assert!(
+        current.starts_with("flaky (attempt 1 failed; retry 2 at "),
+        "{current}"
+    );
     assert_eq!(run.wait().unwrap().code(), Some(1));
 }
