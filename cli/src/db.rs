@@ -39,6 +39,17 @@ impl DbArgs {
     }
 }
 
+/// The op `op` for reading, with the reader it came from; an unknown op (or no database yet) is
+/// bad input.
+pub fn read_op(db: &DbArgs, op: store::OpId) -> anyhow::Result<(store::Reader, store::OpRow)> {
+    let reader = db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
+    let row = reader.op(op).map_err(|e| match e {
+        store::Error::NotFound(op) => engine::Error::UnknownOp(op),
+        other => engine::Error::Store(other),
+    })?;
+    Ok((reader, row))
+}
+
 /// Reads an op id as people type it.
 pub fn op_id(text: &str) -> anyhow::Result<store::OpId> {
     text.trim()

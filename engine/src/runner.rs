@@ -1377,6 +1377,21 @@ async fn write_logs(
     }
 }
 
+/// The `$CAIRN_OUTPUT` file and the environment of one process of attempt `n` (`what`: `check` or
+/// `run`).
+fn process_files(
+    shared: &Shared,
+    step: &Step,
+    ctx: &Context,
+    i: usize,
+    n: u32,
+    what: &str,
+) -> Result<(PathBuf, BTreeMap<String, String>), String> {
+    let output = output_file(shared, i, n, what)?;
+    let env = environment(shared, step, ctx, n, &output)?;
+    Ok((output, env))
+}
+
 /// A fresh, private `$CAIRN_OUTPUT` file for one process.
 fn output_file(shared: &Shared, i: usize, n: u32, what: &str) -> Result<PathBuf, String> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -1474,32 +1489,15 @@ async fn run_process_task(
         let marker = format!("{}/{i}/{n}", shared.uuid);
         // The idempotency probe: exit 0 means the work is already done.
         if let Some(check) = &check {
-            let output = match output_file(shared, i, n, "check") {
-                Ok(p) => p,
-                Err(e) => {
+            let (output, env) = match process_files(shared, step, ctx, i, n, "check") {
+                Ok(prepared) => prepared,
+                Err(error) => {
                     return finish(
                         shared,
                         i,
                         n,
                         Ended::Failed {
-                            error: e,
-                            exit_code: None,
-                            retry_in: None,
-                        },
-                        started,
-                    )
-                    .await;
-                }
-            };
-            let env = match environment(shared, step, ctx, n, &output) {
-                Ok(env) => env,
-                Err(e) => {
-                    return finish(
-                        shared,
-                        i,
-                        n,
-                        Ended::Failed {
-                            error: e,
+                            error,
                             exit_code: None,
                             retry_in: None,
                         },
@@ -1568,32 +1566,15 @@ async fn run_process_task(
             // The check may have taken long: prove ownership again before starting the step.
             shared.renew().await?;
         }
-        let output = match output_file(shared, i, n, "run") {
-            Ok(p) => p,
-            Err(e) => {
+        let (output, env) = match process_files(shared, step, ctx, i, n, "run") {
+            Ok(prepared) => prepared,
+            Err(error) => {
                 return finish(
                     shared,
                     i,
                     n,
                     Ended::Failed {
-                        error: e,
-                        exit_code: None,
-                        retry_in: None,
-                    },
-                    started,
-                )
-                .await;
-            }
-        };
-        let env = match environment(shared, step, ctx, n, &output) {
-            Ok(env) => env,
-            Err(e) => {
-                return finish(
-                    shared,
-                    i,
-                    n,
-                    Ended::Failed {
-                        error: e,
+                        error,
                         exit_code: None,
                         retry_in: None,
                     },

@@ -26,11 +26,7 @@ pub struct Args {
 
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
-    let reader = args.db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
-    let row = reader.op(op).map_err(|e| match e {
-        store::Error::NotFound(op) => engine::Error::UnknownOp(op),
-        other => engine::Error::Store(other),
-    })?;
+    let (reader, row) = crate::db::read_op(&args.db, op)?;
     let tasks = reader.tasks(op)?;
     let task: Option<TaskNo> = match &args.step {
         None => None,

@@ -41,21 +41,14 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         return Ok(());
     }
     let store = args.db.store()?;
-    let runtime = crate::runtime()?;
-    let end = runtime.block_on(async {
-        let stop = engine::stop_handle();
-        crate::signals::watch(stop.clone()).context("cannot watch for Ctrl-C")?;
-        let progress = crate::progress::printer(out.quiet);
-        Ok::<_, Failure>(
-            engine::ops::resume(
-                &store,
-                op,
-                args.run.options(),
-                args.run.overrides(),
-                progress,
-                stop,
-            )
-            .await?,
+    let end = crate::cmd::run::drive(out, |progress, stop| {
+        engine::ops::resume(
+            &store,
+            op,
+            args.run.options(),
+            args.run.overrides(),
+            progress,
+            stop,
         )
     })?;
     crate::exit::of_run(&end, op)

@@ -114,22 +114,32 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         plan,
         params,
     };
-    let runtime = crate::runtime()?;
-    let (op, end) = runtime.block_on(async {
-        let stop = engine::stop_handle();
-        crate::signals::watch(stop.clone()).context("cannot watch for Ctrl-C")?;
-        let progress = crate::progress::printer(out.quiet);
-        Ok::<_, Failure>(
-            engine::ops::run(
-                &store,
-                new,
-                args.run.options(),
-                args.run.overrides(),
-                progress,
-                stop,
-            )
-            .await?,
+    let (op, end) = drive(out, |progress, stop| {
+        engine::ops::run(
+            &store,
+            new,
+            args.run.options(),
+            args.run.overrides(),
+            progress,
+            stop,
         )
     })?;
     crate::exit::of_run(&end, op)
+}
+
+/// Runs an op-running future on the runtime, with Ctrl-C, SIGTERM and SIGHUP turned into a clean
+/// stop and progress printed on stderr.
+pub fn drive<T, F>(
+    out: &Output,
+    start: impl FnOnce(engine::progress::Sink, engine::StopHandle) -> F,
+) -> Result<T, Failure>
+where
+    F: std::future::Future<Output = Result<T, engine::Error>>,
+{
+    let runtime = crate::runtime()?;
+    runtime.block_on(async {
+        let stop = engine::stop_handle();
+        crate::signals::watch(stop.clone()).context("cannot watch for Ctrl-C")?;
+        Ok(start(crate::progress::printer(out.quiet), stop).await?)
+    })
 }

@@ -45,11 +45,7 @@ fn shown_params(params: &Value) -> Value {
 
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
-    let reader = args.db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
-    let row = reader.op(op).map_err(|e| match e {
-        store::Error::NotFound(op) => engine::Error::UnknownOp(op),
-        other => engine::Error::Store(other),
-    })?;
+    let (reader, row) = crate::db::read_op(&args.db, op)?;
     let tasks = reader.tasks(op)?;
     let attempts = reader.attempts(op)?;
     let events = reader.events(op)?;
