@@ -119,11 +119,14 @@ pub(crate) fn open_reader(path: &Path) -> Result<Option<Connection>> {
         }
         Ok(_) => {}
     }
-    // Fail early and clearly on a file the user cannot read, before SQLite's vaguer error.
-    if let Err(e) = std::fs::File::open(path) {
+    // Fail early and clearly on a file the user cannot read, before SQLite's vaguer error. Never
+    // by opening it: closing any descriptor of the file drops every POSIX lock this process holds
+    // on it, the writer connection's included, and another SQLite client would then delete the WAL
+    // under a live op. access(2) opens nothing.
+    if let Err(errno) = nix::unistd::access(path, nix::unistd::AccessFlags::R_OK) {
         return Err(Error::Unusable {
             path: path.to_path_buf(),
-            reason: format!("cannot read it: {e}"),
+            reason: format!("cannot read it: {}", std::io::Error::from(errno)),
         });
     }
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;

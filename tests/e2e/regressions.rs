@@ -238,3 +238,41 @@ fn a_secret_split_across_writes_is_masked() {
         );
     }
 }
+
+/// A `sqlite3` read of the database while an op runs (the schema is documented for that) made the
+/// op lose every commit after it: cairn had opened and closed the file outside SQLite, which drops
+/// the process's locks on it, and `sqlite3` then deleted the WAL under the live writer.
+#[test]
+fn a_sqlite3_read_during_a_run_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        "name: live\nsteps:\n  - id: a\n    run: |\n      touch started\n      while [ ! -f go ]; do sleep 0.05; done\n  - id: b\n    needs: [a]\n    noop: true\n",
+    )
+    .unwrap();
+    let mut run = cairn(dir.path(), &["run", "plan.yaml"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&dir.path().join("started"));
+    // A reader inside cairn too (status opens the database read-only while the run writes).
+    assert!(
+        cairn(dir.path(), &["status"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = Command::new("sqlite3")
+        .arg(dir.path().join("cairn.db"))
+        .arg("SELECT count(*) FROM ops;")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    assert!(run.wait().unwrap().success());
+    let show = show(dir.path(), "1");
+    assert_eq!(show["status"], "succeeded", "{show:#}");
+    assert_eq!(task(&show, "a")["status"], "succeeded");
+    assert_eq!(task(&show, "b")["status"], "succeeded");
+}
