@@ -215,9 +215,35 @@ fn lock_error(e: store::Error) -> Error {
     }
 }
 
+/// Sets `CUR_TASK` to `text`, unless it already says that.
+async fn tell(store: &Store, op: OpId, said: &mut String, text: String) -> Result<(), Error> {
+    if text != *said {
+        store
+            .apply(vec![Change::CurrentTask {
+                op,
+                text: Some(text.clone()),
+            }])
+            .await?;
+        *said = text;
+    }
+    Ok(())
+}
+
+/// How waiting for an op's lock ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Acquired {
+    /// The lock is taken and the op is this process's, running.
+    Yes,
+    /// Stopped (Ctrl-C, SIGTERM) while waiting; the op was left interrupted.
+    Stopped,
+    /// The op was canceled while it waited; it is recorded canceled.
+    Canceled,
+}
+
+/// Takes the op's lock and ownership. While another op holds the lock, this process owns the op
+/// as `queued` (so `status` and `cancel` know someone waits) and waits, renewing its lease: it
+/// notices a cancel request, waits out a pause, and says why in `CUR_TASK`.
 #[allow(clippy::too_many_arguments)] // the parts of one take-over; a struct would only rename them
-/// Takes the op's lock and ownership, waiting while another op holds the lock (`CUR_TASK` says so);
-/// `Ok(false)` when stopped while waiting.
 async fn acquire(
     store: &Store,
     op: OpId,
@@ -229,43 +255,143 @@ async fn acquire(
     stop: &StopHandle,
     kind: &'static str,
     message: String,
-) -> Result<bool, Error> {
-    let mut told: Option<OpId> = None;
+) -> Result<Acquired, Error> {
+    let reader = store.reader()?;
+    let mut said = String::new();
+    let mut owns_queued =
+        dead.is_none() && reader.op(op).is_ok_and(|r| r.owner.as_ref() == Some(me));
     let mut stopped = stop.subscribe();
+    let claim = |queued: bool| Change::Claim {
+        op,
+        owner: me.clone(),
+        lease_until: lease_until(options),
+        dead_owner: dead.clone(),
+        now: now(),
+        queued,
+        kind,
+        message: message.clone(),
+    };
     loop {
-        let batch = vec![
-            Change::TakeLock {
-                op,
-                at: now(),
-                ignore_cooldown: overrides.ignore_cooldown,
-            },
-            Change::Claim {
-                op,
-                owner: me.clone(),
-                lease_until: lease_until(options),
-                dead_owner: dead.clone(),
-                now: now(),
-                kind,
-                message: message.clone(),
-            },
-        ];
-        match store.apply(batch).await {
-            Ok(_) => return Ok(true),
-            Err(store::Error::LockHeld { key, holder }) if !overrides.no_wait => {
-                if told != Some(holder) {
-                    told = Some(holder);
+        let row = read_op(&reader, op)?;
+        if row.status.is_final() {
+            return Ok(Acquired::Canceled);
+        }
+        if owns_queued && let Some(request) = &row.cancel {
+            let why = request
+                .reason
+                .as_ref()
+                .map_or(String::new(), |r| format!(": {r}"));
+            store
+                .apply(vec![Change::SetOp {
+                    op,
+                    owner: Some(me.clone()),
+                    status: OpStatus::Canceled,
+                    at: now(),
+                    error: Some(format!("canceled by {}{why}", request.by)),
+                    release: true,
+                    kind: "op-canceled",
+                    message: format!("op canceled by {}{why} before it started", request.by),
+                }])
+                .await?;
+            return Ok(Acquired::Canceled);
+        }
+        let paused = if overrides.ignore_pause {
+            None
+        } else {
+            store.reader()?.paused()?
+        };
+        let attempt = match &paused {
+            Some(pause) => {
+                let why = pause
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "no reason given".to_owned());
+                tell(
+                    store,
+                    op,
+                    &mut said,
+                    format!("waiting: cairn is paused by {}: {why}", pause.by),
+                )
+                .await?;
+                Err(None)
+            }
+            None => store
+                .apply(vec![
+                    Change::TakeLock {
+                        op,
+                        at: now(),
+                        ignore_cooldown: overrides.ignore_cooldown,
+                    },
+                    claim(false),
+                ])
+                .await
+                .map_err(Some),
+        };
+        match attempt {
+            Ok(_) => return Ok(Acquired::Yes),
+            Err(None) => {}
+            Err(Some(store::Error::LockHeld { key, holder })) if !overrides.no_wait => {
+                if !said.contains(&format!("held by op {holder}")) {
                     progress(&Progress::WaitingForLock {
                         key: key.clone(),
                         holder,
                     });
-                    store
-                        .apply(vec![Change::CurrentTask {
-                            op,
-                            text: Some(format!("waiting for lock {key} held by op {holder}")),
-                        }])
-                        .await?;
                 }
+                tell(
+                    store,
+                    op,
+                    &mut said,
+                    format!("waiting for lock {key} held by op {holder}"),
+                )
+                .await?;
             }
+            Err(Some(store::Error::Owned {
+                op,
+                owner,
+                lease_until,
+            })) => {
+                return Err(Error::Owned {
+                    op,
+                    owner,
+                    lease: show_time(lease_until),
+                });
+            }
+            Err(Some(store::Error::Conflict { op, status, .. })) => {
+                return Err(Error::Final { op, status });
+            }
+            Err(Some(e)) => {
+                let error = lock_error(e);
+                if owns_queued {
+                    // Refused while waiting (the key began to cool down): the op stays, failed,
+                    // for a resume once the cooldown is acknowledged.
+                    let _ = store
+                        .apply(vec![Change::SetOp {
+                            op,
+                            owner: Some(me.clone()),
+                            status: OpStatus::Failed,
+                            at: now(),
+                            error: Some(error.to_string()),
+                            release: true,
+                            kind: "op-failed",
+                            message: format!("op refused before it started: {error}"),
+                        }])
+                        .await;
+                }
+                return Err(error);
+            }
+        }
+        // Own the waiting op (or renew the lease on it), so that it is known to be waited for.
+        let renew = if owns_queued {
+            Change::Heartbeat {
+                op,
+                owner: me.clone(),
+                lease_until: lease_until(options),
+            }
+        } else {
+            claim(true)
+        };
+        match store.apply(vec![renew]).await {
+            Ok(_) => owns_queued = true,
             Err(store::Error::Owned {
                 op,
                 owner,
@@ -277,14 +403,25 @@ async fn acquire(
                     lease: show_time(lease_until),
                 });
             }
-            Err(store::Error::Conflict { op, status, .. }) => {
-                return Err(Error::Final { op, status });
-            }
-            Err(e) => return Err(lock_error(e)),
+            Err(e) => return Err(e.into()),
         }
         tokio::select! {
             () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-            _ = stopped.wait_for(|s| *s) => return Ok(false),
+            _ = stopped.wait_for(|s| *s) => {
+                store
+                    .apply(vec![Change::SetOp {
+                        op,
+                        owner: Some(me.clone()),
+                        status: OpStatus::Interrupted,
+                        at: now(),
+                        error: Some("stopped while waiting to start".to_owned()),
+                        release: true,
+                        kind: "op-interrupted",
+                        message: "stopped while waiting to start".to_owned(),
+                    }])
+                    .await?;
+                return Ok(Acquired::Stopped);
+            }
         }
     }
 }
@@ -356,6 +493,7 @@ pub async fn run(
             .collect(),
         at,
         owner: Some((me.clone(), lease_until(&options))),
+        start: true,
         lock,
         cooldown_ms: new
             .plan
@@ -366,8 +504,8 @@ pub async fn run(
     let submitted = match store.apply(vec![Change::Submit(op.clone())]).await {
         Ok(applied) => Ok((applied, true)),
         Err(store::Error::LockHeld { .. }) if !overrides.no_wait => {
-            // Stored `queued`, without owner or lock, until the lock is free.
-            op.owner = None;
+            // Stored `queued`, owned by this process, which waits for the lock.
+            op.start = false;
             store
                 .apply(vec![Change::Submit(op)])
                 .await
@@ -382,24 +520,16 @@ pub async fn run(
     };
     if !owned {
         let message = format!("started by {me}");
-        if !acquire(
+        match acquire(
             store, id, &me, None, &options, overrides, &progress, &stop, "started", message,
         )
         .await?
         {
-            store
-                .apply(vec![Change::SetOp {
-                    op: id,
-                    owner: None,
-                    status: OpStatus::Interrupted,
-                    at: now(),
-                    error: Some("stopped while waiting for its lock".to_owned()),
-                    release: true,
-                    kind: "op-interrupted",
-                    message: "stopped while waiting for its lock".to_owned(),
-                }])
-                .await?;
-            return Ok((id, RunEnd::Interrupted));
+            Acquired::Yes => {}
+            Acquired::Stopped => return Ok((id, RunEnd::Interrupted)),
+            Acquired::Canceled => {
+                return Ok((id, RunEnd::Canceled("while it waited to start".to_owned())));
+            }
         }
     }
     let events = pause_event(id, paused);
@@ -436,7 +566,7 @@ pub async fn run(
         };
         shared.steps.len()
     ];
-    Ok((id, runner::run(shared, tasks, None).await))
+    Ok((id, runner::run(shared, tasks, None, None).await))
 }
 
 /// Renders the op's title or lock key: params, `op.uuid`, `op.plan` and the kept environment.
@@ -515,6 +645,7 @@ fn shared(
         outcome: std::sync::Mutex::new(None),
         calm,
         _calm_tx: calm_tx,
+        gates: watch::channel(false).0,
     }))
 }
 
@@ -551,7 +682,7 @@ async fn take(
     stop: &StopHandle,
     kind: &'static str,
     verb: &str,
-) -> Result<Option<ProcessId>, Error> {
+) -> Result<(Acquired, ProcessId), Error> {
     let op = row.id;
     if row.status.is_final() {
         return Err(Error::Final {
@@ -575,11 +706,11 @@ async fn take(
     if let Some(dead) = &dead {
         write!(message, "; its previous owner ({dead}) is gone").ok();
     }
-    Ok(acquire(
+    let acquired = acquire(
         store, op, &me, dead, options, overrides, progress, stop, kind, message,
     )
-    .await?
-    .then_some(me))
+    .await?;
+    Ok((acquired, me))
 }
 
 /// Ends whatever is left of attempts that were running when their owner died, and records them
@@ -593,13 +724,14 @@ async fn sweep(
     options: &Options,
     progress: &Sink,
 ) -> Result<(), Error> {
+    // Hooks are tasks too: name them as the runner does.
+    let (tasks, _) = runner::with_hooks(plan);
     for attempt in reader
         .attempts(row.id)?
         .into_iter()
         .filter(|a| a.status == AttemptStatus::Running)
     {
-        let step = plan
-            .steps
+        let step = tasks
             .get(attempt.task_no.0 as usize)
             .map_or("?", |s| s.id.as_str())
             .to_owned();
@@ -681,19 +813,24 @@ pub async fn resume(
     } else {
         None
     };
-    let Some((shared, tasks)) = take_and_load(
+    let (shared, tasks) = match take_and_load(
         store, &reader, &row, options, overrides, progress, stop, "resumed", "resumed",
     )
     .await?
-    else {
-        return Ok(RunEnd::Interrupted);
+    {
+        Ok(loaded) => loaded,
+        Err(Acquired::Canceled) => {
+            return Ok(RunEnd::Canceled("while it waited to start".to_owned()));
+        }
+        Err(_) => return Ok(RunEnd::Interrupted),
     };
     let events = pause_event(op, paused);
     if !events.is_empty() {
         store.apply(events).await?;
     }
-    let cancel = row.cancel.map(|c| c.by);
-    Ok(runner::run(shared, tasks, cancel).await)
+    let cancel = row.cancel.as_ref().map(requester);
+    let ending = row.ending.as_ref().and_then(runner::EndState::from_json);
+    Ok(runner::run(shared, tasks, cancel, ending).await)
 }
 
 /// Takes the op over, ends what its dead owner left running, and loads its state.
@@ -708,7 +845,7 @@ async fn take_and_load(
     stop: StopHandle,
     kind: &'static str,
     verb: &str,
-) -> Result<Option<(Arc<Shared>, Vec<TaskState>)>, Error> {
+) -> Result<Result<(Arc<Shared>, Vec<TaskState>), Acquired>, Error> {
     let op = row.id;
     let plan = snapshot_plan(reader, op)?;
     check_supported(&plan)?;
@@ -719,13 +856,13 @@ async fn take_and_load(
         None
     };
     let params = secrets::open(&stored, key.as_ref())?;
-    let Some(me) = take(
+    let (acquired, me) = take(
         store, row, &options, overrides, &progress, &stop, kind, verb,
     )
-    .await?
-    else {
-        return Ok(None);
-    };
+    .await?;
+    if acquired != Acquired::Yes {
+        return Ok(Err(acquired));
+    }
     progress(&Progress::OpStarted {
         op,
         title: row.title.clone(),
@@ -772,7 +909,15 @@ async fn take_and_load(
             };
         }
     }
-    Ok(Some((shared, tasks)))
+    Ok(Ok((shared, tasks)))
+}
+
+/// `by: reason`, for messages.
+fn requester(request: &Request) -> String {
+    match &request.reason {
+        Some(reason) => format!("{}: {reason}", request.by),
+        None => request.by.clone(),
+    }
 }
 
 /// How `cairn cancel` ended.
@@ -780,13 +925,16 @@ async fn take_and_load(
 pub enum CancelEnd {
     /// The op is canceled (by its owner, or by this process when it had none).
     Canceled,
+    /// It already was.
+    AlreadyCanceled,
     /// The request is recorded; the live owner had not finished canceling when this stopped waiting.
     Requested { owner: ProcessId },
 }
 
 /// Cancels an op. The request is recorded first (durably); a live owner acts on it, and this waits
-/// for it (up to `wait`). With no live owner, this process takes the op over, ends what is left of
-/// its steps, runs its `on_cancel` hooks, and ends it `canceled`.
+/// for it (up to `wait`). An op that never started is canceled as it is. One that started and has
+/// no live owner is taken over: what its dead owner left running is ended, its `on_cancel` hooks
+/// run, and it ends `canceled`.
 pub async fn cancel(
     store: &Store,
     op: OpId,
@@ -797,102 +945,108 @@ pub async fn cancel(
 ) -> Result<CancelEnd, Error> {
     let reader = store.reader()?;
     let row = read_op(&reader, op)?;
-    if row.status.is_final() {
-        return Err(Error::Final {
-            op,
-            status: row.status,
-        });
+    match row.status {
+        OpStatus::Canceled => return Ok(CancelEnd::AlreadyCanceled),
+        OpStatus::Succeeded => {
+            return Err(Error::Refused(format!(
+                "op {op} has succeeded; there is nothing to cancel"
+            )));
+        }
+        _ => {}
     }
-    let by = whoami();
+    let request = Request {
+        by: whoami(),
+        at: now(),
+        reason,
+    };
     store
         .apply(vec![Change::RequestCancel {
             op,
-            request: Request {
-                by: by.clone(),
-                at: now(),
-                reason: reason.clone(),
-            },
+            request: request.clone(),
         }])
-        .await?;
-    let row = read_op(&reader, op)?;
-    if let OwnerState::Alive(owner) = owner::owner_state(&row, now()) {
-        let deadline = std::time::Instant::now() + wait;
-        while std::time::Instant::now() < deadline {
-            let now_row = read_op(&reader, op)?;
-            if now_row.status == OpStatus::Canceled {
-                return Ok(CancelEnd::Canceled);
+        .await
+        .map_err(|e| match e {
+            store::Error::Conflict { status, .. } => Error::Refused(format!(
+                "op {op} has ended ({status}); there is nothing to cancel"
+            )),
+            other => Error::Store(other),
+        })?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let row = read_op(&reader, op)?;
+        match (row.status, owner::owner_state(&row, now())) {
+            (OpStatus::Canceled, _) => return Ok(CancelEnd::Canceled),
+            (OpStatus::Succeeded, _) => {
+                return Err(Error::Refused(format!(
+                    "op {op} succeeded before the cancel took effect"
+                )));
             }
-            if now_row.owner.is_none()
-                || !matches!(owner::owner_state(&now_row, now()), OwnerState::Alive(_))
-            {
-                break;
+            (_, OwnerState::Alive(owner)) => {
+                if std::time::Instant::now() >= deadline {
+                    return Ok(CancelEnd::Requested { owner });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-        let now_row = read_op(&reader, op)?;
-        if now_row.status == OpStatus::Canceled {
-            return Ok(CancelEnd::Canceled);
-        }
-        if matches!(owner::owner_state(&now_row, now()), OwnerState::Alive(_)) {
-            return Ok(CancelEnd::Requested { owner });
+            (_, state) if row.started_at.is_none() => {
+                // Nothing of it ever ran: no step to end, no hook to run.
+                let dead_owner = match state {
+                    OwnerState::Dead(owner) => Some(owner),
+                    _ => None,
+                };
+                match store
+                    .apply(vec![Change::CancelUnstarted {
+                        op,
+                        dead_owner,
+                        request: request.clone(),
+                    }])
+                    .await
+                {
+                    Ok(_) => return Ok(CancelEnd::Canceled),
+                    // It started (or was taken) meanwhile: look again.
+                    Err(store::Error::Conflict { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            _ => {
+                // It started and its owner is gone: finish the cancel here.
+                let overrides = Overrides {
+                    no_wait: true,
+                    ignore_cooldown: false,
+                    ignore_pause: true,
+                };
+                let taken = take_and_load(
+                    store,
+                    &reader,
+                    &row,
+                    options.clone(),
+                    overrides,
+                    progress.clone(),
+                    stop_handle(),
+                    "cancel-taken",
+                    "taken over to cancel it",
+                )
+                .await;
+                let (shared, tasks) = match taken {
+                    Ok(Ok(loaded)) => loaded,
+                    Ok(Err(_)) => {
+                        return Err(Error::Refused(format!(
+                            "op {op} could not be taken over to cancel it"
+                        )));
+                    }
+                    // Another process took it first: wait for that one.
+                    Err(Error::Owned { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                return match runner::run(shared, tasks, Some(requester(&request)), None).await {
+                    RunEnd::Canceled(_) => Ok(CancelEnd::Canceled),
+                    other => Err(Error::Refused(format!(
+                        "op {op} could not be canceled: it ended {}",
+                        other.status()
+                    ))),
+                };
+            }
         }
     }
-    // No live owner: finish the cancel here.
-    let row = read_op(&reader, op)?;
-    let overrides = Overrides {
-        no_wait: true,
-        ignore_cooldown: true,
-        ignore_pause: true,
-    };
-    let why = reason.map_or(String::new(), |r| format!(": {r}"));
-    let taken = take_and_load(
-        store,
-        &reader,
-        &row,
-        options,
-        overrides,
-        progress,
-        stop_handle(),
-        "cancel-taken",
-        "taken over to cancel it",
-    )
-    .await;
-    let (shared, tasks) = match taken {
-        Ok(Some(loaded)) => loaded,
-        // The lock is another op's now: this op never held it; cancel without taking it.
-        Err(Error::LockHeld { .. }) => return cancel_unlocked(store, op, &by).await,
-        Ok(None) => {
-            return Err(Error::Refused(format!(
-                "op {op} could not be taken over to cancel it"
-            )));
-        }
-        Err(e) => return Err(e),
-    };
-    match runner::run(shared, tasks, Some(format!("{by}{why}"))).await {
-        RunEnd::Canceled(_) => Ok(CancelEnd::Canceled),
-        other => Err(Error::Refused(format!(
-            "op {op} could not be canceled: it ended {}",
-            other.status()
-        ))),
-    }
-}
-
-/// Cancels an op that holds no lock and cannot take its own (another op holds the key): no step of
-/// it can be running, so it is marked canceled directly.
-async fn cancel_unlocked(store: &Store, op: OpId, by: &str) -> Result<CancelEnd, Error> {
-    store
-        .apply(vec![Change::SetOp {
-            op,
-            owner: None,
-            status: OpStatus::Canceled,
-            at: now(),
-            error: Some(format!("canceled by {by}")),
-            release: true,
-            kind: "op-canceled",
-            message: format!("op canceled by {by} while it waited for its lock"),
-        }])
-        .await?;
-    Ok(CancelEnd::Canceled)
 }
 
 /// Answers an approval gate of an op, with or without a live owner (a waiting `run` goes on by

@@ -63,9 +63,10 @@ pub fn owner_state(op: &OpRow, now: Millis) -> OwnerState {
 /// The status to show: an op whose owner is gone while it was running is `interrupted`.
 #[must_use]
 pub fn shown_status(op: &OpRow, now: Millis) -> OpStatus {
-    if op.status.is_owned()
-        && matches!(owner_state(op, now), OwnerState::Dead(_) | OwnerState::None)
-    {
+    // A queued op with an owner is one a process waits to run (for its lock); if that process is
+    // gone, the op is interrupted too. A queued op without one waits for `cairn serve`.
+    let owned = op.status.is_owned() || (op.status == OpStatus::Queued && op.owner.is_some());
+    if owned && matches!(owner_state(op, now), OwnerState::Dead(_) | OwnerState::None) {
         OpStatus::Interrupted
     } else {
         op.status

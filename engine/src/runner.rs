@@ -149,6 +149,8 @@ pub(crate) struct Shared {
     pub stop_reason: std::sync::Mutex<Option<StopReason>>,
     /// The op's outcome, once decided, for its finishing hooks.
     pub outcome: std::sync::Mutex<Option<EndState>>,
+    /// Set when the op failed: approval gates still waiting end (they cannot lead anywhere).
+    pub gates: watch::Sender<bool>,
     /// A stop signal that never fires: finishing hooks run to their end even when the op was
     /// stopped. Its sender lives as long as this.
     pub calm: watch::Receiver<bool>,
@@ -337,6 +339,25 @@ pub(crate) struct EndState {
     pub failed_task: Option<String>,
 }
 
+impl EndState {
+    pub(crate) fn to_json(&self) -> Value {
+        serde_json::json!({
+            "status": self.status.as_str(),
+            "error": self.error,
+            "failed_task": self.failed_task,
+            "at": now(),
+        })
+    }
+
+    pub(crate) fn from_json(value: &Value) -> Option<Self> {
+        Some(Self {
+            status: OpStatus::parse(value["status"].as_str()?)?,
+            error: value["error"].as_str().map(ToOwned::to_owned),
+            failed_task: value["failed_task"].as_str().map(ToOwned::to_owned),
+        })
+    }
+}
+
 /// Runs the op until it ends or stops. `tasks` is the op's state as stored, indexed by task number
 /// (the steps, then the hooks). With `cancel` set, the op is only finished as canceled: nothing
 /// new starts, the `on_cancel` hooks run.
@@ -344,9 +365,13 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     mut tasks: Vec<TaskState>,
     cancel: Option<String>,
+    ending: Option<EndState>,
 ) -> RunEnd {
     let plan = shared.plan.clone();
     let n = plan.steps.len();
+    // A resume after a crash among the finishing hooks: the outcome was decided; only the hooks
+    // that had not finished are left to run.
+    let decided = ending.clone();
     if let Some(by) = cancel {
         shared.stop_because(StopReason::Cancel(by));
     }
@@ -367,7 +392,7 @@ pub(crate) async fn run(
 
     // `pre` hooks, in order: any failure ends the op before a step runs.
     let pre = shared.hooks.pre.clone();
-    if !pre.iter().all(|&i| tasks[i].status.is_kept()) && !shared.stopping() {
+    if decided.is_none() && !pre.iter().all(|&i| tasks[i].status.is_kept()) && !shared.stopping() {
         if let Err(f) = add_hook_tasks(&shared, &pre).await {
             fatal = Some(f);
         }
@@ -420,7 +445,7 @@ pub(crate) async fn run(
         .order()
         .iter()
         .copied()
-        .filter(|&i| waiting_on[i] == 0 && !tasks[i].status.is_kept())
+        .filter(|&i| decided.is_none() && waiting_on[i] == 0 && !tasks[i].status.is_kept())
         .collect();
     let mut running: JoinSet<(usize, Result<TaskEnd, Fatal>)> = JoinSet::new();
     let mut in_flight: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
@@ -462,7 +487,7 @@ pub(crate) async fn run(
             && in_flight
                 .iter()
                 .all(|&i| matches!(plan.steps[i].action, Action::Approve { .. }));
-        if only_gates != shown_waiting && fatal.is_none() {
+        if only_gates != shown_waiting && fatal.is_none() && !shared.stopping() {
             let (status, kind) = if only_gates {
                 (OpStatus::Waiting, "op-waiting")
             } else {
@@ -534,6 +559,10 @@ pub(crate) async fn run(
                     // Nothing more can be recorded: end the running steps now.
                     stop_all(&shared);
                 }
+                if first_failure.is_some() || fatal.is_some() {
+                    // Approval gates still waiting can no longer lead anywhere.
+                    shared.gates.send_replace(true);
+                }
             }
             changed = stop.changed(), if !*stop.borrow() => {
                 if changed.is_ok() {
@@ -561,33 +590,43 @@ pub(crate) async fn run(
     }
     let undone = (0..n).find(|&i| !satisfied(&tasks[i], &plan.steps[i]));
     let failed_task = first_failure.as_ref().map(|(task, _)| task.clone());
-    let (end, status, error) = match (fatal, first_failure, undone, shared.stop_reason()) {
-        (Some(Fatal::Lost(m)), ..) => {
-            heartbeat.abort();
-            return RunEnd::LostOwnership(m);
-        }
-        (Some(Fatal::Store(m)), ..) => {
-            heartbeat.abort();
-            return RunEnd::StoreFailed(m);
-        }
-        // Everything is done: a stop that came at the end changes nothing.
-        (None, None, None, _) => (RunEnd::Succeeded, OpStatus::Succeeded, None),
-        (None, _, _, Some(StopReason::Cancel(by))) => {
-            let why = format!("canceled by {by}");
-            (RunEnd::Canceled(why.clone()), OpStatus::Canceled, Some(why))
-        }
-        (None, Some((_, f)), ..) => (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f)),
-        (None, None, Some(_), Some(StopReason::Timeout(why))) => {
-            (RunEnd::Failed(why.clone()), OpStatus::Failed, Some(why))
-        }
-        (None, None, Some(_), None) if shared.stopping() => (
-            RunEnd::Interrupted,
-            OpStatus::Interrupted,
-            Some("stopped before it finished".to_owned()),
-        ),
-        (None, None, Some(i), None) => {
-            let f = format!("task `{}` could not run", plan.steps[i].id);
-            (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f))
+    let (end, status, error) = if let Some(decided) = decided {
+        let error = decided.error.clone();
+        let end = match decided.status {
+            OpStatus::Succeeded => RunEnd::Succeeded,
+            OpStatus::Canceled => RunEnd::Canceled(error.clone().unwrap_or_default()),
+            _ => RunEnd::Failed(error.clone().unwrap_or_default()),
+        };
+        (end, decided.status, error)
+    } else {
+        match (fatal, first_failure, undone, shared.stop_reason()) {
+            (Some(Fatal::Lost(m)), ..) => {
+                heartbeat.abort();
+                return RunEnd::LostOwnership(m);
+            }
+            (Some(Fatal::Store(m)), ..) => {
+                heartbeat.abort();
+                return RunEnd::StoreFailed(m);
+            }
+            // Everything is done: a stop that came at the end changes nothing.
+            (None, None, None, _) => (RunEnd::Succeeded, OpStatus::Succeeded, None),
+            (None, _, _, Some(StopReason::Cancel(by))) => {
+                let why = format!("canceled by {by}");
+                (RunEnd::Canceled(why.clone()), OpStatus::Canceled, Some(why))
+            }
+            (None, Some((_, f)), ..) => (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f)),
+            (None, None, Some(_), Some(StopReason::Timeout(why))) => {
+                (RunEnd::Failed(why.clone()), OpStatus::Failed, Some(why))
+            }
+            (None, None, Some(_), None) if shared.stopping() => (
+                RunEnd::Interrupted,
+                OpStatus::Interrupted,
+                Some("stopped before it finished".to_owned()),
+            ),
+            (None, None, Some(i), None) => {
+                let f = format!("task `{}` could not run", plan.steps[i].id);
+                (RunEnd::Failed(f.clone()), OpStatus::Failed, Some(f))
+            }
         }
     };
     // The finishing hooks; the op becomes final only after they are recorded.
@@ -598,12 +637,22 @@ pub(crate) async fn run(
         _ => Vec::new(),
     };
     if !phase.is_empty() {
+        let end_state = ending.unwrap_or(EndState {
+            status,
+            error: error.clone(),
+            failed_task,
+        });
         if let Ok(mut outcome) = shared.outcome.lock() {
-            *outcome = Some(EndState {
-                status,
-                error: error.clone(),
-                failed_task,
-            });
+            *outcome = Some(end_state.clone());
+        }
+        let record = Change::SetEnding {
+            op: shared.op,
+            owner: shared.me.clone(),
+            ending: end_state.to_json(),
+        };
+        if let Err(f) = shared.apply(vec![record]).await {
+            heartbeat.abort();
+            return f.into_end();
         }
         if let Err(f) = add_hook_tasks(&shared, &phase).await {
             heartbeat.abort();
@@ -744,7 +793,21 @@ async fn watch_for_cancel(shared: Arc<Shared>) {
                 .reason
                 .as_ref()
                 .map_or(String::new(), |r| format!(": {r}"));
-            shared.stop_because(StopReason::Cancel(format!("{}{why}", request.by)));
+            let by = format!("{}{why}", request.by);
+            // Shown `canceling` while its steps end and its `on_cancel` hooks run.
+            let _ = shared
+                .apply(vec![Change::SetOp {
+                    op: shared.op,
+                    owner: Some(shared.me.clone()),
+                    status: OpStatus::Canceling,
+                    at: now(),
+                    error: None,
+                    release: false,
+                    kind: "op-canceling",
+                    message: format!("canceling, as asked by {by}"),
+                }])
+                .await;
+            shared.stop_because(StopReason::Cancel(by));
             return;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1725,6 +1788,7 @@ async fn await_approval(
     let reader = shared.store.reader().map_err(Fatal::from)?;
     let started = Instant::now();
     let mut signal = stop.clone();
+    let mut gates = shared.gates.subscribe();
     loop {
         let row = reader.task(shared.op, task).map_err(Fatal::from)?;
         if row.status != TaskStatus::Waiting {
@@ -1750,6 +1814,8 @@ async fn await_approval(
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(300)) => {}
             _ = signal.wait_for(|s| *s) => return Ok(TaskEnd::Interrupted),
+            // The op failed elsewhere: leave the gate waiting, for a resume to ask again.
+            _ = gates.wait_for(|s| *s) => return Ok(TaskEnd::Interrupted),
         }
     }
 }

@@ -35,6 +35,7 @@ CREATE TABLE ops (
     error        TEXT,                   -- why the op failed or stopped
     lock_key     TEXT,                   -- the rendered `lock`: ops with equal keys never run at once
     cooldown_ms  INTEGER,                -- the plan's `cooldown`, applied to the key when the op ends
+    ending       TEXT,                   -- JSON: the outcome decided before the finishing hooks run
     cancel_requested_at INTEGER,         -- set by `cairn cancel`; the owner acts on it
     cancel_by    TEXT,
     cancel_reason TEXT,

@@ -201,14 +201,16 @@ fn create_private(path: &Path) -> Result<bool> {
 /// Checks that the file is a cairn database this cairn can use; returns its schema version
 /// (0 for a new, empty file).
 fn check_identity(conn: &Connection, path: &Path, fresh: bool) -> Result<i32> {
-    let app: i32 = conn
-        .pragma_query_value(None, "application_id", |r| r.get(0))
-        .map_err(|e| classify(path, &e))?;
-    let version: i32 = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .map_err(|e| classify(path, &e))?;
-    let objects: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+    // One statement, so one snapshot: read separately, the three could straddle the commit of the
+    // first migration by another process and contradict each other.
+    let (app, version, objects): (i32, i32, i64) = conn
+        .query_row(
+            "SELECT (SELECT application_id FROM pragma_application_id()), \
+                    (SELECT user_version FROM pragma_user_version()), \
+                    (SELECT count(*) FROM sqlite_schema)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .map_err(|e| classify(path, &e))?;
     let unusable = |reason: String| {
         Err(Error::Unusable {
@@ -422,7 +424,13 @@ fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
             new.tasks.len()
         ),
     )?;
-    if let Some((owner, lease_until)) = &new.owner {
+    if let Some((owner, lease_until)) = new.owner.as_ref().filter(|_| !new.start) {
+        tx.prepare_cached(
+            "UPDATE ops SET owner_host = ?2, owner_boot = ?3, owner_pid = ?4, owner_start = ?5, lease_until = ?6 WHERE id = ?1",
+        )?
+        .execute(params![id, owner.host, owner.boot_id, owner.pid, owner.start as i64, lease_until])?;
+    }
+    if let Some((owner, lease_until)) = new.owner.as_ref().filter(|_| new.start) {
         // Started at once: its lock is taken now, or nothing is stored.
         take_lock(tx, OpId(id), new.at, new.ignore_cooldown)?;
         tx.prepare_cached(
@@ -455,6 +463,7 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             lease_until,
             dead_owner,
             now,
+            queued,
             kind,
             message,
         } => {
@@ -479,12 +488,19 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
                     .into());
                 }
             }
-            tx.prepare_cached(
-                "UPDATE ops SET owner_host = ?2, owner_boot = ?3, owner_pid = ?4, owner_start = ?5, lease_until = ?6, \
-                 status = 'running', started_at = COALESCE(started_at, ?7), ended_at = NULL, error = NULL WHERE id = ?1",
-            )?
-            .execute(params![op.0, owner.host, owner.boot_id, owner.pid, owner.start as i64, lease_until, now])?;
-            event(tx, *op, *now, kind, None, message)?;
+            if *queued {
+                tx.prepare_cached(
+                    "UPDATE ops SET owner_host = ?2, owner_boot = ?3, owner_pid = ?4, owner_start = ?5, lease_until = ?6 WHERE id = ?1",
+                )?
+                .execute(params![op.0, owner.host, owner.boot_id, owner.pid, owner.start as i64, lease_until])?;
+            } else {
+                tx.prepare_cached(
+                    "UPDATE ops SET owner_host = ?2, owner_boot = ?3, owner_pid = ?4, owner_start = ?5, lease_until = ?6, \
+                     status = 'running', started_at = COALESCE(started_at, ?7), ended_at = NULL, error = NULL WHERE id = ?1",
+                )?
+                .execute(params![op.0, owner.host, owner.boot_id, owner.pid, owner.start as i64, lease_until, now])?;
+                event(tx, *op, *now, kind, None, message)?;
+            }
         }
         Change::Heartbeat {
             op,
@@ -631,6 +647,19 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             message,
         } => {
             fence(tx, *op, owner)?;
+            if *status == TaskStatus::Waiting {
+                // A gate (again) waits for its answer; one answered meanwhile keeps the answer.
+                let current: String = tx
+                    .prepare_cached("SELECT status FROM tasks WHERE op_id = ?1 AND task_no = ?2")?
+                    .query_row(params![op.0, task.0], |r| r.get(0))?;
+                if TaskStatus::parse(&current).is_some_and(TaskStatus::is_kept) {
+                    return Ok(Applied::Done);
+                }
+                tx.prepare_cached(
+                    "UPDATE tasks SET outputs = NULL, error = NULL, ended_at = NULL WHERE op_id = ?1 AND task_no = ?2",
+                )?
+                .execute(params![op.0, task.0])?;
+            }
             let ended = matches!(
                 status,
                 TaskStatus::Succeeded
@@ -718,6 +747,57 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             if matches!(status, OpStatus::Succeeded | OpStatus::Canceled) {
                 release_lock(tx, *op, *at)?;
             }
+        }
+        Change::CancelUnstarted {
+            op,
+            dead_owner,
+            request,
+        } => {
+            let (status, owner, _) = owner_of(tx, *op)?;
+            let started: Option<Millis> = tx
+                .prepare_cached("SELECT started_at FROM ops WHERE id = ?1")?
+                .query_row([op.0], |r| r.get(0))?;
+            let unowned = owner.is_none() || owner == *dead_owner;
+            if status.is_final() || started.is_some() || !unowned {
+                return Err(Error::Conflict {
+                    op: *op,
+                    status,
+                    reason: "it has started, or has an owner".to_owned(),
+                }
+                .into());
+            }
+            let why = request
+                .reason
+                .as_ref()
+                .map_or(String::new(), |r| format!(": {r}"));
+            let error = format!("canceled by {}{why}", request.by);
+            tx.prepare_cached(
+                "UPDATE ops SET status = 'canceled', error = ?2, ended_at = ?3, current_task = NULL, owner_host = NULL, \
+                 owner_boot = NULL, owner_pid = NULL, owner_start = NULL, lease_until = NULL WHERE id = ?1",
+            )?
+            .execute(params![op.0, error, request.at])?;
+            event(
+                tx,
+                *op,
+                request.at,
+                "op-canceled",
+                None,
+                &format!("op canceled before it started: {error}"),
+            )?;
+        }
+        Change::SetEnding { op, owner, ending } => {
+            fence(tx, *op, owner)?;
+            tx.prepare_cached("UPDATE ops SET ending = ?2 WHERE id = ?1")?
+                .execute(params![op.0, ending.to_string()])?;
+            let status = ending["status"].as_str().unwrap_or("?");
+            event(
+                tx,
+                *op,
+                now_of(ending),
+                "op-finishing",
+                None,
+                &format!("the op {status}; its finishing hooks run"),
+            )?;
         }
         Change::TakeLock {
             op,
@@ -867,6 +947,11 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
     Ok(Applied::Done)
 }
 
+/// The time a JSON change carries in `at`, or 0.
+fn now_of(value: &serde_json::Value) -> Millis {
+    value["at"].as_i64().unwrap_or(0)
+}
+
 /// Takes the op's lock key, unless another op holds it or it cools down.
 fn take_lock(tx: &Transaction<'_>, op: OpId, at: Millis, ignore_cooldown: bool) -> Apply<()> {
     let key: Option<String> = tx
@@ -962,7 +1047,7 @@ fn tail(data: &[u8], limit: u64) -> &[u8] {
 
 const OP_COLUMNS: &str = "id, uuid, plan, title, status, params, created_at, started_at, ended_at, \
      owner_host, owner_boot, owner_pid, owner_start, lease_until, current_task, error, workdir, env, \
-     lock_key, cancel_requested_at, cancel_by, cancel_reason";
+     lock_key, cancel_requested_at, cancel_by, cancel_reason, ending";
 
 fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
     let status: String = r.get(4)?;
@@ -992,6 +1077,9 @@ fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
             }),
             None => None,
         },
+        ending: r
+            .get::<_, Option<String>>(22)?
+            .and_then(|e| serde_json::from_str(&e).ok()),
     })
 }
 

@@ -155,6 +155,8 @@ pub struct OpRow {
     pub lock_key: Option<String>,
     /// Set once someone asked to cancel the op.
     pub cancel: Option<Request>,
+    /// The outcome decided before the finishing hooks (see [`Change::SetEnding`]).
+    pub ending: Option<serde_json::Value>,
     pub created_at: Millis,
     pub started_at: Option<Millis>,
     pub ended_at: Option<Millis>,
@@ -252,9 +254,11 @@ pub struct NewOp {
     pub env: serde_json::Map<String, serde_json::Value>,
     pub tasks: Vec<NewTask>,
     pub at: Millis,
-    /// The process that runs the op at once (`cairn run`), with its lease: the op is stored already
-    /// owned and `running`, so no other process can claim it in between.
+    /// The process that runs the op (`cairn run`), with its lease: no other process can claim the op
+    /// in between. With `start`, the op is stored `running` with its lock taken; without, `queued`
+    /// and owned by the process that waits for the lock.
     pub owner: Option<(ProcessId, Millis)>,
+    pub start: bool,
     /// The rendered lock key, and the cooldown it gets when the op ends.
     pub lock: Option<String>,
     pub cooldown_ms: Option<i64>,
@@ -313,6 +317,8 @@ pub enum Change {
         lease_until: Millis,
         dead_owner: Option<ProcessId>,
         now: Millis,
+        /// Own the op but leave it `queued` (it waits for its lock): no lock, no start.
+        queued: bool,
         /// The event that says why (e.g. `resumed`).
         kind: &'static str,
         message: String,
@@ -373,6 +379,20 @@ pub enum Change {
     RequestCancel {
         op: OpId,
         request: Request,
+    },
+    /// Cancel an op that never started (no step or hook ran): only if it still has not, and has no
+    /// owner or only `dead_owner`.
+    CancelUnstarted {
+        op: OpId,
+        dead_owner: Option<ProcessId>,
+        request: Request,
+    },
+    /// The outcome, decided before the finishing hooks run, so a resume after a crash among them
+    /// goes on with the hooks, not the steps.
+    SetEnding {
+        op: OpId,
+        owner: ProcessId,
+        ending: serde_json::Value,
     },
     /// Answer an approval gate: only a task that is `waiting` changes.
     Approve {

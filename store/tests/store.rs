@@ -41,6 +41,7 @@ fn new_op(tasks: u32) -> NewOp {
             .collect(),
         at: 1,
         owner: None,
+        start: false,
         lock: None,
         cooldown_ms: None,
         ignore_cooldown: false,
@@ -71,6 +72,7 @@ fn claim(
         lease_until: now + 1000,
         dead_owner: dead,
         now,
+        queued: false,
         kind: "started",
         message: "test".into(),
     }])

@@ -79,10 +79,21 @@ fn cancel_of_an_op_without_owner_is_done_by_the_command_hooks_included() {
     assert_eq!(code(&cancel), Some(0), "{}", stderr(&cancel));
     assert_eq!(sandbox.read("cleaned"), "cleaned\n");
     assert_eq!(sandbox.show(1)["status"], "canceled");
-    assert_eq!(
-        code(&sandbox.cairn(&["cancel", "1"])),
-        Some(2),
-        "nothing left to cancel"
+    let again = sandbox.cairn(&["cancel", "1"]);
+    assert_eq!(code(&again), Some(0), "canceling twice is not an error");
+    assert!(
+        stderr(&again).contains("already canceled"),
+        "{}",
+        stderr(&again)
+    );
+    sandbox.write("ok.yaml", "name: ok\nsteps:\n  - id: a\n    noop: true\n");
+    assert_eq!(code(&sandbox.cairn(&["run", "ok.yaml"])), Some(0));
+    let done = sandbox.cairn(&["cancel", "2"]);
+    assert_eq!(code(&done), Some(2));
+    assert!(
+        stderr(&done).contains("has succeeded; there is nothing to cancel"),
+        "{}",
+        stderr(&done)
     );
 }
 
@@ -475,4 +486,178 @@ fn status_says_when_a_task_waits_for_its_retry() {
         "{current}"
     );
     assert_eq!(run.wait().unwrap().code(), Some(1));
+}
+
+/// A `run` waiting for its lock owns its queued op: it notices a cancel at once (exit 3), and a
+/// killed waiter leaves the op shown interrupted, not queued forever. (Controls review #4, #5.)
+#[test]
+fn a_waiting_run_notices_cancel_and_a_dead_waiter_shows_interrupted() {
+    let sandbox = Sandbox::new();
+    sandbox.write("holder.yaml", "name: holder\nlock: k\nsteps:\n  - id: hold\n    run: |\n      touch holding\n      while [ ! -f release ]; do sleep 0.05; done\n");
+    sandbox.write("waiter.yaml", "name: waiter\nlock: k\nsteps:\n  - id: go\n    run: touch ran\nhooks:\n  on_cancel:\n    - run: touch cleaned\n");
+    let mut holder = sandbox.spawn(&["run", "holder.yaml"]);
+    sandbox.wait_for("holding", Duration::from_secs(20));
+    let wait_for_queue = |op: usize| {
+        let started = Instant::now();
+        while sandbox
+            .json(&["status", "--json"])
+            .as_array()
+            .unwrap()
+            .len()
+            < op
+        {
+            assert!(started.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The waiter owns its queued op once it has tried the lock.
+        std::thread::sleep(Duration::from_millis(700));
+    };
+    let mut waiter = sandbox.spawn(&["run", "waiter.yaml"]);
+    wait_for_queue(2);
+    let cancel = sandbox.cairn(&["cancel", "2"]);
+    assert_eq!(code(&cancel), Some(0), "{}", stderr(&cancel));
+    assert_eq!(
+        waiter.wait().unwrap().code(),
+        Some(3),
+        "the waiting run ends canceled"
+    );
+    assert_eq!(sandbox.show(2)["status"], "canceled");
+    assert!(
+        !sandbox.path().join("cleaned").exists(),
+        "an op that never started has nothing to clean"
+    );
+
+    let mut waiter = sandbox.spawn(&["run", "waiter.yaml"]);
+    wait_for_queue(3);
+    waiter.kill().unwrap();
+    waiter.wait().unwrap();
+    assert_eq!(
+        sandbox.json(&["status", "--json"])[0]["status"],
+        "interrupted"
+    );
+    sandbox.write("release", "");
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(code(&sandbox.cairn(&["resume", "3"])), Some(0));
+    assert!(sandbox.path().join("ran").exists());
+}
+
+/// A queued op waits out a pause instead of starting while paused. (Controls review #7.)
+#[test]
+fn a_queued_op_does_not_start_while_paused() {
+    let sandbox = Sandbox::new();
+    sandbox.write("holder.yaml", "name: holder\nlock: k\nsteps:\n  - id: hold\n    run: |\n      touch holding\n      while [ ! -f release ]; do sleep 0.05; done\n");
+    sandbox.write(
+        "waiter.yaml",
+        "name: waiter\nlock: k\nsteps:\n  - id: go\n    run: touch ran\n",
+    );
+    let mut holder = sandbox.spawn(&["run", "holder.yaml"]);
+    sandbox.wait_for("holding", Duration::from_secs(20));
+    let mut waiter = sandbox.spawn(&["run", "waiter.yaml"]);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        code(&sandbox.cairn(&["pause", "--reason", "freeze"])),
+        Some(0)
+    );
+    sandbox.write("release", "");
+    assert!(holder.wait().unwrap().success());
+    let started = Instant::now();
+    loop {
+        let ops = sandbox.json(&["status", "--json"]);
+        let current = ops[0]["current_task"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if current.contains("paused") {
+            assert!(current.contains("freeze"), "{current}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{ops}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!sandbox.path().join("ran").exists());
+    assert_eq!(code(&sandbox.cairn(&["unpause"])), Some(0));
+    assert!(waiter.wait().unwrap().success());
+    assert!(sandbox.path().join("ran").exists());
+}
+
+/// A failed branch ends the op even while an approval gate waits elsewhere. (Controls review #8.)
+#[test]
+fn a_failure_elsewhere_ends_the_op_without_waiting_for_a_gate() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", "name: gate\nsteps:\n  - id: ok\n    approve: go ahead?\n  - id: other\n    run: sleep 0.5; exit 4\n  - id: after\n    needs: [ok]\n    noop: true\n");
+    let started = Instant::now();
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let show = sandbox.show(1);
+    assert_eq!(
+        task(&show, "ok")["status"],
+        "waiting",
+        "the gate keeps waiting, for a resume"
+    );
+}
+
+/// A crash among the finishing hooks: the resume runs the hooks left, not the failed step again.
+/// (Controls review #10.)
+#[test]
+fn a_crash_during_finishing_hooks_resumes_with_the_hooks() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: hooks\nsteps:\n  - id: s\n    run: echo s >> runs; exit 1\nhooks:\n  on_failure:\n    - run: |\n        echo hook1 >> runs\n        touch in-hook\n        while [ ! -f go ]; do sleep 0.05; done\n    - run: echo hook2 >> runs\n",
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    sandbox.wait_for("in-hook", Duration::from_secs(20));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    sandbox.write("go", "");
+    let out = sandbox.cairn(&["resume", "1", "--grace", "1s"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        sandbox.read("runs"),
+        "s\nhook1\nhook1\nhook2\n",
+        "the step did not run again"
+    );
+    assert_eq!(sandbox.show(1)["status"], "failed");
+}
+
+/// Canceling an op that never started leaves the key's cooldown alone. (Controls review #6.)
+#[test]
+fn canceling_an_unstarted_op_keeps_the_cooldown() {
+    let sandbox = Sandbox::new();
+    sandbox.write("holder.yaml", "name: holder\nlock: k\ncooldown: 1h\nsteps:\n  - id: hold\n    run: |\n      touch holding\n      while [ ! -f release ]; do sleep 0.05; done\n");
+    sandbox.write(
+        "waiter.yaml",
+        "name: waiter\nlock: k\nsteps:\n  - id: go\n    run: touch ran\n",
+    );
+    let mut holder = sandbox.spawn(&["run", "holder.yaml"]);
+    sandbox.wait_for("holding", Duration::from_secs(20));
+    let mut waiter = sandbox.spawn(&["run", "waiter.yaml"]);
+    std::thread::sleep(Duration::from_millis(800));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(waiter.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert_eq!(waiter.wait().unwrap().code(), Some(4));
+    sandbox.write("release", "");
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(
+        sandbox.json(&["locks", "--json"])["cooldowns"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(code(&sandbox.cairn(&["cancel", "2"])), Some(0));
+    assert_eq!(sandbox.show(2)["status"], "canceled");
+    assert_eq!(
+        sandbox.json(&["locks", "--json"])["cooldowns"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "the cooldown stands"
+    );
+    assert!(!sandbox.path().join("ran").exists());
 }

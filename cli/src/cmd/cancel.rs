@@ -43,6 +43,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     ))?;
     let text = match end {
         engine::ops::CancelEnd::Canceled => format!("op {op} canceled\n"),
+        engine::ops::CancelEnd::AlreadyCanceled => format!("op {op} is already canceled\n"),
         engine::ops::CancelEnd::Requested { owner } => {
             format!("op {op}: cancel requested; {owner} is still ending it (see `cairn status`)\n")
         }
