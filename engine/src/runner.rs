@@ -838,20 +838,21 @@ async fn heartbeat(shared: Arc<Shared>) {
     }
 }
 
-/// Records a task that ends without running a process (a render error): one attempt, failed.
-async fn fail_before_start(
+/// Records an attempt that starts and ends at once (a `noop`, a render error): one commit.
+async fn whole_attempt(
     shared: &Shared,
     i: usize,
     n: u32,
-    error: String,
-) -> Result<TaskEnd, Fatal> {
+    outcome: TaskOutcome,
+) -> Result<(), Fatal> {
     let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
     let at = now();
+    let owner = shared.me.clone();
     shared
         .apply(vec![
             Change::StartAttempt {
                 op: shared.op,
-                owner: shared.me.clone(),
+                owner: owner.clone(),
                 task,
                 n,
                 retry_from: n - 1,
@@ -859,21 +860,32 @@ async fn fail_before_start(
             },
             Change::FinishAttempt {
                 op: shared.op,
-                owner: shared.me.clone(),
+                owner,
                 task,
                 n,
                 at,
-                outcome: TaskOutcome {
-                    task: TaskStatus::Failed,
-                    attempt: AttemptStatus::Failed,
-                    exit_code: None,
-                    error: Some(error.clone()),
-                    outputs: None,
-                    by_check: false,
-                },
+                outcome,
             },
         ])
-        .await?;
+        .await
+}
+
+/// Records a task that ends without running a process (a render error): one attempt, failed.
+async fn fail_before_start(
+    shared: &Shared,
+    i: usize,
+    n: u32,
+    error: String,
+) -> Result<TaskEnd, Fatal> {
+    let outcome = TaskOutcome {
+        task: TaskStatus::Failed,
+        attempt: AttemptStatus::Failed,
+        exit_code: None,
+        error: Some(error.clone()),
+        outputs: None,
+        by_check: false,
+    };
+    whole_attempt(shared, i, n, outcome).await?;
     shared.say(&Progress::TaskFailed {
         task: shared.step(i).id.clone(),
         error: error.clone(),
@@ -935,35 +947,15 @@ async fn run_task(
     let started = Instant::now();
     match &step.action {
         Action::Noop => {
-            let at = now();
-            let n = prior + 1;
-            shared
-                .apply(vec![
-                    Change::StartAttempt {
-                        op: shared.op,
-                        owner: shared.me.clone(),
-                        task,
-                        n,
-                        retry_from: n - 1,
-                        at,
-                    },
-                    Change::FinishAttempt {
-                        op: shared.op,
-                        owner: shared.me.clone(),
-                        task,
-                        n,
-                        at,
-                        outcome: TaskOutcome {
-                            task: TaskStatus::Succeeded,
-                            attempt: AttemptStatus::Succeeded,
-                            exit_code: None,
-                            error: None,
-                            outputs: Some(Map::new()),
-                            by_check: false,
-                        },
-                    },
-                ])
-                .await?;
+            let outcome = TaskOutcome {
+                task: TaskStatus::Succeeded,
+                attempt: AttemptStatus::Succeeded,
+                exit_code: None,
+                error: None,
+                outputs: Some(Map::new()),
+                by_check: false,
+            };
+            whole_attempt(shared, i, prior + 1, outcome).await?;
             shared.say(&Progress::TaskSucceeded {
                 task: step.id.clone(),
                 by_check: false,
