@@ -67,9 +67,3 @@ pub enum Progress {
 
 /// Where progress goes; cheap to clone.
 pub type Sink = Arc<dyn Fn(&Progress) + Send + Sync>;
-
-/// A sink that drops everything.
-#[must_use]
-pub fn silent() -> Sink {
-    Arc::new(|_| {})
-}
