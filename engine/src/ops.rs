@@ -255,6 +255,7 @@ async fn acquire(
     stop: &StopHandle,
     kind: &'static str,
     message: String,
+    reopen: bool,
 ) -> Result<Acquired, Error> {
     let reader = store.reader()?;
     let mut said = String::new();
@@ -268,12 +269,13 @@ async fn acquire(
         dead_owner: dead.clone(),
         now: now(),
         queued,
+        reopen,
         kind,
         message: message.clone(),
     };
     loop {
         let row = read_op(&reader, op)?;
-        if row.status.is_final() {
+        if row.status.is_final() && !(reopen && row.status == OpStatus::Succeeded) {
             return Ok(Acquired::Canceled);
         }
         if owns_queued && let Some(request) = &row.cancel {
@@ -521,7 +523,7 @@ pub async fn run(
     if !owned {
         let message = format!("started by {me}");
         match acquire(
-            store, id, &me, None, &options, overrides, &progress, &stop, "started", message,
+            store, id, &me, None, &options, overrides, &progress, &stop, "started", message, false,
         )
         .await?
         {
@@ -682,9 +684,10 @@ async fn take(
     stop: &StopHandle,
     kind: &'static str,
     verb: &str,
+    reopen: bool,
 ) -> Result<(Acquired, ProcessId), Error> {
     let op = row.id;
-    if row.status.is_final() {
+    if row.status.is_final() && !(reopen && row.status == OpStatus::Succeeded) {
         return Err(Error::Final {
             op,
             status: row.status,
@@ -707,7 +710,7 @@ async fn take(
         write!(message, "; its previous owner ({dead}) is gone").ok();
     }
     let acquired = acquire(
-        store, op, &me, dead, options, overrides, progress, stop, kind, message,
+        store, op, &me, dead, options, overrides, progress, stop, kind, message, reopen,
     )
     .await?;
     Ok((acquired, me))
@@ -796,6 +799,7 @@ async fn sweep(
 pub async fn resume(
     store: &Store,
     op: OpId,
+    from: Option<&str>,
     options: Options,
     overrides: Overrides,
     progress: Sink,
@@ -803,18 +807,23 @@ pub async fn resume(
 ) -> Result<RunEnd, Error> {
     let reader = store.reader()?;
     let row = read_op(&reader, op)?;
-    if row.status == OpStatus::Succeeded {
+    if row.status == OpStatus::Succeeded && from.is_none() {
         // Resuming after a crash must be safe to repeat: the work is done, and that is success.
         progress(&Progress::AlreadyDone { op });
         return Ok(RunEnd::Succeeded);
     }
+    let rerun = match from {
+        Some(step) => Some(rerun_from(&snapshot_plan(&reader, op)?, op, step)?),
+        None => None,
+    };
     let paused = if row.cancel.is_none() {
         check_pause(store, overrides)?
     } else {
         None
     };
-    let (shared, tasks) = match take_and_load(
-        store, &reader, &row, options, overrides, progress, stop, "resumed", "resumed",
+    let reopen = rerun.is_some();
+    let (shared, mut tasks) = match take_and_load(
+        store, &reader, &row, options, overrides, progress, stop, "resumed", "resumed", reopen,
     )
     .await?
     {
@@ -828,9 +837,132 @@ pub async fn resume(
     if !events.is_empty() {
         store.apply(events).await?;
     }
+    let mut ending = row.ending.as_ref().and_then(runner::EndState::from_json);
+    if let (Some(step), Some(steps)) = (from, rerun) {
+        // The step, what is downstream of it, and the finishing hooks run again; nothing upstream.
+        let hooks = &shared.hooks;
+        let again: Vec<usize> = steps
+            .into_iter()
+            .chain(
+                hooks
+                    .on_success
+                    .iter()
+                    .chain(&hooks.on_failure)
+                    .chain(&hooks.on_cancel)
+                    .copied(),
+            )
+            .collect();
+        let names: Vec<&str> = again
+            .iter()
+            .filter(|&&i| i < shared.plan.steps.len())
+            .map(|&i| shared.step(i).id.as_str())
+            .collect();
+        store
+            .apply(vec![Change::ResetTasks {
+                op,
+                owner: shared.me.clone(),
+                tasks: again
+                    .iter()
+                    .map(|&i| TaskNo(u32::try_from(i).unwrap_or(u32::MAX)))
+                    .collect(),
+                at: now(),
+                message: format!(
+                    "run again from `{step}`, as asked by {}: {}",
+                    whoami(),
+                    names.join(", ")
+                ),
+            }])
+            .await?;
+        for i in again {
+            if let Some(t) = tasks.get_mut(i) {
+                *t = TaskState {
+                    status: TaskStatus::Pending,
+                    attempts: t.attempts,
+                    retry_from: t.attempts,
+                    outputs: None,
+                };
+            }
+        }
+        ending = None;
+    }
     let cancel = row.cancel.as_ref().map(requester);
-    let ending = row.ending.as_ref().and_then(runner::EndState::from_json);
     Ok(runner::run(shared, tasks, cancel, ending).await)
+}
+
+/// The steps `resume --from STEP` runs again: STEP and everything downstream of it.
+fn rerun_from(plan: &Plan, op: OpId, step: &str) -> Result<Vec<usize>, Error> {
+    let index = plan.step_index(step).ok_or_else(|| Error::UnknownStep {
+        op,
+        step: step.to_owned(),
+    })?;
+    Ok(plan.dag.downstream(index))
+}
+
+/// Resolves a step by hand: succeeded (with outputs) or skipped, with who and why. Refused while a
+/// live process runs the op; the next `resume` goes on from there.
+pub async fn mark(
+    store: &Store,
+    op: OpId,
+    step: &str,
+    status: TaskStatus,
+    outputs: Map<String, Value>,
+    reason: String,
+) -> Result<(), Error> {
+    let reader = store.reader()?;
+    let row = read_op(&reader, op)?;
+    if row.status.is_final() {
+        return Err(Error::Final {
+            op,
+            status: row.status,
+        });
+    }
+    let task = reader
+        .tasks(op)?
+        .into_iter()
+        .find(|t| t.name == step || t.step == step)
+        .ok_or_else(|| Error::UnknownStep {
+            op,
+            step: step.to_owned(),
+        })?;
+    let dead_owner = match owner::owner_state(&row, now()) {
+        OwnerState::Alive(owner) => {
+            return Err(Error::Owned {
+                op,
+                owner,
+                lease: row.lease_until.map_or_else(|| "-".to_owned(), show_time),
+            });
+        }
+        OwnerState::Dead(owner) => Some(owner),
+        OwnerState::None => None,
+    };
+    let request = Request {
+        by: whoami(),
+        at: now(),
+        reason: Some(reason),
+    };
+    store
+        .apply(vec![Change::Mark {
+            op,
+            task: task.task_no,
+            status,
+            outputs,
+            dead_owner,
+            request,
+        }])
+        .await
+        .map_err(|e| match e {
+            store::Error::Owned {
+                op,
+                owner,
+                lease_until,
+            } => Error::Owned {
+                op,
+                owner,
+                lease: show_time(lease_until),
+            },
+            other => Error::Store(other),
+        })?;
+    Ok(())
 }
 
 /// Takes the op over, ends what its dead owner left running, and loads its state.
@@ -845,6 +977,7 @@ async fn take_and_load(
     stop: StopHandle,
     kind: &'static str,
     verb: &str,
+    reopen: bool,
 ) -> Result<Result<(Arc<Shared>, Vec<TaskState>), Acquired>, Error> {
     let op = row.id;
     let plan = snapshot_plan(reader, op)?;
@@ -857,7 +990,7 @@ async fn take_and_load(
     };
     let params = secrets::open(&stored, key.as_ref())?;
     let (acquired, me) = take(
-        store, row, &options, overrides, &progress, &stop, kind, verb,
+        store, row, &options, overrides, &progress, &stop, kind, verb, reopen,
     )
     .await?;
     if acquired != Acquired::Yes {
@@ -1024,6 +1157,7 @@ pub async fn cancel(
                     stop_handle(),
                     "cancel-taken",
                     "taken over to cancel it",
+                    false,
                 )
                 .await;
                 let (shared, tasks) = match taken {
@@ -1097,7 +1231,11 @@ pub struct Planned {
 }
 
 /// What a resume would keep and what it would run, without changing anything.
-pub fn dry_run(reader: &Reader, op: OpId) -> Result<(store::OpRow, Vec<Planned>), Error> {
+pub fn dry_run(
+    reader: &Reader,
+    op: OpId,
+    from: Option<&str>,
+) -> Result<(store::OpRow, Vec<Planned>), Error> {
     let row = read_op(reader, op)?;
     if row.status == OpStatus::Canceled {
         return Err(Error::Final {
@@ -1105,13 +1243,20 @@ pub fn dry_run(reader: &Reader, op: OpId) -> Result<(store::OpRow, Vec<Planned>)
             status: row.status,
         });
     }
+    let again = match from {
+        Some(step) => rerun_from(&snapshot_plan(reader, op)?, op, step)?,
+        None => Vec::new(),
+    };
     let planned = reader
         .tasks(op)?
         .into_iter()
-        .map(|t| Planned {
-            task: t.name,
-            status: t.status,
-            kept: t.status.is_kept(),
+        .map(|t| {
+            let rerun = again.contains(&(t.task_no.0 as usize));
+            Planned {
+                task: t.name,
+                status: t.status,
+                kept: t.status.is_kept() && !rerun,
+            }
         })
         .collect();
     Ok((row, planned))

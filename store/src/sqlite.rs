@@ -464,11 +464,12 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             dead_owner,
             now,
             queued,
+            reopen,
             kind,
             message,
         } => {
             let (status, current, lease) = owner_of(tx, *op)?;
-            if status.is_final() {
+            if status.is_final() && !(*reopen && status == OpStatus::Succeeded) {
                 return Err(Error::Conflict {
                     op: *op,
                     status,
@@ -601,6 +602,24 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
                 .as_ref()
                 .map(|o| serde_json::Value::Object(o.clone()).to_string());
             let ended = (outcome.task != TaskStatus::Pending).then_some(*at);
+            // A task resolved by hand (`cairn mark`) while an attempt of it was in doubt keeps what
+            // the person said; only the attempt's own end is recorded.
+            let (current, name): (String, String) = tx
+                .prepare_cached("SELECT status, name FROM tasks WHERE op_id = ?1 AND task_no = ?2")?
+                .query_row(params![op.0, task.0], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            if TaskStatus::parse(&current).is_some_and(TaskStatus::is_kept)
+                && outcome.task != TaskStatus::Succeeded
+            {
+                event(
+                    tx,
+                    *op,
+                    *at,
+                    "attempt-ended",
+                    Some(&name),
+                    &format!("attempt {n} {}; the task stays {current}", outcome.attempt),
+                )?;
+                return Ok(Applied::Done);
+            }
             let name: String = tx
                 .prepare_cached(
                     "UPDATE tasks SET status = ?3, ended_at = ?4, exit_code = ?5, error = ?6, \
@@ -747,6 +766,67 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             if matches!(status, OpStatus::Succeeded | OpStatus::Canceled) {
                 release_lock(tx, *op, *at)?;
             }
+        }
+        Change::Mark {
+            op,
+            task,
+            status,
+            outputs,
+            dead_owner,
+            request,
+        } => {
+            let (_, owner, lease) = owner_of(tx, *op)?;
+            if let Some(owner) = owner.filter(|o| Some(o) != dead_owner.as_ref()) {
+                return Err(Error::Owned {
+                    op: *op,
+                    owner,
+                    lease_until: lease.unwrap_or(0),
+                }
+                .into());
+            }
+            let why = request
+                .reason
+                .as_ref()
+                .map_or(String::new(), |r| format!(": {r}"));
+            let shown: Vec<String> = outputs
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect();
+            let name: String = tx
+                .prepare_cached(
+                    "UPDATE tasks SET status = ?3, outputs = ?4, ended_at = ?5, error = NULL, exit_code = NULL, by_check = 0 \
+                     WHERE op_id = ?1 AND task_no = ?2 RETURNING name",
+                )?
+                .query_row(
+                    params![op.0, task.0, status.as_str(), serde_json::Value::Object(outputs.clone()).to_string(), request.at],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .ok_or(Error::NotFound(*op))?;
+            let mut message = format!("marked {status} by hand by {}{why}", request.by);
+            if !shown.is_empty() {
+                write!(message, "; outputs {}", shown.join(" ")).ok();
+            }
+            event(tx, *op, request.at, "task-marked", Some(&name), &message)?;
+        }
+        Change::ResetTasks {
+            op,
+            owner,
+            tasks,
+            at,
+            message,
+        } => {
+            fence(tx, *op, owner)?;
+            let mut reset = tx.prepare_cached(
+                "UPDATE tasks SET status = 'pending', outputs = NULL, ended_at = NULL, error = NULL, exit_code = NULL, \
+                 by_check = 0, retry_from = attempts WHERE op_id = ?1 AND task_no = ?2",
+            )?;
+            for task in tasks {
+                reset.execute(params![op.0, task.0])?;
+            }
+            tx.prepare_cached("UPDATE ops SET ending = NULL WHERE id = ?1")?
+                .execute([op.0])?;
+            event(tx, *op, *at, "rerun", None, message)?;
         }
         Change::CancelUnstarted {
             op,

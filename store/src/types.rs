@@ -319,6 +319,8 @@ pub enum Change {
         now: Millis,
         /// Own the op but leave it `queued` (it waits for its lock): no lock, no start.
         queued: bool,
+        /// Reopen a succeeded op (`resume --from`).
+        reopen: bool,
         /// The event that says why (e.g. `resumed`).
         kind: &'static str,
         message: String,
@@ -379,6 +381,24 @@ pub enum Change {
     RequestCancel {
         op: OpId,
         request: Request,
+    },
+    /// A person resolves a task by hand (`cairn mark`): succeeded (with the outputs given) or
+    /// skipped. Refused while a live owner runs the op (it must have no owner, or only `dead_owner`).
+    Mark {
+        op: OpId,
+        task: TaskNo,
+        status: TaskStatus,
+        outputs: serde_json::Map<String, serde_json::Value>,
+        dead_owner: Option<ProcessId>,
+        request: Request,
+    },
+    /// Make tasks pending again (`resume --from`): they run again, with a fresh retry round.
+    ResetTasks {
+        op: OpId,
+        owner: ProcessId,
+        tasks: Vec<TaskNo>,
+        at: Millis,
+        message: String,
     },
     /// Cancel an op that never started (no step or hook ran): only if it still has not, and has no
     /// owner or only `dead_owner`.

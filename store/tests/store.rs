@@ -73,6 +73,7 @@ fn claim(
         dead_owner: dead,
         now,
         queued: false,
+        reopen: false,
         kind: "started",
         message: "test".into(),
     }])

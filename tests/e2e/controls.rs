@@ -661,3 +661,77 @@ fn canceling_an_unstarted_op_keeps_the_cooldown() {
     );
     assert!(!sandbox.path().join("ran").exists());
 }
+
+#[test]
+fn resume_from_reruns_exactly_the_step_and_its_dependents() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: chain\nsteps:\n  - id: fetch\n    run: echo fetch >> runs\n  - id: restore\n    needs: [fetch]\n    run: echo restore >> runs\n  - id: verify\n    needs: [restore]\n    run: echo verify >> runs\n  - id: side\n    needs: [fetch]\n    run: echo side >> runs\nhooks:\n  on_success:\n    - run: echo hook >> runs\n",
+    );
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(0));
+    let dry = sandbox.cairn(&["resume", "1", "--from", "restore", "--dry-run"]);
+    let dry = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(
+        dry.contains("keep  fetch")
+            && dry.contains("run   restore")
+            && dry.contains("run   verify")
+            && dry.contains("keep  side"),
+        "{dry}"
+    );
+    assert!(dry.contains("nothing upstream of it runs again"), "{dry}");
+    std::fs::remove_file(sandbox.path().join("runs")).unwrap();
+    let out = sandbox.cairn(&["resume", "1", "--from", "restore"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("runs"), "restore\nverify\nhook\n");
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "succeeded");
+    assert_eq!(task(&show, "restore")["attempts"], 2);
+    assert_eq!(task(&show, "fetch")["attempts"], 1);
+    assert_eq!(
+        code(&sandbox.cairn(&["resume", "1", "--from", "nope"])),
+        Some(2)
+    );
+}
+
+#[test]
+fn mark_resolves_a_failed_step_by_hand_and_resume_uses_its_outputs() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: manual\nsteps:\n  - id: pick\n    outputs: [source]\n    run: exit 1\n  - id: copy\n    needs: [pick]\n    run: echo from {{ steps.pick.outputs.source }} > copied\n",
+    );
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(1));
+    let no_reason = sandbox.cairn(&["mark", "1", "pick", "--succeeded"]);
+    assert_eq!(code(&no_reason), Some(2), "a reason is required");
+    let mark = sandbox.cairn(&[
+        "mark",
+        "1",
+        "pick",
+        "--succeeded",
+        "--reason",
+        "picked node-3 by hand",
+        "--output",
+        "source=node-3",
+    ]);
+    assert_eq!(code(&mark), Some(0), "{}", stderr(&mark));
+    let out = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("copied"), "from node-3\n");
+    let show = sandbox.show(1);
+    assert_eq!(task(&show, "pick")["outputs"]["source"], "node-3");
+    assert_eq!(
+        task(&show, "pick")["attempts"],
+        1,
+        "the step itself did not run again"
+    );
+    let marked = events(&show)
+        .into_iter()
+        .find(|(k, _)| k == "task-marked")
+        .expect("an event");
+    assert!(
+        marked.1.contains("picked node-3 by hand")
+            && marked.1.contains("marked succeeded by hand by"),
+        "{marked:?}"
+    );
+}

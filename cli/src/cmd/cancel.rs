@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
-
 use crate::cmd::run::RunArgs;
 use crate::db::{DbArgs, op_id};
 use crate::exit::Failure;
@@ -49,6 +47,5 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         }
     };
     crate::output::diagnostic(&text);
-    let _ = crate::output::data("").context("cannot write");
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod cancel;
 pub mod graph;
 pub mod locks;
 pub mod logs;
+pub mod mark;
 pub mod pause;
 pub mod resume;
 pub mod run;

@@ -13,7 +13,8 @@ use crate::output::Output;
 ///
 /// Tasks that succeeded or were skipped are kept with their outputs; failed and interrupted ones
 /// run again. Processes left behind by a crashed run are ended first. Refused while another live
-/// process runs the op.
+/// process runs the op. With `--from STEP`, STEP and every step downstream of it run again even if
+/// they succeeded (the op may have succeeded); steps upstream of it are kept, never re-run.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The op's id.
@@ -21,6 +22,9 @@ pub struct Args {
     /// List what would be kept and what would run, and change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Run this step and everything downstream of it again, even if they succeeded.
+    #[arg(long, value_name = "STEP")]
+    from: Option<String>,
     #[command(flatten)]
     run: RunArgs,
     #[command(flatten)]
@@ -31,11 +35,14 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     if args.dry_run {
         let reader = args.db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
-        let (row, planned) = engine::ops::dry_run(&reader, op)?;
+        let (row, planned) = engine::ops::dry_run(&reader, op, args.from.as_deref())?;
         let mut text = format!("op {op} ({}, {}): a resume would\n", row.plan, row.title);
         for p in &planned {
             let what = if p.kept { "keep" } else { "run " };
             writeln!(text, "  {what}  {}  ({})", p.task, p.status).ok();
+        }
+        if let Some(step) = &args.from {
+            writeln!(text, "(`--from {step}` runs it and what is downstream of it again; nothing upstream of it runs again)").ok();
         }
         crate::output::data(&text).context("cannot write")?;
         return Ok(());
@@ -45,6 +52,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         engine::ops::resume(
             &store,
             op,
+            args.from.as_deref(),
             args.run.options(),
             args.run.overrides(),
             progress,
