@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 /// A durable workflow engine for database operations: plans of idempotent steps, checkpointed so
 /// that any failed, canceled or killed op resumes exactly where it stopped.
 #[derive(Debug, Parser)]
-#[command(name = "cairn", version, about, max_term_width = 100)]
+#[command(name = "cairn", version, max_term_width = 100)]
 struct Cli {
     #[command(flatten)]
     global: output::Global,

@@ -25,7 +25,7 @@ pub struct Global {
         default_value = "auto"
     )]
     pub color: Color,
-    /// Print more about what happens (repeat for more).
+    /// Print more: whole error messages in progress lines, not only their first line.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Print only errors.
@@ -37,6 +37,7 @@ pub struct Global {
 pub struct Output {
     pub color: bool,
     pub quiet: bool,
+    pub verbose: bool,
 }
 
 impl Output {
@@ -52,6 +53,7 @@ impl Output {
         Self {
             color,
             quiet: global.quiet,
+            verbose: global.verbose > 0,
         }
     }
 

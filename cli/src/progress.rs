@@ -23,26 +23,27 @@ fn line(text: &str) {
 }
 
 /// The sink for a run: the live view on a terminal, lines otherwise; only the end with `--quiet`.
-pub fn printer(quiet: bool) -> Sink {
+pub fn printer(out: &crate::output::Output) -> Sink {
+    let (quiet, verbose) = (out.quiet, out.verbose);
     if !quiet && std::io::stderr().is_terminal() {
-        live()
+        live(verbose)
     } else {
-        lines(quiet)
+        lines(quiet, verbose)
     }
 }
 
 /// One line per transition.
-fn lines(quiet: bool) -> Sink {
+fn lines(quiet: bool, verbose: bool) -> Sink {
     Arc::new(move |p: &Progress| {
         if quiet && !matches!(p, Progress::OpEnded { .. }) {
             return;
         }
-        line(&describe(p));
+        line(&describe(p, verbose));
     })
 }
 
 /// Spinners for running tasks; transitions printed above them.
-fn live() -> Sink {
+fn live(verbose: bool) -> Sink {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
     let bars: Mutex<HashMap<String, ProgressBar>> = Mutex::new(HashMap::new());
     let style = ProgressStyle::with_template("  {spinner} {msg} {elapsed}")
@@ -73,7 +74,7 @@ fn live() -> Sink {
             }
             _ => {}
         }
-        let _ = multi.println(format!("{} {}", clock(), describe(p)));
+        let _ = multi.println(format!("{} {}", clock(), describe(p, verbose)));
     })
 }
 
@@ -89,7 +90,14 @@ fn first_line(text: &str) -> String {
 }
 
 /// The line for a transition.
-fn describe(p: &Progress) -> String {
+fn describe(p: &Progress, verbose: bool) -> String {
+    let first_line = |text: &str| {
+        if verbose {
+            text.to_owned()
+        } else {
+            first_line(text)
+        }
+    };
     let ms = |d: &Duration| engine::time::elapsed(i64::try_from(d.as_millis()).unwrap_or(0));
     match p {
         Progress::OpStarted { op, title, resumed } => {

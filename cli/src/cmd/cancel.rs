@@ -29,7 +29,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     let store = args.db.store()?;
     let runtime = crate::runtime()?;
-    let progress = crate::progress::printer(out.quiet);
+    let progress = crate::progress::printer(out);
     let wait = args.run.grace + Duration::from_secs(30);
     let end = runtime.block_on(engine::ops::cancel(
         &store,

@@ -140,6 +140,6 @@ where
     runtime.block_on(async {
         let stop = engine::stop_handle();
         crate::signals::watch(stop.clone()).context("cannot watch for Ctrl-C")?;
-        Ok(start(crate::progress::printer(out.quiet), stop).await?)
+        Ok(start(crate::progress::printer(out), stop).await?)
     })
 }
