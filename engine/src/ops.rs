@@ -229,6 +229,20 @@ async fn tell(store: &Store, op: OpId, said: &mut String, text: String) -> Resul
     Ok(())
 }
 
+/// The op's owner if it is gone (for a takeover to name), `None` if it has none; refused while it
+/// lives, naming it and its lease.
+fn dead_owner_or_refuse(row: &store::OpRow) -> Result<Option<ProcessId>, Error> {
+    match owner::owner_state(row, now()) {
+        OwnerState::Alive(owner) => Err(Error::Owned {
+            op: row.id,
+            owner,
+            lease: row.lease_until.map_or_else(|| "-".to_owned(), show_time),
+        }),
+        OwnerState::Dead(owner) => Ok(Some(owner)),
+        OwnerState::None => Ok(None),
+    }
+}
+
 /// How waiting for an op's lock ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Acquired {
@@ -694,17 +708,7 @@ async fn take(
         });
     }
     let me = owner::me();
-    let dead = match owner::owner_state(row, now()) {
-        OwnerState::Alive(owner) => {
-            return Err(Error::Owned {
-                op,
-                owner,
-                lease: row.lease_until.map_or_else(|| "-".to_owned(), show_time),
-            });
-        }
-        OwnerState::Dead(owner) => Some(owner),
-        OwnerState::None => None,
-    };
+    let dead = dead_owner_or_refuse(row)?;
     let mut message = format!("{verb} by {me}");
     if let Some(dead) = &dead {
         write!(message, "; its previous owner ({dead}) is gone").ok();
@@ -924,17 +928,7 @@ pub async fn mark(
             op,
             step: step.to_owned(),
         })?;
-    let dead_owner = match owner::owner_state(&row, now()) {
-        OwnerState::Alive(owner) => {
-            return Err(Error::Owned {
-                op,
-                owner,
-                lease: row.lease_until.map_or_else(|| "-".to_owned(), show_time),
-            });
-        }
-        OwnerState::Dead(owner) => Some(owner),
-        OwnerState::None => None,
-    };
+    let dead_owner = dead_owner_or_refuse(&row)?;
     let request = Request {
         by: whoami(),
         at: now(),

@@ -1145,6 +1145,29 @@ async fn finish(
     Ok(end)
 }
 
+/// Records attempt `n` failed before or without its process having a say (a file could not be
+/// made, a check's output was bad): no exit code, no retry.
+async fn fail_attempt(
+    shared: &Shared,
+    i: usize,
+    n: u32,
+    error: String,
+    started: Instant,
+) -> Result<TaskEnd, Fatal> {
+    finish(
+        shared,
+        i,
+        n,
+        Ended::Failed {
+            error,
+            exit_code: None,
+            retry_in: None,
+        },
+        started,
+    )
+    .await
+}
+
 /// The environment of a step's process: the captured base, the plan's and step's `env`, every
 /// param as `CAIRN_PARAM_<NAME>`, and cairn's own variables.
 fn environment(
@@ -1547,18 +1570,7 @@ async fn run_process_task(
             let (output, env) = match process_files(shared, step, ctx, i, n, "check") {
                 Ok(prepared) => prepared,
                 Err(error) => {
-                    return finish(
-                        shared,
-                        i,
-                        n,
-                        Ended::Failed {
-                            error,
-                            exit_code: None,
-                            retry_in: None,
-                        },
-                        started,
-                    )
-                    .await;
+                    return fail_attempt(shared, i, n, error, started).await;
                 }
             };
             match run_process(
@@ -1581,36 +1593,15 @@ async fn run_process_task(
                     let outputs = match run.outputs {
                         Ok(o) => o,
                         Err(e) => {
-                            return finish(
-                                shared,
-                                i,
-                                n,
-                                Ended::Failed {
-                                    error: format!("`check`: {e}"),
-                                    exit_code: None,
-                                    retry_in: None,
-                                },
-                                started,
-                            )
-                            .await;
+                            return fail_attempt(shared, i, n, format!("`check`: {e}"), started)
+                                .await;
                         }
                     };
                     if let Some(missing) = missing_output(step, &outputs) {
                         let error = format!(
                             "`check` said the step is done but did not publish its output `{missing}`"
                         );
-                        return finish(
-                            shared,
-                            i,
-                            n,
-                            Ended::Failed {
-                                error,
-                                exit_code: None,
-                                retry_in: None,
-                            },
-                            started,
-                        )
-                        .await;
+                        return fail_attempt(shared, i, n, error, started).await;
                     }
                     return finish(shared, i, n, Ended::Succeeded(outputs, true), started).await;
                 }
@@ -1624,18 +1615,7 @@ async fn run_process_task(
         let (output, env) = match process_files(shared, step, ctx, i, n, "run") {
             Ok(prepared) => prepared,
             Err(error) => {
-                return finish(
-                    shared,
-                    i,
-                    n,
-                    Ended::Failed {
-                        error,
-                        exit_code: None,
-                        retry_in: None,
-                    },
-                    started,
-                )
-                .await;
+                return fail_attempt(shared, i, n, error, started).await;
             }
         };
         let run = match run_process(
@@ -1653,18 +1633,7 @@ async fn run_process_task(
         {
             Ok(run) => run,
             Err(error) => {
-                return finish(
-                    shared,
-                    i,
-                    n,
-                    Ended::Failed {
-                        error,
-                        exit_code: None,
-                        retry_in: None,
-                    },
-                    started,
-                )
-                .await;
+                return fail_attempt(shared, i, n, error, started).await;
             }
         };
         let exit = &run.exit;
