@@ -90,7 +90,7 @@ fn first_line(text: &str) -> String {
 }
 
 /// The line for a transition.
-fn describe(p: &Progress, verbose: bool) -> String {
+pub fn describe(p: &Progress, verbose: bool) -> String {
     let first_line = |text: &str| {
         if verbose {
             text.to_owned()

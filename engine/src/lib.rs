@@ -8,11 +8,14 @@
 //! - [`secrets`]: secret params sealed at rest.
 //! - [`progress`]: what a run reports as it goes. [`time`]: times for people and machines.
 
+pub mod children;
 pub mod ops;
 pub mod owner;
 pub mod progress;
 mod runner;
+pub mod schedule;
 pub mod secrets;
+pub mod serve;
 pub mod time;
 
 pub use ops::{Error, NewRun, StopHandle, stop_handle};

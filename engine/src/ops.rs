@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64};
 
-use plans::model::{Action, Plan};
+use plans::model::Plan;
 use plans::template::{Context, Template};
 use serde_json::{Map, Value};
 use store::{
@@ -39,8 +39,6 @@ pub enum Error {
     Final { op: OpId, status: OpStatus },
     #[error("cannot render the op's {what}: {reason}")]
     Render { what: &'static str, reason: String },
-    #[error("the plan cannot be run by this version of cairn: {0}")]
-    Unsupported(String),
     #[error("the op's plan snapshot does not validate any more: {0}")]
     Snapshot(String),
     #[error(transparent)]
@@ -69,6 +67,8 @@ pub enum Error {
     UnknownStep { op: OpId, step: String },
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    SubPlan(String),
 }
 
 /// Environment variables every op keeps from the environment it was started in (besides those
@@ -89,34 +89,6 @@ pub fn capture_env(plan: &Plan) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Refuses plans with step kinds this version does not run yet, before anything is stored.
-pub fn check_supported(plan: &Plan) -> Result<(), Error> {
-    let unsupported: Vec<String> = plan
-        .steps
-        .iter()
-        .filter(|s| matches!(s.action, Action::Plan { .. }) || s.for_each.is_some())
-        .map(|s| {
-            format!(
-                "`{}` ({})",
-                s.id,
-                if s.for_each.is_some() {
-                    "for_each"
-                } else {
-                    s.action.kind()
-                }
-            )
-        })
-        .collect();
-    if unsupported.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Unsupported(format!(
-            "steps {} use features that come in a later version",
-            unsupported.join(", ")
-        )))
-    }
-}
-
 fn lease_until(options: &Options) -> Millis {
     now() + i64::try_from(options.lease.as_millis()).unwrap_or(i64::MAX)
 }
@@ -129,6 +101,10 @@ pub struct NewRun {
     /// The plan file's directory.
     pub workdir: PathBuf,
     pub env: BTreeMap<String, String>,
+    /// Its sub-plans and theirs, by absolute path (see [`crate::children::load`]).
+    pub files: Vec<(String, String)>,
+    /// The op and task that start it, for a sub-plan's op.
+    pub parent: Option<(OpId, TaskNo)>,
 }
 
 /// The handle a caller keeps to stop a run (Ctrl-C, SIGTERM).
@@ -160,6 +136,7 @@ fn secret_values(plan: &Plan, params: &Map<String, Value>) -> Vec<String> {
 
 /// What a person allowed when starting or resuming an op; each use is recorded in its events.
 #[derive(Debug, Clone, Copy, Default)]
+#[allow(clippy::struct_excessive_bools)] // independent switches, each given by a person or a caller
 pub struct Overrides {
     /// Refuse at once, rather than wait, when another op holds the lock.
     pub no_wait: bool,
@@ -167,6 +144,9 @@ pub struct Overrides {
     pub ignore_cooldown: bool,
     /// Start even while cairn is paused.
     pub ignore_pause: bool,
+    /// Stopped while it waits for its lock, an op that never started goes back to the queue
+    /// (`cairn serve`) instead of ending interrupted (`cairn run`, whose person stopped it).
+    pub requeue: bool,
 }
 
 /// Who runs this command, for the audit trail: the OS user.
@@ -287,12 +267,28 @@ async fn acquire(
         kind,
         message: message.clone(),
     };
+    // A sub-plan's op waiting for its lock is canceled with its parent (or an op above it).
+    let (ancestors, _) = crate::children::lineage(&reader, reader.op(op)?.parent)?;
     loop {
         let row = read_op(&reader, op)?;
         if row.status.is_final() && !(reopen && row.status == OpStatus::Succeeded) {
             return Ok(Acquired::Canceled);
         }
-        if owns_queued && let Some(request) = &row.cancel {
+        if overrides.requeue && crate::runner::draining() && row.started_at.is_none() {
+            // The process drains (`serve` stops): an op that has not started does not start now.
+            if owns_queued {
+                store
+                    .apply(vec![requeued(op, me, "the server stops")])
+                    .await?;
+            }
+            return Ok(Acquired::Stopped);
+        }
+        let cancel = row.cancel.clone().or_else(|| {
+            ancestors
+                .iter()
+                .find_map(|&a| reader.op(a).ok().and_then(|r| r.cancel))
+        });
+        if owns_queued && let Some(request) = &cancel {
             let why = request
                 .reason
                 .as_ref()
@@ -346,7 +342,15 @@ async fn acquire(
         match attempt {
             Ok(_) => return Ok(Acquired::Yes),
             Err(None) => {}
-            Err(Some(store::Error::LockHeld { key, holder })) if !overrides.no_wait => {
+            // A sub-plan's op does not wait for a holder that has stopped (failed, interrupted):
+            // in a tree of ops nobody would resume that holder while this one waits.
+            Err(Some(store::Error::LockHeld { key, holder }))
+                if !overrides.no_wait
+                    && (ancestors.is_empty()
+                        || reader
+                            .op(holder)
+                            .is_ok_and(|h| !crate::owner::shown_status(&h, now()).is_ended())) =>
+            {
                 if !said.contains(&format!("held by op {holder}")) {
                     progress(&Progress::WaitingForLock {
                         key: key.clone(),
@@ -377,7 +381,12 @@ async fn acquire(
             }
             Err(Some(e)) => {
                 let error = lock_error(e);
-                if owns_queued {
+                if owns_queued && overrides.requeue && row.started_at.is_none() {
+                    // `serve` tries it again later: it goes back to the queue.
+                    let _ = store
+                        .apply(vec![requeued(op, me, &error.to_string())])
+                        .await;
+                } else if owns_queued {
                     // Refused while waiting (the key began to cool down): the op stays, failed,
                     // for a resume once the cooldown is acknowledged.
                     let _ = store
@@ -421,51 +430,81 @@ async fn acquire(
             }
             Err(e) => return Err(e.into()),
         }
-        tokio::select! {
-            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-            _ = stopped.wait_for(|s| *s) => {
-                store
-                    .apply(vec![Change::SetOp {
-                        op,
-                        owner: Some(me.clone()),
-                        status: OpStatus::Interrupted,
-                        at: now(),
-                        error: Some("stopped while waiting to start".to_owned()),
-                        release: true,
-                        kind: "op-interrupted",
-                        message: "stopped while waiting to start".to_owned(),
-                    }])
-                    .await?;
-                return Ok(Acquired::Stopped);
-            }
+        let asked_to_stop = tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => false,
+            _ = stopped.wait_for(|s| *s) => true,
+        };
+        if asked_to_stop {
+            let requeue = overrides.requeue && read_op(&reader, op)?.started_at.is_none();
+            let change = if requeue {
+                requeued(op, me, "stopped while waiting to start")
+            } else {
+                Change::SetOp {
+                    op,
+                    owner: Some(me.clone()),
+                    status: OpStatus::Interrupted,
+                    at: now(),
+                    error: Some("stopped while waiting to start".to_owned()),
+                    release: true,
+                    kind: "op-interrupted",
+                    message: "stopped while waiting to start".to_owned(),
+                }
+            };
+            store.apply(vec![change]).await?;
+            return Ok(Acquired::Stopped);
         }
     }
 }
 
-/// Stores a new op owned by this process (submit, lock and take in one transaction, so no other
-/// process can claim it in between), then runs it. While another op holds its lock it is stored
-/// `queued` and waits (or, with `no_wait`, nothing is stored and the holder is named).
-pub async fn run(
+/// A task of an op by its name (`restore[s3]`), or by its step (the step's own task).
+fn find_task(reader: &Reader, op: OpId, step: &str) -> Result<store::TaskRow, Error> {
+    let tasks = reader.tasks(op)?;
+    let by_name = tasks.iter().position(|t| t.name == step);
+    by_name
+        .or_else(|| tasks.iter().position(|t| t.step == step))
+        .map(|i| tasks[i].clone())
+        .ok_or_else(|| Error::UnknownStep {
+            op,
+            step: step.to_owned(),
+        })
+}
+
+/// An op that never started goes back to the queue, owned by nobody (`serve` takes it later).
+fn requeued(op: OpId, me: &ProcessId, why: &str) -> Change {
+    Change::SetOp {
+        op,
+        owner: Some(me.clone()),
+        status: OpStatus::Queued,
+        at: now(),
+        error: None,
+        release: true,
+        kind: "op-requeued",
+        message: format!("back in the queue: {why}"),
+    }
+}
+
+/// The op to store for `new`: title and lock key rendered, secrets sealed, one task per step;
+/// `queued`, with no owner (the caller sets one to run it at once). `held`: lock keys its
+/// ancestors hold (a sub-plan's op does not take them again).
+fn new_op(
     store: &Store,
-    new: NewRun,
-    options: Options,
+    new: &NewRun,
+    held: &[String],
     overrides: Overrides,
-    progress: Sink,
-    stop: StopHandle,
-) -> Result<(OpId, RunEnd), Error> {
-    check_supported(&new.plan)?;
-    let paused = check_pause(store, overrides)?;
+) -> Result<NewOp, Error> {
     let uuid = uuid::Uuid::now_v7().to_string();
     let title = match &new.plan.title {
-        Some(t) => render_header(t, &new, &uuid, "title")?,
+        Some(t) => render_header(t, new, &uuid, "title")?,
         None => new.plan.name.clone(),
     };
     let lock = new
         .plan
         .lock
         .as_ref()
-        .map(|t| render_header(t, &new, &uuid, "lock key"))
-        .transpose()?;
+        .map(|t| render_header(t, new, &uuid, "lock key"))
+        .transpose()?
+        // A sub-plan's op runs under its ancestors' locks: it never waits for them.
+        .filter(|key| !held.contains(key));
     let secret = secret_names(&new.plan);
     let stored_params = if secret.iter().any(|n| new.params.contains_key(*n)) {
         let key = secrets::key(store.path(), true)?.ok_or_else(|| secrets::Error::Key {
@@ -476,17 +515,15 @@ pub async fn run(
     } else {
         new.params.clone()
     };
-    let me = owner::me();
-    let at = now();
-    let mut op = NewOp {
-        uuid: uuid.clone(),
+    Ok(NewOp {
+        uuid,
         snapshot: Snapshot {
-            hash: new.plan.hash.clone(),
+            hash: plans::bundle::hash(&new.plan.text, &new.files),
             name: new.plan.name.clone(),
             text: new.plan.text.clone(),
-            files: Vec::new(),
+            files: new.files.clone(),
         },
-        title: title.clone(),
+        title,
         status: OpStatus::Queued,
         params: Value::Object(stored_params),
         workdir: new.workdir.display().to_string(),
@@ -507,16 +544,53 @@ pub async fn run(
                 item: None,
             })
             .collect(),
-        at,
-        owner: Some((me.clone(), lease_until(&options))),
-        start: true,
+        at: now(),
+        owner: None,
+        start: false,
         lock,
         cooldown_ms: new
             .plan
             .cooldown
             .map(|c| i64::try_from(c.as_millis()).unwrap_or(i64::MAX)),
         ignore_cooldown: overrides.ignore_cooldown,
-    };
+        parent: new.parent,
+        fired_by: None,
+    })
+}
+
+/// Queues an op for `cairn serve` (`cairn submit`): stored `queued`, owned by nobody; its lock is
+/// taken when a `serve` starts it. `fired_by`: the schedule firing it is (stored only once).
+pub async fn submit(
+    store: &Store,
+    new: NewRun,
+    fired_by: Option<(String, Millis)>,
+) -> Result<OpId, Error> {
+    let mut op = new_op(store, &new, &[], Overrides::default())?;
+    op.fired_by = fired_by;
+    match store.apply(vec![Change::Submit(op)]).await?.pop() {
+        Some(Applied::Submitted { id, .. }) => Ok(id),
+        _ => Err(Error::Store(store::Error::Closed)),
+    }
+}
+
+/// Stores a new op owned by this process (submit, lock and take in one transaction, so no other
+/// process can claim it in between), then runs it. While another op holds its lock it is stored
+/// `queued` and waits (or, with `no_wait`, nothing is stored and the holder is named).
+pub async fn run(
+    store: &Store,
+    new: NewRun,
+    options: Options,
+    overrides: Overrides,
+    progress: Sink,
+    stop: StopHandle,
+) -> Result<(OpId, RunEnd), Error> {
+    let paused = check_pause(store, overrides)?;
+    let (ancestors, held) = crate::children::lineage(&store.reader()?, new.parent)?;
+    let me = owner::me();
+    let mut op = new_op(store, &new, &held, overrides)?;
+    op.owner = Some((me.clone(), lease_until(&options)));
+    op.start = true;
+    let (uuid, title) = (op.uuid.clone(), op.title.clone());
     let submitted = match store.apply(vec![Change::Submit(op.clone())]).await {
         Ok(applied) => Ok((applied, true)),
         Err(store::Error::LockHeld { .. }) if !overrides.no_wait => {
@@ -572,16 +646,10 @@ pub async fn run(
         progress,
         stop,
         secrets,
+        Arc::new(new.files.into_iter().collect()),
+        ancestors,
     )?;
-    let tasks = vec![
-        TaskState {
-            status: TaskStatus::Pending,
-            attempts: 0,
-            retry_from: 0,
-            outputs: None
-        };
-        shared.steps.len()
-    ];
+    let tasks = TaskState::initial(&shared.steps);
     Ok((id, runner::run(shared, tasks, None, None).await))
 }
 
@@ -622,6 +690,8 @@ fn shared(
     progress: Sink,
     stop: StopHandle,
     secrets: Vec<String>,
+    files: crate::children::Files,
+    ancestors: Vec<OpId>,
 ) -> Result<Arc<Shared>, Error> {
     let outdir = tempfile::Builder::new()
         .prefix("cairn-")
@@ -657,7 +727,9 @@ fn shared(
         lease_until: AtomicI64::new(lease_until(&options_lease)),
         steps,
         hooks,
-        stop_reason: std::sync::Mutex::new(None),
+        stop_reason: Arc::new(std::sync::Mutex::new(None)),
+        files,
+        ancestors,
         outcome: std::sync::Mutex::new(None),
         calm,
         _calm_tx: calm_tx,
@@ -720,49 +792,83 @@ async fn take(
     Ok((acquired, me))
 }
 
+/// Ends the processes an attempt left running (on this machine); how many there were.
+async fn end_leftovers(uuid: &str, attempt: &store::AttemptRow, options: &Options) -> usize {
+    let marker = format!("{uuid}/{}/{}", attempt.task_no.0, attempt.n);
+    let same_machine = attempt
+        .process
+        .as_ref()
+        .is_none_or(|p| p.boot_id == steps::proc::boot_id());
+    if !same_machine {
+        return 0;
+    }
+    let pgid = attempt.pgid;
+    let start = attempt.process.as_ref().map(|p| p.start);
+    let check_marker = format!("{marker}/check");
+    steps::proc::terminate(
+        || {
+            let mut pids = steps::proc::attempt_processes(pgid, start, &marker);
+            pids.extend(steps::proc::attempt_processes(None, None, &check_marker));
+            pids
+        },
+        options.grace,
+    )
+    .await
+}
+
+/// Ends the processes left by the running attempts of `op`'s child ops (and theirs) whose owner is
+/// gone, when `op` is taken over: nothing of a dead run may go on while the op's tasks are decided
+/// again. Their attempts are recorded when the children themselves are resumed.
+fn end_children_leftovers<'a>(
+    reader: &'a Reader,
+    op: OpId,
+    options: &'a Options,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send + 'a>> {
+    Box::pin(async move {
+        for child in reader.children(op)? {
+            if child.status.is_final()
+                || matches!(owner::owner_state(&child, now()), OwnerState::Alive(_))
+            {
+                continue;
+            }
+            for attempt in reader
+                .attempts(child.id)?
+                .into_iter()
+                .filter(|a| a.status == AttemptStatus::Running)
+            {
+                end_leftovers(&child.uuid, &attempt, options).await;
+            }
+            end_children_leftovers(reader, child.id, options).await?;
+        }
+        Ok(())
+    })
+}
+
 /// Ends whatever is left of attempts that were running when their owner died, and records them
 /// interrupted, before any task runs again.
 async fn sweep(
     store: &Store,
     reader: &Reader,
     row: &store::OpRow,
-    plan: &Plan,
     me: &ProcessId,
     options: &Options,
     progress: &Sink,
 ) -> Result<(), Error> {
-    // Hooks are tasks too: name them as the runner does.
-    let (tasks, _) = runner::with_hooks(plan);
+    let names: std::collections::HashMap<TaskNo, String> = reader
+        .tasks(row.id)?
+        .into_iter()
+        .map(|t| (t.task_no, t.name))
+        .collect();
     for attempt in reader
         .attempts(row.id)?
         .into_iter()
         .filter(|a| a.status == AttemptStatus::Running)
     {
-        let step = tasks
-            .get(attempt.task_no.0 as usize)
-            .map_or("?", |s| s.id.as_str())
+        let step = names
+            .get(&attempt.task_no)
+            .map_or("?", String::as_str)
             .to_owned();
-        let marker = format!("{}/{}/{}", row.uuid, attempt.task_no.0, attempt.n);
-        let same_machine = attempt
-            .process
-            .as_ref()
-            .is_none_or(|p| p.boot_id == steps::proc::boot_id());
-        let count = if same_machine {
-            let pgid = attempt.pgid;
-            let start = attempt.process.as_ref().map(|p| p.start);
-            let check_marker = format!("{marker}/check");
-            steps::proc::terminate(
-                || {
-                    let mut pids = steps::proc::attempt_processes(pgid, start, &marker);
-                    pids.extend(steps::proc::attempt_processes(None, None, &check_marker));
-                    pids
-                },
-                options.grace,
-            )
-            .await
-        } else {
-            0
-        };
+        let count = end_leftovers(&row.uuid, &attempt, options).await;
         let mut batch = Vec::new();
         if count > 0 {
             batch.push(Change::Event {
@@ -800,10 +906,40 @@ async fn sweep(
 
 /// Continues an op where it stopped, with its plan snapshot. An op with a cancel request is only
 /// finished as canceled.
+#[allow(clippy::too_many_arguments)]
 pub async fn resume(
     store: &Store,
     op: OpId,
     from: Option<&str>,
+    replan: Option<Replan>,
+    options: Options,
+    overrides: Overrides,
+    progress: Sink,
+    stop: StopHandle,
+) -> Result<RunEnd, Error> {
+    resume_as(
+        store,
+        op,
+        from,
+        replan,
+        ("resumed", "resumed"),
+        options,
+        overrides,
+        progress,
+        stop,
+    )
+    .await
+}
+
+/// [`resume`], saying why in the op's events: `(kind, verb)`, e.g. `("auto-resumed", "resumed
+/// by cairn serve")`. A queued op is started the same way.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn resume_as(
+    store: &Store,
+    op: OpId,
+    from: Option<&str>,
+    replan: Option<Replan>,
+    (kind, verb): (&'static str, &str),
     options: Options,
     overrides: Overrides,
     progress: Sink,
@@ -811,13 +947,24 @@ pub async fn resume(
 ) -> Result<RunEnd, Error> {
     let reader = store.reader()?;
     let row = read_op(&reader, op)?;
-    if row.status == OpStatus::Succeeded && from.is_none() {
+    if row.status == OpStatus::Succeeded && from.is_none() && replan.is_none() {
         // Resuming after a crash must be safe to repeat: the work is done, and that is success.
         progress(&Progress::AlreadyDone { op });
         return Ok(RunEnd::Succeeded);
     }
+    // An edited plan: refused unless accepted, and unless done work that changed is to run again.
+    let drifted = match &replan {
+        Some(r) => Some(plan_drift(&reader, op, r)?),
+        None => None,
+    };
     let rerun = match from {
-        Some(step) => Some(rerun_from(&snapshot_plan(&reader, op)?, op, step)?),
+        Some(step) => Some(rerun_from(
+            replan
+                .as_ref()
+                .map_or(&snapshot_plan(&reader, op)?, |r| &r.plan),
+            op,
+            step,
+        )?),
         None => None,
     };
     let paused = if row.cancel.is_none() {
@@ -825,9 +972,16 @@ pub async fn resume(
     } else {
         None
     };
-    let reopen = rerun.is_some();
+    let reopen = rerun.is_some() || replan.is_some();
     let (shared, mut tasks) = match take_and_load(
-        store, &reader, &row, options, overrides, progress, stop, "resumed", "resumed", reopen,
+        store,
+        &reader,
+        &row,
+        (options, overrides, progress, stop),
+        kind,
+        verb,
+        reopen,
+        replan.map(|r| (r, drifted.clone().unwrap_or_default())),
     )
     .await?
     {
@@ -842,55 +996,331 @@ pub async fn resume(
         store.apply(events).await?;
     }
     let mut ending = row.ending.as_ref().and_then(runner::EndState::from_json);
-    if let (Some(step), Some(steps)) = (from, rerun) {
-        // The step, what is downstream of it, and the finishing hooks run again; nothing upstream.
+    let mut again: Vec<usize> = rerun.unwrap_or_default();
+    let why = from.map(|step| format!("run again from `{step}`"));
+    again.sort_unstable();
+    again.dedup();
+    if let Some(why) = why.filter(|_| !again.is_empty()) {
+        ending = None;
+        rerun_tasks(&shared, &mut tasks, again, &why).await?;
+    }
+    if ending.is_some() && drifted.is_some() {
+        // An edited plan: the outcome is decided again, by the new plan's tasks.
+        ending = None;
+    }
+    if ending.is_none() {
+        // A new run decides a new outcome: finishing hooks that ran for an earlier one (a failed
+        // op's `on_failure`) run again for this one.
         let hooks = &shared.hooks;
-        let again: Vec<usize> = steps
-            .into_iter()
-            .chain(
-                hooks
-                    .on_success
-                    .iter()
-                    .chain(&hooks.on_failure)
-                    .chain(&hooks.on_cancel)
-                    .copied(),
-            )
-            .collect();
-        let names: Vec<&str> = again
+        let done: Vec<usize> = hooks
+            .on_success
             .iter()
-            .filter(|&&i| i < shared.plan.steps.len())
-            .map(|&i| shared.step(i).id.as_str())
+            .chain(&hooks.on_failure)
+            .chain(&hooks.on_cancel)
+            .copied()
+            .filter(|&i| tasks.get(i).is_some_and(|t| t.status.is_kept()))
             .collect();
-        store
-            .apply(vec![Change::ResetTasks {
-                op,
-                owner: shared.me.clone(),
-                tasks: again
-                    .iter()
-                    .map(|&i| TaskNo(u32::try_from(i).unwrap_or(u32::MAX)))
-                    .collect(),
-                at: now(),
-                message: format!(
-                    "run again from `{step}`, as asked by {}: {}",
-                    whoami(),
-                    names.join(", ")
-                ),
-            }])
-            .await?;
-        for i in again {
-            if let Some(t) = tasks.get_mut(i) {
-                *t = TaskState {
-                    status: TaskStatus::Pending,
-                    attempts: t.attempts,
-                    retry_from: t.attempts,
-                    outputs: None,
-                };
+        if !done.is_empty() {
+            store
+                .apply(vec![Change::ResetTasks {
+                    op,
+                    owner: shared.me.clone(),
+                    tasks: done
+                        .iter()
+                        .map(|&i| TaskNo(u32::try_from(i).unwrap_or(u32::MAX)))
+                        .collect(),
+                    at: now(),
+                    message: "the finishing hooks run again for this run's outcome".to_owned(),
+                }])
+                .await?;
+            for i in done {
+                tasks[i].status = TaskStatus::Pending;
+                tasks[i].retry_from = tasks[i].attempts;
+                tasks[i].outputs = None;
             }
         }
-        ending = None;
     }
     let cancel = row.cancel.as_ref().map(requester);
     Ok(runner::run(shared, tasks, cancel, ending).await)
+}
+
+/// Makes `steps` (and their fan-out items) and the finishing hooks pending again, with a fresh
+/// retry round: they run again; nothing upstream of them does.
+async fn rerun_tasks(
+    shared: &Shared,
+    tasks: &mut [TaskState],
+    steps: Vec<usize>,
+    why: &str,
+) -> Result<(), Error> {
+    let hooks = &shared.hooks;
+    // A fan-out step's items run again with it (its list stays as it was frozen).
+    let items: Vec<usize> = tasks
+        .iter()
+        .enumerate()
+        .filter(|(no, t)| t.step.is_some_and(|s| s != *no && steps.contains(&s)))
+        .map(|(no, _)| no)
+        .collect();
+    // A `plan:` step runs a new child op: one that had not ended is canceled first.
+    let ids: Vec<String> = steps.iter().map(|&i| shared.step(i).id.clone()).collect();
+    crate::children::cancel_children(
+        &shared.store,
+        shared.op,
+        Some(&ids),
+        &shared.options,
+        &shared.progress,
+    )
+    .await
+    .map_err(|e| Error::Refused(format!("a sub-plan of these steps still runs: {e}")))?;
+    let names: Vec<&str> = steps.iter().map(|&i| shared.step(i).id.as_str()).collect();
+    let message = format!("{why}, as asked by {}: {}", whoami(), names.join(", "));
+    let again: Vec<usize> = steps
+        .iter()
+        .copied()
+        .chain(
+            hooks
+                .on_success
+                .iter()
+                .chain(&hooks.on_failure)
+                .chain(&hooks.on_cancel)
+                .copied(),
+        )
+        .chain(items)
+        .collect();
+    shared
+        .store
+        .apply(vec![Change::ResetTasks {
+            op: shared.op,
+            owner: shared.me.clone(),
+            tasks: again
+                .iter()
+                .map(|&i| TaskNo(u32::try_from(i).unwrap_or(u32::MAX)))
+                .collect(),
+            at: now(),
+            message,
+        }])
+        .await?;
+    for i in again {
+        if let Some(t) = tasks.get_mut(i) {
+            t.status = TaskStatus::Pending;
+            t.retry_from = t.attempts;
+            t.outputs = None;
+            if t.step == Some(i) {
+                // A fan-out step's list is expanded again.
+                t.item = None;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An edited plan to resume an op with (`resume --plan FILE`).
+#[derive(Debug, Clone)]
+pub struct Replan {
+    pub plan: Plan,
+    /// Its sub-plans, read from the op's directory.
+    pub files: Vec<(String, String)>,
+    /// `--accept-plan-change`: without it, the diff is shown and nothing changes.
+    pub accept: bool,
+    /// `--rerun-changed`: changed steps that already succeeded run again, with what is downstream.
+    pub rerun_changed: bool,
+}
+
+/// How an edited plan differs from an op's snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct PlanDrift {
+    pub drift: plans::drift::Drift,
+    /// Changed or removed steps that had already succeeded or been skipped.
+    pub kept_changed: Vec<String>,
+    /// The op's params, read again for the new plan (its new defaults filled in).
+    pub params: Map<String, Value>,
+}
+
+/// Compares an edited plan with the op's snapshot; refuses what `replan` does not allow: any
+/// change without `accept`, a change to done work without `rerun_changed`, params that the new
+/// plan does not take. A removed step that had run cannot run again: it is refused either way.
+pub fn plan_drift(reader: &Reader, op: OpId, replan: &Replan) -> Result<PlanDrift, Error> {
+    let old = snapshot_plan(reader, op)?;
+    let snapshot = reader.snapshot(op)?;
+    let row = read_op(reader, op)?;
+    let mut drift = plans::drift::diff(&old, &replan.plan);
+    // A `plan:` step whose sub-plan's text changed changed too.
+    for (i, path) in replan.plan.sub_plans() {
+        let key = plans::bundle::sub_plan_key(&row.workdir, path);
+        let before = snapshot
+            .files
+            .iter()
+            .find(|(k, _)| k == &key)
+            .map(|(_, t)| t);
+        let after = replan.files.iter().find(|(k, _)| k == &key).map(|(_, t)| t);
+        let id = &replan.plan.steps[i].id;
+        if before != after && old.step_index(id).is_some() && !drift.changed.contains(id) {
+            drift.changed.push(id.clone());
+        }
+    }
+    let tasks = reader.tasks(op)?;
+    let children = reader.children(op)?;
+    // Done work: a task of the step (its own, or an item) that succeeded, or a child op it ran.
+    let kept = |id: &str| {
+        tasks.iter().any(|t| {
+            t.step == id
+                && (t.status.is_kept()
+                    || children.iter().any(|c| c.parent == Some((op, t.task_no))))
+        })
+    };
+    let kept_changed: Vec<String> = drift
+        .changed
+        .iter()
+        .chain(&drift.removed)
+        .filter(|id| kept(id))
+        .cloned()
+        .collect();
+    let diff = drift.render();
+    if drift.is_empty() {
+        return Err(Error::Refused(
+            "the plan given is the op's plan: nothing changed; resume without `--plan`".to_owned(),
+        ));
+    }
+    if !replan.accept {
+        return Err(Error::Refused(format!(
+            "the plan differs from op {op}'s:\n{diff}add `--accept-plan-change` to resume with it"
+        )));
+    }
+    let removed_done: Vec<&String> = drift.removed.iter().filter(|id| kept(id)).collect();
+    if !kept_changed.is_empty() && !replan.rerun_changed || !removed_done.is_empty() {
+        let list: Vec<String> = kept_changed.iter().map(|s| format!("`{s}`")).collect();
+        let hint = if removed_done.is_empty() {
+            "; add `--rerun-changed` to run them (and what is downstream of them) again"
+        } else {
+            "; a removed step cannot run again: put it back, or start a new op"
+        };
+        return Err(Error::Refused(format!(
+            "the plan changes steps of op {op} that already ran: {}\n{diff}refused{hint}",
+            list.join(", ")
+        )));
+    }
+    if drift.settings.iter().any(|k| k == "lock") {
+        return Err(Error::Refused(format!(
+            "the plan's `lock` changed:\n{diff}an op keeps the lock it was submitted with; start a new op"
+        )));
+    }
+    // The op's params for the new plan, as stored: its values for the params the plan still
+    // has, the new params' defaults.
+    let given: Map<String, Value> = row.params.as_object().cloned().unwrap_or_default();
+    let mut params = Map::new();
+    let mut missing = Vec::new();
+    for param in &replan.plan.params {
+        match (given.get(&param.name), &param.default) {
+            (Some(value), _) => {
+                params.insert(param.name.clone(), value.clone());
+            }
+            (None, _) if param.secret => missing.push(format!("`{}` (a new secret)", param.name)),
+            (None, Some(default)) => {
+                params.insert(param.name.clone(), default.clone());
+            }
+            (None, None) if param.required => missing.push(format!("`{}`", param.name)),
+            (None, None) => {}
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::Refused(format!(
+            "the new plan needs params op {op} was not given: {}; start a new op",
+            missing.join(", ")
+        )));
+    }
+    Ok(PlanDrift {
+        drift,
+        kept_changed,
+        params,
+    })
+}
+
+/// Old task number → new for every task of an op moving to `new` (its steps and hooks), and the
+/// tasks of the steps `new` adds. Steps and hooks keep their ids; fan-out items, and tasks of
+/// steps the plan no longer has (kept as history), follow them.
+fn renumber(
+    rows: &[store::TaskRow],
+    old: &[plans::model::Step],
+    new: &[plans::model::Step],
+    new_steps: usize,
+) -> (Vec<(TaskNo, TaskNo)>, Vec<NewTask>) {
+    let no = |i: usize| TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    let mut map = Vec::with_capacity(rows.len());
+    let mut taken = std::collections::HashSet::new();
+    let mut next = new.len();
+    let index: std::collections::HashMap<&str, usize> = new
+        .iter()
+        .enumerate()
+        .map(|(j, s)| (s.id.as_str(), j))
+        .collect();
+    for row in rows {
+        let i = row.task_no.0 as usize;
+        let own = i < old.len() && old[i].id == row.step && row.name == row.step;
+        if let Some(&j) = index.get(row.step.as_str()).filter(|_| own) {
+            taken.insert(j);
+            map.push((row.task_no, no(j)));
+        } else {
+            map.push((row.task_no, no(next)));
+            next += 1;
+        }
+    }
+    let added = (0..new_steps)
+        .filter(|j| !taken.contains(j))
+        .map(|j| NewTask {
+            task_no: no(j),
+            step: new[j].id.clone(),
+            name: new[j].id.clone(),
+            item: None,
+        })
+        .collect();
+    (map, added)
+}
+
+/// What a sub-plan's op may do that a person's `run` may not: start while paused (its parent
+/// already runs). Like a `run`, it waits for a lock another op holds (siblings of a fan-out that
+/// share a lock key take turns).
+fn child_overrides() -> Overrides {
+    Overrides {
+        no_wait: false,
+        ignore_cooldown: false,
+        ignore_pause: true,
+        requeue: false,
+    }
+}
+
+/// Submits and runs the child op of a `plan:` task, owned by this process.
+pub(crate) async fn start_child(
+    parent: &Shared,
+    new: NewRun,
+    stop: StopHandle,
+) -> Result<(OpId, RunEnd), Error> {
+    run(
+        &parent.store,
+        new,
+        parent.options.clone(),
+        child_overrides(),
+        parent.progress.clone(),
+        stop,
+    )
+    .await
+}
+
+/// Resumes the child op of a `plan:` task where it stopped.
+pub(crate) async fn resume_child(
+    parent: &Shared,
+    op: OpId,
+    stop: StopHandle,
+) -> Result<RunEnd, Error> {
+    resume(
+        &parent.store,
+        op,
+        None,
+        None,
+        parent.options.clone(),
+        child_overrides(),
+        parent.progress.clone(),
+        stop,
+    )
+    .await
 }
 
 /// The steps `resume --from STEP` runs again: STEP and everything downstream of it.
@@ -920,14 +1350,7 @@ pub async fn mark(
             status: row.status,
         });
     }
-    let task = reader
-        .tasks(op)?
-        .into_iter()
-        .find(|t| t.name == step || t.step == step)
-        .ok_or_else(|| Error::UnknownStep {
-            op,
-            step: step.to_owned(),
-        })?;
+    let task = find_task(&reader, op, step)?;
     let dead_owner = dead_owner_or_refuse(&row)?;
     let request = Request {
         by: whoami(),
@@ -960,29 +1383,28 @@ pub async fn mark(
 }
 
 /// Takes the op over, ends what its dead owner left running, and loads its state.
+/// With `replace`, the op goes on with an edited plan (see [`plan_drift`]): its tasks are
+/// renumbered to it once the op is taken and swept.
 #[allow(clippy::too_many_arguments)]
 async fn take_and_load(
     store: &Store,
     reader: &Reader,
     row: &store::OpRow,
-    options: Options,
-    overrides: Overrides,
-    progress: Sink,
-    stop: StopHandle,
+    (options, overrides, progress, stop): (Options, Overrides, Sink, StopHandle),
     kind: &'static str,
     verb: &str,
     reopen: bool,
+    replace: Option<(Replan, PlanDrift)>,
 ) -> Result<Result<(Arc<Shared>, Vec<TaskState>), Acquired>, Error> {
     let op = row.id;
-    let plan = snapshot_plan(reader, op)?;
-    check_supported(&plan)?;
+    let mut plan = snapshot_plan(reader, op)?;
     let stored: Map<String, Value> = row.params.as_object().cloned().unwrap_or_default();
     let key = if stored.values().any(secrets::is_sealed) {
         secrets::key(store.path(), false)?
     } else {
         None
     };
-    let params = secrets::open(&stored, key.as_ref())?;
+    let mut params = secrets::open(&stored, key.as_ref())?;
     let (acquired, me) = take(
         store, row, &options, overrides, &progress, &stop, kind, verb, reopen,
     )
@@ -993,15 +1415,108 @@ async fn take_and_load(
     progress(&Progress::OpStarted {
         op,
         title: row.title.clone(),
-        resumed: true,
+        resumed: kind != "started",
     });
-    sweep(store, reader, row, &plan, &me, &options, &progress).await?;
+    sweep(store, reader, row, &me, &options, &progress).await?;
+    end_children_leftovers(reader, op, &options).await?;
+    if let Some((
+        Replan {
+            plan: new, files, ..
+        },
+        drift,
+    )) = replace
+    {
+        let (old_steps, _) = runner::with_hooks(&plan);
+        let (new_steps, _) = runner::with_hooks(&new);
+        let rows = reader.tasks(op)?;
+        let (renumber, tasks) = renumber(&rows, &old_steps, &new_steps, new.steps.len());
+        let diff = drift.drift.render();
+        // `--rerun-changed`: what runs again is reset in the same transaction as the new plan.
+        let mut again: Vec<usize> = Vec::new();
+        for id in &drift.kept_changed {
+            if let Some(i) = new.step_index(id) {
+                again.extend(new.dag.downstream(i));
+            }
+        }
+        again.sort_unstable();
+        again.dedup();
+        let mut reset: Vec<TaskNo> = Vec::new();
+        if !again.is_empty() {
+            let ids: Vec<String> = again.iter().map(|&i| new.steps[i].id.clone()).collect();
+            crate::children::cancel_children(store, op, Some(&ids), &options, &progress)
+                .await
+                .map_err(|e| {
+                    Error::Refused(format!("a sub-plan of the changed steps still runs: {e}"))
+                })?;
+            for (row, (_, to)) in rows.iter().zip(&renumber) {
+                let own = (to.0 as usize) < new.steps.len();
+                if ids.contains(&row.step) && (own || (row.name != row.step && row.item.is_some()))
+                {
+                    reset.push(*to);
+                }
+            }
+            let (_, hooks) = runner::with_hooks(&new);
+            reset.extend(
+                hooks
+                    .on_success
+                    .iter()
+                    .chain(&hooks.on_failure)
+                    .chain(&hooks.on_cancel)
+                    .map(|&i| TaskNo(u32::try_from(i).unwrap_or(u32::MAX))),
+            );
+        }
+        let mut env = row.env.clone();
+        for (name, value) in capture_env(&new) {
+            env.entry(name).or_insert(Value::String(value));
+        }
+        let mut batch = vec![Change::Replan {
+            op,
+            owner: me.clone(),
+            snapshot: store::Snapshot {
+                hash: plans::bundle::hash(&new.text, &files),
+                name: new.name.clone(),
+                text: new.text.clone(),
+                files,
+            },
+            renumber,
+            tasks,
+            at: now(),
+            message: format!(
+                "resumed with an edited plan, accepted by {}: {}",
+                whoami(),
+                diff.lines().map(str::trim).collect::<Vec<_>>().join("; ")
+            ),
+            params: Value::Object(drift.params.clone()),
+            env,
+        }];
+        if !reset.is_empty() {
+            batch.push(Change::ResetTasks {
+                op,
+                owner: me.clone(),
+                tasks: reset,
+                at: now(),
+                message: format!(
+                    "run again: changed in the plan, as asked by {}: {}",
+                    whoami(),
+                    drift.kept_changed.join(", ")
+                ),
+            });
+        }
+        store.apply(batch).await?;
+        // New defaults fill in; secrets stay as they were given.
+        for (name, value) in drift.params {
+            params.entry(name).or_insert(value);
+        }
+        plan = new;
+    }
     let env: BTreeMap<String, String> = row
         .env
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
         .collect();
     let secrets = secret_values(&plan, &params);
+    let files = reader.snapshot(op)?.files.into_iter().collect();
+    let (ancestors, _) = crate::children::lineage(reader, row.parent)?;
     let shared = shared(
         store,
         Arc::new(plan),
@@ -1016,26 +1531,10 @@ async fn take_and_load(
         progress,
         stop,
         secrets,
+        Arc::new(files),
+        ancestors,
     )?;
-    let mut tasks = vec![
-        TaskState {
-            status: TaskStatus::Pending,
-            attempts: 0,
-            retry_from: 0,
-            outputs: None
-        };
-        shared.steps.len()
-    ];
-    for t in reader.tasks(op)? {
-        if let Some(state) = tasks.get_mut(t.task_no.0 as usize) {
-            *state = TaskState {
-                status: t.status,
-                attempts: t.attempts,
-                retry_from: t.retry_from,
-                outputs: t.outputs,
-            };
-        }
-    }
+    let tasks = TaskState::load(&shared.steps, reader.tasks(op)?);
     Ok(Ok((shared, tasks)))
 }
 
@@ -1140,18 +1639,17 @@ pub async fn cancel(
                     no_wait: true,
                     ignore_cooldown: false,
                     ignore_pause: true,
+                    requeue: false,
                 };
                 let taken = take_and_load(
                     store,
                     &reader,
                     &row,
-                    options.clone(),
-                    overrides,
-                    progress.clone(),
-                    stop_handle(),
+                    (options.clone(), overrides, progress.clone(), stop_handle()),
                     "cancel-taken",
                     "taken over to cancel it",
                     false,
+                    None,
                 )
                 .await;
                 let (shared, tasks) = match taken {
@@ -1165,6 +1663,20 @@ pub async fn cancel(
                     Err(Error::Owned { .. }) => continue,
                     Err(e) => return Err(e),
                 };
+                // Its sub-plans' ops that have not ended are canceled first, with their hooks.
+                for child in reader.children(op)? {
+                    if !child.status.is_final() {
+                        let _ = Box::pin(cancel(
+                            store,
+                            child.id,
+                            request.reason.clone(),
+                            options.clone(),
+                            wait,
+                            progress.clone(),
+                        ))
+                        .await;
+                    }
+                }
                 return match runner::run(shared, tasks, Some(requester(&request)), None).await {
                     RunEnd::Canceled(_) => Ok(CancelEnd::Canceled),
                     other => Err(Error::Refused(format!(
@@ -1188,14 +1700,7 @@ pub async fn approve(
 ) -> Result<(), Error> {
     let reader = store.reader()?;
     read_op(&reader, op)?;
-    let task = reader
-        .tasks(op)?
-        .into_iter()
-        .find(|t| t.name == step || t.step == step)
-        .ok_or_else(|| Error::UnknownStep {
-            op,
-            step: step.to_owned(),
-        })?;
+    let task = find_task(&reader, op, step)?;
     store
         .apply(vec![Change::Approve {
             op,
@@ -1237,15 +1742,22 @@ pub fn dry_run(
             status: row.status,
         });
     }
+    let plan = snapshot_plan(reader, op)?;
     let again = match from {
-        Some(step) => rerun_from(&snapshot_plan(reader, op)?, op, step)?,
+        Some(step) => rerun_from(&plan, op, step)?,
         None => Vec::new(),
     };
     let planned = reader
         .tasks(op)?
         .into_iter()
         .map(|t| {
-            let rerun = again.contains(&(t.task_no.0 as usize));
+            // A fan-out item runs again with its step.
+            let step = if t.name == t.step {
+                t.task_no.0 as usize
+            } else {
+                plan.step_index(&t.step).unwrap_or(usize::MAX)
+            };
+            let rerun = again.contains(&step);
             Planned {
                 task: t.name,
                 status: t.status,

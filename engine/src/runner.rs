@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use plans::model::{Action, Plan, Step};
+use plans::model::{Action, ForEach, Plan, Step};
 use plans::template::Context;
 use serde_json::{Map, Value};
 use steps::spawn::{self, Chunk, Spec, Stopped};
@@ -25,8 +25,22 @@ use store::{
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::children::ChildEnd;
 use crate::owner::{now, to_store};
 use crate::progress::{Progress, Sink};
+
+/// Set when this process drains (`cairn serve` asked to stop): no task starts any more; the ones
+/// running go on to their end, and their ops end interrupted, to be resumed.
+static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// Stops every run of this process from starting tasks (see [`DRAINING`]).
+pub fn drain() {
+    DRAINING.store(true, Ordering::SeqCst);
+}
+
+pub(crate) fn draining() -> bool {
+    DRAINING.load(Ordering::SeqCst)
+}
 
 /// Knobs of a run.
 #[derive(Debug, Clone)]
@@ -86,6 +100,8 @@ enum TaskEnd {
         error: Option<String>,
     },
     Interrupted,
+    /// A fan-out step's list was expanded into its items' tasks.
+    Expanded,
 }
 
 /// A task's state as the scheduler keeps it.
@@ -96,6 +112,104 @@ pub(crate) struct TaskState {
     /// Attempts before the current retry round (see `store::TaskRow::retry_from`).
     pub retry_from: u32,
     pub outputs: Option<Map<String, Value>>,
+    /// The step (or hook) it runs, by index into `Shared::steps`; `None` for a task of a step the
+    /// plan no longer has (after `resume --plan`), which is kept as history and never runs.
+    pub step: Option<usize>,
+    pub name: String,
+    /// A fan-out item's value; on a fan-out step's own task, the frozen list once expanded.
+    pub item: Option<Value>,
+}
+
+impl TaskState {
+    /// A task not yet stored or not yet run.
+    pub(crate) fn new(step: usize, name: String, item: Option<Value>) -> Self {
+        Self {
+            status: TaskStatus::Pending,
+            attempts: 0,
+            retry_from: 0,
+            outputs: None,
+            step: Some(step),
+            name,
+            item,
+        }
+    }
+
+    /// The op's tasks before anything ran: the steps, then the hooks.
+    pub(crate) fn initial(steps: &[Step]) -> Vec<Self> {
+        steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Self::new(i, s.id.clone(), None))
+            .collect()
+    }
+
+    /// The op's tasks as stored, in task order, for `steps` (the plan's steps, then its hooks).
+    pub(crate) fn load(steps: &[Step], rows: Vec<store::TaskRow>) -> Vec<Self> {
+        let mut tasks = Self::initial(steps);
+        for row in rows {
+            let no = row.task_no.0 as usize;
+            let step = if no < steps.len() && row.step == steps[no].id {
+                Some(no)
+            } else if no >= steps.len() && row.item.is_some() {
+                // A fan-out item: its step must still fan out.
+                steps
+                    .iter()
+                    .position(|s| s.id == row.step && s.for_each.is_some())
+            } else {
+                None
+            };
+            let state = Self {
+                status: row.status,
+                attempts: row.attempts,
+                retry_from: row.retry_from,
+                outputs: row.outputs,
+                step,
+                name: row.name,
+                item: row.item,
+            };
+            if no >= tasks.len() {
+                tasks.resize_with(no + 1, || Self {
+                    step: None,
+                    ..Self::new(0, String::new(), None)
+                });
+            }
+            tasks[no] = state;
+        }
+        tasks
+    }
+
+    /// The job that runs this task (task number `no`), if it still belongs to the plan.
+    fn job(&self, no: usize) -> Option<Job> {
+        Some(Job {
+            no,
+            step: self.step?,
+            name: self.name.clone(),
+            item: if self.step == Some(no) {
+                None
+            } else {
+                self.item.clone()
+            },
+        })
+    }
+}
+
+/// What one task runs: a step (or hook), or one item of a fan-out step.
+#[derive(Debug, Clone)]
+pub(crate) struct Job {
+    /// The task number.
+    pub no: usize,
+    /// The step, by index into `Shared::steps`.
+    pub step: usize,
+    /// `restore[shard-3]`, or the step's id.
+    pub name: String,
+    /// The fan-out item, for an item's task.
+    pub item: Option<Value>,
+}
+
+impl Job {
+    pub(crate) fn task(&self) -> TaskNo {
+        TaskNo(u32::try_from(self.no).unwrap_or(u32::MAX))
+    }
 }
 
 /// Failures that end the run, not just a task.
@@ -146,7 +260,11 @@ pub(crate) struct Shared {
     pub steps: Vec<Step>,
     pub hooks: HookTasks,
     /// Why the run is stopping, when the engine stopped it.
-    pub stop_reason: std::sync::Mutex<Option<StopReason>>,
+    pub stop_reason: Arc<std::sync::Mutex<Option<StopReason>>>,
+    /// The plan's sub-plans (and theirs), from the snapshot: absolute path → text.
+    pub files: crate::children::Files,
+    /// The ops above this one, nearest first (for a sub-plan's op); a cancel of any ends it too.
+    pub ancestors: Vec<OpId>,
     /// The op's outcome, once decided, for its finishing hooks.
     pub outcome: std::sync::Mutex<Option<EndState>>,
     /// Set when the op failed: approval gates still waiting end (they cannot lead anywhere).
@@ -194,15 +312,28 @@ impl Shared {
     }
 
     /// Stops the run for `reason` (the first reason given is kept).
-    fn stop_because(&self, reason: StopReason) {
+    pub(crate) fn stop_because(&self, reason: StopReason) {
         if let Ok(mut slot) = self.stop_reason.lock() {
             slot.get_or_insert(reason);
         }
         stop_all(self);
     }
 
-    fn stop_reason(&self) -> Option<StopReason> {
+    pub(crate) fn stop_reason(&self) -> Option<StopReason> {
         self.stop_reason.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// A request to cancel this op, or an op above it (a sub-plan's parent), if one was made.
+    pub(crate) fn cancel_request(&self, reader: &store::Reader) -> Option<store::Request> {
+        std::iter::once(self.op)
+            .chain(self.ancestors.iter().copied())
+            .find_map(|op| reader.op(op).ok().and_then(|row| row.cancel))
+    }
+
+    /// Reads why the run stops, from anywhere (a task that outlives the borrow of this).
+    pub(crate) fn stop_reason_handle(&self) -> impl Fn() -> Option<StopReason> + Send + 'static {
+        let slot = self.stop_reason.clone();
+        move || slot.lock().ok().and_then(|r| r.clone())
     }
 
     /// Whether the lease still holds with a safety margin: past it, another process may take the
@@ -392,7 +523,11 @@ pub(crate) async fn run(
 
     // `pre` hooks, in order: any failure ends the op before a step runs.
     let pre = shared.hooks.pre.clone();
-    if decided.is_none() && !pre.iter().all(|&i| tasks[i].status.is_kept()) && !shared.stopping() {
+    if decided.is_none()
+        && !pre.iter().all(|&i| tasks[i].status.is_kept())
+        && !shared.stopping()
+        && !draining()
+    {
         if let Err(f) = add_hook_tasks(&shared, &pre).await {
             fatal = Some(f);
         }
@@ -400,8 +535,22 @@ pub(crate) async fn run(
             if fatal.is_some() || tasks[i].status.is_kept() {
                 continue;
             }
+            // A hook is a start too: none once the run stops or drains.
+            if shared.stopping() || draining() {
+                break;
+            }
             let stop = shared.stop.clone();
-            match run_task(&shared, i, tasks[i].attempts, tasks[i].attempts, &[], &stop).await {
+            let Some(job) = tasks[i].job(i) else { continue };
+            match run_task(
+                &shared,
+                &job,
+                tasks[i].attempts,
+                tasks[i].attempts,
+                &[],
+                &stop,
+            )
+            .await
+            {
                 Ok(TaskEnd::Done {
                     status,
                     outputs,
@@ -418,7 +567,7 @@ pub(crate) async fn run(
                         break;
                     }
                 }
-                Ok(TaskEnd::Interrupted) => break,
+                Ok(TaskEnd::Interrupted | TaskEnd::Expanded) => break,
                 Err(f) => fatal = Some(f),
             }
         }
@@ -452,20 +601,129 @@ pub(crate) async fn run(
     let mut shown_waiting = false;
     let mut stop = shared.stop.clone();
     let max = usize::try_from(plan.max_parallel).unwrap_or(usize::MAX);
+    // Fan-outs: each step's items (task numbers, in item order), the ones still to start, how
+    // many run now, and the steps expanded whose own task has not yet gathered its items.
+    let mut items_of: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (no, t) in tasks.iter().enumerate() {
+        if let Some(s) = t.step.filter(|&s| s != no) {
+            items_of.entry(s).or_default().push(no);
+        }
+    }
+    let mut queued: BTreeMap<usize, VecDeque<usize>> = BTreeMap::new();
+    let mut busy: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut open: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
     loop {
         while fatal.is_none()
             && first_failure.is_none()
             && !shared.stopping()
+            && !draining()
             && running.len() < max
         {
             let Some(i) = ready.pop_front() else { break };
-            let outputs: Vec<(usize, Map<String, Value>)> = plan.steps[i]
+            let step = &plan.steps[i];
+            let outputs: Vec<(usize, Map<String, Value>)> = step
                 .uses
                 .iter()
                 .filter_map(|&u| tasks[u].outputs.clone().map(|o| (u, o)))
                 .collect();
-            let shared = shared.clone();
+            let Some(job) = tasks[i].job(i) else { continue };
             let prior = tasks[i].attempts;
+            if step.for_each.is_some() {
+                if tasks[i].item.is_some() {
+                    // Expanded before (the list is frozen): its items that are not done run.
+                    open.insert(i);
+                    continue;
+                }
+                let ctx = shared.context(step, &outputs);
+                match fan_out_list(step, &ctx) {
+                    // `when` is false or cannot be evaluated: the step's task says so.
+                    Ok(None) => {}
+                    Err(error) => {
+                        let shared = shared.clone();
+                        in_flight.insert(i);
+                        running.spawn(async move {
+                            (i, fail_before_start(&shared, &job, prior + 1, error).await)
+                        });
+                        continue;
+                    }
+                    Ok(Some(list)) => {
+                        // After a rerun, an item named as before keeps its task (and history);
+                        // earlier items not in the list any more stay as history only.
+                        let mut earlier: BTreeMap<String, usize> = items_of
+                            .remove(&i)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|no| (tasks[no].name.clone(), no))
+                            .collect();
+                        // Items of expansions before the last (history) come back under their
+                        // name too, so that a name is never given to two tasks.
+                        let prefix = format!("{}[", step.id);
+                        for (no, t) in tasks.iter().enumerate().skip(shared.steps.len()) {
+                            if t.step.is_none() && t.name.starts_with(&prefix) {
+                                earlier.entry(t.name.clone()).or_insert(no);
+                            }
+                        }
+                        let names = item_names(&step.id, &list);
+                        let mut new = Vec::with_capacity(list.len());
+                        let mut numbers = Vec::with_capacity(list.len());
+                        let mut reused = std::collections::HashSet::new();
+                        for (name, item) in names.into_iter().zip(&list) {
+                            let no = if let Some(&no) = earlier.get(&name) {
+                                reused.insert(no);
+                                let t = &mut tasks[no];
+                                if t.step.is_none() {
+                                    // History that comes back runs again, in a fresh round.
+                                    t.status = TaskStatus::Pending;
+                                    t.outputs = None;
+                                    t.retry_from = t.attempts;
+                                }
+                                t.step = Some(i);
+                                t.item = Some(item.clone());
+                                no
+                            } else {
+                                tasks.push(TaskState::new(i, name.clone(), Some(item.clone())));
+                                tasks.len() - 1
+                            };
+                            new.push(NewTask {
+                                task_no: TaskNo(u32::try_from(no).unwrap_or(u32::MAX)),
+                                step: step.id.clone(),
+                                name,
+                                item: Some(item.clone()),
+                            });
+                            numbers.push(no);
+                        }
+                        for (_, no) in earlier {
+                            if !reused.contains(&no) && tasks[no].step.is_some() {
+                                let t = &mut tasks[no];
+                                t.step = None;
+                                if t.status == TaskStatus::Pending {
+                                    t.status = TaskStatus::Skipped;
+                                }
+                            }
+                        }
+                        items_of.insert(i, numbers);
+                        tasks[i].item = Some(Value::Array(list.clone()));
+                        let change = Change::Expand {
+                            op: shared.op,
+                            owner: shared.me.clone(),
+                            task: job.task(),
+                            items: list,
+                            tasks: new,
+                            at: now(),
+                        };
+                        let shared = shared.clone();
+                        in_flight.insert(i);
+                        running.spawn(async move {
+                            (
+                                i,
+                                shared.apply(vec![change]).await.map(|()| TaskEnd::Expanded),
+                            )
+                        });
+                        continue;
+                    }
+                }
+            }
+            let shared = shared.clone();
             // A task that had failed starts a fresh retry round; one interrupted in the middle of a
             // round (a crash during a retry delay) goes on with what is left of it.
             let retry_from = if tasks[i].status == TaskStatus::Failed {
@@ -478,15 +736,105 @@ pub(crate) async fn run(
                 let stop = shared.stop.clone();
                 (
                     i,
-                    run_task(&shared, i, prior, retry_from, &outputs, &stop).await,
+                    run_task(&shared, &job, prior, retry_from, &outputs, &stop).await,
                 )
             });
         }
+        let launching =
+            fatal.is_none() && first_failure.is_none() && !shared.stopping() && !draining();
+        // Items of fan-out steps, within the op's and each step's `max_parallel`.
+        for &s in &open {
+            let queue = queued.entry(s).or_insert_with(|| {
+                items_of
+                    .get(&s)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .filter(|&no| !tasks[no].status.is_kept())
+                    .collect()
+            });
+            let limit = plan.steps[s]
+                .max_parallel
+                .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+            let count = busy.entry(s).or_insert(0);
+            while launching && running.len() < max && *count < limit {
+                let Some(no) = queue.pop_front() else { break };
+                let Some(job) = tasks[no].job(no) else {
+                    continue;
+                };
+                let outputs: Vec<(usize, Map<String, Value>)> = plan.steps[s]
+                    .uses
+                    .iter()
+                    .filter_map(|&u| tasks[u].outputs.clone().map(|o| (u, o)))
+                    .collect();
+                let prior = tasks[no].attempts;
+                let retry_from = if tasks[no].status == TaskStatus::Failed {
+                    prior
+                } else {
+                    tasks[no].retry_from.min(prior)
+                };
+                *count += 1;
+                in_flight.insert(no);
+                let shared = shared.clone();
+                running.spawn(async move {
+                    let stop = shared.stop.clone();
+                    (
+                        no,
+                        run_task(&shared, &job, prior, retry_from, &outputs, &stop).await,
+                    )
+                });
+            }
+        }
+        // A fan-out step whose items have all ended (or will not start now) gathers them.
+        if fatal.is_none() {
+            let ended: Vec<usize> = open
+                .iter()
+                .copied()
+                .filter(|s| {
+                    busy.get(s).copied().unwrap_or(0) == 0
+                        && (!launching || queued.get(s).is_none_or(VecDeque::is_empty))
+                })
+                .collect();
+            for s in ended {
+                open.remove(&s);
+                queued.remove(&s);
+                busy.remove(&s);
+                let items = items_of.get(&s).map_or(&[][..], Vec::as_slice);
+                let (status, outputs, error) = gather(&tasks, items, &plan.steps[s]);
+                let change = Change::Gather {
+                    op: shared.op,
+                    owner: shared.me.clone(),
+                    task: TaskNo(u32::try_from(s).unwrap_or(u32::MAX)),
+                    status,
+                    outputs: outputs.clone(),
+                    error: error.clone(),
+                    at: now(),
+                };
+                let shared = shared.clone();
+                in_flight.insert(s);
+                running.spawn(async move {
+                    let end = shared.apply(vec![change]).await.map(|()| {
+                        if status == TaskStatus::Pending {
+                            TaskEnd::Interrupted
+                        } else {
+                            TaskEnd::Done {
+                                status,
+                                outputs,
+                                error,
+                            }
+                        }
+                    });
+                    (s, end)
+                });
+            }
+        }
         // The op is `waiting` while approval gates are all that is in flight.
         let only_gates = !in_flight.is_empty()
-            && in_flight
-                .iter()
-                .all(|&i| matches!(plan.steps[i].action, Action::Approve { .. }));
+            && in_flight.iter().all(|&i| {
+                tasks[i]
+                    .step
+                    .is_some_and(|s| matches!(shared.step(s).action, Action::Approve { .. }))
+            });
         if only_gates != shown_waiting && fatal.is_none() && !shared.stopping() {
             let (status, kind) = if only_gates {
                 (OpStatus::Waiting, "op-waiting")
@@ -515,7 +863,7 @@ pub(crate) async fn run(
                 }
             }
         }
-        if running.is_empty() {
+        if running.is_empty() && (open.is_empty() || fatal.is_some()) {
             break;
         }
         tokio::select! {
@@ -530,15 +878,25 @@ pub(crate) async fn run(
                     }
                 };
                 in_flight.remove(&i);
+                let step_of = tasks[i].step.unwrap_or(i);
+                let item = step_of != i;
+                if item && let Some(count) = busy.get_mut(&step_of) {
+                    *count = count.saturating_sub(1);
+                }
                 match result {
+                    Ok(TaskEnd::Expanded) => {
+                        open.insert(i);
+                    }
                     Ok(TaskEnd::Done { status, outputs, error }) => {
                         tasks[i].status = status;
                         tasks[i].outputs = outputs;
-                        if status == TaskStatus::Failed && !plan.steps[i].continue_on_error {
+                        let step = &plan.steps[step_of];
+                        if status == TaskStatus::Failed && !step.continue_on_error {
                             first_failure.get_or_insert_with(|| {
-                                (plan.steps[i].id.clone(), format!("task `{}` failed: {}", plan.steps[i].id, error.unwrap_or_default()))
+                                let name = &tasks[i].name;
+                                (name.clone(), format!("task `{name}` failed: {}", error.unwrap_or_default()))
                             });
-                        } else if satisfied(&tasks[i], &plan.steps[i]) {
+                        } else if !item && satisfied(&tasks[i], step) {
                             for &d in plan.dag.dependents(i) {
                                 waiting_on[d] = waiting_on[d].checked_sub(1).expect("a task is released by each of its needs once");
                                 if waiting_on[d] == 0 {
@@ -618,7 +976,7 @@ pub(crate) async fn run(
             (None, None, Some(_), Some(StopReason::Timeout(why))) => {
                 (RunEnd::Failed(why.clone()), OpStatus::Failed, Some(why))
             }
-            (None, None, Some(_), None) if shared.stopping() => (
+            (None, None, Some(_), None) if shared.stopping() || draining() => (
                 RunEnd::Interrupted,
                 OpStatus::Interrupted,
                 Some("stopped before it finished".to_owned()),
@@ -667,9 +1025,10 @@ pub(crate) async fn run(
             }
             // Finishing hooks run to their end (or timeout) even when the op was stopped.
             let calm = shared.calm.clone();
+            let Some(job) = tasks[i].job(i) else { continue };
             match run_task(
                 &shared,
-                i,
+                &job,
                 tasks[i].attempts,
                 tasks[i].attempts,
                 &every_output,
@@ -704,12 +1063,26 @@ pub(crate) async fn run(
         }
     }
     heartbeat.abort();
+    if status == OpStatus::Canceled {
+        // Child ops that were not running (failed, interrupted) are canceled too; any that
+        // cannot be are named in the events.
+        let _ = crate::children::cancel_children(
+            &shared.store,
+            shared.op,
+            None,
+            &shared.options,
+            &shared.progress,
+        )
+        .await;
+    }
     let mut batch = Vec::new();
     if status == OpStatus::Canceled {
-        // What never got to run will not now.
-        for i in (0..n)
-            .filter(|&i| !tasks[i].status.is_kept() && tasks[i].status != TaskStatus::Canceled)
-        {
+        // What never got to run will not now: steps and fan-out items (not hooks).
+        for i in (0..tasks.len()).filter(|&i| {
+            (i < n || tasks[i].step.is_some_and(|s| s != i))
+                && !tasks[i].status.is_kept()
+                && tasks[i].status != TaskStatus::Canceled
+        }) {
             batch.push(Change::SetTask {
                 op: shared.op,
                 owner: shared.me.clone(),
@@ -752,6 +1125,180 @@ pub(crate) async fn run(
     }
 }
 
+/// The items of a fan-out step, from its `for_each`; `Ok(None)` when its `when` is false or cannot
+/// be evaluated (the step's task then runs only to be skipped or to fail with the reason).
+fn fan_out_list(step: &Step, ctx: &Context) -> Result<Option<Vec<Value>>, String> {
+    if let Some(when) = &step.when
+        && !matches!(when.is_true(ctx), Ok(true))
+    {
+        return Ok(None);
+    }
+    match &step.for_each {
+        Some(ForEach::Items(items)) => Ok(Some(items.clone())),
+        Some(ForEach::Expr(expr)) => {
+            let value = expr
+                .eval(ctx)
+                .map_err(|e| format!("cannot evaluate `for_each`: {e}"))?;
+            as_list(value).map(Some)
+        }
+        None => Ok(Some(Vec::new())),
+    }
+}
+
+/// A `for_each` value as items: a list; text holding a JSON array; other text, one item per line.
+fn as_list(value: Value) -> Result<Vec<Value>, String> {
+    match value {
+        Value::Array(items) => Ok(items),
+        Value::String(text) => {
+            let text = text.trim();
+            if text.starts_with('[') {
+                serde_json::from_str::<Vec<Value>>(text).map_err(|e| {
+                    format!(
+                        "`for_each` gave text that starts like a JSON array but is not one: {e}"
+                    )
+                })
+            } else {
+                Ok(text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(|l| Value::String(l.to_owned()))
+                    .collect())
+            }
+        }
+        other => Err(format!(
+            "`for_each` must give a list, a JSON array or lines of text, not {}",
+            match other {
+                Value::Null => "nothing (null)",
+                Value::Bool(_) => "a bool",
+                Value::Number(_) => "a number",
+                _ => "a map",
+            }
+        )),
+    }
+}
+
+/// The task names of a fan-out's items: `restore[shard-3]`. An item is named by its text, or a
+/// map by its `name`, `id`, `host` or `key` field; otherwise by its position (from 1). Names are
+/// unique: a repeated one gets its position too.
+fn item_names(step: &str, items: &[Value]) -> Vec<String> {
+    let scalar = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    };
+    let mut seen = std::collections::HashSet::new();
+    items
+        .iter()
+        .enumerate()
+        .map(|(k, item)| {
+            let label = match item {
+                Value::Object(map) => ["name", "id", "host", "key"]
+                    .iter()
+                    .find_map(|f| map.get(*f).and_then(scalar)),
+                other => scalar(other),
+            }
+            .map(|l| {
+                let clean: String = l
+                    .chars()
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .take(60)
+                    .collect();
+                clean
+            })
+            .filter(|l| !l.is_empty())
+            .unwrap_or_else(|| (k + 1).to_string());
+            let mut name = format!("{step}[{label}]");
+            let mut n = k + 1;
+            while !seen.insert(name.clone()) {
+                name = format!("{step}[{label}#{n}]");
+                n += 1;
+            }
+            name
+        })
+        .collect()
+}
+
+/// A fan-out step's own outcome from its items': succeeded when every item is done, failed when
+/// one failed, canceled, or pending (interrupted) otherwise. Outputs are lists in item order, one
+/// entry per item (`null` where an item published nothing), for every key an item published or
+/// the step declares.
+fn gather(
+    tasks: &[TaskState],
+    items: &[usize],
+    step: &Step,
+) -> (TaskStatus, Option<Map<String, Value>>, Option<String>) {
+    let failed: Vec<&str> = items
+        .iter()
+        .filter(|&&no| tasks[no].status == TaskStatus::Failed)
+        .map(|&no| tasks[no].name.as_str())
+        .collect();
+    // Items that never got to run (the op stopped, or drained) leave the step undone when its
+    // failures would not stop the op anyway: it must not count as satisfied.
+    let unfinished = items.iter().any(|&no| {
+        matches!(
+            tasks[no].status,
+            TaskStatus::Pending | TaskStatus::Running | TaskStatus::Waiting
+        )
+    });
+    let status = if items.iter().all(|&no| tasks[no].status.is_kept()) {
+        TaskStatus::Succeeded
+    } else if !failed.is_empty() && (!unfinished || !step.continue_on_error) {
+        TaskStatus::Failed
+    } else if items
+        .iter()
+        .any(|&no| tasks[no].status == TaskStatus::Canceled)
+    {
+        TaskStatus::Canceled
+    } else {
+        TaskStatus::Pending
+    };
+    let error = (!failed.is_empty()).then(|| {
+        let shown: Vec<&str> = failed.iter().take(5).copied().collect();
+        format!(
+            "{} of {} items failed: {}{}",
+            failed.len(),
+            items.len(),
+            shown.join(", "),
+            if failed.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        )
+    });
+    if !matches!(status, TaskStatus::Succeeded | TaskStatus::Failed) {
+        return (status, None, error);
+    }
+    let mut keys: Vec<String> = step.outputs.clone().unwrap_or_default();
+    for &no in items {
+        for key in tasks[no].outputs.iter().flat_map(Map::keys) {
+            if !keys.contains(key) {
+                keys.push(key.clone());
+            }
+        }
+    }
+    let outputs = keys
+        .into_iter()
+        .map(|key| {
+            let list = items
+                .iter()
+                .map(|&no| {
+                    tasks[no]
+                        .outputs
+                        .as_ref()
+                        .and_then(|o| o.get(&key))
+                        .cloned()
+                        .unwrap_or(Value::Null)
+                })
+                .collect();
+            (key, Value::Array(list))
+        })
+        .collect();
+    (status, Some(outputs), error)
+}
+
 impl Fatal {
     fn into_end(self) -> RunEnd {
         match self {
@@ -775,6 +1322,7 @@ async fn add_hook_tasks(shared: &Shared, hooks: &[usize]) -> Result<(), Fatal> {
     shared
         .apply(vec![Change::AddTasks {
             op: shared.op,
+            owner: shared.me.clone(),
             tasks,
         }])
         .await
@@ -786,9 +1334,7 @@ async fn watch_for_cancel(shared: Arc<Shared>) {
         return;
     };
     loop {
-        if let Ok(op) = reader.op(shared.op)
-            && let Some(request) = op.cancel
-        {
+        if let Some(request) = shared.cancel_request(&reader) {
             let why = request
                 .reason
                 .as_ref()
@@ -841,11 +1387,11 @@ async fn heartbeat(shared: Arc<Shared>) {
 /// Records an attempt that starts and ends at once (a `noop`, a render error): one commit.
 async fn whole_attempt(
     shared: &Shared,
-    i: usize,
+    job: &Job,
     n: u32,
     outcome: TaskOutcome,
 ) -> Result<(), Fatal> {
-    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    let task = job.task();
     let at = now();
     let owner = shared.me.clone();
     shared
@@ -873,7 +1419,7 @@ async fn whole_attempt(
 /// Records a task that ends without running a process (a render error): one attempt, failed.
 async fn fail_before_start(
     shared: &Shared,
-    i: usize,
+    job: &Job,
     n: u32,
     error: String,
 ) -> Result<TaskEnd, Fatal> {
@@ -885,9 +1431,9 @@ async fn fail_before_start(
         outputs: None,
         by_check: false,
     };
-    whole_attempt(shared, i, n, outcome).await?;
+    whole_attempt(shared, job, n, outcome).await?;
     shared.say(&Progress::TaskFailed {
-        task: shared.step(i).id.clone(),
+        task: job.name.clone(),
         error: error.clone(),
         retry_in: None,
     });
@@ -898,19 +1444,23 @@ async fn fail_before_start(
     })
 }
 
-/// Runs task `i`: its `when`, then attempts until one succeeds, retries run out, or the run stops.
+/// Runs a task: its `when` (a step's; a fan-out item's was its step's), then attempts until one
+/// succeeds, retries run out, or the run stops.
 async fn run_task(
     shared: &Shared,
-    i: usize,
+    job: &Job,
     prior: u32,
     retry_from: u32,
     outputs: &[(usize, Map<String, Value>)],
     stop: &watch::Receiver<bool>,
 ) -> Result<TaskEnd, Fatal> {
-    let step = &shared.step(i);
-    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
-    let ctx = shared.context(step, outputs);
-    if let Some(when) = &step.when {
+    let step = shared.step(job.step);
+    let task = job.task();
+    let mut ctx = shared.context(step, outputs);
+    if let Some(item) = &job.item {
+        ctx.item(item);
+    }
+    if let Some(when) = step.when.as_ref().filter(|_| job.item.is_none()) {
         match when.is_true(&ctx) {
             Ok(true) => {}
             Ok(false) => {
@@ -925,7 +1475,7 @@ async fn run_task(
                     }])
                     .await?;
                 shared.say(&Progress::TaskSkipped {
-                    task: step.id.clone(),
+                    task: job.name.clone(),
                 });
                 return Ok(TaskEnd::Done {
                     status: TaskStatus::Skipped,
@@ -936,7 +1486,7 @@ async fn run_task(
             Err(e) => {
                 return fail_before_start(
                     shared,
-                    i,
+                    job,
                     prior + 1,
                     format!("cannot evaluate `when`: {e}"),
                 )
@@ -955,9 +1505,9 @@ async fn run_task(
                 outputs: Some(Map::new()),
                 by_check: false,
             };
-            whole_attempt(shared, i, prior + 1, outcome).await?;
+            whole_attempt(shared, job, prior + 1, outcome).await?;
             shared.say(&Progress::TaskSucceeded {
-                task: step.id.clone(),
+                task: job.name.clone(),
                 by_check: false,
                 elapsed: started.elapsed(),
             });
@@ -980,7 +1530,7 @@ async fn run_task(
                 }])
                 .await?;
             shared.say(&Progress::TaskStarted {
-                task: step.id.clone(),
+                task: job.name.clone(),
                 attempt: n,
             });
             let mut signal = stop.clone();
@@ -990,7 +1540,7 @@ async fn run_task(
             };
             finish(
                 shared,
-                i,
+                job,
                 n,
                 if stopped {
                     Ended::Interrupted
@@ -1002,14 +1552,14 @@ async fn run_task(
             .await
         }
         Action::Run { .. } | Action::Exec { .. } => {
-            run_process_task(shared, i, prior, retry_from, &ctx, started, stop).await
+            run_process_task(shared, job, prior, retry_from, &ctx, started, stop).await
         }
         Action::Approve { prompt } => match prompt.render(&ctx) {
-            Ok(prompt) => await_approval(shared, i, &prompt, stop).await,
+            Ok(prompt) => await_approval(shared, job, &prompt, stop).await,
             Err(e) => {
                 fail_before_start(
                     shared,
-                    i,
+                    job,
                     prior + 1,
                     format!("cannot render `approve`: {e}"),
                 )
@@ -1017,16 +1567,86 @@ async fn run_task(
             }
         },
         Action::Plan { .. } => {
-            fail_before_start(
-                shared,
-                i,
-                prior + 1,
-                format!(
-                    "`{}` steps are not supported by this version of cairn",
-                    step.action.kind()
-                ),
-            )
-            .await
+            run_child_task(shared, job, (prior, retry_from), &ctx, started, stop).await
+        }
+    }
+}
+
+/// Attempt `n` of a task starts: committed (with `CUR_TASK`) before anything of it runs.
+async fn start_attempt(shared: &Shared, job: &Job, n: u32, retry_from: u32) -> Result<(), Fatal> {
+    shared
+        .apply(vec![
+            Change::StartAttempt {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task: job.task(),
+                n,
+                retry_from,
+                at: now(),
+            },
+            Change::CurrentTask {
+                op: shared.op,
+                text: Some(job.name.clone()),
+            },
+        ])
+        .await?;
+    shared.say(&Progress::TaskStarted {
+        task: job.name.clone(),
+        attempt: n,
+    });
+    Ok(())
+}
+
+/// A `plan:` task: attempts that each run (or resume) its child op to its end; a failed child is
+/// resumed by the next attempt when the step's `retry` allows one.
+async fn run_child_task(
+    shared: &Shared,
+    job: &Job,
+    (prior, retry_from): (u32, u32),
+    ctx: &Context,
+    started: Instant,
+    stop: &watch::Receiver<bool>,
+) -> Result<TaskEnd, Fatal> {
+    let step = shared.step(job.step);
+    let mut attempt_in_run = prior - retry_from;
+    let mut retrying = false;
+    loop {
+        attempt_in_run += 1;
+        let n = retry_from + attempt_in_run;
+        // A retry is a new start: none while the process drains.
+        if *stop.borrow() || (retrying && draining()) {
+            return Ok(TaskEnd::Interrupted);
+        }
+        retrying = true;
+        start_attempt(shared, job, n, retry_from).await?;
+        let ended = match crate::children::run(shared, job, ctx, stop).await {
+            Ok(ChildEnd::Succeeded(outputs)) => Ended::Succeeded(outputs, false),
+            Ok(ChildEnd::Failed(error)) | Err(error) => Ended::Failed {
+                error: shared_mask(shared, &error),
+                exit_code: None,
+                retry_in: step
+                    .retry
+                    .retries(attempt_in_run, None)
+                    .then(|| step.retry.delay_before(attempt_in_run + 1)),
+            },
+            Ok(ChildEnd::Canceled(error)) => Ended::Failed {
+                error: shared_mask(shared, &error),
+                exit_code: None,
+                retry_in: None,
+            },
+            Ok(ChildEnd::Stopped) => Ended::Interrupted,
+            Ok(ChildEnd::StoreFailed(m)) => return Err(Fatal::Store(m)),
+        };
+        let retry = match &ended {
+            Ended::Failed { retry_in, .. } => *retry_in,
+            _ => None,
+        };
+        let end = finish(shared, job, n, ended, started).await?;
+        let Some(delay) = retry else {
+            return Ok(end);
+        };
+        if !wait_to_retry(shared, job, n, attempt_in_run + 1, delay, stop).await {
+            return Ok(TaskEnd::Interrupted);
         }
     }
 }
@@ -1045,13 +1665,12 @@ enum Ended {
 /// Records an attempt's end and reports it; returns the task's end (or `None` when it will retry).
 async fn finish(
     shared: &Shared,
-    i: usize,
+    job: &Job,
     n: u32,
     ended: Ended,
     started: Instant,
 ) -> Result<TaskEnd, Fatal> {
-    let step = &shared.step(i);
-    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    let task = job.task();
     let (outcome, end, progress) = match ended {
         Ended::Succeeded(outputs, by_check) => (
             TaskOutcome {
@@ -1068,7 +1687,7 @@ async fn finish(
                 error: None,
             },
             Progress::TaskSucceeded {
-                task: step.id.clone(),
+                task: job.name.clone(),
                 by_check,
                 elapsed: started.elapsed(),
             },
@@ -1096,7 +1715,7 @@ async fn finish(
                 error: Some(error.clone()),
             },
             Progress::TaskFailed {
-                task: step.id.clone(),
+                task: job.name.clone(),
                 error,
                 retry_in,
             },
@@ -1126,7 +1745,7 @@ async fn finish(
                 },
                 TaskEnd::Interrupted,
                 Progress::TaskInterrupted {
-                    task: step.id.clone(),
+                    task: job.name.clone(),
                 },
             )
         }
@@ -1149,14 +1768,14 @@ async fn finish(
 /// made, a check's output was bad): no exit code, no retry.
 async fn fail_attempt(
     shared: &Shared,
-    i: usize,
+    job: &Job,
     n: u32,
     error: String,
     started: Instant,
 ) -> Result<TaskEnd, Fatal> {
     finish(
         shared,
-        i,
+        job,
         n,
         Ended::Failed {
             error,
@@ -1173,6 +1792,7 @@ async fn fail_attempt(
 fn environment(
     shared: &Shared,
     step: &Step,
+    job: &Job,
     ctx: &Context,
     n: u32,
     output: &std::path::Path,
@@ -1194,7 +1814,14 @@ fn environment(
     }
     env.insert("CAIRN_OP_ID".into(), shared.op.0.to_string());
     env.insert("CAIRN_OP_UUID".into(), shared.uuid.clone());
-    env.insert("CAIRN_TASK".into(), step.id.clone());
+    env.insert("CAIRN_TASK".into(), job.name.clone());
+    if let Some(item) = &job.item {
+        let text = match item {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        env.insert("CAIRN_ITEM".into(), text);
+    }
     env.insert("CAIRN_ATTEMPT".into(), n.to_string());
     env.insert("CAIRN_OUTPUT".into(), output.display().to_string());
     // Finishing hooks see the op's outcome, as orchestrator's hooks get their placeholders.
@@ -1235,11 +1862,11 @@ struct ProcessRun {
     outputs: Result<Map<String, Value>, String>,
 }
 
-/// Spawns one process for attempt `n` of task `i`, records its pid, streams its logs, waits.
+/// Spawns one process for attempt `n` of a task, records its pid, streams its logs, waits.
 #[allow(clippy::too_many_arguments)] // the parts of one process to start; a struct would only rename them
 async fn run_process(
     shared: &Shared,
-    i: usize,
+    job: &Job,
     n: u32,
     argv: Vec<String>,
     env: BTreeMap<String, String>,
@@ -1248,8 +1875,8 @@ async fn run_process(
     marker: String,
     stop: &watch::Receiver<bool>,
 ) -> Result<Result<ProcessRun, String>, Fatal> {
-    let step = &shared.step(i);
-    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    let step = shared.step(job.step);
+    let task = job.task();
     let spec = Spec {
         argv,
         env,
@@ -1461,19 +2088,19 @@ fn process_files(
     shared: &Shared,
     step: &Step,
     ctx: &Context,
-    i: usize,
+    job: &Job,
     n: u32,
     what: &str,
 ) -> Result<(PathBuf, BTreeMap<String, String>), String> {
-    let output = output_file(shared, i, n, what)?;
-    let env = environment(shared, step, ctx, n, &output)?;
+    let output = output_file(shared, job, n, what)?;
+    let env = environment(shared, step, job, ctx, n, &output)?;
     Ok((output, env))
 }
 
 /// A fresh, private `$CAIRN_OUTPUT` file for one process.
-fn output_file(shared: &Shared, i: usize, n: u32, what: &str) -> Result<PathBuf, String> {
+fn output_file(shared: &Shared, job: &Job, n: u32, what: &str) -> Result<PathBuf, String> {
     use std::os::unix::fs::OpenOptionsExt;
-    let path = shared.outdir.path().join(format!("{i}-{n}-{what}"));
+    let path = shared.outdir.path().join(format!("{}-{n}-{what}", job.no));
     let _ = std::fs::remove_file(&path);
     std::fs::OpenOptions::new()
         .write(true)
@@ -1487,22 +2114,21 @@ fn output_file(shared: &Shared, i: usize, n: u32, what: &str) -> Result<PathBuf,
 /// Attempts of a `run` or `exec` task.
 async fn run_process_task(
     shared: &Shared,
-    i: usize,
+    job: &Job,
     prior: u32,
     retry_from: u32,
     ctx: &Context,
     started: Instant,
     stop: &watch::Receiver<bool>,
 ) -> Result<TaskEnd, Fatal> {
-    let step = &shared.step(i);
-    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    let step = shared.step(job.step);
     let cwd = match &step.cwd {
         Some(t) => match t.render(ctx) {
             Ok(dir) => shared.workdir.join(dir),
             Err(e) => {
                 return fail_before_start(
                     shared,
-                    i,
+                    job,
                     prior + 1,
                     format!("cannot render `cwd`: {e}"),
                 )
@@ -1513,7 +2139,7 @@ async fn run_process_task(
     };
     let argv = match command_line(step, ctx) {
         Ok(argv) => argv,
-        Err(e) => return fail_before_start(shared, i, prior + 1, e).await,
+        Err(e) => return fail_before_start(shared, job, prior + 1, e).await,
     };
     let check = match &step.check {
         Some(t) => match t.render(ctx) {
@@ -1527,7 +2153,7 @@ async fn run_process_task(
             Err(e) => {
                 return fail_before_start(
                     shared,
-                    i,
+                    job,
                     prior + 1,
                     format!("cannot render `check`: {e}"),
                 )
@@ -1538,44 +2164,28 @@ async fn run_process_task(
     };
     // Attempts of this retry round so far.
     let mut attempt_in_run = prior - retry_from;
+    let mut retrying = false;
     loop {
         attempt_in_run += 1;
         let n = retry_from + attempt_in_run;
-        if *stop.borrow() {
+        // A retry is a new start: none while the process drains.
+        if *stop.borrow() || (retrying && draining()) {
             return Ok(TaskEnd::Interrupted);
         }
-        shared
-            .apply(vec![
-                Change::StartAttempt {
-                    op: shared.op,
-                    owner: shared.me.clone(),
-                    task,
-                    n,
-                    retry_from,
-                    at: now(),
-                },
-                Change::CurrentTask {
-                    op: shared.op,
-                    text: Some(step.id.clone()),
-                },
-            ])
-            .await?;
-        shared.say(&Progress::TaskStarted {
-            task: step.id.clone(),
-            attempt: n,
-        });
-        let marker = format!("{}/{i}/{n}", shared.uuid);
+        retrying = true;
+        start_attempt(shared, job, n, retry_from).await?;
+        let marker = format!("{}/{}/{n}", shared.uuid, job.no);
         // The idempotency probe: exit 0 means the work is already done.
         if let Some(check) = &check {
-            let (output, env) = match process_files(shared, step, ctx, i, n, "check") {
+            let (output, env) = match process_files(shared, step, ctx, job, n, "check") {
                 Ok(prepared) => prepared,
                 Err(error) => {
-                    return fail_attempt(shared, i, n, error, started).await;
+                    return fail_attempt(shared, job, n, error, started).await;
                 }
             };
             match run_process(
                 shared,
-                i,
+                job,
                 n,
                 check.clone(),
                 env,
@@ -1587,13 +2197,13 @@ async fn run_process_task(
             .await?
             {
                 Ok(run) if run.exit.stopped == Some(Stopped::Asked) => {
-                    return finish(shared, i, n, Ended::Interrupted, started).await;
+                    return finish(shared, job, n, Ended::Interrupted, started).await;
                 }
                 Ok(run) if run.exit.success() => {
                     let outputs = match run.outputs {
                         Ok(o) => o,
                         Err(e) => {
-                            return fail_attempt(shared, i, n, format!("`check`: {e}"), started)
+                            return fail_attempt(shared, job, n, format!("`check`: {e}"), started)
                                 .await;
                         }
                     };
@@ -1601,9 +2211,9 @@ async fn run_process_task(
                         let error = format!(
                             "`check` said the step is done but did not publish its output `{missing}`"
                         );
-                        return fail_attempt(shared, i, n, error, started).await;
+                        return fail_attempt(shared, job, n, error, started).await;
                     }
-                    return finish(shared, i, n, Ended::Succeeded(outputs, true), started).await;
+                    return finish(shared, job, n, Ended::Succeeded(outputs, true), started).await;
                 }
                 _ => {}
             }
@@ -1612,15 +2222,15 @@ async fn run_process_task(
             // The check may have taken long: prove ownership again before starting the step.
             shared.renew().await?;
         }
-        let (output, env) = match process_files(shared, step, ctx, i, n, "run") {
+        let (output, env) = match process_files(shared, step, ctx, job, n, "run") {
             Ok(prepared) => prepared,
             Err(error) => {
-                return fail_attempt(shared, i, n, error, started).await;
+                return fail_attempt(shared, job, n, error, started).await;
             }
         };
         let run = match run_process(
             shared,
-            i,
+            job,
             n,
             argv.clone(),
             env,
@@ -1633,12 +2243,12 @@ async fn run_process_task(
         {
             Ok(run) => run,
             Err(error) => {
-                return fail_attempt(shared, i, n, error, started).await;
+                return fail_attempt(shared, job, n, error, started).await;
             }
         };
         let exit = &run.exit;
         if exit.stopped == Some(Stopped::Asked) {
-            return finish(shared, i, n, Ended::Interrupted, started).await;
+            return finish(shared, job, n, Ended::Interrupted, started).await;
         }
         let failure = if exit.stopped == Some(Stopped::TimedOut) {
             Some(format!(
@@ -1666,7 +2276,7 @@ async fn run_process_task(
         let Some(error) = failure else {
             return finish(
                 shared,
-                i,
+                job,
                 n,
                 Ended::Succeeded(run.outputs.unwrap_or_default(), false),
                 started,
@@ -1679,7 +2289,7 @@ async fn run_process_task(
             .then(|| step.retry.delay_before(attempt_in_run + 1));
         let end = finish(
             shared,
-            i,
+            job,
             n,
             Ended::Failed {
                 error: shared_mask(shared, &error),
@@ -1692,26 +2302,37 @@ async fn run_process_task(
         let Some(delay) = retry_in else {
             return Ok(end);
         };
-        let _ = shared
-            .apply(vec![Change::CurrentTask {
-                op: shared.op,
-                text: Some(format!(
-                    "{} (attempt {} failed; retry {} at {})",
-                    step.id,
-                    n,
-                    attempt_in_run + 1,
-                    crate::time::local(now() + i64::try_from(delay.as_millis()).unwrap_or(0))
-                        .split(' ')
-                        .nth(1)
-                        .unwrap_or_default()
-                )),
-            }])
-            .await;
-        let mut signal = stop.clone();
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            _ = signal.wait_for(|s| *s) => return Ok(TaskEnd::Interrupted),
+        if !wait_to_retry(shared, job, n, attempt_in_run + 1, delay, stop).await {
+            return Ok(TaskEnd::Interrupted);
         }
+    }
+}
+
+/// Waits `delay` before retry `next` of a task (attempt `n` failed), saying so in `CUR_TASK`;
+/// `false` when the run stops meanwhile.
+async fn wait_to_retry(
+    shared: &Shared,
+    job: &Job,
+    n: u32,
+    next: u32,
+    delay: Duration,
+    stop: &watch::Receiver<bool>,
+) -> bool {
+    let at = crate::time::local(now() + i64::try_from(delay.as_millis()).unwrap_or(0));
+    let _ = shared
+        .apply(vec![Change::CurrentTask {
+            op: shared.op,
+            text: Some(format!(
+                "{} (attempt {n} failed; retry {next} at {})",
+                job.name,
+                at.split(' ').nth(1).unwrap_or_default()
+            )),
+        }])
+        .await;
+    let mut signal = stop.clone();
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        _ = signal.wait_for(|s| *s) => false,
     }
 }
 
@@ -1719,12 +2340,11 @@ async fn run_process_task(
 /// or `cairn approve --reject`; a stop leaves it waiting, for the resume to wait again.
 async fn await_approval(
     shared: &Shared,
-    i: usize,
+    job: &Job,
     prompt: &str,
     stop: &watch::Receiver<bool>,
 ) -> Result<TaskEnd, Fatal> {
-    let step = shared.step(i);
-    let task = TaskNo(u32::try_from(i).unwrap_or(u32::MAX));
+    let task = job.task();
     shared
         .apply(vec![
             Change::SetTask {
@@ -1737,13 +2357,13 @@ async fn await_approval(
             },
             Change::CurrentTask {
                 op: shared.op,
-                text: Some(format!("{}: approve? {prompt}", step.id)),
+                text: Some(format!("{}: approve? {prompt}", job.name)),
             },
         ])
         .await?;
     shared.say(&Progress::TaskWaiting {
         op: shared.op,
-        task: step.id.clone(),
+        task: job.name.clone(),
         prompt: prompt.to_owned(),
     });
     let reader = shared.store.reader().map_err(Fatal::from)?;
@@ -1755,13 +2375,13 @@ async fn await_approval(
         if row.status != TaskStatus::Waiting {
             if row.status == TaskStatus::Succeeded {
                 shared.say(&Progress::TaskSucceeded {
-                    task: step.id.clone(),
+                    task: job.name.clone(),
                     by_check: false,
                     elapsed: started.elapsed(),
                 });
             } else {
                 shared.say(&Progress::TaskFailed {
-                    task: step.id.clone(),
+                    task: job.name.clone(),
                     error: row.error.clone().unwrap_or_default(),
                     retry_in: None,
                 });

@@ -11,6 +11,13 @@ pub fn rfc3339(ms: Millis) -> String {
     )
 }
 
+/// Reads an RFC 3339 time (`2026-11-22T02:00:30Z`).
+pub fn parse_rfc3339(text: &str) -> Result<Millis, String> {
+    text.parse::<jiff::Timestamp>()
+        .map(jiff::Timestamp::as_millisecond)
+        .map_err(|e| format!("`{text}` is not an RFC 3339 time: {e}"))
+}
+
 /// Local wall-clock time, as the status table shows it: `2026-11-21 10:02:11`.
 #[must_use]
 pub fn local(ms: Millis) -> String {

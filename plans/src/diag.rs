@@ -7,7 +7,7 @@
 
 use std::fmt::{self, Write as _};
 
-use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, SourceSpan};
+use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, SourceSpan};
 use serde::Serialize;
 
 /// A byte range in a plan's source text.
@@ -146,6 +146,27 @@ pub struct JsonProblem<'a> {
 }
 
 impl Problems {
+    /// The problems with every span inside the source and on character boundaries (a parser may
+    /// point one past the end of the file, where it ran out of text).
+    #[must_use]
+    pub fn clamped(mut self) -> Self {
+        let len = self.source.len();
+        for problem in &mut self.list {
+            if let Some(span) = &mut problem.span {
+                let mut offset = span.offset.min(len);
+                while !self.source.is_char_boundary(offset) {
+                    offset -= 1;
+                }
+                let mut end = span.end().clamp(offset, len);
+                while !self.source.is_char_boundary(end) {
+                    end += 1;
+                }
+                *span = Span::new(offset, end - offset);
+            }
+        }
+        self
+    }
+
     /// The problems in the order a reader meets them in the file; those without a place come last.
     /// Repeats of one problem at one place are reported once.
     pub fn sort(&mut self) {
@@ -188,6 +209,11 @@ impl Problems {
             .with_width(100)
             .with_links(false);
         let mut out = String::new();
+        // Where each line starts, once: each problem is drawn from the lines around it, so a
+        // file with thousands of problems renders in linear time.
+        let starts: Vec<usize> = std::iter::once(0)
+            .chain(self.source.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
         for problem in &self.list {
             if problem.span.is_none() {
                 writeln!(out, "  × {}: {}", self.file, problem.message).ok();
@@ -199,7 +225,7 @@ impl Problems {
             }
             let report = Report {
                 problem,
-                source: NamedSource::new(&self.file, self.source.clone()).with_language("yaml"),
+                source: Excerpt::around(&self.file, &self.source, &starts, problem.span),
             };
             if handler.render_report(&mut out, &report).is_err() {
                 out.push_str(&problem.message);
@@ -220,7 +246,57 @@ impl fmt::Display for Problems {
 /// A [`Problem`] together with its source, as miette wants it.
 struct Report<'a> {
     problem: &'a Problem,
-    source: NamedSource<String>,
+    source: Excerpt,
+}
+
+/// The lines of a source around a span, that miette reads as if they were the whole file: spans
+/// and line numbers are those of the whole file.
+struct Excerpt {
+    name: String,
+    text: String,
+    /// Where `text` starts in the whole source, in bytes and in lines (from 0).
+    offset: usize,
+    first_line: usize,
+}
+
+impl Excerpt {
+    fn around(name: &str, source: &str, starts: &[usize], span: Option<Span>) -> Self {
+        let span = span.unwrap_or(Span::new(0, 0));
+        let line_of = |at: usize| starts.partition_point(|&s| s <= at).saturating_sub(1);
+        let first_line = line_of(span.offset).saturating_sub(2);
+        let last_line = line_of(span.end()) + 2;
+        let offset = starts[first_line];
+        let end = starts.get(last_line + 1).copied().unwrap_or(source.len());
+        Self {
+            name: name.to_owned(),
+            text: source[offset..end].to_owned(),
+            offset,
+            first_line,
+        }
+    }
+}
+
+impl miette::SourceCode for Excerpt {
+    fn read_span<'a>(
+        &'a self,
+        span: &SourceSpan,
+        before: usize,
+        after: usize,
+    ) -> Result<Box<dyn miette::SpanContents<'a> + 'a>, miette::MietteError> {
+        let local = SourceSpan::new(span.offset().saturating_sub(self.offset).into(), span.len());
+        let contents = self.text.read_span(&local, before, after)?;
+        Ok(Box::new(miette::MietteSpanContents::new_named(
+            self.name.clone(),
+            contents.data(),
+            SourceSpan::new(
+                (contents.span().offset() + self.offset).into(),
+                contents.span().len(),
+            ),
+            contents.line() + self.first_line,
+            contents.column(),
+            contents.line_count(),
+        )))
+    }
 }
 
 impl fmt::Debug for Report<'_> {

@@ -1,7 +1,7 @@
 //! The cairn plan format: a YAML file of parameters, steps and their dependencies, hooks and a lock.
 //! This crate is pure: it reads text it is given and knows nothing of databases or processes.
 //!
-//! - [`raw`]: the file as written, with source spans.
+//! - [`raw`]: the file as written, with source spans. [`bundle`]: a plan with its sub-plans.
 //! - [`validate`]: raw → [`Plan`], collecting every problem ([`parse`] is the entry point).
 //! - [`model`]: the validated plan the engine runs.
 //! - [`template`]: `{{ }}` templates with strict names and shell quoting; `when` expressions.
@@ -11,9 +11,11 @@
 //! - [`graph`]: the DAG as text, dot or mermaid. [`schema`]: the JSON Schema. [`units`]: durations
 //!   and sizes. [`cron`]: crontab expressions.
 
+pub mod bundle;
 pub mod cron;
 pub mod dag;
 pub mod diag;
+pub mod drift;
 pub mod graph;
 pub mod model;
 pub mod params;

@@ -45,6 +45,10 @@ pub fn parse_bytes(file: &str, bytes: &[u8]) -> Result<Plan, Problems> {
 
 /// Parses and validates a plan. `file` is the name problems are reported under.
 pub fn parse(file: &str, text: &str) -> Result<Plan, Problems> {
+    parse_unclamped(file, text).map_err(Problems::clamped)
+}
+
+fn parse_unclamped(file: &str, text: &str) -> Result<Plan, Problems> {
     let fail = |list: Vec<Problem>| Problems {
         file: file.to_owned(),
         source: text.to_owned(),
@@ -1906,6 +1910,37 @@ pub fn sub_plan_problems(plan: &Plan, step: usize, child: &Plan) -> Vec<Problem>
                 );
             }
             Some(param) => {
+                // A secret must stay one: a child param that is not secret is stored in clear.
+                if let Arg::Template(t) = arg
+                    && !param.secret
+                    && let Ok((_, names)) = crate::template::Template::compile(
+                        t.source(),
+                        crate::template::Quoting::Plain,
+                        &|id| plan.step_index(id),
+                    )
+                    && let Some(secret) = names.iter().find_map(|n| match n {
+                        crate::template::Name::Param(p)
+                            if plan.param(p).is_some_and(|p| p.secret) =>
+                        {
+                            Some(p.clone())
+                        }
+                        _ => None,
+                    })
+                {
+                    out.push(
+                        Problem::new(
+                            "secret-to-plain-sub-plan-param",
+                            step_key_span(plan, step, name),
+                            format!(
+                                "step `{id}` passes the secret param `{secret}` as `{name}`, which sub-plan `{}` does not mark `secret`",
+                                child.name
+                            ),
+                        )
+                        .help(format!(
+                            "mark `{name}` `secret: true` in the sub-plan, so that its op seals and masks it"
+                        )),
+                    );
+                }
                 if let Arg::Value(value) = arg
                     && !param.ty.admits(value)
                 {

@@ -39,6 +39,9 @@ pub enum Error {
         status: OpStatus,
         reason: String,
     },
+    /// A schedule that exists (or does not).
+    #[error("{0}")]
+    Schedule(String),
     /// The database file cannot be used; nothing was changed in it.
     #[error("cannot use the database `{path}`: {reason}")]
     Unusable { path: PathBuf, reason: String },

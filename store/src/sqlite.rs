@@ -20,14 +20,19 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction,
 use crate::error::{Error, Result};
 use crate::types::{
     Applied, AttemptRow, AttemptStatus, Change, CooldownRow, EventRow, LockRow, LogChunk, Millis,
-    NewOp, OpId, OpRow, OpStatus, ProcessId, Request, Snapshot, TaskNo, TaskRow, TaskStatus,
+    NewOp, NewTask, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo,
+    TaskRow, TaskStatus,
 };
 
 /// `cair` in ASCII: the `application_id` of a cairn database.
 pub const APPLICATION_ID: i32 = 0x6361_6972;
 
 /// The migrations, in order; the schema version is their count.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_initial.sql"),
+    include_str!("../migrations/0002_children.sql"),
+    include_str!("../migrations/0003_schedules.sql"),
+];
 
 /// The schema version this cairn writes.
 #[allow(clippy::cast_possible_wrap)]
@@ -71,7 +76,23 @@ pub(crate) fn classify(path: &Path, err: &rusqlite::Error) -> Error {
             };
         }
         Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => {
-            format!("cannot open it: {}", std::io::Error::last_os_error())
+            // SQLite keeps `-wal` and `-shm` files beside the database: its directory matters.
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            match nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK) {
+                Err(nix::errno::Errno::EROFS) => format!(
+                    "its directory `{}` is on a read-only file system, and SQLite must write its `-wal` and `-shm` files beside it",
+                    dir.display()
+                ),
+                Err(errno) => format!(
+                    "its directory `{}` cannot be written ({}), and SQLite must write its `-wal` and `-shm` files beside it",
+                    dir.display(),
+                    std::io::Error::from(errno)
+                ),
+                Ok(()) => format!("cannot open it: {err}"),
+            }
         }
         _ => err.to_string(),
     };
@@ -133,7 +154,27 @@ pub(crate) fn open_reader(path: &Path) -> Result<Option<Connection>> {
     let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, &e))?;
     conn.busy_timeout(busy_timeout())
         .map_err(|e| classify(path, &e))?;
-    let version = check_identity(&conn, path, false)?;
+    let (conn, version) = match check_identity(&conn, path, false) {
+        Ok(version) => (conn, version),
+        Err(e) if on_read_only_fs(path) => {
+            // A database on read-only media (a snapshot, a mounted backup): nobody can write it,
+            // so reading it as immutable (without `-shm`) is safe.
+            drop(conn);
+            let uri = format!(
+                "file:{}?immutable=1",
+                path.display()
+                    .to_string()
+                    .replace('%', "%25")
+                    .replace('?', "%3f")
+                    .replace('#', "%23")
+            );
+            let conn = Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI)
+                .map_err(|_| e)?;
+            let version = check_identity(&conn, path, false)?;
+            (conn, version)
+        }
+        Err(e) => return Err(e),
+    };
     if version == 0 {
         // An empty file: just created by a writer that has not committed the schema yet. No op yet.
         return Ok(None);
@@ -147,6 +188,15 @@ pub(crate) fn open_reader(path: &Path) -> Result<Option<Connection>> {
         });
     }
     Ok(Some(conn))
+}
+
+/// Whether the database's directory is on a read-only file system.
+fn on_read_only_fs(path: &Path) -> bool {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK) == Err(nix::errno::Errno::EROFS)
 }
 
 /// Creates the file (and its directory) private to the user when missing; returns whether it did.
@@ -360,10 +410,32 @@ fn process_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Option<Pr
     })
 }
 
-#[allow(clippy::cast_possible_wrap)]
-fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
-    let files: serde_json::Map<String, serde_json::Value> = new
-        .snapshot
+/// A task's name (`restore[shard-3]`), for events.
+fn task_name(tx: &Transaction<'_>, op: OpId, task: TaskNo) -> rusqlite::Result<String> {
+    tx.prepare_cached("SELECT name FROM tasks WHERE op_id = ?1 AND task_no = ?2")?
+        .query_row(params![op.0, task.0], |r| r.get(0))
+}
+
+/// Stores new tasks of an op; ones that exist are left as they are.
+fn insert_tasks(tx: &Transaction<'_>, op: OpId, tasks: &[NewTask]) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO tasks (op_id, task_no, step, name, item, status) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
+    )?;
+    for t in tasks {
+        insert.execute(params![
+            op.0,
+            t.task_no.0,
+            t.step,
+            t.name,
+            t.item.as_ref().map(ToString::to_string)
+        ])?;
+    }
+    Ok(())
+}
+
+/// Stores a plan snapshot (content-addressed: an equal one is reused); its row id.
+fn store_snapshot(tx: &Transaction<'_>, snapshot: &Snapshot) -> rusqlite::Result<i64> {
+    let files: serde_json::Map<String, serde_json::Value> = snapshot
         .files
         .iter()
         .map(|(path, text)| (path.clone(), serde_json::Value::String(text.clone())))
@@ -372,14 +444,18 @@ fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
     tx.prepare_cached(
         "INSERT INTO plan_snapshots (hash, name, text, files) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (hash) DO NOTHING",
     )?
-    .execute(params![new.snapshot.hash, new.snapshot.name, new.snapshot.text, files])?;
-    let snapshot_id: i64 = tx
-        .prepare_cached("SELECT id FROM plan_snapshots WHERE hash = ?1")?
-        .query_row([&new.snapshot.hash], |r| r.get(0))?;
+    .execute(params![snapshot.hash, snapshot.name, snapshot.text, files])?;
+    tx.prepare_cached("SELECT id FROM plan_snapshots WHERE hash = ?1")?
+        .query_row([&snapshot.hash], |r| r.get(0))
+}
+
+#[allow(clippy::cast_possible_wrap)]
+fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
+    let snapshot_id = store_snapshot(tx, &new.snapshot)?;
     let id: i64 = tx
         .prepare_cached(
-            "INSERT INTO ops (uuid, plan, snapshot_id, title, status, params, workdir, env, created_at, lock_key, cooldown_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id",
+            "INSERT INTO ops (uuid, plan, snapshot_id, title, status, params, workdir, env, created_at, lock_key, cooldown_ms, \
+             parent_id, parent_task) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) RETURNING id",
         )?
         .query_row(
             params![
@@ -393,22 +469,28 @@ fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
                 serde_json::Value::Object(new.env.clone()).to_string(),
                 new.at,
                 new.lock,
-                new.cooldown_ms
+                new.cooldown_ms,
+                new.parent.map(|(op, _)| op.0),
+                new.parent.map(|(_, task)| task.0)
             ],
             |r| r.get(0),
         )?;
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO tasks (op_id, task_no, step, name, item, status) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
-        )?;
-        for task in &new.tasks {
-            insert.execute(params![
-                id,
-                task.task_no.0,
-                task.step,
-                task.name,
-                task.item.as_ref().map(ToString::to_string)
-            ])?;
+    insert_tasks(tx, OpId(id), &new.tasks)?;
+    if let Some((name, due)) = &new.fired_by {
+        // Compare-and-set: a firing is submitted once, whoever else tries it.
+        let fired = tx
+            .prepare_cached(
+                "UPDATE schedules SET last_fire = ?2, last_op = ?3, note = ?4 \
+                 WHERE name = ?1 AND (last_fire IS NULL OR last_fire < ?2)",
+            )?
+            .execute(params![name, due, id, format!("fired: op {id}")])?;
+        if fired == 0 {
+            return Err(Error::Conflict {
+                op: OpId(id),
+                status: OpStatus::Queued,
+                reason: format!("schedule `{name}` already fired for this time"),
+            }
+            .into());
         }
     }
     event(
@@ -424,6 +506,20 @@ fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
             new.tasks.len()
         ),
     )?;
+    if let Some((parent, task)) = new.parent {
+        // The parent's task says which op runs its sub-plan, in the same transaction.
+        let name = task_name(tx, parent, task)?;
+        event(
+            tx,
+            parent,
+            new.at,
+            "task-child",
+            Some(&name),
+            &format!("runs plan `{}` as op {id}", new.snapshot.name),
+        )?;
+        tx.prepare_cached("UPDATE ops SET current_task = ?2 WHERE id = ?1")?
+            .execute(params![parent.0, format!("{name} → op {id}")])?;
+    }
     if let Some((owner, lease_until)) = new.owner.as_ref().filter(|_| !new.start) {
         tx.prepare_cached(
             "UPDATE ops SET owner_host = ?2, owner_boot = ?3, owner_pid = ?4, owner_start = ?5, lease_until = ?6 WHERE id = ?1",
@@ -755,6 +851,7 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             tx.prepare_cached(
                 "UPDATE ops SET status = ?2, error = ?3, ended_at = ?4, \
                  current_task = CASE WHEN ?4 IS NULL THEN current_task ELSE NULL END, \
+                 ending = CASE WHEN ?2 IN ('succeeded', 'failed', 'canceled') THEN NULL ELSE ending END, \
                  owner_host = CASE WHEN ?5 THEN NULL ELSE owner_host END, \
                  owner_boot = CASE WHEN ?5 THEN NULL ELSE owner_boot END, \
                  owner_pid = CASE WHEN ?5 THEN NULL ELSE owner_pid END, \
@@ -821,8 +918,18 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
                 "UPDATE tasks SET status = 'pending', outputs = NULL, ended_at = NULL, error = NULL, exit_code = NULL, \
                  by_check = 0, retry_from = attempts WHERE op_id = ?1 AND task_no = ?2",
             )?;
+            // A fan-out step's list is expanded again, and a sub-plan step's child op stays as
+            // history while a new one runs.
+            let mut unfreeze = tx.prepare_cached(
+                "UPDATE tasks SET item = NULL WHERE op_id = ?1 AND task_no = ?2 AND name = step",
+            )?;
+            let mut detach = tx.prepare_cached(
+                "UPDATE ops SET parent_task = NULL WHERE parent_id = ?1 AND parent_task = ?2",
+            )?;
             for task in tasks {
                 reset.execute(params![op.0, task.0])?;
+                unfreeze.execute(params![op.0, task.0])?;
+                detach.execute(params![op.0, task.0])?;
             }
             tx.prepare_cached("UPDATE ops SET ending = NULL WHERE id = ?1")?
                 .execute([op.0])?;
@@ -964,12 +1071,50 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
                 &format!("{kind} by {}{why}", request.by),
             )?;
         }
-        Change::AddTasks { op, tasks } => {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO tasks (op_id, task_no, step, name, item, status) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
+        Change::Expand {
+            op,
+            owner,
+            task,
+            items,
+            tasks,
+            at,
+        } => {
+            fence(tx, *op, owner)?;
+            // The list is frozen once: a step expanded before keeps its items.
+            let frozen: Option<Option<String>> = tx
+                .prepare_cached("SELECT item FROM tasks WHERE op_id = ?1 AND task_no = ?2")?
+                .query_row(params![op.0, task.0], |r| r.get(0))
+                .optional()?;
+            let Some(None) = frozen else {
+                return Err(Error::Conflict {
+                    op: *op,
+                    status: OpStatus::Running,
+                    reason: format!("task {} was already expanded into its items", task.0),
+                }
+                .into());
+            };
+            let list = serde_json::Value::Array(items.clone()).to_string();
+            let name: String = tx
+                .prepare_cached(
+                    "UPDATE tasks SET item = ?3, status = 'running', started_at = COALESCE(started_at, ?4) \
+                     WHERE op_id = ?1 AND task_no = ?2 RETURNING name",
+                )?
+                .query_row(params![op.0, task.0, list, at], |r| r.get(0))?;
+            // Items of an earlier expansion keep their task when their name comes again (reset
+            // to pending by the rerun); the others stay as history, no longer items.
+            // An item of an expansion before the last (no longer linked: `item` NULL) that comes
+            // back runs again, with a fresh retry round.
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO tasks (op_id, task_no, step, name, item, status) VALUES (?1, ?2, ?3, ?4, ?5, 'pending') \
+                 ON CONFLICT (op_id, task_no) DO UPDATE SET item = excluded.item, \
+                 status = CASE WHEN item IS NULL THEN 'pending' ELSE status END, \
+                 outputs = CASE WHEN item IS NULL THEN NULL ELSE outputs END, \
+                 error = CASE WHEN item IS NULL THEN NULL ELSE error END, \
+                 ended_at = CASE WHEN item IS NULL THEN NULL ELSE ended_at END, \
+                 retry_from = CASE WHEN item IS NULL THEN attempts ELSE retry_from END",
             )?;
             for t in tasks {
-                insert.execute(params![
+                upsert.execute(params![
                     op.0,
                     t.task_no.0,
                     t.step,
@@ -977,6 +1122,224 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
                     t.item.as_ref().map(ToString::to_string)
                 ])?;
             }
+            let numbers = serde_json::Value::Array(
+                tasks
+                    .iter()
+                    .map(|t| serde_json::Value::from(t.task_no.0))
+                    .collect(),
+            )
+            .to_string();
+            tx.prepare_cached(
+                "UPDATE tasks SET item = NULL, \
+                 status = CASE WHEN status = 'pending' THEN 'skipped' ELSE status END, \
+                 error = CASE WHEN status = 'pending' THEN 'no longer in the fan-out list' ELSE error END \
+                 WHERE op_id = ?1 AND step = (SELECT step FROM tasks WHERE op_id = ?1 AND task_no = ?2) \
+                 AND name != step AND item IS NOT NULL AND task_no NOT IN (SELECT value FROM json_each(?3))",
+            )?
+            .execute(params![op.0, task.0, numbers])?;
+            let shown: Vec<&str> = tasks.iter().take(10).map(|t| t.name.as_str()).collect();
+            let more = if tasks.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            };
+            event(
+                tx,
+                *op,
+                *at,
+                "task-expanded",
+                Some(&name),
+                &format!(
+                    "{} item{}: {}{more}",
+                    tasks.len(),
+                    if tasks.len() == 1 { "" } else { "s" },
+                    shown.join(", ")
+                ),
+            )?;
+        }
+        Change::Gather {
+            op,
+            owner,
+            task,
+            status,
+            outputs,
+            error,
+            at,
+        } => {
+            fence(tx, *op, owner)?;
+            let ended = (*status != TaskStatus::Pending).then_some(*at);
+            let name: String = tx
+                .prepare_cached(
+                    "UPDATE tasks SET status = ?3, ended_at = ?4, error = ?5, outputs = ?6 \
+                     WHERE op_id = ?1 AND task_no = ?2 RETURNING name",
+                )?
+                .query_row(
+                    params![
+                        op.0,
+                        task.0,
+                        status.as_str(),
+                        ended,
+                        error,
+                        outputs
+                            .as_ref()
+                            .map(|o| serde_json::Value::Object(o.clone()).to_string())
+                    ],
+                    |r| r.get(0),
+                )?;
+            let message = match error {
+                Some(e) => format!("{status}: {e}"),
+                None => format!("{status}: every item is done"),
+            };
+            event(
+                tx,
+                *op,
+                *at,
+                &format!("task-{status}"),
+                Some(&name),
+                &message,
+            )?;
+        }
+        Change::AddSchedule(new) => {
+            let added = tx
+                .prepare_cached(
+                    "INSERT INTO schedules (name, plan, params, cron, timezone, catch_up, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (name) DO NOTHING",
+                )?
+                .execute(params![
+                    new.name,
+                    new.plan,
+                    serde_json::Value::Object(new.params.clone()).to_string(),
+                    new.cron,
+                    new.timezone,
+                    new.catch_up,
+                    new.created_at
+                ])?;
+            if added == 0 {
+                return Err(Error::Schedule(format!(
+                    "a schedule `{}` exists; remove it first",
+                    new.name
+                ))
+                .into());
+            }
+        }
+        Change::RemoveSchedule { name } => {
+            let removed = tx
+                .prepare_cached("DELETE FROM schedules WHERE name = ?1")?
+                .execute([name])?;
+            if removed == 0 {
+                return Err(Error::Schedule(format!("no schedule `{name}`")).into());
+            }
+        }
+        Change::PauseSchedule { name, paused } => {
+            let changed = tx
+                .prepare_cached("UPDATE schedules SET paused = ?2 WHERE name = ?1")?
+                .execute(params![name, paused])?;
+            if changed == 0 {
+                return Err(Error::Schedule(format!("no schedule `{name}`")).into());
+            }
+        }
+        Change::ScheduleNote { name, due, note } => {
+            // A firing handled without an op (skipped, or the plan could not be read).
+            tx.prepare_cached(
+                "UPDATE schedules SET last_fire = ?2, note = ?3 \
+                 WHERE name = ?1 AND (last_fire IS NULL OR last_fire < ?2)",
+            )?
+            .execute(params![name, due, note])?;
+        }
+        Change::AddTasks { op, owner, tasks } => {
+            fence(tx, *op, owner)?;
+            insert_tasks(tx, *op, tasks)?;
+        }
+        Change::DetachChild {
+            op,
+            owner,
+            task,
+            at,
+            message,
+        } => {
+            fence(tx, *op, owner)?;
+            tx.prepare_cached(
+                "UPDATE ops SET parent_task = NULL WHERE parent_id = ?1 AND parent_task = ?2",
+            )?
+            .execute(params![op.0, task.0])?;
+            let name = task_name(tx, *op, *task)?;
+            event(tx, *op, *at, "task-child", Some(&name), message)?;
+        }
+        Change::Replan {
+            op,
+            owner,
+            snapshot,
+            renumber,
+            tasks,
+            params: op_params,
+            env,
+            at,
+            message,
+        } => {
+            const AWAY: i64 = 1 << 40;
+            fence(tx, *op, owner)?;
+            // The outcome is decided again, by the new plan's tasks.
+            tx.prepare_cached("UPDATE ops SET params = ?2, env = ?3, ending = NULL WHERE id = ?1")?
+                .execute(params![
+                    op.0,
+                    op_params.to_string(),
+                    serde_json::Value::Object(env.clone()).to_string()
+                ])?;
+            let old: String = tx
+                .prepare_cached(
+                    "SELECT s.hash FROM ops o JOIN plan_snapshots s ON s.id = o.snapshot_id WHERE o.id = ?1",
+                )?
+                .query_row([op.0], |r| r.get(0))?;
+            let snapshot_id = store_snapshot(tx, snapshot)?;
+            tx.prepare_cached("UPDATE ops SET snapshot_id = ?2 WHERE id = ?1")?
+                .execute(params![op.0, snapshot_id])?;
+            // Attempts and logs follow their task; the keys are checked at commit.
+            tx.pragma_update(None, "defer_foreign_keys", "ON")?;
+            // Tasks, and what names a task by number: attempts, logs, child ops.
+            for (table, of, no) in [
+                ("tasks", "op_id", "task_no"),
+                ("attempts", "op_id", "task_no"),
+                ("logs", "op_id", "task_no"),
+                ("ops", "parent_id", "parent_task"),
+            ] {
+                tx.execute(
+                    &format!("UPDATE {table} SET {no} = {no} + ?2 WHERE {of} = ?1"),
+                    params![op.0, AWAY],
+                )?;
+                let mut back = tx.prepare(&format!(
+                    "UPDATE {table} SET {no} = ?3 WHERE {of} = ?1 AND {no} = ?2"
+                ))?;
+                for (from, to) in renumber {
+                    back.execute(params![op.0, i64::from(from.0) + AWAY, to.0])?;
+                }
+                let left: i64 = tx.query_row(
+                    &format!("SELECT count(*) FROM {table} WHERE {of} = ?1 AND {no} >= ?2"),
+                    params![op.0, AWAY],
+                    |r| r.get(0),
+                )?;
+                if left > 0 {
+                    return Err(Error::Conflict {
+                        op: *op,
+                        status: OpStatus::Running,
+                        reason: format!(
+                            "{left} rows of {table} were not renumbered to the new plan"
+                        ),
+                    }
+                    .into());
+                }
+            }
+            // Checked at this transaction's commit; the requests after it in the same group
+            // commit check theirs at once again.
+            tx.pragma_update(None, "defer_foreign_keys", "OFF")?;
+            insert_tasks(tx, *op, tasks)?;
+            event(
+                tx,
+                *op,
+                *at,
+                "plan-changed",
+                None,
+                &format!("{message}; plan {old} replaced by {}", snapshot.hash),
+            )?;
         }
         Change::Ack { key, request } => {
             let op: Option<i64> = tx
@@ -1127,7 +1490,7 @@ fn tail(data: &[u8], limit: u64) -> &[u8] {
 
 const OP_COLUMNS: &str = "id, uuid, plan, title, status, params, created_at, started_at, ended_at, \
      owner_host, owner_boot, owner_pid, owner_start, lease_until, current_task, error, workdir, env, \
-     lock_key, cancel_requested_at, cancel_by, cancel_reason, ending";
+     lock_key, cancel_requested_at, cancel_by, cancel_reason, ending, parent_id, parent_task";
 
 fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
     let status: String = r.get(4)?;
@@ -1160,6 +1523,10 @@ fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
         ending: r
             .get::<_, Option<String>>(22)?
             .and_then(|e| serde_json::from_str(&e).ok()),
+        parent: match (r.get::<_, Option<i64>>(23)?, r.get::<_, Option<u32>>(24)?) {
+            (Some(op), Some(task)) => Some((OpId(op), TaskNo(task))),
+            _ => None,
+        },
     })
 }
 
@@ -1199,6 +1566,60 @@ impl Reads<'_> {
                 op_row,
             )
             .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
+    /// Every schedule, by name.
+    pub fn schedules(&self) -> Result<Vec<ScheduleRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT name, plan, params, cron, timezone, paused, catch_up, created_at, last_fire, last_op, note \
+                 FROM schedules ORDER BY name",
+            )
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let params: String = r.get(2)?;
+                Ok(ScheduleRow {
+                    name: r.get(0)?,
+                    plan: r.get(1)?,
+                    params: serde_json::from_str(&params).unwrap_or_default(),
+                    cron: r.get(3)?,
+                    timezone: r.get(4)?,
+                    paused: r.get(5)?,
+                    catch_up: r.get(6)?,
+                    created_at: r.get(7)?,
+                    last_fire: r.get(8)?,
+                    last_op: r.get::<_, Option<i64>>(9)?.map(OpId),
+                    note: r.get(10)?,
+                })
+            })
+            .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
+    /// The child op that runs task `task` of `op`, if any.
+    pub fn child(&self, op: OpId, task: TaskNo) -> Result<Option<OpRow>> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {OP_COLUMNS} FROM ops WHERE parent_id = ?1 AND parent_task = ?2"
+            ))
+            .and_then(|mut s| s.query_row(params![op.0, task.0], op_row).optional())
+            .map_err(|e| self.err(&e))
+    }
+
+    /// The child ops an op started (its `plan:` steps), by task.
+    pub fn children(&self, op: OpId) -> Result<Vec<OpRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {OP_COLUMNS} FROM ops WHERE parent_id = ?1 ORDER BY parent_task"
+            ))
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt.query_map([op.0], op_row).map_err(|e| self.err(&e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.err(&e))
     }

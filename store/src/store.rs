@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::sqlite::{self, ApplyError, OpFilter, Reads};
 use crate::types::{
     Applied, AttemptRow, Change, CooldownRow, EventRow, LockRow, LogChunk, Millis, OpId, OpRow,
-    Request, Snapshot, TaskNo, TaskRow,
+    Request, ScheduleRow, Snapshot, TaskNo, TaskRow,
 };
 
 /// How many batches may wait for the writer before senders block.
@@ -112,6 +112,10 @@ fn writer(mut conn: Connection, path: &Path, receiver: &mpsc::Receiver<Queued>) 
                             path: path.clone(),
                             waited_ms: *waited_ms,
                         },
+                        Error::Write { path, reason } => Error::Write {
+                            path: path.clone(),
+                            reason: reason.clone(),
+                        },
                         _ => Error::Write {
                             path: path.to_path_buf(),
                             reason: message.clone(),
@@ -170,7 +174,9 @@ fn commit(
 /// A read-only view of the database.
 #[derive(Debug)]
 pub struct Reader {
-    conn: Connection,
+    /// Behind a mutex so that a reader may be held across awaits by futures that move between
+    /// threads; reads are short and a reader is used by one task at a time.
+    conn: std::sync::Mutex<Connection>,
     path: PathBuf,
 }
 
@@ -178,40 +184,59 @@ impl Reader {
     /// Opens the database at `path` read-only; `None` when there is no file yet. Never writes.
     pub fn open(path: &Path) -> Result<Option<Self>> {
         Ok(sqlite::open_reader(path)?.map(|conn| Self {
-            conn,
+            conn: std::sync::Mutex::new(conn),
             path: path.to_path_buf(),
         }))
     }
 
-    fn reads(&self) -> Reads<'_> {
-        Reads {
-            conn: &self.conn,
+    fn with<T>(&self, read: impl FnOnce(Reads<'_>) -> T) -> T {
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        read(Reads {
+            conn: &conn,
             path: &self.path,
-        }
+        })
     }
 
     pub fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>> {
-        self.reads().list_ops(filter)
+        self.with(|r| r.list_ops(filter))
     }
 
     pub fn op(&self, op: OpId) -> Result<OpRow> {
-        self.reads().op(op)
+        self.with(|r| r.op(op))
+    }
+
+    /// Every schedule, by name.
+    pub fn schedules(&self) -> Result<Vec<ScheduleRow>> {
+        self.with(|r| r.schedules())
+    }
+
+    /// The child op that runs task `task` of `op`, if any.
+    pub fn child(&self, op: OpId, task: TaskNo) -> Result<Option<OpRow>> {
+        self.with(|r| r.child(op, task))
+    }
+
+    /// The child ops this op started, by task.
+    pub fn children(&self, op: OpId) -> Result<Vec<OpRow>> {
+        self.with(|r| r.children(op))
     }
 
     pub fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
-        self.reads().tasks(op)
+        self.with(|r| r.tasks(op))
     }
 
     pub fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
-        self.reads().task(op, task)
+        self.with(|r| r.task(op, task))
     }
 
     pub fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
-        self.reads().attempts(op)
+        self.with(|r| r.attempts(op))
     }
 
     pub fn events(&self, op: OpId) -> Result<Vec<EventRow>> {
-        self.reads().events(op)
+        self.with(|r| r.events(op))
     }
 
     pub fn logs(
@@ -220,22 +245,22 @@ impl Reader {
         task: Option<TaskNo>,
         after: Option<(TaskNo, u32, i64)>,
     ) -> Result<Vec<LogChunk>> {
-        self.reads().logs(op, task, after)
+        self.with(|r| r.logs(op, task, after))
     }
 
     pub fn snapshot(&self, op: OpId) -> Result<Snapshot> {
-        self.reads().snapshot(op)
+        self.with(|r| r.snapshot(op))
     }
 
     pub fn locks(&self) -> Result<Vec<LockRow>> {
-        self.reads().locks()
+        self.with(|r| r.locks())
     }
 
     pub fn cooldowns(&self, now: Millis) -> Result<Vec<CooldownRow>> {
-        self.reads().cooldowns(now)
+        self.with(|r| r.cooldowns(now))
     }
 
     pub fn paused(&self) -> Result<Option<Request>> {
-        self.reads().paused()
+        self.with(|r| r.paused())
     }
 }

@@ -157,6 +157,8 @@ pub struct OpRow {
     pub cancel: Option<Request>,
     /// The outcome decided before the finishing hooks (see [`Change::SetEnding`]).
     pub ending: Option<serde_json::Value>,
+    /// The op and task that started this op (a sub-plan's `plan:` step).
+    pub parent: Option<(OpId, TaskNo)>,
     pub created_at: Millis,
     pub started_at: Option<Millis>,
     pub ended_at: Option<Millis>,
@@ -264,6 +266,41 @@ pub struct NewOp {
     pub cooldown_ms: Option<i64>,
     /// Take the lock even while its key cools down (recorded in the events).
     pub ignore_cooldown: bool,
+    /// The op and task that start this one (a sub-plan): at most one child per task.
+    pub parent: Option<(OpId, TaskNo)>,
+    /// The schedule whose firing (at this time) this op is: it is stored only if that firing was
+    /// not submitted already.
+    pub fired_by: Option<(String, Millis)>,
+}
+
+/// A cron schedule, as `cairn schedule add` stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSchedule {
+    pub name: String,
+    /// The plan file, absolute: read when the schedule fires.
+    pub plan: String,
+    pub params: serde_json::Map<String, serde_json::Value>,
+    pub cron: String,
+    pub timezone: String,
+    /// Firings missed while no `serve` ran fire once when one starts (else they are skipped).
+    pub catch_up: bool,
+    pub created_at: Millis,
+}
+
+/// A cron schedule and what its last firing did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScheduleRow {
+    pub name: String,
+    pub plan: String,
+    pub params: serde_json::Map<String, serde_json::Value>,
+    pub cron: String,
+    pub timezone: String,
+    pub paused: bool,
+    pub catch_up: bool,
+    pub created_at: Millis,
+    pub last_fire: Option<Millis>,
+    pub last_op: Option<OpId>,
+    pub note: Option<String>,
 }
 
 /// Who asked for something, and why, for the audit trail.
@@ -392,7 +429,8 @@ pub enum Change {
         dead_owner: Option<ProcessId>,
         request: Request,
     },
-    /// Make tasks pending again (`resume --from`): they run again, with a fresh retry round.
+    /// Make tasks pending again (`resume --from`): they run again, with a fresh retry round. A
+    /// fan-out step's list is unfrozen (expanded again), a `plan:` step's child op unlinked.
     ResetTasks {
         op: OpId,
         owner: ProcessId,
@@ -421,9 +459,72 @@ pub enum Change {
         approve: bool,
         request: Request,
     },
+    /// A fan-out step's list is frozen: stored on the step's task, which becomes `running`, with
+    /// one task per item. Refused if the step's list is frozen already. After a rerun (which
+    /// unfreezes it), an item whose task number is given again keeps its task; earlier items
+    /// not given stay as history.
+    Expand {
+        op: OpId,
+        owner: ProcessId,
+        task: TaskNo,
+        items: Vec<serde_json::Value>,
+        tasks: Vec<NewTask>,
+        at: Millis,
+    },
+    /// A fan-out step's own task ends (or goes back to pending) once its items have: with the
+    /// items' outputs, gathered into lists.
+    Gather {
+        op: OpId,
+        owner: ProcessId,
+        task: TaskNo,
+        status: TaskStatus,
+        outputs: Option<serde_json::Map<String, serde_json::Value>>,
+        error: Option<String>,
+        at: Millis,
+    },
+    /// The op goes on with an edited plan (`resume --plan`): the new snapshot is stored and the
+    /// op's tasks renumbered to it (`renumber`: old → new task number, covering every task);
+    /// `tasks` are the new steps' tasks. The old snapshot stays, named in the event.
+    Replan {
+        op: OpId,
+        owner: ProcessId,
+        snapshot: Snapshot,
+        renumber: Vec<(TaskNo, TaskNo)>,
+        tasks: Vec<NewTask>,
+        /// The op's params for the new plan (as stored: secrets sealed) and its kept environment.
+        params: serde_json::Value,
+        env: serde_json::Map<String, serde_json::Value>,
+        at: Millis,
+        message: String,
+    },
+    /// A `plan:` task's child op stays as history, no longer linked: the task's next attempt
+    /// starts a new child (the old one was canceled).
+    DetachChild {
+        op: OpId,
+        owner: ProcessId,
+        task: TaskNo,
+        at: Millis,
+        message: String,
+    },
+    /// A new schedule; refused if the name is taken.
+    AddSchedule(NewSchedule),
+    RemoveSchedule {
+        name: String,
+    },
+    PauseSchedule {
+        name: String,
+        paused: bool,
+    },
+    /// A firing handled without an op (skipped, or the plan could not be read), with why.
+    ScheduleNote {
+        name: String,
+        due: Millis,
+        note: String,
+    },
     /// Add tasks to an op (its hooks, as they run); ones that exist are left as they are.
     AddTasks {
         op: OpId,
+        owner: ProcessId,
         tasks: Vec<NewTask>,
     },
     /// Acknowledge a cooldown, so a new op may take the key at once.

@@ -45,6 +45,8 @@ fn new_op(tasks: u32) -> NewOp {
         lock: None,
         cooldown_ms: None,
         ignore_cooldown: false,
+        parent: None,
+        fired_by: None,
     }
 }
 

@@ -2,23 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use crate::support::{Sandbox, code, stderr, step_processes, task};
-
-fn events(show: &Value) -> Vec<(String, String)> {
-    show["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["kind"].as_str().unwrap().to_owned(),
-                e["message"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
+use crate::support::{Sandbox, code, events, stderr, step_processes, task};
 
 #[test]
 fn cancel_ends_a_running_op_its_processes_runs_on_cancel_and_refuses_resume() {
@@ -504,13 +488,7 @@ fn a_waiting_run_notices_cancel_and_a_dead_waiter_shows_interrupted() {
     sandbox.wait_for("holding", Duration::from_secs(20));
     let wait_for_queue = |op: usize| {
         let started = Instant::now();
-        while sandbox
-            .json(&["status", "--json"])
-            .as_array()
-            .unwrap()
-            .len()
-            < op
-        {
+        while sandbox.op_count() < op {
             assert!(started.elapsed() < Duration::from_secs(20));
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -639,11 +617,7 @@ fn canceling_an_unstarted_op_keeps_the_cooldown() {
     sandbox.wait_for("holding", Duration::from_secs(20));
     let mut waiter = sandbox.spawn(&["run", "waiter.yaml"]);
     std::thread::sleep(Duration::from_millis(800));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(waiter.id()).unwrap()),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    crate::support::signal(&waiter, nix::sys::signal::Signal::SIGINT);
     assert_eq!(waiter.wait().unwrap().code(), Some(4));
     sandbox.write("release", "");
     assert!(holder.wait().unwrap().success());

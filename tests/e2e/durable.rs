@@ -248,11 +248,7 @@ fn ctrl_c_interrupts_leaves_no_process_and_resume_finishes() {
         .unwrap()
         .to_owned();
     assert!(!step_processes(&uuid).is_empty());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(run.id()).unwrap()),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    crate::support::signal(&run, nix::sys::signal::Signal::SIGINT);
     let started = Instant::now();
     let status = run.wait().unwrap();
     assert_eq!(status.code(), Some(4));
@@ -444,15 +440,7 @@ fn status_refuses_files_that_are_not_usable_and_changes_nothing() {
     assert!(stderr(&out).contains("locked"), "{}", stderr(&out));
     holder.kill().unwrap();
     holder.wait().unwrap();
-    assert_eq!(
-        sandbox
-            .json(&["status", "--json"])
-            .as_array()
-            .unwrap()
-            .len(),
-        1,
-        "nothing was lost"
-    );
+    assert_eq!(sandbox.op_count(), 1, "nothing was lost");
 }
 
 #[test]
@@ -460,7 +448,7 @@ fn unknown_ops_and_bad_params_are_bad_input() {
     let sandbox = Sandbox::new();
     sandbox.write(
         "plan.yaml",
-        "name: x\nparams:\n  n: { type: int, required: true }\nsteps:\n  - id: a\n    noop: true\n",
+        "name: x\nparams:\n  n: { type: int, required: true }\n  mode: { enum: [fast, safe], default: safe }\nsteps:\n  - id: a\n    noop: true\n",
     );
     let out = sandbox.cairn(&["run", "plan.yaml", "-p", "n=many", "-p", "m=1"]);
     assert_eq!(code(&out), Some(2));
@@ -468,6 +456,26 @@ fn unknown_ops_and_bad_params_are_bad_input() {
     assert!(
         err.contains("param `n` takes an int, found `many`") && err.contains("no param `m`"),
         "{err}"
+    );
+    // Missing, not one of the choices, misspelt: each said, nothing stored.
+    for (args, said) in [
+        (&["run", "plan.yaml"][..], "param `n` is required"),
+        (
+            &["run", "plan.yaml", "-p", "n=1", "-p", "mode=quick"],
+            "`quick` is not one of `fast`, `safe`",
+        ),
+        (
+            &["run", "plan.yaml", "-p", "n=1", "-p", "mdoe=fast"],
+            "did you mean `mode`?",
+        ),
+    ] {
+        let out = sandbox.cairn(args);
+        assert_eq!(code(&out), Some(2), "{args:?}");
+        assert!(stderr(&out).contains(said), "{}", stderr(&out));
+    }
+    assert!(
+        !sandbox.path().join("cairn.db").exists(),
+        "a refused op is not stored"
     );
     for args in [
         &["show", "7"][..],
@@ -524,17 +532,51 @@ fn a_secret_is_sealed_in_the_database_masked_everywhere_and_reaches_its_step() {
         "the step received the secret after the resume"
     );
     assert_eq!(sandbox.read("got-param"), secret);
-    for file in ["cairn.db", "cairn.db-wal"] {
-        let bytes = std::fs::read(sandbox.path().join(file)).unwrap_or_default();
-        assert!(
-            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-            "{file} holds the secret in clear"
-        );
-    }
+    crate::support::assert_not_stored(sandbox.path(), secret);
     let key = sandbox.path().join("cairn.db.key");
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions())
             & 0o777,
         0o600
     );
+}
+
+/// Outputs come from what steps printed, which may be anything a remote system said: they are
+/// quoted like params wherever a template inserts them, also in a fan-out's items.
+#[test]
+fn step_outputs_and_fan_out_items_cannot_inject_shell_code() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        r#"
+name: inject-outputs
+steps:
+  - id: remote
+    outputs: [name, list]
+    run: |
+      printf '%s\n' 'name=x; touch pwned $(touch pwned) `touch pwned`' >> "$CAIRN_OUTPUT"
+      printf '%s\n' 'list=["a; touch pwned","$(touch pwned)"]' >> "$CAIRN_OUTPUT"
+  - id: use
+    needs: [remote]
+    run: echo {{ steps.remote.outputs.name }} > seen
+  - id: each
+    needs: [remote]
+    for_each: "{{ steps.remote.outputs.list }}"
+    run: echo {{ item }} >> items
+"#,
+    );
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(!sandbox.path().join("pwned").exists(), "an output ran code");
+    assert_eq!(
+        sandbox.read("seen"),
+        "x; touch pwned $(touch pwned) `touch pwned`\n"
+    );
+    let mut items: Vec<String> = sandbox
+        .read("items")
+        .lines()
+        .map(ToOwned::to_owned)
+        .collect();
+    items.sort();
+    assert_eq!(items, vec!["$(touch pwned)", "a; touch pwned"]);
 }

@@ -5,17 +5,24 @@ use crate::support::{cairn_in, root, stderr};
 #[test]
 fn every_example_plan_is_valid() {
     let dir = root().join("examples");
-    let mut plans: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| {
-            std::path::Path::new(n)
+    let mut plans: Vec<String> = Vec::new();
+    for sub in ["", "postgres"] {
+        for entry in std::fs::read_dir(dir.join(sub)).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if std::path::Path::new(&name)
                 .extension()
                 .is_some_and(|e| e == "yaml")
-        })
-        .collect();
+            {
+                plans.push(if sub.is_empty() {
+                    name
+                } else {
+                    format!("{sub}/{name}")
+                });
+            }
+        }
+    }
     plans.sort();
-    assert!(plans.len() >= 3);
+    assert!(plans.len() >= 8, "{plans:?}");
     let mut args = vec!["validate"];
     args.extend(plans.iter().map(String::as_str));
     let out = cairn_in(&dir, &args);
@@ -59,7 +66,8 @@ fn the_quick_start_fails_is_fixed_and_resumes() {
             .unwrap()
     };
     let workdir = format!("workdir={}", dir.path().join("work").display());
-    let ok = cairn(&["run", plan.to_str().unwrap(), "-p", &workdir]);
+    let into = format!("backups={}", dir.path().join("work/backups").display());
+    let ok = cairn(&["run", plan.to_str().unwrap(), "-p", &workdir, "-p", &into]);
     assert_eq!(
         ok.status.code(),
         Some(0),
@@ -130,4 +138,43 @@ fn the_backup_example_runs() {
         .unwrap()
         .collect();
     assert_eq!(backups.len(), 1);
+}
+
+/// The simulated follower rebuild: a fan-out, an approval and a sub-plan, end to end.
+#[test]
+fn the_follower_rebuild_example_runs_with_its_approval_and_sub_plan() {
+    let sandbox = crate::support::Sandbox::new();
+    let workdir = format!("workdir={}", sandbox.path().join("demo").display());
+    let plan = root().join("examples/rebuild-follower.yaml");
+    let run = sandbox.spawn(&[
+        "run",
+        plan.to_str().unwrap(),
+        "-p",
+        "xstore=xs-1",
+        "-p",
+        "target=pod-2",
+        "-p",
+        &workdir,
+    ]);
+    let started = std::time::Instant::now();
+    while sandbox.json(&["status", "--json"])[0]["status"] != "waiting" {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "never reached the gate"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        crate::support::code(&sandbox.cairn(&["approve", "1", "confirm"])),
+        Some(0)
+    );
+    let ended = run.wait_with_output().unwrap();
+    assert_eq!(ended.status.code(), Some(0), "{}", stderr(&ended));
+    let show = sandbox.show(1);
+    assert_eq!(show["children"][0]["status"], "succeeded");
+    let restored =
+        std::fs::read_to_string(sandbox.path().join("demo/xs-1/pod-2/restored/shards")).unwrap();
+    assert_eq!(restored.lines().count(), 3, "{restored}");
+    let members = std::fs::read_to_string(sandbox.path().join("demo/xs-1/members")).unwrap();
+    assert!(members.starts_with("pod-2 127.0.0.1:"), "{members}");
 }

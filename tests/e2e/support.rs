@@ -89,6 +89,13 @@ impl Sandbox {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// How many ops the database holds.
+    pub fn op_count(&self) -> usize {
+        self.json(&["status", "--json", "--all"])
+            .as_array()
+            .map_or(0, Vec::len)
+    }
+
     pub fn show(&self, op: i64) -> Value {
         self.json(&["show", &op.to_string(), "--json"])
     }
@@ -146,4 +153,39 @@ pub fn task<'a>(show: &'a Value, id: &str) -> &'a Value {
         .iter()
         .find(|t| t["id"] == id)
         .unwrap_or_else(|| panic!("no task {id}"))
+}
+
+/// An op's events (from `show --json`) as (kind, message).
+pub fn events(show: &Value) -> Vec<(String, String)> {
+    show["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                e["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Asserts that none of the database's files holds `secret` in clear.
+pub fn assert_not_stored(dir: &Path, secret: &str) {
+    for file in ["cairn.db", "cairn.db-wal"] {
+        let bytes = std::fs::read(dir.join(file)).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{file} holds the secret in clear"
+        );
+    }
+}
+
+/// Sends `signal` to a child process.
+pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        signal,
+    )
+    .unwrap();
 }

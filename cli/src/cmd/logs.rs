@@ -28,25 +28,38 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     let (reader, row) = crate::db::read_op(&args.db, op)?;
     let tasks = reader.tasks(op)?;
-    let task: Option<TaskNo> = match &args.step {
+    // A task by name (`restore[s03]`), or a step: its own task and, for a fan-out, its items'.
+    let wanted: Option<std::collections::HashSet<TaskNo>> = match &args.step {
         None => None,
-        Some(step) => Some(
-            tasks
-                .iter()
-                .find(|t| &t.name == step || &t.step == step)
-                .map(|t| t.task_no)
-                .with_context(|| {
-                    format!(
-                        "op {op} has no step `{step}`; its steps are {}",
-                        tasks
-                            .iter()
-                            .map(|t| format!("`{}`", t.name))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })?,
-        ),
+        Some(step) => {
+            let set: std::collections::HashSet<TaskNo> =
+                match tasks.iter().find(|t| &t.name == step) {
+                    Some(t) if t.name != t.step => std::iter::once(t.task_no).collect(),
+                    _ => tasks
+                        .iter()
+                        .filter(|t| &t.step == step)
+                        .map(|t| t.task_no)
+                        .collect(),
+                };
+            if set.is_empty() {
+                return Err(anyhow::anyhow!(
+                    "op {op} has no step `{step}`; its steps are {}",
+                    tasks
+                        .iter()
+                        .map(|t| format!("`{}`", t.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+                .into());
+            }
+            Some(set)
+        }
     };
+    // One task asked for: read only its logs.
+    let task = wanted
+        .as_ref()
+        .filter(|set| set.len() == 1)
+        .and_then(|set| set.iter().next().copied());
     let name = |no: TaskNo| {
         tasks
             .iter()
@@ -60,6 +73,12 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let mut row = row;
     loop {
         for chunk in reader.logs(op, task, None)? {
+            if wanted
+                .as_ref()
+                .is_some_and(|set| !set.contains(&chunk.task_no))
+            {
+                continue;
+            }
             let key = (chunk.task_no, chunk.attempt);
             if seen.get(&key).is_some_and(|&last| chunk.seq <= last) {
                 continue;

@@ -15,6 +15,11 @@ use crate::output::Output;
 /// run again. Processes left behind by a crashed run are ended first. Refused while another live
 /// process runs the op. With `--from STEP`, STEP and every step downstream of it run again even if
 /// they succeeded (the op may have succeeded); steps upstream of it are kept, never re-run.
+///
+/// With `--plan FILE`, the op goes on with an edited plan: the step-level diff against the op's
+/// snapshot is printed, and nothing changes without `--accept-plan-change`. A change to a step
+/// that already succeeded is refused unless `--rerun-changed` (then it and what is downstream of
+/// it run again). The old snapshot is kept, named in the op's events.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The op's id.
@@ -25,6 +30,15 @@ pub struct Args {
     /// Run this step and everything downstream of it again, even if they succeeded.
     #[arg(long, value_name = "STEP")]
     from: Option<String>,
+    /// Resume with this edited plan instead of the op's snapshot.
+    #[arg(long, value_name = "FILE")]
+    plan: Option<std::path::PathBuf>,
+    /// Accept the differences `--plan` shows.
+    #[arg(long, requires = "plan")]
+    accept_plan_change: bool,
+    /// With `--plan`: run changed steps that already succeeded again, and what is downstream.
+    #[arg(long, requires = "plan")]
+    rerun_changed: bool,
     #[command(flatten)]
     run: RunArgs,
     #[command(flatten)]
@@ -48,11 +62,37 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         return Ok(());
     }
     let store = args.db.store()?;
+    let replan = match &args.plan {
+        Some(path) => {
+            let plan = crate::cmd::validate::load(path).map_err(|problems| {
+                crate::output::diagnostic(&problems.render(out.color));
+                Failure::Reported
+            })?;
+            let (_, row) = crate::db::read_op(&args.db, op)?;
+            let files = engine::children::load(std::path::Path::new(&row.workdir), &plan)?;
+            let replan = engine::ops::Replan {
+                plan,
+                files,
+                accept: args.accept_plan_change,
+                rerun_changed: args.rerun_changed,
+            };
+            let reader = args.db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
+            let drift = engine::ops::plan_drift(&reader, op, &replan)?;
+            out.note(&format!(
+                "op {op}: resuming with {} (changes accepted):\n{}",
+                path.display(),
+                drift.drift.render()
+            ));
+            Some(replan)
+        }
+        None => None,
+    };
     let end = crate::cmd::run::drive(out, |progress, stop| {
         engine::ops::resume(
             &store,
             op,
             args.from.as_deref(),
+            replan,
             args.run.options(),
             args.run.overrides(),
             progress,

@@ -16,14 +16,8 @@ use crate::output::Output;
 /// `cairn resume OP` continues it.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The plan file.
-    plan: PathBuf,
-    /// A parameter, `KEY=VALUE` (repeatable).
-    #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
-    params: Vec<String>,
-    /// A YAML or JSON file of parameters; `-p` values override it.
-    #[arg(long = "params", value_name = "FILE")]
-    params_file: Option<PathBuf>,
+    #[command(flatten)]
+    plan: PlanArgs,
     #[command(flatten)]
     run: RunArgs,
     #[command(flatten)]
@@ -53,6 +47,7 @@ impl RunArgs {
             no_wait: self.no_wait,
             ignore_cooldown: self.ignore_cooldown,
             ignore_pause: self.ignore_pause,
+            requeue: false,
         }
     }
 
@@ -82,38 +77,82 @@ fn params_file(path: &PathBuf) -> anyhow::Result<serde_json::Map<String, serde_j
     })
 }
 
-pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
-    let plan = match load(&args.plan) {
-        Ok(plan) => plan,
-        Err(problems) => {
-            crate::output::diagnostic(&problems.render(out.color));
-            return Err(Failure::Reported);
+/// The plan file and its params, as `run` and `submit` take them.
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// The plan file.
+    plan: PathBuf,
+    /// A parameter, `KEY=VALUE` (repeatable).
+    #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+    params: Vec<String>,
+    /// A YAML or JSON file of parameters; `-p` values override it.
+    #[arg(long = "params", value_name = "FILE")]
+    params_file: Option<PathBuf>,
+}
+
+impl PlanArgs {
+    /// The plan file, as given.
+    pub fn path(&self) -> &std::path::Path {
+        &self.plan
+    }
+
+    /// The params as given (`--params` file, then `-p`), not yet read as their types.
+    pub fn given(&self) -> Result<serde_json::Map<String, serde_json::Value>, Failure> {
+        let mut given = self
+            .params_file
+            .as_ref()
+            .map(params_file)
+            .transpose()?
+            .unwrap_or_default();
+        for pair in &self.params {
+            let (key, value) =
+                plans::params::split_pair(pair).map_err(|e| anyhow::anyhow!("bad `-p`: {e}"))?;
+            given.insert(key, serde_json::Value::String(value));
         }
-    };
-    let given = args
-        .params
-        .iter()
-        .map(|p| plans::params::split_pair(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("bad `-p`: {e}"))?;
-    let file = args.params_file.as_ref().map(params_file).transpose()?;
-    let params = match plans::params::resolve(&plan, &given, file.as_ref()) {
-        Ok(params) => params,
-        Err(problems) => {
-            for p in problems {
-                crate::output::diagnostic(&format!("error: {p}\n"));
+        Ok(given)
+    }
+
+    /// Reads and checks the plan, its sub-plans and its params: what an op needs to be stored.
+    pub fn load(&self, out: &Output) -> Result<engine::NewRun, Failure> {
+        let plan = match load(&self.plan) {
+            Ok(plan) => plan,
+            Err(problems) => {
+                crate::output::diagnostic(&problems.render(out.color));
+                return Err(Failure::Reported);
             }
-            return Err(Failure::Reported);
-        }
-    };
-    engine::ops::check_supported(&plan)?;
+        };
+        let given = self
+            .params
+            .iter()
+            .map(|p| plans::params::split_pair(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("bad `-p`: {e}"))?;
+        let file = self.params_file.as_ref().map(params_file).transpose()?;
+        let params = match plans::params::resolve(&plan, &given, file.as_ref()) {
+            Ok(params) => params,
+            Err(problems) => {
+                for p in problems {
+                    crate::output::diagnostic(&format!("error: {p}\n"));
+                }
+                return Err(Failure::Reported);
+            }
+        };
+        let workdir = engine::ops::plan_dir(&self.plan);
+        let files = engine::children::load(&workdir, &plan)?;
+        Ok(engine::NewRun {
+            env: engine::ops::capture_env(&plan),
+            workdir,
+            files,
+            parent: None,
+            plan,
+            params,
+        })
+    }
+}
+
+pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
+    let new = args.plan.load(out)?;
     let store = args.db.store()?;
-    let new = engine::NewRun {
-        env: engine::ops::capture_env(&plan),
-        workdir: engine::ops::plan_dir(&args.plan),
-        plan,
-        params,
-    };
     let (op, end) = drive(out, |progress, stop| {
         engine::ops::run(
             &store,

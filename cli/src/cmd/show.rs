@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use anyhow::Context as _;
 use comfy_table::{Table, presets};
 use serde_json::{Value, json};
+use store::TaskRow;
 
 use crate::cmd::status::op_json;
 use crate::db::{DbArgs, op_id};
@@ -43,10 +44,38 @@ fn shown_params(params: &Value) -> Value {
     }
 }
 
+/// A fan-out item's task (`restore[shard-3]`), as opposed to a step's or a hook's.
+fn is_item(t: &TaskRow) -> bool {
+    t.name != t.step && t.item.is_some()
+}
+
+/// Tasks in the order people read them: each step followed by its fan-out items.
+fn in_step_order(tasks: Vec<TaskRow>) -> Vec<TaskRow> {
+    let mut items: std::collections::HashMap<String, Vec<TaskRow>> =
+        std::collections::HashMap::new();
+    let mut steps = Vec::new();
+    for t in tasks {
+        if is_item(&t) {
+            items.entry(t.step.clone()).or_default().push(t);
+        } else {
+            steps.push(t);
+        }
+    }
+    let mut ordered = Vec::new();
+    for t in steps {
+        let mine = items.remove(&t.step).unwrap_or_default();
+        ordered.push(t);
+        ordered.extend(mine);
+    }
+    // Items of a step the plan no longer has (after `resume --plan`) come last.
+    ordered.extend(items.into_values().flatten());
+    ordered
+}
+
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     let (reader, row) = crate::db::read_op(&args.db, op)?;
-    let tasks = reader.tasks(op)?;
+    let tasks = in_step_order(reader.tasks(op)?);
     let attempts = reader.attempts(op)?;
     let events = reader.events(op)?;
     let now = engine::owner::now();
@@ -54,13 +83,19 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     if args.json {
         let mut object = op_json(&row, now);
         object["params"] = shown_params(&row.params);
+        object["children"] = reader
+            .children(op)?
+            .iter()
+            .map(|c| json!({"id": c.id.0, "plan": c.plan, "status": engine::owner::shown_status(c, now).as_str()}))
+            .collect();
         object["tasks"] = tasks
             .iter()
             .map(|t| {
                 json!({
                     "id": t.name,
                     "step": t.step,
-                    "item": t.item,
+                    "item": if is_item(t) { t.item.clone() } else { None },
+                    "items": if is_item(t) { None } else { t.item.clone() },
                     "status": t.status.as_str(),
                     "attempts": t.attempts,
                     "started_at": time(t.started_at),
@@ -118,6 +153,32 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         )
         .ok();
     }
+    if let Some((parent, task)) = row.parent {
+        let step = reader
+            .task(parent, task)
+            .map_or_else(|_| format!("task {}", task.0), |t| t.name);
+        writeln!(text, "  parent:   op {parent} (step {step})").ok();
+    }
+    let children = reader.children(op)?;
+    let by_number: std::collections::HashMap<store::TaskNo, &TaskRow> =
+        tasks.iter().map(|t| (t.task_no, t)).collect();
+    if !children.is_empty() {
+        writeln!(text, "  children:").ok();
+        for child in &children {
+            let step = child
+                .parent
+                .and_then(|(_, task)| by_number.get(&task).copied())
+                .map_or("an earlier run", |t| t.name.as_str());
+            writeln!(
+                text,
+                "    op {}  {}  {}  (step {step})",
+                child.id,
+                child.plan,
+                engine::owner::shown_status(child, now)
+            )
+            .ok();
+        }
+    }
     writeln!(text, "\nparams:").ok();
     if let Value::Object(params) = shown_params(&row.params) {
         for (k, v) in params {
@@ -146,7 +207,12 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             (Some(e), _) => e.lines().next().unwrap_or_default().to_owned(),
             (None, Some(o)) if !o.is_empty() => o
                 .iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}={}",
+                        v.as_str().map_or_else(|| v.to_string(), ToOwned::to_owned)
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(" "),
             _ if t.by_check => "(done by check)".to_owned(),

@@ -79,6 +79,7 @@ pub fn op_json(op: &OpRow, now: i64) -> Value {
         "current_task": if shown.is_ended() { None } else { op.current_task.clone() },
         "error": op.error,
         "owner": op.owner.as_ref().filter(|_| !shown.is_ended()).map(|o| json!({"host": o.host, "pid": o.pid})),
+        "parent": op.parent.map(|(parent, _)| parent.0),
     })
 }
 
@@ -141,7 +142,10 @@ fn table(ops: &[OpRow], now: i64) -> String {
         table.add_row([
             op.id.to_string(),
             op.plan.clone(),
-            op.title.clone(),
+            match op.parent {
+                Some((parent, _)) => format!("{} (in op {parent})", op.title),
+                None => op.title.clone(),
+            },
             shown.to_string(),
             op.started_at
                 .map_or_else(|| "-".to_owned(), engine::time::local),

@@ -1,0 +1,103 @@
+//! `cairn serve`: the daemon that runs queued ops and resumes interrupted ones.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cmd::run::RunArgs;
+use crate::db::DbArgs;
+use crate::exit::Failure;
+use crate::output::Output;
+
+/// Run queued ops and resume interrupted ones, up to `--workers` at once.
+///
+/// Starts queued ops oldest first, and resumes ops whose process died (or that a stop left
+/// interrupted) when their plan allows it (`auto_resume`, on by default), and fires the cron
+/// schedules (`cairn schedule`). Several `serve` processes may share one database: an op is only
+/// ever run by one. SIGTERM or Ctrl-C: no new step starts; running steps get `--grace` to finish,
+/// then TERM, then KILL after `--grace`; the ops are recorded interrupted and released, so that
+/// the next `serve` resumes them at once. Logs go to stderr (`RUST_LOG` filters
+/// them; `--log-format json` for machines).
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// How many ops run at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: u16,
+    /// Exit when nothing is left to do: no op to start or resume, none running.
+    #[arg(long)]
+    once: bool,
+    /// How often to look for work.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration)]
+    poll: Duration,
+    /// Fire schedules by a clock that reads TIME when `serve` starts and runs SPEED times as fast
+    /// as real time (`2026-11-22T02:00:30Z` or `2026-11-22T02:00:30Zx60`): for tests and drills.
+    #[arg(long, value_name = "TIME[xSPEED]", hide = true, value_parser = clock)]
+    schedule_clock: Option<(i64, f64)>,
+    /// How log lines are written.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn clock(text: &str) -> Result<(i64, f64), String> {
+    let (time, speed) = match text.rsplit_once('x') {
+        Some((time, speed)) if speed.parse::<f64>().is_ok() => {
+            (time, speed.parse::<f64>().unwrap_or(1.0))
+        }
+        _ => (text, 1.0),
+    };
+    Ok((engine::time::parse_rfc3339(time)?, speed))
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    plans::units::parse_duration(text)
+}
+
+pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(out.color)
+        .with_target(false);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let store = args.db.store()?;
+    let config = engine::serve::Config {
+        workers: usize::from(args.workers),
+        once: args.once,
+        options: args.run.options(),
+        poll: args.poll,
+        schedule_clock: args.schedule_clock,
+    };
+    // Each op's progress, as log lines naming the op.
+    let progress: Arc<dyn Fn(store::OpId) -> engine::progress::Sink + Send + Sync> =
+        Arc::new(|op: store::OpId| -> engine::progress::Sink {
+            Arc::new(move |p: &engine::progress::Progress| {
+                tracing::info!(
+                    op = op.0,
+                    "{}",
+                    crate::progress::describe(p, false).trim_start()
+                );
+            })
+        });
+    let runtime = crate::runtime()?;
+    runtime.block_on(async {
+        let stop = engine::stop_handle();
+        crate::signals::watch(stop.clone())
+            .map_err(|e| anyhow::anyhow!("cannot watch for signals: {e}"))?;
+        engine::serve::serve(&store, config, progress, stop).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,151 @@
+//! Cron schedules: `cairn serve` submits an op when a schedule is due.
+//!
+//! Each poll, for each schedule not paused, the firing times since the last one handled
+//! (`last_fire`, or its creation) up to now are listed:
+//! - none: nothing to do;
+//! - the latest is recent (within `window`): it fires, unless the schedule's previous op is still
+//!   active (overlap: skipped, noted);
+//! - the latest is old (no `serve` ran then): with catch-up (the default) it fires once for all of
+//!   them; otherwise they are skipped, noted.
+//!
+//! A firing is submitted with a compare-and-set on `last_fire` in the op's own transaction
+//! (`NewOp::fired_by`): two servers never submit the same firing twice. The plan file is read when
+//! the schedule fires: a schedule runs the plan as it is then.
+
+use std::path::Path;
+
+use serde_json::Value;
+use store::{Change, Millis, OpId, ScheduleRow, Store};
+
+use crate::ops::{self, Error, NewRun};
+use crate::owner;
+
+/// Submits the ops of the schedules due at `now`; returns them.
+pub async fn fire_due(store: &Store, now: Millis, window: Millis) -> Result<Vec<OpId>, Error> {
+    let reader = store.reader()?;
+    let mut fired = Vec::new();
+    for schedule in reader.schedules()?.into_iter().filter(|s| !s.paused) {
+        let after = schedule.last_fire.unwrap_or(schedule.created_at);
+        // The latest firing due, and how many there were since the last one handled (counted up
+        // to a cap: after a long outage, one firing or none stands for all of them).
+        let (latest, count) = match plans::cron::latest(
+            &schedule.cron,
+            &schedule.timezone,
+            after,
+            now,
+            1000,
+        ) {
+            Ok(Some(due)) => due,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(schedule = %schedule.name, error = %e, "cannot read its cron expression");
+                continue;
+            }
+        };
+        let missed = count.saturating_sub(1);
+        let many = |n: usize| {
+            if n >= 1000 {
+                "1000 or more".to_owned()
+            } else {
+                n.to_string()
+            }
+        };
+        let on_time = now - latest <= window;
+        let note = |note: String| Change::ScheduleNote {
+            name: schedule.name.clone(),
+            due: latest,
+            note,
+        };
+        if !on_time && !schedule.catch_up {
+            let text = format!(
+                "skipped {} missed firing{} (no serve ran), the last at {}",
+                many(count),
+                if count == 1 { "" } else { "s" },
+                crate::time::rfc3339(latest)
+            );
+            tracing::info!(schedule = %schedule.name, "{text}");
+            store.apply(vec![note(text)]).await?;
+            continue;
+        }
+        // Active: not ended for good (failed and final ops are done; an interrupted one will be
+        // resumed).
+        let active = schedule
+            .last_op
+            .and_then(|previous| reader.op(previous).ok())
+            .map(|row| owner::shown_status(&row, owner::now()))
+            .filter(|status| !status.is_final() && *status != store::OpStatus::Failed);
+        if let (Some(status), Some(previous)) = (active, schedule.last_op) {
+            let text = format!(
+                "skipped the firing of {}: op {previous} of the previous firing is still {status}",
+                crate::time::rfc3339(latest),
+            );
+            tracing::info!(schedule = %schedule.name, "{text}");
+            store.apply(vec![note(text)]).await?;
+            continue;
+        }
+        match submit(store, &schedule, latest).await {
+            Ok(op) => {
+                tracing::info!(
+                    schedule = %schedule.name,
+                    op = op.0,
+                    missed = %many(missed),
+                    "fired for {}",
+                    crate::time::rfc3339(latest)
+                );
+                fired.push(op);
+            }
+            // Another server fired it first.
+            Err(Error::Store(store::Error::Conflict { .. })) => {}
+            Err(e) => {
+                let text = format!("cannot fire: {e}");
+                tracing::warn!(schedule = %schedule.name, "{text}");
+                store.apply(vec![note(text)]).await?;
+            }
+        }
+    }
+    Ok(fired)
+}
+
+/// Reads the schedule's plan as it is now and submits its op for the firing at `due`.
+async fn submit(store: &Store, schedule: &ScheduleRow, due: Millis) -> Result<OpId, Error> {
+    let path = Path::new(&schedule.plan);
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::Refused(format!("cannot read `{}`: {e}", schedule.plan)))?;
+    let plan =
+        plans::parse_bytes(&schedule.plan, &bytes).map_err(|p| Error::Refused(p.render(false)))?;
+    let given: Vec<(String, String)> = schedule
+        .params
+        .iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), text)
+        })
+        .collect();
+    let params = plans::params::resolve(&plan, &given, None).map_err(|problems| {
+        let all: Vec<String> = problems.into_iter().map(|p| p.message).collect();
+        Error::Refused(all.join("; "))
+    })?;
+    let workdir = ops::plan_dir(path);
+    let files = crate::children::load(&workdir, &plan)?;
+    let new = NewRun {
+        env: ops::capture_env(&plan),
+        workdir,
+        files,
+        parent: None,
+        plan,
+        params,
+    };
+    ops::submit(store, new, Some((schedule.name.clone(), due))).await
+}
+
+/// When a schedule fires next, after its last firing handled (or its creation) and `now`.
+#[must_use]
+pub fn next_firing(schedule: &ScheduleRow, now: Millis) -> Option<Millis> {
+    let after = schedule.last_fire.unwrap_or(schedule.created_at).max(now);
+    plans::cron::next(&schedule.cron, &schedule.timezone, after)
+        .ok()
+        .flatten()
+}

@@ -1,0 +1,457 @@
+//! The PostgreSQL runbooks of `examples/postgres/`, run by the real binary against real servers: a
+//! primary and a streaming replica made by `examples/postgres/sandbox.sh` on free loopback ports.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{code, root, stderr, stdout};
+
+/// A primary and a replica, destroyed when dropped.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    primary_port: String,
+    replica_port: String,
+    primary_data: String,
+    replica_data: String,
+}
+
+fn examples() -> PathBuf {
+    root().join("examples/postgres")
+}
+
+impl Cluster {
+    fn up() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let path = dir.path().join("pg");
+        let out = Command::new(examples().join("sandbox.sh"))
+            .arg("up")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "sandbox.sh up: {}", stderr(&out));
+        let env = std::fs::read_to_string(path.join("env")).unwrap();
+        let get = |key: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap()
+                .to_owned()
+        };
+        Self {
+            primary_port: get("PRIMARY_PORT"),
+            replica_port: get("REPLICA_PORT"),
+            primary_data: get("PRIMARY_DATA"),
+            replica_data: get("REPLICA_DATA"),
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn sandbox(&self, what: &str) {
+        let out = Command::new(examples().join("sandbox.sh"))
+            .arg(what)
+            .arg(&self.path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "sandbox.sh {what}: {}", stderr(&out));
+    }
+
+    /// `cairn` on the examples' plans, with its database in the cluster's directory.
+    fn cairn(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        command
+            .args(args)
+            .current_dir(examples())
+            .env("CAIRN_DB", self.path.join("cairn.db"))
+            .env("NO_COLOR", "1");
+        command
+    }
+
+    fn rebuild_args(&self) -> Vec<String> {
+        vec![
+            "run".into(),
+            "rebuild-replica.yaml".into(),
+            "-p".into(),
+            format!("replica_data={}", self.replica_data),
+            "-p".into(),
+            format!("replica_port={}", self.replica_port),
+            "-p".into(),
+            format!("primary_port={}", self.primary_port),
+            "-p".into(),
+            format!("notify={}", self.path.join("notify").display()),
+        ]
+    }
+
+    /// A row written on the primary now is readable on the replica.
+    fn assert_replicates(&self, value: &str) {
+        psql(
+            &self.primary_port,
+            "create table if not exists probe (v text)",
+        )
+        .unwrap();
+        psql(
+            &self.primary_port,
+            &format!("insert into probe values ('{value}')"),
+        )
+        .unwrap();
+        wait_for(
+            &self.replica_port,
+            &format!("select count(*) from probe where v = '{value}'"),
+            "1",
+        );
+        assert_eq!(
+            psql(&self.replica_port, "select pg_is_in_recovery()").as_deref(),
+            Some("t")
+        );
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(examples().join("sandbox.sh"))
+            .arg("down")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// The PostgreSQL server programs' directory, as `examples/postgres/lib.sh` finds it.
+fn pgbin() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .map(|e| e.unwrap().path().join("bin"))
+        .filter(|p| p.join("pg_ctl").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+        .expect("PostgreSQL's server programs are installed")
+}
+
+/// One query on a database of the member on `port`; `None` when it fails.
+fn sql(port: &str, database: &str, query: &str) -> Option<String> {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-U",
+            "postgres",
+            "-d",
+            database,
+        ])
+        .args(["-v", "ON_ERROR_STOP=1", "-Atc", query])
+        .output()
+        .unwrap();
+    out.status.success().then(|| stdout(&out).trim().to_owned())
+}
+
+/// One query on the `postgres` database of the member on `port`; `None` when it fails.
+fn psql(port: &str, query: &str) -> Option<String> {
+    sql(port, "postgres", query)
+}
+
+/// `pg_ctl` on a data directory, as the servers' owner.
+fn pg_ctl(data: &str, args: &[&str]) {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(pgbin().join("pg_ctl"))
+        .args(["-D", data])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pg_ctl {args:?}: {}", stderr(&out));
+}
+
+/// Waits until `query` on `port` gives `want`.
+fn wait_for(port: &str, query: &str, want: &str) {
+    let started = Instant::now();
+    loop {
+        if psql(port, query).as_deref() == Some(want) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "`{query}` on port {port} never gave {want}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn args(owned: &[String]) -> Vec<&str> {
+    owned.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn a_broken_replica_is_rebuilt_and_streams_again() {
+    let pg = Cluster::up();
+    pg.assert_replicates("before");
+    pg.sandbox("break");
+    assert!(!Path::new(&pg.replica_data).exists());
+
+    let out = pg.cairn(&args(&pg.rebuild_args())).output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    pg.assert_replicates("after");
+    let notices = std::fs::read_to_string(pg.path.join("notify")).unwrap();
+    assert!(notices.contains("rebuilt"), "{notices}");
+    // The backup set and the old data are gone.
+    assert!(!Path::new(&format!("{}.rebuild", pg.replica_data)).exists());
+    assert!(!Path::new(&format!("{}.old", pg.replica_data)).exists());
+}
+
+#[test]
+fn a_rebuild_killed_during_the_base_backup_resumes_and_the_replica_is_correct() {
+    let pg = Cluster::up();
+    pg.sandbox("break");
+    let mut run_args = pg.rebuild_args();
+    // Throttled, so that the copy takes a few seconds.
+    run_args.extend(["-p".into(), "max_rate=6M".into()]);
+    let mut run = pg
+        .cairn(&args(&run_args))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let staging = PathBuf::from(format!("{}.rebuild", pg.replica_data));
+    let started = Instant::now();
+    while !staging.join("base").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the backup never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert!(
+        !staging.join("backup_manifest").exists(),
+        "the backup finished before the kill"
+    );
+
+    let out = pg.cairn(&["resume", "1"]).output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    pg.assert_replicates("after a crash");
+    let show: serde_json::Value =
+        serde_json::from_slice(&pg.cairn(&["show", "1", "--json"]).output().unwrap().stdout)
+            .unwrap();
+    assert_eq!(show["status"], "succeeded");
+    // The copy the dead run left going was ended before the backup ran again.
+    assert!(
+        crate::support::events(&show)
+            .iter()
+            .any(|(kind, message)| kind == "leftovers-ended" && message.contains("attempt 1")),
+        "{show}"
+    );
+    // The steps before the backup ran once; the backup ran again.
+    assert_eq!(crate::support::task(&show, "pick-source")["attempts"], 1);
+    assert_eq!(crate::support::task(&show, "base-backup")["attempts"], 2);
+}
+
+/// Row count and checksum of a table's rows.
+fn fingerprint(port: &str, table: &str) -> String {
+    sql(
+        port,
+        "app",
+        &format!("select count(*) || ':' || md5(string_agg(t::text, ',' order by t::text)) from {table} t"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_backup_then_a_restore_of_some_tables_gives_back_their_rows() {
+    let pg = Cluster::up();
+    let port = pg.primary_port.clone();
+    psql(&port, "create database app").unwrap();
+    sql(
+        &port,
+        "app",
+        "create table orders (id int primary key, v text); \
+         insert into orders select g, md5(g::text) from generate_series(1, 5000) g; \
+         create table items (id int, o int); \
+         insert into items select g, g % 100 from generate_series(1, 3000) g; \
+         create table other (x int); insert into other values (1)",
+    )
+    .unwrap();
+    let before = [fingerprint(&port, "orders"), fingerprint(&port, "items")];
+    let dir = pg.path.join("backups");
+    let out = pg
+        .cairn(&[
+            "run",
+            "backup.yaml",
+            "-p",
+            &format!("port={port}"),
+            "-p",
+            "database=app",
+            "-p",
+            &format!("dir={}", dir.display()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show: serde_json::Value =
+        serde_json::from_slice(&pg.cairn(&["show", "1", "--json"]).output().unwrap().stdout)
+            .unwrap();
+    let outputs = |id: &str| {
+        show["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .unwrap()["outputs"]
+            .clone()
+    };
+    let dump = outputs("dump")["path"].as_str().unwrap().to_owned();
+    assert_eq!(outputs("verify")["tables"], "3");
+    let sha = std::fs::read_to_string(format!("{dump}.sha256")).unwrap();
+    assert!(sha.starts_with(outputs("checksum")["sha256"].as_str().unwrap()));
+
+    // Damage two tables, then restore them.
+    sql(
+        &port,
+        "app",
+        "delete from orders where id > 100; update items set o = 0",
+    )
+    .unwrap();
+    assert_ne!(fingerprint(&port, "orders"), before[0]);
+    let restore = pg
+        .cairn(&[
+            "run",
+            "restore-tables.yaml",
+            "-p",
+            &format!("port={port}"),
+            "-p",
+            "database=app",
+            "-p",
+            &format!("dump={dump}"),
+            "-p",
+            "tables=orders,items",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_slice(&pg.cairn(&["status", "--json"]).output().unwrap().stdout)
+                .unwrap();
+        if status[0]["status"] == "waiting" {
+            assert!(
+                status[0]["current_task"]
+                    .as_str()
+                    .unwrap()
+                    .contains("(5000, 3000 rows)"),
+                "{status}"
+            );
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Nothing is switched before the approval.
+    assert_ne!(fingerprint(&port, "orders"), before[0]);
+    let out = pg.cairn(&["approve", "2", "confirm"]).output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let ended = restore.wait_with_output().unwrap();
+    assert_eq!(ended.status.code(), Some(0), "{}", stderr(&ended));
+    assert_eq!(fingerprint(&port, "orders"), before[0]);
+    assert_eq!(fingerprint(&port, "items"), before[1]);
+    // The damaged tables were kept aside; the scratch database is gone.
+    assert_eq!(
+        sql(&port, "app", "select count(*) from orders_before_op2").as_deref(),
+        Some("100")
+    );
+    assert_eq!(
+        psql(
+            &port,
+            "select count(*) from pg_database where datname like 'restore_%'"
+        )
+        .as_deref(),
+        Some("0")
+    );
+}
+
+#[test]
+fn a_failover_aborted_by_its_pre_hook_changes_nothing_then_promotes_and_cools_down() {
+    let pg = Cluster::up();
+    let run = vec![
+        "run".to_owned(),
+        "failover.yaml".into(),
+        "-p".into(),
+        "cluster=main".into(),
+        "-p".into(),
+        format!("primary_port={}", pg.primary_port),
+        "-p".into(),
+        format!("primary_data={}", pg.primary_data),
+        "-p".into(),
+        format!("replica_port={}", pg.replica_port),
+        "-p".into(),
+        format!("replica_data={}", pg.replica_data),
+        "-p".into(),
+        format!("notify={}", pg.path.join("notify").display()),
+    ];
+    // The primary answers: the pre hook aborts, nothing changes.
+    let out = pg.cairn(&args(&run)).output().unwrap();
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("hook `pre:primary-is-down` failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        psql(&pg.replica_port, "select pg_is_in_recovery()").as_deref(),
+        Some("t")
+    );
+    assert_eq!(
+        psql(&pg.primary_port, "select pg_is_in_recovery()").as_deref(),
+        Some("f")
+    );
+
+    // The primary goes down; the same op, resumed, fails over.
+    psql(
+        &pg.primary_port,
+        "create table before_failover (v int); insert into before_failover values (1)",
+    )
+    .unwrap();
+    wait_for(
+        &pg.replica_port,
+        "select count(*) from before_failover",
+        "1",
+    );
+    pg_ctl(&pg.primary_data, &["-m", "fast", "-w", "stop"]);
+    let out = pg.cairn(&["resume", "1"]).output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        psql(&pg.replica_port, "select pg_is_in_recovery()").as_deref(),
+        Some("f")
+    );
+    psql(&pg.replica_port, "insert into before_failover values (2)").unwrap();
+    // The old primary follows the new one.
+    wait_for(
+        &pg.primary_port,
+        "select count(*) from before_failover",
+        "2",
+    );
+    assert_eq!(
+        psql(&pg.primary_port, "select pg_is_in_recovery()").as_deref(),
+        Some("t")
+    );
+    let notices = std::fs::read_to_string(pg.path.join("notify")).unwrap();
+    assert!(
+        notices.contains("unsuccessful at pre:primary-is-down") && notices.contains("done in op 1"),
+        "{notices}"
+    );
+
+    // A second failover of the cluster within the cooldown is refused.
+    let out = pg.cairn(&args(&run)).output().unwrap();
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cools down"), "{}", stderr(&out));
+}

@@ -1,0 +1,431 @@
+//! `cairn submit` and `cairn serve` through the real binary: several servers on one database,
+//! `kill -9` of a server, SIGTERM.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{Sandbox, code, events, stderr, stdout, task};
+
+const WORK: &str = r"
+name: work
+params:
+  n: { type: int, required: true }
+steps:
+  - id: a
+    run: echo {{ params.n }} a >> runs
+  - id: b
+    needs: [a]
+    run: |
+      sleep 0.1
+      echo {{ params.n }} b >> runs
+  - id: c
+    needs: [b]
+    run: echo {{ params.n }} c >> runs
+";
+
+fn submit(sandbox: &Sandbox, plan: &str, n: u32) -> String {
+    let out = sandbox.cairn(&["submit", plan, "-p", &format!("n={n}")]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    stdout(&out).trim().to_owned()
+}
+
+fn serve(sandbox: &Sandbox, args: &[&str]) -> Child {
+    let mut all = vec!["serve", "--poll", "100ms", "--grace", "2s"];
+    all.extend_from_slice(args);
+    sandbox
+        .command(&all)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a process to exit, failing the test rather than hanging it.
+fn wait(mut child: Child, what: &str) -> std::process::Output {
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("{what} never exited");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn lines(sandbox: &Sandbox, name: &str) -> Vec<String> {
+    sandbox.read(name).lines().map(ToOwned::to_owned).collect()
+}
+
+#[test]
+fn submit_prints_the_op_id_and_queues_it() {
+    let sandbox = Sandbox::new();
+    sandbox.write("work.yaml", WORK);
+    assert_eq!(submit(&sandbox, "work.yaml", 1), "1");
+    let status = sandbox.json(&["status", "--json"]);
+    assert_eq!(status[0]["status"], "queued");
+    assert!(sandbox.read("runs").is_empty(), "nothing ran");
+    // Bad input is refused before anything is stored.
+    let out = sandbox.cairn(&["submit", "work.yaml"]);
+    assert_eq!(code(&out), Some(2));
+    assert_eq!(sandbox.op_count(), 1);
+}
+
+#[test]
+fn two_servers_run_twenty_ops_each_step_once() {
+    let sandbox = Sandbox::new();
+    sandbox.write("work.yaml", WORK);
+    for n in 1..=20 {
+        submit(&sandbox, "work.yaml", n);
+    }
+    let first = serve(&sandbox, &["--once", "--workers", "2"]);
+    let second = serve(&sandbox, &["--once", "--workers", "2"]);
+    let first = wait(first, "the first serve");
+    let second = wait(second, "the second serve");
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
+    let status = sandbox.json(&["status", "--json", "--all"]);
+    let ops = status.as_array().unwrap();
+    assert_eq!(ops.len(), 20);
+    assert!(ops.iter().all(|o| o["status"] == "succeeded"), "{status}");
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for line in lines(&sandbox, "runs") {
+        *counts.entry(line).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 60, "{counts:?}");
+    assert!(
+        counts.values().all(|&c| c == 1),
+        "a step ran twice: {counts:?}"
+    );
+    // Both took part.
+    assert!(stderr(&first).contains("starting"), "{}", stderr(&first));
+    assert!(stderr(&second).contains("starting"), "{}", stderr(&second));
+}
+
+const SLOW: &str = r"
+name: slow
+params:
+  n: { type: int, required: true }
+steps:
+  - id: first
+    run: echo first >> runs
+  - id: long
+    needs: [first]
+    run: |
+      echo long >> runs
+      while [ ! -e go ]; do sleep 0.05; done
+  - id: last
+    needs: [long]
+    run: echo last >> runs
+";
+
+fn wait_for_line(sandbox: &Sandbox, line: &str) {
+    let started = Instant::now();
+    while !lines(sandbox, "runs").iter().any(|l| l == line) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "`{line}` never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_server_s_op_is_resumed_by_the_next_one_unless_the_plan_says_no() {
+    let sandbox = Sandbox::new();
+    sandbox.write("slow.yaml", SLOW);
+    sandbox.write(
+        "manual.yaml",
+        &SLOW.replace("name: slow", "name: manual\nauto_resume: false"),
+    );
+    submit(&sandbox, "slow.yaml", 1);
+    let mut server = serve(&sandbox, &["--workers", "1"]);
+    wait_for_line(&sandbox, "long");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(sandbox.show(1)["status"], "interrupted");
+
+    sandbox.write("go", "");
+    let out = wait(serve(&sandbox, &["--once"]), "serve --once");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "succeeded");
+    assert_eq!(
+        lines(&sandbox, "runs"),
+        vec!["first", "long", "long", "last"]
+    );
+    assert_eq!(task(&show, "first")["attempts"], 1);
+    assert!(
+        events(&show)
+            .iter()
+            .any(|(kind, m)| kind == "auto-resumed" && m.contains("is gone")),
+        "{show}"
+    );
+
+    // A plan that says `auto_resume: false` waits for a person.
+    std::fs::remove_file(sandbox.path().join("go")).unwrap();
+    std::fs::remove_file(sandbox.path().join("runs")).unwrap();
+    submit(&sandbox, "manual.yaml", 2);
+    let mut server = serve(&sandbox, &["--workers", "1"]);
+    wait_for_line(&sandbox, "long");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let out = wait(serve(&sandbox, &["--once"]), "serve --once");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("auto_resume: false"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(sandbox.show(2)["status"], "interrupted");
+    assert_eq!(lines(&sandbox, "runs"), vec!["first", "long"]);
+}
+
+#[test]
+fn sigterm_stops_a_server_and_the_next_one_resumes_at_once() {
+    let sandbox = Sandbox::new();
+    sandbox.write("slow.yaml", SLOW);
+    submit(&sandbox, "slow.yaml", 1);
+    let server = serve(&sandbox, &["--workers", "1"]);
+    wait_for_line(&sandbox, "long");
+    crate::support::signal(&server, nix::sys::signal::Signal::SIGTERM);
+    let out = wait(server, "the stopped serve");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Released: nobody owns it, so the next serve takes it without waiting for a lease.
+    let status = sandbox.json(&["status", "--json"]);
+    assert_eq!(status[0]["status"], "interrupted");
+    assert!(status[0]["owner"].is_null(), "{status}");
+    assert!(crate::support::step_processes(status[0]["uuid"].as_str().unwrap()).is_empty());
+
+    sandbox.write("go", "");
+    let out = wait(serve(&sandbox, &["--once"]), "serve --once");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.show(1)["status"], "succeeded");
+    assert_eq!(
+        lines(&sandbox, "runs"),
+        vec!["first", "long", "long", "last"]
+    );
+}
+
+const NIGHTLY: &str = r"
+name: nightly
+params:
+  tag: { type: string, default: none }
+steps:
+  - id: work
+    run: |
+      echo {{ params.tag }} >> runs
+      while [ -e hold ]; do sleep 0.05; done
+";
+
+/// An RFC 3339 time `days` days from now (UTC), at `hh:mm:ss`.
+fn at(days: i64, time: &str) -> String {
+    let day = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(24 * days))
+        .unwrap()
+        .strftime("%Y-%m-%d")
+        .to_string();
+    format!("{day}T{time}Z")
+}
+
+/// `serve --once` with the schedules' clock at `clock`; then what ran, sorted.
+fn serve_once_at(sandbox: &Sandbox, clock: &str) -> Vec<String> {
+    let out = wait(
+        serve(sandbox, &["--once", "--schedule-clock", clock]),
+        "serve",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut runs = lines(sandbox, "runs");
+    runs.sort();
+    runs
+}
+
+fn schedules(sandbox: &Sandbox) -> serde_json::Value {
+    sandbox.json(&["schedule", "list", "--json"])
+}
+
+#[test]
+fn a_schedule_fires_when_due_and_catches_up_once_or_skips_what_it_missed() {
+    let sandbox = Sandbox::new();
+    sandbox.write("nightly.yaml", NIGHTLY);
+    for (name, extra) in [("catch-up", None), ("skip", Some("--skip-missed"))] {
+        let mut args = vec![
+            "schedule",
+            "add",
+            name,
+            "nightly.yaml",
+            "--cron",
+            "0 2 * * *",
+            "-p",
+        ];
+        let tag = format!("tag={name}");
+        args.push(&tag);
+        args.extend(extra);
+        let out = sandbox.cairn(&args);
+        assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    }
+    let list = schedules(&sandbox);
+    assert!(
+        list[0]["next"].as_str().unwrap().ends_with("T02:00:00Z"),
+        "{list}"
+    );
+
+    // Tomorrow, 20 s after 02:00: both are due, on time, and fire.
+    let clock = at(1, "02:00:20");
+    let runs = serve_once_at(&sandbox, &clock);
+    assert_eq!(runs, vec!["catch-up", "skip"]);
+
+    // Four days later at noon, no serve having run since: four firings were missed. One fires
+    // once for all of them; the other skips them, and says so.
+    let clock = at(5, "12:00:00");
+    let runs = serve_once_at(&sandbox, &clock);
+    assert_eq!(runs, vec!["catch-up", "catch-up", "skip"]);
+    let list = schedules(&sandbox);
+    let by_name = |name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_name("catch-up")["last_op"], 3, "{list}");
+    assert!(
+        by_name("skip")["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("skipped 4 missed firings"),
+        "{list}"
+    );
+    assert_eq!(sandbox.op_count(), 3);
+}
+
+#[test]
+fn a_firing_is_skipped_while_the_previous_op_is_still_active() {
+    let sandbox = Sandbox::new();
+    sandbox.write("nightly.yaml", NIGHTLY);
+    let out = sandbox.cairn(&[
+        "schedule",
+        "add",
+        "often",
+        "nightly.yaml",
+        "--cron",
+        "* * * * *",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    sandbox.write("hold", "");
+    // A clock that runs a minute every half second: a firing every half second.
+    let clock = format!("{}x120", at(1, "02:00:59"));
+    let server = serve(&sandbox, &["--workers", "2", "--schedule-clock", &clock]);
+    let started = Instant::now();
+    loop {
+        let note = schedules(&sandbox)[0]["note"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if note.contains("skipped the firing") {
+            assert!(
+                note.contains("op 1 of the previous firing is still running"),
+                "{note}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no firing was skipped: {note}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sandbox.op_count(), 1);
+    // Once the op ends, the next firing goes ahead.
+    std::fs::remove_file(sandbox.path().join("hold")).unwrap();
+    let started = Instant::now();
+    while sandbox.op_count() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "it never fired again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    crate::support::signal(&server, nix::sys::signal::Signal::SIGTERM);
+    let out = wait(server, "serve");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn an_op_whose_lock_is_taken_or_cooling_waits_without_holding_a_worker() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "locked.yaml",
+        "name: locked\nlock: shared\ncooldown: 1h\nsteps:\n  - id: a\n    run: echo locked >> runs\n",
+    );
+    sandbox.write(
+        "failing.yaml",
+        "name: failing\nlock: other\nsteps:\n  - id: a\n    run: exit 1\n",
+    );
+    sandbox.write(
+        "free.yaml",
+        "name: free\nsteps:\n  - id: a\n    run: echo free >> runs\n",
+    );
+    // A failed op keeps its lock; another op of that lock waits, an unrelated one runs.
+    assert_eq!(code(&sandbox.cairn(&["run", "failing.yaml"])), Some(1));
+    assert_eq!(code(&sandbox.cairn(&["submit", "failing.yaml"])), Some(0));
+    // An op on a key that cools down waits too.
+    assert_eq!(code(&sandbox.cairn(&["run", "locked.yaml"])), Some(0));
+    let cooling: i64 = stdout(&sandbox.cairn(&["submit", "locked.yaml"]))
+        .trim()
+        .parse()
+        .unwrap();
+    let free: i64 = stdout(&sandbox.cairn(&["submit", "free.yaml"]))
+        .trim()
+        .parse()
+        .unwrap();
+    let out = wait(
+        serve(&sandbox, &["--once", "--workers", "1"]),
+        "serve --once",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.show(free)["status"], "succeeded");
+    assert_eq!(sandbox.show(2)["status"], "queued");
+    assert_eq!(
+        sandbox.show(2)["current_task"],
+        "waiting for lock other held by op 1"
+    );
+    assert_eq!(sandbox.show(cooling)["status"], "queued");
+    assert_eq!(lines(&sandbox, "runs"), vec!["locked", "free"]);
+    // Once the cooldown is acknowledged, the next serve starts it.
+    assert_eq!(code(&sandbox.cairn(&["ack", "shared"])), Some(0));
+    let out = wait(serve(&sandbox, &["--once"]), "serve --once");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.show(cooling)["status"], "succeeded");
+}
+
+#[test]
+fn sigterm_lets_a_running_step_finish_and_starts_nothing_new() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "two.yaml",
+        "name: two\nsteps:\n  - id: a\n    run: |\n      echo start >> runs\n      sleep 1\n      echo a >> runs\n  - id: b\n    needs: [a]\n    run: echo b >> runs\n",
+    );
+    assert_eq!(code(&sandbox.cairn(&["submit", "two.yaml"])), Some(0));
+    let server = sandbox
+        .command(&["serve", "--poll", "100ms", "--grace", "30s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_line(&sandbox, "start");
+    crate::support::signal(&server, nix::sys::signal::Signal::SIGTERM);
+    let out = wait(server, "the draining serve");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // `a` finished; `b` did not start; the op waits for the next server.
+    assert_eq!(lines(&sandbox, "runs"), vec!["start", "a"]);
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "interrupted");
+    assert_eq!(task(&show, "a")["status"], "succeeded");
+    let out = wait(serve(&sandbox, &["--once"]), "serve --once");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(lines(&sandbox, "runs"), vec!["start", "a", "b"]);
+    assert_eq!(sandbox.show(1)["status"], "succeeded");
+}
