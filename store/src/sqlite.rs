@@ -110,8 +110,7 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
     conn.busy_timeout(busy_timeout())
         .map_err(|e| classify(path, &e))?;
     let version = check_identity(&conn, path, fresh)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(|e| classify(path, &e))?;
+    switch_to_wal(&conn, path)?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(|e| classify(path, &e))?;
     conn.pragma_update(None, "foreign_keys", "ON")
@@ -120,6 +119,28 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
         migrate(&conn, path, version)?;
     }
     Ok(conn)
+}
+
+/// Puts the database in WAL mode (a no-op once it is). Two processes creating the file together
+/// both try to switch it from the rollback journal; SQLite refuses one at once with `SQLITE_BUSY`
+/// (a lock upgrade that would deadlock does not call the busy handler), so the refusal is retried
+/// here until the busy timeout, as any other wait for the lock is.
+fn switch_to_wal(conn: &Connection, path: &Path) -> Result<()> {
+    let deadline = std::time::Instant::now() + busy_timeout();
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(classify(path, &e)),
+        }
+    }
 }
 
 /// Opens the database for reading; `None` when the file does not exist. Never writes to it.

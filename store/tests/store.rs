@@ -118,6 +118,30 @@ fn a_second_handle_sees_what_the_first_committed() {
 }
 
 #[test]
+fn handles_opened_together_on_a_new_file_all_open() {
+    // Each handle switches the new file to WAL; SQLite refuses a racing switch without waiting.
+    for round in 0..100 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let start = std::sync::Barrier::new(4);
+        std::thread::scope(|scope| {
+            let opening: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        Store::open(&path).map(|_| ())
+                    })
+                })
+                .collect();
+            for handle in opening {
+                let opened = handle.join().unwrap();
+                assert!(opened.is_ok(), "round {round}: {opened:?}");
+            }
+        });
+    }
+}
+
+#[test]
 fn reading_a_missing_file_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("none.db");
