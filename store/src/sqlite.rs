@@ -32,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_initial.sql"),
     include_str!("../migrations/0002_children.sql"),
     include_str!("../migrations/0003_schedules.sql"),
+    include_str!("../migrations/0004_owner_index.sql"),
 ];
 
 /// The schema version this cairn writes.
@@ -344,9 +345,7 @@ fn event(
     message: &str,
 ) -> rusqlite::Result<()> {
     let seq: i64 = tx
-        .prepare_cached(
-            "UPDATE ops SET event_seq = event_seq + 1 WHERE id = ?1 RETURNING event_seq",
-        )?
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE op_id = ?1")?
         .query_row([op.0], |r| r.get(0))?;
     tx.prepare_cached(
         "INSERT INTO events (op_id, seq, at, kind, task, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -381,7 +380,7 @@ fn owner_of(
 ) -> Apply<(OpStatus, Option<ProcessId>, Option<Millis>)> {
     let row = tx
         .prepare_cached(
-            "SELECT status, owner_host, owner_boot, owner_pid, owner_start, lease_until FROM ops WHERE id = ?1",
+            "SELECT status, owner_host, owner_boot, owner_pid, owner_start, lease_until FROM ops INDEXED BY ops_owner WHERE id = ?1",
         )?
         .query_row([op.0], |r| {
             Ok((r.get::<_, String>(0)?, process_at(r, 1)?, r.get::<_, Option<Millis>>(5)?))

@@ -61,12 +61,18 @@ impl Store {
     /// Makes `batch` durable, all or nothing; returns once it is committed.
     pub async fn apply(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
         let (reply, wait) = tokio::sync::oneshot::channel();
-        let sender = self.sender.clone();
-        // The queue is bounded; a full queue blocks, which must not block the async runtime.
-        tokio::task::spawn_blocking(move || sender.send(Queued { batch, reply }))
-            .await
-            .map_err(|_| Error::Closed)?
-            .map_err(|_| Error::Closed)?;
+        match self.sender.try_send(Queued { batch, reply }) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(Error::Closed),
+            // The queue is bounded; waiting for room blocks, which must not block the runtime.
+            Err(mpsc::TrySendError::Full(queued)) => {
+                let sender = self.sender.clone();
+                tokio::task::spawn_blocking(move || sender.send(queued))
+                    .await
+                    .map_err(|_| Error::Closed)?
+                    .map_err(|_| Error::Closed)?;
+            }
+        }
         wait.await.map_err(|_| Error::Closed)?
     }
 
@@ -139,7 +145,10 @@ fn commit(
         .map_err(|e| err(&e))?;
     let mut results = Vec::with_capacity(requests.len());
     for request in requests {
-        tx.execute_batch("SAVEPOINT request").map_err(|e| err(&e))?;
+        // Prepared once and kept: parsing it for every request costs more than running it.
+        tx.prepare_cached("SAVEPOINT request")
+            .and_then(|mut s| s.execute([]))
+            .map_err(|e| err(&e))?;
         let mut applied = Vec::with_capacity(request.batch.len());
         let mut failure = None;
         for change in &request.batch {
@@ -157,7 +166,9 @@ fn commit(
         }
         match failure {
             None => {
-                tx.execute_batch("RELEASE request").map_err(|e| err(&e))?;
+                tx.prepare_cached("RELEASE request")
+                    .and_then(|mut s| s.execute([]))
+                    .map_err(|e| err(&e))?;
                 results.push(Ok(applied));
             }
             Some(e) => {
