@@ -47,10 +47,11 @@ enum Command {
     Schema(cmd::schema::Args),
 }
 
-/// The async runtime for commands that run ops.
+/// The async runtime for commands that run ops: one thread. The engine's work between two
+/// commits is short; what costs is handing a step from thread to thread, and SQLite's writes run
+/// on the store's own thread anyway.
 fn runtime() -> Result<tokio::runtime::Runtime, exit::Failure> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| exit::Failure::BadInput(anyhow::anyhow!("cannot start the runtime: {e}")))

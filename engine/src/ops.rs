@@ -731,6 +731,7 @@ fn shared(
         files,
         ancestors,
         outcome: std::sync::Mutex::new(None),
+        base_context: std::sync::OnceLock::new(),
         calm,
         _calm_tx: calm_tx,
         gates: watch::channel(false).0,

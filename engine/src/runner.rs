@@ -267,6 +267,9 @@ pub(crate) struct Shared {
     pub ancestors: Vec<OpId>,
     /// The op's outcome, once decided, for its finishing hooks.
     pub outcome: std::sync::Mutex<Option<EndState>>,
+    /// What every task's template context holds (params, `op`, `env`), built once: a param may be
+    /// a list of 100,000 items, and each item's task would otherwise convert it again.
+    pub base_context: std::sync::OnceLock<Context>,
     /// Set when the op failed: approval gates still waiting end (they cannot lead anywhere).
     pub gates: watch::Sender<bool>,
     /// A stop signal that never fires: finishing hooks run to their end even when the op was
@@ -364,17 +367,23 @@ impl Shared {
     /// The template context of a task: params, the op, the captured environment, and the outputs of
     /// the steps its templates use.
     fn context(&self, step: &Step, outputs: &[(usize, Map<String, Value>)]) -> Context {
-        let mut ctx = Context::new();
-        for (name, value) in &self.params {
-            ctx.param(name, value);
-        }
-        ctx.op("id", &Value::from(self.op.0))
-            .op("uuid", &Value::from(self.uuid.clone()))
-            .op("name", &Value::from(self.title.clone()))
-            .op("plan", &Value::from(self.plan.name.clone()));
-        for (name, value) in &self.env {
-            ctx.env(name, value);
-        }
+        let mut ctx = self
+            .base_context
+            .get_or_init(|| {
+                let mut ctx = Context::new();
+                for (name, value) in &self.params {
+                    ctx.param(name, value);
+                }
+                ctx.op("id", &Value::from(self.op.0))
+                    .op("uuid", &Value::from(self.uuid.clone()))
+                    .op("name", &Value::from(self.title.clone()))
+                    .op("plan", &Value::from(self.plan.name.clone()));
+                for (name, value) in &self.env {
+                    ctx.env(name, value);
+                }
+                ctx
+            })
+            .clone();
         for (index, map) in outputs {
             if step.uses.contains(index) {
                 ctx.outputs(*index, &Value::Object(map.clone()));
@@ -541,12 +550,13 @@ pub(crate) async fn run(
             }
             let stop = shared.stop.clone();
             let Some(job) = tasks[i].job(i) else { continue };
+            let ctx = shared.context(shared.step(i), &[]);
             match run_task(
                 &shared,
                 &job,
                 tasks[i].attempts,
                 tasks[i].attempts,
-                &[],
+                ctx,
                 &stop,
             )
             .await
@@ -612,6 +622,7 @@ pub(crate) async fn run(
     let mut queued: BTreeMap<usize, VecDeque<usize>> = BTreeMap::new();
     let mut busy: BTreeMap<usize, usize> = BTreeMap::new();
     let mut open: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
+    let mut step_contexts: BTreeMap<usize, Context> = BTreeMap::new();
     loop {
         while fatal.is_none()
             && first_failure.is_none()
@@ -732,11 +743,12 @@ pub(crate) async fn run(
                 tasks[i].retry_from.min(prior)
             };
             in_flight.insert(i);
+            let ctx = shared.context(step, &outputs);
             running.spawn(async move {
                 let stop = shared.stop.clone();
                 (
                     i,
-                    run_task(&shared, &job, prior, retry_from, &outputs, &stop).await,
+                    run_task(&shared, &job, prior, retry_from, ctx, &stop).await,
                 )
             });
         }
@@ -762,11 +774,19 @@ pub(crate) async fn run(
                 let Some(job) = tasks[no].job(no) else {
                     continue;
                 };
-                let outputs: Vec<(usize, Map<String, Value>)> = plan.steps[s]
-                    .uses
-                    .iter()
-                    .filter_map(|&u| tasks[u].outputs.clone().map(|o| (u, o)))
-                    .collect();
+                // Every item of a step has the same context but for `item`: built once per
+                // step, and cloned (cheaply: its values are shared) for each item.
+                let ctx = step_contexts
+                    .entry(s)
+                    .or_insert_with(|| {
+                        let outputs: Vec<(usize, Map<String, Value>)> = plan.steps[s]
+                            .uses
+                            .iter()
+                            .filter_map(|&u| tasks[u].outputs.clone().map(|o| (u, o)))
+                            .collect();
+                        shared.context(&plan.steps[s], &outputs)
+                    })
+                    .clone();
                 let prior = tasks[no].attempts;
                 let retry_from = if tasks[no].status == TaskStatus::Failed {
                     prior
@@ -780,7 +800,7 @@ pub(crate) async fn run(
                     let stop = shared.stop.clone();
                     (
                         no,
-                        run_task(&shared, &job, prior, retry_from, &outputs, &stop).await,
+                        run_task(&shared, &job, prior, retry_from, ctx, &stop).await,
                     )
                 });
             }
@@ -1026,12 +1046,13 @@ pub(crate) async fn run(
             // Finishing hooks run to their end (or timeout) even when the op was stopped.
             let calm = shared.calm.clone();
             let Some(job) = tasks[i].job(i) else { continue };
+            let ctx = shared.context(shared.step(i), &every_output);
             match run_task(
                 &shared,
                 &job,
                 tasks[i].attempts,
                 tasks[i].attempts,
-                &every_output,
+                ctx,
                 &calm,
             )
             .await
@@ -1451,12 +1472,11 @@ async fn run_task(
     job: &Job,
     prior: u32,
     retry_from: u32,
-    outputs: &[(usize, Map<String, Value>)],
+    mut ctx: Context,
     stop: &watch::Receiver<bool>,
 ) -> Result<TaskEnd, Fatal> {
     let step = shared.step(job.step);
     let task = job.task();
-    let mut ctx = shared.context(step, outputs);
     if let Some(item) = &job.item {
         ctx.item(item);
     }
