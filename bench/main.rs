@@ -1,0 +1,858 @@
+//! cairn's benchmark: every scenario of the brief's targets, each against the physical limit of
+//! this machine measured in the same run, on a fresh database file.
+//!
+//! ```text
+//! cargo bench -p cairn-cli --bench limits -- [--json FILE] [--only NAME,...] [--scale DIVISOR]
+//! ```
+//!
+//! It drives the real `cairn` binary (built with the bench profile) as a user would, and reads
+//! what it recorded from the database. `--scale 10` divides every size by ten, for a quick look.
+//! See docs/BENCHMARKS.md for what each scenario measures and what limits it.
+
+#![allow(clippy::print_stdout, clippy::cast_precision_loss)]
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use comfy_table::{Table, presets};
+use rusqlite::{Connection, OpenFlags};
+use serde_json::{Value, json};
+
+/// How a scenario's number is judged.
+#[derive(Clone, Copy)]
+enum Target {
+    /// At least this share of the limit.
+    Ratio(f64),
+    /// At least this many per second.
+    AtLeast(f64),
+    /// At most this much (milliseconds or megabytes).
+    AtMost(f64),
+    /// No target: reported for comparison.
+    None,
+}
+
+struct Row {
+    id: &'static str,
+    what: String,
+    value: f64,
+    unit: &'static str,
+    /// A rate (higher is better) or a cost (lower is better).
+    rate: bool,
+    limit: f64,
+    limit_what: String,
+    target: Target,
+    /// The best figure the brief quotes for the peers, in the same unit.
+    peer: Option<f64>,
+}
+
+impl Row {
+    /// How close to the limit: the value over the limit for a rate, the limit over the value for a
+    /// cost; 1.0 is the machine's limit.
+    fn ratio(&self) -> f64 {
+        if self.rate {
+            self.value / self.limit
+        } else {
+            self.limit / self.value
+        }
+    }
+
+    fn meets(&self) -> Option<bool> {
+        let peer_ok = self.peer.is_none_or(|p| {
+            if self.rate {
+                self.value > p
+            } else {
+                self.value < p
+            }
+        });
+        let target_ok = match self.target {
+            Target::Ratio(r) => self.ratio() >= r,
+            Target::AtLeast(v) => self.value >= v,
+            Target::AtMost(v) => self.value <= v,
+            Target::None => return self.peer.map(|_| peer_ok),
+        };
+        Some(target_ok && peer_ok)
+    }
+
+    fn target_text(&self) -> String {
+        let mut text = match self.target {
+            Target::Ratio(r) => format!("≥ {:.0}% of limit", r * 100.0),
+            Target::AtLeast(v) => format!("≥ {} {}", number(v), self.unit),
+            Target::AtMost(v) => format!("≤ {} {}", number(v), self.unit),
+            Target::None => String::new(),
+        };
+        if let Some(p) = self.peer {
+            if !text.is_empty() {
+                text.push_str("; ");
+            }
+            let _ = write!(
+                text,
+                "peers {} {}",
+                if self.rate { "≤" } else { "≥" },
+                number(p)
+            );
+        }
+        text
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "scenario": self.what,
+            "value": self.value,
+            "unit": self.unit,
+            "limit": self.limit,
+            "limit_is": self.limit_what,
+            "ratio": self.ratio(),
+            "target": self.target_text(),
+            "meets": self.meets(),
+        })
+    }
+}
+
+fn number(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// One scenario: it measures and adds its rows.
+type Scenario = fn(&mut Bench);
+
+struct Bench {
+    cairn: PathBuf,
+    dir: PathBuf,
+    scale: usize,
+    only: Option<Vec<String>>,
+    rows: Vec<Row>,
+    /// The raw durable commit rate, measured once and shared by the scenarios it limits.
+    commits: Option<f64>,
+    /// How long `cairn --version` takes: the floor of any command.
+    floor_ms: Option<f64>,
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut json_out = None;
+    let mut only = None;
+    let mut scale = 1;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--json" => json_out = args.next().map(PathBuf::from),
+            "--only" => {
+                only = args
+                    .next()
+                    .map(|v| v.split(',').map(str::to_owned).collect::<Vec<_>>());
+            }
+            "--scale" => scale = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
+            // Passed by `cargo bench` itself.
+            "--bench" => {}
+            other => {
+                eprintln!(
+                    "unknown argument `{other}`; usage: limits [--json FILE] [--only NAME,...] [--scale N]"
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("cannot create the bench directory");
+    let mut bench = Bench {
+        cairn: PathBuf::from(env!("CARGO_BIN_EXE_cairn")),
+        dir,
+        scale: scale.max(1),
+        only,
+        rows: Vec::new(),
+        commits: None,
+        floor_ms: None,
+    };
+    let scenarios: [(&str, Scenario); 9] = [
+        ("chain", Bench::chain),
+        ("independent", Bench::independent),
+        ("shell", Bench::shell),
+        ("for-each", Bench::for_each),
+        ("resume", Bench::resume),
+        ("status", Bench::status),
+        ("memory", Bench::memory),
+        ("validate", Bench::validate),
+        ("serve", Bench::serve),
+    ];
+    for (name, scenario) in scenarios {
+        if bench
+            .only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|n| n == name))
+        {
+            continue;
+        }
+        eprintln!("== {name}");
+        scenario(&mut bench);
+    }
+    print_table(&bench.rows);
+    if let Some(path) = json_out {
+        let doc = json!({
+            "machine": machine(),
+            "scale": bench.scale,
+            "scenarios": bench.rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())
+            .expect("cannot write the JSON file");
+        eprintln!("wrote {}", path.display());
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let mut table = Table::new();
+    table.load_style(presets::ASCII_MARKDOWN);
+    table.set_header(["scenario", "cairn", "limit", "ratio", "target", "meets"]);
+    for row in rows {
+        table.add_row([
+            row.what.clone(),
+            format!("{} {}", number(row.value), row.unit),
+            format!("{} ({})", number(row.limit), row.limit_what),
+            format!("{:.0}%", row.ratio() * 100.0),
+            row.target_text(),
+            match row.meets() {
+                Some(true) => "yes".to_owned(),
+                Some(false) => "NO".to_owned(),
+                None => String::new(),
+            },
+        ]);
+    }
+    println!("{table}");
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| t.lines().next().map(str::to_owned))
+        .unwrap_or_default();
+    json!({ "cpu": cpu, "cores": cores, "memory": memory })
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+fn per_second(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64()
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// The resident-set high-water mark of a live process, in MB.
+fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Waits for `child`, sampling its peak RSS until it ends; fails the bench if it failed.
+fn wait_sampling(mut child: Child, what: &str) -> f64 {
+    let mut peak: f64 = 0.0;
+    loop {
+        if let Some(mb) = peak_rss_mb(child.id()) {
+            peak = peak.max(mb);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{what} failed: {status}");
+            return peak;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Bench {
+    fn n(&self, full: usize) -> usize {
+        (full / self.scale).max(1)
+    }
+
+    /// A fresh directory for a scenario; its database is `cairn.db` inside.
+    fn fresh(&self, name: &str) -> PathBuf {
+        let dir = self.dir.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn cairn(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.cairn);
+        command
+            .args(args)
+            .current_dir(dir)
+            .env("CAIRN_DB", dir.join("cairn.db"))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    /// Runs a cairn command to its end; the bench stops if it fails.
+    fn timed(&self, dir: &Path, args: &[&str]) -> Duration {
+        let started = Instant::now();
+        let out = self.cairn(dir, args).output().unwrap();
+        let took = started.elapsed();
+        assert!(
+            out.status.success(),
+            "cairn {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        took
+    }
+
+    fn median_ms(&self, dir: &Path, args: &[&str], runs: usize) -> f64 {
+        median(
+            (0..runs)
+                .map(|_| self.timed(dir, args).as_secs_f64() * 1000.0)
+                .collect(),
+        )
+    }
+
+    /// The rate of durable commits (WAL, `synchronous=FULL`: cairn's pragmas) of one small row
+    /// each, on a fresh file in the bench's directory.
+    fn raw_commits(&mut self) -> f64 {
+        if let Some(rate) = self.commits {
+            return rate;
+        }
+        let dir = self.fresh("raw-commits");
+        let conn = Connection::open(dir.join("raw.db")).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "synchronous", "FULL").unwrap();
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, at INTEGER, v TEXT)")
+            .unwrap();
+        let n = self.n(5000);
+        let started = Instant::now();
+        for i in 0..n {
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            conn.execute(
+                "INSERT INTO t (at, v) VALUES (?1, 'succeeded')",
+                [i64::try_from(i).unwrap()],
+            )
+            .unwrap();
+            conn.execute_batch("COMMIT").unwrap();
+        }
+        let rate = per_second(n, started.elapsed());
+        self.commits = Some(rate);
+        rate
+    }
+
+    /// The rate at which SQLite stores what a finished step is (an attempt row, its task's update,
+    /// an event) when every step shares one durable commit: no engine at all.
+    fn raw_rows(&self, n: usize) -> f64 {
+        let dir = self.fresh("raw-rows");
+        let mut conn = Connection::open(dir.join("raw.db")).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "synchronous", "FULL").unwrap();
+        conn.execute_batch(
+            "CREATE TABLE tasks (no INTEGER PRIMARY KEY, status TEXT, ended_at INTEGER);
+             CREATE TABLE attempts (no INTEGER, n INTEGER, status TEXT, at INTEGER, PRIMARY KEY (no, n)) WITHOUT ROWID;
+             CREATE TABLE events (seq INTEGER PRIMARY KEY, at INTEGER, kind TEXT, message TEXT);",
+        )
+        .unwrap();
+        let tx = conn.transaction().unwrap();
+        for i in 0..n {
+            tx.execute(
+                "INSERT INTO tasks (no, status) VALUES (?1, 'pending')",
+                [i64::try_from(i).unwrap()],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        let started = Instant::now();
+        let tx = conn.transaction().unwrap();
+        {
+            let mut attempt = tx
+                .prepare("INSERT INTO attempts (no, n, status, at) VALUES (?1, 1, 'succeeded', ?2)")
+                .unwrap();
+            let mut task = tx
+                .prepare("UPDATE tasks SET status = 'succeeded', ended_at = ?2 WHERE no = ?1")
+                .unwrap();
+            let mut event = tx
+                .prepare("INSERT INTO events (at, kind, message) VALUES (?2, 'task-succeeded', ?1)")
+                .unwrap();
+            for i in 0..n {
+                let i = i64::try_from(i).unwrap();
+                attempt.execute([i, now_ms()]).unwrap();
+                task.execute([i, now_ms()]).unwrap();
+                event.execute([i, now_ms()]).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        per_second(n, started.elapsed())
+    }
+
+    /// How long `cairn --version` takes: starting the binary and nothing else.
+    fn floor_ms(&mut self) -> f64 {
+        if let Some(ms) = self.floor_ms {
+            return ms;
+        }
+        let dir = self.fresh("floor");
+        let ms = self.median_ms(&dir, &["--version"], 21);
+        self.floor_ms = Some(ms);
+        ms
+    }
+
+    /// The rate of spawning `argv` from Rust and waiting for it, one after another.
+    fn raw_spawns(argv: &[String], n: usize) -> f64 {
+        let started = Instant::now();
+        for _ in 0..n {
+            let status = Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        per_second(n, started.elapsed())
+    }
+
+    /// 1. A serial chain of `noop` steps: one durable commit per step at best.
+    fn chain(&mut self) {
+        let n = self.n(10_000);
+        let dir = self.fresh("chain");
+        let mut plan = String::from("name: chain\nsteps:\n  - id: s0\n    noop: true\n");
+        for i in 1..n {
+            let _ = writeln!(
+                plan,
+                "  - id: s{i}\n    needs: [s{}]\n    noop: true",
+                i - 1
+            );
+        }
+        std::fs::write(dir.join("plan.yaml"), plan).unwrap();
+        let took = self.timed(&dir, &["-q", "run", "plan.yaml"]);
+        let limit = self.raw_commits();
+        self.rows.push(Row {
+            id: "chain",
+            what: format!("serial chain of {n} noop steps"),
+            value: op_rate(&dir, n, took),
+            unit: "steps/s",
+            rate: true,
+            limit,
+            limit_what: "durable SQLite commits/s".to_owned(),
+            target: Target::Ratio(0.75),
+            peer: Some(470.0),
+        });
+    }
+
+    /// 2. Independent `noop` steps: group commit.
+    fn independent(&mut self) {
+        let n = self.n(10_000);
+        let dir = self.fresh("independent");
+        let mut plan = format!("name: independent\nmax_parallel: {n}\nsteps:\n");
+        for i in 0..n {
+            let _ = writeln!(plan, "  - id: s{i}\n    noop: true");
+        }
+        std::fs::write(dir.join("plan.yaml"), plan).unwrap();
+        let took = self.timed(&dir, &["-q", "run", "plan.yaml"]);
+        self.rows.push(Row {
+            id: "independent",
+            what: format!("{n} independent noop steps"),
+            value: op_rate(&dir, n, took),
+            unit: "steps/s",
+            rate: true,
+            limit: self.raw_rows(n),
+            limit_what: "steps' rows/s in one SQLite commit".to_owned(),
+            target: Target::AtLeast(25_000.0),
+            peer: Some(470.0),
+        });
+    }
+
+    /// 3. Sequential `run: "true"` steps, with bash and with `shell: sh`.
+    fn shell(&mut self) {
+        let n = self.n(1000);
+        for (shell, peer) in [("bash", None), ("sh", Some(655.0))] {
+            let dir = self.fresh(&format!("shell-{shell}"));
+            let mut plan = format!("name: shell-{shell}\nshell: {shell}\nsteps:\n");
+            let _ = writeln!(plan, "  - id: s0\n    run: \"true\"");
+            for i in 1..n {
+                let _ = writeln!(
+                    plan,
+                    "  - id: s{i}\n    needs: [s{}]\n    run: \"true\"",
+                    i - 1
+                );
+            }
+            std::fs::write(dir.join("plan.yaml"), plan).unwrap();
+            let took = self.timed(&dir, &["-q", "run", "plan.yaml"]);
+            let argv = if shell == "bash" {
+                plans::model::Shell::Bash
+            } else {
+                plans::model::Shell::Sh
+            }
+            .command_line("true");
+            let limit = Self::raw_spawns(&argv, n);
+            self.rows.push(Row {
+                id: if shell == "bash" {
+                    "shell-bash"
+                } else {
+                    "shell-sh"
+                },
+                what: format!("{n} sequential `run: \"true\"` steps, {shell}"),
+                value: op_rate(&dir, n, took),
+                unit: "steps/s",
+                rate: true,
+                limit,
+                limit_what: format!("spawns/s of `{}` from Rust", argv.join(" ")),
+                target: Target::Ratio(0.80),
+                peer,
+            });
+        }
+    }
+
+    /// 4. A fan-out over a list param.
+    fn for_each(&mut self) {
+        let n = self.n(10_000);
+        let dir = self.fresh("for-each");
+        write_fan_out(&dir, n);
+        let took = self.timed(&dir, &["-q", "run", "plan.yaml", "--params", "items.json"]);
+        self.rows.push(Row {
+            id: "for-each",
+            what: format!("for_each over {n} items (noop)"),
+            value: op_rate(&dir, n, took),
+            unit: "items/s",
+            rate: true,
+            limit: self.raw_rows(n),
+            limit_what: "steps' rows/s in one SQLite commit".to_owned(),
+            target: Target::AtLeast(25_000.0),
+            peer: None,
+        });
+    }
+
+    /// 5. An op of 100,000 tasks killed (`kill -9`) half done, then resumed: how long until its
+    ///    first new task starts.
+    fn resume(&mut self) {
+        let n = self.n(100_000);
+        let dir = self.fresh("resume");
+        write_fan_out(&dir, n);
+        let mut run = self
+            .cairn(&dir, &["-q", "run", "plan.yaml", "--params", "items.json"])
+            .spawn()
+            .unwrap();
+        let db = dir.join("cairn.db");
+        let half = i64::try_from(n / 2).unwrap();
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            if let Some(status) = run.try_wait().unwrap() {
+                panic!("the op ended ({status}) before it was half done");
+            }
+            let done = read_only(&db).and_then(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM tasks WHERE op_id = 1 AND status = 'succeeded'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .ok()
+            });
+            if done.is_some_and(|d| d >= half) {
+                break;
+            }
+        }
+        run.kill().unwrap();
+        run.wait().unwrap();
+        let done: i64 = read_only(&db)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM tasks WHERE op_id = 1 AND status = 'succeeded'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let before = now_ms();
+        let started = Instant::now();
+        self.timed(&dir, &["-q", "resume", "1"]);
+        let whole = started.elapsed();
+        let first: i64 = read_only(&db)
+            .unwrap()
+            .query_row(
+                "SELECT min(started_at) FROM attempts WHERE op_id = 1 AND started_at >= ?1",
+                [before],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let total: i64 = read_only(&db)
+            .unwrap()
+            .query_row("SELECT count(*) FROM tasks WHERE op_id = 1", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        eprintln!(
+            "   {total} tasks, {done} done at the kill; the resume ran the rest in {:.1} s",
+            whole.as_secs_f64()
+        );
+        let floor = self.floor_ms();
+        self.rows.push(Row {
+            id: "resume",
+            what: format!("resume of {total} tasks, {done} done: first new task starts"),
+            value: (first - before) as f64,
+            unit: "ms",
+            rate: false,
+            limit: floor,
+            limit_what: "start-up of the binary".to_owned(),
+            target: Target::AtMost(500.0),
+            peer: Some(1900.0),
+        });
+    }
+
+    /// 6. `cairn status` with 1,000,000 ops stored.
+    fn status(&mut self) {
+        let n = self.n(1_000_000);
+        let dir = self.fresh("status");
+        fill_ops(&dir.join("cairn.db"), n);
+        let floor = self.floor_ms();
+        for (args, what) in [
+            (&["status"][..], "`cairn status` (default page)"),
+            (
+                &["status", "--json", "--limit", "100"][..],
+                "`cairn status --json --limit 100`",
+            ),
+        ] {
+            let ms = self.median_ms(&dir, args, 21);
+            self.rows.push(Row {
+                id: if args.len() == 1 {
+                    "status"
+                } else {
+                    "status-json"
+                },
+                what: format!("{what}, {n} ops stored"),
+                value: ms,
+                unit: "ms",
+                rate: false,
+                limit: floor,
+                limit_what: "start-up of the binary".to_owned(),
+                target: Target::AtMost(50.0),
+                peer: None,
+            });
+        }
+    }
+
+    /// 7. Peak memory of running an op of 100,000 tasks to its end.
+    fn memory(&mut self) {
+        let n = self.n(100_000);
+        let dir = self.fresh("memory");
+        write_fan_out(&dir, n);
+        let started = Instant::now();
+        let run = self
+            .cairn(&dir, &["-q", "run", "plan.yaml", "--params", "items.json"])
+            .spawn()
+            .unwrap();
+        let peak = wait_sampling(run, "the 100,000-task op");
+        eprintln!(
+            "   ran {n} items in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let small = self.fresh("memory-floor");
+        std::fs::write(
+            small.join("plan.yaml"),
+            "name: one\nsteps:\n  - id: wait\n    sleep: 300ms\n",
+        )
+        .unwrap();
+        let floor = wait_sampling(
+            self.cairn(&small, &["-q", "run", "plan.yaml"])
+                .spawn()
+                .unwrap(),
+            "a one-task op",
+        );
+        self.rows.push(Row {
+            id: "memory",
+            what: format!("peak RSS running an op of {n} tasks"),
+            value: peak,
+            unit: "MB",
+            rate: false,
+            limit: floor,
+            limit_what: "RSS of a one-task op".to_owned(),
+            target: Target::AtMost(300.0),
+            peer: None,
+        });
+    }
+
+    /// 8. `cairn validate` of a 10,000-step plan.
+    fn validate(&mut self) {
+        let n = self.n(10_000);
+        let dir = self.fresh("validate");
+        let mut plan = String::from(
+            "name: big\nparams:\n  target: { type: string, required: true }\nsteps:\n  - id: s0\n    run: echo {{ params.target }} > \"$CAIRN_OUTPUT\"\n",
+        );
+        for i in 1..n {
+            let _ = writeln!(
+                plan,
+                "  - id: s{i}\n    needs: [s{}]\n    run: echo {{{{ params.target }}}} s{i}",
+                i - 1
+            );
+        }
+        std::fs::write(dir.join("plan.yaml"), plan).unwrap();
+        let ms = self.median_ms(&dir, &["validate", "plan.yaml"], 11);
+        let floor = self.floor_ms();
+        self.rows.push(Row {
+            id: "validate",
+            what: format!("`cairn validate` of a {n}-step plan"),
+            value: ms,
+            unit: "ms",
+            rate: false,
+            limit: floor,
+            limit_what: "start-up of the binary".to_owned(),
+            target: Target::AtMost(200.0),
+            peer: None,
+        });
+    }
+
+    /// 9. Queued ops drained by `serve --once --workers 8`.
+    fn serve(&mut self) {
+        let n = self.n(1000);
+        let dir = self.fresh("serve");
+        std::fs::write(
+            dir.join("plan.yaml"),
+            "name: queued\nparams:\n  n: { type: int, required: true }\ntitle: op {{ params.n }}\nsteps:\n  - id: a\n    noop: true\n  - id: b\n    needs: [a]\n    noop: true\n",
+        )
+        .unwrap();
+        for i in 0..n {
+            self.timed(&dir, &["submit", "plan.yaml", "-p", &format!("n={i}")]);
+        }
+        let took = self.timed(&dir, &["-q", "serve", "--once", "--workers", "8"]);
+        let left: i64 = read_only(&dir.join("cairn.db"))
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM ops WHERE status <> 'succeeded'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(left, 0, "every queued op succeeded");
+        let limit = self.raw_commits();
+        self.rows.push(Row {
+            id: "serve",
+            what: format!("{n} queued ops (2 noop steps each), serve --once --workers 8"),
+            value: per_second(n, took),
+            unit: "ops/s",
+            rate: true,
+            limit,
+            limit_what: "durable SQLite commits/s".to_owned(),
+            target: Target::None,
+            peer: None,
+        });
+    }
+}
+
+/// Steps per second over op 1's run as it recorded it (from its start to its end); the wall time
+/// of the whole command (start-up, reading and storing the plan included) is printed beside it.
+fn op_rate(dir: &Path, n: usize, wall: Duration) -> f64 {
+    let ms: i64 = read_only(&dir.join("cairn.db"))
+        .unwrap()
+        .query_row(
+            "SELECT ended_at - started_at FROM ops WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    eprintln!(
+        "   {n} in {ms} ms from the op's start to its end; {:.0} ms for the whole command",
+        wall.as_secs_f64() * 1000.0
+    );
+    n as f64 / (ms.max(1) as f64 / 1000.0)
+}
+
+fn read_only(db: &Path) -> Option<Connection> {
+    Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()
+}
+
+/// A plan with one `noop` step fanned out over the list param `items`, and `items.json` of `n`.
+fn write_fan_out(dir: &Path, n: usize) {
+    std::fs::write(
+        dir.join("plan.yaml"),
+        "name: fan-out\nparams:\n  items: { type: list, required: true }\nsteps:\n  - id: work\n    for_each: \"{{ params.items }}\"\n    noop: true\n",
+    )
+    .unwrap();
+    let items: Vec<usize> = (0..n).collect();
+    std::fs::write(
+        dir.join("items.json"),
+        serde_json::to_string(&json!({ "items": items })).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Stores `n` ended ops through cairn's own store, as many runs over months would leave them.
+fn fill_ops(db: &Path, n: usize) {
+    use store::{Change, NewOp, NewTask, OpStatus, Snapshot, TaskNo};
+    let store = store::Store::open(db).unwrap();
+    let snapshot = Snapshot {
+        hash: "sha256:bench".into(),
+        name: "rebuild-follower".into(),
+        text: "name: rebuild-follower\nsteps:\n  - id: a\n    noop: true\n".into(),
+        files: vec![],
+    };
+    let started = Instant::now();
+    let base = now_ms() - i64::try_from(n).unwrap() * 1000;
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<Change> = (i..n.min(i + 20_000))
+            .map(|k| {
+                let at = base + i64::try_from(k).unwrap() * 1000;
+                Change::Submit(NewOp {
+                    uuid: format!("bench-{k}"),
+                    snapshot: snapshot.clone(),
+                    title: format!("xstore-{}/node-{}", k % 97, k % 3),
+                    status: if k % 50 == 0 {
+                        OpStatus::Failed
+                    } else {
+                        OpStatus::Succeeded
+                    },
+                    params: json!({ "xstore": format!("xstore-{}", k % 97) }),
+                    workdir: "/".into(),
+                    env: serde_json::Map::new(),
+                    tasks: vec![NewTask {
+                        task_no: TaskNo(0),
+                        step: "a".into(),
+                        name: "a".into(),
+                        item: None,
+                    }],
+                    at,
+                    owner: None,
+                    start: false,
+                    lock: None,
+                    cooldown_ms: None,
+                    ignore_cooldown: false,
+                    parent: None,
+                    fired_by: None,
+                })
+            })
+            .collect();
+        i += batch.len();
+        store.apply_blocking(batch).unwrap();
+    }
+    eprintln!(
+        "   stored {n} ops in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
