@@ -56,11 +56,6 @@ pub fn stat(pid: u32) -> Option<Stat> {
 /// This machine's boot and pid namespace: pids are comparable only within both.
 #[must_use]
 pub fn boot_id() -> String {
-    static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    BOOT_ID.get_or_init(read_boot_id).clone()
-}
-
-fn read_boot_id() -> String {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
@@ -159,28 +154,6 @@ fn carries(pid: u32, marker: &str) -> bool {
 /// marker, or started no earlier than the leader), plus any process carrying the marker.
 #[must_use]
 pub fn attempt_processes(pgid: Option<u32>, leader_start: Option<u64>, marker: &str) -> Vec<u32> {
-    find_attempt_processes(pgid, leader_start, marker, None)
-}
-
-/// [`attempt_processes`] for an attempt whose leader `leader` (a live child of this process, or
-/// one just reaped) started less than [`RECENT`] ago: only pids allocated after the leader's are
-/// looked at. Pids are handed out in increasing order until the pid space wraps, and wrapping it
-/// takes `pid_max` (at least 32,768) forks, which no machine does in that time; every process of
-/// the attempt was forked after its leader.
-#[must_use]
-pub fn recent_attempt_processes(leader: u32, leader_start: u64, marker: &str) -> Vec<u32> {
-    find_attempt_processes(Some(leader), Some(leader_start), marker, Some(leader))
-}
-
-/// How recent an attempt's start must be for [`recent_attempt_processes`].
-pub const RECENT: std::time::Duration = std::time::Duration::from_millis(100);
-
-fn find_attempt_processes(
-    pgid: Option<u32>,
-    leader_start: Option<u64>,
-    marker: &str,
-    from_pid: Option<u32>,
-) -> Vec<u32> {
     let me = std::process::id();
     let leader_is_ours = pgid
         .zip(leader_start)
@@ -188,22 +161,19 @@ fn find_attempt_processes(
     let leader_replaced = pgid.is_some_and(|p| stat(p).is_some()) && !leader_is_ours;
     let mut out = Vec::new();
     for pid in all_pids() {
-        if pid == me || from_pid.is_some_and(|from| pid < from) {
+        if pid == me {
             continue;
         }
         let Some(s) = stat(pid) else { continue };
         if s.is_gone() {
             continue;
         }
-        // A process older than the leader cannot carry the marker: it was first set for the
-        // leader. Reading its environment would only cost time.
-        let may_carry = leader_start.is_none_or(|l| s.start >= l);
         let in_group = pgid.is_some_and(|g| s.pgrp == g)
             && !leader_replaced
             && (leader_is_ours
                 || leader_start.is_some_and(|l| s.start >= l)
-                || (may_carry && carries(pid, marker)));
-        if in_group || (may_carry && carries(pid, marker)) {
+                || carries(pid, marker));
+        if in_group || carries(pid, marker) {
             out.push(pid);
         }
     }

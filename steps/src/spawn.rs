@@ -79,8 +79,6 @@ pub struct Running {
     child: tokio::process::Child,
     pub identity: Identity,
     pub pgid: u32,
-    /// When it was spawned.
-    started: std::time::Instant,
     marker: String,
     grace: Duration,
     timeout: Option<Duration>,
@@ -118,9 +116,8 @@ pub struct SpawnError {
 /// Starts `spec` in a new process group; its output goes to `sink` in chunks.
 pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running, SpawnError> {
     let program = spec.argv.first().cloned().unwrap_or_default();
-    let mut command = tokio::process::Command::new(resolve(&program, spec));
+    let mut command = tokio::process::Command::new(&program);
     command
-        .arg0(&program)
         .args(&spec.argv[1..])
         .env_clear()
         .envs(&spec.env)
@@ -130,7 +127,6 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let started = std::time::Instant::now();
     let mut child = command.spawn().map_err(|source| SpawnError {
         program: program.clone(),
         source,
@@ -153,42 +149,12 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
         child,
         identity,
         pgid: pid,
-        started,
         marker: spec.marker.clone(),
         grace: spec.grace,
         timeout: spec.timeout,
         readers,
         waited: false,
     })
-}
-
-/// The program to execute: a bare name is looked up in the step's `PATH` here, as `execvp` would
-/// in the child. Given a path, the standard library starts the process with `posix_spawn`
-/// (a `vfork`) instead of a `fork` of this whole process, which costs more the larger the engine's
-/// memory; a name it cannot find is left for the spawn to report.
-fn resolve(program: &str, spec: &Spec) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    if program.contains('/') || program.is_empty() {
-        return PathBuf::from(program);
-    }
-    let Some(path) = spec.env.get("PATH") else {
-        return PathBuf::from(program);
-    };
-    for dir in path.split(':') {
-        // An empty entry is the current directory, the step's.
-        let dir = if dir.is_empty() {
-            spec.cwd.clone()
-        } else {
-            spec.cwd.join(dir)
-        };
-        let candidate = dir.join(program);
-        if std::fs::metadata(&candidate)
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        {
-            return candidate;
-        }
-    }
-    PathBuf::from(program)
 }
 
 /// Forwards a stream in chunks; returns the tail of what it read (kept for stderr).
@@ -222,11 +188,7 @@ async fn read(
 impl Running {
     /// The running processes of this attempt's group (and any carrying its marker).
     fn members(&self) -> Vec<u32> {
-        if self.started.elapsed() < proc::RECENT {
-            proc::recent_attempt_processes(self.pgid, self.identity.start, &self.marker)
-        } else {
-            proc::attempt_processes(Some(self.pgid), Some(self.identity.start), &self.marker)
-        }
+        proc::attempt_processes(Some(self.pgid), Some(self.identity.start), &self.marker)
     }
 
     /// Waits until the process ends, its timeout passes, or `stop` turns true; then ends whatever is
