@@ -444,15 +444,7 @@ impl Bench {
     fn chain(&mut self) {
         let n = self.n(10_000);
         let dir = self.fresh("chain");
-        let mut plan = String::from("name: chain\nsteps:\n  - id: s0\n    noop: true\n");
-        for i in 1..n {
-            let _ = writeln!(
-                plan,
-                "  - id: s{i}\n    needs: [s{}]\n    noop: true",
-                i - 1
-            );
-        }
-        std::fs::write(dir.join("plan.yaml"), plan).unwrap();
+        write_chain(&dir, "name: chain\n", n, "noop: true");
         let took = self.timed(&dir, &["-q", "run", "plan.yaml"]);
         let limit = self.raw_commits();
         self.rows.push(Row {
@@ -496,16 +488,8 @@ impl Bench {
         let n = self.n(1000);
         for (shell, peer) in [("bash", None), ("sh", Some(655.0))] {
             let dir = self.fresh(&format!("shell-{shell}"));
-            let mut plan = format!("name: shell-{shell}\nshell: {shell}\nsteps:\n");
-            let _ = writeln!(plan, "  - id: s0\n    run: \"true\"");
-            for i in 1..n {
-                let _ = writeln!(
-                    plan,
-                    "  - id: s{i}\n    needs: [s{}]\n    run: \"true\"",
-                    i - 1
-                );
-            }
-            std::fs::write(dir.join("plan.yaml"), plan).unwrap();
+            let head = format!("name: shell-{shell}\nshell: {shell}\n");
+            write_chain(&dir, &head, n, "run: \"true\"");
             let took = self.timed(&dir, &["-q", "run", "plan.yaml"]);
             let argv = if shell == "bash" {
                 plans::model::Shell::Bash
@@ -702,17 +686,12 @@ impl Bench {
     fn validate(&mut self) {
         let n = self.n(10_000);
         let dir = self.fresh("validate");
-        let mut plan = String::from(
-            "name: big\nparams:\n  target: { type: string, required: true }\nsteps:\n  - id: s0\n    run: echo {{ params.target }} > \"$CAIRN_OUTPUT\"\n",
+        write_chain(
+            &dir,
+            "name: big\nparams:\n  target: { type: string, required: true }\n",
+            n,
+            "run: echo {{ params.target }} > \"$CAIRN_OUTPUT\"",
         );
-        for i in 1..n {
-            let _ = writeln!(
-                plan,
-                "  - id: s{i}\n    needs: [s{}]\n    run: echo {{{{ params.target }}}} s{i}",
-                i - 1
-            );
-        }
-        std::fs::write(dir.join("plan.yaml"), plan).unwrap();
         let ms = self.median_ms(&dir, &["validate", "plan.yaml"], 11);
         let floor = self.floor_ms();
         self.rows.push(Row {
@@ -785,6 +764,20 @@ fn op_rate(dir: &Path, n: usize, wall: Duration) -> f64 {
 
 fn read_only(db: &Path) -> Option<Connection> {
     Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()
+}
+
+/// `plan.yaml`: `head` (the plan's keys before `steps`), then a chain of `n` steps `s0`, `s1`, ...,
+/// each needing the one before, each doing `action`.
+fn write_chain(dir: &Path, head: &str, n: usize, action: &str) {
+    let mut plan = format!("{head}steps:\n");
+    for i in 0..n {
+        let _ = writeln!(plan, "  - id: s{i}");
+        if i > 0 {
+            let _ = writeln!(plan, "    needs: [s{}]", i - 1);
+        }
+        let _ = writeln!(plan, "    {action}");
+    }
+    std::fs::write(dir.join("plan.yaml"), plan).unwrap();
 }
 
 /// A plan with one `noop` step fanned out over the list param `items`, and `items.json` of `n`.
