@@ -33,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_children.sql"),
     include_str!("../migrations/0003_schedules.sql"),
     include_str!("../migrations/0004_owner_index.sql"),
+    include_str!("../migrations/0005_older_writers.sql"),
 ];
 
 /// The schema version this cairn writes.

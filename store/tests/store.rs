@@ -201,6 +201,47 @@ fn refuses_a_database_from_a_newer_cairn() {
     assert!(err.to_string().contains("newer cairn"), "{err}");
 }
 
+/// A cairn of schema version 3, still running when a newer one migrated the file, numbers its
+/// next event by `ops.event_seq + 1`; that write is refused with a message, and changes nothing.
+#[test]
+fn an_older_cairn_still_running_is_refused_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let store = Store::open(&path).unwrap();
+    let op = submit(&store, 1);
+    let events = || {
+        Reader::open(&path)
+            .unwrap()
+            .unwrap()
+            .events(op)
+            .unwrap()
+            .len()
+    };
+    let before = events();
+    assert!(before >= 1);
+    drop(store);
+    // Exactly what the older cairn ran for every event.
+    let out = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
+        .arg(&path)
+        .arg(format!(
+            "UPDATE ops SET event_seq = event_seq + 1 WHERE id = {} RETURNING event_seq;",
+            op.0
+        ))
+        .output()
+        .expect("the sqlite3 shell is installed (.ci/run installs it; apt-get install sqlite3)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("upgraded by a newer cairn") && stderr.contains("cairn resume"),
+        "{stderr}"
+    );
+    assert_eq!(events(), before);
+    // The newer cairn itself still records events.
+    let store = Store::open(&path).unwrap();
+    claim(&store, op, &owner(1), 5, None).unwrap();
+    assert!(events() > before);
+}
+
 #[test]
 fn only_one_live_owner_and_stale_owners_are_fenced() {
     let dir = tempfile::tempdir().unwrap();
