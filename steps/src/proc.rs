@@ -2,7 +2,6 @@
 //! against pid reuse and reboots), which processes belong to a step's group or carry its marker,
 //! and how to end them all.
 
-use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -39,23 +38,52 @@ impl Stat {
     }
 }
 
+/// Reads a small file of `/proc` whole: one `open`, a `read` or two, no `stat` (their size reads as
+/// zero, and the standard library's reader then grows its buffer from 32 bytes, a read each time).
+/// The sweep after every step reads two of these per process on the machine.
+fn read_proc(path: &str, capacity: usize) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut data = vec![0; capacity];
+    let mut len = 0;
+    loop {
+        if len == data.len() {
+            data.resize(len * 2, 0);
+        }
+        match file.read(&mut data[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    data.truncate(len);
+    Some(data)
+}
+
 /// Reads `/proc/PID/stat`.
 #[must_use]
 pub fn stat(pid: u32) -> Option<Stat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let data = read_proc(&format!("/proc/{pid}/stat"), 1024)?;
+    let text = std::str::from_utf8(&data).ok()?;
     // `comm` is in parentheses and may hold spaces and parentheses: split after the last `)`.
     let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(Stat {
-        state: fields.first()?.chars().next()?,
-        pgrp: fields.get(2)?.parse().ok()?,
-        start: fields.get(19)?.parse().ok()?,
-    })
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let pgrp = fields.nth(1)?.parse().ok()?;
+    let start = fields.nth(16)?.parse().ok()?;
+    Some(Stat { state, pgrp, start })
 }
 
-/// This machine's boot and pid namespace: pids are comparable only within both.
+/// This machine's boot and pid namespace: pids are comparable only within both. Neither changes
+/// while a process runs, so it is read once.
 #[must_use]
 pub fn boot_id() -> String {
+    static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT_ID.get_or_init(read_boot_id).clone()
+}
+
+fn read_boot_id() -> String {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
@@ -139,8 +167,7 @@ fn all_pids() -> Vec<u32> {
 
 /// Whether the process's environment holds `CAIRN_ATTEMPT_ID=marker`.
 fn carries(pid: u32, marker: &str) -> bool {
-    let Ok(environ) = std::fs::read(Path::new("/proc").join(pid.to_string()).join("environ"))
-    else {
+    let Some(environ) = read_proc(&format!("/proc/{pid}/environ"), 16 * 1024) else {
         return false;
     };
     let wanted = format!("{MARKER_VAR}={marker}");
@@ -152,6 +179,14 @@ fn carries(pid: u32, marker: &str) -> bool {
 /// The running processes that belong to an attempt: members of its process group `pgid` that are
 /// provably its own (the leader still has its recorded start time, or the member carries the
 /// marker, or started no earlier than the leader), plus any process carrying the marker.
+///
+/// With the leader's start time known, only processes started no earlier than the leader have
+/// their environment read: the marker exists from the leader's start on, so a process carrying it
+/// was created after that (its descendants, or anything started with its environment), and a
+/// process keeps its start time across `exec`. The one way past this, a process older than the
+/// leader `exec`ing itself with the marker handed to it, is not something a step does by accident.
+/// Once the leader is gone, a process older than it cannot be the attempt's at all, and one
+/// already known to be older (see [`Older`]) is not read again.
 #[must_use]
 pub fn attempt_processes(pgid: Option<u32>, leader_start: Option<u64>, marker: &str) -> Vec<u32> {
     let me = std::process::id();
@@ -159,25 +194,130 @@ pub fn attempt_processes(pgid: Option<u32>, leader_start: Option<u64>, marker: &
         .zip(leader_start)
         .is_some_and(|(p, start)| stat(p).is_some_and(|s| s.start == start));
     let leader_replaced = pgid.is_some_and(|p| stat(p).is_some()) && !leader_is_ours;
+    // While the leader lives, an older process that joined its group is the attempt's.
+    let older_than = leader_start.filter(|_| !leader_is_ours);
+    let mut older = OLDER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    older.forget_ended();
     let mut out = Vec::new();
     for pid in all_pids() {
-        if pid == me {
+        if pid == me || older_than.is_some_and(|l| older.started_before(pid, l)) {
             continue;
         }
-        let Some(s) = stat(pid) else { continue };
+        let Some(s) = older.stat(pid) else { continue };
         if s.is_gone() {
             continue;
         }
+        let may_carry = leader_start.is_none_or(|l| s.start >= l);
+        let carries = may_carry && carries(pid, marker);
         let in_group = pgid.is_some_and(|g| s.pgrp == g)
             && !leader_replaced
-            && (leader_is_ours
-                || leader_start.is_some_and(|l| s.start >= l)
-                || carries(pid, marker));
-        if in_group || carries(pid, marker) {
+            && (leader_is_ours || leader_start.is_some_and(|l| s.start >= l) || carries);
+        if in_group || carries {
             out.push(pid);
         }
     }
     out
+}
+
+/// The processes whose start time the sweep has read, each held by a pidfd: a pidfd refers to
+/// one process, never to a later one given the same pid, and polls readable once that process
+/// has ended. So while a held pidfd does not, its pid is still the process whose start time was
+/// read, and the sweep after each attempt need not read that process's `/proc` files again (it
+/// read every process's after every step, which was most of a short step's cost). Without pidfds
+/// (an old kernel), or past [`Older::capacity`] processes, every process is read as before.
+static OLDER: std::sync::Mutex<Older> = std::sync::Mutex::new(Older {
+    held: None,
+    capacity: 0,
+});
+
+#[derive(Debug)]
+struct Older {
+    held: Option<std::collections::HashMap<u32, (std::os::fd::OwnedFd, u64)>>,
+    capacity: usize,
+}
+
+impl Older {
+    fn held(&mut self) -> &mut std::collections::HashMap<u32, (std::os::fd::OwnedFd, u64)> {
+        if self.held.is_none() {
+            // A quarter of the open-file limit at most: the steps' pipes need the rest.
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .current
+                .unwrap_or(1024);
+            self.capacity = usize::try_from(limit / 4).unwrap_or(256).min(1024);
+        }
+        self.held.get_or_insert_with(std::collections::HashMap::new)
+    }
+
+    /// Lets go of the processes that have ended since.
+    fn forget_ended(&mut self) {
+        let held = self.held();
+        if held.is_empty() {
+            return;
+        }
+        let (pids, mut polls): (Vec<u32>, Vec<rustix::event::PollFd<'_>>) = held
+            .iter()
+            .map(|(&pid, (fd, _))| {
+                (
+                    pid,
+                    rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN),
+                )
+            })
+            .unzip();
+        let now = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let ended: Vec<u32> = match rustix::event::poll(&mut polls, Some(&now)) {
+            Ok(_) => pids
+                .iter()
+                .zip(&polls)
+                .filter(|(_, p)| !p.revents().is_empty())
+                .map(|(&pid, _)| pid)
+                .collect(),
+            // Cannot tell: forget them all, and read them again.
+            Err(_) => pids,
+        };
+        drop(polls);
+        for pid in ended {
+            held.remove(&pid);
+        }
+    }
+
+    /// Whether `pid` is a process known to have started before `start`.
+    fn started_before(&mut self, pid: u32, start: u64) -> bool {
+        self.held().get(&pid).is_some_and(|(_, s)| *s < start)
+    }
+
+    /// Reads `/proc/PID/stat`, and holds the process when there is room: its pidfd is opened
+    /// first and polled after the read, so that the start time read is the held process's (its
+    /// pid cannot pass to another process while it has not ended).
+    fn stat(&mut self, pid: u32) -> Option<Stat> {
+        let room = self.held().len() < self.capacity;
+        let Some(fd) = room
+            .then(|| rustix::process::Pid::from_raw(i32::try_from(pid).ok()?))
+            .flatten()
+            .and_then(|p| {
+                rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+            })
+        else {
+            return stat(pid);
+        };
+        let s = stat(pid)?;
+        let mut poll = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let now = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        if rustix::event::poll(&mut poll, Some(&now)) == Ok(0) {
+            self.held().insert(pid, (fd, s.start));
+        }
+        Some(s)
+    }
 }
 
 fn signal_all(pids: &[u32], signal: Signal) {

@@ -116,8 +116,10 @@ pub struct SpawnError {
 /// Starts `spec` in a new process group; its output goes to `sink` in chunks.
 pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running, SpawnError> {
     let program = spec.argv.first().cloned().unwrap_or_default();
-    let mut command = tokio::process::Command::new(&program);
+    let mut command =
+        tokio::process::Command::new(found(&program, spec).unwrap_or(program.clone().into()));
     command
+        .arg0(&program)
         .args(&spec.argv[1..])
         .env_clear()
         .envs(&spec.env)
@@ -155,6 +157,48 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
         readers,
         waited: false,
     })
+}
+
+/// Where `execvp` in the child would find a bare program name, when that is certain from here.
+///
+/// Given a path, the standard library starts the process with `posix_spawn` (a `vfork`); given a
+/// bare name while the step's `PATH` differs from cairn's, it must `fork` this whole process so
+/// that the child searches the step's `PATH`, which costs more the larger the engine's memory.
+/// The search here answers only where `execvp`'s answer cannot differ: every `PATH` entry up to
+/// the match is absolute, every entry before it plainly lacks the name, and the match is a
+/// regular file this user may execute that starts as a binary or a `#!` script. Anything else
+/// (a relative or empty entry, an entry that cannot be read, a directory or an unexecutable file
+/// by that name, a script without `#!`, no `PATH`) is left to `execvp`: `None`. `argv[0]` stays
+/// the name as written.
+fn found(program: &str, spec: &Spec) -> Option<PathBuf> {
+    use std::io::Read as _;
+    if program.is_empty() || program.contains('/') {
+        return None;
+    }
+    for dir in spec.env.get("PATH")?.split(':') {
+        if !dir.starts_with('/') {
+            return None;
+        }
+        let candidate = std::path::Path::new(dir).join(program);
+        match std::fs::metadata(&candidate) {
+            Ok(meta) if meta.is_file() => {
+                nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK).ok()?;
+                let mut head = [0u8; 4];
+                std::fs::File::open(&candidate)
+                    .ok()?
+                    .read_exact(&mut head)
+                    .ok()?;
+                return (head == *b"\x7fELF" || head.starts_with(b"#!")).then_some(candidate);
+            }
+            // Not there: `execvp` goes on to the next entry too.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(nix::libc::ENOTDIR) => {}
+            // A directory or device by that name, or an entry that cannot be read.
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// Forwards a stream in chunks; returns the tail of what it read (kept for stderr).
