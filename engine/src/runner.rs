@@ -102,6 +102,38 @@ enum TaskEnd {
     Interrupted,
     /// A fan-out step's list was expanded into its items' tasks.
     Expanded,
+    /// Ended, but not yet recorded: the run loop records it, if it can together with the first
+    /// commit of a task it releases (see [`Record`]). Only a job with `defer` ends this way.
+    Unrecorded {
+        status: TaskStatus,
+        outputs: Option<Map<String, Value>>,
+        error: Option<String>,
+        record: Box<Record>,
+    },
+}
+
+/// The end of a task that is not yet durable: the change that records it and the line that says
+/// so once it is.
+///
+/// On a serial chain the end of one step and the start of the next would be two durable commits,
+/// one after the other, each waited for. Instead the run loop hands the record to the one task the
+/// end releases, whose first commit carries it: both batches in one transaction, the record's
+/// first, each in its own savepoint (see `Store::apply_together`). The released task starts
+/// nothing before that commit is in and the record in it succeeded; any other task that needs the
+/// ended one waits for `recorded` before it is launched; and a record that no task carries is
+/// applied by the loop itself before it goes on. So a task still never starts before the ends of
+/// its needs are durable (invariant 3), with one commit fewer per step.
+pub(crate) struct Record {
+    change: Change,
+    progress: Progress,
+    /// `Some(true)` once durable, `Some(false)` if it could not be recorded.
+    recorded: watch::Sender<Option<bool>>,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record").finish_non_exhaustive()
+    }
 }
 
 /// A task's state as the scheduler keeps it.
@@ -189,6 +221,7 @@ impl TaskState {
             } else {
                 self.item.clone()
             },
+            defer: false,
         })
     }
 }
@@ -204,6 +237,8 @@ pub(crate) struct Job {
     pub name: String,
     /// The fan-out item, for an item's task.
     pub item: Option<Value>,
+    /// Whether its final end may be left to the run loop to record ([`TaskEnd::Unrecorded`]).
+    pub defer: bool,
 }
 
 impl Job {
@@ -558,6 +593,7 @@ pub(crate) async fn run(
                 tasks[i].attempts,
                 ctx,
                 &stop,
+                &mut None,
             )
             .await
             {
@@ -578,6 +614,7 @@ pub(crate) async fn run(
                     }
                 }
                 Ok(TaskEnd::Interrupted | TaskEnd::Expanded) => break,
+                Ok(TaskEnd::Unrecorded { .. }) => unreachable!("a hook records its own end"),
                 Err(f) => fatal = Some(f),
             }
         }
@@ -623,6 +660,10 @@ pub(crate) async fn run(
     let mut busy: BTreeMap<usize, usize> = BTreeMap::new();
     let mut open: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
     let mut step_contexts: BTreeMap<usize, Context> = BTreeMap::new();
+    // The end of the task joined last, when it is not yet recorded (see [`Record`]); and the ends
+    // on their way to the database, carried by a task or applied on their own.
+    let mut pending: Option<(usize, Box<Record>)> = None;
+    let mut unconfirmed: BTreeMap<usize, watch::Receiver<Option<bool>>> = BTreeMap::new();
     loop {
         while fatal.is_none()
             && first_failure.is_none()
@@ -632,12 +673,35 @@ pub(crate) async fn run(
         {
             let Some(i) = ready.pop_front() else { break };
             let step = &plan.steps[i];
+            // The ends this task needs are durable before it starts: the one just joined is
+            // carried by its first commit (or recorded on its own first), others are waited for.
+            let mut carry = None;
+            let mut carried = None;
+            if let Some((ended, _)) = &pending
+                && step.needs.contains(ended)
+            {
+                let (ended, record) = pending.take().expect("checked just above");
+                if step.for_each.is_none() {
+                    unconfirmed.insert(ended, record.recorded.subscribe());
+                    carry = Some(record);
+                    carried = Some(ended);
+                } else {
+                    unconfirmed.insert(ended, record_alone(&shared, record));
+                }
+            }
+            if let Err(f) = wait_recorded(&mut unconfirmed, &step.needs, carried).await {
+                fatal.get_or_insert(f);
+                stop_all(&shared);
+                break;
+            }
             let outputs: Vec<(usize, Map<String, Value>)> = step
                 .uses
                 .iter()
                 .filter_map(|&u| tasks[u].outputs.clone().map(|o| (u, o)))
                 .collect();
-            let Some(job) = tasks[i].job(i) else { continue };
+            let Some(mut job) = tasks[i].job(i) else {
+                continue;
+            };
             let prior = tasks[i].attempts;
             if step.for_each.is_some() {
                 if tasks[i].item.is_some() {
@@ -744,13 +808,20 @@ pub(crate) async fn run(
             };
             in_flight.insert(i);
             let ctx = shared.context(step, &outputs);
+            // Its end may wait for a task it releases to carry it, if anything needs it.
+            job.defer = !plan.dag.dependents(i).is_empty();
             running.spawn(async move {
                 let stop = shared.stop.clone();
-                (
-                    i,
-                    run_task(&shared, &job, prior, retry_from, ctx, &stop).await,
-                )
+                let mut carry = carry;
+                let end = run_task(&shared, &job, prior, retry_from, ctx, &stop, &mut carry).await;
+                // A task that ended before its first commit still records what it carried.
+                let carried = apply_carrying(&shared, &mut carry, Vec::new()).await;
+                (i, end.and_then(|end| carried.map(|()| end)))
             });
+        }
+        // A record no task carries goes on its own; what needs it waits for it.
+        if let Some((ended, record)) = pending.take() {
+            unconfirmed.insert(ended, record_alone(&shared, record));
         }
         let launching =
             fatal.is_none() && first_failure.is_none() && !shared.stopping() && !draining();
@@ -800,7 +871,7 @@ pub(crate) async fn run(
                     let stop = shared.stop.clone();
                     (
                         no,
-                        run_task(&shared, &job, prior, retry_from, ctx, &stop).await,
+                        run_task(&shared, &job, prior, retry_from, ctx, &stop, &mut None).await,
                     )
                 });
             }
@@ -884,6 +955,11 @@ pub(crate) async fn run(
             }
         }
         if running.is_empty() && (open.is_empty() || fatal.is_some()) {
+            // Every end is durable before the op's outcome is decided and recorded.
+            let all: Vec<usize> = unconfirmed.keys().copied().collect();
+            if let Err(f) = wait_recorded(&mut unconfirmed, &all, None).await {
+                fatal.get_or_insert(f);
+            }
             break;
         }
         tokio::select! {
@@ -898,6 +974,13 @@ pub(crate) async fn run(
                     }
                 };
                 in_flight.remove(&i);
+                let result = match result {
+                    Ok(TaskEnd::Unrecorded { status, outputs, error, record }) => {
+                        pending = Some((i, record));
+                        Ok(TaskEnd::Done { status, outputs, error })
+                    }
+                    other => other,
+                };
                 let step_of = tasks[i].step.unwrap_or(i);
                 let item = step_of != i;
                 if item && let Some(count) = busy.get_mut(&step_of) {
@@ -926,6 +1009,7 @@ pub(crate) async fn run(
                         }
                     }
                     Ok(TaskEnd::Interrupted) => {}
+                    Ok(TaskEnd::Unrecorded { .. }) => unreachable!("made `pending` above"),
                     Err(f) => {
                         if matches!(f, Fatal::Lost(_)) {
                             shared.lost.store(true, Ordering::SeqCst);
@@ -1054,6 +1138,7 @@ pub(crate) async fn run(
                 tasks[i].attempts,
                 ctx,
                 &calm,
+                &mut None,
             )
             .await
             {
@@ -1405,18 +1490,22 @@ async fn heartbeat(shared: Arc<Shared>) {
     }
 }
 
-/// Records an attempt that starts and ends at once (a `noop`, a render error): one commit.
+/// Records an attempt that starts and ends at once (a `noop`, a render error): one commit, which
+/// also holds what `carry` holds.
 async fn whole_attempt(
     shared: &Shared,
     job: &Job,
     n: u32,
     outcome: TaskOutcome,
+    carry: &mut Option<Box<Record>>,
 ) -> Result<(), Fatal> {
     let task = job.task();
     let at = now();
     let owner = shared.me.clone();
-    shared
-        .apply(vec![
+    apply_carrying(
+        shared,
+        carry,
+        vec![
             Change::StartAttempt {
                 op: shared.op,
                 owner: owner.clone(),
@@ -1433,8 +1522,9 @@ async fn whole_attempt(
                 at,
                 outcome,
             },
-        ])
-        .await
+        ],
+    )
+    .await
 }
 
 /// Records a task that ends without running a process (a render error): one attempt, failed.
@@ -1452,7 +1542,7 @@ async fn fail_before_start(
         outputs: None,
         by_check: false,
     };
-    whole_attempt(shared, job, n, outcome).await?;
+    whole_attempt(shared, job, n, outcome, &mut None).await?;
     shared.say(&Progress::TaskFailed {
         task: job.name.clone(),
         error: error.clone(),
@@ -1466,7 +1556,9 @@ async fn fail_before_start(
 }
 
 /// Runs a task: its `when` (a step's; a fan-out item's was its step's), then attempts until one
-/// succeeds, retries run out, or the run stops.
+/// succeeds, retries run out, or the run stops. `carry` is the record of a task this one was
+/// released by (see [`Record`]): a process step's first start carries it; any other task records
+/// it first, before it does anything.
 async fn run_task(
     shared: &Shared,
     job: &Job,
@@ -1474,16 +1566,24 @@ async fn run_task(
     retry_from: u32,
     mut ctx: Context,
     stop: &watch::Receiver<bool>,
+    carry: &mut Option<Box<Record>>,
 ) -> Result<TaskEnd, Fatal> {
     let step = shared.step(job.step);
     let task = job.task();
     if let Some(item) = &job.item {
         ctx.item(item);
     }
+    if !matches!(
+        step.action,
+        Action::Run { .. } | Action::Exec { .. } | Action::Noop
+    ) {
+        apply_carrying(shared, carry, Vec::new()).await?;
+    }
     if let Some(when) = step.when.as_ref().filter(|_| job.item.is_none()) {
         match when.is_true(&ctx) {
             Ok(true) => {}
             Ok(false) => {
+                apply_carrying(shared, carry, Vec::new()).await?;
                 shared
                     .apply(vec![Change::SetTask {
                         op: shared.op,
@@ -1504,6 +1604,7 @@ async fn run_task(
                 });
             }
             Err(e) => {
+                apply_carrying(shared, carry, Vec::new()).await?;
                 return fail_before_start(
                     shared,
                     job,
@@ -1525,7 +1626,7 @@ async fn run_task(
                 outputs: Some(Map::new()),
                 by_check: false,
             };
-            whole_attempt(shared, job, prior + 1, outcome).await?;
+            whole_attempt(shared, job, prior + 1, outcome, carry).await?;
             shared.say(&Progress::TaskSucceeded {
                 task: job.name.clone(),
                 by_check: false,
@@ -1572,7 +1673,7 @@ async fn run_task(
             .await
         }
         Action::Run { .. } | Action::Exec { .. } => {
-            run_process_task(shared, job, prior, retry_from, &ctx, started, stop).await
+            run_process_task(shared, job, (prior, retry_from), &ctx, started, stop, carry).await
         }
         Action::Approve { prompt } => match prompt.render(&ctx) {
             Ok(prompt) => await_approval(shared, job, &prompt, stop).await,
@@ -1592,10 +1693,56 @@ async fn run_task(
     }
 }
 
-/// Attempt `n` of a task starts: committed (with `CUR_TASK`) before anything of it runs.
-async fn start_attempt(shared: &Shared, job: &Job, n: u32, retry_from: u32) -> Result<(), Fatal> {
-    shared
-        .apply(vec![
+/// Records an end that no task carries, in the background; the receiver says when it is durable.
+fn record_alone(shared: &Arc<Shared>, record: Box<Record>) -> watch::Receiver<Option<bool>> {
+    let recorded = record.recorded.subscribe();
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _ = apply_carrying(&shared, &mut Some(record), Vec::new()).await;
+    });
+    recorded
+}
+
+/// Waits until the ends of `needs` on their way to the database (but `skip`'s) are durable.
+async fn wait_recorded(
+    unconfirmed: &mut BTreeMap<usize, watch::Receiver<Option<bool>>>,
+    needs: &[usize],
+    skip: Option<usize>,
+) -> Result<(), Fatal> {
+    for &need in needs {
+        if Some(need) == skip {
+            continue;
+        }
+        let Some(recorded) = unconfirmed.get_mut(&need) else {
+            continue;
+        };
+        let durable = recorded
+            .wait_for(Option::is_some)
+            .await
+            .is_ok_and(|r| *r == Some(true));
+        if !durable {
+            return Err(Fatal::Store(format!(
+                "the end of task {need} could not be recorded"
+            )));
+        }
+        unconfirmed.remove(&need);
+    }
+    Ok(())
+}
+
+/// Attempt `n` of a task starts: committed (with `CUR_TASK`, and with the record of the task that
+/// released it, if it carries one) before anything of it runs.
+async fn start_attempt(
+    shared: &Shared,
+    job: &Job,
+    n: u32,
+    retry_from: u32,
+    carry: &mut Option<Box<Record>>,
+) -> Result<(), Fatal> {
+    apply_carrying(
+        shared,
+        carry,
+        vec![
             Change::StartAttempt {
                 op: shared.op,
                 owner: shared.me.clone(),
@@ -1608,8 +1755,9 @@ async fn start_attempt(shared: &Shared, job: &Job, n: u32, retry_from: u32) -> R
                 op: shared.op,
                 text: Some(job.name.clone()),
             },
-        ])
-        .await?;
+        ],
+    )
+    .await?;
     shared.say(&Progress::TaskStarted {
         task: job.name.clone(),
         attempt: n,
@@ -1638,7 +1786,7 @@ async fn run_child_task(
             return Ok(TaskEnd::Interrupted);
         }
         retrying = true;
-        start_attempt(shared, job, n, retry_from).await?;
+        start_attempt(shared, job, n, retry_from, &mut None).await?;
         let ended = match crate::children::run(shared, job, ctx, stop).await {
             Ok(ChildEnd::Succeeded(outputs)) => Ended::Succeeded(outputs, false),
             Ok(ChildEnd::Failed(error)) | Err(error) => Ended::Failed {
@@ -1770,18 +1918,88 @@ async fn finish(
             )
         }
     };
-    shared
-        .apply(vec![Change::FinishAttempt {
-            op: shared.op,
-            owner: shared.me.clone(),
-            task,
-            n,
-            at: now(),
-            outcome,
-        }])
-        .await?;
+    let final_end = outcome.task != TaskStatus::Pending;
+    let change = Change::FinishAttempt {
+        op: shared.op,
+        owner: shared.me.clone(),
+        task,
+        n,
+        at: now(),
+        outcome,
+    };
+    if let (
+        true,
+        true,
+        TaskEnd::Done {
+            status,
+            outputs,
+            error,
+        },
+    ) = (job.defer, final_end, &end)
+    {
+        return Ok(TaskEnd::Unrecorded {
+            status: *status,
+            outputs: outputs.clone(),
+            error: error.clone(),
+            record: Box::new(Record {
+                change,
+                progress,
+                recorded: watch::channel(None).0,
+            }),
+        });
+    }
+    shared.apply(vec![change]).await?;
     shared.say(&progress);
     Ok(end)
+}
+
+/// Applies `batch` in one commit with the record `carry` holds (taking it), the record first and
+/// each in its own savepoint; says the record's line and marks it recorded once it is. An error
+/// recording it is returned even when `batch` itself went in: what `batch` starts must not run.
+async fn apply_carrying(
+    shared: &Shared,
+    carry: &mut Option<Box<Record>>,
+    batch: Vec<Change>,
+) -> Result<(), Fatal> {
+    let Some(record) = carry.take() else {
+        return if batch.is_empty() {
+            Ok(())
+        } else {
+            shared.apply(batch).await
+        };
+    };
+    if shared.lost.load(Ordering::SeqCst) {
+        record.recorded.send_replace(Some(false));
+        return Err(Fatal::Lost("another process owns the op".into()));
+    }
+    let patience = shared.options.lease / 2;
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(50);
+    let own = loop {
+        let mut batches = vec![vec![record.change.clone()]];
+        if !batch.is_empty() {
+            batches.push(batch.clone());
+        }
+        let mut results = shared.store.apply_together(batches).await.into_iter();
+        match results.next().unwrap_or(Err(StoreError::Closed)) {
+            Ok(_) => break results.next(),
+            // The whole commit failed (another process held the database): both again.
+            Err(e) if e.is_transient() && started.elapsed() < patience => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                record.recorded.send_replace(Some(false));
+                return Err(e.into());
+            }
+        }
+    };
+    shared.say(&record.progress);
+    record.recorded.send_replace(Some(true));
+    match own {
+        None | Some(Ok(_)) => Ok(()),
+        Some(Err(e)) => Err(e.into()),
+    }
 }
 
 /// Records attempt `n` failed before or without its process having a say (a file could not be
@@ -2135,17 +2353,18 @@ fn output_file(shared: &Shared, job: &Job, n: u32, what: &str) -> Result<PathBuf
 async fn run_process_task(
     shared: &Shared,
     job: &Job,
-    prior: u32,
-    retry_from: u32,
+    (prior, retry_from): (u32, u32),
     ctx: &Context,
     started: Instant,
     stop: &watch::Receiver<bool>,
+    carry: &mut Option<Box<Record>>,
 ) -> Result<TaskEnd, Fatal> {
     let step = shared.step(job.step);
     let cwd = match &step.cwd {
         Some(t) => match t.render(ctx) {
             Ok(dir) => shared.workdir.join(dir),
             Err(e) => {
+                apply_carrying(shared, carry, Vec::new()).await?;
                 return fail_before_start(
                     shared,
                     job,
@@ -2159,7 +2378,10 @@ async fn run_process_task(
     };
     let argv = match command_line(step, ctx) {
         Ok(argv) => argv,
-        Err(e) => return fail_before_start(shared, job, prior + 1, e).await,
+        Err(e) => {
+            apply_carrying(shared, carry, Vec::new()).await?;
+            return fail_before_start(shared, job, prior + 1, e).await;
+        }
     };
     let check = match &step.check {
         Some(t) => match t.render(ctx) {
@@ -2171,6 +2393,7 @@ async fn run_process_task(
                 Some(shell.command_line(&script))
             }
             Err(e) => {
+                apply_carrying(shared, carry, Vec::new()).await?;
                 return fail_before_start(
                     shared,
                     job,
@@ -2193,7 +2416,7 @@ async fn run_process_task(
             return Ok(TaskEnd::Interrupted);
         }
         retrying = true;
-        start_attempt(shared, job, n, retry_from).await?;
+        start_attempt(shared, job, n, retry_from, carry).await?;
         let marker = format!("{}/{}/{n}", shared.uuid, job.no);
         // The idempotency probe: exit 0 means the work is already done.
         if let Some(check) = &check {

@@ -22,9 +22,10 @@ use crate::types::{
 /// How many batches may wait for the writer before senders block.
 const QUEUE: usize = 1024;
 
+/// Batches sent together: they share one transaction, each in its own savepoint.
 struct Queued {
-    batch: Vec<Change>,
-    reply: tokio::sync::oneshot::Sender<Result<Vec<Applied>>>,
+    batches: Vec<Vec<Change>>,
+    reply: tokio::sync::oneshot::Sender<Vec<Result<Vec<Applied>>>>,
 }
 
 /// A handle on the database: cheap to clone; the writer thread stops when the last clone drops.
@@ -60,29 +61,46 @@ impl Store {
 
     /// Makes `batch` durable, all or nothing; returns once it is committed.
     pub async fn apply(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
+        self.apply_together(vec![batch])
+            .await
+            .pop()
+            .unwrap_or(Err(Error::Closed))
+    }
+
+    /// Makes each batch durable, all or nothing each, in one transaction: they are committed
+    /// together, and one refused does not undo the others. The results are in the batches' order.
+    pub async fn apply_together(&self, batches: Vec<Vec<Change>>) -> Vec<Result<Vec<Applied>>> {
+        let count = batches.len();
+        let closed = || (0..count).map(|_| Err(Error::Closed)).collect();
         let (reply, wait) = tokio::sync::oneshot::channel();
-        match self.sender.try_send(Queued { batch, reply }) {
+        match self.sender.try_send(Queued { batches, reply }) {
             Ok(()) => {}
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(Error::Closed),
+            Err(mpsc::TrySendError::Disconnected(_)) => return closed(),
             // The queue is bounded; waiting for room blocks, which must not block the runtime.
             Err(mpsc::TrySendError::Full(queued)) => {
                 let sender = self.sender.clone();
-                tokio::task::spawn_blocking(move || sender.send(queued))
-                    .await
-                    .map_err(|_| Error::Closed)?
-                    .map_err(|_| Error::Closed)?;
+                let sent = tokio::task::spawn_blocking(move || sender.send(queued)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    return closed();
+                }
             }
         }
-        wait.await.map_err(|_| Error::Closed)?
+        wait.await.unwrap_or_else(|_| closed())
     }
 
     /// [`Store::apply`] for callers outside an async runtime.
     pub fn apply_blocking(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
         let (reply, wait) = tokio::sync::oneshot::channel();
         self.sender
-            .send(Queued { batch, reply })
+            .send(Queued {
+                batches: vec![batch],
+                reply,
+            })
             .map_err(|_| Error::Closed)?;
-        wait.blocking_recv().map_err(|_| Error::Closed)?
+        wait.blocking_recv()
+            .ok()
+            .and_then(|mut results| results.pop())
+            .unwrap_or(Err(Error::Closed))
     }
 
     /// A read connection on the same database.
@@ -105,35 +123,39 @@ fn writer(mut conn: Connection, path: &Path, receiver: &mpsc::Receiver<Queued>) 
         }
         let results = commit(&mut conn, path, &requests);
         match results {
-            Ok(results) => {
-                for (request, result) in requests.into_iter().zip(results) {
-                    let _ = request.reply.send(result);
+            Ok(mut results) => {
+                for request in requests {
+                    let rest = results.split_off(request.batches.len());
+                    let _ = request.reply.send(std::mem::replace(&mut results, rest));
                 }
             }
             Err(err) => {
                 let message = err.to_string();
+                let each = || match &err {
+                    Error::Locked { path, waited_ms } => Error::Locked {
+                        path: path.clone(),
+                        waited_ms: *waited_ms,
+                    },
+                    Error::Write { path, reason } => Error::Write {
+                        path: path.clone(),
+                        reason: reason.clone(),
+                    },
+                    _ => Error::Write {
+                        path: path.to_path_buf(),
+                        reason: message.clone(),
+                    },
+                };
                 for request in requests {
-                    let _ = request.reply.send(Err(match &err {
-                        Error::Locked { path, waited_ms } => Error::Locked {
-                            path: path.clone(),
-                            waited_ms: *waited_ms,
-                        },
-                        Error::Write { path, reason } => Error::Write {
-                            path: path.clone(),
-                            reason: reason.clone(),
-                        },
-                        _ => Error::Write {
-                            path: path.to_path_buf(),
-                            reason: message.clone(),
-                        },
-                    }));
+                    let _ = request
+                        .reply
+                        .send(request.batches.iter().map(|_| Err(each())).collect());
                 }
             }
         }
     }
 }
 
-/// Applies every request in one transaction, each in a savepoint; commits once.
+/// Applies every batch of every request in one transaction, each in a savepoint; commits once.
 fn commit(
     conn: &mut Connection,
     path: &Path,
@@ -144,14 +166,14 @@ fn commit(
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(|e| err(&e))?;
     let mut results = Vec::with_capacity(requests.len());
-    for request in requests {
+    for batch in requests.iter().flat_map(|r| &r.batches) {
         // Prepared once and kept: parsing it for every request costs more than running it.
         tx.prepare_cached("SAVEPOINT request")
             .and_then(|mut s| s.execute([]))
             .map_err(|e| err(&e))?;
-        let mut applied = Vec::with_capacity(request.batch.len());
+        let mut applied = Vec::with_capacity(batch.len());
         let mut failure = None;
-        for change in &request.batch {
+        for change in batch {
             match sqlite::apply(&tx, change) {
                 Ok(a) => applied.push(a),
                 Err(ApplyError::Refused(e)) => {
