@@ -690,6 +690,10 @@ pub(crate) async fn run(
                 }
             }
             if let Err(f) = wait_recorded(&mut unconfirmed, &step.needs, carried).await {
+                // What it would have carried is still recorded, if the store lets it.
+                if let (Some(ended), Some(record)) = (carried, carry.take()) {
+                    unconfirmed.insert(ended, record_alone(&shared, record));
+                }
                 fatal.get_or_insert(f);
                 stop_all(&shared);
                 break;
@@ -1002,7 +1006,8 @@ pub(crate) async fn run(
                         } else if !item && satisfied(&tasks[i], step) {
                             for &d in plan.dag.dependents(i) {
                                 waiting_on[d] = waiting_on[d].checked_sub(1).expect("a task is released by each of its needs once");
-                                if waiting_on[d] == 0 {
+                                // A dependent kept from an earlier run is not run again.
+                                if waiting_on[d] == 0 && !tasks[d].status.is_kept() {
                                     ready.push_back(d);
                                 }
                             }

@@ -80,7 +80,15 @@ pub fn stat(pid: u32) -> Option<Stat> {
 #[must_use]
 pub fn boot_id() -> String {
     static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    BOOT_ID.get_or_init(read_boot_id).clone()
+    if let Some(id) = BOOT_ID.get() {
+        return id.clone();
+    }
+    let id = read_boot_id();
+    // Kept only when both parts were read: a failed read is not this machine's identity.
+    if id.starts_with('/') || id.ends_with('/') {
+        return id;
+    }
+    BOOT_ID.get_or_init(|| id).clone()
 }
 
 fn read_boot_id() -> String {
@@ -189,7 +197,6 @@ fn carries(pid: u32, marker: &str) -> bool {
 /// already known to be older (see [`Older`]) is not read again.
 #[must_use]
 pub fn attempt_processes(pgid: Option<u32>, leader_start: Option<u64>, marker: &str) -> Vec<u32> {
-    let me = std::process::id();
     let leader_is_ours = pgid
         .zip(leader_start)
         .is_some_and(|(p, start)| stat(p).is_some_and(|s| s.start == start));
@@ -200,9 +207,38 @@ pub fn attempt_processes(pgid: Option<u32>, leader_start: Option<u64>, marker: &
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     older.forget_ended();
+    loop {
+        let mut skipped = Vec::new();
+        let found = attempt_pass(
+            &mut older,
+            &mut skipped,
+            (pgid, leader_start, marker),
+            (leader_is_ours, leader_replaced, older_than),
+        );
+        // A skipped process that ended during the pass may have passed its pid on to one of the
+        // attempt's: the pass is done again. Otherwise each skipped pid was the held process from
+        // before the pass to after it.
+        let ended = older.forget_ended();
+        if !skipped.iter().any(|p| ended.contains(p)) {
+            return found;
+        }
+    }
+}
+
+fn attempt_pass(
+    older: &mut Older,
+    skipped: &mut Vec<u32>,
+    (pgid, leader_start, marker): (Option<u32>, Option<u64>, &str),
+    (leader_is_ours, leader_replaced, older_than): (bool, bool, Option<u64>),
+) -> Vec<u32> {
+    let me = std::process::id();
     let mut out = Vec::new();
     for pid in all_pids() {
-        if pid == me || older_than.is_some_and(|l| older.started_before(pid, l)) {
+        if pid == me {
+            continue;
+        }
+        if older_than.is_some_and(|l| older.started_before(pid, l)) {
+            skipped.push(pid);
             continue;
         }
         let Some(s) = older.stat(pid) else { continue };
@@ -241,20 +277,20 @@ struct Older {
 impl Older {
     fn held(&mut self) -> &mut std::collections::HashMap<u32, (std::os::fd::OwnedFd, u64)> {
         if self.held.is_none() {
-            // A quarter of the open-file limit at most: the steps' pipes need the rest.
+            // A sixteenth of the open-file limit at most: the steps' pipes need the rest.
             let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
                 .current
                 .unwrap_or(1024);
-            self.capacity = usize::try_from(limit / 4).unwrap_or(256).min(1024);
+            self.capacity = usize::try_from(limit / 16).unwrap_or(64).min(1024);
         }
         self.held.get_or_insert_with(std::collections::HashMap::new)
     }
 
-    /// Lets go of the processes that have ended since.
-    fn forget_ended(&mut self) {
+    /// Lets go of the processes that have ended since; returns their pids.
+    fn forget_ended(&mut self) -> Vec<u32> {
         let held = self.held();
         if held.is_empty() {
-            return;
+            return Vec::new();
         }
         let (pids, mut polls): (Vec<u32>, Vec<rustix::event::PollFd<'_>>) = held
             .iter()
@@ -280,9 +316,10 @@ impl Older {
             Err(_) => pids,
         };
         drop(polls);
-        for pid in ended {
-            held.remove(&pid);
+        for pid in &ended {
+            held.remove(pid);
         }
+        ended
     }
 
     /// Whether `pid` is a process known to have started before `start`.

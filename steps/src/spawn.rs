@@ -116,20 +116,35 @@ pub struct SpawnError {
 /// Starts `spec` in a new process group; its output goes to `sink` in chunks.
 pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running, SpawnError> {
     let program = spec.argv.first().cloned().unwrap_or_default();
-    let mut command =
-        tokio::process::Command::new(found(&program, spec).unwrap_or(program.clone().into()));
-    command
-        .arg0(&program)
-        .args(&spec.argv[1..])
-        .env_clear()
-        .envs(&spec.env)
-        .env(MARKER_VAR, &spec.marker)
-        .current_dir(&spec.cwd)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().map_err(|source| SpawnError {
+    let command = |path: &std::path::Path| {
+        let mut command = tokio::process::Command::new(path);
+        command
+            .arg0(&program)
+            .args(&spec.argv[1..])
+            .env_clear()
+            .envs(&spec.env)
+            .env(MARKER_VAR, &spec.marker)
+            .current_dir(&spec.cwd)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+    let bare = || command(std::path::Path::new(&program)).spawn();
+    let spawned = match found(&program, spec) {
+        // The match would not start (a `#!` interpreter or a loader that is missing, another
+        // architecture): nothing ran, and `execvp` would go on down `PATH`; let it.
+        Some(path) => command(&path).spawn().or_else(|e| {
+            let retry = matches!(
+                e.raw_os_error(),
+                Some(nix::libc::ENOENT | nix::libc::EACCES | nix::libc::ENOEXEC)
+            );
+            if retry { bare() } else { Err(e) }
+        }),
+        None => bare(),
+    };
+    let mut child = spawned.map_err(|source| SpawnError {
         program: program.clone(),
         source,
     })?;
