@@ -315,16 +315,27 @@ pub(crate) struct Shared {
 
 /// Applies a batch, waiting out a database that another process holds (up to `patience`).
 async fn apply(store: &Store, batch: Vec<Change>, patience: Duration) -> Result<(), Fatal> {
+    patiently(patience, || store.apply(batch.clone()))
+        .await
+        .map(drop)
+        .map_err(Fatal::from)
+}
+
+/// Runs `write` again while it fails because another process holds the database, up to
+/// `patience`, backing off between tries.
+async fn patiently<T, F>(patience: Duration, mut write: impl FnMut() -> F) -> Result<T, StoreError>
+where
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
     let started = Instant::now();
     let mut delay = Duration::from_millis(50);
     loop {
-        match store.apply(batch.clone()).await {
-            Ok(_) => return Ok(()),
+        match write().await {
             Err(e) if e.is_transient() && started.elapsed() < patience => {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
-            Err(e) => return Err(e.into()),
+            done => return done,
         }
     }
 }
@@ -1977,26 +1988,28 @@ async fn apply_carrying(
         record.recorded.send_replace(Some(false));
         return Err(Fatal::Lost("another process owns the op".into()));
     }
-    let patience = shared.options.lease / 2;
-    let started = Instant::now();
-    let mut delay = Duration::from_millis(50);
-    let own = loop {
-        let mut batches = vec![vec![record.change.clone()]];
-        if !batch.is_empty() {
-            batches.push(batch.clone());
-        }
-        let mut results = shared.store.apply_together(batches).await.into_iter();
-        match results.next().unwrap_or(Err(StoreError::Closed)) {
-            Ok(_) => break results.next(),
-            // The whole commit failed (another process held the database): both again.
-            Err(e) if e.is_transient() && started.elapsed() < patience => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
-            }
-            Err(e) => {
-                record.recorded.send_replace(Some(false));
-                return Err(e.into());
-            }
+    let mut batches = vec![vec![record.change.clone()]];
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    // A transient failure is the whole commit's (another process held the database): both again.
+    let recorded = patiently(shared.options.lease / 2, || async {
+        let mut results = shared
+            .store
+            .apply_together(batches.clone())
+            .await
+            .into_iter();
+        results
+            .next()
+            .unwrap_or(Err(StoreError::Closed))
+            .map(|_| results.next())
+    })
+    .await;
+    let own = match recorded {
+        Ok(own) => own,
+        Err(e) => {
+            record.recorded.send_replace(Some(false));
+            return Err(e.into());
         }
     };
     shared.say(&record.progress);
