@@ -21,6 +21,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     global: output::Global,
+    /// `--db` before the subcommand; clap hands it down to the subcommand's own `DbArgs`.
+    #[command(flatten)]
+    _db: db::DbArgs,
     #[command(subcommand)]
     command: Command,
 }

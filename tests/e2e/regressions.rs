@@ -276,3 +276,79 @@ fn a_sqlite3_read_during_a_run_loses_nothing() {
     assert_eq!(task(&show, "a")["status"], "succeeded");
     assert_eq!(task(&show, "b")["status"], "succeeded");
 }
+
+/// On resume, a step that already succeeded is kept even when a `continue_on_error` step it needs
+/// fails again: it was released a second time, and every later resume was refused.
+#[test]
+fn a_kept_step_is_not_released_again_when_its_need_fails_again() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        r"name: kept
+steps:
+  - id: a
+    continue_on_error: true
+    run: exit 1
+  - id: b
+    needs: [a]
+    run: echo b >> b-ran
+  - id: c
+    needs: [b]
+    run: test -f fixed
+",
+    )
+    .unwrap();
+    let first = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    assert_eq!(first.status.code(), Some(1));
+    for expected in [Some(1), Some(0)] {
+        if expected == Some(0) {
+            std::fs::write(dir.path().join("fixed"), "").unwrap();
+        }
+        let resumed = cairn(dir.path(), &["resume", "1"]).output().unwrap();
+        assert_eq!(
+            resumed.status.code(),
+            expected,
+            "{}",
+            String::from_utf8_lossy(&resumed.stderr)
+        );
+    }
+    let shown = show(dir.path(), "1");
+    assert_eq!(task(&shown, "a")["attempts"], 3);
+    assert_eq!(task(&shown, "b")["attempts"], 1);
+    assert_eq!(task(&shown, "c")["attempts"], 3);
+    let ran = std::fs::read_to_string(dir.path().join("b-ran")).unwrap();
+    assert_eq!(ran, "b\n");
+}
+
+/// `--db` is global: it may come before the subcommand as well as after it.
+#[test]
+fn db_may_come_before_the_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        "name: here\nsteps:\n  - id: a\n    noop: true\n",
+    )
+    .unwrap();
+    let elsewhere = dir.path().join("elsewhere.db");
+    let db = elsewhere.to_str().unwrap();
+    let ran = cairn(dir.path(), &["--db", db, "run", "plan.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        ran.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert!(elsewhere.exists());
+    assert!(!dir.path().join("cairn.db").exists());
+    for args in [
+        ["--db", db, "status", "--json"],
+        ["status", "--json", "--db", db],
+    ] {
+        let out = cairn(dir.path(), &args).output().unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        let ops: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ops.as_array().map(Vec::len), Some(1), "{ops}");
+    }
+}
