@@ -24,6 +24,10 @@ struct Cli {
     /// `--db` before the subcommand; clap hands it down to the subcommand's own `DbArgs`.
     #[command(flatten)]
     _db: db::DbArgs,
+    /// Print data as JSON, for the commands that print data (`status`, `show`, `validate`,
+    /// `locks`, `schedule list`); also taken after the subcommand.
+    #[arg(id = "json", long, global = true)]
+    _json: bool,
     #[command(subcommand)]
     command: Command,
 }

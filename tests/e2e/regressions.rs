@@ -320,9 +320,9 @@ steps:
     assert_eq!(ran, "b\n");
 }
 
-/// `--db` is global: it may come before the subcommand as well as after it.
+/// `--db` and `--json` are global: they may come before the subcommand as well as after it.
 #[test]
-fn db_may_come_before_the_subcommand() {
+fn global_options_may_come_before_the_subcommand() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("plan.yaml"),
@@ -345,6 +345,7 @@ fn db_may_come_before_the_subcommand() {
     for args in [
         ["--db", db, "status", "--json"],
         ["status", "--json", "--db", db],
+        ["--json", "--db", db, "status"],
     ] {
         let out = cairn(dir.path(), &args).output().unwrap();
         assert_eq!(out.status.code(), Some(0));
