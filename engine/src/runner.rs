@@ -1521,24 +1521,15 @@ async fn whole_attempt(
     apply_carrying(
         shared,
         carry,
-        vec![
-            Change::StartAttempt {
-                op: shared.op,
-                owner: owner.clone(),
-                task,
-                n,
-                retry_from: n - 1,
-                at,
-            },
-            Change::FinishAttempt {
-                op: shared.op,
-                owner,
-                task,
-                n,
-                at,
-                outcome,
-            },
-        ],
+        vec![Change::WholeAttempt {
+            op: shared.op,
+            owner,
+            task,
+            n,
+            retry_from: n - 1,
+            at,
+            outcome,
+        }],
     )
     .await
 }

@@ -21,8 +21,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction,
 use crate::error::{Error, Result};
 use crate::types::{
     Applied, AttemptRow, AttemptStatus, Change, CooldownRow, EventRow, LockRow, LogChunk, Millis,
-    NewOp, NewTask, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo,
-    TaskRow, TaskStatus,
+    NewOp, NewTask, OpId, OpRow, OpStatus, Outcome, ProcessId, Request, ScheduleRow, Snapshot,
+    TaskNo, TaskRow, TaskStatus,
 };
 
 /// `cair` in ASCII: the `application_id` of a cairn database.
@@ -357,13 +357,26 @@ fn event(
     task: Option<&str>,
     message: &str,
 ) -> rusqlite::Result<()> {
-    let seq: i64 = tx
+    events(tx, op, at, task, &[(kind, message)])
+}
+
+/// Appends several events of one task (or of the op) at one time, in order.
+fn events(
+    tx: &Transaction<'_>,
+    op: OpId,
+    at: Millis,
+    task: Option<&str>,
+    events: &[(&str, &str)],
+) -> rusqlite::Result<()> {
+    let first: i64 = tx
         .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE op_id = ?1")?
         .query_row([op.0], |r| r.get(0))?;
-    tx.prepare_cached(
+    let mut insert = tx.prepare_cached(
         "INSERT INTO events (op_id, seq, at, kind, task, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![op.0, seq, at, kind, task, message])?;
+    )?;
+    for (seq, (kind, message)) in (first..).zip(events) {
+        insert.execute(params![op.0, seq, at, kind, task, message])?;
+    }
     Ok(())
 }
 
@@ -447,6 +460,45 @@ fn process_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Option<Pr
 fn task_name(tx: &Transaction<'_>, op: OpId, task: TaskNo) -> rusqlite::Result<String> {
     tx.prepare_cached("SELECT name FROM tasks WHERE op_id = ?1 AND task_no = ?2")?
         .query_row(params![op.0, task.0], |r| r.get(0))
+}
+
+/// The name of a task that may start a new attempt. The last guard of "a finished step never runs
+/// again": the store refuses to start a task that succeeded or was skipped.
+fn startable(tx: &Transaction<'_>, op: OpId, task: TaskNo) -> Apply<String> {
+    let (status, name): (String, String) = tx
+        .prepare_cached("SELECT status, name FROM tasks WHERE op_id = ?1 AND task_no = ?2")?
+        .query_row(params![op.0, task.0], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if TaskStatus::parse(&status).is_some_and(TaskStatus::is_kept) {
+        return Err(Error::Conflict {
+            op,
+            status: OpStatus::Running,
+            reason: format!("task `{name}` is {status} and must not run again"),
+        }
+        .into());
+    }
+    Ok(name)
+}
+
+/// The event that says how attempt `n` ended: its kind and message.
+fn attempt_end(n: u32, outcome: &Outcome) -> (&'static str, String) {
+    let mut message = format!("attempt {n} {}", outcome.attempt);
+    if outcome.by_check {
+        message.push_str(" by check: already done, the step did not run");
+    }
+    if let Some(code) = outcome.exit_code {
+        write!(message, ", exit code {code}").ok();
+    }
+    if let Some(error) = &outcome.error {
+        write!(message, ": {error}").ok();
+    }
+    let kind = match outcome.attempt {
+        AttemptStatus::Succeeded => "task-succeeded",
+        AttemptStatus::Failed => "task-failed",
+        AttemptStatus::Interrupted => "task-interrupted",
+        AttemptStatus::Canceled => "task-canceled",
+        AttemptStatus::Running => "task-running",
+    };
+    (kind, message)
 }
 
 /// Stores new tasks of an op; ones that exist are left as they are.
@@ -650,18 +702,7 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             at,
         } => {
             fence(tx, *op, owner)?;
-            let (status, name): (String, String) = tx
-                .prepare_cached("SELECT status, name FROM tasks WHERE op_id = ?1 AND task_no = ?2")?
-                .query_row(params![op.0, task.0], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            // The last guard of "a finished step never runs again": the store refuses to start it.
-            if TaskStatus::parse(&status).is_some_and(TaskStatus::is_kept) {
-                return Err(Error::Conflict {
-                    op: *op,
-                    status: OpStatus::Running,
-                    reason: format!("task `{name}` is {status} and must not run again"),
-                }
-                .into());
-            }
+            let name = startable(tx, *op, *task)?;
             tx.prepare_cached(
                 "INSERT INTO attempts (op_id, task_no, n, status, started_at) VALUES (?1, ?2, ?3, 'running', ?4)",
             )?
@@ -767,24 +808,67 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
                     ],
                     |r| r.get(0),
                 )?;
-            let mut message = format!("attempt {n} {}", outcome.attempt);
-            if outcome.by_check {
-                message.push_str(" by check: already done, the step did not run");
-            }
-            if let Some(code) = outcome.exit_code {
-                write!(message, ", exit code {code}").ok();
-            }
-            if let Some(error) = &outcome.error {
-                write!(message, ": {error}").ok();
-            }
-            let kind = match outcome.attempt {
-                AttemptStatus::Succeeded => "task-succeeded",
-                AttemptStatus::Failed => "task-failed",
-                AttemptStatus::Interrupted => "task-interrupted",
-                AttemptStatus::Canceled => "task-canceled",
-                AttemptStatus::Running => "task-running",
-            };
+            let (kind, message) = attempt_end(*n, outcome);
             event(tx, *op, *at, kind, Some(&name), &message)?;
+        }
+        Change::WholeAttempt {
+            op,
+            owner,
+            task,
+            n,
+            retry_from,
+            at,
+            outcome,
+        } => {
+            // StartAttempt and FinishAttempt in one: an attempt row that is final when written,
+            // one update of the task, both events.
+            fence(tx, *op, owner)?;
+            let name = startable(tx, *op, *task)?;
+            tx.prepare_cached(
+                "INSERT INTO attempts (op_id, task_no, n, status, started_at, ended_at, exit_code, error) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                op.0,
+                task.0,
+                n,
+                outcome.attempt.as_str(),
+                at,
+                outcome.exit_code,
+                outcome.error
+            ])?;
+            let outputs = outcome
+                .outputs
+                .as_ref()
+                .map(|o| serde_json::Value::Object(o.clone()).to_string());
+            let ended = (outcome.task != TaskStatus::Pending).then_some(*at);
+            tx.prepare_cached(
+                "UPDATE tasks SET status = ?3, attempts = ?4, retry_from = ?5, started_at = COALESCE(started_at, ?6), \
+                 ended_at = ?7, exit_code = ?8, error = ?9, outputs = COALESCE(?10, outputs), by_check = ?11 \
+                 WHERE op_id = ?1 AND task_no = ?2",
+            )?
+            .execute(params![
+                op.0,
+                task.0,
+                outcome.task.as_str(),
+                n,
+                retry_from,
+                at,
+                ended,
+                outcome.exit_code,
+                outcome.error,
+                outputs,
+                outcome.by_check
+            ])?;
+            let started = format!("attempt {n}");
+            let (kind, message) = attempt_end(*n, outcome);
+            events(
+                tx,
+                *op,
+                *at,
+                Some(&name),
+                &[("task-started", &started), (kind, &message)],
+            )?;
         }
         Change::SetTask {
             op,

@@ -166,11 +166,15 @@ fn commit(
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(|e| err(&e))?;
     let mut results = Vec::with_capacity(requests.len());
+    // A batch alone in its transaction needs no savepoint: if it fails, nothing is committed.
+    let alone = requests.iter().map(|r| r.batches.len()).sum::<usize>() == 1;
     for batch in requests.iter().flat_map(|r| &r.batches) {
-        // Prepared once and kept: parsing it for every request costs more than running it.
-        tx.prepare_cached("SAVEPOINT request")
-            .and_then(|mut s| s.execute([]))
-            .map_err(|e| err(&e))?;
+        if !alone {
+            // Prepared once and kept: parsing it for every request costs more than running it.
+            tx.prepare_cached("SAVEPOINT request")
+                .and_then(|mut s| s.execute([]))
+                .map_err(|e| err(&e))?;
+        }
         let mut applied = Vec::with_capacity(batch.len());
         let mut failure = None;
         for change in batch {
@@ -187,11 +191,16 @@ fn commit(
             }
         }
         match failure {
+            None if alone => results.push(Ok(applied)),
             None => {
                 tx.prepare_cached("RELEASE request")
                     .and_then(|mut s| s.execute([]))
                     .map_err(|e| err(&e))?;
                 results.push(Ok(applied));
+            }
+            Some(e) if alone => {
+                tx.rollback().map_err(|e| err(&e))?;
+                return Ok(vec![Err(e)]);
             }
             Some(e) => {
                 tx.execute_batch("ROLLBACK TO request; RELEASE request")

@@ -397,6 +397,17 @@ pub enum Change {
         at: Millis,
         outcome: Outcome,
     },
+    /// An attempt that starts and ends at once (a `noop`, a template that cannot be rendered):
+    /// `StartAttempt` and `FinishAttempt` in one change, refused as `StartAttempt` is.
+    WholeAttempt {
+        op: OpId,
+        owner: ProcessId,
+        task: TaskNo,
+        n: u32,
+        retry_from: u32,
+        at: Millis,
+        outcome: Outcome,
+    },
     /// A task changes status without an attempt: skipped by `when`, waiting at a gate.
     SetTask {
         op: OpId,

@@ -326,6 +326,62 @@ fn a_succeeded_task_is_never_started_again() {
 }
 
 #[test]
+fn a_whole_attempt_is_recorded_final_and_a_refused_lone_batch_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).unwrap();
+    let op = submit(&store, 2);
+    let me = owner(1);
+    claim(&store, op, &me, 1, None).unwrap();
+    let whole = |task: u32, n: u32, at: i64| Change::WholeAttempt {
+        op,
+        owner: me.clone(),
+        task: TaskNo(task),
+        n,
+        retry_from: n - 1,
+        at,
+        outcome: Outcome {
+            task: TaskStatus::Succeeded,
+            attempt: AttemptStatus::Succeeded,
+            exit_code: None,
+            error: None,
+            outputs: Some(serde_json::Map::new()),
+            by_check: false,
+        },
+    };
+    store.apply_blocking(vec![whole(0, 1, 2)]).unwrap();
+    let reader = store.reader().unwrap();
+    let task = &reader.tasks(op).unwrap()[0];
+    assert_eq!(task.status, TaskStatus::Succeeded);
+    assert_eq!(task.attempts, 1);
+    let attempts = reader.attempts(op).unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status, AttemptStatus::Succeeded);
+    assert_eq!(attempts[0].ended_at, Some(2));
+    let kinds = |reader: &store::Reader| {
+        reader
+            .events(op)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect::<Vec<_>>()
+    };
+    let before = kinds(&reader);
+    assert_eq!(
+        before[before.len() - 2..],
+        ["task-started", "task-succeeded"]
+    );
+
+    // One batch alone in its commit, whose second change is refused: its first is undone too.
+    let err = store
+        .apply_blocking(vec![whole(1, 1, 3), whole(0, 2, 3)])
+        .unwrap_err();
+    assert!(err.to_string().contains("must not run again"), "{err}");
+    assert_eq!(reader.tasks(op).unwrap()[1].status, TaskStatus::Pending);
+    assert_eq!(reader.attempts(op).unwrap().len(), 1);
+    assert_eq!(kinds(&reader), before);
+}
+
+#[test]
 fn a_refused_batch_does_not_undo_others_in_the_same_commit() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("c.db")).unwrap();
