@@ -19,7 +19,11 @@ use crate::types::{
     Request, ScheduleRow, Snapshot, TaskNo, TaskRow,
 };
 
-/// How many batches may wait for the writer before senders block.
+/// The most requests one transaction takes from the queue.
+///
+/// The queue itself is unbounded: every request has a caller waiting for its reply, so what waits
+/// is bounded by the callers (an op's `max_parallel` tasks). A bounded queue made a wide fan-out
+/// wait for room on the runtime's blocking threads, hundreds of them contending for the channel.
 const QUEUE: usize = 1024;
 
 /// Batches sent together: they share one transaction, each in its own savepoint.
@@ -32,14 +36,14 @@ struct Queued {
 #[derive(Debug, Clone)]
 pub struct Store {
     path: PathBuf,
-    sender: mpsc::SyncSender<Queued>,
+    sender: mpsc::Sender<Queued>,
 }
 
 impl Store {
     /// Opens (creating if needed, private to the user) the database at `path` for writing.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = sqlite::open_writer(path)?;
-        let (sender, receiver) = mpsc::sync_channel::<Queued>(QUEUE);
+        let (sender, receiver) = mpsc::channel::<Queued>();
         let thread_path = path.to_path_buf();
         thread::Builder::new()
             .name("cairn-store-writer".into())
@@ -73,17 +77,8 @@ impl Store {
         let count = batches.len();
         let closed = || (0..count).map(|_| Err(Error::Closed)).collect();
         let (reply, wait) = tokio::sync::oneshot::channel();
-        match self.sender.try_send(Queued { batches, reply }) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Disconnected(_)) => return closed(),
-            // The queue is bounded; waiting for room blocks, which must not block the runtime.
-            Err(mpsc::TrySendError::Full(queued)) => {
-                let sender = self.sender.clone();
-                let sent = tokio::task::spawn_blocking(move || sender.send(queued)).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    return closed();
-                }
-            }
+        if self.sender.send(Queued { batches, reply }).is_err() {
+            return closed();
         }
         wait.await.unwrap_or_else(|_| closed())
     }
