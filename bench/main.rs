@@ -520,7 +520,8 @@ impl Bench {
     fn for_each(&mut self) {
         let n = self.n(10_000);
         let dir = self.fresh("for-each");
-        write_fan_out(&dir, n);
+        // Every item at once, as the independent steps.
+        write_fan_out(&dir, n, n);
         let took = self.timed(&dir, &["-q", "run", "plan.yaml", "--params", "items.json"]);
         self.rows.push(Row {
             id: "for-each",
@@ -540,7 +541,7 @@ impl Bench {
     fn resume(&mut self) {
         let n = self.n(100_000);
         let dir = self.fresh("resume");
-        write_fan_out(&dir, n);
+        write_fan_out(&dir, n, plans::model::DEFAULT_MAX_PARALLEL as usize);
         let mut run = self
             .cairn(&dir, &["-q", "run", "plan.yaml", "--params", "items.json"])
             .spawn()
@@ -646,7 +647,7 @@ impl Bench {
     fn memory(&mut self) {
         let n = self.n(100_000);
         let dir = self.fresh("memory");
-        write_fan_out(&dir, n);
+        write_fan_out(&dir, n, plans::model::DEFAULT_MAX_PARALLEL as usize);
         let started = Instant::now();
         let run = self
             .cairn(&dir, &["-q", "run", "plan.yaml", "--params", "items.json"])
@@ -780,11 +781,12 @@ fn write_chain(dir: &Path, head: &str, n: usize, action: &str) {
     std::fs::write(dir.join("plan.yaml"), plan).unwrap();
 }
 
-/// A plan with one `noop` step fanned out over the list param `items`, and `items.json` of `n`.
-fn write_fan_out(dir: &Path, n: usize) {
+/// A plan with one `noop` step fanned out over the list param `items`, and `items.json` of `n`;
+/// `max_parallel` items at once.
+fn write_fan_out(dir: &Path, n: usize, max_parallel: usize) {
     std::fs::write(
         dir.join("plan.yaml"),
-        "name: fan-out\nparams:\n  items: { type: list, required: true }\nsteps:\n  - id: work\n    for_each: \"{{ params.items }}\"\n    noop: true\n",
+        format!("name: fan-out\nmax_parallel: {max_parallel}\nparams:\n  items: {{ type: list, required: true }}\nsteps:\n  - id: work\n    for_each: \"{{{{ params.items }}}}\"\n    noop: true\n"),
     )
     .unwrap();
     let items: Vec<usize> = (0..n).collect();
