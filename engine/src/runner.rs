@@ -2170,6 +2170,8 @@ async fn run_process(
     } else {
         Ok(Map::new())
     };
+    // Read once: the op's directory does not fill up with a file per attempt.
+    let _ = std::fs::remove_file(output);
     Ok(Ok(ProcessRun { exit, outputs }))
 }
 
@@ -2339,23 +2341,18 @@ fn process_files(
     n: u32,
     what: &str,
 ) -> Result<(PathBuf, BTreeMap<String, String>), String> {
-    let output = output_file(shared, job, n, what)?;
+    let output = output_file(shared, job, n, what);
     let env = environment(shared, step, job, ctx, n, &output)?;
     Ok((output, env))
 }
 
 /// A fresh, private `$CAIRN_OUTPUT` file for one process.
-fn output_file(shared: &Shared, job: &Job, n: u32, what: &str) -> Result<PathBuf, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = shared.outdir.path().join(format!("{}-{n}-{what}", job.no));
-    let _ = std::fs::remove_file(&path);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| format!("cannot create its output file: {e}"))?;
-    Ok(path)
+/// Where an attempt's process writes its outputs (`$CAIRN_OUTPUT`). The file is not made here: the
+/// step makes it when it first writes an output (`>>` creates it), in the op's directory, which is
+/// private to the user (`0700`); a step that publishes nothing costs no file. The name is new for
+/// each attempt of each task within the op's fresh directory, so nothing stale can be there.
+fn output_file(shared: &Shared, job: &Job, n: u32, what: &str) -> PathBuf {
+    shared.outdir.path().join(format!("{}-{n}-{what}", job.no))
 }
 
 /// Attempts of a `run` or `exec` task.
