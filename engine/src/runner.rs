@@ -1737,8 +1737,10 @@ async fn wait_recorded(
     Ok(())
 }
 
-/// Attempt `n` of a task starts: committed (with `CUR_TASK`, and with the record of the task that
-/// released it, if it carries one) before anything of it runs.
+/// Attempt `n` of a task starts: committed (with the record of the task that released it, if it
+/// carries one) before anything of it runs. `CUR_TASK` is set here for a `plan:` task; a process's
+/// is set with its pid (see [`run_process`]), after the spawn rather than before it, so that the
+/// commit a process waits for to start touches one row fewer.
 async fn start_attempt(
     shared: &Shared,
     job: &Job,
@@ -1746,30 +1748,31 @@ async fn start_attempt(
     retry_from: u32,
     carry: &mut Option<Box<Record>>,
 ) -> Result<(), Fatal> {
-    apply_carrying(
-        shared,
-        carry,
-        vec![
-            Change::StartAttempt {
-                op: shared.op,
-                owner: shared.me.clone(),
-                task: job.task(),
-                n,
-                retry_from,
-                at: now(),
-            },
-            Change::CurrentTask {
-                op: shared.op,
-                text: Some(job.name.clone()),
-            },
-        ],
-    )
-    .await?;
+    let mut batch = vec![Change::StartAttempt {
+        op: shared.op,
+        owner: shared.me.clone(),
+        task: job.task(),
+        n,
+        retry_from,
+        at: now(),
+    }];
+    if matches!(shared.step(job.step).action, Action::Plan { .. }) {
+        batch.push(current_task(shared, job));
+    }
+    apply_carrying(shared, carry, batch).await?;
     shared.say(&Progress::TaskStarted {
         task: job.name.clone(),
         attempt: n,
     });
     Ok(())
+}
+
+/// `CUR_TASK` for a task that runs.
+fn current_task(shared: &Shared, job: &Job) -> Change {
+    Change::CurrentTask {
+        op: shared.op,
+        text: Some(job.name.clone()),
+    }
 }
 
 /// A `plan:` task: attempts that each run (or resume) its child op to its end; a failed child is
@@ -2153,14 +2156,17 @@ async fn run_process(
         shared.secrets.clone(),
     ));
     shared
-        .apply(vec![Change::AttemptProcess {
-            op: shared.op,
-            owner: shared.me.clone(),
-            task,
-            n,
-            process: to_store(&running.identity),
-            pgid: running.pgid,
-        }])
+        .apply(vec![
+            Change::AttemptProcess {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task,
+                n,
+                process: to_store(&running.identity),
+                pgid: running.pgid,
+            },
+            current_task(shared, job),
+        ])
         .await?;
     let exit = running.wait(stop.clone()).await;
     // The log writer ends when the process's output closes (its readers end or are aborted).

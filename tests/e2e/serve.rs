@@ -178,8 +178,22 @@ fn a_killed_server_s_op_is_resumed_by_the_next_one_unless_the_plan_says_no() {
         "{}",
         stderr(&out)
     );
-    assert_eq!(sandbox.show(2)["status"], "interrupted");
+    let show = sandbox.show(2);
+    assert_eq!(show["status"], "interrupted");
     assert_eq!(lines(&sandbox, "runs"), vec!["first", "long"]);
+
+    // Nobody resumes op 2, so its killed server's step still waits: let it end, so that it does
+    // not outlive the test (polling for ever in a removed directory).
+    sandbox.write("go", "");
+    let uuid = show["uuid"].as_str().unwrap();
+    let started = Instant::now();
+    while !crate::support::step_processes(uuid).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the step never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
