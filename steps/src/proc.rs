@@ -263,63 +263,79 @@ fn attempt_pass(
 /// read, and the sweep after each attempt need not read that process's `/proc` files again (it
 /// read every process's after every step, which was most of a short step's cost). Without pidfds
 /// (an old kernel), or past [`Older::capacity`] processes, every process is read as before.
+///
+/// The held pidfds are in one epoll set, so that finding the ended ones costs in proportion to
+/// them, not to every process held.
 static OLDER: std::sync::Mutex<Older> = std::sync::Mutex::new(Older {
     held: None,
+    ended: None,
     capacity: 0,
 });
 
+type Held = std::collections::HashMap<u32, (std::os::fd::OwnedFd, u64)>;
+
 #[derive(Debug)]
 struct Older {
-    held: Option<std::collections::HashMap<u32, (std::os::fd::OwnedFd, u64)>>,
+    held: Option<Held>,
+    /// The epoll set of the held pidfds (a pidfd is removed from it when it is closed).
+    ended: Option<std::os::fd::OwnedFd>,
     capacity: usize,
 }
 
 impl Older {
-    fn held(&mut self) -> &mut std::collections::HashMap<u32, (std::os::fd::OwnedFd, u64)> {
+    fn held(&mut self) -> &mut Held {
         if self.held.is_none() {
-            // A sixteenth of the open-file limit at most: the steps' pipes need the rest.
+            self.ended =
+                rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC).ok();
+            // A sixteenth of the open-file limit at most: the steps' pipes need the rest. None
+            // without an epoll set.
             let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
                 .current
                 .unwrap_or(1024);
-            self.capacity = usize::try_from(limit / 16).unwrap_or(64).min(1024);
+            self.capacity = match self.ended {
+                Some(_) => usize::try_from(limit / 16).unwrap_or(64).min(1024),
+                None => 0,
+            };
         }
-        self.held.get_or_insert_with(std::collections::HashMap::new)
+        self.held.get_or_insert_with(Held::new)
     }
 
     /// Lets go of the processes that have ended since; returns their pids.
     fn forget_ended(&mut self) -> Vec<u32> {
-        let held = self.held();
-        if held.is_empty() {
+        if self.held().is_empty() {
             return Vec::new();
         }
-        let (pids, mut polls): (Vec<u32>, Vec<rustix::event::PollFd<'_>>) = held
-            .iter()
-            .map(|(&pid, (fd, _))| {
-                (
-                    pid,
-                    rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN),
-                )
-            })
-            .unzip();
+        let (Some(set), Some(held)) = (&self.ended, self.held.as_mut()) else {
+            return Vec::new();
+        };
         let now = rustix::event::Timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        let ended: Vec<u32> = match rustix::event::poll(&mut polls, Some(&now)) {
-            Ok(_) => pids
-                .iter()
-                .zip(&polls)
-                .filter(|(_, p)| !p.revents().is_empty())
-                .map(|(&pid, _)| pid)
-                .collect(),
-            // Cannot tell: forget them all, and read them again.
-            Err(_) => pids,
-        };
-        drop(polls);
-        for pid in &ended {
-            held.remove(pid);
+        let mut ended = Vec::new();
+        let mut events: Vec<rustix::event::epoll::Event> = Vec::with_capacity(64);
+        loop {
+            events.clear();
+            let spare = rustix::buffer::spare_capacity(&mut events);
+            if rustix::event::epoll::wait(set, spare, Some(&now)).is_err() {
+                // Cannot tell: forget them all, and read them again.
+                ended.extend(held.drain().map(|(pid, _)| pid));
+                return ended;
+            }
+            for event in &events {
+                let data = event.data;
+                // Closing the pidfd takes it out of the set.
+                if let Some(pid) = u32::try_from(data.u64())
+                    .ok()
+                    .filter(|p| held.remove(p).is_some())
+                {
+                    ended.push(pid);
+                }
+            }
+            if events.len() < events.capacity() {
+                return ended;
+            }
         }
-        ended
     }
 
     /// Whether `pid` is a process known to have started before `start`.
@@ -350,7 +366,17 @@ impl Older {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        if rustix::event::poll(&mut poll, Some(&now)) == Ok(0) {
+        if rustix::event::poll(&mut poll, Some(&now)) == Ok(0)
+            && self.ended.as_ref().is_some_and(|set| {
+                rustix::event::epoll::add(
+                    set,
+                    &fd,
+                    rustix::event::epoll::EventData::new_u64(u64::from(pid)),
+                    rustix::event::epoll::EventFlags::IN,
+                )
+                .is_ok()
+            })
+        {
             self.held().insert(pid, (fd, s.start));
         }
         Some(s)
