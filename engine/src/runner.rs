@@ -2428,16 +2428,27 @@ async fn run_process_task(
             return Ok(TaskEnd::Interrupted);
         }
         retrying = true;
-        start_attempt(shared, job, n, retry_from, carry).await?;
+        // The first process's files and environment are made while its start commits: nothing of
+        // the attempt runs before that commit is durable.
+        let first = if check.is_some() { "check" } else { "run" };
+        let (start, prepared) = tokio::join!(
+            biased;
+            start_attempt(shared, job, n, retry_from, carry),
+            async { process_files(shared, step, ctx, job, n, first) },
+        );
+        start?;
+        let mut prepared = Some(prepared);
         let marker = format!("{}/{}/{n}", shared.uuid, job.no);
         // The idempotency probe: exit 0 means the work is already done.
         if let Some(check) = &check {
-            let (output, env) = match process_files(shared, step, ctx, job, n, "check") {
-                Ok(prepared) => prepared,
-                Err(error) => {
-                    return fail_attempt(shared, job, n, error, started).await;
-                }
-            };
+            let made = prepared.take();
+            let (output, env) =
+                match made.unwrap_or_else(|| process_files(shared, step, ctx, job, n, "check")) {
+                    Ok(prepared) => prepared,
+                    Err(error) => {
+                        return fail_attempt(shared, job, n, error, started).await;
+                    }
+                };
             match run_process(
                 shared,
                 job,
@@ -2477,12 +2488,14 @@ async fn run_process_task(
             // The check may have taken long: prove ownership again before starting the step.
             shared.renew().await?;
         }
-        let (output, env) = match process_files(shared, step, ctx, job, n, "run") {
-            Ok(prepared) => prepared,
-            Err(error) => {
-                return fail_attempt(shared, job, n, error, started).await;
-            }
-        };
+        let made = prepared.take();
+        let (output, env) =
+            match made.unwrap_or_else(|| process_files(shared, step, ctx, job, n, "run")) {
+                Ok(prepared) => prepared,
+                Err(error) => {
+                    return fail_attempt(shared, job, n, error, started).await;
+                }
+            };
         let run = match run_process(
             shared,
             job,
