@@ -693,15 +693,12 @@ fn shared(
     files: crate::children::Files,
     ancestors: Vec<OpId>,
 ) -> Result<Arc<Shared>, Error> {
-    let outdir = tempfile::Builder::new()
-        .prefix("cairn-")
-        .tempdir()
-        .map_err(|e| {
-            Error::Store(store::Error::Write {
-                path: std::env::temp_dir(),
-                reason: e.to_string(),
-            })
-        })?;
+    let outputs = runner::OutputFiles::new().map_err(|e| {
+        Error::Store(store::Error::Write {
+            path: std::env::temp_dir(),
+            reason: e.to_string(),
+        })
+    })?;
     let receiver = stop.subscribe();
     let options_lease = options.clone();
     let (steps, hooks) = runner::with_hooks(&plan);
@@ -718,7 +715,7 @@ fn shared(
         workdir,
         options,
         progress,
-        outdir,
+        outputs,
         secrets,
         stop_tx: stop,
         stop: receiver,

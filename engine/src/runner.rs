@@ -280,8 +280,8 @@ pub(crate) struct Shared {
     pub workdir: PathBuf,
     pub options: Options,
     pub progress: Sink,
-    /// Where attempts' `$CAIRN_OUTPUT` files live: private to this process.
-    pub outdir: tempfile::TempDir,
+    /// Attempts' `$CAIRN_OUTPUT` files.
+    pub outputs: OutputFiles,
     /// Values that must never be written to logs.
     pub secrets: Vec<String>,
     /// Set when the run must stop: by a signal (the caller holds a clone) or by the engine itself.
@@ -2146,6 +2146,7 @@ async fn run_process(
         Err(e) => return Ok(Err(e.to_string())),
     };
     drop(sink);
+    shared.outputs.make_spare();
     let logs = tokio::spawn(write_logs(
         shared.store.clone(),
         shared.op,
@@ -2345,20 +2346,81 @@ fn process_files(
     ctx: &Context,
     job: &Job,
     n: u32,
-    what: &str,
 ) -> Result<(PathBuf, BTreeMap<String, String>), String> {
-    let output = output_file(shared, job, n, what);
+    let output = output_file(shared)?;
     let env = environment(shared, step, job, ctx, n, &output)?;
     Ok((output, env))
 }
 
 /// A fresh, private `$CAIRN_OUTPUT` file for one process.
-/// Where an attempt's process writes its outputs (`$CAIRN_OUTPUT`). The file is not made here: the
-/// step makes it when it first writes an output (`>>` creates it), in the op's directory, which is
-/// private to the user (`0700`); a step that publishes nothing costs no file. The name is new for
-/// each attempt of each task within the op's fresh directory, so nothing stale can be there.
-fn output_file(shared: &Shared, job: &Job, n: u32, what: &str) -> PathBuf {
-    shared.outdir.path().join(format!("{}-{n}-{what}", job.no))
+/// Where an attempt's process writes its outputs (`$CAIRN_OUTPUT`): an empty file, new to it.
+fn output_file(shared: &Shared) -> Result<PathBuf, String> {
+    shared
+        .outputs
+        .take()
+        .map_err(|e| format!("cannot create its output file: {e}"))
+}
+
+/// The op's `$CAIRN_OUTPUT` files, in a directory private to the user (`0700`), each `0600`, each
+/// used by one attempt and removed once read.
+///
+/// Making a file costs ext4 a search of its inode bitmap (for a free inode not recently deleted),
+/// a fifth of a short step's time when it was made between one step's end and the next one's
+/// start. So one is made ahead, while a step runs ([`OutputFiles::make_spare`]), and the next
+/// attempt takes it.
+#[derive(Debug)]
+pub struct OutputFiles {
+    dir: tempfile::TempDir,
+    spare: std::sync::Mutex<Vec<PathBuf>>,
+    made: std::sync::atomic::AtomicU64,
+}
+
+impl OutputFiles {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("cairn-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()?;
+        Ok(Self {
+            dir,
+            spare: std::sync::Mutex::new(Vec::new()),
+            made: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn make(&self) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let n = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.path().join(format!("output-{n}"));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok(path)
+    }
+
+    fn spare(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        self.spare
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An empty file for one attempt: the spare one if there is one, else a new one.
+    fn take(&self) -> std::io::Result<PathBuf> {
+        let spare = self.spare().pop();
+        spare.map_or_else(|| self.make(), Ok)
+    }
+
+    /// Makes a file ahead for the next attempt, unless one is waiting already.
+    fn make_spare(&self) {
+        if self.spare().is_empty()
+            && let Ok(path) = self.make()
+        {
+            self.spare().push(path);
+        }
+    }
 }
 
 /// Attempts of a `run` or `exec` task.
@@ -2430,11 +2492,10 @@ async fn run_process_task(
         retrying = true;
         // The first process's files and environment are made while its start commits: nothing of
         // the attempt runs before that commit is durable.
-        let first = if check.is_some() { "check" } else { "run" };
         let (start, prepared) = tokio::join!(
             biased;
             start_attempt(shared, job, n, retry_from, carry),
-            async { process_files(shared, step, ctx, job, n, first) },
+            async { process_files(shared, step, ctx, job, n) },
         );
         start?;
         let mut prepared = Some(prepared);
@@ -2443,7 +2504,7 @@ async fn run_process_task(
         if let Some(check) = &check {
             let made = prepared.take();
             let (output, env) =
-                match made.unwrap_or_else(|| process_files(shared, step, ctx, job, n, "check")) {
+                match made.unwrap_or_else(|| process_files(shared, step, ctx, job, n)) {
                     Ok(prepared) => prepared,
                     Err(error) => {
                         return fail_attempt(shared, job, n, error, started).await;
@@ -2489,13 +2550,12 @@ async fn run_process_task(
             shared.renew().await?;
         }
         let made = prepared.take();
-        let (output, env) =
-            match made.unwrap_or_else(|| process_files(shared, step, ctx, job, n, "run")) {
-                Ok(prepared) => prepared,
-                Err(error) => {
-                    return fail_attempt(shared, job, n, error, started).await;
-                }
-            };
+        let (output, env) = match made.unwrap_or_else(|| process_files(shared, step, ctx, job, n)) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                return fail_attempt(shared, job, n, error, started).await;
+            }
+        };
         let run = match run_process(
             shared,
             job,

@@ -352,4 +352,46 @@ fn global_options_may_come_before_the_subcommand() {
         let ops: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(ops.as_array().map(Vec::len), Some(1), "{ops}");
     }
+    for args in [
+        ["--json", "--db", db, "status", "--watch"],
+        ["--db", db, "status", "--watch", "--json"],
+    ] {
+        let out = cairn(dir.path(), &args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
+
+/// `$CAIRN_OUTPUT` exists, empty, when the step starts, and neither it nor its directory is open
+/// to other users.
+#[test]
+fn the_output_file_is_there_and_private() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        r#"name: private
+steps:
+  - id: a
+    outputs: [file, dir]
+    run: |
+      test -f "$CAIRN_OUTPUT" && ! test -s "$CAIRN_OUTPUT"
+      echo "file=$(stat -c %a "$CAIRN_OUTPUT")" >> "$CAIRN_OUTPUT"
+      echo "dir=$(stat -c %a "$(dirname "$CAIRN_OUTPUT")")" >> "$CAIRN_OUTPUT"
+  - id: b
+    needs: [a]
+    run: test -f "$CAIRN_OUTPUT" && ! test -s "$CAIRN_OUTPUT"
+"#,
+    )
+    .unwrap();
+    let out = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = show(dir.path(), "1");
+    let outputs = &task(&shown, "a")["outputs"];
+    assert_eq!(outputs["file"], "600", "{outputs}");
+    assert_eq!(outputs["dir"], "700", "{outputs}");
 }

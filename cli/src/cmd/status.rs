@@ -172,6 +172,13 @@ fn table(ops: &[OpRow], now: i64) -> String {
 }
 
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
+    // clap refuses `status --json --watch`; `--json` given before the subcommand reaches it after
+    // clap's check.
+    if args.json && args.watch {
+        return Err(Failure::BadInput(anyhow::anyhow!(
+            "`--watch` redraws a table; it cannot be used with `--json`"
+        )));
+    }
     loop {
         let now = engine::owner::now();
         let ops = match args.db.reader()? {
