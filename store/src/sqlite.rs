@@ -479,6 +479,17 @@ fn startable(tx: &Transaction<'_>, op: OpId, task: TaskNo) -> Apply<String> {
     Ok(name)
 }
 
+/// The task's `outputs` (as JSON) and `ended_at` for an attempt's outcome at `at`: a task left
+/// pending (to be retried) has not ended.
+fn outcome_columns(outcome: &Outcome, at: Millis) -> (Option<String>, Option<Millis>) {
+    let outputs = outcome
+        .outputs
+        .as_ref()
+        .map(|o| serde_json::Value::Object(o.clone()).to_string());
+    let ended = (outcome.task != TaskStatus::Pending).then_some(at);
+    (outputs, ended)
+}
+
 /// The event that says how attempt `n` ended: its kind and message.
 fn attempt_end(n: u32, outcome: &Outcome) -> (&'static str, String) {
     let mut message = format!("attempt {n} {}", outcome.attempt);
@@ -767,11 +778,7 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
                 outcome.exit_code,
                 outcome.error
             ])?;
-            let outputs = outcome
-                .outputs
-                .as_ref()
-                .map(|o| serde_json::Value::Object(o.clone()).to_string());
-            let ended = (outcome.task != TaskStatus::Pending).then_some(*at);
+            let (outputs, ended) = outcome_columns(outcome, *at);
             // A task resolved by hand (`cairn mark`) while an attempt of it was in doubt keeps what
             // the person said; only the attempt's own end is recorded.
             let (current, name): (String, String) = tx
@@ -837,11 +844,7 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
                 outcome.exit_code,
                 outcome.error
             ])?;
-            let outputs = outcome
-                .outputs
-                .as_ref()
-                .map(|o| serde_json::Value::Object(o.clone()).to_string());
-            let ended = (outcome.task != TaskStatus::Pending).then_some(*at);
+            let (outputs, ended) = outcome_columns(outcome, *at);
             tx.prepare_cached(
                 "UPDATE tasks SET status = ?3, attempts = ?4, retry_from = ?5, started_at = COALESCE(started_at, ?6), \
                  ended_at = ?7, exit_code = ?8, error = ?9, outputs = COALESCE(?10, outputs), by_check = ?11 \
