@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_schedules.sql"),
     include_str!("../migrations/0004_owner_index.sql"),
     include_str!("../migrations/0005_older_writers.sql"),
+    include_str!("../migrations/0006_status_checks.sql"),
 ];
 
 /// The schema version this cairn writes.
@@ -330,12 +331,30 @@ fn migrate(conn: &Connection, path: &Path, from: i32) -> Result<()> {
             .enumerate()
             .skip(usize::try_from(version.max(from)).unwrap_or(0))
         {
+            let schema: i64 = conn.pragma_query_value(None, "schema_version", |r| r.get(0))?;
             conn.execute_batch(sql)?;
+            if sql.contains("writable_schema") {
+                // The tables' text was edited in place: a new schema version makes every
+                // connection, this one too, read it again.
+                conn.pragma_update(None, "schema_version", schema + 1)?;
+            }
             conn.pragma_update(
                 None,
                 "user_version",
                 i32::try_from(i + 1).unwrap_or(i32::MAX),
             )?;
+        }
+        // An edit in place that matched nothing would leave the slow checks silently: refuse.
+        let lists: i64 = conn.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND sql LIKE '%CHECK (status IN%'",
+            [],
+            |r| r.get(0),
+        )?;
+        if lists > 0 {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+                Some("its status checks could not be rewritten (migration 6)".to_owned()),
+            ));
         }
         conn.pragma_update(None, "application_id", APPLICATION_ID)?;
         conn.execute_batch("COMMIT")

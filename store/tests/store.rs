@@ -483,3 +483,107 @@ fn an_empty_file_reads_as_no_ops_yet() {
         "reading it wrote nothing"
     );
 }
+
+/// The status checks hold (a status no state machine has is refused in every table) and are
+/// compared, not looked up in a table SQLite builds for each row written.
+#[test]
+fn status_checks_refuse_unknown_statuses_without_building_a_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let store = Store::open(&path).unwrap();
+    let op = submit(&store, 1);
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    for (table, sql) in [
+        (
+            "ops",
+            format!("UPDATE ops SET status = 'bogus' WHERE id = {}", op.0),
+        ),
+        (
+            "tasks",
+            format!("UPDATE tasks SET status = 'bogus' WHERE op_id = {}", op.0),
+        ),
+        (
+            "attempts",
+            format!(
+                "INSERT INTO attempts (op_id, task_no, n, status, started_at) VALUES ({}, 0, 1, 'bogus', 1)",
+                op.0
+            ),
+        ),
+    ] {
+        let err = conn.execute(&sql, []).unwrap_err().to_string();
+        assert!(err.contains("CHECK constraint failed"), "{table}: {err}");
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN {sql}"))
+            .unwrap()
+            .query_map([], |r| r.get(1))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            !plan.iter().any(|opcode| opcode == "OpenEphemeral"),
+            "{table}: {plan:?}"
+        );
+    }
+    let ok = format!("UPDATE tasks SET status = 'skipped' WHERE op_id = {}", op.0);
+    assert_eq!(conn.execute(&ok, []).unwrap(), 1);
+}
+
+/// A file of schema version 5 (made by the migrations of that cairn, holding an op) is brought to
+/// the current version: its rows are kept and its status checks rewritten.
+#[test]
+fn a_version_5_file_is_migrated_and_keeps_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        for file in [
+            "0001_initial.sql",
+            "0002_children.sql",
+            "0003_schedules.sql",
+            "0004_owner_index.sql",
+            "0005_older_writers.sql",
+        ] {
+            let sql = std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("migrations")
+                    .join(file),
+            )
+            .unwrap();
+            conn.execute_batch(&sql).unwrap();
+        }
+        conn.execute_batch(&format!(
+            "PRAGMA user_version = 5; PRAGMA application_id = {};
+             INSERT INTO plan_snapshots (id, hash, name, text) VALUES (1, 'sha256:x', 'p', 'name: p');
+             INSERT INTO ops (id, uuid, plan, snapshot_id, title, status, params, workdir, env, created_at)
+                 VALUES (1, 'u', 'p', 1, 't', 'succeeded', '{{}}', '/', '{{}}', 1);
+             INSERT INTO tasks (op_id, task_no, step, name, status) VALUES (1, 0, 's', 's', 'succeeded');",
+            store::APPLICATION_ID
+        ))
+        .unwrap();
+    }
+    drop(Store::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let version: i32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, store::SCHEMA_VERSION);
+    let lists: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE sql LIKE '%status IN%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(lists, 0);
+    let ok: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    let task: String = conn
+        .query_row("SELECT status FROM tasks WHERE op_id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(task, "succeeded");
+    let reader = Reader::open(&path).unwrap().unwrap();
+    assert_eq!(reader.op(OpId(1)).unwrap().status, OpStatus::Succeeded);
+}
