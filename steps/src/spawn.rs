@@ -286,7 +286,11 @@ impl Running {
             self.child.wait().await.ok()
         };
         // The leader is gone; whatever it left running in its group goes too.
-        let leftovers = proc::terminate(|| self.members(), self.grace).await;
+        let leftovers = if proc::none_started_since(self.pgid) {
+            0
+        } else {
+            proc::terminate(|| self.members(), self.grace).await
+        };
         let mut tail = Vec::new();
         for mut reader in std::mem::take(&mut self.readers) {
             match tokio::time::timeout(PIPE_DRAIN, &mut reader).await {

@@ -395,3 +395,34 @@ steps:
     assert_eq!(outputs["file"], "600", "{outputs}");
     assert_eq!(outputs["dir"], "700", "{outputs}");
 }
+
+/// What a finished step leaves running, in its group or in a session of its own (with its marker),
+/// is ended before the step it releases starts. A step that starts no process of its own skips that
+/// sweep; one that does must not.
+#[test]
+fn what_a_finished_step_left_running_is_ended_before_the_next_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        "name: leftovers\nsteps:\n  - id: leave\n    run: |\n      sleep 1000 &\n      echo $! > grouped.pid\n      setsid sleep 1000 &\n      echo $! > session.pid\n  - id: next\n    needs: [leave]\n    run: |\n      for f in grouped.pid session.pid; do\n        echo \"$f $(cut -d' ' -f3 /proc/$(cat $f)/stat 2>/dev/null || echo gone)\" >> seen\n      done\n",
+    )
+    .unwrap();
+    let out = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = std::fs::read_to_string(dir.path().join("seen")).unwrap();
+    let states: Vec<&str> = seen.lines().collect();
+    assert_eq!(states.len(), 2, "{seen}");
+    for line in states {
+        let (file, state) = line.split_once(' ').unwrap();
+        // Ended: gone, or a zombie nobody reaped (it runs nothing).
+        assert!(
+            state == "gone" || state == "Z" || state.is_empty(),
+            "{file}: the process was still running when the next step started ({state})"
+        );
+    }
+}
