@@ -2118,7 +2118,7 @@ async fn run_process(
     shared: &Shared,
     job: &Job,
     n: u32,
-    argv: Vec<String>,
+    (argv, located): (Vec<String>, Option<PathBuf>),
     env: BTreeMap<String, String>,
     output: &std::path::Path,
     cwd: PathBuf,
@@ -2134,6 +2134,7 @@ async fn run_process(
         marker,
         timeout: step.timeout,
         grace: shared.options.grace,
+        located,
     };
     if !shared.lease_holds() {
         return Err(Fatal::Lost(
@@ -2511,12 +2512,20 @@ async fn run_process_task(
             return Ok(TaskEnd::Interrupted);
         }
         retrying = true;
-        // The first process's files and environment are made while its start commits: nothing of
-        // the attempt runs before that commit is durable.
-        let (start, prepared) = tokio::join!(
+        // The first process's files and environment are made, and the step's program looked up
+        // in its `PATH`, while its start commits: nothing of the attempt runs before that commit
+        // is durable.
+        let (start, (prepared, mut located)) = tokio::join!(
             biased;
             start_attempt(shared, job, n, retry_from, carry),
-            async { process_files(shared, step, ctx, job, n) },
+            async {
+                let prepared = process_files(shared, step, ctx, job, n);
+                let located = prepared
+                    .as_ref()
+                    .ok()
+                    .and_then(|(_, env)| steps::spawn::locate(&argv, env));
+                (prepared, located)
+            },
         );
         start?;
         let mut prepared = Some(prepared);
@@ -2535,7 +2544,7 @@ async fn run_process_task(
                 shared,
                 job,
                 n,
-                check.clone(),
+                (check.clone(), None),
                 env,
                 &output,
                 cwd.clone(),
@@ -2581,7 +2590,7 @@ async fn run_process_task(
             shared,
             job,
             n,
-            argv.clone(),
+            (argv.clone(), located.take()),
             env,
             &output,
             cwd.clone(),

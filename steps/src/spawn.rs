@@ -30,6 +30,9 @@ pub struct Spec {
     pub timeout: Option<Duration>,
     /// Between TERM and KILL when the process must stop.
     pub grace: Duration,
+    /// Where [`locate`] found `argv[0]` beforehand (while the attempt's start commits); `None`:
+    /// look now.
+    pub located: Option<PathBuf>,
 }
 
 /// Which stream a log chunk came from.
@@ -132,7 +135,7 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
         command
     };
     let bare = || command(std::path::Path::new(&program)).spawn();
-    let spawned = match found(&program, spec) {
+    let spawned = match spec.located.clone().or_else(|| found(&program, &spec.env)) {
         // The match would not start (a `#!` interpreter or a loader that is missing, another
         // architecture): nothing ran, and `execvp` would go on down `PATH`; let it.
         Some(path) => command(&path).spawn().or_else(|e| {
@@ -174,6 +177,14 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
     })
 }
 
+/// Where a process with `argv` and `env` would be started from, when that is certain (see
+/// [`found`]): looked up ahead, it is passed in [`Spec::located`]. Should the file have gone by
+/// the time of the spawn, `execvp` looks again.
+#[must_use]
+pub fn locate(argv: &[String], env: &BTreeMap<String, String>) -> Option<PathBuf> {
+    found(argv.first()?, env)
+}
+
 /// Where `execvp` in the child would find a bare program name, when that is certain from here.
 ///
 /// Given a path, the standard library starts the process with `posix_spawn` (a `vfork`); given a
@@ -185,12 +196,12 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
 /// (a relative or empty entry, an entry that cannot be read, a directory or an unexecutable file
 /// by that name, a script without `#!`, no `PATH`) is left to `execvp`: `None`. `argv[0]` stays
 /// the name as written.
-fn found(program: &str, spec: &Spec) -> Option<PathBuf> {
+fn found(program: &str, env: &BTreeMap<String, String>) -> Option<PathBuf> {
     use std::io::Read as _;
     if program.is_empty() || program.contains('/') {
         return None;
     }
-    for dir in spec.env.get("PATH")?.split(':') {
+    for dir in env.get("PATH")?.split(':') {
         if !dir.starts_with('/') {
             return None;
         }

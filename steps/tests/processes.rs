@@ -15,6 +15,7 @@ fn spec(script: &str, marker: &str) -> Spec {
         marker: marker.into(),
         timeout: None,
         grace: Duration::from_millis(500),
+        located: None,
     }
 }
 
