@@ -2179,7 +2179,7 @@ async fn run_process(
         Ok(Map::new())
     };
     // Read once: the op's directory does not fill up with a file per attempt.
-    shared.outputs.discard(output);
+    let _ = std::fs::remove_file(output);
     Ok(Ok(ProcessRun { exit, outputs }))
 }
 
@@ -2368,13 +2368,11 @@ fn output_file(shared: &Shared) -> Result<PathBuf, String> {
 /// Making a file costs ext4 a search of its inode bitmap (for a free inode not recently deleted),
 /// a fifth of a short step's time when it was made between one step's end and the next one's
 /// start. So one is made ahead, while a step runs ([`OutputFiles::make_spare`]), and the next
-/// attempt takes it. Removing one is put off to the same moment, out of the way between steps.
+/// attempt takes it.
 #[derive(Debug)]
 pub struct OutputFiles {
     dir: tempfile::TempDir,
     spare: std::sync::Mutex<Vec<PathBuf>>,
-    /// Read, to be removed by the next [`OutputFiles::make_spare`] (or with the directory).
-    read: std::sync::Mutex<Vec<PathBuf>>,
     made: std::sync::atomic::AtomicU64,
 }
 
@@ -2388,7 +2386,6 @@ impl OutputFiles {
         Ok(Self {
             dir,
             spare: std::sync::Mutex::new(Vec::new()),
-            read: std::sync::Mutex::new(Vec::new()),
             made: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -2417,31 +2414,13 @@ impl OutputFiles {
         spare.map_or_else(|| self.make(), Ok)
     }
 
-    /// Makes a file ahead for the next attempt, unless one is waiting already; removes the files
-    /// already read.
+    /// Makes a file ahead for the next attempt, unless one is waiting already.
     fn make_spare(&self) {
         if self.spare().is_empty()
             && let Ok(path) = self.make()
         {
             self.spare().push(path);
         }
-        let read = std::mem::take(
-            &mut *self
-                .read
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for path in read {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-
-    /// A file whose outputs were read: it goes at the next [`OutputFiles::make_spare`].
-    fn discard(&self, path: &std::path::Path) {
-        self.read
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(path.to_path_buf());
     }
 }
 
