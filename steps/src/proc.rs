@@ -164,25 +164,27 @@ pub fn liveness(id: &Identity) -> Liveness {
     }
 }
 
-/// Whether no process or thread has been created in this pid namespace since `leader` (an
-/// attempt's leader that has ended and been reaped): the last pid handed out, the last field of
-/// `/proc/loadavg`, is still the leader's, and no process holds that pid now. Then the attempt left
-/// nothing: anything it started would have been given a later pid. This spares the sweep, which
-/// lists every process on the machine, after a step that started no process of its own.
+/// Whether no process or thread has been created in this pid namespace (or one nested in it)
+/// since `leader`, an attempt's leader that has ended and been reaped: the last pid handed out,
+/// `/proc/sys/kernel/ns_last_pid`, is still the leader's, and no process holds that pid now. Then
+/// the attempt left nothing: anything it started would have been given a later pid. This spares
+/// the sweep, which lists every process on the machine, after a step that started no process of
+/// its own.
 ///
-/// Pids are handed out in increasing order, wrapping at `pid_max`; the leader's could be the last
-/// one again only after the count went round the whole pid space and the process given it already
-/// ended. Any doubt (the file unreadable, another pid since) means the sweep runs.
+/// `ns_last_pid` is the kernel's own counter for the reader's pid namespace (`/proc/loadavg` shows
+/// it too, but container tools such as lxcfs replace that file with numbers of their own). Pids are
+/// handed out in increasing order, wrapping at `pid_max`; the leader's could be the last one again
+/// only after the count went round the whole pid space and the process given it already ended.
+/// Any doubt (the file unreadable, another pid since) means the sweep runs.
 #[must_use]
 pub fn none_started_since(leader: u32) -> bool {
-    let Some(loadavg) = read_proc("/proc/loadavg", 128) else {
+    let Some(text) = read_proc("/proc/sys/kernel/ns_last_pid", 32) else {
         return false;
     };
-    let last = std::str::from_utf8(&loadavg)
+    let last = std::str::from_utf8(&text)
         .ok()
-        .and_then(|text| text.split_whitespace().nth(4))
-        .and_then(|pid| pid.parse::<u32>().ok());
-    last == Some(leader) && stat(leader).is_none()
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    leader != 0 && last == Some(leader) && stat(leader).is_none()
 }
 
 fn all_pids() -> Vec<u32> {
