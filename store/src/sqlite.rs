@@ -653,7 +653,10 @@ fn submit(tx: &Transaction<'_>, new: &NewOp) -> Apply<Applied> {
 }
 
 #[allow(clippy::too_many_lines, clippy::cast_possible_wrap)]
-pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
+/// Applies one change. `fenced`: the transaction already proved, for an earlier change with no
+/// effect on ownership, that this change's writer owns its op (see [`Change::attempt_fence`]): an
+/// attempt's change skips its own fence read then.
+pub(crate) fn apply(tx: &Transaction<'_>, change: &Change, fenced: bool) -> Apply<Applied> {
     match change {
         Change::Submit(new) => return submit(tx, new),
         Change::Claim {
@@ -719,7 +722,9 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             retry_from,
             at,
         } => {
-            fence(tx, *op, owner)?;
+            if !fenced {
+                fence(tx, *op, owner)?;
+            }
             let name = startable(tx, *op, *task)?;
             tx.prepare_cached(
                 "INSERT INTO attempts (op_id, task_no, n, status, started_at) VALUES (?1, ?2, ?3, 'running', ?4)",
@@ -747,7 +752,9 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             process,
             pgid,
         } => {
-            fence(tx, *op, owner)?;
+            if !fenced {
+                fence(tx, *op, owner)?;
+            }
             tx.prepare_cached(
                 "UPDATE attempts SET host = ?4, boot_id = ?5, pid = ?6, pgid = ?7, proc_start = ?8 \
                  WHERE op_id = ?1 AND task_no = ?2 AND n = ?3",
@@ -771,7 +778,9 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
             at,
             outcome,
         } => {
-            fence(tx, *op, owner)?;
+            if !fenced {
+                fence(tx, *op, owner)?;
+            }
             tx.prepare_cached(
                 "UPDATE attempts SET status = ?4, ended_at = ?5, exit_code = ?6, error = ?7 \
                  WHERE op_id = ?1 AND task_no = ?2 AND n = ?3",
@@ -836,7 +845,9 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change) -> Apply<Applied> {
         } => {
             // StartAttempt and FinishAttempt in one: an attempt row that is final when written,
             // one update of the task, both events.
-            fence(tx, *op, owner)?;
+            if !fenced {
+                fence(tx, *op, owner)?;
+            }
             let name = startable(tx, *op, *task)?;
             tx.prepare_cached(
                 "INSERT INTO attempts (op_id, task_no, n, status, started_at, ended_at, exit_code, error) \

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::sqlite::{self, ApplyError, OpFilter, Reads};
 use crate::types::{
     Applied, AttemptRow, Change, CooldownRow, EventRow, LockRow, LogChunk, Millis, OpId, OpRow,
-    Request, ScheduleRow, Snapshot, TaskNo, TaskRow,
+    ProcessId, Request, ScheduleRow, Snapshot, TaskNo, TaskRow,
 };
 
 /// The most requests one transaction takes from the queue.
@@ -163,6 +163,9 @@ fn commit(
     let mut results = Vec::with_capacity(requests.len());
     // A batch alone in its transaction needs no savepoint: if it fails, nothing is committed.
     let alone = requests.iter().map(|r| r.batches.len()).sum::<usize>() == 1;
+    // The op and writer the last change applied proved ownership for (`Change::attempt_fence`);
+    // any other change, or a refusal, forgets it.
+    let mut fenced: Option<(OpId, &ProcessId)> = None;
     for batch in requests.iter().flat_map(|r| &r.batches) {
         if !alone {
             // Prepared once and kept: parsing it for every request costs more than running it.
@@ -173,8 +176,13 @@ fn commit(
         let mut applied = Vec::with_capacity(batch.len());
         let mut failure = None;
         for change in batch {
-            match sqlite::apply(&tx, change) {
-                Ok(a) => applied.push(a),
+            let needs = change.attempt_fence();
+            let known = needs.is_some() && needs == fenced;
+            match sqlite::apply(&tx, change, known) {
+                Ok(a) => {
+                    applied.push(a);
+                    fenced = needs;
+                }
                 Err(ApplyError::Refused(e)) => {
                     failure = Some(e);
                     break;
@@ -184,6 +192,9 @@ fn commit(
                     break;
                 }
             }
+        }
+        if failure.is_some() {
+            fenced = None;
         }
         match failure {
             None if alone => results.push(Ok(applied)),

@@ -584,6 +584,22 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// The op and writer an attempt's change is fenced on. These changes never alter who owns the
+    /// op, and within one transaction no other process can: once one of them passed its fence,
+    /// those that follow it in the same transaction, for the same op and writer, with nothing else
+    /// between them, need not read the owner again.
+    pub(crate) fn attempt_fence(&self) -> Option<(OpId, &ProcessId)> {
+        match self {
+            Self::StartAttempt { op, owner, .. }
+            | Self::AttemptProcess { op, owner, .. }
+            | Self::FinishAttempt { op, owner, .. }
+            | Self::WholeAttempt { op, owner, .. } => Some((*op, owner)),
+            _ => None,
+        }
+    }
+}
+
 /// What applying a change gave back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {

@@ -587,3 +587,57 @@ fn a_version_5_file_is_migrated_and_keeps_its_rows() {
     let reader = Reader::open(&path).unwrap().unwrap();
     assert_eq!(reader.op(OpId(1)).unwrap().status, OpStatus::Succeeded);
 }
+
+/// In one commit, an attempt's changes after another of the same writer skip the owner read; a
+/// change that may move ownership between them (here the owner lets the op go) makes the next
+/// one read it again, and be refused.
+#[test]
+fn one_commit_reads_the_owner_again_after_a_change_that_may_move_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).unwrap();
+    let op = submit(&store, 3);
+    let me = owner(1);
+    claim(&store, op, &me, 1, None).unwrap();
+    let start = |task: u32| {
+        vec![Change::StartAttempt {
+            op,
+            owner: me.clone(),
+            task: TaskNo(task),
+            n: 1,
+            retry_from: 0,
+            at: 2,
+        }]
+    };
+    let release = vec![Change::SetOp {
+        op,
+        owner: Some(me.clone()),
+        status: OpStatus::Interrupted,
+        at: 3,
+        error: None,
+        release: true,
+        kind: "interrupted",
+        message: "test".into(),
+    }];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let results =
+        runtime.block_on(store.apply_together(vec![start(0), start(1), release, start(2)]));
+    let outcome: Vec<bool> = results.iter().map(Result::is_ok).collect();
+    assert_eq!(outcome, [true, true, true, false], "{results:?}");
+    assert!(
+        matches!(results[3], Err(Error::Fenced { .. })),
+        "{:?}",
+        results[3]
+    );
+    let reader = Reader::open(&dir.path().join("c.db")).unwrap().unwrap();
+    let started: Vec<TaskStatus> = reader.tasks(op).unwrap().iter().map(|t| t.status).collect();
+    assert_eq!(
+        started,
+        [
+            TaskStatus::Running,
+            TaskStatus::Running,
+            TaskStatus::Pending
+        ]
+    );
+}
