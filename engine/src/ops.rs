@@ -729,6 +729,7 @@ fn shared(
         ancestors,
         outcome: std::sync::Mutex::new(None),
         base_context: std::sync::OnceLock::new(),
+        param_env: std::sync::OnceLock::new(),
         calm,
         _calm_tx: calm_tx,
         gates: watch::channel(false).0,

@@ -305,6 +305,8 @@ pub(crate) struct Shared {
     /// What every task's template context holds (params, `op`, `env`), built once: a param may be
     /// a list of 100,000 items, and each item's task would otherwise convert it again.
     pub base_context: std::sync::OnceLock<Context>,
+    /// The params as every process's environment passes them ([`param_env`]), made once.
+    pub param_env: std::sync::OnceLock<Result<BTreeMap<String, String>, String>>,
     /// Set when the op failed: approval gates still waiting end (they cannot lead anywhere).
     pub gates: watch::Sender<bool>,
     /// A stop signal that never fires: finishing hooks run to their end even when the op was
@@ -2039,6 +2041,42 @@ async fn fail_attempt(
 
 /// The environment of a step's process: the captured base, the plan's and step's `env`, every
 /// param as `CAIRN_PARAM_<NAME>`, and cairn's own variables.
+/// The longest param text passed in the environment; a longer one is passed in a file, named by
+/// `CAIRN_PARAM_<NAME>_FILE`. Linux refuses to start a process whose environment holds one string
+/// over 128 KiB (`E2BIG`), and all of it together over a quarter of the stack limit: a list of
+/// 100,000 partitions is over both.
+const PARAM_IN_ENV: usize = 64 * 1024;
+
+/// Every param as the environment passes it: `CAIRN_PARAM_<NAME>`, or `CAIRN_PARAM_<NAME>_FILE`
+/// naming a file that holds it when it is too long (not a secret: those stay out of files).
+/// The same for every task of the run, so made once: a list param of 100,000 items took
+/// milliseconds to write out as JSON, for every process.
+fn param_env(shared: &Shared) -> Result<BTreeMap<String, String>, String> {
+    let mut env = BTreeMap::new();
+    for (name, value) in &shared.params {
+        let text = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let var = format!("CAIRN_PARAM_{}", name.to_uppercase());
+        let secret = shared
+            .plan
+            .params
+            .iter()
+            .any(|p| p.secret && p.name == *name);
+        if text.len() > PARAM_IN_ENV && !secret {
+            let path = shared
+                .outputs
+                .param_file(name, &text)
+                .map_err(|e| format!("cannot write param `{name}` to its file: {e}"))?;
+            env.insert(format!("{var}_FILE"), path.display().to_string());
+        } else {
+            env.insert(var, text);
+        }
+    }
+    Ok(env)
+}
+
 fn environment(
     shared: &Shared,
     step: &Step,
@@ -2055,13 +2093,12 @@ fn environment(
             .map_err(|e| format!("cannot render `env.{}`: {e}", var.name))?;
         env.insert(var.name.clone(), value);
     }
-    for (name, value) in &shared.params {
-        let text = match value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        env.insert(format!("CAIRN_PARAM_{}", name.to_uppercase()), text);
-    }
+    let params = shared
+        .param_env
+        .get_or_init(|| param_env(shared))
+        .as_ref()
+        .map_err(Clone::clone)?;
+    env.extend(params.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.insert("CAIRN_OP_ID".into(), shared.op.0.to_string());
     env.insert("CAIRN_OP_UUID".into(), shared.uuid.clone());
     env.insert("CAIRN_TASK".into(), job.name.clone());
@@ -2374,6 +2411,8 @@ pub struct OutputFiles {
     dir: tempfile::TempDir,
     spare: std::sync::Mutex<Vec<PathBuf>>,
     made: std::sync::atomic::AtomicU64,
+    /// The files of params too long for the environment, by name: written once per run.
+    params: std::sync::Mutex<BTreeMap<String, PathBuf>>,
 }
 
 impl OutputFiles {
@@ -2387,6 +2426,7 @@ impl OutputFiles {
             dir,
             spare: std::sync::Mutex::new(Vec::new()),
             made: std::sync::atomic::AtomicU64::new(0),
+            params: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -2412,6 +2452,29 @@ impl OutputFiles {
     fn take(&self) -> std::io::Result<PathBuf> {
         let spare = self.spare().pop();
         spare.map_or_else(|| self.make(), Ok)
+    }
+
+    /// The file holding param `name`'s `text` (`0600`, beside the output files), written the
+    /// first time it is asked for.
+    fn param_file(&self, name: &str, text: &str) -> std::io::Result<PathBuf> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut files = self
+            .params
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(path) = files.get(name) {
+            return Ok(path.clone());
+        }
+        let path = self.dir.path().join(format!("param-{name}"));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.write_all(text.as_bytes())?;
+        files.insert(name.to_owned(), path.clone());
+        Ok(path)
     }
 
     /// Makes a file ahead for the next attempt, unless one is waiting already.

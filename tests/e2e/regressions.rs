@@ -426,3 +426,43 @@ fn what_a_finished_step_left_running_is_ended_before_the_next_starts() {
         );
     }
 }
+
+/// A param too long for a process's environment (Linux refuses one string over 128 KiB: the step
+/// could not start at all) is passed in a private file named by `CAIRN_PARAM_<NAME>_FILE`; a short
+/// one stays in `CAIRN_PARAM_<NAME>`.
+#[test]
+fn a_param_too_long_for_the_environment_is_passed_in_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        "name: big\nparams:\n  big: { type: list, required: true }\n  small: { type: string, default: hello }\nsteps:\n  - id: use\n    run: |\n      test -z \"${CAIRN_PARAM_BIG:-}\"\n      test \"$CAIRN_PARAM_SMALL\" = hello\n      cp \"$CAIRN_PARAM_BIG_FILE\" seen.json\n      stat -c %a \"$CAIRN_PARAM_BIG_FILE\" > mode\n",
+    )
+    .unwrap();
+    let items: Vec<u32> = (0..30_000).collect();
+    let json = serde_json::to_string(&items).unwrap();
+    assert!(json.len() > 128 * 1024, "over the kernel's limit");
+    std::fs::write(
+        dir.path().join("params.json"),
+        format!("{{\"big\": {json}}}"),
+    )
+    .unwrap();
+    let out = cairn(dir.path(), &["run", "plan.yaml", "--params", "params.json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("seen.json")).unwrap(),
+        json
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("mode"))
+            .unwrap()
+            .trim(),
+        "600"
+    );
+}
