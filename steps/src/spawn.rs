@@ -109,11 +109,40 @@ impl Drop for Running {
 
 /// Why a process could not be started.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot start `{program}`: {source}")]
+#[error("cannot start `{program}`: {source}{hint}")]
 pub struct SpawnError {
     pub program: String,
     #[source]
     pub source: std::io::Error,
+    /// What to change, when the error says little by itself (empty otherwise).
+    pub hint: String,
+}
+
+/// For `E2BIG`: which string of the command line or environment is the longest, since the kernel
+/// refuses one over 128 KiB, and all of them together over a quarter of the stack limit.
+fn too_long(spec: &Spec) -> String {
+    let strings = spec
+        .argv
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("argument {i}"), a.len()))
+        .chain(
+            spec.env
+                .iter()
+                .map(|(k, v)| (format!("`{k}`"), k.len() + 1 + v.len())),
+        );
+    let total: usize = spec.argv.iter().map(String::len).sum::<usize>()
+        + spec
+            .env
+            .iter()
+            .map(|(k, v)| k.len() + 1 + v.len())
+            .sum::<usize>();
+    match strings.max_by_key(|(_, len)| *len) {
+        Some((what, len)) => format!(
+            " (its command line and environment hold {total} bytes; the longest, {what}, {len} bytes; Linux takes at most 128 KiB in one)"
+        ),
+        None => String::new(),
+    }
 }
 
 /// Starts `spec` in a new process group; its output goes to `sink` in chunks.
@@ -149,6 +178,11 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
     };
     let mut child = spawned.map_err(|source| SpawnError {
         program: program.clone(),
+        hint: if source.raw_os_error() == Some(nix::libc::E2BIG) {
+            too_long(spec)
+        } else {
+            String::new()
+        },
         source,
     })?;
     let pid = child.id().unwrap_or(0);

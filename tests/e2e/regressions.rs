@@ -466,3 +466,30 @@ fn a_param_too_long_for_the_environment_is_passed_in_a_file() {
         "600"
     );
 }
+
+/// A command line too long for the kernel fails the step with a message that says which string is
+/// too long, not only `Argument list too long`.
+#[test]
+fn a_command_line_too_long_says_which_string_is() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        "name: long\nparams:\n  big: { type: list, required: true }\nsteps:\n  - id: inline\n    run: \"echo {{ params.big }}\"\n",
+    )
+    .unwrap();
+    let items: Vec<u32> = (0..30_000).collect();
+    std::fs::write(
+        dir.path().join("params.json"),
+        serde_json::json!({ "big": items }).to_string(),
+    )
+    .unwrap();
+    let out = cairn(dir.path(), &["run", "plan.yaml", "--params", "params.json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the longest, argument 5") && stderr.contains("at most 128 KiB"),
+        "{stderr}"
+    );
+}
