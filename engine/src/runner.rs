@@ -1681,11 +1681,22 @@ async fn run_task(
             )
             .await
         }
+        // Boxed, as the other long arms: a task's future is as large as its largest arm, and a
+        // fan-out of 10,000 `noop` items would otherwise allocate and move 10,000 of those.
         Action::Run { .. } | Action::Exec { .. } => {
-            run_process_task(shared, job, (prior, retry_from), &ctx, started, stop, carry).await
+            Box::pin(run_process_task(
+                shared,
+                job,
+                (prior, retry_from),
+                &ctx,
+                started,
+                stop,
+                carry,
+            ))
+            .await
         }
         Action::Approve { prompt } => match prompt.render(&ctx) {
-            Ok(prompt) => await_approval(shared, job, &prompt, stop).await,
+            Ok(prompt) => Box::pin(await_approval(shared, job, &prompt, stop)).await,
             Err(e) => {
                 fail_before_start(
                     shared,
@@ -1697,7 +1708,15 @@ async fn run_task(
             }
         },
         Action::Plan { .. } => {
-            run_child_task(shared, job, (prior, retry_from), &ctx, started, stop).await
+            Box::pin(run_child_task(
+                shared,
+                job,
+                (prior, retry_from),
+                &ctx,
+                started,
+                stop,
+            ))
+            .await
         }
     }
 }
