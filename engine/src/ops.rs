@@ -693,7 +693,7 @@ fn shared(
     files: crate::children::Files,
     ancestors: Vec<OpId>,
 ) -> Result<Arc<Shared>, Error> {
-    let outputs = runner::OutputFiles::new().map_err(|e| {
+    let outputs = runner::OutputFiles::new(&uuid).map_err(|e| {
         Error::Store(store::Error::Write {
             path: std::env::temp_dir(),
             reason: e.to_string(),

@@ -2435,10 +2435,29 @@ pub struct OutputFiles {
 }
 
 impl OutputFiles {
-    pub(crate) fn new() -> std::io::Result<Self> {
-        use std::os::unix::fs::PermissionsExt;
+    /// A new directory for a run of op `uuid`, in the temporary directory. What an earlier run of
+    /// the same op left there (it was killed before it could remove it: output files, long params)
+    /// is removed first: only one process owns an op at a time, and this one does now.
+    pub(crate) fn new(uuid: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt};
+        let prefix = format!("cairn-{uuid}-");
+        let me = nix::unistd::geteuid().as_raw();
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            for entry in entries.flatten() {
+                let left = entry.file_name().to_str().is_some_and(|name| {
+                    name.starts_with(&prefix) && !name[prefix.len()..].contains('/')
+                });
+                // Only a real directory of this user's, never what a link points to.
+                if left
+                    && std::fs::symlink_metadata(entry.path())
+                        .is_ok_and(|m| m.is_dir() && m.uid() == me)
+                {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         let dir = tempfile::Builder::new()
-            .prefix("cairn-")
+            .prefix(&prefix)
             .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir()?;
         Ok(Self {

@@ -493,3 +493,51 @@ fn a_command_line_too_long_says_which_string_is() {
         "{stderr}"
     );
 }
+
+/// A run killed with `kill -9` leaves its private directory (output files, long params) in the
+/// temporary directory; the next run of the same op removes it, and a finished run leaves none.
+#[test]
+fn a_killed_runs_files_are_removed_by_the_next_run_of_its_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::write(
+        dir.path().join("plan.yaml"),
+        "name: killed\nsteps:\n  - id: wait\n    run: |\n      test -f go || { touch started; sleep 1000; }\n",
+    )
+    .unwrap();
+    let leftovers = || -> Vec<String> {
+        std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("cairn-"))
+            .collect()
+    };
+    let mut run = cairn(dir.path(), &["run", "plan.yaml"])
+        .env("TMPDIR", &tmp)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&dir.path().join("started"));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let left = leftovers();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let uuid = show(dir.path(), "1")["uuid"].as_str().unwrap().to_owned();
+    assert!(left[0].starts_with(&format!("cairn-{uuid}-")), "{left:?}");
+    // Another op's directory is not touched.
+    std::fs::create_dir(tmp.join("cairn-someone-else")).unwrap();
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let resumed = cairn(dir.path(), &["resume", "1"])
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert_eq!(
+        resumed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(leftovers(), ["cairn-someone-else"]);
+    // The killed step's `sleep` was ended by the resume's sweep.
+}
