@@ -123,9 +123,12 @@ fn secret_names(plan: &Plan) -> Vec<&str> {
         .collect()
 }
 
-fn secret_values(plan: &Plan, params: &Map<String, Value>) -> Vec<String> {
+/// The values of the secret params: those the plan declares secret, and `sealed`, the names whose
+/// stored value was sealed (a plan edited on resume may no longer say they are secret).
+fn secret_values(plan: &Plan, params: &Map<String, Value>, sealed: &[String]) -> Vec<String> {
     secret_names(plan)
         .into_iter()
+        .chain(sealed.iter().map(String::as_str))
         .filter_map(|n| params.get(n))
         .map(|v| match v {
             Value::String(s) => s.clone(),
@@ -631,7 +634,7 @@ pub async fn run(
         title: title.clone(),
         resumed: false,
     });
-    let secrets = secret_values(&new.plan, &new.params);
+    let secrets = secret_values(&new.plan, &new.params, &[]);
     let shared = shared(
         store,
         Arc::new(new.plan),
@@ -1403,6 +1406,11 @@ async fn take_and_load(
     } else {
         None
     };
+    let sealed: Vec<String> = stored
+        .iter()
+        .filter(|(_, v)| secrets::is_sealed(v))
+        .map(|(k, _)| k.clone())
+        .collect();
     let mut params = secrets::open(&stored, key.as_ref())?;
     let (acquired, me) = take(
         store, row, &options, overrides, &progress, &stop, kind, verb, reopen,
@@ -1418,6 +1426,7 @@ async fn take_and_load(
     });
     sweep(store, reader, row, &me, &options, &progress).await?;
     end_children_leftovers(reader, op, &options).await?;
+    runner::OutputFiles::remove_left(&row.uuid);
     if let Some((
         Replan {
             plan: new, files, ..
@@ -1513,7 +1522,7 @@ async fn take_and_load(
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
         .collect();
-    let secrets = secret_values(&plan, &params);
+    let secrets = secret_values(&plan, &params, &sealed);
     let files = reader.snapshot(op)?.files.into_iter().collect();
     let (ancestors, _) = crate::children::lineage(reader, row.parent)?;
     let shared = shared(

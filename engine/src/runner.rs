@@ -306,7 +306,7 @@ pub(crate) struct Shared {
     /// a list of 100,000 items, and each item's task would otherwise convert it again.
     pub base_context: std::sync::OnceLock<Context>,
     /// The params as every process's environment passes them ([`param_env`]), made once.
-    pub param_env: std::sync::OnceLock<Result<BTreeMap<String, String>, String>>,
+    pub param_env: std::sync::OnceLock<BTreeMap<String, String>>,
     /// Set when the op failed: approval gates still waiting end (they cannot lead anywhere).
     pub gates: watch::Sender<bool>,
     /// A stop signal that never fires: finishing hooks run to their end even when the op was
@@ -2058,18 +2058,14 @@ async fn fail_attempt(
     .await
 }
 
-/// The environment of a step's process: the captured base, the plan's and step's `env`, every
-/// param as `CAIRN_PARAM_<NAME>`, and cairn's own variables.
-/// The longest param text passed in the environment; a longer one is passed in a file, named by
-/// `CAIRN_PARAM_<NAME>_FILE`. Linux refuses to start a process whose environment holds one string
-/// over 128 KiB (`E2BIG`), and all of it together over a quarter of the stack limit: a list of
-/// 100,000 partitions is over both.
-const PARAM_IN_ENV: usize = 64 * 1024;
+/// The longest `NAME=value` string Linux lets into a process's environment (`MAX_ARG_STRLEN`, 128
+/// KiB with its terminating NUL): a param whose variable would be longer is passed in a file.
+const ENV_STRING_MAX: usize = 128 * 1024 - 1;
 
-/// Every param as the environment passes it: `CAIRN_PARAM_<NAME>`, or `CAIRN_PARAM_<NAME>_FILE`
-/// naming a file that holds it when it is too long (not a secret: those stay out of files).
-/// The same for every task of the run, so made once: a list param of 100,000 items took
-/// milliseconds to write out as JSON, for every process.
+/// Every param as the environment passes it: `CAIRN_PARAM_<NAME>`, or, when that variable could
+/// not be passed at all, `CAIRN_PARAM_<NAME>_FILE` naming a read-only file that holds it (never a
+/// secret's: those stay out of files). The same for every task of the run, so made once: a list
+/// param of 100,000 items took milliseconds to write out as JSON, for every process.
 fn param_env(shared: &Shared) -> Result<BTreeMap<String, String>, String> {
     let mut env = BTreeMap::new();
     for (name, value) in &shared.params {
@@ -2082,13 +2078,24 @@ fn param_env(shared: &Shared) -> Result<BTreeMap<String, String>, String> {
             .plan
             .params
             .iter()
-            .any(|p| p.secret && p.name == *name);
-        if text.len() > PARAM_IN_ENV && !secret {
+            .any(|p| p.secret && p.name == *name)
+            || shared.secrets.contains(&text);
+        if var.len() + 1 + text.len() > ENV_STRING_MAX && !secret {
+            let file_var = format!("{var}_FILE");
+            if let Some(other) = shared
+                .params
+                .keys()
+                .find(|n| format!("CAIRN_PARAM_{}", n.to_uppercase()) == file_var)
+            {
+                return Err(format!(
+                    "param `{name}` is too long for the environment and goes in a file named by `{file_var}`, which is param `{other}`'s variable: rename one of them"
+                ));
+            }
             let path = shared
                 .outputs
                 .param_file(name, &text)
                 .map_err(|e| format!("cannot write param `{name}` to its file: {e}"))?;
-            env.insert(format!("{var}_FILE"), path.display().to_string());
+            env.insert(file_var, path.display().to_string());
         } else {
             env.insert(var, text);
         }
@@ -2096,6 +2103,8 @@ fn param_env(shared: &Shared) -> Result<BTreeMap<String, String>, String> {
     Ok(env)
 }
 
+/// The environment of a step's process: the captured base, the plan's and step's `env`, every
+/// param as `CAIRN_PARAM_<NAME>`, and cairn's own variables.
 fn environment(
     shared: &Shared,
     step: &Step,
@@ -2112,11 +2121,13 @@ fn environment(
             .map_err(|e| format!("cannot render `env.{}`: {e}", var.name))?;
         env.insert(var.name.clone(), value);
     }
-    let params = shared
-        .param_env
-        .get_or_init(|| param_env(shared))
-        .as_ref()
-        .map_err(Clone::clone)?;
+    // Kept once made; a failure (a full disk) is tried again by the next process.
+    let params = if let Some(params) = shared.param_env.get() {
+        params
+    } else {
+        let made = param_env(shared)?;
+        shared.param_env.get_or_init(|| made)
+    };
     env.extend(params.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.insert("CAIRN_OP_ID".into(), shared.op.0.to_string());
     env.insert("CAIRN_OP_UUID".into(), shared.uuid.clone());
@@ -2435,11 +2446,11 @@ pub struct OutputFiles {
 }
 
 impl OutputFiles {
-    /// A new directory for a run of op `uuid`, in the temporary directory. What an earlier run of
-    /// the same op left there (it was killed before it could remove it: output files, long params)
-    /// is removed first: only one process owns an op at a time, and this one does now.
-    pub(crate) fn new(uuid: &str) -> std::io::Result<Self> {
-        use std::os::unix::fs::{MetadataExt as _, PermissionsExt};
+    /// Removes what earlier runs of op `uuid` left in the temporary directory (they were killed
+    /// before they could: output files, long params). Called by a resume once it owns the op: only
+    /// one process owns an op at a time, and a new op has nothing there.
+    pub(crate) fn remove_left(uuid: &str) {
+        use std::os::unix::fs::MetadataExt as _;
         let prefix = format!("cairn-{uuid}-");
         let me = nix::unistd::geteuid().as_raw();
         if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
@@ -2456,8 +2467,13 @@ impl OutputFiles {
                 }
             }
         }
+    }
+
+    /// A new directory, private to the user, for a run of op `uuid`: `$TMPDIR/cairn-<uuid>-*`.
+    pub(crate) fn new(uuid: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::Builder::new()
-            .prefix(&prefix)
+            .prefix(&format!("cairn-{uuid}-"))
             .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir()?;
         Ok(Self {
@@ -2492,8 +2508,9 @@ impl OutputFiles {
         spare.map_or_else(|| self.make(), Ok)
     }
 
-    /// The file holding param `name`'s `text` (`0600`, beside the output files), written the
-    /// first time it is asked for.
+    /// The file holding param `name`'s `text` (`0400`: every process of the run reads the same
+    /// one; beside the output files), written the first time it is asked for. One that could not
+    /// be written whole is removed, to be written again next time.
     fn param_file(&self, name: &str, text: &str) -> std::io::Result<PathBuf> {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt;
@@ -2505,12 +2522,16 @@ impl OutputFiles {
             return Ok(path.clone());
         }
         let path = self.dir.path().join(format!("param-{name}"));
-        let mut file = std::fs::OpenOptions::new()
+        let written = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
-        file.write_all(text.as_bytes())?;
+            .mode(0o400)
+            .open(&path)
+            .and_then(|mut file| file.write_all(text.as_bytes()));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         files.insert(name.to_owned(), path.clone());
         Ok(path)
     }

@@ -463,7 +463,7 @@ fn a_param_too_long_for_the_environment_is_passed_in_a_file() {
         std::fs::read_to_string(dir.path().join("mode"))
             .unwrap()
             .trim(),
-        "600"
+        "400"
     );
 }
 
@@ -495,9 +495,9 @@ fn a_command_line_too_long_says_which_string_is() {
 }
 
 /// A run killed with `kill -9` leaves its private directory (output files, long params) in the
-/// temporary directory; the next run of the same op removes it, and a finished run leaves none.
+/// temporary directory; the op's resume removes it, and a finished run leaves none.
 #[test]
-fn a_killed_runs_files_are_removed_by_the_next_run_of_its_op() {
+fn a_killed_runs_files_are_removed_by_its_resume() {
     let dir = tempfile::tempdir().unwrap();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
