@@ -427,28 +427,31 @@ fn what_a_finished_step_left_running_is_ended_before_the_next_starts() {
     }
 }
 
+/// Runs `plan` in `dir` with the list param `big` of 30,000 numbers, longer as JSON than the
+/// kernel lets one string of a command line or an environment be (128 KiB); returns the run's
+/// output and that JSON.
+fn run_with_a_long_list(dir: &std::path::Path, plan: &str) -> (std::process::Output, String) {
+    std::fs::write(dir.join("plan.yaml"), plan).unwrap();
+    let items: Vec<u32> = (0..30_000).collect();
+    let json = serde_json::to_string(&items).unwrap();
+    assert!(json.len() > 128 * 1024, "over the kernel's limit");
+    std::fs::write(dir.join("params.json"), format!("{{\"big\": {json}}}")).unwrap();
+    let out = cairn(dir, &["run", "plan.yaml", "--params", "params.json"])
+        .output()
+        .unwrap();
+    (out, json)
+}
+
 /// A param too long for a process's environment (Linux refuses one string over 128 KiB: the step
 /// could not start at all) is passed in a private file named by `CAIRN_PARAM_<NAME>_FILE`; a short
 /// one stays in `CAIRN_PARAM_<NAME>`.
 #[test]
 fn a_param_too_long_for_the_environment_is_passed_in_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("plan.yaml"),
+    let (out, json) = run_with_a_long_list(
+        dir.path(),
         "name: big\nparams:\n  big: { type: list, required: true }\n  small: { type: string, default: hello }\nsteps:\n  - id: use\n    run: |\n      test -z \"${CAIRN_PARAM_BIG:-}\"\n      test \"$CAIRN_PARAM_SMALL\" = hello\n      cp \"$CAIRN_PARAM_BIG_FILE\" seen.json\n      stat -c %a \"$CAIRN_PARAM_BIG_FILE\" > mode\n",
-    )
-    .unwrap();
-    let items: Vec<u32> = (0..30_000).collect();
-    let json = serde_json::to_string(&items).unwrap();
-    assert!(json.len() > 128 * 1024, "over the kernel's limit");
-    std::fs::write(
-        dir.path().join("params.json"),
-        format!("{{\"big\": {json}}}"),
-    )
-    .unwrap();
-    let out = cairn(dir.path(), &["run", "plan.yaml", "--params", "params.json"])
-        .output()
-        .unwrap();
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -472,20 +475,10 @@ fn a_param_too_long_for_the_environment_is_passed_in_a_file() {
 #[test]
 fn a_command_line_too_long_says_which_string_is() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("plan.yaml"),
+    let (out, _) = run_with_a_long_list(
+        dir.path(),
         "name: long\nparams:\n  big: { type: list, required: true }\nsteps:\n  - id: inline\n    run: \"echo {{ params.big }}\"\n",
-    )
-    .unwrap();
-    let items: Vec<u32> = (0..30_000).collect();
-    std::fs::write(
-        dir.path().join("params.json"),
-        serde_json::json!({ "big": items }).to_string(),
-    )
-    .unwrap();
-    let out = cairn(dir.path(), &["run", "plan.yaml", "--params", "params.json"])
-        .output()
-        .unwrap();
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
