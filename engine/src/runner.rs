@@ -315,12 +315,57 @@ pub(crate) struct Shared {
     pub _calm_tx: watch::Sender<bool>,
 }
 
+/// Tasks running in this process, across all its ops (a `serve`'s, a sub-plan's): while at most
+/// one does, its commits are made on the engine's own thread ([`commit_together`]).
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `task`, counted in [`RUNNING`] from now (its spawn) until it ends: a fan-out's items are all
+/// counted before the first of them commits anything.
+fn counted<F: std::future::Future>(task: F) -> impl std::future::Future<Output = F::Output> {
+    struct Counted;
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            RUNNING.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    RUNNING.fetch_add(1, Ordering::SeqCst);
+    let counted = Counted;
+    async move {
+        let _counted = counted;
+        task.await
+    }
+}
+
+/// Commits `batches` together (see [`Store::apply_together`]). While no other task runs in this
+/// process, on this thread, when the writer is idle and the database free ([`Store::apply_here`]):
+/// nothing else would run meanwhile, and a serial chain's step is spared two thread wakes. With
+/// other tasks running, through the writer, so that their commits are shared.
+async fn commit_together(
+    store: &Store,
+    batches: Vec<Vec<Change>>,
+) -> Vec<Result<Vec<store::Applied>, StoreError>> {
+    let batches = if RUNNING.load(Ordering::SeqCst) <= 1 {
+        match store.apply_here(batches) {
+            Ok(results) => return results,
+            Err(batches) => batches,
+        }
+    } else {
+        batches
+    };
+    store.apply_together(batches).await
+}
+
 /// Applies a batch, waiting out a database that another process holds (up to `patience`).
 async fn apply(store: &Store, batch: Vec<Change>, patience: Duration) -> Result<(), Fatal> {
-    patiently(patience, || store.apply(batch.clone()))
-        .await
-        .map(drop)
-        .map_err(Fatal::from)
+    patiently(patience, || async {
+        commit_together(store, vec![batch.clone()])
+            .await
+            .pop()
+            .unwrap_or(Err(StoreError::Closed))
+    })
+    .await
+    .map(drop)
+    .map_err(Fatal::from)
 }
 
 /// Runs `write` again while it fails because another process holds the database, up to
@@ -733,9 +778,9 @@ pub(crate) async fn run(
                     Err(error) => {
                         let shared = shared.clone();
                         in_flight.insert(i);
-                        running.spawn(async move {
+                        running.spawn(counted(async move {
                             (i, fail_before_start(&shared, &job, prior + 1, error).await)
-                        });
+                        }));
                         continue;
                     }
                     Ok(Some(list)) => {
@@ -805,12 +850,12 @@ pub(crate) async fn run(
                         };
                         let shared = shared.clone();
                         in_flight.insert(i);
-                        running.spawn(async move {
+                        running.spawn(counted(async move {
                             (
                                 i,
                                 shared.apply(vec![change]).await.map(|()| TaskEnd::Expanded),
                             )
-                        });
+                        }));
                         continue;
                     }
                 }
@@ -827,14 +872,14 @@ pub(crate) async fn run(
             let ctx = shared.context(step, &outputs);
             // Its end may wait for a task it releases to carry it, if anything needs it.
             job.defer = !plan.dag.dependents(i).is_empty();
-            running.spawn(async move {
+            running.spawn(counted(async move {
                 let stop = shared.stop.clone();
                 let mut carry = carry;
                 let end = run_task(&shared, &job, prior, retry_from, ctx, &stop, &mut carry).await;
                 // A task that ended before its first commit still records what it carried.
                 let carried = apply_carrying(&shared, &mut carry, Vec::new()).await;
                 (i, end.and_then(|end| carried.map(|()| end)))
-            });
+            }));
         }
         // A record no task carries goes on its own; what needs it waits for it.
         if let Some((ended, record)) = pending.take() {
@@ -884,13 +929,13 @@ pub(crate) async fn run(
                 *count += 1;
                 in_flight.insert(no);
                 let shared = shared.clone();
-                running.spawn(async move {
+                running.spawn(counted(async move {
                     let stop = shared.stop.clone();
                     (
                         no,
                         run_task(&shared, &job, prior, retry_from, ctx, &stop, &mut None).await,
                     )
-                });
+                }));
             }
         }
         // A fan-out step whose items have all ended (or will not start now) gathers them.
@@ -920,7 +965,7 @@ pub(crate) async fn run(
                 };
                 let shared = shared.clone();
                 in_flight.insert(s);
-                running.spawn(async move {
+                running.spawn(counted(async move {
                     let end = shared.apply(vec![change]).await.map(|()| {
                         if status == TaskStatus::Pending {
                             TaskEnd::Interrupted
@@ -933,7 +978,7 @@ pub(crate) async fn run(
                         }
                     });
                     (s, end)
-                });
+                }));
             }
         }
         // The op is `waiting` while approval gates are all that is in flight.
@@ -2009,9 +2054,7 @@ async fn apply_carrying(
     }
     // A transient failure is the whole commit's (another process held the database): both again.
     let recorded = patiently(shared.options.lease / 2, || async {
-        let mut results = shared
-            .store
-            .apply_together(batches.clone())
+        let mut results = commit_together(&shared.store, batches.clone())
             .await
             .into_iter();
         results

@@ -7,7 +7,8 @@
 //! commit.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 
 use rusqlite::Connection;
@@ -37,17 +38,24 @@ struct Queued {
 pub struct Store {
     path: PathBuf,
     sender: mpsc::Sender<Queued>,
+    /// The write connection: the writer thread's, lent to a caller that commits on its own thread
+    /// while the writer has nothing to do ([`Store::apply_here`]).
+    conn: Arc<Mutex<Connection>>,
+    /// Requests sent to the writer and not yet committed.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Store {
     /// Opens (creating if needed, private to the user) the database at `path` for writing.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = sqlite::open_writer(path)?;
+        let conn = Arc::new(Mutex::new(sqlite::open_writer(path)?));
+        let queued = Arc::new(AtomicUsize::new(0));
         let (sender, receiver) = mpsc::channel::<Queued>();
         let thread_path = path.to_path_buf();
+        let (thread_conn, thread_queued) = (conn.clone(), queued.clone());
         thread::Builder::new()
             .name("cairn-store-writer".into())
-            .spawn(move || writer(conn, &thread_path, &receiver))
+            .spawn(move || writer(&thread_conn, &thread_queued, &thread_path, &receiver))
             .map_err(|e| Error::Unusable {
                 path: path.to_path_buf(),
                 reason: format!("cannot start its writer: {e}"),
@@ -55,6 +63,8 @@ impl Store {
         Ok(Self {
             path: path.to_path_buf(),
             sender,
+            conn,
+            queued,
         })
     }
 
@@ -77,25 +87,71 @@ impl Store {
         let count = batches.len();
         let closed = || (0..count).map(|_| Err(Error::Closed)).collect();
         let (reply, wait) = tokio::sync::oneshot::channel();
-        if self.sender.send(Queued { batches, reply }).is_err() {
+        if !self.send(Queued { batches, reply }) {
             return closed();
         }
         wait.await.unwrap_or_else(|_| closed())
     }
 
+    /// [`Store::apply_together`] on the calling thread, when the writer has nothing queued and the
+    /// database is free at once: the batches are committed here, and their results returned. A
+    /// short step's commit is then not handed to the writer thread and back, two thread wakes
+    /// that cost as much as the rest of a `noop` step apart from the disk. It blocks the caller
+    /// until the commit is durable, so it is for a caller with nothing else to do meanwhile.
+    ///
+    /// # Errors
+    ///
+    /// The batches, untouched, when they were not committed here (something is queued, the
+    /// writer is committing, another process holds the database, or beginning failed): the caller
+    /// then goes through the writer, which waits as long as the busy timeout allows.
+    pub fn apply_here(
+        &self,
+        batches: Vec<Vec<Change>>,
+    ) -> std::result::Result<Vec<Result<Vec<Applied>>>, Vec<Vec<Change>>> {
+        // Nothing queued before it: a request waiting for the writer is never overtaken.
+        if self.queued.load(Ordering::SeqCst) != 0 {
+            return Err(batches);
+        }
+        let Ok(mut conn) = self.conn.try_lock() else {
+            return Err(batches);
+        };
+        if self.queued.load(Ordering::SeqCst) != 0 {
+            return Err(batches);
+        }
+        // Never wait here for another process: the writer thread does, up to the busy timeout.
+        if conn.busy_timeout(std::time::Duration::ZERO).is_err() {
+            return Err(batches);
+        }
+        let result = commit(&mut conn, &self.path, &batches.iter().collect::<Vec<_>>());
+        let _ = conn.busy_timeout(sqlite::busy_timeout());
+        // An error of the whole commit is one before anything was applied (or a commit that
+        // failed and was rolled back): the writer tries again and reports what it finds.
+        result.map_err(|_| batches)
+    }
+
     /// [`Store::apply`] for callers outside an async runtime.
     pub fn apply_blocking(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
         let (reply, wait) = tokio::sync::oneshot::channel();
-        self.sender
-            .send(Queued {
-                batches: vec![batch],
-                reply,
-            })
-            .map_err(|_| Error::Closed)?;
+        if !self.send(Queued {
+            batches: vec![batch],
+            reply,
+        }) {
+            return Err(Error::Closed);
+        }
         wait.blocking_recv()
             .ok()
             .and_then(|mut results| results.pop())
             .unwrap_or(Err(Error::Closed))
+    }
+
+    /// Queues a request for the writer, counted until it is committed; false if the writer ended.
+    fn send(&self, request: Queued) -> bool {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        if self.sender.send(request).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
     }
 
     /// A read connection on the same database.
@@ -107,16 +163,28 @@ impl Store {
     }
 }
 
-fn writer(mut conn: Connection, path: &Path, receiver: &mpsc::Receiver<Queued>) {
+fn writer(
+    conn: &Mutex<Connection>,
+    queued: &AtomicUsize,
+    path: &Path,
+    receiver: &mpsc::Receiver<Queued>,
+) {
     while let Ok(first) = receiver.recv() {
         let mut requests = vec![first];
+        // Held from here until the requests are committed and no longer counted as queued.
+        let mut conn = conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         while requests.len() < QUEUE {
             match receiver.try_recv() {
                 Ok(more) => requests.push(more),
                 Err(_) => break,
             }
         }
-        let results = commit(&mut conn, path, &requests);
+        let batches: Vec<&Vec<Change>> = requests.iter().flat_map(|r| &r.batches).collect();
+        let results = commit(&mut conn, path, &batches);
+        queued.fetch_sub(requests.len(), Ordering::SeqCst);
+        drop(conn);
         match results {
             Ok(mut results) => {
                 for request in requests {
@@ -150,23 +218,23 @@ fn writer(mut conn: Connection, path: &Path, receiver: &mpsc::Receiver<Queued>) 
     }
 }
 
-/// Applies every batch of every request in one transaction, each in a savepoint; commits once.
+/// Applies every batch in one transaction, each in a savepoint; commits once.
 fn commit(
     conn: &mut Connection,
     path: &Path,
-    requests: &[Queued],
+    batches: &[&Vec<Change>],
 ) -> Result<Vec<Result<Vec<Applied>>>> {
     let err = |e: &rusqlite::Error| sqlite::classify(path, e);
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(|e| err(&e))?;
-    let mut results = Vec::with_capacity(requests.len());
+    let mut results = Vec::with_capacity(batches.len());
     // A batch alone in its transaction needs no savepoint: if it fails, nothing is committed.
-    let alone = requests.iter().map(|r| r.batches.len()).sum::<usize>() == 1;
+    let alone = batches.len() == 1;
     // The op and writer the last change applied proved ownership for (`Change::attempt_fence`);
     // any other change, or a refusal, forgets it.
     let mut fenced: Option<(OpId, &ProcessId)> = None;
-    for batch in requests.iter().flat_map(|r| &r.batches) {
+    for &batch in batches {
         if !alone {
             // Prepared once and kept: parsing it for every request costs more than running it.
             tx.prepare_cached("SAVEPOINT request")

@@ -641,3 +641,42 @@ fn one_commit_reads_the_owner_again_after_a_change_that_may_move_it() {
         ]
     );
 }
+
+/// A commit on the caller's thread happens only when the database is free at once; while another
+/// process holds it, the batches come back untouched (for the writer, which waits), and nothing
+/// of them is written.
+#[test]
+fn a_commit_here_steps_aside_while_another_process_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let store = Store::open(&path).unwrap();
+    let op = submit(&store, 1);
+    let event = |n: i64| {
+        vec![Change::Event {
+            op,
+            at: n,
+            kind: "note",
+            task: None,
+            message: format!("here {n}"),
+        }]
+    };
+    let notes = || {
+        Reader::open(&path)
+            .unwrap()
+            .unwrap()
+            .events(op)
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == "note")
+            .count()
+    };
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let back = store.apply_here(vec![event(1)]).unwrap_err();
+    assert_eq!(back, vec![event(1)]);
+    other.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(notes(), 0);
+    let results = store.apply_here(vec![event(2), event(3)]).unwrap();
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(notes(), 2);
+}
