@@ -336,10 +336,12 @@ fn counted<F: std::future::Future>(task: F) -> impl std::future::Future<Output =
     }
 }
 
-/// Commits `batches` together (see [`Store::apply_together`]). While no other task runs in this
-/// process, on this thread, when the writer is idle and the database free ([`Store::apply_here`]):
-/// nothing else would run meanwhile, and a serial chain's step is spared two thread wakes. With
-/// other tasks running, through the writer, so that their commits are shared.
+/// Commits a task's own start or end, `batches` together (see [`Store::apply_together`]). While no
+/// other task runs in this process, on this thread, when the writer is idle and the database free
+/// ([`Store::apply_here`]): the task waits for this commit anyway, and a serial chain's step is
+/// spared two thread wakes. With other tasks running, through the writer, so that their commits
+/// are shared. Writes made while a process runs (its pid, its logs, heartbeats) always go through
+/// the writer: the engine's thread keeps reading the process's output meanwhile.
 async fn commit_together(
     store: &Store,
     batches: Vec<Vec<Change>>,
@@ -355,13 +357,23 @@ async fn commit_together(
     store.apply_together(batches).await
 }
 
-/// Applies a batch, waiting out a database that another process holds (up to `patience`).
-async fn apply(store: &Store, batch: Vec<Change>, patience: Duration) -> Result<(), Fatal> {
+/// Applies a batch, waiting out a database that another process holds (up to `patience`); `own`:
+/// a task's own start or end ([`commit_together`]).
+async fn apply(
+    store: &Store,
+    batch: Vec<Change>,
+    patience: Duration,
+    own: bool,
+) -> Result<(), Fatal> {
     patiently(patience, || async {
-        commit_together(store, vec![batch.clone()])
-            .await
-            .pop()
-            .unwrap_or(Err(StoreError::Closed))
+        if own {
+            commit_together(store, vec![batch.clone()])
+                .await
+                .pop()
+                .unwrap_or(Err(StoreError::Closed))
+        } else {
+            store.apply(batch.clone()).await
+        }
     })
     .await
     .map(drop)
@@ -389,10 +401,19 @@ where
 
 impl Shared {
     async fn apply(&self, batch: Vec<Change>) -> Result<(), Fatal> {
+        self.apply_as(batch, false).await
+    }
+
+    /// [`Shared::apply`] for a task's own end (see [`commit_together`]).
+    async fn apply_own(&self, batch: Vec<Change>) -> Result<(), Fatal> {
+        self.apply_as(batch, true).await
+    }
+
+    async fn apply_as(&self, batch: Vec<Change>, own: bool) -> Result<(), Fatal> {
         if self.lost.load(Ordering::SeqCst) {
             return Err(Fatal::Lost("another process owns the op".into()));
         }
-        apply(&self.store, batch, self.options.lease / 2).await
+        apply(&self.store, batch, self.options.lease / 2, own).await
     }
 
     fn say(&self, p: &Progress) {
@@ -2024,7 +2045,7 @@ async fn finish(
             }),
         });
     }
-    shared.apply(vec![change]).await?;
+    shared.apply_own(vec![change]).await?;
     shared.say(&progress);
     Ok(end)
 }
@@ -2041,7 +2062,7 @@ async fn apply_carrying(
         return if batch.is_empty() {
             Ok(())
         } else {
-            shared.apply(batch).await
+            shared.apply_own(batch).await
         };
     };
     if shared.lost.load(Ordering::SeqCst) {
@@ -2441,7 +2462,7 @@ async fn write_logs(
         if !batch.is_empty() {
             // Logs are best effort: a failure must not fail the step (its outcome is what counts),
             // but a busy database is waited for.
-            let _ = apply(&store, batch, Duration::from_secs(10)).await;
+            let _ = apply(&store, batch, Duration::from_secs(10), false).await;
         }
         if closed {
             return;

@@ -42,11 +42,16 @@ const MIGRATIONS: &[&str] = &[
 #[allow(clippy::cast_possible_wrap)]
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
+/// How long a write waits for another process holding the database: 5 s, or
+/// `CAIRN_BUSY_TIMEOUT_MS`. Read once.
 pub(crate) fn busy_timeout() -> Duration {
-    std::env::var("CAIRN_BUSY_TIMEOUT_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(Duration::from_secs(5), Duration::from_millis)
+    static TIMEOUT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *TIMEOUT.get_or_init(|| {
+        std::env::var("CAIRN_BUSY_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(5), Duration::from_millis)
+    })
 }
 
 /// What went wrong, in the words of the path's owner.

@@ -101,9 +101,10 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// The batches, untouched, when they were not committed here (something is queued, the
-    /// writer is committing, another process holds the database, or beginning failed): the caller
-    /// then goes through the writer, which waits as long as the busy timeout allows.
+    /// The batches, untouched, when their transaction could not begin here (something is queued,
+    /// the writer is committing, another process holds the database): the caller then goes
+    /// through the writer, which waits as long as the busy timeout allows. Any failure after the
+    /// transaction began is returned in the results, as the writer would.
     pub fn apply_here(
         &self,
         batches: Vec<Vec<Change>>,
@@ -119,14 +120,25 @@ impl Store {
             return Err(batches);
         }
         // Never wait here for another process: the writer thread does, up to the busy timeout.
-        if conn.busy_timeout(std::time::Duration::ZERO).is_err() {
+        let Ok(conn) = NoWait::new(&mut conn) else {
             return Err(batches);
-        }
-        let result = commit(&mut conn, &self.path, &batches.iter().collect::<Vec<_>>());
-        let _ = conn.busy_timeout(sqlite::busy_timeout());
-        // An error of the whole commit is one before anything was applied (or a commit that
-        // failed and was rolled back): the writer tries again and reports what it finds.
-        result.map_err(|_| batches)
+        };
+        let tx = match conn
+            .0
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        {
+            Ok(tx) => tx,
+            Err(e) => {
+                return match sqlite::classify(&self.path, &e) {
+                    Error::Locked { .. } => Err(batches),
+                    other => Ok(failed(&other, &self.path, batches.len())),
+                };
+            }
+        };
+        // From here, as the writer would: a failure of the whole commit is each batch's.
+        let refs: Vec<&Vec<Change>> = batches.iter().collect();
+        Ok(commit_in(tx, &self.path, &refs)
+            .unwrap_or_else(|e| failed(&e, &self.path, batches.len())))
     }
 
     /// [`Store::apply`] for callers outside an async runtime.
@@ -193,29 +205,49 @@ fn writer(
                 }
             }
             Err(err) => {
-                let message = err.to_string();
-                let each = || match &err {
-                    Error::Locked { path, waited_ms } => Error::Locked {
-                        path: path.clone(),
-                        waited_ms: *waited_ms,
-                    },
-                    Error::Write { path, reason } => Error::Write {
-                        path: path.clone(),
-                        reason: reason.clone(),
-                    },
-                    _ => Error::Write {
-                        path: path.to_path_buf(),
-                        reason: message.clone(),
-                    },
-                };
                 for request in requests {
                     let _ = request
                         .reply
-                        .send(request.batches.iter().map(|_| Err(each())).collect());
+                        .send(failed(&err, path, request.batches.len()));
                 }
             }
         }
     }
+}
+
+/// The write connection with no busy timeout, restored when this is dropped (a panic included).
+struct NoWait<'c>(&'c mut Connection);
+
+impl<'c> NoWait<'c> {
+    fn new(conn: &'c mut Connection) -> rusqlite::Result<Self> {
+        conn.busy_timeout(std::time::Duration::ZERO)?;
+        Ok(Self(conn))
+    }
+}
+
+impl Drop for NoWait<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.busy_timeout(sqlite::busy_timeout());
+    }
+}
+
+/// `count` batches' results when their whole commit failed with `err`: that error, for each.
+fn failed(err: &Error, path: &Path, count: usize) -> Vec<Result<Vec<Applied>>> {
+    let each = || match err {
+        Error::Locked { path, waited_ms } => Error::Locked {
+            path: path.clone(),
+            waited_ms: *waited_ms,
+        },
+        Error::Write { path, reason } => Error::Write {
+            path: path.clone(),
+            reason: reason.clone(),
+        },
+        other => Error::Write {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    };
+    (0..count).map(|_| Err(each())).collect()
 }
 
 /// Applies every batch in one transaction, each in a savepoint; commits once.
@@ -224,10 +256,19 @@ fn commit(
     path: &Path,
     batches: &[&Vec<Change>],
 ) -> Result<Vec<Result<Vec<Applied>>>> {
-    let err = |e: &rusqlite::Error| sqlite::classify(path, e);
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|e| err(&e))?;
+        .map_err(|e| sqlite::classify(path, &e))?;
+    commit_in(tx, path, batches)
+}
+
+/// [`commit`] once its transaction has begun.
+fn commit_in(
+    tx: rusqlite::Transaction<'_>,
+    path: &Path,
+    batches: &[&Vec<Change>],
+) -> Result<Vec<Result<Vec<Applied>>>> {
+    let err = |e: &rusqlite::Error| sqlite::classify(path, e);
     let mut results = Vec::with_capacity(batches.len());
     // A batch alone in its transaction needs no savepoint: if it fails, nothing is committed.
     let alone = batches.len() == 1;
