@@ -346,15 +346,13 @@ async fn commit_together(
     store: &Store,
     batches: Vec<Vec<Change>>,
 ) -> Vec<Result<Vec<store::Applied>, StoreError>> {
-    let batches = if RUNNING.load(Ordering::SeqCst) <= 1 {
-        match store.apply_here(batches) {
-            Ok(results) => return results,
-            Err(batches) => batches,
-        }
-    } else {
-        batches
-    };
-    store.apply_together(batches).await
+    if RUNNING.load(Ordering::SeqCst) > 1 {
+        return store.apply_together(batches).await;
+    }
+    match store.apply_here(batches) {
+        Ok(results) => results,
+        Err(batches) => store.apply_together(batches).await,
+    }
 }
 
 /// Applies a batch, waiting out a database that another process holds (up to `patience`); `own`:
@@ -2138,12 +2136,9 @@ fn param_env(shared: &Shared) -> Result<BTreeMap<String, String>, String> {
             other => other.to_string(),
         };
         let var = format!("CAIRN_PARAM_{}", name.to_uppercase());
-        let secret = shared
-            .plan
-            .params
-            .iter()
-            .any(|p| p.secret && p.name == *name)
-            || shared.secrets.contains(&text);
+        // `secrets` holds every secret param's text: those the plan declares and those stored
+        // sealed (`ops::secret_values`).
+        let secret = shared.secrets.contains(&text);
         if var.len() + 1 + text.len() > ENV_STRING_MAX && !secret {
             let file_var = format!("{var}_FILE");
             if let Some(other) = shared

@@ -121,7 +121,7 @@ pub struct SpawnError {
 /// For `E2BIG`: which string of the command line or environment is the longest, since the kernel
 /// refuses one over 128 KiB, and all of them together over a quarter of the stack limit.
 fn too_long(spec: &Spec) -> String {
-    let strings = spec
+    let strings: Vec<(String, usize)> = spec
         .argv
         .iter()
         .enumerate()
@@ -130,14 +130,10 @@ fn too_long(spec: &Spec) -> String {
             spec.env
                 .iter()
                 .map(|(k, v)| (format!("`{k}`"), k.len() + 1 + v.len())),
-        );
-    let total: usize = spec.argv.iter().map(String::len).sum::<usize>()
-        + spec
-            .env
-            .iter()
-            .map(|(k, v)| k.len() + 1 + v.len())
-            .sum::<usize>();
-    match strings.max_by_key(|(_, len)| *len) {
+        )
+        .collect();
+    let total: usize = strings.iter().map(|(_, len)| len).sum();
+    match strings.into_iter().max_by_key(|(_, len)| *len) {
         Some((what, len)) => format!(
             " (its command line and environment hold {total} bytes; the longest, {what}, {len} bytes; Linux takes at most 128 KiB in one)"
         ),
