@@ -5,7 +5,7 @@
 //! | pragma | value | why |
 //! | --- | --- | --- |
 //! | `journal_mode` | `WAL` | readers (`status`) never block the writer, nor it them |
-//! | `synchronous` | `FULL` | a commit is on disk (`fdatasync` of the WAL: SQLite is built with `HAVE_FDATASYNC`) before it returns: invariant 2 |
+//! | `synchronous` | `FULL` | a commit is on disk (`fdatasync` of the WAL: SQLite is built with `HAVE_FDATASYNC`) before it returns: invariant 2. `NORMAL` for a commit of nothing but what dies with the boot (`store::sync_for`) |
 //! | `foreign_keys` | `ON` | tasks, attempts and events cannot outlive their op |
 //! | `busy_timeout` | 5 s (or `CAIRN_BUSY_TIMEOUT_MS`) | another cairn process writing is waited for, not an error |
 //! | `application_id` | [`APPLICATION_ID`] | a SQLite file that is not cairn's is recognised and left alone |

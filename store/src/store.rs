@@ -7,7 +7,7 @@
 //! commit.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 
@@ -43,6 +43,8 @@ pub struct Store {
     conn: Arc<Mutex<Connection>>,
     /// Requests sent to the writer and not yet committed.
     queued: Arc<AtomicUsize>,
+    /// The write connection is set to `synchronous=NORMAL` ([`sync_for`]).
+    unsynced: Arc<AtomicBool>,
 }
 
 impl Store {
@@ -50,12 +52,17 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Arc::new(Mutex::new(sqlite::open_writer(path)?));
         let queued = Arc::new(AtomicUsize::new(0));
+        let unsynced = Arc::new(AtomicBool::new(false));
         let (sender, receiver) = mpsc::channel::<Queued>();
         let thread_path = path.to_path_buf();
-        let (thread_conn, thread_queued) = (conn.clone(), queued.clone());
+        let writing = Writing {
+            conn: conn.clone(),
+            queued: queued.clone(),
+            unsynced: unsynced.clone(),
+        };
         thread::Builder::new()
             .name("cairn-store-writer".into())
-            .spawn(move || writer(&thread_conn, &thread_queued, &thread_path, &receiver))
+            .spawn(move || writer(&writing, &thread_path, &receiver))
             .map_err(|e| Error::Unusable {
                 path: path.to_path_buf(),
                 reason: format!("cannot start its writer: {e}"),
@@ -65,6 +72,7 @@ impl Store {
             sender,
             conn,
             queued,
+            unsynced,
         })
     }
 
@@ -123,6 +131,14 @@ impl Store {
         let Ok(conn) = NoWait::new(&mut conn) else {
             return Err(batches);
         };
+        let refs: Vec<&Vec<Change>> = batches.iter().collect();
+        if let Err(e) = sync_for(conn.0, &self.unsynced, &refs) {
+            return Ok(failed(
+                &sqlite::classify(&self.path, &e),
+                &self.path,
+                refs.len(),
+            ));
+        }
         let tx = match conn
             .0
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -136,7 +152,6 @@ impl Store {
             }
         };
         // From here, as the writer would: a failure of the whole commit is each batch's.
-        let refs: Vec<&Vec<Change>> = batches.iter().collect();
         Ok(commit_in(tx, &self.path, &refs)
             .unwrap_or_else(|e| failed(&e, &self.path, batches.len())))
     }
@@ -175,12 +190,19 @@ impl Store {
     }
 }
 
-fn writer(
-    conn: &Mutex<Connection>,
-    queued: &AtomicUsize,
-    path: &Path,
-    receiver: &mpsc::Receiver<Queued>,
-) {
+/// What the writer thread shares with the [`Store`] handles.
+struct Writing {
+    conn: Arc<Mutex<Connection>>,
+    queued: Arc<AtomicUsize>,
+    unsynced: Arc<AtomicBool>,
+}
+
+fn writer(writing: &Writing, path: &Path, receiver: &mpsc::Receiver<Queued>) {
+    let Writing {
+        conn,
+        queued,
+        unsynced,
+    } = writing;
     while let Ok(first) = receiver.recv() {
         let mut requests = vec![first];
         // Held from here until the requests are committed and no longer counted as queued.
@@ -194,7 +216,7 @@ fn writer(
             }
         }
         let batches: Vec<&Vec<Change>> = requests.iter().flat_map(|r| &r.batches).collect();
-        let results = commit(&mut conn, path, &batches);
+        let results = commit(&mut conn, unsynced, path, &batches);
         queued.fetch_sub(requests.len(), Ordering::SeqCst);
         drop(conn);
         match results {
@@ -250,12 +272,40 @@ fn failed(err: &Error, path: &Path, count: usize) -> Vec<Result<Vec<Applied>>> {
     (0..count).map(|_| Err(each())).collect()
 }
 
+/// Sets the write connection's `synchronous` for a commit of `batches`, before it begins: `FULL`,
+/// the commit on disk before it returns, unless every change records only what dies with the
+/// machine's boot ([`Change::dies_with_the_boot`]): `NORMAL` then, written but not synced (a
+/// later synced commit makes it durable with its own). `unsynced` says which the connection is
+/// set to: each commit sets the level it needs, none inherits another's.
+fn sync_for(
+    conn: &Connection,
+    unsynced: &AtomicBool,
+    batches: &[&Vec<Change>],
+) -> rusqlite::Result<()> {
+    let lazy = batches.iter().any(|b| !b.is_empty())
+        && batches
+            .iter()
+            .all(|b| b.iter().all(Change::dies_with_the_boot));
+    if lazy != unsynced.load(Ordering::SeqCst) {
+        conn.prepare_cached(if lazy {
+            "PRAGMA synchronous = NORMAL"
+        } else {
+            "PRAGMA synchronous = FULL"
+        })?
+        .execute([])?;
+        unsynced.store(lazy, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
 /// Applies every batch in one transaction, each in a savepoint; commits once.
 fn commit(
     conn: &mut Connection,
+    unsynced: &AtomicBool,
     path: &Path,
     batches: &[&Vec<Change>],
 ) -> Result<Vec<Result<Vec<Applied>>>> {
+    sync_for(conn, unsynced, batches).map_err(|e| sqlite::classify(path, &e))?;
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(|e| sqlite::classify(path, &e))?;
@@ -419,5 +469,72 @@ impl Reader {
 
     pub fn paused(&self) -> Result<Option<Request>> {
         self.with(|r| r.paused())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{ProcessId, TaskNo};
+
+    fn level(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn only_a_commit_of_what_dies_with_the_boot_is_not_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = sqlite::open_writer(&dir.path().join("cairn.db")).unwrap();
+        let unsynced = AtomicBool::new(false);
+        let (full, normal) = (2, 1);
+        assert_eq!(level(&conn), full);
+        let process = Change::AttemptProcess {
+            op: OpId(1),
+            owner: ProcessId {
+                host: "h".into(),
+                boot_id: "b/1".into(),
+                pid: 7,
+                start: 9,
+            },
+            task: TaskNo(0),
+            n: 1,
+            process: ProcessId {
+                host: "h".into(),
+                boot_id: "b/1".into(),
+                pid: 8,
+                start: 10,
+            },
+            pgid: 8,
+        };
+        let current = Change::CurrentTask {
+            op: OpId(1),
+            text: Some("a".into()),
+        };
+        let event = Change::Event {
+            op: OpId(1),
+            at: 0,
+            kind: "note",
+            task: None,
+            message: String::new(),
+        };
+        let lazy = vec![process.clone(), current.clone()];
+        let mixed = vec![process, event.clone()];
+        let (current, event, nothing) = (vec![current], vec![event], Vec::new());
+        let cases: [(Vec<&Vec<Change>>, i64); 6] = [
+            (vec![&lazy], normal),
+            (vec![&lazy, &current], normal),
+            // Each commit sets its own level: none inherits the one before.
+            (vec![&mixed], full),
+            (vec![&lazy], normal),
+            (vec![&lazy, &event], full),
+            // Nothing to write: no reason to change what is durable.
+            (vec![&nothing], full),
+        ];
+        for (i, (batches, expected)) in cases.iter().enumerate() {
+            sync_for(&conn, &unsynced, batches).unwrap();
+            assert_eq!(level(&conn), *expected, "case {i}");
+            assert_eq!(unsynced.load(Ordering::SeqCst), *expected == normal);
+        }
     }
 }

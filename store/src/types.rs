@@ -585,6 +585,16 @@ pub enum Change {
 }
 
 impl Change {
+    /// What this change records is of no use once the machine restarts: the process that runs an
+    /// attempt (its pid, process group and start time) and the op's `CUR_TASK` text, which say
+    /// what the owner is doing now. A commit of nothing else is not synced to disk before it
+    /// returns (`synchronous=NORMAL`): if this process is killed, the operating system still
+    /// holds it and a resume reads it; if the machine stops, that process stopped with it. The
+    /// next synced commit makes it durable with its own.
+    pub(crate) fn dies_with_the_boot(&self) -> bool {
+        matches!(self, Self::AttemptProcess { .. } | Self::CurrentTask { .. })
+    }
+
     /// The op and writer an attempt's change is fenced on. These changes never alter who owns the
     /// op, and within one transaction no other process can: once one of them passed its fence,
     /// those that follow it in the same transaction, for the same op and writer, with nothing else
