@@ -2,7 +2,8 @@
 //! queued in one transaction (group commit), and read connections opened on demand.
 //!
 //! Callers send a batch of [`Change`]s and wait for its reply; the reply comes only after the
-//! transaction holding the batch committed (with `synchronous=FULL`, after the fsync). Each batch
+//! transaction holding the batch committed (with `synchronous=FULL`, after the fsync; a commit of
+//! nothing but what dies with the machine's boot is not synced: [`sync_for`]). Each batch
 //! is applied in its own savepoint, so one refused batch does not undo the others that share the
 //! commit.
 
@@ -81,7 +82,8 @@ impl Store {
         &self.path
     }
 
-    /// Makes `batch` durable, all or nothing; returns once it is committed.
+    /// Makes `batch` durable, all or nothing; returns once it is committed (and synced, unless it
+    /// holds nothing but what dies with the boot: [`Change::dies_with_the_boot`]).
     pub async fn apply(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
         self.apply_together(vec![batch])
             .await
@@ -133,11 +135,10 @@ impl Store {
         };
         let refs: Vec<&Vec<Change>> = batches.iter().collect();
         if let Err(e) = sync_for(conn.0, &self.unsynced, &refs) {
-            return Ok(failed(
-                &sqlite::classify(&self.path, &e),
-                &self.path,
-                refs.len(),
-            ));
+            return match sqlite::classify(&self.path, &e) {
+                Error::Locked { .. } => Err(batches),
+                other => Ok(failed(&other, &self.path, refs.len())),
+            };
         }
         let tx = match conn
             .0
@@ -287,13 +288,18 @@ fn sync_for(
             .iter()
             .all(|b| b.iter().all(Change::dies_with_the_boot));
     if lazy != unsynced.load(Ordering::SeqCst) {
-        conn.prepare_cached(if lazy {
-            "PRAGMA synchronous = NORMAL"
+        // The level changes when the pragma is parsed, which may succeed where running it fails:
+        // the flag says `NORMAL` from before the switch to it until the switch back succeeded,
+        // so a commit after any failure sets `FULL` again.
+        if lazy {
+            unsynced.store(true, Ordering::SeqCst);
+            conn.prepare_cached("PRAGMA synchronous = NORMAL")?
+                .execute([])?;
         } else {
-            "PRAGMA synchronous = FULL"
-        })?
-        .execute([])?;
-        unsynced.store(lazy, Ordering::SeqCst);
+            conn.prepare_cached("PRAGMA synchronous = FULL")?
+                .execute([])?;
+            unsynced.store(false, Ordering::SeqCst);
+        }
     }
     Ok(())
 }

@@ -586,11 +586,14 @@ pub enum Change {
 
 impl Change {
     /// What this change records is of no use once the machine restarts: the process that runs an
-    /// attempt (its pid, process group and start time) and the op's `CUR_TASK` text, which say
-    /// what the owner is doing now. A commit of nothing else is not synced to disk before it
-    /// returns (`synchronous=NORMAL`): if this process is killed, the operating system still
-    /// holds it and a resume reads it; if the machine stops, that process stopped with it. The
-    /// next synced commit makes it durable with its own.
+    /// attempt (its pid, process group and start time: a resume on another boot skips it, and
+    /// finds by their marker the processes of an attempt whose pid was never recorded) and the
+    /// op's `CUR_TASK` text, which says what its owner is doing now. A commit of nothing else is
+    /// not synced to disk before it returns (`synchronous=NORMAL`): if this process is killed,
+    /// the operating system still holds it and a resume reads it; if the machine stops, that
+    /// process stopped with it, and `CUR_TASK` may show an older text until its owner (a resume,
+    /// `serve`) writes it again. The next synced commit makes it durable with its own. Add a
+    /// change here only if losing it to a power cut is harmless.
     pub(crate) fn dies_with_the_boot(&self) -> bool {
         matches!(self, Self::AttemptProcess { .. } | Self::CurrentTask { .. })
     }

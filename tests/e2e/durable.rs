@@ -580,3 +580,42 @@ steps:
     items.sort();
     assert_eq!(items, vec!["$(touch pwned)", "a; touch pwned"]);
 }
+
+/// A step's pid is recorded by a commit that is not synced (`Change::dies_with_the_boot`): once
+/// cairn is killed, the operating system still holds it, and the resume finds through it a
+/// process of the step's group that carries no marker.
+#[test]
+fn a_killed_runs_unsynced_pid_record_finds_a_markerless_child_on_resume() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        r#"name: markerless
+steps:
+  - id: spawner
+    run: |
+      if [ "$CAIRN_ATTEMPT" = 1 ]; then
+        env -u CAIRN_ATTEMPT_ID sleep 1000 &
+        echo $! > child
+        touch started
+        wait
+      fi
+"#,
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    sandbox.wait_for("started", Duration::from_secs(20));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let child: u32 = sandbox.read("child").trim().parse().unwrap();
+    assert!(alive(child), "the child outlived the engine");
+    let environ = std::fs::read(format!("/proc/{child}/environ")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("CAIRN_ATTEMPT_ID="),
+        "the child carries no marker"
+    );
+    let out = sandbox.cairn(&["resume", "1", "--grace", "1s"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(
+        !alive(child),
+        "the resume ended it through the recorded group"
+    );
+}
