@@ -182,6 +182,7 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
         source,
     })?;
     let pid = child.id().unwrap_or(0);
+    step_aside();
     let identity = Identity {
         host: proc::hostname(),
         boot_id: proc::boot_id(),
@@ -205,6 +206,30 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
         readers,
         waited: false,
     })
+}
+
+/// Moves the calling thread off the CPU it runs on, to another this process may use, and leaves
+/// its CPUs as they were. Called right after a spawn: the child, released from `vfork` while it
+/// still loads its program, is on this CPU, and the engine's bookkeeping for it (its pipes, pid
+/// and start time, its record) would otherwise preempt it there while another CPU idles; a
+/// virtual machine's scheduler may not move either (a halted virtual CPU looks busy to it). A
+/// short step's program then starts in half the time. The thread's mask is restored before it
+/// returns, and the processes it starts later inherit that mask, all of its CPUs; with one CPU,
+/// or when the mask cannot be read, nothing moves.
+fn step_aside() {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
+    use nix::unistd::Pid;
+    let this_thread = Pid::from_raw(0);
+    let (Ok(mask), Ok(here)) = (sched_getaffinity(this_thread), sched_getcpu()) else {
+        return;
+    };
+    let mut elsewhere = mask;
+    let other = (0..CpuSet::count()).any(|cpu| cpu != here && mask.is_set(cpu).unwrap_or(false));
+    if other && elsewhere.unset(here).is_ok() && sched_setaffinity(this_thread, &elsewhere).is_ok()
+    {
+        // Refused only if none of those CPUs is allowed any longer (a cpuset changed meanwhile).
+        let _ = sched_setaffinity(this_thread, &mask);
+    }
 }
 
 /// Where a process with `argv` and `env` would be started from, when that is certain (see

@@ -1,5 +1,6 @@
 //! Regressions found by reviewing the durable core, each reproduced through the binary.
 
+use std::fmt::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -533,4 +534,45 @@ fn a_killed_runs_files_are_removed_by_its_resume() {
     );
     assert_eq!(leftovers(), ["cairn-someone-else"]);
     // The killed step's `sleep` was ended by the resume's sweep.
+}
+
+/// After starting a step's process the engine moves to another CPU for a moment
+/// (`steps::spawn::step_aside`); the steps it starts afterwards may still run on every CPU cairn
+/// may use.
+#[test]
+fn steps_may_run_on_every_cpu_cairn_may_use() {
+    let allowed = |status: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let ours = allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = String::from("name: cpus\nsteps:\n");
+    for i in 0..4 {
+        let needs = if i > 0 {
+            format!("    needs: [s{}]\n", i - 1)
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            plan,
+            "  - id: s{i}\n    run: cat /proc/self/status > status-{i}\n{needs}"
+        );
+    }
+    std::fs::write(dir.path().join("plan.yaml"), plan).unwrap();
+    let out = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..4 {
+        let status = std::fs::read_to_string(dir.path().join(format!("status-{i}"))).unwrap();
+        assert_eq!(allowed(&status), ours, "step {i}");
+    }
 }
