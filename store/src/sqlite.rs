@@ -818,24 +818,22 @@ pub(crate) fn apply(tx: &Transaction<'_>, change: &Change, fenced: bool) -> Appl
                 )?;
                 return Ok(Applied::Done);
             }
-            let name: String = tx
-                .prepare_cached(
-                    "UPDATE tasks SET status = ?3, ended_at = ?4, exit_code = ?5, error = ?6, \
-                     outputs = COALESCE(?7, outputs), by_check = ?8 WHERE op_id = ?1 AND task_no = ?2 RETURNING name",
-                )?
-                .query_row(
-                    params![
-                        op.0,
-                        task.0,
-                        outcome.task.as_str(),
-                        ended,
-                        outcome.exit_code,
-                        outcome.error,
-                        outputs,
-                        outcome.by_check
-                    ],
-                    |r| r.get(0),
-                )?;
+            // No `RETURNING name`: SQLite gathers returned rows in a temporary table, and the
+            // name was just read.
+            tx.prepare_cached(
+                "UPDATE tasks SET status = ?3, ended_at = ?4, exit_code = ?5, error = ?6, \
+                 outputs = COALESCE(?7, outputs), by_check = ?8 WHERE op_id = ?1 AND task_no = ?2",
+            )?
+            .execute(params![
+                op.0,
+                task.0,
+                outcome.task.as_str(),
+                ended,
+                outcome.exit_code,
+                outcome.error,
+                outputs,
+                outcome.by_check
+            ])?;
             let (kind, message) = attempt_end(*n, outcome);
             event(tx, *op, *at, kind, Some(&name), &message)?;
         }
