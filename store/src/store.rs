@@ -481,6 +481,42 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::Request;
+
+    /// Both ways of committing, the writer's and [`Store::apply_here`], set the level each commit
+    /// needs, whichever committed before.
+    #[tokio::test]
+    async fn the_writer_and_a_commit_here_each_set_the_level_they_need() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        let now = |store: &Store| level(&store.conn.lock().unwrap());
+        let lazy = || {
+            vec![Change::CurrentTask {
+                op: OpId(1),
+                text: None,
+            }]
+        };
+        let durable = || {
+            vec![Change::Pause {
+                request: Request {
+                    by: "me".into(),
+                    at: 0,
+                    reason: None,
+                },
+            }]
+        };
+        let (full, normal) = (2, 1);
+        store.apply(lazy()).await.unwrap();
+        assert_eq!(now(&store), normal);
+        let here = store.apply_here(vec![durable()]).ok().unwrap();
+        assert!(here.into_iter().all(|r| r.is_ok()));
+        assert_eq!(now(&store), full);
+        let here = store.apply_here(vec![lazy()]).ok().unwrap();
+        assert!(here.into_iter().all(|r| r.is_ok()));
+        assert_eq!(now(&store), normal);
+        store.apply(vec![Change::Unpause]).await.unwrap();
+        assert_eq!(now(&store), full);
+    }
     use crate::types::{ProcessId, TaskNo};
 
     fn level(conn: &Connection) -> i64 {
