@@ -483,6 +483,25 @@ mod tests {
     use super::*;
     use crate::types::Request;
 
+    /// A commit here never overtakes a request waiting for the writer, nor waits for the writer:
+    /// the batches come back untouched, for the caller to queue.
+    #[test]
+    fn a_commit_here_steps_aside_while_the_writer_has_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        let batch = || vec![vec![Change::Unpause]];
+        // A request queued and not yet committed.
+        store.queued.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(store.apply_here(batch()).err(), Some(batch()));
+        store.queued.fetch_sub(1, Ordering::SeqCst);
+        // The writer committing.
+        {
+            let _writing = store.conn.lock().unwrap();
+            assert_eq!(store.apply_here(batch()).err(), Some(batch()));
+        }
+        assert!(store.apply_here(batch()).is_ok());
+    }
+
     /// Both ways of committing, the writer's and [`Store::apply_here`], set the level each commit
     /// needs, whichever committed before.
     #[tokio::test]
