@@ -8,7 +8,7 @@
 //! commit.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 
@@ -41,29 +41,33 @@ pub struct Store {
     sender: mpsc::Sender<Queued>,
     /// The write connection: the writer thread's, lent to a caller that commits on its own thread
     /// while the writer has nothing to do ([`Store::apply_here`]).
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<Mutex<Writable>>,
     /// Requests sent to the writer and not yet committed.
     queued: Arc<AtomicUsize>,
-    /// The write connection is set to `synchronous=NORMAL` ([`sync_for`]).
-    unsynced: Arc<AtomicBool>,
+}
+
+/// The write connection and the `synchronous` level it is set to ([`sync_for`]).
+#[derive(Debug)]
+struct Writable {
+    conn: Connection,
+    /// `synchronous=NORMAL`, for a commit of nothing but what dies with the boot.
+    unsynced: bool,
 }
 
 impl Store {
     /// Opens (creating if needed, private to the user) the database at `path` for writing.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Arc::new(Mutex::new(sqlite::open_writer(path)?));
+        let conn = Arc::new(Mutex::new(Writable {
+            conn: sqlite::open_writer(path)?,
+            unsynced: false,
+        }));
         let queued = Arc::new(AtomicUsize::new(0));
-        let unsynced = Arc::new(AtomicBool::new(false));
         let (sender, receiver) = mpsc::channel::<Queued>();
         let thread_path = path.to_path_buf();
-        let writing = Writing {
-            conn: conn.clone(),
-            queued: queued.clone(),
-            unsynced: unsynced.clone(),
-        };
+        let (thread_conn, thread_queued) = (conn.clone(), queued.clone());
         thread::Builder::new()
             .name("cairn-store-writer".into())
-            .spawn(move || writer(&writing, &thread_path, &receiver))
+            .spawn(move || writer(&thread_conn, &thread_queued, &thread_path, &receiver))
             .map_err(|e| Error::Unusable {
                 path: path.to_path_buf(),
                 reason: format!("cannot start its writer: {e}"),
@@ -73,7 +77,6 @@ impl Store {
             sender,
             conn,
             queued,
-            unsynced,
         })
     }
 
@@ -123,18 +126,19 @@ impl Store {
         if self.queued.load(Ordering::SeqCst) != 0 {
             return Err(batches);
         }
-        let Ok(mut conn) = self.conn.try_lock() else {
+        let Ok(mut writable) = self.conn.try_lock() else {
             return Err(batches);
         };
         if self.queued.load(Ordering::SeqCst) != 0 {
             return Err(batches);
         }
         // Never wait here for another process: the writer thread does, up to the busy timeout.
-        let Ok(conn) = NoWait::new(&mut conn) else {
+        let Writable { conn, unsynced } = &mut *writable;
+        let Ok(conn) = NoWait::new(conn) else {
             return Err(batches);
         };
         let refs: Vec<&Vec<Change>> = batches.iter().collect();
-        if let Err(e) = sync_for(conn.0, &self.unsynced, &refs) {
+        if let Err(e) = sync_for(conn.0, unsynced, &refs) {
             return match sqlite::classify(&self.path, &e) {
                 Error::Locked { .. } => Err(batches),
                 other => Ok(failed(&other, &self.path, refs.len())),
@@ -191,19 +195,12 @@ impl Store {
     }
 }
 
-/// What the writer thread shares with the [`Store`] handles.
-struct Writing {
-    conn: Arc<Mutex<Connection>>,
-    queued: Arc<AtomicUsize>,
-    unsynced: Arc<AtomicBool>,
-}
-
-fn writer(writing: &Writing, path: &Path, receiver: &mpsc::Receiver<Queued>) {
-    let Writing {
-        conn,
-        queued,
-        unsynced,
-    } = writing;
+fn writer(
+    conn: &Mutex<Writable>,
+    queued: &AtomicUsize,
+    path: &Path,
+    receiver: &mpsc::Receiver<Queued>,
+) {
     while let Ok(first) = receiver.recv() {
         let mut requests = vec![first];
         // Held from here until the requests are committed and no longer counted as queued.
@@ -217,7 +214,7 @@ fn writer(writing: &Writing, path: &Path, receiver: &mpsc::Receiver<Queued>) {
             }
         }
         let batches: Vec<&Vec<Change>> = requests.iter().flat_map(|r| &r.batches).collect();
-        let results = commit(&mut conn, unsynced, path, &batches);
+        let results = commit(&mut conn, path, &batches);
         queued.fetch_sub(requests.len(), Ordering::SeqCst);
         drop(conn);
         match results {
@@ -280,25 +277,25 @@ fn failed(err: &Error, path: &Path, count: usize) -> Vec<Result<Vec<Applied>>> {
 /// set to: each commit sets the level it needs, none inherits another's.
 fn sync_for(
     conn: &Connection,
-    unsynced: &AtomicBool,
+    unsynced: &mut bool,
     batches: &[&Vec<Change>],
 ) -> rusqlite::Result<()> {
     let lazy = batches.iter().any(|b| !b.is_empty())
         && batches
             .iter()
             .all(|b| b.iter().all(Change::dies_with_the_boot));
-    if lazy != unsynced.load(Ordering::SeqCst) {
+    if lazy != *unsynced {
         // The level changes when the pragma is parsed, which may succeed where running it fails:
         // the flag says `NORMAL` from before the switch to it until the switch back succeeded,
         // so a commit after any failure sets `FULL` again.
         if lazy {
-            unsynced.store(true, Ordering::SeqCst);
+            *unsynced = true;
             conn.prepare_cached("PRAGMA synchronous = NORMAL")?
                 .execute([])?;
         } else {
             conn.prepare_cached("PRAGMA synchronous = FULL")?
                 .execute([])?;
-            unsynced.store(false, Ordering::SeqCst);
+            *unsynced = false;
         }
     }
     Ok(())
@@ -306,11 +303,11 @@ fn sync_for(
 
 /// Applies every batch in one transaction, each in a savepoint; commits once.
 fn commit(
-    conn: &mut Connection,
-    unsynced: &AtomicBool,
+    writable: &mut Writable,
     path: &Path,
     batches: &[&Vec<Change>],
 ) -> Result<Vec<Result<Vec<Applied>>>> {
+    let Writable { conn, unsynced } = writable;
     sync_for(conn, unsynced, batches).map_err(|e| sqlite::classify(path, &e))?;
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -508,7 +505,7 @@ mod tests {
     async fn the_writer_and_a_commit_here_each_set_the_level_they_need() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("cairn.db")).unwrap();
-        let now = |store: &Store| level(&store.conn.lock().unwrap());
+        let now = |store: &Store| level(&store.conn.lock().unwrap().conn);
         let lazy = || {
             vec![Change::CurrentTask {
                 op: OpId(1),
@@ -547,7 +544,7 @@ mod tests {
     fn only_a_commit_of_what_dies_with_the_boot_is_not_synced() {
         let dir = tempfile::tempdir().unwrap();
         let conn = sqlite::open_writer(&dir.path().join("cairn.db")).unwrap();
-        let unsynced = AtomicBool::new(false);
+        let mut unsynced = false;
         let (full, normal) = (2, 1);
         assert_eq!(level(&conn), full);
         let process = Change::AttemptProcess {
@@ -593,9 +590,9 @@ mod tests {
             (vec![&nothing], full),
         ];
         for (i, (batches, expected)) in cases.iter().enumerate() {
-            sync_for(&conn, &unsynced, batches).unwrap();
+            sync_for(&conn, &mut unsynced, batches).unwrap();
             assert_eq!(level(&conn), *expected, "case {i}");
-            assert_eq!(unsynced.load(Ordering::SeqCst), *expected == normal);
+            assert_eq!(unsynced, *expected == normal);
         }
     }
 }
