@@ -2261,6 +2261,7 @@ async fn run_process(
         timeout: step.timeout,
         grace: shared.options.grace,
         located,
+        alone: RUNNING.load(Ordering::SeqCst) <= 1,
     };
     if !shared.lease_holds() {
         return Err(Fatal::Lost(

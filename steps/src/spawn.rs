@@ -33,6 +33,9 @@ pub struct Spec {
     /// Where [`locate`] found `argv[0]` beforehand (while the attempt's start commits); `None`:
     /// look now.
     pub located: Option<PathBuf>,
+    /// Whether the spawning thread steps to another CPU once the child is started (see
+    /// [`step_aside`]): for a process that runs alone, not one of many.
+    pub alone: bool,
 }
 
 /// Which stream a log chunk came from.
@@ -182,7 +185,9 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
         source,
     })?;
     let pid = child.id().unwrap_or(0);
-    step_aside();
+    if spec.alone {
+        step_aside();
+    }
     let identity = Identity {
         host: proc::hostname(),
         boot_id: proc::boot_id(),
@@ -215,7 +220,9 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
 /// virtual machine's scheduler may not move either (a halted virtual CPU looks busy to it). A
 /// short step's program then starts in half the time. The thread's mask is restored before it
 /// returns, and the processes it starts later inherit that mask, all of its CPUs; with one CPU,
-/// or when the mask cannot be read, nothing moves.
+/// or when the mask cannot be read, nothing moves. Only for a process that runs alone: with
+/// others running, every CPU is busy anyway, and the moves cost (8 processes at once: 15% fewer
+/// steps a second).
 fn step_aside() {
     use nix::sched::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
     use nix::unistd::Pid;

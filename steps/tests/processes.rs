@@ -16,6 +16,7 @@ fn spec(script: &str, marker: &str) -> Spec {
         timeout: None,
         grace: Duration::from_millis(500),
         located: None,
+        alone: true,
     }
 }
 
