@@ -888,7 +888,12 @@ pub(crate) async fn run(
                 tasks[i].retry_from.min(prior)
             };
             in_flight.insert(i);
-            let ctx = shared.context(step, &outputs);
+            // A `noop` chain's step has nothing to render: no context to build, clone and drop.
+            let ctx = if step.when.is_some() || step.action.renders() {
+                shared.context(step, &outputs)
+            } else {
+                Context::new()
+            };
             // Its end may wait for a task it releases to carry it, if anything needs it.
             job.defer = !plan.dag.dependents(i).is_empty();
             running.spawn(counted(async move {
@@ -927,18 +932,23 @@ pub(crate) async fn run(
                     continue;
                 };
                 // Every item of a step has the same context but for `item`: built once per
-                // step, and cloned (cheaply: its values are shared) for each item.
-                let ctx = step_contexts
-                    .entry(s)
-                    .or_insert_with(|| {
-                        let outputs: Vec<(usize, Map<String, Value>)> = plan.steps[s]
-                            .uses
-                            .iter()
-                            .filter_map(|&u| tasks[u].outputs.clone().map(|o| (u, o)))
-                            .collect();
-                        shared.context(&plan.steps[s], &outputs)
-                    })
-                    .clone();
+                // step, and cloned (cheaply: its values are shared) for each item that renders
+                // anything (an item's `when` is its step's, already evaluated).
+                let ctx = if plan.steps[s].action.renders() {
+                    step_contexts
+                        .entry(s)
+                        .or_insert_with(|| {
+                            let outputs: Vec<(usize, Map<String, Value>)> = plan.steps[s]
+                                .uses
+                                .iter()
+                                .filter_map(|&u| tasks[u].outputs.clone().map(|o| (u, o)))
+                                .collect();
+                            shared.context(&plan.steps[s], &outputs)
+                        })
+                        .clone()
+                } else {
+                    Context::new()
+                };
                 let prior = tasks[no].attempts;
                 let retry_from = if tasks[no].status == TaskStatus::Failed {
                     prior

@@ -199,6 +199,13 @@ pub enum Action {
 }
 
 impl Action {
+    /// Whether running it renders a template (a command, a prompt, a sub-plan's params): a `noop`
+    /// and a `sleep` render none.
+    #[must_use]
+    pub fn renders(&self) -> bool {
+        !matches!(self, Self::Noop | Self::Sleep(_))
+    }
+
     /// The plan key that names this kind of step.
     #[must_use]
     pub fn kind(&self) -> &'static str {
