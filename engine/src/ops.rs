@@ -510,10 +510,11 @@ fn new_op(
         .filter(|key| !held.contains(key));
     let secret = secret_names(&new.plan);
     let stored_params = if secret.iter().any(|n| new.params.contains_key(*n)) {
-        let key = secrets::key(store.path(), true)?.ok_or_else(|| secrets::Error::Key {
-            path: secrets::key_path(store.path()),
-            reason: "it could not be created".into(),
-        })?;
+        let key =
+            secrets::key(&store.secret_key_file(), true)?.ok_or_else(|| secrets::Error::Key {
+                path: store.secret_key_file(),
+                reason: "it could not be created".into(),
+            })?;
         secrets::seal(&new.params, &secret, &key)
     } else {
         new.params.clone()
@@ -1402,7 +1403,7 @@ async fn take_and_load(
     let mut plan = snapshot_plan(reader, op)?;
     let stored: Map<String, Value> = row.params.as_object().cloned().unwrap_or_default();
     let key = if stored.values().any(secrets::is_sealed) {
-        secrets::key(store.path(), false)?
+        secrets::key(&store.secret_key_file(), false)?
     } else {
         None
     };

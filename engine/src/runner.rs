@@ -338,7 +338,7 @@ fn counted<F: std::future::Future>(task: F) -> impl std::future::Future<Output =
 
 /// Commits a task's own start or end, `batches` together (see [`Store::apply_together`]). While no
 /// other task runs in this process, on this thread, when the writer is idle and the database free
-/// ([`Store::apply_here`]): the task waits for this commit anyway, and a serial chain's step is
+/// ([`Store::apply_solo`]): the task waits for this commit anyway, and a serial chain's step is
 /// spared two thread wakes. With other tasks running, through the writer, so that their commits
 /// are shared. Writes made while a process runs (its pid, its logs, heartbeats) always go through
 /// the writer: the engine's thread keeps reading the process's output meanwhile.
@@ -349,10 +349,7 @@ async fn commit_together(
     if RUNNING.load(Ordering::SeqCst) > 1 {
         return store.apply_together(batches).await;
     }
-    match store.apply_here(batches) {
-        Ok(results) => results,
-        Err(batches) => store.apply_together(batches).await,
-    }
+    store.apply_solo(batches).await
 }
 
 /// Applies a batch, waiting out a database that another process holds (up to `patience`); `own`:

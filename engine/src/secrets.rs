@@ -43,21 +43,10 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// The key file of the database at `db`.
-#[must_use]
-pub fn key_path(db: &Path) -> PathBuf {
-    let mut name = db
-        .file_name()
-        .map(std::ffi::OsStr::to_os_string)
-        .unwrap_or_default();
-    name.push(".key");
-    db.with_file_name(name)
-}
-
 /// Reads the key, creating it when `create` and it does not exist yet. Creation is atomic and
 /// durable: the key is written and synced under a temporary name, then linked into place (a
 /// concurrent creator's key wins and is read back), then the directory is synced.
-pub fn key(db: &Path, create: bool) -> Result<Option<Key>, Error> {
+pub fn key(path: &Path, create: bool) -> Result<Option<Key>, Error> {
     if let Ok(hexed) = std::env::var("CAIRN_SECRET_KEY") {
         return unhex(hexed.trim())
             .filter(|k| k.len() == 32)
@@ -67,7 +56,7 @@ pub fn key(db: &Path, create: bool) -> Result<Option<Key>, Error> {
                 reason: "it is not 64 hex digits".into(),
             });
     }
-    let path = key_path(db);
+    let path = path.to_path_buf();
     let fail = |reason: String| Error::Key {
         path: path.clone(),
         reason,
@@ -110,7 +99,7 @@ pub fn key(db: &Path, create: bool) -> Result<Option<Key>, Error> {
             Ok(Some(fresh))
         }
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => key(db, false),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => key(&path, false),
         Err(e) => Err(fail(e.to_string())),
     }
 }

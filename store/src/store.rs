@@ -85,6 +85,29 @@ impl Store {
         &self.path
     }
 
+    /// Where the key that seals secret params is kept for this database: the file beside it,
+    /// `<db>.key`. The engine never derives it from the database's location itself.
+    #[must_use]
+    pub fn secret_key_file(&self) -> PathBuf {
+        let mut name = self
+            .path
+            .file_name()
+            .map(std::ffi::OsStr::to_os_string)
+            .unwrap_or_default();
+        name.push(".key");
+        self.path.with_file_name(name)
+    }
+
+    /// [`Store::apply_together`] for a caller that waits for this commit and has nothing else to
+    /// do meanwhile (the one task running in its process): the store may commit it on the
+    /// caller's own thread when nothing else is waiting, sparing two thread wakes.
+    pub async fn apply_solo(&self, batches: Vec<Vec<Change>>) -> Vec<Result<Vec<Applied>>> {
+        match self.apply_here(batches) {
+            Ok(results) => results,
+            Err(batches) => self.apply_together(batches).await,
+        }
+    }
+
     /// Makes `batch` durable, all or nothing; returns once it is committed (and synced, unless it
     /// holds nothing but what dies with the boot: [`Change::dies_with_the_boot`]).
     pub async fn apply(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
@@ -118,7 +141,7 @@ impl Store {
     /// the writer is committing, another process holds the database): the caller then goes
     /// through the writer, which waits as long as the busy timeout allows. Any failure after the
     /// transaction began is returned in the results, as the writer would.
-    pub fn apply_here(
+    pub(crate) fn apply_here(
         &self,
         batches: Vec<Vec<Change>>,
     ) -> std::result::Result<Vec<Result<Vec<Applied>>>, Vec<Vec<Change>>> {
@@ -534,6 +557,35 @@ mod tests {
         assert_eq!(now(&store), full);
     }
     use crate::types::{ProcessId, TaskNo};
+
+    /// A commit on the caller's thread happens only when the database is free at once; while
+    /// another process holds it, the batches come back untouched (for the writer, which waits),
+    /// and nothing of them is written.
+    #[test]
+    fn a_commit_here_steps_aside_while_another_process_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let store = Store::open(&path).unwrap();
+        let pause = || {
+            vec![vec![Change::Pause {
+                request: Request {
+                    by: "me".into(),
+                    at: 1,
+                    reason: None,
+                },
+            }]]
+        };
+        let paused = || Reader::open(&path).unwrap().unwrap().paused().unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let back = store.apply_here(pause()).unwrap_err();
+        assert_eq!(back, pause());
+        other.execute_batch("ROLLBACK").unwrap();
+        assert!(paused().is_none());
+        let results = store.apply_here(pause()).unwrap();
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert!(paused().is_some());
+    }
 
     fn level(conn: &Connection) -> i64 {
         conn.pragma_query_value(None, "synchronous", |r| r.get(0))
