@@ -241,6 +241,10 @@ enum Acquired {
 /// as `queued` (so `status` and `cancel` know someone waits) and waits, renewing its lease: it
 /// notices a cancel request, waits out a pause, and says why in `CUR_TASK`.
 #[allow(clippy::too_many_arguments)] // the parts of one take-over; a struct would only rename them
+#[expect(
+    clippy::too_many_lines,
+    reason = "to be split by the re-layering of the engine (issue 17)"
+)]
 async fn acquire(
     store: &Store,
     op: OpId,

@@ -554,6 +554,10 @@ enum Shell {
 /// `"'$(...)'"`, and the shell runs the `$(...)`). Insertions that opt out with `| raw` are the
 /// author's responsibility and are not reported. Returns byte offsets of the `{{` in `script`.
 #[must_use]
+#[expect(
+    clippy::too_many_lines,
+    reason = "a shell scanner: one state machine over the script's bytes reads best whole"
+)]
 pub fn unsafe_insertions(script: &str) -> Vec<(usize, ShellPlace)> {
     let bytes = script.as_bytes();
     let mut found = Vec::new();

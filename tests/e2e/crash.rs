@@ -80,6 +80,10 @@ fn cairn(dir: &std::path::Path, args: &[&str]) -> Command {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one crash loop and its checks, read top to bottom"
+)]
 fn kill_9_at_random_moments_never_loses_or_repeats_a_recorded_step() {
     let seed = std::env::var("CAIRN_CRASH_SEED")
         .ok()
