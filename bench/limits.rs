@@ -2,11 +2,11 @@
 //! this machine measured in the same run, on a fresh database file.
 //!
 //! ```text
-//! cargo bench -p cairn-cli --bench limits -- [--json FILE] [--only NAME,...] [--scale DIVISOR]
+//! cargo bench -p cairn-bench --bench limits -- [--json FILE] [--only NAME,...] [--scale DIVISOR]
 //! ```
 //!
-//! It drives the real `cairn` binary (built with the bench profile) as a user would, and reads
-//! what it recorded from the database. `--scale 10` divides every size by ten, for a quick look.
+//! It builds the real `cairn` binary with the bench profile (`cargo build --profile bench -p
+//! cairn-cli`), drives it as a user would, and reads what it recorded from the database. `--scale 10` divides every size by ten, for a quick look.
 //! See docs/BENCHMARKS.md for what each scenario measures and what limits it.
 
 #![allow(clippy::print_stdout, clippy::cast_precision_loss)]
@@ -162,7 +162,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("cannot create the bench directory");
     let mut bench = Bench {
-        cairn: PathBuf::from(env!("CARGO_BIN_EXE_cairn")),
+        cairn: build_cairn(),
         dir,
         scale: scale.max(1),
         only,
@@ -202,6 +202,54 @@ fn main() {
             .expect("cannot write the JSON file");
         eprintln!("wrote {}", path.display());
     }
+}
+
+/// Builds `cairn` with this benchmark's own profile and returns its path. The benchmark is a crate
+/// of its own, so cargo does not build another crate's binary for it.
+fn build_cairn() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let built = Command::new(cargo)
+        .args([
+            "build",
+            "--profile",
+            "bench",
+            "-p",
+            "cairn-cli",
+            "--bin",
+            "cairn",
+        ])
+        .status()
+        .expect("cannot run cargo to build `cairn`");
+    if !built.success() {
+        eprintln!("building `cairn` failed ({built})");
+        std::process::exit(2);
+    }
+    let cairn = profile_dir().join("cairn");
+    if !cairn.is_file() {
+        eprintln!(
+            "`cairn` is missing from {} after it was built (set CARGO_TARGET_DIR to the target directory)",
+            cairn.display()
+        );
+        std::process::exit(2);
+    }
+    cairn
+}
+
+/// Where this build's profile puts binaries: the benchmark runs as `<target>/<profile>/deps/limits-*`
+/// and `cairn` is `<target>/<profile>/cairn`; failing that, the bench profile's `release` directory
+/// of `CARGO_TARGET_DIR` or of the workspace's `target`.
+fn profile_dir() -> PathBuf {
+    let beside = std::env::current_exe().ok().and_then(|exe| {
+        let deps = exe.parent()?;
+        (deps.file_name()? == "deps").then(|| deps.parent().map(Path::to_path_buf))?
+    });
+    beside.unwrap_or_else(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+            PathBuf::from,
+        );
+        target.join("release")
+    })
 }
 
 fn print_table(rows: &[Row]) {
