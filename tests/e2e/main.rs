@@ -2,6 +2,7 @@
 
 mod support;
 
+mod architecture;
 mod controls;
 mod crash;
 mod durable;
