@@ -123,7 +123,7 @@ impl Store {
     }
 
     /// Makes `batch` durable, all or nothing; returns once it is committed (and synced, unless it
-    /// holds nothing but what dies with the boot: [`Change::dies_with_the_boot`]).
+    /// holds nothing but what dies with the boot: `Change::dies_with_the_boot`).
     pub async fn apply(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
         self.apply_together(vec![batch])
             .await
