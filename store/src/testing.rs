@@ -142,6 +142,7 @@ impl Backend for Faulty {
         })
     }
 
+    /// [`Store::apply_blocking`] takes one batch; several here are committed one by one.
     fn commit_blocking(&self, batches: Vec<Vec<Change>>) -> Results {
         let (delay, fails) = self.next();
         std::thread::sleep(delay);
