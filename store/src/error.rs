@@ -1,4 +1,4 @@
-//! The store's errors, grouped by what the caller can do about them.
+//! The store's errors, and [`ErrorKind`]: the groups they fall in by what the caller can do.
 
 use std::path::PathBuf;
 
@@ -56,11 +56,49 @@ pub enum Error {
     Closed,
 }
 
+/// What a caller can do about an [`Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// What was asked for does not exist: nothing to retry.
+    NotFound,
+    /// The state refuses the change (another owner, a fenced writer, a lock held or cooling
+    /// down, an op or task in the wrong state, a schedule that exists or not): someone must
+    /// change something first, or the caller must stop.
+    Conflict,
+    /// The store is busy: the same request may succeed later unchanged.
+    Busy,
+    /// The store cannot be used (not cairn's, newer, unreadable, unsupported): nothing was changed.
+    Unusable,
+    /// Writing failed (disk full, I/O error, read-only): the change was not made.
+    Write,
+    /// The store is shutting down.
+    Closed,
+}
+
 impl Error {
     /// Whether the same request may succeed later without anyone changing anything.
     #[must_use]
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Locked { .. })
+        self.kind() == ErrorKind::Busy
+    }
+
+    /// What the caller can do about it.
+    #[must_use]
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::Owned { .. }
+            | Self::Fenced { .. }
+            | Self::LockHeld { .. }
+            | Self::CoolingDown { .. }
+            | Self::NoCooldown { .. }
+            | Self::Conflict { .. }
+            | Self::Schedule(_) => ErrorKind::Conflict,
+            Self::Locked { .. } => ErrorKind::Busy,
+            Self::Unusable { .. } => ErrorKind::Unusable,
+            Self::Write { .. } => ErrorKind::Write,
+            Self::Closed => ErrorKind::Closed,
+        }
     }
 }
 

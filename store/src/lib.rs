@@ -2,16 +2,27 @@
 //! SQLite is the backend today; nothing outside this crate knows it.
 //!
 //! - [`types`]: ids, statuses, rows, and the [`Change`]s the engine asks to make durable.
-//! - [`Store`]: the writer (group commit) and [`Reader`]s.
-//! - `sqlite`: opening and refusing files, the schema and its migrations (`migrations/`), queries.
-//! - [`Error`]: grouped by what the caller can do.
+//! - `api`: the interface a backend implements ([`Backend`] for writes, [`ReadBackend`] for
+//!   reads) and the handles the engine holds, [`Store`] and [`Reader`].
+//! - `location`: [`Location`] (a file path, or a server's URL) and [`open`] / [`open_reader`],
+//!   which pick the backend.
+//! - `rules`: the durable rules, written once over a backend's transaction (claim and fence,
+//!   what may start, locks and cooldowns, fan-out, replan, schedules, the event texts).
+//! - `sqlite`: the SQLite backend: opening and refusing files, migrations (`migrations/`), the
+//!   writer thread and group commit, the rules' transaction in SQL, reads.
+//! - [`testing`]: a backend wrapper that fails or delays commits on demand, for tests.
+//! - [`Error`]: grouped by what the caller can do ([`ErrorKind`]).
 
+mod api;
 mod error;
+mod location;
+mod rules;
 mod sqlite;
-mod store;
+pub mod testing;
 pub mod types;
 
-pub use error::{Error, Result};
-pub use sqlite::{APPLICATION_ID, OpFilter, SCHEMA_VERSION};
-pub use store::{Reader, Store};
+pub use api::{Backend, Committing, ReadBackend, Reader, Results, Store};
+pub use error::{Error, ErrorKind, Result};
+pub use location::{Location, open, open_reader};
+pub use sqlite::{APPLICATION_ID, SCHEMA_VERSION};
 pub use types::*;

@@ -623,3 +623,11 @@ pub enum Applied {
         uuid: String,
     },
 }
+
+/// Which ops [`Reader::list_ops`](crate::Reader::list_ops) returns, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct OpFilter {
+    pub status: Option<OpStatus>,
+    pub plan: Option<String>,
+    pub limit: Option<u32>,
+}

@@ -1,11 +1,14 @@
-//! The store on real files: creation, refusal of files that are not cairn's, ownership, fencing,
-//! and the guard that a finished task never starts again.
+//! The store's tests. The durable rules (ownership, fencing, the guard that a finished task never
+//! starts again, batches, logs) run against every backend through [`fresh_stores`]; then the
+//! SQLite files (creation, refusal of files that are not cairn's, migrations); then the
+//! interface's own pieces (locations, error kinds, the fault-injecting backend).
 
 use std::os::unix::fs::PermissionsExt;
 
+use store::testing::Faulty;
 use store::{
-    Applied, AttemptStatus, Change, Error, NewOp, NewTask, OpFilter, OpId, OpStatus, Outcome,
-    ProcessId, Reader, Snapshot, Store, TaskNo, TaskStatus,
+    Applied, AttemptStatus, Change, Error, ErrorKind, Location, NewOp, NewTask, OpFilter, OpId,
+    OpStatus, Outcome, ProcessId, Reader, Snapshot, Store, TaskNo, TaskStatus,
 };
 
 fn owner(pid: u32) -> ProcessId {
@@ -80,6 +83,337 @@ fn claim(
         message: "test".into(),
     }])
 }
+
+/// A fresh, empty store of one backend, and what keeps it alive.
+struct Fresh {
+    backend: &'static str,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+/// The switch point: every backend the rule tests below run against, each fresh. A new backend
+/// adds itself here.
+fn fresh_stores() -> Vec<Fresh> {
+    let sqlite = || {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        (store, dir)
+    };
+    let (store, dir) = sqlite();
+    let (inner, faulty_dir) = sqlite();
+    vec![
+        Fresh {
+            backend: "sqlite",
+            store,
+            _dir: dir,
+        },
+        // The fault-injecting wrapper, told nothing: it must change nothing.
+        Fresh {
+            backend: "sqlite through testing::Faulty",
+            store: Faulty::new(inner).store(),
+            _dir: faulty_dir,
+        },
+    ]
+}
+
+// --- The durable rules, on every backend ---
+
+#[test]
+fn only_one_live_owner_and_stale_owners_are_fenced() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        let op = submit(&store, 2);
+        let (a, b) = (owner(1), owner(2));
+        claim(&store, op, &a, 100, None).unwrap();
+        // b cannot take it while a's lease holds and a is not known dead...
+        assert!(matches!(
+            claim(&store, op, &b, 200, None),
+            Err(Error::Owned { .. })
+        ));
+        // ...but can once a is known dead.
+        claim(&store, op, &b, 200, Some(a.clone())).unwrap();
+        // a, still running somewhere, can no longer write.
+        let err = store
+            .apply_blocking(vec![Change::StartAttempt {
+                op,
+                owner: a.clone(),
+                task: TaskNo(0),
+                n: 1,
+                retry_from: 0,
+                at: 300,
+            }])
+            .unwrap_err();
+        assert!(matches!(err, Error::Owned { .. }), "{err}");
+        // An expired lease also lets another take over.
+        claim(&store, op, &a, 5000, None).unwrap();
+    }
+}
+
+#[test]
+fn a_succeeded_task_is_never_started_again() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        let op = submit(&store, 1);
+        let me = owner(1);
+        claim(&store, op, &me, 1, None).unwrap();
+        let start = Change::StartAttempt {
+            op,
+            owner: me.clone(),
+            task: TaskNo(0),
+            n: 1,
+            retry_from: 0,
+            at: 2,
+        };
+        store.apply_blocking(vec![start.clone()]).unwrap();
+        store
+            .apply_blocking(vec![Change::FinishAttempt {
+                op,
+                owner: me.clone(),
+                task: TaskNo(0),
+                n: 1,
+                at: 3,
+                outcome: Outcome {
+                    task: TaskStatus::Succeeded,
+                    attempt: AttemptStatus::Succeeded,
+                    exit_code: Some(0),
+                    error: None,
+                    outputs: Some(serde_json::Map::from_iter([(
+                        "k".to_owned(),
+                        serde_json::json!("v"),
+                    )])),
+                    by_check: false,
+                },
+            }])
+            .unwrap();
+        let again = Change::StartAttempt {
+            op,
+            owner: me,
+            task: TaskNo(0),
+            n: 2,
+            retry_from: 0,
+            at: 4,
+        };
+        let err = store.apply_blocking(vec![again]).unwrap_err();
+        assert!(err.to_string().contains("must not run again"), "{err}");
+        let reader = store.reader().unwrap();
+        let task = &reader.tasks(op).unwrap()[0];
+        assert_eq!(task.status, TaskStatus::Succeeded);
+        assert_eq!(task.outputs.as_ref().unwrap()["k"], "v");
+        assert_eq!(reader.attempts(op).unwrap().len(), 1);
+    }
+}
+
+#[test]
+fn a_whole_attempt_is_recorded_final_and_a_refused_lone_batch_leaves_nothing() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        let op = submit(&store, 2);
+        let me = owner(1);
+        claim(&store, op, &me, 1, None).unwrap();
+        let whole = |task: u32, n: u32, at: i64| Change::WholeAttempt {
+            op,
+            owner: me.clone(),
+            task: TaskNo(task),
+            n,
+            retry_from: n - 1,
+            at,
+            outcome: Outcome {
+                task: TaskStatus::Succeeded,
+                attempt: AttemptStatus::Succeeded,
+                exit_code: None,
+                error: None,
+                outputs: Some(serde_json::Map::new()),
+                by_check: false,
+            },
+        };
+        store.apply_blocking(vec![whole(0, 1, 2)]).unwrap();
+        let reader = store.reader().unwrap();
+        let task = &reader.tasks(op).unwrap()[0];
+        assert_eq!(task.status, TaskStatus::Succeeded);
+        assert_eq!(task.attempts, 1);
+        let attempts = reader.attempts(op).unwrap();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].status, AttemptStatus::Succeeded);
+        assert_eq!(attempts[0].ended_at, Some(2));
+        let kinds = |reader: &store::Reader| {
+            reader
+                .events(op)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.kind)
+                .collect::<Vec<_>>()
+        };
+        let before = kinds(&reader);
+        assert_eq!(
+            before[before.len() - 2..],
+            ["task-started", "task-succeeded"]
+        );
+
+        // One batch alone in its commit, whose second change is refused: its first is undone too.
+        let err = store
+            .apply_blocking(vec![whole(1, 1, 3), whole(0, 2, 3)])
+            .unwrap_err();
+        assert!(err.to_string().contains("must not run again"), "{err}");
+        assert_eq!(reader.tasks(op).unwrap()[1].status, TaskStatus::Pending);
+        assert_eq!(reader.attempts(op).unwrap().len(), 1);
+        assert_eq!(kinds(&reader), before);
+    }
+}
+
+#[test]
+fn a_refused_batch_does_not_undo_others_in_the_same_commit() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        let op = submit(&store, 1);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut handles = Vec::new();
+            for i in 0..50 {
+                let store = store.clone();
+                handles.push(tokio::spawn(async move {
+                    if i == 25 {
+                        // Refused: no such op.
+                        store
+                            .apply(vec![
+                                Change::CurrentTask {
+                                    op: OpId(999),
+                                    text: None,
+                                },
+                                Change::Event {
+                                    op: OpId(999),
+                                    at: 1,
+                                    kind: "x",
+                                    task: None,
+                                    message: String::new(),
+                                },
+                            ])
+                            .await
+                    } else {
+                        store
+                            .apply(vec![Change::Event {
+                                op,
+                                at: i,
+                                kind: "note",
+                                task: None,
+                                message: format!("{i}"),
+                            }])
+                            .await
+                    }
+                }));
+            }
+            let mut failures = 0;
+            for h in handles {
+                if h.await.unwrap().is_err() {
+                    failures += 1;
+                }
+            }
+            assert_eq!(failures, 1);
+        });
+        let events = store.reader().unwrap().events(op).unwrap();
+        assert_eq!(events.iter().filter(|e| e.kind == "note").count(), 49);
+        // Sequence numbers have no gaps.
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e.seq, i64::try_from(i).unwrap() + 1);
+        }
+    }
+}
+
+#[test]
+fn logs_keep_the_tail_within_the_limit() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        let op = submit(&store, 1);
+        for i in 0..10u8 {
+            store
+                .apply_blocking(vec![Change::Log {
+                    op,
+                    task: TaskNo(0),
+                    attempt: 1,
+                    stream: 1,
+                    at: 1,
+                    data: vec![b'a' + i; 100],
+                    limit: 350,
+                }])
+                .unwrap();
+        }
+        let chunks = store.reader().unwrap().logs(op, None, None).unwrap();
+        let total: usize = chunks.iter().map(|c| c.data.len()).sum();
+        assert!(total <= 350);
+        assert_eq!(
+            chunks.last().unwrap().data[0],
+            b'a' + 9,
+            "the newest output is kept"
+        );
+        assert_eq!(chunks.first().unwrap().seq, 8);
+    }
+}
+
+/// In one commit, an attempt's changes after another of the same writer skip the owner read; a
+/// change that may move ownership between them (here the owner lets the op go) makes the next
+/// one read it again, and be refused.
+#[test]
+fn one_commit_reads_the_owner_again_after_a_change_that_may_move_it() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        let op = submit(&store, 3);
+        let me = owner(1);
+        claim(&store, op, &me, 1, None).unwrap();
+        let start = |task: u32| {
+            vec![Change::StartAttempt {
+                op,
+                owner: me.clone(),
+                task: TaskNo(task),
+                n: 1,
+                retry_from: 0,
+                at: 2,
+            }]
+        };
+        let release = vec![Change::SetOp {
+            op,
+            owner: Some(me.clone()),
+            status: OpStatus::Interrupted,
+            at: 3,
+            error: None,
+            release: true,
+            kind: "interrupted",
+            message: "test".into(),
+        }];
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let results =
+            runtime.block_on(store.apply_together(vec![start(0), start(1), release, start(2)]));
+        let outcome: Vec<bool> = results.iter().map(Result::is_ok).collect();
+        assert_eq!(outcome, [true, true, true, false], "{results:?}");
+        assert!(
+            matches!(results[3], Err(Error::Fenced { .. })),
+            "{:?}",
+            results[3]
+        );
+        let reader = store.reader().unwrap();
+        let started: Vec<TaskStatus> = reader.tasks(op).unwrap().iter().map(|t| t.status).collect();
+        assert_eq!(
+            started,
+            [
+                TaskStatus::Running,
+                TaskStatus::Running,
+                TaskStatus::Pending
+            ]
+        );
+    }
+}
+
+// --- SQLite files: creation, refusal, migrations ---
 
 #[test]
 fn creates_a_private_file_in_a_private_directory() {
@@ -243,235 +577,6 @@ fn an_older_cairn_still_running_is_refused_cleanly() {
 }
 
 #[test]
-fn only_one_live_owner_and_stale_owners_are_fenced() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("c.db")).unwrap();
-    let op = submit(&store, 2);
-    let (a, b) = (owner(1), owner(2));
-    claim(&store, op, &a, 100, None).unwrap();
-    // b cannot take it while a's lease holds and a is not known dead...
-    assert!(matches!(
-        claim(&store, op, &b, 200, None),
-        Err(Error::Owned { .. })
-    ));
-    // ...but can once a is known dead.
-    claim(&store, op, &b, 200, Some(a.clone())).unwrap();
-    // a, still running somewhere, can no longer write.
-    let err = store
-        .apply_blocking(vec![Change::StartAttempt {
-            op,
-            owner: a.clone(),
-            task: TaskNo(0),
-            n: 1,
-            retry_from: 0,
-            at: 300,
-        }])
-        .unwrap_err();
-    assert!(matches!(err, Error::Owned { .. }), "{err}");
-    // An expired lease also lets another take over.
-    claim(&store, op, &a, 5000, None).unwrap();
-}
-
-#[test]
-fn a_succeeded_task_is_never_started_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("c.db")).unwrap();
-    let op = submit(&store, 1);
-    let me = owner(1);
-    claim(&store, op, &me, 1, None).unwrap();
-    let start = Change::StartAttempt {
-        op,
-        owner: me.clone(),
-        task: TaskNo(0),
-        n: 1,
-        retry_from: 0,
-        at: 2,
-    };
-    store.apply_blocking(vec![start.clone()]).unwrap();
-    store
-        .apply_blocking(vec![Change::FinishAttempt {
-            op,
-            owner: me.clone(),
-            task: TaskNo(0),
-            n: 1,
-            at: 3,
-            outcome: Outcome {
-                task: TaskStatus::Succeeded,
-                attempt: AttemptStatus::Succeeded,
-                exit_code: Some(0),
-                error: None,
-                outputs: Some(serde_json::Map::from_iter([(
-                    "k".to_owned(),
-                    serde_json::json!("v"),
-                )])),
-                by_check: false,
-            },
-        }])
-        .unwrap();
-    let again = Change::StartAttempt {
-        op,
-        owner: me,
-        task: TaskNo(0),
-        n: 2,
-        retry_from: 0,
-        at: 4,
-    };
-    let err = store.apply_blocking(vec![again]).unwrap_err();
-    assert!(err.to_string().contains("must not run again"), "{err}");
-    let reader = store.reader().unwrap();
-    let task = &reader.tasks(op).unwrap()[0];
-    assert_eq!(task.status, TaskStatus::Succeeded);
-    assert_eq!(task.outputs.as_ref().unwrap()["k"], "v");
-    assert_eq!(reader.attempts(op).unwrap().len(), 1);
-}
-
-#[test]
-fn a_whole_attempt_is_recorded_final_and_a_refused_lone_batch_leaves_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("c.db")).unwrap();
-    let op = submit(&store, 2);
-    let me = owner(1);
-    claim(&store, op, &me, 1, None).unwrap();
-    let whole = |task: u32, n: u32, at: i64| Change::WholeAttempt {
-        op,
-        owner: me.clone(),
-        task: TaskNo(task),
-        n,
-        retry_from: n - 1,
-        at,
-        outcome: Outcome {
-            task: TaskStatus::Succeeded,
-            attempt: AttemptStatus::Succeeded,
-            exit_code: None,
-            error: None,
-            outputs: Some(serde_json::Map::new()),
-            by_check: false,
-        },
-    };
-    store.apply_blocking(vec![whole(0, 1, 2)]).unwrap();
-    let reader = store.reader().unwrap();
-    let task = &reader.tasks(op).unwrap()[0];
-    assert_eq!(task.status, TaskStatus::Succeeded);
-    assert_eq!(task.attempts, 1);
-    let attempts = reader.attempts(op).unwrap();
-    assert_eq!(attempts.len(), 1);
-    assert_eq!(attempts[0].status, AttemptStatus::Succeeded);
-    assert_eq!(attempts[0].ended_at, Some(2));
-    let kinds = |reader: &store::Reader| {
-        reader
-            .events(op)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.kind)
-            .collect::<Vec<_>>()
-    };
-    let before = kinds(&reader);
-    assert_eq!(
-        before[before.len() - 2..],
-        ["task-started", "task-succeeded"]
-    );
-
-    // One batch alone in its commit, whose second change is refused: its first is undone too.
-    let err = store
-        .apply_blocking(vec![whole(1, 1, 3), whole(0, 2, 3)])
-        .unwrap_err();
-    assert!(err.to_string().contains("must not run again"), "{err}");
-    assert_eq!(reader.tasks(op).unwrap()[1].status, TaskStatus::Pending);
-    assert_eq!(reader.attempts(op).unwrap().len(), 1);
-    assert_eq!(kinds(&reader), before);
-}
-
-#[test]
-fn a_refused_batch_does_not_undo_others_in_the_same_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("c.db")).unwrap();
-    let op = submit(&store, 1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut handles = Vec::new();
-        for i in 0..50 {
-            let store = store.clone();
-            handles.push(tokio::spawn(async move {
-                if i == 25 {
-                    // Refused: no such op.
-                    store
-                        .apply(vec![
-                            Change::CurrentTask {
-                                op: OpId(999),
-                                text: None,
-                            },
-                            Change::Event {
-                                op: OpId(999),
-                                at: 1,
-                                kind: "x",
-                                task: None,
-                                message: String::new(),
-                            },
-                        ])
-                        .await
-                } else {
-                    store
-                        .apply(vec![Change::Event {
-                            op,
-                            at: i,
-                            kind: "note",
-                            task: None,
-                            message: format!("{i}"),
-                        }])
-                        .await
-                }
-            }));
-        }
-        let mut failures = 0;
-        for h in handles {
-            if h.await.unwrap().is_err() {
-                failures += 1;
-            }
-        }
-        assert_eq!(failures, 1);
-    });
-    let events = store.reader().unwrap().events(op).unwrap();
-    assert_eq!(events.iter().filter(|e| e.kind == "note").count(), 49);
-    // Sequence numbers have no gaps.
-    for (i, e) in events.iter().enumerate() {
-        assert_eq!(e.seq, i64::try_from(i).unwrap() + 1);
-    }
-}
-
-#[test]
-fn logs_keep_the_tail_within_the_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("c.db")).unwrap();
-    let op = submit(&store, 1);
-    for i in 0..10u8 {
-        store
-            .apply_blocking(vec![Change::Log {
-                op,
-                task: TaskNo(0),
-                attempt: 1,
-                stream: 1,
-                at: 1,
-                data: vec![b'a' + i; 100],
-                limit: 350,
-            }])
-            .unwrap();
-    }
-    let chunks = store.reader().unwrap().logs(op, None, None).unwrap();
-    let total: usize = chunks.iter().map(|c| c.data.len()).sum();
-    assert!(total <= 350);
-    assert_eq!(
-        chunks.last().unwrap().data[0],
-        b'a' + 9,
-        "the newest output is kept"
-    );
-    assert_eq!(chunks.first().unwrap().seq, 8);
-}
-
-#[test]
 fn an_empty_file_reads_as_no_ops_yet() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.db");
@@ -588,56 +693,131 @@ fn a_version_5_file_is_migrated_and_keeps_its_rows() {
     assert_eq!(reader.op(OpId(1)).unwrap().status, OpStatus::Succeeded);
 }
 
-/// In one commit, an attempt's changes after another of the same writer skip the owner read; a
-/// change that may move ownership between them (here the owner lets the op go) makes the next
-/// one read it again, and be refused.
+// --- The interface's own pieces: locations, error kinds, the fault-injecting backend ---
+
 #[test]
-fn one_commit_reads_the_owner_again_after_a_change_that_may_move_it() {
+fn a_location_is_a_file_path_unless_it_is_a_postgres_url() {
+    assert_eq!(
+        Location::parse("state/cairn.db"),
+        Location::Sqlite("state/cairn.db".into())
+    );
+    assert_eq!(
+        Location::parse("/tmp/postgres/x.db"),
+        Location::Sqlite("/tmp/postgres/x.db".into())
+    );
+    for url in [
+        "postgres://me:pw@db/cairn",
+        "postgresql://db/cairn",
+        "POSTGRES://db",
+    ] {
+        let location = Location::parse(url);
+        assert!(matches!(location, Location::Postgres { .. }), "{url}");
+        assert!(!location.to_string().contains("pw"), "{location}");
+        let err = store::open(&location).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unusable);
+        assert!(
+            err.to_string().contains("PostgreSQL is not supported yet"),
+            "{err}"
+        );
+        let err = store::open_reader(&location).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unusable);
+    }
+}
+
+#[test]
+fn opening_by_location_is_opening_by_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let location = Location::parse(path.to_str().unwrap());
+    assert!(store::open_reader(&location).unwrap().is_none());
+    let store = store::open(&location).unwrap();
+    assert_eq!(store.path(), path);
+    assert_eq!(store.location(), &location);
+    assert_eq!(store.secret_key_file(), dir.path().join("c.db.key"));
+    let op = submit(&store, 1);
+    let reader = store::open_reader(&location).unwrap().unwrap();
+    assert_eq!(reader.op(op).unwrap().id, op);
+}
+
+#[test]
+fn errors_are_grouped_by_what_the_caller_can_do() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("c.db")).unwrap();
-    let op = submit(&store, 3);
-    let me = owner(1);
-    claim(&store, op, &me, 1, None).unwrap();
-    let start = |task: u32| {
-        vec![Change::StartAttempt {
+    let op = submit(&store, 1);
+    let (a, b) = (owner(1), owner(2));
+    claim(&store, op, &a, 100, None).unwrap();
+    let owned = claim(&store, op, &b, 200, None).unwrap_err();
+    assert_eq!(owned.kind(), ErrorKind::Conflict);
+    let missing = store.reader().unwrap().op(OpId(99)).unwrap_err();
+    assert_eq!(missing.kind(), ErrorKind::NotFound);
+    let locked = Error::Locked {
+        path: "c.db".into(),
+        waited_ms: 5,
+    };
+    assert_eq!(locked.kind(), ErrorKind::Busy);
+    assert!(locked.is_transient() && !owned.is_transient());
+    assert_eq!(Error::Closed.kind(), ErrorKind::Closed);
+}
+
+#[test]
+fn a_faulty_backend_fails_the_commits_it_is_told_to_and_they_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = Faulty::new(Store::open(&dir.path().join("c.db")).unwrap());
+    let store = faulty.store();
+    let op = submit(&store, 1);
+    let note = |i: i64| {
+        vec![Change::Event {
             op,
-            owner: me.clone(),
-            task: TaskNo(task),
-            n: 1,
-            retry_from: 0,
-            at: 2,
+            at: i,
+            kind: "note",
+            task: None,
+            message: format!("{i}"),
         }]
     };
-    let release = vec![Change::SetOp {
-        op,
-        owner: Some(me.clone()),
-        status: OpStatus::Interrupted,
-        at: 3,
-        error: None,
-        release: true,
-        kind: "interrupted",
-        message: "test".into(),
-    }];
+    faulty.fail_commit(3);
+    store.apply_blocking(note(2)).unwrap();
+    let err = store.apply_blocking(note(3)).unwrap_err();
+    assert!(matches!(err, Error::Write { .. }), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Write);
+    store.apply_blocking(note(4)).unwrap();
+    faulty.fail_after(4);
+    assert!(store.apply_blocking(note(5)).is_err());
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .unwrap();
-    let results =
-        runtime.block_on(store.apply_together(vec![start(0), start(1), release, start(2)]));
-    let outcome: Vec<bool> = results.iter().map(Result::is_ok).collect();
-    assert_eq!(outcome, [true, true, true, false], "{results:?}");
-    assert!(
-        matches!(results[3], Err(Error::Fenced { .. })),
-        "{:?}",
-        results[3]
-    );
-    let reader = Reader::open(&dir.path().join("c.db")).unwrap().unwrap();
-    let started: Vec<TaskStatus> = reader.tasks(op).unwrap().iter().map(|t| t.status).collect();
-    assert_eq!(
-        started,
-        [
-            TaskStatus::Running,
-            TaskStatus::Running,
-            TaskStatus::Pending
-        ]
-    );
+    let results = runtime.block_on(store.apply_together(vec![note(6), note(7)]));
+    assert!(results.iter().all(Result::is_err), "{results:?}");
+    assert!(runtime.block_on(store.apply_solo(vec![note(8)]))[0].is_err());
+    faulty.heal();
+    assert!(runtime.block_on(store.apply_solo(vec![note(9)]))[0].is_ok());
+    assert_eq!(faulty.commits(), 8);
+    let notes: Vec<String> = store
+        .reader()
+        .unwrap()
+        .events(op)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "note")
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(notes, ["2", "4", "9"]);
+}
+
+#[test]
+fn a_faulty_backend_delays_commits_when_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = Faulty::new(Store::open(&dir.path().join("c.db")).unwrap());
+    let store = faulty.store();
+    faulty.delay(std::time::Duration::from_millis(200));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    runtime
+        .block_on(store.apply(vec![Change::Unpause]))
+        .unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    assert_eq!(faulty.commits(), 1);
 }

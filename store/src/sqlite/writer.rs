@@ -1,11 +1,15 @@
-//! The store handle: one writer thread that owns the write connection and commits whatever is
-//! queued in one transaction (group commit), and read connections opened on demand.
+//! The SQLite [`Backend`]: one writer thread that owns the write connection and commits whatever
+//! is queued in one transaction (group commit), or a lone caller's commit on its own thread.
 //!
 //! Callers send a batch of [`Change`]s and wait for its reply; the reply comes only after the
 //! transaction holding the batch committed (with `synchronous=FULL`, after the fsync; a commit of
 //! nothing but what dies with the machine's boot is not synced: [`sync_for`]). Each batch
 //! is applied in its own savepoint, so one refused batch does not undo the others that share the
-//! commit.
+//! commit. What a change may do is the rules' ([`crate::rules`]), over [`SqliteTx`].
+//!
+//! - [`SqliteStore`]: the handle, its [`Backend`] methods and [`SqliteStore::apply_here`].
+//! - `writer()`: the thread's loop; [`commit`] and [`commit_in`]: one transaction of batches.
+//! - [`sync_for`]: the `synchronous` level each commit needs.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,12 +18,13 @@ use std::thread;
 
 use rusqlite::Connection;
 
+use super::tx::SqliteTx;
+use super::{SqliteReader, busy_timeout, classify, open_writer};
+use crate::api::{Backend, Committing, Reader, Results};
 use crate::error::{Error, Result};
-use crate::sqlite::{self, ApplyError, OpFilter, Reads};
-use crate::types::{
-    Applied, AttemptRow, Change, CooldownRow, EventRow, LockRow, LogChunk, Millis, OpId, OpRow,
-    ProcessId, Request, ScheduleRow, Snapshot, TaskNo, TaskRow,
-};
+use crate::location::Location;
+use crate::rules;
+use crate::types::{Applied, Change, OpId, ProcessId};
 
 /// The most requests one transaction takes from the queue.
 ///
@@ -34,13 +39,14 @@ struct Queued {
     reply: tokio::sync::oneshot::Sender<Vec<Result<Vec<Applied>>>>,
 }
 
-/// A handle on the database: cheap to clone; the writer thread stops when the last clone drops.
-#[derive(Debug, Clone)]
-pub struct Store {
+/// The database open for writing; the writer thread stops when this drops.
+#[derive(Debug)]
+pub(crate) struct SqliteStore {
+    location: Location,
     path: PathBuf,
     sender: mpsc::Sender<Queued>,
     /// The write connection: the writer thread's, lent to a caller that commits on its own thread
-    /// while the writer has nothing to do ([`Store::apply_here`]).
+    /// while the writer has nothing to do ([`SqliteStore::apply_here`]).
     conn: Arc<Mutex<Writable>>,
     /// Requests sent to the writer and not yet committed.
     queued: Arc<AtomicUsize>,
@@ -54,11 +60,11 @@ struct Writable {
     unsynced: bool,
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed, private to the user) the database at `path` for writing.
-    pub fn open(path: &Path) -> Result<Self> {
+    pub(crate) fn open(path: &Path) -> Result<Self> {
         let conn = Arc::new(Mutex::new(Writable {
-            conn: sqlite::open_writer(path)?,
+            conn: open_writer(path)?,
             unsynced: false,
         }));
         let queued = Arc::new(AtomicUsize::new(0));
@@ -73,6 +79,7 @@ impl Store {
                 reason: format!("cannot start its writer: {e}"),
             })?;
         Ok(Self {
+            location: Location::Sqlite(path.to_path_buf()),
             path: path.to_path_buf(),
             sender,
             conn,
@@ -80,56 +87,7 @@ impl Store {
         })
     }
 
-    #[must_use]
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Where the key that seals secret params is kept for this database: the file beside it,
-    /// `<db>.key`. The engine never derives it from the database's location itself.
-    #[must_use]
-    pub fn secret_key_file(&self) -> PathBuf {
-        let mut name = self
-            .path
-            .file_name()
-            .map(std::ffi::OsStr::to_os_string)
-            .unwrap_or_default();
-        name.push(".key");
-        self.path.with_file_name(name)
-    }
-
-    /// [`Store::apply_together`] for a caller that waits for this commit and has nothing else to
-    /// do meanwhile (the one task running in its process): the store may commit it on the
-    /// caller's own thread when nothing else is waiting, sparing two thread wakes.
-    pub async fn apply_solo(&self, batches: Vec<Vec<Change>>) -> Vec<Result<Vec<Applied>>> {
-        match self.apply_here(batches) {
-            Ok(results) => results,
-            Err(batches) => self.apply_together(batches).await,
-        }
-    }
-
-    /// Makes `batch` durable, all or nothing; returns once it is committed (and synced, unless it
-    /// holds nothing but what dies with the boot: [`Change::dies_with_the_boot`]).
-    pub async fn apply(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
-        self.apply_together(vec![batch])
-            .await
-            .pop()
-            .unwrap_or(Err(Error::Closed))
-    }
-
-    /// Makes each batch durable, all or nothing each, in one transaction: they are committed
-    /// together, and one refused does not undo the others. The results are in the batches' order.
-    pub async fn apply_together(&self, batches: Vec<Vec<Change>>) -> Vec<Result<Vec<Applied>>> {
-        let count = batches.len();
-        let closed = || (0..count).map(|_| Err(Error::Closed)).collect();
-        let (reply, wait) = tokio::sync::oneshot::channel();
-        if !self.send(Queued { batches, reply }) {
-            return closed();
-        }
-        wait.await.unwrap_or_else(|_| closed())
-    }
-
-    /// [`Store::apply_together`] on the calling thread, when the writer has nothing queued and the
+    /// [`Backend::commit`] on the calling thread, when the writer has nothing queued and the
     /// database is free at once: the batches are committed here, and their results returned. A
     /// short step's commit is then not handed to the writer thread and back, two thread wakes
     /// that cost as much as the rest of a `noop` step apart from the disk. It blocks the caller
@@ -162,7 +120,7 @@ impl Store {
         };
         let refs: Vec<&Vec<Change>> = batches.iter().collect();
         if let Err(e) = sync_for(conn.0, unsynced, &refs) {
-            return match sqlite::classify(&self.path, &e) {
+            return match classify(&self.path, &e) {
                 Error::Locked { .. } => Err(batches),
                 other => Ok(failed(&other, &self.path, refs.len())),
             };
@@ -173,7 +131,7 @@ impl Store {
         {
             Ok(tx) => tx,
             Err(e) => {
-                return match sqlite::classify(&self.path, &e) {
+                return match classify(&self.path, &e) {
                     Error::Locked { .. } => Err(batches),
                     other => Ok(failed(&other, &self.path, batches.len())),
                 };
@@ -182,21 +140,6 @@ impl Store {
         // From here, as the writer would: a failure of the whole commit is each batch's.
         Ok(commit_in(tx, &self.path, &refs)
             .unwrap_or_else(|e| failed(&e, &self.path, batches.len())))
-    }
-
-    /// [`Store::apply`] for callers outside an async runtime.
-    pub fn apply_blocking(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
-        let (reply, wait) = tokio::sync::oneshot::channel();
-        if !self.send(Queued {
-            batches: vec![batch],
-            reply,
-        }) {
-            return Err(Error::Closed);
-        }
-        wait.blocking_recv()
-            .ok()
-            .and_then(|mut results| results.pop())
-            .unwrap_or(Err(Error::Closed))
     }
 
     /// Queues a request for the writer, counted until it is committed; false if the writer ended.
@@ -208,13 +151,63 @@ impl Store {
         }
         true
     }
+}
 
-    /// A read connection on the same database.
-    pub fn reader(&self) -> Result<Reader> {
-        Reader::open(&self.path)?.ok_or_else(|| Error::Unusable {
-            path: self.path.clone(),
-            reason: "it disappeared while in use".to_owned(),
+impl Backend for SqliteStore {
+    fn commit(&self, batches: Vec<Vec<Change>>) -> Committing<'_> {
+        let count = batches.len();
+        let (reply, wait) = tokio::sync::oneshot::channel();
+        let sent = self.send(Queued { batches, reply });
+        Box::pin(async move {
+            let closed = || (0..count).map(|_| Err(Error::Closed)).collect();
+            if !sent {
+                return closed();
+            }
+            wait.await.unwrap_or_else(|_| closed())
         })
+    }
+
+    /// The commit on the caller's thread when the writer has nothing queued and the database is
+    /// free at once ([`SqliteStore::apply_here`]); through the writer otherwise.
+    fn commit_solo(&self, batches: Vec<Vec<Change>>) -> Committing<'_> {
+        match self.apply_here(batches) {
+            Ok(results) => Box::pin(std::future::ready(results)),
+            Err(batches) => self.commit(batches),
+        }
+    }
+
+    fn commit_blocking(&self, batches: Vec<Vec<Change>>) -> Results {
+        let count = batches.len();
+        let closed = || (0..count).map(|_| Err(Error::Closed)).collect();
+        let (reply, wait) = tokio::sync::oneshot::channel();
+        if !self.send(Queued { batches, reply }) {
+            return closed();
+        }
+        wait.blocking_recv().unwrap_or_else(|_| closed())
+    }
+
+    fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// The file beside the database, `<db>.key`.
+    fn secret_key_file(&self) -> PathBuf {
+        let mut name = self
+            .path
+            .file_name()
+            .map(std::ffi::OsStr::to_os_string)
+            .unwrap_or_default();
+        name.push(".key");
+        self.path.with_file_name(name)
+    }
+
+    fn reader(&self) -> Result<Reader> {
+        SqliteReader::open(&self.path)?
+            .map(Reader::from_backend)
+            .ok_or_else(|| Error::Unusable {
+                path: self.path.clone(),
+                reason: "it disappeared while in use".to_owned(),
+            })
     }
 }
 
@@ -270,7 +263,7 @@ impl<'c> NoWait<'c> {
 
 impl Drop for NoWait<'_> {
     fn drop(&mut self) {
-        let _ = self.0.busy_timeout(sqlite::busy_timeout());
+        let _ = self.0.busy_timeout(busy_timeout());
     }
 }
 
@@ -331,10 +324,10 @@ fn commit(
     batches: &[&Vec<Change>],
 ) -> Result<Vec<Result<Vec<Applied>>>> {
     let Writable { conn, unsynced } = writable;
-    sync_for(conn, unsynced, batches).map_err(|e| sqlite::classify(path, &e))?;
+    sync_for(conn, unsynced, batches).map_err(|e| classify(path, &e))?;
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|e| sqlite::classify(path, &e))?;
+        .map_err(|e| classify(path, &e))?;
     commit_in(tx, path, batches)
 }
 
@@ -344,12 +337,11 @@ fn commit_in(
     path: &Path,
     batches: &[&Vec<Change>],
 ) -> Result<Vec<Result<Vec<Applied>>>> {
-    let err = |e: &rusqlite::Error| sqlite::classify(path, e);
+    let err = |e: &rusqlite::Error| classify(path, e);
     let mut results = Vec::with_capacity(batches.len());
     // A batch alone in its transaction needs no savepoint: if it fails, nothing is committed.
     let alone = batches.len() == 1;
-    // The op and writer the last change applied proved ownership for (`Change::attempt_fence`);
-    // any other change, or a refusal, forgets it.
+    // The op and writer the last change applied proved ownership for (`Change::attempt_fence`).
     let mut fenced: Option<(OpId, &ProcessId)> = None;
     for &batch in batches {
         if !alone {
@@ -358,42 +350,20 @@ fn commit_in(
                 .and_then(|mut s| s.execute([]))
                 .map_err(|e| err(&e))?;
         }
-        let mut applied = Vec::with_capacity(batch.len());
-        let mut failure = None;
-        for change in batch {
-            let needs = change.attempt_fence();
-            let known = needs.is_some() && needs == fenced;
-            match sqlite::apply(&tx, change, known) {
-                Ok(a) => {
-                    applied.push(a);
-                    fenced = needs;
-                }
-                Err(ApplyError::Refused(e)) => {
-                    failure = Some(e);
-                    break;
-                }
-                Err(ApplyError::Sqlite(e)) => {
-                    failure = Some(err(&e));
-                    break;
-                }
-            }
-        }
-        if failure.is_some() {
-            fenced = None;
-        }
-        match failure {
-            None if alone => results.push(Ok(applied)),
-            None => {
+        let applied = rules::apply_batch(&mut SqliteTx::new(&tx, path), batch, &mut fenced);
+        match applied {
+            Ok(applied) if alone => results.push(Ok(applied)),
+            Ok(applied) => {
                 tx.prepare_cached("RELEASE request")
                     .and_then(|mut s| s.execute([]))
                     .map_err(|e| err(&e))?;
                 results.push(Ok(applied));
             }
-            Some(e) if alone => {
+            Err(e) if alone => {
                 tx.rollback().map_err(|e| err(&e))?;
                 return Ok(vec![Err(e)]);
             }
-            Some(e) => {
+            Err(e) => {
                 tx.execute_batch("ROLLBACK TO request; RELEASE request")
                     .map_err(|e| err(&e))?;
                 results.push(Err(e));
@@ -402,100 +372,6 @@ fn commit_in(
     }
     tx.commit().map_err(|e| err(&e))?;
     Ok(results)
-}
-
-/// A read-only view of the database.
-#[derive(Debug)]
-pub struct Reader {
-    /// Behind a mutex so that a reader may be held across awaits by futures that move between
-    /// threads; reads are short and a reader is used by one task at a time.
-    conn: std::sync::Mutex<Connection>,
-    path: PathBuf,
-}
-
-impl Reader {
-    /// Opens the database at `path` read-only; `None` when there is no file yet. Never writes.
-    pub fn open(path: &Path) -> Result<Option<Self>> {
-        Ok(sqlite::open_reader(path)?.map(|conn| Self {
-            conn: std::sync::Mutex::new(conn),
-            path: path.to_path_buf(),
-        }))
-    }
-
-    fn with<T>(&self, read: impl FnOnce(Reads<'_>) -> T) -> T {
-        let conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        read(Reads {
-            conn: &conn,
-            path: &self.path,
-        })
-    }
-
-    pub fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>> {
-        self.with(|r| r.list_ops(filter))
-    }
-
-    pub fn op(&self, op: OpId) -> Result<OpRow> {
-        self.with(|r| r.op(op))
-    }
-
-    /// Every schedule, by name.
-    pub fn schedules(&self) -> Result<Vec<ScheduleRow>> {
-        self.with(|r| r.schedules())
-    }
-
-    /// The child op that runs task `task` of `op`, if any.
-    pub fn child(&self, op: OpId, task: TaskNo) -> Result<Option<OpRow>> {
-        self.with(|r| r.child(op, task))
-    }
-
-    /// The child ops this op started, by task.
-    pub fn children(&self, op: OpId) -> Result<Vec<OpRow>> {
-        self.with(|r| r.children(op))
-    }
-
-    pub fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
-        self.with(|r| r.tasks(op))
-    }
-
-    pub fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
-        self.with(|r| r.task(op, task))
-    }
-
-    pub fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
-        self.with(|r| r.attempts(op))
-    }
-
-    pub fn events(&self, op: OpId) -> Result<Vec<EventRow>> {
-        self.with(|r| r.events(op))
-    }
-
-    pub fn logs(
-        &self,
-        op: OpId,
-        task: Option<TaskNo>,
-        after: Option<(TaskNo, u32, i64)>,
-    ) -> Result<Vec<LogChunk>> {
-        self.with(|r| r.logs(op, task, after))
-    }
-
-    pub fn snapshot(&self, op: OpId) -> Result<Snapshot> {
-        self.with(|r| r.snapshot(op))
-    }
-
-    pub fn locks(&self) -> Result<Vec<LockRow>> {
-        self.with(|r| r.locks())
-    }
-
-    pub fn cooldowns(&self, now: Millis) -> Result<Vec<CooldownRow>> {
-        self.with(|r| r.cooldowns(now))
-    }
-
-    pub fn paused(&self) -> Result<Option<Request>> {
-        self.with(|r| r.paused())
-    }
 }
 
 #[cfg(test)]
@@ -508,7 +384,7 @@ mod tests {
     #[test]
     fn a_commit_here_steps_aside_while_the_writer_has_work() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        let store = SqliteStore::open(&dir.path().join("cairn.db")).unwrap();
         let batch = || vec![vec![Change::Unpause]];
         // A request queued and not yet committed.
         store.queued.fetch_add(1, Ordering::SeqCst);
@@ -527,8 +403,8 @@ mod tests {
     #[tokio::test]
     async fn the_writer_and_a_commit_here_each_set_the_level_they_need() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
-        let now = |store: &Store| level(&store.conn.lock().unwrap().conn);
+        let store = SqliteStore::open(&dir.path().join("cairn.db")).unwrap();
+        let now = |store: &SqliteStore| level(&store.conn.lock().unwrap().conn);
         let lazy = || {
             vec![Change::CurrentTask {
                 op: OpId(1),
@@ -545,7 +421,7 @@ mod tests {
             }]
         };
         let (full, normal) = (2, 1);
-        store.apply(lazy()).await.unwrap();
+        store.commit(vec![lazy()]).await.pop().unwrap().unwrap();
         assert_eq!(now(&store), normal);
         let here = store.apply_here(vec![durable()]).ok().unwrap();
         assert!(here.into_iter().all(|r| r.is_ok()));
@@ -553,7 +429,12 @@ mod tests {
         let here = store.apply_here(vec![lazy()]).ok().unwrap();
         assert!(here.into_iter().all(|r| r.is_ok()));
         assert_eq!(now(&store), normal);
-        store.apply(vec![Change::Unpause]).await.unwrap();
+        store
+            .commit(vec![vec![Change::Unpause]])
+            .await
+            .pop()
+            .unwrap()
+            .unwrap();
         assert_eq!(now(&store), full);
     }
     use crate::types::{ProcessId, TaskNo};
@@ -565,7 +446,7 @@ mod tests {
     fn a_commit_here_steps_aside_while_another_process_writes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
         let pause = || {
             vec![vec![Change::Pause {
                 request: Request {
@@ -575,7 +456,8 @@ mod tests {
                 },
             }]]
         };
-        let paused = || Reader::open(&path).unwrap().unwrap().paused().unwrap();
+        let paused =
+            || crate::ReadBackend::paused(&SqliteReader::open(&path).unwrap().unwrap()).unwrap();
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         let back = store.apply_here(pause()).unwrap_err();
@@ -595,7 +477,7 @@ mod tests {
     #[test]
     fn only_a_commit_of_what_dies_with_the_boot_is_not_synced() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = sqlite::open_writer(&dir.path().join("cairn.db")).unwrap();
+        let conn = open_writer(&dir.path().join("cairn.db")).unwrap();
         let mut unsynced = false;
         let (full, normal) = (2, 1);
         assert_eq!(level(&conn), full);

@@ -1,0 +1,237 @@
+//! The store's interface: what a backend provides ([`Backend`] for writes, [`ReadBackend`] for
+//! reads), and the handles the engine holds ([`Store`], [`Reader`]), cheap to clone over either.
+//!
+//! A backend takes [`Change`]s and gives back typed rows and [`Error`]s; nothing here names a
+//! database, a file or a connection. Opening one is [`crate::open`] with a [`crate::Location`].
+
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::location::Location;
+use crate::types::{
+    Applied, AttemptRow, Change, CooldownRow, EventRow, LockRow, LogChunk, Millis, OpFilter, OpId,
+    OpRow, Request, ScheduleRow, Snapshot, TaskNo, TaskRow,
+};
+
+/// Each batch's result, in the batches' order.
+pub type Results = Vec<Result<Vec<Applied>>>;
+
+/// A commit in progress: resolves once the batches are durable (or refused).
+pub type Committing<'a> = Pin<Box<dyn Future<Output = Results> + Send + 'a>>;
+
+/// Where changes become durable. Every batch is all or nothing, and the durable rules
+/// (`crate::rules`) decide what each change may do.
+pub trait Backend: fmt::Debug + Send + Sync + 'static {
+    /// Makes each batch durable, all or nothing each: one refused does not undo the others.
+    /// The results are in the batches' order, and come once everything is durable.
+    fn commit(&self, batches: Vec<Vec<Change>>) -> Committing<'_>;
+
+    /// [`Backend::commit`] for a caller that waits for it and has nothing else to do meanwhile
+    /// (the one task running in its process): a hint the backend may use to commit sooner.
+    fn commit_solo(&self, batches: Vec<Vec<Change>>) -> Committing<'_> {
+        self.commit(batches)
+    }
+
+    /// [`Backend::commit`] for a caller outside an async runtime, which blocks until it is done.
+    fn commit_blocking(&self, batches: Vec<Vec<Change>>) -> Results;
+
+    /// Where the store is.
+    fn location(&self) -> &Location;
+
+    /// Where the key that seals secret params is kept for this store.
+    fn secret_key_file(&self) -> PathBuf;
+
+    /// A view for reading what is committed.
+    fn reader(&self) -> Result<Reader>;
+}
+
+/// Reads of what is committed.
+pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
+    fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>>;
+    fn op(&self, op: OpId) -> Result<OpRow>;
+    /// Every schedule, by name.
+    fn schedules(&self) -> Result<Vec<ScheduleRow>>;
+    /// The child op that runs task `task` of `op`, if any.
+    fn child(&self, op: OpId, task: TaskNo) -> Result<Option<OpRow>>;
+    /// The child ops an op started (its `plan:` steps), by task.
+    fn children(&self, op: OpId) -> Result<Vec<OpRow>>;
+    fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>>;
+    fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow>;
+    fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>>;
+    fn events(&self, op: OpId) -> Result<Vec<EventRow>>;
+    /// Log chunks of the op (or of one task), in order, after `after` = (task, attempt, seq).
+    fn logs(
+        &self,
+        op: OpId,
+        task: Option<TaskNo>,
+        after: Option<(TaskNo, u32, i64)>,
+    ) -> Result<Vec<LogChunk>>;
+    fn snapshot(&self, op: OpId) -> Result<Snapshot>;
+    fn locks(&self) -> Result<Vec<LockRow>>;
+    /// Cooldowns that still run at `now` (acknowledged ones included, marked).
+    fn cooldowns(&self, now: Millis) -> Result<Vec<CooldownRow>>;
+    /// Who paused cairn, when and why; `None` when it is not paused.
+    fn paused(&self) -> Result<Option<Request>>;
+}
+
+/// A handle on the store for writing: cheap to clone; the backend stops when the last clone drops.
+#[derive(Debug, Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+}
+
+impl Store {
+    /// Opens (creating if needed, private to the user) the SQLite database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        crate::open(&Location::Sqlite(path.to_path_buf()))
+    }
+
+    /// A store over `backend` (a test's wrapper, say).
+    pub fn from_backend(backend: impl Backend) -> Self {
+        Self {
+            backend: Arc::new(backend),
+        }
+    }
+
+    /// Where the store is: the database file, or a server's address.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        self.backend.location().as_path()
+    }
+
+    /// Where the store is.
+    #[must_use]
+    pub fn location(&self) -> &Location {
+        self.backend.location()
+    }
+
+    /// Where the key that seals secret params is kept for this store (for SQLite, the file
+    /// beside the database, `<db>.key`). The engine never derives it from the store's location.
+    #[must_use]
+    pub fn secret_key_file(&self) -> PathBuf {
+        self.backend.secret_key_file()
+    }
+
+    /// [`Store::apply_together`] for a caller that waits for this commit and has nothing else to
+    /// do meanwhile (the one task running in its process): the backend may commit it sooner.
+    pub async fn apply_solo(&self, batches: Vec<Vec<Change>>) -> Results {
+        self.backend.commit_solo(batches).await
+    }
+
+    /// Makes `batch` durable, all or nothing; returns once it is committed (and synced, unless it
+    /// holds nothing but what dies with the boot: `Change::dies_with_the_boot`).
+    pub async fn apply(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
+        self.apply_together(vec![batch])
+            .await
+            .pop()
+            .unwrap_or(Err(Error::Closed))
+    }
+
+    /// Makes each batch durable, all or nothing each, in one transaction: they are committed
+    /// together, and one refused does not undo the others. The results are in the batches' order.
+    pub async fn apply_together(&self, batches: Vec<Vec<Change>>) -> Results {
+        self.backend.commit(batches).await
+    }
+
+    /// [`Store::apply`] for callers outside an async runtime.
+    pub fn apply_blocking(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
+        self.backend
+            .commit_blocking(vec![batch])
+            .pop()
+            .unwrap_or(Err(Error::Closed))
+    }
+
+    /// A reader of the same store.
+    pub fn reader(&self) -> Result<Reader> {
+        self.backend.reader()
+    }
+}
+
+/// A read-only view of the store.
+#[derive(Debug)]
+pub struct Reader {
+    backend: Box<dyn ReadBackend>,
+}
+
+impl Reader {
+    /// Opens the SQLite database at `path` read-only; `None` when there is no file yet. Never
+    /// writes.
+    pub fn open(path: &Path) -> Result<Option<Self>> {
+        crate::open_reader(&Location::Sqlite(path.to_path_buf()))
+    }
+
+    /// A reader over `backend`.
+    pub fn from_backend(backend: impl ReadBackend) -> Self {
+        Self {
+            backend: Box::new(backend),
+        }
+    }
+
+    pub fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>> {
+        self.backend.list_ops(filter)
+    }
+
+    pub fn op(&self, op: OpId) -> Result<OpRow> {
+        self.backend.op(op)
+    }
+
+    /// Every schedule, by name.
+    pub fn schedules(&self) -> Result<Vec<ScheduleRow>> {
+        self.backend.schedules()
+    }
+
+    /// The child op that runs task `task` of `op`, if any.
+    pub fn child(&self, op: OpId, task: TaskNo) -> Result<Option<OpRow>> {
+        self.backend.child(op, task)
+    }
+
+    /// The child ops this op started, by task.
+    pub fn children(&self, op: OpId) -> Result<Vec<OpRow>> {
+        self.backend.children(op)
+    }
+
+    pub fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        self.backend.tasks(op)
+    }
+
+    pub fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
+        self.backend.task(op, task)
+    }
+
+    pub fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
+        self.backend.attempts(op)
+    }
+
+    pub fn events(&self, op: OpId) -> Result<Vec<EventRow>> {
+        self.backend.events(op)
+    }
+
+    pub fn logs(
+        &self,
+        op: OpId,
+        task: Option<TaskNo>,
+        after: Option<(TaskNo, u32, i64)>,
+    ) -> Result<Vec<LogChunk>> {
+        self.backend.logs(op, task, after)
+    }
+
+    pub fn snapshot(&self, op: OpId) -> Result<Snapshot> {
+        self.backend.snapshot(op)
+    }
+
+    pub fn locks(&self) -> Result<Vec<LockRow>> {
+        self.backend.locks()
+    }
+
+    pub fn cooldowns(&self, now: Millis) -> Result<Vec<CooldownRow>> {
+        self.backend.cooldowns(now)
+    }
+
+    pub fn paused(&self) -> Result<Option<Request>> {
+        self.backend.paused()
+    }
+}

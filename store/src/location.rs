@@ -1,0 +1,109 @@
+//! Where a store is, and opening it: [`Location::parse`] reads what the user gave (a file path,
+//! or a server's URL), and [`open`] / [`open_reader`] pick the backend for it.
+
+use std::path::{Path, PathBuf};
+
+use crate::api::{Reader, Store};
+use crate::error::{Error, Result};
+use crate::sqlite;
+
+/// Where a store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite database file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server: its URL (`postgres://` or `postgresql://`), and the same with its
+    /// password hidden, for messages.
+    Postgres { url: String, shown: String },
+}
+
+impl Location {
+    /// A `postgres://` or `postgresql://` URL is a PostgreSQL server; anything else is the path
+    /// of a SQLite database file.
+    #[must_use]
+    pub fn parse(text: &str) -> Self {
+        let lower = text.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            Self::Postgres {
+                url: text.to_owned(),
+                shown: hide_password(text),
+            }
+        } else {
+            Self::Sqlite(PathBuf::from(text))
+        }
+    }
+
+    /// The database file, or a server's URL without its password (as a path, for messages).
+    #[must_use]
+    pub fn as_path(&self) -> &Path {
+        match self {
+            Self::Sqlite(path) => path,
+            Self::Postgres { shown, .. } => Path::new(shown),
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => path.display().fmt(f),
+            Self::Postgres { shown, .. } => f.write_str(shown),
+        }
+    }
+}
+
+/// Opens the store at `location` for writing (a SQLite file is created if needed, private to
+/// the user).
+pub fn open(location: &Location) -> Result<Store> {
+    match location {
+        Location::Sqlite(path) => Ok(Store::from_backend(sqlite::SqliteStore::open(path)?)),
+        Location::Postgres { .. } => Err(unsupported(location)),
+    }
+}
+
+/// Opens the store at `location` for reading; `None` when there is nothing to read yet (no file).
+/// Never writes.
+pub fn open_reader(location: &Location) -> Result<Option<Reader>> {
+    match location {
+        Location::Sqlite(path) => Ok(sqlite::SqliteReader::open(path)?.map(Reader::from_backend)),
+        Location::Postgres { .. } => Err(unsupported(location)),
+    }
+}
+
+fn unsupported(location: &Location) -> Error {
+    Error::Unusable {
+        path: location.as_path().to_path_buf(),
+        reason: "PostgreSQL is not supported yet".to_owned(),
+    }
+}
+
+/// The URL with the password of its user (`user:password@`), if any, replaced by `***`.
+fn hide_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user, host)) if user.contains(':') => {
+            let name = user.split_once(':').map_or(user, |(name, _)| name);
+            format!("{scheme}://{name}:***@{host}{tail}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_in_a_url_is_hidden() {
+        assert_eq!(
+            hide_password("postgres://me:secret@db:5432/cairn?x=1"),
+            "postgres://me:***@db:5432/cairn?x=1"
+        );
+        assert_eq!(hide_password("postgres://db/cairn"), "postgres://db/cairn");
+        assert_eq!(hide_password("postgres://me@db/c"), "postgres://me@db/c");
+    }
+}

@@ -1,0 +1,224 @@
+//! The event trail's texts, in one place: each rule records its event's kind and message from
+//! here, so that what `cairn events` shows reads in one voice whatever the backend.
+
+use std::fmt::Write as _;
+
+use crate::types::{AttemptStatus, NewOp, NewTask, OpId, Outcome, ProcessId, Request, TaskStatus};
+
+/// `": reason"` when the request gives one, else nothing.
+pub(crate) fn why(request: &Request) -> String {
+    request
+        .reason
+        .as_ref()
+        .map_or(String::new(), |r| format!(": {r}"))
+}
+
+/// `submitted`: the plan, its hash and how many tasks.
+pub(crate) fn submitted(new: &NewOp) -> String {
+    format!(
+        "plan `{}` ({}), {} tasks",
+        new.snapshot.name,
+        new.snapshot.hash,
+        new.tasks.len()
+    )
+}
+
+/// `task-child` on the parent's task: the child op that runs its sub-plan.
+pub(crate) fn child(plan: &str, child: OpId) -> String {
+    format!("runs plan `{plan}` as op {child}")
+}
+
+/// The parent's current task while a child op runs it.
+pub(crate) fn child_current(task: &str, child: OpId) -> String {
+    format!("{task} → op {child}")
+}
+
+/// `started`: who started the op.
+pub(crate) fn started_by(owner: &ProcessId) -> String {
+    format!("started by {owner}")
+}
+
+/// `task-started`.
+pub(crate) const TASK_STARTED: &str = "task-started";
+
+/// `task-started`: which attempt.
+pub(crate) fn attempt_started(n: u32) -> String {
+    format!("attempt {n}")
+}
+
+/// The event that says how attempt `n` ended: its kind and message.
+pub(crate) fn attempt_end(n: u32, outcome: &Outcome) -> (&'static str, String) {
+    let mut message = format!("attempt {n} {}", outcome.attempt);
+    if outcome.by_check {
+        message.push_str(" by check: already done, the step did not run");
+    }
+    if let Some(code) = outcome.exit_code {
+        write!(message, ", exit code {code}").ok();
+    }
+    if let Some(error) = &outcome.error {
+        write!(message, ": {error}").ok();
+    }
+    let kind = match outcome.attempt {
+        AttemptStatus::Succeeded => "task-succeeded",
+        AttemptStatus::Failed => "task-failed",
+        AttemptStatus::Interrupted => "task-interrupted",
+        AttemptStatus::Canceled => "task-canceled",
+        AttemptStatus::Running => "task-running",
+    };
+    (kind, message)
+}
+
+/// `attempt-ended`: an attempt of a task resolved by hand meanwhile, which keeps its status.
+pub(crate) fn attempt_ended_kept(
+    n: u32,
+    attempt: AttemptStatus,
+    kept: &str,
+) -> (&'static str, String) {
+    (
+        "attempt-ended",
+        format!("attempt {n} {attempt}; the task stays {kept}"),
+    )
+}
+
+/// The kind of the event of a task set to `status` (`task-waiting`, `task-skipped`...).
+pub(crate) fn task_status(status: TaskStatus) -> String {
+    format!("task-{status}")
+}
+
+/// `task-marked`: who resolved a task by hand, why, and the outputs they gave.
+pub(crate) fn marked(
+    status: TaskStatus,
+    request: &Request,
+    outputs: &serde_json::Map<String, serde_json::Value>,
+) -> (&'static str, String) {
+    let shown: Vec<String> = outputs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    let mut message = format!("marked {status} by hand by {}{}", request.by, why(request));
+    if !shown.is_empty() {
+        write!(message, "; outputs {}", shown.join(" ")).ok();
+    }
+    ("task-marked", message)
+}
+
+/// The error of an op canceled before it started.
+pub(crate) fn canceled_error(request: &Request) -> String {
+    format!("canceled by {}{}", request.by, why(request))
+}
+
+/// `op-canceled`, for an op canceled before it started.
+pub(crate) fn canceled_unstarted(error: &str) -> (&'static str, String) {
+    (
+        "op-canceled",
+        format!("op canceled before it started: {error}"),
+    )
+}
+
+/// `op-finishing`: the op's outcome is decided and its finishing hooks run.
+pub(crate) fn finishing(status: &str) -> (&'static str, String) {
+    (
+        "op-finishing",
+        format!("the op {status}; its finishing hooks run"),
+    )
+}
+
+/// `cancel-requested`.
+pub(crate) fn cancel_requested(request: &Request) -> (&'static str, String) {
+    (
+        "cancel-requested",
+        format!("cancel requested by {}{}", request.by, why(request)),
+    )
+}
+
+/// `approved` or `rejected`: a gate's answer.
+pub(crate) fn answered(approve: bool, request: &Request) -> (&'static str, String) {
+    let kind = if approve { "approved" } else { "rejected" };
+    (kind, format!("{kind} by {}{}", request.by, why(request)))
+}
+
+/// A rejected gate's error.
+pub(crate) fn rejected_error(request: &Request) -> String {
+    format!("rejected by {}{}", request.by, why(request))
+}
+
+/// `task-expanded`: how many items, and the first ten names.
+pub(crate) fn expanded(tasks: &[NewTask]) -> (&'static str, String) {
+    let shown: Vec<&str> = tasks.iter().take(10).map(|t| t.name.as_str()).collect();
+    let more = if tasks.len() > shown.len() {
+        ", ..."
+    } else {
+        ""
+    };
+    (
+        "task-expanded",
+        format!(
+            "{} item{}: {}{more}",
+            tasks.len(),
+            if tasks.len() == 1 { "" } else { "s" },
+            shown.join(", ")
+        ),
+    )
+}
+
+/// The event of a fan-out step's gathered end.
+pub(crate) fn gathered(status: TaskStatus, error: Option<&str>) -> (String, String) {
+    let message = match error {
+        Some(e) => format!("{status}: {e}"),
+        None => format!("{status}: every item is done"),
+    };
+    (task_status(status), message)
+}
+
+/// `task-child`: a task's child op unlinked (the message is the caller's).
+pub(crate) const TASK_CHILD: &str = "task-child";
+
+/// `rerun`: tasks reset to run again (the message is the caller's).
+pub(crate) const RERUN: &str = "rerun";
+
+/// `plan-changed`: the caller's message and the plans' hashes.
+pub(crate) fn plan_changed(message: &str, old: &str, new: &str) -> (&'static str, String) {
+    (
+        "plan-changed",
+        format!("{message}; plan {old} replaced by {new}"),
+    )
+}
+
+/// `cooldown-acked`.
+pub(crate) fn cooldown_acked(key: &str, request: &Request) -> (&'static str, String) {
+    (
+        "cooldown-acked",
+        format!(
+            "cooldown of `{key}` acknowledged by {}{}",
+            request.by,
+            why(request)
+        ),
+    )
+}
+
+/// `cooldown-ignored`.
+pub(crate) fn cooldown_ignored(key: &str, after: OpId) -> (&'static str, String) {
+    (
+        "cooldown-ignored",
+        format!("started despite the cooldown of `{key}` after op {after} (--ignore-cooldown)"),
+    )
+}
+
+/// `lock-taken`.
+pub(crate) fn lock_taken(key: &str) -> (&'static str, String) {
+    ("lock-taken", format!("took lock `{key}`"))
+}
+
+/// `lock-released`, and the cooldown it starts.
+pub(crate) fn lock_released(key: &str, cooldown_ms: Option<i64>) -> (&'static str, String) {
+    let mut message = format!("released lock `{key}`");
+    if let Some(ms) = cooldown_ms {
+        write!(message, "; it cools down for {} s", ms / 1000).ok();
+    }
+    ("lock-released", message)
+}
+
+/// A schedule's note when a firing submitted an op.
+pub(crate) fn fired(op: OpId) -> String {
+    format!("fired: op {op}")
+}
