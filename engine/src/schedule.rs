@@ -17,7 +17,7 @@ use std::path::Path;
 use serde_json::Value;
 use store::{Change, Millis, OpId, ScheduleRow, Store};
 
-use crate::ops::{self, Error, NewRun};
+use crate::op::{self as ops, Error, NewRun};
 use crate::owner;
 
 /// Submits the ops of the schedules due at `now`; returns them.
@@ -129,7 +129,7 @@ async fn submit(store: &Store, schedule: &ScheduleRow, due: Millis) -> Result<Op
         Error::Refused(all.join("; "))
     })?;
     let workdir = ops::plan_dir(path);
-    let files = crate::children::load(&workdir, &plan)?;
+    let files = crate::op::children::load(&workdir, &plan)?;
     let new = NewRun {
         env: ops::capture_env(&plan),
         workdir,

@@ -24,10 +24,12 @@ use std::time::{Duration, Instant};
 use store::{Change, OpId, OpStatus, Store};
 use tokio::task::JoinSet;
 
-use crate::ops::{self, Error, Overrides, StopHandle};
+use crate::op::{self as ops, Error, Overrides};
+use crate::options::Options;
+use crate::outcome::RunEnd;
 use crate::owner::{self, OwnerState};
 use crate::progress::Sink;
-use crate::runner::{Options, RunEnd};
+use crate::shutdown::StopHandle;
 
 /// How `serve` runs.
 #[derive(Debug, Clone)]
@@ -112,7 +114,7 @@ pub async fn serve(
             if running.len() >= config.workers {
                 break;
             }
-            let handle = ops::stop_handle();
+            let handle = StopHandle::new();
             handles.insert(op, handle.clone());
             let store = store.clone();
             let options = config.options.clone();
@@ -178,7 +180,7 @@ pub async fn serve(
             "draining: running steps get {} to finish",
             plans::units::format_duration(config.options.grace)
         );
-        crate::runner::drain();
+        config.options.drain.drain();
         let deadline = tokio::time::sleep(config.options.grace);
         tokio::pin!(deadline);
         loop {
@@ -200,7 +202,7 @@ pub async fn serve(
         tracing::info!(ops = running.len(), "stopping the steps still running");
     }
     for handle in handles.values() {
-        handle.send_replace(true);
+        handle.stop();
     }
     while let Some(joined) = running.join_next().await {
         if let Ok((op, end)) = joined {
