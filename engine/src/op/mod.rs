@@ -34,19 +34,17 @@ pub use start::{run, submit};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64};
 
 use plans::model::Plan;
 use serde_json::{Map, Value};
 use store::{Change, Millis, OpId, OpStatus, ProcessId, Reader, Request, Store, TaskNo};
-use tokio::sync::watch;
 
 use crate::options::Options;
 use crate::owner::{self, OwnerState, now};
 use crate::progress::Sink;
 use crate::secrets;
 use crate::shutdown::StopHandle;
-use crate::task::context::{Shared, with_hooks};
+use crate::task::context::{Made, Shared, Signals, with_hooks};
 use crate::task::files::OutputFiles;
 
 /// Why the engine could not start or resume an op. All of these are bad input for the CLI (exit 2).
@@ -303,10 +301,9 @@ fn shared(
             reason: e.to_string(),
         })
     })?;
-    let receiver = stop.subscribe();
-    let options_lease = options.clone();
+    // The claim was made just before, with this length.
+    let lease = lease_until(&options);
     let (steps, hooks) = with_hooks(&plan);
-    let (calm_tx, calm) = watch::channel(false);
     Ok(Arc::new(Shared {
         store: store.clone(),
         plan,
@@ -321,23 +318,13 @@ fn shared(
         progress,
         outputs,
         secrets,
-        stop_handle: stop,
-        stop: receiver,
-        lost: AtomicBool::new(false),
-        // The claim was made just before, with this length.
-        lease_until: AtomicI64::new(lease_until(&options_lease)),
         steps,
         hooks,
-        stop_reason: Arc::new(std::sync::Mutex::new(None)),
         files,
         children: &children::SubPlans,
         ancestors,
-        outcome: std::sync::Mutex::new(None),
-        base_context: std::sync::OnceLock::new(),
-        param_env: std::sync::OnceLock::new(),
-        calm,
-        _calm_tx: calm_tx,
-        gates: watch::channel(false).0,
+        signals: Signals::new(stop, lease),
+        made: Made::default(),
     }))
 }
 

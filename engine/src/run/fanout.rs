@@ -184,7 +184,7 @@ impl Scheduler {
                 let counted = Counted::new(&self.shared);
                 self.running.spawn(async move {
                     let shared = counted.shared();
-                    let stop = shared.stop.clone();
+                    let stop = shared.stop_signal().clone();
                     let end = task::run(shared, &job, round, ctx, &stop, &mut Carry::none()).await;
                     (no, end)
                 });

@@ -51,7 +51,7 @@ pub(super) async fn run_pre(run: &mut Scheduler) {
         if !shared.may_start() {
             break;
         }
-        let stop = shared.stop.clone();
+        let stop = shared.stop_signal().clone();
         let Some(job) = run.tasks[i].job(i) else {
             continue;
         };
@@ -102,9 +102,7 @@ pub(super) async fn run_finishing(
         owner: shared.me.clone(),
         ending: end.to_json(),
     };
-    if let Ok(mut outcome) = shared.outcome.lock() {
-        *outcome = Some(end);
-    }
+    shared.set_outcome(end);
     shared.apply(vec![record]).await.map_err(Fatal::into_end)?;
     add_hook_tasks(shared, phase)
         .await
@@ -118,7 +116,7 @@ pub(super) async fn run_finishing(
             continue;
         }
         // Finishing hooks run to their end (or timeout) even when the op was stopped.
-        let calm = shared.calm.clone();
+        let calm = shared.calm().clone();
         let Some(job) = tasks[i].job(i) else { continue };
         let hook: &Step = shared.step(i);
         let ctx = shared.context(hook, &every_output);

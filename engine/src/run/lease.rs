@@ -4,7 +4,6 @@
 //! starting a process.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use store::{Change, OpStatus};
@@ -98,7 +97,7 @@ async fn heartbeat(shared: Arc<Shared>) {
             // two owners must never run steps at once.
             Err(Fatal::Store(_)) if shared.lease_holds() => {}
             Err(_) => {
-                shared.lost.store(true, Ordering::SeqCst);
+                shared.mark_lost();
                 shared.stop_all();
                 return;
             }

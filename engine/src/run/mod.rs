@@ -21,7 +21,6 @@ mod lease;
 pub(crate) mod scheduler;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use store::{Change, OpStatus, TaskNo};
 
@@ -72,7 +71,7 @@ pub(crate) async fn run(
 /// run ends without an outcome (ownership lost, the store failed).
 fn decide(run: &Scheduler, ending: Option<EndState>) -> Result<(RunEnd, EndState), RunEnd> {
     let shared = &run.shared;
-    if shared.lost.load(Ordering::SeqCst) {
+    if shared.is_lost() {
         return Err(RunEnd::LostOwnership(match &run.fatal {
             Some(Fatal::Lost(m) | Fatal::Store(m)) => m.clone(),
             None => "another process took the op over".to_owned(),

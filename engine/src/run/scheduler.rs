@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use plans::model::{Action, Plan, Step};
 use plans::template::Context;
@@ -225,7 +224,7 @@ impl Scheduler {
             }
         }
         let max = usize::try_from(plan.max_parallel).unwrap_or(usize::MAX);
-        let stop = shared.stop.clone();
+        let stop = shared.stop_signal().clone();
         Self {
             shared,
             tasks,
@@ -355,7 +354,7 @@ impl Scheduler {
         let counted = Counted::new(&self.shared);
         self.running.spawn(async move {
             let shared = counted.shared();
-            let stop = shared.stop.clone();
+            let stop = shared.stop_signal().clone();
             let mut carry = carry;
             let end = task::run(shared, &job, (prior, retry_from), ctx, &stop, &mut carry).await;
             // A task that ended before its first commit still records what it carried.
@@ -408,7 +407,7 @@ impl Scheduler {
             Ok(TaskEnd::Unrecorded { .. }) => unreachable!("held by the ledger above"),
             Err(f) => {
                 if matches!(f, Fatal::Lost(_)) {
-                    self.shared.lost.store(true, Ordering::SeqCst);
+                    self.shared.mark_lost();
                 }
                 self.fatal.get_or_insert(f);
             }
@@ -419,7 +418,7 @@ impl Scheduler {
         }
         if self.first_failure.is_some() || self.fatal.is_some() {
             // Approval gates still waiting can no longer lead anywhere.
-            self.shared.gates.send_replace(true);
+            self.shared.close_gates();
         }
     }
 
@@ -495,9 +494,7 @@ impl Scheduler {
     fn say_stopping(&self) {
         let shared = &self.shared;
         let reason = match shared.stop_reason() {
-            _ if shared.lost.load(Ordering::SeqCst) => {
-                "another process took the op over".to_owned()
-            }
+            _ if shared.is_lost() => "another process took the op over".to_owned(),
             Some(StopReason::Cancel(by)) => format!("canceled by {by}"),
             Some(StopReason::Timeout(why)) => why,
             None => "asked to stop".to_owned(),

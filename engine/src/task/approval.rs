@@ -44,7 +44,7 @@ pub(crate) async fn run(
     let reader = shared.store.reader().map_err(Fatal::from)?;
     let started = Instant::now();
     let mut signal = stop.clone();
-    let mut gates = shared.gates.subscribe();
+    let mut gates = shared.gates_closed();
     loop {
         let row = reader.task(shared.op, task).map_err(Fatal::from)?;
         if row.status != TaskStatus::Waiting {

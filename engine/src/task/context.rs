@@ -1,6 +1,8 @@
 //! What every task of a run shares ([`Shared`]), and the writes a run makes through it.
 //!
-//! - [`Shared`]: the op's identity and inputs, the store, the stop signals, the lease.
+//! - [`Shared`]: the op's identity and inputs, the store, the run's options and handles.
+//! - [`Signals`] (private fields): the stop signal and why it fired, ownership lost, the lease,
+//!   the decided outcome, the approval gates; [`Made`]: what is made once per run.
 //! - Writes: [`Shared::apply`] (waits out a busy database), [`Shared::apply_own`] (a task's own
 //!   start or end: on the caller's thread while it is the only task running), `patiently`.
 //! - [`with_hooks`]: the steps a run's tasks run, by task number: the plan's steps, then its hooks.
@@ -52,37 +54,70 @@ pub(crate) struct Shared {
     pub outputs: OutputFiles,
     /// Values that must never be written to logs.
     pub secrets: Vec<String>,
-    /// Set when the run must stop: by a signal (the caller holds a clone) or by the engine itself.
-    pub stop_handle: StopHandle,
-    pub stop: watch::Receiver<bool>,
-    /// Set when ownership was lost: nothing more may be written.
-    pub lost: AtomicBool,
-    /// Until when the lease is known to hold (the last successful claim or renewal).
-    pub lease_until: AtomicI64,
     /// The plan's steps, then its hooks as steps (see [`with_hooks`]); indexed by task number.
     pub steps: Vec<Step>,
     pub hooks: HookTasks,
-    /// Why the run is stopping, when the engine stopped it.
-    pub stop_reason: Arc<std::sync::Mutex<Option<StopReason>>>,
     /// The plan's sub-plans (and theirs), from the snapshot: absolute path → text.
     pub files: Files,
     /// Starts and resumes the child ops of `plan:` tasks (the op layer provides it).
     pub children: &'static dyn Children,
     /// The ops above this one, nearest first (for a sub-plan's op); a cancel of any ends it too.
     pub ancestors: Vec<OpId>,
+    /// How the run is told to stop, and what it knows of its lease and outcome.
+    pub signals: Signals,
+    /// What is made once per run, the first time a task needs it.
+    pub made: Made,
+}
+
+/// How a run is told to stop, and what it knows of its lease and its outcome: written by the run
+/// loop, the heartbeat and the cancel watcher, read by every task.
+pub(crate) struct Signals {
+    /// Set when the run must stop: by a signal (the caller holds a clone) or by the engine itself.
+    stop_handle: StopHandle,
+    stop: watch::Receiver<bool>,
+    /// Why the run is stopping, when the engine stopped it.
+    stop_reason: Arc<std::sync::Mutex<Option<StopReason>>>,
+    /// Set when ownership was lost: nothing more may be written.
+    lost: AtomicBool,
+    /// Until when the lease is known to hold (the last successful claim or renewal).
+    lease_until: AtomicI64,
     /// The op's outcome, once decided, for its finishing hooks.
-    pub outcome: std::sync::Mutex<Option<EndState>>,
-    /// What every task's template context holds (params, `op`, `env`), built once: a param may be
-    /// a list of 100,000 items, and each item's task would otherwise convert it again.
-    pub base_context: std::sync::OnceLock<Context>,
-    /// The params as every process's environment passes them ([`param_env`]), made once.
-    pub param_env: std::sync::OnceLock<BTreeMap<String, String>>,
+    outcome: std::sync::Mutex<Option<EndState>>,
     /// Set when the op failed: approval gates still waiting end (they cannot lead anywhere).
-    pub gates: watch::Sender<bool>,
+    gates: watch::Sender<bool>,
     /// A stop signal that never fires: finishing hooks run to their end even when the op was
     /// stopped. Its sender lives as long as this.
-    pub calm: watch::Receiver<bool>,
-    pub _calm_tx: watch::Sender<bool>,
+    calm: watch::Receiver<bool>,
+    _calm_tx: watch::Sender<bool>,
+}
+
+impl Signals {
+    /// The signals of a run stopped through `stop`, whose owner's lease holds until
+    /// `lease_until` (the claim just made).
+    pub(crate) fn new(stop: StopHandle, lease_until: store::Millis) -> Self {
+        let (calm_tx, calm) = watch::channel(false);
+        Self {
+            stop: stop.subscribe(),
+            stop_handle: stop,
+            stop_reason: Arc::new(std::sync::Mutex::new(None)),
+            lost: AtomicBool::new(false),
+            lease_until: AtomicI64::new(lease_until),
+            outcome: std::sync::Mutex::new(None),
+            gates: watch::channel(false).0,
+            calm,
+            _calm_tx: calm_tx,
+        }
+    }
+}
+
+/// What every task of a run would otherwise make again, made the first time one needs it.
+#[derive(Default)]
+pub(crate) struct Made {
+    /// What every task's template context holds (params, `op`, `env`): a param may be a list of
+    /// 100,000 items, and each item's task would otherwise convert it again.
+    base_context: std::sync::OnceLock<Context>,
+    /// The params as every process's environment passes them (`files::param_env`).
+    param_env: std::sync::OnceLock<BTreeMap<String, String>>,
 }
 
 /// Applies a batch through the store's writer, waiting out a database that another process holds
@@ -142,7 +177,7 @@ impl Shared {
 
     /// Refuses a write once ownership was lost: nothing more may be written.
     pub(crate) fn not_lost(&self) -> Result<(), Fatal> {
-        if self.lost.load(Ordering::SeqCst) {
+        if self.is_lost() {
             return Err(Fatal::Lost("another process owns the op".into()));
         }
         Ok(())
@@ -177,7 +212,60 @@ impl Shared {
     /// Asks every running step to stop, for the engine's own reasons (ownership lost, store
     /// failed).
     pub(crate) fn stop_all(&self) {
-        self.stop_handle.stop();
+        self.signals.stop_handle.stop();
+    }
+
+    /// The run's stop signal, for a task to wait on.
+    pub(crate) fn stop_signal(&self) -> &watch::Receiver<bool> {
+        &self.signals.stop
+    }
+
+    /// A stop signal that never fires (finishing hooks run to their end).
+    pub(crate) fn calm(&self) -> &watch::Receiver<bool> {
+        &self.signals.calm
+    }
+
+    /// Whether ownership was lost: nothing more may be written.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.signals.lost.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn mark_lost(&self) {
+        self.signals.lost.store(true, Ordering::SeqCst);
+    }
+
+    /// The op failed or cannot go on: approval gates still waiting end.
+    pub(crate) fn close_gates(&self) {
+        self.signals.gates.send_replace(true);
+    }
+
+    /// Fires when approval gates can no longer lead anywhere (see [`Shared::close_gates`]).
+    pub(crate) fn gates_closed(&self) -> watch::Receiver<bool> {
+        self.signals.gates.subscribe()
+    }
+
+    /// The op's outcome once decided, for its finishing hooks.
+    pub(crate) fn outcome(&self) -> Option<EndState> {
+        self.signals.outcome.lock().ok().and_then(|o| o.clone())
+    }
+
+    pub(crate) fn set_outcome(&self, end: EndState) {
+        if let Ok(mut outcome) = self.signals.outcome.lock() {
+            *outcome = Some(end);
+        }
+    }
+
+    /// The params as every process's environment passes them, made the first time (a failure, a
+    /// full disk, is tried again by the next process).
+    pub(crate) fn param_env(
+        &self,
+        make: impl FnOnce() -> Result<BTreeMap<String, String>, String>,
+    ) -> Result<&BTreeMap<String, String>, String> {
+        if let Some(params) = self.made.param_env.get() {
+            return Ok(params);
+        }
+        let made = make()?;
+        Ok(self.made.param_env.get_or_init(|| made))
     }
 
     pub(crate) fn say(&self, p: &Progress) {
@@ -185,7 +273,7 @@ impl Shared {
     }
 
     pub(crate) fn stopping(&self) -> bool {
-        *self.stop.borrow()
+        *self.signals.stop.borrow()
     }
 
     pub(crate) fn step(&self, i: usize) -> &Step {
@@ -194,14 +282,14 @@ impl Shared {
 
     /// Stops the run for `reason` (the first reason given is kept).
     pub(crate) fn stop_because(&self, reason: StopReason) {
-        if let Ok(mut slot) = self.stop_reason.lock() {
+        if let Ok(mut slot) = self.signals.stop_reason.lock() {
             slot.get_or_insert(reason);
         }
         self.stop_all();
     }
 
     pub(crate) fn stop_reason(&self) -> Option<StopReason> {
-        self.stop_reason.lock().ok().and_then(|r| r.clone())
+        self.signals.stop_reason.lock().ok().and_then(|r| r.clone())
     }
 
     /// A request to cancel this op, or an op above it (a sub-plan's parent), if one was made.
@@ -213,7 +301,7 @@ impl Shared {
 
     /// Reads why the run stops, from anywhere (a task that outlives the borrow of this).
     pub(crate) fn stop_reason_handle(&self) -> impl Fn() -> Option<StopReason> + Send + 'static {
-        let slot = self.stop_reason.clone();
+        let slot = self.signals.stop_reason.clone();
         move || slot.lock().ok().and_then(|r| r.clone())
     }
 
@@ -223,6 +311,7 @@ impl Shared {
         let margin = i64::try_from(self.options.lease.as_millis() / 3).unwrap_or(i64::MAX);
         now()
             < self
+                .signals
                 .lease_until
                 .load(Ordering::SeqCst)
                 .saturating_sub(margin)
@@ -238,7 +327,7 @@ impl Shared {
             lease_until: until,
         }])
         .await?;
-        self.lease_until.store(until, Ordering::SeqCst);
+        self.signals.lease_until.store(until, Ordering::SeqCst);
         Ok(())
     }
 
@@ -246,6 +335,7 @@ impl Shared {
     /// the steps its templates use.
     pub(crate) fn context(&self, step: &Step, outputs: &[(usize, Map<String, Value>)]) -> Context {
         let mut ctx = self
+            .made
             .base_context
             .get_or_init(|| {
                 let mut ctx = Context::new();
@@ -267,7 +357,7 @@ impl Shared {
                 ctx.outputs(*index, &Value::Object(map.clone()));
             }
         }
-        if let Some(end) = self.outcome.lock().ok().and_then(|o| o.clone()) {
+        if let Some(end) = self.outcome() {
             ctx.op("status", &Value::from(end.status.as_str()))
                 .op("error", &end.error.map_or(Value::Null, Value::from))
                 .op(

@@ -75,12 +75,7 @@ fn environment(
         env.insert(var.name.clone(), value);
     }
     // Kept once made; a failure (a full disk) is tried again by the next process.
-    let params = if let Some(params) = shared.param_env.get() {
-        params
-    } else {
-        let made = param_env(shared)?;
-        shared.param_env.get_or_init(|| made)
-    };
+    let params = shared.param_env(|| param_env(shared))?;
     env.extend(params.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.insert("CAIRN_OP_ID".into(), shared.op.0.to_string());
     env.insert("CAIRN_OP_UUID".into(), shared.uuid.clone());
@@ -95,7 +90,7 @@ fn environment(
     env.insert("CAIRN_ATTEMPT".into(), n.to_string());
     env.insert("CAIRN_OUTPUT".into(), output.display().to_string());
     // Finishing hooks see the op's outcome, as orchestrator's hooks get their placeholders.
-    if let Some(end) = shared.outcome.lock().ok().and_then(|o| o.clone()) {
+    if let Some(end) = shared.outcome() {
         env.insert("CAIRN_OP_STATUS".into(), end.status.to_string());
         env.insert("CAIRN_OP_ERROR".into(), end.error.unwrap_or_default());
         env.insert(

@@ -153,7 +153,7 @@ fn forward_stop(
     child_stop: &StopHandle,
 ) -> tokio::task::JoinHandle<()> {
     let mut parent_stop = stop.clone();
-    let mut parent_failed = shared.gates.subscribe();
+    let mut parent_failed = shared.gates_closed();
     let child_stop = child_stop.clone();
     let reason = shared.stop_reason_handle();
     tokio::spawn(async move {
