@@ -69,13 +69,11 @@ pub(crate) async fn run(
     .await
 }
 
+/// What a process task runs, rendered: its working directory, command line, and `check`'s.
+type Rendered = (PathBuf, Vec<String>, Option<Vec<String>>);
+
 /// The step's working directory, command line and `check` command line, rendered.
-#[allow(clippy::type_complexity)] // three parts, named where they are taken apart
-fn render(
-    shared: &Shared,
-    step: &Step,
-    ctx: &Context,
-) -> Result<(PathBuf, Vec<String>, Option<Vec<String>>), String> {
+fn render(shared: &Shared, step: &Step, ctx: &Context) -> Result<Rendered, String> {
     let cwd = match &step.cwd {
         Some(t) => shared.workdir.join(
             t.render(ctx)
