@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use store::{Change, OpId, OpStatus, Store};
 use tokio::task::JoinSet;
 
-use crate::op::{self as ops, Error, Overrides};
+use crate::op::{self, Error, Overrides};
 use crate::options::Options;
 use crate::outcome::RunEnd;
 use crate::owner::{self, OwnerState};
@@ -129,18 +129,24 @@ pub async fn serve(
                 }
             );
             let task = running.spawn(async move {
-                let why = match what {
+                let (kind, verb) = match what {
                     Work::Start => ("started", "started by cairn serve"),
                     Work::Resume => ("auto-resumed", "resumed by cairn serve"),
                 };
-                let overrides = Overrides {
-                    requeue: true,
-                    ..Overrides::default()
+                let takeover = op::Takeover {
+                    store: &store,
+                    options,
+                    overrides: Overrides {
+                        requeue: true,
+                        ..Overrides::default()
+                    },
+                    progress: sink,
+                    stop: handle,
+                    kind,
+                    verb,
+                    reopen: false,
                 };
-                let end = ops::resume_as(
-                    &store, op, None, None, why, options, overrides, sink, handle,
-                )
-                .await;
+                let end = op::resume_as(takeover, op, None, None).await;
                 (op, end)
             });
             tasks.insert(task.id(), op);
@@ -373,7 +379,7 @@ fn work(
                 Work::Resume
             };
             if what == Work::Resume {
-                match ops::snapshot_plan(reader, row.id).map(|p| p.auto_resume) {
+                match op::snapshot_plan(reader, row.id).map(|p| p.auto_resume) {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::info!(

@@ -30,6 +30,7 @@ pub use replan::{PlanDrift, Replan, plan_drift};
 pub(crate) use resume::resume_as;
 pub use resume::{Planned, dry_run, resume};
 pub use start::{run, submit};
+pub(crate) use take::Takeover;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -142,7 +142,7 @@ pub fn plan_drift(reader: &Reader, op: OpId, replan: &Replan) -> Result<PlanDrif
 /// Old task number → new for every task of an op moving to `new` (its steps and hooks), and the
 /// tasks of the steps `new` adds. Steps and hooks keep their ids; fan-out items, and tasks of
 /// steps the plan no longer has (kept as history), follow them.
-pub(super) fn renumber(
+fn renumber(
     rows: &[store::TaskRow],
     old: &[plans::model::Step],
     new: &[plans::model::Step],

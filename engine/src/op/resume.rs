@@ -29,7 +29,7 @@ use crate::task::context::Shared;
 
 /// Continues an op where it stopped, with its plan snapshot. An op with a cancel request is only
 /// finished as canceled.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // `cairn resume`'s flags and handles, as the CLI holds them
 pub async fn resume(
     store: &Store,
     op: OpId,
@@ -40,39 +40,33 @@ pub async fn resume(
     progress: Sink,
     stop: StopHandle,
 ) -> Result<RunEnd, Error> {
-    resume_as(
+    let takeover = Takeover {
         store,
-        op,
-        from,
-        replan,
-        ("resumed", "resumed"),
         options,
         overrides,
         progress,
         stop,
-    )
-    .await
+        kind: "resumed",
+        verb: "resumed",
+        reopen: false,
+    };
+    resume_as(takeover, op, from, replan).await
 }
 
-/// [`resume`], saying why in the op's events: `(kind, verb)`, e.g. `("auto-resumed", "resumed
-/// by cairn serve")`. A queued op is started the same way.
-#[allow(clippy::too_many_arguments)]
+/// [`resume`], taking the op over as `takeover` says (its events say why, e.g.
+/// `("auto-resumed", "resumed by cairn serve")`). A queued op is started the same way.
 pub(crate) async fn resume_as(
-    store: &Store,
+    mut takeover: Takeover<'_>,
     op: OpId,
     from: Option<&str>,
     replan: Option<Replan>,
-    (kind, verb): (&'static str, &str),
-    options: Options,
-    overrides: Overrides,
-    progress: Sink,
-    stop: StopHandle,
 ) -> Result<RunEnd, Error> {
+    let store = takeover.store;
     let reader = store.reader()?;
     let row = read_op(&reader, op)?;
     if row.status == OpStatus::Succeeded && from.is_none() && replan.is_none() {
         // Resuming after a crash must be safe to repeat: the work is done, and that is success.
-        progress(&Progress::AlreadyDone { op });
+        (takeover.progress)(&Progress::AlreadyDone { op });
         return Ok(RunEnd::Succeeded);
     }
     // An edited plan: refused unless accepted, and unless done work that changed is to run again.
@@ -91,21 +85,11 @@ pub(crate) async fn resume_as(
         None => None,
     };
     let paused = if row.cancel.is_none() {
-        check_pause(store, overrides)?
+        check_pause(store, takeover.overrides)?
     } else {
         None
     };
-    let reopen = rerun.is_some() || replan.is_some();
-    let takeover = Takeover {
-        store,
-        options,
-        overrides,
-        progress,
-        stop,
-        kind,
-        verb,
-        reopen,
-    };
+    takeover.reopen = rerun.is_some() || replan.is_some();
     let replace = replan.map(|r| (r, drifted.clone().unwrap_or_default()));
     let (shared, mut tasks) = match takeover.take_and_load(&reader, &row, replace).await? {
         Ok(loaded) => loaded,
@@ -169,7 +153,7 @@ pub(crate) async fn resume_as(
 
 /// Makes `steps` (and their fan-out items) and the finishing hooks pending again, with a fresh
 /// retry round: they run again; nothing upstream of them does.
-pub(super) async fn rerun_tasks(
+async fn rerun_tasks(
     shared: &Shared,
     tasks: &mut [TaskState],
     steps: Vec<usize>,
@@ -237,7 +221,7 @@ pub(super) async fn rerun_tasks(
 }
 
 /// The steps `resume --from STEP` runs again: STEP and everything downstream of it.
-pub(super) fn rerun_from(plan: &Plan, op: OpId, step: &str) -> Result<Vec<usize>, Error> {
+fn rerun_from(plan: &Plan, op: OpId, step: &str) -> Result<Vec<usize>, Error> {
     let index = plan.step_index(step).ok_or_else(|| Error::UnknownStep {
         op,
         step: step.to_owned(),

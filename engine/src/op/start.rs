@@ -35,7 +35,7 @@ use crate::shutdown::StopHandle;
 /// The op to store for `new`: title and lock key rendered, secrets sealed, one task per step;
 /// `queued`, with no owner (the caller sets one to run it at once). `held`: lock keys its
 /// ancestors hold (a sub-plan's op does not take them again).
-pub(super) fn new_op(
+fn new_op(
     store: &Store,
     new: &NewRun,
     held: &[String],
@@ -109,7 +109,7 @@ pub(super) fn new_op(
 }
 
 /// Renders the op's title or lock key: params, `op.uuid`, `op.plan` and the kept environment.
-pub(super) fn render_header(
+fn render_header(
     template: &Template,
     new: &NewRun,
     uuid: &str,

@@ -39,11 +39,7 @@ use crate::task::context::Shared;
 use crate::task::files::OutputFiles;
 
 /// Ends the processes an attempt left running (on this machine); how many there were.
-pub(super) async fn end_leftovers(
-    uuid: &str,
-    attempt: &store::AttemptRow,
-    options: &Options,
-) -> usize {
+async fn end_leftovers(uuid: &str, attempt: &store::AttemptRow, options: &Options) -> usize {
     let marker = format!("{uuid}/{}/{}", attempt.task_no.0, attempt.n);
     let same_machine = attempt
         .process
@@ -69,7 +65,7 @@ pub(super) async fn end_leftovers(
 /// Ends the processes left by the running attempts of `op`'s child ops (and theirs) whose owner is
 /// gone, when `op` is taken over: nothing of a dead run may go on while the op's tasks are decided
 /// again. Their attempts are recorded when the children themselves are resumed.
-pub(super) fn end_children_leftovers<'a>(
+fn end_children_leftovers<'a>(
     reader: &'a Reader,
     op: OpId,
     options: &'a Options,
@@ -96,7 +92,7 @@ pub(super) fn end_children_leftovers<'a>(
 
 /// Ends whatever is left of attempts that were running when their owner died, and records them
 /// interrupted, before any task runs again.
-pub(super) async fn sweep(
+async fn sweep(
     store: &Store,
     reader: &Reader,
     row: &store::OpRow,
@@ -156,7 +152,7 @@ pub(super) async fn sweep(
 
 /// How an op is taken over for this process: the options and handles its run gets, and what its
 /// events say.
-pub(super) struct Takeover<'a> {
+pub(crate) struct Takeover<'a> {
     pub store: &'a Store,
     pub options: Options,
     pub overrides: Overrides,

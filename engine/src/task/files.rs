@@ -31,7 +31,7 @@ fn param_env(shared: &Shared) -> Result<BTreeMap<String, String>, String> {
         };
         let var = format!("CAIRN_PARAM_{}", name.to_uppercase());
         // `secrets` holds every secret param's text: those the plan declares and those stored
-        // sealed (`ops::secret_values`).
+        // sealed (`op::secret_values`).
         let secret = shared.secrets.contains(&text);
         if var.len() + 1 + text.len() > ENV_STRING_MAX && !secret {
             let file_var = format!("{var}_FILE");
