@@ -6,8 +6,9 @@
 //! - [`run`]: the task's attempts ([`attempts`]); `run_child`: one attempt's child op, found by its
 //!   link (`ops.parent_id`, `parent_task`) or submitted, owned by this process. A child that
 //!   already succeeded is not run again: its outputs are taken as they are.
-//! - The child's end is its run's [`RunEnd`]: a succeeded child's steps' outputs, merged in plan
-//!   order, become the task's; a failed or canceled child fails the task. Cancelling the parent
+//! - The child's end is its run's [`RunEnd`], made the attempt's [`Ended`] by `child_end`: a
+//!   succeeded child's steps' outputs, merged in plan order, become the task's; a failed or
+//!   canceled child fails the task. Cancelling the parent
 //!   cancels the child (the child's cancel watcher also reads its ancestors' requests); a stop
 //!   reaches it through its stop handle.
 
@@ -74,18 +75,6 @@ pub(crate) trait Children: Send + Sync {
     ) -> Boxed<'a, Result<(), String>>;
 }
 
-/// How a child op's run ended, for its parent's task.
-enum ChildEnd {
-    Succeeded(Map<String, Value>),
-    Failed(String),
-    /// Canceled by hand: the task fails, and `retry` does not undo a person's cancel.
-    Canceled(String),
-    /// Stopped (a signal, the parent's cancel or timeout): the task ends as the parent's stop says.
-    Stopped,
-    /// The store could not record the child's progress: the parent cannot go on either.
-    StoreFailed(String),
-}
-
 /// Attempts of a `plan:` task.
 pub(crate) async fn run(
     shared: &Shared,
@@ -126,20 +115,21 @@ impl Attempt for ChildAttempt<'_> {
     async fn attempt(&mut self, n: u32, carry: &mut Carry) -> Result<Ended, Fatal> {
         let shared = self.shared;
         start_attempt(shared, self.job, n, self.retry_from, carry).await?;
-        let failed = |error: &str, retryable| Ended::Failed {
-            error: shared_mask(shared, error),
-            exit_code: None,
-            retryable,
-        };
-        Ok(
-            match run_child(shared, self.job, self.ctx, self.stop).await {
-                Ok(ChildEnd::Succeeded(outputs)) => Ended::Succeeded(outputs, false),
-                Ok(ChildEnd::Failed(error)) | Err(error) => failed(&error, true),
-                Ok(ChildEnd::Canceled(error)) => failed(&error, false),
-                Ok(ChildEnd::Stopped) => Ended::Interrupted,
-                Ok(ChildEnd::StoreFailed(m)) => return Err(Fatal::Store(m)),
-            },
-        )
+        match run_child(shared, self.job, self.ctx, self.stop).await {
+            Ok(ended) => ended,
+            // The child could not be started, resumed or read: the attempt failed.
+            Err(error) => Ok(failed(shared, &error, true)),
+        }
+    }
+}
+
+/// A failed attempt of a `plan:` task; `retryable`: the step's `retry` may run the child again
+/// (not after a person canceled it).
+fn failed(shared: &Shared, error: &str, retryable: bool) -> Ended {
+    Ended::Failed {
+        error: shared_mask(shared, error),
+        exit_code: None,
+        retryable,
     }
 }
 
@@ -169,13 +159,14 @@ fn forward_stop(
     })
 }
 
-/// Runs (or resumes, or just reads) the child op of a `plan:` task.
+/// Runs (or resumes, or just reads) the child op of a `plan:` task: the attempt's end, from the
+/// child run's end; `Err` when the child could not be started, resumed or read.
 async fn run_child(
     shared: &Shared,
     job: &Job,
     ctx: &Context,
     stop: &watch::Receiver<bool>,
-) -> Result<ChildEnd, String> {
+) -> Result<Result<Ended, Fatal>, String> {
     let step = shared.step(job.step);
     let mut existing = shared
         .store
@@ -231,10 +222,11 @@ async fn run_child(
     }
     let (child, end) = result?;
     if timed_out.load(Ordering::SeqCst) && end != RunEnd::Succeeded {
-        return Ok(ChildEnd::Failed(format!(
+        let error = format!(
             "timed out after {}; sub-plan op {child} was stopped",
             plans::units::format_duration(step.timeout.unwrap_or_default())
-        )));
+        );
+        return Ok(Ok(failed(shared, &error, true)));
     }
     child_end(shared, child, end)
 }
@@ -271,14 +263,17 @@ fn child_run(shared: &Shared, job: &Job, ctx: &Context) -> Result<ChildRun, Stri
     })
 }
 
-/// What the child's run's end makes of the task's attempt.
-fn child_end(shared: &Shared, child: OpId, end: RunEnd) -> Result<ChildEnd, String> {
-    Ok(match end {
-        RunEnd::Succeeded => ChildEnd::Succeeded(outputs(
-            &shared.store.reader().map_err(|e| e.to_string())?,
-            child,
-        )?),
-        RunEnd::Failed(e) => ChildEnd::Failed(format!("sub-plan op {child} failed: {e}")),
+/// What the child's run's end makes of the task's attempt: a failed child fails it (the step's
+/// `retry` may resume the child), a child canceled by hand fails it for good, a stopped child
+/// (a signal, the parent's cancel or timeout) leaves it as the parent's stop says, and a child
+/// whose progress the store could not record stops the parent too.
+fn child_end(shared: &Shared, child: OpId, end: RunEnd) -> Result<Result<Ended, Fatal>, String> {
+    Ok(Ok(match end {
+        RunEnd::Succeeded => {
+            let reader = shared.store.reader().map_err(|e| e.to_string())?;
+            Ended::Succeeded(outputs(&reader, child)?, false)
+        }
+        RunEnd::Failed(e) => failed(shared, &format!("sub-plan op {child} failed: {e}"), true),
         RunEnd::Canceled(e) if shared.stop_reason().is_none() => {
             // The child may have seen this op's (or an ancestor's) cancel before this op did.
             let request = shared
@@ -289,18 +284,24 @@ fn child_end(shared: &Shared, child: OpId, end: RunEnd) -> Result<ChildEnd, Stri
             match request {
                 Some(request) => {
                     shared.stop_because(StopReason::Cancel(request.by));
-                    ChildEnd::Stopped
+                    Ended::Interrupted
                 }
-                None => ChildEnd::Canceled(format!("sub-plan op {child} was canceled: {e}")),
+                None => failed(
+                    shared,
+                    &format!("sub-plan op {child} was canceled: {e}"),
+                    false,
+                ),
             }
         }
-        RunEnd::Canceled(_) | RunEnd::Interrupted => ChildEnd::Stopped,
+        RunEnd::Canceled(_) | RunEnd::Interrupted => Ended::Interrupted,
         // The child was taken over by another process: this task cannot know how it ends.
-        RunEnd::LostOwnership(m) => {
-            ChildEnd::Failed(format!("sub-plan op {child} was taken over: {m}"))
-        }
-        RunEnd::StoreFailed(m) => ChildEnd::StoreFailed(m),
-    })
+        RunEnd::LostOwnership(m) => failed(
+            shared,
+            &format!("sub-plan op {child} was taken over: {m}"),
+            true,
+        ),
+        RunEnd::StoreFailed(m) => return Ok(Err(Fatal::Store(m))),
+    }))
 }
 
 /// A succeeded child's outputs: its steps' outputs, merged in plan order (a later step's key
