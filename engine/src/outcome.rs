@@ -1,5 +1,5 @@
 //! How an op's run ends: [`RunEnd`], the one end type of the op and run layers (a sub-plan's task
-//! reads its child run's), and [`EndState`], the outcome once decided, stored as `ops.ending` so
+//! reads its child run's), and `EndState`, the outcome once decided, stored as `ops.ending` so
 //! that a resume among the finishing hooks keeps it.
 
 use serde_json::Value;

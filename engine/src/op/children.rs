@@ -4,7 +4,7 @@
 //!   keyed by absolute path (`plans::bundle`); a child op's snapshot is the same bundle with the
 //!   child's text, so every op of the tree finds its sub-plans from its own directory, never from
 //!   disk.
-//! - [`SubPlans`]: the op layer's side of `task::subplan::Children`: a `plan:` task's child op is
+//! - `SubPlans`: the op layer's side of `task::subplan::Children`: a `plan:` task's child op is
 //!   submitted and run, or resumed, as any op is, owned by the same process; `cancel_children`.
 //! - `lineage`: the ops above a child, and the lock keys they hold.
 

@@ -4,8 +4,8 @@
 //! - [`start`](submit): `submit` queues an op, `run` starts one and runs it.
 //! - `take`: taking an op over (refused while its owner lives), ending what a dead owner left.
 //! - `lock`: acquiring an op's lock and ownership, waiting while another op holds the lock.
-//! - `resume` ([`resume`], [`dry_run`]), `replan` ([`plan_drift`]), `cancel` ([`cancel`]),
-//!   `mark` ([`mark`]), `approve` ([`approve`]).
+//! - `resume` ([`resume()`], [`dry_run`]), `replan` ([`plan_drift`]), `cancel` ([`cancel()`]),
+//!   `mark` ([`mark()`]), `approve` ([`approve()`]).
 //! - [`children`]: sub-plans: loads them at submit, and starts, resumes and cancels child ops
 //!   for `plan:` tasks (it implements `task::subplan::Children`).
 //! - Here: [`Error`], [`Overrides`], [`NewRun`], and what the use cases share (the run's context

@@ -200,7 +200,7 @@ impl Takeover<'_> {
     }
 
     /// Takes the op over, ends what its dead owner left running, and loads its state. With
-    /// `replace`, the op goes on with an edited plan (see [`plan_drift`]): its tasks are
+    /// `replace`, the op goes on with an edited plan (see [`super::plan_drift`]): its tasks are
     /// renumbered to it once the op is taken and swept.
     pub(super) async fn take_and_load(
         self,
