@@ -68,10 +68,7 @@ pub async fn serve(
     let mut running: JoinSet<(OpId, Result<RunEnd, Error>)> = JoinSet::new();
     let mut tasks: HashMap<tokio::task::Id, OpId> = HashMap::new();
     let mut handles: BTreeMap<OpId, StopHandle> = BTreeMap::new();
-    // Ops this process leaves alone (auto_resume off, cannot run), and ones to try again later.
-    let mut passed: HashSet<OpId> = HashSet::new();
-    let mut later: HashMap<OpId, Instant> = HashMap::new();
-    let mut said_paused = false;
+    let mut seen = Seen::default();
     let started = Instant::now();
     let speed = config.schedule_clock.map_or(1.0, |(_, speed)| speed);
     let schedule_now = || match config.schedule_clock {
@@ -88,18 +85,15 @@ pub async fn serve(
         if *stopped.borrow() {
             break;
         }
-        later.retain(|_, at| *at > Instant::now());
+        seen.later.retain(|_, at| *at > Instant::now());
         // A database error here (locked for longer than the busy timeout, a full disk) is said,
         // and the next poll tries again: the running ops go on.
         let found = match poll(
             store,
             &config,
-            schedule_now(),
-            window,
+            (schedule_now(), window),
             &handles,
-            &mut passed,
-            &later,
-            &mut said_paused,
+            &mut seen,
             running.len(),
         )
         .await
@@ -171,7 +165,7 @@ pub async fn serve(
                     None => continue,
                 };
                 handles.remove(&op);
-                ended(store, &me, op, end, &mut passed, &mut later).await;
+                ended(store, &me, op, end, &mut seen).await;
             }
             () = tokio::time::sleep(config.poll) => {}
             _ = stopped.changed() => {}
@@ -195,7 +189,7 @@ pub async fn serve(
                     Some(Ok((id, (op, end)))) => {
                         tasks.remove(&id);
                         handles.remove(&op);
-                        ended(store, &me, op, end, &mut passed, &mut later).await;
+                        ended(store, &me, op, end, &mut seen).await;
                     }
                     Some(Err(_)) => {}
                     None => break,
@@ -212,39 +206,47 @@ pub async fn serve(
     }
     while let Some(joined) = running.join_next().await {
         if let Ok((op, end)) = joined {
-            ended(store, &me, op, end, &mut passed, &mut later).await;
+            ended(store, &me, op, end, &mut seen).await;
         }
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// One look at the database: fire the schedules that are due, then find the ops to take.
-#[allow(clippy::too_many_arguments)]
+/// What `serve` remembers of ops between polls.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Ops this process leaves alone (`auto_resume` off, cannot run).
+    passed: HashSet<OpId>,
+    /// Ops refused for a passing reason, and when to try them again.
+    later: HashMap<OpId, Instant>,
+    /// Whether the pause was said (once per pause).
+    said_paused: bool,
+}
+
+/// One look at the database: fire the schedules that are due (`now` on the schedules' clock,
+/// within `window`), then find the ops to take (none while `busy` workers are all there are).
 async fn poll(
     store: &Store,
     config: &Config,
-    now: store::Millis,
-    window: store::Millis,
+    (now, window): (store::Millis, store::Millis),
     running: &BTreeMap<OpId, StopHandle>,
-    passed: &mut HashSet<OpId>,
-    later: &HashMap<OpId, Instant>,
-    said_paused: &mut bool,
+    seen: &mut Seen,
     busy: usize,
 ) -> Result<Vec<(OpId, Work)>, Error> {
     if let Some(pause) = store.reader()?.paused()? {
-        if !*said_paused {
+        if !seen.said_paused {
             tracing::info!(by = %pause.by, "cairn is paused: no op starts and no schedule fires until `cairn unpause`");
-            *said_paused = true;
+            seen.said_paused = true;
         }
         return Ok(Vec::new());
     }
-    *said_paused = false;
+    seen.said_paused = false;
     crate::schedule::fire_due(store, now, window).await?;
     if busy >= config.workers {
         return Ok(Vec::new());
     }
-    let (found, waiting) = work(&store.reader()?, running, passed, later)?;
+    let (found, waiting) = work(&store.reader()?, running, seen)?;
     // `status` says why a queued op does not start.
     let notes: Vec<Change> = waiting
         .into_iter()
@@ -266,8 +268,7 @@ async fn ended(
     me: &store::ProcessId,
     op: OpId,
     end: Result<RunEnd, Error>,
-    passed: &mut HashSet<OpId>,
-    later: &mut HashMap<OpId, Instant>,
+    seen: &mut Seen,
 ) {
     let failure = match end {
         Ok(RunEnd::StoreFailed(e)) => {
@@ -286,12 +287,12 @@ async fn ended(
             e @ (Error::Final { .. } | Error::UnknownOp(_) | Error::Snapshot(_) | Error::Secret(_)),
         ) => {
             tracing::warn!(op = op.0, error = %e, "cannot run it; left alone");
-            passed.insert(op);
+            seen.passed.insert(op);
             Some(e.to_string())
         }
         Err(e) => {
             tracing::info!(op = op.0, "not now ({e}); trying again later");
-            later.insert(op, Instant::now() + RETRY_AFTER);
+            seen.later.insert(op, Instant::now() + RETRY_AFTER);
             Some(e.to_string())
         }
     };
@@ -327,8 +328,7 @@ async fn ended(
 fn work(
     reader: &store::Reader,
     running: &BTreeMap<OpId, StopHandle>,
-    passed: &mut HashSet<OpId>,
-    later: &HashMap<OpId, Instant>,
+    seen: &mut Seen,
 ) -> Result<(Vec<(OpId, Work)>, Vec<(OpId, String)>), Error> {
     let mut waiting = Vec::new();
     let now = owner::now();
@@ -349,8 +349,8 @@ fn work(
         })?;
         for row in rows {
             if running.contains_key(&row.id)
-                || passed.contains(&row.id)
-                || later.contains_key(&row.id)
+                || seen.passed.contains(&row.id)
+                || seen.later.contains_key(&row.id)
                 // Sub-plans' ops are run by their parent's op.
                 || row.parent.is_some()
             {
@@ -386,12 +386,12 @@ fn work(
                             op = row.id.0,
                             "interrupted, and its plan says `auto_resume: false`: left for a person (`cairn resume`)"
                         );
-                        passed.insert(row.id);
+                        seen.passed.insert(row.id);
                         continue;
                     }
                     Err(e) => {
                         tracing::warn!(op = row.id.0, error = %e, "cannot read its plan; left alone");
-                        passed.insert(row.id);
+                        seen.passed.insert(row.id);
                         continue;
                     }
                 }
