@@ -322,14 +322,17 @@ async fn ended(
     }
 }
 
+/// The ops a poll found: those to start or resume now, and those that wait for a lock with what
+/// their `CUR_TASK` should say.
+type Found = (Vec<(OpId, Work)>, Vec<(OpId, String)>);
+
 /// The ops to start or resume now, oldest first; ops whose lock another op holds wait (with what
 /// their `CUR_TASK` should say, when it does not say it yet).
-#[allow(clippy::type_complexity)]
 fn work(
     reader: &store::Reader,
     running: &BTreeMap<OpId, StopHandle>,
     seen: &mut Seen,
-) -> Result<(Vec<(OpId, Work)>, Vec<(OpId, String)>), Error> {
+) -> Result<Found, Error> {
     let mut waiting = Vec::new();
     let now = owner::now();
     let mut held: HashMap<String, OpId> =
