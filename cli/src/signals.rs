@@ -15,7 +15,7 @@ pub fn watch(stop: engine::StopHandle) -> std::io::Result<()> {
             _ = term.recv() => {}
             _ = hup.recv() => {}
         }
-        stop.send_replace(true);
+        stop.stop();
     });
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::path::Path;
 use serde_json::Value;
 use store::{Change, Millis, OpId, ScheduleRow, Store};
 
-use crate::ops::{self, Error, NewRun};
+use crate::op::{self, Error, NewRun};
 use crate::owner;
 
 /// Submits the ops of the schedules due at `now`; returns them.
@@ -128,17 +128,17 @@ async fn submit(store: &Store, schedule: &ScheduleRow, due: Millis) -> Result<Op
         let all: Vec<String> = problems.into_iter().map(|p| p.message).collect();
         Error::Refused(all.join("; "))
     })?;
-    let workdir = ops::plan_dir(path);
-    let files = crate::children::load(&workdir, &plan)?;
+    let workdir = op::plan_dir(path);
+    let files = crate::op::children::load(&workdir, &plan)?;
     let new = NewRun {
-        env: ops::capture_env(&plan),
+        env: op::capture_env(&plan),
         workdir,
         files,
         parent: None,
         plan,
         params,
     };
-    ops::submit(store, new, Some((schedule.name.clone(), due))).await
+    op::submit(store, new, Some((schedule.name.clone(), due))).await
 }
 
 /// When a schedule fires next, after its last firing handled (or its creation) and `now`.

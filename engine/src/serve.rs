@@ -24,10 +24,12 @@ use std::time::{Duration, Instant};
 use store::{Change, OpId, OpStatus, Store};
 use tokio::task::JoinSet;
 
-use crate::ops::{self, Error, Overrides, StopHandle};
+use crate::op::{self, Error, Overrides};
+use crate::options::Options;
+use crate::outcome::RunEnd;
 use crate::owner::{self, OwnerState};
 use crate::progress::Sink;
-use crate::runner::{Options, RunEnd};
+use crate::shutdown::StopHandle;
 
 /// How `serve` runs.
 #[derive(Debug, Clone)]
@@ -66,10 +68,7 @@ pub async fn serve(
     let mut running: JoinSet<(OpId, Result<RunEnd, Error>)> = JoinSet::new();
     let mut tasks: HashMap<tokio::task::Id, OpId> = HashMap::new();
     let mut handles: BTreeMap<OpId, StopHandle> = BTreeMap::new();
-    // Ops this process leaves alone (auto_resume off, cannot run), and ones to try again later.
-    let mut passed: HashSet<OpId> = HashSet::new();
-    let mut later: HashMap<OpId, Instant> = HashMap::new();
-    let mut said_paused = false;
+    let mut seen = Seen::default();
     let started = Instant::now();
     let speed = config.schedule_clock.map_or(1.0, |(_, speed)| speed);
     let schedule_now = || match config.schedule_clock {
@@ -86,18 +85,15 @@ pub async fn serve(
         if *stopped.borrow() {
             break;
         }
-        later.retain(|_, at| *at > Instant::now());
+        seen.later.retain(|_, at| *at > Instant::now());
         // A database error here (locked for longer than the busy timeout, a full disk) is said,
         // and the next poll tries again: the running ops go on.
         let found = match poll(
             store,
             &config,
-            schedule_now(),
-            window,
+            (schedule_now(), window),
             &handles,
-            &mut passed,
-            &later,
-            &mut said_paused,
+            &mut seen,
             running.len(),
         )
         .await
@@ -112,7 +108,7 @@ pub async fn serve(
             if running.len() >= config.workers {
                 break;
             }
-            let handle = ops::stop_handle();
+            let handle = StopHandle::new();
             handles.insert(op, handle.clone());
             let store = store.clone();
             let options = config.options.clone();
@@ -127,18 +123,24 @@ pub async fn serve(
                 }
             );
             let task = running.spawn(async move {
-                let why = match what {
+                let (kind, verb) = match what {
                     Work::Start => ("started", "started by cairn serve"),
                     Work::Resume => ("auto-resumed", "resumed by cairn serve"),
                 };
-                let overrides = Overrides {
-                    requeue: true,
-                    ..Overrides::default()
+                let takeover = op::Takeover {
+                    store: &store,
+                    options,
+                    overrides: Overrides {
+                        requeue: true,
+                        ..Overrides::default()
+                    },
+                    progress: sink,
+                    stop: handle,
+                    kind,
+                    verb,
+                    reopen: false,
                 };
-                let end = ops::resume_as(
-                    &store, op, None, None, why, options, overrides, sink, handle,
-                )
-                .await;
+                let end = op::resume_as(takeover, op, None, None).await;
                 (op, end)
             });
             tasks.insert(task.id(), op);
@@ -163,7 +165,7 @@ pub async fn serve(
                     None => continue,
                 };
                 handles.remove(&op);
-                ended(store, &me, op, end, &mut passed, &mut later).await;
+                ended(store, &me, op, end, &mut seen).await;
             }
             () = tokio::time::sleep(config.poll) => {}
             _ = stopped.changed() => {}
@@ -178,7 +180,7 @@ pub async fn serve(
             "draining: running steps get {} to finish",
             plans::units::format_duration(config.options.grace)
         );
-        crate::runner::drain();
+        config.options.drain.drain();
         let deadline = tokio::time::sleep(config.options.grace);
         tokio::pin!(deadline);
         loop {
@@ -187,7 +189,7 @@ pub async fn serve(
                     Some(Ok((id, (op, end)))) => {
                         tasks.remove(&id);
                         handles.remove(&op);
-                        ended(store, &me, op, end, &mut passed, &mut later).await;
+                        ended(store, &me, op, end, &mut seen).await;
                     }
                     Some(Err(_)) => {}
                     None => break,
@@ -200,43 +202,51 @@ pub async fn serve(
         tracing::info!(ops = running.len(), "stopping the steps still running");
     }
     for handle in handles.values() {
-        handle.send_replace(true);
+        handle.stop();
     }
     while let Some(joined) = running.join_next().await {
         if let Ok((op, end)) = joined {
-            ended(store, &me, op, end, &mut passed, &mut later).await;
+            ended(store, &me, op, end, &mut seen).await;
         }
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// One look at the database: fire the schedules that are due, then find the ops to take.
-#[allow(clippy::too_many_arguments)]
+/// What `serve` remembers of ops between polls.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Ops this process leaves alone (`auto_resume` off, cannot run).
+    passed: HashSet<OpId>,
+    /// Ops refused for a passing reason, and when to try them again.
+    later: HashMap<OpId, Instant>,
+    /// Whether the pause was said (once per pause).
+    said_paused: bool,
+}
+
+/// One look at the database: fire the schedules that are due (`now` on the schedules' clock,
+/// within `window`), then find the ops to take (none while `busy` workers are all there are).
 async fn poll(
     store: &Store,
     config: &Config,
-    now: store::Millis,
-    window: store::Millis,
+    (now, window): (store::Millis, store::Millis),
     running: &BTreeMap<OpId, StopHandle>,
-    passed: &mut HashSet<OpId>,
-    later: &HashMap<OpId, Instant>,
-    said_paused: &mut bool,
+    seen: &mut Seen,
     busy: usize,
 ) -> Result<Vec<(OpId, Work)>, Error> {
     if let Some(pause) = store.reader()?.paused()? {
-        if !*said_paused {
+        if !seen.said_paused {
             tracing::info!(by = %pause.by, "cairn is paused: no op starts and no schedule fires until `cairn unpause`");
-            *said_paused = true;
+            seen.said_paused = true;
         }
         return Ok(Vec::new());
     }
-    *said_paused = false;
+    seen.said_paused = false;
     crate::schedule::fire_due(store, now, window).await?;
     if busy >= config.workers {
         return Ok(Vec::new());
     }
-    let (found, waiting) = work(&store.reader()?, running, passed, later)?;
+    let (found, waiting) = work(&store.reader()?, running, seen)?;
     // `status` says why a queued op does not start.
     let notes: Vec<Change> = waiting
         .into_iter()
@@ -258,8 +268,7 @@ async fn ended(
     me: &store::ProcessId,
     op: OpId,
     end: Result<RunEnd, Error>,
-    passed: &mut HashSet<OpId>,
-    later: &mut HashMap<OpId, Instant>,
+    seen: &mut Seen,
 ) {
     let failure = match end {
         Ok(RunEnd::StoreFailed(e)) => {
@@ -278,12 +287,12 @@ async fn ended(
             e @ (Error::Final { .. } | Error::UnknownOp(_) | Error::Snapshot(_) | Error::Secret(_)),
         ) => {
             tracing::warn!(op = op.0, error = %e, "cannot run it; left alone");
-            passed.insert(op);
+            seen.passed.insert(op);
             Some(e.to_string())
         }
         Err(e) => {
             tracing::info!(op = op.0, "not now ({e}); trying again later");
-            later.insert(op, Instant::now() + RETRY_AFTER);
+            seen.later.insert(op, Instant::now() + RETRY_AFTER);
             Some(e.to_string())
         }
     };
@@ -313,15 +322,17 @@ async fn ended(
     }
 }
 
+/// The ops a poll found: those to start or resume now, and those that wait for a lock with what
+/// their `CUR_TASK` should say.
+type Found = (Vec<(OpId, Work)>, Vec<(OpId, String)>);
+
 /// The ops to start or resume now, oldest first; ops whose lock another op holds wait (with what
 /// their `CUR_TASK` should say, when it does not say it yet).
-#[allow(clippy::type_complexity)]
 fn work(
     reader: &store::Reader,
     running: &BTreeMap<OpId, StopHandle>,
-    passed: &mut HashSet<OpId>,
-    later: &HashMap<OpId, Instant>,
-) -> Result<(Vec<(OpId, Work)>, Vec<(OpId, String)>), Error> {
+    seen: &mut Seen,
+) -> Result<Found, Error> {
     let mut waiting = Vec::new();
     let now = owner::now();
     let mut held: HashMap<String, OpId> =
@@ -341,8 +352,8 @@ fn work(
         })?;
         for row in rows {
             if running.contains_key(&row.id)
-                || passed.contains(&row.id)
-                || later.contains_key(&row.id)
+                || seen.passed.contains(&row.id)
+                || seen.later.contains_key(&row.id)
                 // Sub-plans' ops are run by their parent's op.
                 || row.parent.is_some()
             {
@@ -371,19 +382,19 @@ fn work(
                 Work::Resume
             };
             if what == Work::Resume {
-                match ops::snapshot_plan(reader, row.id).map(|p| p.auto_resume) {
+                match op::snapshot_plan(reader, row.id).map(|p| p.auto_resume) {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::info!(
                             op = row.id.0,
                             "interrupted, and its plan says `auto_resume: false`: left for a person (`cairn resume`)"
                         );
-                        passed.insert(row.id);
+                        seen.passed.insert(row.id);
                         continue;
                     }
                     Err(e) => {
                         tracing::warn!(op = row.id.0, error = %e, "cannot read its plan; left alone");
-                        passed.insert(row.id);
+                        seen.passed.insert(row.id);
                         continue;
                     }
                 }

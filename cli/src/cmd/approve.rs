@@ -28,7 +28,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     let store = args.db.store()?;
     let runtime = crate::runtime()?;
-    runtime.block_on(engine::ops::approve(
+    runtime.block_on(engine::op::approve(
         &store,
         op,
         &args.step,

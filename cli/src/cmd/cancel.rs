@@ -31,7 +31,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let runtime = crate::runtime()?;
     let progress = crate::progress::printer(out);
     let wait = args.run.grace + Duration::from_secs(30);
-    let end = runtime.block_on(engine::ops::cancel(
+    let end = runtime.block_on(engine::op::cancel(
         &store,
         op,
         args.reason.clone(),
@@ -40,9 +40,9 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         progress,
     ))?;
     let text = match end {
-        engine::ops::CancelEnd::Canceled => format!("op {op} canceled\n"),
-        engine::ops::CancelEnd::AlreadyCanceled => format!("op {op} is already canceled\n"),
-        engine::ops::CancelEnd::Requested { owner } => {
+        engine::op::CancelEnd::Canceled => format!("op {op} canceled\n"),
+        engine::op::CancelEnd::AlreadyCanceled => format!("op {op} is already canceled\n"),
+        engine::op::CancelEnd::Requested { owner } => {
             format!("op {op}: cancel requested; {owner} is still ending it (see `cairn status`)\n")
         }
     };

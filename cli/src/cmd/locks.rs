@@ -100,7 +100,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
 pub fn ack(args: &AckArgs, _out: &Output) -> Result<(), Failure> {
     let store = args.db.store()?;
     let request = store::Request {
-        by: engine::ops::whoami(),
+        by: engine::op::whoami(),
         at: engine::owner::now(),
         reason: args.reason.clone(),
     };

@@ -53,7 +53,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     };
     let store = args.db.store()?;
     let runtime = crate::runtime()?;
-    runtime.block_on(engine::ops::mark(
+    runtime.block_on(engine::op::mark(
         &store,
         op,
         &args.step,

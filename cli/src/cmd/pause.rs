@@ -25,7 +25,7 @@ pub struct UnpauseArgs {
 pub fn pause(args: &PauseArgs, _out: &Output) -> Result<(), Failure> {
     let store = args.db.store()?;
     let request = store::Request {
-        by: engine::ops::whoami(),
+        by: engine::op::whoami(),
         at: engine::owner::now(),
         reason: args.reason.clone(),
     };

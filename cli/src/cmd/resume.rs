@@ -49,7 +49,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     if args.dry_run {
         let reader = args.db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
-        let (row, planned) = engine::ops::dry_run(&reader, op, args.from.as_deref())?;
+        let (row, planned) = engine::op::dry_run(&reader, op, args.from.as_deref())?;
         let mut text = format!("op {op} ({}, {}): a resume would\n", row.plan, row.title);
         for p in &planned {
             let what = if p.kept { "keep" } else { "run " };
@@ -69,15 +69,15 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
                 Failure::Reported
             })?;
             let (_, row) = crate::db::read_op(&args.db, op)?;
-            let files = engine::children::load(std::path::Path::new(&row.workdir), &plan)?;
-            let replan = engine::ops::Replan {
+            let files = engine::op::children::load(std::path::Path::new(&row.workdir), &plan)?;
+            let replan = engine::op::Replan {
                 plan,
                 files,
                 accept: args.accept_plan_change,
                 rerun_changed: args.rerun_changed,
             };
             let reader = args.db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
-            let drift = engine::ops::plan_drift(&reader, op, &replan)?;
+            let drift = engine::op::plan_drift(&reader, op, &replan)?;
             out.note(&format!(
                 "op {op}: resuming with {} (changes accepted):\n{}",
                 path.display(),
@@ -88,7 +88,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         None => None,
     };
     let end = crate::cmd::run::drive(out, |progress, stop| {
-        engine::ops::resume(
+        engine::op::resume(
             &store,
             op,
             args.from.as_deref(),

@@ -42,8 +42,8 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    pub fn overrides(&self) -> engine::ops::Overrides {
-        engine::ops::Overrides {
+    pub fn overrides(&self) -> engine::op::Overrides {
+        engine::op::Overrides {
             no_wait: self.no_wait,
             ignore_cooldown: self.ignore_cooldown,
             ignore_pause: self.ignore_pause,
@@ -137,10 +137,10 @@ impl PlanArgs {
                 return Err(Failure::Reported);
             }
         };
-        let workdir = engine::ops::plan_dir(&self.plan);
-        let files = engine::children::load(&workdir, &plan)?;
+        let workdir = engine::op::plan_dir(&self.plan);
+        let files = engine::op::children::load(&workdir, &plan)?;
         Ok(engine::NewRun {
-            env: engine::ops::capture_env(&plan),
+            env: engine::op::capture_env(&plan),
             workdir,
             files,
             parent: None,
@@ -154,7 +154,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let new = args.plan.load(out)?;
     let store = args.db.store()?;
     let (op, end) = drive(out, |progress, stop| {
-        engine::ops::run(
+        engine::op::run(
             &store,
             new,
             args.run.options(),
@@ -177,7 +177,7 @@ where
 {
     let runtime = crate::runtime()?;
     runtime.block_on(async {
-        let stop = engine::stop_handle();
+        let stop = engine::StopHandle::new();
         crate::signals::watch(stop.clone()).context("cannot watch for Ctrl-C")?;
         Ok(start(crate::progress::printer(out), stop).await?)
     })

@@ -94,7 +94,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         });
     let runtime = crate::runtime()?;
     runtime.block_on(async {
-        let stop = engine::stop_handle();
+        let stop = engine::StopHandle::new();
         crate::signals::watch(stop.clone())
             .map_err(|e| anyhow::anyhow!("cannot watch for signals: {e}"))?;
         engine::serve::serve(&store, config, progress, stop).await?;

@@ -24,7 +24,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let new = args.plan.load(out)?;
     let store = args.db.store()?;
     let runtime = crate::runtime()?;
-    let op = runtime.block_on(engine::ops::submit(&store, new, None))?;
+    let op = runtime.block_on(engine::op::submit(&store, new, None))?;
     crate::output::data(&format!("{op}\n")).context("cannot write")?;
     Ok(())
 }

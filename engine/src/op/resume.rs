@@ -1,0 +1,278 @@
+//! Resuming an op where it stopped ([`resume`]; `resume_as` says why in its events), running
+//! steps again from one of them (`--from`: `rerun_tasks`, `rerun_from`), and saying what a resume
+//! would do ([`dry_run`]).
+
+use plans::model::Plan;
+use store::Change;
+use store::OpId;
+use store::OpStatus;
+use store::Reader;
+use store::Store;
+use store::TaskNo;
+use store::TaskStatus;
+
+use super::lock::Acquired;
+use super::replan::{Replan, plan_drift};
+use super::take::Takeover;
+use super::{
+    Error, Overrides, check_pause, children, pause_event, read_op, requester, snapshot_plan, whoami,
+};
+use crate::options::Options;
+use crate::outcome::EndState;
+use crate::outcome::RunEnd;
+use crate::owner::now;
+use crate::progress::Progress;
+use crate::progress::Sink;
+use crate::run::scheduler::TaskState;
+use crate::shutdown::StopHandle;
+use crate::task::context::Shared;
+
+/// Continues an op where it stopped, with its plan snapshot. An op with a cancel request is only
+/// finished as canceled.
+#[allow(clippy::too_many_arguments)] // `cairn resume`'s flags and handles, as the CLI holds them
+pub async fn resume(
+    store: &Store,
+    op: OpId,
+    from: Option<&str>,
+    replan: Option<Replan>,
+    options: Options,
+    overrides: Overrides,
+    progress: Sink,
+    stop: StopHandle,
+) -> Result<RunEnd, Error> {
+    let takeover = Takeover {
+        store,
+        options,
+        overrides,
+        progress,
+        stop,
+        kind: "resumed",
+        verb: "resumed",
+        reopen: false,
+    };
+    resume_as(takeover, op, from, replan).await
+}
+
+/// [`resume`], taking the op over as `takeover` says (its events say why, e.g.
+/// `("auto-resumed", "resumed by cairn serve")`). A queued op is started the same way.
+pub(crate) async fn resume_as(
+    mut takeover: Takeover<'_>,
+    op: OpId,
+    from: Option<&str>,
+    replan: Option<Replan>,
+) -> Result<RunEnd, Error> {
+    let store = takeover.store;
+    let reader = store.reader()?;
+    let row = read_op(&reader, op)?;
+    if row.status == OpStatus::Succeeded && from.is_none() && replan.is_none() {
+        // Resuming after a crash must be safe to repeat: the work is done, and that is success.
+        (takeover.progress)(&Progress::AlreadyDone { op });
+        return Ok(RunEnd::Succeeded);
+    }
+    // An edited plan: refused unless accepted, and unless done work that changed is to run again.
+    let drifted = match &replan {
+        Some(r) => Some(plan_drift(&reader, op, r)?),
+        None => None,
+    };
+    let rerun = match from {
+        Some(step) => Some(rerun_from(
+            replan
+                .as_ref()
+                .map_or(&snapshot_plan(&reader, op)?, |r| &r.plan),
+            op,
+            step,
+        )?),
+        None => None,
+    };
+    let paused = if row.cancel.is_none() {
+        check_pause(store, takeover.overrides)?
+    } else {
+        None
+    };
+    takeover.reopen = rerun.is_some() || replan.is_some();
+    let replace = replan.map(|r| (r, drifted.clone().unwrap_or_default()));
+    let (shared, mut tasks) = match takeover.take_and_load(&reader, &row, replace).await? {
+        Ok(loaded) => loaded,
+        Err(Acquired::Canceled) => {
+            return Ok(RunEnd::Canceled("while it waited to start".to_owned()));
+        }
+        Err(_) => return Ok(RunEnd::Interrupted),
+    };
+    let events = pause_event(op, paused);
+    if !events.is_empty() {
+        store.apply(events).await?;
+    }
+    let mut ending = row.ending.as_ref().and_then(EndState::from_json);
+    let mut again: Vec<usize> = rerun.unwrap_or_default();
+    let why = from.map(|step| format!("run again from `{step}`"));
+    again.sort_unstable();
+    again.dedup();
+    if let Some(why) = why.filter(|_| !again.is_empty()) {
+        ending = None;
+        rerun_tasks(&shared, &mut tasks, again, &why).await?;
+    }
+    if ending.is_some() && drifted.is_some() {
+        // An edited plan: the outcome is decided again, by the new plan's tasks.
+        ending = None;
+    }
+    if ending.is_none() {
+        // A new run decides a new outcome: finishing hooks that ran for an earlier one (a failed
+        // op's `on_failure`) run again for this one.
+        let hooks = &shared.hooks;
+        let done: Vec<usize> = hooks
+            .on_success
+            .iter()
+            .chain(&hooks.on_failure)
+            .chain(&hooks.on_cancel)
+            .copied()
+            .filter(|&i| tasks.get(i).is_some_and(|t| t.status.is_kept()))
+            .collect();
+        if !done.is_empty() {
+            store
+                .apply(vec![Change::ResetTasks {
+                    op,
+                    owner: shared.me.clone(),
+                    tasks: done
+                        .iter()
+                        .map(|&i| TaskNo(u32::try_from(i).unwrap_or(u32::MAX)))
+                        .collect(),
+                    at: now(),
+                    message: "the finishing hooks run again for this run's outcome".to_owned(),
+                }])
+                .await?;
+            for i in done {
+                tasks[i].status = TaskStatus::Pending;
+                tasks[i].retry_from = tasks[i].attempts;
+                tasks[i].outputs = None;
+            }
+        }
+    }
+    let cancel = row.cancel.as_ref().map(requester);
+    Ok(crate::run::run(shared, tasks, cancel, ending).await)
+}
+
+/// Makes `steps` (and their fan-out items) and the finishing hooks pending again, with a fresh
+/// retry round: they run again; nothing upstream of them does.
+async fn rerun_tasks(
+    shared: &Shared,
+    tasks: &mut [TaskState],
+    steps: Vec<usize>,
+    why: &str,
+) -> Result<(), Error> {
+    let hooks = &shared.hooks;
+    // A fan-out step's items run again with it (its list stays as it was frozen).
+    let items: Vec<usize> = tasks
+        .iter()
+        .enumerate()
+        .filter(|(no, t)| t.step.is_some_and(|s| s != *no && steps.contains(&s)))
+        .map(|(no, _)| no)
+        .collect();
+    // A `plan:` step runs a new child op: one that had not ended is canceled first.
+    let ids: Vec<String> = steps.iter().map(|&i| shared.step(i).id.clone()).collect();
+    children::cancel_children(
+        &shared.store,
+        shared.op,
+        Some(&ids),
+        &shared.options,
+        &shared.progress,
+    )
+    .await
+    .map_err(|e| Error::Refused(format!("a sub-plan of these steps still runs: {e}")))?;
+    let names: Vec<&str> = steps.iter().map(|&i| shared.step(i).id.as_str()).collect();
+    let message = format!("{why}, as asked by {}: {}", whoami(), names.join(", "));
+    let again: Vec<usize> = steps
+        .iter()
+        .copied()
+        .chain(
+            hooks
+                .on_success
+                .iter()
+                .chain(&hooks.on_failure)
+                .chain(&hooks.on_cancel)
+                .copied(),
+        )
+        .chain(items)
+        .collect();
+    shared
+        .store
+        .apply(vec![Change::ResetTasks {
+            op: shared.op,
+            owner: shared.me.clone(),
+            tasks: again
+                .iter()
+                .map(|&i| TaskNo(u32::try_from(i).unwrap_or(u32::MAX)))
+                .collect(),
+            at: now(),
+            message,
+        }])
+        .await?;
+    for i in again {
+        if let Some(t) = tasks.get_mut(i) {
+            t.status = TaskStatus::Pending;
+            t.retry_from = t.attempts;
+            t.outputs = None;
+            if t.step == Some(i) {
+                // A fan-out step's list is expanded again.
+                t.item = None;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The steps `resume --from STEP` runs again: STEP and everything downstream of it.
+fn rerun_from(plan: &Plan, op: OpId, step: &str) -> Result<Vec<usize>, Error> {
+    let index = plan.step_index(step).ok_or_else(|| Error::UnknownStep {
+        op,
+        step: step.to_owned(),
+    })?;
+    Ok(plan.dag.downstream(index))
+}
+
+/// One line of `resume --dry-run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub task: String,
+    pub status: TaskStatus,
+    /// Kept as it is (succeeded or skipped), or run again.
+    pub kept: bool,
+}
+
+/// What a resume would keep and what it would run, without changing anything.
+pub fn dry_run(
+    reader: &Reader,
+    op: OpId,
+    from: Option<&str>,
+) -> Result<(store::OpRow, Vec<Planned>), Error> {
+    let row = read_op(reader, op)?;
+    if row.status == OpStatus::Canceled {
+        return Err(Error::Final {
+            op,
+            status: row.status,
+        });
+    }
+    let plan = snapshot_plan(reader, op)?;
+    let again = match from {
+        Some(step) => rerun_from(&plan, op, step)?,
+        None => Vec::new(),
+    };
+    let planned = reader
+        .tasks(op)?
+        .into_iter()
+        .map(|t| {
+            // A fan-out item runs again with its step.
+            let step = if t.name == t.step {
+                t.task_no.0 as usize
+            } else {
+                plan.step_index(&t.step).unwrap_or(usize::MAX)
+            };
+            let rerun = again.contains(&step);
+            Planned {
+                task: t.name,
+                status: t.status,
+                kept: t.status.is_kept() && !rerun,
+            }
+        })
+        .collect();
+    Ok((row, planned))
+}

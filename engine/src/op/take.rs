@@ -1,0 +1,274 @@
+//! Taking an op over for this process: refused while its owner lives; what a dead owner left
+//! running (its processes, its children's) is ended and its attempts recorded interrupted before
+//! any task runs again (`sweep`); then the op's state is loaded (`take_and_load`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::Map;
+use serde_json::Value;
+use store::AttemptStatus;
+use store::Change;
+use store::OpId;
+use store::OpStatus;
+use store::Outcome as TaskOutcome;
+use store::ProcessId;
+use store::Reader;
+use store::Store;
+use store::TaskNo;
+use store::TaskStatus;
+
+use super::lock::{Acquire, Acquired};
+use super::replan::{PlanDrift, Replan, Replanned};
+use super::{
+    Error, Overrides, RunParts, children, dead_owner_or_refuse, secret_values, shared,
+    snapshot_plan,
+};
+use crate::options::Options;
+use crate::owner;
+use crate::owner::OwnerState;
+use crate::owner::now;
+use crate::progress::Progress;
+use crate::progress::Sink;
+use crate::run::scheduler::TaskState;
+use crate::secrets;
+use crate::shutdown::StopHandle;
+use crate::task::context::Shared;
+use crate::task::files::OutputFiles;
+
+/// Ends the processes an attempt left running (on this machine); how many there were.
+async fn end_leftovers(uuid: &str, attempt: &store::AttemptRow, options: &Options) -> usize {
+    let marker = format!("{uuid}/{}/{}", attempt.task_no.0, attempt.n);
+    let same_machine = attempt
+        .process
+        .as_ref()
+        .is_none_or(|p| p.boot_id == steps::proc::boot_id());
+    if !same_machine {
+        return 0;
+    }
+    let pgid = attempt.pgid;
+    let start = attempt.process.as_ref().map(|p| p.start);
+    let check_marker = format!("{marker}/check");
+    steps::proc::terminate(
+        || {
+            let mut pids = steps::proc::attempt_processes(pgid, start, &marker);
+            pids.extend(steps::proc::attempt_processes(None, None, &check_marker));
+            pids
+        },
+        options.grace,
+    )
+    .await
+}
+
+/// Ends the processes left by the running attempts of `op`'s child ops (and theirs) whose owner is
+/// gone, when `op` is taken over: nothing of a dead run may go on while the op's tasks are decided
+/// again. Their attempts are recorded when the children themselves are resumed.
+fn end_children_leftovers<'a>(
+    reader: &'a Reader,
+    op: OpId,
+    options: &'a Options,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send + 'a>> {
+    Box::pin(async move {
+        for child in reader.children(op)? {
+            if child.status.is_final()
+                || matches!(owner::owner_state(&child, now()), OwnerState::Alive(_))
+            {
+                continue;
+            }
+            for attempt in reader
+                .attempts(child.id)?
+                .into_iter()
+                .filter(|a| a.status == AttemptStatus::Running)
+            {
+                end_leftovers(&child.uuid, &attempt, options).await;
+            }
+            end_children_leftovers(reader, child.id, options).await?;
+        }
+        Ok(())
+    })
+}
+
+/// Ends whatever is left of attempts that were running when their owner died, and records them
+/// interrupted, before any task runs again.
+async fn sweep(
+    store: &Store,
+    reader: &Reader,
+    row: &store::OpRow,
+    me: &ProcessId,
+    options: &Options,
+    progress: &Sink,
+) -> Result<(), Error> {
+    let names: std::collections::HashMap<TaskNo, String> = reader
+        .tasks(row.id)?
+        .into_iter()
+        .map(|t| (t.task_no, t.name))
+        .collect();
+    for attempt in reader
+        .attempts(row.id)?
+        .into_iter()
+        .filter(|a| a.status == AttemptStatus::Running)
+    {
+        let step = names
+            .get(&attempt.task_no)
+            .map_or("?", String::as_str)
+            .to_owned();
+        let count = end_leftovers(&row.uuid, &attempt, options).await;
+        let mut batch = Vec::new();
+        if count > 0 {
+            batch.push(Change::Event {
+                op: row.id,
+                at: now(),
+                kind: "leftovers-ended",
+                task: Some(step.clone()),
+                message: format!("ended {count} process(es) left running by attempt {} before running the task again", attempt.n),
+            });
+            progress(&Progress::LeftoversEnded {
+                task: step.clone(),
+                attempt: attempt.n,
+                count,
+            });
+        }
+        batch.push(Change::FinishAttempt {
+            op: row.id,
+            owner: me.clone(),
+            task: attempt.task_no,
+            n: attempt.n,
+            at: now(),
+            outcome: TaskOutcome {
+                task: TaskStatus::Pending,
+                attempt: AttemptStatus::Interrupted,
+                exit_code: None,
+                error: Some("interrupted: the process running the op died".to_owned()),
+                outputs: None,
+                by_check: false,
+            },
+        });
+        store.apply(batch).await?;
+    }
+    Ok(())
+}
+
+/// How an op is taken over for this process: the options and handles its run gets, and what its
+/// events say.
+pub(crate) struct Takeover<'a> {
+    pub store: &'a Store,
+    pub options: Options,
+    pub overrides: Overrides,
+    pub progress: Sink,
+    pub stop: StopHandle,
+    /// The event's kind and its message's verb, e.g. `("auto-resumed", "resumed by cairn serve")`.
+    pub kind: &'static str,
+    pub verb: &'a str,
+    /// A succeeded op runs again (`--from`, `--plan`).
+    pub reopen: bool,
+}
+
+impl Takeover<'_> {
+    /// Takes an op over for this process: refused while its owner lives. Also takes the op's
+    /// lock, waiting for it (or not, with `no_wait`) when another op holds it.
+    async fn take(&self, row: &store::OpRow) -> Result<(Acquired, ProcessId), Error> {
+        let op = row.id;
+        if row.status.is_final() && !(self.reopen && row.status == OpStatus::Succeeded) {
+            return Err(Error::Final {
+                op,
+                status: row.status,
+            });
+        }
+        let me = owner::me();
+        let dead = dead_owner_or_refuse(row)?;
+        let mut message = format!("{} by {me}", self.verb);
+        if let Some(dead) = &dead {
+            write!(message, "; its previous owner ({dead}) is gone").ok();
+        }
+        let acquired = Acquire {
+            store: self.store,
+            op,
+            me: &me,
+            dead,
+            options: &self.options,
+            overrides: self.overrides,
+            progress: &self.progress,
+            kind: self.kind,
+            message,
+            reopen: self.reopen,
+        }
+        .run(&self.stop)
+        .await?;
+        Ok((acquired, me))
+    }
+
+    /// Takes the op over, ends what its dead owner left running, and loads its state. With
+    /// `replace`, the op goes on with an edited plan (see [`super::plan_drift`]): its tasks are
+    /// renumbered to it once the op is taken and swept.
+    pub(super) async fn take_and_load(
+        self,
+        reader: &Reader,
+        row: &store::OpRow,
+        replace: Option<(Replan, PlanDrift)>,
+    ) -> Result<Result<(Arc<Shared>, Vec<TaskState>), Acquired>, Error> {
+        let store = self.store;
+        let op = row.id;
+        let mut plan = snapshot_plan(reader, op)?;
+        let stored: Map<String, Value> = row.params.as_object().cloned().unwrap_or_default();
+        let key = if stored.values().any(secrets::is_sealed) {
+            secrets::key(&store.secret_key_file(), false)?
+        } else {
+            None
+        };
+        let sealed: Vec<String> = stored
+            .iter()
+            .filter(|(_, v)| secrets::is_sealed(v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut params = secrets::open(&stored, key.as_ref())?;
+        let (acquired, me) = self.take(row).await?;
+        if acquired != Acquired::Yes {
+            return Ok(Err(acquired));
+        }
+        (self.progress)(&Progress::OpStarted {
+            op,
+            title: row.title.clone(),
+            resumed: self.kind != "started",
+        });
+        sweep(store, reader, row, &me, &self.options, &self.progress).await?;
+        end_children_leftovers(reader, op, &self.options).await?;
+        OutputFiles::remove_left(&row.uuid);
+        if let Some((replan, drift)) = replace {
+            let to = Replanned {
+                store,
+                reader,
+                row,
+                me: &me,
+                options: &self.options,
+                progress: &self.progress,
+            };
+            plan = to.apply(&plan, replan, drift, &mut params).await?;
+        }
+        let env: BTreeMap<String, String> = row
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+            .collect();
+        let secrets = secret_values(&plan, &params, &sealed);
+        let files = reader.snapshot(op)?.files.into_iter().collect();
+        let (ancestors, _) = children::lineage(reader, row.parent)?;
+        let run = RunParts {
+            plan: Arc::new(plan),
+            op,
+            uuid: row.uuid.clone(),
+            title: row.title.clone(),
+            me,
+            params,
+            env,
+            workdir: PathBuf::from(&row.workdir),
+            secrets,
+            files: Arc::new(files),
+            ancestors,
+        };
+        let shared = shared(store, run, self.options, self.progress, self.stop)?;
+        let tasks = TaskState::load(&shared.steps, reader.tasks(op)?);
+        Ok(Ok((shared, tasks)))
+    }
+}

@@ -1,0 +1,33 @@
+//! How a run behaves ([`Options`]): its timings, and the handles the runs of one process share.
+
+use std::time::Duration;
+
+use crate::shutdown::{Drain, TaskCount};
+
+/// Knobs of a run. The runs given clones of one `Options` (a `serve`'s ops, an op and its
+/// sub-plans' ops) share its [`Drain`] and [`TaskCount`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Between TERM and KILL when steps must stop.
+    pub grace: Duration,
+    /// How long an owner's lease lasts without renewal.
+    pub lease: Duration,
+    /// How often the lease is renewed.
+    pub heartbeat: Duration,
+    /// Set when the process drains: no task starts any more.
+    pub drain: Drain,
+    /// The tasks running in the runs sharing these options.
+    pub tasks: TaskCount,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(10),
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(5),
+            drain: Drain::default(),
+            tasks: TaskCount::default(),
+        }
+    }
+}

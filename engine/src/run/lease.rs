@@ -1,0 +1,106 @@
+//! What watches a run while it goes: the heartbeat that renews the owner's lease, the watcher
+//! of cancel requests, and the op's own `timeout` ([`Watchers`]). The lease rule itself
+//! (`Shared::lease_holds`, `Shared::renew`) is the run context's: a task proves the lease before
+//! starting a process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use store::{Change, OpStatus};
+use tokio::task::JoinHandle;
+
+use crate::owner::now;
+use crate::task::Fatal;
+use crate::task::context::{Shared, StopReason};
+
+/// The background tasks of one run.
+pub(super) struct Watchers {
+    heartbeat: JoinHandle<()>,
+    cancel: JoinHandle<()>,
+    timer: Option<JoinHandle<()>>,
+}
+
+impl Watchers {
+    pub(super) fn start(shared: &Arc<Shared>) -> Self {
+        let timer = shared.plan.timeout.map(|limit| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                shared.stop_because(StopReason::Timeout(format!(
+                    "the op timed out after {}",
+                    plans::units::format_duration(limit)
+                )));
+            })
+        });
+        Self {
+            heartbeat: tokio::spawn(heartbeat(shared.clone())),
+            cancel: tokio::spawn(watch_for_cancel(shared.clone())),
+            timer,
+        }
+    }
+
+    /// The steps have ended: no cancel or timeout stops the run any more. The lease is still
+    /// renewed, while the finishing hooks run.
+    pub(super) fn steps_ended(&self) {
+        self.cancel.abort();
+        if let Some(timer) = &self.timer {
+            timer.abort();
+        }
+    }
+
+    /// The run ends: nothing more is renewed.
+    pub(super) fn end(&self) {
+        self.heartbeat.abort();
+    }
+}
+
+/// Polls the op for a cancel request; on one, stops the run with that reason.
+async fn watch_for_cancel(shared: Arc<Shared>) {
+    let Ok(reader) = shared.store.reader() else {
+        return;
+    };
+    loop {
+        if let Some(request) = shared.cancel_request(&reader) {
+            let why = request
+                .reason
+                .as_ref()
+                .map_or(String::new(), |r| format!(": {r}"));
+            let by = format!("{}{why}", request.by);
+            // Shown `canceling` while its steps end and its `on_cancel` hooks run.
+            let _ = shared
+                .apply(vec![Change::SetOp {
+                    op: shared.op,
+                    owner: Some(shared.me.clone()),
+                    status: OpStatus::Canceling,
+                    at: now(),
+                    error: None,
+                    release: false,
+                    kind: "op-canceling",
+                    message: format!("canceling, as asked by {by}"),
+                }])
+                .await;
+            shared.stop_because(StopReason::Cancel(by));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Renews the lease until the run ends; on losing the op, says so and stops the run.
+async fn heartbeat(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(shared.options.heartbeat).await;
+        match shared.renew().await {
+            Ok(()) => {}
+            // Lost the op, or cannot renew before the lease runs out (the database is unwritable,
+            // this process was paused): past its lease another process may take the op over, and
+            // two owners must never run steps at once.
+            Err(Fatal::Store(_)) if shared.lease_holds() => {}
+            Err(_) => {
+                shared.mark_lost();
+                shared.stop_all();
+                return;
+            }
+        }
+    }
+}

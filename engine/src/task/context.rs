@@ -1,0 +1,440 @@
+//! What every task of a run shares ([`Shared`]), and the writes a run makes through it.
+//!
+//! - [`Shared`]: the op's identity and inputs, the store, the run's options and handles.
+//! - [`Signals`] (private fields): the stop signal and why it fired, ownership lost, the lease,
+//!   the decided outcome, the approval gates; [`Made`]: what is made once per run.
+//! - Writes: [`Shared::apply`] (waits out a busy database), [`Shared::apply_own`] (a task's own
+//!   start or end: on the caller's thread while it is the only task running), `patiently`.
+//! - [`with_hooks`]: the steps a run's tasks run, by task number: the plan's steps, then its hooks.
+//! - [`StopReason`]: why the engine itself stopped the run.
+//!
+//! It sits in the task layer, the lowest that needs it; the run layer builds on it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use plans::model::{Plan, Step};
+use plans::template::Context;
+use serde_json::{Map, Value};
+use store::{Change, Error as StoreError, OpId, ProcessId, Store};
+use tokio::sync::watch;
+
+use super::Fatal;
+use super::files::OutputFiles;
+use super::logs::Masker;
+use super::subplan::Children;
+use crate::options::Options;
+use crate::outcome::EndState;
+use crate::owner::now;
+use crate::progress::{Progress, Sink};
+use crate::shutdown::StopHandle;
+
+/// Files of a bundle, by key: a plan's sub-plans (and theirs), from the op's snapshot.
+pub(crate) type Files = Arc<BTreeMap<String, String>>;
+
+/// Everything a task needs, shared by all tasks of the run.
+pub(crate) struct Shared {
+    pub store: Store,
+    pub plan: Arc<Plan>,
+    pub op: OpId,
+    pub uuid: String,
+    pub title: String,
+    pub me: ProcessId,
+    /// The op's parameters, secrets in clear (they never leave this process but through `env`).
+    pub params: Map<String, Value>,
+    /// The base environment captured at submit.
+    pub env: BTreeMap<String, String>,
+    pub workdir: PathBuf,
+    pub options: Options,
+    pub progress: Sink,
+    /// Attempts' `$CAIRN_OUTPUT` files.
+    pub outputs: OutputFiles,
+    /// Values that must never be written to logs.
+    pub secrets: Vec<String>,
+    /// The plan's steps, then its hooks as steps (see [`with_hooks`]); indexed by task number.
+    pub steps: Vec<Step>,
+    pub hooks: HookTasks,
+    /// The plan's sub-plans (and theirs), from the snapshot: absolute path → text.
+    pub files: Files,
+    /// Starts and resumes the child ops of `plan:` tasks (the op layer provides it).
+    pub children: &'static dyn Children,
+    /// The ops above this one, nearest first (for a sub-plan's op); a cancel of any ends it too.
+    pub ancestors: Vec<OpId>,
+    /// How the run is told to stop, and what it knows of its lease and outcome.
+    pub signals: Signals,
+    /// What is made once per run, the first time a task needs it.
+    pub made: Made,
+}
+
+/// How a run is told to stop, and what it knows of its lease and its outcome: written by the run
+/// loop, the heartbeat and the cancel watcher, read by every task.
+pub(crate) struct Signals {
+    /// Set when the run must stop: by a signal (the caller holds a clone) or by the engine itself.
+    stop_handle: StopHandle,
+    stop: watch::Receiver<bool>,
+    /// Why the run is stopping, when the engine stopped it.
+    stop_reason: Arc<std::sync::Mutex<Option<StopReason>>>,
+    /// Set when ownership was lost: nothing more may be written.
+    lost: AtomicBool,
+    /// Until when the lease is known to hold (the last successful claim or renewal).
+    lease_until: AtomicI64,
+    /// The op's outcome, once decided, for its finishing hooks.
+    outcome: std::sync::Mutex<Option<EndState>>,
+    /// Set when the op failed: approval gates still waiting end (they cannot lead anywhere).
+    gates: watch::Sender<bool>,
+    /// A stop signal that never fires: finishing hooks run to their end even when the op was
+    /// stopped. Its sender lives as long as this.
+    calm: watch::Receiver<bool>,
+    _calm_tx: watch::Sender<bool>,
+}
+
+impl Signals {
+    /// The signals of a run stopped through `stop`, whose owner's lease holds until
+    /// `lease_until` (the claim just made).
+    pub(crate) fn new(stop: StopHandle, lease_until: store::Millis) -> Self {
+        let (calm_tx, calm) = watch::channel(false);
+        Self {
+            stop: stop.subscribe(),
+            stop_handle: stop,
+            stop_reason: Arc::new(std::sync::Mutex::new(None)),
+            lost: AtomicBool::new(false),
+            lease_until: AtomicI64::new(lease_until),
+            outcome: std::sync::Mutex::new(None),
+            gates: watch::channel(false).0,
+            calm,
+            _calm_tx: calm_tx,
+        }
+    }
+}
+
+/// What every task of a run would otherwise make again, made the first time one needs it.
+#[derive(Default)]
+pub(crate) struct Made {
+    /// What every task's template context holds (params, `op`, `env`): a param may be a list of
+    /// 100,000 items, and each item's task would otherwise convert it again.
+    base_context: std::sync::OnceLock<Context>,
+    /// The params as every process's environment passes them (`files::param_env`).
+    param_env: std::sync::OnceLock<BTreeMap<String, String>>,
+}
+
+/// Applies a batch through the store's writer, waiting out a database that another process holds
+/// (up to `patience`).
+pub(crate) async fn apply_patiently(
+    store: &Store,
+    batch: Vec<Change>,
+    patience: Duration,
+) -> Result<(), Fatal> {
+    patiently(patience, || store.apply(batch.clone()))
+        .await
+        .map(drop)
+        .map_err(Fatal::from)
+}
+
+/// Runs `write` again while it fails because another process holds the database, up to
+/// `patience`, backing off between tries.
+pub(crate) async fn patiently<T, F>(
+    patience: Duration,
+    mut write: impl FnMut() -> F,
+) -> Result<T, StoreError>
+where
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match write().await {
+            Err(e) if e.is_transient() && started.elapsed() < patience => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            done => return done,
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) async fn apply(&self, batch: Vec<Change>) -> Result<(), Fatal> {
+        self.not_lost()?;
+        apply_patiently(&self.store, batch, self.options.lease / 2).await
+    }
+
+    /// [`Shared::apply`] for a task's own start or end (see [`Shared::commit_together`]).
+    pub(crate) async fn apply_own(&self, batch: Vec<Change>) -> Result<(), Fatal> {
+        self.not_lost()?;
+        patiently(self.options.lease / 2, || async {
+            self.commit_together(vec![batch.clone()])
+                .await
+                .pop()
+                .unwrap_or(Err(StoreError::Closed))
+        })
+        .await
+        .map(drop)
+        .map_err(Fatal::from)
+    }
+
+    /// Refuses a write once ownership was lost: nothing more may be written.
+    pub(crate) fn not_lost(&self) -> Result<(), Fatal> {
+        if self.is_lost() {
+            return Err(Fatal::Lost("another process owns the op".into()));
+        }
+        Ok(())
+    }
+
+    /// Commits a task's own start or end, `batches` together (see [`Store::apply_together`]).
+    /// While no other task runs in this process, on this thread, when the writer is idle and the
+    /// database free ([`Store::apply_solo`]): the task waits for this commit anyway, and a serial
+    /// chain's step is spared two thread wakes. With other tasks running, through the writer, so
+    /// that their commits are shared. Writes made while a process runs (its pid, its logs,
+    /// heartbeats) always go through the writer: the engine's thread keeps reading the process's
+    /// output meanwhile.
+    pub(crate) async fn commit_together(
+        &self,
+        batches: Vec<Vec<Change>>,
+    ) -> Vec<Result<Vec<store::Applied>, StoreError>> {
+        if self.options.tasks.get() > 1 {
+            return self.store.apply_together(batches).await;
+        }
+        self.store.apply_solo(batches).await
+    }
+
+    /// Whether tasks may start: not once the run stops or the process drains.
+    pub(crate) fn may_start(&self) -> bool {
+        !self.stopping() && !self.draining()
+    }
+
+    pub(crate) fn draining(&self) -> bool {
+        self.options.drain.is_draining()
+    }
+
+    /// Asks every running step to stop, for the engine's own reasons (ownership lost, store
+    /// failed).
+    pub(crate) fn stop_all(&self) {
+        self.signals.stop_handle.stop();
+    }
+
+    /// The run's stop signal, for a task to wait on.
+    pub(crate) fn stop_signal(&self) -> &watch::Receiver<bool> {
+        &self.signals.stop
+    }
+
+    /// A stop signal that never fires (finishing hooks run to their end).
+    pub(crate) fn calm(&self) -> &watch::Receiver<bool> {
+        &self.signals.calm
+    }
+
+    /// Whether ownership was lost: nothing more may be written.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.signals.lost.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn mark_lost(&self) {
+        self.signals.lost.store(true, Ordering::SeqCst);
+    }
+
+    /// The op failed or cannot go on: approval gates still waiting end.
+    pub(crate) fn close_gates(&self) {
+        self.signals.gates.send_replace(true);
+    }
+
+    /// Fires when approval gates can no longer lead anywhere (see [`Shared::close_gates`]).
+    pub(crate) fn gates_closed(&self) -> watch::Receiver<bool> {
+        self.signals.gates.subscribe()
+    }
+
+    /// The op's outcome once decided, for its finishing hooks.
+    pub(crate) fn outcome(&self) -> Option<EndState> {
+        self.signals.outcome.lock().ok().and_then(|o| o.clone())
+    }
+
+    pub(crate) fn set_outcome(&self, end: EndState) {
+        if let Ok(mut outcome) = self.signals.outcome.lock() {
+            *outcome = Some(end);
+        }
+    }
+
+    /// The params as every process's environment passes them, made the first time (a failure, a
+    /// full disk, is tried again by the next process).
+    pub(crate) fn param_env(
+        &self,
+        make: impl FnOnce() -> Result<BTreeMap<String, String>, String>,
+    ) -> Result<&BTreeMap<String, String>, String> {
+        if let Some(params) = self.made.param_env.get() {
+            return Ok(params);
+        }
+        let made = make()?;
+        Ok(self.made.param_env.get_or_init(|| made))
+    }
+
+    pub(crate) fn say(&self, p: &Progress) {
+        (self.progress)(p);
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        *self.signals.stop.borrow()
+    }
+
+    pub(crate) fn step(&self, i: usize) -> &Step {
+        &self.steps[i]
+    }
+
+    /// Stops the run for `reason` (the first reason given is kept).
+    pub(crate) fn stop_because(&self, reason: StopReason) {
+        if let Ok(mut slot) = self.signals.stop_reason.lock() {
+            slot.get_or_insert(reason);
+        }
+        self.stop_all();
+    }
+
+    pub(crate) fn stop_reason(&self) -> Option<StopReason> {
+        self.signals.stop_reason.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// A request to cancel this op, or an op above it (a sub-plan's parent), if one was made.
+    pub(crate) fn cancel_request(&self, reader: &store::Reader) -> Option<store::Request> {
+        std::iter::once(self.op)
+            .chain(self.ancestors.iter().copied())
+            .find_map(|op| reader.op(op).ok().and_then(|row| row.cancel))
+    }
+
+    /// Reads why the run stops, from anywhere (a task that outlives the borrow of this).
+    pub(crate) fn stop_reason_handle(&self) -> impl Fn() -> Option<StopReason> + Send + 'static {
+        let slot = self.signals.stop_reason.clone();
+        move || slot.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Whether the lease still holds with a safety margin: past it, another process may take the
+    /// op over, so this one must not start anything.
+    pub(crate) fn lease_holds(&self) -> bool {
+        let margin = i64::try_from(self.options.lease.as_millis() / 3).unwrap_or(i64::MAX);
+        now()
+            < self
+                .signals
+                .lease_until
+                .load(Ordering::SeqCst)
+                .saturating_sub(margin)
+    }
+
+    /// A fenced write that also renews the lease: proof, right before starting a process, that this
+    /// process still owns the op.
+    pub(crate) async fn renew(&self) -> Result<(), Fatal> {
+        let until = now() + i64::try_from(self.options.lease.as_millis()).unwrap_or(i64::MAX);
+        self.apply(vec![Change::Heartbeat {
+            op: self.op,
+            owner: self.me.clone(),
+            lease_until: until,
+        }])
+        .await?;
+        self.signals.lease_until.store(until, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The template context of a task: params, the op, the captured environment, and the outputs of
+    /// the steps its templates use.
+    pub(crate) fn context(&self, step: &Step, outputs: &[(usize, Map<String, Value>)]) -> Context {
+        let mut ctx = self
+            .made
+            .base_context
+            .get_or_init(|| {
+                let mut ctx = Context::new();
+                for (name, value) in &self.params {
+                    ctx.param(name, value);
+                }
+                ctx.op("id", &Value::from(self.op.0))
+                    .op("uuid", &Value::from(self.uuid.clone()))
+                    .op("name", &Value::from(self.title.clone()))
+                    .op("plan", &Value::from(self.plan.name.clone()));
+                for (name, value) in &self.env {
+                    ctx.env(name, value);
+                }
+                ctx
+            })
+            .clone();
+        for (index, map) in outputs {
+            if step.uses.contains(index) {
+                ctx.outputs(*index, &Value::Object(map.clone()));
+            }
+        }
+        if let Some(end) = self.outcome() {
+            ctx.op("status", &Value::from(end.status.as_str()))
+                .op("error", &end.error.map_or(Value::Null, Value::from))
+                .op(
+                    "failed_task",
+                    &end.failed_task.map_or(Value::Null, Value::from),
+                );
+        }
+        ctx
+    }
+
+    pub(crate) fn mask(&self, data: &[u8]) -> Vec<u8> {
+        Masker::new(&self.secrets).mask(data)
+    }
+}
+
+/// Why a run stops before its tasks are done. A stop with no reason recorded came from outside
+/// (Ctrl-C, SIGTERM, SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// Someone ran `cairn cancel`; the text says who and why.
+    Cancel(String),
+    /// The op's own `timeout` passed.
+    Timeout(String),
+}
+
+/// The task numbers of the plan's hooks, by phase (they follow the steps).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HookTasks {
+    pub pre: Vec<usize>,
+    pub on_success: Vec<usize>,
+    pub on_failure: Vec<usize>,
+    pub on_cancel: Vec<usize>,
+}
+
+/// The plan's steps followed by its hooks as steps of their own, so that a hook runs, is recorded
+/// and is swept like any task; and where each phase's hooks are.
+pub(crate) fn with_hooks(plan: &Plan) -> (Vec<Step>, HookTasks) {
+    let mut steps = plan.steps.clone();
+    let mut tasks = HookTasks::default();
+    let all_steps: Vec<usize> = (0..plan.steps.len()).collect();
+    for (phase, hooks, slot) in [
+        ("pre", &plan.hooks.pre, &mut tasks.pre),
+        ("on_success", &plan.hooks.on_success, &mut tasks.on_success),
+        ("on_failure", &plan.hooks.on_failure, &mut tasks.on_failure),
+        ("on_cancel", &plan.hooks.on_cancel, &mut tasks.on_cancel),
+    ] {
+        for (k, hook) in hooks.iter().enumerate() {
+            let default = format!("{phase}[{}]", k + 1);
+            let id = if hook.name == default {
+                default
+            } else {
+                format!("{phase}:{}", hook.name)
+            };
+            slot.push(steps.len());
+            steps.push(Step {
+                id,
+                description: None,
+                needs: Vec::new(),
+                when: None,
+                action: hook.action.clone(),
+                env: hook.env.clone(),
+                cwd: hook.cwd.clone(),
+                timeout: Some(hook.timeout),
+                retry: plans::model::Retry::default(),
+                check: None,
+                for_each: None,
+                max_parallel: None,
+                continue_on_error: false,
+                outputs: None,
+                log_limit: plan.log_limit,
+                uses: if phase == "pre" {
+                    Vec::new()
+                } else {
+                    all_steps.clone()
+                },
+            });
+        }
+    }
+    (steps, tasks)
+}

@@ -1,0 +1,351 @@
+//! A `run` or `exec` step: each attempt runs its `check` (if it has one; exit 0 means the work is
+//! done), then its command, as a process of its own group, its output streamed into the logs.
+//!
+//! - [`run`]: renders the command line, `cwd` and `check`, then runs [`attempts`].
+//! - `ProcessAttempt`: one attempt ([`Attempt`]); `spawn_and_wait` runs one process of it.
+//! - `judge`: what a finished process's exit makes of the attempt.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use plans::model::{Action, Step};
+use plans::template::Context;
+use serde_json::{Map, Value};
+use steps::spawn::{self, Spec, Stopped};
+use store::Change;
+use tokio::sync::{mpsc, watch};
+
+use super::attempts::{Attempt, attempts};
+use super::carry::Carry;
+use super::context::Shared;
+use super::files::process_files;
+use super::logs::write_logs;
+use super::{
+    Ended, Fatal, Job, TaskEnd, current_task, fail_before_start, failed_early, last_lines,
+    missing_output, shared_mask, start_attempt,
+};
+use crate::owner::to_store;
+
+/// Attempts of a `run` or `exec` task (`prior` attempts made, `retry_from` before this round).
+pub(crate) async fn run(
+    shared: &Shared,
+    job: &Job,
+    (prior, retry_from): (u32, u32),
+    ctx: &Context,
+    started: Instant,
+    stop: &watch::Receiver<bool>,
+    carry: &mut Carry,
+) -> Result<TaskEnd, Fatal> {
+    let step = shared.step(job.step);
+    let rendered = render(shared, step, ctx);
+    let (cwd, argv, check) = match rendered {
+        Ok(rendered) => rendered,
+        Err(error) => {
+            carry.flush(shared).await?;
+            return fail_before_start(shared, job, prior + 1, error).await;
+        }
+    };
+    let mut attempt = ProcessAttempt {
+        shared,
+        job,
+        step,
+        ctx,
+        retry_from,
+        cwd,
+        argv,
+        check,
+        stop,
+    };
+    attempts(
+        shared,
+        job,
+        (prior, retry_from),
+        started,
+        stop,
+        carry,
+        &mut attempt,
+    )
+    .await
+}
+
+/// What a process task runs, rendered: its working directory, command line, and `check`'s.
+type Rendered = (PathBuf, Vec<String>, Option<Vec<String>>);
+
+/// The step's working directory, command line and `check` command line, rendered.
+fn render(shared: &Shared, step: &Step, ctx: &Context) -> Result<Rendered, String> {
+    let cwd = match &step.cwd {
+        Some(t) => shared.workdir.join(
+            t.render(ctx)
+                .map_err(|e| format!("cannot render `cwd`: {e}"))?,
+        ),
+        None => shared.workdir.clone(),
+    };
+    let argv = command_line(step, ctx)?;
+    let check = match &step.check {
+        Some(t) => {
+            let script = t
+                .render(ctx)
+                .map_err(|e| format!("cannot render `check`: {e}"))?;
+            let shell = match &step.action {
+                Action::Run { shell, .. } => shell.clone(),
+                _ => plans::model::Shell::Bash,
+            };
+            Some(shell.command_line(&script))
+        }
+        None => None,
+    };
+    Ok((cwd, argv, check))
+}
+
+/// The command line of a `run` or `exec` step, rendered.
+fn command_line(step: &Step, ctx: &Context) -> Result<Vec<String>, String> {
+    match &step.action {
+        Action::Run { script, shell } => {
+            let script = script
+                .render(ctx)
+                .map_err(|e| format!("cannot render `run`: {e}"))?;
+            Ok(shell.command_line(&script))
+        }
+        Action::Exec { argv } => argv
+            .iter()
+            .map(|a| {
+                a.render(ctx)
+                    .map_err(|e| format!("cannot render `exec`: {e}"))
+            })
+            .collect(),
+        _ => Err("not a process step".to_owned()),
+    }
+}
+
+/// What every attempt of a process task runs.
+struct ProcessAttempt<'a> {
+    shared: &'a Shared,
+    job: &'a Job,
+    step: &'a Step,
+    ctx: &'a Context,
+    retry_from: u32,
+    cwd: PathBuf,
+    argv: Vec<String>,
+    check: Option<Vec<String>>,
+    stop: &'a watch::Receiver<bool>,
+}
+
+/// One process to start: its command line (and the program found in its `PATH`, if looked up),
+/// environment, `$CAIRN_OUTPUT` file, directory, and the marker its leftovers are found by.
+struct Launch {
+    argv: Vec<String>,
+    located: Option<PathBuf>,
+    env: BTreeMap<String, String>,
+    output: PathBuf,
+    cwd: PathBuf,
+    marker: String,
+}
+
+/// The outcome of running one process (a step's command or its `check`).
+struct ProcessRun {
+    exit: spawn::Exit,
+    outputs: Result<Map<String, Value>, String>,
+}
+
+impl Attempt for ProcessAttempt<'_> {
+    async fn attempt(&mut self, n: u32, carry: &mut Carry) -> Result<Ended, Fatal> {
+        let (shared, job, step, ctx) = (self.shared, self.job, self.step, self.ctx);
+        // The first process's files and environment are made, and the step's program looked up
+        // in its `PATH`, while its start commits: nothing of the attempt runs before that commit
+        // is durable.
+        let (start, (prepared, located)) = tokio::join!(
+            biased;
+            start_attempt(shared, job, n, self.retry_from, carry),
+            async {
+                let prepared = process_files(shared, step, ctx, job, n);
+                let located = prepared
+                    .as_ref()
+                    .ok()
+                    .and_then(|(_, env)| steps::spawn::locate(&self.argv, env));
+                (prepared, located)
+            },
+        );
+        start?;
+        let mut prepared = Some(prepared);
+        let marker = format!("{}/{}/{n}", shared.uuid, job.no);
+        if let Some(done) = self.check(n, &mut prepared, &marker).await? {
+            return Ok(done);
+        }
+        let made = prepared.take();
+        let (output, env) = match made.unwrap_or_else(|| process_files(shared, step, ctx, job, n)) {
+            Ok(prepared) => prepared,
+            Err(error) => return Ok(failed_early(error)),
+        };
+        let launch = Launch {
+            argv: self.argv.clone(),
+            located,
+            env,
+            output,
+            cwd: self.cwd.clone(),
+            marker,
+        };
+        match self.spawn_and_wait(n, launch).await? {
+            Ok(run) => Ok(judge(shared, step, run)),
+            Err(error) => Ok(failed_early(error)),
+        }
+    }
+}
+
+type Prepared = Result<(PathBuf, BTreeMap<String, String>), String>;
+
+impl ProcessAttempt<'_> {
+    /// The idempotency probe, if the step has one: `Some` end when it says the work is done (or
+    /// the attempt cannot go on); `None` when the step's command is to run.
+    async fn check(
+        &self,
+        n: u32,
+        prepared: &mut Option<Prepared>,
+        marker: &str,
+    ) -> Result<Option<Ended>, Fatal> {
+        let Some(check) = &self.check else {
+            return Ok(None);
+        };
+        let (shared, job, step, ctx) = (self.shared, self.job, self.step, self.ctx);
+        let made = prepared.take();
+        let (output, env) = match made.unwrap_or_else(|| process_files(shared, step, ctx, job, n)) {
+            Ok(prepared) => prepared,
+            Err(error) => return Ok(Some(failed_early(error))),
+        };
+        let launch = Launch {
+            argv: check.clone(),
+            located: None,
+            env,
+            output,
+            cwd: self.cwd.clone(),
+            marker: format!("{marker}/check"),
+        };
+        match self.spawn_and_wait(n, launch).await? {
+            Ok(run) if run.exit.stopped == Some(Stopped::Asked) => {
+                return Ok(Some(Ended::Interrupted));
+            }
+            Ok(run) if run.exit.success() => {
+                let outputs = match run.outputs {
+                    Ok(o) => o,
+                    Err(e) => return Ok(Some(failed_early(format!("`check`: {e}")))),
+                };
+                if let Some(missing) = missing_output(step, &outputs) {
+                    let error = format!(
+                        "`check` said the step is done but did not publish its output `{missing}`"
+                    );
+                    return Ok(Some(failed_early(error)));
+                }
+                return Ok(Some(Ended::Succeeded(outputs, true)));
+            }
+            _ => {}
+        }
+        // The check may have taken long: prove ownership again before starting the step.
+        shared.renew().await?;
+        Ok(None)
+    }
+
+    /// Spawns one process for attempt `n` of the task, records its pid, streams its logs, waits.
+    async fn spawn_and_wait(
+        &self,
+        n: u32,
+        launch: Launch,
+    ) -> Result<Result<ProcessRun, String>, Fatal> {
+        let (shared, job, step) = (self.shared, self.job, self.step);
+        let task = job.task();
+        let spec = Spec {
+            argv: launch.argv,
+            env: launch.env,
+            cwd: launch.cwd,
+            marker: launch.marker,
+            timeout: step.timeout,
+            grace: shared.options.grace,
+            located: launch.located,
+            alone: shared.options.tasks.get() <= 1,
+        };
+        if !shared.lease_holds() {
+            return Err(Fatal::Lost(
+                "the lease ran out before the step could start".to_owned(),
+            ));
+        }
+        let (sink, chunks) = mpsc::unbounded_channel();
+        let running = match spawn::spawn(&spec, &sink) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        drop(sink);
+        shared.outputs.make_spare();
+        let logs = tokio::spawn(write_logs(
+            shared.store.clone(),
+            shared.op,
+            task,
+            n,
+            chunks,
+            step.log_limit,
+            shared.secrets.clone(),
+        ));
+        shared
+            .apply(vec![
+                Change::AttemptProcess {
+                    op: shared.op,
+                    owner: shared.me.clone(),
+                    task,
+                    n,
+                    process: to_store(&running.identity),
+                    pgid: running.pgid,
+                },
+                current_task(shared, job),
+            ])
+            .await?;
+        let exit = running.wait(self.stop.clone()).await;
+        // The log writer ends when the process's output closes (its readers end or are aborted).
+        let _ = tokio::time::timeout(Duration::from_secs(15), logs).await;
+        let outputs = if exit.success() {
+            spawn::read_outputs(&launch.output)
+        } else {
+            Ok(Map::new())
+        };
+        // Read once: the op's directory does not fill up with a file per attempt.
+        let _ = std::fs::remove_file(&launch.output);
+        Ok(Ok(ProcessRun { exit, outputs }))
+    }
+}
+
+/// What the step's process's exit makes of the attempt: interrupted (asked to stop), succeeded
+/// (exit 0 and its declared outputs published), or failed, to be retried if the step allows it.
+fn judge(shared: &Shared, step: &Step, run: ProcessRun) -> Ended {
+    let exit = &run.exit;
+    if exit.stopped == Some(Stopped::Asked) {
+        return Ended::Interrupted;
+    }
+    let failure = if exit.stopped == Some(Stopped::TimedOut) {
+        Some(format!(
+            "timed out after {}",
+            plans::units::format_duration(step.timeout.unwrap_or_default())
+        ))
+    } else if exit.success() {
+        match &run.outputs {
+            Err(e) => Some(e.clone()),
+            Ok(outputs) => missing_output(step, outputs)
+                .map(|k| format!("it did not publish its declared output `{k}`")),
+        }
+    } else {
+        let how = match (exit.code, exit.signal) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            (None, None) => "ended without a status".to_owned(),
+        };
+        Some(if exit.stderr_tail.is_empty() {
+            how
+        } else {
+            format!("{how}: {}", last_lines(&exit.stderr_tail, 5))
+        })
+    };
+    match failure {
+        None => Ended::Succeeded(run.outputs.unwrap_or_default(), false),
+        Some(error) => Ended::Failed {
+            error: shared_mask(shared, &error),
+            exit_code: exit.code,
+            retryable: true,
+        },
+    }
+}
