@@ -76,7 +76,7 @@ pub fn of_run(end: &engine::RunEnd, op: store::OpId) -> Result<(), Failure> {
         }
         engine::RunEnd::LostOwnership(why) => {
             crate::output::diagnostic(&format!(
-                "op {op}: stopped running it: another process owns it now ({why})\n"
+                "op {op}: stopped running it and wrote nothing more: {why}\n"
             ));
             Err(Failure::Op(OP_INTERRUPTED))
         }

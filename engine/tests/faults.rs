@@ -5,15 +5,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
-use engine::op::Overrides;
-use engine::{NewRun, Options, RunEnd, StopHandle};
+use engine::{Options, RunEnd};
 use store::testing::Faulty;
 use store::{AttemptStatus, Change, OpId, OpStatus, ProcessId, Store, TaskStatus};
-use support::{attempts, task};
+use support::{attempts, run, store, task};
 
 /// Starts `yaml` on `store` in the background, as `cairn run` would, with `options`.
 fn start(
@@ -22,31 +20,8 @@ fn start(
     yaml: &str,
     options: Options,
 ) -> tokio::task::JoinHandle<(OpId, RunEnd)> {
-    let plan = plans::parse("plan.yaml", yaml).unwrap_or_else(|p| panic!("{}", p.render(false)));
-    let params = plans::params::resolve(&plan, &[], None).expect("the params resolve");
-    let env = std::env::vars().filter(|(k, _)| k == "PATH").collect();
-    let new = NewRun {
-        plan,
-        params,
-        workdir: dir.to_path_buf(),
-        env,
-        files: Vec::new(),
-        parent: None,
-    };
-    let store = store.clone();
-    tokio::spawn(async move {
-        let progress: engine::progress::Sink = Arc::new(|_| {});
-        engine::op::run(
-            &store,
-            new,
-            options,
-            Overrides::default(),
-            progress,
-            StopHandle::new(),
-        )
-        .await
-        .expect("the op starts")
-    })
+    let (store, dir, yaml) = (store.clone(), dir.to_path_buf(), yaml.to_owned());
+    tokio::spawn(async move { run(&store, &dir, &yaml, options).await })
 }
 
 /// Waits (up to 20 s) until `path` exists.
@@ -87,18 +62,12 @@ steps:
     )
 }
 
-fn sandbox() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let path = dir.path().to_path_buf();
-    (dir, path)
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn a_commit_failing_mid_op_stops_the_run_and_keeps_what_was_recorded() {
-    let (_guard, dir) = sandbox();
-    let real = Store::open(&dir.join("cairn.db")).expect("a store");
+    let (guard, real) = store();
+    let dir = guard.path();
     let faulty = Faulty::new(real.clone());
-    let run = start(&faulty.store(), &dir, &chain(1), Options::default());
+    let run = start(&faulty.store(), dir, &chain(1), Options::default());
     appears(&dir.join("middle.started")).await;
     // From now on the database refuses every write: the middle step's end cannot be recorded.
     faulty.fail_after(faulty.commits());
@@ -141,14 +110,14 @@ async fn a_commit_failing_mid_op_stops_the_run_and_keeps_what_was_recorded() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_fenced_write_stops_the_steps_and_says_another_process_owns_the_op() {
-    let (_guard, dir) = sandbox();
-    let store = Store::open(&dir.join("cairn.db")).expect("a store");
+    let (guard, store) = store();
+    let dir = guard.path();
     let options = Options {
         heartbeat: Duration::from_millis(200),
         grace: Duration::from_secs(2),
         ..Options::default()
     };
-    let run = start(&store, &dir, &chain(60), options);
+    let run = start(&store, dir, &chain(60), options);
     appears(&dir.join("middle.started")).await;
     let pid: u32 = std::fs::read_to_string(dir.join("middle.pid"))
         .unwrap()
@@ -196,7 +165,10 @@ async fn a_fenced_write_stops_the_steps_and_says_another_process_owns_the_op() {
     let RunEnd::LostOwnership(why) = &end else {
         panic!("{end:?}");
     };
-    assert!(why.contains("another process"), "{why}");
+    assert!(
+        why.starts_with("another process owns the op") && why.contains("elsewhere"),
+        "names the new owner: {why}"
+    );
     // Its step was ended, not left running beside the new owner's.
     assert!(!alive(pid), "the step's process {pid} still runs");
     assert!(!dir.join("middle.done").exists());

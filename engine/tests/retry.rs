@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use engine::RunEnd;
+use engine::{Options, RunEnd};
 use store::{AttemptStatus, TaskStatus};
 use support::{attempts, run, store, task};
 
@@ -20,7 +20,7 @@ steps:
 ";
     let wall = Instant::now();
     let clock = tokio::time::Instant::now();
-    let (op, end) = run(&store, dir.path(), plan).await;
+    let (op, end) = run(&store, dir.path(), plan, Options::default()).await;
     assert!(matches!(end, RunEnd::Failed(_)), "{end:?}");
     let tried = attempts(&store, op, "flaky");
     assert_eq!(tried.len(), 3, "the first attempt and two retries");
@@ -49,7 +49,7 @@ steps:
     run: test -f done || { touch done; exit 1; }
     retry: { attempts: 5, delay: 1h }
 ";
-    let (op, end) = run(&store, dir.path(), plan).await;
+    let (op, end) = run(&store, dir.path(), plan, Options::default()).await;
     assert_eq!(end, RunEnd::Succeeded);
     let tried = attempts(&store, op, "once");
     assert_eq!(tried.len(), 2);
@@ -66,7 +66,7 @@ steps:
     run: exit 3
     retry: { attempts: 3, delay: 1s, on_exit_codes: [75] }
 ";
-    let (op, end) = run(&store, dir.path(), plan).await;
+    let (op, end) = run(&store, dir.path(), plan, Options::default()).await;
     assert!(matches!(end, RunEnd::Failed(_)), "{end:?}");
     assert_eq!(attempts(&store, op, "picky").len(), 1);
 }

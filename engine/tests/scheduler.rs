@@ -4,7 +4,7 @@
 
 mod support;
 
-use engine::RunEnd;
+use engine::{Options, RunEnd};
 use serde_json::json;
 use store::TaskStatus;
 use support::{attempts, run, store, task};
@@ -26,7 +26,7 @@ steps:
     needs: [b, c]
     noop: true
 ";
-    let (op, end) = run(&store, dir.path(), plan).await;
+    let (op, end) = run(&store, dir.path(), plan, Options::default()).await;
     assert_eq!(end, RunEnd::Succeeded);
     for name in ["a", "b", "c", "d"] {
         assert_eq!(
@@ -58,7 +58,7 @@ steps:
     needs: [bad]
     noop: true
 ";
-    let (op, end) = run(&store, dir.path(), plan).await;
+    let (op, end) = run(&store, dir.path(), plan, Options::default()).await;
     assert!(
         matches!(&end, RunEnd::Failed(why) if why.contains("task `bad` failed")),
         "{end:?}"
@@ -88,7 +88,7 @@ steps:
     needs: [bad]
     noop: true
 ";
-    let (op, end) = run(&store, dir.path(), plan).await;
+    let (op, end) = run(&store, dir.path(), plan, Options::default()).await;
     assert_eq!(end, RunEnd::Succeeded);
     assert_eq!(task(&store, op, "bad").status, TaskStatus::Failed);
     assert_eq!(task(&store, op, "next").status, TaskStatus::Succeeded);
@@ -108,7 +108,7 @@ steps:
     needs: [shard]
     noop: true
 ";
-    let (op, end) = run(&store, dir.path(), plan).await;
+    let (op, end) = run(&store, dir.path(), plan, Options::default()).await;
     assert_eq!(end, RunEnd::Succeeded);
     for item in ["x", "y", "z"] {
         let name = format!("shard[{item}]");
@@ -140,7 +140,7 @@ steps:
     needs: [shard]
     noop: true
 ";
-    let (op, end) = run(&store, dir.path(), plan).await;
+    let (op, end) = run(&store, dir.path(), plan, Options::default()).await;
     assert!(matches!(end, RunEnd::Failed(_)), "{end:?}");
     assert_eq!(task(&store, op, "shard[2]").status, TaskStatus::Failed);
     let shard = task(&store, op, "shard");

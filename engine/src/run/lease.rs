@@ -96,8 +96,15 @@ async fn heartbeat(shared: Arc<Shared>) {
             // this process was paused): past its lease another process may take the op over, and
             // two owners must never run steps at once.
             Err(Fatal::Store(_)) if shared.lease_holds() => {}
-            Err(_) => {
-                shared.mark_lost();
+            Err(Fatal::Lost(why)) => {
+                shared.mark_lost(&why);
+                shared.stop_all();
+                return;
+            }
+            Err(Fatal::Store(why)) => {
+                shared.mark_lost(&format!(
+                    "the lease could not be renewed before it ran out, so another process may take the op over: {why}"
+                ));
                 shared.stop_all();
                 return;
             }

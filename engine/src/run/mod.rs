@@ -72,10 +72,7 @@ pub(crate) async fn run(
 fn decide(run: &Scheduler, ending: Option<EndState>) -> Result<(RunEnd, EndState), RunEnd> {
     let shared = &run.shared;
     if shared.is_lost() {
-        return Err(RunEnd::LostOwnership(match &run.fatal {
-            Some(Fatal::Lost(m) | Fatal::Store(m)) => m.clone(),
-            None => "another process took the op over".to_owned(),
-        }));
+        return Err(RunEnd::LostOwnership(shared.lost_why()));
     }
     if let Some(decided) = ending {
         let error = decided.error.clone().unwrap_or_default();

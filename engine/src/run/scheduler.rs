@@ -406,8 +406,8 @@ impl Scheduler {
             Ok(TaskEnd::Interrupted) => {}
             Ok(TaskEnd::Unrecorded { .. }) => unreachable!("held by the ledger above"),
             Err(f) => {
-                if matches!(f, Fatal::Lost(_)) {
-                    self.shared.mark_lost();
+                if let Fatal::Lost(why) = &f {
+                    self.shared.mark_lost(why);
                 }
                 self.fatal.get_or_insert(f);
             }
@@ -494,7 +494,7 @@ impl Scheduler {
     fn say_stopping(&self) {
         let shared = &self.shared;
         let reason = match shared.stop_reason() {
-            _ if shared.is_lost() => "another process took the op over".to_owned(),
+            _ if shared.is_lost() => shared.lost_why(),
             Some(StopReason::Cancel(by)) => format!("canceled by {by}"),
             Some(StopReason::Timeout(why)) => why,
             None => "asked to stop".to_owned(),

@@ -79,6 +79,8 @@ pub(crate) struct Signals {
     stop_reason: Arc<std::sync::Mutex<Option<StopReason>>>,
     /// Set when ownership was lost: nothing more may be written.
     lost: AtomicBool,
+    /// Why it was lost (the first reason given), for the run's end and its last line.
+    lost_why: std::sync::Mutex<Option<String>>,
     /// Until when the lease is known to hold (the last successful claim or renewal).
     lease_until: AtomicI64,
     /// The op's outcome, once decided, for its finishing hooks.
@@ -101,6 +103,7 @@ impl Signals {
             stop_handle: stop,
             stop_reason: Arc::new(std::sync::Mutex::new(None)),
             lost: AtomicBool::new(false),
+            lost_why: std::sync::Mutex::new(None),
             lease_until: AtomicI64::new(lease_until),
             outcome: std::sync::Mutex::new(None),
             gates: watch::channel(false).0,
@@ -178,7 +181,7 @@ impl Shared {
     /// Refuses a write once ownership was lost: nothing more may be written.
     pub(crate) fn not_lost(&self) -> Result<(), Fatal> {
         if self.is_lost() {
-            return Err(Fatal::Lost("another process owns the op".into()));
+            return Err(Fatal::Lost(self.lost_why()));
         }
         Ok(())
     }
@@ -230,8 +233,23 @@ impl Shared {
         self.signals.lost.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn mark_lost(&self) {
+    /// Ownership is lost, for `why` (the first reason given is kept): nothing more may be written.
+    pub(crate) fn mark_lost(&self, why: &str) {
+        if let Ok(mut slot) = self.signals.lost_why.lock() {
+            slot.get_or_insert_with(|| why.to_owned());
+        }
         self.signals.lost.store(true, Ordering::SeqCst);
+    }
+
+    /// Why ownership was lost, as the store said it (which process owns the op now, or why the
+    /// lease could not be renewed).
+    pub(crate) fn lost_why(&self) -> String {
+        self.signals
+            .lost_why
+            .lock()
+            .ok()
+            .and_then(|why| why.clone())
+            .unwrap_or_else(|| "another process owns the op".to_owned())
     }
 
     /// The op failed or cannot go on: approval gates still waiting end.

@@ -105,9 +105,8 @@ pub(crate) enum Fatal {
 impl From<StoreError> for Fatal {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Owned { .. } | StoreError::Fenced { .. } | StoreError::NotFound(_) => {
-                Self::Lost(e.to_string())
-            }
+            StoreError::Owned { .. } => Self::Lost(format!("another process owns the op: {e}")),
+            StoreError::Fenced { .. } | StoreError::NotFound(_) => Self::Lost(e.to_string()),
             other => Self::Store(other.to_string()),
         }
     }

@@ -15,7 +15,12 @@ pub fn store() -> (tempfile::TempDir, Store) {
 }
 
 /// Runs `yaml` to its end as `cairn run` would (in `dir`, with this process's `PATH`).
-pub async fn run(store: &Store, dir: &std::path::Path, yaml: &str) -> (OpId, RunEnd) {
+pub async fn run(
+    store: &Store,
+    dir: &std::path::Path,
+    yaml: &str,
+    options: Options,
+) -> (OpId, RunEnd) {
     let plan = plans::parse("plan.yaml", yaml).unwrap_or_else(|p| panic!("{}", p.render(false)));
     let params = plans::params::resolve(&plan, &[], None).expect("the params resolve");
     let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k == "PATH").collect();
@@ -31,7 +36,7 @@ pub async fn run(store: &Store, dir: &std::path::Path, yaml: &str) -> (OpId, Run
     engine::op::run(
         store,
         new,
-        Options::default(),
+        options,
         Overrides::default(),
         progress,
         StopHandle::new(),
