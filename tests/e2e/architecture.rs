@@ -113,3 +113,68 @@ fn draw(crates: &BTreeMap<String, BTreeSet<String>>) -> String {
     text.push_str("```\n");
     text
 }
+
+/// The engine's layer of a module: `serve` (which fires schedules), `schedule`, `op`, `run`,
+/// `task`, or a leaf.
+fn layer(module: &str) -> u8 {
+    match module {
+        "serve" => 5,
+        "schedule" => 4,
+        "op" => 3,
+        "run" => 2,
+        "task" => 1,
+        _ => 0,
+    }
+}
+
+/// The engine's layers point one way, as ARCHITECTURE.md says: `op` may use `run` and `task`,
+/// `run` may use `task`, `task` neither, and the leaves (owner, secrets, progress, time,
+/// shutdown, options, outcome) none of the layers; so no module cycle can form across them.
+#[test]
+fn engine_layers_point_one_way() {
+    let src = root().join("engine/src");
+    let mut files = Vec::new();
+    let mut dirs = vec![src.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    let mut wrong = Vec::new();
+    for file in files {
+        let relative = file.strip_prefix(&src).unwrap();
+        let module = relative
+            .components()
+            .next()
+            .and_then(|c| c.as_os_str().to_str())
+            .map(|m| m.trim_end_matches(".rs").to_owned())
+            .unwrap();
+        if module == "lib" {
+            continue;
+        }
+        let own = layer(&module);
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            for (at, _) in line.match_indices("crate::") {
+                let used: String = line[at + "crate::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let theirs = layer(&used);
+                if used != module && (theirs > own || (theirs == own && theirs > 0)) {
+                    wrong.push(format!("{}:{}: {}", relative.display(), n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "these lines use a layer above (or beside) their own:\n{}",
+        wrong.join("\n")
+    );
+}
