@@ -603,6 +603,16 @@ steps:
     );
     let mut run = sandbox.spawn(&["run", "plan.yaml"]);
     sandbox.wait_for("started", Duration::from_secs(20));
+    // The pid is recorded right after the spawn, beside the step's start: wait for that record
+    // (it names the running task), or a kill before it proves nothing about it.
+    let recorded = Instant::now();
+    while sandbox.json(&["status", "--json"])[0]["current_task"] != "spawner" {
+        assert!(
+            recorded.elapsed() < Duration::from_secs(20),
+            "the pid was never recorded"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     run.kill().unwrap();
     run.wait().unwrap();
     let child: u32 = sandbox.read("child").trim().parse().unwrap();
