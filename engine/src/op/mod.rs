@@ -273,6 +273,8 @@ pub(super) struct RunParts {
     pub secrets: Vec<String>,
     pub files: crate::task::context::Files,
     pub ancestors: Vec<OpId>,
+    /// Until when the lease is known to hold: what the last claim or renewal wrote, never more.
+    pub lease_until: Millis,
 }
 
 /// The context every task of a run shares, built once per run.
@@ -295,6 +297,7 @@ fn shared(
         secrets,
         files,
         ancestors,
+        lease_until: lease,
     } = run;
     let outputs = OutputFiles::new(&uuid).map_err(|e| {
         Error::Store(store::Error::Write {
@@ -302,8 +305,6 @@ fn shared(
             reason: e.to_string(),
         })
     })?;
-    // The claim was made just before, with this length.
-    let lease = lease_until(&options);
     let (steps, hooks) = with_hooks(&plan);
     Ok(Arc::new(Shared {
         store: store.clone(),

@@ -160,7 +160,9 @@ pub async fn run(
     let (ancestors, held) = children::lineage(&store.reader()?, new.parent)?;
     let me = owner::me();
     let mut op = new_op(store, &new, &held, overrides)?;
-    op.owner = Some((me.clone(), lease_until(&options)));
+    // A claim made after waiting for the lock writes a later lease: this one is never more.
+    let lease = lease_until(&options);
+    op.owner = Some((me.clone(), lease));
     op.start = true;
     let (uuid, title) = (op.uuid.clone(), op.title.clone());
     let submitted = match store.apply(vec![Change::Submit(op.clone())]).await {
@@ -224,6 +226,7 @@ pub async fn run(
         secrets,
         files: Arc::new(new.files.into_iter().collect()),
         ancestors,
+        lease_until: lease,
     };
     let shared = shared(store, run, options, progress, stop)?;
     let tasks = TaskState::initial(&shared.steps);

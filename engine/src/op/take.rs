@@ -246,6 +246,10 @@ impl Takeover<'_> {
             };
             plan = to.apply(&plan, replan, drift, &mut params).await?;
         }
+        // Ending leftovers may take longer than the lease the claim wrote: renew it (a fenced
+        // write, which also proves this process still owns the op) before anything runs, and
+        // count from what was written, never from the claim.
+        let lease = renew_lease(store, op, &me, &self.options).await?;
         let env: BTreeMap<String, String> = row
             .env
             .iter()
@@ -266,9 +270,28 @@ impl Takeover<'_> {
             secrets,
             files: Arc::new(files),
             ancestors,
+            lease_until: lease,
         };
         let shared = shared(store, run, self.options, self.progress, self.stop)?;
         let tasks = TaskState::load(&shared.steps, reader.tasks(op)?);
         Ok(Ok((shared, tasks)))
     }
+}
+
+/// Renews the lease on `op` for `options.lease` from now; the lease written.
+async fn renew_lease(
+    store: &Store,
+    op: OpId,
+    me: &ProcessId,
+    options: &Options,
+) -> Result<store::Millis, Error> {
+    let until = super::lease_until(options);
+    store
+        .apply(vec![Change::Heartbeat {
+            op,
+            owner: me.clone(),
+            lease_until: until,
+        }])
+        .await?;
+    Ok(until)
 }
