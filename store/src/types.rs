@@ -519,7 +519,7 @@ pub enum Change {
         /// Reopen a succeeded op (`resume --from`).
         reopen: bool,
         /// The event that says why (e.g. `resumed`).
-        kind: &'static str,
+        kind: EventKind,
         message: String,
     },
     /// Extend the lease of an op this owner holds.
@@ -726,7 +726,7 @@ pub enum Change {
         at: Millis,
         error: Option<String>,
         release: bool,
-        kind: &'static str,
+        kind: EventKind,
         message: String,
     },
     /// The `CUR_TASK` column.
@@ -738,7 +738,7 @@ pub enum Change {
     Event {
         op: OpId,
         at: Millis,
-        kind: &'static str,
+        kind: EventKind,
         task: Option<String>,
         message: String,
     },
