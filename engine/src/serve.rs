@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use store::{Change, OpId, OpStatus, Store};
+use store::{Change, EventKind, OpId, OpStatus, Store};
 use tokio::task::JoinSet;
 
 use crate::op::{self, Error, Overrides};
@@ -124,8 +124,8 @@ pub async fn serve(
             );
             let task = running.spawn(async move {
                 let (kind, verb) = match what {
-                    Work::Start => ("started", "started by cairn serve"),
-                    Work::Resume => ("auto-resumed", "resumed by cairn serve"),
+                    Work::Start => (EventKind::Started, "started by cairn serve"),
+                    Work::Resume => (EventKind::AutoResumed, "resumed by cairn serve"),
                 };
                 let takeover = op::Takeover {
                     store: &store,
@@ -315,7 +315,7 @@ async fn ended(
                 at: owner::now(),
                 error: Some(why.clone()),
                 release: true,
-                kind: "op-released",
+                kind: EventKind::OpReleased,
                 message: format!("released by cairn serve: {why}"),
             }])
             .await;

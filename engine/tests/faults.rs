@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use engine::{Options, RunEnd};
 use store::testing::Faulty;
-use store::{AttemptStatus, Change, OpId, OpStatus, ProcessId, Store, TaskStatus};
+use store::{AttemptStatus, Change, EventKind, OpId, OpStatus, ProcessId, Store, TaskStatus};
 use support::{attempts, run, store, task};
 
 /// Starts `yaml` on `store` in the background, as `cairn run` would, with `options`.
@@ -151,7 +151,7 @@ async fn a_fenced_write_stops_the_steps_and_says_another_process_owns_the_op() {
             now,
             queued: false,
             reopen: false,
-            kind: "resumed",
+            kind: EventKind::Resumed,
             message: "taken over by the test".into(),
         }])
         .await

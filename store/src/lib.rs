@@ -1,7 +1,8 @@
 //! cairn's durable state: ops, tasks, attempts, logs and the event trail, behind one interface.
 //! SQLite is the backend today; nothing outside this crate knows it.
 //!
-//! - [`types`]: ids, statuses, rows, and the [`Change`]s the engine asks to make durable.
+//! - [`types`]: ids, statuses, the [`EventKind`]s of the event trail, rows, and the [`Change`]s
+//!   the engine asks to make durable.
 //! - `api`: the interface a backend implements ([`Backend`] for writes, [`ReadBackend`] for
 //!   reads) and the handles the engine holds, [`Store`] and [`Reader`].
 //! - `location`: [`Location`] (a file path, or a server's URL) and [`open`] / [`open_reader`],

@@ -1,5 +1,5 @@
-//! What the store holds, in the engine's words: ids, statuses, rows, and the changes the engine
-//! asks for. Nothing here names SQLite.
+//! What the store holds, in the engine's words: ids, statuses, the kinds of the event trail, rows,
+//! and the changes the engine asks for. Nothing here names SQLite.
 
 use std::fmt;
 
@@ -119,6 +119,166 @@ status_enum! {
         Failed => "failed",
         Interrupted => "interrupted",
         Canceled => "canceled",
+    }
+}
+
+macro_rules! event_kinds {
+    ($(#[$meta:meta])* $name:ident { $($(#[doc = $doc:literal])+ $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[doc = $doc])+ $variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The kind's text, as the trail stores and shows it.
+            #[must_use]
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+event_kinds! {
+    /// What an event of an op's trail records. Its text ([`EventKind::as_str`]) is what the trail
+    /// stores and `cairn events` shows; read back, a kind stays text ([`EventRow::kind`]), since an
+    /// older database may hold kinds no variant names.
+    EventKind {
+        // --- an op's life ---
+        /// The op is stored (submitted, run, or fired by a schedule).
+        Submitted => "submitted",
+        /// The process that runs the op starts it.
+        Started => "started",
+        /// `cairn resume` takes the op over.
+        Resumed => "resumed",
+        /// `cairn serve` takes over an op whose owner is gone.
+        AutoResumed => "auto-resumed",
+        /// `cairn cancel` takes over an op whose owner is gone, to cancel it.
+        CancelTaken => "cancel-taken",
+        /// The op starts while cairn is paused (`--ignore-pause`).
+        PauseIgnored => "pause-ignored",
+        /// The op runs again once something other than approval gates is left to do.
+        OpRunning => "op-running",
+        /// Only approval gates are left: the op waits for their answers.
+        OpWaiting => "op-waiting",
+        /// The op's outcome is decided and its finishing hooks run.
+        OpFinishing => "op-finishing",
+        /// A finishing hook failed; the op's outcome stands.
+        HookFailed => "hook-failed",
+        /// The op ended succeeded.
+        OpSucceeded => "op-succeeded",
+        /// The op ended failed, or was refused before it started.
+        OpFailed => "op-failed",
+        /// The op ended canceled, or was canceled before it started.
+        OpCanceled => "op-canceled",
+        /// The op stopped before its end (its run was stopped, or it lost the op).
+        OpInterrupted => "op-interrupted",
+        /// Someone asked to cancel the op.
+        CancelRequested => "cancel-requested",
+        /// The op's owner acts on a cancel request: its steps end and its `on_cancel` hooks run.
+        OpCanceling => "op-canceling",
+        /// A child op of a canceled op could not be canceled.
+        ChildNotCanceled => "child-not-canceled",
+        /// An op that never started goes back to the queue, owned by nobody.
+        OpRequeued => "op-requeued",
+        /// `cairn serve` gives up an op it took and could not carry on.
+        OpReleased => "op-released",
+        /// Tasks are reset to run again (`resume --from`).
+        Rerun => "rerun",
+        /// The op goes on with an edited plan (`resume --plan`).
+        PlanChanged => "plan-changed",
+        // --- a task's life ---
+        /// An attempt of the task starts.
+        TaskStarted => "task-started",
+        /// The processes an earlier attempt left running are ended before the task runs again.
+        LeftoversEnded => "leftovers-ended",
+        /// The task goes back to pending (a fan-out step whose items are not all done).
+        TaskPending => "task-pending",
+        /// The task is set running without an attempt, or an attempt is recorded still running.
+        TaskRunning => "task-running",
+        /// An approval gate waits for its answer.
+        TaskWaiting => "task-waiting",
+        /// An attempt succeeded, or a fan-out step's items are all done.
+        TaskSucceeded => "task-succeeded",
+        /// An attempt failed, or a fan-out step failed with its items.
+        TaskFailed => "task-failed",
+        /// The task is skipped (its `when` is false).
+        TaskSkipped => "task-skipped",
+        /// An attempt was canceled, or the task was, with its op.
+        TaskCanceled => "task-canceled",
+        /// An attempt was interrupted (its owner stopped or died).
+        TaskInterrupted => "task-interrupted",
+        /// An attempt ended of a task resolved by hand meanwhile, which keeps its status.
+        AttemptEnded => "attempt-ended",
+        /// A person resolves the task by hand (`cairn mark`).
+        TaskMarked => "task-marked",
+        /// A fan-out step's list is frozen into its items' tasks.
+        TaskExpanded => "task-expanded",
+        /// The task's sub-plan starts as a child op, or its child op is unlinked.
+        TaskChild => "task-child",
+        /// A person approves a gate.
+        Approved => "approved",
+        /// A person rejects a gate.
+        Rejected => "rejected",
+        // --- locks and cooldowns ---
+        /// The op takes its lock key.
+        LockTaken => "lock-taken",
+        /// The op releases its lock key, and the key's cooldown starts.
+        LockReleased => "lock-released",
+        /// The op takes its key despite the key's cooldown (`--ignore-cooldown`).
+        CooldownIgnored => "cooldown-ignored",
+        /// A person acknowledges the cooldown that follows the op.
+        CooldownAcked => "cooldown-acked",
+        // --- other ---
+        /// A free note that goes with no change of state (the store's tests record these).
+        Note => "note",
+    }
+}
+
+impl EventKind {
+    /// The event of a task set to `status` without an attempt (`task-waiting`, `task-skipped`...).
+    #[must_use]
+    pub fn task(status: TaskStatus) -> Self {
+        match status {
+            TaskStatus::Pending => Self::TaskPending,
+            TaskStatus::Running => Self::TaskRunning,
+            TaskStatus::Waiting => Self::TaskWaiting,
+            TaskStatus::Succeeded => Self::TaskSucceeded,
+            TaskStatus::Failed => Self::TaskFailed,
+            TaskStatus::Skipped => Self::TaskSkipped,
+            TaskStatus::Canceled => Self::TaskCanceled,
+        }
+    }
+
+    /// The event of an attempt that ended with `status`.
+    #[must_use]
+    pub fn attempt(status: AttemptStatus) -> Self {
+        match status {
+            AttemptStatus::Running => Self::TaskRunning,
+            AttemptStatus::Succeeded => Self::TaskSucceeded,
+            AttemptStatus::Failed => Self::TaskFailed,
+            AttemptStatus::Interrupted => Self::TaskInterrupted,
+            AttemptStatus::Canceled => Self::TaskCanceled,
+        }
+    }
+
+    /// The event of an op's run that ended with `status`: any status but succeeded, failed or
+    /// canceled is an interruption.
+    #[must_use]
+    pub fn op_ended(status: OpStatus) -> Self {
+        match status {
+            OpStatus::Succeeded => Self::OpSucceeded,
+            OpStatus::Failed => Self::OpFailed,
+            OpStatus::Canceled => Self::OpCanceled,
+            _ => Self::OpInterrupted,
+        }
     }
 }
 
@@ -359,7 +519,7 @@ pub enum Change {
         /// Reopen a succeeded op (`resume --from`).
         reopen: bool,
         /// The event that says why (e.g. `resumed`).
-        kind: &'static str,
+        kind: EventKind,
         message: String,
     },
     /// Extend the lease of an op this owner holds.
@@ -566,7 +726,7 @@ pub enum Change {
         at: Millis,
         error: Option<String>,
         release: bool,
-        kind: &'static str,
+        kind: EventKind,
         message: String,
     },
     /// The `CUR_TASK` column.
@@ -578,7 +738,7 @@ pub enum Change {
     Event {
         op: OpId,
         at: Millis,
-        kind: &'static str,
+        kind: EventKind,
         task: Option<String>,
         message: String,
     },
@@ -630,4 +790,24 @@ pub struct OpFilter {
     pub status: Option<OpStatus>,
     pub plan: Option<String>,
     pub limit: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EventKind;
+
+    #[test]
+    fn every_event_kind_has_its_own_text_in_lowercase_words_joined_by_dashes() {
+        let mut seen = std::collections::HashSet::new();
+        for kind in EventKind::ALL {
+            let text = kind.as_str();
+            assert!(seen.insert(text), "`{text}` names two kinds");
+            assert_eq!(kind.to_string(), text);
+            // `^[a-z]+(-[a-z]+)*$`: words of lowercase letters, one dash between two.
+            let words_ok = text
+                .split('-')
+                .all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase()));
+            assert!(words_ok, "`{text}` is not lowercase words joined by dashes");
+        }
+    }
 }

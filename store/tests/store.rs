@@ -7,8 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 
 use store::testing::Faulty;
 use store::{
-    Applied, AttemptStatus, Change, Error, ErrorKind, Location, NewOp, NewTask, OpFilter, OpId,
-    OpStatus, Outcome, ProcessId, Reader, Snapshot, Store, TaskNo, TaskStatus,
+    Applied, AttemptStatus, Change, Error, ErrorKind, EventKind, Location, NewOp, NewTask,
+    OpFilter, OpId, OpStatus, Outcome, ProcessId, Reader, Snapshot, Store, TaskNo, TaskStatus,
 };
 
 fn owner(pid: u32) -> ProcessId {
@@ -79,7 +79,7 @@ fn claim(
         now,
         queued: false,
         reopen: false,
-        kind: "started",
+        kind: EventKind::Started,
         message: "test".into(),
     }])
 }
@@ -290,7 +290,7 @@ fn a_refused_batch_does_not_undo_others_in_the_same_commit() {
                                 Change::Event {
                                     op: OpId(999),
                                     at: 1,
-                                    kind: "x",
+                                    kind: EventKind::Note,
                                     task: None,
                                     message: String::new(),
                                 },
@@ -301,7 +301,7 @@ fn a_refused_batch_does_not_undo_others_in_the_same_commit() {
                             .apply(vec![Change::Event {
                                 op,
                                 at: i,
-                                kind: "note",
+                                kind: EventKind::Note,
                                 task: None,
                                 message: format!("{i}"),
                             }])
@@ -385,7 +385,7 @@ fn one_commit_reads_the_owner_again_after_a_change_that_may_move_it() {
             at: 3,
             error: None,
             release: true,
-            kind: "interrupted",
+            kind: EventKind::OpInterrupted,
             message: "test".into(),
         }];
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -769,7 +769,7 @@ fn a_faulty_backend_fails_the_commits_it_is_told_to_and_they_write_nothing() {
         vec![Change::Event {
             op,
             at: i,
-            kind: "note",
+            kind: EventKind::Note,
             task: None,
             message: format!("{i}"),
         }]

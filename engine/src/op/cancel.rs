@@ -2,6 +2,7 @@
 //! one's op is taken over to run its `on_cancel` hooks.
 
 use store::Change;
+use store::EventKind;
 use store::OpId;
 use store::OpStatus;
 use store::ProcessId;
@@ -119,7 +120,7 @@ pub async fn cancel(
                     overrides,
                     progress: progress.clone(),
                     stop: StopHandle::new(),
-                    kind: "cancel-taken",
+                    kind: EventKind::CancelTaken,
                     verb: "taken over to cancel it",
                     reopen: false,
                 };

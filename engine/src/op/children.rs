@@ -136,7 +136,7 @@ pub(crate) fn cancel_children<'a>(
                 .apply(vec![store::Change::Event {
                     op,
                     at: crate::owner::now(),
-                    kind: "child-not-canceled",
+                    kind: store::EventKind::ChildNotCanceled,
                     task: None,
                     message: failure.clone(),
                 }])

@@ -5,7 +5,7 @@
 //! - [`Acquire`]: one take-over (who takes the op, how, what its events say); [`Acquire::run`].
 //! - [`Acquired`]: how the wait ended.
 
-use store::{Change, OpId, OpRow, OpStatus, ProcessId, Reader, Store};
+use store::{Change, EventKind, OpId, OpRow, OpStatus, ProcessId, Reader, Store};
 
 use super::{Error, Overrides, children, lease_until, lock_error, read_op, requeued, show_time};
 use crate::options::Options;
@@ -34,7 +34,7 @@ pub(super) struct Acquire<'a> {
     pub options: &'a Options,
     pub overrides: Overrides,
     pub progress: &'a Sink,
-    pub kind: &'static str,
+    pub kind: EventKind,
     pub message: String,
     pub reopen: bool,
 }
@@ -137,7 +137,7 @@ impl Acquire<'_> {
                 at: now(),
                 error: Some(format!("canceled by {}{why}", request.by)),
                 release: true,
-                kind: "op-canceled",
+                kind: EventKind::OpCanceled,
                 message: format!("op canceled by {}{why} before it started", request.by),
             }])
             .await?;
@@ -231,7 +231,7 @@ impl Acquire<'_> {
                     at: now(),
                     error: Some(error.to_string()),
                     release: true,
-                    kind: "op-failed",
+                    kind: EventKind::OpFailed,
                     message: format!("op refused before it started: {error}"),
                 }])
                 .await;
@@ -283,7 +283,7 @@ impl Acquire<'_> {
                 at: now(),
                 error: Some("stopped while waiting to start".to_owned()),
                 release: true,
-                kind: "op-interrupted",
+                kind: EventKind::OpInterrupted,
                 message: "stopped while waiting to start".to_owned(),
             }
         };

@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use plans::model::Plan;
 use serde_json::{Map, Value};
-use store::{Change, Millis, OpId, OpStatus, ProcessId, Reader, Request, Store, TaskNo};
+use store::{Change, EventKind, Millis, OpId, OpStatus, ProcessId, Reader, Request, Store, TaskNo};
 
 use crate::options::Options;
 use crate::owner::{self, OwnerState, now};
@@ -195,7 +195,7 @@ fn pause_event(op: OpId, pause: Option<Request>) -> Vec<Change> {
         .map(|p| Change::Event {
             op,
             at: now(),
-            kind: "pause-ignored",
+            kind: EventKind::PauseIgnored,
             task: None,
             message: format!(
                 "started while cairn is paused (by {}), with --ignore-pause",
@@ -254,7 +254,7 @@ fn requeued(op: OpId, me: &ProcessId, why: &str) -> Change {
         at: now(),
         error: None,
         release: true,
-        kind: "op-requeued",
+        kind: EventKind::OpRequeued,
         message: format!("back in the queue: {why}"),
     }
 }

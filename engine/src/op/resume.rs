@@ -4,6 +4,7 @@
 
 use plans::model::Plan;
 use store::Change;
+use store::EventKind;
 use store::OpId;
 use store::OpStatus;
 use store::Reader;
@@ -46,7 +47,7 @@ pub async fn resume(
         overrides,
         progress,
         stop,
-        kind: "resumed",
+        kind: EventKind::Resumed,
         verb: "resumed",
         reopen: false,
     };
@@ -54,7 +55,7 @@ pub async fn resume(
 }
 
 /// [`resume`], taking the op over as `takeover` says (its events say why, e.g.
-/// `("auto-resumed", "resumed by cairn serve")`). A queued op is started the same way.
+/// [`EventKind::AutoResumed`] and "resumed by cairn serve"). A queued op is started the same way.
 pub(crate) async fn resume_as(
     mut takeover: Takeover<'_>,
     op: OpId,

@@ -8,6 +8,7 @@ use plans::template::Template;
 use serde_json::Value;
 use store::Applied;
 use store::Change;
+use store::EventKind;
 use store::Millis;
 use store::NewOp;
 use store::NewTask;
@@ -192,7 +193,7 @@ pub async fn run(
             options: &options,
             overrides,
             progress: &progress,
-            kind: "started",
+            kind: EventKind::Started,
             message,
             reopen: false,
         };

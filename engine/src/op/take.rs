@@ -11,6 +11,7 @@ use serde_json::Map;
 use serde_json::Value;
 use store::AttemptStatus;
 use store::Change;
+use store::EventKind;
 use store::OpId;
 use store::OpStatus;
 use store::Outcome as TaskOutcome;
@@ -120,7 +121,7 @@ async fn sweep(
             batch.push(Change::Event {
                 op: row.id,
                 at: now(),
-                kind: "leftovers-ended",
+                kind: EventKind::LeftoversEnded,
                 task: Some(step.clone()),
                 message: format!("ended {count} process(es) left running by attempt {} before running the task again", attempt.n),
             });
@@ -158,8 +159,9 @@ pub(crate) struct Takeover<'a> {
     pub overrides: Overrides,
     pub progress: Sink,
     pub stop: StopHandle,
-    /// The event's kind and its message's verb, e.g. `("auto-resumed", "resumed by cairn serve")`.
-    pub kind: &'static str,
+    /// The event's kind and its message's verb, e.g. [`EventKind::AutoResumed`] and
+    /// "resumed by cairn serve".
+    pub kind: EventKind,
     pub verb: &'a str,
     /// A succeeded op runs again (`--from`, `--plan`).
     pub reopen: bool,
@@ -230,7 +232,7 @@ impl Takeover<'_> {
         (self.progress)(&Progress::OpStarted {
             op,
             title: row.title.clone(),
-            resumed: self.kind != "started",
+            resumed: self.kind != EventKind::Started,
         });
         sweep(store, reader, row, &me, &self.options, &self.progress).await?;
         end_children_leftovers(reader, op, &self.options).await?;

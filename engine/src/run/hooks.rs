@@ -4,7 +4,7 @@
 
 use plans::model::Step;
 use serde_json::{Map, Value};
-use store::{Change, NewTask, OpStatus, TaskNo, TaskStatus};
+use store::{Change, EventKind, NewTask, OpStatus, TaskNo, TaskStatus};
 
 use super::scheduler::Scheduler;
 use crate::outcome::{EndState, RunEnd};
@@ -133,7 +133,7 @@ pub(super) async fn run_finishing(
                     .apply(vec![Change::Event {
                         op: shared.op,
                         at: now(),
-                        kind: "hook-failed",
+                        kind: EventKind::HookFailed,
                         task: Some(hook.id.clone()),
                         message: format!("the op's outcome stands: {}", error.unwrap_or_default()),
                     }])

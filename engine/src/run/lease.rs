@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use store::{Change, OpStatus};
+use store::{Change, EventKind, OpStatus};
 use tokio::task::JoinHandle;
 
 use crate::owner::now;
@@ -75,7 +75,7 @@ async fn watch_for_cancel(shared: Arc<Shared>) {
                     at: now(),
                     error: None,
                     release: false,
-                    kind: "op-canceling",
+                    kind: EventKind::OpCanceling,
                     message: format!("canceling, as asked by {by}"),
                 }])
                 .await;

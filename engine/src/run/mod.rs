@@ -22,7 +22,7 @@ pub(crate) mod scheduler;
 
 use std::sync::Arc;
 
-use store::{Change, OpStatus, TaskNo};
+use store::{Change, EventKind, OpStatus, TaskNo};
 
 use crate::outcome::{EndState, RunEnd};
 use crate::owner::now;
@@ -171,12 +171,7 @@ async fn record_final(
         at: now(),
         error: error.clone(),
         release: true,
-        kind: match status {
-            OpStatus::Succeeded => "op-succeeded",
-            OpStatus::Failed => "op-failed",
-            OpStatus::Canceled => "op-canceled",
-            _ => "op-interrupted",
-        },
+        kind: EventKind::op_ended(status),
         message,
     });
     match shared.apply(batch).await {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use plans::model::{Action, Plan, Step};
 use plans::template::Context;
 use serde_json::{Map, Value};
-use store::{Change, OpStatus, TaskStatus};
+use store::{Change, EventKind, OpStatus, TaskStatus};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -470,9 +470,13 @@ impl Scheduler {
             return;
         }
         let (status, kind, message) = if only_gates {
-            (OpStatus::Waiting, "op-waiting", "waiting for approval")
+            (
+                OpStatus::Waiting,
+                EventKind::OpWaiting,
+                "waiting for approval",
+            )
         } else {
-            (OpStatus::Running, "op-running", "running")
+            (OpStatus::Running, EventKind::OpRunning, "running")
         };
         let change = Change::SetOp {
             op: shared.op,

@@ -4,7 +4,9 @@
 
 use super::{End, Tx, event, events, fence, is_kept, owner_of};
 use crate::error::{Error, Result};
-use crate::types::{Change, Millis, OpId, OpStatus, Outcome, ProcessId, TaskNo, TaskStatus};
+use crate::types::{
+    Change, EventKind, Millis, OpId, OpStatus, Outcome, ProcessId, TaskNo, TaskStatus,
+};
 
 /// Applies an attempt change (see [`super::apply`] for which); `fenced` as there.
 pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<()> {
@@ -22,7 +24,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
             tx.insert_attempt(*op, *task, *n, *at)?;
             tx.run_task(*op, *task, *n, *retry_from, *at)?;
             let message = events::attempt_started(*n);
-            event(tx, *op, *at, events::TASK_STARTED, Some(&name), &message)
+            event(tx, *op, *at, EventKind::TaskStarted, Some(&name), &message)
         }
         Change::AttemptProcess {
             op,
@@ -68,7 +70,10 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
                 *op,
                 *at,
                 Some(&name),
-                &[(events::TASK_STARTED, &started), (kind, &message)],
+                &[
+                    (EventKind::TaskStarted.as_str(), &started),
+                    (kind.as_str(), &message),
+                ],
             )
         }
         Change::SetTask {
@@ -201,14 +206,7 @@ fn set_task<T: Tx>(
     )
     .then_some(at);
     let name = tx.set_task_status(op, task, status, ended)?;
-    event(
-        tx,
-        op,
-        at,
-        &events::task_status(status),
-        Some(&name),
-        message,
-    )
+    event(tx, op, at, EventKind::task(status), Some(&name), message)
 }
 
 /// An attempt's outcome in the columns that record it: a task left pending (to be retried) has

@@ -1,9 +1,12 @@
-//! The event trail's texts, in one place: each rule records its event's kind and message from
-//! here, so that what `cairn events` shows reads in one voice whatever the backend.
+//! The event trail's messages, in one place: each rule records its event's kind (an
+//! [`EventKind`], whose text is rendered there) and message from here, so that what
+//! `cairn events` shows reads in one voice whatever the backend.
 
 use std::fmt::Write as _;
 
-use crate::types::{AttemptStatus, NewOp, NewTask, OpId, Outcome, ProcessId, Request, TaskStatus};
+use crate::types::{
+    AttemptStatus, EventKind, NewOp, NewTask, OpId, Outcome, ProcessId, Request, TaskStatus,
+};
 
 /// `": reason"` when the request gives one, else nothing.
 pub(crate) fn why(request: &Request) -> String {
@@ -38,16 +41,13 @@ pub(crate) fn started_by(owner: &ProcessId) -> String {
     format!("started by {owner}")
 }
 
-/// `task-started`.
-pub(crate) const TASK_STARTED: &str = "task-started";
-
 /// `task-started`: which attempt.
 pub(crate) fn attempt_started(n: u32) -> String {
     format!("attempt {n}")
 }
 
 /// The event that says how attempt `n` ended: its kind and message.
-pub(crate) fn attempt_end(n: u32, outcome: &Outcome) -> (&'static str, String) {
+pub(crate) fn attempt_end(n: u32, outcome: &Outcome) -> (EventKind, String) {
     let mut message = format!("attempt {n} {}", outcome.attempt);
     if outcome.by_check {
         message.push_str(" by check: already done, the step did not run");
@@ -58,14 +58,7 @@ pub(crate) fn attempt_end(n: u32, outcome: &Outcome) -> (&'static str, String) {
     if let Some(error) = &outcome.error {
         write!(message, ": {error}").ok();
     }
-    let kind = match outcome.attempt {
-        AttemptStatus::Succeeded => "task-succeeded",
-        AttemptStatus::Failed => "task-failed",
-        AttemptStatus::Interrupted => "task-interrupted",
-        AttemptStatus::Canceled => "task-canceled",
-        AttemptStatus::Running => "task-running",
-    };
-    (kind, message)
+    (EventKind::attempt(outcome.attempt), message)
 }
 
 /// `attempt-ended`: an attempt of a task resolved by hand meanwhile, which keeps its status.
@@ -73,16 +66,11 @@ pub(crate) fn attempt_ended_kept(
     n: u32,
     attempt: AttemptStatus,
     kept: &str,
-) -> (&'static str, String) {
+) -> (EventKind, String) {
     (
-        "attempt-ended",
+        EventKind::AttemptEnded,
         format!("attempt {n} {attempt}; the task stays {kept}"),
     )
-}
-
-/// The kind of the event of a task set to `status` (`task-waiting`, `task-skipped`...).
-pub(crate) fn task_status(status: TaskStatus) -> String {
-    format!("task-{status}")
 }
 
 /// `task-marked`: who resolved a task by hand, why, and the outputs they gave.
@@ -90,7 +78,7 @@ pub(crate) fn marked(
     status: TaskStatus,
     request: &Request,
     outputs: &serde_json::Map<String, serde_json::Value>,
-) -> (&'static str, String) {
+) -> (EventKind, String) {
     let shown: Vec<String> = outputs
         .iter()
         .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
@@ -99,7 +87,7 @@ pub(crate) fn marked(
     if !shown.is_empty() {
         write!(message, "; outputs {}", shown.join(" ")).ok();
     }
-    ("task-marked", message)
+    (EventKind::TaskMarked, message)
 }
 
 /// The error of an op canceled before it started.
@@ -108,32 +96,36 @@ pub(crate) fn canceled_error(request: &Request) -> String {
 }
 
 /// `op-canceled`, for an op canceled before it started.
-pub(crate) fn canceled_unstarted(error: &str) -> (&'static str, String) {
+pub(crate) fn canceled_unstarted(error: &str) -> (EventKind, String) {
     (
-        "op-canceled",
+        EventKind::OpCanceled,
         format!("op canceled before it started: {error}"),
     )
 }
 
 /// `op-finishing`: the op's outcome is decided and its finishing hooks run.
-pub(crate) fn finishing(status: &str) -> (&'static str, String) {
+pub(crate) fn finishing(status: &str) -> (EventKind, String) {
     (
-        "op-finishing",
+        EventKind::OpFinishing,
         format!("the op {status}; its finishing hooks run"),
     )
 }
 
 /// `cancel-requested`.
-pub(crate) fn cancel_requested(request: &Request) -> (&'static str, String) {
+pub(crate) fn cancel_requested(request: &Request) -> (EventKind, String) {
     (
-        "cancel-requested",
+        EventKind::CancelRequested,
         format!("cancel requested by {}{}", request.by, why(request)),
     )
 }
 
 /// `approved` or `rejected`: a gate's answer.
-pub(crate) fn answered(approve: bool, request: &Request) -> (&'static str, String) {
-    let kind = if approve { "approved" } else { "rejected" };
+pub(crate) fn answered(approve: bool, request: &Request) -> (EventKind, String) {
+    let kind = if approve {
+        EventKind::Approved
+    } else {
+        EventKind::Rejected
+    };
     (kind, format!("{kind} by {}{}", request.by, why(request)))
 }
 
@@ -143,7 +135,7 @@ pub(crate) fn rejected_error(request: &Request) -> String {
 }
 
 /// `task-expanded`: how many items, and the first ten names.
-pub(crate) fn expanded(tasks: &[NewTask]) -> (&'static str, String) {
+pub(crate) fn expanded(tasks: &[NewTask]) -> (EventKind, String) {
     let shown: Vec<&str> = tasks.iter().take(10).map(|t| t.name.as_str()).collect();
     let more = if tasks.len() > shown.len() {
         ", ..."
@@ -151,7 +143,7 @@ pub(crate) fn expanded(tasks: &[NewTask]) -> (&'static str, String) {
         ""
     };
     (
-        "task-expanded",
+        EventKind::TaskExpanded,
         format!(
             "{} item{}: {}{more}",
             tasks.len(),
@@ -162,32 +154,26 @@ pub(crate) fn expanded(tasks: &[NewTask]) -> (&'static str, String) {
 }
 
 /// The event of a fan-out step's gathered end.
-pub(crate) fn gathered(status: TaskStatus, error: Option<&str>) -> (String, String) {
+pub(crate) fn gathered(status: TaskStatus, error: Option<&str>) -> (EventKind, String) {
     let message = match error {
         Some(e) => format!("{status}: {e}"),
         None => format!("{status}: every item is done"),
     };
-    (task_status(status), message)
+    (EventKind::task(status), message)
 }
 
-/// `task-child`: a task's child op unlinked (the message is the caller's).
-pub(crate) const TASK_CHILD: &str = "task-child";
-
-/// `rerun`: tasks reset to run again (the message is the caller's).
-pub(crate) const RERUN: &str = "rerun";
-
 /// `plan-changed`: the caller's message and the plans' hashes.
-pub(crate) fn plan_changed(message: &str, old: &str, new: &str) -> (&'static str, String) {
+pub(crate) fn plan_changed(message: &str, old: &str, new: &str) -> (EventKind, String) {
     (
-        "plan-changed",
+        EventKind::PlanChanged,
         format!("{message}; plan {old} replaced by {new}"),
     )
 }
 
 /// `cooldown-acked`.
-pub(crate) fn cooldown_acked(key: &str, request: &Request) -> (&'static str, String) {
+pub(crate) fn cooldown_acked(key: &str, request: &Request) -> (EventKind, String) {
     (
-        "cooldown-acked",
+        EventKind::CooldownAcked,
         format!(
             "cooldown of `{key}` acknowledged by {}{}",
             request.by,
@@ -197,25 +183,25 @@ pub(crate) fn cooldown_acked(key: &str, request: &Request) -> (&'static str, Str
 }
 
 /// `cooldown-ignored`.
-pub(crate) fn cooldown_ignored(key: &str, after: OpId) -> (&'static str, String) {
+pub(crate) fn cooldown_ignored(key: &str, after: OpId) -> (EventKind, String) {
     (
-        "cooldown-ignored",
+        EventKind::CooldownIgnored,
         format!("started despite the cooldown of `{key}` after op {after} (--ignore-cooldown)"),
     )
 }
 
 /// `lock-taken`.
-pub(crate) fn lock_taken(key: &str) -> (&'static str, String) {
-    ("lock-taken", format!("took lock `{key}`"))
+pub(crate) fn lock_taken(key: &str) -> (EventKind, String) {
+    (EventKind::LockTaken, format!("took lock `{key}`"))
 }
 
 /// `lock-released`, and the cooldown it starts.
-pub(crate) fn lock_released(key: &str, cooldown_ms: Option<i64>) -> (&'static str, String) {
+pub(crate) fn lock_released(key: &str, cooldown_ms: Option<i64>) -> (EventKind, String) {
     let mut message = format!("released lock `{key}`");
     if let Some(ms) = cooldown_ms {
         write!(message, "; it cools down for {} s", ms / 1000).ok();
     }
-    ("lock-released", message)
+    (EventKind::LockReleased, message)
 }
 
 /// A schedule's note when a firing submitted an op.

@@ -3,7 +3,7 @@
 
 use super::{Tx, event, events, fence};
 use crate::error::{Error, Result};
-use crate::types::{Change, Millis, NewTask, OpId, OpStatus, TaskNo, TaskStatus};
+use crate::types::{Change, EventKind, Millis, NewTask, OpId, OpStatus, TaskNo, TaskStatus};
 
 /// Applies a fan-out change (see [`super::apply`] for which).
 pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
@@ -42,7 +42,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
                 outputs.as_deref(),
             )?;
             let (kind, message) = events::gathered(*status, error.as_deref());
-            event(tx, *op, *at, &kind, Some(&name), &message)
+            event(tx, *op, *at, kind, Some(&name), &message)
         }
         Change::AddTasks { op, owner, tasks } => {
             fence(tx, *op, owner)?;
@@ -58,7 +58,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             fence(tx, *op, owner)?;
             tx.detach_child(*op, *task)?;
             let name = tx.task_name(*op, *task)?;
-            event(tx, *op, *at, events::TASK_CHILD, Some(&name), message)
+            event(tx, *op, *at, EventKind::TaskChild, Some(&name), message)
         }
         _ => unreachable!("not a fan-out change: {change:?}"),
     }

@@ -12,7 +12,7 @@
 //! - [`fan_out`]: expand, gather, add tasks, detach a child op.
 //! - [`locks`]: take and release a lock, cooldowns and their acknowledgement, pause.
 //! - [`schedules`]: add, remove, pause, note a firing.
-//! - [`events`]: every event's kind and text.
+//! - [`events`]: every event's kind and message.
 
 pub(crate) mod attempts;
 pub(crate) mod events;
@@ -23,8 +23,8 @@ pub(crate) mod schedules;
 
 use crate::error::{Error, Result};
 use crate::types::{
-    Applied, Change, Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus, ProcessId, Request,
-    Snapshot, TaskNo, TaskStatus,
+    Applied, Change, EventKind, Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus, ProcessId,
+    Request, Snapshot, TaskNo, TaskStatus,
 };
 
 /// Who owns an op as stored: its status, its owner (if any) and the owner's lease.
@@ -303,11 +303,11 @@ pub(crate) fn event<T: Tx>(
     tx: &mut T,
     op: OpId,
     at: Millis,
-    kind: &str,
+    kind: EventKind,
     task: Option<&str>,
     message: &str,
 ) -> Result<()> {
-    tx.append_events(op, at, task, &[(kind, message)])
+    tx.append_events(op, at, task, &[(kind.as_str(), message)])
 }
 
 /// Applies a batch, all of its changes or the first refusal. `fenced` carries, from one batch to

@@ -7,7 +7,7 @@
 use super::{Tx, event, events, fence, locks, owner_of};
 use crate::error::{Error, Result};
 use crate::types::{
-    Applied, Change, Millis, NewOp, OpId, OpStatus, ProcessId, Request, Snapshot, TaskNo,
+    Applied, Change, EventKind, Millis, NewOp, OpId, OpStatus, ProcessId, Request, Snapshot, TaskNo,
 };
 
 /// Applies an op change (see [`super::apply`] for which).
@@ -35,7 +35,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
                 tx.set_owner(*op, owner, *lease_until)
             } else {
                 tx.run_claimed(*op, owner, *lease_until, *now)?;
-                event(tx, *op, *now, kind, None, message)
+                event(tx, *op, *now, *kind, None, message)
             }
         }
         Change::Heartbeat {
@@ -61,7 +61,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             }
             let ended = status.is_ended().then_some(*at);
             tx.set_op_status(*op, *status, error.as_deref(), ended, *release)?;
-            event(tx, *op, *at, kind, None, message)?;
+            event(tx, *op, *at, *kind, None, message)?;
             if matches!(status, OpStatus::Succeeded | OpStatus::Canceled) {
                 locks::release(tx, *op, *at)?;
             }
@@ -100,7 +100,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             fence(tx, *op, owner)?;
             tx.reset_tasks(*op, tasks)?;
             tx.clear_ending(*op)?;
-            event(tx, *op, *at, events::RERUN, None, message)
+            event(tx, *op, *at, EventKind::Rerun, None, message)
         }
         Change::CancelUnstarted {
             op,
@@ -153,7 +153,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             kind,
             task,
             message,
-        } => event(tx, *op, *at, kind, task.as_deref(), message),
+        } => event(tx, *op, *at, *kind, task.as_deref(), message),
         _ => unreachable!("not an op change: {change:?}"),
     }
 }
@@ -174,7 +174,14 @@ pub(crate) fn submit<T: Tx>(tx: &mut T, new: &NewOp) -> Result<Applied> {
             reason: format!("schedule `{name}` already fired for this time"),
         });
     }
-    event(tx, id, new.at, "submitted", None, &events::submitted(new))?;
+    event(
+        tx,
+        id,
+        new.at,
+        EventKind::Submitted,
+        None,
+        &events::submitted(new),
+    )?;
     if let Some((parent, task)) = new.parent {
         let name = tx.task_name(parent, task)?;
         let message = events::child(&new.snapshot.name, id);
@@ -182,7 +189,7 @@ pub(crate) fn submit<T: Tx>(tx: &mut T, new: &NewOp) -> Result<Applied> {
             tx,
             parent,
             new.at,
-            events::TASK_CHILD,
+            EventKind::TaskChild,
             Some(&name),
             &message,
         )?;
@@ -193,7 +200,14 @@ pub(crate) fn submit<T: Tx>(tx: &mut T, new: &NewOp) -> Result<Applied> {
         Some((owner, lease_until)) => {
             locks::take(tx, id, new.at, new.ignore_cooldown)?;
             tx.start_new(id, owner, *lease_until, new.at)?;
-            event(tx, id, new.at, "started", None, &events::started_by(owner))?;
+            event(
+                tx,
+                id,
+                new.at,
+                EventKind::Started,
+                None,
+                &events::started_by(owner),
+            )?;
         }
         None => {}
     }

@@ -437,7 +437,7 @@ mod tests {
             .unwrap();
         assert_eq!(now(&store), full);
     }
-    use crate::types::{ProcessId, TaskNo};
+    use crate::types::{EventKind, ProcessId, TaskNo};
 
     /// A commit on the caller's thread happens only when the database is free at once; while
     /// another process holds it, the batches come back untouched (for the writer, which waits),
@@ -506,7 +506,7 @@ mod tests {
         let event = Change::Event {
             op: OpId(1),
             at: 0,
-            kind: "note",
+            kind: EventKind::Note,
             task: None,
             message: String::new(),
         };
