@@ -1,7 +1,7 @@
 //! Who owns an op, and whether that owner still lives: the one liveness rule that `status`,
 //! `resume` and (later) `cancel` and `serve` share.
 
-use steps::proc::{self, Identity, Liveness};
+use procs::proc::{self, Identity, Liveness};
 use store::{Millis, OpRow, OpStatus, ProcessId};
 
 /// The calling process, as an owner.

@@ -537,7 +537,7 @@ fn a_killed_runs_files_are_removed_by_its_resume() {
 }
 
 /// After starting a step's process the engine moves to another CPU for a moment
-/// (`steps::spawn::step_aside`); the steps it starts afterwards may still run on every CPU cairn
+/// (`procs::spawn::step_aside`); the steps it starts afterwards may still run on every CPU cairn
 /// may use.
 #[test]
 fn steps_may_run_on_every_cpu_cairn_may_use() {

@@ -175,7 +175,7 @@ pub struct Overrides {
 /// Who runs this command, for the audit trail: the OS user.
 #[must_use]
 pub fn whoami() -> String {
-    steps::proc::user_name()
+    procs::proc::user_name()
 }
 
 /// Refuses while cairn is paused, unless the caller overrides it; returns the pause it overrode.

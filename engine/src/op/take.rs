@@ -45,17 +45,17 @@ async fn end_leftovers(uuid: &str, attempt: &store::AttemptRow, options: &Option
     let same_machine = attempt
         .process
         .as_ref()
-        .is_none_or(|p| p.boot_id == steps::proc::boot_id());
+        .is_none_or(|p| p.boot_id == procs::proc::boot_id());
     if !same_machine {
         return 0;
     }
     let pgid = attempt.pgid;
     let start = attempt.process.as_ref().map(|p| p.start);
     let check_marker = format!("{marker}/check");
-    steps::proc::terminate(
+    procs::proc::terminate(
         || {
-            let mut pids = steps::proc::attempt_processes(pgid, start, &marker);
-            pids.extend(steps::proc::attempt_processes(None, None, &check_marker));
+            let mut pids = procs::proc::attempt_processes(pgid, start, &marker);
+            pids.extend(procs::proc::attempt_processes(None, None, &check_marker));
             pids
         },
         options.grace,

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use steps::spawn::Chunk;
+use procs::spawn::Chunk;
 use store::{Change, OpId, Store, TaskNo};
 use tokio::sync::mpsc;
 

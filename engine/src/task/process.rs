@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use plans::model::{Action, Step};
 use plans::template::Context;
+use procs::spawn::{self, Spec, Stopped};
 use serde_json::{Map, Value};
-use steps::spawn::{self, Spec, Stopped};
 use store::Change;
 use tokio::sync::{mpsc, watch};
 
@@ -162,7 +162,7 @@ impl Attempt for ProcessAttempt<'_> {
                 let located = prepared
                     .as_ref()
                     .ok()
-                    .and_then(|(_, env)| steps::spawn::locate(&self.argv, env));
+                    .and_then(|(_, env)| procs::spawn::locate(&self.argv, env));
                 (prepared, located)
             },
         );

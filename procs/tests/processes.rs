@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use steps::proc::{self, attempt_processes};
-use steps::spawn::{Spec, Stopped, read_outputs, spawn};
+use procs::proc::{self, attempt_processes};
+use procs::spawn::{Spec, Stopped, read_outputs, spawn};
 use tokio::sync::{mpsc, watch};
 
 fn spec(script: &str, marker: &str) -> Spec {
