@@ -28,14 +28,23 @@ impl DbArgs {
         Ok(state.join("cairn").join("cairn.db"))
     }
 
+    /// Where the store is: a `postgres://` URL names a server, anything else a SQLite file.
+    pub fn location(&self) -> anyhow::Result<store::Location> {
+        let path = self.path()?;
+        Ok(match path.to_str() {
+            Some(text) => store::Location::parse(text),
+            None => store::Location::Sqlite(path),
+        })
+    }
+
     /// Opens the database for writing (creating it).
     pub fn store(&self) -> anyhow::Result<store::Store> {
-        Ok(store::Store::open(&self.path()?)?)
+        Ok(store::open(&self.location()?)?)
     }
 
     /// Opens the database for reading; `None` when there is none yet.
     pub fn reader(&self) -> anyhow::Result<Option<store::Reader>> {
-        Ok(store::Reader::open(&self.path()?)?)
+        Ok(store::open_reader(&self.location()?)?)
     }
 }
 

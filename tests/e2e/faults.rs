@@ -217,3 +217,37 @@ steps:
         "after\n"
     );
 }
+
+/// `--db` with a PostgreSQL URL selects that backend, which this build does not have: every
+/// command says so (exit 2) without showing the password, and no file named after the URL is made.
+#[test]
+fn a_postgres_url_is_refused_clearly_without_its_password() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", PLAN);
+    let url = "postgres://cairn:hunter2@127.0.0.1:5432/ops";
+    for args in [
+        &["--db", url, "status"][..],
+        &["--db", url, "run", "plan.yaml"][..],
+        &["--db", url, "show", "1"][..],
+    ] {
+        let out = sandbox.cairn(args);
+        assert_eq!(code(&out), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("PostgreSQL is not supported yet"), "{err}");
+        assert!(
+            err.contains("127.0.0.1:5432/ops"),
+            "names the server: {err}"
+        );
+        assert!(!err.contains("hunter2"), "shows the password: {err}");
+    }
+    let made: Vec<_> = std::fs::read_dir(sandbox.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        made,
+        vec![std::ffi::OsString::from("plan.yaml")],
+        "{made:?}"
+    );
+}
