@@ -12,7 +12,7 @@ mod signals;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 /// A durable workflow engine for database operations: plans of idempotent steps, checkpointed so
 /// that any failed, canceled or killed op resumes exactly where it stopped.
@@ -28,8 +28,9 @@ struct Cli {
     /// `locks`, `schedule list`); also taken after the subcommand.
     #[arg(id = "json", long, global = true)]
     _json: bool,
+    /// Without one, `cairn` prints its help.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,6 +53,8 @@ enum Command {
     Locks(cmd::locks::Args),
     Ack(cmd::locks::AckArgs),
     Schema(cmd::schema::Args),
+    Completions(cmd::completions::Args),
+    Man(cmd::completions::ManArgs),
 }
 
 /// The async runtime for commands that run ops: one thread. The engine's work between two
@@ -67,7 +70,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, exit::Failure> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = output::Output::new(&cli.global);
-    let result = match cli.command {
+    let Some(command) = cli.command else {
+        // Asked for nothing: what can be asked for.
+        let help = Cli::command().render_long_help().to_string();
+        return exit::code(output::data(&help).map_err(|e| exit::Failure::BadInput(e.into())));
+    };
+    let result = match command {
         Command::Validate(args) => cmd::validate::run(&args, &out),
         Command::Graph(args) => cmd::graph::run(&args, &out),
         Command::Run(args) => cmd::run::run(&args, &out),
@@ -86,6 +94,8 @@ fn main() -> ExitCode {
         Command::Locks(args) => cmd::locks::run(&args, &out),
         Command::Ack(args) => cmd::locks::ack(&args, &out),
         Command::Schema(args) => cmd::schema::run(&args, &out),
+        Command::Completions(args) => cmd::completions::completions(&args, Cli::command()),
+        Command::Man(args) => cmd::completions::man(&args, Cli::command()),
     };
     exit::code(result)
 }

@@ -10,6 +10,7 @@ mod dynamic;
 mod examples;
 mod faults;
 mod graph;
+mod help;
 mod invalid_plans;
 mod postgres;
 mod regressions;

@@ -2,6 +2,7 @@
 
 pub mod approve;
 pub mod cancel;
+pub mod completions;
 pub mod graph;
 pub mod locks;
 pub mod logs;
