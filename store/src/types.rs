@@ -337,7 +337,8 @@ pub struct TaskRow {
     pub item: Option<serde_json::Value>,
     pub status: TaskStatus,
     pub attempts: u32,
-    /// How many attempts came before the current retry round (its budget counts from there).
+    /// How many attempts do not count toward the current retry round's budget: those before the
+    /// round, and those in it that were interrupted (a kill, Ctrl-C or shutdown is no failure).
     pub retry_from: u32,
     pub started_at: Option<Millis>,
     pub ended_at: Option<Millis>,

@@ -629,3 +629,35 @@ steps:
         "the resume ended it through the recorded group"
     );
 }
+
+/// An attempt interrupted by Ctrl-C or by `kill -9` of cairn is not a failure: it does not use up
+/// one of the step's `retry.attempts` (issue 22, item 13). With `attempts: 2`, the step that fails
+/// every time after the interruption still gets both of its tries.
+#[test]
+fn an_interrupted_attempt_does_not_use_up_a_retry() {
+    for kill in [false, true] {
+        let sandbox = Sandbox::new();
+        sandbox.write(
+            "plan.yaml",
+            "name: flaky\nsteps:\n  - id: flaky\n    retry: { attempts: 2, delay: 100ms }\n    run: |\n      echo \"$CAIRN_ATTEMPT\" >> tries\n      if [ ! -f started ]; then touch started; sleep 1000; fi\n      exit 3\n",
+        );
+        let mut run = sandbox.spawn(&["run", "plan.yaml", "--grace", "2s"]);
+        sandbox.wait_for("started", Duration::from_secs(20));
+        if kill {
+            run.kill().unwrap();
+        } else {
+            crate::support::signal(&run, nix::sys::signal::Signal::SIGINT);
+        }
+        run.wait().unwrap();
+        let out = sandbox.cairn(&["resume", "1", "--grace", "1s"]);
+        assert_eq!(code(&out), Some(1), "kill {kill}: {}", stderr(&out));
+        let show = sandbox.show(1);
+        assert_eq!(
+            sandbox.read("tries"),
+            "1\n2\n3\n",
+            "kill {kill}: the interrupted try, then both tries of the round"
+        );
+        assert_eq!(task(&show, "flaky")["attempts"], 3, "kill {kill}");
+        assert_eq!(task(&show, "flaky")["status"], "failed");
+    }
+}

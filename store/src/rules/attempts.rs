@@ -5,7 +5,8 @@
 use super::{End, Tx, event, events, fence, is_kept, owner_of};
 use crate::error::{Error, Result};
 use crate::types::{
-    Change, EventKind, Millis, OpId, OpStatus, Outcome, ProcessId, TaskNo, TaskStatus,
+    AttemptStatus, Change, EventKind, Millis, OpId, OpStatus, Outcome, ProcessId, TaskNo,
+    TaskStatus,
 };
 
 /// Applies an attempt change (see [`super::apply`] for which); `fenced` as there.
@@ -180,6 +181,11 @@ fn finish<T: Tx>(
         return event(tx, op, at, kind, Some(&name), &message);
     }
     tx.end_task(op, task, &end)?;
+    if outcome.attempt == AttemptStatus::Interrupted && outcome.task == TaskStatus::Pending {
+        // A kill, Ctrl-C or shutdown is not a failure: the attempt it interrupted does not use up
+        // one of the step's `retry.attempts`.
+        tx.uncount_attempt(op, task)?;
+    }
     let (kind, message) = events::attempt_end(n, outcome);
     event(tx, op, at, kind, Some(&name), &message)
 }

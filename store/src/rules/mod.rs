@@ -139,6 +139,9 @@ pub(crate) trait Tx {
     ) -> Result<()>;
     /// Records an attempt's outcome on its task (`outputs` kept when `None`).
     fn end_task(&mut self, op: OpId, task: TaskNo, end: &End<'_>) -> Result<()>;
+    /// Leaves the task's last attempt out of its retry round (`retry_from` one more): an
+    /// interrupted attempt is not a failure.
+    fn uncount_attempt(&mut self, op: OpId, task: TaskNo) -> Result<()>;
     /// Inserts attempt `n` final at once: started and ended at `at`.
     fn insert_whole_attempt(
         &mut self,

@@ -443,6 +443,16 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
+    fn uncount_attempt(&mut self, op: OpId, task: TaskNo) -> Result<()> {
+        self.run(|c| {
+            c.prepare_cached(
+                "UPDATE tasks SET retry_from = retry_from + 1 WHERE op_id = ?1 AND task_no = ?2",
+            )?
+            .execute(params![op.0, task.0])?;
+            Ok(())
+        })
+    }
+
     fn insert_whole_attempt(
         &mut self,
         op: OpId,
