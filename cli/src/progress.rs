@@ -22,7 +22,8 @@ fn line(text: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{} {text}", clock());
 }
 
-/// The sink for a run: the live view on a terminal, lines otherwise; only the end with `--quiet`.
+/// The sink for a run: the live view on a terminal, lines otherwise; with `--quiet`, only an end
+/// that is not a success (an error is all `--quiet` prints).
 pub fn printer(out: &crate::output::Output) -> Sink {
     let (quiet, verbose) = (out.quiet, out.verbose);
     if !quiet && std::io::stderr().is_terminal() {
@@ -35,7 +36,9 @@ pub fn printer(out: &crate::output::Output) -> Sink {
 /// One line per transition.
 fn lines(quiet: bool, verbose: bool) -> Sink {
     Arc::new(move |p: &Progress| {
-        if quiet && !matches!(p, Progress::OpEnded { .. }) {
+        if quiet
+            && !matches!(p, Progress::OpEnded { status, .. } if *status != store::OpStatus::Succeeded)
+        {
             return;
         }
         line(&describe(p, verbose));

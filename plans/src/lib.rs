@@ -27,4 +27,4 @@ pub mod validate;
 
 pub use diag::{Problem, Problems};
 pub use model::{Action, Param, ParamType, Plan, Step};
-pub use validate::{parse, parse_bytes};
+pub use validate::{parse, parse_bytes, suggest};

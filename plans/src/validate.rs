@@ -362,10 +362,7 @@ fn list<'a>(items: impl Iterator<Item = &'a &'a str>) -> String {
 }
 
 /// The candidate closest to `word`, if it is close enough to be a likely typo.
-pub(crate) fn suggest<'a>(
-    word: &str,
-    candidates: impl Iterator<Item = &'a str>,
-) -> Option<&'a str> {
+pub fn suggest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (word.chars().count() / 3).max(1);
     let candidates: Vec<&str> = candidates.collect();
     // `integer` for `int`, `str` for `string`: a prefix is a likely meaning, whatever the distance.

@@ -410,6 +410,12 @@ pub fn read_outputs(
                 n + 1
             ));
         };
+        // Written `key = value`, the spaces around `=` are layout, not part of the value.
+        let value = if key.ends_with([' ', '\t']) {
+            value.trim_start_matches([' ', '\t'])
+        } else {
+            value
+        };
         let key = key.trim();
         let valid = key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
             && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');

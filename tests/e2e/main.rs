@@ -12,6 +12,7 @@ mod faults;
 mod graph;
 mod help;
 mod invalid_plans;
+mod operator;
 mod postgres;
 mod regressions;
 mod serve;

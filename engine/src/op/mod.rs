@@ -91,12 +91,35 @@ pub enum Error {
         after: OpId,
         left: String,
     },
-    #[error("op {op} has no step or hook `{step}`")]
-    UnknownStep { op: OpId, step: String },
+    #[error("op {op} has no step or hook `{step}`{hint}")]
+    UnknownStep {
+        op: OpId,
+        step: String,
+        /// `; did you mean `x`?` when a name of the op is close, else nothing.
+        hint: String,
+    },
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
     SubPlan(String),
+}
+
+impl Error {
+    /// `step` is no step or hook of op `op`; `names` are the ones it has, for a "did you mean".
+    pub(crate) fn unknown_step<'a>(
+        op: OpId,
+        step: &str,
+        names: impl Iterator<Item = &'a str>,
+    ) -> Self {
+        let hint = plans::suggest(step, names)
+            .map(|near| format!("; did you mean `{near}`?"))
+            .unwrap_or_default();
+        Self::UnknownStep {
+            op,
+            step: step.to_owned(),
+            hint,
+        }
+    }
 }
 
 /// Environment variables every op keeps from the environment it was started in (besides those
@@ -239,10 +262,7 @@ fn find_task(reader: &Reader, op: OpId, step: &str) -> Result<store::TaskRow, Er
     by_name
         .or_else(|| tasks.iter().position(|t| t.step == step))
         .map(|i| tasks[i].clone())
-        .ok_or_else(|| Error::UnknownStep {
-            op,
-            step: step.to_owned(),
-        })
+        .ok_or_else(|| Error::unknown_step(op, step, tasks.iter().map(|t| t.name.as_str())))
 }
 
 /// An op that never started goes back to the queue, owned by nobody (`serve` takes it later).

@@ -223,10 +223,9 @@ async fn rerun_tasks(
 
 /// The steps `resume --from STEP` runs again: STEP and everything downstream of it.
 fn rerun_from(plan: &Plan, op: OpId, step: &str) -> Result<Vec<usize>, Error> {
-    let index = plan.step_index(step).ok_or_else(|| Error::UnknownStep {
-        op,
-        step: step.to_owned(),
-    })?;
+    let index = plan
+        .step_index(step)
+        .ok_or_else(|| Error::unknown_step(op, step, plan.steps.iter().map(|s| s.id.as_str())))?;
     Ok(plan.dag.downstream(index))
 }
 

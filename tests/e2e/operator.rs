@@ -1,0 +1,79 @@
+//! What a new user hit in a day of use (issue 22), each through the real binary: the item's number
+//! is in each test's comment.
+
+use crate::support::{Sandbox, code, stderr, stdout, task};
+
+/// Item 11: `--quiet` prints only errors: nothing for an op that succeeded, the end of one that
+/// failed.
+#[test]
+fn quiet_prints_nothing_for_a_success_and_the_end_of_a_failure() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "ok.yaml",
+        "name: ok\nsteps:\n  - id: a\n    run: \"true\"\n",
+    );
+    sandbox.write(
+        "bad.yaml",
+        "name: bad\nsteps:\n  - id: a\n    run: exit 3\n",
+    );
+    let out = sandbox.cairn(&["-q", "run", "ok.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "", "a success says nothing with --quiet");
+    assert_eq!(stdout(&out), "");
+    let out = sandbox.cairn(&["-q", "run", "bad.yaml"]);
+    assert_eq!(code(&out), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("op 2 failed"), "{err}");
+    assert!(!err.contains("started"), "only the end: {err}");
+}
+
+/// Item 21: written `key = value` in `$CAIRN_OUTPUT`, the spaces around `=` are not part of the
+/// value (`key= value` keeps its space: nothing there is layout).
+#[test]
+fn spaces_around_the_equals_sign_of_an_output_are_layout() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: out\nsteps:\n  - id: a\n    run: |\n      echo 'spaced = node-2' >> \"$CAIRN_OUTPUT\"\n      echo 'tabbed\t=\tx' >> \"$CAIRN_OUTPUT\"\n      echo 'kept= y' >> \"$CAIRN_OUTPUT\"\n",
+    );
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = sandbox.show(1);
+    let outputs = &task(&show, "a")["outputs"];
+    assert_eq!(outputs["spaced"], "node-2");
+    assert_eq!(outputs["tabbed"], "x");
+    assert_eq!(outputs["kept"], " y");
+}
+
+/// Item 21: a mistyped step name gets a "did you mean" (`approve`, `mark`, `resume --from`).
+#[test]
+fn a_mistyped_step_gets_a_did_you_mean() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: gate\nsteps:\n  - id: confirm\n    approve: go?\n  - id: switch\n    needs: [confirm]\n    run: \"true\"\n",
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    let started = std::time::Instant::now();
+    while sandbox.op_count() == 0 || sandbox.show(1)["status"] != "waiting" {
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = sandbox.cairn(&["approve", "1", "confirn"]);
+    assert_eq!(code(&out), Some(2));
+    assert!(
+        stderr(&out).contains("has no step or hook `confirn`; did you mean `confirm`?"),
+        "{}",
+        stderr(&out)
+    );
+    let out = sandbox.cairn(&["approve", "1", "confirm"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(run.wait().unwrap().code(), Some(0));
+    let out = sandbox.cairn(&["resume", "1", "--from", "swich", "--dry-run"]);
+    assert_eq!(code(&out), Some(2));
+    assert!(
+        stderr(&out).contains("did you mean `switch`?"),
+        "{}",
+        stderr(&out)
+    );
+}
