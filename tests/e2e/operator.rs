@@ -77,3 +77,39 @@ fn a_mistyped_step_gets_a_did_you_mean() {
         stderr(&out)
     );
 }
+
+/// Item 11: `status` says when `--limit` left ops out; `status --watch` into a pipe writes one
+/// table after another, no screen-clearing codes.
+#[test]
+fn status_says_when_the_list_is_cut_and_watch_writes_no_escape_codes_into_a_pipe() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", "name: n\nsteps:\n  - id: a\n    noop: true\n");
+    for _ in 0..3 {
+        assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(0));
+    }
+    let out = sandbox.cairn(&["status", "--limit", "2"]);
+    assert_eq!(code(&out), Some(0));
+    assert_eq!(stdout(&out).lines().count(), 3, "a header and two ops");
+    assert!(
+        stderr(&out).contains("the newest 2 ops; `--limit N` or `--all` lists more"),
+        "{}",
+        stderr(&out)
+    );
+    let out = sandbox.cairn(&["status", "--limit", "3"]);
+    assert_eq!(stderr(&out), "", "nothing was left out");
+
+    let mut watch = sandbox
+        .command(&["status", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    watch.kill().unwrap();
+    let out = watch.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(!text.contains('\u{1b}'), "escape codes in a pipe: {text:?}");
+    assert!(
+        text.matches("OP_ID").count() >= 2,
+        "one table per refresh: {text}"
+    );
+}

@@ -1,5 +1,6 @@
 //! `cairn status`: the ops table, newest first (like `OpenMLDB`'s `showopstatus`).
 
+use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -83,9 +84,25 @@ pub fn op_json(op: &OpRow, now: i64) -> Value {
     })
 }
 
-/// The ops to list: the shown status decides, so `--status interrupted` finds ops whose owner died.
-fn rows(reader: &store::Reader, args: &Args, now: i64) -> anyhow::Result<Vec<OpRow>> {
-    let limit = if args.all { None } else { Some(args.limit) };
+/// The ops to list, and whether `--limit` left some out. The shown status decides, so
+/// `--status interrupted` finds ops whose owner died.
+fn rows(reader: &store::Reader, args: &Args, now: i64) -> anyhow::Result<(Vec<OpRow>, bool)> {
+    let limit = (!args.all).then_some(args.limit);
+    let mut out = matching(reader, args, now, limit.map(|l| l.saturating_add(1)))?;
+    let cut = limit.is_some_and(|l| out.len() > l as usize);
+    if let Some(limit) = limit {
+        out.truncate(limit as usize);
+    }
+    Ok((out, cut))
+}
+
+/// The ops that match the filters, newest first, up to `limit`.
+fn matching(
+    reader: &store::Reader,
+    args: &Args,
+    now: i64,
+    limit: Option<u32>,
+) -> anyhow::Result<Vec<OpRow>> {
     let Some(wanted) = args.status else {
         return Ok(reader.list_ops(&OpFilter {
             status: None,
@@ -179,12 +196,20 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             "`--watch` redraws a table; it cannot be used with `--json`"
         )));
     }
+    // Redrawn in place on a terminal; into a pipe or a file, one table after another.
+    let terminal = std::io::stdout().is_terminal();
     loop {
         let now = engine::owner::now();
-        let ops = match args.db.reader()? {
+        let (ops, cut) = match args.db.reader()? {
             Some(reader) => rows(&reader, args, now)?,
-            None => Vec::new(),
+            None => (Vec::new(), false),
         };
+        if cut && !args.json && !args.watch {
+            crate::output::diagnostic(&format!(
+                "(the newest {} ops; `--limit N` or `--all` lists more)\n",
+                args.limit
+            ));
+        }
         let text = if args.json {
             let mut text = serde_json::to_string_pretty(
                 &ops.iter().map(|op| op_json(op, now)).collect::<Vec<_>>(),
@@ -199,8 +224,12 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             crate::output::data(&text).context("cannot write")?;
             return Ok(());
         }
-        // Clear the screen and draw again.
-        crate::output::data(&format!("\x1b[2J\x1b[H{text}")).context("cannot write")?;
+        if terminal {
+            // Clear the screen and draw again.
+            crate::output::data(&format!("\x1b[2J\x1b[H{text}")).context("cannot write")?;
+        } else {
+            crate::output::data(&format!("{text}\n")).context("cannot write")?;
+        }
         std::thread::sleep(Duration::from_secs(1));
     }
 }
