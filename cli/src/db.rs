@@ -42,16 +42,23 @@ impl DbArgs {
         Ok(store::open(&self.location()?)?)
     }
 
-    /// Opens the database for reading; `None` when there is none yet.
-    pub fn reader(&self) -> anyhow::Result<Option<store::Reader>> {
-        Ok(store::open_reader(&self.location()?)?)
+    /// Opens the database for reading. A database that does not exist is bad input, named: a
+    /// read never creates one (only `run` and `submit` do), and a mistyped `--db` must not read
+    /// as "no ops".
+    pub fn reader(&self) -> anyhow::Result<store::Reader> {
+        let location = self.location()?;
+        store::open_reader(&location)?.with_context(|| {
+            format!(
+                "there is no database at `{location}`: `cairn run` or `cairn submit` makes it (is `--db` or `CAIRN_DB` right?)"
+            )
+        })
     }
 }
 
-/// The op `op` for reading, with the reader it came from; an unknown op (or no database yet) is
-/// bad input.
+/// The op `op` for reading, with the reader it came from; an unknown op (or no database) is bad
+/// input.
 pub fn read_op(db: &DbArgs, op: store::OpId) -> anyhow::Result<(store::Reader, store::OpRow)> {
-    let reader = db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
+    let reader = db.reader()?;
     let row = reader.op(op).map_err(|e| match e {
         store::Error::NotFound(op) => engine::Error::UnknownOp(op),
         other => engine::Error::Store(other),

@@ -398,6 +398,7 @@ fn an_approval_gate_waits_and_approve_or_reject_decides() {
         "name: gate\nparams:\n  target: { default: node-2 }\nsteps:\n  - id: restore\n    run: echo restored\n  - id: confirm\n    needs: [restore]\n    approve: Switch {{ params.target }} into the group?\n  - id: switch\n    needs: [confirm]\n    run: echo switched >> switched\n",
     );
     let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    sandbox.wait_for_db();
     let started = Instant::now();
     let op = loop {
         let ops = sandbox.json(&["status", "--json"]);
@@ -458,6 +459,7 @@ fn status_says_when_a_task_waits_for_its_retry() {
     let sandbox = Sandbox::new();
     sandbox.write("plan.yaml", "name: wait\nsteps:\n  - id: flaky\n    retry: { attempts: 2, delay: 3s }\n    run: exit 1\n");
     let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    sandbox.wait_for_db();
     let started = Instant::now();
     let current = loop {
         let ops = sandbox.json(&["status", "--json"]);

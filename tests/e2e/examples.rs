@@ -157,6 +157,7 @@ fn the_follower_rebuild_example_runs_with_its_approval_and_sub_plan() {
         &workdir,
     ]);
     let started = std::time::Instant::now();
+    sandbox.wait_for_db();
     while sandbox.json(&["status", "--json"])[0]["status"] != "waiting" {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(60),

@@ -54,6 +54,7 @@ fn a_mistyped_step_gets_a_did_you_mean() {
         "name: gate\nsteps:\n  - id: confirm\n    approve: go?\n  - id: switch\n    needs: [confirm]\n    run: \"true\"\n",
     );
     let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    sandbox.wait_for_db();
     let started = std::time::Instant::now();
     while sandbox.op_count() == 0 || sandbox.show(1)["status"] != "waiting" {
         assert!(started.elapsed() < std::time::Duration::from_secs(20));
@@ -111,5 +112,35 @@ fn status_says_when_the_list_is_cut_and_watch_writes_no_escape_codes_into_a_pipe
     assert!(
         text.matches("OP_ID").count() >= 2,
         "one table per refresh: {text}"
+    );
+}
+
+/// Item 4 (and the contract's reads): a read of a database that does not exist is an error that
+/// names it (exit 2), not an empty list, and creates nothing.
+#[test]
+fn a_read_of_a_database_that_does_not_exist_names_it() {
+    let sandbox = Sandbox::new();
+    let typo = sandbox.path().join("typo/cairn.db");
+    let db = typo.to_str().unwrap();
+    for args in [
+        &["--db", db, "status"][..],
+        &["--db", db, "status", "--json"][..],
+        &["--db", db, "locks"][..],
+        &["--db", db, "show", "1"][..],
+        &["--db", db, "logs", "1"][..],
+        &["--db", db, "schedule", "list"][..],
+    ] {
+        let out = sandbox.cairn(args);
+        assert_eq!(code(&out), Some(2), "{args:?}");
+        assert_eq!(stdout(&out), "", "{args:?}");
+        assert!(
+            stderr(&out).contains(&format!("there is no database at `{db}`")),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(
+        !sandbox.path().join("typo").exists(),
+        "a read created something"
     );
 }

@@ -105,6 +105,18 @@ impl Sandbox {
     }
 
     /// Waits until `name` exists (a step wrote it), up to `limit`.
+    /// Waits until the database exists and reads (a run makes it as it starts).
+    pub fn wait_for_db(&self) {
+        let started = Instant::now();
+        while self.cairn(&["status"]).status.code() != Some(0) {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the database never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn wait_for(&self, name: &str, limit: Duration) {
         let started = Instant::now();
         while !self.path().join(name).exists() {

@@ -34,10 +34,8 @@ pub struct AckArgs {
 
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let now = engine::owner::now();
-    let (locks, cooldowns, paused) = match args.db.reader()? {
-        Some(reader) => (reader.locks()?, reader.cooldowns(now)?, reader.paused()?),
-        None => (Vec::new(), Vec::new(), None),
-    };
+    let reader = args.db.reader()?;
+    let (locks, cooldowns, paused) = (reader.locks()?, reader.cooldowns(now)?, reader.paused()?);
     let time = engine::time::local;
     let text = if args.json {
         let value = json!({

@@ -48,7 +48,7 @@ pub struct Args {
 pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     if args.dry_run {
-        let reader = args.db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
+        let reader = args.db.reader()?;
         let (row, planned) = engine::op::dry_run(&reader, op, args.from.as_deref())?;
         let mut text = format!("op {op} ({}, {}): a resume would\n", row.plan, row.title);
         for p in &planned {
@@ -76,7 +76,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
                 accept: args.accept_plan_change,
                 rerun_changed: args.rerun_changed,
             };
-            let reader = args.db.reader()?.ok_or(engine::Error::UnknownOp(op))?;
+            let reader = args.db.reader()?;
             let drift = engine::op::plan_drift(&reader, op, &replan)?;
             out.note(&format!(
                 "op {op}: resuming with {} (changes accepted):\n{}",

@@ -200,10 +200,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let terminal = std::io::stdout().is_terminal();
     loop {
         let now = engine::owner::now();
-        let (ops, cut) = match args.db.reader()? {
-            Some(reader) => rows(&reader, args, now)?,
-            None => (Vec::new(), false),
-        };
+        let (ops, cut) = rows(&args.db.reader()?, args, now)?;
         if cut && !args.json && !args.watch {
             crate::output::diagnostic(&format!(
                 "(the newest {} ops; `--limit N` or `--all` lists more)\n",
