@@ -6,7 +6,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use engine::progress::{Progress, Sink};
+use engine::progress::{Progress, Sink, Start};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 fn clock() -> String {
@@ -103,11 +103,13 @@ pub fn describe(p: &Progress, verbose: bool) -> String {
     };
     let ms = |d: &Duration| engine::time::elapsed(i64::try_from(d.as_millis()).unwrap_or(0));
     match p {
-        Progress::OpStarted { op, title, resumed } => {
-            format!(
-                "op {op} {}: {title}",
-                if *resumed { "resumed" } else { "started" }
-            )
+        Progress::OpStarted { op, title, how } => {
+            let how = match how {
+                Start::New => "started",
+                Start::Resumed => "resumed",
+                Start::ToCancel => "taken over to cancel it",
+            };
+            format!("op {op} {how}: {title}")
         }
         Progress::TaskStarted { task, attempt } if *attempt > 1 => {
             format!("  {task}: started (attempt {attempt})")

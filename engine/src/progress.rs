@@ -11,7 +11,7 @@ pub enum Progress {
     OpStarted {
         op: OpId,
         title: String,
-        resumed: bool,
+        how: Start,
     },
     TaskStarted {
         task: String,
@@ -67,3 +67,14 @@ pub enum Progress {
 
 /// Where progress goes; cheap to clone.
 pub type Sink = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// How a run of an op begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new op, or a queued one's first run.
+    New,
+    /// An op that stopped goes on.
+    Resumed,
+    /// An op with no live owner is taken over only to end it canceled (its `on_cancel` hooks).
+    ToCancel,
+}

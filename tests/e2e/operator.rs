@@ -144,3 +144,22 @@ fn a_read_of_a_database_that_does_not_exist_names_it() {
         "a read created something"
     );
 }
+
+/// Item 16: canceling a failed op takes it over only to end it: it says so, never "resumed".
+#[test]
+fn canceling_a_failed_op_does_not_say_it_resumed() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: f\nsteps:\n  - id: a\n    run: exit 3\nhooks:\n  on_cancel:\n    - run: touch cleaned\n",
+    );
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(1));
+    let out = sandbox.cairn(&["cancel", "1", "--reason", "given up"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(!err.contains("resumed"), "{err}");
+    assert!(err.contains("op 1 taken over to cancel it"), "{err}");
+    assert!(err.contains("op 1 canceled"), "{err}");
+    assert!(sandbox.path().join("cleaned").exists());
+    assert_eq!(sandbox.show(1)["status"], "canceled");
+}

@@ -27,8 +27,8 @@ use crate::options::Options;
 use crate::outcome::RunEnd;
 use crate::owner;
 use crate::owner::now;
-use crate::progress::Progress;
 use crate::progress::Sink;
+use crate::progress::{Progress, Start};
 use crate::run::scheduler::TaskState;
 use crate::secrets;
 use crate::shutdown::StopHandle;
@@ -212,7 +212,7 @@ pub async fn run(
     progress(&Progress::OpStarted {
         op: id,
         title: title.clone(),
-        resumed: false,
+        how: Start::New,
     });
     let secrets = secret_values(&new.plan, &new.params, &[]);
     let run = RunParts {

@@ -31,8 +31,8 @@ use crate::options::Options;
 use crate::owner;
 use crate::owner::OwnerState;
 use crate::owner::now;
-use crate::progress::Progress;
 use crate::progress::Sink;
+use crate::progress::{Progress, Start};
 use crate::run::scheduler::TaskState;
 use crate::secrets;
 use crate::shutdown::StopHandle;
@@ -232,7 +232,11 @@ impl Takeover<'_> {
         (self.progress)(&Progress::OpStarted {
             op,
             title: row.title.clone(),
-            resumed: self.kind != EventKind::Started,
+            how: match self.kind {
+                EventKind::Started => Start::New,
+                EventKind::CancelTaken => Start::ToCancel,
+                _ => Start::Resumed,
+            },
         });
         sweep(store, reader, row, &me, &self.options, &self.progress).await?;
         end_children_leftovers(reader, op, &self.options).await?;
