@@ -54,13 +54,28 @@ pub fn code(result: Result<(), Failure>) -> ExitCode {
     }
 }
 
-/// The exit code of a run that ended as `end`.
-pub fn of_run(end: &engine::RunEnd, op: store::OpId) -> Result<(), Failure> {
+/// The lock key op `op` holds once it failed (a failed op keeps its lock), if any.
+pub fn held_lock(store: &store::Store, op: store::OpId, end: &engine::RunEnd) -> Option<String> {
+    if !matches!(end, engine::RunEnd::Failed(_)) {
+        return None;
+    }
+    let locks = store.reader().ok()?.locks().ok()?;
+    locks.into_iter().find(|l| l.op == op).map(|l| l.key)
+}
+
+/// The exit code of a run of op `op` that ended as `end`; `lock` is the key the op holds, if any.
+pub fn of_run(end: &engine::RunEnd, op: store::OpId, lock: Option<&str>) -> Result<(), Failure> {
     match end {
         engine::RunEnd::Succeeded => Ok(()),
         engine::RunEnd::Failed(_) => {
+            // A failed op keeps its lock (its target is half-done): say so, and how to let go.
+            let keeps = lock.map_or(String::new(), |key| {
+                format!(
+                    "; until then it keeps its lock `{key}`, which `cairn cancel {op}` releases"
+                )
+            });
             crate::output::diagnostic(&format!(
-                "op {op} failed; after fixing the cause, continue it with `cairn resume {op}`\n"
+                "op {op} failed; after fixing the cause, continue it with `cairn resume {op}`{keeps}\n"
             ));
             Err(Failure::Op(OP_FAILED))
         }

@@ -163,3 +163,41 @@ fn canceling_a_failed_op_does_not_say_it_resumed() {
     assert!(sandbox.path().join("cleaned").exists());
     assert_eq!(sandbox.show(1)["status"], "canceled");
 }
+
+/// Item 21: an op that failed (here: its gate was rejected) keeps its lock, and its last line says
+/// so and how to let go; an op without a lock says nothing of locks.
+#[test]
+fn a_failed_op_that_keeps_its_lock_says_how_to_release_it() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: gate\nlock: cluster/a\nsteps:\n  - id: confirm\n    approve: go?\n",
+    );
+    let run = sandbox
+        .command(&["run", "plan.yaml"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    sandbox.wait_for_db();
+    let started = std::time::Instant::now();
+    while sandbox.show(1)["status"] != "waiting" {
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = sandbox.cairn(&["approve", "1", "confirm", "--reject"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let ended = run.wait_with_output().unwrap();
+    assert_eq!(ended.status.code(), Some(1));
+    let err = stderr(&ended);
+    assert!(
+        err.contains("until then it keeps its lock `cluster/a`, which `cairn cancel 1` releases"),
+        "{err}"
+    );
+    sandbox.write(
+        "free.yaml",
+        "name: free\nsteps:\n  - id: a\n    run: exit 1\n",
+    );
+    let out = sandbox.cairn(&["run", "free.yaml"]);
+    assert_eq!(code(&out), Some(1));
+    assert!(!stderr(&out).contains("lock"), "{}", stderr(&out));
+}

@@ -99,5 +99,6 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
             stop,
         )
     })?;
-    crate::exit::of_run(&end, op)
+    let lock = crate::exit::held_lock(&store, op, &end);
+    crate::exit::of_run(&end, op, lock.as_deref())
 }

@@ -163,7 +163,8 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
             stop,
         )
     })?;
-    crate::exit::of_run(&end, op)
+    let lock = crate::exit::held_lock(&store, op, &end);
+    crate::exit::of_run(&end, op, lock.as_deref())
 }
 
 /// Runs an op-running future on the runtime, with Ctrl-C, SIGTERM and SIGHUP turned into a clean
