@@ -1051,11 +1051,21 @@ impl Checker<'_> {
                 at = Some(Span::new(s.offset + found, wanted.len()));
             }
         }
-        Problem::new(
+        let problem = Problem::new(
             "bad-template",
             at,
             format!("{} does not parse: {}", scope.what.describe(), e.message),
-        )
+        );
+        // `{#` opens a template comment, so bash's `${#VAR}` (a length) leaves one open until the
+        // end: point at it rather than at the last line, and say how to write it.
+        if e.message.contains("end of comment") && text.value.contains("{#") {
+            let mut problem = problem.help(
+                "`{#` starts a template comment: write bash's `${#VAR}` as `{% raw %}${#VAR}{% endraw %}`",
+            );
+            problem.span = self.span_in(text, "{#").or(problem.span);
+            return problem;
+        }
+        problem
     }
 
     /// The span of `needle` inside the value `text`, or of the value itself.
