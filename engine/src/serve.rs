@@ -122,27 +122,8 @@ pub async fn serve(
                     "resuming"
                 }
             );
-            let task = running.spawn(async move {
-                let (kind, verb) = match what {
-                    Work::Start => (EventKind::Started, "started by cairn serve"),
-                    Work::Resume => (EventKind::AutoResumed, "resumed by cairn serve"),
-                };
-                let takeover = op::Takeover {
-                    store: &store,
-                    options,
-                    overrides: Overrides {
-                        requeue: true,
-                        ..Overrides::default()
-                    },
-                    progress: sink,
-                    stop: handle,
-                    kind,
-                    verb,
-                    reopen: false,
-                };
-                let end = op::resume_as(takeover, op, None, None).await;
-                (op, end)
-            });
+            let task = running
+                .spawn(async move { (op, run_one(&store, op, what, options, sink, handle).await) });
             tasks.insert(task.id(), op);
         }
         if config.once && running.is_empty() {
@@ -211,6 +192,35 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A worker: starts or resumes `op` through the resume path, saying why in its events.
+async fn run_one(
+    store: &Store,
+    op: OpId,
+    what: Work,
+    options: Options,
+    progress: Sink,
+    stop: StopHandle,
+) -> Result<RunEnd, Error> {
+    let (kind, verb) = match what {
+        Work::Start => (EventKind::Started, "started by cairn serve"),
+        Work::Resume => (EventKind::AutoResumed, "resumed by cairn serve"),
+    };
+    let takeover = op::Takeover {
+        store,
+        options,
+        overrides: Overrides {
+            requeue: true,
+            ..Overrides::default()
+        },
+        progress,
+        stop,
+        kind,
+        verb,
+        reopen: false,
+    };
+    op::resume_as(takeover, op, None, None).await
 }
 
 /// What `serve` remembers of ops between polls.

@@ -122,62 +122,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
             crate::output::diagnostic(&format!("schedule `{name}` added\n"));
             Ok(())
         }
-        Command::List { json, db } => {
-            let now = engine::owner::now();
-            let schedules = db.reader()?.schedules()?;
-            if *json {
-                let list: Vec<serde_json::Value> = schedules
-                    .iter()
-                    .map(|s| {
-                        serde_json::json!({
-                            "name": s.name, "plan": s.plan, "params": s.params, "cron": s.cron,
-                            "timezone": s.timezone, "paused": s.paused, "catch_up": s.catch_up,
-                            "next": engine::schedule::next_firing(s, now).map(engine::time::rfc3339),
-                            "last_fire": s.last_fire.map(engine::time::rfc3339),
-                            "last_op": s.last_op.map(|o| o.0), "note": s.note,
-                        })
-                    })
-                    .collect();
-                let mut text = serde_json::to_string_pretty(&list).context("cannot encode")?;
-                text.push('\n');
-                crate::output::data(&text).context("cannot write")?;
-                return Ok(());
-            }
-            let mut table = Table::new();
-            table.load_style(presets::NOTHING);
-            table.set_header([
-                "NAME", "CRON", "TIMEZONE", "NEXT", "LAST_OP", "PLAN", "NOTE",
-            ]);
-            for s in &schedules {
-                table.add_row([
-                    s.name.clone(),
-                    s.cron.clone(),
-                    s.timezone.clone(),
-                    if s.paused {
-                        "(paused)".to_owned()
-                    } else {
-                        engine::schedule::next_firing(s, now)
-                            .map_or_else(|| "-".to_owned(), engine::time::local)
-                    },
-                    s.last_op.map_or_else(|| "-".to_owned(), |o| o.to_string()),
-                    s.plan.clone(),
-                    s.note.clone().unwrap_or_default(),
-                ]);
-            }
-            for column in table.column_iter_mut() {
-                column.set_padding((0, 2));
-            }
-            let mut text = String::new();
-            for l in table.lines() {
-                text.push_str(l.trim_end());
-                text.push('\n');
-            }
-            if schedules.is_empty() {
-                text.push_str("(no schedules)\n");
-            }
-            crate::output::data(&text).context("cannot write")?;
-            Ok(())
-        }
+        Command::List { json, db } => list(*json, db),
         Command::Remove { name, db } => {
             db.store()?
                 .apply_blocking(vec![store::Change::RemoveSchedule { name: name.clone() }])?;
@@ -220,6 +165,64 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// `schedule list`: every schedule with its next firing, as a table or JSON.
+fn list(json: bool, db: &DbArgs) -> Result<(), Failure> {
+    let now = engine::owner::now();
+    let schedules = db.reader()?.schedules()?;
+    if json {
+        let list: Vec<serde_json::Value> = schedules
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name, "plan": s.plan, "params": s.params, "cron": s.cron,
+                    "timezone": s.timezone, "paused": s.paused, "catch_up": s.catch_up,
+                    "next": engine::schedule::next_firing(s, now).map(engine::time::rfc3339),
+                    "last_fire": s.last_fire.map(engine::time::rfc3339),
+                    "last_op": s.last_op.map(|o| o.0), "note": s.note,
+                })
+            })
+            .collect();
+        let mut text = serde_json::to_string_pretty(&list).context("cannot encode")?;
+        text.push('\n');
+        crate::output::data(&text).context("cannot write")?;
+        return Ok(());
+    }
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header([
+        "NAME", "CRON", "TIMEZONE", "NEXT", "LAST_OP", "PLAN", "NOTE",
+    ]);
+    for s in &schedules {
+        table.add_row([
+            s.name.clone(),
+            s.cron.clone(),
+            s.timezone.clone(),
+            if s.paused {
+                "(paused)".to_owned()
+            } else {
+                engine::schedule::next_firing(s, now)
+                    .map_or_else(|| "-".to_owned(), engine::time::local)
+            },
+            s.last_op.map_or_else(|| "-".to_owned(), |o| o.to_string()),
+            s.plan.clone(),
+            s.note.clone().unwrap_or_default(),
+        ]);
+    }
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    let mut text = String::new();
+    for l in table.lines() {
+        text.push_str(l.trim_end());
+        text.push('\n');
+    }
+    if schedules.is_empty() {
+        text.push_str("(no schedules)\n");
+    }
+    crate::output::data(&text).context("cannot write")?;
+    Ok(())
 }
 
 fn jiff_zone(name: &str) -> Result<(), Failure> {

@@ -7,7 +7,7 @@
 
 use store::{Change, EventKind, OpId, OpRow, OpStatus, ProcessId, Reader, Store};
 
-use super::{Error, Overrides, children, lease_until, lock_error, read_op, requeued, show_time};
+use super::{Error, Overrides, children, lease_until, lock_error, read_op, requeued};
 use crate::options::Options;
 use crate::owner::now;
 use crate::progress::{Progress, Sink};
@@ -198,15 +198,7 @@ impl Acquire<'_> {
                 tell(store, op, &mut wait.said, text).await?;
                 Ok(None)
             }
-            Err(store::Error::Owned {
-                op,
-                owner,
-                lease_until,
-            }) => Err(Error::Owned {
-                op,
-                owner,
-                lease: show_time(lease_until),
-            }),
+            Err(e @ store::Error::Owned { .. }) => Err(Error::from_store(e)),
             Err(store::Error::Conflict { op, status, .. }) => Err(Error::Final { op, status }),
             Err(e) => Err(self.refused(row, wait.owns_queued, e).await),
         }
@@ -255,16 +247,7 @@ impl Acquire<'_> {
                 wait.owns_queued = true;
                 Ok(())
             }
-            Err(store::Error::Owned {
-                op,
-                owner,
-                lease_until,
-            }) => Err(Error::Owned {
-                op,
-                owner,
-                lease: show_time(lease_until),
-            }),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(Error::from_store(e)),
         }
     }
 

@@ -8,7 +8,7 @@ use store::Request;
 use store::Store;
 use store::TaskStatus;
 
-use super::{Error, dead_owner_or_refuse, find_task, read_op, show_time, whoami};
+use super::{Error, dead_owner_or_refuse, find_task, read_op, whoami};
 use crate::owner::now;
 
 /// Resolves a step by hand: succeeded (with outputs) or skipped, with who and why. Refused while a
@@ -46,17 +46,6 @@ pub async fn mark(
             request,
         }])
         .await
-        .map_err(|e| match e {
-            store::Error::Owned {
-                op,
-                owner,
-                lease_until,
-            } => Error::Owned {
-                op,
-                owner,
-                lease: show_time(lease_until),
-            },
-            other => Error::Store(other),
-        })?;
+        .map_err(Error::from_store)?;
     Ok(())
 }

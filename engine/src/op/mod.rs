@@ -105,6 +105,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// A store's refusal as this layer says it: another live owner is [`Error::Owned`], with its
+    /// lease for people; anything else the store's own error.
+    pub(crate) fn from_store(e: store::Error) -> Self {
+        match e {
+            store::Error::Owned {
+                op,
+                owner,
+                lease_until,
+            } => Self::Owned {
+                op,
+                owner,
+                lease: show_time(lease_until),
+            },
+            other => Self::Store(other),
+        }
+    }
+
     /// `step` is no step or hook of op `op`; `names` are the ones it has, for a "did you mean".
     pub(crate) fn unknown_step<'a>(
         op: OpId,

@@ -79,7 +79,8 @@ pub(crate) struct Signals {
     stop_reason: Arc<std::sync::Mutex<Option<StopReason>>>,
     /// Set when ownership was lost: nothing more may be written.
     lost: AtomicBool,
-    /// Why it was lost (the first reason given), for the run's end and its last line.
+    /// Why it was lost (the first reason given), for the run's end and its last line. The flag
+    /// above is kept apart so that the check before every commit reads no mutex.
     lost_why: std::sync::Mutex<Option<String>>,
     /// Until when the lease is known to hold (the last successful claim or renewal).
     lease_until: AtomicI64,

@@ -125,8 +125,7 @@ pub(crate) async fn write_logs(
         }
         // 64 KiB pending, the deadline passed, or the output ended: write what is pending.
         let mut batch = Vec::new();
-        for (stream, data) in pending.drain(..) {
-            let data = masker.feed(stream, &data, false);
+        let mut log = |stream: u8, data: Vec<u8>| {
             if !data.is_empty() {
                 batch.push(Change::Log {
                     op,
@@ -138,21 +137,13 @@ pub(crate) async fn write_logs(
                     limit,
                 });
             }
+        };
+        for (stream, data) in pending.drain(..) {
+            log(stream, masker.feed(stream, &data, false));
         }
         if closed {
             for stream in [1u8, 2] {
-                let data = masker.feed(stream, &[], true);
-                if !data.is_empty() {
-                    batch.push(Change::Log {
-                        op,
-                        task,
-                        attempt,
-                        stream,
-                        at: now(),
-                        data,
-                        limit,
-                    });
-                }
+                log(stream, masker.feed(stream, &[], true));
             }
         }
         size = 0;
