@@ -20,6 +20,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0004_owner_index.sql"),
     include_str!("../../migrations/0005_older_writers.sql"),
     include_str!("../../migrations/0006_status_checks.sql"),
+    include_str!("../../migrations/0007_nodes.sql"),
 ];
 
 /// The schema version this cairn writes.
