@@ -262,6 +262,7 @@ async fn poll(
         .into_iter()
         .map(|(op, text)| Change::CurrentTask {
             op,
+            owner: None,
             text: Some(text),
         })
         .collect();

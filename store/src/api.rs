@@ -9,12 +9,13 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
-    Applied, AttemptRow, Change, CooldownRow, EventRow, LockRow, LogChunk, Millis, OpFilter, OpId,
-    OpRow, Request, ScheduleRow, Snapshot, TaskNo, TaskRow,
+    Applied, AttemptRow, Change, CooldownRow, EventRow, LockRow, LogChunk, Millis, NodeRow,
+    OpFilter, OpId, OpRow, Request, ScheduleRow, Snapshot, TaskNo, TaskRow,
 };
 
 /// Each batch's result, in the batches' order.
@@ -47,7 +48,17 @@ pub trait Backend: fmt::Debug + Send + Sync + 'static {
 
     /// A view for reading what is committed.
     fn reader(&self) -> Result<Reader>;
+
+    /// Resolves once another process may have committed something a serving node acts on
+    /// ([`Change::wakes_nodes`]), or after `timeout`. A backend that cannot tell (SQLite) waits
+    /// the timeout: its callers poll.
+    fn wait_for_change(&self, timeout: Duration) -> Waiting<'_> {
+        Box::pin(tokio::time::sleep(timeout))
+    }
 }
+
+/// A wait for a change (see [`Backend::wait_for_change`]).
+pub type Waiting<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// Reads of what is committed.
 pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
@@ -76,6 +87,8 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     fn cooldowns(&self, now: Millis) -> Result<Vec<CooldownRow>>;
     /// Who paused cairn, when and why; `None` when it is not paused.
     fn paused(&self) -> Result<Option<Request>>;
+    /// Every serving node recorded, live or not (see [`NodeRow`]), by host then pid.
+    fn nodes(&self) -> Result<Vec<NodeRow>>;
 }
 
 /// A handle on the store for writing: cheap to clone; the backend stops when the last clone drops.
@@ -148,6 +161,12 @@ impl Store {
     /// A reader of the same store.
     pub fn reader(&self) -> Result<Reader> {
         self.backend.reader()
+    }
+
+    /// Resolves once another process may have committed something a serving node acts on, or
+    /// after `timeout` (see [`Backend::wait_for_change`]).
+    pub async fn wait_for_change(&self, timeout: Duration) {
+        self.backend.wait_for_change(timeout).await;
     }
 }
 
@@ -233,5 +252,9 @@ impl Reader {
 
     pub fn paused(&self) -> Result<Option<Request>> {
         self.backend.paused()
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeRow>> {
+        self.backend.nodes()
     }
 }

@@ -22,7 +22,7 @@ mod sqlite;
 pub mod testing;
 pub mod types;
 
-pub use api::{Backend, Committing, ReadBackend, Reader, Results, Store};
+pub use api::{Backend, Committing, ReadBackend, Reader, Results, Store, Waiting};
 pub use error::{Error, ErrorKind, Result};
 pub use location::{Location, open, open_reader};
 pub use sqlite::{APPLICATION_ID, SCHEMA_VERSION};

@@ -33,6 +33,14 @@ impl Location {
         }
     }
 
+    /// Whether processes on other machines may share this store: then only an owner's lease
+    /// tells whether it lives, even on its own machine (a process stopped past its lease has lost
+    /// its ops). A SQLite file is one machine's.
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Postgres { .. })
+    }
+
     /// The database file, or a server's URL without its password (as a path, for messages).
     #[must_use]
     pub fn as_path(&self) -> &Path {

@@ -167,4 +167,8 @@ impl Backend for Faulty {
     fn reader(&self) -> Result<Reader> {
         self.inner.reader()
     }
+
+    fn wait_for_change(&self, timeout: std::time::Duration) -> crate::api::Waiting<'_> {
+        Box::pin(self.inner.wait_for_change(timeout))
+    }
 }

@@ -712,6 +712,8 @@ pub enum Change {
     /// Output of an attempt.
     Log {
         op: OpId,
+        /// The op's owner, which this write is fenced on; `None` for a writer that owns nothing.
+        owner: Option<ProcessId>,
         task: TaskNo,
         attempt: u32,
         stream: u8,
@@ -733,11 +735,41 @@ pub enum Change {
     /// The `CUR_TASK` column.
     CurrentTask {
         op: OpId,
+        /// The op's owner, which this write is fenced on; `None` for a writer that owns nothing
+        /// (`serve` noting why a queued op waits).
+        owner: Option<ProcessId>,
         text: Option<String>,
+    },
+    /// A `cairn serve` process says it lives, until `lease_until` (recorded or renewed); rows
+    /// of nodes whose lease ran out before `at` are deleted.
+    NodeBeat {
+        node: ProcessId,
+        workers: u32,
+        started_at: Millis,
+        at: Millis,
+        lease_until: Millis,
+    },
+    /// A `cairn serve` process stops: its row goes.
+    NodeGone {
+        node: ProcessId,
+    },
+    /// Take, for `owner`, up to `limit` of `candidates` that are queued, have never started and
+    /// have no owner (or one whose lease ran out before `now`), in id order, leaving those another
+    /// process is taking at the same moment: serving nodes that look at once take different ops.
+    /// They stay queued, with an owner (the claim that runs them follows). Gives
+    /// [`Applied::Reserved`].
+    Reserve {
+        owner: ProcessId,
+        lease_until: Millis,
+        now: Millis,
+        candidates: Vec<OpId>,
+        limit: u32,
     },
     /// An event that goes with no other change.
     Event {
         op: OpId,
+        /// The op's owner, which this write is fenced on; `None` for a writer that owns nothing.
+        owner: Option<ProcessId>,
         at: Millis,
         kind: EventKind,
         task: Option<String>,
@@ -768,8 +800,46 @@ impl Change {
             Self::StartAttempt { op, owner, .. }
             | Self::AttemptProcess { op, owner, .. }
             | Self::FinishAttempt { op, owner, .. }
-            | Self::WholeAttempt { op, owner, .. } => Some((*op, owner)),
+            | Self::WholeAttempt { op, owner, .. }
+            | Self::Log {
+                op,
+                owner: Some(owner),
+                ..
+            }
+            | Self::CurrentTask {
+                op,
+                owner: Some(owner),
+                ..
+            }
+            | Self::Event {
+                op,
+                owner: Some(owner),
+                ..
+            } => Some((*op, owner)),
             _ => None,
+        }
+    }
+
+    /// Whether, once committed, this change may give a serving node something to do at once: an
+    /// op to start, an answer or a cancel for the op it runs, a lock, cooldown or pause lifted, a
+    /// schedule to fire. A backend that can tell other processes (PostgreSQL's `NOTIFY`) does so
+    /// for these; the others find them at their next poll.
+    #[must_use]
+    pub fn wakes_nodes(&self) -> bool {
+        match self {
+            Self::Submit(_)
+            | Self::Approve { .. }
+            | Self::RequestCancel { .. }
+            | Self::CancelUnstarted { .. }
+            | Self::Unpause
+            | Self::Ack { .. }
+            | Self::AddSchedule(_)
+            | Self::PauseSchedule { .. }
+            | Self::NodeGone { .. } => true,
+            Self::SetOp {
+                release, status, ..
+            } => *release || status.is_ended(),
+            _ => false,
         }
     }
 }
@@ -783,6 +853,19 @@ pub enum Applied {
         id: OpId,
         uuid: String,
     },
+    /// The ops a [`Change::Reserve`] took, in id order.
+    Reserved(Vec<OpId>),
+}
+
+/// A `cairn serve` process as the store records it. Live while `lease_until` has not passed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeRow {
+    pub id: ProcessId,
+    /// Ops it runs at once.
+    pub workers: u32,
+    pub started_at: Millis,
+    pub heartbeat_at: Millis,
+    pub lease_until: Millis,
 }
 
 /// Which ops [`Reader::list_ops`](crate::Reader::list_ops) returns, newest first.

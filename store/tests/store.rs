@@ -285,10 +285,12 @@ fn a_refused_batch_does_not_undo_others_in_the_same_commit() {
                             .apply(vec![
                                 Change::CurrentTask {
                                     op: OpId(999),
+                                    owner: None,
                                     text: None,
                                 },
                                 Change::Event {
                                     op: OpId(999),
+                                    owner: None,
                                     at: 1,
                                     kind: EventKind::Note,
                                     task: None,
@@ -300,6 +302,7 @@ fn a_refused_batch_does_not_undo_others_in_the_same_commit() {
                         store
                             .apply(vec![Change::Event {
                                 op,
+                                owner: None,
                                 at: i,
                                 kind: EventKind::Note,
                                 task: None,
@@ -336,6 +339,7 @@ fn logs_keep_the_tail_within_the_limit() {
             store
                 .apply_blocking(vec![Change::Log {
                     op,
+                    owner: None,
                     task: TaskNo(0),
                     attempt: 1,
                     stream: 1,
@@ -768,6 +772,7 @@ fn a_faulty_backend_fails_the_commits_it_is_told_to_and_they_write_nothing() {
     let note = |i: i64| {
         vec![Change::Event {
             op,
+            owner: None,
             at: i,
             kind: EventKind::Note,
             task: None,

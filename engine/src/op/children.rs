@@ -135,6 +135,7 @@ pub(crate) fn cancel_children<'a>(
             let _ = store
                 .apply(vec![store::Change::Event {
                     op,
+                    owner: None,
                     at: crate::owner::now(),
                     kind: store::EventKind::ChildNotCanceled,
                     task: None,

@@ -281,6 +281,7 @@ async fn tell(store: &Store, op: OpId, said: &mut String, text: String) -> Resul
         store
             .apply(vec![Change::CurrentTask {
                 op,
+                owner: None,
                 text: Some(text.clone()),
             }])
             .await?;

@@ -234,6 +234,7 @@ fn pause_event(op: OpId, pause: Option<Request>) -> Vec<Change> {
     pause
         .map(|p| Change::Event {
             op,
+            owner: None,
             at: now(),
             kind: EventKind::PauseIgnored,
             task: None,

@@ -120,6 +120,7 @@ async fn sweep(
         if count > 0 {
             batch.push(Change::Event {
                 op: row.id,
+                owner: Some(me.clone()),
                 at: now(),
                 kind: EventKind::LeftoversEnded,
                 task: Some(step.clone()),

@@ -132,6 +132,7 @@ pub(super) async fn run_finishing(
                 let _ = shared
                     .apply(vec![Change::Event {
                         op: shared.op,
+                        owner: Some(shared.me.clone()),
                         at: now(),
                         kind: EventKind::HookFailed,
                         task: Some(hook.id.clone()),

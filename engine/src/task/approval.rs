@@ -32,6 +32,7 @@ pub(crate) async fn run(
             },
             Change::CurrentTask {
                 op: shared.op,
+                owner: Some(shared.me.clone()),
                 text: Some(format!("{}: approve? {prompt}", job.name)),
             },
         ])

@@ -98,6 +98,7 @@ async fn wait_to_retry(
     let _ = shared
         .apply(vec![Change::CurrentTask {
             op: shared.op,
+            owner: Some(shared.me.clone()),
             text: Some(format!(
                 "{} (attempt {n} failed; retry {next} at {})",
                 job.name,

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use procs::spawn::Chunk;
-use store::{Change, OpId, Store, TaskNo};
+use store::{Change, OpId, ProcessId, Store, TaskNo};
 use tokio::sync::mpsc;
 
 use super::context::apply_patiently;
@@ -93,7 +93,7 @@ impl Masker {
 /// first pending byte, secrets masked.
 pub(crate) async fn write_logs(
     store: Store,
-    op: OpId,
+    (op, owner): (OpId, ProcessId),
     task: TaskNo,
     attempt: u32,
     mut chunks: mpsc::UnboundedReceiver<Chunk>,
@@ -129,6 +129,7 @@ pub(crate) async fn write_logs(
             if !data.is_empty() {
                 batch.push(Change::Log {
                     op,
+                    owner: Some(owner.clone()),
                     task,
                     attempt,
                     stream,

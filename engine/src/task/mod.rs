@@ -323,6 +323,7 @@ async fn start_attempt(
 fn current_task(shared: &Shared, job: &Job) -> Change {
     Change::CurrentTask {
         op: shared.op,
+        owner: Some(shared.me.clone()),
         text: Some(job.name.clone()),
     }
 }

@@ -276,7 +276,7 @@ impl ProcessAttempt<'_> {
         shared.outputs.make_spare();
         let logs = tokio::spawn(write_logs(
             shared.store.clone(),
-            shared.op,
+            (shared.op, shared.me.clone()),
             task,
             n,
             chunks,

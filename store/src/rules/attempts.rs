@@ -90,6 +90,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
         }
         Change::Log {
             op,
+            owner,
             task,
             attempt,
             stream,
@@ -97,6 +98,9 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
             data,
             limit,
         } => {
+            if let Some(owner) = owner {
+                fence_unless(tx, *op, owner, fenced)?;
+            }
             tx.append_log(*op, *task, *attempt, *stream, *at, tail(data, *limit))?;
             // Keep the tail: drop the oldest chunks while the attempt's log is over its limit.
             let limit = i64::try_from(*limit).unwrap_or(i64::MAX);

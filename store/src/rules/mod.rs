@@ -12,12 +12,14 @@
 //! - [`fan_out`]: expand, gather, add tasks, detach a child op.
 //! - [`locks`]: take and release a lock, cooldowns and their acknowledgement, pause.
 //! - [`schedules`]: add, remove, pause, note a firing.
+//! - [`nodes`]: serving processes' heartbeats, and reserving queued ops for one of them.
 //! - [`events`]: every event's kind and message.
 
 pub(crate) mod attempts;
 pub(crate) mod events;
 pub(crate) mod fan_out;
 pub(crate) mod locks;
+pub(crate) mod nodes;
 pub(crate) mod ops;
 pub(crate) mod schedules;
 
@@ -275,6 +277,26 @@ pub(crate) trait Tx {
         note: &str,
     ) -> Result<bool>;
 
+    // --- serving nodes ---
+
+    /// Records a serving process, or renews its row (by boot, pid and start time).
+    fn beat_node(
+        &mut self,
+        node: &ProcessId,
+        workers: u32,
+        started_at: Millis,
+        at: Millis,
+        lease_until: Millis,
+    ) -> Result<()>;
+    fn delete_node(&mut self, node: &ProcessId) -> Result<()>;
+    /// Deletes the rows of nodes whose lease ran out before `before`.
+    fn prune_nodes(&mut self, before: Millis) -> Result<()>;
+    /// Of `candidates`: the ops that are `queued`, never started, and have no owner (or one whose
+    /// lease ran out before `now`), in id order, at most `limit`, locked for this transaction;
+    /// rows another transaction holds are passed over, not waited for (PostgreSQL's
+    /// `FOR UPDATE SKIP LOCKED`).
+    fn lock_unowned(&mut self, candidates: &[OpId], now: Millis, limit: u32) -> Result<Vec<OpId>>;
+
     // --- events ---
 
     /// Appends events of one task (or of the op) at one time, in order, after the op's last.
@@ -353,9 +375,10 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
         | Change::CancelUnstarted { .. }
         | Change::SetEnding { .. }
         | Change::RequestCancel { .. }
-        | Change::Replan { .. }
-        | Change::CurrentTask { .. }
-        | Change::Event { .. } => ops::apply(tx, change).map(|()| Applied::Done),
+        | Change::Replan { .. } => ops::apply(tx, change).map(|()| Applied::Done),
+        Change::CurrentTask { .. } | Change::Event { .. } => {
+            ops::note(tx, change, fenced).map(|()| Applied::Done)
+        }
         Change::StartAttempt { .. }
         | Change::AttemptProcess { .. }
         | Change::FinishAttempt { .. }
@@ -379,6 +402,9 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
         | Change::RemoveSchedule { .. }
         | Change::PauseSchedule { .. }
         | Change::ScheduleNote { .. } => schedules::apply(tx, change).map(|()| Applied::Done),
+        Change::NodeBeat { .. } | Change::NodeGone { .. } | Change::Reserve { .. } => {
+            nodes::apply(tx, change)
+        }
     }
 }
 

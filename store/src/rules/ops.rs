@@ -146,15 +146,32 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             let (kind, message) = events::plan_changed(message, &old, &snapshot.hash);
             event(tx, *op, *at, kind, None, &message)
         }
-        Change::CurrentTask { op, text } => tx.set_current_task(*op, text.as_deref()),
+        _ => unreachable!("not an op change: {change:?}"),
+    }
+}
+
+/// Applies a note: `CUR_TASK`, or an event alone. Fenced when it names its owner (a process that
+/// lost the op writes nothing more for it), unless `fenced` (see [`super::apply`]).
+pub(crate) fn note<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<()> {
+    let (op, owner) = match change {
+        Change::CurrentTask { op, owner, .. } | Change::Event { op, owner, .. } => (*op, owner),
+        _ => unreachable!("not a note: {change:?}"),
+    };
+    if let Some(owner) = owner
+        && !fenced
+    {
+        fence(tx, op, owner)?;
+    }
+    match change {
+        Change::CurrentTask { text, .. } => tx.set_current_task(op, text.as_deref()),
         Change::Event {
-            op,
             at,
             kind,
             task,
             message,
-        } => event(tx, *op, *at, *kind, task.as_deref(), message),
-        _ => unreachable!("not an op change: {change:?}"),
+            ..
+        } => event(tx, op, *at, *kind, task.as_deref(), message),
+        _ => unreachable!("not a note: {change:?}"),
     }
 }
 

@@ -9,8 +9,8 @@ use super::classify;
 use crate::api::ReadBackend;
 use crate::error::{Error, Result};
 use crate::types::{
-    AttemptRow, AttemptStatus, CooldownRow, EventRow, LockRow, LogChunk, Millis, OpFilter, OpId,
-    OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo, TaskRow, TaskStatus,
+    AttemptRow, AttemptStatus, CooldownRow, EventRow, LockRow, LogChunk, Millis, NodeRow, OpFilter,
+    OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo, TaskRow, TaskStatus,
 };
 
 /// The process whose four columns start at `first`, if they are all set.
@@ -342,6 +342,34 @@ impl Reads<'_> {
     }
 
     /// Who paused cairn, when and why; `None` when it is not paused.
+    pub fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT host, boot_id, pid, start, workers, started_at, heartbeat_at, lease_until \
+                 FROM nodes ORDER BY host, pid",
+            )
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(NodeRow {
+                    id: ProcessId {
+                        host: r.get(0)?,
+                        boot_id: r.get(1)?,
+                        pid: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                        start: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                    },
+                    workers: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+                    started_at: r.get(5)?,
+                    heartbeat_at: r.get(6)?,
+                    lease_until: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
     pub fn paused(&self) -> Result<Option<Request>> {
         let value: Option<String> = self
             .conn
@@ -473,5 +501,9 @@ impl ReadBackend for SqliteReader {
 
     fn paused(&self) -> Result<Option<Request>> {
         self.with(|r| r.paused())
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRow>> {
+        self.with(|r| r.nodes())
     }
 }

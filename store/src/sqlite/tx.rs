@@ -878,6 +878,73 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
+    fn beat_node(
+        &mut self,
+        node: &ProcessId,
+        workers: u32,
+        started_at: Millis,
+        at: Millis,
+        lease_until: Millis,
+    ) -> Result<()> {
+        self.run(|c| {
+            c.prepare_cached(
+                "INSERT INTO nodes (host, boot_id, pid, start, workers, started_at, heartbeat_at, lease_until) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT (boot_id, pid, start) DO UPDATE SET workers = ?5, heartbeat_at = ?7, lease_until = ?8",
+            )?
+            .execute(params![
+                node.host,
+                node.boot_id,
+                node.pid,
+                node.start as i64,
+                workers,
+                started_at,
+                at,
+                lease_until
+            ])?;
+            Ok(())
+        })
+    }
+
+    fn delete_node(&mut self, node: &ProcessId) -> Result<()> {
+        self.run(|c| {
+            c.prepare_cached("DELETE FROM nodes WHERE boot_id = ?1 AND pid = ?2 AND start = ?3")?
+                .execute(params![node.boot_id, node.pid, node.start as i64])?;
+            Ok(())
+        })
+    }
+
+    fn prune_nodes(&mut self, before: Millis) -> Result<()> {
+        self.run(|c| {
+            c.prepare_cached("DELETE FROM nodes WHERE lease_until < ?1")?
+                .execute([before])?;
+            Ok(())
+        })
+    }
+
+    fn lock_unowned(&mut self, candidates: &[OpId], now: Millis, limit: u32) -> Result<Vec<OpId>> {
+        // One writer at a time holds a SQLite database: nothing to pass over.
+        let mut sorted = candidates.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        self.run(|c| {
+            let mut check = c.prepare_cached(
+                "SELECT 1 FROM ops WHERE id = ?1 AND status = 'queued' AND started_at IS NULL \
+                 AND (owner_pid IS NULL OR lease_until < ?2)",
+            )?;
+            let mut taken = Vec::new();
+            for op in sorted {
+                if taken.len() >= limit as usize {
+                    break;
+                }
+                if check.exists(params![op.0, now])? {
+                    taken.push(op);
+                }
+            }
+            Ok(taken)
+        })
+    }
+
     fn append_events(
         &mut self,
         op: OpId,

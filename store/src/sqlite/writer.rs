@@ -408,6 +408,7 @@ mod tests {
         let lazy = || {
             vec![Change::CurrentTask {
                 op: OpId(1),
+                owner: None,
                 text: None,
             }]
         };
@@ -501,10 +502,12 @@ mod tests {
         };
         let current = Change::CurrentTask {
             op: OpId(1),
+            owner: None,
             text: Some("a".into()),
         };
         let event = Change::Event {
             op: OpId(1),
+            owner: None,
             at: 0,
             kind: EventKind::Note,
             task: None,
