@@ -3,10 +3,12 @@
 //!
 //! ```text
 //! cargo bench -p cairn-bench --bench limits -- [--json FILE] [--only NAME,...] [--scale DIVISOR]
+//!     [--db postgres://user@host:port/db]
 //! ```
 //!
 //! It builds the real `cairn` binary with the bench profile (`cargo build --profile bench -p
 //! cairn-cli`), drives it as a user would, and reads what it recorded from the database. `--scale 10` divides every size by ten, for a quick look.
+//! `--db` runs the PostgreSQL scenarios (`postgres.rs`) on that server instead.
 //! See docs/BENCHMARKS.md for what each scenario measures and what limits it.
 
 #![allow(clippy::print_stdout, clippy::cast_precision_loss)]
@@ -15,6 +17,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod postgres;
 
 use comfy_table::{Table, presets};
 use rusqlite::{Connection, OpenFlags};
@@ -132,6 +136,8 @@ struct Bench {
     rows: Vec<Row>,
     /// How long `cairn --version` takes: the floor of any command.
     floor_ms: Option<f64>,
+    /// `--db`: the PostgreSQL server the PostgreSQL scenarios run on.
+    pg: Option<String>,
 }
 
 fn main() {
@@ -139,6 +145,7 @@ fn main() {
     let mut json_out = None;
     let mut only = None;
     let mut scale = 1;
+    let mut pg = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--json" => json_out = args.next().map(PathBuf::from),
@@ -148,11 +155,12 @@ fn main() {
                     .map(|v| v.split(',').map(str::to_owned).collect::<Vec<_>>());
             }
             "--scale" => scale = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
+            "--db" => pg = args.next(),
             // Passed by `cargo bench` itself.
             "--bench" => {}
             other => {
                 eprintln!(
-                    "unknown argument `{other}`; usage: limits [--json FILE] [--only NAME,...] [--scale N]"
+                    "unknown argument `{other}`; usage: limits [--json FILE] [--only NAME,...] [--scale N] [--db postgres://...]"
                 );
                 std::process::exit(2);
             }
@@ -168,6 +176,7 @@ fn main() {
         only,
         rows: Vec::new(),
         floor_ms: None,
+        pg,
     };
     let scenarios: [(&str, Scenario); 9] = [
         ("chain", Bench::chain),
@@ -180,7 +189,12 @@ fn main() {
         ("validate", Bench::validate),
         ("serve", Bench::serve),
     ];
-    for (name, scenario) in scenarios {
+    let scenarios: &[(&str, Scenario)] = if bench.pg.is_some() {
+        &postgres::SCENARIOS
+    } else {
+        &scenarios
+    };
+    for &(name, scenario) in scenarios {
         if bench
             .only
             .as_ref()
