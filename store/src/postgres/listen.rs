@@ -50,6 +50,14 @@ impl Changes {
     }
 }
 
+#[cfg(test)]
+impl Changes {
+    /// How many changes were seen so far.
+    pub(super) fn seen(&self) -> u64 {
+        *self.seen.borrow()
+    }
+}
+
 /// The listener thread: listens, tells the waiters of each notification, connects again when
 /// the connection breaks; returns once the store (the sender) is gone.
 fn listen(target: &Target, seen: &Weak<watch::Sender<u64>>) {

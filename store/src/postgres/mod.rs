@@ -61,8 +61,13 @@ impl Target {
             path: location.as_path().to_path_buf(),
             reason,
         };
+        // The scheme is read in any case, as `Location::parse` does; the client wants it lowercase.
+        let url = match url.split_once("://") {
+            Some((scheme, rest)) => format!("{}://{rest}", scheme.to_ascii_lowercase()),
+            None => url.clone(),
+        };
         let mut config =
-            Config::from_str(url).map_err(|e| unusable(format!("its URL cannot be read: {e}")))?;
+            Config::from_str(&url).map_err(|e| unusable(format!("its URL cannot be read: {e}")))?;
         if config.get_ssl_mode() == SslMode::Require {
             return Err(unusable(
                 "it asks for TLS (`sslmode=require`), which cairn does not support yet".to_owned(),

@@ -525,3 +525,77 @@ impl Tokens {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database of the test's own on the server at 127.0.0.1:5432, dropped at the end.
+    struct Db(String);
+
+    impl Db {
+        fn new(tag: &str) -> Self {
+            let name = format!("cairn_t_{tag}_{}", std::process::id());
+            admin()
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .unwrap();
+            admin()
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .unwrap();
+            Self(name)
+        }
+
+        fn location(&self) -> Location {
+            Location::parse(&format!("postgres://postgres@127.0.0.1:5432/{}", self.0))
+        }
+    }
+
+    impl Drop for Db {
+        fn drop(&mut self) {
+            let _ =
+                admin().batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0));
+        }
+    }
+
+    fn admin() -> postgres::Client {
+        postgres::Client::connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=test",
+            postgres::NoTls,
+        )
+        .unwrap()
+    }
+
+    /// A wait ends when another store commits a change that may give a node work.
+    #[test]
+    fn a_wait_ends_when_another_store_commits_a_change_that_wakes_nodes() {
+        let db = Db::new("wake");
+        let waiter = PgStore::open(&db.location()).unwrap();
+        let other = PgStore::open(&db.location()).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // Until the listener listens (it wakes every waiter once when it does).
+            while waiter.changes.seen() == 0 {
+                waiter.wait_for_change(Duration::from_millis(100)).await;
+            }
+            let before = waiter.changes.seen();
+            let wait = waiter.wait_for_change(PATIENCE);
+            let results = other.commit(vec![vec![Change::Unpause]]).await;
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            wait.await;
+            assert!(waiter.changes.seen() > before);
+        });
+    }
+
+    #[test]
+    fn the_secret_key_file_is_named_by_the_environment_or_in_the_state_directory() {
+        // Only this test reads these variables in this process's unit tests.
+        let file = secret_key_file();
+        match std::env::var_os("CAIRN_SECRET_KEY_FILE").filter(|v| !v.is_empty()) {
+            Some(named) => assert_eq!(file, PathBuf::from(named)),
+            None => assert!(file.ends_with("cairn/postgres.key"), "{}", file.display()),
+        }
+    }
+}
