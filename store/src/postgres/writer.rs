@@ -589,6 +589,47 @@ mod tests {
         });
     }
 
+    /// What a writer whose connection broke during `COMMIT` asks on its new connection: the token
+    /// of a transaction that committed is there, one that did not commit is not.
+    #[test]
+    fn a_commit_in_doubt_is_settled_by_its_token() {
+        let db = Db::new("doubt");
+        let target = Target::new(&db.location()).unwrap();
+        let mut client = target.connect().unwrap();
+        let fail = |e: &postgres::Error| target.unusable(&describe(e));
+        migrations::migrate(&mut client, &|r| target.unusable(&r), &fail).unwrap();
+        let mut writer = Writer {
+            target: &target,
+            path: target.location.as_path().to_path_buf(),
+            conn: Some(Conn::new(client)),
+            tokens: Tokens::new(),
+        };
+        let (committed, refused) = (writer.tokens.next(), writer.tokens.next());
+        let unpause = vec![Change::Unpause];
+        let conn = writer.conn.as_mut().unwrap();
+        assert!(matches!(
+            run(conn, &writer.path, &[&unpause], &committed),
+            Run::Done(_)
+        ));
+        // A batch refused alone commits nothing, its token neither.
+        let refused_batch = vec![Change::Event {
+            op: OpId(999),
+            at: 1,
+            kind: crate::types::EventKind::Note,
+            task: None,
+            message: String::new(),
+        }];
+        match run(conn, &writer.path, &[&refused_batch], &refused) {
+            Run::Done(results) => assert!(results[0].is_err(), "{results:?}"),
+            _ => panic!("the refusal is an answer"),
+        }
+        // As after a broken connection: the question goes on a new one.
+        writer.conn = None;
+        let mut patience = Patience::new();
+        assert_eq!(writer.committed(&committed, &mut patience), Some(true));
+        assert_eq!(writer.committed(&refused, &mut patience), Some(false));
+    }
+
     #[test]
     fn the_secret_key_file_is_named_by_the_environment_or_in_the_state_directory() {
         // Only this test reads these variables in this process's unit tests.
