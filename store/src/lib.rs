@@ -1,5 +1,6 @@
 //! cairn's durable state: ops, tasks, attempts, logs and the event trail, behind one interface.
-//! SQLite is the backend today; nothing outside this crate knows it.
+//! SQLite (a file) or PostgreSQL (a shared server) is the backend; nothing outside this crate
+//! knows which.
 //!
 //! - [`types`]: ids, statuses, the [`EventKind`]s of the event trail, rows, and the [`Change`]s
 //!   the engine asks to make durable.
@@ -11,12 +12,16 @@
 //!   what may start, locks and cooldowns, fan-out, replan, schedules, the event texts).
 //! - `sqlite`: the SQLite backend: opening and refusing files, migrations (`migrations/`), the
 //!   writer thread and group commit, the rules' transaction in SQL, reads.
+//! - `postgres`: the PostgreSQL backend: reading the URL, migrations (`migrations/postgres/`),
+//!   the writer thread (SERIALIZABLE group commit, reconnecting, commit tokens), the rules'
+//!   transaction in SQL, reads, and the listener behind wake-ups.
 //! - [`testing`]: a backend wrapper that fails or delays commits on demand, for tests.
 //! - [`Error`]: grouped by what the caller can do ([`ErrorKind`]).
 
 mod api;
 mod error;
 mod location;
+mod postgres;
 mod rules;
 mod sqlite;
 pub mod testing;

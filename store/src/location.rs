@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::api::{Reader, Store};
-use crate::error::{Error, Result};
-use crate::sqlite;
+use crate::error::Result;
+use crate::{postgres, sqlite};
 
 /// Where a store is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,28 +60,22 @@ impl std::fmt::Display for Location {
     }
 }
 
-/// Opens the store at `location` for writing (a SQLite file is created if needed, private to
-/// the user).
+/// Opens the store at `location` for writing: a SQLite file is created if needed, private to
+/// the user; a PostgreSQL database gets cairn's schema on first use (the database itself must
+/// exist).
 pub fn open(location: &Location) -> Result<Store> {
     match location {
         Location::Sqlite(path) => Ok(Store::from_backend(sqlite::SqliteStore::open(path)?)),
-        Location::Postgres { .. } => Err(unsupported(location)),
+        Location::Postgres { .. } => Ok(Store::from_backend(postgres::PgStore::open(location)?)),
     }
 }
 
-/// Opens the store at `location` for reading; `None` when there is nothing to read yet (no file).
-/// Never writes.
+/// Opens the store at `location` for reading; `None` when there is nothing to read yet (no file,
+/// or a database without cairn's schema yet). Never writes.
 pub fn open_reader(location: &Location) -> Result<Option<Reader>> {
     match location {
         Location::Sqlite(path) => Ok(sqlite::SqliteReader::open(path)?.map(Reader::from_backend)),
-        Location::Postgres { .. } => Err(unsupported(location)),
-    }
-}
-
-fn unsupported(location: &Location) -> Error {
-    Error::Unusable {
-        path: location.as_path().to_path_buf(),
-        reason: "PostgreSQL is not supported yet".to_owned(),
+        Location::Postgres { .. } => postgres::open_reader(location),
     }
 }
 

@@ -710,22 +710,27 @@ fn a_location_is_a_file_path_unless_it_is_a_postgres_url() {
         Location::Sqlite("/tmp/postgres/x.db".into())
     );
     for url in [
-        "postgres://me:pw@db/cairn",
-        "postgresql://db/cairn",
-        "POSTGRES://db",
+        "postgres://me:pw@cairn-no-such-host.invalid/cairn",
+        "postgresql://cairn-no-such-host.invalid/cairn",
+        "POSTGRES://cairn-no-such-host.invalid",
     ] {
         let location = Location::parse(url);
         assert!(matches!(location, Location::Postgres { .. }), "{url}");
         assert!(!location.to_string().contains("pw"), "{location}");
-        let err = store::open(&location).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Unusable);
-        assert!(
-            err.to_string().contains("PostgreSQL is not supported yet"),
-            "{err}"
-        );
-        let err = store::open_reader(&location).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Unusable);
+        assert!(location.is_shared());
+        // A server's URL goes to PostgreSQL (here, a host that does not exist: refused, named).
+        for err in [
+            store::open(&location).unwrap_err(),
+            store::open_reader(&location).unwrap_err(),
+        ] {
+            assert_eq!(err.kind(), ErrorKind::Unusable);
+            let text = err.to_string();
+            assert!(text.contains("no such host"), "{text}");
+            assert!(text.contains("cairn-no-such-host.invalid"), "{text}");
+            assert!(!text.contains("pw"), "{text}");
+        }
     }
+    assert!(!Location::parse("state/cairn.db").is_shared());
 }
 
 #[test]

@@ -1,0 +1,1090 @@
+//! The rules' transaction ([`Tx`]) on PostgreSQL: each method is its statements, prepared once per
+//! connection and kept ([`Conn`]), with no decision of its own. Every integer column is BIGINT,
+//! so every value is bound as an `i64`.
+//!
+//! A statement that fails records why ([`Fault`]) when the whole transaction must run again (a
+//! serialization failure or deadlock) or the connection is gone: the rules see an error like any
+//! other, and the writer reads the fault to decide what to do with the transaction.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use postgres::types::ToSql;
+use postgres::{Client, Row, Statement};
+
+use crate::error::{Error, Result};
+use crate::rules::{End, Ownership, Tx};
+use crate::types::{
+    Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus, ProcessId, Request, Snapshot, TaskNo,
+    TaskStatus,
+};
+
+/// A connection and the statements prepared on it, by their text.
+pub(super) struct Conn {
+    pub(super) client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    pub(super) fn new(client: Client) -> Self {
+        Self {
+            client,
+            statements: HashMap::new(),
+        }
+    }
+
+    /// The statement `sql`, prepared on this connection the first time it is asked for.
+    fn statement(&mut self, sql: &'static str) -> std::result::Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+}
+
+/// Why a transaction cannot go on, beyond the one statement that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fault {
+    /// A serialization failure (40001) or a deadlock (40P01): the whole transaction runs again.
+    Conflict,
+    /// The connection is gone (or the server is shutting it down).
+    Lost,
+}
+
+/// What a failure of `client` means for its transaction; `None`: only this statement failed.
+pub(super) fn fault_of(err: &postgres::Error, client: &Client) -> Option<Fault> {
+    let code = err.code().map(postgres::error::SqlState::code);
+    match code {
+        Some("40001" | "40P01") => Some(Fault::Conflict),
+        // Connection exceptions, and the server ending the session (admin or crash shutdown,
+        // starting up).
+        Some(c) if c.starts_with("08") || c.starts_with("57P") => Some(Fault::Lost),
+        _ if err.is_closed() || client.is_closed() => Some(Fault::Lost),
+        // No answer from the server at all (an I/O error on the socket).
+        None if err.as_db_error().is_none() => Some(Fault::Lost),
+        _ => None,
+    }
+}
+
+/// A failure in the server's words: its message and SQLSTATE when it sent one.
+pub(super) fn describe(err: &postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => err.to_string(),
+    }
+}
+
+/// An open write transaction (or savepoint) on the writer's connection.
+pub(super) struct PgTx<'t> {
+    conn: &'t mut Conn,
+    path: &'t Path,
+    /// The first fault met in this transaction; once set, the transaction is lost.
+    pub(super) fault: Option<Fault>,
+}
+
+type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+impl<'t> PgTx<'t> {
+    pub(super) fn new(conn: &'t mut Conn, path: &'t Path) -> Self {
+        Self {
+            conn,
+            path,
+            fault: None,
+        }
+    }
+
+    /// A statement's failure in the store's words, noting a fault that ends the transaction.
+    fn fail(&mut self, err: &postgres::Error) -> Error {
+        if self.fault.is_none() {
+            self.fault = fault_of(err, &self.conn.client);
+        }
+        Error::Write {
+            path: self.path.to_path_buf(),
+            reason: describe(err),
+        }
+    }
+
+    fn exec(&mut self, sql: &'static str, params: &Params<'_>) -> Result<u64> {
+        let run = |conn: &mut Conn| {
+            let statement = conn.statement(sql)?;
+            conn.client.execute(&statement, params)
+        };
+        run(self.conn).map_err(|e| self.fail(&e))
+    }
+
+    fn opt(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Option<Row>> {
+        let run = |conn: &mut Conn| {
+            let statement = conn.statement(sql)?;
+            conn.client.query_opt(&statement, params)
+        };
+        run(self.conn).map_err(|e| self.fail(&e))
+    }
+
+    /// The one row the statement must return: a missing row is an error, as SQLite's
+    /// `query_row`.
+    fn one(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Row> {
+        self.opt(sql, params)?.ok_or_else(|| Error::Write {
+            path: self.path.to_path_buf(),
+            reason: format!("a row the change needs is missing (`{}`)", first_words(sql)),
+        })
+    }
+
+    /// Column `i` of a row.
+    fn get<'r, T: postgres::types::FromSql<'r>>(&self, row: &'r Row, i: usize) -> Result<T> {
+        row.try_get(i).map_err(|e| Error::Write {
+            path: self.path.to_path_buf(),
+            reason: format!("an unexpected column: {e}"),
+        })
+    }
+}
+
+/// The nodes of `cairn serve`, and taking queued ops: the `Tx` methods the rules gain with them.
+#[allow(
+    dead_code,
+    reason = "called by the rules once `Tx` declares these methods, with these signatures"
+)]
+impl PgTx<'_> {
+    fn all(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Vec<Row>> {
+        let run = |conn: &mut Conn| {
+            let statement = conn.statement(sql)?;
+            conn.client.query(&statement, params)
+        };
+        run(self.conn).map_err(|e| self.fail(&e))
+    }
+
+    /// Records a serving node's heartbeat: its row made or renewed, by (boot id, pid, start).
+    pub(crate) fn beat_node(
+        &mut self,
+        node: &ProcessId,
+        workers: u32,
+        started_at: Millis,
+        at: Millis,
+        lease_until: Millis,
+    ) -> Result<()> {
+        self.exec(
+            "INSERT INTO nodes (host, boot_id, pid, start, workers, started_at, heartbeat_at, lease_until) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (boot_id, pid, start) DO UPDATE SET \
+             host = excluded.host, workers = excluded.workers, started_at = excluded.started_at, \
+             heartbeat_at = excluded.heartbeat_at, lease_until = excluded.lease_until",
+            &[
+                &node.host,
+                &node.boot_id,
+                &i64::from(node.pid),
+                &ticks(node.start),
+                &i64::from(workers),
+                &started_at,
+                &at,
+                &lease_until,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes a node's row.
+    pub(crate) fn delete_node(&mut self, node: &ProcessId) -> Result<()> {
+        self.exec(
+            "DELETE FROM nodes WHERE boot_id = $1 AND pid = $2 AND start = $3",
+            &[&node.boot_id, &i64::from(node.pid), &ticks(node.start)],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes the rows of nodes whose lease ran out before `before`.
+    pub(crate) fn prune_nodes(&mut self, before: Millis) -> Result<()> {
+        self.exec("DELETE FROM nodes WHERE lease_until < $1", &[&before])?;
+        Ok(())
+    }
+
+    /// Of `candidates`, the ops that are queued, never started, and unowned (or whose lease ran
+    /// out before `now`), in id order, at most `limit`, each locked for this transaction. Rows
+    /// another transaction holds are skipped: nodes claiming at once take different ops.
+    pub(crate) fn lock_unowned(
+        &mut self,
+        candidates: &[OpId],
+        now: Millis,
+        limit: u32,
+    ) -> Result<Vec<OpId>> {
+        let ids: Vec<i64> = candidates.iter().map(|op| op.0).collect();
+        let rows = self.all(
+            "SELECT id FROM ops WHERE id = ANY($1) AND status = 'queued' AND started_at IS NULL \
+             AND (owner_boot IS NULL OR lease_until < $2) ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+            &[&ids, &now, &i64::from(limit)],
+        )?;
+        rows.iter().map(|r| self.get(r, 0).map(OpId)).collect()
+    }
+}
+
+/// A process's start time as stored: clock ticks since boot, far below `i64::MAX`.
+#[expect(
+    clippy::cast_possible_wrap,
+    reason = "a process's start time, in clock ticks since boot, is far below i64::MAX"
+)]
+fn ticks(start: u64) -> i64 {
+    start as i64
+}
+
+/// The first words of a statement, to say which one found nothing.
+fn first_words(sql: &str) -> String {
+    sql.split_whitespace().take(6).collect::<Vec<_>>().join(" ")
+}
+
+/// The process stored in four columns from `first` (host, boot, pid, start), if all are set.
+fn process_at(row: &Row, first: usize) -> Option<ProcessId> {
+    let host: Option<String> = row.try_get(first).ok()?;
+    let boot: Option<String> = row.try_get(first + 1).ok()?;
+    let pid: Option<i64> = row.try_get(first + 2).ok()?;
+    let start: Option<i64> = row.try_get(first + 3).ok()?;
+    Some(ProcessId {
+        host: host?,
+        boot_id: boot?,
+        pid: u32::try_from(pid?).unwrap_or(0),
+        start: u64::try_from(start?).unwrap_or(0),
+    })
+}
+
+impl Tx for PgTx<'_> {
+    fn owner_of(&mut self, op: OpId) -> Result<Option<Ownership>> {
+        // Locked: a claim and a fenced write on the same op wait for each other.
+        let Some(row) = self.opt(
+            "SELECT status, owner_host, owner_boot, owner_pid, owner_start, lease_until FROM ops WHERE id = $1 FOR UPDATE",
+            &[&op.0],
+        )?
+        else {
+            return Ok(None);
+        };
+        let status: String = self.get(&row, 0)?;
+        Ok(Some((
+            OpStatus::parse(&status).unwrap_or(OpStatus::Failed),
+            process_at(&row, 1),
+            self.get(&row, 5)?,
+        )))
+    }
+
+    fn store_snapshot(&mut self, snapshot: &Snapshot) -> Result<i64> {
+        let files: serde_json::Map<String, serde_json::Value> = snapshot
+            .files
+            .iter()
+            .map(|(path, text)| (path.clone(), serde_json::Value::String(text.clone())))
+            .collect();
+        let files = serde_json::Value::Object(files).to_string();
+        self.exec(
+            "INSERT INTO plan_snapshots (hash, name, text, files) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING",
+            &[&snapshot.hash, &snapshot.name, &snapshot.text, &files],
+        )?;
+        let row = self.one(
+            "SELECT id FROM plan_snapshots WHERE hash = $1",
+            &[&snapshot.hash],
+        )?;
+        self.get(&row, 0)
+    }
+
+    fn insert_op(&mut self, new: &NewOp, snapshot: i64) -> Result<OpId> {
+        let row = self.one(
+            "INSERT INTO ops (uuid, plan, snapshot_id, title, status, params, workdir, env, created_at, lock_key, cooldown_ms, \
+             parent_id, parent_task) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id",
+            &[
+                &new.uuid,
+                &new.snapshot.name,
+                &snapshot,
+                &new.title,
+                &new.status.as_str(),
+                &new.params.to_string(),
+                &new.workdir,
+                &serde_json::Value::Object(new.env.clone()).to_string(),
+                &new.at,
+                &new.lock,
+                &new.cooldown_ms,
+                &new.parent.map(|(op, _)| op.0),
+                &new.parent.map(|(_, task)| i64::from(task.0)),
+            ],
+        )?;
+        self.get(&row, 0).map(OpId)
+    }
+
+    fn set_owner(&mut self, op: OpId, owner: &ProcessId, lease_until: Millis) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET owner_host = $2, owner_boot = $3, owner_pid = $4, owner_start = $5, lease_until = $6 WHERE id = $1",
+            &[
+                &op.0,
+                &owner.host,
+                &owner.boot_id,
+                &i64::from(owner.pid),
+                &ticks(owner.start),
+                &lease_until,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn start_new(
+        &mut self,
+        op: OpId,
+        owner: &ProcessId,
+        lease_until: Millis,
+        at: Millis,
+    ) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET owner_host = $2, owner_boot = $3, owner_pid = $4, owner_start = $5, lease_until = $6, \
+             status = 'running', started_at = $7 WHERE id = $1",
+            &[
+                &op.0,
+                &owner.host,
+                &owner.boot_id,
+                &i64::from(owner.pid),
+                &ticks(owner.start),
+                &lease_until,
+                &at,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn run_claimed(
+        &mut self,
+        op: OpId,
+        owner: &ProcessId,
+        lease_until: Millis,
+        now: Millis,
+    ) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET owner_host = $2, owner_boot = $3, owner_pid = $4, owner_start = $5, lease_until = $6, \
+             status = 'running', started_at = COALESCE(started_at, $7), ended_at = NULL, error = NULL WHERE id = $1",
+            &[
+                &op.0,
+                &owner.host,
+                &owner.boot_id,
+                &i64::from(owner.pid),
+                &ticks(owner.start),
+                &lease_until,
+                &now,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn set_lease(&mut self, op: OpId, lease_until: Millis) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET lease_until = $2 WHERE id = $1",
+            &[&op.0, &lease_until],
+        )?;
+        Ok(())
+    }
+
+    fn set_current_task(&mut self, op: OpId, text: Option<&str>) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET current_task = $2 WHERE id = $1",
+            &[&op.0, &text],
+        )?;
+        Ok(())
+    }
+
+    fn set_op_status(
+        &mut self,
+        op: OpId,
+        status: OpStatus,
+        error: Option<&str>,
+        ended: Option<Millis>,
+        release: bool,
+    ) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET status = $2::text, error = $3, ended_at = $4::bigint, \
+             current_task = CASE WHEN $4::bigint IS NULL THEN current_task ELSE NULL END, \
+             ending = CASE WHEN $2::text IN ('succeeded', 'failed', 'canceled') THEN NULL ELSE ending END, \
+             owner_host = CASE WHEN $5::boolean THEN NULL ELSE owner_host END, \
+             owner_boot = CASE WHEN $5::boolean THEN NULL ELSE owner_boot END, \
+             owner_pid = CASE WHEN $5::boolean THEN NULL ELSE owner_pid END, \
+             owner_start = CASE WHEN $5::boolean THEN NULL ELSE owner_start END, \
+             lease_until = CASE WHEN $5::boolean THEN NULL ELSE lease_until END WHERE id = $1",
+            &[&op.0, &status.as_str(), &error, &ended, &release],
+        )?;
+        Ok(())
+    }
+
+    fn op_started_at(&mut self, op: OpId) -> Result<Option<Millis>> {
+        let row = self.one("SELECT started_at FROM ops WHERE id = $1", &[&op.0])?;
+        self.get(&row, 0)
+    }
+
+    fn cancel_unstarted(&mut self, op: OpId, error: &str, at: Millis) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET status = 'canceled', error = $2, ended_at = $3, current_task = NULL, owner_host = NULL, \
+             owner_boot = NULL, owner_pid = NULL, owner_start = NULL, lease_until = NULL WHERE id = $1",
+            &[&op.0, &error, &at],
+        )?;
+        Ok(())
+    }
+
+    fn request_cancel(&mut self, op: OpId, request: &Request) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET cancel_requested_at = COALESCE(cancel_requested_at, $2), cancel_by = COALESCE(cancel_by, $3), \
+             cancel_reason = COALESCE(cancel_reason, $4) WHERE id = $1",
+            &[&op.0, &request.at, &request.by, &request.reason],
+        )?;
+        Ok(())
+    }
+
+    fn set_ending(&mut self, op: OpId, ending: &str) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET ending = $2 WHERE id = $1",
+            &[&op.0, &ending],
+        )?;
+        Ok(())
+    }
+
+    fn clear_ending(&mut self, op: OpId) -> Result<()> {
+        self.exec("UPDATE ops SET ending = NULL WHERE id = $1", &[&op.0])?;
+        Ok(())
+    }
+
+    fn set_params(&mut self, op: OpId, params: &str, env: &str) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET params = $2, env = $3, ending = NULL WHERE id = $1",
+            &[&op.0, &params, &env],
+        )?;
+        Ok(())
+    }
+
+    fn plan_hash(&mut self, op: OpId) -> Result<String> {
+        let row = self.one(
+            "SELECT s.hash FROM ops o JOIN plan_snapshots s ON s.id = o.snapshot_id WHERE o.id = $1",
+            &[&op.0],
+        )?;
+        self.get(&row, 0)
+    }
+
+    fn set_snapshot(&mut self, op: OpId, snapshot: i64) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET snapshot_id = $2 WHERE id = $1",
+            &[&op.0, &snapshot],
+        )?;
+        Ok(())
+    }
+
+    fn renumber_tasks(
+        &mut self,
+        op: OpId,
+        renumber: &[(TaskNo, TaskNo)],
+    ) -> Result<Option<(&'static str, i64)>> {
+        const AWAY: i64 = 1 << 40;
+        /// Per table: move every number away, move one back to its new place, count the left.
+        const TABLES: [(&str, &str, &str, &str); 4] = [
+            (
+                "tasks",
+                "UPDATE tasks SET task_no = task_no + $2 WHERE op_id = $1",
+                "UPDATE tasks SET task_no = $3 WHERE op_id = $1 AND task_no = $2",
+                "SELECT count(*) FROM tasks WHERE op_id = $1 AND task_no >= $2",
+            ),
+            (
+                "attempts",
+                "UPDATE attempts SET task_no = task_no + $2 WHERE op_id = $1",
+                "UPDATE attempts SET task_no = $3 WHERE op_id = $1 AND task_no = $2",
+                "SELECT count(*) FROM attempts WHERE op_id = $1 AND task_no >= $2",
+            ),
+            (
+                "logs",
+                "UPDATE logs SET task_no = task_no + $2 WHERE op_id = $1",
+                "UPDATE logs SET task_no = $3 WHERE op_id = $1 AND task_no = $2",
+                "SELECT count(*) FROM logs WHERE op_id = $1 AND task_no >= $2",
+            ),
+            (
+                "ops",
+                "UPDATE ops SET parent_task = parent_task + $2 WHERE parent_id = $1",
+                "UPDATE ops SET parent_task = $3 WHERE parent_id = $1 AND parent_task = $2",
+                "SELECT count(*) FROM ops WHERE parent_id = $1 AND parent_task >= $2",
+            ),
+        ];
+        // Attempts follow their task: their key to it is checked once all have moved.
+        self.exec("SET CONSTRAINTS ALL DEFERRED", &[])?;
+        for (table, away, back, left) in TABLES {
+            self.exec(away, &[&op.0, &AWAY])?;
+            for (from, to) in renumber {
+                self.exec(
+                    back,
+                    &[&op.0, &(i64::from(from.0) + AWAY), &i64::from(to.0)],
+                )?;
+            }
+            let row = self.one(left, &[&op.0, &AWAY])?;
+            let left: i64 = self.get(&row, 0)?;
+            if left > 0 {
+                return Ok(Some((table, left)));
+            }
+        }
+        // Checked here, now that every number has its place.
+        self.exec("SET CONSTRAINTS ALL IMMEDIATE", &[])?;
+        Ok(None)
+    }
+
+    fn insert_tasks(&mut self, op: OpId, tasks: &[NewTask]) -> Result<()> {
+        for t in tasks {
+            self.exec(
+                "INSERT INTO tasks (op_id, task_no, step, name, item, status) VALUES ($1, $2, $3, $4, $5, 'pending') \
+                 ON CONFLICT (op_id, task_no) DO NOTHING",
+                &[
+                    &op.0,
+                    &i64::from(t.task_no.0),
+                    &t.step,
+                    &t.name,
+                    &t.item.as_ref().map(ToString::to_string),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn task_name(&mut self, op: OpId, task: TaskNo) -> Result<String> {
+        let row = self.one(
+            "SELECT name FROM tasks WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &i64::from(task.0)],
+        )?;
+        self.get(&row, 0)
+    }
+
+    fn task_state(&mut self, op: OpId, task: TaskNo) -> Result<(String, String)> {
+        let row = self.one(
+            "SELECT status, name FROM tasks WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &i64::from(task.0)],
+        )?;
+        Ok((self.get(&row, 0)?, self.get(&row, 1)?))
+    }
+
+    fn find_task_state(&mut self, op: OpId, task: TaskNo) -> Result<Option<(String, String)>> {
+        match self.opt(
+            "SELECT status, name FROM tasks WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &i64::from(task.0)],
+        )? {
+            Some(row) => Ok(Some((self.get(&row, 0)?, self.get(&row, 1)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn task_status(&mut self, op: OpId, task: TaskNo) -> Result<String> {
+        let row = self.one(
+            "SELECT status FROM tasks WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &i64::from(task.0)],
+        )?;
+        self.get(&row, 0)
+    }
+
+    fn insert_attempt(&mut self, op: OpId, task: TaskNo, n: u32, at: Millis) -> Result<()> {
+        self.exec(
+            "INSERT INTO attempts (op_id, task_no, n, status, started_at) VALUES ($1, $2, $3, 'running', $4)",
+            &[&op.0, &i64::from(task.0), &i64::from(n), &at],
+        )?;
+        Ok(())
+    }
+
+    fn run_task(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        n: u32,
+        retry_from: u32,
+        at: Millis,
+    ) -> Result<()> {
+        self.exec(
+            "UPDATE tasks SET status = 'running', attempts = $3, retry_from = $5, started_at = COALESCE(started_at, $4), \
+             ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = $1 AND task_no = $2",
+            &[
+                &op.0,
+                &i64::from(task.0),
+                &i64::from(n),
+                &at,
+                &i64::from(retry_from),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn attempt_process(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        n: u32,
+        process: &ProcessId,
+        pgid: u32,
+    ) -> Result<()> {
+        self.exec(
+            "UPDATE attempts SET host = $4, boot_id = $5, pid = $6, pgid = $7, proc_start = $8 \
+             WHERE op_id = $1 AND task_no = $2 AND n = $3",
+            &[
+                &op.0,
+                &i64::from(task.0),
+                &i64::from(n),
+                &process.host,
+                &process.boot_id,
+                &i64::from(process.pid),
+                &i64::from(pgid),
+                &ticks(process.start),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn end_attempt(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        n: u32,
+        at: Millis,
+        end: &End<'_>,
+    ) -> Result<()> {
+        self.exec(
+            "UPDATE attempts SET status = $4, ended_at = $5, exit_code = $6, error = $7 \
+             WHERE op_id = $1 AND task_no = $2 AND n = $3",
+            &[
+                &op.0,
+                &i64::from(task.0),
+                &i64::from(n),
+                &end.attempt,
+                &at,
+                &end.exit_code.map(i64::from),
+                &end.error,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn end_task(&mut self, op: OpId, task: TaskNo, end: &End<'_>) -> Result<()> {
+        self.exec(
+            "UPDATE tasks SET status = $3, ended_at = $4, exit_code = $5, error = $6, \
+             outputs = COALESCE($7, outputs), by_check = $8 WHERE op_id = $1 AND task_no = $2",
+            &[
+                &op.0,
+                &i64::from(task.0),
+                &end.task.as_str(),
+                &end.ended,
+                &end.exit_code.map(i64::from),
+                &end.error,
+                &end.outputs,
+                &i64::from(end.by_check),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn uncount_attempt(&mut self, op: OpId, task: TaskNo) -> Result<()> {
+        self.exec(
+            "UPDATE tasks SET retry_from = retry_from + 1 WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &i64::from(task.0)],
+        )?;
+        Ok(())
+    }
+
+    fn insert_whole_attempt(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        n: u32,
+        at: Millis,
+        end: &End<'_>,
+    ) -> Result<()> {
+        self.exec(
+            "INSERT INTO attempts (op_id, task_no, n, status, started_at, ended_at, exit_code, error) \
+             VALUES ($1, $2, $3, $4, $5, $5, $6, $7)",
+            &[
+                &op.0,
+                &i64::from(task.0),
+                &i64::from(n),
+                &end.attempt,
+                &at,
+                &end.exit_code.map(i64::from),
+                &end.error,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn whole_task(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        n: u32,
+        retry_from: u32,
+        at: Millis,
+        end: &End<'_>,
+    ) -> Result<()> {
+        self.exec(
+            "UPDATE tasks SET status = $3, attempts = $4, retry_from = $5, started_at = COALESCE(started_at, $6), \
+             ended_at = $7, exit_code = $8, error = $9, outputs = COALESCE($10, outputs), by_check = $11 \
+             WHERE op_id = $1 AND task_no = $2",
+            &[
+                &op.0,
+                &i64::from(task.0),
+                &end.task.as_str(),
+                &i64::from(n),
+                &i64::from(retry_from),
+                &at,
+                &end.ended,
+                &end.exit_code.map(i64::from),
+                &end.error,
+                &end.outputs,
+                &i64::from(end.by_check),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn clear_answer(&mut self, op: OpId, task: TaskNo) -> Result<()> {
+        self.exec(
+            "UPDATE tasks SET outputs = NULL, error = NULL, ended_at = NULL WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &i64::from(task.0)],
+        )?;
+        Ok(())
+    }
+
+    fn set_task_status(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        status: TaskStatus,
+        ended: Option<Millis>,
+    ) -> Result<String> {
+        let row = self.one(
+            "UPDATE tasks SET status = $3, ended_at = COALESCE($4, ended_at) WHERE op_id = $1 AND task_no = $2 RETURNING name",
+            &[&op.0, &i64::from(task.0), &status.as_str(), &ended],
+        )?;
+        self.get(&row, 0)
+    }
+
+    fn mark_task(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        status: TaskStatus,
+        outputs: &str,
+        at: Millis,
+    ) -> Result<Option<String>> {
+        match self.opt(
+            "UPDATE tasks SET status = $3, outputs = $4, ended_at = $5, error = NULL, exit_code = NULL, by_check = 0 \
+             WHERE op_id = $1 AND task_no = $2 RETURNING name",
+            &[&op.0, &i64::from(task.0), &status.as_str(), &outputs, &at],
+        )? {
+            Some(row) => self.get(&row, 0).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn reset_tasks(&mut self, op: OpId, tasks: &[TaskNo]) -> Result<()> {
+        for task in tasks {
+            let task = i64::from(task.0);
+            self.exec(
+                "UPDATE tasks SET status = 'pending', outputs = NULL, ended_at = NULL, error = NULL, exit_code = NULL, \
+                 by_check = 0, retry_from = attempts, \
+                 item = CASE WHEN name = step THEN NULL ELSE item END WHERE op_id = $1 AND task_no = $2",
+                &[&op.0, &task],
+            )?;
+            self.exec(
+                "UPDATE ops SET parent_task = NULL WHERE parent_id = $1 AND parent_task = $2",
+                &[&op.0, &task],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn answer_task(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        status: &str,
+        at: Millis,
+        error: Option<&str>,
+        outputs: &str,
+    ) -> Result<()> {
+        self.exec(
+            "UPDATE tasks SET status = $3, ended_at = $4, error = $5, outputs = $6 WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &i64::from(task.0), &status, &at, &error, &outputs],
+        )?;
+        Ok(())
+    }
+
+    fn append_log(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        attempt: u32,
+        stream: u8,
+        at: Millis,
+        data: &[u8],
+    ) -> Result<()> {
+        self.exec(
+            "INSERT INTO logs (op_id, task_no, attempt, seq, stream, at, data) VALUES ($1, $2, $3, \
+             (SELECT COALESCE(MAX(seq), 0) + 1 FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3), $4, $5, $6)",
+            &[
+                &op.0,
+                &i64::from(task.0),
+                &i64::from(attempt),
+                &i64::from(stream),
+                &at,
+                &data,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn log_size(&mut self, op: OpId, task: TaskNo, attempt: u32) -> Result<i64> {
+        let row = self.one(
+            "SELECT COALESCE(SUM(length(data)), 0)::bigint FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3",
+            &[&op.0, &i64::from(task.0), &i64::from(attempt)],
+        )?;
+        self.get(&row, 0)
+    }
+
+    fn drop_oldest_log(&mut self, op: OpId, task: TaskNo, attempt: u32) -> Result<bool> {
+        let removed = self.exec(
+            "DELETE FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3 AND seq = \
+             (SELECT MIN(seq) FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3) \
+             AND (SELECT count(*) FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3) > 1",
+            &[&op.0, &i64::from(task.0), &i64::from(attempt)],
+        )?;
+        Ok(removed != 0)
+    }
+
+    fn unexpanded(&mut self, op: OpId, task: TaskNo) -> Result<bool> {
+        match self.opt(
+            "SELECT item FROM tasks WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &i64::from(task.0)],
+        )? {
+            Some(row) => Ok(self.get::<Option<String>>(&row, 0)?.is_none()),
+            None => Ok(false),
+        }
+    }
+
+    fn freeze_list(&mut self, op: OpId, task: TaskNo, list: &str, at: Millis) -> Result<String> {
+        let row = self.one(
+            "UPDATE tasks SET item = $3, status = 'running', started_at = COALESCE(started_at, $4) \
+             WHERE op_id = $1 AND task_no = $2 RETURNING name",
+            &[&op.0, &i64::from(task.0), &list, &at],
+        )?;
+        self.get(&row, 0)
+    }
+
+    fn upsert_items(&mut self, op: OpId, tasks: &[NewTask]) -> Result<()> {
+        // An item of an expansion before the last (no longer linked: `item` NULL) that comes
+        // back runs again, with a fresh retry round.
+        for t in tasks {
+            self.exec(
+                "INSERT INTO tasks (op_id, task_no, step, name, item, status) VALUES ($1, $2, $3, $4, $5, 'pending') \
+                 ON CONFLICT (op_id, task_no) DO UPDATE SET item = excluded.item, \
+                 status = CASE WHEN tasks.item IS NULL THEN 'pending' ELSE tasks.status END, \
+                 outputs = CASE WHEN tasks.item IS NULL THEN NULL ELSE tasks.outputs END, \
+                 error = CASE WHEN tasks.item IS NULL THEN NULL ELSE tasks.error END, \
+                 ended_at = CASE WHEN tasks.item IS NULL THEN NULL ELSE tasks.ended_at END, \
+                 retry_from = CASE WHEN tasks.item IS NULL THEN tasks.attempts ELSE tasks.retry_from END",
+                &[
+                    &op.0,
+                    &i64::from(t.task_no.0),
+                    &t.step,
+                    &t.name,
+                    &t.item.as_ref().map(ToString::to_string),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn drop_other_items(&mut self, op: OpId, task: TaskNo, numbers: &str) -> Result<()> {
+        self.exec(
+            "UPDATE tasks SET item = NULL, \
+             status = CASE WHEN status = 'pending' THEN 'skipped' ELSE status END, \
+             error = CASE WHEN status = 'pending' THEN 'no longer in the fan-out list' ELSE error END \
+             WHERE op_id = $1 AND step = (SELECT step FROM tasks WHERE op_id = $1 AND task_no = $2) \
+             AND name != step AND item IS NOT NULL \
+             AND task_no NOT IN (SELECT value::bigint FROM json_array_elements_text($3::text::json))",
+            &[&op.0, &i64::from(task.0), &numbers],
+        )?;
+        Ok(())
+    }
+
+    fn gather_task(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        status: TaskStatus,
+        ended: Option<Millis>,
+        error: Option<&str>,
+        outputs: Option<&str>,
+    ) -> Result<String> {
+        let row = self.one(
+            "UPDATE tasks SET status = $3, ended_at = $4, error = $5, outputs = $6 \
+             WHERE op_id = $1 AND task_no = $2 RETURNING name",
+            &[
+                &op.0,
+                &i64::from(task.0),
+                &status.as_str(),
+                &ended,
+                &error,
+                &outputs,
+            ],
+        )?;
+        self.get(&row, 0)
+    }
+
+    fn detach_child(&mut self, op: OpId, task: TaskNo) -> Result<()> {
+        self.exec(
+            "UPDATE ops SET parent_task = NULL WHERE parent_id = $1 AND parent_task = $2",
+            &[&op.0, &i64::from(task.0)],
+        )?;
+        Ok(())
+    }
+
+    fn lock_key(&mut self, op: OpId) -> Result<Option<Option<String>>> {
+        match self.opt("SELECT lock_key FROM ops WHERE id = $1", &[&op.0])? {
+            Some(row) => self.get(&row, 0).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn lock_holder(&mut self, key: &str) -> Result<Option<OpId>> {
+        match self.opt("SELECT op_id FROM locks WHERE key = $1", &[&key])? {
+            Some(row) => self.get(&row, 0).map(|id| Some(OpId(id))),
+            None => Ok(None),
+        }
+    }
+
+    fn cooldown(&mut self, key: &str, at: Millis) -> Result<Option<(OpId, Millis)>> {
+        match self.opt(
+            "SELECT op_id, until FROM cooldowns WHERE key = $1 AND until > $2 AND acked_at IS NULL",
+            &[&key, &at],
+        )? {
+            Some(row) => Ok(Some((OpId(self.get(&row, 0)?), self.get(&row, 1)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn insert_lock(&mut self, key: &str, op: OpId, at: Millis) -> Result<()> {
+        self.exec(
+            "INSERT INTO locks (key, op_id, since) VALUES ($1, $2, $3)",
+            &[&key, &op.0, &at],
+        )?;
+        Ok(())
+    }
+
+    fn delete_cooldown(&mut self, key: &str) -> Result<()> {
+        self.exec("DELETE FROM cooldowns WHERE key = $1", &[&key])?;
+        Ok(())
+    }
+
+    fn held_lock(&mut self, op: OpId) -> Result<Option<(String, Option<i64>)>> {
+        match self.opt(
+            "SELECT l.key, o.cooldown_ms FROM locks l JOIN ops o ON o.id = l.op_id WHERE l.op_id = $1",
+            &[&op.0],
+        )? {
+            Some(row) => Ok(Some((self.get(&row, 0)?, self.get(&row, 1)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn delete_lock(&mut self, key: &str) -> Result<()> {
+        self.exec("DELETE FROM locks WHERE key = $1", &[&key])?;
+        Ok(())
+    }
+
+    fn start_cooldown(&mut self, key: &str, op: OpId, until: Millis) -> Result<()> {
+        // As SQLite's `INSERT OR REPLACE`: a new row, any acknowledgement of the old one gone.
+        self.exec(
+            "INSERT INTO cooldowns (key, op_id, until) VALUES ($1, $2, $3) ON CONFLICT (key) DO UPDATE SET \
+             op_id = excluded.op_id, until = excluded.until, acked_by = NULL, acked_at = NULL",
+            &[&key, &op.0, &until],
+        )?;
+        Ok(())
+    }
+
+    fn ack_cooldown(&mut self, key: &str, request: &Request) -> Result<Option<OpId>> {
+        match self.opt(
+            "UPDATE cooldowns SET acked_by = $2, acked_at = $3 WHERE key = $1 RETURNING op_id",
+            &[&key, &request.by, &request.at],
+        )? {
+            Some(row) => self.get(&row, 0).map(|id| Some(OpId(id))),
+            None => Ok(None),
+        }
+    }
+
+    fn set_paused(&mut self, request: &str) -> Result<()> {
+        self.exec(
+            "INSERT INTO settings (key, value) VALUES ('paused', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&request],
+        )?;
+        Ok(())
+    }
+
+    fn clear_paused(&mut self) -> Result<()> {
+        self.exec("DELETE FROM settings WHERE key = 'paused'", &[])?;
+        Ok(())
+    }
+
+    fn add_schedule(&mut self, new: &NewSchedule) -> Result<bool> {
+        let added = self.exec(
+            "INSERT INTO schedules (name, plan, params, cron, timezone, catch_up, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
+            &[
+                &new.name,
+                &new.plan,
+                &serde_json::Value::Object(new.params.clone()).to_string(),
+                &new.cron,
+                &new.timezone,
+                &i64::from(new.catch_up),
+                &new.created_at,
+            ],
+        )?;
+        Ok(added != 0)
+    }
+
+    fn remove_schedule(&mut self, name: &str) -> Result<bool> {
+        let removed = self.exec("DELETE FROM schedules WHERE name = $1", &[&name])?;
+        Ok(removed != 0)
+    }
+
+    fn pause_schedule(&mut self, name: &str, paused: bool) -> Result<bool> {
+        let changed = self.exec(
+            "UPDATE schedules SET paused = $2 WHERE name = $1",
+            &[&name, &i64::from(paused)],
+        )?;
+        Ok(changed != 0)
+    }
+
+    fn fire_schedule(
+        &mut self,
+        name: &str,
+        due: Millis,
+        op: Option<OpId>,
+        note: &str,
+    ) -> Result<bool> {
+        let fired = match op {
+            Some(op) => self.exec(
+                "UPDATE schedules SET last_fire = $2, last_op = $3, note = $4 \
+                 WHERE name = $1 AND (last_fire IS NULL OR last_fire < $2)",
+                &[&name, &due, &op.0, &note],
+            )?,
+            // Without an op, the last op stays the one the schedule last submitted.
+            None => self.exec(
+                "UPDATE schedules SET last_fire = $2, note = $3 \
+                 WHERE name = $1 AND (last_fire IS NULL OR last_fire < $2)",
+                &[&name, &due, &note],
+            )?,
+        };
+        Ok(fired != 0)
+    }
+
+    fn append_events(
+        &mut self,
+        op: OpId,
+        at: Millis,
+        task: Option<&str>,
+        events: &[(&str, &str)],
+    ) -> Result<()> {
+        let row = self.one(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE op_id = $1",
+            &[&op.0],
+        )?;
+        let first: i64 = self.get(&row, 0)?;
+        for (seq, (kind, message)) in (first..).zip(events) {
+            self.exec(
+                "INSERT INTO events (op_id, seq, at, kind, task, message) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&op.0, &seq, &at, kind, &task, message],
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,642 @@
+//! The PostgreSQL [`Backend`]: one writer thread that owns the write connection and commits
+//! whatever is queued in one transaction (group commit), each batch in its own savepoint so that
+//! one refused batch does not undo the others.
+//!
+//! Every transaction is `SERIALIZABLE` and commits with `synchronous_commit = on` (set on the
+//! connection, never left to the server's default), so a reply means the change is durable. A
+//! transaction that conflicts with another node's (SQLSTATE 40001, 40P01) runs again whole. A
+//! connection lost before `COMMIT` was sent is made again (backing off from 50 ms to 2 s) and the
+//! transaction runs again; one lost during `COMMIT` leaves it in doubt: each transaction inserts a
+//! token of its own, and after reconnecting the token says whether it committed (answer with the
+//! results computed) or not (run it again). While the server cannot be reached, requests wait, up
+//! to [`PATIENCE`]; the engine's lease rule stops a run whose lease it cannot renew meanwhile.
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::listen::Changes;
+use super::tx::{Conn, Fault, PgTx, describe, fault_of};
+use super::{PgReader, Target, migrations};
+use crate::api::{Backend, Committing, Reader, Results};
+use crate::error::{Error, Result};
+use crate::location::Location;
+use crate::rules;
+use crate::types::{Change, OpId, ProcessId};
+
+/// The most requests one transaction takes from the queue (unbounded, as SQLite's: each request
+/// has a caller waiting for it).
+const QUEUE: usize = 1024;
+
+/// How long requests wait for a server that cannot be reached before they fail.
+const PATIENCE: Duration = Duration::from_secs(600);
+
+/// The first wait before reconnecting, doubled each time up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// How many times a transaction that keeps conflicting with others runs before it fails.
+const CONFLICT_RUNS: u32 = 1000;
+
+/// Commit tokens older than this are deleted, every [`PRUNE_EVERY`] commits.
+const TOKEN_AGE_MS: i64 = 3_600_000;
+const PRUNE_EVERY: u64 = 1000;
+
+/// Batches sent together: they share one transaction, each in its own savepoint.
+struct Queued {
+    batches: Vec<Vec<Change>>,
+    reply: tokio::sync::oneshot::Sender<Results>,
+}
+
+/// The database open for writing; the writer thread stops when this drops.
+#[derive(Debug)]
+pub(crate) struct PgStore {
+    target: Arc<Target>,
+    sender: mpsc::Sender<Queued>,
+    reader: PgReader,
+    #[allow(
+        dead_code,
+        reason = "read by `wait_for_change`, a `Backend` method once the trait declares it"
+    )]
+    changes: Changes,
+}
+
+impl PgStore {
+    /// Connects, brings the schema up to date (or refuses the database), and starts the writer.
+    pub(crate) fn open(location: &Location) -> Result<Self> {
+        let target = Arc::new(Target::new(location)?);
+        let mut conn = connect_writer(&target)?;
+        let unusable = |reason: String| target.unusable(&reason);
+        let fail = |e: &postgres::Error| target.unusable(&describe(e));
+        migrations::migrate(&mut conn.client, &unusable, &fail)?;
+        let (sender, receiver) = mpsc::channel::<Queued>();
+        let thread_target = target.clone();
+        thread::Builder::new()
+            .name("cairn-pg-writer".into())
+            .spawn(move || writer(&thread_target, Some(conn), &receiver))
+            .map_err(|e| target.unusable(&format!("cannot start its writer: {e}")))?;
+        Ok(Self {
+            reader: PgReader::new(target.config.clone(), location.clone()),
+            changes: Changes::new(target.clone()),
+            target,
+            sender,
+        })
+    }
+
+    #[allow(
+        dead_code,
+        reason = "a `Backend` method once the trait declares it; until then the tests call it"
+    )]
+    /// Resolves when another process (or this one) committed a change that may give a serving
+    /// node work (`NOTIFY cairn`), or after `timeout`.
+    pub(crate) fn wait_for_change(
+        &self,
+        timeout: Duration,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.changes.wait(timeout)
+    }
+}
+
+impl Backend for PgStore {
+    fn commit(&self, batches: Vec<Vec<Change>>) -> Committing<'_> {
+        let count = batches.len();
+        let (reply, wait) = tokio::sync::oneshot::channel();
+        let sent = self.sender.send(Queued { batches, reply }).is_ok();
+        Box::pin(async move {
+            let closed = || (0..count).map(|_| Err(Error::Closed)).collect();
+            if !sent {
+                return closed();
+            }
+            wait.await.unwrap_or_else(|_| closed())
+        })
+    }
+
+    fn commit_blocking(&self, batches: Vec<Vec<Change>>) -> Results {
+        let count = batches.len();
+        let closed = || (0..count).map(|_| Err(Error::Closed)).collect();
+        let (reply, wait) = tokio::sync::oneshot::channel();
+        if self.sender.send(Queued { batches, reply }).is_err() {
+            return closed();
+        }
+        wait.blocking_recv().unwrap_or_else(|_| closed())
+    }
+
+    fn location(&self) -> &Location {
+        &self.target.location
+    }
+
+    /// `CAIRN_SECRET_KEY_FILE`, else `postgres.key` in cairn's state directory
+    /// (`$XDG_STATE_HOME/cairn`, or `~/.local/state/cairn`): the database is shared, the key is
+    /// this machine's.
+    fn secret_key_file(&self) -> PathBuf {
+        secret_key_file()
+    }
+
+    fn reader(&self) -> Result<Reader> {
+        Ok(Reader::from_backend(self.reader.clone()))
+    }
+}
+
+/// Where the key that seals secret params is kept for a PostgreSQL store.
+pub(crate) fn secret_key_file() -> PathBuf {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(file) = var("CAIRN_SECRET_KEY_FILE") {
+        return PathBuf::from(file);
+    }
+    let state = var("XDG_STATE_HOME").map_or_else(
+        || {
+            var("HOME")
+                .map_or_else(|| PathBuf::from("."), PathBuf::from)
+                .join(".local/state")
+        },
+        PathBuf::from,
+    );
+    state.join("cairn").join("postgres.key")
+}
+
+/// A connection for the writer: `synchronous_commit = on`, whatever the server's default.
+fn connect_writer(target: &Target) -> Result<Conn> {
+    let mut client = target.connect()?;
+    client
+        .batch_execute("SET synchronous_commit = on")
+        .map_err(|e| target.unusable(&describe(&e)))?;
+    Ok(Conn::new(client))
+}
+
+fn writer(target: &Target, conn: Option<Conn>, receiver: &mpsc::Receiver<Queued>) {
+    let mut state = Writer {
+        target,
+        path: target.location.as_path().to_path_buf(),
+        conn,
+        tokens: Tokens::new(),
+    };
+    while let Ok(first) = receiver.recv() {
+        let mut requests = vec![first];
+        while requests.len() < QUEUE {
+            match receiver.try_recv() {
+                Ok(more) => requests.push(more),
+                Err(_) => break,
+            }
+        }
+        let batches: Vec<&Vec<Change>> = requests.iter().flat_map(|r| &r.batches).collect();
+        let mut results = state.commit(&batches);
+        for request in requests {
+            let rest = results.split_off(request.batches.len());
+            let _ = request.reply.send(std::mem::replace(&mut results, rest));
+        }
+    }
+}
+
+/// The writer thread's state: its connection (none while the server cannot be reached).
+struct Writer<'a> {
+    target: &'a Target,
+    path: PathBuf,
+    conn: Option<Conn>,
+    tokens: Tokens,
+}
+
+/// How one run of a transaction ended.
+enum Run {
+    /// Committed (or refused alone, nothing written): each batch's result.
+    Done(Results),
+    /// Conflicted with another transaction: run it again.
+    Again,
+    /// The connection broke before `COMMIT` was sent: nothing was committed.
+    Lost(String),
+    /// The connection broke while `COMMIT` was on the way: it may have committed, with these
+    /// results.
+    InDoubt(Results, String),
+    /// The server refused the transaction for a reason that another run would not change.
+    Failed(Error),
+}
+
+impl Writer<'_> {
+    /// Commits the batches in one transaction, running it again as often as it must; each
+    /// batch's result.
+    fn commit(&mut self, batches: &[&Vec<Change>]) -> Results {
+        let mut patience = Patience::new();
+        let mut conflicts = 0;
+        loop {
+            let token = self.tokens.next();
+            let Some(conn) = connection(&mut self.conn, self.target, &mut patience) else {
+                return self.failed(&patience.why, batches.len());
+            };
+            match run(conn, &self.path, batches, &token) {
+                Run::Done(results) => {
+                    self.tokens.committed(conn);
+                    return results;
+                }
+                Run::Again => {
+                    conflicts += 1;
+                    if conflicts >= CONFLICT_RUNS {
+                        let why = format!(
+                            "the transaction conflicted with others {conflicts} times in a row"
+                        );
+                        return self.failed(&why, batches.len());
+                    }
+                }
+                Run::Lost(why) => {
+                    self.conn = None;
+                    patience.why = why;
+                }
+                Run::InDoubt(results, why) => {
+                    self.conn = None;
+                    patience.why = why;
+                    match self.committed(&token, &mut patience) {
+                        Some(true) => return results,
+                        Some(false) => {}
+                        None => return self.failed(&patience.why, batches.len()),
+                    }
+                }
+                Run::Failed(err) => return each(&err, batches.len()),
+            }
+        }
+    }
+
+    /// Whether the transaction that inserted `token` committed, asked on a new connection;
+    /// `None` once [`PATIENCE`] ran out.
+    fn committed(&mut self, token: &str, patience: &mut Patience) -> Option<bool> {
+        loop {
+            let conn = connection(&mut self.conn, self.target, patience)?;
+            match conn
+                .client
+                .query_opt("SELECT 1 FROM commit_tokens WHERE token = $1", &[&token])
+            {
+                Ok(row) => return Some(row.is_some()),
+                Err(e) => {
+                    patience.why = describe(&e);
+                    self.conn = None;
+                }
+            }
+        }
+    }
+
+    /// Every batch failed with `why`: the server could not be used.
+    fn failed(&self, why: &str, count: usize) -> Results {
+        let err = Error::Write {
+            path: self.path.clone(),
+            reason: format!("cannot reach {}: {why}", self.target.server()),
+        };
+        each(&err, count)
+    }
+}
+
+/// The connection, made again if it broke, waiting (with backoff) while the server cannot be
+/// reached; `None` once [`PATIENCE`] ran out.
+fn connection<'c>(
+    conn: &'c mut Option<Conn>,
+    target: &Target,
+    patience: &mut Patience,
+) -> Option<&'c mut Conn> {
+    while conn.is_none() {
+        if !patience.wait() {
+            return None;
+        }
+        match connect_writer(target) {
+            Ok(made) => *conn = Some(made),
+            Err(e) => patience.why = e.to_string(),
+        }
+    }
+    conn.as_mut()
+}
+
+/// `count` batches' results when their whole commit failed with `err`: that error, for each.
+fn each(err: &Error, count: usize) -> Results {
+    let one = || match err {
+        Error::Write { path, reason } => Error::Write {
+            path: path.clone(),
+            reason: reason.clone(),
+        },
+        Error::Unusable { path, reason } => Error::Unusable {
+            path: path.clone(),
+            reason: reason.clone(),
+        },
+        other => Error::Write {
+            path: PathBuf::new(),
+            reason: other.to_string(),
+        },
+    };
+    (0..count).map(|_| Err(one())).collect()
+}
+
+/// Waiting for the server with backoff, for at most [`PATIENCE`] from the first wait.
+struct Patience {
+    since: Option<Instant>,
+    backoff: Duration,
+    /// What went wrong last, for the error once patience runs out.
+    why: String,
+}
+
+impl Patience {
+    fn new() -> Self {
+        Self {
+            since: None,
+            backoff: BACKOFF_MIN,
+            why: String::new(),
+        }
+    }
+
+    /// Sleeps before the next try (not before the first); false once patience ran out.
+    fn wait(&mut self) -> bool {
+        let Some(since) = self.since else {
+            self.since = Some(Instant::now());
+            return true;
+        };
+        if since.elapsed() >= PATIENCE {
+            return false;
+        }
+        thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        true
+    }
+}
+
+/// Runs the transaction once: every batch in its savepoint (none for a batch alone), the commit
+/// token, `NOTIFY cairn` when a change may give a serving node work, `COMMIT`.
+fn run(conn: &mut Conn, path: &Path, batches: &[&Vec<Change>], token: &str) -> Run {
+    let broke = |conn: &Conn, e: &postgres::Error| match fault_of(e, &conn.client) {
+        Some(Fault::Conflict) => Run::Again,
+        Some(Fault::Lost) => Run::Lost(describe(e)),
+        None => Run::Failed(Error::Write {
+            path: path.to_path_buf(),
+            reason: describe(e),
+        }),
+    };
+    if let Err(e) = conn
+        .client
+        .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+    {
+        return broke(conn, &e);
+    }
+    let alone = batches.len() == 1;
+    let mut results = Vec::with_capacity(batches.len());
+    let mut wakes = false;
+    // The op and writer the last change applied proved ownership for (`Change::attempt_fence`).
+    let mut fenced: Option<(OpId, &ProcessId)> = None;
+    for &batch in batches {
+        if !alone && let Err(e) = conn.client.batch_execute("SAVEPOINT request") {
+            return abandon(conn, broke(conn, &e));
+        }
+        let mut tx = PgTx::new(conn, path);
+        let applied = rules::apply_batch(&mut tx, batch, &mut fenced);
+        match tx.fault {
+            Some(Fault::Conflict) => return abandon(conn, Run::Again),
+            Some(Fault::Lost) => {
+                let why = applied.err().map(|e| e.to_string()).unwrap_or_default();
+                return Run::Lost(why);
+            }
+            None => {}
+        }
+        let step = match applied {
+            Ok(applied) => {
+                wakes |= batch.iter().any(wakes_nodes);
+                results.push(Ok(applied));
+                if alone {
+                    Ok(())
+                } else {
+                    conn.client.batch_execute("RELEASE request")
+                }
+            }
+            Err(e) if alone => {
+                // Nothing of it is kept: the transaction ends here.
+                let _ = conn.client.batch_execute("ROLLBACK");
+                return Run::Done(vec![Err(e)]);
+            }
+            Err(e) => {
+                results.push(Err(e));
+                conn.client
+                    .batch_execute("ROLLBACK TO request; RELEASE request")
+            }
+        };
+        if let Err(e) = step {
+            return abandon(conn, broke(conn, &e));
+        }
+    }
+    if let Err(e) = note_commit(conn, token, wakes) {
+        return abandon(conn, broke(conn, &e));
+    }
+    match conn.client.batch_execute("COMMIT") {
+        Ok(()) => Run::Done(results),
+        Err(e) => match broke(conn, &e) {
+            Run::Lost(why) => Run::InDoubt(results, why),
+            other => other,
+        },
+    }
+}
+
+/// Inserts the transaction's commit token, and `NOTIFY cairn` (sent when it commits) if `wakes`.
+fn note_commit(
+    conn: &mut Conn,
+    token: &str,
+    wakes: bool,
+) -> std::result::Result<(), postgres::Error> {
+    conn.client.execute(
+        "INSERT INTO commit_tokens (token, at) VALUES ($1, $2)",
+        &[&token, &now_ms()],
+    )?;
+    if wakes {
+        conn.client.batch_execute("NOTIFY cairn")?;
+    }
+    Ok(())
+}
+
+/// Ends a transaction that will not commit, then says how it ended.
+fn abandon(conn: &mut Conn, run: Run) -> Run {
+    if !matches!(run, Run::Lost(_)) {
+        let _ = conn.client.batch_execute("ROLLBACK");
+    }
+    run
+}
+
+/// Whether a change may give a serving node something to do: a new op, an op or lock let go, a
+/// cooldown acknowledged, cairn unpaused, a schedule changed, a cancel to act on.
+// Until `Change::wakes_nodes` is part of the store's types; then that one decides.
+fn wakes_nodes(change: &Change) -> bool {
+    matches!(
+        change,
+        Change::Submit(_)
+            | Change::SetOp { release: true, .. }
+            | Change::Ack { .. }
+            | Change::Unpause
+            | Change::AddSchedule(_)
+            | Change::PauseSchedule { .. }
+            | Change::RemoveSchedule { .. }
+            | Change::RequestCancel { .. }
+            | Change::CancelUnstarted { .. }
+    )
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The writer's commit tokens: a random prefix of its own and a counter, so that no two
+/// transactions anywhere share one; and the count of commits, to prune old tokens now and then.
+struct Tokens {
+    prefix: String,
+    next: u64,
+    commits: u64,
+}
+
+impl Tokens {
+    fn new() -> Self {
+        let mut random = [0u8; 16];
+        let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random));
+        let prefix = if read.is_ok() {
+            random.iter().fold(String::new(), |mut hex, b| {
+                let _ = write!(hex, "{b:02x}");
+                hex
+            })
+        } else {
+            // Still unique enough: this process, this moment.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            format!("{}-{nanos}", std::process::id())
+        };
+        Self {
+            prefix,
+            next: 0,
+            commits: 0,
+        }
+    }
+
+    fn next(&mut self) -> String {
+        self.next += 1;
+        format!("{}-{}", self.prefix, self.next)
+    }
+
+    /// Counts a commit; every [`PRUNE_EVERY`], deletes the tokens older than an hour (a failure
+    /// here changes nothing: they are deleted next time).
+    fn committed(&mut self, conn: &mut Conn) {
+        self.commits += 1;
+        if self.commits.is_multiple_of(PRUNE_EVERY) {
+            let _ = conn.client.execute(
+                "DELETE FROM commit_tokens WHERE at < $1",
+                &[&(now_ms() - TOKEN_AGE_MS)],
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database of the test's own on the server at 127.0.0.1:5432, dropped at the end.
+    struct Db(String);
+
+    impl Db {
+        fn new(tag: &str) -> Self {
+            let name = format!("cairn_t_{tag}_{}", std::process::id());
+            admin()
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .unwrap();
+            admin()
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .unwrap();
+            Self(name)
+        }
+
+        fn location(&self) -> Location {
+            Location::parse(&format!("postgres://postgres@127.0.0.1:5432/{}", self.0))
+        }
+    }
+
+    impl Drop for Db {
+        fn drop(&mut self) {
+            let _ =
+                admin().batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0));
+        }
+    }
+
+    fn admin() -> postgres::Client {
+        postgres::Client::connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=test",
+            postgres::NoTls,
+        )
+        .unwrap()
+    }
+
+    /// A wait ends when another store commits a change that may give a node work.
+    #[test]
+    fn a_wait_ends_when_another_store_commits_a_change_that_wakes_nodes() {
+        let db = Db::new("wake");
+        let waiter = PgStore::open(&db.location()).unwrap();
+        let other = PgStore::open(&db.location()).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // Until the listener listens (it wakes every waiter once when it does).
+            while waiter.changes.seen() == 0 {
+                waiter.wait_for_change(Duration::from_millis(100)).await;
+            }
+            let before = waiter.changes.seen();
+            let wait = waiter.wait_for_change(PATIENCE);
+            let results = other.commit(vec![vec![Change::Unpause]]).await;
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            wait.await;
+            assert!(waiter.changes.seen() > before);
+        });
+    }
+
+    /// What a writer whose connection broke during `COMMIT` asks on its new connection: the token
+    /// of a transaction that committed is there, one that did not commit is not.
+    #[test]
+    fn a_commit_in_doubt_is_settled_by_its_token() {
+        let db = Db::new("doubt");
+        let target = Target::new(&db.location()).unwrap();
+        let mut client = target.connect().unwrap();
+        let fail = |e: &postgres::Error| target.unusable(&describe(e));
+        migrations::migrate(&mut client, &|r| target.unusable(&r), &fail).unwrap();
+        let mut writer = Writer {
+            target: &target,
+            path: target.location.as_path().to_path_buf(),
+            conn: Some(Conn::new(client)),
+            tokens: Tokens::new(),
+        };
+        let (committed, refused) = (writer.tokens.next(), writer.tokens.next());
+        let unpause = vec![Change::Unpause];
+        let conn = writer.conn.as_mut().unwrap();
+        assert!(matches!(
+            run(conn, &writer.path, &[&unpause], &committed),
+            Run::Done(_)
+        ));
+        // A batch refused alone commits nothing, its token neither.
+        let refused_batch = vec![Change::Event {
+            op: OpId(999),
+            at: 1,
+            kind: crate::types::EventKind::Note,
+            task: None,
+            message: String::new(),
+        }];
+        match run(conn, &writer.path, &[&refused_batch], &refused) {
+            Run::Done(results) => assert!(results[0].is_err(), "{results:?}"),
+            _ => panic!("the refusal is an answer"),
+        }
+        // As after a broken connection: the question goes on a new one.
+        writer.conn = None;
+        let mut patience = Patience::new();
+        assert_eq!(writer.committed(&committed, &mut patience), Some(true));
+        assert_eq!(writer.committed(&refused, &mut patience), Some(false));
+    }
+
+    #[test]
+    fn the_secret_key_file_is_named_by_the_environment_or_in_the_state_directory() {
+        // Only this test reads these variables in this process's unit tests.
+        let file = secret_key_file();
+        match std::env::var_os("CAIRN_SECRET_KEY_FILE").filter(|v| !v.is_empty()) {
+            Some(named) => assert_eq!(file, PathBuf::from(named)),
+            None => assert!(file.ends_with("cairn/postgres.key"), "{}", file.display()),
+        }
+    }
+}

@@ -1,0 +1,843 @@
+//! The PostgreSQL backend against the real server on 127.0.0.1:5432 (trust auth, user
+//! `postgres`): the rules through it, a claim raced by two stores, group commit with a refused
+//! batch, opening (migrations once, a newer or foreign database refused, connect errors that name
+//! the server and hide the password), and a writer whose connection is killed. Each test makes
+//! its own database `cairn_t_<unique>` and drops it at the end, even when it fails. What is
+//! committed is read back with SQL, on a connection of the test's own.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use postgres::{Client, NoTls};
+use store::{
+    Applied, AttemptStatus, Change, Error, ErrorKind, EventKind, Location, NewOp, NewTask, OpId,
+    OpStatus, Outcome, ProcessId, Snapshot, Store, TaskNo, TaskStatus,
+};
+
+const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+
+/// A database of this test's own, dropped (with any connection left to it) when this drops.
+struct Db {
+    name: String,
+}
+
+impl Db {
+    fn new() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "cairn_t_{}_{}_{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        admin()
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        Self { name }
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
+    }
+
+    fn location(&self) -> Location {
+        Location::parse(&self.url())
+    }
+
+    fn open(&self) -> Store {
+        store::open(&self.location()).unwrap()
+    }
+
+    /// A connection of the test's own, to read what was committed.
+    fn sql(&self) -> Client {
+        Client::connect(
+            &format!(
+                "host=127.0.0.1 port=5432 user=postgres dbname={}",
+                self.name
+            ),
+            NoTls,
+        )
+        .unwrap()
+    }
+
+    fn count(&self, query: &str) -> i64 {
+        self.sql().query_one(query, &[]).unwrap().get(0)
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let _ = admin().batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+fn admin() -> Client {
+    Client::connect(ADMIN, NoTls).unwrap()
+}
+
+fn owner(pid: u32) -> ProcessId {
+    ProcessId {
+        host: "h".into(),
+        boot_id: "b".into(),
+        pid,
+        start: 7,
+    }
+}
+
+fn new_op(tasks: u32, uuid: &str) -> NewOp {
+    NewOp {
+        uuid: uuid.to_owned(),
+        snapshot: Snapshot {
+            hash: "sha256:x".into(),
+            name: "p".into(),
+            text: "name: p".into(),
+            files: vec![("/sub.yaml".into(), "name: sub".into())],
+        },
+        title: "t".into(),
+        status: OpStatus::Queued,
+        params: serde_json::json!({"a": 1}),
+        workdir: "/".into(),
+        env: serde_json::Map::new(),
+        tasks: (0..tasks)
+            .map(|i| NewTask {
+                task_no: TaskNo(i),
+                step: format!("s{i}"),
+                name: format!("s{i}"),
+                item: None,
+            })
+            .collect(),
+        at: 1,
+        owner: None,
+        start: false,
+        lock: None,
+        cooldown_ms: None,
+        ignore_cooldown: false,
+        parent: None,
+        fired_by: None,
+    }
+}
+
+fn submit(store: &Store, tasks: u32, uuid: &str) -> OpId {
+    match store
+        .apply_blocking(vec![Change::Submit(new_op(tasks, uuid))])
+        .unwrap()
+        .pop()
+    {
+        Some(Applied::Submitted { id, .. }) => id,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn claim(store: &Store, op: OpId, who: &ProcessId, now: i64) -> store::Result<Vec<Applied>> {
+    claim_dead(store, op, who, now, None)
+}
+
+fn claim_dead(
+    store: &Store,
+    op: OpId,
+    who: &ProcessId,
+    now: i64,
+    dead: Option<ProcessId>,
+) -> store::Result<Vec<Applied>> {
+    store.apply_blocking(vec![Change::Claim {
+        op,
+        owner: who.clone(),
+        lease_until: now + 1000,
+        dead_owner: dead,
+        now,
+        queued: false,
+        reopen: false,
+        kind: EventKind::Started,
+        message: "test".into(),
+    }])
+}
+
+fn succeeded() -> Outcome {
+    Outcome {
+        task: TaskStatus::Succeeded,
+        attempt: AttemptStatus::Succeeded,
+        exit_code: Some(0),
+        error: None,
+        outputs: Some(serde_json::Map::from_iter([(
+            "k".to_owned(),
+            serde_json::json!("v"),
+        )])),
+        by_check: false,
+    }
+}
+
+// --- The rules through PostgreSQL ---
+
+#[test]
+fn an_op_runs_through_postgres_and_a_stale_owner_is_fenced() {
+    let db = Db::new();
+    let store = db.open();
+    let op = submit(&store, 2, "u-1");
+    let (a, b) = (owner(1), owner(2));
+    claim(&store, op, &a, 100).unwrap();
+    // b cannot take it while a's lease holds and a is not known dead...
+    let err = claim(&store, op, &b, 200).unwrap_err();
+    assert!(matches!(err, Error::Owned { .. }), "{err}");
+    // a runs a task to its end, with its output logged.
+    let start = |n, at| Change::StartAttempt {
+        op,
+        owner: a.clone(),
+        task: TaskNo(0),
+        n,
+        retry_from: 0,
+        at,
+    };
+    store.apply_blocking(vec![start(1, 300)]).unwrap();
+    store
+        .apply_blocking(vec![
+            Change::AttemptProcess {
+                op,
+                owner: a.clone(),
+                task: TaskNo(0),
+                n: 1,
+                process: owner(9),
+                pgid: 9,
+            },
+            Change::Log {
+                op,
+                task: TaskNo(0),
+                attempt: 1,
+                stream: 1,
+                at: 301,
+                data: b"hello\n".to_vec(),
+                limit: 1 << 20,
+            },
+            Change::FinishAttempt {
+                op,
+                owner: a.clone(),
+                task: TaskNo(0),
+                n: 1,
+                at: 302,
+                outcome: succeeded(),
+            },
+        ])
+        .unwrap();
+    // A succeeded task never starts again.
+    let err = store.apply_blocking(vec![start(2, 303)]).unwrap_err();
+    assert!(err.to_string().contains("must not run again"), "{err}");
+    // b takes it once a is known dead; a, still running somewhere, can no longer write.
+    claim_dead(&store, op, &b, 400, Some(a.clone())).unwrap();
+    let err = store
+        .apply_blocking(vec![Change::StartAttempt {
+            op,
+            owner: a.clone(),
+            task: TaskNo(1),
+            n: 1,
+            retry_from: 0,
+            at: 500,
+        }])
+        .unwrap_err();
+    assert!(matches!(err, Error::Owned { .. }), "{err}");
+    let sql = &mut db.sql();
+    let row = sql
+        .query_one("SELECT owner_pid, status FROM ops WHERE id = $1", &[&op.0])
+        .unwrap();
+    assert_eq!(row.get::<_, Option<i64>>(0), Some(2));
+    assert_eq!(row.get::<_, String>(1), "running");
+    let row = sql
+        .query_one(
+            "SELECT status, outputs FROM tasks WHERE op_id = $1 AND task_no = 0",
+            &[&op.0],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "succeeded");
+    assert_eq!(row.get::<_, String>(1), r#"{"k":"v"}"#);
+    let row = sql
+        .query_one(
+            "SELECT status, pid, data FROM attempts JOIN logs USING (op_id, task_no) WHERE op_id = $1",
+            &[&op.0],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "succeeded");
+    assert_eq!(row.get::<_, Option<i64>>(1), Some(9));
+    assert_eq!(row.get::<_, Vec<u8>>(2), b"hello\n");
+    // Events are numbered without gaps.
+    let seqs: Vec<i64> = sql
+        .query(
+            "SELECT seq FROM events WHERE op_id = $1 ORDER BY seq",
+            &[&op.0],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(seqs.len() >= 4, "{seqs:?}");
+    assert!(seqs.iter().zip(1..).all(|(s, i)| *s == i), "{seqs:?}");
+}
+
+/// The rest of the rules' statements, each run once: locks and cooldowns, fan-out, replan,
+/// marks and resets, ending, cancel, pause, schedules. Each commit must succeed, and leave what
+/// SQLite would.
+#[test]
+fn every_kind_of_change_commits_through_postgres() {
+    let db = Db::new();
+    let store = db.open();
+    let me = owner(1);
+    let mut first = new_op(3, "u-lock");
+    first.lock = Some("db".into());
+    first.cooldown_ms = Some(60_000);
+    first.owner = Some((me.clone(), 10_000));
+    first.start = true;
+    let op = match store
+        .apply_blocking(vec![Change::Submit(first)])
+        .unwrap()
+        .pop()
+    {
+        Some(Applied::Submitted { id, .. }) => id,
+        other => panic!("{other:?}"),
+    };
+    let batches = owner_changes(op, &me);
+    let batches = batches.into_iter().chain(other_changes()).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = runtime.block_on(store.apply_together(batches));
+    for (i, result) in results.iter().enumerate() {
+        assert!(result.is_ok(), "batch {i}: {result:?}");
+    }
+    let sql = &mut db.sql();
+    let tasks: Vec<(i64, String, String)> = sql
+        .query(
+            "SELECT task_no, name, status FROM tasks WHERE op_id = $1 ORDER BY task_no",
+            &[&op.0],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let names: Vec<(i64, &str, &str)> = tasks
+        .iter()
+        .map(|(n, name, status)| (*n, name.as_str(), status.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            (0, "s1", "pending"),
+            (1, "s0", "pending"),
+            (2, "s2", "pending"),
+            (3, "s3", "pending"),
+            (10, "s1[x]", "succeeded"),
+            (11, "s1[y]", "skipped"),
+        ]
+    );
+    let row = sql
+        .query_one(
+            "SELECT status, owner_pid, ending, params FROM ops WHERE id = $1",
+            &[&op.0],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "succeeded");
+    assert_eq!(row.get::<_, Option<i64>>(1), None);
+    assert_eq!(row.get::<_, Option<String>>(2), None);
+    assert_eq!(row.get::<_, String>(3), r#"{"a":2}"#);
+    assert_eq!(db.count("SELECT count(*) FROM locks"), 0);
+    let row = sql
+        .query_one(
+            "SELECT op_id, acked_by FROM cooldowns WHERE key = 'db'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), op.0);
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("me"));
+    assert_eq!(db.count("SELECT count(*) FROM settings"), 0);
+    let row = sql
+        .query_one("SELECT paused, last_fire, note FROM schedules", &[])
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1);
+    assert_eq!(row.get::<_, Option<i64>>(1), Some(35));
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("skipped"));
+
+    the_next_op_on_the_key_takes_its_lock_and_is_canceled(&db, &store);
+}
+
+/// The changes of an op's owner, each in its own batch: a fan-out, a replan, a rerun, the end.
+fn owner_changes(op: OpId, me: &ProcessId) -> Vec<Vec<Change>> {
+    let items = vec![serde_json::json!("x"), serde_json::json!("y")];
+    let item_tasks = |names: &[&str]| -> Vec<NewTask> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| NewTask {
+                task_no: TaskNo(10 + u32::try_from(i).unwrap()),
+                step: "s1".into(),
+                name: format!("s1[{name}]"),
+                item: Some(serde_json::json!(name)),
+            })
+            .collect()
+    };
+    vec![
+        vec![Change::Expand {
+            op,
+            owner: me.clone(),
+            task: TaskNo(1),
+            items: items.clone(),
+            tasks: item_tasks(&["x", "y"]),
+            at: 20,
+        }],
+        vec![Change::WholeAttempt {
+            op,
+            owner: me.clone(),
+            task: TaskNo(10),
+            n: 1,
+            retry_from: 0,
+            at: 21,
+            outcome: succeeded(),
+        }],
+        vec![Change::SetTask {
+            op,
+            owner: me.clone(),
+            task: TaskNo(11),
+            status: TaskStatus::Skipped,
+            at: 22,
+            message: "skipped".into(),
+        }],
+        vec![Change::Gather {
+            op,
+            owner: me.clone(),
+            task: TaskNo(1),
+            status: TaskStatus::Succeeded,
+            outputs: None,
+            error: None,
+            at: 23,
+        }],
+        vec![Change::Replan {
+            op,
+            owner: me.clone(),
+            snapshot: Snapshot {
+                hash: "sha256:y".into(),
+                name: "p".into(),
+                text: "name: p # 2".into(),
+                files: vec![],
+            },
+            renumber: vec![
+                (TaskNo(0), TaskNo(1)),
+                (TaskNo(1), TaskNo(0)),
+                (TaskNo(2), TaskNo(2)),
+                (TaskNo(10), TaskNo(10)),
+                (TaskNo(11), TaskNo(11)),
+            ],
+            tasks: vec![NewTask {
+                task_no: TaskNo(3),
+                step: "s3".into(),
+                name: "s3".into(),
+                item: None,
+            }],
+            params: serde_json::json!({"a": 2}),
+            env: serde_json::Map::new(),
+            at: 24,
+            message: "replanned".into(),
+        }],
+        vec![Change::ResetTasks {
+            op,
+            owner: me.clone(),
+            tasks: vec![TaskNo(0)],
+            at: 25,
+            message: "rerun".into(),
+        }],
+        vec![Change::DetachChild {
+            op,
+            owner: me.clone(),
+            task: TaskNo(2),
+            at: 26,
+            message: "detached".into(),
+        }],
+        vec![Change::CurrentTask {
+            op,
+            text: Some("s3".into()),
+        }],
+        vec![Change::Heartbeat {
+            op,
+            owner: me.clone(),
+            lease_until: 20_000,
+        }],
+        vec![Change::SetEnding {
+            op,
+            owner: me.clone(),
+            ending: serde_json::json!({"status": "succeeded"}),
+        }],
+        vec![Change::SetOp {
+            op,
+            owner: Some(me.clone()),
+            status: OpStatus::Succeeded,
+            at: 30,
+            error: None,
+            release: true,
+            kind: EventKind::OpSucceeded,
+            message: "done".into(),
+        }],
+    ]
+}
+
+/// The changes of people: acknowledging a cooldown, pausing, schedules.
+fn other_changes() -> Vec<Vec<Change>> {
+    vec![
+        vec![Change::Ack {
+            key: "db".into(),
+            request: store::Request {
+                by: "me".into(),
+                at: 31,
+                reason: None,
+            },
+        }],
+        vec![Change::Pause {
+            request: store::Request {
+                by: "me".into(),
+                at: 32,
+                reason: Some("why".into()),
+            },
+        }],
+        vec![Change::Pause {
+            request: store::Request {
+                by: "me".into(),
+                at: 33,
+                reason: None,
+            },
+        }],
+        vec![Change::Unpause],
+        vec![Change::AddSchedule(store::NewSchedule {
+            name: "nightly".into(),
+            plan: "/p.yaml".into(),
+            params: serde_json::Map::new(),
+            cron: "@daily".into(),
+            timezone: "UTC".into(),
+            catch_up: true,
+            created_at: 34,
+        })],
+        vec![Change::PauseSchedule {
+            name: "nightly".into(),
+            paused: true,
+        }],
+        vec![Change::ScheduleNote {
+            name: "nightly".into(),
+            due: 35,
+            note: "skipped".into(),
+        }],
+    ]
+}
+
+fn the_next_op_on_the_key_takes_its_lock_and_is_canceled(db: &Db, store: &Store) {
+    let sql = &mut db.sql();
+    // A second op on the key: the cooldown was acknowledged, so it may take the lock.
+    let mut next = new_op(1, "u-second");
+    next.lock = Some("db".into());
+    let second = match store
+        .apply_blocking(vec![Change::Submit(next)])
+        .unwrap()
+        .pop()
+    {
+        Some(Applied::Submitted { id, .. }) => id,
+        other => panic!("{other:?}"),
+    };
+    store
+        .apply_blocking(vec![Change::TakeLock {
+            op: second,
+            at: 40,
+            ignore_cooldown: false,
+        }])
+        .unwrap();
+    let holder: i64 = sql
+        .query_one("SELECT op_id FROM locks WHERE key = 'db'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(holder, second.0);
+    store
+        .apply_blocking(vec![Change::RequestCancel {
+            op: second,
+            request: store::Request {
+                by: "me".into(),
+                at: 41,
+                reason: None,
+            },
+        }])
+        .unwrap();
+    store
+        .apply_blocking(vec![Change::CancelUnstarted {
+            op: second,
+            dead_owner: None,
+            request: store::Request {
+                by: "me".into(),
+                at: 42,
+                reason: None,
+            },
+        }])
+        .unwrap();
+    let status: String = sql
+        .query_one("SELECT status FROM ops WHERE id = $1", &[&second.0])
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "canceled");
+    store
+        .apply_blocking(vec![Change::RemoveSchedule {
+            name: "nightly".into(),
+        }])
+        .unwrap();
+    assert_eq!(db.count("SELECT count(*) FROM schedules"), 0);
+}
+
+#[test]
+fn two_stores_racing_for_each_op_leave_exactly_one_owner() {
+    let db = Db::new();
+    let (one, two) = (db.open(), db.open());
+    let ops: Vec<OpId> = (0..20)
+        .map(|i| submit(&one, 1, &format!("u-{i}")))
+        .collect();
+    let race = |store: Store, pid: u32, ops: Vec<OpId>| {
+        std::thread::spawn(move || {
+            ops.iter()
+                .map(|&op| claim(&store, op, &owner(pid), 100).is_ok())
+                .collect::<Vec<bool>>()
+        })
+    };
+    let first = race(one, 1, ops.clone());
+    let second = race(two, 2, ops.clone());
+    let (first, second) = (first.join().unwrap(), second.join().unwrap());
+    for (i, op) in ops.iter().enumerate() {
+        assert!(
+            first[i] != second[i],
+            "op {op}: store one won: {}, store two won: {}",
+            first[i],
+            second[i]
+        );
+        let pid: i64 = db
+            .sql()
+            .query_one("SELECT owner_pid FROM ops WHERE id = $1", &[&op.0])
+            .unwrap()
+            .get(0);
+        assert_eq!(pid, if first[i] { 1 } else { 2 });
+    }
+}
+
+#[test]
+fn a_refused_batch_does_not_undo_the_others_in_a_group_commit() {
+    let db = Db::new();
+    let store = db.open();
+    let op = submit(&store, 1, "u-group");
+    let event = |at: i64| Change::Event {
+        op,
+        at,
+        kind: EventKind::Note,
+        task: None,
+        message: format!("{at}"),
+    };
+    let mut batches: Vec<Vec<Change>> = (0..100).map(|i| vec![event(i)]).collect();
+    // Refused: no such op; its first change must not stay either.
+    batches[50] = vec![
+        event(1000),
+        Change::CurrentTask {
+            op: OpId(999),
+            text: None,
+        },
+        Change::Event {
+            op: OpId(999),
+            at: 1,
+            kind: EventKind::Note,
+            task: None,
+            message: String::new(),
+        },
+    ];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = runtime.block_on(store.apply_together(batches));
+    let refused: Vec<usize> = (0..results.len())
+        .filter(|&i| results[i].is_err())
+        .collect();
+    assert_eq!(refused, [50]);
+    assert_eq!(
+        db.count("SELECT count(*) FROM events WHERE kind = 'note'"),
+        99
+    );
+    assert_eq!(db.count("SELECT count(*) FROM events WHERE at = 1000"), 0);
+    // Many callers at once, each its own request: grouped by the writer, one refused.
+    let handles: Vec<_> = (0..40)
+        .map(|i| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let target = if i == 20 { OpId(999) } else { op };
+                store.apply_blocking(vec![Change::Event {
+                    op: target,
+                    at: 2000 + i,
+                    kind: EventKind::Note,
+                    task: None,
+                    message: String::new(),
+                }])
+            })
+        })
+        .collect();
+    let refused = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(Result::is_err)
+        .count();
+    assert_eq!(refused, 1);
+    assert_eq!(
+        db.count("SELECT count(*) FROM events WHERE kind = 'note' AND at >= 2000"),
+        39
+    );
+}
+
+// --- Opening ---
+
+#[test]
+fn nodes_opening_a_new_database_together_migrate_it_once() {
+    let db = Db::new();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let location = db.location();
+            std::thread::spawn(move || store::open(&location).map(drop))
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().unwrap();
+    }
+    let sql = &mut db.sql();
+    let meta: Vec<(String, String)> = sql
+        .query("SELECT key, value FROM cairn_meta ORDER BY key", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        meta,
+        [
+            ("application".to_owned(), "cairn".to_owned()),
+            ("schema_version".to_owned(), "1".to_owned())
+        ]
+    );
+    // A reader of a database that holds nothing yet finds nothing, and writes nothing.
+    let empty = Db::new();
+    assert!(store::open_reader(&empty.location()).unwrap().is_none());
+    assert_eq!(
+        empty.count("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"),
+        0
+    );
+    assert!(store::open_reader(&db.location()).unwrap().is_some());
+}
+
+#[test]
+fn a_database_from_a_newer_cairn_is_refused() {
+    let db = Db::new();
+    drop(db.open());
+    db.sql()
+        .batch_execute("UPDATE cairn_meta SET value = '99' WHERE key = 'schema_version'")
+        .unwrap();
+    for err in [
+        store::open(&db.location()).unwrap_err(),
+        store::open_reader(&db.location()).unwrap_err(),
+    ] {
+        assert_eq!(err.kind(), ErrorKind::Unusable);
+        let text = err.to_string();
+        assert!(text.contains("newer cairn (schema version 99"), "{text}");
+        assert!(text.contains("127.0.0.1:5432"), "{text}");
+        assert!(text.contains(&db.name), "{text}");
+    }
+}
+
+#[test]
+fn a_database_that_is_not_cairns_is_refused_and_left_alone() {
+    let db = Db::new();
+    db.sql()
+        .batch_execute("CREATE TABLE orders (id BIGINT)")
+        .unwrap();
+    let err = store::open(&db.location()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unusable);
+    assert!(err.to_string().contains("not cairn's"), "{err}");
+    let err = store::open_reader(&db.location()).unwrap_err();
+    assert!(err.to_string().contains("not cairn's"), "{err}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"),
+        1
+    );
+}
+
+#[test]
+fn connect_errors_name_the_server_and_database_and_hide_the_password() {
+    let db = Db::new();
+    // Nothing listens on port 1.
+    let refused = Location::parse("postgres://postgres:s3cret@127.0.0.1:1/somedb");
+    // No such database on the real server.
+    let missing = Location::parse("postgres://postgres:s3cret@127.0.0.1:5432/cairn_t_no_such_db");
+    // No such role: the server refuses the login.
+    let login = Location::parse(&format!(
+        "postgres://cairn_no_such_role:s3cret@127.0.0.1:5432/{}",
+        db.name
+    ));
+    for (location, host, database, why) in [
+        (&refused, "127.0.0.1:1", "somedb", "refused"),
+        (
+            &missing,
+            "127.0.0.1:5432",
+            "cairn_t_no_such_db",
+            "no database",
+        ),
+        (
+            &login,
+            "127.0.0.1:5432",
+            db.name.as_str(),
+            "refused the login",
+        ),
+    ] {
+        for err in [
+            store::open(location).unwrap_err(),
+            store::open_reader(location).unwrap_err(),
+        ] {
+            assert_eq!(err.kind(), ErrorKind::Unusable);
+            let text = err.to_string();
+            assert!(text.contains(host), "{text}");
+            assert!(text.contains(database), "{text}");
+            assert!(text.contains(why), "{text}");
+            assert!(!text.contains("s3cret"), "{text}");
+            assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
+        }
+    }
+    let tls = Location::parse(&format!("{}?sslmode=require", db.url()));
+    let err = store::open(&tls).unwrap_err();
+    assert!(err.to_string().contains("TLS"), "{err}");
+}
+
+// --- A writer whose connection breaks ---
+
+#[test]
+fn a_commit_after_the_writers_connection_was_killed_lands_once() {
+    let db = Db::new();
+    let store = db.open();
+    let op = submit(&store, 1, "u-killed");
+    let sql = &mut db.sql();
+    let killed: i64 = sql
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'cairn'",
+            &[&db.name],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1, "the writer's connection, and only it");
+    let again = submit(&store, 1, "u-after");
+    assert_ne!(op, again);
+    assert_eq!(
+        db.count("SELECT count(*) FROM ops WHERE uuid = 'u-after'"),
+        1
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM events WHERE op_id = {}",
+            again.0
+        )),
+        db.count(&format!(
+            "SELECT count(*) FROM events WHERE op_id = {}",
+            op.0
+        ))
+    );
+}
