@@ -17,6 +17,7 @@
 mod api;
 mod error;
 mod location;
+mod postgres;
 mod rules;
 mod sqlite;
 pub mod testing;
