@@ -204,6 +204,7 @@ fn an_op_runs_through_postgres_and_a_stale_owner_is_fenced() {
                 pgid: 9,
             },
             Change::Log {
+                owner: None,
                 op,
                 task: TaskNo(0),
                 attempt: 1,
@@ -453,6 +454,7 @@ fn owner_changes(op: OpId, me: &ProcessId) -> Vec<Vec<Change>> {
             message: "detached".into(),
         }],
         vec![Change::CurrentTask {
+            owner: None,
             op,
             text: Some("s3".into()),
         }],
@@ -624,6 +626,7 @@ fn a_refused_batch_does_not_undo_the_others_in_a_group_commit() {
     let store = db.open();
     let op = submit(&store, 1, "u-group");
     let event = |at: i64| Change::Event {
+        owner: None,
         op,
         at,
         kind: EventKind::Note,
@@ -635,10 +638,12 @@ fn a_refused_batch_does_not_undo_the_others_in_a_group_commit() {
     batches[50] = vec![
         event(1000),
         Change::CurrentTask {
+            owner: None,
             op: OpId(999),
             text: None,
         },
         Change::Event {
+            owner: None,
             op: OpId(999),
             at: 1,
             kind: EventKind::Note,
@@ -667,6 +672,7 @@ fn a_refused_batch_does_not_undo_the_others_in_a_group_commit() {
             std::thread::spawn(move || {
                 let target = if i == 20 { OpId(999) } else { op };
                 store.apply_blocking(vec![Change::Event {
+                    owner: None,
                     op: target,
                     at: 2000 + i,
                     kind: EventKind::Note,

@@ -88,7 +88,7 @@ fn claim(
 struct Fresh {
     backend: &'static str,
     store: Store,
-    _dir: tempfile::TempDir,
+    _keep: Box<dyn std::any::Any>,
 }
 
 /// The switch point: every backend the rule tests below run against, each fresh. A new backend
@@ -101,19 +101,71 @@ fn fresh_stores() -> Vec<Fresh> {
     };
     let (store, dir) = sqlite();
     let (inner, faulty_dir) = sqlite();
+    let pg = PgDb::new();
     vec![
         Fresh {
             backend: "sqlite",
             store,
-            _dir: dir,
+            _keep: Box::new(dir),
         },
         // The fault-injecting wrapper, told nothing: it must change nothing.
         Fresh {
             backend: "sqlite through testing::Faulty",
             store: Faulty::new(inner).store(),
-            _dir: faulty_dir,
+            _keep: Box::new(faulty_dir),
+        },
+        Fresh {
+            backend: "postgres",
+            store: store::open(&Location::parse(&pg.url())).unwrap(),
+            _keep: Box::new(pg),
         },
     ]
+}
+
+/// A database of its own on the PostgreSQL server on 127.0.0.1:5432 (trust auth, user
+/// `postgres`), dropped with any connection left to it when this drops.
+struct PgDb {
+    name: String,
+}
+
+impl PgDb {
+    const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "cairn_rules_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        Self::admin(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+        Self::admin(&format!("CREATE DATABASE {name}"));
+        Self { name }
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
+    }
+
+    fn admin(sql: &str) {
+        // On a thread of its own: the synchronous client must not run on a runtime's thread.
+        let sql = sql.to_owned();
+        std::thread::spawn(move || {
+            let mut client = postgres::Client::connect(Self::ADMIN, postgres::NoTls).unwrap();
+            client.batch_execute(&sql).unwrap();
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        Self::admin(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
 }
 
 // --- The durable rules, on every backend ---

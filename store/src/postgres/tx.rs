@@ -140,11 +140,6 @@ impl<'t> PgTx<'t> {
     }
 }
 
-/// The nodes of `cairn serve`, and taking queued ops: the `Tx` methods the rules gain with them.
-#[allow(
-    dead_code,
-    reason = "called by the rules once `Tx` declares these methods, with these signatures"
-)]
 impl PgTx<'_> {
     fn all(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Vec<Row>> {
         let run = |conn: &mut Conn| {
@@ -152,67 +147,6 @@ impl PgTx<'_> {
             conn.client.query(&statement, params)
         };
         run(self.conn).map_err(|e| self.fail(&e))
-    }
-
-    /// Records a serving node's heartbeat: its row made or renewed, by (boot id, pid, start).
-    pub(crate) fn beat_node(
-        &mut self,
-        node: &ProcessId,
-        workers: u32,
-        started_at: Millis,
-        at: Millis,
-        lease_until: Millis,
-    ) -> Result<()> {
-        self.exec(
-            "INSERT INTO nodes (host, boot_id, pid, start, workers, started_at, heartbeat_at, lease_until) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (boot_id, pid, start) DO UPDATE SET \
-             host = excluded.host, workers = excluded.workers, started_at = excluded.started_at, \
-             heartbeat_at = excluded.heartbeat_at, lease_until = excluded.lease_until",
-            &[
-                &node.host,
-                &node.boot_id,
-                &i64::from(node.pid),
-                &ticks(node.start),
-                &i64::from(workers),
-                &started_at,
-                &at,
-                &lease_until,
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// Deletes a node's row.
-    pub(crate) fn delete_node(&mut self, node: &ProcessId) -> Result<()> {
-        self.exec(
-            "DELETE FROM nodes WHERE boot_id = $1 AND pid = $2 AND start = $3",
-            &[&node.boot_id, &i64::from(node.pid), &ticks(node.start)],
-        )?;
-        Ok(())
-    }
-
-    /// Deletes the rows of nodes whose lease ran out before `before`.
-    pub(crate) fn prune_nodes(&mut self, before: Millis) -> Result<()> {
-        self.exec("DELETE FROM nodes WHERE lease_until < $1", &[&before])?;
-        Ok(())
-    }
-
-    /// Of `candidates`, the ops that are queued, never started, and unowned (or whose lease ran
-    /// out before `now`), in id order, at most `limit`, each locked for this transaction. Rows
-    /// another transaction holds are skipped: nodes claiming at once take different ops.
-    pub(crate) fn lock_unowned(
-        &mut self,
-        candidates: &[OpId],
-        now: Millis,
-        limit: u32,
-    ) -> Result<Vec<OpId>> {
-        let ids: Vec<i64> = candidates.iter().map(|op| op.0).collect();
-        let rows = self.all(
-            "SELECT id FROM ops WHERE id = ANY($1) AND status = 'queued' AND started_at IS NULL \
-             AND (owner_boot IS NULL OR lease_until < $2) ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
-            &[&ids, &now, &i64::from(limit)],
-        )?;
-        rows.iter().map(|r| self.get(r, 0).map(OpId)).collect()
     }
 }
 
@@ -1086,5 +1020,63 @@ impl Tx for PgTx<'_> {
             )?;
         }
         Ok(())
+    }
+
+    // --- nodes ---
+
+    /// Records a serving node's heartbeat: its row made or renewed, by (boot id, pid, start).
+    fn beat_node(
+        &mut self,
+        node: &ProcessId,
+        workers: u32,
+        started_at: Millis,
+        at: Millis,
+        lease_until: Millis,
+    ) -> Result<()> {
+        self.exec(
+            "INSERT INTO nodes (host, boot_id, pid, start, workers, started_at, heartbeat_at, lease_until) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (boot_id, pid, start) DO UPDATE SET \
+             host = excluded.host, workers = excluded.workers, started_at = excluded.started_at, \
+             heartbeat_at = excluded.heartbeat_at, lease_until = excluded.lease_until",
+            &[
+                &node.host,
+                &node.boot_id,
+                &i64::from(node.pid),
+                &ticks(node.start),
+                &i64::from(workers),
+                &started_at,
+                &at,
+                &lease_until,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes a node's row.
+    fn delete_node(&mut self, node: &ProcessId) -> Result<()> {
+        self.exec(
+            "DELETE FROM nodes WHERE boot_id = $1 AND pid = $2 AND start = $3",
+            &[&node.boot_id, &i64::from(node.pid), &ticks(node.start)],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes the rows of nodes whose lease ran out before `before`.
+    fn prune_nodes(&mut self, before: Millis) -> Result<()> {
+        self.exec("DELETE FROM nodes WHERE lease_until < $1", &[&before])?;
+        Ok(())
+    }
+
+    /// Of `candidates`, the ops that are queued, never started, and unowned (or whose lease ran
+    /// out before `now`), in id order, at most `limit`, each locked for this transaction. Rows
+    /// another transaction holds are skipped: nodes claiming at once take different ops.
+    fn lock_unowned(&mut self, candidates: &[OpId], now: Millis, limit: u32) -> Result<Vec<OpId>> {
+        let ids: Vec<i64> = candidates.iter().map(|op| op.0).collect();
+        let rows = self.all(
+            "SELECT id FROM ops WHERE id = ANY($1) AND status = 'queued' AND started_at IS NULL \
+             AND (owner_boot IS NULL OR lease_until < $2) ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+            &[&ids, &now, &i64::from(limit)],
+        )?;
+        rows.iter().map(|r| self.get(r, 0).map(OpId)).collect()
     }
 }

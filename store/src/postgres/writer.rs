@@ -14,7 +14,6 @@
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant};
 use super::listen::Changes;
 use super::tx::{Conn, Fault, PgTx, describe, fault_of};
 use super::{PgReader, Target, migrations};
-use crate::api::{Backend, Committing, Reader, Results};
+use crate::api::{Backend, Committing, Reader, Results, Waiting};
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::rules;
@@ -58,10 +57,6 @@ pub(crate) struct PgStore {
     target: Arc<Target>,
     sender: mpsc::Sender<Queued>,
     reader: PgReader,
-    #[allow(
-        dead_code,
-        reason = "read by `wait_for_change`, a `Backend` method once the trait declares it"
-    )]
     changes: Changes,
 }
 
@@ -85,19 +80,6 @@ impl PgStore {
             target,
             sender,
         })
-    }
-
-    #[allow(
-        dead_code,
-        reason = "a `Backend` method once the trait declares it; until then the tests call it"
-    )]
-    /// Resolves when another process (or this one) committed a change that may give a serving
-    /// node work (`NOTIFY cairn`), or after `timeout`.
-    pub(crate) fn wait_for_change(
-        &self,
-        timeout: Duration,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        self.changes.wait(timeout)
     }
 }
 
@@ -127,6 +109,12 @@ impl Backend for PgStore {
 
     fn location(&self) -> &Location {
         &self.target.location
+    }
+
+    /// Resolves when another process (or this one) committed a change that may give a serving
+    /// node work (`NOTIFY cairn`), or after `timeout`.
+    fn wait_for_change(&self, timeout: Duration) -> Waiting<'_> {
+        self.changes.wait(timeout)
     }
 
     /// `CAIRN_SECRET_KEY_FILE`, else `postgres.key` in cairn's state directory
@@ -393,7 +381,7 @@ fn run(conn: &mut Conn, path: &Path, batches: &[&Vec<Change>], token: &str) -> R
         }
         let step = match applied {
             Ok(applied) => {
-                wakes |= batch.iter().any(wakes_nodes);
+                wakes |= batch.iter().any(Change::wakes_nodes);
                 results.push(Ok(applied));
                 if alone {
                     Ok(())
@@ -450,24 +438,6 @@ fn abandon(conn: &mut Conn, run: Run) -> Run {
         let _ = conn.client.batch_execute("ROLLBACK");
     }
     run
-}
-
-/// Whether a change may give a serving node something to do: a new op, an op or lock let go, a
-/// cooldown acknowledged, cairn unpaused, a schedule changed, a cancel to act on.
-// Until `Change::wakes_nodes` is part of the store's types; then that one decides.
-fn wakes_nodes(change: &Change) -> bool {
-    matches!(
-        change,
-        Change::Submit(_)
-            | Change::SetOp { release: true, .. }
-            | Change::Ack { .. }
-            | Change::Unpause
-            | Change::AddSchedule(_)
-            | Change::PauseSchedule { .. }
-            | Change::RemoveSchedule { .. }
-            | Change::RequestCancel { .. }
-            | Change::CancelUnstarted { .. }
-    )
 }
 
 /// Milliseconds since the Unix epoch.
@@ -618,6 +588,7 @@ mod tests {
             kind: crate::types::EventKind::Note,
             task: None,
             message: String::new(),
+            owner: None,
         }];
         match run(conn, &writer.path, &[&refused_batch], &refused) {
             Run::Done(results) => assert!(results[0].is_err(), "{results:?}"),
