@@ -205,7 +205,7 @@ pub async fn run(
             }
         }
     }
-    let events = pause_event(id, paused);
+    let events = pause_event(id, &me, paused);
     if !events.is_empty() {
         store.apply(events).await?;
     }
