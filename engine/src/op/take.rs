@@ -222,7 +222,7 @@ impl Takeover<'_> {
         let mut plan = snapshot_plan(reader, op)?;
         let stored: Map<String, Value> = row.params.as_object().cloned().unwrap_or_default();
         let key = if stored.values().any(secrets::is_sealed) {
-            secrets::key(&store.secret_key_file(), false)?
+            secrets::key(store, false)?
         } else {
             None
         };
