@@ -37,6 +37,11 @@ impl DbArgs {
         })
     }
 
+    /// How owners' liveness is judged on this store (`status`, `show`, `logs --follow`).
+    pub fn rule(&self) -> anyhow::Result<engine::owner::Rule> {
+        Ok(engine::owner::Rule::of(&self.location()?))
+    }
+
     /// Opens the database for writing (creating it).
     pub fn store(&self) -> anyhow::Result<store::Store> {
         Ok(store::open(&self.location()?)?)

@@ -25,7 +25,7 @@ struct Cli {
     #[command(flatten)]
     _db: db::DbArgs,
     /// Print data as JSON, for the commands that print data (`status`, `show`, `validate`,
-    /// `locks`, `schedule list`); also taken after the subcommand.
+    /// `locks`, `nodes`, `schedule list`); also taken after the subcommand.
     #[arg(id = "json", long, global = true)]
     _json: bool,
     /// Without one, `cairn` prints its help.
@@ -51,7 +51,9 @@ enum Command {
     Pause(cmd::pause::PauseArgs),
     Unpause(cmd::pause::UnpauseArgs),
     Locks(cmd::locks::Args),
+    Nodes(cmd::nodes::Args),
     Ack(cmd::locks::AckArgs),
+    Db(cmd::db::Args),
     Schema(cmd::schema::Args),
     Completions(cmd::completions::Args),
     Man(cmd::completions::ManArgs),
@@ -92,7 +94,9 @@ fn main() -> ExitCode {
         Command::Pause(args) => cmd::pause::pause(&args, &out),
         Command::Unpause(args) => cmd::pause::unpause(&args, &out),
         Command::Locks(args) => cmd::locks::run(&args, &out),
+        Command::Nodes(args) => cmd::nodes::run(&args, &out),
         Command::Ack(args) => cmd::locks::ack(&args, &out),
+        Command::Db(args) => cmd::db::run(&args, &out),
         Command::Schema(args) => cmd::schema::run(&args, &out),
         Command::Completions(args) => cmd::completions::completions(&args, Cli::command()),
         Command::Man(args) => cmd::completions::man(&args, Cli::command()),

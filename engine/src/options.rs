@@ -20,6 +20,17 @@ pub struct Options {
     pub tasks: TaskCount,
 }
 
+impl Options {
+    /// These options with leases of `lease`, renewed every sixth of it (as the default 30 s
+    /// lease is every 5 s): a renewal may fail a few times before the lease is in danger.
+    #[must_use]
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self.heartbeat = lease / 6;
+        self
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {

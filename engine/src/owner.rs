@@ -1,5 +1,5 @@
-//! Who owns an op, and whether that owner still lives: the one liveness rule that `status`,
-//! `resume` and (later) `cancel` and `serve` share.
+//! Who owns an op, and whether that owner still lives: the one liveness rule ([`Rule`]) that
+//! `status`, `show`, `resume`, `cancel` and `serve` share.
 
 use procs::proc::{self, Identity, Liveness};
 use store::{Millis, OpRow, OpStatus, ProcessId};
@@ -41,35 +41,68 @@ pub enum OwnerState {
     Dead(ProcessId),
 }
 
-/// Decides the owner's state. On the owner's own boot and pid namespace the process decides and
-/// the lease is not needed; elsewhere only the lease can tell.
-#[must_use]
-pub fn owner_state(op: &OpRow, now: Millis) -> OwnerState {
-    let Some(owner) = &op.owner else {
-        return OwnerState::None;
-    };
-    let alive = match proc::liveness(&to_identity(owner)) {
-        Liveness::Alive => true,
-        Liveness::Dead => false,
-        Liveness::Unknown => op.lease_until.is_some_and(|l| l >= now),
-    };
-    if alive {
-        OwnerState::Alive(owner.clone())
-    } else {
-        OwnerState::Dead(owner.clone())
-    }
+/// How an owner's liveness is judged, which depends on the store ([`Rule::of`]). Passed to whoever
+/// judges (the op layer, `serve`, the CLI's `status` and `show`), never kept in a static.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rule {
+    /// One machine's store (a SQLite file): on the owner's own boot and pid namespace its process
+    /// decides (a stopped owner is alive, a zombie dead), and the lease is not needed; elsewhere
+    /// only the lease can tell.
+    #[default]
+    Local,
+    /// A store that processes on other machines share (PostgreSQL): an owner lives only while its
+    /// lease holds, even on its own machine, so that a node stopped (SIGSTOP) past its lease has
+    /// lost its ops to another; a pid known dead is still dead at once.
+    Shared,
 }
 
-/// The status to show: an op whose owner is gone while it was running is `interrupted`.
-#[must_use]
-pub fn shown_status(op: &OpRow, now: Millis) -> OpStatus {
-    // A queued op with an owner is one a process waits to run (for its lock); if that process is
-    // gone, the op is interrupted too. A queued op without one waits for `cairn serve`.
-    let owned = op.status.is_owned() || (op.status == OpStatus::Queued && op.owner.is_some());
-    if owned && matches!(owner_state(op, now), OwnerState::Dead(_) | OwnerState::None) {
-        OpStatus::Interrupted
-    } else {
-        op.status
+impl Rule {
+    /// The rule for a store at `location`.
+    #[must_use]
+    pub fn of(location: &store::Location) -> Self {
+        if location.is_shared() {
+            Self::Shared
+        } else {
+            Self::Local
+        }
+    }
+
+    /// Decides the state of `op`'s owner at `now`.
+    #[must_use]
+    pub fn owner_state(self, op: &OpRow, now: Millis) -> OwnerState {
+        let Some(owner) = &op.owner else {
+            return OwnerState::None;
+        };
+        let lease_holds = op.lease_until.is_some_and(|l| l >= now);
+        let alive = match (proc::liveness(&to_identity(owner)), self) {
+            (Liveness::Dead, _) => false,
+            (Liveness::Alive, Self::Local) => true,
+            (Liveness::Alive, Self::Shared) | (Liveness::Unknown, _) => lease_holds,
+        };
+        if alive {
+            OwnerState::Alive(owner.clone())
+        } else {
+            OwnerState::Dead(owner.clone())
+        }
+    }
+
+    /// The status to show: an op whose owner is gone while it was running is `interrupted`.
+    #[must_use]
+    pub fn shown_status(self, op: &OpRow, now: Millis) -> OpStatus {
+        // A queued op with an owner is one a process waits to run (for its lock) or a serving
+        // node reserved; if that process is gone, the op is interrupted too. A queued op without
+        // one waits for `cairn serve`.
+        let owned = op.status.is_owned() || (op.status == OpStatus::Queued && op.owner.is_some());
+        if owned
+            && matches!(
+                self.owner_state(op, now),
+                OwnerState::Dead(_) | OwnerState::None
+            )
+        {
+            OpStatus::Interrupted
+        } else {
+            op.status
+        }
     }
 }
 

@@ -72,7 +72,7 @@ pub async fn fire_due(store: &Store, now: Millis, window: Millis) -> Result<Vec<
         let active = schedule
             .last_op
             .and_then(|previous| reader.op(previous).ok())
-            .map(|row| owner::shown_status(&row, owner::now()))
+            .map(|row| owner::Rule::of(store.location()).shown_status(&row, owner::now()))
             .filter(|status| !status.is_final() && *status != store::OpStatus::Failed);
         if let (Some(status), Some(previous)) = (active, schedule.last_op) {
             let text = format!(

@@ -1,5 +1,5 @@
 //! Secret params at rest: sealed with XChaCha20-Poly1305 under a key kept outside the database
-//! (a `0600` file beside it, or `CAIRN_SECRET_KEY`), so the database alone never holds a secret in
+//! (a `0600` file the store names, or `CAIRN_SECRET_KEY`), so the database alone never holds a secret in
 //! clear, and a resume can still pass the value to its steps.
 //!
 //! A sealed value is stored as `{"$secret": "v1:<nonce hex>:<ciphertext hex>"}`.
@@ -19,8 +19,42 @@ pub const MARK: &str = "$secret";
 pub enum Error {
     #[error("cannot read or create the secret key `{path}`: {reason}")]
     Key { path: PathBuf, reason: String },
+    #[error(
+        "the secret key `{path}` is readable by group or others (mode {mode:04o}); make it private with `chmod 600 {path}`"
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error(
+        "there is no secret key at `{path}`; a database that several machines share needs one key that every `cairn` using it has (it is never created for you): make it with `(umask 077; head -c 32 /dev/urandom > {path})`, copy it to each machine, and name it with CAIRN_SECRET_KEY_FILE"
+    )]
+    NoSharedKey { path: PathBuf },
     #[error("cannot decrypt secret param `{name}`: {reason}")]
     Open { name: String, reason: String },
+}
+
+/// A key that seals and opens secret params, and where it came from (for messages).
+#[derive(Clone)]
+pub struct SecretKey {
+    key: Key,
+    /// The key file's path, or `CAIRN_SECRET_KEY`.
+    from: String,
+}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself.
+        f.debug_struct("SecretKey")
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SecretKey {
+    fn new(key: Key, from: impl Into<String>) -> Self {
+        Self {
+            key,
+            from: from.into(),
+        }
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -43,35 +77,78 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Reads the key, creating it when `create` and it does not exist yet. Creation is atomic and
-/// durable: the key is written and synced under a temporary name, then linked into place (a
-/// concurrent creator's key wins and is read back), then the directory is synced.
-pub fn key(path: &Path, create: bool) -> Result<Option<Key>, Error> {
+/// The key of `store`'s secrets: `CAIRN_SECRET_KEY` if set, else the file the store names
+/// ([`store::Store::secret_key_file`]). On one machine's store the file is created when `create`
+/// and it does not exist yet (`None` when it does not and not `create`); a store that several
+/// machines share ([`store::Location::is_shared`]) needs the same key on each, so it is never
+/// created, and its absence is an error saying how to make one. A key file readable by group or
+/// others is refused.
+pub fn key(store: &store::Store, create: bool) -> Result<Option<SecretKey>, Error> {
     if let Ok(hexed) = std::env::var("CAIRN_SECRET_KEY") {
         return unhex(hexed.trim())
             .filter(|k| k.len() == 32)
-            .map(|k| Some(*Key::from_slice(&k)))
+            .map(|k| Some(SecretKey::new(*Key::from_slice(&k), "CAIRN_SECRET_KEY")))
             .ok_or_else(|| Error::Key {
                 path: "CAIRN_SECRET_KEY".into(),
                 reason: "it is not 64 hex digits".into(),
             });
     }
-    let path = path.to_path_buf();
+    let path = store.secret_key_file();
+    let shared = store.location().is_shared();
+    match read_key(&path)? {
+        Some(key) => Ok(Some(key)),
+        None if shared => Err(Error::NoSharedKey { path }),
+        None if create => create_key(&path),
+        None => Ok(None),
+    }
+}
+
+/// Reads the key file at `path` (`None` if there is none): 64 hex digits (what cairn writes), or
+/// 32 raw bytes (`head -c 32 /dev/urandom`). Refused when group or others may read it.
+fn read_key(path: &Path) -> Result<Option<SecretKey>, Error> {
+    use std::os::unix::fs::PermissionsExt as _;
     let fail = |reason: String| Error::Key {
-        path: path.clone(),
+        path: path.to_path_buf(),
         reason,
     };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            return unhex(text.trim())
-                .filter(|k| k.len() == 32)
-                .map(|k| Some(*Key::from_slice(&k)))
-                .ok_or_else(|| fail("it does not hold a key".into()));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {}
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(fail(e.to_string())),
+    };
+    let mode = file
+        .metadata()
+        .map_err(|e| fail(e.to_string()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(Error::Exposed {
+            path: path.to_path_buf(),
+            mode: mode & 0o7777,
+        });
     }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| fail(e.to_string()))?;
+    let from = path.display().to_string();
+    if bytes.len() == 32 {
+        return Ok(Some(SecretKey::new(*Key::from_slice(&bytes), from)));
+    }
+    std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|text| unhex(text.trim()))
+        .filter(|k| k.len() == 32)
+        .map(|k| Some(SecretKey::new(*Key::from_slice(&k), from)))
+        .ok_or_else(|| fail("it does not hold a key (64 hex digits, or 32 bytes)".into()))
+}
+
+/// Creates the key file at `path`, atomically and durably: the key is written and synced under a
+/// temporary name, then linked into place (a concurrent creator's key wins and is read back),
+/// then the directory is synced.
+fn create_key(path: &Path) -> Result<Option<SecretKey>, Error> {
+    let fail = |reason: String| Error::Key {
+        path: path.to_path_buf(),
+        reason,
+    };
     let fresh = XChaCha20Poly1305::generate_key(&mut OsRng);
     let temp = path.with_extension(format!("key.{}", std::process::id()));
     let mut file = std::fs::OpenOptions::new()
@@ -83,7 +160,7 @@ pub fn key(path: &Path, create: bool) -> Result<Option<Key>, Error> {
     file.write_all(hex(&fresh).as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| fail(e.to_string()))?;
-    let linked = std::fs::hard_link(&temp, &path);
+    let linked = std::fs::hard_link(&temp, path);
     let _ = std::fs::remove_file(&temp);
     match linked {
         Ok(()) => {
@@ -96,18 +173,18 @@ pub fn key(path: &Path, create: bool) -> Result<Option<Key>, Error> {
             {
                 let _ = d.sync_all();
             }
-            Ok(Some(fresh))
+            Ok(Some(SecretKey::new(fresh, path.display().to_string())))
         }
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => key(&path, false),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_key(path),
         Err(e) => Err(fail(e.to_string())),
     }
 }
 
 /// Seals the values of `secret` params in `params`.
 #[must_use]
-pub fn seal(params: &Map<String, Value>, secret: &[&str], key: &Key) -> Map<String, Value> {
-    let cipher = XChaCha20Poly1305::new(key);
+pub fn seal(params: &Map<String, Value>, secret: &[&str], key: &SecretKey) -> Map<String, Value> {
+    let cipher = XChaCha20Poly1305::new(&key.key);
     params
         .iter()
         .map(|(name, value)| {
@@ -136,7 +213,10 @@ pub fn is_sealed(value: &Value) -> bool {
 }
 
 /// Opens the sealed values of `params`; `key` is needed only when there are any.
-pub fn open(params: &Map<String, Value>, key: Option<&Key>) -> Result<Map<String, Value>, Error> {
+pub fn open(
+    params: &Map<String, Value>,
+    key: Option<&SecretKey>,
+) -> Result<Map<String, Value>, Error> {
     let mut out = Map::new();
     for (name, value) in params {
         if !is_sealed(value) {
@@ -158,9 +238,15 @@ pub fn open(params: &Map<String, Value>, key: Option<&Key>) -> Result<Map<String
             .filter(|n| n.len() == 24)
             .ok_or_else(|| fail("bad nonce"))?;
         let sealed = unhex(sealed).ok_or_else(|| fail("bad ciphertext"))?;
-        let plain = XChaCha20Poly1305::new(key)
+        // The cipher authenticates: another key fails here, it never yields garbage.
+        let plain = XChaCha20Poly1305::new(&key.key)
             .decrypt(XNonce::from_slice(&nonce), sealed.as_slice())
-            .map_err(|_| fail("the key does not match the one it was sealed with"))?;
+            .map_err(|_| {
+                fail(&format!(
+                    "`{}` is not the key these secrets were sealed with (every machine using the database needs the same key)",
+                    key.from
+                ))
+            })?;
         let value =
             serde_json::from_slice(&plain).map_err(|_| fail("the decrypted value is not JSON"))?;
         out.insert(name.clone(), value);
@@ -174,7 +260,7 @@ mod tests {
 
     #[test]
     fn sealed_values_open_with_the_key_only() {
-        let key = XChaCha20Poly1305::generate_key(&mut OsRng);
+        let key = SecretKey::new(XChaCha20Poly1305::generate_key(&mut OsRng), "test");
         let params = Map::from_iter([
             ("user".to_owned(), Value::from("admin")),
             ("password".to_owned(), Value::from("hunter2")),
@@ -188,8 +274,9 @@ mod tests {
                 .contains("hunter2")
         );
         assert_eq!(open(&sealed, Some(&key)).unwrap(), params);
-        let other = XChaCha20Poly1305::generate_key(&mut OsRng);
-        assert!(open(&sealed, Some(&other)).is_err());
+        let other = SecretKey::new(XChaCha20Poly1305::generate_key(&mut OsRng), "other");
+        let wrong = open(&sealed, Some(&other)).unwrap_err().to_string();
+        assert!(wrong.contains("`other` is not the key"), "{wrong}");
         assert!(open(&sealed, None).is_err());
     }
 }

@@ -4,7 +4,12 @@
 //! - ops whose owner is gone (killed, its machine rebooted) or that a stop left interrupted, of
 //!   plans with `auto_resume: true`: it resumes them, as an event `auto-resumed` says;
 //!
-//! and runs up to `workers` at once. An op whose lock another op holds is left for a later poll
+//! and runs up to `workers` at once. Queued ops are reserved for this process before it gives them
+//! workers (`Change::Reserve`), so that several `serve` processes looking at once take different
+//! ops; resumes go through the claim alone. It records itself as a serving node (a heartbeat
+//! every `options.heartbeat`, with a lease of `options.lease`, which is also the lease of every op
+//! it runs; `cairn nodes` lists the live ones), and between polls waits for the store to say that
+//! something changed (PostgreSQL) or for the poll interval (SQLite). An op whose lock another op holds is left for a later poll
 //! rather than given a worker to wait in (a failed op keeps its lock until it is resumed or
 //! canceled). Taking an op is the store's compare-and-set (`Claim`), so several `serve` processes
 //! on one database never run an op twice: the loser of a race is told another process owns the op
@@ -21,13 +26,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use store::{Change, EventKind, OpId, OpStatus, Store};
+use store::{Applied, Change, EventKind, OpId, OpStatus, ProcessId, Store};
 use tokio::task::JoinSet;
 
 use crate::op::{self, Error, Overrides};
 use crate::options::Options;
 use crate::outcome::RunEnd;
-use crate::owner::{self, OwnerState};
+use crate::owner::{self, OwnerState, Rule};
 use crate::progress::Sink;
 use crate::shutdown::StopHandle;
 
@@ -56,8 +61,69 @@ enum Work {
 /// How long an op refused for a passing reason waits before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 
+/// The ops this process runs, and how to reach each.
+#[derive(Default)]
+struct Workers {
+    running: JoinSet<(OpId, Result<RunEnd, Error>)>,
+    tasks: HashMap<tokio::task::Id, OpId>,
+    handles: BTreeMap<OpId, StopHandle>,
+}
+
+impl Workers {
+    fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Starts a worker that starts or resumes `op`.
+    fn spawn(&mut self, store: &Store, config: &Config, sink: Sink, op: OpId, what: Work) {
+        let handle = StopHandle::new();
+        self.handles.insert(op, handle.clone());
+        let store = store.clone();
+        let options = config.options.clone();
+        tracing::info!(
+            op = op.0,
+            "{}",
+            if what == Work::Start {
+                "starting"
+            } else {
+                "resuming"
+            }
+        );
+        let task = self
+            .running
+            .spawn(async move { (op, run_one(&store, op, what, options, sink, handle).await) });
+        self.tasks.insert(task.id(), op);
+    }
+
+    /// The next worker to end: its op and how its run ended (`None` when none runs).
+    async fn next(&mut self) -> Option<(OpId, Result<RunEnd, Error>)> {
+        loop {
+            let (op, end) = match self.running.join_next_with_id().await? {
+                Ok((id, (op, end))) => {
+                    self.tasks.remove(&id);
+                    (op, end)
+                }
+                Err(e) => {
+                    // A worker panicked: its op is released for the next poll (or server).
+                    let Some(op) = self.tasks.remove(&e.id()) else {
+                        continue;
+                    };
+                    (op, Err(Error::Refused(format!("its worker failed: {e}"))))
+                }
+            };
+            self.handles.remove(&op);
+            return Some((op, end));
+        }
+    }
+}
+
 /// Runs ops until `stop` is set (or, with `once`, until nothing is left). `progress` gives each
-/// op's sink.
+/// op's sink. The process records itself as a serving node for as long as it serves
+/// ([`Node`]); `config.options.lease` is both its own lease and the lease of every op it runs.
 pub async fn serve(
     store: &Store,
     config: Config,
@@ -65,9 +131,7 @@ pub async fn serve(
     stop: StopHandle,
 ) -> Result<(), Error> {
     let mut stopped = stop.subscribe();
-    let mut running: JoinSet<(OpId, Result<RunEnd, Error>)> = JoinSet::new();
-    let mut tasks: HashMap<tokio::task::Id, OpId> = HashMap::new();
-    let mut handles: BTreeMap<OpId, StopHandle> = BTreeMap::new();
+    let mut workers = Workers::default();
     let mut seen = Seen::default();
     let started = Instant::now();
     let speed = config.schedule_clock.map_or(1.0, |(_, speed)| speed);
@@ -80,6 +144,7 @@ pub async fn serve(
     #[allow(clippy::cast_possible_wrap, clippy::cast_precision_loss)]
     let window = 60_000 + (config.poll.as_millis() as f64 * speed) as i64;
     let me = owner::me();
+    let node = Node::start(store, &me, &config).await;
     tracing::info!(workers = config.workers, "serving");
     loop {
         if *stopped.borrow() {
@@ -92,9 +157,9 @@ pub async fn serve(
             store,
             &config,
             (schedule_now(), window),
-            &handles,
+            &workers.handles,
             &mut seen,
-            running.len(),
+            workers.len(),
         )
         .await
         {
@@ -104,60 +169,44 @@ pub async fn serve(
                 Vec::new()
             }
         };
-        for (op, what) in found {
-            if running.len() >= config.workers {
-                break;
-            }
-            let handle = StopHandle::new();
-            handles.insert(op, handle.clone());
-            let store = store.clone();
-            let options = config.options.clone();
-            let sink = progress(op);
-            tracing::info!(
-                op = op.0,
-                "{}",
-                if what == Work::Start {
-                    "starting"
-                } else {
-                    "resuming"
-                }
-            );
-            let task = running
-                .spawn(async move { (op, run_one(&store, op, what, options, sink, handle).await) });
-            tasks.insert(task.id(), op);
+        let free = config.workers.saturating_sub(workers.len());
+        for (op, what) in choose(store, &me, &config, found, free).await {
+            workers.spawn(store, &config, progress(op), op, what);
         }
-        if config.once && running.is_empty() {
+        if config.once && workers.is_empty() {
             // Nothing was found and nothing runs: drained.
             tracing::info!("nothing left to do");
             break;
         }
         tokio::select! {
-            joined = running.join_next_with_id(), if !running.is_empty() => {
-                let (op, end) = match joined {
-                    Some(Ok((id, (op, end)))) => {
-                        tasks.remove(&id);
-                        (op, end)
-                    }
-                    Some(Err(e)) => {
-                        // A worker panicked: its op is released for the next poll (or server).
-                        let Some(op) = tasks.remove(&e.id()) else { continue };
-                        (op, Err(Error::Refused(format!("its worker failed: {e}"))))
-                    }
-                    None => continue,
-                };
-                handles.remove(&op);
+            Some((op, end)) = workers.next(), if !workers.is_empty() => {
                 ended(store, &me, op, end, &mut seen).await;
             }
-            () = tokio::time::sleep(config.poll) => {}
+            // SQLite: the poll interval; PostgreSQL: sooner, when another process commits
+            // something that gives this node work.
+            () = store.wait_for_change(config.poll) => {}
             _ = stopped.changed() => {}
         }
     }
-    // Stopping: no task starts any more; running steps get the grace period to finish. Those
-    // still running then are stopped as `cairn run` stops them (TERM, KILL after the grace
-    // period). Every op is released, for the next server.
-    if !running.is_empty() {
+    drain(store, &config, &me, &mut workers, &mut seen).await;
+    node.stop(store).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Stopping: no task starts any more; running steps get the grace period to finish. Those still
+/// running then are stopped as `cairn run` stops them (TERM, KILL after the grace period). Every
+/// op is released, for the next server.
+async fn drain(
+    store: &Store,
+    config: &Config,
+    me: &ProcessId,
+    workers: &mut Workers,
+    seen: &mut Seen,
+) {
+    if !workers.is_empty() {
         tracing::info!(
-            ops = running.len(),
+            ops = workers.len(),
             "draining: running steps get {} to finish",
             plans::units::format_duration(config.options.grace)
         );
@@ -166,32 +215,124 @@ pub async fn serve(
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                joined = running.join_next_with_id() => match joined {
-                    Some(Ok((id, (op, end)))) => {
-                        tasks.remove(&id);
-                        handles.remove(&op);
-                        ended(store, &me, op, end, &mut seen).await;
-                    }
-                    Some(Err(_)) => {}
+                next = workers.next() => match next {
+                    Some((op, end)) => ended(store, me, op, end, seen).await,
                     None => break,
                 },
                 () = &mut deadline => break,
             }
         }
     }
-    if !running.is_empty() {
-        tracing::info!(ops = running.len(), "stopping the steps still running");
+    if !workers.is_empty() {
+        tracing::info!(ops = workers.len(), "stopping the steps still running");
     }
-    for handle in handles.values() {
+    for handle in workers.handles.values() {
         handle.stop();
     }
-    while let Some(joined) = running.join_next().await {
-        if let Ok((op, end)) = joined {
-            ended(store, &me, op, end, &mut seen).await;
+    while let Some((op, end)) = workers.next().await {
+        ended(store, me, op, end, seen).await;
+    }
+}
+
+/// This process as a serving node in the store: recorded when it starts, renewed every heartbeat
+/// period with a lease of `options.lease` (what `cairn nodes` lists), deleted when it stops
+/// cleanly. A node killed leaves its row until its lease runs out.
+struct Node {
+    id: ProcessId,
+    beat: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    async fn start(store: &Store, me: &ProcessId, config: &Config) -> Self {
+        let workers = u32::try_from(config.workers).unwrap_or(u32::MAX);
+        let started_at = owner::now();
+        let lease = config.options.lease;
+        let every = config.options.heartbeat;
+        let beat = move |store: Store, me: ProcessId| async move {
+            let at = owner::now();
+            let change = Change::NodeBeat {
+                node: me,
+                workers,
+                started_at,
+                at,
+                lease_until: at + millis(lease),
+            };
+            if let Err(e) = store.apply(vec![change]).await {
+                tracing::warn!(error = %e, "cannot record this node's heartbeat; trying again");
+            }
+        };
+        beat(store.clone(), me.clone()).await;
+        let (store, id) = (store.clone(), me.clone());
+        let beat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                beat(store.clone(), id.clone()).await;
+            }
+        });
+        Self {
+            id: me.clone(),
+            beat,
         }
     }
-    tracing::info!("stopped");
-    Ok(())
+
+    /// The node stops cleanly: no more heartbeats, and its row goes at once.
+    async fn stop(self, store: &Store) {
+        self.beat.abort();
+        let _ = self.beat.await;
+        if let Err(e) = store
+            .apply(vec![Change::NodeGone {
+                node: self.id.clone(),
+            }])
+            .await
+        {
+            tracing::warn!(error = %e, "cannot remove this node's record; it goes once its lease runs out");
+        }
+    }
+}
+
+/// A duration in milliseconds, as the store counts them.
+fn millis(d: Duration) -> store::Millis {
+    store::Millis::try_from(d.as_millis()).unwrap_or(store::Millis::MAX)
+}
+
+/// Of what a poll `found`, what this node runs now, at most `free`: resumes first (each taken by
+/// its own claim), then the queued ops never started that it could reserve (`Change::Reserve`):
+/// nodes looking at the queue at once reserve different ops, where claiming the same ones would
+/// leave all but one of them idle until the next poll.
+async fn choose(
+    store: &Store,
+    me: &ProcessId,
+    config: &Config,
+    found: Vec<(OpId, Work)>,
+    free: usize,
+) -> Vec<(OpId, Work)> {
+    let (resumes, starts): (Vec<_>, Vec<_>) = found
+        .into_iter()
+        .partition(|(_, what)| *what == Work::Resume);
+    let mut chosen: Vec<(OpId, Work)> = resumes.into_iter().take(free).collect();
+    let left = free - chosen.len();
+    if left == 0 || starts.is_empty() {
+        return chosen;
+    }
+    let now = owner::now();
+    let reserve = Change::Reserve {
+        owner: me.clone(),
+        lease_until: now + millis(config.options.lease),
+        now,
+        candidates: starts.iter().map(|(op, _)| *op).collect(),
+        limit: u32::try_from(left).unwrap_or(u32::MAX),
+    };
+    match store.apply(vec![reserve]).await {
+        Ok(applied) => {
+            for reserved in applied {
+                if let Applied::Reserved(ops) = reserved {
+                    chosen.extend(ops.into_iter().map(|op| (op, Work::Start)));
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot reserve queued ops; trying again"),
+    }
+    chosen
 }
 
 /// A worker: starts or resumes `op` through the resume path, saying why in its events.
@@ -256,7 +397,8 @@ async fn poll(
     if busy >= config.workers {
         return Ok(Vec::new());
     }
-    let (found, waiting) = work(&store.reader()?, running, seen)?;
+    let rule = Rule::of(store.location());
+    let (found, waiting) = work(&store.reader()?, rule, running, seen)?;
     // `status` says why a queued op does not start.
     let notes: Vec<Change> = waiting
         .into_iter()
@@ -285,6 +427,11 @@ async fn ended(
         Ok(RunEnd::StoreFailed(e)) => {
             tracing::warn!(op = op.0, error = %e, "the store failed under it");
             Some(e)
+        }
+        Ok(RunEnd::LostOwnership(why)) => {
+            // Its steps were ended and nothing more was written for it; the other ops go on.
+            tracing::warn!(op = op.0, "lost the op: {why}");
+            None
         }
         Ok(end) => {
             tracing::info!(op = op.0, status = %end.status(), "op ended");
@@ -341,6 +488,7 @@ type Found = (Vec<(OpId, Work)>, Vec<(OpId, String)>);
 /// their `CUR_TASK` should say, when it does not say it yet).
 fn work(
     reader: &store::Reader,
+    rule: Rule,
     running: &BTreeMap<OpId, StopHandle>,
     seen: &mut Seen,
 ) -> Result<Found, Error> {
@@ -370,7 +518,7 @@ fn work(
             {
                 continue;
             }
-            if matches!(owner::owner_state(&row, now), OwnerState::Alive(_)) {
+            if matches!(rule.owner_state(&row, now), OwnerState::Alive(_)) {
                 continue;
             }
             if let Some((key, holder)) = row

@@ -12,6 +12,7 @@ mod faults;
 mod graph;
 mod help;
 mod invalid_plans;
+mod nodes;
 mod operator;
 mod postgres;
 mod regressions;

@@ -27,6 +27,7 @@ pub struct Args {
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     let (reader, row) = crate::db::read_op(&args.db, op)?;
+    let rule = args.db.rule()?;
     let tasks = reader.tasks(op)?;
     // A task by name (`restore[s03]`), or a step: its own task and, for a fan-out, its items'.
     let wanted: Option<std::collections::HashSet<TaskNo>> = match &args.step {
@@ -102,7 +103,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             std::io::Write::write_all(&mut std_out, &chunk.data).context("cannot write")?;
             std::io::Write::flush(&mut std_out).context("cannot write")?;
         }
-        if !args.follow || engine::owner::shown_status(&row, engine::owner::now()).is_ended() {
+        if !args.follow || rule.shown_status(&row, engine::owner::now()).is_ended() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(250));

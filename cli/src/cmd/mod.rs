@@ -3,10 +3,12 @@
 pub mod approve;
 pub mod cancel;
 pub mod completions;
+pub mod db;
 pub mod graph;
 pub mod locks;
 pub mod logs;
 pub mod mark;
+pub mod nodes;
 pub mod pause;
 pub mod resume;
 pub mod run;

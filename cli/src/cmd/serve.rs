@@ -13,10 +13,10 @@ use crate::output::Output;
 /// Starts queued ops oldest first, and resumes ops whose process died (or that a stop left
 /// interrupted) when their plan allows it (`auto_resume`, on by default), and fires the cron
 /// schedules (`cairn schedule`). Several `serve` processes may share one database: an op is only
-/// ever run by one. SIGTERM or Ctrl-C: no new step starts; running steps get `--grace` to finish,
-/// then TERM, then KILL after `--grace`; the ops are recorded interrupted and released, so that
-/// the next `serve` resumes them at once. Logs go to stderr (`RUST_LOG` filters
-/// them; `--log-format json` for machines).
+/// ever run by one, and `cairn nodes` lists them. SIGTERM or Ctrl-C: no new step starts; running
+/// steps get `--grace` to finish, then TERM, then KILL after `--grace`; the ops are recorded
+/// interrupted and released, so that the next `serve` resumes them at once. Logs go to stderr
+/// (`RUST_LOG` filters them; `--log-format json` for machines).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// How many ops run at once.
@@ -32,6 +32,11 @@ pub struct Args {
     /// as real time (`2026-11-22T02:00:30Z` or `2026-11-22T02:00:30Zx60`): for tests and drills.
     #[arg(long, value_name = "TIME[xSPEED]", hide = true, value_parser = clock)]
     schedule_clock: Option<(i64, f64)>,
+    /// How long this process's lease lasts, on the ops it runs and on its own record (`cairn
+    /// nodes`), renewed every sixth of it. Past it, a process that stopped renewing (killed,
+    /// frozen, cut off from the database) has lost its ops, and another `serve` takes them over.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = lease_ttl)]
+    lease_ttl: Duration,
     /// How log lines are written.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -61,6 +66,16 @@ fn duration(text: &str) -> Result<Duration, String> {
     plans::units::parse_duration(text)
 }
 
+/// A lease of at least a second: renewed every sixth of it, a shorter one would be lost to the
+/// first slow commit.
+fn lease_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = duration(text)?;
+    if ttl < Duration::from_secs(1) {
+        return Err(format!("`{text}` is too short for a lease: at least 1s"));
+    }
+    Ok(ttl)
+}
+
 pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -77,7 +92,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let config = engine::serve::Config {
         workers: usize::from(args.workers),
         once: args.once,
-        options: args.run.options(),
+        options: args.run.options().with_lease(args.lease_ttl),
         poll: args.poll,
         schedule_clock: args.schedule_clock,
     };

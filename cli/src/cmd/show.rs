@@ -83,14 +83,15 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let attempts = reader.attempts(op)?;
     let events = reader.events(op)?;
     let now = engine::owner::now();
+    let rule = args.db.rule()?;
     let time = |t: Option<i64>| t.map(engine::time::rfc3339);
     if args.json {
-        let mut object = op_json(&row, now);
+        let mut object = op_json(&row, rule, now);
         object["params"] = shown_params(&row.params);
         object["children"] = reader
             .children(op)?
             .iter()
-            .map(|c| json!({"id": c.id.0, "plan": c.plan, "status": engine::owner::shown_status(c, now).as_str()}))
+            .map(|c| json!({"id": c.id.0, "plan": c.plan, "status": rule.shown_status(c, now).as_str()}))
             .collect();
         object["tasks"] = tasks
             .iter()
@@ -128,7 +129,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         crate::output::data(&text).context("cannot write")?;
         return Ok(());
     }
-    let summary = op_json(&row, now);
+    let summary = op_json(&row, rule, now);
     let mut text = String::new();
     writeln!(text, "op {}  {}  {}", row.id, row.plan, row.title).ok();
     writeln!(
@@ -149,9 +150,16 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         writeln!(text, "  error:    {error}").ok();
     }
     if let Some(owner) = summary.get("owner").filter(|o| !o.is_null()) {
+        // On a shared store the lease is what keeps the owner alive: say until when.
+        let lease = row
+            .lease_until
+            .filter(|_| rule == engine::owner::Rule::Shared)
+            .map_or_else(String::new, |l| {
+                format!(" (lease until {})", engine::time::local(l))
+            });
         writeln!(
             text,
-            "  owner:    pid {} on {}",
+            "  owner:    pid {} on {}{lease}",
             owner["pid"],
             owner["host"].as_str().unwrap_or_default()
         )
@@ -178,7 +186,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
                 "    op {}  {}  {}  (step {step})",
                 child.id,
                 child.plan,
-                engine::owner::shown_status(child, now)
+                rule.shown_status(child, now)
             )
             .ok();
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use comfy_table::{Table, presets};
+use engine::owner::Rule;
 use serde_json::{Value, json};
 use store::{OpFilter, OpRow, OpStatus};
 
@@ -63,9 +64,9 @@ fn elapsed_ms(op: &OpRow, shown: OpStatus, now: i64) -> Option<i64> {
     }
 }
 
-/// An op as `status --json` and `show --json` print it.
-pub fn op_json(op: &OpRow, now: i64) -> Value {
-    let shown = engine::owner::shown_status(op, now);
+/// An op as `status --json` and `show --json` print it, its owner judged by `rule`.
+pub fn op_json(op: &OpRow, rule: Rule, now: i64) -> Value {
+    let shown = rule.shown_status(op, now);
     let elapsed = elapsed_ms(op, shown, now);
     json!({
         "id": op.id.0,
@@ -86,9 +87,18 @@ pub fn op_json(op: &OpRow, now: i64) -> Value {
 
 /// The ops to list, and whether `--limit` left some out. The shown status decides, so
 /// `--status interrupted` finds ops whose owner died.
-fn rows(reader: &store::Reader, args: &Args, now: i64) -> anyhow::Result<(Vec<OpRow>, bool)> {
+fn rows(
+    reader: &store::Reader,
+    args: &Args,
+    (rule, now): (Rule, i64),
+) -> anyhow::Result<(Vec<OpRow>, bool)> {
     let limit = (!args.all).then_some(args.limit);
-    let mut out = matching(reader, args, now, limit.map(|l| l.saturating_add(1)))?;
+    let mut out = matching(
+        reader,
+        args,
+        (rule, now),
+        limit.map(|l| l.saturating_add(1)),
+    )?;
     let cut = limit.is_some_and(|l| out.len() > l as usize);
     if let Some(limit) = limit {
         out.truncate(limit as usize);
@@ -100,7 +110,7 @@ fn rows(reader: &store::Reader, args: &Args, now: i64) -> anyhow::Result<(Vec<Op
 fn matching(
     reader: &store::Reader,
     args: &Args,
-    now: i64,
+    (rule, now): (Rule, i64),
     limit: Option<u32>,
 ) -> anyhow::Result<Vec<OpRow>> {
     let Some(wanted) = args.status else {
@@ -130,7 +140,7 @@ fn matching(
                     limit: None,
                 })?
                 .into_iter()
-                .filter(|op| engine::owner::shown_status(op, now) == wanted),
+                .filter(|op| rule.shown_status(op, now) == wanted),
         );
     }
     out.sort_by_key(|op| std::cmp::Reverse(op.id));
@@ -140,10 +150,13 @@ fn matching(
     Ok(out)
 }
 
-fn table(ops: &[OpRow], now: i64) -> String {
+/// The ops table. On a store that several machines share (`Rule::Shared`) it has a NODE column,
+/// the `host:pid` of each op's owner; on one machine's, it is the table the brief prints.
+fn table(ops: &[OpRow], rule: Rule, now: i64) -> String {
     let mut table = Table::new();
     table.load_style(presets::NOTHING);
-    table.set_header([
+    let shared = rule == Rule::Shared;
+    let mut header = vec![
         "OP_ID",
         "TYPE",
         "NAME",
@@ -151,12 +164,21 @@ fn table(ops: &[OpRow], now: i64) -> String {
         "START_TIME",
         "EXECUTE_TIME",
         "END_TIME",
-        "CUR_TASK",
-    ]);
+    ];
+    if shared {
+        header.push("NODE");
+    }
+    header.push("CUR_TASK");
+    table.set_header(header);
     for op in ops {
-        let shown = engine::owner::shown_status(op, now);
+        let shown = rule.shown_status(op, now);
         let elapsed = elapsed_ms(op, shown, now);
-        table.add_row([
+        let node = op
+            .owner
+            .as_ref()
+            .filter(|_| !shown.is_ended())
+            .map_or_else(|| "-".to_owned(), |o| format!("{}:{}", o.host, o.pid));
+        let mut row = vec![
             op.id.to_string(),
             op.plan.clone(),
             match op.parent {
@@ -169,11 +191,17 @@ fn table(ops: &[OpRow], now: i64) -> String {
             elapsed.map_or_else(|| "-".to_owned(), engine::time::elapsed),
             op.ended_at
                 .map_or_else(|| "-".to_owned(), engine::time::local),
+        ];
+        if shared {
+            row.push(node);
+        }
+        row.push(
             op.current_task
                 .clone()
                 .filter(|_| !shown.is_ended())
                 .unwrap_or_else(|| "-".to_owned()),
-        ]);
+        );
+        table.add_row(row);
     }
     for column in table.column_iter_mut() {
         column.set_padding((0, 2));
@@ -200,7 +228,8 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let terminal = std::io::stdout().is_terminal();
     loop {
         let now = engine::owner::now();
-        let (ops, cut) = rows(&args.db.reader()?, args, now)?;
+        let rule = args.db.rule()?;
+        let (ops, cut) = rows(&args.db.reader()?, args, (rule, now))?;
         if cut && !args.json && !args.watch {
             crate::output::diagnostic(&format!(
                 "(the newest {} ops; `--limit N` or `--all` lists more)\n",
@@ -209,13 +238,15 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         }
         let text = if args.json {
             let mut text = serde_json::to_string_pretty(
-                &ops.iter().map(|op| op_json(op, now)).collect::<Vec<_>>(),
+                &ops.iter()
+                    .map(|op| op_json(op, rule, now))
+                    .collect::<Vec<_>>(),
             )
             .context("cannot encode")?;
             text.push('\n');
             text
         } else {
-            table(&ops, now)
+            table(&ops, rule, now)
         };
         if !args.watch {
             crate::output::data(&text).context("cannot write")?;

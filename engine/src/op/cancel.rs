@@ -73,7 +73,10 @@ pub async fn cancel(
     let deadline = std::time::Instant::now() + wait;
     loop {
         let row = read_op(&reader, op)?;
-        match (row.status, owner::owner_state(&row, now())) {
+        match (
+            row.status,
+            owner::Rule::of(store.location()).owner_state(&row, now()),
+        ) {
             (OpStatus::Canceled, _) => return Ok(CancelEnd::Canceled),
             (OpStatus::Succeeded, _) => {
                 return Err(Error::Refused(format!(

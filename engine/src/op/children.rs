@@ -93,9 +93,11 @@ pub(crate) fn lineage(
 
 /// Cancels `op`'s child ops that have not ended (those run by the steps named in `only`, or all),
 /// with their own `on_cancel` hooks. Children that could not be canceled, or whose live owner
-/// (another process) has not ended them yet, are named in the error and in `op`'s events.
+/// (another process) has not ended them yet, are named in the error and in `op`'s events, written
+/// by `owner`, the process that owns `op` (fenced: one that lost it writes nothing more).
 pub(crate) fn cancel_children<'a>(
     store: &'a Store,
+    owner: &'a store::ProcessId,
     op: OpId,
     only: Option<&'a [String]>,
     options: &'a Options,
@@ -135,7 +137,7 @@ pub(crate) fn cancel_children<'a>(
             let _ = store
                 .apply(vec![store::Change::Event {
                     op,
-                    owner: None,
+                    owner: Some(owner.clone()),
                     at: crate::owner::now(),
                     kind: store::EventKind::ChildNotCanceled,
                     task: None,
@@ -215,12 +217,13 @@ impl Children for SubPlans {
     fn cancel<'a>(
         &'a self,
         store: &'a Store,
+        owner: &'a store::ProcessId,
         op: OpId,
         only: Option<&'a [String]>,
         options: &'a Options,
         progress: &'a Sink,
     ) -> Boxed<'a, Result<(), String>> {
-        cancel_children(store, op, only, options, progress)
+        cancel_children(store, owner, op, only, options, progress)
     }
 }
 

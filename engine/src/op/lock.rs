@@ -9,7 +9,7 @@ use store::{Change, EventKind, OpId, OpRow, OpStatus, ProcessId, Reader, Store};
 
 use super::{Error, Overrides, children, lease_until, lock_error, read_op, requeued};
 use crate::options::Options;
-use crate::owner::now;
+use crate::owner::{Rule, now};
 use crate::progress::{Progress, Sink};
 use crate::shutdown::StopHandle;
 
@@ -164,7 +164,14 @@ impl Acquire<'_> {
                 .clone()
                 .unwrap_or_else(|| "no reason given".to_owned());
             let text = format!("waiting: cairn is paused by {}: {why}", pause.by);
-            tell(store, op, &mut wait.said, text).await?;
+            tell(
+                store,
+                op,
+                wait.owns_queued.then_some(self.me),
+                &mut wait.said,
+                text,
+            )
+            .await?;
             return Ok(None);
         }
         let taken = store
@@ -184,9 +191,11 @@ impl Acquire<'_> {
             Err(store::Error::LockHeld { key, holder })
                 if !self.overrides.no_wait
                     && (wait.ancestors.is_empty()
-                        || reader
-                            .op(holder)
-                            .is_ok_and(|h| !crate::owner::shown_status(&h, now()).is_ended())) =>
+                        || reader.op(holder).is_ok_and(|h| {
+                            !Rule::of(self.store.location())
+                                .shown_status(&h, now())
+                                .is_ended()
+                        })) =>
             {
                 if !wait.said.contains(&format!("held by op {holder}")) {
                     (self.progress)(&Progress::WaitingForLock {
@@ -195,7 +204,14 @@ impl Acquire<'_> {
                     });
                 }
                 let text = format!("waiting for lock {key} held by op {holder}");
-                tell(store, op, &mut wait.said, text).await?;
+                tell(
+                    store,
+                    op,
+                    wait.owns_queued.then_some(self.me),
+                    &mut wait.said,
+                    text,
+                )
+                .await?;
                 Ok(None)
             }
             Err(e @ store::Error::Owned { .. }) => Err(Error::from_store(e)),
@@ -276,12 +292,19 @@ impl Acquire<'_> {
 }
 
 /// Sets `CUR_TASK` to `text`, unless it already says that.
-async fn tell(store: &Store, op: OpId, said: &mut String, text: String) -> Result<(), Error> {
+/// Fenced on `owner` when this process owns the op (queued): one that lost it writes nothing more.
+async fn tell(
+    store: &Store,
+    op: OpId,
+    owner: Option<&ProcessId>,
+    said: &mut String,
+    text: String,
+) -> Result<(), Error> {
     if text != *said {
         store
             .apply(vec![Change::CurrentTask {
                 op,
-                owner: None,
+                owner: owner.cloned(),
                 text: Some(text.clone()),
             }])
             .await?;

@@ -30,7 +30,7 @@ pub async fn mark(
         });
     }
     let task = find_task(&reader, op, step)?;
-    let dead_owner = dead_owner_or_refuse(&row)?;
+    let dead_owner = dead_owner_or_refuse(store, &row)?;
     let request = Request {
         by: whoami(),
         at: now(),

@@ -41,7 +41,7 @@ use serde_json::{Map, Value};
 use store::{Change, EventKind, Millis, OpId, OpStatus, ProcessId, Reader, Request, Store, TaskNo};
 
 use crate::options::Options;
-use crate::owner::{self, OwnerState, now};
+use crate::owner::{OwnerState, Rule, now};
 use crate::progress::Sink;
 use crate::secrets;
 use crate::shutdown::StopHandle;
@@ -230,11 +230,13 @@ fn check_pause(store: &Store, overrides: Overrides) -> Result<Option<Request>, E
     }
 }
 
-fn pause_event(op: OpId, pause: Option<Request>) -> Vec<Change> {
+/// The event of a start over a pause, written by `owner` (fenced: a process that lost the op
+/// writes nothing more for it).
+fn pause_event(op: OpId, owner: &ProcessId, pause: Option<Request>) -> Vec<Change> {
     pause
         .map(|p| Change::Event {
             op,
-            owner: None,
+            owner: Some(owner.clone()),
             at: now(),
             kind: EventKind::PauseIgnored,
             task: None,
@@ -260,9 +262,9 @@ fn lock_error(e: store::Error) -> Error {
 }
 
 /// The op's owner if it is gone (for a takeover to name), `None` if it has none; refused while it
-/// lives, naming it and its lease.
-fn dead_owner_or_refuse(row: &store::OpRow) -> Result<Option<ProcessId>, Error> {
-    match owner::owner_state(row, now()) {
+/// lives, naming it and its lease. Liveness is judged by the rule of `store`.
+fn dead_owner_or_refuse(store: &Store, row: &store::OpRow) -> Result<Option<ProcessId>, Error> {
+    match Rule::of(store.location()).owner_state(row, now()) {
         OwnerState::Alive(owner) => Err(Error::Owned {
             op: row.id,
             owner,

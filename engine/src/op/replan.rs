@@ -222,11 +222,18 @@ impl Replanned<'_> {
         let mut reset: Vec<TaskNo> = Vec::new();
         if !again.is_empty() {
             let ids: Vec<String> = again.iter().map(|&i| new.steps[i].id.clone()).collect();
-            children::cancel_children(self.store, op, Some(&ids), self.options, self.progress)
-                .await
-                .map_err(|e| {
-                    Error::Refused(format!("a sub-plan of the changed steps still runs: {e}"))
-                })?;
+            children::cancel_children(
+                self.store,
+                self.me,
+                op,
+                Some(&ids),
+                self.options,
+                self.progress,
+            )
+            .await
+            .map_err(|e| {
+                Error::Refused(format!("a sub-plan of the changed steps still runs: {e}"))
+            })?;
             for (row, (_, to)) in rows.iter().zip(&renumber) {
                 let own = (to.0 as usize) < new.steps.len();
                 if ids.contains(&row.step) && (own || (row.name != row.step && row.item.is_some()))

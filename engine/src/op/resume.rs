@@ -99,7 +99,7 @@ pub(crate) async fn resume_as(
         }
         Err(_) => return Ok(RunEnd::Interrupted),
     };
-    let events = pause_event(op, paused);
+    let events = pause_event(op, &shared.me, paused);
     if !events.is_empty() {
         store.apply(events).await?;
     }
@@ -172,6 +172,7 @@ async fn rerun_tasks(
     let ids: Vec<String> = steps.iter().map(|&i| shared.step(i).id.clone()).collect();
     children::cancel_children(
         &shared.store,
+        &shared.me,
         shared.op,
         Some(&ids),
         &shared.options,

@@ -57,11 +57,10 @@ fn new_op(
         .filter(|key| !held.contains(key));
     let secret = secret_names(&new.plan);
     let stored_params = if secret.iter().any(|n| new.params.contains_key(*n)) {
-        let key =
-            secrets::key(&store.secret_key_file(), true)?.ok_or_else(|| secrets::Error::Key {
-                path: store.secret_key_file(),
-                reason: "it could not be created".into(),
-            })?;
+        let key = secrets::key(store, true)?.ok_or_else(|| secrets::Error::Key {
+            path: store.secret_key_file(),
+            reason: "it could not be created".into(),
+        })?;
         secrets::seal(&new.params, &secret, &key)
     } else {
         new.params.clone()
@@ -205,7 +204,7 @@ pub async fn run(
             }
         }
     }
-    let events = pause_event(id, paused);
+    let events = pause_event(id, &me, paused);
     if !events.is_empty() {
         store.apply(events).await?;
     }

@@ -68,13 +68,14 @@ async fn end_leftovers(uuid: &str, attempt: &store::AttemptRow, options: &Option
 /// again. Their attempts are recorded when the children themselves are resumed.
 fn end_children_leftovers<'a>(
     reader: &'a Reader,
+    rule: owner::Rule,
     op: OpId,
     options: &'a Options,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send + 'a>> {
     Box::pin(async move {
         for child in reader.children(op)? {
             if child.status.is_final()
-                || matches!(owner::owner_state(&child, now()), OwnerState::Alive(_))
+                || matches!(rule.owner_state(&child, now()), OwnerState::Alive(_))
             {
                 continue;
             }
@@ -85,7 +86,7 @@ fn end_children_leftovers<'a>(
             {
                 end_leftovers(&child.uuid, &attempt, options).await;
             }
-            end_children_leftovers(reader, child.id, options).await?;
+            end_children_leftovers(reader, rule, child.id, options).await?;
         }
         Ok(())
     })
@@ -180,7 +181,12 @@ impl Takeover<'_> {
             });
         }
         let me = owner::me();
-        let dead = dead_owner_or_refuse(row)?;
+        // An op this process reserved (`cairn serve`) is its own: its claim goes through.
+        let dead = if row.owner.as_ref() == Some(&me) {
+            None
+        } else {
+            dead_owner_or_refuse(self.store, row)?
+        };
         let mut message = format!("{} by {me}", self.verb);
         if let Some(dead) = &dead {
             write!(message, "; its previous owner ({dead}) is gone").ok();
@@ -216,7 +222,7 @@ impl Takeover<'_> {
         let mut plan = snapshot_plan(reader, op)?;
         let stored: Map<String, Value> = row.params.as_object().cloned().unwrap_or_default();
         let key = if stored.values().any(secrets::is_sealed) {
-            secrets::key(&store.secret_key_file(), false)?
+            secrets::key(store, false)?
         } else {
             None
         };
@@ -240,7 +246,8 @@ impl Takeover<'_> {
             },
         });
         sweep(store, reader, row, &me, &self.options, &self.progress).await?;
-        end_children_leftovers(reader, op, &self.options).await?;
+        let rule = owner::Rule::of(store.location());
+        end_children_leftovers(reader, rule, op, &self.options).await?;
         OutputFiles::remove_left(&row.uuid);
         if let Some((replan, drift)) = replace {
             let to = Replanned {

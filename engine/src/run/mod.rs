@@ -138,6 +138,7 @@ async fn record_final(
             .children
             .cancel(
                 &shared.store,
+                &shared.me,
                 shared.op,
                 None,
                 &shared.options,

@@ -162,13 +162,24 @@ where
 impl Shared {
     pub(crate) async fn apply(&self, batch: Vec<Change>) -> Result<(), Fatal> {
         self.not_lost()?;
-        apply_patiently(&self.store, batch, self.options.lease / 2).await
+        let applied = apply_patiently(&self.store, batch, self.options.lease / 2).await;
+        self.lost_if_fenced(applied)
+    }
+
+    /// A write refused because another process owns the op (or the op is gone) means the op is
+    /// lost, whoever made it: the run's steps are ended and nothing more is written.
+    fn lost_if_fenced(&self, applied: Result<(), Fatal>) -> Result<(), Fatal> {
+        if let Err(Fatal::Lost(why)) = &applied {
+            self.mark_lost(why);
+            self.stop_all();
+        }
+        applied
     }
 
     /// [`Shared::apply`] for a task's own start or end (see [`Shared::commit_together`]).
     pub(crate) async fn apply_own(&self, batch: Vec<Change>) -> Result<(), Fatal> {
         self.not_lost()?;
-        patiently(self.options.lease / 2, || async {
+        let applied = patiently(self.options.lease / 2, || async {
             self.commit_together(vec![batch.clone()])
                 .await
                 .pop()
@@ -176,7 +187,8 @@ impl Shared {
         })
         .await
         .map(drop)
-        .map_err(Fatal::from)
+        .map_err(Fatal::from);
+        self.lost_if_fenced(applied)
     }
 
     /// Refuses a write once ownership was lost: nothing more may be written.

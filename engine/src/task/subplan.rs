@@ -68,6 +68,7 @@ pub(crate) trait Children: Send + Sync {
     fn cancel<'a>(
         &'a self,
         store: &'a Store,
+        owner: &'a store::ProcessId,
         op: OpId,
         only: Option<&'a [String]>,
         options: &'a Options,

@@ -1,0 +1,56 @@
+//! `cairn db`: the database itself (`cairn db migrate`).
+
+use anyhow::Context as _;
+
+use crate::db::DbArgs;
+use crate::exit::Failure;
+use crate::output::Output;
+
+/// Work on the database itself.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    Migrate(MigrateArgs),
+}
+
+/// Bring the database's schema up to this cairn's (creating the database if there is none), and
+/// print the schema version it is at.
+///
+/// Every command that writes migrates the database when it opens it; this does only that, for a
+/// deployment step before the `serve` processes of a new cairn start. A database written by a
+/// newer cairn is refused (exit 2).
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
+    match &args.command {
+        Command::Migrate(args) => migrate(args, out),
+    }
+}
+
+fn migrate(args: &MigrateArgs, _out: &Output) -> Result<(), Failure> {
+    // Opening a store for writing runs its migrations (once, whoever opens it first).
+    let store = args.db.store()?;
+    let text = match store.location() {
+        store::Location::Sqlite(_) => format!(
+            "{}: schema version {}\n",
+            store.location(),
+            store::SCHEMA_VERSION
+        ),
+        // The store does not say a server's schema version yet; that it opened says it is
+        // this cairn's.
+        store::Location::Postgres { .. } => {
+            format!("{}: schema up to date\n", store.location())
+        }
+    };
+    crate::output::data(&text).context("cannot write")?;
+    Ok(())
+}
