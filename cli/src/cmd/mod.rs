@@ -3,6 +3,7 @@
 pub mod approve;
 pub mod cancel;
 pub mod completions;
+pub mod db_recover;
 pub mod graph;
 pub mod locks;
 pub mod logs;
