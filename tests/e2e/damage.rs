@@ -248,3 +248,28 @@ fn a_read_only_database_read_then_made_writable_can_be_written() {
     let out = as_owner(&sandbox, &["run", "plan.yaml"]);
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
 }
+
+/// A torn tail (a crash in the middle of writing the last transaction: its last frame cut short,
+/// or wrong) is not damage: nothing after it was committed, and the database reads as before.
+#[test]
+fn a_torn_tail_of_the_log_is_not_damage() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", QUICK);
+    for _ in 0..2 {
+        let out = sandbox.cairn(&["run", "plan.yaml"]);
+        assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    }
+    let wal_path = sandbox.path().join("cairn.db-wal");
+    let mut wal = std::fs::read(&wal_path).unwrap();
+    let frames = wal_frames(&wal);
+    let (last, _) = *frames.last().unwrap();
+    // The last frame's page wrong, and cut short.
+    wal[last + 24 + 100] ^= 0xff;
+    wal.truncate(last + 24 + 2048);
+    std::fs::write(&wal_path, &wal).unwrap();
+    let out = sandbox.cairn(&["status"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(op_ids(&sandbox)[0], 3);
+}

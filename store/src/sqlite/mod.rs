@@ -4,6 +4,10 @@
 //!
 //! - this file: opening (and refusing) files, the PRAGMAs below, [`classify`] (SQLite's errors in
 //!   the store's words).
+//! - [`files`]: creating a database whole (built aside, linked in place), refusing an empty file,
+//!   keeping `-wal` and `-shm` writable by the database's owner.
+//! - [`wal`]: damage in the write-ahead log that SQLite would silently read past; [`recover`]:
+//!   `cairn db recover`, keeping what is readable without reusing an op id.
 //! - [`migrations`]: the schema, `store/migrations/*.sql`, run once each.
 //! - [`writer`]: [`SqliteStore`], the [`Backend`](crate::Backend): the writer thread, group
 //!   commit with a savepoint per batch, the solo commit, `synchronous` per commit.
@@ -150,8 +154,9 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Puts the database in WAL mode (a no-op once it is). Two processes creating the file together
-/// both try to switch it from the rollback journal; SQLite refuses one at once with `SQLITE_BUSY`
+/// Puts the database in WAL mode (a no-op once it is: cairn creates its files in WAL mode; a
+/// SQLite file without a table, made by another program, may not be). Two processes opening such
+/// a file together both try to switch it from the rollback journal; SQLite refuses one at once with `SQLITE_BUSY`
 /// (a lock upgrade that would deadlock does not call the busy handler), so the refusal is retried
 /// here until the busy timeout, as any other wait for the lock is.
 fn switch_to_wal(conn: &Connection, path: &Path) -> Result<()> {
