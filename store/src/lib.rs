@@ -30,5 +30,5 @@ pub mod types;
 pub use api::{Backend, Committing, ReadBackend, Reader, Results, Store, Waiting};
 pub use error::{Error, ErrorKind, Result};
 pub use location::{Location, open, open_reader};
-pub use sqlite::{APPLICATION_ID, SCHEMA_VERSION};
+pub use sqlite::{APPLICATION_ID, Recovered, SCHEMA_VERSION, recover as recover_sqlite};
 pub use types::*;

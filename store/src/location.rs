@@ -33,6 +33,16 @@ impl Location {
         }
     }
 
+    /// The schema version this cairn reads and writes in a store of this kind (a store it opened
+    /// for writing is at it).
+    #[must_use]
+    pub fn schema_version(&self) -> i64 {
+        match self {
+            Self::Sqlite(_) => i64::from(sqlite::SCHEMA_VERSION),
+            Self::Postgres { .. } => postgres::SCHEMA_VERSION,
+        }
+    }
+
     /// Whether processes on other machines may share this store: then only an owner's lease
     /// tells whether it lives, even on its own machine (a process stopped past its lease has lost
     /// its ops). A SQLite file is one machine's.

@@ -632,19 +632,6 @@ fn an_older_cairn_still_running_is_refused_cleanly() {
     assert!(events() > before);
 }
 
-#[test]
-fn an_empty_file_reads_as_no_ops_yet() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.db");
-    std::fs::write(&path, b"").unwrap();
-    assert!(Reader::open(&path).unwrap().is_none());
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        b"",
-        "reading it wrote nothing"
-    );
-}
-
 /// The status checks hold (a status no state machine has is refused in every table) and are
 /// compared, not looked up in a table SQLite builds for each row written.
 #[test]

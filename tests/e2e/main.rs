@@ -5,6 +5,7 @@ mod support;
 mod architecture;
 mod controls;
 mod crash;
+mod damage;
 mod durable;
 mod dynamic;
 mod examples;

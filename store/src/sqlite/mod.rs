@@ -4,6 +4,10 @@
 //!
 //! - this file: opening (and refusing) files, the PRAGMAs below, [`classify`] (SQLite's errors in
 //!   the store's words).
+//! - [`files`]: creating a database whole (built aside, linked in place), refusing an empty file,
+//!   keeping `-wal` and `-shm` writable by the database's owner.
+//! - [`wal`]: damage in the write-ahead log that SQLite would silently read past; [`recover`]:
+//!   `cairn db recover`, keeping what is readable without reusing an op id.
 //! - [`migrations`]: the schema, `store/migrations/*.sql`, run once each.
 //! - [`writer`]: [`SqliteStore`], the [`Backend`](crate::Backend): the writer thread, group
 //!   commit with a savepoint per batch, the solo commit, `synchronous` per commit.
@@ -21,9 +25,12 @@
 //! | `application_id` | [`APPLICATION_ID`] | a SQLite file that is not cairn's is recognised and left alone |
 //! | `user_version` | the schema version | migrations run once; a newer schema is refused |
 
+mod files;
 mod migrations;
 mod reads;
+mod recover;
 mod tx;
+mod wal;
 mod writer;
 
 use std::path::Path;
@@ -35,6 +42,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags};
 use crate::error::{Error, Result};
 pub use migrations::{APPLICATION_ID, SCHEMA_VERSION};
 pub(crate) use reads::SqliteReader;
+pub use recover::{Recovered, recover};
 pub(crate) use writer::SqliteStore;
 
 /// How long a write waits for another process holding the database: 5 s, or
@@ -109,9 +117,19 @@ pub(crate) fn classify(path: &Path, err: &rusqlite::Error) -> Error {
 /// More than the writer's distinct statements (about eighty), so that none is evicted.
 const WRITER_STATEMENTS: usize = 128;
 
-/// Opens the database for writing, creating it (private to the user) if it does not exist.
+/// Opens the database for writing, creating it (whole, private to the user) if it does not exist.
+/// An empty file, a side file it cannot write and a damaged log are refused before SQLite
+/// touches anything.
 pub(super) fn open_writer(path: &Path) -> Result<Connection> {
-    let fresh = create_private(path)?;
+    files::create(path)?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::Unusable {
+        path: path.to_path_buf(),
+        reason: format!("cannot read it: {e}"),
+    })?;
+    files::refuse_empty(path, &meta)?;
+    files::give_owner_write(path);
+    files::refuse_unwritable_side_files(path)?;
+    wal::check(path)?;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, &e))?;
     conn.busy_timeout(busy_timeout())
@@ -124,7 +142,7 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection> {
     // parsed and planned again whenever a value is bound: twice a step.
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(|e| classify(path, &e))?;
-    let version = check_identity(&conn, path, fresh)?;
+    let version = check_identity(&conn, path)?;
     switch_to_wal(&conn, path)?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(|e| classify(path, &e))?;
@@ -136,8 +154,9 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Puts the database in WAL mode (a no-op once it is). Two processes creating the file together
-/// both try to switch it from the rollback journal; SQLite refuses one at once with `SQLITE_BUSY`
+/// Puts the database in WAL mode (a no-op once it is: cairn creates its files in WAL mode; a
+/// SQLite file without a table, made by another program, may not be). Two processes opening such
+/// a file together both try to switch it from the rollback journal; SQLite refuses one at once with `SQLITE_BUSY`
 /// (a lock upgrade that would deadlock does not call the busy handler), so the refusal is retried
 /// here until the busy timeout, as any other wait for the lock is.
 fn switch_to_wal(conn: &Connection, path: &Path) -> Result<()> {
@@ -159,8 +178,9 @@ fn switch_to_wal(conn: &Connection, path: &Path) -> Result<()> {
 }
 
 /// Opens the database for reading; `None` when the file does not exist. Never writes to it.
-pub(super) fn open_reader(path: &Path) -> Result<Option<Connection>> {
-    match std::fs::metadata(path) {
+/// `beside_writer`: this process has it open for writing, and has checked it already.
+pub(super) fn open_reader(path: &Path, beside_writer: bool) -> Result<Option<Connection>> {
+    let meta = match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             return Err(Error::Unusable {
@@ -174,8 +194,8 @@ pub(super) fn open_reader(path: &Path) -> Result<Option<Connection>> {
                 reason: "it is a directory".to_owned(),
             });
         }
-        Ok(_) => {}
-    }
+        Ok(meta) => meta,
+    };
     // Fail early and clearly on a file the user cannot read, before SQLite's vaguer error. Never
     // by opening it: closing any descriptor of the file drops every POSIX lock this process holds
     // on it, the writer connection's included, and another SQLite client would then delete the WAL
@@ -186,11 +206,15 @@ pub(super) fn open_reader(path: &Path) -> Result<Option<Connection>> {
             reason: format!("cannot read it: {}", std::io::Error::from(errno)),
         });
     }
+    if !beside_writer {
+        files::refuse_empty(path, &meta)?;
+        wal::check(path)?;
+    }
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, &e))?;
     conn.busy_timeout(busy_timeout())
         .map_err(|e| classify(path, &e))?;
-    let (conn, version) = match check_identity(&conn, path, false) {
+    let (conn, version) = match check_identity(&conn, path) {
         Ok(version) => (conn, version),
         Err(e) if on_read_only_fs(path) => {
             // A database on read-only media (a snapshot, a mounted backup): nobody can write it,
@@ -206,13 +230,17 @@ pub(super) fn open_reader(path: &Path) -> Result<Option<Connection>> {
             );
             let conn = Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI)
                 .map_err(|_| e)?;
-            let version = check_identity(&conn, path, false)?;
+            let version = check_identity(&conn, path)?;
             (conn, version)
         }
         Err(e) => return Err(e),
     };
+    if !beside_writer {
+        // The first read made the side files if they were missing, perhaps read-only.
+        files::give_owner_write(path);
+    }
     if version == 0 {
-        // An empty file: just created by a writer that has not committed the schema yet. No op yet.
+        // A SQLite file without a table yet (cairn never links one in place: see `files`): no op.
         return Ok(None);
     }
     if version < SCHEMA_VERSION {
@@ -235,58 +263,9 @@ fn on_read_only_fs(path: &Path) -> bool {
     nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK) == Err(nix::errno::Errno::EROFS)
 }
 
-/// Creates the file (and its directory) private to the user when missing; returns whether it did.
-fn create_private(path: &Path) -> Result<bool> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let unusable = |reason: String| Error::Unusable {
-        path: path.to_path_buf(),
-        reason,
-    };
-    if path.is_dir() {
-        return Err(unusable("it is a directory".to_owned()));
-    }
-    if path.exists() {
-        return Ok(false);
-    }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| {
-                unusable(format!(
-                    "cannot create its directory `{}`: {e}",
-                    dir.display()
-                ))
-            })?;
-    }
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(file) => {
-            file.sync_all()
-                .map_err(|e| unusable(format!("cannot create it: {e}")))?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-        Err(e) => return Err(unusable(format!("cannot create it: {e}"))),
-    }
-    // The new file's name must survive a crash too.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(true)
-}
-
 /// Checks that the file is a cairn database this cairn can use; returns its schema version
-/// (0 for a new, empty file).
-fn check_identity(conn: &Connection, path: &Path, fresh: bool) -> Result<i32> {
+/// (0 for a SQLite file without a table).
+fn check_identity(conn: &Connection, path: &Path) -> Result<i32> {
     // One statement, so one snapshot: read separately, the three could straddle the commit of the
     // first migration by another process and contradict each other.
     let (app, version, objects): (i32, i32, i64) = conn
@@ -305,8 +284,8 @@ fn check_identity(conn: &Connection, path: &Path, fresh: bool) -> Result<i32> {
         })
     };
     if app == 0 && version == 0 && objects == 0 {
-        // An empty file: new, or made empty by someone; either way nothing is lost by using it.
-        let _ = fresh;
+        // No table: a new database, or a SQLite file with nothing in it; nothing is lost by
+        // using it. (A file of 0 bytes was refused before.)
         return Ok(0);
     }
     if app != APPLICATION_ID {

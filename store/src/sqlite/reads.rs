@@ -423,7 +423,18 @@ pub(crate) struct SqliteReader {
 impl SqliteReader {
     /// Opens the database at `path` read-only; `None` when there is no file yet. Never writes.
     pub(crate) fn open(path: &Path) -> Result<Option<Self>> {
-        Ok(super::open_reader(path)?.map(|conn| Self {
+        Self::open_checked(path, false)
+    }
+
+    /// [`SqliteReader::open`] in a process that has the database open for writing: the checks
+    /// its writer made when opening it are not made again (`cairn serve` opens a reader at each
+    /// poll).
+    pub(crate) fn open_beside_writer(path: &Path) -> Result<Option<Self>> {
+        Self::open_checked(path, true)
+    }
+
+    fn open_checked(path: &Path, beside_writer: bool) -> Result<Option<Self>> {
+        Ok(super::open_reader(path, beside_writer)?.map(|conn| Self {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
         }))

@@ -202,7 +202,7 @@ impl Backend for SqliteStore {
     }
 
     fn reader(&self) -> Result<Reader> {
-        SqliteReader::open(&self.path)?
+        SqliteReader::open_beside_writer(&self.path)?
             .map(Reader::from_backend)
             .ok_or_else(|| Error::Unusable {
                 path: self.path.clone(),

@@ -1,10 +1,12 @@
-//! `cairn db`: the database itself (`cairn db migrate`).
+//! `cairn db`: the database itself: `migrate`, `recover` (`recover.rs`).
 
 use anyhow::Context as _;
 
 use crate::db::DbArgs;
 use crate::exit::Failure;
 use crate::output::Output;
+
+mod recover;
 
 /// Work on the database itself.
 #[derive(Debug, clap::Args)]
@@ -16,6 +18,7 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     Migrate(MigrateArgs),
+    Recover(recover::Args),
 }
 
 /// Bring the database's schema up to this cairn's (creating the database if there is none), and
@@ -33,24 +36,18 @@ pub struct MigrateArgs {
 pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     match &args.command {
         Command::Migrate(args) => migrate(args, out),
+        Command::Recover(args) => recover::run(args, out),
     }
 }
 
 fn migrate(args: &MigrateArgs, _out: &Output) -> Result<(), Failure> {
     // Opening a store for writing runs its migrations (once, whoever opens it first).
     let store = args.db.store()?;
-    let text = match store.location() {
-        store::Location::Sqlite(_) => format!(
-            "{}: schema version {}\n",
-            store.location(),
-            store::SCHEMA_VERSION
-        ),
-        // The store does not say a server's schema version yet; that it opened says it is
-        // this cairn's.
-        store::Location::Postgres { .. } => {
-            format!("{}: schema up to date\n", store.location())
-        }
-    };
+    let text = format!(
+        "{}: schema version {}\n",
+        store.location(),
+        store.location().schema_version()
+    );
     crate::output::data(&text).context("cannot write")?;
     Ok(())
 }

@@ -1,0 +1,275 @@
+//! Damaged and unwritable database files, through the real binary: an empty file is refused, not
+//! taken as a new database; damage in the write-ahead log is refused rather than silently dropping
+//! committed ops, and `cairn db recover` keeps what is readable without reusing an op id; reading a
+//! read-only database does not leave it unwritable.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use crate::support::{Sandbox, code, stderr, step_processes};
+
+const QUICK: &str = "name: quick\nsteps:\n  - id: one\n    run: echo one\n  - id: two\n    needs: [one]\n    run: echo two\n";
+
+/// The ids `status` shows, newest first.
+fn op_ids(sandbox: &Sandbox) -> Vec<i64> {
+    sandbox
+        .json(&["status", "--json", "--all"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| op["id"].as_i64().unwrap())
+        .collect()
+}
+
+/// An empty file at the database's path is refused by readers and writers (exit 2, named), and
+/// left as it is; a missing one is still created by `run`.
+#[test]
+fn an_empty_database_file_is_refused_and_a_missing_one_is_created() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", QUICK);
+    let db = sandbox.path().join("cairn.db");
+    std::fs::write(&db, b"").unwrap();
+    for args in [&["status"][..], &["run", "plan.yaml"]] {
+        let out = sandbox.cairn(args);
+        assert_eq!(code(&out), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&db.display().to_string()) && err.contains("empty (0 bytes)"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(
+            std::fs::metadata(&db).unwrap().len(),
+            0,
+            "{args:?} wrote it"
+        );
+    }
+    std::fs::remove_file(&db).unwrap();
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(op_ids(&sandbox), vec![1]);
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Nothing of the creation is left beside it.
+    let names: Vec<String> = std::fs::read_dir(sandbox.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+}
+
+/// Two runs that create the same database at once both succeed, each with its own op.
+#[test]
+fn two_runs_creating_one_database_at_once_both_succeed() {
+    for round in 0..5 {
+        let sandbox = Sandbox::new();
+        sandbox.write("plan.yaml", QUICK);
+        // Both started before either is waited for, so that they race.
+        let children: Vec<_> = (0..2)
+            .map(|_| {
+                sandbox
+                    .command(&["run", "plan.yaml"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert_eq!(code(&out), Some(0), "round {round}: {}", stderr(&out));
+        }
+        let mut ids = op_ids(&sandbox);
+        ids.sort_unstable();
+        assert_eq!(ids, vec![1, 2], "round {round}");
+    }
+}
+
+/// The frames of a write-ahead log: (offset of the frame, whether it ends a transaction).
+fn wal_frames(wal: &[u8]) -> Vec<(usize, bool)> {
+    let page = u32::from_be_bytes(wal[8..12].try_into().unwrap()) as usize;
+    let size = 24 + page;
+    (0..(wal.len() - 32) / size)
+        .map(|i| {
+            let at = 32 + i * size;
+            (
+                at,
+                u32::from_be_bytes(wal[at + 4..at + 8].try_into().unwrap()) != 0,
+            )
+        })
+        .collect()
+}
+
+/// A writer killed with `kill -9` leaves its committed transactions in the log. One byte flipped
+/// in the middle of them: SQLite would stop reading there and drop the later ops (their ids
+/// given again to new ops). cairn refuses the database instead (exit 2, with the ways on), and
+/// `cairn db recover` makes it usable, keeping what is readable; the next op's id is past every
+/// id shown before.
+#[test]
+fn a_damaged_log_is_refused_and_recover_never_reuses_an_op_id() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", QUICK);
+    sandbox.write(
+        "slow.yaml",
+        "name: slow\nsteps:\n  - id: first\n    run: echo first\n  - id: wait\n    needs: [first]\n    run: touch waiting; sleep 60\n",
+    );
+    for _ in 0..3 {
+        let out = sandbox.cairn(&["run", "plan.yaml"]);
+        assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    }
+    let mut slow = sandbox.spawn(&["run", "slow.yaml"]);
+    sandbox.wait_for("waiting", std::time::Duration::from_secs(20));
+    let shown = op_ids(&sandbox);
+    assert_eq!(shown, vec![4, 3, 2, 1]);
+    let uuid = sandbox.show(4)["uuid"].as_str().unwrap().to_owned();
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+    for pid in step_processes(&uuid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
+    let wal_path = sandbox.path().join("cairn.db-wal");
+    let mut wal = std::fs::read(&wal_path).unwrap();
+    let frames = wal_frames(&wal);
+    let commits: Vec<usize> = (0..frames.len()).filter(|&i| frames[i].1).collect();
+    assert!(
+        commits.len() >= 6,
+        "too few commits in the log: {commits:?}"
+    );
+    // The first frame of a transaction in the middle, with several committed after it.
+    let victim = commits[commits.len() / 2 - 1] + 1;
+    wal[frames[victim].0 + 24 + 100] ^= 0xff;
+    std::fs::write(&wal_path, &wal).unwrap();
+
+    for args in [&["status"][..], &["run", "plan.yaml"]] {
+        let out = sandbox.cairn(args);
+        let err = stderr(&out);
+        assert_eq!(code(&out), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("cairn.db-wal")
+                && err.contains(&format!("damaged at frame {}", victim + 1))
+                && err.contains("backup")
+                && err.contains("cairn db recover"),
+            "{args:?}: {err}"
+        );
+    }
+
+    let out = sandbox.cairn(&["db", "recover"]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), Some(0), "{err}");
+    assert!(
+        err.contains("dropped") && err.contains("new op ids start at"),
+        "{err}"
+    );
+    let kept = op_ids(&sandbox);
+    assert!(kept.len() < shown.len(), "nothing was dropped: {kept:?}");
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let next = op_ids(&sandbox)[0];
+    assert!(
+        next > shown[0] + 1_000,
+        "op id {next} may have been shown before"
+    );
+    // A second recover finds nothing to do.
+    let out = sandbox.cairn(&["db", "recover"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nothing to recover"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A command as the user who owns the sandbox: as root, the permission bits this test is about
+/// do not apply, so it runs as `nobody` (util-linux's `setpriv`).
+fn as_owner(sandbox: &Sandbox, args: &[&str]) -> std::process::Output {
+    let mut command = if nix::unistd::geteuid().is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        c.arg(env!("CARGO_BIN_EXE_cairn"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_cairn"))
+    };
+    command
+        .args(args)
+        .current_dir(sandbox.path())
+        .env("CAIRN_DB", sandbox.path().join("cairn.db"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+/// Reading a read-only (0444) database whose `-wal` and `-shm` do not exist yet must not leave
+/// them read-only: once the database is made writable again, a run writes.
+#[test]
+fn a_read_only_database_read_then_made_writable_can_be_written() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", QUICK);
+    if nix::unistd::geteuid().is_root() {
+        let dir = sandbox.path();
+        for path in [dir.to_path_buf(), dir.join("plan.yaml")] {
+            std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        }
+    }
+    let out = as_owner(&sandbox, &["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let db = sandbox.path().join("cairn.db");
+    // A checkpoint by the last connection to close removes `-wal` and `-shm`, as after a clean
+    // shutdown or a restored backup.
+    let status = Command::new("sqlite3")
+        .arg(&db)
+        .arg("PRAGMA wal_checkpoint(TRUNCATE);")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("the sqlite3 shell is installed (apt-get install sqlite3)");
+    assert!(status.success());
+    for side in ["cairn.db-wal", "cairn.db-shm"] {
+        assert!(!sandbox.path().join(side).exists(), "{side} is still there");
+    }
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let out = as_owner(&sandbox, &["status"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    for side in ["cairn.db-wal", "cairn.db-shm"] {
+        if let Ok(meta) = std::fs::metadata(sandbox.path().join(side)) {
+            assert_ne!(
+                meta.permissions().mode() & 0o200,
+                0,
+                "{side} was left without its owner's write bit"
+            );
+        }
+    }
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = as_owner(&sandbox, &["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+}
+
+/// A torn tail (a crash in the middle of writing the last transaction: its last frame cut short,
+/// or wrong) is not damage: nothing after it was committed, and the database reads as before.
+#[test]
+fn a_torn_tail_of_the_log_is_not_damage() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", QUICK);
+    for _ in 0..2 {
+        let out = sandbox.cairn(&["run", "plan.yaml"]);
+        assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    }
+    let wal_path = sandbox.path().join("cairn.db-wal");
+    let mut wal = std::fs::read(&wal_path).unwrap();
+    let frames = wal_frames(&wal);
+    let (last, _) = *frames.last().unwrap();
+    // The last frame's page wrong, and cut short.
+    wal[last + 24 + 100] ^= 0xff;
+    wal.truncate(last + 24 + 2048);
+    std::fs::write(&wal_path, &wal).unwrap();
+    let out = sandbox.cairn(&["status"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(op_ids(&sandbox)[0], 3);
+}
