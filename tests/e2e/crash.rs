@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::support::Sandbox;
+
 const PLAN: &str = r#"
 name: crash
 steps:
@@ -68,22 +70,13 @@ impl Rng {
     }
 }
 
-fn cairn(dir: &std::path::Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
-    command
-        .args(args)
-        .current_dir(dir)
-        .env("CAIRN_DB", dir.join("cairn.db"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+fn cairn(dir: &Sandbox, args: &[&str]) -> Command {
+    let mut command = dir.command(args);
+    command.stdout(Stdio::null()).stderr(Stdio::null());
     command
 }
 
 #[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one crash loop and its checks, read top to bottom"
-)]
 fn kill_9_at_random_moments_never_loses_or_repeats_a_recorded_step() {
     let seed = std::env::var("CAIRN_CRASH_SEED")
         .ok()
@@ -114,7 +107,7 @@ fn kill_9_at_random_moments_never_loses_or_repeats_a_recorded_step() {
     let iterations = 20;
     let mut kills = 0;
     for iteration in 0..iterations {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = Sandbox::new();
         std::fs::write(dir.path().join("plan.yaml"), PLAN).unwrap();
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -129,13 +122,10 @@ fn kill_9_at_random_moments_never_loses_or_repeats_a_recorded_step() {
                 "seed {seed}: iteration {iteration} never finished"
             );
             let log = std::fs::File::create(dir.path().join("last.err")).unwrap();
-            let mut child = cairn(
-                dir.path(),
-                &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            )
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            let mut child = cairn(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>())
+                .stderr(log)
+                .spawn()
+                .unwrap();
             // Kill within the plan's usual running time, or let it run to its end.
             let delay = Duration::from_millis(rng.next() % 600);
             let deadline = Instant::now() + delay;
@@ -165,10 +155,7 @@ fn kill_9_at_random_moments_never_loses_or_repeats_a_recorded_step() {
                 _ => {}
             }
             // Killed: resume, unless it died before the op was even stored.
-            let exists = cairn(dir.path(), &["show", "1"])
-                .status()
-                .unwrap()
-                .success();
+            let exists = cairn(&dir, &["show", "1"]).status().unwrap().success();
             args = if exists {
                 vec!["resume".into(), "1".into(), "--grace".into(), "1s".into()]
             } else {
@@ -180,7 +167,7 @@ fn kill_9_at_random_moments_never_loses_or_repeats_a_recorded_step() {
                 ]
             };
         };
-        let show = cairn(dir.path(), &["show", "1", "--json"])
+        let show = cairn(&dir, &["show", "1", "--json"])
             .stdout(Stdio::piped())
             .output()
             .unwrap();

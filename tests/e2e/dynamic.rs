@@ -301,18 +301,10 @@ fn sub_plans_resume_where_they_stopped_and_the_first_child_is_not_run_again() {
     assert_eq!(parent["children"].as_array().unwrap().len(), 2);
     assert_eq!(task(&parent, "second")["outputs"]["greeting"], "hi-hi-one");
     // The parent's snapshot holds the sub-plan's text.
-    let files: String = rusqlite_free_read(&sandbox);
+    let files = sandbox.sql(
+        "SELECT s.files FROM ops o JOIN plan_snapshots s ON s.id = o.snapshot_id WHERE o.id = 1",
+    );
     assert!(files.contains("name: child"), "{files}");
-}
-
-/// The snapshot's sub-plan files, read through `sqlite3` (installed by CI).
-fn rusqlite_free_read(sandbox: &Sandbox) -> String {
-    let out = std::process::Command::new("sqlite3")
-        .arg(sandbox.path().join("cairn.db"))
-        .arg("SELECT s.files FROM ops o JOIN plan_snapshots s ON s.id = o.snapshot_id WHERE o.id = 1")
-        .output()
-        .unwrap();
-    stdout(&out)
 }
 
 #[test]
@@ -706,10 +698,7 @@ steps:
     );
     let out = sandbox.cairn(&["run", "parent.yaml", "-p", "password=hunter2"]);
     assert_eq!(code(&out), Some(2), "{}", stderr(&out));
-    assert!(
-        !sandbox.path().join("cairn.db").exists(),
-        "nothing is stored"
-    );
+    assert!(!sandbox.holds_ops(), "nothing is stored");
 }
 
 #[test]
@@ -764,7 +753,7 @@ fn an_item_name_that_comes_back_after_two_reruns_is_one_task() {
     sandbox.write("plan.yaml", REFAN);
     for names in ["[\"a\",\"b\"]", "[\"b\",\"c\"]", "[\"a\",\"b\"]"] {
         sandbox.write("names", names);
-        let args: &[&str] = if sandbox.path().join("cairn.db").exists() {
+        let args: &[&str] = if sandbox.holds_ops() {
             &["resume", "1", "--from", "list"]
         } else {
             &["run", "plan.yaml"]
@@ -846,7 +835,7 @@ steps:
     );
     assert!(everything.contains("using ********"), "{everything}");
     assert!(everything.contains("bad password ********"), "{everything}");
-    crate::support::assert_not_stored(sandbox.path(), secret);
+    sandbox.assert_not_stored(secret);
 }
 
 #[test]

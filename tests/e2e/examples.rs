@@ -53,18 +53,10 @@ fn the_committed_schema_is_what_cairn_schema_prints() {
 /// fails at `dump`; after the fix, `resume` finishes it without running `prepare` again.
 #[test]
 fn the_quick_start_fails_is_fixed_and_resumes() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("cairn.db");
+    let dir = crate::support::Sandbox::new();
     let plan = root().join("examples/quickstart.yaml");
     let backups = dir.path().join("backups");
-    let cairn = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
-            .args(args)
-            .env("CAIRN_DB", &db)
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap()
-    };
+    let cairn = |args: &[&str]| dir.cairn(args);
     let workdir = format!("workdir={}", dir.path().join("work").display());
     let into = format!("backups={}", dir.path().join("work/backups").display());
     let ok = cairn(&["run", plan.to_str().unwrap(), "-p", &workdir, "-p", &into]);
@@ -115,9 +107,9 @@ fn the_quick_start_fails_is_fixed_and_resumes() {
 /// The metadata backup example runs as shipped: its lock, hooks and outputs.
 #[test]
 fn the_backup_example_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args([
+    let dir = crate::support::Sandbox::new();
+    let out = dir
+        .command(&[
             "run",
             root()
                 .join("examples/backup-metadata.yaml")
@@ -128,7 +120,6 @@ fn the_backup_example_runs() {
         ])
         .arg("-p")
         .arg(format!("workdir={}", dir.path().display()))
-        .env("CAIRN_DB", dir.path().join("cairn.db"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::support::{Sandbox, code, stderr, stdout};
+use crate::support::{Sandbox, code, postgres, sqlite_only, stderr, stdout};
 
 const PLAN: &str = "name: x\nsteps:\n  - id: a\n    noop: true\n";
 
@@ -93,6 +93,9 @@ fn sqlite3(db: &Path, sql: &str) {
 #[test]
 fn a_database_from_a_newer_cairn_is_refused_unchanged() {
     let sandbox = Sandbox::new();
+    if postgres() {
+        return a_postgres_database_from_a_newer_cairn_is_refused_unchanged(&sandbox);
+    }
     let db = one_op(&sandbox);
     sqlite3(&db, "PRAGMA user_version = 99;");
     let before = std::fs::read(&db).unwrap();
@@ -108,8 +111,34 @@ fn a_database_from_a_newer_cairn_is_refused_unchanged() {
     assert_eq!(std::fs::read(&db).unwrap(), before);
 }
 
+/// PostgreSQL keeps its schema version in `cairn_meta`: one from a newer cairn is refused by every
+/// command, which names the database and changes nothing.
+fn a_postgres_database_from_a_newer_cairn_is_refused_unchanged(sandbox: &Sandbox) {
+    sandbox.write("plan.yaml", PLAN);
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(0));
+    sandbox.sql("UPDATE cairn_meta SET value = '99' WHERE key = 'schema_version'");
+    let db = sandbox.db().into_string().unwrap();
+    let name = db.rsplit('/').next().unwrap();
+    for args in [&["status"][..], &["show", "1"], &["run", "plan.yaml"]] {
+        let out = sandbox.cairn(args);
+        assert_eq!(code(&out), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("newer cairn") && err.contains(name), "{err}");
+    }
+    assert_eq!(
+        sandbox
+            .sql("SELECT value FROM cairn_meta WHERE key = 'schema_version'")
+            .trim(),
+        "99"
+    );
+    assert_eq!(sandbox.sql("SELECT count(*) FROM ops").trim(), "1");
+}
+
 #[test]
 fn a_corrupt_database_is_refused_unchanged() {
+    if sqlite_only("the bytes of a SQLite file scrambled") {
+        return;
+    }
     let sandbox = Sandbox::new();
     let db = one_op(&sandbox);
     let mut bytes = std::fs::read(&db).unwrap();
@@ -128,6 +157,9 @@ fn a_corrupt_database_is_refused_unchanged() {
 
 #[test]
 fn a_database_on_a_read_only_file_system_is_read_but_not_written() {
+    if sqlite_only("a SQLite file on a read-only file system") {
+        return;
+    }
     let fs = Tmpfs::new("4m");
     std::fs::write(fs.path().join("plan.yaml"), PLAN).unwrap();
     let db = fs.path().join("cairn.db");
@@ -157,6 +189,9 @@ fn a_database_on_a_read_only_file_system_is_read_but_not_written() {
 #[test]
 fn a_missing_directory_is_made_private() {
     use std::os::unix::fs::PermissionsExt;
+    if sqlite_only("the directories made for a SQLite file") {
+        return;
+    }
     let sandbox = Sandbox::new();
     sandbox.write("plan.yaml", PLAN);
     let db = sandbox.path().join("state/deeper/cairn.db");
@@ -169,6 +204,9 @@ fn a_missing_directory_is_made_private() {
 
 #[test]
 fn a_full_disk_stops_the_op_cleanly_and_it_resumes_once_space_is_freed() {
+    if sqlite_only("a SQLite file on a full file system") {
+        return;
+    }
     let fs = Tmpfs::new("1m");
     // The step fills the disk (once: its marker is made first, so a rerun never fills it again),
     // then prints enough to need space for its logs.

@@ -3,6 +3,7 @@
 mod support;
 
 mod architecture;
+mod cluster;
 mod controls;
 mod crash;
 mod damage;

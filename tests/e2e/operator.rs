@@ -120,6 +120,9 @@ fn status_says_when_the_list_is_cut_and_watch_writes_no_escape_codes_into_a_pipe
 #[test]
 fn a_read_of_a_database_that_does_not_exist_names_it() {
     let sandbox = Sandbox::new();
+    if crate::support::postgres() {
+        return a_read_of_a_postgres_database_that_does_not_exist_names_it(&sandbox);
+    }
     let typo = sandbox.path().join("typo/cairn.db");
     let db = typo.to_str().unwrap();
     for args in [
@@ -142,6 +145,32 @@ fn a_read_of_a_database_that_does_not_exist_names_it() {
     assert!(
         !sandbox.path().join("typo").exists(),
         "a read created something"
+    );
+}
+
+/// On PostgreSQL: a database missing on the server is named by every read, which prints nothing
+/// and creates nothing (cairn never creates a database, only its tables in one that exists).
+fn a_read_of_a_postgres_database_that_does_not_exist_names_it(sandbox: &Sandbox) {
+    let name = format!("cairn_e2e_typo_{}", std::process::id());
+    let db = format!("postgres://{}/{name}", crate::support::PG_SERVER);
+    let exists = format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'");
+    for args in [
+        &["--db", &db, "status"][..],
+        &["--db", &db, "status", "--json"][..],
+        &["--db", &db, "locks"][..],
+        &["--db", &db, "show", "1"][..],
+        &["--db", &db, "logs", "1"][..],
+        &["--db", &db, "schedule", "list"][..],
+    ] {
+        let out = sandbox.cairn(args);
+        assert_eq!(code(&out), Some(2), "{args:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "", "{args:?}");
+        assert!(stderr(&out).contains(&name), "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(
+        sandbox.sql(&exists).trim(),
+        "0",
+        "a read created the database"
     );
 }
 

@@ -6,17 +6,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn cairn(dir: &std::path::Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
-    command
-        .args(args)
-        .current_dir(dir)
-        .env("CAIRN_DB", dir.join("cairn.db"))
-        .env("NO_COLOR", "1");
-    command
+use crate::support::Sandbox;
+
+fn cairn(dir: &Sandbox, args: &[&str]) -> Command {
+    dir.command(args)
 }
 
-fn show(dir: &std::path::Path, op: &str) -> Value {
+fn show(dir: &Sandbox, op: &str) -> Value {
     let out = cairn(dir, &["show", op, "--json"]).output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -46,7 +42,7 @@ fn wait_for(path: &std::path::Path) {
 /// and for its other needs: it started early, and the scheduler's counts underflowed.
 #[test]
 fn resume_waits_for_every_need_of_a_task_after_continue_on_error() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     std::fs::write(
         dir.path().join("plan.yaml"),
         r"name: coe
@@ -66,31 +62,31 @@ steps:
 ",
     )
     .unwrap();
-    let first = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    let first = cairn(&dir, &["run", "plan.yaml"]).output().unwrap();
     assert_eq!(first.status.code(), Some(1));
     std::fs::write(dir.path().join("fixed"), "").unwrap();
-    let resumed = cairn(dir.path(), &["resume", "1"]).output().unwrap();
+    let resumed = cairn(&dir, &["resume", "1"]).output().unwrap();
     assert_eq!(
         resumed.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&resumed.stderr)
     );
-    assert_eq!(task(&show(dir.path(), "1"), "b")["attempts"], 1);
+    assert_eq!(task(&show(&dir, "1"), "b")["attempts"], 1);
 }
 
 /// A background process that leaves the step's session and drops its environment holds the step's
 /// stdout open: the step must still end when its leader does (it waited until the process ended).
 #[test]
 fn a_daemon_holding_stdout_does_not_hold_the_step() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     std::fs::write(
         dir.path().join("plan.yaml"),
         "name: daemon\nsteps:\n  - id: start\n    run: |\n      setsid env -i /bin/sleep 30 &\n      echo $! > daemon.pid\n",
     )
     .unwrap();
     let started = Instant::now();
-    let out = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    let out = cairn(&dir, &["run", "plan.yaml"]).output().unwrap();
     let took = started.elapsed();
     let pid: i32 = std::fs::read_to_string(dir.path().join("daemon.pid"))
         .unwrap()
@@ -117,13 +113,13 @@ fn a_daemon_holding_stdout_does_not_hold_the_step() {
 /// `attempts: 3` it ran 5 times.
 #[test]
 fn the_retry_budget_survives_a_crash_during_a_retry_delay() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     std::fs::write(
         dir.path().join("plan.yaml"),
         "name: retry\nsteps:\n  - id: flaky\n    retry: { attempts: 3, delay: 2s }\n    run: |\n      echo $CAIRN_ATTEMPT >> tries\n      exit 1\n",
     )
     .unwrap();
-    let mut run = cairn(dir.path(), &["run", "plan.yaml"])
+    let mut run = cairn(&dir, &["run", "plan.yaml"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -132,12 +128,12 @@ fn the_retry_budget_survives_a_crash_during_a_retry_delay() {
     std::thread::sleep(Duration::from_millis(500));
     run.kill().unwrap();
     run.wait().unwrap();
-    let resumed = cairn(dir.path(), &["resume", "1"]).output().unwrap();
+    let resumed = cairn(&dir, &["resume", "1"]).output().unwrap();
     assert_eq!(resumed.status.code(), Some(1));
     let tries = std::fs::read_to_string(dir.path().join("tries")).unwrap();
     assert_eq!(tries, "1\n2\n3\n", "three attempts in all");
     // A failed task resumed by a person gets a fresh round.
-    let again = cairn(dir.path(), &["resume", "1"]).output().unwrap();
+    let again = cairn(&dir, &["resume", "1"]).output().unwrap();
     assert_eq!(again.status.code(), Some(1));
     let tries = std::fs::read_to_string(dir.path().join("tries")).unwrap();
     assert_eq!(tries.lines().count(), 6);
@@ -146,19 +142,19 @@ fn the_retry_budget_survives_a_crash_during_a_retry_delay() {
 /// `logs --follow` followed one cursor across parallel tasks and dropped most of their output.
 #[test]
 fn logs_follow_shows_every_line_of_parallel_tasks() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     std::fs::write(
         dir.path().join("plan.yaml"),
         "name: chatty\nsteps:\n  - id: a\n    run: for i in 1 2 3 4 5 6; do echo a$i; sleep 0.25; done\n  - id: b\n    run: for i in 1 2 3 4 5 6; do echo b$i; sleep 0.25; done\n",
     )
     .unwrap();
-    let mut run = cairn(dir.path(), &["run", "plan.yaml"])
+    let mut run = cairn(&dir, &["run", "plan.yaml"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     // Follow from as early as the op exists.
     let started = Instant::now();
-    while !cairn(dir.path(), &["show", "1"])
+    while !cairn(&dir, &["show", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -168,9 +164,7 @@ fn logs_follow_shows_every_line_of_parallel_tasks() {
         assert!(started.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let follow = cairn(dir.path(), &["logs", "1", "--follow"])
-        .output()
-        .unwrap();
+    let follow = cairn(&dir, &["logs", "1", "--follow"]).output().unwrap();
     assert!(run.wait().unwrap().success());
     let text = String::from_utf8_lossy(&follow.stdout);
     for i in 1..=6 {
@@ -185,18 +179,18 @@ fn logs_follow_shows_every_line_of_parallel_tasks() {
 /// timer was reset by every chunk.
 #[test]
 fn steady_output_reaches_the_logs_while_the_step_runs() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     std::fs::write(
         dir.path().join("plan.yaml"),
         "name: steady\nsteps:\n  - id: talk\n    run: |\n      for i in $(seq 1 40); do echo line$i; sleep 0.1; done\n",
     )
     .unwrap();
-    let mut run = cairn(dir.path(), &["run", "plan.yaml"])
+    let mut run = cairn(&dir, &["run", "plan.yaml"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let logs = cairn(dir.path(), &["logs", "1"]).output().unwrap();
+    let logs = cairn(&dir, &["logs", "1"]).output().unwrap();
     let text = String::from_utf8_lossy(&logs.stdout).into_owned();
     run.kill().unwrap();
     run.wait().unwrap();
@@ -209,35 +203,26 @@ fn steady_output_reaches_the_logs_while_the_step_runs() {
 /// A secret printed in two pieces, with a pause between them, reached the database in clear.
 #[test]
 fn a_secret_split_across_writes_is_masked() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     std::fs::write(
         dir.path().join("plan.yaml"),
         "name: split\nparams:\n  pw: { secret: true, required: true }\nsteps:\n  - id: leak\n    env: { PW: \"{{ params.pw }}\" }\n    run: |\n      printf 'oops %s' \"${PW:0:8}\"\n      sleep 0.5\n      printf '%s done\\n' \"${PW:8}\"\n",
     )
     .unwrap();
     let secret = "hunter2-very-secret";
-    let out = cairn(
-        dir.path(),
-        &["run", "plan.yaml", "-p", &format!("pw={secret}")],
-    )
-    .output()
-    .unwrap();
+    let out = cairn(&dir, &["run", "plan.yaml", "-p", &format!("pw={secret}")])
+        .output()
+        .unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let logs = cairn(dir.path(), &["logs", "1"]).output().unwrap();
+    let logs = cairn(&dir, &["logs", "1"]).output().unwrap();
     let text = String::from_utf8_lossy(&logs.stdout);
     assert!(text.contains("oops ******** done"), "{text}");
-    for file in ["cairn.db", "cairn.db-wal"] {
-        let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
-        assert!(
-            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-            "{file} holds the secret"
-        );
-    }
+    dir.assert_not_stored(secret);
 }
 
 /// A `sqlite3` read of the database while an op runs (the schema is documented for that) made the
@@ -245,20 +230,23 @@ fn a_secret_split_across_writes_is_masked() {
 /// the process's locks on it, and `sqlite3` then deleted the WAL under the live writer.
 #[test]
 fn a_sqlite3_read_during_a_run_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    if crate::support::sqlite_only("sqlite3 reading the database file under a live writer") {
+        return;
+    }
+    let dir = Sandbox::new();
     std::fs::write(
         dir.path().join("plan.yaml"),
         "name: live\nsteps:\n  - id: a\n    run: |\n      touch started\n      while [ ! -f go ]; do sleep 0.05; done\n  - id: b\n    needs: [a]\n    noop: true\n",
     )
     .unwrap();
-    let mut run = cairn(dir.path(), &["run", "plan.yaml"])
+    let mut run = cairn(&dir, &["run", "plan.yaml"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     wait_for(&dir.path().join("started"));
     // A reader inside cairn too (status opens the database read-only while the run writes).
     assert!(
-        cairn(dir.path(), &["status"])
+        cairn(&dir, &["status"])
             .stdout(Stdio::null())
             .status()
             .unwrap()
@@ -272,7 +260,7 @@ fn a_sqlite3_read_during_a_run_loses_nothing() {
     assert!(out.status.success());
     std::fs::write(dir.path().join("go"), "").unwrap();
     assert!(run.wait().unwrap().success());
-    let show = show(dir.path(), "1");
+    let show = show(&dir, "1");
     assert_eq!(show["status"], "succeeded", "{show:#}");
     assert_eq!(task(&show, "a")["status"], "succeeded");
     assert_eq!(task(&show, "b")["status"], "succeeded");
@@ -282,7 +270,7 @@ fn a_sqlite3_read_during_a_run_loses_nothing() {
 /// fails again: it was released a second time, and every later resume was refused.
 #[test]
 fn a_kept_step_is_not_released_again_when_its_need_fails_again() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     std::fs::write(
         dir.path().join("plan.yaml"),
         r"name: kept
@@ -299,13 +287,13 @@ steps:
 ",
     )
     .unwrap();
-    let first = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    let first = cairn(&dir, &["run", "plan.yaml"]).output().unwrap();
     assert_eq!(first.status.code(), Some(1));
     for expected in [Some(1), Some(0)] {
         if expected == Some(0) {
             std::fs::write(dir.path().join("fixed"), "").unwrap();
         }
-        let resumed = cairn(dir.path(), &["resume", "1"]).output().unwrap();
+        let resumed = cairn(&dir, &["resume", "1"]).output().unwrap();
         assert_eq!(
             resumed.status.code(),
             expected,
@@ -313,7 +301,7 @@ steps:
             String::from_utf8_lossy(&resumed.stderr)
         );
     }
-    let shown = show(dir.path(), "1");
+    let shown = show(&dir, "1");
     assert_eq!(task(&shown, "a")["attempts"], 3);
     assert_eq!(task(&shown, "b")["attempts"], 1);
     assert_eq!(task(&shown, "c")["attempts"], 3);
@@ -324,7 +312,7 @@ steps:
 /// `--db` and `--json` are global: they may come before the subcommand as well as after it.
 #[test]
 fn global_options_may_come_before_the_subcommand() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     std::fs::write(
         dir.path().join("plan.yaml"),
         "name: here\nsteps:\n  - id: a\n    noop: true\n",
@@ -332,7 +320,7 @@ fn global_options_may_come_before_the_subcommand() {
     .unwrap();
     let elsewhere = dir.path().join("elsewhere.db");
     let db = elsewhere.to_str().unwrap();
-    let ran = cairn(dir.path(), &["--db", db, "run", "plan.yaml"])
+    let ran = cairn(&dir, &["--db", db, "run", "plan.yaml"])
         .output()
         .unwrap();
     assert_eq!(
@@ -348,7 +336,7 @@ fn global_options_may_come_before_the_subcommand() {
         ["status", "--json", "--db", db],
         ["--json", "--db", db, "status"],
     ] {
-        let out = cairn(dir.path(), &args).output().unwrap();
+        let out = cairn(&dir, &args).output().unwrap();
         assert_eq!(out.status.code(), Some(0));
         let ops: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(ops.as_array().map(Vec::len), Some(1), "{ops}");
@@ -357,7 +345,7 @@ fn global_options_may_come_before_the_subcommand() {
         ["--json", "--db", db, "status", "--watch"],
         ["--db", db, "status", "--watch", "--json"],
     ] {
-        let out = cairn(dir.path(), &args).output().unwrap();
+        let out = cairn(&dir, &args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(out.stdout.is_empty(), "{args:?}");
     }
@@ -367,7 +355,7 @@ fn global_options_may_come_before_the_subcommand() {
 /// to other users.
 #[test]
 fn the_output_file_is_there_and_private() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     std::fs::write(
         dir.path().join("plan.yaml"),
         r#"name: private
@@ -384,14 +372,14 @@ steps:
 "#,
     )
     .unwrap();
-    let out = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    let out = cairn(&dir, &["run", "plan.yaml"]).output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let shown = show(dir.path(), "1");
+    let shown = show(&dir, "1");
     let outputs = &task(&shown, "a")["outputs"];
     assert_eq!(outputs["file"], "600", "{outputs}");
     assert_eq!(outputs["dir"], "700", "{outputs}");
@@ -402,13 +390,13 @@ steps:
 /// sweep; one that does must not.
 #[test]
 fn what_a_finished_step_left_running_is_ended_before_the_next_starts() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     std::fs::write(
         dir.path().join("plan.yaml"),
         "name: leftovers\nsteps:\n  - id: leave\n    run: |\n      sleep 1000 &\n      echo $! > grouped.pid\n      setsid sleep 1000 &\n      echo $! > session.pid\n  - id: next\n    needs: [leave]\n    run: |\n      for f in grouped.pid session.pid; do\n        echo \"$f $(cut -d' ' -f3 /proc/$(cat $f)/stat 2>/dev/null || echo gone)\" >> seen\n      done\n",
     )
     .unwrap();
-    let out = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    let out = cairn(&dir, &["run", "plan.yaml"]).output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -431,12 +419,16 @@ fn what_a_finished_step_left_running_is_ended_before_the_next_starts() {
 /// Runs `plan` in `dir` with the list param `big` of 30,000 numbers, longer as JSON than the
 /// kernel lets one string of a command line or an environment be (128 KiB); returns the run's
 /// output and that JSON.
-fn run_with_a_long_list(dir: &std::path::Path, plan: &str) -> (std::process::Output, String) {
-    std::fs::write(dir.join("plan.yaml"), plan).unwrap();
+fn run_with_a_long_list(dir: &Sandbox, plan: &str) -> (std::process::Output, String) {
+    std::fs::write(dir.path().join("plan.yaml"), plan).unwrap();
     let items: Vec<u32> = (0..30_000).collect();
     let json = serde_json::to_string(&items).unwrap();
     assert!(json.len() > 128 * 1024, "over the kernel's limit");
-    std::fs::write(dir.join("params.json"), format!("{{\"big\": {json}}}")).unwrap();
+    std::fs::write(
+        dir.path().join("params.json"),
+        format!("{{\"big\": {json}}}"),
+    )
+    .unwrap();
     let out = cairn(dir, &["run", "plan.yaml", "--params", "params.json"])
         .output()
         .unwrap();
@@ -448,9 +440,9 @@ fn run_with_a_long_list(dir: &std::path::Path, plan: &str) -> (std::process::Out
 /// one stays in `CAIRN_PARAM_<NAME>`.
 #[test]
 fn a_param_too_long_for_the_environment_is_passed_in_a_file() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     let (out, json) = run_with_a_long_list(
-        dir.path(),
+        &dir,
         "name: big\nparams:\n  big: { type: list, required: true }\n  small: { type: string, default: hello }\nsteps:\n  - id: use\n    run: |\n      test -z \"${CAIRN_PARAM_BIG:-}\"\n      test \"$CAIRN_PARAM_SMALL\" = hello\n      cp \"$CAIRN_PARAM_BIG_FILE\" seen.json\n      stat -c %a \"$CAIRN_PARAM_BIG_FILE\" > mode\n",
     );
     assert_eq!(
@@ -475,9 +467,9 @@ fn a_param_too_long_for_the_environment_is_passed_in_a_file() {
 /// too long, not only `Argument list too long`.
 #[test]
 fn a_command_line_too_long_says_which_string_is() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     let (out, _) = run_with_a_long_list(
-        dir.path(),
+        &dir,
         "name: long\nparams:\n  big: { type: list, required: true }\nsteps:\n  - id: inline\n    run: \"echo {{ params.big }}\"\n",
     );
     assert_eq!(out.status.code(), Some(1));
@@ -492,7 +484,7 @@ fn a_command_line_too_long_says_which_string_is() {
 /// temporary directory; the op's resume removes it, and a finished run leaves none.
 #[test]
 fn a_killed_runs_files_are_removed_by_its_resume() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
     std::fs::write(
@@ -507,7 +499,7 @@ fn a_killed_runs_files_are_removed_by_its_resume() {
             .filter(|n| n.starts_with("cairn-"))
             .collect()
     };
-    let mut run = cairn(dir.path(), &["run", "plan.yaml"])
+    let mut run = cairn(&dir, &["run", "plan.yaml"])
         .env("TMPDIR", &tmp)
         .stderr(Stdio::null())
         .spawn()
@@ -517,12 +509,12 @@ fn a_killed_runs_files_are_removed_by_its_resume() {
     run.wait().unwrap();
     let left = leftovers();
     assert_eq!(left.len(), 1, "{left:?}");
-    let uuid = show(dir.path(), "1")["uuid"].as_str().unwrap().to_owned();
+    let uuid = show(&dir, "1")["uuid"].as_str().unwrap().to_owned();
     assert!(left[0].starts_with(&format!("cairn-{uuid}-")), "{left:?}");
     // Another op's directory is not touched.
     std::fs::create_dir(tmp.join("cairn-someone-else")).unwrap();
     std::fs::write(dir.path().join("go"), "").unwrap();
-    let resumed = cairn(dir.path(), &["resume", "1"])
+    let resumed = cairn(&dir, &["resume", "1"])
         .env("TMPDIR", &tmp)
         .output()
         .unwrap();
@@ -550,7 +542,7 @@ fn steps_may_run_on_every_cpu_cairn_may_use() {
             .to_owned()
     };
     let ours = allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Sandbox::new();
     let mut plan = String::from("name: cpus\nsteps:\n");
     for i in 0..4 {
         let needs = if i > 0 {
@@ -564,7 +556,7 @@ fn steps_may_run_on_every_cpu_cairn_may_use() {
         );
     }
     std::fs::write(dir.path().join("plan.yaml"), plan).unwrap();
-    let out = cairn(dir.path(), &["run", "plan.yaml"]).output().unwrap();
+    let out = cairn(&dir, &["run", "plan.yaml"]).output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -1,7 +1,9 @@
 //! A small builder around the `cairn` binary.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -33,15 +35,140 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// A scratch directory with a database, where plans are written and `cairn` runs.
+/// Whether the suite runs on PostgreSQL: `CAIRN_TEST_BACKEND=postgres` makes every [`Sandbox`] use
+/// a fresh database on the server at 127.0.0.1:5432 instead of a SQLite file. Anything else, or
+/// nothing, is SQLite.
+pub fn postgres() -> bool {
+    std::env::var("CAIRN_TEST_BACKEND").is_ok_and(|v| v == "postgres")
+}
+
+/// True, after printing why, when the suite runs on PostgreSQL and the calling test is about the
+/// SQLite file itself (its bytes, its locks, its file system), which has no PostgreSQL meaning.
+/// Such a test starts with `if sqlite_only("why") { return; }`.
+pub fn sqlite_only(why: &str) -> bool {
+    let skip = postgres();
+    if skip {
+        eprintln!("skipped on PostgreSQL: {why}");
+    }
+    skip
+}
+
+/// The PostgreSQL server the suite uses: local, trust authentication, as `postgres`.
+pub const PG_SERVER: &str = "postgres@127.0.0.1:5432";
+
+/// `psql` on the suite's server, connected to `database`, unaligned and quiet, stopping at the
+/// first error.
+fn psql(database: &str) -> Command {
+    let mut command = Command::new("psql");
+    command
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args(["-h", "127.0.0.1", "-p", "5432", "-U", "postgres", "-d"])
+        .arg(database)
+        .env_remove("PGPASSWORD");
+    command
+}
+
+/// Runs `psql` with one `-c` per statement (each its own transaction: `CREATE DATABASE` may not
+/// run inside one); its output, or why it failed.
+fn psql_run(database: &str, statements: &[&str]) -> Result<String, String> {
+    let mut command = psql(database);
+    for statement in statements {
+        command.arg("-c").arg(statement);
+    }
+    let out = command
+        .output()
+        .map_err(|e| format!("cannot run psql (postgresql-client): {e}"))?;
+    if out.status.success() {
+        Ok(stdout(&out))
+    } else {
+        Err(format!(
+            "psql on {PG_SERVER}/{database}, {statements:?}: {}",
+            stderr(&out).trim()
+        ))
+    }
+}
+
+/// Where a sandbox's cairn keeps its state.
+enum Database {
+    /// `cairn.db` in the sandbox directory.
+    Sqlite(PathBuf),
+    /// A database of its own on the suite's server, dropped with the sandbox; the secret key in a
+    /// file of the sandbox directory.
+    Postgres { name: String, key_file: PathBuf },
+}
+
+impl Database {
+    fn new(dir: &Path) -> Self {
+        // Numbers the databases of this test process.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        if !postgres() {
+            return Self::Sqlite(dir.join("cairn.db"));
+        }
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("cairn_e2e_{}_{n}", std::process::id());
+        // A database of that name is left over from an earlier run whose process had this pid.
+        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        let create = format!("CREATE DATABASE {name}");
+        psql_run("postgres", &[&drop, &create]).unwrap_or_else(|e| panic!("{e}"));
+        let key_file = dir.join("cairn.key");
+        write_key(&key_file);
+        Self::Postgres { name, key_file }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        if let Self::Postgres { name, .. } = self {
+            // `WITH (FORCE)` ends the connections a still-running cairn holds.
+            let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+            if let Err(e) = psql_run("postgres", &[&drop]) {
+                eprintln!("the test database is left behind: {e}");
+            }
+        }
+    }
+}
+
+/// `bytes` in lower-case hex, two digits each.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Writes a fresh secret key as cairn reads one: 32 random bytes as 64 hex digits, mode 0600.
+fn write_key(path: &Path) {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("reads /dev/urandom");
+    let hex = hex(&bytes);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(format!("{hex}\n").as_bytes()))
+        .unwrap_or_else(|e| panic!("cannot write the key {}: {e}", path.display()));
+}
+
+/// A scratch directory with a database, where plans are written and `cairn` runs. The database is
+/// a SQLite file in the directory, or with `CAIRN_TEST_BACKEND=postgres` a fresh PostgreSQL
+/// database (see [`postgres`]).
 pub struct Sandbox {
+    db: Database,
     dir: tempfile::TempDir,
 }
 
 impl Sandbox {
     pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
         Self {
-            dir: tempfile::tempdir().unwrap(),
+            db: Database::new(dir.path()),
+            dir,
         }
     }
 
@@ -55,15 +182,110 @@ impl Sandbox {
         path
     }
 
+    /// What `CAIRN_DB` says: the SQLite file's path or the PostgreSQL URL.
+    pub fn db(&self) -> OsString {
+        match &self.db {
+            Database::Sqlite(path) => path.clone().into_os_string(),
+            Database::Postgres { name, .. } => format!("postgres://{PG_SERVER}/{name}").into(),
+        }
+    }
+
+    /// The secret key cairn seals secret params with: beside the SQLite file (cairn makes it), or
+    /// the sandbox's own file for PostgreSQL (made with the sandbox, named by
+    /// `CAIRN_SECRET_KEY_FILE`).
+    pub fn key_file(&self) -> PathBuf {
+        match &self.db {
+            Database::Sqlite(path) => path.with_extension("db.key"),
+            Database::Postgres { key_file, .. } => key_file.clone(),
+        }
+    }
+
+    /// Points `command` at this sandbox's database (and, for PostgreSQL, its key file).
+    pub fn use_db(&self, command: &mut Command) {
+        command
+            .env("CAIRN_DB", self.db())
+            .env_remove("CAIRN_SECRET_KEY");
+        match &self.db {
+            Database::Sqlite(_) => command.env_remove("CAIRN_SECRET_KEY_FILE"),
+            Database::Postgres { key_file, .. } => command.env("CAIRN_SECRET_KEY_FILE", key_file),
+        };
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
         command
             .args(args)
             .current_dir(self.path())
-            .env("CAIRN_DB", self.path().join("cairn.db"))
-            .env("NO_COLOR", "1")
-            .env_remove("CAIRN_SECRET_KEY");
+            .env("NO_COLOR", "1");
+        self.use_db(&mut command);
         command
+    }
+
+    /// Runs `sql` on the sandbox's database (`sqlite3` or `psql`) and returns its output: one line
+    /// per row, columns separated by `|` (both tools print rows that way).
+    pub fn sql(&self, sql: &str) -> String {
+        match &self.db {
+            Database::Sqlite(path) => {
+                let out = Command::new("sqlite3")
+                    .arg(path)
+                    .arg(sql)
+                    .output()
+                    .expect("sqlite3 runs");
+                assert!(out.status.success(), "sqlite3 `{sql}`: {}", stderr(&out));
+                stdout(&out)
+            }
+            Database::Postgres { name, .. } => {
+                psql_run(name, &[sql]).unwrap_or_else(|e| panic!("{e}"))
+            }
+        }
+    }
+
+    /// Whether the database holds an op: a refused command stores nothing (on SQLite it does not
+    /// even make the file; the PostgreSQL database exists from the start, maybe without tables).
+    pub fn holds_ops(&self) -> bool {
+        match &self.db {
+            Database::Sqlite(path) => path.exists(),
+            Database::Postgres { .. } => {
+                self.sql("SELECT to_regclass('ops') IS NOT NULL").trim() == "t"
+                    && self.sql("SELECT count(*) FROM ops").trim() != "0"
+            }
+        }
+    }
+
+    /// Asserts that the database does not hold `secret` in clear: the SQLite file and its WAL, or
+    /// everything `pg_dump` writes out of the PostgreSQL database (text as it is, byte columns in
+    /// hex, so the secret is looked for in both forms).
+    pub fn assert_not_stored(&self, secret: &str) {
+        match &self.db {
+            Database::Sqlite(path) => {
+                let wal = path.with_extension("db-wal");
+                for file in [path, &wal] {
+                    let bytes = std::fs::read(file).unwrap_or_default();
+                    assert!(
+                        !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                        "{} holds the secret in clear",
+                        file.display()
+                    );
+                }
+            }
+            Database::Postgres { name, .. } => {
+                let out = Command::new("pg_dump")
+                    .args(["-h", "127.0.0.1", "-p", "5432", "-U", "postgres", name])
+                    .output()
+                    .expect("pg_dump (postgresql-client) runs");
+                assert!(out.status.success(), "pg_dump {name}: {}", stderr(&out));
+                let dump = stdout(&out);
+                assert!(
+                    dump.contains("CREATE TABLE"),
+                    "pg_dump {name} dumped no table"
+                );
+                let hex = hex(secret.as_bytes());
+                assert!(
+                    !dump.contains(secret) && !dump.contains(&hex),
+                    "the PostgreSQL database {name} holds the secret in clear"
+                );
+            }
+        }
     }
 
     pub fn cairn(&self, args: &[&str]) -> Output {
@@ -104,7 +326,6 @@ impl Sandbox {
         std::fs::read_to_string(self.path().join(name)).unwrap_or_default()
     }
 
-    /// Waits until `name` exists (a step wrote it), up to `limit`.
     /// Waits until the database exists and reads (a run makes it as it starts).
     pub fn wait_for_db(&self) {
         let started = Instant::now();
@@ -117,6 +338,7 @@ impl Sandbox {
         }
     }
 
+    /// Waits until `name` exists (a step wrote it), up to `limit`.
     pub fn wait_for(&self, name: &str, limit: Duration) {
         let started = Instant::now();
         while !self.path().join(name).exists() {
@@ -180,17 +402,6 @@ pub fn events(show: &Value) -> Vec<(String, String)> {
             )
         })
         .collect()
-}
-
-/// Asserts that none of the database's files holds `secret` in clear.
-pub fn assert_not_stored(dir: &Path, secret: &str) {
-    for file in ["cairn.db", "cairn.db-wal"] {
-        let bytes = std::fs::read(dir.join(file)).unwrap_or_default();
-        assert!(
-            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-            "{file} holds the secret in clear"
-        );
-    }
 }
 
 /// Sends `signal` to a child process.
