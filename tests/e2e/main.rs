@@ -16,6 +16,7 @@ mod help;
 mod invalid_plans;
 mod nodes;
 mod operator;
+mod outage;
 mod postgres;
 mod regressions;
 mod serve;
