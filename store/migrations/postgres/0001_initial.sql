@@ -34,9 +34,9 @@ CREATE TABLE plan_snapshots (
 
 -- One execution of a plan with concrete parameters.
 CREATE TABLE ops (
-    -- The small id people use. A sequence never hands out a number twice, even when the
-    -- transaction that took it rolls back: an id is never reused.
-    id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- The small id people use: one more than the highest, given in the transaction that inserts
+    -- the op (so a rolled-back submit leaves no gap). Ops are never deleted: an id is never reused.
+    id           BIGINT PRIMARY KEY,
     uuid         TEXT NOT NULL UNIQUE,   -- UUID v7, for machines
     plan         TEXT NOT NULL,          -- the plan's name: the TYPE column
     snapshot_id  BIGINT NOT NULL REFERENCES plan_snapshots(id),

@@ -787,18 +787,18 @@ mod tests {
             (1, 'sha256:aa', 'deploy', 'name: deploy', '{"sub/a.yaml": "name: a"}'),
             (2, 'sha256:bb', 'backup', 'name: backup', '{}');
         INSERT INTO ops (id, uuid, plan, snapshot_id, title, status, params, workdir, env,
-                         created_at) OVERRIDING SYSTEM VALUE VALUES
+                         created_at) VALUES
             (1, 'u1', 'deploy', 1, 'deploy one', 'succeeded', '{"n": 1}', '/w', '{}', 1000),
             (2, 'u2', 'backup', 2, 'backup', 'failed', '{}', '/w', '{}', 2000);
         INSERT INTO ops (id, uuid, plan, snapshot_id, title, status, params, workdir, env,
                          created_at, started_at, owner_host, owner_boot, owner_pid, owner_start,
                          lease_until, current_task, error, lock_key, ending,
-                         cancel_requested_at, cancel_by, cancel_reason) OVERRIDING SYSTEM VALUE VALUES
+                         cancel_requested_at, cancel_by, cancel_reason) VALUES
             (3, 'u3', 'deploy', 1, 'deploy three', 'running', '{"env": "prod"}', '/srv/plans',
              '{"HOME": "/root"}', 3000, 3100, 'web-1', 'boot-a/4026531836', 4242, 987654,
              9000, 'build', 'it broke', 'prod', '{"status": "failed"}', 3500, 'ann', 'oops');
         INSERT INTO ops (id, uuid, plan, snapshot_id, title, status, params, workdir, env,
-                         created_at, parent_id, parent_task) OVERRIDING SYSTEM VALUE VALUES
+                         created_at, parent_id, parent_task) VALUES
             (4, 'u4', 'deploy', 1, 'child of task 1', 'queued', '{}', '/w', '{}', 4000, 3, 1),
             (5, 'u5', 'deploy', 1, 'child of task 0', 'queued', '{}', '/w', '{}', 5000, 3, 0);
     "#;

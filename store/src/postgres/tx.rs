@@ -58,6 +58,10 @@ pub(super) fn fault_of(err: &postgres::Error, client: &Client) -> Option<Fault> 
     let code = err.code().map(postgres::error::SqlState::code);
     match code {
         Some("40001" | "40P01") => Some(Fault::Conflict),
+        // Another node's transaction took the same new op id first (see `insert_op`).
+        Some("23505") if err.as_db_error().and_then(|e| e.constraint()) == Some("ops_pkey") => {
+            Some(Fault::Conflict)
+        }
         // Connection exceptions, and the server ending the session (admin or crash shutdown,
         // starting up).
         Some(c) if c.starts_with("08") || c.starts_with("57P") => Some(Fault::Lost),
@@ -216,8 +220,13 @@ impl Tx for PgTx<'_> {
 
     fn insert_op(&mut self, new: &NewOp, snapshot: i64) -> Result<OpId> {
         let row = self.one(
-            "INSERT INTO ops (uuid, plan, snapshot_id, title, status, params, workdir, env, created_at, lock_key, cooldown_ms, \
-             parent_id, parent_task) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id",
+            // The next id after the highest, not the identity's sequence: a sequence skips the
+            // numbers of transactions that rolled back (a refused submit, a conflict run again),
+            // and people read op ids as a count. Two nodes taking the same id at once conflict
+            // (`ops_pkey`), and the later transaction runs again.
+            "INSERT INTO ops (id, uuid, plan, snapshot_id, title, status, params, workdir, env, created_at, lock_key, \
+             cooldown_ms, parent_id, parent_task) VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM ops), \
+             $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id",
             &[
                 &new.uuid,
                 &new.snapshot.name,
