@@ -165,7 +165,9 @@ pub(super) fn refuse_unwritable_side_files(path: &Path) -> Result<()> {
             continue;
         };
         match nix::unistd::access(&side, nix::unistd::AccessFlags::W_OK) {
-            Ok(()) | Err(nix::errno::Errno::EROFS) => {}
+            // ENOENT: gone since it was looked at (the last connection of another process closed,
+            // deleting it); SQLite makes it anew, writable.
+            Ok(()) | Err(nix::errno::Errno::EROFS | nix::errno::Errno::ENOENT) => {}
             Err(errno) => {
                 return Err(unusable(
                     path,
