@@ -19,6 +19,7 @@ mod reads;
 mod tx;
 mod writer;
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -112,9 +113,24 @@ impl Target {
             Some(Host::Unix(path)) => path.display().to_string(),
             None => "localhost".to_owned(),
         };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        if config.get_password().is_none() {
+            // As libpq: a socket directory is `localhost` in the password file.
+            let named = if host.starts_with('/') {
+                "localhost"
+            } else {
+                &host
+            };
+            let dbname = config.get_dbname().unwrap_or_default();
+            if let Some(password) = password_file()
+                .and_then(|file| password_in(&file, [named, &port.to_string(), dbname, &user]))
+            {
+                config.password(password);
+            }
+        }
         Ok(Self {
             host,
-            port: config.get_ports().first().copied().unwrap_or(5432),
+            port,
             dbname: config.get_dbname().unwrap_or_default().to_owned(),
             user,
             config,
@@ -181,6 +197,53 @@ impl Target {
     }
 }
 
+/// libpq's password file: `PGPASSFILE`, else `~/.pgpass`; like libpq, not one that group or
+/// others may read or write.
+fn password_file() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let file = var("PGPASSFILE")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".pgpass")))?;
+    let meta = std::fs::metadata(&file).ok()?;
+    let others = meta.permissions().mode() & 0o077;
+    (meta.is_file() && others == 0).then_some(file)
+}
+
+/// The password of the first line of a password file (`host:port:database:user:password`, `*`
+/// matching anything, `\:` and `\\` escaped) that matches `wanted`.
+fn password_in(file: &Path, wanted: [&str; 4]) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let fields = split_escaped(line);
+            let [host, port, db, user, password] = fields.as_slice() else {
+                return None;
+            };
+            let matches = [host, port, db, user]
+                .iter()
+                .zip(wanted)
+                .all(|(field, want)| field.as_str() == "*" || field.as_str() == want);
+            matches.then(|| password.clone())
+        })
+}
+
+/// A password file's line split at its unescaped colons, escapes removed.
+fn split_escaped(line: &str) -> Vec<String> {
+    let (mut fields, mut field) = (Vec::new(), String::new());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => field.extend(chars.next()),
+            ':' => fields.push(std::mem::take(&mut field)),
+            _ => field.push(c),
+        }
+    }
+    fields.push(field);
+    fields
+}
+
 /// The name of the user running this process, as libpq defaults to.
 fn os_user() -> Option<String> {
     std::env::var("USER")
@@ -215,5 +278,39 @@ pub(crate) fn open_reader(location: &Location) -> Result<Option<Reader>> {
             target.config.clone(),
             location.clone(),
         )))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_file_is_read_as_libpq_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pgpass");
+        std::fs::write(
+            &file,
+            "# comment\n\
+             db.internal:5432:other:cairn:no\n\
+             db.internal:5432:*:cairn:pa\\:ss\\\\w\n\
+             *:*:*:*:fallback\n",
+        )
+        .unwrap();
+        let find = |host, port, db, user| password_in(&file, [host, port, db, user]);
+        assert_eq!(
+            find("db.internal", "5432", "cairn", "cairn").as_deref(),
+            Some("pa:ss\\w")
+        );
+        assert_eq!(
+            find("db.internal", "5432", "other", "cairn").as_deref(),
+            Some("no")
+        );
+        assert_eq!(
+            find("elsewhere", "5433", "x", "y").as_deref(),
+            Some("fallback")
+        );
+        std::fs::write(&file, "h:1:d:u:p\nbroken:line\n").unwrap();
+        assert_eq!(find("h", "2", "d", "u"), None);
     }
 }
