@@ -45,10 +45,12 @@ impl Bench {
         let server = self.pg.as_deref().expect("--db names a PostgreSQL server");
         let name = format!("cairn_bench_{}", scenario.replace('-', "_"));
         let mut admin = connect(server);
+        // Two statements: a multi-statement string is one transaction, which DROP DATABASE refuses.
         admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-            ))
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
             .unwrap();
         with_database(server, &name)
     }

@@ -1017,17 +1017,16 @@ impl Tx for PgTx<'_> {
         task: Option<&str>,
         events: &[(&str, &str)],
     ) -> Result<()> {
-        let row = self.one(
-            "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE op_id = $1",
-            &[&op.0],
+        // One statement: the op's next numbers, in the order given.
+        let kinds: Vec<&str> = events.iter().map(|(kind, _)| *kind).collect();
+        let messages: Vec<&str> = events.iter().map(|(_, message)| *message).collect();
+        self.exec(
+            "INSERT INTO events (op_id, seq, at, kind, task, message) \
+             SELECT $1, next.seq + e.ord - 1, $2, e.kind, $3, e.message \
+             FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM events WHERE op_id = $1) next, \
+             unnest($4::text[], $5::text[]) WITH ORDINALITY AS e(kind, message, ord)",
+            &[&op.0, &at, &task, &kinds, &messages],
         )?;
-        let first: i64 = self.get(&row, 0)?;
-        for (seq, (kind, message)) in (first..).zip(events) {
-            self.exec(
-                "INSERT INTO events (op_id, seq, at, kind, task, message) VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&op.0, &seq, &at, kind, &task, message],
-            )?;
-        }
         Ok(())
     }
 
