@@ -52,7 +52,8 @@ pub enum Rule {
     Local,
     /// A store that processes on other machines share (PostgreSQL): an owner lives only while its
     /// lease holds, even on its own machine, so that a node stopped (SIGSTOP) past its lease has
-    /// lost its ops to another; a pid known dead is still dead at once.
+    /// lost its ops to another; a pid known dead on this very boot is still dead at once (another
+    /// boot id is another machine, whose lease decides).
     Shared,
 }
 
@@ -74,7 +75,11 @@ impl Rule {
             return OwnerState::None;
         };
         let lease_holds = op.lease_until.is_some_and(|l| l >= now);
-        let alive = match (proc::liveness(&to_identity(owner)), self) {
+        let identity = to_identity(owner);
+        let alive = match (proc::liveness(&identity), self) {
+            // On a shared store another boot id is most likely another machine, not a reboot of
+            // this one: only a pid checked here, on the owner's own boot, is known dead.
+            (Liveness::Dead, Self::Shared) if identity.boot_id != proc::boot_id() => lease_holds,
             (Liveness::Dead, _) => false,
             (Liveness::Alive, Self::Local) => true,
             (Liveness::Alive, Self::Shared) | (Liveness::Unknown, _) => lease_holds,
