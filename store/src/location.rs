@@ -89,20 +89,34 @@ pub fn open_reader(location: &Location) -> Result<Option<Reader>> {
     }
 }
 
-/// The URL with the password of its user (`user:password@`), if any, replaced by `***`.
+/// The URL with every password in it replaced by `***`: the user's (`user:password@`, up to the
+/// last `@` of the authority, so a password holding `/` or `@` is hidden whole) and any
+/// `password=` parameter of the query.
 fn hide_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let (before_query, query) = rest
+        .split_once('?')
+        .map_or((rest, None), |(b, q)| (b, Some(q)));
+    let shown = match before_query.rsplit_once('@') {
         Some((user, host)) if user.contains(':') => {
             let name = user.split_once(':').map_or(user, |(name, _)| name);
-            format!("{scheme}://{name}:***@{host}{tail}")
+            format!("{name}:***@{host}")
         }
-        _ => url.to_owned(),
-    }
+        _ => before_query.to_owned(),
+    };
+    let Some(query) = query else {
+        return format!("{scheme}://{shown}");
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{scheme}://{shown}?{}", query.join("&"))
 }
 
 #[cfg(test)]
@@ -117,5 +131,13 @@ mod tests {
         );
         assert_eq!(hide_password("postgres://db/cairn"), "postgres://db/cairn");
         assert_eq!(hide_password("postgres://me@db/c"), "postgres://me@db/c");
+        assert_eq!(
+            hide_password("postgres://me:hun/ter@2@db/c"),
+            "postgres://me:***@db/c"
+        );
+        assert_eq!(
+            hide_password("postgres://me@db/c?sslmode=disable&password=hunter2&x=y"),
+            "postgres://me@db/c?sslmode=disable&password=***&x=y"
+        );
     }
 }

@@ -256,6 +256,41 @@ steps:
     );
 }
 
+/// A password given as a URL parameter is hidden too; TLS, which cairn cannot speak yet, is refused
+/// whether the URL or `PGSSLMODE` asks for it (never sent in clear without a word).
+#[test]
+fn a_password_parameter_is_hidden_and_tls_is_refused_not_dropped() {
+    let sandbox = Sandbox::new();
+    let out = sandbox.cairn(&[
+        "--db",
+        "postgres://cairn@127.0.0.1:5432/ops?password=hunter2",
+        "status",
+    ]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("hunter2"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("password=***"), "{}", stderr(&out));
+    for (url, env) in [
+        ("postgres://cairn@127.0.0.1:5432/ops?sslmode=require", None),
+        (
+            "postgres://cairn@127.0.0.1:5432/ops?sslmode=verify-full",
+            None,
+        ),
+        ("postgres://cairn@127.0.0.1:5432/ops", Some("require")),
+    ] {
+        let mut command = sandbox.command(&["--db", url, "status"]);
+        if let Some(mode) = env {
+            command.env("PGSSLMODE", mode);
+        }
+        let out = command.output().unwrap();
+        assert_eq!(code(&out), Some(2), "{url}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("asks for TLS"),
+            "{url}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 /// `--db` with a PostgreSQL URL whose login the server refuses: every command says so (exit 2),
 /// naming the server, database and user without showing the password, and no file named after
 /// the URL is made.

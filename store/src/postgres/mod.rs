@@ -67,12 +67,24 @@ impl Target {
             Some((scheme, rest)) => format!("{}://{rest}", scheme.to_ascii_lowercase()),
             None => url.clone(),
         };
+        let tls = "it asks for TLS (`sslmode` require, verify-ca or verify-full, in the URL or PGSSLMODE), which cairn does not support yet";
+        if url.contains("sslmode=verify-") {
+            // The client cannot even read these modes.
+            return Err(unusable(tls.to_owned()));
+        }
         let mut config =
             Config::from_str(&url).map_err(|e| unusable(format!("its URL cannot be read: {e}")))?;
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(unusable(
-                "it asks for TLS (`sslmode=require`), which cairn does not support yet".to_owned(),
-            ));
+        // libpq's PGSSLMODE applies when the URL does not say.
+        let asked = if url.contains("sslmode=") {
+            config.get_ssl_mode()
+        } else {
+            match std::env::var("PGSSLMODE").ok().as_deref() {
+                Some("require" | "verify-ca" | "verify-full") => SslMode::Require,
+                _ => config.get_ssl_mode(),
+            }
+        };
+        if asked == SslMode::Require {
+            return Err(unusable(tls.to_owned()));
         }
         // Without TLS support, `prefer` means plain connections: say so to the server at once.
         config.ssl_mode(SslMode::Disable);
