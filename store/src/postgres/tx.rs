@@ -23,6 +23,17 @@ use crate::types::{
 pub(super) struct Conn {
     pub(super) client: Client,
     statements: HashMap<&'static str, Statement>,
+    /// Its session on the server, when known.
+    pub(super) session: Option<Session>,
+}
+
+/// A server session (backend process): its pid and when it started, which together name it even
+/// after the pid is given to another.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Session {
+    pub(super) pid: i32,
+    /// Microseconds since the Unix epoch.
+    pub(super) started: i64,
 }
 
 impl Conn {
@@ -30,6 +41,7 @@ impl Conn {
         Self {
             client,
             statements: HashMap::new(),
+            session: None,
         }
     }
 

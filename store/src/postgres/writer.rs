@@ -19,7 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::listen::Changes;
-use super::tx::{Conn, Fault, PgTx, describe, fault_of};
+use super::tx::{Conn, Fault, PgTx, Session, describe, fault_of};
 use super::{PgReader, Target, migrations};
 use crate::api::{Backend, Committing, Reader, Results, Waiting};
 use crate::error::{Error, Result};
@@ -152,7 +152,44 @@ fn connect_writer(target: &Target) -> Result<Conn> {
     client
         .batch_execute("SET synchronous_commit = on")
         .map_err(|e| target.unusable(&describe(&e)))?;
-    Ok(Conn::new(client))
+    let session = client
+        .query_one(
+            "SELECT pid, (extract(epoch FROM backend_start) * 1000000)::bigint \
+             FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .map_err(|e| target.unusable(&describe(&e)))?;
+    let mut conn = Conn::new(client);
+    conn.session = Some(Session {
+        pid: session.get(0),
+        started: session.get(1),
+    });
+    Ok(conn)
+}
+
+/// Ends the server session `old` (a connection this writer lost) and waits until it is gone: its
+/// last transaction has then committed or never will.
+fn end_session(
+    conn: &mut Conn,
+    old: Session,
+    patience: &mut Patience,
+) -> std::result::Result<(), postgres::Error> {
+    let alive = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE pid = $1 AND (extract(epoch FROM backend_start) * 1000000)::bigint = $2";
+    while !conn
+        .client
+        .query(alive, &[&old.pid, &old.started])?
+        .is_empty()
+    {
+        patience.why = format!(
+            "the server session of the lost connection (pid {}) is still ending",
+            old.pid
+        );
+        if !patience.wait_briefly() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn writer(target: &Target, conn: Option<Conn>, receiver: &mpsc::Receiver<Queued>) {
@@ -238,12 +275,18 @@ impl Writer<'_> {
                     patience.why = why;
                 }
                 Run::InDoubt(results, why) => {
-                    self.conn = None;
+                    let session = self.conn.take().and_then(|c| c.session);
                     patience.why = why;
-                    match self.committed(&token, &mut patience) {
+                    match self.committed(&token, session, &mut patience) {
                         Some(true) => return results,
                         Some(false) => {}
-                        None => return self.failed(&patience.why, batches.len()),
+                        None => {
+                            let why = format!(
+                                "{} (the last changes were sent to be committed and may have been recorded: `cairn status` says, once it is back)",
+                                patience.why
+                            );
+                            return self.failed(&why, batches.len());
+                        }
                     }
                 }
                 Run::Failed(err) => return each(&err, batches.len()),
@@ -252,14 +295,25 @@ impl Writer<'_> {
     }
 
     /// Whether the transaction that inserted `token` committed, asked on a new connection;
-    /// `None` once [`PATIENCE`] ran out.
-    fn committed(&mut self, token: &str, patience: &mut Patience) -> Option<bool> {
+    /// `None` once [`PATIENCE`] ran out. The old connection's server session (`session`) may still
+    /// be committing it (waiting for a standby, a slow disk, or cut off only on this side): it is
+    /// ended first, and the answer read once it is gone, so that a transaction is never run again
+    /// while it may still commit.
+    fn committed(
+        &mut self,
+        token: &str,
+        session: Option<Session>,
+        patience: &mut Patience,
+    ) -> Option<bool> {
         loop {
             let conn = connection(&mut self.conn, self.target, patience)?;
-            match conn
-                .client
-                .query_opt("SELECT 1 FROM commit_tokens WHERE token = $1", &[&token])
-            {
+            let asked = session
+                .map_or(Ok(()), |old| end_session(conn, old, patience))
+                .and_then(|()| {
+                    conn.client
+                        .query_opt("SELECT 1 FROM commit_tokens WHERE token = $1", &[&token])
+                });
+            match asked {
                 Ok(row) => return Some(row.is_some()),
                 Err(e) => {
                     patience.why = describe(&e);
@@ -332,6 +386,17 @@ impl Patience {
             backoff: BACKOFF_MIN,
             why: String::new(),
         }
+    }
+
+    /// Sleeps a little (a session ending is quick), without backing off; false once patience
+    /// ran out.
+    fn wait_briefly(&mut self) -> bool {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= PATIENCE {
+            return false;
+        }
+        thread::sleep(BACKOFF_MIN);
+        true
     }
 
     /// Sleeps before the next try (not before the first); false once patience ran out.
@@ -598,8 +663,31 @@ mod tests {
         // As after a broken connection: the question goes on a new one.
         writer.conn = None;
         let mut patience = Patience::new();
-        assert_eq!(writer.committed(&committed, &mut patience), Some(true));
-        assert_eq!(writer.committed(&refused, &mut patience), Some(false));
+        assert_eq!(
+            writer.committed(&committed, None, &mut patience),
+            Some(true)
+        );
+        assert_eq!(writer.committed(&refused, None, &mut patience), Some(false));
+
+        // The lost connection's session still holds the transaction open (its COMMIT not yet
+        // done): it is ended before the answer is read, so the answer cannot change after.
+        let old = connect_writer(&target).unwrap();
+        let session = old.session.unwrap();
+        let mut old = old.client;
+        let pending = writer.tokens.next();
+        old.batch_execute(&format!(
+            "BEGIN; INSERT INTO commit_tokens (token, at) VALUES ('{pending}', 1)"
+        ))
+        .unwrap();
+        assert_eq!(
+            writer.committed(&pending, Some(session), &mut patience),
+            Some(false)
+        );
+        assert!(
+            old.batch_execute("COMMIT").is_err(),
+            "the old session was ended"
+        );
+        assert_eq!(writer.committed(&pending, None, &mut patience), Some(false));
     }
 
     #[test]
