@@ -328,7 +328,19 @@ impl Running {
 
     /// Waits until the process ends, its timeout passes, or `stop` turns true; then ends whatever is
     /// left of its group, so that nothing of the attempt outlives it.
-    pub async fn wait(mut self, mut stop: watch::Receiver<bool>) -> Exit {
+    pub async fn wait(self, stop: watch::Receiver<bool>) -> Exit {
+        let grace = self.grace;
+        self.wait_with_grace(stop, || grace).await
+    }
+
+    /// [`Running::wait`], with the grace between TERM and KILL decided when the stop comes
+    /// (`grace` is called then): a process that lost its right to run a step (its lease) gives
+    /// the step less time than one stopping in order.
+    pub async fn wait_with_grace(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        grace: impl FnOnce() -> Duration,
+    ) -> Exit {
         let timeout = async {
             match self.timeout {
                 Some(t) => tokio::time::sleep(t).await,
@@ -357,8 +369,8 @@ impl Running {
         let status = if let Some(status) = status {
             Some(status)
         } else {
-            let grace = self.grace;
-            proc::terminate(|| self.members(), grace).await;
+            self.grace = grace();
+            proc::terminate(|| self.members(), self.grace).await;
             self.child.wait().await.ok()
         };
         // The leader is gone; whatever it left running in its group goes too.

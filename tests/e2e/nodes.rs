@@ -320,3 +320,74 @@ fn a_key_file_others_may_read_is_refused_and_a_wrong_key_is_named() {
     let out = sandbox.cairn(&["resume", "1"]);
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
 }
+
+/// Shifts `CLOCK_REALTIME` by `$SKEW_MS` milliseconds, for the process it is preloaded into.
+const SKEW_SHIM: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <time.h>
+int clock_gettime(clockid_t id, struct timespec *ts) {
+    static int (*real)(clockid_t, struct timespec *);
+    if (!real) real = dlsym(RTLD_NEXT, "clock_gettime");
+    int r = real(id, ts);
+    if (r == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE)) {
+        const char *s = getenv("SKEW_MS");
+        long long ms = s ? atoll(s) : 0;
+        long long ns = (long long)ts->tv_nsec + (ms % 1000) * 1000000LL;
+        ts->tv_sec += ms / 1000 + ns / 1000000000LL;
+        ts->tv_nsec = ns % 1000000000LL;
+        if (ts->tv_nsec < 0) { ts->tv_nsec += 1000000000LL; ts->tv_sec -= 1; }
+    }
+    return r;
+}
+"#;
+
+/// On a shared database, leases are times in each node's clock: a writer whose clock is seconds
+/// off the server's is refused (exit 2, saying by how much), before it could take a live op early.
+#[test]
+fn a_writer_whose_clock_is_off_the_servers_is_refused() {
+    if !postgres() {
+        // One machine's SQLite file: one clock.
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.write("gated.yaml", GATED);
+    sandbox.write("skew.c", SKEW_SHIM);
+    let shim = sandbox.path().join("skew.so");
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(sandbox.path().join("skew.c"))
+        .arg("-ldl")
+        .status()
+        .expect("a C compiler (the Rust toolchain's linker)");
+    assert!(built.success());
+    let skewed = |ms: &str, args: &[&str]| {
+        sandbox
+            .command(args)
+            .env("LD_PRELOAD", &shim)
+            .env("SKEW_MS", ms)
+            .output()
+            .unwrap()
+    };
+    for (ms, word) in [("20000", "ahead of"), ("-20000", "behind")] {
+        for args in [
+            &["submit", "gated.yaml", "-p", "n=1"][..],
+            &["serve", "--once"],
+        ] {
+            let out = skewed(ms, args);
+            assert_eq!(code(&out), Some(2), "{args:?}: {}", stderr(&out));
+            let said = stderr(&out);
+            assert!(
+                said.contains(&format!("clock is 20.0 s {word} the server's")),
+                "{said}"
+            );
+        }
+    }
+    assert_eq!(sandbox.op_count(), 0, "nothing was stored");
+    // Within the bound, it works.
+    let out = skewed("500", &["submit", "gated.yaml", "-p", "n=1"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.op_count(), 1);
+}

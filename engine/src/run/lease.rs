@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::owner::now;
 use crate::task::Fatal;
-use crate::task::context::{Shared, StopReason};
+use crate::task::context::{Shared, StopReason, cancel_request_in};
 
 /// The background tasks of one run.
 pub(super) struct Watchers {
@@ -54,13 +54,38 @@ impl Watchers {
     }
 }
 
+/// How long one look for a cancel request may take before it is given up (and made again on a
+/// new reader): the read runs off the run's thread, which a database that does not answer must
+/// never hold (the lease's renewal and the steps' stops run there).
+const CANCEL_READ_WAIT: Duration = Duration::from_secs(2);
+
 /// Polls the op for a cancel request; on one, stops the run with that reason.
 async fn watch_for_cancel(shared: Arc<Shared>) {
-    let Ok(reader) = shared.store.reader() else {
+    let Ok(mut reader) = shared.store.reader() else {
         return;
     };
+    let targets = shared.cancel_targets();
     loop {
-        if let Some(request) = shared.cancel_request(&reader) {
+        let ops = targets.clone();
+        let look = tokio::task::spawn_blocking(move || {
+            let found = cancel_request_in(&reader, &ops);
+            (reader, found)
+        });
+        let found = match tokio::time::timeout(CANCEL_READ_WAIT, look).await {
+            Ok(Ok((back, found))) => {
+                reader = back;
+                found
+            }
+            // No answer in time: the old reader is left to its read; the lease decides the rest.
+            _ => {
+                let Ok(fresh) = shared.store.reader() else {
+                    return;
+                };
+                reader = fresh;
+                None
+            }
+        };
+        if let Some(request) = found {
             let why = request
                 .reason
                 .as_ref()
@@ -90,7 +115,17 @@ async fn watch_for_cancel(shared: Arc<Shared>) {
 async fn heartbeat(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(shared.options.heartbeat).await;
-        match shared.renew().await {
+        // A renewal that has not answered when the lease is about to run out (the database cut
+        // off, a connection hanging) is given up: the steps stop before another process may take
+        // the op over.
+        let Ok(renewed) = tokio::time::timeout(shared.lease_left(), shared.renew()).await else {
+            shared.mark_lost(
+                "the lease could not be renewed before it ran out (the database did not answer), so another process may take the op over",
+            );
+            shared.stop_all();
+            return;
+        };
+        match renewed {
             Ok(()) => {}
             // Lost the op, or cannot renew before the lease runs out (the database is unwritable,
             // this process was paused): past its lease another process may take the op over, and

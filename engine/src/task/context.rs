@@ -325,9 +325,14 @@ impl Shared {
 
     /// A request to cancel this op, or an op above it (a sub-plan's parent), if one was made.
     pub(crate) fn cancel_request(&self, reader: &store::Reader) -> Option<store::Request> {
+        cancel_request_in(reader, &self.cancel_targets())
+    }
+
+    /// This op and those above it (a sub-plan's parents): a cancel of any of them cancels it.
+    pub(crate) fn cancel_targets(&self) -> Vec<OpId> {
         std::iter::once(self.op)
             .chain(self.ancestors.iter().copied())
-            .find_map(|op| reader.op(op).ok().and_then(|row| row.cancel))
+            .collect()
     }
 
     /// Reads why the run stops, from anywhere (a task that outlives the borrow of this).
@@ -339,13 +344,18 @@ impl Shared {
     /// Whether the lease still holds with a safety margin: past it, another process may take the
     /// op over, so this one must not start anything.
     pub(crate) fn lease_holds(&self) -> bool {
+        !self.lease_left().is_zero()
+    }
+
+    /// How long the lease holds yet, less its last third (kept to stop the steps in).
+    pub(crate) fn lease_left(&self) -> Duration {
         let margin = i64::try_from(self.options.lease.as_millis() / 3).unwrap_or(i64::MAX);
-        now()
-            < self
-                .signals
-                .lease_until
-                .load(Ordering::SeqCst)
-                .saturating_sub(margin)
+        let until = self
+            .signals
+            .lease_until
+            .load(Ordering::SeqCst)
+            .saturating_sub(margin);
+        Duration::from_millis(u64::try_from(until.saturating_sub(now())).unwrap_or(0))
     }
 
     /// A fenced write that also renews the lease: proof, right before starting a process, that this
@@ -468,4 +478,10 @@ pub(crate) fn with_hooks(plan: &Plan) -> (Vec<Step>, HookTasks) {
         }
     }
     (steps, tasks)
+}
+
+/// The first cancel request made of `ops`, as `reader` reads them.
+pub(crate) fn cancel_request_in(reader: &store::Reader, ops: &[OpId]) -> Option<store::Request> {
+    ops.iter()
+        .find_map(|&op| reader.op(op).ok().and_then(|row| row.cancel))
 }

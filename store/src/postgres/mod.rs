@@ -33,6 +33,9 @@ pub(crate) use migrations::SCHEMA_VERSION;
 pub(crate) use reads::PgReader;
 pub(crate) use writer::PgStore;
 
+/// How long sent data may stay unacknowledged before the connection counts as broken.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long one attempt to reach the server may take, unless the URL says (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -118,6 +121,18 @@ impl Target {
         }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        // A connection whose other end vanished (a network cut, a host lost) is found broken
+        // within seconds, not after the kernel's fifteen minutes of retries, unless the URL says.
+        if !url.contains("keepalives") {
+            config
+                .keepalives(true)
+                .keepalives_idle(Duration::from_secs(5))
+                .keepalives_interval(Duration::from_secs(2))
+                .keepalives_retries(3);
+        }
+        if !url.contains("tcp_user_timeout") {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
         config.application_name("cairn");
         let host = match config.get_hosts().first() {

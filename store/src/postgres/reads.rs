@@ -28,6 +28,10 @@ use crate::types::{
     OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo, TaskRow, TaskStatus,
 };
 
+/// How long a caller waits for a read's answer: a server that stopped answering (a network cut
+/// off, a row held locked) is reported, never waited for without end.
+const READ_WAIT: Duration = Duration::from_secs(30);
+
 /// How many connections (and threads) serve reads.
 const READERS: usize = 2;
 
@@ -107,7 +111,19 @@ impl PgReader {
             let _ = answer.send(worker.read(&mut read));
         });
         self.pool.send(job)?;
-        answered.recv().map_err(|_| Error::Closed)?
+        match answered.recv_timeout(READ_WAIT) {
+            Ok(answer) => answer,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let server = &self.pool.server;
+                Err(server.unusable(format!(
+                    "reading database `{}` on {}: the server did not answer within {} s",
+                    server.database,
+                    server.host,
+                    READ_WAIT.as_secs()
+                )))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::Closed),
+        }
     }
 }
 

@@ -68,6 +68,7 @@ impl PgStore {
         let unusable = |reason: String| target.unusable(&reason);
         let fail = |e: &postgres::Error| target.unusable(&describe(e));
         migrations::migrate(&mut conn.client, &unusable, &fail)?;
+        refuse_clock_skew(&mut conn, &target)?;
         let (sender, receiver) = mpsc::channel::<Queued>();
         let thread_target = target.clone();
         thread::Builder::new()
@@ -165,6 +166,39 @@ fn connect_writer(target: &Target) -> Result<Conn> {
         started: session.get(1),
     });
     Ok(conn)
+}
+
+/// How far this machine's clock may be from the server's. Leases are times in the writers'
+/// clocks: a node whose clock runs ahead takes over live ops early, one behind keeps lost ones.
+const MAX_CLOCK_SKEW_MS: i64 = 2_000;
+
+/// Refuses a writer whose clock is more than [`MAX_CLOCK_SKEW_MS`] from the server's (compared
+/// with the middle of the round trip that read it).
+fn refuse_clock_skew(conn: &mut Conn, target: &Target) -> Result<()> {
+    let before = now_ms();
+    let row = conn
+        .client
+        .query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+            &[],
+        )
+        .map_err(|e| target.unusable(&describe(&e)))?;
+    let after = now_ms();
+    let server: i64 = row.get(0);
+    let skew = before / 2 + after / 2 - server;
+    if skew.abs() <= MAX_CLOCK_SKEW_MS.max(after - before) {
+        return Ok(());
+    }
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "a skew in seconds, for a message"
+    )]
+    let seconds = skew.abs() as f64 / 1000.0;
+    Err(target.unusable(&format!(
+        "this machine's clock is {seconds:.1} s {} the server's; nodes sharing a database hold ops by leases in their own clocks, which must agree within {} s (keep them in step with NTP)",
+        if skew > 0 { "ahead of" } else { "behind" },
+        MAX_CLOCK_SKEW_MS / 1000
+    )))
 }
 
 /// Ends the server session `old` (a connection this writer lost) and waits until it is gone: its
