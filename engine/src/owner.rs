@@ -73,16 +73,22 @@ impl Rule {
         let Some(owner) = &op.owner else {
             return OwnerState::None;
         };
-        let lease_holds = op.lease_until.is_some_and(|l| l >= now);
-        let alive = match (proc::liveness(&to_identity(owner)), self) {
-            (Liveness::Dead, _) => false,
-            (Liveness::Alive, Self::Local) => true,
-            (Liveness::Alive, Self::Shared) | (Liveness::Unknown, _) => lease_holds,
-        };
-        if alive {
+        if self.lives(owner, op.lease_until, now) {
             OwnerState::Alive(owner.clone())
         } else {
             OwnerState::Dead(owner.clone())
+        }
+    }
+
+    /// Whether `process`, which holds a lease until `lease_until` (an op's owner, a serving
+    /// node), lives at `now`.
+    #[must_use]
+    pub fn lives(self, process: &ProcessId, lease_until: Option<Millis>, now: Millis) -> bool {
+        let lease_holds = lease_until.is_some_and(|l| l >= now);
+        match (proc::liveness(&to_identity(process)), self) {
+            (Liveness::Dead, _) => false,
+            (Liveness::Alive, Self::Local) => true,
+            (Liveness::Alive, Self::Shared) | (Liveness::Unknown, _) => lease_holds,
         }
     }
 
