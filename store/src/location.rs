@@ -51,6 +51,20 @@ impl Location {
         matches!(self, Self::Postgres { .. })
     }
 
+    /// A server's URL with its password left out (`user@host`), for a setting people copy
+    /// (`CAIRN_DB`), and whether there was one to leave out; a database file's path as it is.
+    #[must_use]
+    pub fn without_password(&self) -> (String, bool) {
+        match self {
+            Self::Sqlite(path) => (path.display().to_string(), false),
+            Self::Postgres { url, .. } => {
+                let bare = replace_password(url, None);
+                let had = bare != *url;
+                (bare, had)
+            }
+        }
+    }
+
     /// The database file, or a server's URL without its password (as a path, for messages).
     #[must_use]
     pub fn as_path(&self) -> &Path {
@@ -91,6 +105,12 @@ pub fn open_reader(location: &Location) -> Result<Option<Reader>> {
 
 /// The URL with the password of its user (`user:password@`), if any, replaced by `***`.
 fn hide_password(url: &str) -> String {
+    replace_password(url, Some("***"))
+}
+
+/// The URL with the password of its user (`user:password@`), if any, replaced by `with`, or
+/// left out (`user@`) when `None`.
+fn replace_password(url: &str, with: Option<&str>) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -99,7 +119,10 @@ fn hide_password(url: &str) -> String {
     match authority.rsplit_once('@') {
         Some((user, host)) if user.contains(':') => {
             let name = user.split_once(':').map_or(user, |(name, _)| name);
-            format!("{scheme}://{name}:***@{host}{tail}")
+            match with {
+                Some(password) => format!("{scheme}://{name}:{password}@{host}{tail}"),
+                None => format!("{scheme}://{name}@{host}{tail}"),
+            }
         }
         _ => url.to_owned(),
     }
@@ -117,5 +140,19 @@ mod tests {
         );
         assert_eq!(hide_password("postgres://db/cairn"), "postgres://db/cairn");
         assert_eq!(hide_password("postgres://me@db/c"), "postgres://me@db/c");
+    }
+
+    #[test]
+    fn a_url_without_its_password_keeps_everything_else() {
+        let with = Location::parse("postgres://me:secret@db:5432/cairn?x=1");
+        assert_eq!(
+            with.without_password(),
+            ("postgres://me@db:5432/cairn?x=1".to_owned(), true)
+        );
+        let without = Location::parse("postgres://me@db/cairn");
+        assert_eq!(
+            without.without_password(),
+            ("postgres://me@db/cairn".to_owned(), false)
+        );
     }
 }

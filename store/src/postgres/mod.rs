@@ -30,7 +30,8 @@ use crate::error::{Error, Result};
 use crate::location::Location;
 pub(crate) use migrations::SCHEMA_VERSION;
 pub(crate) use reads::PgReader;
-pub(crate) use writer::PgStore;
+pub(crate) use tx::describe;
+pub(crate) use writer::{PgStore, secret_key_file};
 
 /// How long one attempt to reach the server may take, unless the URL says (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
