@@ -30,11 +30,7 @@ impl DbArgs {
 
     /// Where the store is: a `postgres://` URL names a server, anything else a SQLite file.
     pub fn location(&self) -> anyhow::Result<store::Location> {
-        let path = self.path()?;
-        Ok(match path.to_str() {
-            Some(text) => store::Location::parse(text),
-            None => store::Location::Sqlite(path),
-        })
+        Ok(location_of(self.path()?))
     }
 
     /// How owners' liveness is judged on this store (`status`, `show`, `logs --follow`).
@@ -57,6 +53,15 @@ impl DbArgs {
                 "there is no database at `{location}`: `cairn run` or `cairn submit` makes it (is `--db` or `CAIRN_DB` right?)"
             )
         })
+    }
+}
+
+/// Where a store given as `--db` gives it is: a `postgres://` URL names a server, anything else
+/// a SQLite file.
+pub fn location_of(path: PathBuf) -> store::Location {
+    match path.to_str() {
+        Some(text) => store::Location::parse(text),
+        None => store::Location::Sqlite(path),
     }
 }
 

@@ -74,20 +74,26 @@ impl Rule {
         let Some(owner) = &op.owner else {
             return OwnerState::None;
         };
-        let lease_holds = op.lease_until.is_some_and(|l| l >= now);
-        let identity = to_identity(owner);
-        let alive = match (proc::liveness(&identity), self) {
+        if self.lives(owner, op.lease_until, now) {
+            OwnerState::Alive(owner.clone())
+        } else {
+            OwnerState::Dead(owner.clone())
+        }
+    }
+
+    /// Whether `process`, which holds a lease until `lease_until` (an op's owner, a serving
+    /// node), lives at `now`.
+    #[must_use]
+    pub fn lives(self, process: &ProcessId, lease_until: Option<Millis>, now: Millis) -> bool {
+        let lease_holds = lease_until.is_some_and(|l| l >= now);
+        let identity = to_identity(process);
+        match (proc::liveness(&identity), self) {
             // On a shared store another boot id is most likely another machine, not a reboot of
             // this one: only a pid checked here, on the owner's own boot, is known dead.
             (Liveness::Dead, Self::Shared) if identity.boot_id != proc::boot_id() => lease_holds,
             (Liveness::Dead, _) => false,
             (Liveness::Alive, Self::Local) => true,
             (Liveness::Alive, Self::Shared) | (Liveness::Unknown, _) => lease_holds,
-        };
-        if alive {
-            OwnerState::Alive(owner.clone())
-        } else {
-            OwnerState::Dead(owner.clone())
         }
     }
 

@@ -27,6 +27,10 @@ pub enum Error {
         "there is no secret key at `{path}`; a database that several machines share needs one key that every `cairn` using it has (it is never created for you): make it with `(umask 077; head -c 32 /dev/urandom > {path})`, copy it to each machine, and name it with CAIRN_SECRET_KEY_FILE"
     )]
     NoSharedKey { path: PathBuf },
+    #[error(
+        "the secret key `{to}` is another key than `{from}`, which sealed the secret params to copy: they would not open with it. Move `{to}` aside (or name another file with CAIRN_SECRET_KEY_FILE) and copy again"
+    )]
+    Differs { from: PathBuf, to: PathBuf },
     #[error("cannot decrypt secret param `{name}`: {reason}")]
     Open { name: String, reason: String },
 }
@@ -141,43 +145,91 @@ fn read_key(path: &Path) -> Result<Option<SecretKey>, Error> {
         .ok_or_else(|| fail("it does not hold a key (64 hex digits, or 32 bytes)".into()))
 }
 
-/// Creates the key file at `path`, atomically and durably: the key is written and synced under a
-/// temporary name, then linked into place (a concurrent creator's key wins and is read back),
-/// then the directory is synced.
+/// Creates the key file at `path` with a fresh key (see [`install`]); when another process
+/// created it first, its key is read back and used.
 fn create_key(path: &Path) -> Result<Option<SecretKey>, Error> {
-    let fail = |reason: String| Error::Key {
-        path: path.to_path_buf(),
-        reason,
-    };
     let fresh = XChaCha20Poly1305::generate_key(&mut OsRng);
+    match install(path, hex(&fresh).as_bytes()) {
+        Ok(true) => Ok(Some(SecretKey::new(fresh, path.display().to_string()))),
+        Ok(false) => read_key(path),
+        Err(e) => Err(Error::Key {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Creates the file `path` holding `bytes`, atomically and durably: written (`0600`) and synced
+/// under a temporary name, linked into place, then the directory synced. `Ok(false)` when a file
+/// is at `path` already: it is left as it is.
+fn install(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
     let temp = path.with_extension(format!("key.{}", std::process::id()));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&temp)
-        .map_err(|e| fail(e.to_string()))?;
-    file.write_all(hex(&fresh).as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| fail(e.to_string()))?;
-    let linked = std::fs::hard_link(&temp, path);
+        .open(&temp)?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    let linked = written.and_then(|()| std::fs::hard_link(&temp, path));
     let _ = std::fs::remove_file(&temp);
     match linked {
         Ok(()) => {
-            if let Some(dir) = path.parent()
-                && let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    dir
-                })
-            {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if let Ok(d) = std::fs::File::open(dir) {
                 let _ = d.sync_all();
             }
-            Ok(Some(SecretKey::new(fresh, path.display().to_string())))
+            Ok(true)
         }
-        // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_key(path),
-        Err(e) => Err(fail(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the key files `from` and `to` hold the same key (in either form: hex or raw bytes);
+/// `None` when there is no file at `to`. Each is read as [`key`] reads it: one that others may
+/// read, or that holds no key, is refused.
+pub fn same_key(from: &Path, to: &Path) -> Result<Option<bool>, Error> {
+    let Some(source) = read_key(from)? else {
+        return Err(Error::Key {
+            path: from.to_path_buf(),
+            reason: "it does not exist".to_owned(),
+        });
+    };
+    Ok(read_key(to)?.map(|target| source.key == target.key))
+}
+
+/// Makes `to` a key file that holds the key of `from`, byte for byte: created atomically, `0600`,
+/// in a directory made `0700` if it is missing. `Ok(false)` when `to` held the same key already;
+/// refused ([`Error::Differs`]) when it holds another.
+pub fn copy_key(from: &Path, to: &Path) -> Result<bool, Error> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let fail = |path: &Path, e: std::io::Error| Error::Key {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    if same_key(from, to)?.is_none() {
+        let bytes = std::fs::read(from).map_err(|e| fail(from, e))?;
+        if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| fail(to, e))?;
+        }
+        if install(to, &bytes).map_err(|e| fail(to, e))? {
+            return Ok(true);
+        }
+        // Another process made it meanwhile: it must hold the same key too.
+    }
+    match same_key(from, to)? {
+        Some(true) => Ok(false),
+        _ => Err(Error::Differs {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+        }),
     }
 }
 
@@ -257,6 +309,39 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_copied_whole_private_and_never_over_another() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("cairn.db.key");
+        create_key(&from).unwrap();
+        let to = dir.path().join("state/cairn/postgres.key");
+        assert_eq!(same_key(&from, &to).unwrap(), None);
+        assert!(copy_key(&from, &to).unwrap(), "made");
+        assert_eq!(std::fs::read(&to).unwrap(), std::fs::read(&from).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&to), 0o600);
+        assert_eq!(mode(to.parent().unwrap()), 0o700);
+        assert_eq!(same_key(&from, &to).unwrap(), Some(true));
+        // The same key as 32 raw bytes is the same key: nothing to do.
+        let raw = unhex(std::fs::read_to_string(&from).unwrap().trim()).unwrap();
+        std::fs::write(&to, &raw).unwrap();
+        assert!(!copy_key(&from, &to).unwrap(), "already there");
+        // Another key is never replaced.
+        std::fs::write(&to, "ab".repeat(32)).unwrap();
+        assert_eq!(same_key(&from, &to).unwrap(), Some(false));
+        let refused = copy_key(&from, &to).unwrap_err().to_string();
+        assert!(
+            refused.contains(&format!("`{}`", from.display())),
+            "{refused}"
+        );
+        assert!(
+            refused.contains(&format!("`{}`", to.display())),
+            "{refused}"
+        );
+        assert_eq!(std::fs::read_to_string(&to).unwrap(), "ab".repeat(32));
+    }
 
     #[test]
     fn sealed_values_open_with_the_key_only() {

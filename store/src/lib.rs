@@ -15,10 +15,12 @@
 //! - `postgres`: the PostgreSQL backend: reading the URL, migrations (`migrations/postgres/`),
 //!   the writer thread (SERIALIZABLE group commit, reconnecting, commit tokens), the rules'
 //!   transaction in SQL, reads, and the listener behind wake-ups.
+//! - [`copy`]: `cairn db copy`, a SQLite file's history moved into a PostgreSQL database.
 //! - [`testing`]: a backend wrapper that fails or delays commits on demand, for tests.
 //! - [`Error`]: grouped by what the caller can do ([`ErrorKind`]).
 
 mod api;
+pub mod copy;
 mod error;
 mod location;
 mod postgres;

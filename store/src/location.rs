@@ -51,6 +51,20 @@ impl Location {
         matches!(self, Self::Postgres { .. })
     }
 
+    /// A server's URL with its password left out (`user@host`), for a setting people copy
+    /// (`CAIRN_DB`), and whether there was one to leave out; a database file's path as it is.
+    #[must_use]
+    pub fn without_password(&self) -> (String, bool) {
+        match self {
+            Self::Sqlite(path) => (path.display().to_string(), false),
+            Self::Postgres { url, .. } => {
+                let bare = replace_password(url, None);
+                let had = bare != *url;
+                (bare, had)
+            }
+        }
+    }
+
     /// The database file, or a server's URL without its password (as a path, for messages).
     #[must_use]
     pub fn as_path(&self) -> &Path {
@@ -90,9 +104,15 @@ pub fn open_reader(location: &Location) -> Result<Option<Reader>> {
 }
 
 /// The URL with every password in it replaced by `***`: the user's (`user:password@`, up to the
-/// last `@` of the authority, so a password holding `/` or `@` is hidden whole) and any
+/// last `@` before the query, so a password holding `/` or `@` is hidden whole) and any
 /// `password=` parameter of the query.
 fn hide_password(url: &str) -> String {
+    replace_password(url, Some("***"))
+}
+
+/// The URL with every password in it (the user's, a `password=` parameter) replaced by `with`,
+/// or left out (`user@`, the parameter dropped) when `None`.
+fn replace_password(url: &str, with: Option<&str>) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -102,7 +122,10 @@ fn hide_password(url: &str) -> String {
     let shown = match before_query.rsplit_once('@') {
         Some((user, host)) if user.contains(':') => {
             let name = user.split_once(':').map_or(user, |(name, _)| name);
-            format!("{name}:***@{host}")
+            match with {
+                Some(password) => format!("{name}:{password}@{host}"),
+                None => format!("{name}@{host}"),
+            }
         }
         _ => before_query.to_owned(),
     };
@@ -111,11 +134,16 @@ fn hide_password(url: &str) -> String {
     };
     let query: Vec<String> = query
         .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-            _ => pair.to_owned(),
+        .filter_map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                with.map(|password| format!("{key}={password}"))
+            }
+            _ => Some(pair.to_owned()),
         })
         .collect();
+    if query.is_empty() {
+        return format!("{scheme}://{shown}");
+    }
     format!("{scheme}://{shown}?{}", query.join("&"))
 }
 
@@ -138,6 +166,20 @@ mod tests {
         assert_eq!(
             hide_password("postgres://me@db/c?sslmode=disable&password=hunter2&x=y"),
             "postgres://me@db/c?sslmode=disable&password=***&x=y"
+        );
+    }
+
+    #[test]
+    fn a_url_without_its_password_keeps_everything_else() {
+        let with = Location::parse("postgres://me:secret@db:5432/cairn?x=1");
+        assert_eq!(
+            with.without_password(),
+            ("postgres://me@db:5432/cairn?x=1".to_owned(), true)
+        );
+        let without = Location::parse("postgres://me@db/cairn");
+        assert_eq!(
+            without.without_password(),
+            ("postgres://me@db/cairn".to_owned(), false)
         );
     }
 }

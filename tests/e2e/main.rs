@@ -5,6 +5,7 @@ mod support;
 mod architecture;
 mod cluster;
 mod controls;
+mod copy;
 mod crash;
 mod damage;
 mod durable;

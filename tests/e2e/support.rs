@@ -98,10 +98,11 @@ enum Database {
 }
 
 impl Database {
-    fn new(dir: &Path) -> Self {
+    /// A SQLite file in `dir`, or a fresh database on the suite's server (`on_postgres`).
+    fn new(dir: &Path, on_postgres: bool) -> Self {
         // Numbers the databases of this test process.
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        if !postgres() {
+        if !on_postgres {
             return Self::Sqlite(dir.join("cairn.db"));
         }
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -165,9 +166,24 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new() -> Self {
+        Self::on(postgres())
+    }
+
+    /// A sandbox whose database is a SQLite file, whatever `CAIRN_TEST_BACKEND` says.
+    pub fn sqlite() -> Self {
+        Self::on(false)
+    }
+
+    /// A sandbox whose database is a fresh PostgreSQL database, whatever `CAIRN_TEST_BACKEND`
+    /// says.
+    pub fn on_postgres() -> Self {
+        Self::on(true)
+    }
+
+    fn on(postgres: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         Self {
-            db: Database::new(dir.path()),
+            db: Database::new(dir.path(), postgres),
             dir,
         }
     }

@@ -71,20 +71,18 @@ async fn watch_for_cancel(shared: Arc<Shared>) {
             let found = cancel_request_in(&reader, &ops);
             (reader, found)
         });
-        let found = match tokio::time::timeout(CANCEL_READ_WAIT, look).await {
-            Ok(Ok((back, found))) => {
+        let found =
+            if let Ok(Ok((back, found))) = tokio::time::timeout(CANCEL_READ_WAIT, look).await {
                 reader = back;
                 found
-            }
-            // No answer in time: the old reader is left to its read; the lease decides the rest.
-            _ => {
+            } else {
+                // No answer in time: the old reader is left to its read; the lease decides the rest.
                 let Ok(fresh) = shared.store.reader() else {
                     return;
                 };
                 reader = fresh;
                 None
-            }
-        };
+            };
         if let Some(request) = found {
             let why = request
                 .reason
@@ -118,7 +116,7 @@ async fn heartbeat(shared: Arc<Shared>) {
         // A renewal that has not answered when the lease is about to run out (the database cut
         // off, a connection hanging) is given up: the steps stop before another process may take
         // the op over.
-        let Ok(renewed) = tokio::time::timeout(shared.lease_left(), shared.renew()).await else {
+        let Some(renewed) = renew_while_the_lease_holds(&shared).await else {
             shared.mark_lost(
                 "the lease could not be renewed before it ran out (the database did not answer), so another process may take the op over",
             );
@@ -142,6 +140,23 @@ async fn heartbeat(shared: Arc<Shared>) {
                 ));
                 shared.stop_all();
                 return;
+            }
+        }
+    }
+}
+
+/// Renews the lease, unless the lease runs out (less its last third, in the wall clock) before the
+/// renewal is answered: `None` then.
+async fn renew_while_the_lease_holds(shared: &Shared) -> Option<Result<(), Fatal>> {
+    let renewal = shared.renew();
+    tokio::pin!(renewal);
+    loop {
+        tokio::select! {
+            renewed = &mut renewal => return Some(renewed),
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                if !shared.lease_holds() {
+                    return None;
+                }
             }
         }
     }

@@ -344,18 +344,13 @@ impl Shared {
     /// Whether the lease still holds with a safety margin: past it, another process may take the
     /// op over, so this one must not start anything.
     pub(crate) fn lease_holds(&self) -> bool {
-        !self.lease_left().is_zero()
-    }
-
-    /// How long the lease holds yet, less its last third (kept to stop the steps in).
-    pub(crate) fn lease_left(&self) -> Duration {
         let margin = i64::try_from(self.options.lease.as_millis() / 3).unwrap_or(i64::MAX);
-        let until = self
-            .signals
-            .lease_until
-            .load(Ordering::SeqCst)
-            .saturating_sub(margin);
-        Duration::from_millis(u64::try_from(until.saturating_sub(now())).unwrap_or(0))
+        now()
+            < self
+                .signals
+                .lease_until
+                .load(Ordering::SeqCst)
+                .saturating_sub(margin)
     }
 
     /// A fenced write that also renews the lease: proof, right before starting a process, that this

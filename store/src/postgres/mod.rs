@@ -31,7 +31,8 @@ use crate::error::{Error, Result};
 use crate::location::Location;
 pub(crate) use migrations::SCHEMA_VERSION;
 pub(crate) use reads::PgReader;
-pub(crate) use writer::PgStore;
+pub(crate) use tx::describe;
+pub(crate) use writer::{PgStore, secret_key_file};
 
 /// How long sent data may stay unacknowledged before the connection counts as broken.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);

@@ -85,7 +85,7 @@ pub(super) fn fault_of(err: &postgres::Error, client: &Client) -> Option<Fault> 
 }
 
 /// A failure in the server's words: its message and SQLSTATE when it sent one.
-pub(super) fn describe(err: &postgres::Error) -> String {
+pub(crate) fn describe(err: &postgres::Error) -> String {
     match err.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
         None => err.to_string(),

@@ -41,7 +41,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 use crate::error::{Error, Result};
 pub use migrations::{APPLICATION_ID, SCHEMA_VERSION};
-pub(crate) use reads::SqliteReader;
+pub(crate) use reads::{Reads, SqliteReader};
 pub use recover::{Recovered, recover};
 pub(crate) use writer::SqliteStore;
 
@@ -112,6 +112,17 @@ pub(crate) fn classify(path: &Path, err: &rusqlite::Error) -> Error {
         path: path.to_path_buf(),
         reason,
     }
+}
+
+/// Where the key that seals secret params is kept for the database at `path`: the file beside
+/// it, `<db>.key`.
+pub(crate) fn key_file(path: &Path) -> std::path::PathBuf {
+    let mut name = path
+        .file_name()
+        .map(std::ffi::OsStr::to_os_string)
+        .unwrap_or_default();
+    name.push(".key");
+    path.with_file_name(name)
 }
 
 /// More than the writer's distinct statements (about eighty), so that none is evicted.

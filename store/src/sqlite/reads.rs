@@ -76,7 +76,7 @@ fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
 }
 
 /// Read queries, on any connection.
-pub(super) struct Reads<'c> {
+pub(crate) struct Reads<'c> {
     pub conn: &'c Connection,
     pub path: &'c Path,
 }

@@ -192,13 +192,7 @@ impl Backend for SqliteStore {
 
     /// The file beside the database, `<db>.key`.
     fn secret_key_file(&self) -> PathBuf {
-        let mut name = self
-            .path
-            .file_name()
-            .map(std::ffi::OsStr::to_os_string)
-            .unwrap_or_default();
-        name.push(".key");
-        self.path.with_file_name(name)
+        super::key_file(&self.path)
     }
 
     fn reader(&self) -> Result<Reader> {

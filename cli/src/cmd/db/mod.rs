@@ -1,4 +1,4 @@
-//! `cairn db`: the database itself: `migrate`, `recover` (`recover.rs`).
+//! `cairn db`: the database itself: `migrate`, `recover` (`recover.rs`), `copy` (`copy.rs`).
 
 use anyhow::Context as _;
 
@@ -6,6 +6,7 @@ use crate::db::DbArgs;
 use crate::exit::Failure;
 use crate::output::Output;
 
+mod copy;
 mod recover;
 
 /// Work on the database itself.
@@ -19,6 +20,7 @@ pub struct Args {
 enum Command {
     Migrate(MigrateArgs),
     Recover(recover::Args),
+    Copy(copy::Args),
 }
 
 /// Bring the database's schema up to this cairn's (creating the database if there is none), and
@@ -37,6 +39,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     match &args.command {
         Command::Migrate(args) => migrate(args, out),
         Command::Recover(args) => recover::run(args, out),
+        Command::Copy(args) => copy::run(args, out),
     }
 }
 
