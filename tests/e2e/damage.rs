@@ -270,10 +270,30 @@ fn a_torn_tail_of_the_log_is_not_damage() {
     }
     let sandbox = Sandbox::new();
     sandbox.write("plan.yaml", QUICK);
-    for _ in 0..2 {
-        let out = sandbox.cairn(&["run", "plan.yaml"]);
-        assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    // A reader holds the database open while the second op runs, so that the last writer to close
+    // does not checkpoint the log away; then it dies without closing (as a crash leaves a log).
+    let mut holder = Command::new("sqlite3")
+        .arg(sandbox.path().join("cairn.db"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the sqlite3 shell (.ci/test installs it)");
+    {
+        use std::io::{BufRead as _, Write as _};
+        let mut stdin = holder.stdin.take().unwrap();
+        writeln!(stdin, "SELECT count(*) FROM ops;").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(holder.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        holder.stdin = Some(stdin);
     }
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    holder.kill().unwrap();
+    holder.wait().unwrap();
     let wal_path = sandbox.path().join("cairn.db-wal");
     let mut wal = std::fs::read(&wal_path).unwrap();
     let frames = wal_frames(&wal);
