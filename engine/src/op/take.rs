@@ -172,7 +172,34 @@ pub(crate) struct Takeover<'a> {
 impl Takeover<'_> {
     /// Takes an op over for this process: refused while its owner lives. Also takes the op's
     /// lock, waiting for it (or not, with `no_wait`) when another op holds it.
+    ///
+    /// A claim refused because another process owns the op is judged again on the op as it is
+    /// now: on a server, a process killed in the middle of its claim may have it committed after
+    /// its death (the server finishes what it received), and a dead owner is taken over.
     async fn take(&self, row: &store::OpRow) -> Result<(Acquired, ProcessId), Error> {
+        let mut row = row.clone();
+        let mut tries = 0;
+        loop {
+            match self.take_once(&row).await {
+                Err(refused @ Error::Owned { .. }) if tries < 3 => {
+                    tries += 1;
+                    let now_row = self
+                        .store
+                        .reader()
+                        .and_then(|reader| reader.op(row.id))
+                        .map_err(Error::from_store)?;
+                    let rule = owner::Rule::of(self.store.location());
+                    if !matches!(rule.owner_state(&now_row, now()), OwnerState::Dead(_)) {
+                        return Err(refused);
+                    }
+                    row = now_row;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn take_once(&self, row: &store::OpRow) -> Result<(Acquired, ProcessId), Error> {
         let op = row.id;
         if row.status.is_final() && !(self.reopen && row.status == OpStatus::Succeeded) {
             return Err(Error::Final {
