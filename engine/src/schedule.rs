@@ -55,6 +55,7 @@ pub async fn fire_due(store: &Store, now: Millis, window: Millis) -> Result<Vec<
             name: schedule.name.clone(),
             due: latest,
             note,
+            handled: true,
         };
         if !on_time && !schedule.catch_up {
             let text = format!(
