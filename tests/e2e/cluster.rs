@@ -2,7 +2,8 @@
 //! with `kill -9` has its ops taken over once its lease runs out, a node stopped past its lease is
 //! fenced off the op it lost, a schedule fires once per tick however many nodes look at it, and
 //! nodes on two machines (the other one made by a mount namespace with another kernel boot id:
-//! [`OtherHost`]) leave each other's running ops alone.
+//! [`OtherHost`]) leave each other's running ops alone, and leave a schedule's firings to the
+//! node that can read its plan.
 //!
 //! PostgreSQL only (`CAIRN_TEST_BACKEND=postgres`): nodes of a SQLite database share one host,
 //! where liveness is decided by the owner's pid, not by leases.
@@ -749,4 +750,117 @@ fn nodes_on_two_machines_leave_each_other_s_running_ops_alone() {
         let status = node.terminate();
         assert_eq!(status.code(), Some(0), "{}", node.log());
     }
+}
+
+/// The firing times a node's log says it `fired for`, or (`skipped the firing of`) skipped while
+/// the previous firing's op was active, in order.
+fn firings(log: &str, what: &str) -> Vec<i64> {
+    log.lines()
+        .filter_map(|l| l.split_once(&format!(" {what} ")).map(|(_, rest)| rest))
+        .map(|rest| {
+            let time = rest.split_whitespace().next().unwrap();
+            ms(&Value::from(time.trim_end_matches(':')))
+        })
+        .collect()
+}
+
+#[test]
+fn a_node_that_cannot_read_a_schedule_s_plan_leaves_each_firing_to_one_that_can() {
+    if skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let plans = sandbox.path().join("plans");
+    std::fs::create_dir(&plans).unwrap();
+    std::fs::write(
+        plans.join("tick.yaml"),
+        "name: tick\nsteps:\n  - id: a\n    noop: true\n",
+    )
+    .unwrap();
+    let out = sandbox.cairn(&[
+        "schedule",
+        "add",
+        "every",
+        "plans/tick.yaml",
+        "--cron",
+        "* * * * *",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    // The other machine has no such directory: an empty one hides this machine's.
+    let other = OtherHost::new(&sandbox, std::slice::from_ref(&plans));
+    // As in the test above, each node's schedule clock starts tomorrow at 02:00:30 and runs 30
+    // times as fast as real time. The node that cannot read the plan starts first, so that its
+    // clock is ahead: it finds each firing due before the other does.
+    let day = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(24))
+        .unwrap()
+        .strftime("%Y-%m-%d")
+        .to_string();
+    let first_tick: i64 = format!("{day}T02:00:00Z")
+        .parse::<jiff::Timestamp>()
+        .unwrap()
+        .as_millisecond();
+    let clock = format!("{day}T02:00:30Zx30");
+    let args = ["--workers", "2", "--schedule-clock", &clock];
+    let mut blind = Node::start_on(Some(&other), &sandbox, "blind", &args);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut reader = Node::start(&sandbox, "reader", &args);
+    let last_fire = || {
+        let list = sandbox.json(&["schedule", "list", "--json"]);
+        list[0]["last_fire"]
+            .is_string()
+            .then(|| ms(&list[0]["last_fire"]))
+    };
+    wait_until("six ticks fired", Duration::from_secs(120), || {
+        last_fire().is_some_and(|at| at >= first_tick + 5 * 60_000)
+    });
+    for node in [&mut blind, &mut reader] {
+        let status = node.terminate();
+        assert_eq!(status.code(), Some(0), "{}", node.log());
+    }
+    let (blind_log, reader_log) = (blind.log(), reader.log());
+    let logs = format!("blind:\n{blind_log}\nreader:\n{reader_log}");
+
+    // The blind node tried, and said so once per firing, not once per poll (it polled about
+    // every 100 ms for seconds).
+    let tries = blind_log
+        .lines()
+        .filter(|l| l.contains("cannot fire"))
+        .count();
+    assert!(
+        blind_log.contains("cannot read") && tries >= 1,
+        "the blind node never tried: {logs}"
+    );
+    // Every tick from the first to the last one handled was fired once, by the node that reads
+    // the plan, unless it was skipped because the previous tick's op was still active (a slow
+    // machine): none was used up by the other node's failure.
+    let last = last_fire().unwrap();
+    let ticks: Vec<i64> = (first_tick..=last).step_by(60_000).collect();
+    assert!(
+        tries <= ticks.len() + 2,
+        "{tries} tries for {} ticks: {logs}",
+        ticks.len()
+    );
+    let fired = firings(&reader_log, "fired for");
+    assert!(firings(&blind_log, "fired for").is_empty(), "{logs}");
+    assert!(
+        fired.is_sorted_by(|a, b| a < b),
+        "a tick fired twice: {logs}"
+    );
+    let skipped: Vec<i64> = [&blind_log, &reader_log]
+        .iter()
+        .flat_map(|log| firings(log, "skipped the firing of"))
+        .collect();
+    for tick in &ticks {
+        assert!(
+            fired.contains(tick) || skipped.contains(tick),
+            "the tick at {tick} was neither fired nor skipped: {logs}"
+        );
+    }
+    let ops = status(&sandbox);
+    assert_eq!(ops.len(), fired.len(), "ops {ops:#?}\n{logs}");
+    assert!(
+        ops[1..].iter().all(|o| o["status"] == "succeeded"),
+        "{ops:#?}"
+    );
 }
