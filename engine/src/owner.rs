@@ -125,3 +125,115 @@ pub fn now() -> Millis {
         .unwrap_or_default();
     Millis::try_from(since.as_millis()).unwrap_or(Millis::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: Millis = 1_000_000;
+
+    /// A running op owned by `owner`, its lease until `lease_until`.
+    fn op(owner: ProcessId, lease_until: Option<Millis>) -> OpRow {
+        OpRow {
+            id: store::OpId(1),
+            uuid: "u".into(),
+            plan: "p".into(),
+            title: "t".into(),
+            status: OpStatus::Running,
+            params: serde_json::Value::Null,
+            workdir: "/".into(),
+            env: serde_json::Map::new(),
+            lock_key: None,
+            cancel: None,
+            ending: None,
+            parent: None,
+            created_at: 0,
+            started_at: Some(0),
+            ended_at: None,
+            owner: Some(owner),
+            lease_until,
+            current_task: None,
+            error: None,
+        }
+    }
+
+    /// This process with its boot id's parts replaced: `boot` (the kernel's), `ns` (the pid
+    /// namespace's), when given.
+    fn me_with(boot: Option<&str>, ns: Option<&str>) -> ProcessId {
+        let mut id = me();
+        let (here_boot, here_ns) = id.boot_id.split_once('/').unwrap();
+        id.boot_id = format!("{}/{}", boot.unwrap_or(here_boot), ns.unwrap_or(here_ns));
+        id
+    }
+
+    /// Whether the owner of an op with that lease is alive under `rule`; the lease holds, has run
+    /// out, or there is none.
+    fn alive(rule: Rule, owner: &ProcessId) -> [bool; 3] {
+        [Some(NOW + 1), Some(NOW - 1), None].map(|lease| {
+            let state = rule.owner_state(&op(owner.clone(), lease), NOW);
+            assert!(
+                matches!(&state, OwnerState::Alive(o) | OwnerState::Dead(o) if o == owner),
+                "{state:?}"
+            );
+            matches!(state, OwnerState::Alive(_))
+        })
+    }
+
+    const ALWAYS: [bool; 3] = [true, true, true];
+    const NEVER: [bool; 3] = [false, false, false];
+    const LEASE: [bool; 3] = [true, false, false];
+
+    #[test]
+    fn this_process_lives_by_its_pid_on_one_machine_s_store_and_by_its_lease_on_a_shared_one() {
+        let live = me();
+        assert_eq!(alive(Rule::Local, &live), ALWAYS);
+        assert_eq!(alive(Rule::Shared, &live), LEASE);
+    }
+
+    #[test]
+    fn a_pid_known_dead_on_this_boot_is_dead_whatever_its_lease() {
+        // This pid, but not this process: it started at another time.
+        let mut dead = me();
+        dead.start += 1;
+        assert_eq!(alive(Rule::Local, &dead), NEVER);
+        assert_eq!(alive(Rule::Shared, &dead), NEVER);
+    }
+
+    #[test]
+    fn another_pid_namespace_of_this_boot_lives_by_its_lease() {
+        let elsewhere = me_with(None, Some("4026599999"));
+        assert_eq!(alive(Rule::Local, &elsewhere), LEASE);
+        assert_eq!(alive(Rule::Shared, &elsewhere), LEASE);
+    }
+
+    #[test]
+    fn dead_on_another_boot_is_a_reboot_on_one_machine_s_store_and_another_machine_on_a_shared_one()
+    {
+        let other_boot = me_with(Some("00000000-0000-4000-8000-000000000000"), None);
+        assert_eq!(proc::liveness(&to_identity(&other_boot)), Liveness::Dead);
+        // One machine's store: its boot ended, and the owner with it.
+        assert_eq!(alive(Rule::Local, &other_boot), NEVER);
+        // A shared store: another machine, whose lease decides.
+        assert_eq!(alive(Rule::Shared, &other_boot), LEASE);
+
+        let running = op(other_boot.clone(), Some(NOW + 1));
+        assert_eq!(Rule::Shared.shown_status(&running, NOW), OpStatus::Running);
+        assert_eq!(
+            Rule::Local.shown_status(&running, NOW),
+            OpStatus::Interrupted
+        );
+        let expired = op(other_boot, Some(NOW - 1));
+        assert_eq!(
+            Rule::Shared.shown_status(&expired, NOW),
+            OpStatus::Interrupted
+        );
+    }
+
+    #[test]
+    fn an_op_without_an_owner_has_none() {
+        let mut row = op(me(), None);
+        row.owner = None;
+        assert_eq!(Rule::Shared.owner_state(&row, NOW), OwnerState::None);
+        assert_eq!(Rule::Local.shown_status(&row, NOW), OpStatus::Interrupted);
+    }
+}

@@ -11,20 +11,44 @@
 //! A firing is submitted with a compare-and-set on `last_fire` in the op's own transaction
 //! (`NewOp::fired_by`): two servers never submit the same firing twice. The plan file is read when
 //! the schedule fires: a schedule runs the plan as it is then.
+//!
+//! A firing that cannot be fired (the plan cannot be read, the submit is refused) is noted on the
+//! schedule, once per firing and process ([`Misfires`]). On one machine's store that uses it up,
+//! as a skip: every process there sees the same files. On a shared store it does not: the plan's
+//! path may be another machine's, so the firing stays for a node that can fire it, this one tries
+//! again at each poll, and once it is no longer recent the catch-up or skip rule decides as for
+//! any missed firing.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::Value;
 use store::{Change, Millis, OpId, ScheduleRow, Store};
 
 use crate::op::{self, Error, NewRun};
-use crate::owner;
+use crate::owner::{self, Rule};
 
-/// Submits the ops of the schedules due at `now`; returns them.
-pub async fn fire_due(store: &Store, now: Millis, window: Millis) -> Result<Vec<OpId>, Error> {
+/// The firings this process could not fire and has said so, by schedule: the due time of the
+/// last one, so that a failure is noted (and logged) once per firing, not at every poll.
+#[derive(Debug, Default)]
+pub struct Misfires(HashMap<String, Millis>);
+
+/// Submits the ops of the schedules due at `now`; returns them. `rule` says whether the store is
+/// shared (see the module's text for what a failure to fire does).
+pub async fn fire_due(
+    store: &Store,
+    rule: Rule,
+    now: Millis,
+    window: Millis,
+    misfires: &mut Misfires,
+) -> Result<Vec<OpId>, Error> {
     let reader = store.reader()?;
     let mut fired = Vec::new();
-    for schedule in reader.schedules()?.into_iter().filter(|s| !s.paused) {
+    let schedules = reader.schedules()?;
+    misfires
+        .0
+        .retain(|name, _| schedules.iter().any(|s| &s.name == name));
+    for schedule in schedules.into_iter().filter(|s| !s.paused) {
         let after = schedule.last_fire.unwrap_or(schedule.created_at);
         // The latest firing due, and how many there were since the last one handled (counted up
         // to a cap: after a long outage, one firing or none stands for all of them).
@@ -51,20 +75,26 @@ pub async fn fire_due(store: &Store, now: Millis, window: Millis) -> Result<Vec<
             }
         };
         let on_time = now - latest <= window;
-        let note = |note: String| Change::ScheduleNote {
+        let note = |note: String, handled: bool| Change::ScheduleNote {
             name: schedule.name.clone(),
             due: latest,
             note,
+            handled,
         };
         if !on_time && !schedule.catch_up {
             let text = format!(
-                "skipped {} missed firing{} (no serve ran), the last at {}",
+                "skipped {} missed firing{} ({}), the last at {}",
                 many(count),
                 if count == 1 { "" } else { "s" },
+                match (rule, count) {
+                    (Rule::Local, _) => "no serve ran",
+                    (Rule::Shared, 1) => "no node fired it in time",
+                    (Rule::Shared, _) => "no node fired them in time",
+                },
                 crate::time::rfc3339(latest)
             );
             tracing::info!(schedule = %schedule.name, "{text}");
-            store.apply(vec![note(text)]).await?;
+            store.apply(vec![note(text, true)]).await?;
             continue;
         }
         // Active: not ended for good (failed and final ops are done; an interrupted one will be
@@ -72,7 +102,7 @@ pub async fn fire_due(store: &Store, now: Millis, window: Millis) -> Result<Vec<
         let active = schedule
             .last_op
             .and_then(|previous| reader.op(previous).ok())
-            .map(|row| owner::Rule::of(store.location()).shown_status(&row, owner::now()))
+            .map(|row| rule.shown_status(&row, owner::now()))
             .filter(|status| !status.is_final() && *status != store::OpStatus::Failed);
         if let (Some(status), Some(previous)) = (active, schedule.last_op) {
             let text = format!(
@@ -80,7 +110,7 @@ pub async fn fire_due(store: &Store, now: Millis, window: Millis) -> Result<Vec<
                 crate::time::rfc3339(latest),
             );
             tracing::info!(schedule = %schedule.name, "{text}");
-            store.apply(vec![note(text)]).await?;
+            store.apply(vec![note(text, true)]).await?;
             continue;
         }
         match submit(store, &schedule, latest).await {
@@ -96,10 +126,13 @@ pub async fn fire_due(store: &Store, now: Millis, window: Millis) -> Result<Vec<
             }
             // Another server fired it first.
             Err(Error::Store(store::Error::Conflict { .. })) => {}
+            // Said once per firing; on a shared store another node may fire it yet.
+            Err(_) if misfires.0.get(&schedule.name) == Some(&latest) => {}
             Err(e) => {
                 let text = format!("cannot fire: {e}");
                 tracing::warn!(schedule = %schedule.name, "{text}");
-                store.apply(vec![note(text)]).await?;
+                store.apply(vec![note(text, rule == Rule::Local)]).await?;
+                misfires.0.insert(schedule.name.clone(), latest);
             }
         }
     }

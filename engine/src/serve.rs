@@ -364,7 +364,7 @@ async fn run_one(
     op::resume_as(takeover, op, None, None).await
 }
 
-/// What `serve` remembers of ops between polls.
+/// What `serve` remembers between polls: of ops, of the pause, of firings it could not fire.
 #[derive(Debug, Default)]
 struct Seen {
     /// Ops this process leaves alone (`auto_resume` off, cannot run).
@@ -373,6 +373,8 @@ struct Seen {
     later: HashMap<OpId, Instant>,
     /// Whether the pause was said (once per pause).
     said_paused: bool,
+    /// The schedules' firings this process could not fire, said once each.
+    misfires: crate::schedule::Misfires,
 }
 
 /// One look at the database: fire the schedules that are due (`now` on the schedules' clock,
@@ -393,11 +395,11 @@ async fn poll(
         return Ok(Vec::new());
     }
     seen.said_paused = false;
-    crate::schedule::fire_due(store, now, window).await?;
+    let rule = Rule::of(store.location());
+    crate::schedule::fire_due(store, rule, now, window, &mut seen.misfires).await?;
     if busy >= config.workers {
         return Ok(Vec::new());
     }
-    let rule = Rule::of(store.location());
     let (found, waiting) = work(&store.reader()?, rule, running, seen)?;
     // `status` says why a queued op does not start.
     let notes: Vec<Change> = waiting

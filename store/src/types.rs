@@ -687,11 +687,16 @@ pub enum Change {
         name: String,
         paused: bool,
     },
-    /// A firing handled without an op (skipped, or the plan could not be read), with why.
+    /// Why the firing due at `due` made no op (skipped, or this process could not fire it). With
+    /// `handled`, the firing is used up (compare-and-set on `last_fire`, as a firing that made an
+    /// op); without, only the note is written, and the firing stays for another process to fire
+    /// (a shared store's node that cannot: another may). Either changes nothing once that firing
+    /// or a later one was handled.
     ScheduleNote {
         name: String,
         due: Millis,
         note: String,
+        handled: bool,
     },
     /// Add tasks to an op (its hooks, as they run); ones that exist are left as they are.
     AddTasks {

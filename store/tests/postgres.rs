@@ -357,7 +357,10 @@ fn every_kind_of_change_commits_through_postgres() {
         .unwrap();
     assert_eq!(row.get::<_, i64>(0), 1);
     assert_eq!(row.get::<_, Option<i64>>(1), Some(35));
-    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("skipped"));
+    assert_eq!(
+        row.get::<_, Option<String>>(2).as_deref(),
+        Some("cannot fire")
+    );
 
     the_next_op_on_the_key_takes_its_lock_and_is_canceled(&db, &store);
 }
@@ -524,6 +527,14 @@ fn other_changes() -> Vec<Vec<Change>> {
             name: "nightly".into(),
             due: 35,
             note: "skipped".into(),
+            handled: true,
+        }],
+        // A firing this node could not fire: the note alone.
+        vec![Change::ScheduleNote {
+            name: "nightly".into(),
+            due: 36,
+            note: "cannot fire".into(),
+            handled: false,
         }],
     ]
 }

@@ -469,6 +469,68 @@ fn one_commit_reads_the_owner_again_after_a_change_that_may_move_it() {
     }
 }
 
+#[test]
+fn a_firing_is_used_up_once_and_a_failure_to_fire_it_leaves_it_to_others() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        store
+            .apply_blocking(vec![Change::AddSchedule(store::NewSchedule {
+                name: "s".into(),
+                plan: "/p.yaml".into(),
+                params: serde_json::Map::new(),
+                cron: "* * * * *".into(),
+                timezone: "UTC".into(),
+                catch_up: true,
+                created_at: 0,
+            })])
+            .unwrap();
+        let note = |due: i64, text: &str, handled: bool| {
+            store
+                .apply_blocking(vec![Change::ScheduleNote {
+                    name: "s".into(),
+                    due,
+                    note: text.into(),
+                    handled,
+                }])
+                .unwrap();
+        };
+        let tries = std::cell::Cell::new(0);
+        let fire = |due: i64| {
+            tries.set(tries.get() + 1);
+            let mut new = new_op(1);
+            new.uuid = format!("{}-{}", new.uuid, tries.get());
+            new.fired_by = Some(("s".into(), due));
+            store.apply_blocking(vec![Change::Submit(new)])
+        };
+        let row = || {
+            let s = store.reader().unwrap().schedules().unwrap().remove(0);
+            (s.last_fire, s.last_op, s.note.unwrap_or_default())
+        };
+        // A process that cannot fire the firing due at 100 says why, and leaves it to another.
+        note(100, "cannot fire: no file", false);
+        assert_eq!(row(), (None, None, "cannot fire: no file".into()));
+        let op = match fire(100).unwrap().pop() {
+            Some(Applied::Submitted { id, .. }) => id,
+            other => panic!("{other:?}"),
+        };
+        let fired = (Some(100), Some(op), format!("fired: op {op}"));
+        assert_eq!(row(), fired);
+        // Its failure said late, or an earlier firing's, does not cover that success; nor can the
+        // firing be taken twice.
+        note(100, "cannot fire: no file", false);
+        note(40, "cannot fire: no file", false);
+        assert_eq!(row(), fired);
+        assert!(matches!(fire(100), Err(Error::Conflict { .. })));
+        // A handled note uses a firing up (a skip): it keeps the last op, and none may fire it.
+        note(160, "skipped", true);
+        assert_eq!(row(), (Some(160), Some(op), "skipped".into()));
+        assert!(matches!(fire(160), Err(Error::Conflict { .. })));
+        note(100, "skipped", true);
+        assert_eq!(row(), (Some(160), Some(op), "skipped".into()));
+    }
+}
+
 // --- SQLite files: creation, refusal, migrations ---
 
 #[test]

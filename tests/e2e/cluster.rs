@@ -1,13 +1,16 @@
 //! Several `cairn serve` nodes on one PostgreSQL database: ops spread over them, a node killed
 //! with `kill -9` has its ops taken over once its lease runs out, a node stopped past its lease is
-//! fenced off the op it lost, and a schedule fires once per tick however many nodes look at it.
+//! fenced off the op it lost, a schedule fires once per tick however many nodes look at it, and
+//! nodes on two machines (the other one made by a mount namespace with another kernel boot id:
+//! [`OtherHost`]) leave each other's running ops alone, and leave a schedule's firings to the
+//! node that can read its plan.
 //!
 //! PostgreSQL only (`CAIRN_TEST_BACKEND=postgres`): nodes of a SQLite database share one host,
 //! where liveness is decided by the owner's pid, not by leases.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::Signal;
@@ -65,6 +68,11 @@ struct Node {
 
 impl Node {
     fn start(sandbox: &Sandbox, name: &str, args: &[&str]) -> Self {
+        Self::start_on(None, sandbox, name, args)
+    }
+
+    /// A node on `host` (`None`: this machine).
+    fn start_on(host: Option<&OtherHost>, sandbox: &Sandbox, name: &str, args: &[&str]) -> Self {
         let log = sandbox.path().join(format!("{name}.log"));
         let mut all = vec![
             "serve",
@@ -76,8 +84,11 @@ impl Node {
             "2s",
         ];
         all.extend_from_slice(args);
-        let child = sandbox
-            .command(&all)
+        let mut command = match host {
+            None => sandbox.command(&all),
+            Some(host) => host.command(sandbox, &all),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -120,6 +131,71 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Another machine, as far as cairn can tell: its commands run in a mount namespace of their own
+/// (`unshare -m`, as root) where a made-up kernel boot id is bind-mounted over
+/// `/proc/sys/kernel/random/boot_id`, and where some directories of this machine may be hidden
+/// (an empty `tmpfs` mounted over each). Processes, pids and the rest of the file system are
+/// shared with this machine's.
+struct OtherHost {
+    boot_id: PathBuf,
+    hidden: Vec<PathBuf>,
+}
+
+impl OtherHost {
+    /// Its kernel's boot id.
+    const BOOT_ID: &str = "6f1c2a7e-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
+
+    /// Its boot id in a file of the sandbox.
+    fn new(sandbox: &Sandbox, hidden: &[PathBuf]) -> Self {
+        let boot_id = sandbox.write("other-boot-id", &format!("{}\n", Self::BOOT_ID));
+        Self {
+            boot_id,
+            hidden: hidden.to_vec(),
+        }
+    }
+
+    /// `cairn args` there, in the sandbox, on its database.
+    fn command(&self, sandbox: &Sandbox, args: &[&str]) -> Command {
+        // sh -c SCRIPT sh BOOT_ID HIDDEN... -- CAIRN ARGS...
+        const SCRIPT: &str = r#"set -e
+boot_id=$1; shift
+while [ "$1" != -- ]; do mount -t tmpfs -o size=1m,mode=0755 none "$1"; shift; done; shift
+mount --bind "$boot_id" /proc/sys/kernel/random/boot_id
+exec "$@""#;
+        let mut command = Command::new("unshare");
+        command
+            .args(["-m", "sh", "-c", SCRIPT, "sh"])
+            .arg(&self.boot_id)
+            .args(&self.hidden)
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_cairn"))
+            .args(args)
+            .current_dir(sandbox.path())
+            .env("NO_COLOR", "1");
+        sandbox.use_db(&mut command);
+        command
+    }
+
+    /// `cairn status --json --all` there.
+    fn status(&self, sandbox: &Sandbox) -> Vec<Value> {
+        let out = self
+            .command(sandbox, &["status", "--json", "--all"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            code(&out),
+            Some(0),
+            "status on the other host (unshare and mount need root): {}",
+            stderr(&out)
+        );
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
     }
 }
 
@@ -567,4 +643,224 @@ fn a_schedule_due_every_minute_fires_once_per_tick_with_three_nodes() {
         "{ops:#?}"
     );
     assert_eq!(list[0]["last_op"], ops.len(), "{list}");
+}
+
+/// A step that says which op it runs for, which attempt it is and who started it (`$PPID`: the
+/// node) as it starts, then waits for `go` (for a minute at most, so that a failed test leaves
+/// nothing running).
+const HELD: &str = r#"
+name: held
+params:
+  n: { type: int, required: true }
+steps:
+  - id: long
+    run: |
+      echo {{ params.n }} "$CAIRN_ATTEMPT $PPID" >> starts
+      for i in $(seq 1 1200); do [ -e go ] && break; sleep 0.05; done
+      [ -e go ]
+"#;
+
+#[test]
+fn nodes_on_two_machines_leave_each_other_s_running_ops_alone() {
+    if skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.write("held.yaml", HELD);
+    let other = OtherHost::new(&sandbox, &[]);
+    // The node here has one worker, busy with the first op from then on; the other machine's has
+    // a free worker all along, and so looks at the first op at every poll.
+    let mut here = Node::start(&sandbox, "here", &["--workers", "1"]);
+    let first = submit(&sandbox, "held.yaml", 1);
+    wait_until(
+        "the first op's step started",
+        Duration::from_secs(60),
+        || !sandbox.read("starts").is_empty(),
+    );
+    let mut there = Node::start_on(Some(&other), &sandbox, "there", &["--workers", "2"]);
+    let pids = BTreeSet::from([here.pid(), there.pid()]);
+    wait_until(
+        "both nodes listed by cairn nodes",
+        Duration::from_secs(30),
+        || node_pids(&sandbox) == pids,
+    );
+    let boots = sandbox.sql("SELECT pid, split_part(boot_id, '/', 1) FROM nodes ORDER BY pid");
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    for (pid, boot) in [
+        (here.pid(), this_boot.trim()),
+        (there.pid(), OtherHost::BOOT_ID),
+    ] {
+        assert!(
+            boots.lines().any(|l| l == format!("{pid}|{boot}")),
+            "node {pid} runs on boot {boot}: {boots}"
+        );
+    }
+    // Only the other machine's node has a free worker: it runs the second op.
+    let second = submit(&sandbox, "held.yaml", 2);
+    wait_until(
+        "the second op's step started",
+        Duration::from_secs(60),
+        || sandbox.read("starts").lines().count() >= 2,
+    );
+    let expected = format!("1 1 {}\n2 1 {}\n", here.pid(), there.pid());
+
+    // For two leases and more, each machine sees both ops running, by their nodes, and no step
+    // starts again.
+    let owners = BTreeMap::from([(first, here.pid()), (second, there.pid())]);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(u64::try_from(2 * TTL_MS + 1_000).unwrap()) {
+        for (place, ops) in [
+            ("here", status(&sandbox)),
+            ("there", other.status(&sandbox)),
+        ] {
+            for op in &ops {
+                let id = op["id"].as_i64().unwrap();
+                assert_eq!(
+                    (op["status"].as_str(), owner_pid(op)),
+                    (Some("running"), Some(owners[&id])),
+                    "cairn status {place}, op {id}: {ops:#?}\nhere:\n{}\nthere:\n{}",
+                    here.log(),
+                    there.log()
+                );
+            }
+            assert_eq!(ops.len(), 2, "{ops:#?}");
+        }
+        assert_eq!(sandbox.read("starts"), expected, "each step started once");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    sandbox.write("go", "");
+    wait_until("both ops succeeded", Duration::from_secs(60), || {
+        status(&sandbox).iter().all(|o| o["status"] == "succeeded")
+    });
+    assert_eq!(sandbox.read("starts"), expected, "each step started once");
+    for op in [first, second] {
+        let show = sandbox.show(op);
+        assert_eq!(
+            crate::support::task(&show, "long")["attempts"],
+            1,
+            "{show:#}"
+        );
+        assert!(
+            !events(&show).iter().any(|(kind, _)| kind == "auto-resumed"),
+            "op {op} was taken over: {show:#}"
+        );
+    }
+    for node in [&mut here, &mut there] {
+        let status = node.terminate();
+        assert_eq!(status.code(), Some(0), "{}", node.log());
+    }
+}
+
+/// The firing times a node's log says it `fired for`, or (`skipped the firing of`) skipped while
+/// the previous firing's op was active, in order.
+fn firings(log: &str, what: &str) -> Vec<i64> {
+    log.lines()
+        .filter_map(|l| l.split_once(&format!(" {what} ")).map(|(_, rest)| rest))
+        .map(|rest| {
+            let time = rest.split_whitespace().next().unwrap();
+            ms(&Value::from(time.trim_end_matches(':')))
+        })
+        .collect()
+}
+
+#[test]
+fn a_node_that_cannot_read_a_schedule_s_plan_leaves_each_firing_to_one_that_can() {
+    if skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let plans = sandbox.path().join("plans");
+    std::fs::create_dir(&plans).unwrap();
+    std::fs::write(
+        plans.join("tick.yaml"),
+        "name: tick\nsteps:\n  - id: a\n    noop: true\n",
+    )
+    .unwrap();
+    let out = sandbox.cairn(&[
+        "schedule",
+        "add",
+        "every",
+        "plans/tick.yaml",
+        "--cron",
+        "* * * * *",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    // The other machine has no such directory: an empty one hides this machine's.
+    let other = OtherHost::new(&sandbox, std::slice::from_ref(&plans));
+    // As in the test above, each node's schedule clock starts tomorrow at 02:00:30 and runs 30
+    // times as fast as real time. The node that cannot read the plan starts first, so that its
+    // clock is ahead: it finds each firing due before the other does.
+    let day = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(24))
+        .unwrap()
+        .strftime("%Y-%m-%d")
+        .to_string();
+    let first_tick: i64 = format!("{day}T02:00:00Z")
+        .parse::<jiff::Timestamp>()
+        .unwrap()
+        .as_millisecond();
+    let clock = format!("{day}T02:00:30Zx30");
+    let args = ["--workers", "2", "--schedule-clock", &clock];
+    let mut blind = Node::start_on(Some(&other), &sandbox, "blind", &args);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut reader = Node::start(&sandbox, "reader", &args);
+    let last_fire = || {
+        let list = sandbox.json(&["schedule", "list", "--json"]);
+        list[0]["last_fire"]
+            .is_string()
+            .then(|| ms(&list[0]["last_fire"]))
+    };
+    wait_until("six ticks fired", Duration::from_secs(120), || {
+        last_fire().is_some_and(|at| at >= first_tick + 5 * 60_000)
+    });
+    for node in [&mut blind, &mut reader] {
+        let status = node.terminate();
+        assert_eq!(status.code(), Some(0), "{}", node.log());
+    }
+    let (blind_log, reader_log) = (blind.log(), reader.log());
+    let logs = format!("blind:\n{blind_log}\nreader:\n{reader_log}");
+
+    // The blind node tried, and said so once per firing, not once per poll (it polled about
+    // every 100 ms for seconds).
+    let tries = blind_log
+        .lines()
+        .filter(|l| l.contains("cannot fire"))
+        .count();
+    assert!(
+        blind_log.contains("cannot read") && tries >= 1,
+        "the blind node never tried: {logs}"
+    );
+    // Every tick from the first to the last one handled was fired once, by the node that reads
+    // the plan, unless it was skipped because the previous tick's op was still active (a slow
+    // machine): none was used up by the other node's failure.
+    let last = last_fire().unwrap();
+    let ticks: Vec<i64> = (first_tick..=last).step_by(60_000).collect();
+    assert!(
+        tries <= ticks.len() + 2,
+        "{tries} tries for {} ticks: {logs}",
+        ticks.len()
+    );
+    let fired = firings(&reader_log, "fired for");
+    assert!(firings(&blind_log, "fired for").is_empty(), "{logs}");
+    assert!(
+        fired.is_sorted_by(|a, b| a < b),
+        "a tick fired twice: {logs}"
+    );
+    let skipped: Vec<i64> = [&blind_log, &reader_log]
+        .iter()
+        .flat_map(|log| firings(log, "skipped the firing of"))
+        .collect();
+    for tick in &ticks {
+        assert!(
+            fired.contains(tick) || skipped.contains(tick),
+            "the tick at {tick} was neither fired nor skipped: {logs}"
+        );
+    }
+    let ops = status(&sandbox);
+    assert_eq!(ops.len(), fired.len(), "ops {ops:#?}\n{logs}");
+    assert!(
+        ops[1..].iter().all(|o| o["status"] == "succeeded"),
+        "{ops:#?}"
+    );
 }

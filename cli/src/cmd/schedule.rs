@@ -155,6 +155,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
                     name: name.clone(),
                     due: engine::owner::now(),
                     note: "unpaused".to_owned(),
+                    handled: true,
                 });
             }
             store.apply_blocking(batch)?;

@@ -1022,6 +1022,15 @@ impl Tx for PgTx<'_> {
         Ok(fired != 0)
     }
 
+    fn note_schedule(&mut self, name: &str, due: Millis, note: &str) -> Result<bool> {
+        let noted = self.exec(
+            "UPDATE schedules SET note = $3 \
+             WHERE name = $1 AND (last_fire IS NULL OR last_fire < $2)",
+            &[&name, &due, &note],
+        )?;
+        Ok(noted != 0)
+    }
+
     fn append_events(
         &mut self,
         op: OpId,

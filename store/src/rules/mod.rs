@@ -276,6 +276,9 @@ pub(crate) trait Tx {
         op: Option<OpId>,
         note: &str,
     ) -> Result<bool>;
+    /// Sets the schedule's note, leaving `last_fire` as it is, only if no firing at or after
+    /// `due` was recorded; whether it did.
+    fn note_schedule(&mut self, name: &str, due: Millis, note: &str) -> Result<bool>;
 
     // --- serving nodes ---
 

@@ -1,5 +1,6 @@
-//! The rules of schedules: a name is taken once, removing or pausing needs the schedule, and a
-//! firing is recorded once (compare-and-set on its due time, see also [`super::ops::submit`]).
+//! The rules of schedules: a name is taken once, removing or pausing needs the schedule, a firing
+//! is recorded once (compare-and-set on its due time, see also [`super::ops::submit`]), and a
+//! note that a firing failed never covers that firing's success.
 
 use super::Tx;
 use crate::error::{Error, Result};
@@ -26,9 +27,19 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
                 return Err(Error::Schedule(format!("no schedule `{name}`")));
             }
         }
-        Change::ScheduleNote { name, due, note } => {
-            // A firing handled without an op (skipped, or the plan could not be read).
-            tx.fire_schedule(name, *due, None, note)?;
+        Change::ScheduleNote {
+            name,
+            due,
+            note,
+            handled,
+        } => {
+            if *handled {
+                // A firing handled without an op (skipped, or nobody else could fire it).
+                tx.fire_schedule(name, *due, None, note)?;
+            } else {
+                // Only why this process could not fire it: never over another's firing of it.
+                tx.note_schedule(name, *due, note)?;
+            }
         }
         _ => unreachable!("not a schedule change: {change:?}"),
     }

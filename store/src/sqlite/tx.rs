@@ -878,6 +878,18 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
+    fn note_schedule(&mut self, name: &str, due: Millis, note: &str) -> Result<bool> {
+        self.run(|c| {
+            let noted = c
+                .prepare_cached(
+                    "UPDATE schedules SET note = ?3 \
+                     WHERE name = ?1 AND (last_fire IS NULL OR last_fire < ?2)",
+                )?
+                .execute(params![name, due, note])?;
+            Ok(noted != 0)
+        })
+    }
+
     fn beat_node(
         &mut self,
         node: &ProcessId,
