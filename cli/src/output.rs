@@ -85,3 +85,28 @@ pub fn data(text: &str) -> std::io::Result<()> {
 pub fn diagnostic(text: &str) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
+
+/// A table as the listing commands print it: no borders, columns two spaces apart.
+pub fn plain_table() -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    table
+}
+
+/// `table` as text, one line per row without trailing spaces; `empty` (a line of its own) when it
+/// has no rows.
+pub fn render_table(mut table: comfy_table::Table, empty: &str) -> String {
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    let rows = table.row_count();
+    let mut text: String = table
+        .lines()
+        .map(|l| l.trim_end().to_owned() + "\n")
+        .collect();
+    if rows == 0 {
+        text.push_str(empty);
+        text.push('\n');
+    }
+    text
+}

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context as _;
-use comfy_table::{Table, presets};
 use serde_json::{Value, json};
 use store::{NodeRow, OpFilter, OpId, OpStatus, ProcessId};
 
@@ -71,8 +70,7 @@ fn node_json(node: &NodeRow, running: &[OpId]) -> Value {
 }
 
 fn table(nodes: &[(NodeRow, Vec<OpId>)]) -> String {
-    let mut table = Table::new();
-    table.load_style(presets::NOTHING);
+    let mut table = crate::output::plain_table();
     table.set_header(["HOST", "PID", "WORKERS", "STARTED", "HEARTBEAT", "RUNNING"]);
     for (node, running) in nodes {
         table.add_row([
@@ -92,17 +90,10 @@ fn table(nodes: &[(NodeRow, Vec<OpId>)]) -> String {
             },
         ]);
     }
-    for column in table.column_iter_mut() {
-        column.set_padding((0, 2));
-    }
-    let mut text: String = table
-        .lines()
-        .map(|l| l.trim_end().to_owned() + "\n")
-        .collect();
-    if nodes.is_empty() {
-        text.push_str("(no live nodes: no `cairn serve` serves this database)\n");
-    }
-    text
+    crate::output::render_table(
+        table,
+        "(no live nodes: no `cairn serve` serves this database)",
+    )
 }
 
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {

@@ -1,7 +1,6 @@
 //! `cairn schedule`: cron schedules that `cairn serve` fires.
 
 use anyhow::Context as _;
-use comfy_table::{Table, presets};
 
 use crate::cmd::run::PlanArgs;
 use crate::db::DbArgs;
@@ -190,8 +189,7 @@ fn list(json: bool, db: &DbArgs) -> Result<(), Failure> {
         crate::output::data(&text).context("cannot write")?;
         return Ok(());
     }
-    let mut table = Table::new();
-    table.load_style(presets::NOTHING);
+    let mut table = crate::output::plain_table();
     table.set_header([
         "NAME", "CRON", "TIMEZONE", "NEXT", "LAST_OP", "PLAN", "NOTE",
     ]);
@@ -211,17 +209,7 @@ fn list(json: bool, db: &DbArgs) -> Result<(), Failure> {
             s.note.clone().unwrap_or_default(),
         ]);
     }
-    for column in table.column_iter_mut() {
-        column.set_padding((0, 2));
-    }
-    let mut text = String::new();
-    for l in table.lines() {
-        text.push_str(l.trim_end());
-        text.push('\n');
-    }
-    if schedules.is_empty() {
-        text.push_str("(no schedules)\n");
-    }
+    let text = crate::output::render_table(table, "(no schedules)");
     crate::output::data(&text).context("cannot write")?;
     Ok(())
 }

@@ -4,7 +4,6 @@ use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use comfy_table::{Table, presets};
 use engine::owner::Rule;
 use serde_json::{Value, json};
 use store::{OpFilter, OpRow, OpStatus};
@@ -153,8 +152,7 @@ fn matching(
 /// The ops table. On a store that several machines share (`Rule::Shared`) it has a NODE column,
 /// the `host:pid` of each op's owner; on one machine's, it is the table the brief prints.
 fn table(ops: &[OpRow], rule: Rule, now: i64) -> String {
-    let mut table = Table::new();
-    table.load_style(presets::NOTHING);
+    let mut table = crate::output::plain_table();
     let shared = rule == Rule::Shared;
     let mut header = vec![
         "OP_ID",
@@ -203,17 +201,7 @@ fn table(ops: &[OpRow], rule: Rule, now: i64) -> String {
         );
         table.add_row(row);
     }
-    for column in table.column_iter_mut() {
-        column.set_padding((0, 2));
-    }
-    let mut text: String = table
-        .lines()
-        .map(|l| l.trim_end().to_owned() + "\n")
-        .collect();
-    if ops.is_empty() {
-        text.push_str("(no ops)\n");
-    }
-    text
+    crate::output::render_table(table, "(no ops)")
 }
 
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
