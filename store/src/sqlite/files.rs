@@ -76,15 +76,21 @@ pub(super) fn create(path: &Path) -> Result<bool> {
     linked
 }
 
-/// A name beside `path` that no other process uses: `.<name>.new-<pid>-<nanoseconds>`.
+/// A name beside `path` that no other process or thread uses:
+/// `.<name>.new-<pid>-<count>-<nanoseconds>` (threads of one process may read the same clock).
 fn temporary_name(path: &Path) -> PathBuf {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path
         .file_name()
         .map_or_else(|| "cairn.db".into(), |n| n.to_string_lossy().into_owned());
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    directory(path).join(format!(".{name}.new-{}-{nanos}", std::process::id()))
+    let count = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    directory(path).join(format!(
+        ".{name}.new-{}-{count}-{nanos}",
+        std::process::id()
+    ))
 }
 
 /// Makes a complete database at `temporary`: private to the user, in WAL mode, migrated, every
