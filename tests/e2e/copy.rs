@@ -35,11 +35,11 @@ steps:
     run: |
       n={{ params.n }}
       echo "second $n" >> runs
-      if [ "$n" -gt 296 ] && [ ! -e go ]; then echo "not yet" >&2; exit 3; fi
+      if [ "$n" -gt 996 ] && [ ! -e go ]; then echo "not yet" >&2; exit 3; fi
 "#;
 
 /// How many children the fleet runs (each a child op of its own).
-const CHILDREN: u32 = 300;
+const CHILDREN: u32 = 1000;
 
 /// The secret reaches the step, which keeps it in `secret-seen`, and fails until `go-secret`.
 const SECRET: &str = r#"
@@ -189,7 +189,7 @@ fn rows(sandbox: &Sandbox, table: &str, columns: &[String], on_postgres: bool) -
     lines
 }
 
-/// A SQLite history through the real binary: a fleet of 300 child ops (four failed, so the fleet
+/// A SQLite history through the real binary: a fleet of 1,000 child ops (four failed, so the fleet
 /// failed), a failed op with a secret param, an op killed while it ran (its owner dead), an op on
 /// a lock that cools down, one that failed keeping its lock, a schedule, and the pause.
 fn history(sqlite: &Sandbox) {
@@ -233,7 +233,7 @@ fn a_sqlite_history_copied_to_postgres_reads_the_same_and_goes_on_there() {
     let status = before["status"].as_array().unwrap();
     // The fleet and its children (the children after the first that failed may not have
     // started: no new item starts once one failed), the secret op, two on locks, the killed one.
-    assert!(status.len() > 296 + 5, "{} ops", status.len());
+    assert!(status.len() > 996 + 5, "{} ops", status.len());
     let ran_before = counts(&sqlite.read("runs"));
     let shown = |plan: &str| {
         status
@@ -306,12 +306,12 @@ fn a_sqlite_history_copied_to_postgres_reads_the_same_and_goes_on_there() {
     }
     let ran = counts(&sqlite.read("runs"));
     let before = |line: &str| ran_before.get(line).copied().unwrap_or(0);
-    assert_eq!(before("second 297"), 1, "the first child to fail ran");
+    assert_eq!(before("second 997"), 1, "the first child to fail ran");
     for n in 1..=CHILDREN {
         let (first, second) = (format!("first {n}"), format!("second {n}"));
         assert_eq!(ran.get(&first), Some(&1), "{first}");
-        // Children after 296 failed (or never started): `second` runs once more.
-        let expected = if n > 296 { before(&second) + 1 } else { 1 };
+        // Children after 996 failed (or never started): `second` runs once more.
+        let expected = if n > 996 { before(&second) + 1 } else { 1 };
         assert_eq!(ran.get(&second), Some(&expected), "{second}");
     }
     assert_eq!(sqlite.read("secret-seen"), "hunter2");
