@@ -257,3 +257,70 @@ steps:
         }
     }
 }
+
+/// Ctrl-C while the server is down: the steps are ended as always, but the stop cannot be
+/// recorded; a second Ctrl-C leaves at once (exit 4, saying so) instead of waiting for the server.
+/// Once it is back, the op shows `interrupted` and a resume finishes it.
+#[test]
+fn a_second_ctrl_c_leaves_a_run_whose_server_is_down() {
+    let server = Server::start();
+    let url = server.database("cairn");
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: long\nsteps:\n  - id: wait\n    run: \"echo started >> runs; test -e done || sleep 60\"\n",
+    );
+    let command = |args: &[&str]| {
+        let mut command = sandbox.command(args);
+        command.env("CAIRN_DB", &url);
+        command
+    };
+    let mut run = command(&["run", "plan.yaml", "--grace", "1s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    sandbox.wait_for("runs", Duration::from_secs(30));
+    let uuid = ops(&sandbox, &url)[0]["uuid"].as_str().unwrap().to_owned();
+    server.pg_ctl(&["stop", "-m", "immediate"]);
+    signal(&run, nix::sys::signal::Signal::SIGINT);
+    // The steps get their grace (1 s) whatever the database does.
+    let ended = Instant::now();
+    while !crate::support::step_processes(&uuid).is_empty() {
+        assert!(
+            ended.elapsed() < Duration::from_secs(10),
+            "the step outlived its grace"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(run.try_wait().unwrap().is_none(), "still trying to record");
+    signal(&run, nix::sys::signal::Signal::SIGINT);
+    let left = Instant::now();
+    let status = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            left.elapsed() < Duration::from_secs(10),
+            "a second Ctrl-C did not end it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut said).unwrap();
+    assert_eq!(status.code(), Some(4), "{said}");
+    assert!(said.contains("stopping now"), "{said}");
+
+    server.pg_ctl(&["start"]);
+    assert_eq!(ops(&sandbox, &url)[0]["status"], "interrupted");
+    sandbox.write("done", "");
+    let out = command(&["resume", "1"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sandbox.read("runs"), "started\nstarted\n");
+    assert_eq!(ops(&sandbox, &url)[0]["status"], "succeeded");
+}
