@@ -41,6 +41,7 @@ pub struct Template {
     source: String,
     compiled: String,
     quoting: Quoting,
+    steps: Vec<(usize, String)>,
 }
 
 /// An expression (`when`, `for_each`) checked by `validate`.
@@ -48,6 +49,7 @@ pub struct Template {
 pub struct Expr {
     source: String,
     compiled: String,
+    steps: Vec<(usize, String)>,
 }
 
 /// A template or expression could not be rendered with the values at hand.
@@ -58,15 +60,59 @@ pub struct RenderError {
 }
 
 impl RenderError {
-    fn from_minijinja(err: &minijinja::Error) -> Self {
+    /// `err` in cairn's words; an undefined name is named (`steps.dump.outputs.archive is not
+    /// set`), found among `used` (the compiled code's dotted names) by looking each up in `context`.
+    fn from_minijinja(
+        err: &minijinja::Error,
+        used: impl FnOnce() -> Vec<String>,
+        context: &Context,
+        steps: &[(usize, String)],
+    ) -> Self {
         let message = if err.kind() == minijinja::ErrorKind::UndefinedError {
-            "a name in the template has no value".to_owned()
+            match missing_name(used(), &context.value(), steps) {
+                Some(name) => format!("`{name}` is not set"),
+                None => "a name in the template has no value".to_owned(),
+            }
         } else {
             err.detail()
                 .map_or_else(|| err.kind().to_string(), ToOwned::to_owned)
         };
         Self { message }
     }
+}
+
+/// Of the dotted names a template uses, the first (in order) that `context` has no value for, up to
+/// the part that is missing, with `steps.s<index>` said as the step's id again.
+fn missing_name(
+    mut used: Vec<String>,
+    context: &Value,
+    steps: &[(usize, String)],
+) -> Option<String> {
+    used.sort();
+    used.iter().find_map(|dotted| {
+        let mut value = context.clone();
+        let mut path = Vec::new();
+        for part in dotted.split('.') {
+            path.push(part);
+            value = value.get_attr(part).ok()?;
+            if value.is_undefined() {
+                let said: Vec<String> = path
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let index = (i == 1 && path[0] == "steps")
+                            .then(|| p.strip_prefix('s')?.parse::<usize>().ok())
+                            .flatten();
+                        index
+                            .and_then(|n| steps.iter().find(|(i, _)| *i == n))
+                            .map_or_else(|| (*p).to_owned(), |(_, id)| id.clone())
+                    })
+                    .collect();
+                return Some(said.join("."));
+            }
+        }
+        None
+    })
 }
 
 static ENV: LazyLock<Environment<'static>> = LazyLock::new(|| {
@@ -156,6 +202,8 @@ pub enum Name {
 struct Rewritten {
     text: String,
     unknown_steps: Vec<String>,
+    /// The steps it names, by index: to say `steps.<id>` again in messages.
+    known_steps: Vec<(usize, String)>,
 }
 
 const GLOBAL_FUNCTIONS: &[&str] = &["range", "dict", "namespace", "debug"];
@@ -178,6 +226,7 @@ fn rewrite(src: &str, expression: bool, step_index: &dyn Fn(&str) -> Option<usiz
     let mut out = Rewritten {
         text: String::with_capacity(src.len() + 8),
         unknown_steps: Vec::new(),
+        known_steps: Vec::new(),
     };
     if expression {
         rewrite_code(src, 0, None, &mut out, step_index);
@@ -262,6 +311,9 @@ fn rewrite_code(
                     out.text.push_str("steps.");
                     if let Some(index) = step_index(id) {
                         write!(out.text, "s{index}").ok();
+                        if !out.known_steps.iter().any(|(i, _)| *i == index) {
+                            out.known_steps.push((index, id.to_owned()));
+                        }
                     } else {
                         write!(out.text, "u{}", out.unknown_steps.len()).ok();
                         out.unknown_steps.push(id.to_owned());
@@ -358,6 +410,7 @@ impl Template {
                 source: source.to_owned(),
                 compiled: rewritten.text,
                 quoting,
+                steps: rewritten.known_steps,
             },
             names,
         ))
@@ -384,7 +437,14 @@ impl Template {
             &self.compiled,
             context.value(),
         )
-        .map_err(|e| RenderError::from_minijinja(&e))
+        .map_err(|e| {
+            let used = || {
+                ENV.template_from_named_str(self.quoting.template_name(), &self.compiled)
+                    .map(|t| t.undeclared_variables(true).into_iter().collect())
+                    .unwrap_or_default()
+            };
+            RenderError::from_minijinja(&e, used, context, &self.steps)
+        })
     }
 }
 
@@ -404,6 +464,7 @@ impl Expr {
             Self {
                 source: source.to_owned(),
                 compiled: rewritten.text,
+                steps: rewritten.known_steps,
             },
             names,
         ))
@@ -419,7 +480,7 @@ impl Expr {
         let value = ENV
             .compile_expression(&self.compiled)
             .and_then(|e| e.eval(context.value()))
-            .map_err(|e| RenderError::from_minijinja(&e))?;
+            .map_err(|e| self.error(&e, context))?;
         serde_json::to_value(&value).map_err(|e| RenderError {
             message: e.to_string(),
         })
@@ -430,7 +491,16 @@ impl Expr {
         ENV.compile_expression(&self.compiled)
             .and_then(|e| e.eval(context.value()))
             .map(|v| v.is_true())
-            .map_err(|e| RenderError::from_minijinja(&e))
+            .map_err(|e| self.error(&e, context))
+    }
+
+    fn error(&self, err: &minijinja::Error, context: &Context) -> RenderError {
+        let used = || {
+            ENV.compile_expression(&self.compiled)
+                .map(|e| e.undeclared_variables(true).into_iter().collect())
+                .unwrap_or_default()
+        };
+        RenderError::from_minijinja(err, used, context, &self.steps)
     }
 }
 
@@ -782,6 +852,30 @@ mod tests {
 
     fn index_of(id: &str) -> Option<usize> {
         ["pick-source", "a"].iter().position(|s| *s == id)
+    }
+
+    #[test]
+    fn a_name_without_a_value_is_named_as_the_plan_writes_it() {
+        let (template, _) = Template::compile(
+            "tar -tzf {{ steps.pick-source.outputs.archive }} {{ params.dir }}",
+            Quoting::Shell,
+            &index_of,
+        )
+        .unwrap();
+        let mut context = Context::new();
+        context
+            .param("dir", &serde_json::json!("/srv"))
+            .outputs(0, &serde_json::json!({"other": "x"}));
+        let err = template.render(&context).unwrap_err();
+        assert_eq!(
+            err.message,
+            "`steps.pick-source.outputs.archive` is not set"
+        );
+        let (when, _) = Expr::compile("params.missing == 1", &index_of).unwrap();
+        assert_eq!(
+            when.is_true(&context).unwrap_err().message,
+            "`params.missing` is not set"
+        );
     }
 
     #[test]

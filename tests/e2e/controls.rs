@@ -716,3 +716,46 @@ fn mark_resolves_a_failed_step_by_hand_and_resume_uses_its_outputs() {
         "{marked:?}"
     );
 }
+
+/// A step marked succeeded without the outputs it declares is refused (exit 2, naming them), since
+/// the steps after it would fail on them; `--allow-missing-outputs` marks it anyway, and the resume
+/// then fails naming the value that is not set.
+#[test]
+fn mark_without_declared_outputs_is_refused_and_a_missing_value_is_named() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: manual\nsteps:\n  - id: dump\n    outputs: [archive, size]\n    run: exit 1\n  - id: verify\n    needs: [dump]\n    run: tar -tzf {{ steps.dump.outputs.archive }}\n",
+    );
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(1));
+    let mark = |extra: &[&str]| {
+        let mut args = vec!["mark", "1", "dump", "--succeeded", "--reason", "by hand"];
+        args.extend_from_slice(extra);
+        sandbox.cairn(&args)
+    };
+    let out = mark(&["--output", "size=10"]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("declares the output(s) `archive` that no `--output` gives"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        task(&sandbox.show(1), "dump")["status"],
+        "failed",
+        "nothing marked"
+    );
+    let out = mark(&["--allow-missing-outputs"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let out = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    let show = sandbox.show(1);
+    let error = task(&show, "verify")["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("`steps.dump.outputs.archive` is not set"),
+        "{show}"
+    );
+}

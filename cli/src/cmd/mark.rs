@@ -26,6 +26,9 @@ pub struct Args {
     /// An output the step would have published, `KEY=VALUE` (repeatable).
     #[arg(long = "output", value_name = "KEY=VALUE")]
     outputs: Vec<String>,
+    /// Mark it succeeded without every output the step declares (when nothing after it uses them).
+    #[arg(long)]
+    allow_missing_outputs: bool,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -60,6 +63,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         status,
         outputs,
         args.reason.clone(),
+        args.allow_missing_outputs,
     ))?;
     crate::output::diagnostic(&format!(
         "op {op}: `{}` marked {status}; `cairn resume {op}` goes on from there\n",

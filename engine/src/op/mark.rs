@@ -8,11 +8,12 @@ use store::Request;
 use store::Store;
 use store::TaskStatus;
 
-use super::{Error, dead_owner_or_refuse, find_task, read_op, whoami};
+use super::{Error, dead_owner_or_refuse, find_task, read_op, snapshot_plan, whoami};
 use crate::owner::now;
 
 /// Resolves a step by hand: succeeded (with outputs) or skipped, with who and why. Refused while a
-/// live process runs the op; the next `resume` goes on from there.
+/// live process runs the op, and (unless `allow_missing_outputs`) when a step marked succeeded is
+/// not given every output it declares; the next `resume` goes on from there.
 pub async fn mark(
     store: &Store,
     op: OpId,
@@ -20,6 +21,7 @@ pub async fn mark(
     status: TaskStatus,
     outputs: Map<String, Value>,
     reason: String,
+    allow_missing_outputs: bool,
 ) -> Result<(), Error> {
     let reader = store.reader()?;
     let row = read_op(&reader, op)?;
@@ -30,6 +32,9 @@ pub async fn mark(
         });
     }
     let task = find_task(&reader, op, step)?;
+    if status == TaskStatus::Succeeded && !allow_missing_outputs {
+        refuse_missing_outputs(&reader, op, &task, &outputs)?;
+    }
     let dead_owner = dead_owner_or_refuse(store, &row)?;
     let request = Request {
         by: whoami(),
@@ -48,4 +53,34 @@ pub async fn mark(
         .await
         .map_err(Error::from_store)?;
     Ok(())
+}
+
+/// Refuses a step marked succeeded without every output it declares: the steps after it would fail
+/// on the first template that uses one.
+fn refuse_missing_outputs(
+    reader: &store::Reader,
+    op: OpId,
+    task: &store::TaskRow,
+    given: &Map<String, Value>,
+) -> Result<(), Error> {
+    let plan = snapshot_plan(reader, op)?;
+    let declared = plan
+        .steps
+        .iter()
+        .find(|s| s.id == task.step)
+        .and_then(|s| s.outputs.clone())
+        .unwrap_or_default();
+    let missing: Vec<String> = declared
+        .iter()
+        .filter(|key| !given.contains_key(key.as_str()))
+        .map(|key| format!("`{key}`"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Refused(format!(
+        "op {op}: step `{}` declares the output(s) {} that no `--output` gives; the steps after it use them: give each with `--output KEY=VALUE`, or add `--allow-missing-outputs` if nothing needs them",
+        task.step,
+        missing.join(", ")
+    )))
 }
