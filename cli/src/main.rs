@@ -25,7 +25,8 @@ struct Cli {
     #[command(flatten)]
     _db: db::DbArgs,
     /// Print data as JSON, for the commands that print data (`status`, `show`, `validate`,
-    /// `locks`, `nodes`, `schedule list`); also taken after the subcommand.
+    /// `locks`, `nodes`, `schedule list`, `submit`, `run`, `resume`, `logs`, `graph`); also taken
+    /// after the subcommand.
     #[arg(id = "json", long, global = true)]
     _json: bool,
     /// Without one, `cairn` prints its help.

@@ -230,3 +230,61 @@ fn a_failed_op_that_keeps_its_lock_says_how_to_release_it() {
     assert_eq!(code(&out), Some(1));
     assert!(!stderr(&out).contains("lock"), "{}", stderr(&out));
 }
+
+/// Every command that takes `--json` honours it: `submit` prints `{id, uuid}`, `run` and `resume`
+/// the op's record once it ends (as `show --json`), `logs` one object per line of output, `graph`
+/// the steps and their edges; before or after the subcommand alike.
+#[test]
+fn json_is_honoured_by_submit_run_resume_logs_and_graph() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: j\nsteps:\n  - id: a\n    outputs: [x]\n    run: |\n      echo hi\n      echo oops >&2\n      echo x=1 >> \"$CAIRN_OUTPUT\"\n  - id: b\n    needs: [a]\n    run: test -e go\n",
+    );
+    let json = |args: &[&str]| -> Vec<serde_json::Value> {
+        let out = sandbox.cairn(args);
+        assert!(
+            matches!(code(&out), Some(0 | 1)),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        serde_json::Deserializer::from_slice(&out.stdout)
+            .into_iter::<serde_json::Value>()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let submitted = json(&["submit", "plan.yaml", "--json"]);
+    assert_eq!(submitted[0]["id"], 1);
+    assert!(submitted[0]["uuid"].as_str().is_some_and(|u| u.len() == 36));
+    assert_eq!(json(&["--json", "submit", "plan.yaml"])[0]["id"], 2);
+
+    let ran = json(&["run", "plan.yaml", "--json"]);
+    assert_eq!(ran.len(), 1);
+    assert_eq!(
+        (&ran[0]["id"], &ran[0]["status"]),
+        (&3.into(), &"failed".into())
+    );
+    assert_eq!(ran[0]["tasks"][0]["outputs"]["x"], "1");
+    sandbox.write("go", "");
+    let resumed = json(&["resume", "3", "--json"]);
+    assert_eq!(resumed[0]["status"], "succeeded");
+
+    let lines = json(&["logs", "3", "a", "--json"]);
+    let texts: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| (l["stream"].as_str().unwrap(), l["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(texts, [("stdout", "hi"), ("stderr", "oops")]);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["task"] == "a" && l["attempt"] == 1 && l["time"].is_string())
+    );
+
+    let graph = json(&["graph", "plan.yaml", "--json"]);
+    assert_eq!(
+        graph[0]["edges"],
+        serde_json::json!([{"from": "a", "to": "b"}])
+    );
+    assert_eq!(graph[0]["nodes"][1]["needs"], serde_json::json!(["a"]));
+}

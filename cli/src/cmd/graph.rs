@@ -18,6 +18,10 @@ pub struct Args {
     /// How to draw it: `text` for a terminal, `dot` for Graphviz, `mermaid` for Markdown.
     #[arg(long, short, value_enum, default_value = "text")]
     format: GraphFormat,
+    /// Print the steps (`nodes`: id, kind, needs) and their dependencies (`edges`: from, to) as
+    /// JSON instead.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -35,6 +39,12 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
             return Err(Failure::Reported);
         }
     };
+    if args.json {
+        let mut text = serde_json::to_string_pretty(&graph_json(&plan)).context("cannot encode")?;
+        text.push('\n');
+        crate::output::data(&text).context("cannot write the graph")?;
+        return Ok(());
+    }
     let format = match args.format {
         GraphFormat::Text => Format::Text,
         GraphFormat::Dot => Format::Dot,
@@ -42,4 +52,31 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     };
     crate::output::data(&plans::graph::render(&plan, format)).context("cannot write the graph")?;
     Ok(())
+}
+
+/// The plan's DAG as JSON: each step with its kind and needs, and one edge per need.
+fn graph_json(plan: &plans::model::Plan) -> serde_json::Value {
+    let id = |i: &usize| plan.steps[*i].id.clone();
+    let nodes: Vec<serde_json::Value> = plan
+        .steps
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "id": s.id,
+                "kind": s.action.kind(),
+                "needs": s.needs.iter().map(id).collect::<Vec<_>>(),
+                "for_each": s.for_each.is_some(),
+            })
+        })
+        .collect();
+    let edges: Vec<serde_json::Value> = plan
+        .steps
+        .iter()
+        .flat_map(|s| {
+            s.needs
+                .iter()
+                .map(move |n| serde_json::json!({"from": id(n), "to": s.id}))
+        })
+        .collect();
+    serde_json::json!({"plan": plan.name, "nodes": nodes, "edges": edges})
 }

@@ -20,6 +20,10 @@ pub struct Args {
     /// Keep printing new output until the op stops running.
     #[arg(long, short)]
     follow: bool,
+    /// One JSON object per line of output: `task`, `attempt`, `stream` (`stdout`, `stderr`),
+    /// `time`, `text`.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -84,6 +88,12 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             if seen.get(&key).is_some_and(|&last| chunk.seq <= last) {
                 continue;
             }
+            if args.json {
+                seen.insert(key, chunk.seq);
+                crate::output::data(&json_lines(&name(chunk.task_no), &chunk))
+                    .context("cannot write")?;
+                continue;
+            }
             if current != Some(key) {
                 current = Some(key);
                 let dropped = if chunk.seq > 1 && !seen.contains_key(&key) {
@@ -109,4 +119,28 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         std::thread::sleep(Duration::from_millis(250));
         row = reader.op(op)?;
     }
+}
+
+/// A chunk of output as JSON lines, one per line of text (a last line without its newline too).
+fn json_lines(task: &str, chunk: &store::LogChunk) -> String {
+    let text = String::from_utf8_lossy(&chunk.data);
+    let stream = if chunk.stream == 2 {
+        "stderr"
+    } else {
+        "stdout"
+    };
+    let time = engine::time::rfc3339(chunk.at);
+    let mut out = String::new();
+    for line in text.split_inclusive('\n') {
+        let object = serde_json::json!({
+            "task": task,
+            "attempt": chunk.attempt,
+            "stream": stream,
+            "time": time,
+            "text": line.strip_suffix('\n').unwrap_or(line),
+        });
+        out.push_str(&object.to_string());
+        out.push('\n');
+    }
+    out
 }

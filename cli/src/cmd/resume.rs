@@ -20,6 +20,10 @@ use crate::output::Output;
 /// snapshot is printed, and nothing changes without `--accept-plan-change`. A change to a step
 /// that already succeeded is refused unless `--rerun-changed` (then it and what is downstream of
 /// it run again). The old snapshot is kept, named in the op's events.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent command-line switches"
+)]
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The op's id.
@@ -41,6 +45,9 @@ pub struct Args {
     rerun_changed: bool,
     #[command(flatten)]
     run: RunArgs,
+    /// When the op ends, print its record on stdout, as `cairn show --json` does.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -99,6 +106,5 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
             stop,
         )
     })?;
-    let lock = crate::exit::held_lock(&store, op, &end);
-    crate::exit::of_run(&end, op, lock.as_deref())
+    crate::cmd::run::finish(&store, &args.db, op, &end, args.json)
 }

@@ -20,6 +20,10 @@ pub struct Args {
     plan: PlanArgs,
     #[command(flatten)]
     run: RunArgs,
+    /// When the op ends, print its record on stdout, as `cairn show --json` does (id, status,
+    /// tasks with their outputs, events).
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -163,8 +167,24 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
             stop,
         )
     })?;
-    let lock = crate::exit::held_lock(&store, op, &end);
-    crate::exit::of_run(&end, op, lock.as_deref())
+    finish(&store, &args.db, op, &end, args.json)
+}
+
+/// The end of `run` or `resume` of `op`: its record on stdout when `json`, then its exit code.
+pub fn finish(
+    store: &store::Store,
+    db: &DbArgs,
+    op: store::OpId,
+    end: &engine::RunEnd,
+    json: bool,
+) -> Result<(), Failure> {
+    if json {
+        let reader = store.reader().context("cannot read the op")?;
+        let row = reader.op(op).context("cannot read the op")?;
+        crate::cmd::show::print_record(&reader, &row, db.rule()?, engine::owner::now())?;
+    }
+    let lock = crate::exit::held_lock(store, op, end);
+    crate::exit::of_run(end, op, lock.as_deref())
 }
 
 /// Runs an op-running future on the runtime, with Ctrl-C, SIGTERM and SIGHUP turned into a clean

@@ -72,63 +72,16 @@ fn in_step_order(tasks: Vec<TaskRow>) -> Vec<TaskRow> {
     ordered
 }
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "prints the sections of `show` in order; each is a few lines"
-)]
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     let (reader, row) = crate::db::read_op(&args.db, op)?;
-    let tasks = in_step_order(reader.tasks(op)?);
-    let attempts = reader.attempts(op)?;
-    let events = reader.events(op)?;
     let now = engine::owner::now();
     let rule = args.db.rule()?;
-    let time = |t: Option<i64>| t.map(engine::time::rfc3339);
     if args.json {
-        let mut object = op_json(&row, rule, now);
-        object["params"] = shown_params(&row.params);
-        object["children"] = reader
-            .children(op)?
-            .iter()
-            .map(|c| json!({"id": c.id.0, "plan": c.plan, "status": rule.shown_status(c, now).as_str()}))
-            .collect();
-        object["tasks"] = tasks
-            .iter()
-            .map(|t| {
-                json!({
-                    "id": t.name,
-                    "step": t.step,
-                    "item": if is_item(t) { t.item.clone() } else { None },
-                    "items": if is_item(t) { None } else { t.item.clone() },
-                    "status": t.status.as_str(),
-                    "attempts": t.attempts,
-                    "started_at": time(t.started_at),
-                    "ended_at": time(t.ended_at),
-                    "exit_code": t.exit_code,
-                    "error": t.error,
-                    "outputs": t.outputs,
-                    "by_check": t.by_check,
-                    "history": attempts.iter().filter(|a| a.task_no == t.task_no).map(|a| json!({
-                        "attempt": a.n,
-                        "status": a.status.as_str(),
-                        "started_at": engine::time::rfc3339(a.started_at),
-                        "ended_at": time(a.ended_at),
-                        "exit_code": a.exit_code,
-                        "error": a.error,
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        object["events"] = events
-            .iter()
-            .map(|e| json!({"at": engine::time::rfc3339(e.at), "kind": e.kind, "task": e.task, "message": e.message}))
-            .collect();
-        let mut text = serde_json::to_string_pretty(&object).context("cannot encode")?;
-        text.push('\n');
-        crate::output::data(&text).context("cannot write")?;
-        return Ok(());
+        return print_record(&reader, &row, rule, now);
     }
+    let tasks = in_step_order(reader.tasks(op)?);
+    let events = reader.events(op)?;
     let summary = op_json(&row, rule, now);
     let mut text = String::new();
     writeln!(text, "op {}  {}  {}", row.id, row.plan, row.title).ok();
@@ -261,6 +214,76 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         )
         .ok();
     }
+    crate::output::data(&text).context("cannot write")?;
+    Ok(())
+}
+
+/// An op as `show --json` prints it (and `run --json`, `resume --json` once it ends): its record,
+/// params (secrets masked), children, tasks with their attempts and outputs, events.
+pub fn record(
+    reader: &store::Reader,
+    row: &store::OpRow,
+    rule: engine::owner::Rule,
+    now: i64,
+) -> anyhow::Result<Value> {
+    let op = row.id;
+    let tasks = in_step_order(reader.tasks(op)?);
+    let attempts = reader.attempts(op)?;
+    let events = reader.events(op)?;
+    let time = |t: Option<i64>| t.map(engine::time::rfc3339);
+    let mut object = op_json(row, rule, now);
+    object["params"] = shown_params(&row.params);
+    object["children"] = reader
+        .children(op)?
+        .iter()
+        .map(
+            |c| json!({"id": c.id.0, "plan": c.plan, "status": rule.shown_status(c, now).as_str()}),
+        )
+        .collect();
+    object["tasks"] = tasks
+        .iter()
+        .map(|t| {
+            json!({
+                "id": t.name,
+                "step": t.step,
+                "item": if is_item(t) { t.item.clone() } else { None },
+                "items": if is_item(t) { None } else { t.item.clone() },
+                "status": t.status.as_str(),
+                "attempts": t.attempts,
+                "started_at": time(t.started_at),
+                "ended_at": time(t.ended_at),
+                "exit_code": t.exit_code,
+                "error": t.error,
+                "outputs": t.outputs,
+                "by_check": t.by_check,
+                "history": attempts.iter().filter(|a| a.task_no == t.task_no).map(|a| json!({
+                    "attempt": a.n,
+                    "status": a.status.as_str(),
+                    "started_at": engine::time::rfc3339(a.started_at),
+                    "ended_at": time(a.ended_at),
+                    "exit_code": a.exit_code,
+                    "error": a.error,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    object["events"] = events
+        .iter()
+        .map(|e| json!({"at": engine::time::rfc3339(e.at), "kind": e.kind, "task": e.task, "message": e.message}))
+        .collect();
+    Ok(object)
+}
+
+/// Prints [`record`] as pretty JSON on stdout.
+pub fn print_record(
+    reader: &store::Reader,
+    row: &store::OpRow,
+    rule: engine::owner::Rule,
+    now: i64,
+) -> Result<(), Failure> {
+    let object = record(reader, row, rule, now)?;
+    let mut text = serde_json::to_string_pretty(&object).context("cannot encode")?;
+    text.push('\n');
     crate::output::data(&text).context("cannot write")?;
     Ok(())
 }

@@ -16,6 +16,9 @@ use crate::output::Output;
 pub struct Args {
     #[command(flatten)]
     plan: PlanArgs,
+    /// Print `{"id": N, "uuid": "..."}` instead of the id alone.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -25,6 +28,12 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let store = args.db.store()?;
     let runtime = crate::runtime()?;
     let op = runtime.block_on(engine::op::submit(&store, new, None))?;
-    crate::output::data(&format!("{op}\n")).context("cannot write")?;
+    let text = if args.json {
+        let uuid = store.reader()?.op(op)?.uuid;
+        format!("{}\n", serde_json::json!({"id": op.0, "uuid": uuid}))
+    } else {
+        format!("{op}\n")
+    };
+    crate::output::data(&text).context("cannot write")?;
     Ok(())
 }
