@@ -288,3 +288,72 @@ fn json_is_honoured_by_submit_run_resume_logs_and_graph() {
     );
     assert_eq!(graph[0]["nodes"][1]["needs"], serde_json::json!(["a"]));
 }
+
+/// `logs` picks what to read: `--tail N` lines of each attempt, `--attempt N`, `--since` (a
+/// duration back, or a time), `--timestamps`; a log cut at `log_limit` starts at a line.
+#[test]
+fn logs_take_tail_attempt_since_and_timestamps_and_a_cut_log_starts_at_a_line() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: l\nsteps:\n  - id: a\n    retry: { attempts: 2, delay: 1s }\n    run: |\n      for i in 1 2 3 4 5; do echo \"line $i\"; done\n      test -e ok || { touch ok; exit 1; }\n  - id: big\n    needs: [a]\n    log_limit: 1KiB\n    run: |\n      for i in $(seq 1 300); do echo \"line number $i of the output\"; done\n",
+    );
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let logs = |args: &[&str]| {
+        let mut all = vec!["logs", "1"];
+        all.extend_from_slice(args);
+        let out = sandbox.cairn(&all);
+        assert_eq!(code(&out), Some(0), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(
+        logs(&["a", "--tail", "2"]),
+        "==> a (attempt 1) <==\nline 4\nline 5\n==> a (attempt 2) <==\nline 4\nline 5\n"
+    );
+    assert_eq!(
+        logs(&["a", "--attempt", "2", "--tail", "1"]),
+        "==> a (attempt 2) <==\nline 5\n"
+    );
+    let stamped = logs(&["a", "--attempt", "1", "--tail", "1", "--timestamps"]);
+    let line = stamped.lines().nth(1).unwrap();
+    assert!(
+        line.ends_with(" line 5") && line.len() == "2026-12-03 13:18:04 line 5".len(),
+        "{stamped}"
+    );
+    assert_eq!(logs(&["a", "--since", "2099-01-01T00:00:00Z"]), "");
+    assert_eq!(
+        logs(&["a", "--since", "1h", "--attempt", "1"])
+            .lines()
+            .count(),
+        6
+    );
+    let bad = sandbox.cairn(&["logs", "1", "--since", "yesterday"]);
+    assert_eq!(code(&bad), Some(2));
+    // One write over the limit keeps its end, from the start of a line.
+    let big = logs(&["big"]);
+    let first = big.lines().nth(1).unwrap();
+    assert!(
+        first.starts_with("line number ") && first.ends_with(" of the output"),
+        "{big}"
+    );
+    assert!(big.ends_with("line number 300 of the output\n"), "{big}");
+    // An event says an exit code once.
+    let failed: Vec<String> = sandbox.show(1)["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "task-failed" || e["kind"] == "task-retrying")
+        .map(|e| e["message"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|m| m.ends_with("attempt 1 failed, exit code 1")),
+        "{failed:?}"
+    );
+    assert!(
+        failed.iter().all(|m| !m.contains(": exit code")),
+        "{failed:?}"
+    );
+}

@@ -1,5 +1,7 @@
 //! `cairn logs`: what steps printed, attempt by attempt.
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -24,6 +26,18 @@ pub struct Args {
     /// `time`, `text`.
     #[arg(long)]
     json: bool,
+    /// Only the last N lines of each attempt's output (then, with `--follow`, what comes).
+    #[arg(long, value_name = "N")]
+    tail: Option<usize>,
+    /// Only output written since then: a duration back from now (`10m`) or a time (RFC 3339).
+    #[arg(long, value_name = "DURATION|TIME", value_parser = since)]
+    since: Option<Since>,
+    /// Only attempt N of each task.
+    #[arg(long, value_name = "N")]
+    attempt: Option<u32>,
+    /// Start each line with the time it was written.
+    #[arg(long)]
+    timestamps: bool,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -73,46 +87,67 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             .to_owned()
     };
     // Parallel tasks write at the same time: follow each (task, attempt) with its own cursor.
-    let mut seen: std::collections::HashMap<(TaskNo, u32), i64> = std::collections::HashMap::new();
+    let mut seen: HashMap<(TaskNo, u32), i64> = HashMap::new();
     let mut current: Option<(TaskNo, u32)> = None;
+    let since = args.since.map(|s| s.at(engine::owner::now()));
+    let mut first_read = true;
     let mut row = row;
     loop {
+        let mut lines = Vec::new();
         for chunk in reader.logs(op, task, None)? {
-            if wanted
+            let key = (chunk.task_no, chunk.attempt);
+            let wanted_task = wanted
                 .as_ref()
-                .is_some_and(|set| !set.contains(&chunk.task_no))
+                .is_none_or(|set| set.contains(&chunk.task_no));
+            let wanted_attempt = args.attempt.is_none_or(|n| n == chunk.attempt);
+            if !wanted_task
+                || !wanted_attempt
+                || seen.get(&key).is_some_and(|&last| chunk.seq <= last)
             {
                 continue;
             }
-            let key = (chunk.task_no, chunk.attempt);
-            if seen.get(&key).is_some_and(|&last| chunk.seq <= last) {
-                continue;
-            }
+            // The first chunk kept after older ones were dropped over `log_limit`.
+            let cut = chunk.seq > 1 && !seen.contains_key(&key);
+            seen.insert(key, chunk.seq);
+            lines.extend(split_lines(&chunk, cut));
+        }
+        lines.retain(|l| since.is_none_or(|at| l.at >= at));
+        if first_read && let Some(n) = args.tail {
+            lines = last_lines(lines, n);
+        }
+        first_read = false;
+        let mut text = String::new();
+        for line in &lines {
+            let key = (line.task_no, line.attempt);
             if args.json {
-                seen.insert(key, chunk.seq);
-                crate::output::data(&json_lines(&name(chunk.task_no), &chunk))
-                    .context("cannot write")?;
+                text.push_str(&line.json(&name(line.task_no)));
                 continue;
             }
             if current != Some(key) {
                 current = Some(key);
-                let dropped = if chunk.seq > 1 && !seen.contains_key(&key) {
+                let dropped = if line.cut {
                     " (earlier output dropped: over `log_limit`)"
                 } else {
                     ""
                 };
-                crate::output::data(&format!(
-                    "==> {} (attempt {}){dropped} <==\n",
-                    name(chunk.task_no),
-                    chunk.attempt
-                ))
-                .context("cannot write")?;
+                writeln!(
+                    text,
+                    "==> {} (attempt {}){dropped} <==",
+                    name(line.task_no),
+                    line.attempt
+                )
+                .ok();
             }
-            seen.insert(key, chunk.seq);
-            let mut std_out = std::io::stdout().lock();
-            std::io::Write::write_all(&mut std_out, &chunk.data).context("cannot write")?;
-            std::io::Write::flush(&mut std_out).context("cannot write")?;
+            if args.timestamps {
+                text.push_str(&engine::time::local(line.at));
+                text.push(' ');
+            }
+            text.push_str(&line.text);
         }
+        let mut std_out = std::io::stdout().lock();
+        std::io::Write::write_all(&mut std_out, text.as_bytes()).context("cannot write")?;
+        std::io::Write::flush(&mut std_out).context("cannot write")?;
+        drop(std_out);
         if !args.follow || rule.shown_status(&row, engine::owner::now()).is_ended() {
             return Ok(());
         }
@@ -121,26 +156,86 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     }
 }
 
-/// A chunk of output as JSON lines, one per line of text (a last line without its newline too).
-fn json_lines(task: &str, chunk: &store::LogChunk) -> String {
-    let text = String::from_utf8_lossy(&chunk.data);
-    let stream = if chunk.stream == 2 {
-        "stderr"
-    } else {
-        "stdout"
-    };
-    let time = engine::time::rfc3339(chunk.at);
-    let mut out = String::new();
-    for line in text.split_inclusive('\n') {
+/// `--since`: a duration back from now, or a time.
+#[derive(Debug, Clone, Copy)]
+enum Since {
+    Ago(Duration),
+    At(i64),
+}
+
+impl Since {
+    /// The time it names, in milliseconds since the epoch, at `now`.
+    fn at(self, now: i64) -> i64 {
+        match self {
+            Self::Ago(d) => now - i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+            Self::At(at) => at,
+        }
+    }
+}
+
+fn since(text: &str) -> Result<Since, String> {
+    plans::units::parse_duration(text)
+        .map(Since::Ago)
+        .or_else(|_| engine::time::parse_rfc3339(text).map(Since::At))
+        .map_err(|_| {
+            format!("`{text}` is neither a duration (`10m`) nor a time (`2026-12-03T02:00:00Z`)")
+        })
+}
+
+/// One line of a step's output (with its newline, when it had one), and where it came from.
+struct Line {
+    task_no: TaskNo,
+    attempt: u32,
+    stream: u8,
+    at: i64,
+    text: String,
+    /// The first line after output dropped over `log_limit`.
+    cut: bool,
+}
+
+impl Line {
+    fn json(&self, task: &str) -> String {
         let object = serde_json::json!({
             "task": task,
-            "attempt": chunk.attempt,
-            "stream": stream,
-            "time": time,
-            "text": line.strip_suffix('\n').unwrap_or(line),
+            "attempt": self.attempt,
+            "stream": if self.stream == 2 { "stderr" } else { "stdout" },
+            "time": engine::time::rfc3339(self.at),
+            "text": self.text.strip_suffix('\n').unwrap_or(&self.text),
         });
-        out.push_str(&object.to_string());
-        out.push('\n');
+        format!("{object}\n")
     }
-    out
+}
+
+/// A chunk's lines; `cut`: the chunk follows output dropped over `log_limit`.
+fn split_lines(chunk: &store::LogChunk, cut: bool) -> Vec<Line> {
+    String::from_utf8_lossy(&chunk.data)
+        .split_inclusive('\n')
+        .enumerate()
+        .map(|(i, line)| Line {
+            task_no: chunk.task_no,
+            attempt: chunk.attempt,
+            stream: chunk.stream,
+            at: chunk.at,
+            text: line.to_owned(),
+            cut: cut && i == 0,
+        })
+        .collect()
+}
+
+/// The last `n` lines of each attempt, in their order.
+fn last_lines(lines: Vec<Line>, n: usize) -> Vec<Line> {
+    let mut count: HashMap<(TaskNo, u32), usize> = HashMap::new();
+    for line in &lines {
+        *count.entry((line.task_no, line.attempt)).or_default() += 1;
+    }
+    let mut index: HashMap<(TaskNo, u32), usize> = HashMap::new();
+    lines
+        .into_iter()
+        .filter(|line| {
+            let key = (line.task_no, line.attempt);
+            let i = index.entry(key).or_default();
+            *i += 1;
+            *i + n > count[&key]
+        })
+        .collect()
 }

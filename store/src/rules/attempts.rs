@@ -236,8 +236,17 @@ fn end_of(outcome: &Outcome, at: Millis) -> End<'_> {
     }
 }
 
-/// The last `limit` bytes of `data`: one write larger than a log's limit keeps its end.
+/// The end of `data` within `limit` bytes: one write larger than a log's limit keeps its end, from
+/// the start of a line (the part of a line whose start is gone is left out too), or the last
+/// `limit` bytes when they hold no line break.
 fn tail(data: &[u8], limit: u64) -> &[u8] {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    &data[data.len().saturating_sub(limit)..]
+    if data.len() <= limit {
+        return data;
+    }
+    let kept = &data[data.len() - limit..];
+    match kept.iter().position(|&b| b == b'\n') {
+        Some(end) if end + 1 < kept.len() => &kept[end + 1..],
+        _ => kept,
+    }
 }

@@ -55,7 +55,13 @@ pub(crate) fn attempt_end(n: u32, outcome: &Outcome) -> (EventKind, String) {
     if let Some(code) = outcome.exit_code {
         write!(message, ", exit code {code}").ok();
     }
-    if let Some(error) = &outcome.error {
+    // An error that only repeats the exit code says nothing more.
+    let repeats = |error: &str| {
+        outcome
+            .exit_code
+            .is_some_and(|code| error == format!("exit code {code}"))
+    };
+    if let Some(error) = outcome.error.as_deref().filter(|e| !repeats(e)) {
         write!(message, ": {error}").ok();
     }
     (EventKind::attempt(outcome.attempt), message)
