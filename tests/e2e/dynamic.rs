@@ -428,6 +428,88 @@ fn resuming_with_an_edited_plan_shows_the_diff_and_guards_done_work() {
     assert_eq!(again, vec!["a", "b", "c 2", "d"]);
 }
 
+const SCRIPTED: &str = r"
+name: scripted
+steps:
+  - id: build
+    run: |
+      echo build >> runs
+      echo compiling
+      exit 3
+  - id: report
+    needs: [build]
+    timeout: 10s
+    run: echo report >> runs
+";
+
+#[test]
+fn resuming_with_an_edited_plan_shows_what_changed_in_each_step() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", SCRIPTED);
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(1));
+    // One line of the script changed and one added; the other step's timeout changed.
+    let edited = SCRIPTED
+        .replace("      exit 3\n", "      echo fixed >> runs\n      exit 0\n")
+        .replace("timeout: 10s", "timeout: 20s");
+    sandbox.write("edited.yaml", &edited);
+    let out = sandbox.cairn(&["resume", "1", "--plan", "edited.yaml"]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "  ~ step build
+      run:
+        @@ -1,3 +1,4 @@
+         echo build >> runs
+         echo compiling
+        -exit 3
+        +echo fixed >> runs
+        +exit 0
+  ~ step report
+      timeout: 10s → 20s
+"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("--accept-plan-change"), "{err}");
+    assert!(!err.contains('\x1b'), "plain text: {err}");
+    // Nothing changed until accepted.
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "failed");
+    assert!(events(&show).iter().all(|(kind, _)| kind != "plan-changed"));
+    assert_eq!(lines(&sandbox, "runs"), vec!["build"]);
+
+    let out = sandbox.cairn(&[
+        "resume",
+        "1",
+        "--plan",
+        "edited.yaml",
+        "--accept-plan-change",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("timeout: 10s → 20s"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        lines(&sandbox, "runs"),
+        vec!["build", "build", "fixed", "report"]
+    );
+    // The op's events keep the one-line summary.
+    let changed: Vec<String> = events(&sandbox.show(1))
+        .into_iter()
+        .filter(|(kind, _)| kind == "plan-changed")
+        .map(|(_, m)| m)
+        .collect();
+    assert_eq!(changed.len(), 1);
+    assert!(
+        changed[0].contains("~ step build; ~ step report") && !changed[0].contains("exit"),
+        "{}",
+        changed[0]
+    );
+}
+
 #[test]
 fn a_failed_op_with_failure_hooks_runs_its_failed_step_again_on_resume() {
     let sandbox = Sandbox::new();
