@@ -511,6 +511,40 @@ fn resuming_with_an_edited_plan_shows_what_changed_in_each_step() {
 }
 
 #[test]
+fn resuming_with_an_edited_sub_plan_shows_its_line_diff_under_the_step() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "parent.yaml",
+        "name: parent\nsteps:\n  - id: sub\n    plan: ./child.yaml\n    with: { who: me }\n  - id: after\n    needs: [sub]\n    run: test -e fixed\n",
+    );
+    sandbox.write(
+        "child.yaml",
+        "name: child\nparams:\n  who: { type: string }\nsteps:\n  - id: hi\n    run: echo hi\n",
+    );
+    assert_eq!(code(&sandbox.cairn(&["run", "parent.yaml"])), Some(1));
+    sandbox.write(
+        "child.yaml",
+        "name: child\nparams:\n  who: { type: string }\nsteps:\n  - id: hi\n    run: echo hello\n",
+    );
+    let out = sandbox.cairn(&["resume", "1", "--plan", "parent.yaml"]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "  ~ step sub
+      ./child.yaml (the sub-plan's text):
+        @@ -4,3 +4,3 @@
+         steps:
+           - id: hi
+        -    run: echo hi
+        +    run: echo hello
+"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn a_failed_op_with_failure_hooks_runs_its_failed_step_again_on_resume() {
     let sandbox = Sandbox::new();
     sandbox.write(
