@@ -118,7 +118,7 @@ impl FieldChange {
         }
         let (before, after) = (block(old), block(new));
         if before == after {
-            let _ = writeln!(out, "      {path}: only the whitespace at its end differs");
+            let _ = writeln!(out, "      {path}: only its final newlines differ");
             return;
         }
         let _ = writeln!(out, "      {path}:");
@@ -142,8 +142,12 @@ impl FieldChange {
                         similar::ChangeTag::Equal => ' ',
                     };
                     let line = change.value().trim_end_matches(['\n', '\r']);
-                    let line = format!("        {mark}{line}");
-                    let _ = writeln!(out, "{}", line.trim_end());
+                    if line.is_empty() {
+                        // No trailing blanks after an empty line's mark.
+                        let _ = writeln!(out, "{}", format!("        {mark}").trim_end());
+                    } else {
+                        let _ = writeln!(out, "        {mark}{line}");
+                    }
                 }
             }
         }
@@ -192,7 +196,7 @@ fn block(value: Option<&Value>) -> String {
         Some(v) => serde_saphyr::to_string(v)
             .unwrap_or_else(|_| serde_json::to_string_pretty(v).unwrap_or_default()),
     };
-    let trimmed = text.trim_end().len();
+    let trimmed = text.trim_end_matches(['\n', '\r']).len();
     text.truncate(trimmed);
     if !text.is_empty() {
         text.push('\n');
@@ -486,6 +490,21 @@ mod tests {
         +    echo page someone
         +    echo twice
 "
+        );
+    }
+
+    #[test]
+    fn a_line_diff_keeps_a_lines_trailing_blanks_and_adds_none() {
+        let mut out = String::new();
+        FieldChange {
+            path: "run".into(),
+            old: Some(Value::from("echo a\n\necho b\n")),
+            new: Some(Value::from("echo a\n\necho b  \n")),
+        }
+        .render(&mut out);
+        assert_eq!(
+            out,
+            "      run:\n        @@ -1,3 +1,3 @@\n         echo a\n\n        -echo b\n        +echo b  \n"
         );
     }
 }
