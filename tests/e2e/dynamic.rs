@@ -428,6 +428,122 @@ fn resuming_with_an_edited_plan_shows_the_diff_and_guards_done_work() {
     assert_eq!(again, vec!["a", "b", "c 2", "d"]);
 }
 
+const SCRIPTED: &str = r"
+name: scripted
+steps:
+  - id: build
+    run: |
+      echo build >> runs
+      echo compiling
+      exit 3
+  - id: report
+    needs: [build]
+    timeout: 10s
+    run: echo report >> runs
+";
+
+#[test]
+fn resuming_with_an_edited_plan_shows_what_changed_in_each_step() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", SCRIPTED);
+    assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(1));
+    // One line of the script changed and one added; the other step's timeout changed.
+    let edited = SCRIPTED
+        .replace("      exit 3\n", "      echo fixed >> runs\n      exit 0\n")
+        .replace("timeout: 10s", "timeout: 20s");
+    sandbox.write("edited.yaml", &edited);
+    let out = sandbox.cairn(&["resume", "1", "--plan", "edited.yaml"]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "  ~ step build
+      run:
+        @@ -1,3 +1,4 @@
+         echo build >> runs
+         echo compiling
+        -exit 3
+        +echo fixed >> runs
+        +exit 0
+  ~ step report
+      timeout: 10s → 20s
+"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("--accept-plan-change"), "{err}");
+    assert!(!err.contains('\x1b'), "plain text: {err}");
+    // Nothing changed until accepted.
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "failed");
+    assert!(events(&show).iter().all(|(kind, _)| kind != "plan-changed"));
+    assert_eq!(lines(&sandbox, "runs"), vec!["build"]);
+
+    let out = sandbox.cairn(&[
+        "resume",
+        "1",
+        "--plan",
+        "edited.yaml",
+        "--accept-plan-change",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("timeout: 10s → 20s"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        lines(&sandbox, "runs"),
+        vec!["build", "build", "fixed", "report"]
+    );
+    // The op's events keep the one-line summary.
+    let changed: Vec<String> = events(&sandbox.show(1))
+        .into_iter()
+        .filter(|(kind, _)| kind == "plan-changed")
+        .map(|(_, m)| m)
+        .collect();
+    assert_eq!(changed.len(), 1);
+    assert!(
+        changed[0].contains("~ step build; ~ step report") && !changed[0].contains("exit"),
+        "{}",
+        changed[0]
+    );
+}
+
+#[test]
+fn resuming_with_an_edited_sub_plan_shows_its_line_diff_under_the_step() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "parent.yaml",
+        "name: parent\nsteps:\n  - id: sub\n    plan: ./child.yaml\n    with: { who: me }\n  - id: after\n    needs: [sub]\n    run: test -e fixed\n",
+    );
+    sandbox.write(
+        "child.yaml",
+        "name: child\nparams:\n  who: { type: string }\nsteps:\n  - id: hi\n    run: echo hi\n",
+    );
+    assert_eq!(code(&sandbox.cairn(&["run", "parent.yaml"])), Some(1));
+    sandbox.write(
+        "child.yaml",
+        "name: child\nparams:\n  who: { type: string }\nsteps:\n  - id: hi\n    run: echo hello\n",
+    );
+    let out = sandbox.cairn(&["resume", "1", "--plan", "parent.yaml"]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "  ~ step sub
+      ./child.yaml (the sub-plan's text):
+        @@ -4,3 +4,3 @@
+         steps:
+           - id: hi
+        -    run: echo hi
+        +    run: echo hello
+"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn a_failed_op_with_failure_hooks_runs_its_failed_step_again_on_resume() {
     let sandbox = Sandbox::new();

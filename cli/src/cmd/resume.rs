@@ -16,8 +16,9 @@ use crate::output::Output;
 /// process runs the op. With `--from STEP`, STEP and every step downstream of it run again even if
 /// they succeeded (the op may have succeeded); steps upstream of it are kept, never re-run.
 ///
-/// With `--plan FILE`, the op goes on with an edited plan: the step-level diff against the op's
-/// snapshot is printed, and nothing changes without `--accept-plan-change`. A change to a step
+/// With `--plan FILE`, the op goes on with an edited plan: the diff against the op's snapshot is
+/// printed (each step added, removed or changed, and the fields of a changed one: `timeout: 10s →
+/// 20s`, or a line diff of a script), and nothing changes without `--accept-plan-change`. A change to a step
 /// that already succeeded is refused unless `--rerun-changed` (then it and what is downstream of
 /// it run again). The old snapshot is kept, named in the op's events.
 #[allow(

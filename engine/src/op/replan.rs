@@ -58,8 +58,19 @@ pub fn plan_drift(reader: &Reader, op: OpId, replan: &Replan) -> Result<PlanDrif
             .map(|(_, t)| t);
         let after = replan.files.iter().find(|(k, _)| k == &key).map(|(_, t)| t);
         let id = &replan.plan.steps[i].id;
-        if before != after && old.step_index(id).is_some() && !drift.changed.contains(id) {
-            drift.changed.push(id.clone());
+        if before != after && old.step_index(id).is_some() {
+            if !drift.changed.contains(id) {
+                drift.changed.push(id.clone());
+            }
+            drift
+                .step_fields
+                .entry(id.clone())
+                .or_default()
+                .push(plans::drift::FieldChange {
+                    path: format!("{path} (the sub-plan's text)"),
+                    old: before.map(|t| Value::String(t.clone())),
+                    new: after.map(|t| Value::String(t.clone())),
+                });
         }
     }
     let tasks = reader.tasks(op)?;
@@ -209,7 +220,7 @@ impl Replanned<'_> {
         let (new_steps, _) = with_hooks(&new);
         let rows = self.reader.tasks(op)?;
         let (renumber, tasks) = renumber(&rows, &old_steps, &new_steps, new.steps.len());
-        let diff = drift.drift.render();
+        let diff = drift.drift.summary();
         // `--rerun-changed`: what runs again is reset in the same transaction as the new plan.
         let mut again: Vec<usize> = Vec::new();
         for id in &drift.kept_changed {
