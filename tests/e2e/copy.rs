@@ -284,7 +284,8 @@ fn a_sqlite_history_copied_to_postgres_reads_the_same_and_goes_on_there() {
         assert_eq!(count, there.len(), "{line}");
         assert_eq!(rows(&pg, &table, &columns, true), there, "table `{table}`");
     }
-    assert!(rows(&pg, "logs", &["data".to_owned()], true).len() > 2 * CHILDREN as usize);
+    // Two chunks (stdout, stderr) from each child that ran before the first failure (996).
+    assert!(rows(&pg, "logs", &["data".to_owned()], true).len() >= 2 * (CHILDREN as usize - 4));
 
     // What the commands print is the same, field for field.
     let after = seen(&pg);
