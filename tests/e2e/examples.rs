@@ -1,6 +1,6 @@
 //! The plans shipped in `examples/` are valid.
 
-use crate::support::{cairn_in, root, stderr};
+use crate::support::{cairn_in, root, stderr, stdout};
 
 #[test]
 fn every_example_plan_is_valid() {
@@ -169,4 +169,108 @@ fn the_follower_rebuild_example_runs_with_its_approval_and_sub_plan() {
     assert_eq!(restored.lines().count(), 3, "{restored}");
     let members = std::fs::read_to_string(sandbox.path().join("demo/xs-1/members")).unwrap();
     assert!(members.starts_with("pod-2 127.0.0.1:"), "{members}");
+}
+
+/// The README's quick start, run verbatim: each `$ ` line of its console blocks through `sh`, with
+/// `cairn` on `PATH` and a new default database (its own `XDG_STATE_HOME`), from the checkout; each
+/// line printed after it must appear in what the command printed, times, ids' digits and durations
+/// aside (`...` and `[...]` stand for what is left out).
+#[test]
+fn the_readme_quick_start_runs_as_written() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = readme
+        .split("\n## Quick start\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a Quick start section");
+    let mut transcript: Vec<(String, Vec<String>)> = Vec::new();
+    for block in section.split("```console\n").skip(1) {
+        let block = block.split("```").next().unwrap();
+        for line in block.lines() {
+            match line.strip_prefix("$ ") {
+                Some(command) => transcript.push((command.to_owned(), Vec::new())),
+                None => transcript.last_mut().unwrap().1.push(line.to_owned()),
+            }
+        }
+    }
+    assert!(transcript.len() >= 6, "{transcript:?}");
+    for dir in ["/tmp/cairn-qs-backups", "/tmp/cairn-quickstart"] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let state = tempfile::tempdir().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_cairn"))
+        .parent()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut last_code = None;
+    for (command, expected) in &transcript {
+        if command == "echo $?" {
+            // The previous command's exit code, as the transcript shows it.
+            assert_eq!(
+                last_code.map(|c: i32| c.to_string()).as_deref(),
+                expected.first().map(String::as_str),
+                "the exit code before `echo $?`"
+            );
+            continue;
+        }
+        let out = std::process::Command::new("sh")
+            .args(["-c", command])
+            .current_dir(root())
+            .env("PATH", &path)
+            .env("XDG_STATE_HOME", state.path())
+            .env_remove("CAIRN_DB")
+            .env_remove("CAIRN_SECRET_KEY_FILE")
+            .output()
+            .unwrap();
+        last_code = out.status.code();
+        let printed = format!("{}{}", stdout(&out), stderr(&out));
+        let printed: Vec<String> = printed.lines().map(normalized).collect();
+        for line in expected {
+            let wanted = normalized(line.split("[...]").next().unwrap());
+            if wanted.is_empty() || wanted == "..." {
+                continue;
+            }
+            assert!(
+                printed.iter().any(|p| p.starts_with(&wanted)),
+                "`{command}` did not print `{line}`; it printed:\n{}",
+                printed.join("\n")
+            );
+        }
+    }
+    for dir in ["/tmp/cairn-qs-backups", "/tmp/cairn-quickstart"] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// A line with what changes from run to run made alike: a token of digits, `:`, `-` and `.`
+/// (a time, a date) or a duration (`9ms`, `1m29s`) becomes `#`, other runs of digits `0`; spaces
+/// collapse.
+fn normalized(line: &str) -> String {
+    line.split_whitespace()
+        .map(|token| {
+            let timeish = token.starts_with(|c: char| c.is_ascii_digit())
+                && token
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ":-.mshµ".contains(c));
+            if timeish && token.chars().any(|c| !c.is_ascii_digit()) {
+                return "#".to_owned();
+            }
+            let mut out = String::new();
+            for c in token.chars() {
+                if c.is_ascii_digit() {
+                    if !out.ends_with('0') || out.is_empty() {
+                        out.push('0');
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
