@@ -5,80 +5,15 @@
 //! its own database `cairn_t_<unique>` and drops it at the end, even when it fails. What is
 //! committed is read back with SQL, on a connection of the test's own.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
-use postgres::{Client, NoTls};
 use store::{
     Applied, AttemptStatus, Change, Error, ErrorKind, EventKind, Location, NewOp, NewTask, OpId,
     OpStatus, Outcome, ProcessId, Snapshot, Store, TaskNo, TaskStatus,
 };
 
-const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+#[allow(dead_code, reason = "each test file uses a part of it")]
+mod pg;
 
-/// A database of this test's own, dropped (with any connection left to it) when this drops.
-struct Db {
-    name: String,
-}
-
-impl Db {
-    fn new() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!(
-            "cairn_t_{}_{}_{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        admin()
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .unwrap();
-        Self { name }
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
-    }
-
-    fn location(&self) -> Location {
-        Location::parse(&self.url())
-    }
-
-    fn open(&self) -> Store {
-        store::open(&self.location()).unwrap()
-    }
-
-    /// A connection of the test's own, to read what was committed.
-    fn sql(&self) -> Client {
-        Client::connect(
-            &format!(
-                "host=127.0.0.1 port=5432 user=postgres dbname={}",
-                self.name
-            ),
-            NoTls,
-        )
-        .unwrap()
-    }
-
-    fn count(&self, query: &str) -> i64 {
-        self.sql().query_one(query, &[]).unwrap().get(0)
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        let _ = admin().batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ));
-    }
-}
-
-fn admin() -> Client {
-    Client::connect(ADMIN, NoTls).unwrap()
-}
+use pg::Db;
 
 fn owner(pid: u32) -> ProcessId {
     ProcessId {
@@ -175,7 +110,7 @@ fn succeeded() -> Outcome {
 
 #[test]
 fn an_op_runs_through_postgres_and_a_stale_owner_is_fenced() {
-    let db = Db::new();
+    let db = Db::new("cairn_t");
     let store = db.open();
     let op = submit(&store, 2, "u-1");
     let (a, b) = (owner(1), owner(2));
@@ -239,7 +174,7 @@ fn an_op_runs_through_postgres_and_a_stale_owner_is_fenced() {
         }])
         .unwrap_err();
     assert!(matches!(err, Error::Owned { .. }), "{err}");
-    let sql = &mut db.sql();
+    let sql = &mut db.connect();
     let row = sql
         .query_one("SELECT owner_pid, status FROM ops WHERE id = $1", &[&op.0])
         .unwrap();
@@ -281,7 +216,7 @@ fn an_op_runs_through_postgres_and_a_stale_owner_is_fenced() {
 /// SQLite would.
 #[test]
 fn every_kind_of_change_commits_through_postgres() {
-    let db = Db::new();
+    let db = Db::new("cairn_t");
     let store = db.open();
     let me = owner(1);
     let mut first = new_op(3, "u-lock");
@@ -307,7 +242,7 @@ fn every_kind_of_change_commits_through_postgres() {
     for (i, result) in results.iter().enumerate() {
         assert!(result.is_ok(), "batch {i}: {result:?}");
     }
-    let sql = &mut db.sql();
+    let sql = &mut db.connect();
     let tasks: Vec<(i64, String, String)> = sql
         .query(
             "SELECT task_no, name, status FROM tasks WHERE op_id = $1 ORDER BY task_no",
@@ -540,7 +475,7 @@ fn other_changes() -> Vec<Vec<Change>> {
 }
 
 fn the_next_op_on_the_key_takes_its_lock_and_is_canceled(db: &Db, store: &Store) {
-    let sql = &mut db.sql();
+    let sql = &mut db.connect();
     // A second op on the key: the cooldown was acknowledged, so it may take the lock.
     let mut next = new_op(1, "u-second");
     next.lock = Some("db".into());
@@ -600,7 +535,7 @@ fn the_next_op_on_the_key_takes_its_lock_and_is_canceled(db: &Db, store: &Store)
 
 #[test]
 fn two_stores_racing_for_each_op_leave_exactly_one_owner() {
-    let db = Db::new();
+    let db = Db::new("cairn_t");
     let (one, two) = (db.open(), db.open());
     let ops: Vec<OpId> = (0..20)
         .map(|i| submit(&one, 1, &format!("u-{i}")))
@@ -623,7 +558,7 @@ fn two_stores_racing_for_each_op_leave_exactly_one_owner() {
             second[i]
         );
         let pid: i64 = db
-            .sql()
+            .connect()
             .query_one("SELECT owner_pid FROM ops WHERE id = $1", &[&op.0])
             .unwrap()
             .get(0);
@@ -633,7 +568,7 @@ fn two_stores_racing_for_each_op_leave_exactly_one_owner() {
 
 #[test]
 fn a_refused_batch_does_not_undo_the_others_in_a_group_commit() {
-    let db = Db::new();
+    let db = Db::new("cairn_t");
     let store = db.open();
     let op = submit(&store, 1, "u-group");
     let event = |at: i64| Change::Event {
@@ -709,7 +644,7 @@ fn a_refused_batch_does_not_undo_the_others_in_a_group_commit() {
 
 #[test]
 fn nodes_opening_a_new_database_together_migrate_it_once() {
-    let db = Db::new();
+    let db = Db::new("cairn_t");
     let handles: Vec<_> = (0..4)
         .map(|_| {
             let location = db.location();
@@ -719,7 +654,7 @@ fn nodes_opening_a_new_database_together_migrate_it_once() {
     for h in handles {
         h.join().unwrap().unwrap();
     }
-    let sql = &mut db.sql();
+    let sql = &mut db.connect();
     let meta: Vec<(String, String)> = sql
         .query("SELECT key, value FROM cairn_meta ORDER BY key", &[])
         .unwrap()
@@ -734,7 +669,7 @@ fn nodes_opening_a_new_database_together_migrate_it_once() {
         ]
     );
     // A reader of a database that holds nothing yet finds nothing, and writes nothing.
-    let empty = Db::new();
+    let empty = Db::new("cairn_t");
     assert!(store::open_reader(&empty.location()).unwrap().is_none());
     assert_eq!(
         empty.count("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"),
@@ -745,9 +680,9 @@ fn nodes_opening_a_new_database_together_migrate_it_once() {
 
 #[test]
 fn a_database_from_a_newer_cairn_is_refused() {
-    let db = Db::new();
+    let db = Db::new("cairn_t");
     drop(db.open());
-    db.sql()
+    db.connect()
         .batch_execute("UPDATE cairn_meta SET value = '99' WHERE key = 'schema_version'")
         .unwrap();
     for err in [
@@ -764,8 +699,8 @@ fn a_database_from_a_newer_cairn_is_refused() {
 
 #[test]
 fn a_database_that_is_not_cairns_is_refused_and_left_alone() {
-    let db = Db::new();
-    db.sql()
+    let db = Db::new("cairn_t");
+    db.connect()
         .batch_execute("CREATE TABLE orders (id BIGINT)")
         .unwrap();
     let err = store::open(&db.location()).unwrap_err();
@@ -781,7 +716,7 @@ fn a_database_that_is_not_cairns_is_refused_and_left_alone() {
 
 #[test]
 fn connect_errors_name_the_server_and_database_and_hide_the_password() {
-    let db = Db::new();
+    let db = Db::new("cairn_t");
     // Nothing listens on port 1.
     let refused = Location::parse("postgres://postgres:s3cret@127.0.0.1:1/somedb");
     // No such database on the real server.
@@ -828,10 +763,10 @@ fn connect_errors_name_the_server_and_database_and_hide_the_password() {
 
 #[test]
 fn a_commit_after_the_writers_connection_was_killed_lands_once() {
-    let db = Db::new();
+    let db = Db::new("cairn_t");
     let store = db.open();
     let op = submit(&store, 1, "u-killed");
-    let sql = &mut db.sql();
+    let sql = &mut db.connect();
     let killed: i64 = sql
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \

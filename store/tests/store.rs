@@ -3,6 +3,9 @@
 //! SQLite files (creation, refusal of files that are not cairn's, migrations); then the
 //! interface's own pieces (locations, error kinds, the fault-injecting backend).
 
+#[allow(dead_code, reason = "each test file uses a part of it")]
+mod pg;
+
 use std::os::unix::fs::PermissionsExt;
 
 use store::testing::Faulty;
@@ -101,7 +104,7 @@ fn fresh_stores() -> Vec<Fresh> {
     };
     let (store, dir) = sqlite();
     let (inner, faulty_dir) = sqlite();
-    let pg = PgDb::new();
+    let pg = pg::Db::new("cairn_rules");
     vec![
         Fresh {
             backend: "sqlite",
@@ -116,56 +119,10 @@ fn fresh_stores() -> Vec<Fresh> {
         },
         Fresh {
             backend: "postgres",
-            store: store::open(&Location::parse(&pg.url())).unwrap(),
+            store: store::open(&pg.location()).unwrap(),
             _keep: Box::new(pg),
         },
     ]
-}
-
-/// A database of its own on the PostgreSQL server on 127.0.0.1:5432 (trust auth, user
-/// `postgres`), dropped with any connection left to it when this drops.
-struct PgDb {
-    name: String,
-}
-
-impl PgDb {
-    const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
-
-    fn new() -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let name = format!(
-            "cairn_rules_{}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-        );
-        Self::admin(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
-        Self::admin(&format!("CREATE DATABASE {name}"));
-        Self { name }
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
-    }
-
-    fn admin(sql: &str) {
-        // On a thread of its own: the synchronous client must not run on a runtime's thread.
-        let sql = sql.to_owned();
-        std::thread::spawn(move || {
-            let mut client = postgres::Client::connect(Self::ADMIN, postgres::NoTls).unwrap();
-            client.batch_execute(&sql).unwrap();
-        })
-        .join()
-        .unwrap();
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        Self::admin(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ));
-    }
 }
 
 // --- The durable rules, on every backend ---
