@@ -147,11 +147,13 @@ fn a_damaged_log_is_refused_and_recover_never_reuses_an_op_id() {
     let frames = wal_frames(&wal);
     let commits: Vec<usize> = (0..frames.len()).filter(|&i| frames[i].1).collect();
     assert!(
-        commits.len() >= 6,
+        commits.len() >= 3,
         "too few commits in the log: {commits:?}"
     );
-    // The first frame of a transaction in the middle, with several committed after it.
-    let victim = commits[commits.len() / 2 - 1] + 1;
+    // The first frame of the log, with several transactions committed after it: an op's submit,
+    // the last one's at least (a process that closes the database last may have moved what the
+    // log held before into the database file).
+    let victim = 0;
     wal[frames[victim].0 + 24 + 100] ^= 0xff;
     std::fs::write(&wal_path, &wal).unwrap();
 
