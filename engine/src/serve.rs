@@ -151,6 +151,9 @@ pub async fn serve(
             break;
         }
         seen.later.retain(|_, at| *at > Instant::now());
+        if !seen.to_release.is_empty() {
+            release(store, &me, &mut seen).await;
+        }
         // A database error here (locked for longer than the busy timeout, a full disk) is said,
         // and the next poll tries again: the running ops go on.
         let found = match poll(
@@ -375,6 +378,8 @@ struct Seen {
     said_paused: bool,
     /// The schedules' firings this process could not fire, said once each.
     misfires: crate::schedule::Misfires,
+    /// Ops this process owns and could not carry on, with why: to release.
+    to_release: HashMap<OpId, String>,
 }
 
 /// One look at the database: fire the schedules that are due (`now` on the schedules' clock,
@@ -417,7 +422,7 @@ async fn poll(
     Ok(found)
 }
 
-/// Says how an op this process ran ended, and lets go of it if it could not carry it on.
+/// Says how an op this process ran ended; one it could not carry on is to be released.
 async fn ended(
     store: &Store,
     me: &store::ProcessId,
@@ -428,48 +433,66 @@ async fn ended(
     let failure = match end {
         Ok(RunEnd::StoreFailed(e)) => {
             tracing::warn!(op = op.0, error = %e, "the store failed under it");
-            Some(e)
+            e
         }
         Ok(RunEnd::LostOwnership(why)) => {
             // Its steps were ended and nothing more was written for it; the other ops go on.
+            // When the lease ran out (the database locked or cut off) and no other process took
+            // the op, it is still this process's: released below, or nobody could take it.
             tracing::warn!(op = op.0, "lost the op: {why}");
-            None
+            why
         }
         Ok(end) => {
             tracing::info!(op = op.0, status = %end.status(), "op ended");
-            None
+            return;
         }
         Err(Error::Owned { .. }) => {
             tracing::debug!(op = op.0, "another process took it first");
-            None
+            return;
         }
         Err(
             e @ (Error::Final { .. } | Error::UnknownOp(_) | Error::Snapshot(_) | Error::Secret(_)),
         ) => {
             tracing::warn!(op = op.0, error = %e, "cannot run it; left alone");
             seen.passed.insert(op);
-            Some(e.to_string())
+            e.to_string()
         }
         Err(e) => {
             tracing::info!(op = op.0, "not now ({e}); trying again later");
             seen.later.insert(op, Instant::now() + RETRY_AFTER);
-            Some(e.to_string())
+            e.to_string()
         }
     };
-    // An op this process took and could not carry on is released: nobody could take it while
-    // this (live) process owned it. Fenced: only if it still owns it.
-    if let Some(why) = failure
-        && let Ok(row) = store.reader().and_then(|r| r.op(op))
-        && row.owner.as_ref() == Some(me)
-    {
+    seen.to_release.insert(op, failure);
+    release(store, me, seen).await;
+}
+
+/// Lets go of the ops this process took and could not carry on: nobody else could take one
+/// while this (live) process owned it. Fenced: only an op it still owns. One the database does
+/// not let it release yet (locked, cut off) is tried again at the next poll.
+async fn release(store: &Store, me: &store::ProcessId, seen: &mut Seen) {
+    let mut pending = std::mem::take(&mut seen.to_release);
+    for (op, why) in &pending.clone() {
+        let row = match store.reader().and_then(|r| r.op(*op)) {
+            Ok(row) => row,
+            Err(e) if e.is_transient() || e.kind() == store::ErrorKind::Closed => continue,
+            Err(_) => {
+                pending.remove(op);
+                continue;
+            }
+        };
+        if row.owner.as_ref() != Some(me) {
+            pending.remove(op);
+            continue;
+        }
         let status = if row.started_at.is_none() {
             OpStatus::Queued
         } else {
             OpStatus::Interrupted
         };
-        let _ = store
+        let released = store
             .apply(vec![Change::SetOp {
-                op,
+                op: *op,
                 owner: Some(me.clone()),
                 status,
                 at: owner::now(),
@@ -479,7 +502,16 @@ async fn ended(
                 message: format!("released by cairn serve: {why}"),
             }])
             .await;
+        match released {
+            Err(e) if e.is_transient() => {
+                tracing::info!(op = op.0, error = %e, "cannot release it yet; trying again");
+            }
+            _ => {
+                pending.remove(op);
+            }
+        }
     }
+    seen.to_release = pending;
 }
 
 /// The ops a poll found: those to start or resume now, and those that wait for a lock with what

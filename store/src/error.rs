@@ -45,9 +45,18 @@ pub enum Error {
     /// The database file cannot be used; nothing was changed in it.
     #[error("cannot use the database `{path}`: {reason}")]
     Unusable { path: PathBuf, reason: String },
-    /// Another process holds the database longer than the busy timeout.
-    #[error("the database `{path}` is locked by another process (waited {waited_ms} ms)")]
-    Locked { path: PathBuf, waited_ms: u64 },
+    /// Another process holds the database longer than the busy timeout. `holder`: which
+    /// command and pid, when the kernel says who holds the lock.
+    #[error(
+        "the database `{path}` stayed locked by another process{} for {}",
+        holder.as_ref().map_or(String::new(), |h| format!(" ({h})")),
+        waited(*waited_ms)
+    )]
+    Locked {
+        path: PathBuf,
+        waited_ms: u64,
+        holder: Option<String>,
+    },
     /// Writing failed (disk full, I/O error, read-only file); the transaction was rolled back.
     #[error("cannot write to the database `{path}`: {reason}")]
     Write { path: PathBuf, reason: String },
@@ -82,6 +91,24 @@ impl Error {
         self.kind() == ErrorKind::Busy
     }
 
+    /// The same error, when a caller that tried again for `total` gives up: a lock's wait is the
+    /// whole of it, not the last try's.
+    #[must_use]
+    pub fn after_waiting(self, total: std::time::Duration) -> Self {
+        match self {
+            Self::Locked {
+                path,
+                waited_ms,
+                holder,
+            } => Self::Locked {
+                path,
+                waited_ms: waited_ms.max(u64::try_from(total.as_millis()).unwrap_or(u64::MAX)),
+                holder,
+            },
+            other => other,
+        }
+    }
+
     /// What the caller can do about it.
     #[must_use]
     pub fn kind(&self) -> ErrorKind {
@@ -103,3 +130,12 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A wait as people say it: `800 ms`, `5 s`, `2 min 5 s`.
+fn waited(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{} s", ms / 1_000),
+        _ => format!("{} min {} s", ms / 60_000, ms % 60_000 / 1_000),
+    }
+}

@@ -820,6 +820,7 @@ fn errors_are_grouped_by_what_the_caller_can_do() {
     let locked = Error::Locked {
         path: "c.db".into(),
         waited_ms: 5,
+        holder: None,
     };
     assert_eq!(locked.kind(), ErrorKind::Busy);
     assert!(locked.is_transient() && !owned.is_transient());

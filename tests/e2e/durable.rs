@@ -1,7 +1,7 @@
 //! The durable core, through the real binary on a real database file: runs, failures and
 //! resumes, `kill -9` at random moments, Ctrl-C, leftover processes, snapshots, refusals.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::{Sandbox, alive, code, stderr, step_processes, task};
@@ -409,38 +409,25 @@ fn status_refuses_files_that_are_not_usable_and_changes_nothing() {
 
     // A database another process holds exclusively for longer than the busy timeout.
     assert_eq!(code(&sandbox.cairn(&["run", "plan.yaml"])), Some(0));
-    let db = sandbox.path().join("cairn.db");
-    let mut holder = Command::new("sqlite3")
-        .arg(&db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write as _;
-        let stdin = holder.stdin.as_mut().unwrap();
-        writeln!(stdin, "PRAGMA locking_mode=EXCLUSIVE; BEGIN EXCLUSIVE; INSERT INTO events SELECT op_id, seq + 100, at, kind, task, message FROM events LIMIT 1; SELECT 'locked';").unwrap();
-        stdin.flush().unwrap();
-    }
-    // Wait until the holder has the lock.
-    let mut reader = std::io::BufReader::new(holder.stdout.take().unwrap());
-    loop {
-        let mut line = String::new();
-        assert!(
-            std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0,
-            "sqlite3 never took the lock"
-        );
-        if line.trim() == "locked" {
-            break;
-        }
-    }
+    let mut holder = sandbox.hold_the_database(
+        true,
+        "INSERT INTO events SELECT op_id, seq + 100, at, kind, task, message FROM events LIMIT 1;",
+    );
     let out = sandbox
         .command(&["status"])
         .env("CAIRN_BUSY_TIMEOUT_MS", "200")
         .output()
         .unwrap();
     assert_eq!(code(&out), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("locked"), "{}", stderr(&out));
+    // It says who holds it.
+    assert!(
+        stderr(&out).contains(&format!(
+            "stayed locked by another process (`sqlite3`, pid {})",
+            holder.id()
+        )),
+        "{}",
+        stderr(&out)
+    );
     holder.kill().unwrap();
     holder.wait().unwrap();
     assert_eq!(sandbox.op_count(), 1, "nothing was lost");

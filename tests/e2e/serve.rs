@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{Sandbox, code, events, stderr, stdout, task};
+use crate::support::{Sandbox, code, events, sqlite_only, stderr, stdout, task};
 
 const WORK: &str = r"
 name: work
@@ -445,4 +445,88 @@ fn sigterm_lets_a_running_step_finish_and_starts_nothing_new() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(lines(&sandbox, "runs"), vec!["start", "a", "b"]);
     assert_eq!(sandbox.show(1)["status"], "succeeded");
+}
+
+/// Another program holding the database past a node's lease (issue 22, item 17): the node stops
+/// the op's steps, says which program held the database, and once the lock is gone lets go of the
+/// op and runs it to its end; nothing says another process took it over.
+#[test]
+fn a_program_holding_the_database_past_the_lease_is_named_and_the_op_goes_on_after_it() {
+    if sqlite_only("SQLite's file locks") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "slow.yaml",
+        "name: slow\nsteps:\n  - id: a\n    run: |\n      echo \"$CAIRN_ATTEMPT\" >> a-runs\n      sleep 5\n  - id: c\n    needs: [a]\n    run: echo c >> c-runs\n",
+    );
+    let out = sandbox.cairn(&["submit", "slow.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let op: i64 = stdout(&out).trim().parse().unwrap();
+    let log = std::fs::File::create(sandbox.path().join("serve.log")).unwrap();
+    let mut server = sandbox
+        .command(&[
+            "serve",
+            "--poll",
+            "100ms",
+            "--grace",
+            "1s",
+            "--lease-ttl",
+            "3s",
+        ])
+        .env("CAIRN_BUSY_TIMEOUT_MS", "200")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    sandbox.wait_for("a-runs", Duration::from_secs(30));
+    let mut holder = sandbox.hold_the_database(false, "");
+    let named = format!(
+        "stayed locked by another process (`sqlite3`, pid {})",
+        holder.id()
+    );
+    let started = Instant::now();
+    while !sandbox.read("serve.log").contains("lost the op") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the node never gave the op up: {}",
+            sandbox.read("serve.log")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+
+    let started = Instant::now();
+    while sandbox.json(&["status", "--json", "--all"])[0]["status"] != "succeeded" {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the op never went on after the lock: {}\n{}",
+            sandbox.read("serve.log"),
+            sandbox.show(op)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    crate::support::signal(&server, nix::sys::signal::Signal::SIGTERM);
+    let end = server.wait().unwrap();
+    assert_eq!(end.code(), Some(0), "{}", sandbox.read("serve.log"));
+    let log = sandbox.read("serve.log");
+    assert!(log.contains(&named) && !log.contains("took"), "{log}");
+    let events = events(&sandbox.show(op));
+    let released = events
+        .iter()
+        .find(|(kind, _)| kind == "op-released")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert!(released.1.contains(&named), "{released:?}");
+    assert!(
+        events.iter().any(|(kind, _)| kind == "auto-resumed"),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().all(|(_, text)| !text.contains("took")),
+        "{events:?}"
+    );
+    // The cut-off attempt ran again; the step after it once.
+    assert_eq!(lines(&sandbox, "a-runs"), ["1", "2"]);
+    assert_eq!(lines(&sandbox, "c-runs"), ["c"]);
 }

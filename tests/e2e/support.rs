@@ -237,6 +237,40 @@ impl Sandbox {
         command
     }
 
+    /// `sqlite3` holding the sandbox's SQLite database's write lock (`BEGIN EXCLUSIVE`) once this
+    /// returns, until it is killed; with `exclusive_mode` readers are shut out too. `first` runs
+    /// inside the transaction first.
+    pub fn hold_the_database(&self, exclusive_mode: bool, first: &str) -> Child {
+        let mode = if exclusive_mode {
+            "PRAGMA locking_mode=EXCLUSIVE; "
+        } else {
+            ""
+        };
+        let mut holder = Command::new("sqlite3")
+            .arg(self.path().join("cairn.db"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write as _;
+            let stdin = holder.stdin.as_mut().unwrap();
+            writeln!(stdin, "{mode}BEGIN EXCLUSIVE; {first} SELECT 'locked';").unwrap();
+            stdin.flush().unwrap();
+        }
+        let mut reader = std::io::BufReader::new(holder.stdout.take().unwrap());
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0) > 0 {
+            if line.trim() == "locked" {
+                return holder;
+            }
+            line.clear();
+        }
+        let _ = holder.kill();
+        let _ = holder.wait();
+        panic!("sqlite3 never took the lock");
+    }
+
     /// Runs `sql` on the sandbox's database (`sqlite3` or `psql`) and returns its output: one line
     /// per row, columns separated by `|` (both tools print rows that way).
     pub fn sql(&self, sql: &str) -> String {

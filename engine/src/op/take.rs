@@ -143,7 +143,10 @@ async fn sweep(
                 task: TaskStatus::Pending,
                 attempt: AttemptStatus::Interrupted,
                 exit_code: None,
-                error: Some("interrupted: the process running the op died".to_owned()),
+                error: Some(
+                    "its run ended without recording its end (the process died, or lost the op)"
+                        .to_owned(),
+                ),
                 outputs: None,
                 by_check: false,
             },

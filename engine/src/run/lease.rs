@@ -113,30 +113,19 @@ async fn watch_for_cancel(shared: Arc<Shared>) {
 async fn heartbeat(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(shared.options.heartbeat).await;
-        // A renewal that has not answered when the lease is about to run out (the database cut
-        // off, a connection hanging) is given up: the steps stop before another process may take
-        // the op over.
-        let Some(renewed) = renew_while_the_lease_holds(&shared).await else {
-            shared.mark_lost(
-                "the lease could not be renewed before it ran out (the database did not answer), so another process may take the op over",
-            );
-            shared.stop_all();
-            return;
-        };
-        match renewed {
+        match renew_while_the_lease_holds(&shared).await {
             Ok(()) => {}
-            // Lost the op, or cannot renew before the lease runs out (the database is unwritable,
-            // this process was paused): past its lease another process may take the op over, and
-            // two owners must never run steps at once.
-            Err(Fatal::Store(_)) if shared.lease_holds() => {}
             Err(Fatal::Lost(why)) => {
                 shared.mark_lost(&why);
                 shared.stop_all();
                 return;
             }
+            // Past its lease another process may take the op over, and two owners must never
+            // run steps at once: the steps stop, nothing more is written.
             Err(Fatal::Store(why)) => {
                 shared.mark_lost(&format!(
-                    "the lease could not be renewed before it ran out, so another process may take the op over: {why}"
+                    "the lease could not be renewed before it ran out: {why}. Another process may take the op over, so its steps were stopped. Unless one did (`cairn status {op}`), `cairn resume {op}` continues it once the database can be written",
+                    op = shared.op.0
                 ));
                 shared.stop_all();
                 return;
@@ -145,19 +134,43 @@ async fn heartbeat(shared: Arc<Shared>) {
     }
 }
 
-/// Renews the lease, unless the lease runs out (less its last third, in the wall clock) before the
-/// renewal is answered: `None` then.
-async fn renew_while_the_lease_holds(shared: &Shared) -> Option<Result<(), Fatal>> {
-    let renewal = shared.renew();
-    tokio::pin!(renewal);
+/// Renews the lease, trying again while it holds (less its last third, in the wall clock); a
+/// renewal not answered by then is given up (the database cut off, a connection hanging). The
+/// error says why the renewals failed and since when (a lock another program holds on the
+/// database, a full disk), or that the database did not answer.
+async fn renew_while_the_lease_holds(shared: &Shared) -> Result<(), Fatal> {
+    let mut failing: Option<(String, store::Millis)> = None;
+    let why_not = |failing: Option<(String, store::Millis)>| {
+        Fatal::Store(failing.map_or_else(
+            || "the database did not answer".to_owned(),
+            |(why, since)| format!("{why}, failing since {}", crate::time::local(since)),
+        ))
+    };
     loop {
-        tokio::select! {
-            renewed = &mut renewal => return Some(renewed),
-            () = tokio::time::sleep(Duration::from_millis(100)) => {
-                if !shared.lease_holds() {
-                    return None;
+        // One try: the store's own wait for a lock (the busy timeout) is all it gets, so that
+        // the reason is known before the lease runs out.
+        let tried_at = now();
+        let renewal = shared.renew_within(Duration::ZERO);
+        tokio::pin!(renewal);
+        let renewed = loop {
+            tokio::select! {
+                renewed = &mut renewal => break renewed,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if !shared.lease_holds() {
+                        return Err(why_not(failing));
+                    }
                 }
             }
+        };
+        match renewed {
+            Err(Fatal::Store(why)) => {
+                failing.get_or_insert_with(|| (String::new(), tried_at)).0 = why;
+                if !shared.lease_holds() {
+                    return Err(why_not(failing));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            done => return done,
         }
     }
 }

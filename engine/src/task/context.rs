@@ -154,6 +154,7 @@ where
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
+            Err(e) => return Err(e.after_waiting(started.elapsed())),
             done => return done,
         }
     }
@@ -356,13 +357,20 @@ impl Shared {
     /// A fenced write that also renews the lease: proof, right before starting a process, that this
     /// process still owns the op.
     pub(crate) async fn renew(&self) -> Result<(), Fatal> {
+        self.renew_within(self.options.lease / 2).await
+    }
+
+    /// [`Shared::renew`], trying again while the database is locked for up to `patience`.
+    pub(crate) async fn renew_within(&self, patience: Duration) -> Result<(), Fatal> {
+        self.not_lost()?;
         let until = now() + i64::try_from(self.options.lease.as_millis()).unwrap_or(i64::MAX);
-        self.apply(vec![Change::Heartbeat {
+        let batch = vec![Change::Heartbeat {
             op: self.op,
             owner: self.me.clone(),
             lease_until: until,
-        }])
-        .await?;
+        }];
+        let applied = apply_patiently(&self.store, batch, patience).await;
+        self.lost_if_fenced(applied)?;
         self.signals.lease_until.store(until, Ordering::SeqCst);
         Ok(())
     }

@@ -394,7 +394,7 @@ fn outcome_of(
                 None => (
                     TaskStatus::Pending,
                     AttemptStatus::Interrupted,
-                    "interrupted: cairn was asked to stop".to_owned(),
+                    "cairn was asked to stop".to_owned(),
                 ),
             };
             (

@@ -26,6 +26,7 @@
 //! | `user_version` | the schema version | migrations run once; a newer schema is refused |
 
 mod files;
+mod holder;
 mod migrations;
 mod reads;
 mod recover;
@@ -57,6 +58,14 @@ pub(crate) fn busy_timeout() -> Duration {
     })
 }
 
+/// Another connection holds the lock (cheap: [`classify`] also asks the kernel who).
+pub(crate) fn is_busy(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
 /// What went wrong, in the words of the path's owner.
 pub(crate) fn classify(path: &Path, err: &rusqlite::Error) -> Error {
     let code = err.sqlite_error_code();
@@ -65,6 +74,7 @@ pub(crate) fn classify(path: &Path, err: &rusqlite::Error) -> Error {
             return Error::Locked {
                 path: path.to_path_buf(),
                 waited_ms: u64::try_from(busy_timeout().as_millis()).unwrap_or(u64::MAX),
+                holder: holder::holder(path),
             };
         }
         Some(ErrorCode::NotADatabase) => "it is not a SQLite database (nor a cairn one)".to_owned(),
@@ -175,12 +185,7 @@ fn switch_to_wal(conn: &Connection, path: &Path) -> Result<()> {
     loop {
         match conn.pragma_update(None, "journal_mode", "WAL") {
             Ok(()) => return Ok(()),
-            Err(e)
-                if matches!(
-                    e.sqlite_error_code(),
-                    Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
-                ) && std::time::Instant::now() < deadline =>
-            {
+            Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => return Err(classify(path, &e)),

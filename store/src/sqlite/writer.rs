@@ -19,7 +19,7 @@ use std::thread;
 use rusqlite::Connection;
 
 use super::tx::SqliteTx;
-use super::{SqliteReader, busy_timeout, classify, open_writer};
+use super::{SqliteReader, busy_timeout, classify, is_busy, open_writer};
 use crate::api::{Backend, Committing, Reader, Results};
 use crate::error::{Error, Result};
 use crate::location::Location;
@@ -120,21 +120,19 @@ impl SqliteStore {
         };
         let refs: Vec<&Vec<Change>> = batches.iter().collect();
         if let Err(e) = sync_for(conn.0, unsynced, &refs) {
-            return match classify(&self.path, &e) {
-                Error::Locked { .. } => Err(batches),
-                other => Ok(failed(&other, &self.path, refs.len())),
-            };
+            if is_busy(&e) {
+                return Err(batches);
+            }
+            return Ok(failed(&classify(&self.path, &e), &self.path, refs.len()));
         }
         let tx = match conn
             .0
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         {
             Ok(tx) => tx,
+            Err(e) if is_busy(&e) => return Err(batches),
             Err(e) => {
-                return match classify(&self.path, &e) {
-                    Error::Locked { .. } => Err(batches),
-                    other => Ok(failed(&other, &self.path, batches.len())),
-                };
+                return Ok(failed(&classify(&self.path, &e), &self.path, batches.len()));
             }
         };
         // From here, as the writer would: a failure of the whole commit is each batch's.
@@ -264,9 +262,14 @@ impl Drop for NoWait<'_> {
 /// `count` batches' results when their whole commit failed with `err`: that error, for each.
 fn failed(err: &Error, path: &Path, count: usize) -> Vec<Result<Vec<Applied>>> {
     let each = || match err {
-        Error::Locked { path, waited_ms } => Error::Locked {
+        Error::Locked {
+            path,
+            waited_ms,
+            holder,
+        } => Error::Locked {
             path: path.clone(),
             waited_ms: *waited_ms,
+            holder: holder.clone(),
         },
         Error::Write { path, reason } => Error::Write {
             path: path.clone(),
