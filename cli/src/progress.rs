@@ -53,24 +53,26 @@ fn live(verbose: bool) -> Sink {
         .unwrap_or_else(|_| ProgressStyle::default_spinner());
     Arc::new(move |p: &Progress| {
         let Ok(mut bars) = bars.lock() else { return };
-        match p {
+        // A child op's task is told, and keyed, under the parent's task that runs it.
+        let (within, leaf) = unwrap_child(p);
+        match leaf {
             Progress::TaskStarted { task, attempt } => {
                 let bar = multi.add(ProgressBar::new_spinner());
                 bar.set_style(style.clone());
                 bar.set_message(if *attempt > 1 {
-                    format!("{task} (attempt {attempt})")
+                    format!("{within}{task} (attempt {attempt})")
                 } else {
-                    task.clone()
+                    format!("{within}{task}")
                 });
                 bar.enable_steady_tick(Duration::from_millis(120));
-                bars.insert(task.clone(), bar);
+                bars.insert(format!("{within}{task}"), bar);
                 return;
             }
             Progress::TaskSucceeded { task, .. }
             | Progress::TaskFailed { task, .. }
             | Progress::TaskSkipped { task }
             | Progress::TaskInterrupted { task } => {
-                if let Some(bar) = bars.remove(task) {
+                if let Some(bar) = bars.remove(&format!("{within}{task}")) {
                     bar.finish_and_clear();
                     multi.remove(&bar);
                 }
@@ -79,6 +81,23 @@ fn live(verbose: bool) -> Sink {
         }
         let _ = multi.println(format!("{} {}", clock(), describe(p, verbose)));
     })
+}
+
+/// A child op's event and the parents' tasks it happened under (`sub[a] (op 2) › `), however
+/// deep; any other event as it is.
+fn unwrap_child(mut p: &Progress) -> (String, &Progress) {
+    let mut within = String::new();
+    while let Progress::Child { task, op, event } = p {
+        within.push_str(&child_label(task, *op));
+        within.push_str(" › ");
+        p = event;
+    }
+    (within, p)
+}
+
+/// `sub[a] (op 2)`: the parent's task, and the child op once known.
+fn child_label(task: &str, op: Option<store::OpId>) -> String {
+    op.map_or_else(|| task.to_owned(), |op| format!("{task} (op {op})"))
 }
 
 /// The first line of a message, marked when there is more (`cairn show` and `cairn logs` have it all).
@@ -166,5 +185,15 @@ pub fn describe(p: &Progress, verbose: bool) -> String {
             status,
             error: None,
         } => format!("op {op} {status}"),
+        Progress::Child { task, op, event } => {
+            // The child op's own start and end name it already.
+            let label = match **event {
+                Progress::OpStarted { .. }
+                | Progress::OpEnded { .. }
+                | Progress::AlreadyDone { .. } => task.clone(),
+                _ => child_label(task, *op),
+            };
+            format!("  {label} › {}", describe(event, verbose).trim_start())
+        }
     }
 }

@@ -63,10 +63,35 @@ pub enum Progress {
     AlreadyDone {
         op: OpId,
     },
+    /// What happened in a child op, run by the parent's task `task` (a `plan:` step or one of
+    /// its items): `op` once the child op is known.
+    Child {
+        task: String,
+        op: Option<OpId>,
+        event: Box<Progress>,
+    },
 }
 
 /// Where progress goes; cheap to clone.
 pub type Sink = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// The sink for the child op that the parent's task `task` runs: each of its events goes to
+/// `parent` as a [`Progress::Child`], naming the task and, once it started, the child op.
+pub(crate) fn of_child(parent: &Sink, task: &str) -> Sink {
+    let parent = parent.clone();
+    let task = task.to_owned();
+    let child = std::sync::OnceLock::new();
+    Arc::new(move |event: &Progress| {
+        if let Progress::OpStarted { op, .. } | Progress::AlreadyDone { op } = event {
+            let _ = child.set(*op);
+        }
+        parent(&Progress::Child {
+            task: task.clone(),
+            op: child.get().copied(),
+            event: Box::new(event.clone()),
+        });
+    })
+}
 
 /// How a run of an op begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -261,7 +261,7 @@ fn sub_plans_resume_where_they_stopped_and_the_first_child_is_not_run_again() {
     sandbox.write("go-one", "");
     wait_lines(&sandbox, "runs", 4);
     kill_9(&mut run);
-    let status = sandbox.json(&["status", "--json"]);
+    let status = sandbox.json(&["status", "--json", "--children"]);
     let ops = status.as_array().unwrap();
     assert_eq!(ops.len(), 3, "{status}");
     // Newest first: the second child, the first child, the parent.

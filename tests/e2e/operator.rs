@@ -357,3 +357,104 @@ fn logs_take_tail_attempt_since_and_timestamps_and_a_cut_log_starts_at_a_line() 
         "{failed:?}"
     );
 }
+
+/// Item 8: child ops of sub-plans are listed under their parent in `status` (`--limit` counts the
+/// parent; `--children` lists them flat), their live lines say which item and op they belong to,
+/// fan-out items have short labels (the whole item in `show`), and `logs` of a sub-plan step
+/// points to its child ops.
+#[test]
+fn children_are_listed_under_their_parent_and_their_lines_say_whose_they_are() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "child.yaml",
+        "name: child\nparams:\n  host: { required: true }\nsteps:\n  - id: copy\n    run: echo copied {{ params.host }}\n  - id: check\n    needs: [copy]\n    run: echo checked\n",
+    );
+    sandbox.write(
+        "parent.yaml",
+        r#"name: parent
+steps:
+  - id: each
+    for_each: ["/srv/mysql/data-node-1", "/srv/mysql/data-node-2", "/srv/mysql/a-very-long-directory-name-for-node-3/"]
+    run: echo {{ item }}
+  - id: sub
+    needs: [each]
+    for_each: ["a", "b", "c", "d"]
+    plan: ./child.yaml
+    with:
+      host: "{{ item }}"
+"#,
+    );
+    let out = sandbox.cairn(&["run", "parent.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    // Short labels: a path's last part; too long, the item's position.
+    assert!(
+        err.contains("  each[data-node-1]: started") && err.contains("  each[3]: started"),
+        "{err}"
+    );
+    assert!(!err.contains("/srv/mysql"), "{err}");
+    let show = stdout(&sandbox.cairn(&["show", "1"]));
+    assert!(
+        show.contains("item=/srv/mysql/a-very-long-directory-name-for-node-3/"),
+        "{show}"
+    );
+    // Each child's lines name the parent's item and the child op.
+    let children = sandbox.json(&["status", "--json", "--children", "--all"]);
+    assert_eq!(
+        children
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["parent"] == 1)
+            .count(),
+        4,
+        "{children}"
+    );
+    for (item, op) in ["a", "b", "c", "d"].iter().zip([2, 3, 4, 5]) {
+        for line in [
+            format!("  sub[{item}] › op {op} started: child"),
+            format!("  sub[{item}] (op {op}) › copy: started"),
+            format!("  sub[{item}] (op {op}) › check: succeeded"),
+            format!("  sub[{item}] › op {op} succeeded"),
+        ] {
+            assert!(err.contains(&line), "no `{line}` in:\n{err}");
+        }
+    }
+    // A second parent: `--limit 2` lists both parents, each with its children under it.
+    let out = sandbox.cairn(&["run", "parent.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let table = stdout(&sandbox.cairn(&["status", "--limit", "2"]));
+    let firsts: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split("  ").next().unwrap())
+        .collect();
+    assert_eq!(
+        firsts,
+        [
+            "6", "└ 7", "└ 8", "└ 9", "└ 10", "1", "└ 2", "└ 3", "└ 4", "└ 5"
+        ],
+        "{table}"
+    );
+    assert!(table.contains("child (sub[c])"), "{table}");
+    let flat = sandbox.json(&["status", "--json", "--children", "--limit", "4"]);
+    let ids: Vec<i64> = flat
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [10, 9, 8, 7]);
+    // `logs` of a sub-plan step says where its steps printed.
+    let out = sandbox.cairn(&["logs", "1", "sub"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "op 2 (`sub[a]`), op 3 (`sub[b]`), op 4 (`sub[c]`), op 5 (`sub[d]`); see `cairn logs 2`"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let out = sandbox.cairn(&["logs", "2"]);
+    assert!(stdout(&out).contains("copied a"), "{}", stdout(&out));
+}

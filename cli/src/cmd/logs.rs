@@ -42,7 +42,7 @@ pub struct Args {
     db: DbArgs,
 }
 
-pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
+pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     let (reader, row) = crate::db::read_op(&args.db, op)?;
     let rule = args.db.rule()?;
@@ -74,6 +74,29 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             Some(set)
         }
     };
+    // A `plan:` task's steps print in its child ops: say where.
+    let children: Vec<(store::OpId, &str)> = reader
+        .children(op)?
+        .iter()
+        .filter_map(|child| {
+            let (_, task) = child.parent?;
+            let name = tasks.iter().find(|t| t.task_no == task)?;
+            wanted
+                .as_ref()
+                .is_none_or(|set| set.contains(&task))
+                .then_some((child.id, name.name.as_str()))
+        })
+        .collect();
+    if let Some((first, _)) = children.first() {
+        let list: Vec<String> = children
+            .iter()
+            .map(|(id, task)| format!("op {id} (`{task}`)"))
+            .collect();
+        out.note(&format!(
+            "sub-plan steps print in their own ops: {}; see `cairn logs {first}`\n",
+            list.join(", ")
+        ));
+    }
     // One task asked for: read only its logs.
     let task = wanted
         .as_ref()

@@ -44,6 +44,37 @@ fn shown_params(params: &Value) -> Value {
     }
 }
 
+/// The last column of a task's row: its error, else its outputs; an item's whole value when its
+/// name holds only a short label.
+fn detail(t: &TaskRow) -> String {
+    let detail = match (&t.error, &t.outputs) {
+        (Some(e), _) => e.lines().next().unwrap_or_default().to_owned(),
+        (None, Some(o)) if !o.is_empty() => o
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    v.as_str().map_or_else(|| v.to_string(), ToOwned::to_owned)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ if t.by_check => "(done by check)".to_owned(),
+        _ => String::new(),
+    };
+    // An item's task name holds a short label: the whole item is here.
+    let item = t.item.as_ref().filter(|_| is_item(t)).map(|item| {
+        item.as_str()
+            .map_or_else(|| item.to_string(), ToOwned::to_owned)
+    });
+    match item {
+        Some(item) if !t.name.ends_with(&format!("[{item}]")) => {
+            format!("item={item} {detail}").trim_end().to_owned()
+        }
+        _ => detail,
+    }
+}
+
 /// A fan-out item's task (`restore[shard-3]`), as opposed to a step's or a hook's.
 fn is_item(t: &TaskRow) -> bool {
     t.name != t.step && t.item.is_some()
@@ -168,21 +199,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         "ERROR / OUTPUTS",
     ]);
     for t in &tasks {
-        let detail = match (&t.error, &t.outputs) {
-            (Some(e), _) => e.lines().next().unwrap_or_default().to_owned(),
-            (None, Some(o)) if !o.is_empty() => o
-                .iter()
-                .map(|(k, v)| {
-                    format!(
-                        "{k}={}",
-                        v.as_str().map_or_else(|| v.to_string(), ToOwned::to_owned)
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(" "),
-            _ if t.by_check => "(done by check)".to_owned(),
-            _ => String::new(),
-        };
+        let detail = detail(t);
         table.add_row([
             t.name.clone(),
             t.status.to_string() + if t.by_check { " (check)" } else { "" },

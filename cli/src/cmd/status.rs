@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use engine::owner::Rule;
 use serde_json::{Value, json};
-use store::{OpFilter, OpRow, OpStatus};
+use store::{OpFilter, OpId, OpRow, OpStatus};
 
 use crate::db::DbArgs;
 use crate::exit::Failure;
@@ -15,6 +15,10 @@ use crate::output::Output;
 /// List ops, newest first.
 ///
 /// An op whose owner died while it ran shows as `interrupted`; `cairn resume OP` continues it.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent command-line switches"
+)]
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Only ops with this status.
@@ -35,6 +39,10 @@ pub struct Args {
     /// Print a JSON array.
     #[arg(long)]
     json: bool,
+    /// List child ops (of `plan:` steps) as ops of their own, rather than under their parent
+    /// (`--limit` then counts them too).
+    #[arg(long)]
+    children: bool,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -85,24 +93,101 @@ pub fn op_json(op: &OpRow, rule: Rule, now: i64) -> Value {
 }
 
 /// The ops to list, and whether `--limit` left some out. The shown status decides, so
-/// `--status interrupted` finds ops whose owner died.
+/// `--status interrupted` finds ops whose owner died. Unless `--children`, `--limit` counts ops
+/// that are not another listed op's child, and each such op is followed by its children.
 fn rows(
     reader: &store::Reader,
     args: &Args,
     (rule, now): (Rule, i64),
-) -> anyhow::Result<(Vec<OpRow>, bool)> {
+) -> anyhow::Result<(Vec<Line>, bool)> {
     let limit = (!args.all).then_some(args.limit);
-    let mut out = matching(
-        reader,
-        args,
-        (rule, now),
-        limit.map(|l| l.saturating_add(1)),
-    )?;
-    let cut = limit.is_some_and(|l| out.len() > l as usize);
-    if let Some(limit) = limit {
-        out.truncate(limit as usize);
+    if args.children {
+        let mut out = matching(
+            reader,
+            args,
+            (rule, now),
+            limit.map(|l| l.saturating_add(1)),
+        )?;
+        let cut = limit.is_some_and(|l| out.len() > l as usize);
+        if let Some(limit) = limit {
+            out.truncate(limit as usize);
+        }
+        return Ok((out.into_iter().map(|row| Line::op(row, 0)).collect(), cut));
     }
-    Ok((out, cut))
+    // Read more until `limit + 1` ops without a parent among them are in, or there are no more.
+    let mut asked = limit.map(|l| l.saturating_add(1).saturating_mul(4));
+    let matched = loop {
+        let found = matching(reader, args, (rule, now), asked)?;
+        let ids: std::collections::HashSet<OpId> = found.iter().map(|o| o.id).collect();
+        let roots = found
+            .iter()
+            .filter(|o| o.parent.is_none_or(|(p, _)| !ids.contains(&p)))
+            .count();
+        match (limit, asked) {
+            (Some(l), Some(a)) if roots <= l as usize && found.len() >= a as usize => {
+                asked = Some(a.saturating_mul(4));
+            }
+            _ => break found,
+        }
+    };
+    let ids: std::collections::HashSet<OpId> = matched.iter().map(|o| o.id).collect();
+    let (mut roots, children): (Vec<OpRow>, Vec<OpRow>) = matched
+        .into_iter()
+        .partition(|o| o.parent.is_none_or(|(p, _)| !ids.contains(&p)));
+    let cut = limit.is_some_and(|l| roots.len() > l as usize);
+    if let Some(limit) = limit {
+        roots.truncate(limit as usize);
+    }
+    let mut under: std::collections::HashMap<OpId, Vec<OpRow>> = std::collections::HashMap::new();
+    for child in children {
+        if let Some((parent, _)) = child.parent {
+            under.entry(parent).or_default().push(child);
+        }
+    }
+    let mut lines = Vec::new();
+    for root in roots {
+        nest(&mut lines, root, 0, &mut under);
+    }
+    // A child op listed under its parent is named with the parent's task that runs it.
+    for line in lines.iter_mut().filter(|l| l.depth > 0) {
+        if let Some((parent, task)) = line.row.parent {
+            line.task = reader.task(parent, task).ok().map(|t| t.name);
+        }
+    }
+    Ok((lines, cut))
+}
+
+/// `op`, then its children (oldest first) and theirs, one level deeper each.
+fn nest(
+    lines: &mut Vec<Line>,
+    op: OpRow,
+    depth: usize,
+    under: &mut std::collections::HashMap<OpId, Vec<OpRow>>,
+) {
+    let mut children = under.remove(&op.id).unwrap_or_default();
+    children.sort_by_key(|c| c.id);
+    lines.push(Line::op(op, depth));
+    for child in children {
+        nest(lines, child, depth + 1, under);
+    }
+}
+
+/// One op of the list, `depth` levels under the op it is listed under (whose task `task` runs
+/// it).
+struct Line {
+    row: OpRow,
+    depth: usize,
+    task: Option<String>,
+}
+
+impl Line {
+    fn op(row: OpRow, depth: usize) -> Self {
+        Self {
+            row,
+            depth,
+            task: None,
+        }
+    }
 }
 
 /// The ops that match the filters, newest first, up to `limit`.
@@ -151,7 +236,7 @@ fn matching(
 
 /// The ops table. On a store that several machines share (`Rule::Shared`) it has a NODE column,
 /// the `host:pid` of each op's owner; on one machine's, it is the table the brief prints.
-fn table(ops: &[OpRow], rule: Rule, now: i64) -> String {
+fn table(ops: &[Line], rule: Rule, now: i64) -> String {
     let mut table = crate::output::plain_table();
     let shared = rule == Rule::Shared;
     let mut header = vec![
@@ -168,7 +253,12 @@ fn table(ops: &[OpRow], rule: Rule, now: i64) -> String {
     }
     header.push("CUR_TASK");
     table.set_header(header);
-    for op in ops {
+    for Line {
+        row: op,
+        depth,
+        task,
+    } in ops
+    {
         let shown = rule.shown_status(op, now);
         let elapsed = elapsed_ms(op, shown, now);
         let node = op
@@ -177,11 +267,17 @@ fn table(ops: &[OpRow], rule: Rule, now: i64) -> String {
             .filter(|_| !shown.is_ended())
             .map_or_else(|| "-".to_owned(), |o| format!("{}:{}", o.host, o.pid));
         let mut row = vec![
-            op.id.to_string(),
+            // A child op under its parent: `└ 2`, one step in per level.
+            if *depth == 0 {
+                op.id.to_string()
+            } else {
+                format!("{}└ {}", "  ".repeat(depth - 1), op.id)
+            },
             op.plan.clone(),
-            match op.parent {
-                Some((parent, _)) => format!("{} (in op {parent})", op.title),
-                None => op.title.clone(),
+            match (op.parent, task) {
+                (Some((parent, _)), _) if *depth == 0 => format!("{} (in op {parent})", op.title),
+                (_, Some(task)) => format!("{} ({task})", op.title),
+                _ => op.title.clone(),
             },
             shown.to_string(),
             op.started_at
@@ -227,7 +323,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         let text = if args.json {
             let mut text = serde_json::to_string_pretty(
                 &ops.iter()
-                    .map(|op| op_json(op, rule, now))
+                    .map(|line| op_json(&line.row, rule, now))
                     .collect::<Vec<_>>(),
             )
             .context("cannot encode")?;

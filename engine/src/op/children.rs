@@ -165,6 +165,7 @@ impl Children for SubPlans {
         task: TaskNo,
         new: ChildRun,
         stop: StopHandle,
+        progress: Sink,
     ) -> Boxed<'a, Result<(OpId, RunEnd), String>> {
         let new = NewRun {
             workdir: new.workdir,
@@ -184,7 +185,7 @@ impl Children for SubPlans {
                 new,
                 parent.options.clone(),
                 child_overrides(),
-                parent.progress.clone(),
+                progress,
                 stop,
             )
             .await
@@ -197,6 +198,7 @@ impl Children for SubPlans {
         parent: &'a Shared,
         op: OpId,
         stop: StopHandle,
+        progress: Sink,
     ) -> Boxed<'a, Result<RunEnd, String>> {
         Box::pin(async move {
             super::resume(
@@ -206,7 +208,7 @@ impl Children for SubPlans {
                 None,
                 parent.options.clone(),
                 child_overrides(),
-                parent.progress.clone(),
+                progress,
                 stop,
             )
             .await

@@ -293,9 +293,14 @@ fn as_list(value: Value) -> Result<Vec<Value>, String> {
     }
 }
 
+/// The longest item label in a task name; a longer one is replaced by the item's position.
+const LABEL_MAX: usize = 32;
+
 /// The task names of a fan-out's items: `restore[shard-3]`. An item is named by its text, or a
-/// map by its `name`, `id`, `host` or `key` field; otherwise by its position (from 1). Names are
-/// unique: a repeated one gets its position too.
+/// map by its `name`, `id`, `host` or `key` field; paths by their last part when those are unique
+/// (`/srv/data/node-1` → `node-1`); otherwise, or when the label would be longer than
+/// [`LABEL_MAX`], by its position (from 1). `show` has the whole item. Names are unique: a
+/// repeated one gets its position too.
 fn item_names(step: &str, items: &[Value]) -> Vec<String> {
     let scalar = |v: &Value| match v {
         Value::String(s) => Some(s.clone()),
@@ -303,27 +308,45 @@ fn item_names(step: &str, items: &[Value]) -> Vec<String> {
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
     };
-    let mut seen = std::collections::HashSet::new();
-    items
+    let texts: Vec<Option<String>> = items
         .iter()
-        .enumerate()
-        .map(|(k, item)| {
-            let label = match item {
+        .map(|item| {
+            match item {
                 Value::Object(map) => ["name", "id", "host", "key"]
                     .iter()
                     .find_map(|f| map.get(*f).and_then(scalar)),
                 other => scalar(other),
             }
             .map(|l| {
-                let clean: String = l
-                    .chars()
+                l.chars()
                     .map(|c| if c.is_control() { '?' } else { c })
-                    .take(60)
-                    .collect();
-                clean
+                    .collect::<String>()
             })
             .filter(|l| !l.is_empty())
-            .unwrap_or_else(|| (k + 1).to_string());
+        })
+        .collect();
+    let base = |text: &str| {
+        text.rsplit('/')
+            .find(|part| !part.is_empty())
+            .map(ToOwned::to_owned)
+    };
+    let bases: Vec<Option<String>> = texts
+        .iter()
+        .map(|t| t.as_deref().filter(|t| t.contains('/')).and_then(base))
+        .collect();
+    let distinct = {
+        let mut seen = std::collections::HashSet::new();
+        bases.iter().flatten().all(|b| seen.insert(b))
+    };
+    let mut seen = std::collections::HashSet::new();
+    texts
+        .into_iter()
+        .zip(bases)
+        .enumerate()
+        .map(|(k, (text, short))| {
+            let label = if distinct { short.or(text) } else { text }
+                .filter(|l| l.chars().count() <= LABEL_MAX)
+                .unwrap_or_else(|| (k + 1).to_string());
             let mut name = format!("{step}[{label}]");
             let mut n = k + 1;
             while !seen.insert(name.clone()) {
@@ -412,4 +435,34 @@ fn gather(
         })
         .collect();
     (status, Some(outputs), error)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::item_names;
+
+    #[test]
+    fn item_names_are_short_and_unique() {
+        let names = |items: Value| item_names("s", items.as_array().unwrap());
+        assert_eq!(
+            names(json!(["a", 3, {"host": "db-1"}, {"x": 1}])),
+            ["s[a]", "s[3]", "s[db-1]", "s[4]"]
+        );
+        // Paths by their last part, when those are unique.
+        assert_eq!(
+            names(json!(["/srv/data/node-1/", "/srv/data/node-2"])),
+            ["s[node-1]", "s[node-2]"]
+        );
+        assert_eq!(
+            names(json!(["/a/data", "/b/data"])),
+            ["s[/a/data]", "s[/b/data]"]
+        );
+        // Too long: the position.
+        let long = "x".repeat(33);
+        assert_eq!(names(json!([long, "b"])), ["s[1]", "s[b]"]);
+        // Repeated: the position too.
+        assert_eq!(names(json!(["a", "a"])), ["s[a]", "s[a#2]"]);
+    }
 }

@@ -47,20 +47,23 @@ pub(crate) struct ChildRun {
 /// What the op layer provides for `plan:` tasks.
 pub(crate) trait Children: Send + Sync {
     /// Submits child op `new` of `parent`'s task `task` and runs it, owned by this process.
+    /// Its progress goes to `progress`.
     fn start<'a>(
         &'a self,
         parent: &'a Shared,
         task: store::TaskNo,
         new: ChildRun,
         stop: StopHandle,
+        progress: Sink,
     ) -> Boxed<'a, Result<(OpId, RunEnd), String>>;
 
-    /// Resumes child op `op` where it stopped.
+    /// Resumes child op `op` where it stopped; its progress goes to `progress`.
     fn resume<'a>(
         &'a self,
         parent: &'a Shared,
         op: OpId,
         stop: StopHandle,
+        progress: Sink,
     ) -> Boxed<'a, Result<RunEnd, String>>;
 
     /// Cancels `op`'s child ops that have not ended (those run by the steps named in `only`, or
@@ -202,16 +205,19 @@ async fn run_child(
         })
     });
     let forward = forward_stop(shared, stop, &child_stop);
+    let progress = crate::progress::of_child(&shared.progress, &job.name);
     let result = match existing {
         Some(row) if row.status == OpStatus::Succeeded => Ok((row.id, RunEnd::Succeeded)),
         Some(row) => shared
             .children
-            .resume(shared, row.id, child_stop)
+            .resume(shared, row.id, child_stop, progress)
             .await
             .map(|end| (row.id, end)),
         None => match child_run(shared, job, ctx) {
             Ok(new) => {
-                let started = shared.children.start(shared, job.task(), new, child_stop);
+                let started = shared
+                    .children
+                    .start(shared, job.task(), new, child_stop, progress);
                 started.await
             }
             Err(e) => Err(e),
