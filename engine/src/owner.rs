@@ -2,7 +2,7 @@
 //! `status`, `show`, `resume`, `cancel` and `serve` share.
 
 use procs::proc::{self, Identity, Liveness};
-use store::{Millis, OpRow, OpStatus, ProcessId};
+use store::{Interruption, Millis, OpRow, OpStatus, ProcessId};
 
 /// The calling process, as an owner.
 #[must_use]
@@ -115,6 +115,18 @@ impl Rule {
             op.status
         }
     }
+
+    /// Who or what interrupted an op shown `interrupted`: as its owner recorded it, or
+    /// `OwnerDied` when it is shown so because its owner is gone. `None` for an op not shown
+    /// interrupted, or interrupted before cairn recorded why.
+    #[must_use]
+    pub fn interrupted_by(self, op: &OpRow, now: Millis) -> Option<Interruption> {
+        match self.shown_status(op, now) {
+            OpStatus::Interrupted if op.status == OpStatus::Interrupted => op.interrupted_by,
+            OpStatus::Interrupted => Some(Interruption::OwnerDied),
+            _ => None,
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -145,6 +157,8 @@ mod tests {
             env: serde_json::Map::new(),
             lock_key: None,
             cancel: None,
+            cancel_grace_ms: None,
+            interrupted_by: None,
             ending: None,
             parent: None,
             created_at: 0,
