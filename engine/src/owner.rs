@@ -244,6 +244,30 @@ mod tests {
     }
 
     #[test]
+    fn an_interrupted_op_says_who_stopped_it_and_a_dead_owner_is_derived() {
+        let live = op(me(), Some(NOW + 1));
+        assert_eq!(Rule::Local.interrupted_by(&live, NOW), None);
+        let mut dead_owner = me();
+        dead_owner.start += 1;
+        let died = op(dead_owner, Some(NOW + 1));
+        assert_eq!(
+            Rule::Local.interrupted_by(&died, NOW),
+            Some(Interruption::OwnerDied)
+        );
+        let mut stopped = op(me(), None);
+        stopped.owner = None;
+        stopped.status = OpStatus::Interrupted;
+        stopped.interrupted_by = Some(Interruption::Signal);
+        assert_eq!(
+            Rule::Shared.interrupted_by(&stopped, NOW),
+            Some(Interruption::Signal)
+        );
+        // Recorded before cairn kept why: not known.
+        stopped.interrupted_by = None;
+        assert_eq!(Rule::Local.interrupted_by(&stopped, NOW), None);
+    }
+
+    #[test]
     fn an_op_without_an_owner_has_none() {
         let mut row = op(me(), None);
         row.owner = None;
