@@ -2,7 +2,8 @@
 //! `interrupted`, ready to resume. (SIGHUP too: a closed terminal or a dropped ssh session must not
 //! kill cairn while its steps run on.) A second one leaves at once, as a killed process would,
 //! which loses nothing already recorded: for a stop that cannot be recorded (the database does not
-//! answer), or finishing hooks one will not wait for.
+//! answer), or finishing hooks one will not wait for. Which signal it was is recorded with the op
+//! (`interrupted_by`: `signal`).
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -13,13 +14,15 @@ pub fn watch(stop: engine::StopHandle) -> std::io::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         for asked in 0.. {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-                _ = hup.recv() => {}
-            }
+            let how = tokio::select! {
+                _ = int.recv() => "Ctrl-C (SIGINT) from the terminal",
+                _ = term.recv() => "SIGTERM",
+                _ = hup.recv() => "SIGHUP (its terminal closed)",
+            };
             if asked == 0 {
-                stop.stop();
+                // Recorded with the op: a person's (or a supervisor's) stop, which `cairn serve`
+                // does not undo by resuming the op; a serving process records its own drain.
+                stop.stop_by(store::Interruption::Signal, how);
                 continue;
             }
             crate::output::diagnostic(

@@ -33,4 +33,4 @@ pub mod time;
 pub use op::{Error, NewRun};
 pub use options::Options;
 pub use outcome::RunEnd;
-pub use shutdown::{Drain, StopHandle};
+pub use shutdown::{Drain, Stop, StopHandle};

@@ -2,7 +2,7 @@
 //! `status`, `show`, `resume`, `cancel` and `serve` share.
 
 use procs::proc::{self, Identity, Liveness};
-use store::{Millis, OpRow, OpStatus, ProcessId};
+use store::{Interruption, Millis, OpRow, OpStatus, ProcessId};
 
 /// The calling process, as an owner.
 #[must_use]
@@ -115,6 +115,18 @@ impl Rule {
             op.status
         }
     }
+
+    /// Who or what interrupted an op shown `interrupted`: as its owner recorded it, or
+    /// `OwnerDied` when it is shown so because its owner is gone. `None` for an op not shown
+    /// interrupted, or interrupted before cairn recorded why.
+    #[must_use]
+    pub fn interrupted_by(self, op: &OpRow, now: Millis) -> Option<Interruption> {
+        match self.shown_status(op, now) {
+            OpStatus::Interrupted if op.status == OpStatus::Interrupted => op.interrupted_by,
+            OpStatus::Interrupted => Some(Interruption::OwnerDied),
+            _ => None,
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -145,6 +157,8 @@ mod tests {
             env: serde_json::Map::new(),
             lock_key: None,
             cancel: None,
+            cancel_grace_ms: None,
+            interrupted_by: None,
             ending: None,
             parent: None,
             created_at: 0,
@@ -227,6 +241,30 @@ mod tests {
             Rule::Shared.shown_status(&expired, NOW),
             OpStatus::Interrupted
         );
+    }
+
+    #[test]
+    fn an_interrupted_op_says_who_stopped_it_and_a_dead_owner_is_derived() {
+        let live = op(me(), Some(NOW + 1));
+        assert_eq!(Rule::Local.interrupted_by(&live, NOW), None);
+        let mut dead_owner = me();
+        dead_owner.start += 1;
+        let died = op(dead_owner, Some(NOW + 1));
+        assert_eq!(
+            Rule::Local.interrupted_by(&died, NOW),
+            Some(Interruption::OwnerDied)
+        );
+        let mut stopped = op(me(), None);
+        stopped.owner = None;
+        stopped.status = OpStatus::Interrupted;
+        stopped.interrupted_by = Some(Interruption::Signal);
+        assert_eq!(
+            Rule::Shared.interrupted_by(&stopped, NOW),
+            Some(Interruption::Signal)
+        );
+        // Recorded before cairn kept why: not known.
+        stopped.interrupted_by = None;
+        assert_eq!(Rule::Local.interrupted_by(&stopped, NOW), None);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `cairn serve`: runs the ops that wait for it. Every `poll` it fires the schedules that are due
 //! (`crate::schedule`), then looks for
 //! - queued ops nobody owns (or whose owner is gone), oldest first: it starts them;
-//! - ops whose owner is gone (killed, its machine rebooted) or that a stop left interrupted, of
-//!   plans with `auto_resume: true`: it resumes them, as an event `auto-resumed` says;
+//! - ops whose owner is gone (killed, its machine rebooted) or that a serving process drained or
+//!   released (`interrupted_by`: `shutdown`, `released`), of plans with `auto_resume: true`: it
+//!   resumes them, as an event `auto-resumed` says; never an op a signal to the process that ran
+//!   it stopped (Ctrl-C, SIGTERM to a `cairn run`: `signal`), which waits for `cairn resume`;
 //!
 //! and runs up to `workers` at once. Queued ops are reserved for this process before it gives them
 //! workers (`Change::Reserve`), so that several `serve` processes looking at once take different
@@ -372,6 +374,8 @@ async fn run_one(
 struct Seen {
     /// Ops this process leaves alone (`auto_resume` off, cannot run).
     passed: HashSet<OpId>,
+    /// Ops a person stopped, that this process said it leaves alone.
+    stopped: HashSet<OpId>,
     /// Ops refused for a passing reason, and when to try them again.
     later: HashMap<OpId, Instant>,
     /// Whether the pause was said (once per pause).
@@ -498,6 +502,7 @@ async fn release(store: &Store, me: &store::ProcessId, seen: &mut Seen) {
                 at: owner::now(),
                 error: Some(why.clone()),
                 release: true,
+                interrupted_by: Some(store::Interruption::Released),
                 kind: EventKind::OpReleased,
                 message: format!("released by cairn serve: {why}"),
             }])
@@ -553,6 +558,19 @@ fn work(
                 continue;
             }
             if matches!(rule.owner_state(&row, now), OwnerState::Alive(_)) {
+                continue;
+            }
+            // A person stopped it (Ctrl-C in a terminal, a SIGTERM to `cairn run`): it waits
+            // for `cairn resume` (or a cancel), whoever serves.
+            if row.status == OpStatus::Interrupted
+                && row.interrupted_by.is_some_and(|by| !by.resumes_by_itself())
+            {
+                if seen.stopped.insert(row.id) {
+                    tracing::info!(
+                        op = row.id.0,
+                        "interrupted by a signal to the process that ran it: left for a person (`cairn resume`)"
+                    );
+                }
                 continue;
             }
             if let Some((key, holder)) = row

@@ -1,39 +1,99 @@
 //! Stopping and draining, through handles passed in: the engine keeps no process-wide state.
 //!
-//! - [`StopHandle`]: what a caller keeps to stop one run (Ctrl-C, SIGTERM, a parent op's stop).
+//! - [`StopHandle`]: what a caller keeps to stop one run (Ctrl-C, SIGTERM, a parent op's stop),
+//!   and who or what stopped it ([`Stop`]), for the op's record.
 //! - [`Drain`]: set when the process drains (`cairn serve` stops): no task starts any more; the
 //!   running ones go on to their end, and their ops end interrupted, to be resumed.
 //! - [`TaskCount`]: the tasks running in this process, across all its ops (a `serve`'s, a
 //!   sub-plan's); while at most one runs, its commits are made on the engine's own thread.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
+use store::Interruption;
 use tokio::sync::watch;
 
 /// Stops a run: running steps are ended and the op is left for a resume. Cheap to clone; every
 /// clone stops the same run.
 #[derive(Debug, Clone)]
-pub struct StopHandle(Arc<watch::Sender<bool>>);
+pub struct StopHandle(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    stopped: watch::Sender<bool>,
+    /// Who or what asked first, when it said (a signal); `None` for the engine's own stops.
+    cause: Mutex<Option<Stop>>,
+}
+
+/// Who or what stopped a run, as the op's record says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stop {
+    pub by: Interruption,
+    /// For people: "Ctrl-C (SIGINT) from the terminal".
+    pub how: String,
+}
+
+impl Stop {
+    /// Who or what stopped a run of a process that `drains` (a `cairn serve` stopping: its own
+    /// shutdown, whatever signal asked for it), or that was stopped with `cause`.
+    pub(crate) fn of(drains: &Drain, cause: Option<Self>) -> Option<Self> {
+        if drains.is_draining() {
+            return Some(Self {
+                by: Interruption::Shutdown,
+                how: "the shutdown of the cairn serve that ran it".to_owned(),
+            });
+        }
+        cause
+    }
+
+    /// The op's error, and the end of its event's message: "stopped by ...".
+    pub(crate) fn error(stop: Option<&Self>) -> String {
+        stop.map_or_else(
+            || "stopped before it finished".to_owned(),
+            |s| format!("stopped by {}", s.how),
+        )
+    }
+}
 
 impl StopHandle {
     #[must_use]
     pub fn new() -> Self {
-        Self(Arc::new(watch::channel(false).0))
+        Self(Arc::new(Inner {
+            stopped: watch::channel(false).0,
+            cause: Mutex::new(None),
+        }))
     }
 
     /// Asks the run to stop (the first ask counts; later ones change nothing).
     pub fn stop(&self) {
-        self.0.send_replace(true);
+        self.0.stopped.send_replace(true);
+    }
+
+    /// Asks the run to stop, saying who or what asks: recorded with the op if it is the first
+    /// cause given.
+    pub fn stop_by(&self, by: Interruption, how: impl Into<String>) {
+        if let Ok(mut cause) = self.0.cause.lock() {
+            cause.get_or_insert_with(|| Stop {
+                by,
+                how: how.into(),
+            });
+        }
+        self.stop();
+    }
+
+    /// Who or what stopped the run, if it was said.
+    #[must_use]
+    pub fn cause(&self) -> Option<Stop> {
+        self.0.cause.lock().ok().and_then(|c| c.clone())
     }
 
     #[must_use]
     pub fn is_stopped(&self) -> bool {
-        *self.0.borrow()
+        *self.0.stopped.borrow()
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<bool> {
-        self.0.subscribe()
+        self.0.stopped.subscribe()
     }
 }
 

@@ -315,6 +315,12 @@ pub struct OpRow {
     pub lock_key: Option<String>,
     /// Set once someone asked to cancel the op.
     pub cancel: Option<Request>,
+    /// The grace the cancel request asks for (`cairn cancel --grace`), in milliseconds: how long
+    /// the op's running steps get between TERM and KILL. `None`: the owner's own.
+    pub cancel_grace_ms: Option<Millis>,
+    /// Why an op stored `interrupted` was stopped, as its owner recorded it (`None`: recorded
+    /// before cairn kept it). An owner that died records nothing: see [`Interruption::OwnerDied`].
+    pub interrupted_by: Option<Interruption>,
     /// The outcome decided before the finishing hooks (see [`Change::SetEnding`]).
     pub ending: Option<serde_json::Value>,
     /// The op and task that started this op (a sub-plan's `plan:` step).
@@ -464,6 +470,58 @@ pub struct ScheduleRow {
     pub note: Option<String>,
 }
 
+/// Who or what stopped an op before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Interruption {
+    /// A stop signal to the process that ran it in the foreground (`cairn run`, `cairn resume`):
+    /// Ctrl-C, a closed terminal, a SIGTERM. A person's (or a supervisor's) decision: the op
+    /// waits for `cairn resume`.
+    Signal,
+    /// A `cairn serve` drained as it stopped: the op is meant to go on with the next one.
+    Shutdown,
+    /// A `cairn serve` let go of an op it took and could not carry on (the store failed under it).
+    Released,
+    /// Its owner died without recording anything (killed, its machine rebooted, its lease ran
+    /// out): derived when read from an op stored running, never stored.
+    OwnerDied,
+}
+
+impl Interruption {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Signal => "signal",
+            Self::Shutdown => "shutdown",
+            Self::Released => "released",
+            Self::OwnerDied => "owner-died",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Signal,
+            Self::Shutdown,
+            Self::Released,
+            Self::OwnerDied,
+        ]
+        .into_iter()
+        .find(|i| i.as_str() == text)
+    }
+
+    /// Whether `cairn serve` resumes an op interrupted so by itself: not one a person stopped.
+    #[must_use]
+    pub fn resumes_by_itself(self) -> bool {
+        self != Self::Signal
+    }
+}
+
+impl fmt::Display for Interruption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Who asked for something, and why, for the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Request {
@@ -590,6 +648,9 @@ pub enum Change {
     RequestCancel {
         op: OpId,
         request: Request,
+        /// How long the op's running steps get between TERM and KILL (`cairn cancel --grace`), in
+        /// milliseconds; `None`: the owner's own grace.
+        grace_ms: Option<Millis>,
     },
     /// A person resolves a task by hand (`cairn mark`): succeeded (with the outputs given) or
     /// skipped. Refused while a live owner runs the op (it must have no owner, or only `dead_owner`).
@@ -734,6 +795,9 @@ pub enum Change {
         at: Millis,
         error: Option<String>,
         release: bool,
+        /// With status `interrupted`: who or what stopped it (stored; cleared by any other
+        /// status).
+        interrupted_by: Option<Interruption>,
         kind: EventKind,
         message: String,
     },

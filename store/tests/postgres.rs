@@ -413,6 +413,7 @@ fn owner_changes(op: OpId, me: &ProcessId) -> Vec<Vec<Change>> {
             at: 30,
             error: None,
             release: true,
+            interrupted_by: None,
             kind: EventKind::OpSucceeded,
             message: "done".into(),
         }],
@@ -507,6 +508,7 @@ fn the_next_op_on_the_key_takes_its_lock_and_is_canceled(db: &Db, store: &Store)
                 at: 41,
                 reason: None,
             },
+            grace_ms: None,
         }])
         .unwrap();
     store
@@ -665,7 +667,7 @@ fn nodes_opening_a_new_database_together_migrate_it_once() {
         meta,
         [
             ("application".to_owned(), "cairn".to_owned()),
-            ("schema_version".to_owned(), "1".to_owned())
+            ("schema_version".to_owned(), "2".to_owned())
         ]
     );
     // A reader of a database that holds nothing yet finds nothing, and writes nothing.

@@ -10,8 +10,9 @@ use std::os::unix::fs::PermissionsExt;
 
 use store::testing::Faulty;
 use store::{
-    Applied, AttemptStatus, Change, Error, ErrorKind, EventKind, Location, NewOp, NewTask,
-    OpFilter, OpId, OpStatus, Outcome, ProcessId, Reader, Snapshot, Store, TaskNo, TaskStatus,
+    Applied, AttemptStatus, Change, Error, ErrorKind, EventKind, Interruption, Location, NewOp,
+    NewTask, OpFilter, OpId, OpStatus, Outcome, ProcessId, Reader, Snapshot, Store, TaskNo,
+    TaskStatus,
 };
 
 fn owner(pid: u32) -> ProcessId {
@@ -156,6 +157,84 @@ fn only_one_live_owner_and_stale_owners_are_fenced() {
         assert!(matches!(err, Error::Owned { .. }), "{err}");
         // An expired lease also lets another take over.
         claim(&store, op, &a, 5000, None).unwrap();
+    }
+}
+
+#[test]
+fn an_interruption_is_kept_with_the_status_and_a_cancel_keeps_its_first_grace() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        let reader = store.reader().unwrap();
+        let op = submit(&store, 1);
+        let me = owner(1);
+        claim(&store, op, &me, 100, None).unwrap();
+        let set = |status, by| Change::SetOp {
+            op,
+            owner: Some(me.clone()),
+            status,
+            at: 200,
+            error: None,
+            release: true,
+            interrupted_by: by,
+            kind: EventKind::op_ended(status),
+            message: "test".into(),
+        };
+        store
+            .apply_blocking(vec![set(OpStatus::Interrupted, Some(Interruption::Signal))])
+            .unwrap();
+        assert_eq!(
+            reader.op(op).unwrap().interrupted_by,
+            Some(Interruption::Signal)
+        );
+        // Taking the op again clears it; an owner's death is never stored (it is derived).
+        claim(&store, op, &me, 300, None).unwrap();
+        assert_eq!(reader.op(op).unwrap().interrupted_by, None);
+        store
+            .apply_blocking(vec![set(
+                OpStatus::Interrupted,
+                Some(Interruption::OwnerDied),
+            )])
+            .unwrap();
+        assert_eq!(reader.op(op).unwrap().interrupted_by, None);
+        claim(&store, op, &me, 400, None).unwrap();
+        store
+            .apply_blocking(vec![set(
+                OpStatus::Interrupted,
+                Some(Interruption::Shutdown),
+            )])
+            .unwrap();
+        assert_eq!(
+            reader.op(op).unwrap().interrupted_by,
+            Some(Interruption::Shutdown)
+        );
+
+        // The first cancel request is kept, with its grace.
+        let request = |by: &str, grace_ms| Change::RequestCancel {
+            op,
+            request: store::Request {
+                by: by.into(),
+                at: 500,
+                reason: None,
+            },
+            grace_ms,
+        };
+        store
+            .apply_blocking(vec![request("ann", Some(1500))])
+            .unwrap();
+        store
+            .apply_blocking(vec![request("bob", Some(9000))])
+            .unwrap();
+        let row = reader.op(op).unwrap();
+        assert_eq!(row.cancel.map(|r| r.by).as_deref(), Some("ann"));
+        assert_eq!(row.cancel_grace_ms, Some(1500));
+        let events = reader.events(op).unwrap();
+        assert!(
+            events.iter().any(|e| e.kind == "cancel-requested"
+                && e.message
+                    .contains("its running steps get 1500ms between TERM and KILL")),
+            "{events:?}"
+        );
     }
 }
 
@@ -398,6 +477,7 @@ fn one_commit_reads_the_owner_again_after_a_change_that_may_move_it() {
             at: 3,
             error: None,
             release: true,
+            interrupted_by: None,
             kind: EventKind::OpInterrupted,
             message: "test".into(),
         }];

@@ -759,3 +759,91 @@ fn mark_without_declared_outputs_is_refused_and_a_missing_value_is_named() {
         "{show}"
     );
 }
+
+/// A step that ignores TERM: only KILL ends it. It writes `late` once it ran 20 s.
+const STUBBORN: &str = "name: stubborn\nsteps:\n  - id: long\n    run: |\n      trap '' TERM\n      touch started\n      sleep 20\n      touch late\nhooks:\n  on_cancel:\n    - run: touch on-cancel\n";
+
+/// Waits until op `op`'s events hold one of `kind`.
+fn wait_for_event(sandbox: &Sandbox, op: i64, kind: &str) {
+    let started = Instant::now();
+    while !events(&sandbox.show(op)).iter().any(|(k, _)| k == kind) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no {kind} event"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The op was canceled and its step killed (KILL) long before it could write `late`: nothing of it runs
+/// any more, so it never will.
+fn assert_killed_early(sandbox: &Sandbox) {
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "canceled", "{show}");
+    assert!(
+        step_processes(show["uuid"].as_str().unwrap()).is_empty(),
+        "no process of the step remains"
+    );
+    assert!(
+        !sandbox.path().join("late").exists(),
+        "the step ran on past TERM for 20 s: it got more than the cancel's grace"
+    );
+    assert!(sandbox.path().join("on-cancel").exists());
+}
+
+#[test]
+fn cancel_grace_is_the_live_owner_s_grace_for_the_steps() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", STUBBORN);
+    let mut run = sandbox.spawn(&["run", "plan.yaml", "--grace", "30s"]);
+    sandbox.wait_for("started", Duration::from_secs(20));
+    let cancel = sandbox.cairn(&["cancel", "1", "--grace", "1s"]);
+    assert_eq!(code(&cancel), Some(0), "{}", stderr(&cancel));
+    assert!(
+        stderr(&cancel).contains("op 1 canceled"),
+        "{}",
+        stderr(&cancel)
+    );
+    assert_eq!(run.wait().unwrap().code(), Some(3), "the run exits 3");
+    assert_killed_early(&sandbox);
+    assert!(
+        events(&sandbox.show(1))
+            .iter()
+            .any(|(k, m)| k == "cancel-requested"
+                && m.contains("its running steps get 1s between TERM and KILL")),
+        "{}",
+        sandbox.show(1)
+    );
+}
+
+#[test]
+fn cancel_grace_holds_when_the_owner_is_gone_whoever_finishes_the_cancel() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", STUBBORN);
+    // The request is recorded while the owner cannot act on it (stopped); then the owner and the
+    // canceling command both die, and a server finishes the cancel, with a grace of its own of
+    // 30 s: the request's 1 s is what the step's leftover gets.
+    let mut run = sandbox.spawn(&["run", "plan.yaml", "--grace", "30s"]);
+    sandbox.wait_for("started", Duration::from_secs(20));
+    crate::support::signal(&run, nix::sys::signal::Signal::SIGSTOP);
+    let mut cancel = sandbox.spawn(&["cancel", "1", "--grace", "1s"]);
+    wait_for_event(&sandbox, 1, "cancel-requested");
+    cancel.kill().unwrap();
+    cancel.wait().unwrap();
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let serve = sandbox.cairn(&["serve", "--once", "--poll", "100ms", "--grace", "30s"]);
+    assert_eq!(code(&serve), Some(0), "{}", stderr(&serve));
+    assert_killed_early(&sandbox);
+
+    // With no live owner, `cairn cancel --grace` ends the leftovers itself, with its grace.
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", STUBBORN);
+    let mut run = sandbox.spawn(&["run", "plan.yaml", "--grace", "30s"]);
+    sandbox.wait_for("started", Duration::from_secs(20));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let cancel = sandbox.cairn(&["cancel", "1", "--grace", "1s"]);
+    assert_eq!(code(&cancel), Some(0), "{}", stderr(&cancel));
+    assert_killed_early(&sandbox);
+}

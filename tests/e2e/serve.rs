@@ -209,6 +209,7 @@ fn sigterm_stops_a_server_and_the_next_one_resumes_at_once() {
     // Released: nobody owns it, so the next serve takes it without waiting for a lease.
     let status = sandbox.json(&["status", "--json"]);
     assert_eq!(status[0]["status"], "interrupted");
+    assert_eq!(status[0]["interrupted_by"], "shutdown", "{status}");
     assert!(status[0]["owner"].is_null(), "{status}");
     assert!(crate::support::step_processes(status[0]["uuid"].as_str().unwrap()).is_empty());
 
@@ -529,4 +530,90 @@ fn a_program_holding_the_database_past_the_lease_is_named_and_the_op_goes_on_aft
     // The cut-off attempt ran again; the step after it once.
     assert_eq!(lines(&sandbox, "a-runs"), ["1", "2"]);
     assert_eq!(lines(&sandbox, "c-runs"), ["c"]);
+}
+
+/// The op `status --json` lists with id `op`.
+fn listed(sandbox: &Sandbox, op: i64) -> serde_json::Value {
+    sandbox
+        .json(&["status", "--json", "--all"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["id"] == op)
+        .cloned()
+        .unwrap_or_else(|| panic!("no op {op}"))
+}
+
+#[test]
+fn serve_leaves_an_op_stopped_with_ctrl_c_for_a_person_and_resumes_one_whose_run_was_killed() {
+    let sandbox = Sandbox::new();
+    sandbox.write("slow.yaml", SLOW);
+    sandbox.write(
+        "quick.yaml",
+        "name: quick\nsteps:\n  - id: q\n    run: echo quick >> runs\n",
+    );
+    // Ctrl-C in the terminal of a `cairn run`: the op is recorded interrupted by a signal.
+    let run = sandbox.spawn(&["run", "slow.yaml", "-p", "n=1", "--grace", "2s"]);
+    wait_for_line(&sandbox, "long");
+    crate::support::signal(&run, nix::sys::signal::Signal::SIGINT);
+    let out = wait(run, "the stopped run");
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let op = listed(&sandbox, 1);
+    assert_eq!(op["status"], "interrupted");
+    assert_eq!(op["interrupted_by"], "signal", "{op}");
+    assert!(
+        events(&sandbox.show(1))
+            .iter()
+            .any(|(kind, m)| kind == "op-interrupted"
+                && m.contains("stopped by Ctrl-C (SIGINT) from the terminal")),
+        "{}",
+        sandbox.show(1)
+    );
+    let table = stdout(&sandbox.cairn(&["status"]));
+    assert!(table.contains("interrupted (signal)"), "{table}");
+
+    // A server runs what waits for it (op 2) and leaves op 1 alone: it is not its to resume.
+    sandbox.write("go", "");
+    assert_eq!(code(&sandbox.cairn(&["submit", "quick.yaml"])), Some(0));
+    let out = wait(serve(&sandbox, &["--once"]), "serve --once");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.show(2)["status"], "succeeded");
+    let op = listed(&sandbox, 1);
+    assert_eq!(op["status"], "interrupted", "{op}");
+    assert_eq!(op["interrupted_by"], "signal", "{op}");
+    assert_eq!(lines(&sandbox, "runs"), vec!["first", "long", "quick"]);
+    assert!(
+        !events(&sandbox.show(1))
+            .iter()
+            .any(|(kind, _)| kind == "auto-resumed")
+    );
+    // A person resumes it.
+    let out = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        listed(&sandbox, 1)["interrupted_by"],
+        serde_json::Value::Null
+    );
+
+    // A `cairn run` killed (`kill -9`): its owner died, and a server resumes the op.
+    std::fs::remove_file(sandbox.path().join("go")).unwrap();
+    std::fs::remove_file(sandbox.path().join("runs")).unwrap();
+    let mut run = sandbox.spawn(&["run", "slow.yaml", "-p", "n=3"]);
+    wait_for_line(&sandbox, "long");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let op = listed(&sandbox, 3);
+    assert_eq!(op["status"], "interrupted");
+    assert_eq!(op["interrupted_by"], "owner-died", "{op}");
+    let table = stdout(&sandbox.cairn(&["status"]));
+    assert!(table.contains("interrupted (owner-died)"), "{table}");
+    sandbox.write("go", "");
+    let out = wait(serve(&sandbox, &["--once"]), "serve --once");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let show = sandbox.show(3);
+    assert_eq!(show["status"], "succeeded", "{show}");
+    assert!(
+        events(&show).iter().any(|(kind, _)| kind == "auto-resumed"),
+        "{show}"
+    );
 }

@@ -2,16 +2,16 @@
 
 use std::time::Duration;
 
-use crate::cmd::run::RunArgs;
 use crate::db::{DbArgs, op_id};
 use crate::exit::Failure;
 use crate::output::Output;
 
 /// Cancel a queued, running, waiting, failed or interrupted op.
 ///
-/// The request is recorded first. A live owner ends the op's running steps (TERM, then KILL after
-/// the grace period), runs its `on_cancel` hooks and ends it `canceled`; this waits for that. An op
-/// with no live owner is canceled by this command, hooks included. A canceled op cannot be resumed.
+/// The request is recorded first. A live owner (a `cairn run`, `cairn resume` or `cairn serve`)
+/// ends the op's running steps (TERM, then KILL after the grace period), runs its `on_cancel` hooks
+/// and ends it `canceled`; this waits for that. An op with no live owner is canceled by this
+/// command, hooks included. A canceled op cannot be resumed.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The op's id.
@@ -19,8 +19,11 @@ pub struct Args {
     /// Why, for the audit trail.
     #[arg(long)]
     reason: Option<String>,
-    #[command(flatten)]
-    run: RunArgs,
+    /// How long the op's running steps get between TERM and KILL. Recorded with the request, so
+    /// that the op's owner uses it; without it, the owner's own `--grace` (10s when this command
+    /// ends the steps).
+    #[arg(long, value_name = "DURATION", value_parser = crate::cmd::run::duration)]
+    grace: Option<Duration>,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -30,12 +33,15 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let store = args.db.store()?;
     let runtime = crate::runtime()?;
     let progress = crate::progress::printer(out);
-    let wait = args.run.grace + Duration::from_secs(30);
+    let options = engine::Options::default();
+    // The owner's grace is not known here: at least the default's, and the one asked for.
+    let wait = args.grace.unwrap_or(options.grace).max(options.grace) + Duration::from_secs(30);
     let end = runtime.block_on(engine::op::cancel(
         &store,
         op,
         args.reason.clone(),
-        args.run.options(),
+        args.grace,
+        options,
         wait,
         progress,
     ))?;

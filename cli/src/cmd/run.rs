@@ -63,7 +63,7 @@ impl RunArgs {
     }
 }
 
-fn duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
     plans::units::parse_duration(text)
 }
 

@@ -116,9 +116,13 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let summary = op_json(&row, rule, now);
     let mut text = String::new();
     writeln!(text, "op {}  {}  {}", row.id, row.plan, row.title).ok();
+    // An interrupted op says who or what stopped it, as `status` does.
+    let why = summary["interrupted_by"]
+        .as_str()
+        .map_or_else(String::new, |by| format!(" ({by})"));
     writeln!(
         text,
-        "  status:   {}",
+        "  status:   {}{why}",
         summary["status"].as_str().unwrap_or_default()
     )
     .ok();

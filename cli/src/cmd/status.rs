@@ -15,6 +15,10 @@ use crate::output::Output;
 /// List ops, newest first.
 ///
 /// An op whose owner died while it ran shows as `interrupted`; `cairn resume OP` continues it.
+/// An interrupted op's STATUS says who or what stopped it: `signal` (Ctrl-C, SIGHUP or SIGTERM to
+/// the process that ran it: `cairn serve` leaves it for a person), `shutdown` (a `cairn serve`
+/// drained as it stopped), `released` (a `cairn serve` could not carry it on), `owner-died` (the
+/// process that ran it is gone); `--json` has it as `interrupted_by`.
 #[allow(
     clippy::struct_excessive_bools,
     reason = "independent command-line switches"
@@ -81,6 +85,7 @@ pub fn op_json(op: &OpRow, rule: Rule, now: i64) -> Value {
         "plan": op.plan,
         "name": op.title,
         "status": shown.as_str(),
+        "interrupted_by": rule.interrupted_by(op, now).map(store::Interruption::as_str),
         "created_at": engine::time::rfc3339(op.created_at),
         "started_at": op.started_at.map(engine::time::rfc3339),
         "ended_at": op.ended_at.map(engine::time::rfc3339),
@@ -234,6 +239,16 @@ fn matching(
     Ok(out)
 }
 
+/// The STATUS cell: the status, and for an interrupted op who or what stopped it
+/// (`interrupted (signal)`, `interrupted (owner-died)`).
+fn shown_with_why(op: &OpRow, rule: Rule, now: i64) -> String {
+    let shown = rule.shown_status(op, now);
+    match rule.interrupted_by(op, now) {
+        Some(by) => format!("{shown} ({by})"),
+        None => shown.to_string(),
+    }
+}
+
 /// The ops table. On a store that several machines share (`Rule::Shared`) it has a NODE column,
 /// the `host:pid` of each op's owner; on one machine's, it is the table the brief prints.
 fn table(ops: &[Line], rule: Rule, now: i64) -> String {
@@ -279,7 +294,7 @@ fn table(ops: &[Line], rule: Rule, now: i64) -> String {
                 (_, Some(task)) => format!("{} ({task})", op.title),
                 _ => op.title.clone(),
             },
-            shown.to_string(),
+            shown_with_why(op, rule, now),
             op.started_at
                 .map_or_else(|| "-".to_owned(), engine::time::local),
             elapsed.map_or_else(|| "-".to_owned(), engine::time::elapsed),

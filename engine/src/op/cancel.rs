@@ -30,18 +30,23 @@ pub enum CancelEnd {
     Requested { owner: ProcessId },
 }
 
-/// Cancels an op. The request is recorded first (durably); a live owner acts on it, and this waits
-/// for it (up to `wait`). An op that never started is canceled as it is. One that started and has
-/// no live owner is taken over: what its dead owner left running is ended, its `on_cancel` hooks
-/// run, and it ends `canceled`.
+/// Cancels an op. The request is recorded first (durably), with `grace`: how long the op's running
+/// steps get between TERM and KILL (`None`: the owner's own `--grace`). A live owner acts on it,
+/// and this waits for it (up to `wait`). An op that never started is canceled as it is. One that
+/// started and has no live owner is taken over: what its dead owner left running is ended (with
+/// `grace`, else `options.grace`), its `on_cancel` hooks run, and it ends `canceled`.
 pub async fn cancel(
     store: &Store,
     op: OpId,
     reason: Option<String>,
-    options: Options,
+    grace: Option<std::time::Duration>,
+    mut options: Options,
     wait: std::time::Duration,
     progress: Sink,
 ) -> Result<CancelEnd, Error> {
+    if let Some(grace) = grace {
+        options.grace = grace;
+    }
     let reader = store.reader()?;
     let row = read_op(&reader, op)?;
     match row.status {
@@ -62,6 +67,7 @@ pub async fn cancel(
         .apply(vec![Change::RequestCancel {
             op,
             request: request.clone(),
+            grace_ms: grace.map(|g| i64::try_from(g.as_millis()).unwrap_or(i64::MAX)),
         }])
         .await
         .map_err(|e| match e {
@@ -146,6 +152,7 @@ pub async fn cancel(
                             store,
                             child.id,
                             request.reason.clone(),
+                            grace,
                             options.clone(),
                             wait,
                             progress.clone(),

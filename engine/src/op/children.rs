@@ -122,6 +122,7 @@ pub(crate) fn cancel_children<'a>(
                 store,
                 child.id,
                 Some(format!("its parent op {op} no longer needs it")),
+                None,
                 options.clone(),
                 options.grace + std::time::Duration::from_secs(5),
                 progress.clone(),

@@ -11,7 +11,7 @@ use super::{Error, Overrides, children, lease_until, lock_error, read_op, requeu
 use crate::options::Options;
 use crate::owner::{Rule, now};
 use crate::progress::{Progress, Sink};
-use crate::shutdown::StopHandle;
+use crate::shutdown::{Stop, StopHandle};
 
 /// How waiting for an op's lock ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +78,7 @@ impl Acquire<'_> {
                 _ = stopped.wait_for(|s| *s) => true,
             };
             if asked_to_stop {
-                return self.stopped_waiting(&reader).await;
+                return self.stopped_waiting(&reader, stop).await;
             }
         }
     }
@@ -137,6 +137,7 @@ impl Acquire<'_> {
                 at: now(),
                 error: Some(format!("canceled by {}{why}", request.by)),
                 release: true,
+                interrupted_by: None,
                 kind: EventKind::OpCanceled,
                 message: format!("op canceled by {}{why} before it started", request.by),
             }])
@@ -239,6 +240,7 @@ impl Acquire<'_> {
                     at: now(),
                     error: Some(error.to_string()),
                     release: true,
+                    interrupted_by: None,
                     kind: EventKind::OpFailed,
                     message: format!("op refused before it started: {error}"),
                 }])
@@ -269,21 +271,27 @@ impl Acquire<'_> {
 
     /// Stopped while waiting: an op that never started goes back to the queue (`serve`), else it
     /// ends interrupted.
-    async fn stopped_waiting(&self, reader: &Reader) -> Result<Acquired, Error> {
+    async fn stopped_waiting(&self, reader: &Reader, stop: &StopHandle) -> Result<Acquired, Error> {
         let (op, me) = (self.op, self.me);
         let requeue = self.overrides.requeue && read_op(reader, op)?.started_at.is_none();
         let change = if requeue {
             requeued(op, me, "stopped while waiting to start")
         } else {
+            let cause = Stop::of(&self.options.drain, stop.cause());
+            let why = format!(
+                "{} while waiting to start",
+                Stop::error(cause.as_ref()).trim_end_matches(" before it finished")
+            );
             Change::SetOp {
                 op,
                 owner: Some(me.clone()),
                 status: OpStatus::Interrupted,
                 at: now(),
-                error: Some("stopped while waiting to start".to_owned()),
+                error: Some(why.clone()),
                 release: true,
+                interrupted_by: cause.map(|c| c.by),
                 kind: EventKind::OpInterrupted,
-                message: "stopped while waiting to start".to_owned(),
+                message: why,
             }
         };
         self.store.apply(vec![change]).await?;

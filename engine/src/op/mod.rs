@@ -294,6 +294,7 @@ fn requeued(op: OpId, me: &ProcessId, why: &str) -> Change {
         at: now(),
         error: None,
         release: true,
+        interrupted_by: None,
         kind: EventKind::OpRequeued,
         message: format!("back in the queue: {why}"),
     }

@@ -92,6 +92,18 @@ fn end_children_leftovers<'a>(
     })
 }
 
+/// The grace a cancel request of `row` asks for, as the store has it now (the request may be newer
+/// than `row`).
+fn cancel_grace(reader: &Reader, row: &store::OpRow) -> Option<std::time::Duration> {
+    let now = reader.op(row.id).ok();
+    let row = now.as_ref().unwrap_or(row);
+    row.cancel.as_ref()?;
+    let ms = row.cancel_grace_ms?;
+    Some(std::time::Duration::from_millis(
+        u64::try_from(ms).unwrap_or(0),
+    ))
+}
+
 /// Ends whatever is left of attempts that were running when their owner died, and records them
 /// interrupted, before any task runs again.
 async fn sweep(
@@ -275,9 +287,18 @@ impl Takeover<'_> {
                 _ => Start::Resumed,
             },
         });
-        sweep(store, reader, row, &me, &self.options, &self.progress).await?;
+        // An op asked to be canceled with a grace (`cairn cancel --grace`) has its leftovers ended
+        // with that grace, whoever finishes the cancel.
+        let leftovers = cancel_grace(reader, row).map_or_else(
+            || self.options.clone(),
+            |grace| Options {
+                grace,
+                ..self.options.clone()
+            },
+        );
+        sweep(store, reader, row, &me, &leftovers, &self.progress).await?;
         let rule = owner::Rule::of(store.location());
-        end_children_leftovers(reader, rule, op, &self.options).await?;
+        end_children_leftovers(reader, rule, op, &leftovers).await?;
         OutputFiles::remove_left(&row.uuid);
         if let Some((replan, drift)) = replace {
             let to = Replanned {

@@ -83,7 +83,11 @@ async fn watch_for_cancel(shared: Arc<Shared>) {
                 reader = fresh;
                 None
             };
-        if let Some(request) = found {
+        if let Some((request, grace)) = found {
+            // Set before the stop: the steps' grace is decided when the stop reaches them.
+            if let Some(grace) = grace {
+                shared.set_cancel_grace(grace);
+            }
             let why = request
                 .reason
                 .as_ref()
@@ -98,6 +102,7 @@ async fn watch_for_cancel(shared: Arc<Shared>) {
                     at: now(),
                     error: None,
                     release: false,
+                    interrupted_by: None,
                     kind: EventKind::OpCanceling,
                     message: format!("canceling, as asked by {by}"),
                 }])

@@ -27,6 +27,7 @@ use store::{Change, EventKind, OpStatus, TaskNo};
 use crate::outcome::{EndState, RunEnd};
 use crate::owner::now;
 use crate::progress::Progress;
+use crate::shutdown::Stop;
 use crate::task::Fatal;
 use crate::task::context::{Shared, StopReason};
 use scheduler::{Scheduler, TaskState, satisfied};
@@ -103,7 +104,7 @@ fn decide(run: &Scheduler, ending: Option<EndState>) -> Result<(RunEnd, EndState
         (None, None, Some(_), None) if !shared.may_start() => (
             RunEnd::Interrupted,
             OpStatus::Interrupted,
-            Some("stopped before it finished".to_owned()),
+            Some(Stop::error(shared.stop_cause().as_ref())),
         ),
         (None, None, Some(i), None) => {
             let f = format!("task `{}` could not run", plan.steps[i].id);
@@ -172,6 +173,7 @@ async fn record_final(
         at: now(),
         error: error.clone(),
         release: true,
+        interrupted_by: shared.stop_cause().map(|s| s.by),
         kind: EventKind::op_ended(status),
         message,
     });

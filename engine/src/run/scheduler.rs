@@ -485,6 +485,7 @@ impl Scheduler {
             at: now(),
             error: None,
             release: false,
+            interrupted_by: None,
             kind,
             message: message.to_owned(),
         };

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use plans::model::{Plan, Step};
@@ -30,7 +30,7 @@ use crate::options::Options;
 use crate::outcome::EndState;
 use crate::owner::now;
 use crate::progress::{Progress, Sink};
-use crate::shutdown::StopHandle;
+use crate::shutdown::{Stop, StopHandle};
 
 /// Files of a bundle, by key: a plan's sub-plans (and theirs), from the op's snapshot.
 pub(crate) type Files = Arc<BTreeMap<String, String>>;
@@ -77,6 +77,9 @@ pub(crate) struct Signals {
     stop: watch::Receiver<bool>,
     /// Why the run is stopping, when the engine stopped it.
     stop_reason: Arc<std::sync::Mutex<Option<StopReason>>>,
+    /// The grace a cancel request asks the steps for (`cairn cancel --grace`), in milliseconds;
+    /// `u64::MAX`: none asked, the run's own `--grace`.
+    cancel_grace_ms: AtomicU64,
     /// Set when ownership was lost: nothing more may be written.
     lost: AtomicBool,
     /// Why it was lost (the first reason given), for the run's end and its last line. The flag
@@ -103,6 +106,7 @@ impl Signals {
             stop: stop.subscribe(),
             stop_handle: stop,
             stop_reason: Arc::new(std::sync::Mutex::new(None)),
+            cancel_grace_ms: AtomicU64::new(u64::MAX),
             lost: AtomicBool::new(false),
             lost_why: std::sync::Mutex::new(None),
             lease_until: AtomicI64::new(lease_until),
@@ -324,9 +328,45 @@ impl Shared {
         self.signals.stop_reason.lock().ok().and_then(|r| r.clone())
     }
 
+    /// Who or what stopped the run from outside (a signal, its server's shutdown, a parent op's
+    /// stop), if it was said.
+    pub(crate) fn stop_cause(&self) -> Option<Stop> {
+        Stop::of(&self.options.drain, self.signals.stop_handle.cause())
+    }
+
+    /// The handle that stops the run (a child op's stop follows it, cause included).
+    pub(crate) fn stop_handle(&self) -> StopHandle {
+        self.signals.stop_handle.clone()
+    }
+
+    /// A cancel request asks the steps to get `grace` between TERM and KILL, not the run's own.
+    pub(crate) fn set_cancel_grace(&self, grace: Duration) {
+        let ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX - 1);
+        self.signals
+            .cancel_grace_ms
+            .store(ms.min(u64::MAX - 1), Ordering::SeqCst);
+    }
+
+    /// How long a step's processes get between TERM and KILL, decided when they must stop: the
+    /// grace a cancel request asked for, else the run's `--grace`; a run that lost its op (its
+    /// lease) stops its steps before another owner may start them: within a sixth of the lease.
+    pub(crate) fn step_grace(&self) -> Duration {
+        let asked = self.signals.cancel_grace_ms.load(Ordering::SeqCst);
+        let grace = if asked == u64::MAX {
+            self.options.grace
+        } else {
+            Duration::from_millis(asked)
+        };
+        if self.is_lost() {
+            grace.min(self.options.lease / 6)
+        } else {
+            grace
+        }
+    }
+
     /// A request to cancel this op, or an op above it (a sub-plan's parent), if one was made.
     pub(crate) fn cancel_request(&self, reader: &store::Reader) -> Option<store::Request> {
-        cancel_request_in(reader, &self.cancel_targets())
+        cancel_request_in(reader, &self.cancel_targets()).map(|(request, _)| request)
     }
 
     /// This op and those above it (a sub-plan's parents): a cancel of any of them cancels it.
@@ -483,8 +523,17 @@ pub(crate) fn with_hooks(plan: &Plan) -> (Vec<Step>, HookTasks) {
     (steps, tasks)
 }
 
-/// The first cancel request made of `ops`, as `reader` reads them.
-pub(crate) fn cancel_request_in(reader: &store::Reader, ops: &[OpId]) -> Option<store::Request> {
-    ops.iter()
-        .find_map(|&op| reader.op(op).ok().and_then(|row| row.cancel))
+/// The first cancel request made of `ops`, as `reader` reads them, with the grace it asks for
+/// between TERM and KILL (`cairn cancel --grace`; `None`: the owner's own).
+pub(crate) fn cancel_request_in(
+    reader: &store::Reader,
+    ops: &[OpId],
+) -> Option<(store::Request, Option<Duration>)> {
+    ops.iter().find_map(|&op| {
+        let row = reader.op(op).ok()?;
+        let grace = row
+            .cancel_grace_ms
+            .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+        row.cancel.map(|request| (request, grace))
+    })
 }

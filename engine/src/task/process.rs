@@ -296,17 +296,10 @@ impl ProcessAttempt<'_> {
                 current_task(shared, job),
             ])
             .await?;
-        // A run that lost its op (its lease) stops its steps before another owner may start
-        // them: within a sixth of the lease rather than the whole grace.
+        // The grace is decided when the stop comes: a cancel's own, or a sixth of the lease for a
+        // run that lost its op (`Shared::step_grace`).
         let exit = running
-            .wait_with_grace(self.stop.clone(), || {
-                let grace = shared.options.grace;
-                if shared.is_lost() {
-                    grace.min(shared.options.lease / 6)
-                } else {
-                    grace
-                }
-            })
+            .wait_with_grace(self.stop.clone(), || shared.step_grace())
             .await;
         // The log writer ends when the process's output closes (its readers end or are aborted).
         let _ = tokio::time::timeout(Duration::from_secs(15), logs).await;

@@ -150,6 +150,7 @@ fn forward_stop(
     let mut parent_failed = shared.gates_closed();
     let child_stop = child_stop.clone();
     let reason = shared.stop_reason_handle();
+    let parent = shared.stop_handle();
     tokio::spawn(async move {
         let stop_child = tokio::select! {
             r = parent_stop.wait_for(|s| *s) => {
@@ -158,7 +159,11 @@ fn forward_stop(
             r = parent_failed.wait_for(|s| *s) => r.is_ok(),
         };
         if stop_child {
-            child_stop.stop();
+            // A signal's stop is the child's too, as the child's record says.
+            match parent.cause() {
+                Some(cause) => child_stop.stop_by(cause.by, cause.how),
+                None => child_stop.stop(),
+            }
         }
     })
 }

@@ -10,7 +10,10 @@ use postgres::Client;
 use crate::error::{Error, Result};
 
 /// The migrations, in order; the schema version is their count.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_initial.sql"),
+    include_str!("../../migrations/postgres/0002_stops.sql"),
+];
 
 /// The schema version this cairn writes on PostgreSQL.
 #[allow(clippy::cast_possible_wrap)]

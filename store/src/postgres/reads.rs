@@ -24,8 +24,9 @@ use crate::api::ReadBackend;
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
-    AttemptRow, AttemptStatus, CooldownRow, EventRow, LockRow, LogChunk, Millis, NodeRow, OpFilter,
-    OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo, TaskRow, TaskStatus,
+    AttemptRow, AttemptStatus, CooldownRow, EventRow, Interruption, LockRow, LogChunk, Millis,
+    NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo,
+    TaskRow, TaskStatus,
 };
 
 /// How long a caller waits for a read's answer: a server that stopped answering (a network cut
@@ -389,7 +390,8 @@ fn process_at(r: &Row, first: usize) -> PgResult<Option<ProcessId>> {
 
 const OP_COLUMNS: &str = "id, uuid, plan, title, status, params, created_at, started_at, ended_at, \
      owner_host, owner_boot, owner_pid, owner_start, lease_until, current_task, error, workdir, env, \
-     lock_key, cancel_requested_at, cancel_by, cancel_reason, ending, parent_id, parent_task";
+     lock_key, cancel_requested_at, cancel_by, cancel_reason, ending, parent_id, parent_task, \
+     interrupted_by, cancel_grace_ms";
 
 fn op_row(r: &Row) -> PgResult<OpRow> {
     let status: String = r.try_get(4)?;
@@ -427,6 +429,11 @@ fn op_row(r: &Row) -> PgResult<OpRow> {
             (Some(op), Some(task)) => Some((OpId(op), TaskNo(task))),
             _ => None,
         },
+        interrupted_by: r
+            .try_get::<_, Option<String>>(25)?
+            .as_deref()
+            .and_then(Interruption::parse),
+        cancel_grace_ms: num_opt(r, 26)?,
     })
 }
 
@@ -795,6 +802,7 @@ mod tests {
 
     /// The schema, as the backend migrates a new database.
     const SCHEMA: &str = include_str!("../../migrations/postgres/0001_initial.sql");
+    const SCHEMA_2: &str = include_str!("../../migrations/postgres/0002_stops.sql");
 
     /// Two plans, and five ops: 3 runs, owned, with a cancel asked and an ending decided; 4 and
     /// 5 are its children (tasks 1 and 0).
@@ -870,6 +878,7 @@ mod tests {
             });
             let db = Self { name };
             db.exec(SCHEMA);
+            db.exec(SCHEMA_2);
             db.exec(sql);
             db
         }
@@ -977,6 +986,8 @@ mod tests {
                 at: 3500,
                 reason: Some("oops".into()),
             }),
+            cancel_grace_ms: None,
+            interrupted_by: None,
             ending: Some(serde_json::json!({"status": "failed"})),
             parent: None,
             created_at: 3000,

@@ -15,8 +15,8 @@ use postgres::{Client, Row, Statement};
 use crate::error::{Error, Result};
 use crate::rules::{End, Ownership, Tx};
 use crate::types::{
-    Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus, ProcessId, Request, Snapshot, TaskNo,
-    TaskStatus,
+    Interruption, Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus, ProcessId, Request,
+    Snapshot, TaskNo, TaskStatus,
 };
 
 /// A connection and the statements prepared on it, by their text.
@@ -305,7 +305,7 @@ impl Tx for PgTx<'_> {
     ) -> Result<()> {
         self.exec(
             "UPDATE ops SET owner_host = $2, owner_boot = $3, owner_pid = $4, owner_start = $5, lease_until = $6, \
-             status = 'running', started_at = COALESCE(started_at, $7), ended_at = NULL, error = NULL WHERE id = $1",
+             status = 'running', started_at = COALESCE(started_at, $7), ended_at = NULL, error = NULL, interrupted_by = NULL WHERE id = $1",
             &[
                 &op.0,
                 &owner.host,
@@ -342,9 +342,10 @@ impl Tx for PgTx<'_> {
         error: Option<&str>,
         ended: Option<Millis>,
         release: bool,
+        interrupted_by: Option<Interruption>,
     ) -> Result<()> {
         self.exec(
-            "UPDATE ops SET status = $2::text, error = $3, ended_at = $4::bigint, \
+            "UPDATE ops SET status = $2::text, error = $3, ended_at = $4::bigint, interrupted_by = $6, \
              current_task = CASE WHEN $4::bigint IS NULL THEN current_task ELSE NULL END, \
              ending = CASE WHEN $2::text IN ('succeeded', 'failed', 'canceled') THEN NULL ELSE ending END, \
              owner_host = CASE WHEN $5::boolean THEN NULL ELSE owner_host END, \
@@ -352,7 +353,14 @@ impl Tx for PgTx<'_> {
              owner_pid = CASE WHEN $5::boolean THEN NULL ELSE owner_pid END, \
              owner_start = CASE WHEN $5::boolean THEN NULL ELSE owner_start END, \
              lease_until = CASE WHEN $5::boolean THEN NULL ELSE lease_until END WHERE id = $1",
-            &[&op.0, &status.as_str(), &error, &ended, &release],
+            &[
+                &op.0,
+                &status.as_str(),
+                &error,
+                &ended,
+                &release,
+                &interrupted_by.map(Interruption::as_str),
+            ],
         )?;
         Ok(())
     }
@@ -371,11 +379,17 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    fn request_cancel(&mut self, op: OpId, request: &Request) -> Result<()> {
+    fn request_cancel(
+        &mut self,
+        op: OpId,
+        request: &Request,
+        grace_ms: Option<Millis>,
+    ) -> Result<()> {
         self.exec(
-            "UPDATE ops SET cancel_requested_at = COALESCE(cancel_requested_at, $2), cancel_by = COALESCE(cancel_by, $3), \
+            "UPDATE ops SET cancel_grace_ms = CASE WHEN cancel_requested_at IS NULL THEN $5::bigint ELSE cancel_grace_ms END, \
+             cancel_requested_at = COALESCE(cancel_requested_at, $2), cancel_by = COALESCE(cancel_by, $3), \
              cancel_reason = COALESCE(cancel_reason, $4) WHERE id = $1",
-            &[&op.0, &request.at, &request.by, &request.reason],
+            &[&op.0, &request.at, &request.by, &request.reason, &grace_ms],
         )?;
         Ok(())
     }

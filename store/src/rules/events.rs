@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::types::{
-    AttemptStatus, EventKind, NewOp, NewTask, OpId, Outcome, ProcessId, Request, TaskStatus,
+    AttemptStatus, EventKind, Millis, NewOp, NewTask, OpId, Outcome, ProcessId, Request, TaskStatus,
 };
 
 /// `": reason"` when the request gives one, else nothing.
@@ -118,10 +118,18 @@ pub(crate) fn finishing(status: &str) -> (EventKind, String) {
 }
 
 /// `cancel-requested`.
-pub(crate) fn cancel_requested(request: &Request) -> (EventKind, String) {
+pub(crate) fn cancel_requested(request: &Request, grace_ms: Option<Millis>) -> (EventKind, String) {
+    let grace = grace_ms.map_or_else(String::new, |ms| {
+        let grace = if ms % 1000 == 0 {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        };
+        format!("; its running steps get {grace} between TERM and KILL")
+    });
     (
         EventKind::CancelRequested,
-        format!("cancel requested by {}{}", request.by, why(request)),
+        format!("cancel requested by {}{}{grace}", request.by, why(request)),
     )
 }
 

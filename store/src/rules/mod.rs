@@ -25,8 +25,8 @@ pub(crate) mod schedules;
 
 use crate::error::{Error, Result};
 use crate::types::{
-    Applied, Change, EventKind, Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus, ProcessId,
-    Request, Snapshot, TaskNo, TaskStatus,
+    Applied, Change, EventKind, Interruption, Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus,
+    ProcessId, Request, Snapshot, TaskNo, TaskStatus,
 };
 
 /// Who owns an op as stored: its status, its owner (if any) and the owner's lease.
@@ -69,7 +69,8 @@ pub(crate) trait Tx {
     fn set_lease(&mut self, op: OpId, lease_until: Millis) -> Result<()>;
     fn set_current_task(&mut self, op: OpId, text: Option<&str>) -> Result<()>;
     /// Sets the op's status and error; with `ended`, its end (and no current task); a final
-    /// status drops the recorded ending; `release` clears the owner and lease.
+    /// status drops the recorded ending; `release` clears the owner and lease; `interrupted_by`
+    /// replaces who or what stopped it.
     fn set_op_status(
         &mut self,
         op: OpId,
@@ -77,12 +78,20 @@ pub(crate) trait Tx {
         error: Option<&str>,
         ended: Option<Millis>,
         release: bool,
+        interrupted_by: Option<Interruption>,
     ) -> Result<()>;
     fn op_started_at(&mut self, op: OpId) -> Result<Option<Millis>>;
     /// Ends an op that never started: `canceled` with `error` at `at`, without owner or lease.
     fn cancel_unstarted(&mut self, op: OpId, error: &str, at: Millis) -> Result<()>;
-    /// Records a cancel request, keeping the first one if there is one.
-    fn request_cancel(&mut self, op: OpId, request: &Request) -> Result<()>;
+    /// Records a cancel request and the grace it asks for (in milliseconds), keeping the first
+    /// request (with its grace) if there is one.
+    fn request_cancel(
+        &mut self,
+        op: OpId,
+        request: &Request,
+        grace_ms: Option<Millis>,
+    ) -> Result<()>;
+
     fn set_ending(&mut self, op: OpId, ending: &str) -> Result<()>;
     fn clear_ending(&mut self, op: OpId) -> Result<()>;
     /// Sets the op's params and env and drops its recorded ending.

@@ -7,7 +7,8 @@
 use super::{Tx, event, events, fence, locks, owner_of};
 use crate::error::{Error, Result};
 use crate::types::{
-    Applied, Change, EventKind, Millis, NewOp, OpId, OpStatus, ProcessId, Request, Snapshot, TaskNo,
+    Applied, Change, EventKind, Interruption, Millis, NewOp, OpId, OpStatus, ProcessId, Request,
+    Snapshot, TaskNo,
 };
 
 /// Applies an op change (see [`super::apply`] for which).
@@ -53,6 +54,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             at,
             error,
             release,
+            interrupted_by,
             kind,
             message,
         } => {
@@ -60,7 +62,10 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
                 fence(tx, *op, owner)?;
             }
             let ended = status.is_ended().then_some(*at);
-            tx.set_op_status(*op, *status, error.as_deref(), ended, *release)?;
+            // Only a stored interruption is kept; a dead owner's is derived when read.
+            let by = interrupted_by
+                .filter(|by| *status == OpStatus::Interrupted && *by != Interruption::OwnerDied);
+            tx.set_op_status(*op, *status, error.as_deref(), ended, *release, by)?;
             event(tx, *op, *at, *kind, None, message)?;
             if matches!(status, OpStatus::Succeeded | OpStatus::Canceled) {
                 locks::release(tx, *op, *at)?;
@@ -113,7 +118,11 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             let (kind, message) = events::finishing(ending["status"].as_str().unwrap_or("?"));
             event(tx, *op, now_of(ending), kind, None, &message)
         }
-        Change::RequestCancel { op, request } => {
+        Change::RequestCancel {
+            op,
+            request,
+            grace_ms,
+        } => {
             let (status, _, _) = owner_of(tx, *op)?;
             if status.is_final() {
                 return Err(Error::Conflict {
@@ -122,8 +131,8 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
                     reason: "it has ended; there is nothing to cancel".into(),
                 });
             }
-            tx.request_cancel(*op, request)?;
-            let (kind, message) = events::cancel_requested(request);
+            tx.request_cancel(*op, request, *grace_ms)?;
+            let (kind, message) = events::cancel_requested(request, *grace_ms);
             event(tx, *op, request.at, kind, None, &message)
         }
         Change::Replan {

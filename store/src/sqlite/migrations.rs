@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0005_older_writers.sql"),
     include_str!("../../migrations/0006_status_checks.sql"),
     include_str!("../../migrations/0007_nodes.sql"),
+    include_str!("../../migrations/0008_stops.sql"),
 ];
 
 /// The schema version this cairn writes.

@@ -9,8 +9,9 @@ use super::classify;
 use crate::api::ReadBackend;
 use crate::error::{Error, Result};
 use crate::types::{
-    AttemptRow, AttemptStatus, CooldownRow, EventRow, LockRow, LogChunk, Millis, NodeRow, OpFilter,
-    OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo, TaskRow, TaskStatus,
+    AttemptRow, AttemptStatus, CooldownRow, EventRow, Interruption, LockRow, LogChunk, Millis,
+    NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo,
+    TaskRow, TaskStatus,
 };
 
 /// The process whose four columns start at `first`, if they are all set.
@@ -35,7 +36,8 @@ pub(super) fn process_at(
 
 const OP_COLUMNS: &str = "id, uuid, plan, title, status, params, created_at, started_at, ended_at, \
      owner_host, owner_boot, owner_pid, owner_start, lease_until, current_task, error, workdir, env, \
-     lock_key, cancel_requested_at, cancel_by, cancel_reason, ending, parent_id, parent_task";
+     lock_key, cancel_requested_at, cancel_by, cancel_reason, ending, parent_id, parent_task, \
+     interrupted_by, cancel_grace_ms";
 
 fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
     let status: String = r.get(4)?;
@@ -72,6 +74,11 @@ fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
             (Some(op), Some(task)) => Some((OpId(op), TaskNo(task))),
             _ => None,
         },
+        interrupted_by: r
+            .get::<_, Option<String>>(25)?
+            .as_deref()
+            .and_then(Interruption::parse),
+        cancel_grace_ms: r.get(26)?,
     })
 }
 

@@ -10,8 +10,8 @@ use super::reads::process_at;
 use crate::error::Result;
 use crate::rules::{End, Ownership, Tx};
 use crate::types::{
-    Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus, ProcessId, Request, Snapshot, TaskNo,
-    TaskStatus,
+    Interruption, Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus, ProcessId, Request,
+    Snapshot, TaskNo, TaskStatus,
 };
 
 /// An open write transaction (or savepoint) of the writer's connection.
@@ -134,7 +134,7 @@ impl Tx for SqliteTx<'_> {
         self.run(|c| {
             c.prepare_cached(
                 "UPDATE ops SET owner_host = ?2, owner_boot = ?3, owner_pid = ?4, owner_start = ?5, lease_until = ?6, \
-                 status = 'running', started_at = COALESCE(started_at, ?7), ended_at = NULL, error = NULL WHERE id = ?1",
+                 status = 'running', started_at = COALESCE(started_at, ?7), ended_at = NULL, error = NULL, interrupted_by = NULL WHERE id = ?1",
             )?
             .execute(params![op.0, owner.host, owner.boot_id, owner.pid, owner.start as i64, lease_until, now])?;
             Ok(())
@@ -164,10 +164,11 @@ impl Tx for SqliteTx<'_> {
         error: Option<&str>,
         ended: Option<Millis>,
         release: bool,
+        interrupted_by: Option<Interruption>,
     ) -> Result<()> {
         self.run(|c| {
             c.prepare_cached(
-                "UPDATE ops SET status = ?2, error = ?3, ended_at = ?4, \
+                "UPDATE ops SET status = ?2, error = ?3, ended_at = ?4, interrupted_by = ?6, \
                  current_task = CASE WHEN ?4 IS NULL THEN current_task ELSE NULL END, \
                  ending = CASE WHEN ?2 IN ('succeeded', 'failed', 'canceled') THEN NULL ELSE ending END, \
                  owner_host = CASE WHEN ?5 THEN NULL ELSE owner_host END, \
@@ -176,7 +177,14 @@ impl Tx for SqliteTx<'_> {
                  owner_start = CASE WHEN ?5 THEN NULL ELSE owner_start END, \
                  lease_until = CASE WHEN ?5 THEN NULL ELSE lease_until END WHERE id = ?1",
             )?
-            .execute(params![op.0, status.as_str(), error, ended, release])?;
+            .execute(params![
+                op.0,
+                status.as_str(),
+                error,
+                ended,
+                release,
+                interrupted_by.map(Interruption::as_str)
+            ])?;
             Ok(())
         })
     }
@@ -199,13 +207,19 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
-    fn request_cancel(&mut self, op: OpId, request: &Request) -> Result<()> {
+    fn request_cancel(
+        &mut self,
+        op: OpId,
+        request: &Request,
+        grace_ms: Option<Millis>,
+    ) -> Result<()> {
         self.run(|c| {
             c.prepare_cached(
-                "UPDATE ops SET cancel_requested_at = COALESCE(cancel_requested_at, ?2), cancel_by = COALESCE(cancel_by, ?3), \
+                "UPDATE ops SET cancel_grace_ms = CASE WHEN cancel_requested_at IS NULL THEN ?5 ELSE cancel_grace_ms END, \
+                 cancel_requested_at = COALESCE(cancel_requested_at, ?2), cancel_by = COALESCE(cancel_by, ?3), \
                  cancel_reason = COALESCE(cancel_reason, ?4) WHERE id = ?1",
             )?
-            .execute(params![op.0, request.at, request.by, request.reason])?;
+            .execute(params![op.0, request.at, request.by, request.reason, grace_ms])?;
             Ok(())
         })
     }
