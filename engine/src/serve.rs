@@ -3,6 +3,9 @@
 //! - queued ops nobody owns (or whose owner is gone), oldest first: it starts them;
 //! - ops whose owner is gone (killed, its machine rebooted) or that a stop left interrupted, of
 //!   plans with `auto_resume: true`: it resumes them, as an event `auto-resumed` says;
+//! - ops it parked at their approval gates (`waiting`, unowned: a run whose only tasks in flight
+//!   are gates gives its op up, `Options::park`) once an answer queued them again, or once a
+//!   gate's own `timeout` passed: it goes on with them from the gate;
 //!
 //! and runs up to `workers` at once. Queued ops are reserved for this process before it gives them
 //! workers (`Change::Reserve`), so that several `serve` processes looking at once take different
