@@ -517,6 +517,15 @@ fn ops_waiting_at_approval_gates_hold_no_worker() {
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
     let free: i64 = stdout(&out).trim().parse().unwrap();
     wait_for_status(&sandbox, free, "succeeded");
+    // Parked, not taken as "owner died": nobody took them back before an answer.
+    let show = sandbox.show(2);
+    let kinds: Vec<String> = events(&show).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "op-parked").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert!(!kinds.iter().any(|k| k == "auto-resumed"), "{kinds:?}");
     // The parked ops keep their locks.
     let locks = sandbox.sql("select count(*) from locks");
     assert_eq!(locks.trim(), "3", "{locks}");
