@@ -89,6 +89,13 @@ pub fn of_run(end: &engine::RunEnd, op: store::OpId, lock: Option<&str>) -> Resu
             ));
             Err(Failure::Op(OP_INTERRUPTED))
         }
+        // Only `cairn serve` parks an op; it is not an end.
+        engine::RunEnd::Parked => {
+            crate::output::diagnostic(&format!(
+                "op {op} waits for approval; `cairn serve` goes on with it once answered\n"
+            ));
+            Err(Failure::Op(OP_INTERRUPTED))
+        }
         engine::RunEnd::LostOwnership(why) => {
             crate::output::diagnostic(&format!(
                 "op {op}: stopped running it and wrote nothing more: {why}\n"

@@ -163,6 +163,10 @@ pub fn describe(p: &Progress, verbose: bool) -> String {
                 "  {task}: waiting for approval: {prompt}\n           answer with `cairn approve {op} {task}` (or `--reject`)"
             )
         }
+        Progress::Parked { op, gates } => format!(
+            "op {op} waits for approval of {}: no process holds it until an answer comes",
+            gates.join(", ")
+        ),
         Progress::WaitingForLock { key, holder } => {
             format!("waiting for lock `{key}`, held by op {holder}")
         }

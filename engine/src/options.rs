@@ -18,6 +18,9 @@ pub struct Options {
     pub drain: Drain,
     /// The tasks running in the runs sharing these options.
     pub tasks: TaskCount,
+    /// An op (not a sub-plan's) whose only tasks in flight are approval gates is given up until
+    /// an answer comes (`cairn serve`: it holds no worker meanwhile); otherwise the run waits.
+    pub park: bool,
 }
 
 impl Options {
@@ -39,6 +42,7 @@ impl Default for Options {
             heartbeat: Duration::from_secs(5),
             drain: Drain::default(),
             tasks: TaskCount::default(),
+            park: false,
         }
     }
 }

@@ -18,6 +18,9 @@ pub enum RunEnd {
     Canceled(String),
     /// Another process took the op over (or the store refused this owner): nothing more was written.
     LostOwnership(String),
+    /// The op was parked at its approval gates (`cairn serve`): `waiting`, owned by nobody, until
+    /// an answer queues it again.
+    Parked,
     /// The store could not record progress (disk full, I/O error): the op stays as it was recorded,
     /// shown `interrupted` once this process exits, and resumable.
     StoreFailed(String),
@@ -30,6 +33,7 @@ impl RunEnd {
             Self::Succeeded => OpStatus::Succeeded,
             Self::Failed(_) => OpStatus::Failed,
             Self::Canceled(_) => OpStatus::Canceled,
+            Self::Parked => OpStatus::Waiting,
             _ => OpStatus::Interrupted,
         }
     }

@@ -103,7 +103,10 @@ impl Rule {
         // A queued op with an owner is one a process waits to run (for its lock) or a serving
         // node reserved; if that process is gone, the op is interrupted too. A queued op without
         // one waits for `cairn serve`.
-        let owned = op.status.is_owned() || (op.status == OpStatus::Queued && op.owner.is_some());
+        // A waiting op without one is parked at its gates: nobody holds it until an answer.
+        let parked = op.status == OpStatus::Waiting && op.owner.is_none();
+        let owned = (op.status.is_owned() && !parked)
+            || (op.status == OpStatus::Queued && op.owner.is_some());
         if owned
             && matches!(
                 self.owner_state(op, now),

@@ -39,6 +39,12 @@ pub enum Progress {
         task: String,
         prompt: String,
     },
+    /// The op's only tasks in flight are approval gates and it is given up (`cairn serve`) until
+    /// an answer comes.
+    Parked {
+        op: OpId,
+        gates: Vec<String>,
+    },
     /// The op waits for its lock, held by another op.
     WaitingForLock {
         key: String,

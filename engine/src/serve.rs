@@ -5,6 +5,9 @@
 //!   released (`interrupted_by`: `shutdown`, `released`), of plans with `auto_resume: true`: it
 //!   resumes them, as an event `auto-resumed` says; never an op a signal to the process that ran
 //!   it stopped (Ctrl-C, SIGTERM to a `cairn run`: `signal`), which waits for `cairn resume`;
+//! - ops it parked at their approval gates (`waiting`, unowned: a run whose only tasks in flight
+//!   are gates gives its op up, `Options::park`) once an answer queued them again, or once a
+//!   gate's own `timeout` passed: it goes on with them from the gate;
 //!
 //! and runs up to `workers` at once. Queued ops are reserved for this process before it gives them
 //! workers (`Change::Reserve`), so that several `serve` processes looking at once take different
@@ -58,6 +61,9 @@ pub struct Config {
 enum Work {
     Start,
     Resume,
+    /// An op parked at its approval gates goes on: a gate was answered (the op is queued
+    /// again), or a gate's own `timeout` passed.
+    Wake,
 }
 
 /// How long an op refused for a passing reason waits before it is tried again.
@@ -128,10 +134,12 @@ impl Workers {
 /// ([`Node`]); `config.options.lease` is both its own lease and the lease of every op it runs.
 pub async fn serve(
     store: &Store,
-    config: Config,
+    mut config: Config,
     progress: Arc<dyn Fn(OpId) -> Sink + Send + Sync>,
     stop: StopHandle,
 ) -> Result<(), Error> {
+    // An op waiting only for approvals holds no worker: it is parked until an answer comes.
+    config.options.park = true;
     let mut stopped = stop.subscribe();
     let mut workers = Workers::default();
     let mut seen = Seen::default();
@@ -313,7 +321,7 @@ async fn choose(
 ) -> Vec<(OpId, Work)> {
     let (resumes, starts): (Vec<_>, Vec<_>) = found
         .into_iter()
-        .partition(|(_, what)| *what == Work::Resume);
+        .partition(|(_, what)| *what != Work::Start);
     let mut chosen: Vec<(OpId, Work)> = resumes.into_iter().take(free).collect();
     let left = free - chosen.len();
     if left == 0 || starts.is_empty() {
@@ -352,6 +360,10 @@ async fn run_one(
     let (kind, verb) = match what {
         Work::Start => (EventKind::Started, "started by cairn serve"),
         Work::Resume => (EventKind::AutoResumed, "resumed by cairn serve"),
+        Work::Wake => (
+            EventKind::AutoResumed,
+            "taken by cairn serve to go on after its approval gates",
+        ),
     };
     let takeover = op::Takeover {
         store,
@@ -439,6 +451,10 @@ async fn ended(
             tracing::warn!(op = op.0, error = %e, "the store failed under it");
             e
         }
+        Ok(RunEnd::Parked) => {
+            tracing::info!(op = op.0, "waiting for approval; its worker is free");
+            return;
+        }
         Ok(RunEnd::LostOwnership(why)) => {
             // Its steps were ended and nothing more was written for it; the other ops go on.
             // When the lease ran out (the database locked or cut off) and no other process took
@@ -519,6 +535,34 @@ async fn release(store: &Store, me: &store::ProcessId, seen: &mut Seen) {
     seen.to_release = pending;
 }
 
+/// Whether a gate of a parked op has waited past its own `timeout` (or none waits any more).
+fn gate_due(reader: &store::Reader, row: &store::OpRow, now: store::Millis) -> bool {
+    let Ok(tasks) = reader.tasks(row.id) else {
+        return false;
+    };
+    let waiting: Vec<_> = tasks
+        .iter()
+        .filter(|t| t.status == store::TaskStatus::Waiting)
+        .collect();
+    if waiting.is_empty() {
+        return true;
+    }
+    let Ok(plan) = op::snapshot_plan(reader, row.id) else {
+        return false;
+    };
+    waiting.iter().any(|t| {
+        let limit = plan
+            .steps
+            .iter()
+            .find(|s| s.id == t.step)
+            .and_then(|s| s.timeout);
+        match (limit, t.started_at) {
+            (Some(limit), Some(since)) => since.saturating_add(millis(limit)) <= now,
+            _ => false,
+        }
+    })
+}
+
 /// The ops a poll found: those to start or resume now, and those that wait for a lock with what
 /// their `CUR_TASK` should say.
 type Found = (Vec<(OpId, Work)>, Vec<(OpId, String)>);
@@ -573,6 +617,12 @@ fn work(
                 }
                 continue;
             }
+            // Parked at its gates: left alone until an answer queues it again, unless a gate's
+            // own `timeout` passed (the woken run fails it). `cairn cancel` cancels it itself.
+            let parked = row.status == OpStatus::Waiting && row.owner.is_none();
+            if parked && (row.cancel.is_some() || !gate_due(reader, &row, now)) {
+                continue;
+            }
             if let Some((key, holder)) = row
                 .lock_key
                 .as_ref()
@@ -587,10 +637,12 @@ fn work(
                 }
                 continue;
             }
-            let what = if row.status == OpStatus::Queued && row.started_at.is_none() {
-                Work::Start
-            } else {
-                Work::Resume
+            let what = match (row.status, row.started_at) {
+                (OpStatus::Queued, None) => Work::Start,
+                // Queued after it started: a gate's answer woke it.
+                (OpStatus::Queued, Some(_)) => Work::Wake,
+                _ if parked => Work::Wake,
+                _ => Work::Resume,
             };
             if what == Work::Resume {
                 match op::snapshot_plan(reader, row.id).map(|p| p.auto_resume) {

@@ -132,7 +132,8 @@ pub struct RawStep {
     /// The working directory (template).
     #[schemars(with = "Option<String>")]
     pub cwd: Option<Text>,
-    /// The longest one attempt may run, e.g. `10m`.
+    /// The longest one attempt may run, e.g. `10m`; on an `approve` step, how long the gate waits
+    /// for an answer.
     #[schemars(with = "Option<Scalar>")]
     pub timeout: Option<Spanned<Scalar>>,
     /// How failed attempts are retried.

@@ -168,6 +168,11 @@ event_kinds! {
         OpRunning => "op-running",
         /// Only approval gates are left: the op waits for their answers.
         OpWaiting => "op-waiting",
+        /// Only approval gates are left and its owner (`cairn serve`) gives the op up until an
+        /// answer comes: no process holds it meanwhile.
+        OpParked => "op-parked",
+        /// An answer came to a gate of a parked op: it is queued again, to go on.
+        OpWoken => "op-woken",
         /// The op's outcome is decided and its finishing hooks run.
         OpFinishing => "op-finishing",
         /// A finishing hook failed; the op's outcome stands.
@@ -685,12 +690,35 @@ pub enum Change {
         owner: ProcessId,
         ending: serde_json::Value,
     },
-    /// Answer an approval gate: only a task that is `waiting` changes.
+    /// Answer an approval gate: only a task that is `waiting` changes. An op parked at its gates
+    /// (`waiting`, no owner: see [`Change::Park`]) is queued again, for `cairn serve` to go on.
     Approve {
         op: OpId,
         task: TaskNo,
         approve: bool,
         request: Request,
+    },
+    /// The owner ends an approval gate that still waits (its own `timeout` passed, or the op ends
+    /// without an answer): `status` (failed or canceled) with `error`. A gate answered meanwhile
+    /// keeps its answer.
+    EndGate {
+        op: OpId,
+        owner: ProcessId,
+        task: TaskNo,
+        status: TaskStatus,
+        at: Millis,
+        error: String,
+        message: String,
+    },
+    /// The owner of an op whose only tasks in flight are approval gates gives it up: the op is
+    /// `waiting`, unowned (its lock stays its own), until an answer queues it again. Refused
+    /// (`Error::Conflict`) when one of `gates` no longer waits: the answer came first.
+    Park {
+        op: OpId,
+        owner: ProcessId,
+        gates: Vec<TaskNo>,
+        at: Millis,
+        message: String,
     },
     /// A fan-out step's list is frozen: stored on the step's task, which becomes `running`, with
     /// one task per item. Refused if the step's list is frozen already. After a rerun (which

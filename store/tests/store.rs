@@ -293,6 +293,116 @@ fn a_succeeded_task_is_never_started_again() {
     }
 }
 
+/// A gate set waiting by `who`.
+fn gate_waits(store: &Store, op: OpId, who: &ProcessId, task: u32, at: i64) {
+    store
+        .apply_blocking(vec![Change::SetTask {
+            op,
+            owner: who.clone(),
+            task: TaskNo(task),
+            status: TaskStatus::Waiting,
+            at,
+            message: "waiting".into(),
+        }])
+        .unwrap();
+}
+
+fn answer(store: &Store, op: OpId, task: u32, approve: bool) -> store::Result<Vec<Applied>> {
+    store.apply_blocking(vec![Change::Approve {
+        op,
+        task: TaskNo(task),
+        approve,
+        request: store::Request {
+            by: "someone".into(),
+            at: 9,
+            reason: None,
+        },
+    }])
+}
+
+/// Parking gives the op up (`waiting`, no owner) only while its gates all wait; an answer to a
+/// parked op's gate queues it again; a gate ended by its owner keeps an answer that came first,
+/// and a gate that no longer waits refuses an answer.
+#[test]
+fn a_parked_op_is_queued_by_an_answer_and_an_ended_gate_refuses_one() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        let op = submit(&store, 2);
+        let me = owner(1);
+        claim(&store, op, &me, 1, None).unwrap();
+        gate_waits(&store, op, &me, 0, 2);
+        assert_eq!(
+            store.reader().unwrap().tasks(op).unwrap()[0].started_at,
+            Some(2)
+        );
+        let park = |gates: Vec<u32>| Change::Park {
+            op,
+            owner: me.clone(),
+            gates: gates.into_iter().map(TaskNo).collect(),
+            at: 3,
+            message: "parked".into(),
+        };
+        // Task 1 does not wait: refused, nothing changes.
+        let err = store.apply_blocking(vec![park(vec![0, 1])]).unwrap_err();
+        assert!(matches!(err, Error::Conflict { .. }), "{err}");
+        assert_eq!(
+            store.reader().unwrap().op(op).unwrap().owner,
+            Some(me.clone())
+        );
+        store.apply_blocking(vec![park(vec![0])]).unwrap();
+        let row = store.reader().unwrap().op(op).unwrap();
+        assert_eq!((row.status, row.owner), (OpStatus::Waiting, None));
+        // The answer queues it again, for a server to go on.
+        answer(&store, op, 0, true).unwrap();
+        let row = store.reader().unwrap().op(op).unwrap();
+        assert_eq!(row.status, OpStatus::Queued);
+        assert!(row.started_at.is_some());
+        let kinds: Vec<String> = store
+            .reader()
+            .unwrap()
+            .events(op)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert!(kinds.iter().any(|k| k == "op-parked"), "{kinds:?}");
+        assert!(kinds.iter().any(|k| k == "op-woken"), "{kinds:?}");
+
+        // An owned op's gate: the answer does not touch the op; ending the gate afterwards keeps
+        // the answer; a gate ended first refuses the answer.
+        let op = submit(&store, 3);
+        claim(&store, op, &me, 1, None).unwrap();
+        gate_waits(&store, op, &me, 0, 2);
+        gate_waits(&store, op, &me, 1, 2);
+        answer(&store, op, 0, false).unwrap();
+        let end = |task: u32| Change::EndGate {
+            op,
+            owner: me.clone(),
+            task: TaskNo(task),
+            status: TaskStatus::Canceled,
+            at: 10,
+            error: "no answer: the op failed".into(),
+            message: "no answer before the op failed".into(),
+        };
+        store.apply_blocking(vec![end(0), end(1)]).unwrap();
+        let tasks = store.reader().unwrap().tasks(op).unwrap();
+        assert_eq!(tasks[0].status, TaskStatus::Failed);
+        assert!(tasks[0].error.as_deref().unwrap().contains("rejected"));
+        assert_eq!(tasks[1].status, TaskStatus::Canceled);
+        assert_eq!(tasks[1].error.as_deref(), Some("no answer: the op failed"));
+        assert_eq!(
+            store.reader().unwrap().op(op).unwrap().status,
+            OpStatus::Running
+        );
+        let err = answer(&store, op, 1, true).unwrap_err();
+        assert!(
+            err.to_string().contains("not waiting for an answer"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn a_whole_attempt_is_recorded_final_and_a_refused_lone_batch_leaves_nothing() {
     for fresh in fresh_stores() {

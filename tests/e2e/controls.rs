@@ -565,7 +565,8 @@ fn a_queued_op_does_not_start_while_paused() {
     assert!(sandbox.path().join("ran").exists());
 }
 
-/// A failed branch ends the op even while an approval gate waits elsewhere. (Controls review #8.)
+/// A failed branch ends the op even while an approval gate waits elsewhere (controls review #8);
+/// the gate ends with it, canceled, and an answer is then refused (issue 22, item 15).
 #[test]
 fn a_failure_elsewhere_ends_the_op_without_waiting_for_a_gate() {
     let sandbox = Sandbox::new();
@@ -575,11 +576,101 @@ fn a_failure_elsewhere_ends_the_op_without_waiting_for_a_gate() {
     assert_eq!(code(&out), Some(1), "{}", stderr(&out));
     assert!(started.elapsed() < Duration::from_secs(15));
     let show = sandbox.show(1);
-    assert_eq!(
-        task(&show, "ok")["status"],
-        "waiting",
-        "the gate keeps waiting, for a resume"
+    assert_eq!(task(&show, "ok")["status"], "canceled", "{show}");
+    assert_eq!(task(&show, "ok")["error"], "no answer: the op failed");
+    assert!(
+        events(&show)
+            .iter()
+            .any(|(k, m)| k == "task-canceled" && m.contains("no answer before the op failed")),
+        "{show}"
     );
+    let out = sandbox.cairn(&["approve", "1", "ok"]);
+    assert_eq!(code(&out), Some(2));
+    assert!(
+        stderr(&out).contains(
+            "task `ok` is canceled, not waiting for an answer; the op is failed: `cairn resume 1` asks again"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Issue 22, item 15: the op's `timeout` bounds its work, not the time a person takes to answer:
+/// an op waiting at a gate past its timeout goes on once approved. Time running beside a
+/// waiting gate counts: the op times out, and the gate ends with it.
+#[test]
+fn the_op_timeout_does_not_count_time_waiting_at_a_gate() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: gate\ntimeout: 2s\nsteps:\n  - id: confirm\n    approve: go?\n  - id: after\n    needs: [confirm]\n    run: echo after >> runs\n",
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    sandbox.wait_for_db();
+    let started = Instant::now();
+    while sandbox.json(&["status", "--json"])[0]["status"] != "waiting" {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "waiting", "{show}");
+    assert_eq!(task(&show, "confirm")["status"], "waiting");
+    let out = sandbox.cairn(&["approve", "1", "confirm"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(run.wait().unwrap().success());
+    assert_eq!(sandbox.read("runs"), "after\n");
+
+    sandbox.write(
+        "busy.yaml",
+        "name: busy\ntimeout: 2s\nsteps:\n  - id: confirm\n    approve: go?\n  - id: slow\n    run: sleep 30\n",
+    );
+    let out = sandbox.cairn(&["run", "busy.yaml"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    let show = sandbox.show(2);
+    assert_eq!(show["status"], "failed");
+    assert!(
+        show["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 2s"),
+        "{show}"
+    );
+    assert_eq!(task(&show, "confirm")["status"], "canceled", "{show}");
+    assert_eq!(
+        task(&show, "confirm")["error"],
+        "no answer: the op timed out after 2s"
+    );
+}
+
+/// Issue 22, item 15: an approval step's own `timeout` fails the gate when no answer comes in
+/// time, and the op with it; the event says why, and a late answer is refused.
+#[test]
+fn an_approval_step_timeout_fails_the_gate() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: gate\nsteps:\n  - id: confirm\n    approve: go?\n    timeout: 1s\n  - id: after\n    needs: [confirm]\n    run: echo after >> runs\n",
+    );
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("confirm: failed: no answer within 1s"),
+        "{}",
+        stderr(&out)
+    );
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "failed");
+    assert_eq!(task(&show, "confirm")["status"], "failed");
+    assert_eq!(task(&show, "after")["status"], "pending");
+    assert!(
+        events(&show).iter().any(|(k, m)| k == "task-failed"
+            && m == "no answer within 1s (the step's `timeout`): the gate fails"),
+        "{show}"
+    );
+    let out = sandbox.cairn(&["approve", "1", "confirm"]);
+    assert_eq!(code(&out), Some(2));
+    assert!(!sandbox.path().join("runs").exists());
 }
 
 /// A crash among the finishing hooks: the resume runs the hooks left, not the failed step again.

@@ -617,3 +617,146 @@ fn serve_leaves_an_op_stopped_with_ctrl_c_for_a_person_and_resumes_one_whose_run
         "{show}"
     );
 }
+
+const GATE: &str = r"
+name: gate
+lock: gate-{{ params.n }}
+params:
+  n: { type: int, required: true }
+steps:
+  - id: before
+    run: echo {{ params.n }} before >> runs
+  - id: confirm
+    needs: [before]
+    approve: go on with {{ params.n }}?
+  - id: after
+    needs: [confirm]
+    run: echo {{ params.n }} after >> runs
+";
+
+/// Waits until op `op` shows `status` (from `show --json`), up to a minute.
+fn wait_for_status(sandbox: &Sandbox, op: i64, status: &str) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let show = sandbox.show(op);
+        if show["status"] == status {
+            return show;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "op {op} never became {status}: {show}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 22, item 12: ops waiting at approval gates hold no worker. With one worker, three ops
+/// park at their gates and a fourth runs; an answer wakes its op, which goes on from the gate (an
+/// approval runs what follows, a rejection fails it without asking again); a parked op is
+/// canceled with no live owner.
+#[test]
+fn ops_waiting_at_approval_gates_hold_no_worker() {
+    let sandbox = Sandbox::new();
+    sandbox.write("gate.yaml", GATE);
+    sandbox.write(
+        "free.yaml",
+        "name: free\nsteps:\n  - id: a\n    run: echo free >> runs\n",
+    );
+    for n in 1..=3 {
+        submit(&sandbox, "gate.yaml", n);
+    }
+    let server = serve(&sandbox, &["--workers", "1"]);
+    for op in 1..=3 {
+        let show = wait_for_status(&sandbox, op, "waiting");
+        assert_eq!(task(&show, "confirm")["status"], "waiting");
+        assert!(
+            events(&show).iter().any(|(k, _)| k == "op-parked"),
+            "{show}"
+        );
+    }
+    let status = sandbox.json(&["status", "--json"]);
+    let first = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["id"] == 1)
+        .unwrap();
+    assert_eq!(first["status"], "waiting", "{status}");
+    assert_eq!(first["current_task"], "confirm: approve? go on with 1?");
+    // The worker is free: a plain op runs while the three wait.
+    let out = sandbox.cairn(&["submit", "free.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let free: i64 = stdout(&out).trim().parse().unwrap();
+    wait_for_status(&sandbox, free, "succeeded");
+    // Parked, not taken as "owner died": nobody took them back before an answer.
+    let show = sandbox.show(2);
+    let kinds: Vec<String> = events(&show).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "op-parked").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert!(!kinds.iter().any(|k| k == "auto-resumed"), "{kinds:?}");
+    // The parked ops keep their locks.
+    let locks = sandbox.sql("select count(*) from locks");
+    assert_eq!(locks.trim(), "3", "{locks}");
+
+    let out = sandbox.cairn(&["approve", "1", "confirm"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = wait_for_status(&sandbox, 1, "succeeded");
+    assert_eq!(task(&show, "confirm")["status"], "succeeded");
+    assert_eq!(sandbox.show(2)["status"], "waiting");
+    assert_eq!(sandbox.show(3)["status"], "waiting");
+
+    let out = sandbox.cairn(&["approve", "2", "confirm", "--reject", "--comment", "no"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = wait_for_status(&sandbox, 2, "failed");
+    assert_eq!(task(&show, "confirm")["status"], "failed");
+    assert_eq!(task(&show, "after")["status"], "pending");
+    assert!(
+        show["error"].as_str().unwrap().contains("rejected"),
+        "{show}"
+    );
+
+    let out = sandbox.cairn(&["cancel", "3"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = wait_for_status(&sandbox, 3, "canceled");
+    assert_eq!(task(&show, "confirm")["status"], "canceled");
+
+    crate::support::signal(&server, nix::sys::signal::Signal::SIGTERM);
+    let out = wait(server, "serve");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut runs = lines(&sandbox, "runs");
+    runs.sort();
+    assert_eq!(
+        runs,
+        vec!["1 after", "1 before", "2 before", "3 before", "free"]
+    );
+}
+
+/// Issue 22, item 15: a parked gate's own `timeout` still passes: `serve` takes the op back and
+/// the gate fails, with the op; nothing is left waiting.
+#[test]
+fn a_parked_gate_fails_when_its_own_timeout_passes() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "gate.yaml",
+        "name: gate\nsteps:\n  - id: confirm\n    approve: go?\n    timeout: 2s\n  - id: after\n    needs: [confirm]\n    run: echo after >> runs\n",
+    );
+    let out = sandbox.cairn(&["submit", "gate.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let server = serve(&sandbox, &["--workers", "1"]);
+    let show = wait_for_status(&sandbox, 1, "failed");
+    assert_eq!(task(&show, "confirm")["status"], "failed");
+    assert_eq!(task(&show, "confirm")["error"], "no answer within 2s");
+    assert!(
+        events(&show).iter().any(|(k, _)| k == "op-parked"),
+        "{show}"
+    );
+    let out = sandbox.cairn(&["approve", "1", "confirm"]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    crate::support::signal(&server, nix::sys::signal::Signal::SIGTERM);
+    let out = wait(server, "serve");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("runs"), "");
+}

@@ -141,8 +141,8 @@ pub async fn cancel(
                             "op {op} could not be taken over to cancel it"
                         )));
                     }
-                    // Another process took it first: wait for that one.
-                    Err(Error::Owned { .. }) => continue,
+                    // Another process took it first (or ended it meanwhile): look again.
+                    Err(Error::Owned { .. } | Error::Final { .. }) => continue,
                     Err(e) => return Err(e),
                 };
                 // Its sub-plans' ops that have not ended are canceled first, with their hooks.
@@ -160,7 +160,9 @@ pub async fn cancel(
                         .await;
                     }
                 }
-                return match crate::run::run(shared, tasks, Some(requester(&request)), None).await {
+                return match crate::run::run(shared, tasks, Some(requester(&request)), None, false)
+                    .await
+                {
                     RunEnd::Canceled(_) => Ok(CancelEnd::Canceled),
                     other => Err(Error::Refused(format!(
                         "op {op} could not be canceled: it ended {}",

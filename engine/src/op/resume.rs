@@ -149,7 +149,10 @@ pub(crate) async fn resume_as(
         }
     }
     let cancel = row.cancel.as_ref().map(requester);
-    Ok(crate::run::run(shared, tasks, cancel, ending).await)
+    // An op queued after it started was parked at its gates and woken by an answer: the answer
+    // stands (a rejected gate is not asked again).
+    let answered = row.status == OpStatus::Queued && row.started_at.is_some();
+    Ok(crate::run::run(shared, tasks, cancel, ending, answered).await)
 }
 
 /// Makes `steps` (and their fan-out items) and the finishing hooks pending again, with a fresh

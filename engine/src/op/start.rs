@@ -230,5 +230,5 @@ pub async fn run(
     };
     let shared = shared(store, run, options, progress, stop)?;
     let tasks = TaskState::initial(&shared.steps);
-    Ok((id, crate::run::run(shared, tasks, None, None).await))
+    Ok((id, crate::run::run(shared, tasks, None, None, false).await))
 }

@@ -25,7 +25,7 @@ impl Watchers {
         let timer = shared.plan.timeout.map(|limit| {
             let shared = shared.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(limit).await;
+                op_timer(&shared, limit).await;
                 shared.stop_because(StopReason::Timeout(format!(
                     "the op timed out after {}",
                     plans::units::format_duration(limit)
@@ -51,6 +51,26 @@ impl Watchers {
     /// The run ends: nothing more is renewed.
     pub(super) fn end(&self) {
         self.heartbeat.abort();
+    }
+}
+
+/// Returns once the run has used up `limit`, not counting the time it waits with only approval
+/// gates in flight (the op's `timeout` bounds its work, not a person's answer).
+async fn op_timer(shared: &Shared, limit: Duration) {
+    let mut at_gates = shared.at_gates();
+    let mut left = limit;
+    loop {
+        // Paused while only gates wait (a closed channel: the run is ending anyway).
+        if at_gates.wait_for(|g| !*g).await.is_err() {
+            return;
+        }
+        let from = tokio::time::Instant::now();
+        tokio::select! {
+            () = tokio::time::sleep(left) => return,
+            _ = at_gates.wait_for(|g| *g) => {
+                left = left.saturating_sub(from.elapsed());
+            }
+        }
     }
 }
 

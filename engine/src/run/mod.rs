@@ -41,17 +41,23 @@ pub(crate) async fn run(
     tasks: Vec<TaskState>,
     cancel: Option<String>,
     ending: Option<EndState>,
+    answered: bool,
 ) -> RunEnd {
     if let Some(by) = cancel {
         shared.stop_because(StopReason::Cancel(by));
     }
     let watchers = lease::Watchers::start(&shared);
-    let mut run = Scheduler::new(shared.clone(), tasks, ending.is_some());
+    let mut run = Scheduler::new(shared.clone(), tasks, ending.is_some(), answered);
     if ending.is_none() {
         hooks::run_pre(&mut run).await;
     }
     run.drive().await;
     watchers.steps_ended();
+    if run.parked && !shared.is_lost() {
+        // Given up until an answer comes: no outcome yet, no finishing hook.
+        watchers.end();
+        return RunEnd::Parked;
+    }
     let decided = decide(&run, ending);
     let (end, state) = match decided {
         Ok(decided) => decided,

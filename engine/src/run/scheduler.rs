@@ -17,7 +17,7 @@ use std::sync::Arc;
 use plans::model::{Action, Plan, Step};
 use plans::template::Context;
 use serde_json::{Map, Value};
-use store::{Change, EventKind, OpStatus, TaskStatus};
+use store::{Change, EventKind, OpStatus, TaskNo, TaskStatus};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -41,6 +41,8 @@ pub(crate) struct TaskState {
     pub name: String,
     /// A fan-out item's value; on a fan-out step's own task, the frozen list once expanded.
     pub item: Option<Value>,
+    /// Why it failed, as stored when the run started.
+    pub error: Option<String>,
 }
 
 impl TaskState {
@@ -54,6 +56,7 @@ impl TaskState {
             step: Some(step),
             name,
             item,
+            error: None,
         }
     }
 
@@ -89,6 +92,7 @@ impl TaskState {
                 step,
                 name: row.name,
                 item: row.item,
+                error: row.error,
             };
             if no >= tasks.len() {
                 tasks.resize_with(no + 1, || Self {
@@ -175,7 +179,12 @@ pub(crate) struct Scheduler {
     pub(super) in_flight: BTreeSet<usize>,
     /// Whether the op is shown `waiting` (only approval gates are in flight).
     shown_waiting: bool,
+    /// Whether the op was parked at its gates: its owner gave it up, the run ends without an
+    /// outcome.
+    pub(super) parked: bool,
     stop: watch::Receiver<bool>,
+    /// The gates that wait for their answer: a run that parks tries again when it changes.
+    gate_news: watch::Receiver<BTreeSet<usize>>,
     /// The plan's `max_parallel`.
     pub(super) max: usize,
     /// Fan-outs: each step's items (task numbers, in item order), the ones still to start, how
@@ -195,28 +204,47 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     /// The run of `plan`'s tasks as stored; with `decided`, the outcome was decided by an earlier
-    /// run and no step runs (only finishing hooks are left).
-    pub(crate) fn new(shared: Arc<Shared>, tasks: Vec<TaskState>, decided: bool) -> Self {
+    /// run and no step runs (only finishing hooks are left). With `answered`, the op goes on after
+    /// an answer to its gates (it was parked): a gate that failed (rejected, or no answer in
+    /// time) is this run's failure, not asked again.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        tasks: Vec<TaskState>,
+        decided: bool,
+        answered: bool,
+    ) -> Self {
         let plan = &shared.plan;
+        let answer_failed = |i: usize| {
+            answered
+                && tasks[i].status == TaskStatus::Failed
+                && matches!(plan.steps[i].action, Action::Approve { .. })
+        };
         // At the start only kept tasks count as done: every other task, a failed
         // `continue_on_error` one included, runs again, and its dependents wait for that run.
+        // A gate's answer that woke the op stands.
+        let done = |i: usize| {
+            tasks[i].status.is_kept() || (answer_failed(i) && plan.steps[i].continue_on_error)
+        };
         let waiting_on: Vec<usize> = plan
             .steps
             .iter()
-            .map(|step| {
-                step.needs
-                    .iter()
-                    .filter(|&&need| !tasks[need].status.is_kept())
-                    .count()
-            })
+            .map(|step| step.needs.iter().filter(|&&need| !done(need)).count())
             .collect();
         let ready: VecDeque<usize> = plan
             .dag
             .order()
             .iter()
             .copied()
-            .filter(|&i| !decided && waiting_on[i] == 0 && !tasks[i].status.is_kept())
+            .filter(|&i| !decided && waiting_on[i] == 0 && !done(i) && !answer_failed(i))
             .collect();
+        let first_failure = (0..plan.steps.len())
+            .find(|&i| !decided && answer_failed(i) && !plan.steps[i].continue_on_error)
+            .map(|i| {
+                let name = tasks[i].name.clone();
+                let error = tasks[i].error.clone().unwrap_or_default();
+                let why = format!("task `{name}` failed: {error}");
+                (name, why)
+            });
         let mut items_of: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (no, t) in tasks.iter().enumerate() {
             if let Some(s) = t.step.filter(|&s| s != no) {
@@ -225,6 +253,7 @@ impl Scheduler {
         }
         let max = usize::try_from(plan.max_parallel).unwrap_or(usize::MAX);
         let stop = shared.stop_signal().clone();
+        let gate_news = shared.gates_waiting();
         Self {
             shared,
             tasks,
@@ -233,7 +262,9 @@ impl Scheduler {
             running: JoinSet::new(),
             in_flight: BTreeSet::new(),
             shown_waiting: false,
+            parked: false,
             stop,
+            gate_news,
             max,
             items_of,
             queued: BTreeMap::new(),
@@ -241,7 +272,7 @@ impl Scheduler {
             open: BTreeSet::new(),
             step_contexts: BTreeMap::new(),
             ledger: Ledger::default(),
-            first_failure: None,
+            first_failure,
             fatal: None,
         }
     }
@@ -296,6 +327,8 @@ impl Scheduler {
                         self.say_stopping();
                     }
                 }
+                // A gate now waits: the op may be shown waiting, or parked (see `show_waiting`).
+                _ = self.gate_news.changed(), if !self.parked => {}
             }
         }
     }
@@ -458,15 +491,22 @@ impl Scheduler {
     }
 
     /// The op is `waiting` while approval gates are all that is in flight: said when that changes.
+    /// Under `cairn serve` (`Options::park`) the op is parked then, when nothing else can start.
     async fn show_waiting(&mut self) {
-        let shared = &self.shared;
-        let only_gates = !self.in_flight.is_empty()
-            && self.in_flight.iter().all(|&i| {
-                self.tasks[i]
-                    .step
-                    .is_some_and(|s| matches!(shared.step(s).action, Action::Approve { .. }))
-            });
-        if only_gates == self.shown_waiting || self.fatal.is_some() || shared.stopping() {
+        let shared = self.shared.clone();
+        // Gates that have recorded themselves waiting (and whose own `timeout` has not passed).
+        let only_gates = {
+            let waiting = self.gate_news.borrow();
+            !self.in_flight.is_empty() && self.in_flight.iter().all(|i| waiting.contains(i))
+        };
+        if self.parked || self.fatal.is_some() || shared.stopping() {
+            return;
+        }
+        if only_gates && self.may_park() {
+            self.park().await;
+            return;
+        }
+        if only_gates == self.shown_waiting {
             return;
         }
         let (status, kind, message) = if only_gates {
@@ -490,8 +530,76 @@ impl Scheduler {
             message: message.to_owned(),
         };
         match shared.apply(vec![change]).await {
-            Ok(()) => self.shown_waiting = only_gates,
+            Ok(()) => {
+                self.shown_waiting = only_gates;
+                // The op's own `timeout` does not run while only gates wait.
+                shared.set_at_gates(only_gates);
+            }
             Err(f) => self.fail_fatally(f),
+        }
+    }
+
+    /// Whether the op may be parked now that only gates are in flight: its owner parks ops (it is
+    /// `cairn serve`), the op is not a sub-plan's (its parent's task runs it), nothing else is
+    /// ready and nothing failed.
+    fn may_park(&self) -> bool {
+        self.shared.options.park
+            && self.shared.ancestors.is_empty()
+            && self.launching()
+            && self.ready.is_empty()
+            && self.queued.values().all(VecDeque::is_empty)
+    }
+
+    /// Gives the op up until an answer comes: every end is made durable, then one commit records
+    /// the op `waiting` with no owner (its lock stays its own). The gates leave the run still
+    /// waiting, and the run ends without an outcome. An answer that came first keeps the run on.
+    async fn park(&mut self) {
+        if let Err(f) = self.ledger.wait_all().await {
+            self.fail_fatally(f);
+            return;
+        }
+        let shared = self.shared.clone();
+        let gates: Vec<TaskNo> = self
+            .in_flight
+            .iter()
+            .map(|&i| TaskNo(u32::try_from(i).unwrap_or(u32::MAX)))
+            .collect();
+        let names: Vec<String> = self
+            .in_flight
+            .iter()
+            .map(|&i| format!("`{}`", self.tasks[i].name))
+            .collect();
+        let change = Change::Park {
+            op: shared.op,
+            owner: shared.me.clone(),
+            gates,
+            at: now(),
+            message: format!(
+                "waiting for approval of {}; no process holds the op until an answer comes",
+                names.join(", ")
+            ),
+        };
+        if shared.is_lost() {
+            return;
+        }
+        match shared.store.apply(vec![change]).await {
+            Ok(_) => {
+                self.parked = true;
+                shared.park_gates();
+                shared.say(&Progress::Parked {
+                    op: shared.op,
+                    gates: names,
+                });
+            }
+            // A gate was answered first: the run goes on, and sees the answer.
+            Err(store::Error::Conflict { .. }) => {}
+            Err(e) => {
+                let f = Fatal::from(e);
+                if let Fatal::Lost(why) = &f {
+                    shared.mark_lost(why);
+                }
+                self.fail_fatally(f);
+            }
         }
     }
 

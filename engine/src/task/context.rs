@@ -91,6 +91,14 @@ pub(crate) struct Signals {
     outcome: std::sync::Mutex<Option<EndState>>,
     /// Set when the op failed: approval gates still waiting end (they cannot lead anywhere).
     gates: watch::Sender<bool>,
+    /// Set when the op is parked at its gates: they leave the run, still waiting.
+    parked: watch::Sender<bool>,
+    /// The gates (by task number) that wait for their answer, recorded and within their own
+    /// `timeout`: the op may be parked once every task in flight is one of them.
+    gates_waiting: watch::Sender<std::collections::BTreeSet<usize>>,
+    /// Whether only approval gates are in flight (the op is shown `waiting`): the op's own
+    /// `timeout` does not run meanwhile.
+    at_gates: watch::Sender<bool>,
     /// A stop signal that never fires: finishing hooks run to their end even when the op was
     /// stopped. Its sender lives as long as this.
     calm: watch::Receiver<bool>,
@@ -112,6 +120,9 @@ impl Signals {
             lease_until: AtomicI64::new(lease_until),
             outcome: std::sync::Mutex::new(None),
             gates: watch::channel(false).0,
+            parked: watch::channel(false).0,
+            gates_waiting: watch::channel(std::collections::BTreeSet::new()).0,
+            at_gates: watch::channel(false).0,
             calm,
             _calm_tx: calm_tx,
         }
@@ -278,6 +289,38 @@ impl Shared {
     /// Fires when approval gates can no longer lead anywhere (see [`Shared::close_gates`]).
     pub(crate) fn gates_closed(&self) -> watch::Receiver<bool> {
         self.signals.gates.subscribe()
+    }
+
+    /// The op is parked at its gates (its owner gave it up): they leave the run, still waiting.
+    pub(crate) fn park_gates(&self) {
+        self.signals.parked.send_replace(true);
+    }
+
+    /// Fires when the op is parked (see [`Shared::park_gates`]).
+    pub(crate) fn gates_parked(&self) -> watch::Receiver<bool> {
+        self.signals.parked.subscribe()
+    }
+
+    /// Gate `task` waits for its answer: recorded, and within its own `timeout`.
+    pub(crate) fn gate_waits(&self, task: usize) {
+        self.signals.gates_waiting.send_modify(|gates| {
+            gates.insert(task);
+        });
+    }
+
+    /// The gates that wait for their answer (see [`Shared::gate_waits`]), as they change.
+    pub(crate) fn gates_waiting(&self) -> watch::Receiver<std::collections::BTreeSet<usize>> {
+        self.signals.gates_waiting.subscribe()
+    }
+
+    /// Says whether only approval gates are in flight now.
+    pub(crate) fn set_at_gates(&self, only_gates: bool) {
+        self.signals.at_gates.send_replace(only_gates);
+    }
+
+    /// Whether only approval gates are in flight, as it changes (the op's timer pauses then).
+    pub(crate) fn at_gates(&self) -> watch::Receiver<bool> {
+        self.signals.at_gates.subscribe()
     }
 
     /// The op's outcome once decided, for its finishing hooks.

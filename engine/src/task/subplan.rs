@@ -305,7 +305,8 @@ fn child_end(shared: &Shared, child: OpId, end: RunEnd) -> Result<Result<Ended, 
                 ),
             }
         }
-        RunEnd::Canceled(_) | RunEnd::Interrupted => Ended::Interrupted,
+        // A sub-plan's op is never parked (its parent's task runs it).
+        RunEnd::Canceled(_) | RunEnd::Interrupted | RunEnd::Parked => Ended::Interrupted,
         // The child was taken over by another process: this task cannot know how it ends.
         RunEnd::LostOwnership(m) => failed(
             shared,

@@ -695,10 +695,10 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    fn clear_answer(&mut self, op: OpId, task: TaskNo) -> Result<()> {
+    fn clear_answer(&mut self, op: OpId, task: TaskNo, at: Millis) -> Result<()> {
         self.exec(
-            "UPDATE tasks SET outputs = NULL, error = NULL, ended_at = NULL WHERE op_id = $1 AND task_no = $2",
-            &[&op.0, &i64::from(task.0)],
+            "UPDATE tasks SET outputs = NULL, error = NULL, ended_at = NULL, started_at = $3 WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &i64::from(task.0), &at],
         )?;
         Ok(())
     }

@@ -114,37 +114,71 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
             task,
             approve,
             request,
+        } => answer(tx, *op, *task, *approve, request),
+        Change::EndGate {
+            op,
+            owner,
+            task,
+            status,
+            at,
+            error,
+            message,
         } => {
-            let (status, name) = tx
-                .find_task_state(*op, *task)?
-                .ok_or(Error::NotFound(*op))?;
-            if status != "waiting" {
-                return Err(Error::Conflict {
-                    op: *op,
-                    status: owner_of(tx, *op)?.0,
-                    reason: format!("task `{name}` is {status}, not waiting for an answer"),
-                });
+            fence(tx, *op, owner)?;
+            let (current, name) = tx.task_state(*op, *task)?;
+            if current != "waiting" {
+                // Answered meanwhile: the answer stands.
+                return Ok(());
             }
-            let (new_status, error) = if *approve {
-                ("succeeded", None)
-            } else {
-                ("failed", Some(events::rejected_error(request)))
-            };
-            let outputs = serde_json::json!({"by": request.by, "comment": request.reason.clone().unwrap_or_default()})
-                .to_string();
-            tx.answer_task(
-                *op,
-                *task,
-                new_status,
-                request.at,
-                error.as_deref(),
-                &outputs,
-            )?;
-            let (kind, message) = events::answered(*approve, request);
-            event(tx, *op, request.at, kind, Some(&name), &message)
+            tx.answer_task(*op, *task, status.as_str(), *at, Some(error), "{}")?;
+            event(tx, *op, *at, EventKind::task(*status), Some(&name), message)
         }
         _ => unreachable!("not an attempt change: {change:?}"),
     }
+}
+
+/// Answers a gate that waits. The op is read first (on PostgreSQL this locks its row, so that an
+/// answer and its owner parking the op are applied one after the other): an op parked at its
+/// gates (`waiting` with no owner) is queued again by the answer, for `cairn serve` to go on.
+fn answer<T: Tx>(
+    tx: &mut T,
+    op: OpId,
+    task: TaskNo,
+    approve: bool,
+    request: &crate::types::Request,
+) -> Result<()> {
+    let (op_status, owner, _) = owner_of(tx, op)?;
+    let (status, name) = tx.find_task_state(op, task)?.ok_or(Error::NotFound(op))?;
+    if status != "waiting" {
+        let why = match op_status {
+            OpStatus::Failed | OpStatus::Interrupted => {
+                format!("; the op is {op_status}: `cairn resume {op}` asks again")
+            }
+            OpStatus::Canceled | OpStatus::Succeeded => format!("; the op is {op_status}"),
+            _ => String::new(),
+        };
+        return Err(Error::Conflict {
+            op,
+            status: op_status,
+            reason: format!("task `{name}` is {status}, not waiting for an answer{why}"),
+        });
+    }
+    let (new_status, error) = if approve {
+        ("succeeded", None)
+    } else {
+        ("failed", Some(events::rejected_error(request)))
+    };
+    let outputs = serde_json::json!({"by": request.by, "comment": request.reason.clone().unwrap_or_default()})
+        .to_string();
+    tx.answer_task(op, task, new_status, request.at, error.as_deref(), &outputs)?;
+    let (kind, message) = events::answered(approve, request);
+    event(tx, op, request.at, kind, Some(&name), &message)?;
+    if op_status == OpStatus::Waiting && owner.is_none() {
+        tx.set_op_status(op, OpStatus::Queued, None, None, false, None)?;
+        let (kind, message) = events::woken(&name);
+        event(tx, op, request.at, kind, None, &message)?;
+    }
+    Ok(())
 }
 
 /// The fence, unless the transaction already proved it for this writer (see [`super::apply`]).
@@ -208,7 +242,7 @@ fn set_task<T: Tx>(
         if is_kept(&tx.task_status(op, task)?) {
             return Ok(());
         }
-        tx.clear_answer(op, task)?;
+        tx.clear_answer(op, task, at)?;
     }
     let ended = matches!(
         status,

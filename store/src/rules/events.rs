@@ -143,6 +143,14 @@ pub(crate) fn answered(approve: bool, request: &Request) -> (EventKind, String) 
     (kind, format!("{kind} by {}{}", request.by, why(request)))
 }
 
+/// `op-woken`: a parked op's gate was answered.
+pub(crate) fn woken(gate: &str) -> (EventKind, String) {
+    (
+        EventKind::OpWoken,
+        format!("`{gate}` was answered: the op is queued to go on (`cairn serve` takes it)"),
+    )
+}
+
 /// A rejected gate's error.
 pub(crate) fn rejected_error(request: &Request) -> String {
     format!("rejected by {}{}", request.by, why(request))

@@ -7,8 +7,8 @@
 //! generic over the transaction, so each backend gets its own copy with no dynamic call per
 //! statement.
 //!
-//! - [`ops`]: submit, claim, heartbeat, set op, cancel, ending, mark, reset, replan.
-//! - [`attempts`]: start, process, finish, a whole attempt, set task, logs, approve.
+//! - [`ops`]: submit, claim, heartbeat, set op, park, cancel, ending, mark, reset, replan.
+//! - [`attempts`]: start, process, finish, a whole attempt, set task, logs, approve, end a gate.
 //! - [`fan_out`]: expand, gather, add tasks, detach a child op.
 //! - [`locks`]: take and release a lock, cooldowns and their acknowledgement, pause.
 //! - [`schedules`]: add, remove, pause, note a firing.
@@ -172,8 +172,9 @@ pub(crate) trait Tx {
         at: Millis,
         end: &End<'_>,
     ) -> Result<()>;
-    /// Clears a task's outputs, error and end (a gate waiting again).
-    fn clear_answer(&mut self, op: OpId, task: TaskNo) -> Result<()>;
+    /// Clears a task's outputs, error and end, and starts it at `at` (a gate waiting again, since
+    /// `at`).
+    fn clear_answer(&mut self, op: OpId, task: TaskNo, at: Millis) -> Result<()>;
     /// Sets a task's status (and its end, when `ended`); its name.
     fn set_task_status(
         &mut self,
@@ -387,6 +388,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
         | Change::CancelUnstarted { .. }
         | Change::SetEnding { .. }
         | Change::RequestCancel { .. }
+        | Change::Park { .. }
         | Change::Replan { .. } => ops::apply(tx, change).map(|()| Applied::Done),
         Change::CurrentTask { .. } | Change::Event { .. } => {
             ops::note(tx, change, fenced).map(|()| Applied::Done)
@@ -397,7 +399,8 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
         | Change::WholeAttempt { .. }
         | Change::SetTask { .. }
         | Change::Log { .. }
-        | Change::Approve { .. } => attempts::apply(tx, change, fenced).map(|()| Applied::Done),
+        | Change::Approve { .. }
+        | Change::EndGate { .. } => attempts::apply(tx, change, fenced).map(|()| Applied::Done),
         Change::Expand { .. }
         | Change::Gather { .. }
         | Change::AddTasks { .. }

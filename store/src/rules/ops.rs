@@ -72,6 +72,13 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             }
             Ok(())
         }
+        Change::Park {
+            op,
+            owner,
+            gates,
+            at,
+            message,
+        } => park(tx, *op, owner, gates, *at, message),
         Change::Mark {
             op,
             task,
@@ -241,6 +248,32 @@ pub(crate) fn submit<T: Tx>(tx: &mut T, new: &NewOp) -> Result<Applied> {
         id,
         uuid: new.uuid.clone(),
     })
+}
+
+/// Parks an op at its gates: `waiting`, with no owner, its lock kept; refused when a gate no
+/// longer waits (it was answered first).
+fn park<T: Tx>(
+    tx: &mut T,
+    op: OpId,
+    owner: &ProcessId,
+    gates: &[TaskNo],
+    at: Millis,
+    message: &str,
+) -> Result<()> {
+    fence(tx, op, owner)?;
+    for gate in gates {
+        let (status, name) = tx.task_state(op, *gate)?;
+        if status != "waiting" {
+            return Err(Error::Conflict {
+                op,
+                status: OpStatus::Running,
+                reason: format!("task `{name}` is {status}: it was answered"),
+            });
+        }
+    }
+    // Its lock, if it holds one, stays its own: a lock is the op's, not its owner's.
+    tx.set_op_status(op, OpStatus::Waiting, None, None, true, None)?;
+    event(tx, op, at, EventKind::OpParked, None, message)
 }
 
 /// Who asks to own an op, and what they know.

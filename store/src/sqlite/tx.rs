@@ -517,12 +517,12 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
-    fn clear_answer(&mut self, op: OpId, task: TaskNo) -> Result<()> {
+    fn clear_answer(&mut self, op: OpId, task: TaskNo, at: Millis) -> Result<()> {
         self.run(|c| {
             c.prepare_cached(
-                "UPDATE tasks SET outputs = NULL, error = NULL, ended_at = NULL WHERE op_id = ?1 AND task_no = ?2",
+                "UPDATE tasks SET outputs = NULL, error = NULL, ended_at = NULL, started_at = ?3 WHERE op_id = ?1 AND task_no = ?2",
             )?
-            .execute(params![op.0, task.0])?;
+            .execute(params![op.0, task.0, at])?;
             Ok(())
         })
     }
