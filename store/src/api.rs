@@ -71,6 +71,9 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     /// The child ops an op started (its `plan:` steps), by task.
     fn children(&self, op: OpId) -> Result<Vec<OpRow>>;
     fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>>;
+    /// The op's tasks that are `running` or `waiting` now, by task number: what its `CUR_TASK`
+    /// lists.
+    fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>>;
     fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow>;
     fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>>;
     fn events(&self, op: OpId) -> Result<Vec<EventRow>>;
@@ -215,6 +218,11 @@ impl Reader {
 
     pub fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
         self.backend.tasks(op)
+    }
+
+    /// The op's tasks that are `running` or `waiting` now, by task number.
+    pub fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        self.backend.active_tasks(op)
     }
 
     pub fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {

@@ -11,7 +11,7 @@ use super::{Fatal, Job, TaskEnd};
 use crate::owner::now;
 use crate::progress::Progress;
 
-/// An approval gate: the task waits (and says so in `CUR_TASK`) until someone runs `cairn approve`
+/// An approval gate: the task waits (`waiting`, listed in `CUR_TASK`) until someone runs `cairn approve`
 /// or `cairn approve --reject`; a stop leaves it waiting, for the resume to wait again.
 pub(crate) async fn run(
     shared: &Shared,
@@ -21,21 +21,14 @@ pub(crate) async fn run(
 ) -> Result<TaskEnd, Fatal> {
     let task = job.task();
     shared
-        .apply(vec![
-            Change::SetTask {
-                op: shared.op,
-                owner: shared.me.clone(),
-                task,
-                status: TaskStatus::Waiting,
-                at: now(),
-                message: format!("waiting for approval: {prompt}"),
-            },
-            Change::CurrentTask {
-                op: shared.op,
-                owner: Some(shared.me.clone()),
-                text: Some(format!("{}: approve? {prompt}", job.name)),
-            },
-        ])
+        .apply(vec![Change::SetTask {
+            op: shared.op,
+            owner: shared.me.clone(),
+            task,
+            status: TaskStatus::Waiting,
+            at: now(),
+            message: format!("waiting for approval: {prompt}"),
+        }])
         .await?;
     shared.say(&Progress::TaskWaiting {
         op: shared.op,

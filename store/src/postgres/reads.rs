@@ -456,13 +456,13 @@ fn task_row(r: &Row) -> PgResult<TaskRow> {
 }
 
 /// An op's tasks (or one of them), by number.
-fn task_rows(c: &mut Conn, op: OpId, only: Option<TaskNo>) -> PgResult<Vec<TaskRow>> {
+fn task_rows(c: &mut Conn, op: OpId, only: Option<TaskNo>, active: bool) -> PgResult<Vec<TaskRow>> {
     c.query(
         "SELECT task_no, step, name, item, status, attempts, started_at, ended_at, exit_code, \
          error, outputs, by_check, retry_from \
          FROM tasks WHERE op_id = $1::bigint AND ($2::bigint IS NULL OR task_no = $2::bigint) \
-         ORDER BY task_no",
-        &[&op.0, &only.map(|t| i64::from(t.0))],
+         AND (NOT $3::boolean OR status IN ('running', 'waiting')) ORDER BY task_no",
+        &[&op.0, &only.map(|t| i64::from(t.0)), &active],
     )?
     .iter()
     .map(task_row)
@@ -634,11 +634,15 @@ impl ReadBackend for PgReader {
     }
 
     fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
-        self.run(move |c| task_rows(c, op, None))
+        self.run(move |c| task_rows(c, op, None, false))
+    }
+
+    fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        self.run(move |c| task_rows(c, op, None, true))
     }
 
     fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
-        self.run(move |c| task_rows(c, op, Some(task)))?
+        self.run(move |c| task_rows(c, op, Some(task), false))?
             .pop()
             .ok_or(Error::NotFound(op))
     }

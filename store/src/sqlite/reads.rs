@@ -170,26 +170,32 @@ impl Reads<'_> {
     }
 
     pub fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
-        self.task_rows(op, None)
+        self.task_rows(op, None, false)
+    }
+
+    /// The op's tasks that are `running` or `waiting`.
+    pub fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        self.task_rows(op, None, true)
     }
 
     /// One task of an op.
     pub fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
-        self.task_rows(op, Some(task))?
+        self.task_rows(op, Some(task), false)?
             .pop()
             .ok_or(Error::NotFound(op))
     }
 
-    fn task_rows(&self, op: OpId, only: Option<TaskNo>) -> Result<Vec<TaskRow>> {
+    fn task_rows(&self, op: OpId, only: Option<TaskNo>, active: bool) -> Result<Vec<TaskRow>> {
         let mut stmt = self
             .conn
             .prepare_cached(
                 "SELECT task_no, step, name, item, status, attempts, started_at, ended_at, exit_code, error, outputs, by_check, retry_from \
-                 FROM tasks WHERE op_id = ?1 AND (?2 IS NULL OR task_no = ?2) ORDER BY task_no",
+                 FROM tasks WHERE op_id = ?1 AND (?2 IS NULL OR task_no = ?2) \
+                 AND (NOT ?3 OR status IN ('running', 'waiting')) ORDER BY task_no",
             )
             .map_err(|e| self.err(&e))?;
         let rows = stmt
-            .query_map(params![op.0, only.map(|t| t.0)], |r| {
+            .query_map(params![op.0, only.map(|t| t.0), active], |r| {
                 let item: Option<String> = r.get(3)?;
                 let status: String = r.get(4)?;
                 let outputs: Option<String> = r.get(10)?;
@@ -475,6 +481,10 @@ impl ReadBackend for SqliteReader {
 
     fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
         self.with(|r| r.tasks(op))
+    }
+
+    fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        self.with(|r| r.active_tasks(op))
     }
 
     fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
