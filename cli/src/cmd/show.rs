@@ -15,6 +15,9 @@ use crate::output::Output;
 
 /// Show one op: its params (secrets masked), every task with its status, attempts, times, exit
 /// code, error and outputs, and its events.
+///
+/// Under an op that is not running, a task it left running or waiting, or whose last attempt it
+/// interrupted, shows `interrupted`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The op's id.

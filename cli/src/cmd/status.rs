@@ -16,6 +16,8 @@ use crate::output::Output;
 /// List ops, newest first.
 ///
 /// An op whose owner died while it ran shows as `interrupted`; `cairn resume OP` continues it.
+/// `CUR_TASK` lists the tasks running or waiting, in plan order: the first two and how many more
+/// (`a, b (+3)`); `--json` gives them all (`current_tasks`).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Only ops with this status.
