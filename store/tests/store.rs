@@ -432,6 +432,16 @@ fn active_tasks_are_the_running_and_waiting_ones_and_a_claim_clears_the_note() {
                 (3, TaskStatus::Running)
             ]
         );
+        let gate = reader.tasks(op).unwrap()[2].name.clone();
+        let waiting = reader
+            .last_event(op, &gate, EventKind::TaskWaiting)
+            .unwrap()
+            .unwrap();
+        assert_eq!(waiting.message, "waiting for approval");
+        assert_eq!(
+            reader.last_event(op, &gate, EventKind::TaskFailed).unwrap(),
+            None
+        );
     }
 }
 

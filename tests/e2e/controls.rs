@@ -412,6 +412,10 @@ fn an_approval_gate_waits_and_approve_or_reject_decides() {
     };
     assert_eq!(op["current_task"], "confirm");
     assert_eq!(op["current_tasks"][0]["status"], "waiting");
+    assert_eq!(
+        op["current_tasks"][0]["prompt"],
+        "Switch node-2 into the group?"
+    );
     let approve = sandbox.cairn(&["approve", "1", "confirm", "--comment", "looks right"]);
     assert_eq!(code(&approve), Some(0), "{}", stderr(&approve));
     assert!(run.wait().unwrap().success());

@@ -73,6 +73,8 @@ pub struct Current {
     pub status: store::TaskStatus,
     /// The child op a running `plan:` task runs.
     pub child: Option<store::OpId>,
+    /// What a waiting approval gate asks.
+    pub prompt: Option<String>,
 }
 
 impl Current {
@@ -110,15 +112,30 @@ pub fn current_tasks(
         .filter(|t| crate::cmd::show::is_item(t))
         .map(|t| t.step.as_str())
         .collect();
-    Ok(active
+    active
         .iter()
         .filter(|t| crate::cmd::show::is_item(t) || !listed_items.contains(t.step.as_str()))
-        .map(|t| Current {
-            task: t.name.clone(),
-            status: t.status,
-            child: children.get(&t.task_no).copied(),
+        .map(|t| {
+            // A gate's prompt is in the event that says it waits.
+            let prompt = if t.status == store::TaskStatus::Waiting {
+                reader
+                    .last_event(op.id, &t.name, store::EventKind::TaskWaiting)?
+                    .map(|e| {
+                        e.message
+                            .strip_prefix("waiting for approval: ")
+                            .map_or_else(|| e.message.clone(), ToOwned::to_owned)
+                    })
+            } else {
+                None
+            };
+            Ok(Current {
+                task: t.name.clone(),
+                status: t.status,
+                child: children.get(&t.task_no).copied(),
+                prompt,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// How many tasks the table's `CUR_TASK` names before it counts the rest (`a, b (+3)`), and the
@@ -191,6 +208,7 @@ pub fn op_json(reader: &store::Reader, op: &OpRow, rule: Rule, now: i64) -> anyh
             "task": c.task,
             "status": c.status.as_str(),
             "child": c.child.map(|id| id.0),
+            "prompt": c.prompt,
             "host": null,
         })).collect::<Vec<_>>(),
         "error": op.error,

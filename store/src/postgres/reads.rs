@@ -24,8 +24,9 @@ use crate::api::ReadBackend;
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
-    AttemptRow, AttemptStatus, CooldownRow, EventRow, LockRow, LogChunk, Millis, NodeRow, OpFilter,
-    OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo, TaskRow, TaskStatus,
+    AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, LockRow, LogChunk, Millis,
+    NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo,
+    TaskRow, TaskStatus,
 };
 
 /// How long a caller waits for a read's answer: a server that stopped answering (a network cut
@@ -678,6 +679,29 @@ impl ReadBackend for PgReader {
                 })
             })
             .collect()
+        })
+    }
+
+    fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {
+        let task = task.to_owned();
+        self.run(move |c| {
+            c.query(
+                "SELECT seq, at, kind, task, message FROM events WHERE op_id = $1::bigint \
+                 AND task = $2 AND kind = $3 ORDER BY seq DESC LIMIT 1",
+                &[&op.0, &task, &kind.as_str()],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(EventRow {
+                    seq: num(r, 0)?,
+                    at: num(r, 1)?,
+                    kind: r.try_get(2)?,
+                    task: r.try_get(3)?,
+                    message: r.try_get(4)?,
+                })
+            })
+            .next()
+            .transpose()
         })
     }
 

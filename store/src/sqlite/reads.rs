@@ -9,8 +9,9 @@ use super::classify;
 use crate::api::ReadBackend;
 use crate::error::{Error, Result};
 use crate::types::{
-    AttemptRow, AttemptStatus, CooldownRow, EventRow, LockRow, LogChunk, Millis, NodeRow, OpFilter,
-    OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo, TaskRow, TaskStatus,
+    AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, LockRow, LogChunk, Millis,
+    NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo,
+    TaskRow, TaskStatus,
 };
 
 /// The process whose four columns start at `first`, if they are all set.
@@ -271,6 +272,27 @@ impl Reads<'_> {
             .map_err(|e| self.err(&e))
     }
 
+    pub fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {
+        self.conn
+            .prepare_cached(
+                "SELECT seq, at, kind, task, message FROM events \
+                 WHERE op_id = ?1 AND task = ?2 AND kind = ?3 ORDER BY seq DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![op.0, task, kind.as_str()], |r| {
+                    Ok(EventRow {
+                        seq: r.get(0)?,
+                        at: r.get(1)?,
+                        kind: r.get(2)?,
+                        task: r.get(3)?,
+                        message: r.get(4)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(|e| self.err(&e))
+    }
+
     /// Log chunks of the op (or of one task), in order, after `after` = (task, attempt, seq).
     pub fn logs(
         &self,
@@ -497,6 +519,10 @@ impl ReadBackend for SqliteReader {
 
     fn events(&self, op: OpId) -> Result<Vec<EventRow>> {
         self.with(|r| r.events(op))
+    }
+
+    fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {
+        self.with(|r| r.last_event(op, task, kind))
     }
 
     fn logs(
