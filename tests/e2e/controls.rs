@@ -402,8 +402,11 @@ fn an_approval_gate_waits_and_approve_or_reject_decides() {
     let started = Instant::now();
     let op = loop {
         let ops = sandbox.json(&["status", "--json"]);
+        // The op says `waiting` once only the gate is in flight, in a commit of its own: the
+        // gate's own `waiting` may land just after it.
         if let Some(op) = ops.as_array().unwrap().first()
             && op["status"] == "waiting"
+            && op["current_tasks"][0]["status"] == "waiting"
         {
             break op.clone();
         }
