@@ -2,7 +2,7 @@
 //! `status`, `show`, `resume`, `cancel` and `serve` share.
 
 use procs::proc::{self, Identity, Liveness};
-use store::{Interruption, Millis, OpRow, OpStatus, ProcessId};
+use store::{AttemptStatus, Interruption, Millis, OpRow, OpStatus, ProcessId, TaskStatus};
 
 /// The calling process, as an owner.
 #[must_use]
@@ -129,6 +129,53 @@ impl Rule {
             OpStatus::Interrupted => Some(Interruption::OwnerDied),
             _ => None,
         }
+    }
+}
+
+/// A task's status as shown: the stored one, or `interrupted` for a task its op's run left cut
+/// off ([`shown_task`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShownTask {
+    Stored(TaskStatus),
+    Interrupted,
+}
+
+impl ShownTask {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stored(status) => status.as_str(),
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl std::fmt::Display for ShownTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The status to show for a task stored `task`, whose last attempt is `last_attempt`, in an op
+/// shown `op` (see [`Rule::shown_status`]). A task never contradicts its op: once the op is not
+/// running (ended, failed, canceled or interrupted), a task still stored `running` or `waiting`
+/// (its owner died, or stopped waiting on it) and a `pending` one whose last attempt was
+/// interrupted (Ctrl-C, SIGTERM, a shutdown) show `interrupted`. Derived when read, like the op's.
+#[must_use]
+pub fn shown_task(
+    op: OpStatus,
+    task: TaskStatus,
+    last_attempt: Option<AttemptStatus>,
+) -> ShownTask {
+    let cut_off = match task {
+        TaskStatus::Running | TaskStatus::Waiting => true,
+        TaskStatus::Pending => last_attempt == Some(AttemptStatus::Interrupted),
+        _ => false,
+    };
+    if op.is_ended() && cut_off {
+        ShownTask::Interrupted
+    } else {
+        ShownTask::Stored(task)
     }
 }
 
@@ -268,6 +315,53 @@ mod tests {
         // Recorded before cairn kept why: not known.
         stopped.interrupted_by = None;
         assert_eq!(Rule::Local.interrupted_by(&stopped, NOW), None);
+    }
+
+    #[test]
+    fn a_task_shows_interrupted_when_its_op_stopped_running_it_and_never_contradicts_it() {
+        use AttemptStatus as A;
+        use TaskStatus as T;
+        let interrupted = ShownTask::Interrupted;
+        for op in [
+            OpStatus::Interrupted,
+            OpStatus::Failed,
+            OpStatus::Canceled,
+            OpStatus::Succeeded,
+        ] {
+            assert_eq!(shown_task(op, T::Running, Some(A::Running)), interrupted);
+            assert_eq!(shown_task(op, T::Waiting, None), interrupted);
+            assert_eq!(
+                shown_task(op, T::Pending, Some(A::Interrupted)),
+                interrupted
+            );
+            // Never started, or waiting for its retry: pending as stored.
+            for last in [None, Some(A::Failed)] {
+                assert_eq!(
+                    shown_task(op, T::Pending, last),
+                    ShownTask::Stored(T::Pending)
+                );
+            }
+            for done in [T::Succeeded, T::Failed, T::Skipped, T::Canceled] {
+                assert_eq!(
+                    shown_task(op, done, Some(A::Interrupted)),
+                    ShownTask::Stored(done)
+                );
+            }
+        }
+        // While the op runs, a task is as stored.
+        for op in [
+            OpStatus::Queued,
+            OpStatus::Running,
+            OpStatus::Waiting,
+            OpStatus::Canceling,
+        ] {
+            for task in [T::Running, T::Waiting, T::Pending] {
+                assert_eq!(
+                    shown_task(op, task, Some(A::Interrupted)),
+                    ShownTask::Stored(task)
+                );
+            }
+        }
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
-    Applied, AttemptRow, Change, CooldownRow, EventRow, LockRow, LogChunk, Millis, NodeRow,
-    OpFilter, OpId, OpRow, Request, ScheduleRow, Snapshot, TaskNo, TaskRow,
+    Applied, AttemptRow, Change, CooldownRow, EventKind, EventRow, LockRow, LogChunk, Millis,
+    NodeRow, OpFilter, OpId, OpRow, Request, ScheduleRow, Snapshot, TaskNo, TaskRow,
 };
 
 /// Each batch's result, in the batches' order.
@@ -71,9 +71,14 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     /// The child ops an op started (its `plan:` steps), by task.
     fn children(&self, op: OpId) -> Result<Vec<OpRow>>;
     fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>>;
+    /// The op's tasks that are `running` or `waiting` now, by task number: what its `CUR_TASK`
+    /// lists.
+    fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>>;
     fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow>;
     fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>>;
     fn events(&self, op: OpId) -> Result<Vec<EventRow>>;
+    /// The op's newest event of `kind` on task `task`, if any.
+    fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>>;
     /// Log chunks of the op (or of one task), in order, after `after` = (task, attempt, seq).
     fn logs(
         &self,
@@ -217,6 +222,11 @@ impl Reader {
         self.backend.tasks(op)
     }
 
+    /// The op's tasks that are `running` or `waiting` now, by task number.
+    pub fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        self.backend.active_tasks(op)
+    }
+
     pub fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
         self.backend.task(op, task)
     }
@@ -227,6 +237,11 @@ impl Reader {
 
     pub fn events(&self, op: OpId) -> Result<Vec<EventRow>> {
         self.backend.events(op)
+    }
+
+    /// The op's newest event of `kind` on task `task` (a gate's `task-waiting`, with its prompt).
+    pub fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {
+        self.backend.last_event(op, task, kind)
     }
 
     pub fn logs(

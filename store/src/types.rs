@@ -829,7 +829,8 @@ pub enum Change {
         kind: EventKind,
         message: String,
     },
-    /// The `CUR_TASK` column.
+    /// The `current_task` column: a note of what the op waits for while no task runs (a lock, a
+    /// pause, a retry's delay), shown in `CUR_TASK` then; `None` clears it.
     CurrentTask {
         op: OpId,
         /// The op's owner, which this write is fenced on; `None` for a writer that owns nothing
@@ -878,7 +879,7 @@ impl Change {
     /// What this change records is of no use once the machine restarts: the process that runs an
     /// attempt (its pid, process group and start time: a resume on another boot skips it, and
     /// finds by their marker the processes of an attempt whose pid was never recorded) and the
-    /// op's `CUR_TASK` text, which says what its owner is doing now. A commit of nothing else is
+    /// op's `CUR_TASK` note, which says what its owner waits for now. A commit of nothing else is
     /// not synced to disk before it returns (`synchronous=NORMAL`): if this process is killed,
     /// the operating system still holds it and a resume reads it; if the machine stops, that
     /// process stopped with it, and `CUR_TASK` may show an older text until its owner (a resume,

@@ -563,6 +563,78 @@ fn logs_keep_the_tail_within_the_limit() {
 /// change that may move ownership between them (here the owner lets the op go) makes the next
 /// one read it again, and be refused.
 #[test]
+fn active_tasks_are_the_running_and_waiting_ones_and_a_claim_clears_the_note() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        let op = submit(&store, 4);
+        store
+            .apply_blocking(vec![Change::CurrentTask {
+                op,
+                owner: None,
+                text: Some("waiting for lock k held by op 9".into()),
+            }])
+            .unwrap();
+        let reader = store.reader().unwrap();
+        assert!(reader.op(op).unwrap().current_task.is_some());
+        let me = owner(1);
+        claim(&store, op, &me, 1, None).unwrap();
+        assert_eq!(
+            reader.op(op).unwrap().current_task,
+            None,
+            "the wait is over"
+        );
+        assert!(reader.active_tasks(op).unwrap().is_empty());
+        let start = |task: u32| Change::StartAttempt {
+            op,
+            owner: me.clone(),
+            task: TaskNo(task),
+            n: 1,
+            retry_from: 0,
+            at: 2,
+        };
+        store
+            .apply_blocking(vec![
+                start(3),
+                start(1),
+                Change::SetTask {
+                    op,
+                    owner: me.clone(),
+                    task: TaskNo(2),
+                    status: TaskStatus::Waiting,
+                    at: 2,
+                    message: "waiting for approval".into(),
+                },
+            ])
+            .unwrap();
+        let active: Vec<(u32, TaskStatus)> = reader
+            .active_tasks(op)
+            .unwrap()
+            .iter()
+            .map(|t| (t.task_no.0, t.status))
+            .collect();
+        assert_eq!(
+            active,
+            [
+                (1, TaskStatus::Running),
+                (2, TaskStatus::Waiting),
+                (3, TaskStatus::Running)
+            ]
+        );
+        let gate = reader.tasks(op).unwrap()[2].name.clone();
+        let waiting = reader
+            .last_event(op, &gate, EventKind::TaskWaiting)
+            .unwrap()
+            .unwrap();
+        assert_eq!(waiting.message, "waiting for approval");
+        assert_eq!(
+            reader.last_event(op, &gate, EventKind::TaskFailed).unwrap(),
+            None
+        );
+    }
+}
+
+#[test]
 fn one_commit_reads_the_owner_again_after_a_change_that_may_move_it() {
     for fresh in fresh_stores() {
         eprintln!("backend: {}", fresh.backend);

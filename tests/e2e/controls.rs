@@ -402,17 +402,22 @@ fn an_approval_gate_waits_and_approve_or_reject_decides() {
     let started = Instant::now();
     let op = loop {
         let ops = sandbox.json(&["status", "--json"]);
+        // The op says `waiting` once only the gate is in flight, in a commit of its own: the
+        // gate's own `waiting` may land just after it.
         if let Some(op) = ops.as_array().unwrap().first()
             && op["status"] == "waiting"
+            && op["current_tasks"][0]["status"] == "waiting"
         {
             break op.clone();
         }
         assert!(started.elapsed() < Duration::from_secs(20), "{ops}");
         std::thread::sleep(Duration::from_millis(50));
     };
+    assert_eq!(op["current_task"], "confirm");
+    assert_eq!(op["current_tasks"][0]["status"], "waiting");
     assert_eq!(
-        op["current_task"],
-        "confirm: approve? Switch node-2 into the group?"
+        op["current_tasks"][0]["prompt"],
+        "Switch node-2 into the group?"
     );
     let approve = sandbox.cairn(&["approve", "1", "confirm", "--comment", "looks right"]);
     assert_eq!(code(&approve), Some(0), "{}", stderr(&approve));

@@ -259,7 +259,7 @@ fn ctrl_c_interrupts_leaves_no_process_and_resume_finishes() {
     );
     let show = sandbox.show(1);
     assert_eq!(show["status"], "interrupted");
-    assert_eq!(task(&show, "long")["status"], "pending");
+    assert_eq!(task(&show, "long")["status"], "interrupted");
 
     sandbox.write("go", "");
     let out = sandbox.cairn(&["resume", "1"]);

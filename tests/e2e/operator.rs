@@ -458,3 +458,225 @@ steps:
     let out = sandbox.cairn(&["logs", "2"]);
     assert!(stdout(&out).contains("copied a"), "{}", stdout(&out));
 }
+
+/// The `CUR_TASK` cell of the first op in `status`'s table.
+fn cur_task_cell(sandbox: &Sandbox) -> String {
+    let out = sandbox.cairn(&["status"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let at = lines.next().unwrap().find("CUR_TASK").unwrap();
+    lines.next().unwrap()[at..].trim().to_owned()
+}
+
+/// The tasks `status --json` lists for the first op, as (task, status).
+fn current_tasks(sandbox: &Sandbox) -> Vec<(String, String)> {
+    sandbox.json(&["status", "--json"])[0]["current_tasks"]
+        .as_array()
+        .map(|tasks| {
+            tasks
+                .iter()
+                .map(|t| {
+                    (
+                        t["task"].as_str().unwrap().to_owned(),
+                        t["status"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `status --json` until the first op lists `count` current tasks, up to 20 s.
+fn wait_for_current(sandbox: &Sandbox, count: usize) -> Vec<(String, String)> {
+    let started = std::time::Instant::now();
+    loop {
+        if sandbox.cairn(&["status"]).status.code() == Some(0) {
+            let current = current_tasks(sandbox);
+            if current.len() >= count {
+                return current;
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "never {count} current tasks"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
+/// Every task of `show` with its status.
+fn task_statuses(show: &serde_json::Value) -> Vec<(String, String)> {
+    show["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["id"].as_str().unwrap().to_owned(),
+                t["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A step that runs until the test writes `go` (a minute at most, should the test fail first).
+const WAIT_FOR_GO: &str =
+    "i=0; while [ ! -f go ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done";
+
+/// A `cairn run` that is killed when the test ends, however it ends.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Lets the steps of op `op` that wait for `go` end, and waits until they have.
+fn let_steps_end(sandbox: &Sandbox, op: i64) {
+    let uuid = sandbox.show(op)["uuid"].as_str().unwrap().to_owned();
+    sandbox.write("go", "");
+    let started = std::time::Instant::now();
+    while !crate::support::step_processes(&uuid).is_empty() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Items 6 and 7: `CUR_TASK` lists every task running or waiting (two processes, a sleep, an
+/// approval gate), in plan order, the table the first two and how many more; after `kill -9` of
+/// `cairn run`, no task of the interrupted op shows `running` or `waiting`: each shows
+/// `interrupted`, derived when read.
+#[test]
+fn cur_task_lists_every_running_task_and_after_a_kill_none_shows_running() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            "name: many\nsteps:\n  - id: a\n    run: {WAIT_FOR_GO}\n  - id: b\n    run: {WAIT_FOR_GO}\n  - id: nap\n    sleep: 1h\n  - id: gate\n    approve: go on?\n  - id: after\n    needs: [a]\n    noop: true\n"
+        ),
+    );
+    let mut run = Running(sandbox.spawn(&["run", "plan.yaml"]));
+    let current = wait_for_current(&sandbox, 4);
+    assert_eq!(
+        current,
+        pairs(&[
+            ("a", "running"),
+            ("b", "running"),
+            ("nap", "running"),
+            ("gate", "waiting")
+        ])
+    );
+    let op = &sandbox.json(&["status", "--json"])[0];
+    assert_eq!(op["current_task"], "a, b, nap, gate", "{op}");
+    assert!(op["current_tasks"][0]["host"].is_null(), "{op}");
+    assert_eq!(cur_task_cell(&sandbox), "a, b (+2)");
+
+    run.0.kill().unwrap();
+    run.0.wait().unwrap();
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "interrupted");
+    assert_eq!(
+        task_statuses(&show),
+        pairs(&[
+            ("a", "interrupted"),
+            ("b", "interrupted"),
+            ("nap", "interrupted"),
+            ("gate", "interrupted"),
+            ("after", "pending"),
+        ]),
+        "{show}"
+    );
+    assert!(show["current_tasks"].as_array().unwrap().is_empty());
+    assert_eq!(cur_task_cell(&sandbox), "-");
+    let table = stdout(&sandbox.cairn(&["show", "1"]));
+    assert!(!table.contains("running"), "{table}");
+    let dry = stdout(&sandbox.cairn(&["resume", "1", "--dry-run"]));
+    assert!(dry.contains("run   a  (interrupted)"), "{dry}");
+    // The steps the kill left behind end by themselves.
+    let_steps_end(&sandbox, 1);
+}
+
+/// Item 7: Ctrl-C (SIGINT to `cairn run`'s process group) stops the op `interrupted`; the task it
+/// cut off shows `interrupted`, not a `pending` that looks like one never started, and the one
+/// that never started stays `pending`. A resume runs it again.
+#[test]
+fn ctrl_c_shows_the_task_it_cut_off_interrupted() {
+    use std::os::unix::process::CommandExt as _;
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            "name: cut\nsteps:\n  - id: long\n    run: touch started; {WAIT_FOR_GO}\n  - id: after\n    needs: [long]\n    noop: true\n"
+        ),
+    );
+    let mut run = Running(
+        sandbox
+            .command(&["run", "plan.yaml"])
+            .process_group(0)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    sandbox.wait_for("started", std::time::Duration::from_secs(20));
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(i32::try_from(run.0.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert_eq!(run.0.wait().unwrap().code(), Some(4));
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "interrupted");
+    assert_eq!(
+        task_statuses(&show),
+        pairs(&[("long", "interrupted"), ("after", "pending")]),
+        "{show}"
+    );
+    assert_eq!(task(&show, "long")["history"][0]["status"], "interrupted");
+    assert_eq!(cur_task_cell(&sandbox), "-");
+
+    sandbox.write("go", "");
+    let out = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        task_statuses(&sandbox.show(1)),
+        pairs(&[("long", "succeeded"), ("after", "succeeded")])
+    );
+}
+
+/// Item 6: an approval gate shows in `CUR_TASK` while it waits, beside a process that runs at the
+/// same time; items 7 and 15: once another step fails the op, the gate it left unanswered ends
+/// `canceled`, not `waiting` under a failed op.
+#[test]
+fn a_waiting_gate_is_a_current_task_and_not_waiting_under_a_failed_op() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            "name: gated\nsteps:\n  - id: gate\n    approve: go on?\n  - id: work\n    run: {WAIT_FOR_GO}; exit 3\n"
+        ),
+    );
+    let mut run = Running(sandbox.spawn(&["run", "plan.yaml"]));
+    let current = wait_for_current(&sandbox, 2);
+    assert_eq!(current, pairs(&[("gate", "waiting"), ("work", "running")]));
+    assert_eq!(cur_task_cell(&sandbox), "gate, work");
+
+    let_steps_end(&sandbox, 1);
+    assert_eq!(run.0.wait().unwrap().code(), Some(1));
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "failed");
+    assert_eq!(
+        task_statuses(&show),
+        pairs(&[("gate", "canceled"), ("work", "failed")]),
+        "{show}"
+    );
+    assert_eq!(cur_task_cell(&sandbox), "-");
+}

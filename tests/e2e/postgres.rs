@@ -344,9 +344,12 @@ fn a_backup_then_a_restore_of_some_tables_gives_back_their_rows() {
         let status: serde_json::Value =
             serde_json::from_slice(&pg.cairn(&["status", "--json"]).output().unwrap().stdout)
                 .unwrap_or_default();
-        if status[0]["status"] == "waiting" {
+        // The gate's own `waiting` may land just after the op's.
+        if status[0]["status"] == "waiting" && status[0]["current_tasks"][0]["status"] == "waiting"
+        {
+            assert_eq!(status[0]["current_task"], "confirm", "{status}");
             assert!(
-                status[0]["current_task"]
+                status[0]["current_tasks"][0]["prompt"]
                     .as_str()
                     .unwrap()
                     .contains("(5000, 3000 rows)"),

@@ -57,7 +57,8 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     if args.dry_run {
         let reader = args.db.reader()?;
-        let (row, planned) = engine::op::dry_run(&reader, op, args.from.as_deref())?;
+        let (row, planned) =
+            engine::op::dry_run(&reader, args.db.rule()?, op, args.from.as_deref())?;
         let mut text = format!("op {op} ({}, {}): a resume would\n", row.plan, row.title);
         for p in &planned {
             let what = if p.kept { "keep" } else { "run " };

@@ -4,8 +4,9 @@ use std::fmt::Write as _;
 
 use anyhow::Context as _;
 use comfy_table::{Table, presets};
+use engine::owner::ShownTask;
 use serde_json::{Value, json};
-use store::TaskRow;
+use store::{AttemptRow, OpStatus, TaskRow};
 
 use crate::cmd::status::op_json;
 use crate::db::{DbArgs, op_id};
@@ -14,6 +15,9 @@ use crate::output::Output;
 
 /// Show one op: its params (secrets masked), every task with its status, attempts, times, exit
 /// code, error and outputs, and its events.
+///
+/// Under an op that is not running, a task it left running or waiting, or whose last attempt it
+/// interrupted, shows `interrupted`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The op's id.
@@ -76,12 +80,12 @@ fn detail(t: &TaskRow) -> String {
 }
 
 /// A fan-out item's task (`restore[shard-3]`), as opposed to a step's or a hook's.
-fn is_item(t: &TaskRow) -> bool {
+pub(crate) fn is_item(t: &TaskRow) -> bool {
     t.name != t.step && t.item.is_some()
 }
 
 /// Tasks in the order people read them: each step followed by its fan-out items.
-fn in_step_order(tasks: Vec<TaskRow>) -> Vec<TaskRow> {
+pub(crate) fn in_step_order(tasks: Vec<TaskRow>) -> Vec<TaskRow> {
     let mut items: std::collections::HashMap<String, Vec<TaskRow>> =
         std::collections::HashMap::new();
     let mut steps = Vec::new();
@@ -103,6 +107,17 @@ fn in_step_order(tasks: Vec<TaskRow>) -> Vec<TaskRow> {
     ordered
 }
 
+/// Each task's status as shown under an op shown `op` ([`engine::owner::shown_task`]): a task
+/// its op's run left cut off shows `interrupted`, never `running` under an op that does not run.
+fn shown_statuses(tasks: &[TaskRow], attempts: &[AttemptRow], op: OpStatus) -> Vec<ShownTask> {
+    let last: std::collections::HashMap<store::TaskNo, store::AttemptStatus> =
+        attempts.iter().map(|a| (a.task_no, a.status)).collect();
+    tasks
+        .iter()
+        .map(|t| engine::owner::shown_task(op, t.status, last.get(&t.task_no).copied()))
+        .collect()
+}
+
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let op = op_id(&args.op)?;
     let (reader, row) = crate::db::read_op(&args.db, op)?;
@@ -113,7 +128,9 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     }
     let tasks = in_step_order(reader.tasks(op)?);
     let events = reader.events(op)?;
-    let summary = op_json(&row, rule, now);
+    let shown = rule.shown_status(&row, now);
+    let statuses = shown_statuses(&tasks, &reader.attempts(op)?, shown);
+    let summary = op_json(&reader, &row, rule, now)?;
     let mut text = String::new();
     writeln!(text, "op {}  {}  {}", row.id, row.plan, row.title).ok();
     // An interrupted op says who or what stopped it, as `status` does.
@@ -126,6 +143,9 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         summary["status"].as_str().unwrap_or_default()
     )
     .ok();
+    if let Some(current) = summary["current_task"].as_str() {
+        writeln!(text, "  current:  {current}").ok();
+    }
     writeln!(text, "  uuid:     {}", row.uuid).ok();
     writeln!(text, "  created:  {}", engine::time::local(row.created_at)).ok();
     if let Some(s) = row.started_at {
@@ -202,11 +222,11 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         "EXIT",
         "ERROR / OUTPUTS",
     ]);
-    for t in &tasks {
+    for (t, status) in tasks.iter().zip(&statuses) {
         let detail = detail(t);
         table.add_row([
             t.name.clone(),
-            t.status.to_string() + if t.by_check { " (check)" } else { "" },
+            status.to_string() + if t.by_check { " (check)" } else { "" },
             t.attempts.to_string(),
             t.started_at
                 .map_or_else(|| "-".to_owned(), engine::time::local),
@@ -251,8 +271,9 @@ pub fn record(
     let tasks = in_step_order(reader.tasks(op)?);
     let attempts = reader.attempts(op)?;
     let events = reader.events(op)?;
+    let statuses = shown_statuses(&tasks, &attempts, rule.shown_status(row, now));
     let time = |t: Option<i64>| t.map(engine::time::rfc3339);
-    let mut object = op_json(row, rule, now);
+    let mut object = op_json(reader, row, rule, now)?;
     object["params"] = shown_params(&row.params);
     object["children"] = reader
         .children(op)?
@@ -263,13 +284,14 @@ pub fn record(
         .collect();
     object["tasks"] = tasks
         .iter()
-        .map(|t| {
+        .zip(&statuses)
+        .map(|(t, status)| {
             json!({
                 "id": t.name,
                 "step": t.step,
                 "item": if is_item(t) { t.item.clone() } else { None },
                 "items": if is_item(t) { None } else { t.item.clone() },
-                "status": t.status.as_str(),
+                "status": status.as_str(),
                 "attempts": t.attempts,
                 "started_at": time(t.started_at),
                 "ended_at": time(t.ended_at),

@@ -1,5 +1,6 @@
 //! `cairn status`: the ops table, newest first (like `OpenMLDB`'s `showopstatus`).
 
+use std::fmt::Write as _;
 use std::io::IsTerminal as _;
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ use crate::output::Output;
 /// the process that ran it: `cairn serve` leaves it for a person), `shutdown` (a `cairn serve`
 /// drained as it stopped), `released` (a `cairn serve` could not carry it on), `owner-died` (the
 /// process that ran it is gone); `--json` has it as `interrupted_by`.
+/// `CUR_TASK` lists the tasks running or waiting, in plan order: the first two and how many more
+/// (`a, b (+3)`); `--json` gives them all (`current_tasks`).
 #[allow(
     clippy::struct_excessive_bools,
     reason = "independent command-line switches"
@@ -75,11 +78,133 @@ fn elapsed_ms(op: &OpRow, shown: OpStatus, now: i64) -> Option<i64> {
     }
 }
 
+/// One task that `CUR_TASK` lists: running or waiting now.
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub task: String,
+    pub status: store::TaskStatus,
+    /// The child op a running `plan:` task runs.
+    pub child: Option<store::OpId>,
+    /// What a waiting approval gate asks.
+    pub prompt: Option<String>,
+}
+
+impl Current {
+    /// As the table shows it: `restore[shard-3]`, `refresh → op 14`.
+    fn label(&self) -> String {
+        match self.child {
+            Some(child) => format!("{} → op {child}", self.task),
+            None => self.task.clone(),
+        }
+    }
+}
+
+/// What `CUR_TASK` lists for `op`, shown `shown`: every task running or waiting (a process, a
+/// sleep, a sub-plan, an approval gate), in plan order, a fan-out's items in place of their step.
+/// Derived from the tasks when read; nothing for an op that does not run.
+pub fn current_tasks(
+    reader: &store::Reader,
+    op: &OpRow,
+    shown: OpStatus,
+) -> anyhow::Result<Vec<Current>> {
+    if shown.is_ended() {
+        return Ok(Vec::new());
+    }
+    let active = crate::cmd::show::in_step_order(reader.active_tasks(op.id)?);
+    if active.is_empty() {
+        return Ok(Vec::new());
+    }
+    let children: std::collections::HashMap<store::TaskNo, store::OpId> = reader
+        .children(op.id)?
+        .into_iter()
+        .filter_map(|c| c.parent.map(|(_, task)| (task, c.id)))
+        .collect();
+    let listed_items: std::collections::HashSet<&str> = active
+        .iter()
+        .filter(|t| crate::cmd::show::is_item(t))
+        .map(|t| t.step.as_str())
+        .collect();
+    active
+        .iter()
+        .filter(|t| crate::cmd::show::is_item(t) || !listed_items.contains(t.step.as_str()))
+        .map(|t| {
+            // A gate's prompt is in the event that says it waits.
+            let prompt = if t.status == store::TaskStatus::Waiting {
+                reader
+                    .last_event(op.id, &t.name, store::EventKind::TaskWaiting)?
+                    .map(|e| {
+                        e.message
+                            .strip_prefix("waiting for approval: ")
+                            .map_or_else(|| e.message.clone(), ToOwned::to_owned)
+                    })
+            } else {
+                None
+            };
+            Ok(Current {
+                task: t.name.clone(),
+                status: t.status,
+                child: children.get(&t.task_no).copied(),
+                prompt,
+            })
+        })
+        .collect()
+}
+
+/// How many tasks the table's `CUR_TASK` names before it counts the rest (`a, b (+3)`), and the
+/// width past which it names fewer.
+const NAMED: usize = 2;
+const WIDTH: usize = 40;
+
+/// The table's `CUR_TASK`: the first tasks of `current` and how many more (`a, b (+3)`); with none,
+/// what the op waits for (`note`: its lock, a retry's delay), else `-`.
+fn cur_task_cell(current: &[Current], note: Option<&str>) -> String {
+    if current.is_empty() {
+        return note.unwrap_or("-").to_owned();
+    }
+    let mut cell = String::new();
+    let mut named = 0;
+    for c in current.iter().take(NAMED) {
+        let label = c.label();
+        if named > 0 && cell.chars().count() + 2 + label.chars().count() > WIDTH {
+            break;
+        }
+        if named > 0 {
+            cell.push_str(", ");
+        }
+        cell.push_str(&label);
+        named += 1;
+    }
+    if current.len() > named {
+        let _ = write!(cell, " (+{})", current.len() - named);
+    }
+    cell
+}
+
+/// What an op waits for when no task of it runs (its lock, a retry's delay): the `CUR_TASK`
+/// column its owner writes, for an op that runs.
+fn note(op: &OpRow, shown: OpStatus) -> Option<&str> {
+    op.current_task.as_deref().filter(|_| !shown.is_ended())
+}
+
 /// An op as `status --json` and `show --json` print it, its owner judged by `rule`.
-pub fn op_json(op: &OpRow, rule: Rule, now: i64) -> Value {
+/// `current_tasks` lists every task running or waiting (see [`current_tasks`]); `current_task`
+/// says the same in one line (or what the op waits for, when no task runs).
+pub fn op_json(reader: &store::Reader, op: &OpRow, rule: Rule, now: i64) -> anyhow::Result<Value> {
     let shown = rule.shown_status(op, now);
     let elapsed = elapsed_ms(op, shown, now);
-    json!({
+    let current = current_tasks(reader, op, shown)?;
+    let line = if current.is_empty() {
+        note(op, shown).map(ToOwned::to_owned)
+    } else {
+        Some(
+            current
+                .iter()
+                .map(Current::label)
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    };
+    Ok(json!({
         "id": op.id.0,
         "uuid": op.uuid,
         "plan": op.plan,
@@ -90,11 +215,19 @@ pub fn op_json(op: &OpRow, rule: Rule, now: i64) -> Value {
         "started_at": op.started_at.map(engine::time::rfc3339),
         "ended_at": op.ended_at.map(engine::time::rfc3339),
         "elapsed_ms": elapsed,
-        "current_task": if shown.is_ended() { None } else { op.current_task.clone() },
+        "current_task": line,
+        // `host`: where the task runs; null while steps run on the owner's machine.
+        "current_tasks": current.iter().map(|c| json!({
+            "task": c.task,
+            "status": c.status.as_str(),
+            "child": c.child.map(|id| id.0),
+            "prompt": c.prompt,
+            "host": null,
+        })).collect::<Vec<_>>(),
         "error": op.error,
         "owner": op.owner.as_ref().filter(|_| !shown.is_ended()).map(|o| json!({"host": o.host, "pid": o.pid})),
         "parent": op.parent.map(|(parent, _)| parent.0),
-    })
+    }))
 }
 
 /// The ops to list, and whether `--limit` left some out. The shown status decides, so
@@ -251,7 +384,7 @@ fn shown_with_why(op: &OpRow, rule: Rule, now: i64) -> String {
 
 /// The ops table. On a store that several machines share (`Rule::Shared`) it has a NODE column,
 /// the `host:pid` of each op's owner; on one machine's, it is the table the brief prints.
-fn table(ops: &[Line], rule: Rule, now: i64) -> String {
+fn table(reader: &store::Reader, ops: &[Line], rule: Rule, now: i64) -> anyhow::Result<String> {
     let mut table = crate::output::plain_table();
     let shared = rule == Rule::Shared;
     let mut header = vec![
@@ -304,15 +437,13 @@ fn table(ops: &[Line], rule: Rule, now: i64) -> String {
         if shared {
             row.push(node);
         }
-        row.push(
-            op.current_task
-                .clone()
-                .filter(|_| !shown.is_ended())
-                .unwrap_or_else(|| "-".to_owned()),
-        );
+        row.push(cur_task_cell(
+            &current_tasks(reader, op, shown)?,
+            note(op, shown),
+        ));
         table.add_row(row);
     }
-    crate::output::render_table(table, "(no ops)")
+    Ok(crate::output::render_table(table, "(no ops)"))
 }
 
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
@@ -328,7 +459,8 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     loop {
         let now = engine::owner::now();
         let rule = args.db.rule()?;
-        let (ops, cut) = rows(&args.db.reader()?, args, (rule, now))?;
+        let reader = args.db.reader()?;
+        let (ops, cut) = rows(&reader, args, (rule, now))?;
         if cut && !args.json && !args.watch {
             crate::output::diagnostic(&format!(
                 "(the newest {} ops; `--limit N` or `--all` lists more)\n",
@@ -338,14 +470,14 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         let text = if args.json {
             let mut text = serde_json::to_string_pretty(
                 &ops.iter()
-                    .map(|line| op_json(&line.row, rule, now))
-                    .collect::<Vec<_>>(),
+                    .map(|line| op_json(&reader, &line.row, rule, now))
+                    .collect::<anyhow::Result<Vec<_>>>()?,
             )
             .context("cannot encode")?;
             text.push('\n');
             text
         } else {
-            table(&ops, rule, now)
+            table(&reader, &ops, rule, now)?
         };
         if !args.watch {
             crate::output::data(&text).context("cannot write")?;

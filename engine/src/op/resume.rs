@@ -237,7 +237,9 @@ fn rerun_from(plan: &Plan, op: OpId, step: &str) -> Result<Vec<usize>, Error> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Planned {
     pub task: String,
-    pub status: TaskStatus,
+    /// As shown ([`crate::owner::shown_task`]): a task the op's last run left cut off is
+    /// `interrupted`.
+    pub status: crate::owner::ShownTask,
     /// Kept as it is (succeeded or skipped), or run again.
     pub kept: bool,
 }
@@ -245,10 +247,17 @@ pub struct Planned {
 /// What a resume would keep and what it would run, without changing anything.
 pub fn dry_run(
     reader: &Reader,
+    rule: crate::owner::Rule,
     op: OpId,
     from: Option<&str>,
 ) -> Result<(store::OpRow, Vec<Planned>), Error> {
     let row = read_op(reader, op)?;
+    let shown = rule.shown_status(&row, crate::owner::now());
+    let last: std::collections::HashMap<store::TaskNo, store::AttemptStatus> = reader
+        .attempts(op)?
+        .into_iter()
+        .map(|a| (a.task_no, a.status))
+        .collect();
     if row.status == OpStatus::Canceled {
         return Err(Error::Final {
             op,
@@ -272,8 +281,8 @@ pub fn dry_run(
             };
             let rerun = again.contains(&step);
             Planned {
+                status: crate::owner::shown_task(shown, t.status, last.get(&t.task_no).copied()),
                 task: t.name,
-                status: t.status,
                 kept: t.status.is_kept() && !rerun,
             }
         })

@@ -16,9 +16,9 @@ use crate::progress::Progress;
 /// How often a waiting gate reads its answer.
 const LOOK_EVERY: Duration = Duration::from_millis(300);
 
-/// An approval gate: the task waits (and says so in `CUR_TASK`) until someone runs `cairn approve`
-/// or `cairn approve --reject`, or its `timeout` (counted from when it started waiting, across
-/// resumes) passes.
+/// An approval gate: the task waits (`waiting`, listed in `CUR_TASK`) until someone runs `cairn
+/// approve` or `cairn approve --reject`, or its `timeout` (counted from when it started waiting,
+/// across resumes) passes.
 pub(crate) async fn run(
     shared: &Shared,
     job: &Job,
@@ -27,30 +27,21 @@ pub(crate) async fn run(
 ) -> Result<TaskEnd, Fatal> {
     let task = job.task();
     let reader = shared.store.reader().map_err(Fatal::from)?;
-    let current = Change::CurrentTask {
-        op: shared.op,
-        owner: Some(shared.me.clone()),
-        text: Some(format!("{}: approve? {prompt}", job.name)),
-    };
     let row = reader.task(shared.op, task).map_err(Fatal::from)?;
     // A gate that still waits (the op was parked, or its owner died) keeps waiting since then.
     let since = if row.status == TaskStatus::Waiting {
-        shared.apply(vec![current]).await?;
         row.started_at.unwrap_or_else(now)
     } else {
         let at = now();
         shared
-            .apply(vec![
-                Change::SetTask {
-                    op: shared.op,
-                    owner: shared.me.clone(),
-                    task,
-                    status: TaskStatus::Waiting,
-                    at,
-                    message: format!("waiting for approval: {prompt}"),
-                },
-                current,
-            ])
+            .apply(vec![Change::SetTask {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task,
+                status: TaskStatus::Waiting,
+                at,
+                message: format!("waiting for approval: {prompt}"),
+            }])
             .await?;
         at
     };

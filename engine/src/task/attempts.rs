@@ -84,8 +84,9 @@ pub(crate) async fn attempts<A: Attempt + Send>(
     }
 }
 
-/// Waits `delay` before retry `next` of a task (attempt `n` failed), saying so in `CUR_TASK`;
-/// `false` when the run stops meanwhile.
+/// Waits `delay` before retry `next` of a task (attempt `n` failed), saying so in `CUR_TASK`
+/// (its note, shown while no task runs; cleared when the wait ends); `false` when the run stops
+/// meanwhile.
 async fn wait_to_retry(
     shared: &Shared,
     job: &Job,
@@ -107,8 +108,16 @@ async fn wait_to_retry(
         }])
         .await;
     let mut signal = stop.clone();
-    tokio::select! {
+    let waited = tokio::select! {
         () = tokio::time::sleep(delay) => true,
         _ = signal.wait_for(|s| *s) => false,
-    }
+    };
+    let _ = shared
+        .apply(vec![Change::CurrentTask {
+            op: shared.op,
+            owner: Some(shared.me.clone()),
+            text: None,
+        }])
+        .await;
+    waited
 }

@@ -290,9 +290,7 @@ pub(crate) async fn fail_before_start(
 }
 
 /// Attempt `n` of a task starts: committed (with the end a task carries, if it carries one) before
-/// anything of it runs. `CUR_TASK` is set here for a `plan:` task; a process's is set with its pid
-/// (see [`process`]), after the spawn rather than before it, so that the commit a process waits
-/// for to start touches one row fewer.
+/// anything of it runs.
 async fn start_attempt(
     shared: &Shared,
     job: &Job,
@@ -300,7 +298,7 @@ async fn start_attempt(
     retry_from: u32,
     carry: &mut Carry,
 ) -> Result<(), Fatal> {
-    let mut batch = vec![Change::StartAttempt {
+    let batch = vec![Change::StartAttempt {
         op: shared.op,
         owner: shared.me.clone(),
         task: job.task(),
@@ -308,24 +306,12 @@ async fn start_attempt(
         retry_from,
         at: now(),
     }];
-    if matches!(shared.step(job.step).action, Action::Plan { .. }) {
-        batch.push(current_task(shared, job));
-    }
     carry.commit(shared, batch).await?;
     shared.say(&Progress::TaskStarted {
         task: job.name.clone(),
         attempt: n,
     });
     Ok(())
-}
-
-/// `CUR_TASK` for a task that runs.
-fn current_task(shared: &Shared, job: &Job) -> Change {
-    Change::CurrentTask {
-        op: shared.op,
-        owner: Some(shared.me.clone()),
-        text: Some(job.name.clone()),
-    }
 }
 
 /// What an attempt's end is recorded as, the task's end it makes, and the line that says so.

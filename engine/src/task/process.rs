@@ -22,8 +22,8 @@ use super::context::Shared;
 use super::files::process_files;
 use super::logs::write_logs;
 use super::{
-    Ended, Fatal, Job, TaskEnd, current_task, fail_before_start, failed_early, last_lines,
-    missing_output, shared_mask, start_attempt,
+    Ended, Fatal, Job, TaskEnd, fail_before_start, failed_early, last_lines, missing_output,
+    shared_mask, start_attempt,
 };
 use crate::owner::to_store;
 
@@ -284,17 +284,14 @@ impl ProcessAttempt<'_> {
             shared.secrets.clone(),
         ));
         shared
-            .apply(vec![
-                Change::AttemptProcess {
-                    op: shared.op,
-                    owner: shared.me.clone(),
-                    task,
-                    n,
-                    process: to_store(&running.identity),
-                    pgid: running.pgid,
-                },
-                current_task(shared, job),
-            ])
+            .apply(vec![Change::AttemptProcess {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task,
+                n,
+                process: to_store(&running.identity),
+                pgid: running.pgid,
+            }])
             .await?;
         // The grace is decided when the stop comes: a cancel's own, or a sixth of the lease for a
         // run that lost its op (`Shared::step_grace`).

@@ -24,9 +24,9 @@ use crate::api::ReadBackend;
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
-    AttemptRow, AttemptStatus, CooldownRow, EventRow, Interruption, LockRow, LogChunk, Millis,
-    NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo,
-    TaskRow, TaskStatus,
+    AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, Interruption, LockRow, LogChunk,
+    Millis, NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot,
+    TaskNo, TaskRow, TaskStatus,
 };
 
 /// How long a caller waits for a read's answer: a server that stopped answering (a network cut
@@ -463,13 +463,13 @@ fn task_row(r: &Row) -> PgResult<TaskRow> {
 }
 
 /// An op's tasks (or one of them), by number.
-fn task_rows(c: &mut Conn, op: OpId, only: Option<TaskNo>) -> PgResult<Vec<TaskRow>> {
+fn task_rows(c: &mut Conn, op: OpId, only: Option<TaskNo>, active: bool) -> PgResult<Vec<TaskRow>> {
     c.query(
         "SELECT task_no, step, name, item, status, attempts, started_at, ended_at, exit_code, \
          error, outputs, by_check, retry_from \
          FROM tasks WHERE op_id = $1::bigint AND ($2::bigint IS NULL OR task_no = $2::bigint) \
-         ORDER BY task_no",
-        &[&op.0, &only.map(|t| i64::from(t.0))],
+         AND (NOT $3::boolean OR status IN ('running', 'waiting')) ORDER BY task_no",
+        &[&op.0, &only.map(|t| i64::from(t.0)), &active],
     )?
     .iter()
     .map(task_row)
@@ -641,11 +641,15 @@ impl ReadBackend for PgReader {
     }
 
     fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
-        self.run(move |c| task_rows(c, op, None))
+        self.run(move |c| task_rows(c, op, None, false))
+    }
+
+    fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        self.run(move |c| task_rows(c, op, None, true))
     }
 
     fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
-        self.run(move |c| task_rows(c, op, Some(task)))?
+        self.run(move |c| task_rows(c, op, Some(task), false))?
             .pop()
             .ok_or(Error::NotFound(op))
     }
@@ -681,6 +685,29 @@ impl ReadBackend for PgReader {
                 })
             })
             .collect()
+        })
+    }
+
+    fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {
+        let task = task.to_owned();
+        self.run(move |c| {
+            c.query(
+                "SELECT seq, at, kind, task, message FROM events WHERE op_id = $1::bigint \
+                 AND task = $2 AND kind = $3 ORDER BY seq DESC LIMIT 1",
+                &[&op.0, &task, &kind.as_str()],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(EventRow {
+                    seq: num(r, 0)?,
+                    at: num(r, 1)?,
+                    kind: r.try_get(2)?,
+                    task: r.try_get(3)?,
+                    message: r.try_get(4)?,
+                })
+            })
+            .next()
+            .transpose()
         })
     }
 

@@ -31,11 +31,6 @@ pub(crate) fn child(plan: &str, child: OpId) -> String {
     format!("runs plan `{plan}` as op {child}")
 }
 
-/// The parent's current task while a child op runs it.
-pub(crate) fn child_current(task: &str, child: OpId) -> String {
-    format!("{task} → op {child}")
-}
-
 /// `started`: who started the op.
 pub(crate) fn started_by(owner: &ProcessId) -> String {
     format!("started by {owner}")

@@ -36,6 +36,8 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
                 tx.set_owner(*op, owner, *lease_until)
             } else {
                 tx.run_claimed(*op, owner, *lease_until, *now)?;
+                // What it waited for (a lock, a pause) is over.
+                tx.set_current_task(*op, None)?;
                 event(tx, *op, *now, *kind, None, message)
             }
         }
@@ -226,7 +228,6 @@ pub(crate) fn submit<T: Tx>(tx: &mut T, new: &NewOp) -> Result<Applied> {
             Some(&name),
             &message,
         )?;
-        tx.set_current_task(parent, Some(&events::child_current(&name, id)))?;
     }
     match &new.owner {
         Some((owner, lease_until)) if !new.start => tx.set_owner(id, owner, *lease_until)?,

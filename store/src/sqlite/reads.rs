@@ -9,9 +9,9 @@ use super::classify;
 use crate::api::ReadBackend;
 use crate::error::{Error, Result};
 use crate::types::{
-    AttemptRow, AttemptStatus, CooldownRow, EventRow, Interruption, LockRow, LogChunk, Millis,
-    NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot, TaskNo,
-    TaskRow, TaskStatus,
+    AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, Interruption, LockRow, LogChunk,
+    Millis, NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot,
+    TaskNo, TaskRow, TaskStatus,
 };
 
 /// The process whose four columns start at `first`, if they are all set.
@@ -177,26 +177,32 @@ impl Reads<'_> {
     }
 
     pub fn tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
-        self.task_rows(op, None)
+        self.task_rows(op, None, false)
+    }
+
+    /// The op's tasks that are `running` or `waiting`.
+    pub fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        self.task_rows(op, None, true)
     }
 
     /// One task of an op.
     pub fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
-        self.task_rows(op, Some(task))?
+        self.task_rows(op, Some(task), false)?
             .pop()
             .ok_or(Error::NotFound(op))
     }
 
-    fn task_rows(&self, op: OpId, only: Option<TaskNo>) -> Result<Vec<TaskRow>> {
+    fn task_rows(&self, op: OpId, only: Option<TaskNo>, active: bool) -> Result<Vec<TaskRow>> {
         let mut stmt = self
             .conn
             .prepare_cached(
                 "SELECT task_no, step, name, item, status, attempts, started_at, ended_at, exit_code, error, outputs, by_check, retry_from \
-                 FROM tasks WHERE op_id = ?1 AND (?2 IS NULL OR task_no = ?2) ORDER BY task_no",
+                 FROM tasks WHERE op_id = ?1 AND (?2 IS NULL OR task_no = ?2) \
+                 AND (NOT ?3 OR status IN ('running', 'waiting')) ORDER BY task_no",
             )
             .map_err(|e| self.err(&e))?;
         let rows = stmt
-            .query_map(params![op.0, only.map(|t| t.0)], |r| {
+            .query_map(params![op.0, only.map(|t| t.0), active], |r| {
                 let item: Option<String> = r.get(3)?;
                 let status: String = r.get(4)?;
                 let outputs: Option<String> = r.get(10)?;
@@ -269,6 +275,27 @@ impl Reads<'_> {
             })
             .map_err(|e| self.err(&e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
+    pub fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {
+        self.conn
+            .prepare_cached(
+                "SELECT seq, at, kind, task, message FROM events \
+                 WHERE op_id = ?1 AND task = ?2 AND kind = ?3 ORDER BY seq DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![op.0, task, kind.as_str()], |r| {
+                    Ok(EventRow {
+                        seq: r.get(0)?,
+                        at: r.get(1)?,
+                        kind: r.get(2)?,
+                        task: r.get(3)?,
+                        message: r.get(4)?,
+                    })
+                })
+                .optional()
+            })
             .map_err(|e| self.err(&e))
     }
 
@@ -484,6 +511,10 @@ impl ReadBackend for SqliteReader {
         self.with(|r| r.tasks(op))
     }
 
+    fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>> {
+        self.with(|r| r.active_tasks(op))
+    }
+
     fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
         self.with(|r| r.task(op, task))
     }
@@ -494,6 +525,10 @@ impl ReadBackend for SqliteReader {
 
     fn events(&self, op: OpId) -> Result<Vec<EventRow>> {
         self.with(|r| r.events(op))
+    }
+
+    fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {
+        self.with(|r| r.last_event(op, task, kind))
     }
 
     fn logs(
