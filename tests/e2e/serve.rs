@@ -682,7 +682,11 @@ fn ops_waiting_at_approval_gates_hold_no_worker() {
         .find(|o| o["id"] == 1)
         .unwrap();
     assert_eq!(first["status"], "waiting", "{status}");
-    assert_eq!(first["current_task"], "confirm: approve? go on with 1?");
+    assert_eq!(first["current_task"], "confirm", "{first}");
+    assert_eq!(
+        first["current_tasks"][0]["prompt"], "go on with 1?",
+        "{first}"
+    );
     // The worker is free: a plain op runs while the three wait.
     let out = sandbox.cairn(&["submit", "free.yaml"]);
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
