@@ -360,6 +360,17 @@ where
 }
 
 /// The integer in column `i`, if set.
+/// An `events` row read as `seq, at, kind, task, message`.
+fn event_row(r: &Row) -> PgResult<EventRow> {
+    Ok(EventRow {
+        seq: num(r, 0)?,
+        at: num(r, 1)?,
+        kind: r.try_get(2)?,
+        task: r.try_get(3)?,
+        message: r.try_get(4)?,
+    })
+}
+
 fn num_opt<T>(r: &Row, i: usize) -> PgResult<Option<T>>
 where
     for<'a> Int<T>: FromSql<'a>,
@@ -675,15 +686,7 @@ impl ReadBackend for PgReader {
                 &[&op.0],
             )?
             .iter()
-            .map(|r| {
-                Ok(EventRow {
-                    seq: num(r, 0)?,
-                    at: num(r, 1)?,
-                    kind: r.try_get(2)?,
-                    task: r.try_get(3)?,
-                    message: r.try_get(4)?,
-                })
-            })
+            .map(event_row)
             .collect()
         })
     }
@@ -697,15 +700,7 @@ impl ReadBackend for PgReader {
                 &[&op.0, &task, &kind.as_str()],
             )?
             .iter()
-            .map(|r| {
-                Ok(EventRow {
-                    seq: num(r, 0)?,
-                    at: num(r, 1)?,
-                    kind: r.try_get(2)?,
-                    task: r.try_get(3)?,
-                    message: r.try_get(4)?,
-                })
-            })
+            .map(event_row)
             .next()
             .transpose()
         })

@@ -264,15 +264,7 @@ impl Reads<'_> {
             )
             .map_err(|e| self.err(&e))?;
         let rows = stmt
-            .query_map([op.0], |r| {
-                Ok(EventRow {
-                    seq: r.get(0)?,
-                    at: r.get(1)?,
-                    kind: r.get(2)?,
-                    task: r.get(3)?,
-                    message: r.get(4)?,
-                })
-            })
+            .query_map([op.0], event_row)
             .map_err(|e| self.err(&e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.err(&e))
@@ -285,16 +277,8 @@ impl Reads<'_> {
                  WHERE op_id = ?1 AND task = ?2 AND kind = ?3 ORDER BY seq DESC LIMIT 1",
             )
             .and_then(|mut s| {
-                s.query_row(params![op.0, task, kind.as_str()], |r| {
-                    Ok(EventRow {
-                        seq: r.get(0)?,
-                        at: r.get(1)?,
-                        kind: r.get(2)?,
-                        task: r.get(3)?,
-                        message: r.get(4)?,
-                    })
-                })
-                .optional()
+                s.query_row(params![op.0, task, kind.as_str()], event_row)
+                    .optional()
             })
             .map_err(|e| self.err(&e))
     }
@@ -559,4 +543,15 @@ impl ReadBackend for SqliteReader {
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         self.with(|r| r.nodes())
     }
+}
+
+/// An `events` row read as `seq, at, kind, task, message`.
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        seq: r.get(0)?,
+        at: r.get(1)?,
+        kind: r.get(2)?,
+        task: r.get(3)?,
+        message: r.get(4)?,
+    })
 }
