@@ -252,15 +252,18 @@ fn rows(
         }
         return Ok((out.into_iter().map(|row| Line::op(row, 0)).collect(), cut));
     }
-    // Read more until `limit + 1` ops without a parent among them are in, or there are no more.
+    // Without a filter every op's parent is listed too: an op is a root when it has no parent.
+    // With one, when its parent does not match. Read more until `limit + 1` roots are in, or there
+    // are no more.
+    let filtered = args.status.is_some() || args.plan.is_some();
+    let is_root = |op: &OpRow, ids: &std::collections::HashSet<OpId>| {
+        op.parent.is_none_or(|(p, _)| filtered && !ids.contains(&p))
+    };
     let mut asked = limit.map(|l| l.saturating_add(1).saturating_mul(4));
     let matched = loop {
         let found = matching(reader, args, (rule, now), asked)?;
         let ids: std::collections::HashSet<OpId> = found.iter().map(|o| o.id).collect();
-        let roots = found
-            .iter()
-            .filter(|o| o.parent.is_none_or(|(p, _)| !ids.contains(&p)))
-            .count();
+        let roots = found.iter().filter(|o| is_root(o, &ids)).count();
         match (limit, asked) {
             (Some(l), Some(a)) if roots <= l as usize && found.len() >= a as usize => {
                 asked = Some(a.saturating_mul(4));
@@ -269,12 +272,22 @@ fn rows(
         }
     };
     let ids: std::collections::HashSet<OpId> = matched.iter().map(|o| o.id).collect();
-    let (mut roots, children): (Vec<OpRow>, Vec<OpRow>) = matched
-        .into_iter()
-        .partition(|o| o.parent.is_none_or(|(p, _)| !ids.contains(&p)));
+    let (mut roots, mut children): (Vec<OpRow>, Vec<OpRow>) =
+        matched.into_iter().partition(|o| is_root(o, &ids));
     let cut = limit.is_some_and(|l| roots.len() > l as usize);
     if let Some(limit) = limit {
         roots.truncate(limit as usize);
+    }
+    if !filtered {
+        // The roots' children, however deep, whether or not they were among the newest.
+        children.clear();
+        let mut parents: Vec<OpId> = roots.iter().map(|r| r.id).collect();
+        while let Some(parent) = parents.pop() {
+            for child in reader.children(parent)? {
+                parents.push(child.id);
+                children.push(child);
+            }
+        }
     }
     let mut under: std::collections::HashMap<OpId, Vec<OpRow>> = std::collections::HashMap::new();
     for child in children {
@@ -309,6 +322,9 @@ fn nest(
         nest(lines, child, depth + 1, under);
     }
 }
+
+/// How many child ops that succeeded the table lists under a parent; more are one line.
+const FOLD_ABOVE: usize = 3;
 
 /// One op of the list, `depth` levels under the op it is listed under (whose task `task` runs
 /// it).
@@ -401,6 +417,18 @@ fn table(reader: &store::Reader, ops: &[Line], rule: Rule, now: i64) -> anyhow::
     }
     header.push("CUR_TASK");
     table.set_header(header);
+    // Under a parent with more than a few children that succeeded, those are one line: the table
+    // keeps what needs a look (`--children` and `--json` list them all).
+    let mut succeeded: std::collections::HashMap<OpId, usize> = std::collections::HashMap::new();
+    for line in ops.iter().filter(|l| l.depth > 0) {
+        if let Some((parent, _)) = line.row.parent
+            && rule.shown_status(&line.row, now) == OpStatus::Succeeded
+        {
+            *succeeded.entry(parent).or_default() += 1;
+        }
+    }
+    let folded = |parent: OpId| succeeded.get(&parent).copied().filter(|&n| n > FOLD_ABOVE);
+    let mut hidden: std::collections::HashSet<OpId> = std::collections::HashSet::new();
     for Line {
         row: op,
         depth,
@@ -408,6 +436,13 @@ fn table(reader: &store::Reader, ops: &[Line], rule: Rule, now: i64) -> anyhow::
     } in ops
     {
         let shown = rule.shown_status(op, now);
+        if let Some((parent, _)) = op.parent.filter(|_| *depth > 0)
+            && (hidden.contains(&parent)
+                || (folded(parent).is_some() && shown == OpStatus::Succeeded))
+        {
+            hidden.insert(op.id);
+            continue;
+        }
         let elapsed = elapsed_ms(op, shown, now);
         let node = op
             .owner
@@ -442,6 +477,22 @@ fn table(reader: &store::Reader, ops: &[Line], rule: Rule, now: i64) -> anyhow::
             note(op, shown),
         ));
         table.add_row(row);
+        if let Some(n) = folded(op.id) {
+            let mut row = vec![
+                format!("{}└ …", "  ".repeat(*depth)),
+                "-".to_owned(),
+                format!("{n} child ops (`--children` lists them)"),
+                OpStatus::Succeeded.to_string(),
+                "-".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+            ];
+            if shared {
+                row.push("-".to_owned());
+            }
+            row.push("-".to_owned());
+            table.add_row(row);
+        }
     }
     Ok(crate::output::render_table(table, "(no ops)"))
 }
