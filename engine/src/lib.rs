@@ -34,3 +34,4 @@ pub use op::{Error, NewRun};
 pub use options::Options;
 pub use outcome::RunEnd;
 pub use shutdown::{Drain, Stop, StopHandle};
+pub use task::approval::prompt_of as gate_prompt;

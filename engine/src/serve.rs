@@ -491,48 +491,47 @@ async fn ended(
 /// while this (live) process owned it. Fenced: only an op it still owns. One the database does
 /// not let it release yet (locked, cut off) is tried again at the next poll.
 async fn release(store: &Store, me: &store::ProcessId, seen: &mut Seen) {
-    let mut pending = std::mem::take(&mut seen.to_release);
-    for (op, why) in &pending.clone() {
-        let row = match store.reader().and_then(|r| r.op(*op)) {
-            Ok(row) => row,
-            Err(e) if e.is_transient() || e.kind() == store::ErrorKind::Closed => continue,
-            Err(_) => {
-                pending.remove(op);
-                continue;
-            }
-        };
-        if row.owner.as_ref() != Some(me) {
-            pending.remove(op);
-            continue;
-        }
-        let status = if row.started_at.is_none() {
-            OpStatus::Queued
-        } else {
-            OpStatus::Interrupted
-        };
-        let released = store
-            .apply(vec![Change::SetOp {
-                op: *op,
-                owner: Some(me.clone()),
-                status,
-                at: owner::now(),
-                error: Some(why.clone()),
-                release: true,
-                interrupted_by: Some(store::Interruption::Released),
-                kind: EventKind::OpReleased,
-                message: format!("released by cairn serve: {why}"),
-            }])
-            .await;
-        match released {
-            Err(e) if e.is_transient() => {
-                tracing::info!(op = op.0, error = %e, "cannot release it yet; trying again");
-            }
-            _ => {
-                pending.remove(op);
-            }
+    for (op, why) in std::mem::take(&mut seen.to_release) {
+        if !release_one(store, me, op, &why).await {
+            seen.to_release.insert(op, why);
         }
     }
-    seen.to_release = pending;
+}
+
+/// Releases `op` if this process still owns it: `false` when the database does not let it yet.
+async fn release_one(store: &Store, me: &store::ProcessId, op: OpId, why: &str) -> bool {
+    let row = match store.reader().and_then(|r| r.op(op)) {
+        Ok(row) => row,
+        Err(e) => return !(e.is_transient() || e.kind() == store::ErrorKind::Closed),
+    };
+    if row.owner.as_ref() != Some(me) {
+        return true;
+    }
+    let status = if row.started_at.is_none() {
+        OpStatus::Queued
+    } else {
+        OpStatus::Interrupted
+    };
+    let released = store
+        .apply(vec![Change::SetOp {
+            op,
+            owner: Some(me.clone()),
+            status,
+            at: owner::now(),
+            error: Some(why.to_owned()),
+            release: true,
+            interrupted_by: Some(store::Interruption::Released),
+            kind: EventKind::OpReleased,
+            message: format!("released by cairn serve: {why}"),
+        }])
+        .await;
+    match released {
+        Err(e) if e.is_transient() => {
+            tracing::info!(op = op.0, error = %e, "cannot release it yet; trying again");
+            false
+        }
+        _ => true,
+    }
 }
 
 /// Whether a gate of a parked op has waited past its own `timeout` (or none waits any more).

@@ -132,11 +132,7 @@ pub fn current_tasks(
             let prompt = if t.status == store::TaskStatus::Waiting {
                 reader
                     .last_event(op.id, &t.name, store::EventKind::TaskWaiting)?
-                    .map(|e| {
-                        e.message
-                            .strip_prefix("waiting for approval: ")
-                            .map_or_else(|| e.message.clone(), ToOwned::to_owned)
-                    })
+                    .map(|e| engine::gate_prompt(&e.message).to_owned())
             } else {
                 None
             };
@@ -299,10 +295,20 @@ fn rows(
     for root in roots {
         nest(&mut lines, root, 0, &mut under);
     }
-    // A child op listed under its parent is named with the parent's task that runs it.
+    // A child op listed under its parent is named with the parent's task that runs it (the
+    // parent's tasks read once).
+    let mut names: std::collections::HashMap<OpId, Vec<store::TaskRow>> =
+        std::collections::HashMap::new();
     for line in lines.iter_mut().filter(|l| l.depth > 0) {
         if let Some((parent, task)) = line.row.parent {
-            line.task = reader.task(parent, task).ok().map(|t| t.name);
+            let tasks = match names.entry(parent) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(reader.tasks(parent)?),
+            };
+            line.task = tasks
+                .iter()
+                .find(|t| t.task_no == task)
+                .map(|t| t.name.clone());
         }
     }
     Ok((lines, cut))

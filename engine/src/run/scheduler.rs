@@ -493,13 +493,12 @@ impl Scheduler {
     /// The op is `waiting` while approval gates are all that is in flight: said when that changes.
     /// Under `cairn serve` (`Options::park`) the op is parked then, when nothing else can start.
     async fn show_waiting(&mut self) {
-        let shared = self.shared.clone();
         // Gates that have recorded themselves waiting (and whose own `timeout` has not passed).
         let only_gates = {
             let waiting = self.gate_news.borrow();
             !self.in_flight.is_empty() && self.in_flight.iter().all(|i| waiting.contains(i))
         };
-        if self.parked || self.fatal.is_some() || shared.stopping() {
+        if self.parked || self.fatal.is_some() || self.shared.stopping() {
             return;
         }
         if only_gates && self.may_park() {
@@ -509,6 +508,7 @@ impl Scheduler {
         if only_gates == self.shown_waiting {
             return;
         }
+        let shared = self.shared.clone();
         let (status, kind, message) = if only_gates {
             (
                 OpStatus::Waiting,

@@ -13,6 +13,15 @@ use super::{Fatal, Job, TaskEnd};
 use crate::owner::now;
 use crate::progress::Progress;
 
+/// How the `task-waiting` event of a gate begins; the prompt follows.
+const WAITING: &str = "waiting for approval: ";
+
+/// A gate's prompt, from the message of its `task-waiting` event.
+#[must_use]
+pub fn prompt_of(message: &str) -> &str {
+    message.strip_prefix(WAITING).unwrap_or(message)
+}
+
 /// How often a waiting gate reads its answer.
 const LOOK_EVERY: Duration = Duration::from_millis(300);
 
@@ -40,7 +49,7 @@ pub(crate) async fn run(
                 task,
                 status: TaskStatus::Waiting,
                 at,
-                message: format!("waiting for approval: {prompt}"),
+                message: format!("{WAITING}{prompt}"),
             }])
             .await?;
         at

@@ -8,7 +8,7 @@ use super::{Tx, event, events, fence, locks, owner_of};
 use crate::error::{Error, Result};
 use crate::types::{
     Applied, Change, EventKind, Interruption, Millis, NewOp, OpId, OpStatus, ProcessId, Request,
-    Snapshot, TaskNo,
+    Snapshot, TaskNo, TaskStatus,
 };
 
 /// Applies an op change (see [`super::apply`] for which).
@@ -49,31 +49,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             fence(tx, *op, owner)?;
             tx.set_lease(*op, *lease_until)
         }
-        Change::SetOp {
-            op,
-            owner,
-            status,
-            at,
-            error,
-            release,
-            interrupted_by,
-            kind,
-            message,
-        } => {
-            if let Some(owner) = owner {
-                fence(tx, *op, owner)?;
-            }
-            let ended = status.is_ended().then_some(*at);
-            // Only a stored interruption is kept; a dead owner's is derived when read.
-            let by = interrupted_by
-                .filter(|by| *status == OpStatus::Interrupted && *by != Interruption::OwnerDied);
-            tx.set_op_status(*op, *status, error.as_deref(), ended, *release, by)?;
-            event(tx, *op, *at, *kind, None, message)?;
-            if matches!(status, OpStatus::Succeeded | OpStatus::Canceled) {
-                locks::release(tx, *op, *at)?;
-            }
-            Ok(())
-        }
+        Change::SetOp { .. } => set_op(tx, change),
         Change::Park {
             op,
             owner,
@@ -88,22 +64,13 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             outputs,
             dead_owner,
             request,
-        } => {
-            let (_, owner, lease) = owner_of(tx, *op)?;
-            if let Some(owner) = owner.filter(|o| Some(o) != dead_owner.as_ref()) {
-                return Err(Error::Owned {
-                    op: *op,
-                    owner,
-                    lease_until: lease.unwrap_or(0),
-                });
-            }
-            let (kind, message) = events::marked(*status, request, outputs);
-            let json = serde_json::Value::Object(outputs.clone()).to_string();
-            let name = tx
-                .mark_task(*op, *task, *status, &json, request.at)?
-                .ok_or(Error::NotFound(*op))?;
-            event(tx, *op, request.at, kind, Some(&name), &message)
-        }
+        } => mark(
+            tx,
+            *op,
+            (*task, *status, outputs),
+            dead_owner.as_ref(),
+            request,
+        ),
         Change::ResetTasks {
             op,
             owner,
@@ -131,19 +98,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             op,
             request,
             grace_ms,
-        } => {
-            let (status, _, _) = owner_of(tx, *op)?;
-            if status.is_final() {
-                return Err(Error::Conflict {
-                    op: *op,
-                    status,
-                    reason: "it has ended; there is nothing to cancel".into(),
-                });
-            }
-            tx.request_cancel(*op, request, *grace_ms)?;
-            let (kind, message) = events::cancel_requested(request, *grace_ms);
-            event(tx, *op, request.at, kind, None, &message)
-        }
+        } => request_cancel(tx, *op, request, *grace_ms),
         Change::Replan {
             op,
             owner,
@@ -166,6 +121,87 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
         }
         _ => unreachable!("not an op change: {change:?}"),
     }
+}
+
+/// `Change::SetOp`: the op's status (fenced when it names its owner), the interruption's cause if
+/// stored, the event; success and cancel release its lock.
+fn set_op<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
+    let Change::SetOp {
+        op,
+        owner,
+        status,
+        at,
+        error,
+        release,
+        interrupted_by,
+        kind,
+        message,
+    } = change
+    else {
+        unreachable!("not a SetOp: {change:?}")
+    };
+    if let Some(owner) = owner {
+        fence(tx, *op, owner)?;
+    }
+    let ended = status.is_ended().then_some(*at);
+    // Only a stored interruption is kept; a dead owner's is derived when read.
+    let by = interrupted_by
+        .filter(|by| *status == OpStatus::Interrupted && *by != Interruption::OwnerDied);
+    tx.set_op_status(*op, *status, error.as_deref(), ended, *release, by)?;
+    event(tx, *op, *at, *kind, None, message)?;
+    if matches!(status, OpStatus::Succeeded | OpStatus::Canceled) {
+        locks::release(tx, *op, *at)?;
+    }
+    Ok(())
+}
+
+/// `Change::Mark`: a task resolved by hand, refused while a live owner (not `dead_owner`) runs
+/// the op.
+fn mark<T: Tx>(
+    tx: &mut T,
+    op: OpId,
+    (task, status, outputs): (
+        TaskNo,
+        TaskStatus,
+        &serde_json::Map<String, serde_json::Value>,
+    ),
+    dead_owner: Option<&ProcessId>,
+    request: &Request,
+) -> Result<()> {
+    let (_, owner, lease) = owner_of(tx, op)?;
+    if let Some(owner) = owner.filter(|o| Some(o) != dead_owner) {
+        return Err(Error::Owned {
+            op,
+            owner,
+            lease_until: lease.unwrap_or(0),
+        });
+    }
+    let (kind, message) = events::marked(status, request, outputs);
+    let json = serde_json::Value::Object(outputs.clone()).to_string();
+    let name = tx
+        .mark_task(op, task, status, &json, request.at)?
+        .ok_or(Error::NotFound(op))?;
+    event(tx, op, request.at, kind, Some(&name), &message)
+}
+
+/// `Change::RequestCancel`: the first request is kept whole, grace included; an ended op refuses.
+fn request_cancel<T: Tx>(
+    tx: &mut T,
+    op: OpId,
+    request: &Request,
+    grace_ms: Option<Millis>,
+) -> Result<()> {
+    let (status, _, _) = owner_of(tx, op)?;
+    if status.is_final() {
+        return Err(Error::Conflict {
+            op,
+            status,
+            reason: "it has ended; there is nothing to cancel".into(),
+        });
+    }
+    tx.request_cancel(op, request, grace_ms)?;
+    let (kind, message) = events::cancel_requested(request, grace_ms);
+    event(tx, op, request.at, kind, None, &message)
 }
 
 /// Applies a note: `CUR_TASK`, or an event alone. Fenced when it names its owner (a process that
