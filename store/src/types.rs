@@ -603,7 +603,9 @@ pub enum Change {
         retry_from: u32,
         at: Millis,
     },
-    /// The process that runs an attempt.
+    /// The process that runs an attempt, started `at`. The attempt's first process starts its
+    /// time (and the task's, when the attempt started the task): a wait for the database before
+    /// it is not counted.
     AttemptProcess {
         op: OpId,
         owner: ProcessId,
@@ -611,6 +613,7 @@ pub enum Change {
         n: u32,
         process: ProcessId,
         pgid: u32,
+        at: Millis,
     },
     /// An attempt ended.
     FinishAttempt {

@@ -137,6 +137,7 @@ fn an_op_runs_through_postgres_and_a_stale_owner_is_fenced() {
                 n: 1,
                 process: owner(9),
                 pgid: 9,
+                at: 0,
             },
             Change::Log {
                 owner: None,

@@ -3,6 +3,7 @@
 mod support;
 
 mod architecture;
+mod clock;
 mod cluster;
 mod controls;
 mod copy;

@@ -56,6 +56,7 @@ pub(crate) async fn run(
         argv,
         check,
         stop,
+        began: None,
     };
     attempts(
         shared,
@@ -129,6 +130,8 @@ struct ProcessAttempt<'a> {
     argv: Vec<String>,
     check: Option<Vec<String>>,
     stop: &'a watch::Receiver<bool>,
+    /// When the task's first process started.
+    began: Option<Instant>,
 }
 
 /// One process to start: its command line (and the program found in its `PATH`, if looked up),
@@ -190,6 +193,10 @@ impl Attempt for ProcessAttempt<'_> {
             Err(error) => Ok(failed_early(error)),
         }
     }
+
+    fn began(&self) -> Option<Instant> {
+        self.began
+    }
 }
 
 type Prepared = Result<(PathBuf, BTreeMap<String, String>), String>;
@@ -198,7 +205,7 @@ impl ProcessAttempt<'_> {
     /// The idempotency probe, if the step has one: `Some` end when it says the work is done (or
     /// the attempt cannot go on); `None` when the step's command is to run.
     async fn check(
-        &self,
+        &mut self,
         n: u32,
         prepared: &mut Option<Prepared>,
         marker: &str,
@@ -246,7 +253,7 @@ impl ProcessAttempt<'_> {
 
     /// Spawns one process for attempt `n` of the task, records its pid, streams its logs, waits.
     async fn spawn_and_wait(
-        &self,
+        &mut self,
         n: u32,
         launch: Launch,
     ) -> Result<Result<ProcessRun, String>, Fatal> {
@@ -268,6 +275,8 @@ impl ProcessAttempt<'_> {
             ));
         }
         let (sink, chunks) = mpsc::unbounded_channel();
+        let spawned = crate::owner::now();
+        self.began.get_or_insert_with(Instant::now);
         let running = match spawn::spawn(&spec, &sink) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e.to_string())),
@@ -291,6 +300,7 @@ impl ProcessAttempt<'_> {
                 n,
                 process: to_store(&running.identity),
                 pgid: running.pgid,
+                at: spawned,
             }])
             .await?;
         // The grace is decided when the stop comes: a cancel's own, or a sixth of the lease for a

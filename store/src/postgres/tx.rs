@@ -573,9 +573,17 @@ impl Tx for PgTx<'_> {
         n: u32,
         process: &ProcessId,
         pgid: u32,
+        at: Millis,
     ) -> Result<()> {
+        // Before the attempt names its process: `pid IS NULL` marks its first.
         self.exec(
-            "UPDATE attempts SET host = $4, boot_id = $5, pid = $6, pgid = $7, proc_start = $8 \
+            "UPDATE tasks SET started_at = $4 WHERE op_id = $1 AND task_no = $2 AND started_at = \
+             (SELECT started_at FROM attempts WHERE op_id = $1 AND task_no = $2 AND n = $3 AND pid IS NULL)",
+            &[&op.0, &i64::from(task.0), &i64::from(n), &at],
+        )?;
+        self.exec(
+            "UPDATE attempts SET host = $4, boot_id = $5, pid = $6, pgid = $7, proc_start = $8, \
+             started_at = CASE WHEN pid IS NULL THEN $9 ELSE started_at END \
              WHERE op_id = $1 AND task_no = $2 AND n = $3",
             &[
                 &op.0,
@@ -586,6 +594,7 @@ impl Tx for PgTx<'_> {
                 &i64::from(process.pid),
                 &i64::from(pgid),
                 &ticks(process.start),
+                &at,
             ],
         )?;
         Ok(())

@@ -130,7 +130,8 @@ pub(crate) trait Tx {
         retry_from: u32,
         at: Millis,
     ) -> Result<()>;
-    /// Records the process (and its group) that runs an attempt.
+    /// Records the process (and its group) that runs an attempt, started `at`: the attempt's
+    /// first process moves the attempt's start (and the task's, when they are the same) to `at`.
     fn attempt_process(
         &mut self,
         op: OpId,
@@ -138,6 +139,7 @@ pub(crate) trait Tx {
         n: u32,
         process: &ProcessId,
         pgid: u32,
+        at: Millis,
     ) -> Result<()>;
     /// Records how an attempt ended.
     fn end_attempt(

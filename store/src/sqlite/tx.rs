@@ -389,10 +389,18 @@ impl Tx for SqliteTx<'_> {
         n: u32,
         process: &ProcessId,
         pgid: u32,
+        at: Millis,
     ) -> Result<()> {
         self.run(|c| {
+            // Before the attempt names its process: `pid IS NULL` marks its first.
             c.prepare_cached(
-                "UPDATE attempts SET host = ?4, boot_id = ?5, pid = ?6, pgid = ?7, proc_start = ?8 \
+                "UPDATE tasks SET started_at = ?4 WHERE op_id = ?1 AND task_no = ?2 AND started_at = \
+                 (SELECT started_at FROM attempts WHERE op_id = ?1 AND task_no = ?2 AND n = ?3 AND pid IS NULL)",
+            )?
+            .execute(params![op.0, task.0, n, at])?;
+            c.prepare_cached(
+                "UPDATE attempts SET host = ?4, boot_id = ?5, pid = ?6, pgid = ?7, proc_start = ?8, \
+                 started_at = CASE WHEN pid IS NULL THEN ?9 ELSE started_at END \
                  WHERE op_id = ?1 AND task_no = ?2 AND n = ?3",
             )?
             .execute(params![
@@ -403,7 +411,8 @@ impl Tx for SqliteTx<'_> {
                 process.boot_id,
                 process.pid,
                 pgid,
-                process.start as i64
+                process.start as i64,
+                at
             ])?;
             Ok(())
         })
