@@ -652,6 +652,13 @@ pub enum Change {
         at: Millis,
         ignore_cooldown: bool,
     },
+    /// The failing op frees its lock key (its plan's `lock.on_failure: release`), fenced on its
+    /// owner; the key's cooldown starts. A resume takes the key again.
+    ReleaseLock {
+        op: OpId,
+        owner: ProcessId,
+        at: Millis,
+    },
     /// Record a request to cancel the op; its owner (or `cairn cancel` itself) acts on it.
     RequestCancel {
         op: OpId,
@@ -934,6 +941,7 @@ impl Change {
             | Self::CancelUnstarted { .. }
             | Self::Unpause
             | Self::Ack { .. }
+            | Self::ReleaseLock { .. }
             | Self::AddSchedule(_)
             | Self::PauseSchedule { .. }
             | Self::NodeGone { .. } => true,

@@ -412,6 +412,10 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
             at,
             ignore_cooldown,
         } => locks::take(tx, *op, *at, *ignore_cooldown).map(|()| Applied::Done),
+        Change::ReleaseLock { op, owner, at } => {
+            fence(tx, *op, owner)?;
+            locks::release_on_failure(tx, *op, *at).map(|()| Applied::Done)
+        }
         Change::Ack { key, request } => locks::ack(tx, key, request).map(|()| Applied::Done),
         Change::Pause { request } => locks::pause(tx, request).map(|()| Applied::Done),
         Change::Unpause => tx.clear_paused().map(|()| Applied::Done),
