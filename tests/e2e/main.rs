@@ -21,3 +21,4 @@ mod outage;
 mod postgres;
 mod regressions;
 mod serve;
+mod shown;

@@ -59,10 +59,15 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         let reader = args.db.reader()?;
         let (row, planned) =
             engine::op::dry_run(&reader, args.db.rule()?, op, args.from.as_deref())?;
-        let mut text = format!("op {op} ({}, {}): a resume would\n", row.plan, row.title);
+        let shown = crate::output::shown;
+        let mut text = format!(
+            "op {op} ({}, {}): a resume would\n",
+            shown(&row.plan),
+            shown(&row.title)
+        );
         for p in &planned {
             let what = if p.kept { "keep" } else { "run " };
-            writeln!(text, "  {what}  {}  ({})", p.task, p.status).ok();
+            writeln!(text, "  {what}  {}  ({})", shown(&p.task), p.status).ok();
         }
         if let Some(step) = &args.from {
             writeln!(text, "(`--from {step}` runs it and what is downstream of it again; nothing upstream of it runs again)").ok();

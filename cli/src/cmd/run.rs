@@ -136,7 +136,10 @@ impl PlanArgs {
             Ok(params) => params,
             Err(problems) => {
                 for p in problems {
-                    crate::output::diagnostic(&format!("error: {p}\n"));
+                    crate::output::diagnostic(&format!(
+                        "error: {}\n",
+                        crate::output::shown(&p.message)
+                    ));
                 }
                 return Err(Failure::Reported);
             }
