@@ -22,3 +22,4 @@ mod postgres;
 mod regressions;
 mod serve;
 mod shown;
+mod sizes;

@@ -37,25 +37,21 @@ struct FileResult<'a> {
 /// Reads and validates one plan file.
 pub fn load(path: &Path) -> Result<Plan, Problems> {
     let file = path.display().to_string();
-    match std::fs::read(path) {
+    match engine::op::input::read(path) {
         Ok(bytes) => plans::parse_bytes(&file, &bytes),
         Err(err) => Err(Problems {
             file,
             source: String::new(),
             list: vec![Problem::new(
-                "unreadable",
+                if err.too_large() {
+                    "too-large"
+                } else {
+                    "unreadable"
+                },
                 None,
-                format!("cannot read the plan: {}", io_reason(&err)),
+                format!("cannot read the plan: {}", err.failure),
             )],
         }),
-    }
-}
-
-fn io_reason(err: &std::io::Error) -> String {
-    match err.kind() {
-        std::io::ErrorKind::NotFound => "no such file".to_owned(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
-        _ => err.to_string(),
     }
 }
 
