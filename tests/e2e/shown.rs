@@ -16,7 +16,11 @@ params:
 title: "{{ params.t }}"
 lock: "key-{{ params.t }}"
 steps:
+  - id: out
+    run: echo "o=$T" >> "$CAIRN_OUTPUT"
+    env: { T: "{{ params.t }}" }
   - id: a
+    needs: [out]
     run: exit 1
 "#;
 
@@ -47,6 +51,11 @@ fn control_characters_in_data_are_escaped_for_people_and_exact_in_json() {
     let show = dir.json(&["show", &op, "--json"]);
     assert_eq!(show["name"], RAW);
     assert_eq!(show["params"]["t"], RAW);
+    assert_eq!(
+        show["tasks"][0]["outputs"]["o"], RAW,
+        "{:#}",
+        show["tasks"][0]
+    );
     let locks = dir.json(&["locks", "--json"]);
     assert_eq!(locks["locks"][0]["key"], Value::from(format!("key-{RAW}")));
     assert_eq!(dir.json(&["status", "--json"])[0]["name"], RAW);
