@@ -94,8 +94,8 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
             let drift = engine::op::plan_drift(&reader, op, &replan)?;
             out.note(&format!(
                 "op {op}: resuming with {} (changes accepted):\n{}",
-                path.display(),
-                drift.drift.render()
+                crate::output::shown(&path.display().to_string()),
+                crate::output::shown_lines(&drift.drift.render())
             ));
             Some(replan)
         }

@@ -144,7 +144,8 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         for (result, file) in &results {
             match result {
                 Ok(plan) => out.note(&format!(
-                    "{file}: ok: plan `{}`, {} step{}\n",
+                    "{}: ok: plan `{}`, {} step{}\n",
+                    crate::output::shown(file),
                     plan.name,
                     plan.steps.len(),
                     if plan.steps.len() == 1 { "" } else { "s" }
