@@ -63,7 +63,10 @@ fn parse_unclamped(file: &str, text: &str) -> Result<Plan, Problems> {
                 .help("a plan needs at least `name` and `steps`"),
         ]));
     }
-    let options = serde_saphyr::options! { strict_booleans: true };
+    let options = serde_saphyr::options! {
+        strict_booleans: true,
+        budget: Some(crate::limits::budget()),
+    };
     let raw: RawPlan = match serde_saphyr::from_str_with_options(text, options) {
         Ok(raw) => raw,
         Err(err) => return Err(fail(vec![yaml_problem(&err, text)])),
@@ -95,6 +98,14 @@ fn parse_unclamped(file: &str, text: &str) -> Result<Plan, Problems> {
 /// Turns a YAML or shape error into a problem in cairn's voice.
 fn yaml_problem(err: &serde_saphyr::Error, text: &str) -> Problem {
     use serde_saphyr::Error as E;
+    if let Some(breach) = crate::limits::breached(err) {
+        return Problem::new(
+            "too-large",
+            None,
+            format!("the plan is too large: {}", crate::limits::breach(breach)),
+        )
+        .help("split it into sub-plans (`plan:` steps) or fan out over a list (`for_each`)");
+    }
     let mut err = err;
     while let E::WithSnippet { error, .. } | E::AliasError { error, .. } = err {
         err = error;

@@ -22,3 +22,5 @@ mod outage;
 mod postgres;
 mod regressions;
 mod serve;
+mod shown;
+mod sizes;

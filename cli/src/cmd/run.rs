@@ -68,17 +68,14 @@ pub(crate) fn duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Reads `--params FILE` as a mapping.
-fn params_file(path: &PathBuf) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read `{}`", path.display()))?;
-    let value: serde_json::Value = serde_saphyr::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("`{}` is not a YAML or JSON mapping: {e}", path.display()))?;
-    value.as_object().cloned().with_context(|| {
-        format!(
-            "`{}` is not a mapping of param names to values",
-            path.display()
-        )
-    })
+fn params_file(
+    path: &std::path::Path,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let text = engine::op::input::read_text(path)?;
+    Ok(plans::params::parse_file(
+        &path.display().to_string(),
+        &text,
+    )?)
 }
 
 /// The plan file and its params, as `run` and `submit` take them.
@@ -104,7 +101,7 @@ impl PlanArgs {
     pub fn given(&self) -> Result<serde_json::Map<String, serde_json::Value>, Failure> {
         let mut given = self
             .params_file
-            .as_ref()
+            .as_deref()
             .map(params_file)
             .transpose()?
             .unwrap_or_default();
@@ -131,12 +128,15 @@ impl PlanArgs {
             .map(|p| plans::params::split_pair(p))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| anyhow::anyhow!("bad `-p`: {e}"))?;
-        let file = self.params_file.as_ref().map(params_file).transpose()?;
+        let file = self.params_file.as_deref().map(params_file).transpose()?;
         let params = match plans::params::resolve(&plan, &given, file.as_ref()) {
             Ok(params) => params,
             Err(problems) => {
                 for p in problems {
-                    crate::output::diagnostic(&format!("error: {p}\n"));
+                    crate::output::diagnostic(&format!(
+                        "error: {}\n",
+                        crate::output::shown(&p.message)
+                    ));
                 }
                 return Err(Failure::Reported);
             }

@@ -500,7 +500,7 @@ fn table(reader: &store::Reader, ops: &[Line], rule: Rule, now: i64) -> anyhow::
             table.add_row(row);
         }
     }
-    Ok(crate::output::render_table(table, "(no ops)"))
+    Ok(crate::output::render_table(&table, "(no ops)"))
 }
 
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
