@@ -679,3 +679,73 @@ fn a_waiting_gate_is_a_current_task_and_not_waiting_under_a_failed_op() {
     );
     assert_eq!(cur_task_cell(&sandbox), "-");
 }
+
+/// `-p KEY=@FILE` and `-p KEY=env:NAME` keep a secret off cairn's command line (where `ps` shows
+/// it); the step gets the value itself (a file's one trailing line break dropped). A secret
+/// written inline still works, with a warning saying how not to. `@@` is a literal `@`.
+#[test]
+fn a_secret_param_may_come_from_a_file_or_the_environment() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: login\nparams:\n  password: { secret: true, required: true }\n  handle: { required: true }\nsteps:\n  - id: login\n    env: { PW: \"{{ params.password }}\" }\n    run: |\n      printf %s \"$PW\" > got-password\n      printf %s {{ params.handle }} > got-handle\n",
+    );
+    sandbox.write("pw.txt", "s3cr3t-from-file\n");
+    let out = sandbox.cairn(&[
+        "run",
+        "plan.yaml",
+        "-p",
+        "password=@pw.txt",
+        "-p",
+        "handle=@@ops",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("got-password"), "s3cr3t-from-file");
+    assert_eq!(sandbox.read("got-handle"), "@ops");
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+
+    let out = sandbox
+        .command(&[
+            "run",
+            "plan.yaml",
+            "-p",
+            "password=env:LOGIN_PW",
+            "-p",
+            "handle=x",
+        ])
+        .env("LOGIN_PW", "s3cr3t-from-env")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("got-password"), "s3cr3t-from-env");
+
+    let out = sandbox.cairn(&[
+        "run",
+        "plan.yaml",
+        "-p",
+        "password=inline",
+        "-p",
+        "handle=x",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: the secret param `password` is on the command line")
+            && stderr(&out).contains("password=@FILE"),
+        "{}",
+        stderr(&out)
+    );
+
+    for (arg, says) in [
+        ("password=@missing.txt", "missing.txt"),
+        (
+            "password=env:NO_SUCH_VARIABLE_HERE",
+            "`NO_SUCH_VARIABLE_HERE` is not set",
+        ),
+        ("password=@", "name the file"),
+    ] {
+        let out = sandbox.cairn(&["run", "plan.yaml", "-p", arg, "-p", "handle=x"]);
+        assert_eq!(code(&out), Some(2), "{arg}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{arg}: {}", stderr(&out));
+    }
+    assert_eq!(sandbox.op_count(), 3, "a refused `-p` stores no op");
+}
