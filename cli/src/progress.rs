@@ -71,6 +71,14 @@ fn live(verbose: bool) -> Sink {
                 bars.insert(format!("{within}{task}"), bar);
                 return;
             }
+            Progress::TaskProgress { task, text } => {
+                // The spinner says it; no line above.
+                let task = shown(task);
+                if let Some(bar) = bars.get(&format!("{within}{task}")) {
+                    bar.set_message(format!("{within}{task}: {}", shown(text)));
+                    return;
+                }
+            }
             Progress::TaskSucceeded { task, .. }
             | Progress::TaskFailed { task, .. }
             | Progress::TaskSkipped { task }
@@ -128,6 +136,7 @@ pub fn describe(p: &Progress, verbose: bool) -> String {
         Progress::TaskStarted { task, .. }
         | Progress::TaskSucceeded { task, .. }
         | Progress::TaskSkipped { task }
+        | Progress::TaskProgress { task, .. }
         | Progress::TaskFailed { task, .. }
         | Progress::TaskInterrupted { task }
         | Progress::TaskWaiting { task, .. }
@@ -160,6 +169,7 @@ pub fn describe(p: &Progress, verbose: bool) -> String {
             format!("  {named}: succeeded{how} in {}", ms(elapsed))
         }
         Progress::TaskSkipped { .. } => format!("  {named}: skipped"),
+        Progress::TaskProgress { text, .. } => format!("  {named}: {}", shown(text)),
         Progress::TaskFailed {
             error, retry_in, ..
         } => {

@@ -357,6 +357,8 @@ pub struct TaskRow {
     pub error: Option<String>,
     pub outputs: Option<serde_json::Map<String, serde_json::Value>>,
     pub by_check: bool,
+    /// The last progress its process reported (`$CAIRN_PROGRESS`).
+    pub progress: Option<String>,
 }
 
 /// One try of a task.
@@ -602,6 +604,13 @@ pub enum Change {
         /// Attempts before the retry round this attempt belongs to.
         retry_from: u32,
         at: Millis,
+    },
+    /// What a running task's process last said of its progress (`$CAIRN_PROGRESS`).
+    TaskProgress {
+        op: OpId,
+        owner: ProcessId,
+        task: TaskNo,
+        text: String,
     },
     /// The process that runs an attempt, started `at`. The attempt's first process starts its
     /// time (and the task's, when the attempt started the task): a wait for the database before
@@ -896,7 +905,10 @@ impl Change {
     /// `serve`) writes it again. The next synced commit makes it durable with its own. Add a
     /// change here only if losing it to a power cut is harmless.
     pub(crate) fn dies_with_the_boot(&self) -> bool {
-        matches!(self, Self::AttemptProcess { .. } | Self::CurrentTask { .. })
+        matches!(
+            self,
+            Self::AttemptProcess { .. } | Self::CurrentTask { .. } | Self::TaskProgress { .. }
+        )
     }
 
     /// The op and writer an attempt's change is fenced on. These changes never alter who owns the
@@ -907,6 +919,7 @@ impl Change {
         match self {
             Self::StartAttempt { op, owner, .. }
             | Self::AttemptProcess { op, owner, .. }
+            | Self::TaskProgress { op, owner, .. }
             | Self::FinishAttempt { op, owner, .. }
             | Self::WholeAttempt { op, owner, .. }
             | Self::Log {

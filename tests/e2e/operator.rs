@@ -749,3 +749,54 @@ fn a_secret_param_may_come_from_a_file_or_the_environment() {
     }
     assert_eq!(sandbox.op_count(), 3, "a refused `-p` stores no op");
 }
+
+/// Polls `status --json` until the op's first current task reports `progress`.
+fn wait_for_progress(sandbox: &Sandbox, progress: &str) -> serde_json::Value {
+    let started = std::time::Instant::now();
+    loop {
+        let ops = sandbox.json(&["status", "--json"]);
+        if ops[0]["current_tasks"][0]["progress"] == progress {
+            return ops;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "never showed progress `{progress}`: {ops}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A step's `$CAIRN_PROGRESS` lines show in `status` (the table and `--json`) and `show`; a
+/// resume after `kill -9` starts the new attempt's progress afresh; the last one is kept when the
+/// task ends.
+#[test]
+fn a_steps_progress_shows_while_it_runs_and_across_a_resume() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: restore\nsteps:\n  - id: copy\n    run: |\n      if [ \"$CAIRN_ATTEMPT\" = 1 ]; then\n        echo 'progress=10' >> \"$CAIRN_PROGRESS\"\n        echo 'progress=45/100 restoring table x' >> \"$CAIRN_PROGRESS\"\n      else\n        echo 'progress=90' >> \"$CAIRN_PROGRESS\"\n      fi\n      while [ ! -f go ]; do sleep 0.05; done\n",
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    sandbox.wait_for_db();
+    let ops = wait_for_progress(&sandbox, "45/100 restoring table x");
+    assert_eq!(ops[0]["current_tasks"][0]["task"], "copy");
+    let table = stdout(&sandbox.cairn(&["status"]));
+    assert!(table.contains("copy (45/100 restoring table x)"), "{table}");
+    let show = sandbox.show(1);
+    assert_eq!(task(&show, "copy")["progress"], "45/100 restoring table x");
+    let text = stdout(&sandbox.cairn(&["show", "1"]));
+    assert!(
+        text.contains("progress: 45/100 restoring table x"),
+        "{text}"
+    );
+
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let mut resumed = sandbox.spawn(&["resume", "1"]);
+    wait_for_progress(&sandbox, "90%");
+    sandbox.write("go", "");
+    assert!(resumed.wait().unwrap().success());
+    let show = sandbox.show(1);
+    assert_eq!(task(&show, "copy")["status"], "succeeded");
+    assert_eq!(task(&show, "copy")["progress"], "90%");
+}

@@ -48,11 +48,14 @@ fn shown_params(params: &Value) -> Value {
     }
 }
 
-/// The last column of a task's row: its error, else its outputs; an item's whole value when its
-/// name holds only a short label.
+/// The last column of a task's row: its error, else its outputs, else the progress it last
+/// reported; an item's whole value when its name holds only a short label.
 fn detail(t: &TaskRow) -> String {
     let detail = match (&t.error, &t.outputs) {
         (Some(e), _) => e.lines().next().unwrap_or_default().to_owned(),
+        (None, None) if t.progress.is_some() => {
+            format!("progress: {}", t.progress.as_deref().unwrap_or_default())
+        }
         (None, Some(o)) if !o.is_empty() => o
             .iter()
             .map(|(k, v)| {
@@ -307,6 +310,7 @@ pub fn record(
                 "error": t.error,
                 "outputs": t.outputs,
                 "by_check": t.by_check,
+                "progress": t.progress,
                 "history": attempts.iter().filter(|a| a.task_no == t.task_no).map(|a| json!({
                     "attempt": a.n,
                     "status": a.status.as_str(),

@@ -327,6 +327,14 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    fn set_task_progress(&mut self, op: OpId, task: TaskNo, text: &str) -> Result<()> {
+        self.exec(
+            "UPDATE tasks SET progress = $3 WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &i64::from(task.0), &text],
+        )?;
+        Ok(())
+    }
+
     fn set_current_task(&mut self, op: OpId, text: Option<&str>) -> Result<()> {
         self.exec(
             "UPDATE ops SET current_task = $2 WHERE id = $1",
@@ -554,7 +562,7 @@ impl Tx for PgTx<'_> {
     ) -> Result<()> {
         self.exec(
             "UPDATE tasks SET status = 'running', attempts = $3, retry_from = $5, started_at = COALESCE(started_at, $4), \
-             ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = $1 AND task_no = $2",
+             progress = NULL, ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = $1 AND task_no = $2",
             &[
                 &op.0,
                 &i64::from(task.0),

@@ -130,6 +130,8 @@ pub(crate) trait Tx {
         retry_from: u32,
         at: Millis,
     ) -> Result<()>;
+    /// Records what a running task's process last said of its progress.
+    fn set_task_progress(&mut self, op: OpId, task: TaskNo, text: &str) -> Result<()>;
     /// Records the process (and its group) that runs an attempt, started `at`: the attempt's
     /// first process moves the attempt's start (and the task's, when they are the same) to `at`.
     fn attempt_process(
@@ -397,6 +399,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
         }
         Change::StartAttempt { .. }
         | Change::AttemptProcess { .. }
+        | Change::TaskProgress { .. }
         | Change::FinishAttempt { .. }
         | Change::WholeAttempt { .. }
         | Change::SetTask { .. }

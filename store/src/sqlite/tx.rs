@@ -149,6 +149,14 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
+    fn set_task_progress(&mut self, op: OpId, task: TaskNo, text: &str) -> Result<()> {
+        self.run(|c| {
+            c.prepare_cached("UPDATE tasks SET progress = ?3 WHERE op_id = ?1 AND task_no = ?2")?
+                .execute(params![op.0, task.0, text])?;
+            Ok(())
+        })
+    }
+
     fn set_current_task(&mut self, op: OpId, text: Option<&str>) -> Result<()> {
         self.run(|c| {
             c.prepare_cached("UPDATE ops SET current_task = ?2 WHERE id = ?1")?
@@ -375,7 +383,7 @@ impl Tx for SqliteTx<'_> {
         self.run(|c| {
             c.prepare_cached(
                 "UPDATE tasks SET status = 'running', attempts = ?3, retry_from = ?5, started_at = COALESCE(started_at, ?4), \
-                 ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = ?1 AND task_no = ?2",
+                 progress = NULL, ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = ?1 AND task_no = ?2",
             )?
             .execute(params![op.0, task.0, n, at, retry_from])?;
             Ok(())
