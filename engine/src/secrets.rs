@@ -28,6 +28,10 @@ pub enum Error {
     )]
     NoSharedKey { path: PathBuf },
     #[error(
+        "the secret key `{path}` is missing, but the database holds secrets sealed with it: a new key could never open them, so none is made. Restore the key file to `{path}` (mode 0600) from a backup or another machine that uses this database, or name it with CAIRN_SECRET_KEY_FILE (or give the key itself, 64 hex digits, in CAIRN_SECRET_KEY)"
+    )]
+    Missing { path: PathBuf },
+    #[error(
         "the secret key `{to}` is another key than `{from}`, which sealed the secret params to copy: they would not open with it. Move `{to}` aside (or name another file with CAIRN_SECRET_KEY_FILE) and copy again"
     )]
     Differs { from: PathBuf, to: PathBuf },
@@ -87,6 +91,9 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 /// machines share ([`store::Location::is_shared`]) needs the same key on each, so it is never
 /// created, and its absence is an error saying how to make one. A key file readable by group or
 /// others is refused.
+///
+/// A missing key while the database holds sealed values is refused ([`Error::Missing`]) whatever
+/// `create` says: a second key would leave the database holding values that no key opens.
 pub fn key(store: &store::Store, create: bool) -> Result<Option<SecretKey>, Error> {
     if let Ok(hexed) = std::env::var("CAIRN_SECRET_KEY") {
         return unhex(hexed.trim())
@@ -99,12 +106,30 @@ pub fn key(store: &store::Store, create: bool) -> Result<Option<SecretKey>, Erro
     }
     let path = store.secret_key_file();
     let shared = store.location().is_shared();
-    match read_key(&path)? {
-        Some(key) => Ok(Some(key)),
-        None if shared => Err(Error::NoSharedKey { path }),
-        None if create => create_key(&path),
-        None => Ok(None),
+    if let Some(key) = read_key(&path)? {
+        return Ok(Some(key));
     }
+    if any_sealed(store, &path)? {
+        return Err(Error::Missing { path });
+    }
+    if shared {
+        Err(Error::NoSharedKey { path })
+    } else if create {
+        create_key(&path)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Whether `store` holds a sealed value already (then its key exists, somewhere).
+fn any_sealed(store: &store::Store, path: &Path) -> Result<bool, Error> {
+    store
+        .reader()
+        .and_then(|reader| reader.any_sealed())
+        .map_err(|e| Error::Key {
+            path: path.to_path_buf(),
+            reason: format!("cannot tell whether the database holds sealed secrets: {e}"),
+        })
 }
 
 /// Reads the key file at `path` (`None` if there is none): 64 hex digits (what cairn writes), or
