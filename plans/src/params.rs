@@ -290,9 +290,15 @@ mod tests {
             .collect();
         assert!(!problems.join("\n").contains("S3cr3t"), "{problems:?}");
         assert_eq!(problems.len(), 3, "{problems:?}");
-        assert!(problems[2].starts_with("param `note` holds a NUL"), "{problems:?}");
+        assert!(
+            problems[2].starts_with("param `note` holds a NUL"),
+            "{problems:?}"
+        );
         let file = Map::from_iter([("keys".to_owned(), serde_json::json!(["x\u{0}y"]))]);
         let problems = resolve(&plan, &[("pin".into(), "1".into())], Some(&file)).unwrap_err();
-        assert!(problems[0].message.starts_with("param `keys` holds a NUL"), "{problems:?}");
+        assert!(
+            problems[0].message.starts_with("param `keys` holds a NUL"),
+            "{problems:?}"
+        );
     }
 }

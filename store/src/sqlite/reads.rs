@@ -391,9 +391,7 @@ impl Reads<'_> {
     /// A scan of every op's params; asked only when the secret key is missing.
     pub fn any_sealed(&self) -> Result<bool> {
         self.conn
-            .prepare_cached(
-                r#"SELECT EXISTS (SELECT 1 FROM ops WHERE params LIKE '%"$secret"%')"#,
-            )
+            .prepare_cached(r#"SELECT EXISTS (SELECT 1 FROM ops WHERE params LIKE '%"$secret"%')"#)
             .and_then(|mut s| s.query_row([], |r| r.get(0)))
             .map_err(|e| self.err(&e))
     }
