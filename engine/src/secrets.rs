@@ -261,24 +261,28 @@ pub fn copy_key(from: &Path, to: &Path) -> Result<bool, Error> {
 /// Seals the values of `secret` params in `params`.
 #[must_use]
 pub fn seal(params: &Map<String, Value>, secret: &[&str], key: &SecretKey) -> Map<String, Value> {
-    let cipher = XChaCha20Poly1305::new(&key.key);
     params
         .iter()
         .map(|(name, value)| {
             if secret.contains(&name.as_str()) {
-                let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-                let plain = value.to_string();
-                let sealed = cipher.encrypt(&nonce, plain.as_bytes()).unwrap_or_default();
-                let text = format!("v1:{}:{}", hex(&nonce), hex(&sealed));
-                (
-                    name.clone(),
-                    Value::Object(Map::from_iter([(MARK.to_owned(), Value::String(text))])),
-                )
+                (name.clone(), seal_value(value, key))
             } else {
                 (name.clone(), value.clone())
             }
         })
         .collect()
+}
+
+/// One value sealed: `{"$secret": "v1:<nonce hex>:<ciphertext hex>"}` (a param's, or a step's
+/// output that holds a secret).
+#[must_use]
+pub fn seal_value(value: &Value, key: &SecretKey) -> Value {
+    let cipher = XChaCha20Poly1305::new(&key.key);
+    let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+    let plain = value.to_string();
+    let sealed = cipher.encrypt(&nonce, plain.as_bytes()).unwrap_or_default();
+    let text = format!("v1:{}:{}", hex(&nonce), hex(&sealed));
+    Value::Object(Map::from_iter([(MARK.to_owned(), Value::String(text))]))
 }
 
 /// Whether a stored value is a sealed secret.
@@ -296,39 +300,42 @@ pub fn open(
 ) -> Result<Map<String, Value>, Error> {
     let mut out = Map::new();
     for (name, value) in params {
-        if !is_sealed(value) {
-            out.insert(name.clone(), value.clone());
-            continue;
-        }
-        let fail = |reason: &str| Error::Open {
-            name: name.clone(),
-            reason: reason.to_owned(),
+        let value = if is_sealed(value) {
+            open_value(name, value, key)?
+        } else {
+            value.clone()
         };
-        let key = key.ok_or_else(|| fail("the secret key is missing (set CAIRN_SECRET_KEY, or restore the key file beside the database)"))?;
-        let text = value[MARK].as_str().unwrap_or_default();
-        let mut parts = text.splitn(3, ':');
-        let (Some("v1"), Some(nonce), Some(sealed)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(fail("the stored value is not in a known format"));
-        };
-        let nonce = unhex(nonce)
-            .filter(|n| n.len() == 24)
-            .ok_or_else(|| fail("bad nonce"))?;
-        let sealed = unhex(sealed).ok_or_else(|| fail("bad ciphertext"))?;
-        // The cipher authenticates: another key fails here, it never yields garbage.
-        let plain = XChaCha20Poly1305::new(&key.key)
-            .decrypt(XNonce::from_slice(&nonce), sealed.as_slice())
-            .map_err(|_| {
-                fail(&format!(
-                    "`{}` is not the key these secrets were sealed with (every machine using the database needs the same key)",
-                    key.from
-                ))
-            })?;
-        let value =
-            serde_json::from_slice(&plain).map_err(|_| fail("the decrypted value is not JSON"))?;
         out.insert(name.clone(), value);
     }
     Ok(out)
+}
+
+/// Opens one sealed value, named `name` in messages.
+pub fn open_value(name: &str, value: &Value, key: Option<&SecretKey>) -> Result<Value, Error> {
+    let fail = |reason: &str| Error::Open {
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let key = key.ok_or_else(|| fail("the secret key is missing (set CAIRN_SECRET_KEY, or restore the key file beside the database)"))?;
+    let text = value[MARK].as_str().unwrap_or_default();
+    let mut parts = text.splitn(3, ':');
+    let (Some("v1"), Some(nonce), Some(sealed)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(fail("the stored value is not in a known format"));
+    };
+    let nonce = unhex(nonce)
+        .filter(|n| n.len() == 24)
+        .ok_or_else(|| fail("bad nonce"))?;
+    let sealed = unhex(sealed).ok_or_else(|| fail("bad ciphertext"))?;
+    // The cipher authenticates: another key fails here, it never yields garbage.
+    let plain = XChaCha20Poly1305::new(&key.key)
+        .decrypt(XNonce::from_slice(&nonce), sealed.as_slice())
+        .map_err(|_| {
+            fail(&format!(
+                "`{}` is not the key these secrets were sealed with (every machine using the database needs the same key)",
+                key.from
+            ))
+        })?;
+    serde_json::from_slice(&plain).map_err(|_| fail("the decrypted value is not JSON"))
 }
 
 #[cfg(test)]

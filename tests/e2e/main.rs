@@ -20,4 +20,5 @@ mod operator;
 mod outage;
 mod postgres;
 mod regressions;
+mod secrets;
 mod serve;

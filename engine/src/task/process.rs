@@ -23,7 +23,7 @@ use super::files::process_files;
 use super::logs::write_logs;
 use super::{
     Ended, Fatal, Job, TaskEnd, fail_before_start, failed_early, last_lines, missing_output,
-    shared_mask, start_attempt,
+    render_public, shared_mask, start_attempt,
 };
 use crate::owner::to_store;
 
@@ -38,7 +38,9 @@ pub(crate) async fn run(
     carry: &mut Carry,
 ) -> Result<TaskEnd, Fatal> {
     let step = shared.step(job.step);
-    let rendered = render(shared, step, ctx);
+    let rendered = render_public(ctx, "the command line, `cwd` or `check`", |c| {
+        render(shared, step, c)
+    });
     let (cwd, argv, check) = match rendered {
         Ok(rendered) => rendered,
         Err(error) => {
@@ -227,7 +229,10 @@ impl ProcessAttempt<'_> {
             Ok(run) if run.exit.success() => {
                 let outputs = match run.outputs {
                     Ok(o) => o,
-                    Err(e) => return Ok(Some(failed_early(format!("`check`: {e}")))),
+                    Err(e) => {
+                        let error = shared_mask(shared, &format!("`check`: {e}"));
+                        return Ok(Some(failed_early(error)));
+                    }
                 };
                 if let Some(missing) = missing_output(step, &outputs) {
                     let error = format!(
