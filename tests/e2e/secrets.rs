@@ -94,8 +94,10 @@ fn a_misused_secret_is_never_shown_or_stored_in_clear_and_still_reaches_its_step
     assert!(stored.contains("\"$secret\""), "{stored}");
 }
 
+/// Where a secret param may not go, an output holding one may not either: a command line, a
+/// fan-out's items, a sub-plan's param that is not secret (all seen by others or stored).
 #[test]
-fn an_output_holding_a_secret_is_refused_on_a_command_line() {
+fn an_output_holding_a_secret_is_refused_where_others_would_see_it() {
     let sandbox = Sandbox::new();
     sandbox.write(
         "plan.yaml",
@@ -109,20 +111,44 @@ steps:
     run: echo "pw=$PASSWORD" >> "$CAIRN_OUTPUT"
   - id: argv
     needs: [leak]
+    continue_on_error: true
     run: echo {{ steps.leak.outputs.pw }} > got
+  - id: each
+    needs: [leak, argv]
+    continue_on_error: true
+    for_each: "{{ steps.leak.outputs.pw }}"
+    run: echo "$CAIRN_ITEM" > got
+  - id: child
+    needs: [leak, each]
+    plan: ./child.yaml
+    with: { note: "{{ steps.leak.outputs.pw }}" }
 "#,
+    );
+    sandbox.write(
+        "child.yaml",
+        "name: child\nparams:\n  note: { required: true }\nsteps:\n  - id: a\n    run: touch got\n",
     );
     let run = sandbox.cairn(&["run", "plan.yaml", "-p", &format!("password={SECRET}")]);
     assert_eq!(code(&run), Some(1), "{}", stderr(&run));
-    assert!(!sandbox.path().join("got").exists(), "the step ran");
-    let error = task(&sandbox.show(1), "argv")["error"].clone();
-    assert!(
-        error
+    assert!(!sandbox.path().join("got").exists(), "a step ran");
+    let show = sandbox.show(1);
+    for (id, what) in [
+        ("argv", "the command line, `cwd` or `check`"),
+        ("each", "`for_each`"),
+        ("child", "`with.note`"),
+    ] {
+        let error = task(&show, id)["error"]
             .as_str()
-            .unwrap()
-            .contains("inserts an output of an earlier step that holds a secret"),
-        "{error}"
-    );
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            error.contains(&format!(
+                "{what} inserts an output of an earlier step that holds a secret"
+            )),
+            "{id}: {error}"
+        );
+    }
+    assert_eq!(sandbox.op_count(), 1, "no child op was stored");
     let printed = format!("{}{}", stderr(&run), everything_shown(&sandbox, "1"));
     assert!(!printed.contains(SECRET), "a secret shown:\n{printed}");
     sandbox.assert_not_stored(SECRET);

@@ -167,7 +167,7 @@ pub(crate) async fn run(
             ))
             .await
         }
-        Action::Approve { prompt } => match render_public(&ctx, "`approve`", |c| {
+        Action::Approve { prompt } => match render_public(&ctx, "`approve`", USE_ENV, |c| {
             prompt.render(c).map_err(|e| e.to_string())
         }) {
             Ok(prompt) => Box::pin(approval::run(shared, job, &prompt, stop)).await,
@@ -459,18 +459,24 @@ fn failed_early(error: String) -> Ended {
     }
 }
 
+/// The remedy [`render_public`] names when a template puts an output holding a secret where others
+/// see it.
+pub(crate) const USE_ENV: &str = "pass the output in `env:` (`env: { NAME: \"{{ steps.<id>.outputs.<key> }}\" }`) and read the variable";
+
 /// `render(ctx)`, refused when what it renders inserts an output of an earlier step that holds a
-/// secret: `what` (a command line, a prompt) is seen by others or stored in clear. Told by
-/// rendering again with those outputs hidden: what inserts one reads otherwise.
-fn render_public<T: PartialEq>(
+/// secret: `what` (a command line, a prompt) is seen by others or stored in clear; `remedy` says
+/// what to do instead. Told by rendering again with those outputs hidden: what inserts one reads
+/// otherwise.
+pub(crate) fn render_public<T: PartialEq>(
     ctx: &Context,
     what: &str,
+    remedy: &str,
     render: impl Fn(&Context) -> Result<T, String>,
 ) -> Result<T, String> {
     let shown = render(ctx)?;
     if ctx.holds_secrets() && render(&ctx.hiding())? != shown {
         return Err(format!(
-            "{what} inserts an output of an earlier step that holds a secret, and would show it to others or store it in clear: pass the output in `env:` (`env: {{ NAME: \"{{{{ steps.<id>.outputs.<key> }}}}\" }}`) and read the variable"
+            "{what} inserts an output of an earlier step that holds a secret, and would show it to others or store it in clear: {remedy}"
         ));
     }
     Ok(shown)

@@ -22,8 +22,8 @@ use super::context::Shared;
 use super::files::process_files;
 use super::logs::write_logs;
 use super::{
-    Ended, Fatal, Job, TaskEnd, fail_before_start, failed_early, last_lines, missing_output,
-    render_public, shared_mask, start_attempt,
+    Ended, Fatal, Job, TaskEnd, USE_ENV, fail_before_start, failed_early, last_lines,
+    missing_output, render_public, shared_mask, start_attempt,
 };
 use crate::owner::to_store;
 
@@ -38,7 +38,7 @@ pub(crate) async fn run(
     carry: &mut Carry,
 ) -> Result<TaskEnd, Fatal> {
     let step = shared.step(job.step);
-    let rendered = render_public(ctx, "the command line, `cwd` or `check`", |c| {
+    let rendered = render_public(ctx, "the command line, `cwd` or `check`", USE_ENV, |c| {
         render(shared, step, c)
     });
     let (cwd, argv, check) = match rendered {
