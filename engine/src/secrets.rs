@@ -285,6 +285,20 @@ pub fn seal_value(value: &Value, key: &SecretKey) -> Value {
     Value::Object(Map::from_iter([(MARK.to_owned(), Value::String(text))]))
 }
 
+/// Whether `value` (a step's output) holds one of the `secrets` (values of secret params) in its
+/// text: then it is sealed when stored, like them.
+#[must_use]
+pub fn holds_secret(value: &Value, secrets: &[String]) -> bool {
+    let text = match value {
+        Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
+        other => std::borrow::Cow::Owned(other.to_string()),
+    };
+    !is_sealed(value)
+        && secrets
+            .iter()
+            .any(|s| !s.is_empty() && text.contains(s.as_str()))
+}
+
 /// Whether a stored value is a sealed secret.
 #[must_use]
 pub fn is_sealed(value: &Value) -> bool {

@@ -520,22 +520,13 @@ impl Shared {
     /// A step's `outputs` as they are stored: each value that holds a secret sealed like a secret
     /// param (or, should the key be out of reach, masked), the others as they are.
     pub(crate) fn seal_outputs(&self, outputs: Map<String, Value>) -> Map<String, Value> {
-        let holds_secret = |value: &Value| {
-            let text = match value {
-                Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
-                other => std::borrow::Cow::Owned(other.to_string()),
-            };
-            self.secrets
-                .iter()
-                .any(|s| !s.is_empty() && text.contains(s.as_str()))
-        };
         if self.secrets.iter().all(String::is_empty) {
             return outputs;
         }
         outputs
             .into_iter()
             .map(|(name, value)| {
-                if secrets::is_sealed(&value) || !holds_secret(&value) {
+                if !secrets::holds_secret(&value, &self.secrets) {
                     return (name, value);
                 }
                 let stored = match self.secret_key() {
