@@ -814,7 +814,7 @@ impl ReadBackend for PgReader {
     fn any_sealed(&self) -> Result<bool> {
         self.run(|c| {
             c.query_opt(
-                r#"SELECT EXISTS (SELECT 1 FROM ops WHERE params LIKE '%"$secret"%')"#,
+                r#"SELECT EXISTS (SELECT 1 FROM ops WHERE params LIKE '%{"$secret":"%')"#,
                 &[],
             )?
             .map_or(Ok(false), |r| r.try_get::<_, bool>(0))
