@@ -28,6 +28,10 @@ pub enum Error {
     )]
     NoSharedKey { path: PathBuf },
     #[error(
+        "the secret key `{path}` is missing, but the database holds secrets sealed with it: a new key could never open them, so none is made. Restore the key file to `{path}` (mode 0600) from a backup or another machine that uses this database, or name it with CAIRN_SECRET_KEY_FILE (or give the key itself, 64 hex digits, in CAIRN_SECRET_KEY)"
+    )]
+    Missing { path: PathBuf },
+    #[error(
         "the secret key `{to}` is another key than `{from}`, which sealed the secret params to copy: they would not open with it. Move `{to}` aside (or name another file with CAIRN_SECRET_KEY_FILE) and copy again"
     )]
     Differs { from: PathBuf, to: PathBuf },
@@ -87,6 +91,9 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 /// machines share ([`store::Location::is_shared`]) needs the same key on each, so it is never
 /// created, and its absence is an error saying how to make one. A key file readable by group or
 /// others is refused.
+///
+/// A missing key while the database holds sealed values is refused ([`Error::Missing`]) whatever
+/// `create` says: a second key would leave the database holding values that no key opens.
 pub fn key(store: &store::Store, create: bool) -> Result<Option<SecretKey>, Error> {
     if let Ok(hexed) = std::env::var("CAIRN_SECRET_KEY") {
         return unhex(hexed.trim())
@@ -99,12 +106,30 @@ pub fn key(store: &store::Store, create: bool) -> Result<Option<SecretKey>, Erro
     }
     let path = store.secret_key_file();
     let shared = store.location().is_shared();
-    match read_key(&path)? {
-        Some(key) => Ok(Some(key)),
-        None if shared => Err(Error::NoSharedKey { path }),
-        None if create => create_key(&path),
-        None => Ok(None),
+    if let Some(key) = read_key(&path)? {
+        return Ok(Some(key));
     }
+    if any_sealed(store, &path)? {
+        return Err(Error::Missing { path });
+    }
+    if shared {
+        Err(Error::NoSharedKey { path })
+    } else if create {
+        create_key(&path)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Whether `store` holds a sealed value already (then its key exists, somewhere).
+fn any_sealed(store: &store::Store, path: &Path) -> Result<bool, Error> {
+    store
+        .reader()
+        .and_then(|reader| reader.any_sealed())
+        .map_err(|e| Error::Key {
+            path: path.to_path_buf(),
+            reason: format!("cannot tell whether the database holds sealed secrets: {e}"),
+        })
 }
 
 /// Reads the key file at `path` (`None` if there is none): 64 hex digits (what cairn writes), or
@@ -236,24 +261,42 @@ pub fn copy_key(from: &Path, to: &Path) -> Result<bool, Error> {
 /// Seals the values of `secret` params in `params`.
 #[must_use]
 pub fn seal(params: &Map<String, Value>, secret: &[&str], key: &SecretKey) -> Map<String, Value> {
-    let cipher = XChaCha20Poly1305::new(&key.key);
     params
         .iter()
         .map(|(name, value)| {
             if secret.contains(&name.as_str()) {
-                let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-                let plain = value.to_string();
-                let sealed = cipher.encrypt(&nonce, plain.as_bytes()).unwrap_or_default();
-                let text = format!("v1:{}:{}", hex(&nonce), hex(&sealed));
-                (
-                    name.clone(),
-                    Value::Object(Map::from_iter([(MARK.to_owned(), Value::String(text))])),
-                )
+                (name.clone(), seal_value(value, key))
             } else {
                 (name.clone(), value.clone())
             }
         })
         .collect()
+}
+
+/// One value sealed: `{"$secret": "v1:<nonce hex>:<ciphertext hex>"}` (a param's, or a step's
+/// output that holds a secret).
+#[must_use]
+pub fn seal_value(value: &Value, key: &SecretKey) -> Value {
+    let cipher = XChaCha20Poly1305::new(&key.key);
+    let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+    let plain = value.to_string();
+    let sealed = cipher.encrypt(&nonce, plain.as_bytes()).unwrap_or_default();
+    let text = format!("v1:{}:{}", hex(&nonce), hex(&sealed));
+    Value::Object(Map::from_iter([(MARK.to_owned(), Value::String(text))]))
+}
+
+/// Whether `value` (a step's output) holds one of the `secrets` (values of secret params) in its
+/// text: then it is sealed when stored, like them.
+#[must_use]
+pub fn holds_secret(value: &Value, secrets: &[String]) -> bool {
+    let text = match value {
+        Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
+        other => std::borrow::Cow::Owned(other.to_string()),
+    };
+    !is_sealed(value)
+        && secrets
+            .iter()
+            .any(|s| !s.is_empty() && text.contains(s.as_str()))
 }
 
 /// Whether a stored value is a sealed secret.
@@ -271,39 +314,42 @@ pub fn open(
 ) -> Result<Map<String, Value>, Error> {
     let mut out = Map::new();
     for (name, value) in params {
-        if !is_sealed(value) {
-            out.insert(name.clone(), value.clone());
-            continue;
-        }
-        let fail = |reason: &str| Error::Open {
-            name: name.clone(),
-            reason: reason.to_owned(),
+        let value = if is_sealed(value) {
+            open_value(name, value, key)?
+        } else {
+            value.clone()
         };
-        let key = key.ok_or_else(|| fail("the secret key is missing (set CAIRN_SECRET_KEY, or restore the key file beside the database)"))?;
-        let text = value[MARK].as_str().unwrap_or_default();
-        let mut parts = text.splitn(3, ':');
-        let (Some("v1"), Some(nonce), Some(sealed)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(fail("the stored value is not in a known format"));
-        };
-        let nonce = unhex(nonce)
-            .filter(|n| n.len() == 24)
-            .ok_or_else(|| fail("bad nonce"))?;
-        let sealed = unhex(sealed).ok_or_else(|| fail("bad ciphertext"))?;
-        // The cipher authenticates: another key fails here, it never yields garbage.
-        let plain = XChaCha20Poly1305::new(&key.key)
-            .decrypt(XNonce::from_slice(&nonce), sealed.as_slice())
-            .map_err(|_| {
-                fail(&format!(
-                    "`{}` is not the key these secrets were sealed with (every machine using the database needs the same key)",
-                    key.from
-                ))
-            })?;
-        let value =
-            serde_json::from_slice(&plain).map_err(|_| fail("the decrypted value is not JSON"))?;
         out.insert(name.clone(), value);
     }
     Ok(out)
+}
+
+/// Opens one sealed value, named `name` in messages.
+pub fn open_value(name: &str, value: &Value, key: Option<&SecretKey>) -> Result<Value, Error> {
+    let fail = |reason: &str| Error::Open {
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let key = key.ok_or_else(|| fail("the secret key is missing (set CAIRN_SECRET_KEY, or restore the key file beside the database)"))?;
+    let text = value[MARK].as_str().unwrap_or_default();
+    let mut parts = text.splitn(3, ':');
+    let (Some("v1"), Some(nonce), Some(sealed)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(fail("the stored value is not in a known format"));
+    };
+    let nonce = unhex(nonce)
+        .filter(|n| n.len() == 24)
+        .ok_or_else(|| fail("bad nonce"))?;
+    let sealed = unhex(sealed).ok_or_else(|| fail("bad ciphertext"))?;
+    // The cipher authenticates: another key fails here, it never yields garbage.
+    let plain = XChaCha20Poly1305::new(&key.key)
+        .decrypt(XNonce::from_slice(&nonce), sealed.as_slice())
+        .map_err(|_| {
+            fail(&format!(
+                "`{}` is not the key these secrets were sealed with (every machine using the database needs the same key)",
+                key.from
+            ))
+        })?;
+    serde_json::from_slice(&plain).map_err(|_| fail("the decrypted value is not JSON"))
 }
 
 #[cfg(test)]

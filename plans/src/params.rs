@@ -17,21 +17,32 @@ fn error(message: String) -> ParamError {
     ParamError { message }
 }
 
+/// How a value given for `param` is quoted in a message: never a secret's.
+fn quoted(param: &Param, text: &str) -> String {
+    if param.secret {
+        "a value that is not one (secret, not shown)".to_owned()
+    } else {
+        format!("`{text}`")
+    }
+}
+
 /// Reads a command-line value as the param's type.
 fn coerce(param: &Param, text: &str) -> Result<Value, ParamError> {
     let name = &param.name;
     match param.ty {
         ParamType::String => Ok(Value::String(text.to_owned())),
-        ParamType::Int => text
-            .trim()
-            .parse::<i64>()
-            .map(Value::from)
-            .map_err(|_| error(format!("param `{name}` takes an int, found `{text}`"))),
+        ParamType::Int => text.trim().parse::<i64>().map(Value::from).map_err(|_| {
+            error(format!(
+                "param `{name}` takes an int, found {}",
+                quoted(param, text)
+            ))
+        }),
         ParamType::Bool => match text.trim() {
             "true" => Ok(Value::Bool(true)),
             "false" => Ok(Value::Bool(false)),
             _ => Err(error(format!(
-                "param `{name}` takes `true` or `false`, found `{text}`"
+                "param `{name}` takes `true` or `false`, found {}",
+                quoted(param, text)
             ))),
         },
         ParamType::List => {
@@ -39,7 +50,16 @@ fn coerce(param: &Param, text: &str) -> Result<Value, ParamError> {
                 serde_json::from_str::<Value>(text)
                     .ok()
                     .filter(Value::is_array)
-                    .ok_or_else(|| error(format!("param `{name}` takes a list: `a,b,c` or a JSON array; `{text}` is not valid JSON")))
+                    .ok_or_else(|| {
+                        let shown = if param.secret {
+                            "the value given (secret, not shown)".to_owned()
+                        } else {
+                            format!("`{text}`")
+                        };
+                        error(format!(
+                            "param `{name}` takes a list: `a,b,c` or a JSON array; {shown} is not valid JSON"
+                        ))
+                    })
             } else if text.is_empty() {
                 Ok(Value::Array(Vec::new()))
             } else {
@@ -55,10 +75,51 @@ fn coerce(param: &Param, text: &str) -> Result<Value, ParamError> {
             .filter(Value::is_object)
             .ok_or_else(|| {
                 error(format!(
-                    "param `{name}` takes a map, written as a JSON object; found `{text}`"
+                    "param `{name}` takes a map, written as a JSON object; found {}",
+                    quoted(param, text)
                 ))
             }),
     }
+}
+
+/// Whether `value` holds a NUL character anywhere (in a string, a list's item, a map's key or
+/// value): no process can receive it in its environment or arguments.
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// The problem with `param`'s resolved `value` that reading it as its type cannot see: a NUL, or
+/// a value outside its `enum`.
+fn refused(param: &Param, value: &Value) -> Option<ParamError> {
+    if has_nul(value) {
+        return Some(error(format!(
+            "param `{}` holds a NUL character, which no step's environment or command line can carry",
+            param.name
+        )));
+    }
+    let choices = param.choices.as_ref()?;
+    if choices.contains(value) {
+        return None;
+    }
+    let shown = if param.secret {
+        "the value given".to_owned()
+    } else {
+        format!("`{}`", plain(value))
+    };
+    Some(error(format!(
+        "param `{}`: {shown} is not one of {}",
+        param.name,
+        choices
+            .iter()
+            .map(|c| format!("`{}`", plain(c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
 }
 
 /// Builds the op's parameters from `given` (`-p` pairs, later ones winning) over `file` (a
@@ -95,8 +156,9 @@ pub fn resolve(
                     Value::String(s) if param.ty != ParamType::String => coerce(param, s),
                     other if param.ty.admits(other) => Ok(other.clone()),
                     other => Err(error(format!(
-                        "param `{name}` takes a {}, found `{other}`",
-                        param.ty.name()
+                        "param `{name}` takes a {}, found {}",
+                        param.ty.name(),
+                        quoted(param, &other.to_string())
                     ))),
                 };
                 match value {
@@ -121,28 +183,10 @@ pub fn resolve(
     }
     for param in &plan.params {
         match values.get(&param.name) {
-            Some(value) => {
-                if let Some(choices) = &param.choices
-                    && !choices.contains(value)
-                {
-                    let shown = if param.secret {
-                        "the value given".to_owned()
-                    } else {
-                        format!("`{}`", plain(value))
-                    };
-                    problems.push(error(format!(
-                        "param `{}`: {shown} is not one of {}",
-                        param.name,
-                        choices
-                            .iter()
-                            .map(|c| format!("`{}`", plain(c)))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
-                }
-            }
+            Some(value) => problems.extend(refused(param, value)),
             None => match &param.default {
                 Some(default) => {
+                    problems.extend(refused(param, default));
                     values.insert(param.name.clone(), default.clone());
                 }
                 None if param.required => problems.push(error(format!(
@@ -246,6 +290,36 @@ mod tests {
                 "param `target` is required",
                 "param `role`: `leader` is not one of `follower`, `logger`",
             ]
+        );
+    }
+
+    #[test]
+    fn a_secret_is_never_quoted_and_a_nul_is_refused() {
+        let plan = crate::parse(
+            "p.yaml",
+            "name: p\nparams:\n  pin: { type: int, secret: true }\n  keys: { type: list, secret: true }\n  note: { type: string, default: \"a\\0b\" }\nsteps:\n  - id: a\n    noop: true\n",
+        )
+        .unwrap();
+        let given = vec![
+            ("pin".into(), "S3cr3t-pin".into()),
+            ("keys".into(), "[\"S3cr3t-key".into()),
+        ];
+        let problems: Vec<String> = resolve(&plan, &given, None)
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert!(!problems.join("\n").contains("S3cr3t"), "{problems:?}");
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[2].starts_with("param `note` holds a NUL"),
+            "{problems:?}"
+        );
+        let file = Map::from_iter([("keys".to_owned(), serde_json::json!(["x\u{0}y"]))]);
+        let problems = resolve(&plan, &[("pin".into(), "1".into())], Some(&file)).unwrap_err();
+        assert!(
+            problems[0].message.starts_with("param `keys` holds a NUL"),
+            "{problems:?}"
         );
     }
 }

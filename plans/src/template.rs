@@ -532,6 +532,9 @@ pub struct Context {
     op: BTreeMap<String, Value>,
     env: BTreeMap<String, Value>,
     item: Option<Value>,
+    /// `steps.<id>` as it reads with its outputs that hold a secret hidden, for each step whose
+    /// outputs hold one (see [`Context::hiding`]).
+    hidden: BTreeMap<String, Value>,
 }
 
 impl Context {
@@ -551,6 +554,32 @@ impl Context {
         let step = BTreeMap::from([("outputs", to_value(outputs))]);
         self.steps.insert(format!("s{index}"), Value::from(step));
         self
+    }
+
+    /// Sets `steps.<id>.outputs` for the step at `index` of the plan as [`Context::hiding`] reads
+    /// it: `outputs` with the values that hold a secret hidden (those set by
+    /// [`Context::outputs`] are in clear).
+    pub fn hidden_outputs(&mut self, index: usize, outputs: &serde_json::Value) -> &mut Self {
+        let step = BTreeMap::from([("outputs", to_value(outputs))]);
+        self.hidden.insert(format!("s{index}"), Value::from(step));
+        self
+    }
+
+    /// Whether some step's outputs hold a secret ([`Context::hidden_outputs`]).
+    #[must_use]
+    pub fn holds_secrets(&self) -> bool {
+        !self.hidden.is_empty()
+    }
+
+    /// This context with the outputs that hold a secret hidden: a template that renders otherwise
+    /// with it inserts a secret.
+    #[must_use]
+    pub fn hiding(&self) -> Self {
+        let mut hiding = self.clone();
+        for (id, step) in std::mem::take(&mut hiding.hidden) {
+            hiding.steps.insert(id, step);
+        }
+        hiding
     }
 
     /// Sets `op.<field>`.

@@ -792,7 +792,7 @@ impl Checker<'_> {
                         span(default),
                         format!(
                             "default {} of param `{}` is not of its type `{}`",
-                            show(&default.value),
+                            shown_default(&default.value, spec.secret),
                             name.value,
                             ty.name()
                         ),
@@ -806,7 +806,7 @@ impl Checker<'_> {
                             span(default),
                             format!(
                                 "default {} of param `{}` is not one of its `enum` values",
-                                show(&default.value),
+                                shown_default(&default.value, spec.secret),
                                 name.value
                             ),
                         )
@@ -1891,6 +1891,15 @@ impl Where<'_> {
 }
 
 /// A JSON value as it would be written in YAML, for messages.
+/// A param's default as a message quotes it: a secret's is never shown.
+fn shown_default(value: &Value, secret: Option<bool>) -> String {
+    if secret == Some(true) {
+        "(secret, not shown)".to_owned()
+    } else {
+        show(value)
+    }
+}
+
 fn show(value: &Value) -> String {
     match value {
         // A string that YAML would read as another type is shown quoted, so `"5432"` is not `5432`.

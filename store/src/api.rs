@@ -94,6 +94,9 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     fn paused(&self) -> Result<Option<Request>>;
     /// Every serving node recorded, live or not (see [`NodeRow`]), by host then pid.
     fn nodes(&self) -> Result<Vec<NodeRow>>;
+    /// Whether any op's params hold a sealed secret (`{"$secret": ...}`): then the secret key
+    /// exists somewhere, and a missing one must be restored, never made anew.
+    fn any_sealed(&self) -> Result<bool>;
 }
 
 /// A handle on the store for writing: cheap to clone; the backend stops when the last clone drops.
@@ -271,5 +274,9 @@ impl Reader {
 
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
         self.backend.nodes()
+    }
+
+    pub fn any_sealed(&self) -> Result<bool> {
+        self.backend.any_sealed()
     }
 }

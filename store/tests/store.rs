@@ -128,6 +128,28 @@ fn fresh_stores() -> Vec<Fresh> {
 
 // --- The durable rules, on every backend ---
 
+/// `any_sealed` tells whether a secret key was ever used: false until an op's params hold a
+/// sealed value, whatever else they hold.
+#[test]
+fn any_sealed_sees_a_sealed_param_only() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        assert!(!store.reader().unwrap().any_sealed().unwrap());
+        submit(&store, 1);
+        let mut op = new_op(1);
+        op.uuid.push_str("-plain");
+        op.params = serde_json::json!({"note": "secret", "path": "$secret"});
+        store.apply_blocking(vec![Change::Submit(op)]).unwrap();
+        assert!(!store.reader().unwrap().any_sealed().unwrap());
+        let mut op = new_op(1);
+        op.uuid.push_str("-sealed");
+        op.params = serde_json::json!({"pw": {"$secret": "v1:00:00"}});
+        store.apply_blocking(vec![Change::Submit(op)]).unwrap();
+        assert!(store.reader().unwrap().any_sealed().unwrap());
+    }
+}
+
 #[test]
 fn only_one_live_owner_and_stale_owners_are_fenced() {
     for fresh in fresh_stores() {

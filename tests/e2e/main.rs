@@ -21,6 +21,7 @@ mod operator;
 mod outage;
 mod postgres;
 mod regressions;
+mod secrets;
 mod serve;
 mod shown;
 mod sizes;

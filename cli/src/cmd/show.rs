@@ -32,20 +32,23 @@ pub struct Args {
 /// Params as shown: sealed secrets as `********`.
 fn shown_params(params: &Value) -> Value {
     match params {
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| {
-                    let v = if engine::secrets::is_sealed(v) {
-                        Value::from("********")
-                    } else {
-                        v.clone()
-                    };
-                    (k.clone(), v)
-                })
-                .collect(),
-        ),
+        Value::Object(map) => Value::Object(shown_values(map)),
         other => other.clone(),
     }
+}
+
+/// Params or a step's outputs as shown: sealed values (secrets) as `********`.
+fn shown_values(map: &serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
+    map.iter()
+        .map(|(k, v)| {
+            let v = if engine::secrets::is_sealed(v) {
+                Value::from("********")
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect()
 }
 
 /// The last column of a task's row: its error, else its outputs, else the progress it last
@@ -56,7 +59,7 @@ fn detail(t: &TaskRow) -> String {
         (None, None) if t.progress.is_some() => {
             format!("progress: {}", t.progress.as_deref().unwrap_or_default())
         }
-        (None, Some(o)) if !o.is_empty() => o
+        (None, Some(o)) if !o.is_empty() => shown_values(o)
             .iter()
             .map(|(k, v)| {
                 format!(
@@ -308,7 +311,7 @@ pub fn record(
                 "ended_at": time(t.ended_at),
                 "exit_code": t.exit_code,
                 "error": t.error,
-                "outputs": t.outputs,
+                "outputs": t.outputs.as_ref().map(shown_values),
                 "by_check": t.by_check,
                 "progress": t.progress,
                 "history": attempts.iter().filter(|a| a.task_no == t.task_no).map(|a| json!({

@@ -10,6 +10,7 @@ use store::TaskStatus;
 
 use super::{Error, dead_owner_or_refuse, find_task, read_op, snapshot_plan, whoami};
 use crate::owner::now;
+use crate::secrets;
 
 /// Resolves a step by hand: succeeded (with outputs) or skipped, with who and why. Refused while a
 /// live process runs the op, and (unless `allow_missing_outputs`) when a step marked succeeded is
@@ -35,6 +36,7 @@ pub async fn mark(
     if status == TaskStatus::Succeeded && !allow_missing_outputs {
         refuse_missing_outputs(&reader, op, &task, &outputs)?;
     }
+    let outputs = seal_secrets(store, &row, outputs)?;
     let dead_owner = dead_owner_or_refuse(store, &row)?;
     let request = Request {
         by: whoami(),
@@ -53,6 +55,40 @@ pub async fn mark(
         .await
         .map_err(Error::from_store)?;
     Ok(())
+}
+
+/// The outputs given by hand, those holding a value of one of the op's secret params sealed, as a
+/// step's own would be (see `Shared::seal_outputs`).
+fn seal_secrets(
+    store: &Store,
+    row: &store::OpRow,
+    outputs: Map<String, Value>,
+) -> Result<Map<String, Value>, Error> {
+    let stored = row.params.as_object().cloned().unwrap_or_default();
+    if !stored.values().any(secrets::is_sealed) {
+        return Ok(outputs);
+    }
+    let key = secrets::key(store, false)?;
+    let opened = secrets::open(&stored, key.as_ref())?;
+    let values: Vec<String> = stored
+        .iter()
+        .filter(|(_, v)| secrets::is_sealed(v))
+        .filter_map(|(name, _)| opened.get(name))
+        .map(|v| v.as_str().map_or_else(|| v.to_string(), ToOwned::to_owned))
+        .collect();
+    let Some(key) = key else {
+        return Ok(outputs);
+    };
+    Ok(outputs
+        .into_iter()
+        .map(|(name, value)| {
+            if secrets::holds_secret(&value, &values) {
+                (name, secrets::seal_value(&value, &key))
+            } else {
+                (name, value)
+            }
+        })
+        .collect())
 }
 
 /// Refuses a step marked succeeded without every output it declares: the steps after it would fail

@@ -251,9 +251,12 @@ fn fan_out_list(step: &Step, ctx: &Context) -> Result<Option<Vec<Value>>, String
     match &step.for_each {
         Some(ForEach::Items(items)) => Ok(Some(items.clone())),
         Some(ForEach::Expr(expr)) => {
-            let value = expr
-                .eval(ctx)
-                .map_err(|e| format!("cannot evaluate `for_each`: {e}"))?;
+            // Items are stored and shown: none may come from an output holding a secret.
+            let remedy = "give the step the output in `env:` and loop over it in its script";
+            let value = task::render_public(ctx, "`for_each`", remedy, |c| {
+                expr.eval(c)
+                    .map_err(|e| format!("cannot evaluate `for_each`: {e}"))
+            })?;
             as_list(value).map(Some)
         }
         None => Ok(Some(Vec::new())),

@@ -30,6 +30,7 @@ use crate::options::Options;
 use crate::outcome::EndState;
 use crate::owner::now;
 use crate::progress::{Progress, Sink};
+use crate::secrets::{self, SecretKey};
 use crate::shutdown::{Stop, StopHandle};
 
 /// Files of a bundle, by key: a plan's sub-plans (and theirs), from the op's snapshot.
@@ -137,6 +138,8 @@ pub(crate) struct Made {
     base_context: std::sync::OnceLock<Context>,
     /// The params as every process's environment passes them (`files::param_env`).
     param_env: std::sync::OnceLock<BTreeMap<String, String>>,
+    /// The key that seals and opens outputs holding a secret, read the first time one is met.
+    key: std::sync::OnceLock<Option<SecretKey>>,
 }
 
 /// Applies a batch through the store's writer, waiting out a database that another process holds
@@ -480,7 +483,14 @@ impl Shared {
             })
             .clone();
         for (index, map) in outputs {
-            if step.uses.contains(index) {
+            if !step.uses.contains(index) {
+                continue;
+            }
+            if map.values().any(secrets::is_sealed) {
+                let (opened, hidden) = self.open_outputs(map);
+                ctx.outputs(*index, &Value::Object(opened))
+                    .hidden_outputs(*index, &Value::Object(hidden));
+            } else {
                 ctx.outputs(*index, &Value::Object(map.clone()));
             }
         }
@@ -497,6 +507,61 @@ impl Shared {
 
     pub(crate) fn mask(&self, data: &[u8]) -> Vec<u8> {
         Masker::new(&self.secrets).mask(data)
+    }
+
+    /// The op's secret key (`None` when there is none to be had), read once.
+    fn secret_key(&self) -> Option<&SecretKey> {
+        self.made
+            .key
+            .get_or_init(|| secrets::key(&self.store, false).ok().flatten())
+            .as_ref()
+    }
+
+    /// A step's `outputs` as they are stored: each value that holds a secret sealed like a secret
+    /// param (or, should the key be out of reach, masked), the others as they are.
+    pub(crate) fn seal_outputs(&self, outputs: Map<String, Value>) -> Map<String, Value> {
+        if self.secrets.iter().all(String::is_empty) {
+            return outputs;
+        }
+        outputs
+            .into_iter()
+            .map(|(name, value)| {
+                if !secrets::holds_secret(&value, &self.secrets) {
+                    return (name, value);
+                }
+                let stored = match self.secret_key() {
+                    Some(key) => secrets::seal_value(&value, key),
+                    None => Value::String(
+                        String::from_utf8_lossy(&self.mask(value.to_string().as_bytes()))
+                            .into_owned(),
+                    ),
+                };
+                (name, stored)
+            })
+            .collect()
+    }
+
+    /// A step's stored `outputs` opened, and as they read with the values that held a secret
+    /// hidden (a value that cannot be opened stays sealed in both).
+    fn open_outputs(
+        &self,
+        outputs: &Map<String, Value>,
+    ) -> (Map<String, Value>, Map<String, Value>) {
+        let mut opened = Map::new();
+        let mut hidden = Map::new();
+        for (name, value) in outputs {
+            let open = secrets::is_sealed(value)
+                .then(|| secrets::open_value(name, value, self.secret_key()).ok())
+                .flatten();
+            let shown = if open.is_some() {
+                Value::from("********")
+            } else {
+                value.clone()
+            };
+            opened.insert(name.clone(), open.unwrap_or_else(|| value.clone()));
+            hidden.insert(name.clone(), shown);
+        }
+        (opened, hidden)
     }
 }
 

@@ -167,7 +167,9 @@ pub(crate) async fn run(
             ))
             .await
         }
-        Action::Approve { prompt } => match prompt.render(&ctx) {
+        Action::Approve { prompt } => match render_public(&ctx, "`approve`", USE_ENV, |c| {
+            prompt.render(c).map_err(|e| e.to_string())
+        }) {
             Ok(prompt) => Box::pin(approval::run(shared, job, &prompt, stop)).await,
             Err(e) => {
                 let error = format!("cannot render `approve`: {e}");
@@ -323,26 +325,29 @@ fn outcome_of(
     started: Instant,
 ) -> (TaskOutcome, TaskEnd, Progress) {
     match ended {
-        Ended::Succeeded(outputs, by_check) => (
-            TaskOutcome {
-                task: TaskStatus::Succeeded,
-                attempt: AttemptStatus::Succeeded,
-                exit_code: Some(0).filter(|_| !by_check),
-                error: None,
-                outputs: Some(outputs.clone()),
-                by_check,
-            },
-            TaskEnd::Done {
-                status: TaskStatus::Succeeded,
-                outputs: Some(outputs),
-                error: None,
-            },
-            Progress::TaskSucceeded {
-                task: job.name.clone(),
-                by_check,
-                elapsed: started.elapsed(),
-            },
-        ),
+        Ended::Succeeded(outputs, by_check) => {
+            let outputs = shared.seal_outputs(outputs);
+            (
+                TaskOutcome {
+                    task: TaskStatus::Succeeded,
+                    attempt: AttemptStatus::Succeeded,
+                    exit_code: Some(0).filter(|_| !by_check),
+                    error: None,
+                    outputs: Some(outputs.clone()),
+                    by_check,
+                },
+                TaskEnd::Done {
+                    status: TaskStatus::Succeeded,
+                    outputs: Some(outputs),
+                    error: None,
+                },
+                Progress::TaskSucceeded {
+                    task: job.name.clone(),
+                    by_check,
+                    elapsed: started.elapsed(),
+                },
+            )
+        }
         Ended::Failed {
             error, exit_code, ..
         } => (
@@ -452,6 +457,29 @@ fn failed_early(error: String) -> Ended {
         exit_code: None,
         retryable: false,
     }
+}
+
+/// The remedy [`render_public`] names when a template puts an output holding a secret where others
+/// see it.
+pub(crate) const USE_ENV: &str = "pass the output in `env:` (`env: { NAME: \"{{ steps.<id>.outputs.<key> }}\" }`) and read the variable";
+
+/// `render(ctx)`, refused when what it renders inserts an output of an earlier step that holds a
+/// secret: `what` (a command line, a prompt) is seen by others or stored in clear; `remedy` says
+/// what to do instead. Told by rendering again with those outputs hidden: what inserts one reads
+/// otherwise.
+pub(crate) fn render_public<T: PartialEq>(
+    ctx: &Context,
+    what: &str,
+    remedy: &str,
+    render: impl Fn(&Context) -> Result<T, String>,
+) -> Result<T, String> {
+    let shown = render(ctx)?;
+    if ctx.holds_secrets() && render(&ctx.hiding())? != shown {
+        return Err(format!(
+            "{what} inserts an output of an earlier step that holds a secret, and would show it to others or store it in clear: {remedy}"
+        ));
+    }
+    Ok(shown)
 }
 
 fn shared_mask(shared: &Shared, text: &str) -> String {

@@ -22,8 +22,8 @@ use super::context::Shared;
 use super::files::{process_files, progress_file};
 use super::logs::write_logs;
 use super::{
-    Ended, Fatal, Job, TaskEnd, fail_before_start, failed_early, last_lines, missing_output,
-    shared_mask, start_attempt,
+    Ended, Fatal, Job, TaskEnd, USE_ENV, fail_before_start, failed_early, last_lines,
+    missing_output, render_public, shared_mask, start_attempt,
 };
 use crate::owner::to_store;
 use crate::progress::Progress;
@@ -39,7 +39,9 @@ pub(crate) async fn run(
     carry: &mut Carry,
 ) -> Result<TaskEnd, Fatal> {
     let step = shared.step(job.step);
-    let rendered = render(shared, step, ctx);
+    let rendered = render_public(ctx, "the command line, `cwd` or `check`", USE_ENV, |c| {
+        render(shared, step, c)
+    });
     let (cwd, argv, check) = match rendered {
         Ok(rendered) => rendered,
         Err(error) => {
@@ -235,7 +237,10 @@ impl ProcessAttempt<'_> {
             Ok(run) if run.exit.success() => {
                 let outputs = match run.outputs {
                     Ok(o) => o,
-                    Err(e) => return Ok(Some(failed_early(format!("`check`: {e}")))),
+                    Err(e) => {
+                        let error = shared_mask(shared, &format!("`check`: {e}"));
+                        return Ok(Some(failed_early(error)));
+                    }
                 };
                 if let Some(missing) = missing_output(step, &outputs) {
                     let error = format!(

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use super::attempts::{Attempt, attempts};
 use super::carry::Carry;
 use super::context::{Shared, StopReason};
-use super::{Ended, Fatal, Job, TaskEnd, shared_mask, start_attempt};
+use super::{Ended, Fatal, Job, TaskEnd, render_public, shared_mask, start_attempt};
 use crate::options::Options;
 use crate::outcome::RunEnd;
 use crate::progress::Sink;
@@ -256,10 +256,23 @@ fn child_run(shared: &Shared, job: &Job, ctx: &Context) -> Result<ChildRun, Stri
     let mut given = Map::new();
     for (name, arg) in with {
         let value = match arg {
-            Arg::Template(t) => Value::String(
-                t.render(ctx)
-                    .map_err(|e| format!("cannot render `with.{name}`: {e}"))?,
-            ),
+            Arg::Template(t) => {
+                let render = |c: &Context| {
+                    t.render(c)
+                        .map_err(|e| format!("cannot render `with.{name}`: {e}"))
+                };
+                // A child's param that is not secret is stored in clear.
+                let rendered = if plan.param(name).is_some_and(|p| p.secret) {
+                    render(ctx)?
+                } else {
+                    let remedy = format!(
+                        "mark param `{name}` `secret: true` in sub-plan `{}`",
+                        plan.name
+                    );
+                    render_public(ctx, &format!("`with.{name}`"), &remedy, render)?
+                };
+                Value::String(rendered)
+            }
             Arg::Value(v) => v.clone(),
         };
         given.insert(name.clone(), value);

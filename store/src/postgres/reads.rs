@@ -811,6 +811,16 @@ impl ReadBackend for PgReader {
         })?;
         Ok(value.as_deref().and_then(paused_request))
     }
+
+    fn any_sealed(&self) -> Result<bool> {
+        self.run(|c| {
+            c.query_opt(
+                r#"SELECT EXISTS (SELECT 1 FROM ops WHERE params LIKE '%{"$secret":"%')"#,
+                &[],
+            )?
+            .map_or(Ok(false), |r| r.try_get::<_, bool>(0))
+        })
+    }
 }
 
 #[cfg(test)]

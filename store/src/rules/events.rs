@@ -82,7 +82,8 @@ pub(crate) fn marked(
 ) -> (EventKind, String) {
     let shown: Vec<String> = outputs
         .iter()
-        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        // Given by hand as text; any other value is a sealed secret.
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("********")))
         .collect();
     let mut message = format!("marked {status} by hand by {}{}", request.by, why(request));
     if !shown.is_empty() {

@@ -389,6 +389,17 @@ impl Reads<'_> {
             .map_err(|e| self.err(&e))
     }
 
+    /// A scan of every op's params (compact JSON: a sealed value is `{"$secret":"v1:...`, text that
+    /// only quotes it is escaped); asked only when the secret key is missing.
+    pub fn any_sealed(&self) -> Result<bool> {
+        self.conn
+            .prepare_cached(
+                r#"SELECT EXISTS (SELECT 1 FROM ops WHERE params LIKE '%{"$secret":"%')"#,
+            )
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(|e| self.err(&e))
+    }
+
     pub fn paused(&self) -> Result<Option<Request>> {
         let value: Option<String> = self
             .conn
@@ -543,6 +554,10 @@ impl ReadBackend for SqliteReader {
 
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         self.with(|r| r.nodes())
+    }
+
+    fn any_sealed(&self) -> Result<bool> {
+        self.with(|r| r.any_sealed())
     }
 }
 
