@@ -10,6 +10,7 @@ mod crash;
 mod damage;
 mod durable;
 mod dynamic;
+mod ending;
 mod examples;
 mod faults;
 mod graph;

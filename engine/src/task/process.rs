@@ -296,6 +296,7 @@ impl ProcessAttempt<'_> {
         // The grace is decided when the stop comes: a cancel's own, or a sixth of the lease for a
         // run that lost its op (`Shared::step_grace`).
         let exit = running
+            .hurried_by(shared.stop_handle().subscribe_hurry())
             .wait_with_grace(self.stop.clone(), || shared.step_grace())
             .await;
         // The log writer ends when the process's output closes (its readers end or are aborted).
