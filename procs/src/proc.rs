@@ -489,9 +489,12 @@ const GONE_WAIT: Duration = Duration::from_secs(2);
 /// round [`freeze`]s them all (no process can start another once stopped), then KILLs and CONTs
 /// them. Rounds go on until two searches in a row, a few milliseconds apart, find nothing: a
 /// process orphaned before the freeze, in the middle of its `exec` while one search ran (its
-/// environment unreadable then), is found by the next.
+/// environment unreadable then), is found by the next. A round that finds only processes already
+/// killed ends it too: they die when the kernel lets them (one in an uninterruptible sleep), and
+/// more rounds would only wait for them.
 pub async fn kill_all(find: &impl Fn() -> Vec<u32>) {
     let mut quiet = 0;
+    let mut killed = std::collections::BTreeSet::new();
     for _ in 0..KILL_ROUNDS {
         let frozen = freeze(find).await;
         if frozen.is_empty() {
@@ -503,11 +506,18 @@ pub async fn kill_all(find: &impl Fn() -> Vec<u32>) {
             continue;
         }
         quiet = 0;
+        if frozen
+            .iter()
+            .all(|(&pid, &start)| killed.contains(&(pid, start)))
+        {
+            return;
+        }
         for signal in [Signal::SIGKILL, Signal::SIGCONT] {
             for (&pid, &start) in &frozen {
                 signal_if_same(pid, start, signal);
             }
         }
+        killed.extend(frozen.iter().map(|(&pid, &start)| (pid, start)));
         let deadline = tokio::time::Instant::now() + GONE_WAIT;
         while tokio::time::Instant::now() < deadline && frozen.iter().any(|(p, s)| runs(*p, *s)) {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -531,7 +541,7 @@ async fn freeze(find: &impl Fn() -> Vec<u32>) -> std::collections::BTreeMap<u32,
             for pid in all_pids() {
                 if !frozen.contains_key(&pid)
                     && !new.contains(&pid)
-                    && stat(pid).is_some_and(|s| frozen.contains_key(&s.ppid))
+                    && stat(pid).is_some_and(|s| !s.is_gone() && frozen.contains_key(&s.ppid))
                 {
                     new.push(pid);
                 }
