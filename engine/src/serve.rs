@@ -233,7 +233,8 @@ async fn drain(
         let deadline = tokio::time::sleep(config.options.grace);
         tokio::pin!(deadline);
         // A second signal ends the drain's grace too.
-        let mut hurried = workers.under.subscribe_hurry();
+        let hurried = workers.under.hurried();
+        tokio::pin!(hurried);
         loop {
             tokio::select! {
                 next = workers.next() => match next {
@@ -241,7 +242,7 @@ async fn drain(
                     None => break,
                 },
                 () = &mut deadline => break,
-                Ok(_) = hurried.wait_for(|h| *h) => break,
+                () = &mut hurried => break,
             }
         }
     }

@@ -90,6 +90,16 @@ impl StopHandle {
         self.0.hurried.subscribe()
     }
 
+    /// Completes once [`StopHandle::hurry`] was called (at once if it was).
+    pub(crate) fn hurried(&self) -> impl Future<Output = ()> + use<> {
+        let mut hurried = self.subscribe_hurry();
+        async move {
+            if hurried.wait_for(|h| *h).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Asks the run to stop (the first ask counts; later ones change nothing).
     pub fn stop(&self) {
         self.0.stopped.send_replace(true);

@@ -239,3 +239,52 @@ fn a_second_ctrl_c_ends_the_steps_at_once() {
     assert_eq!(show["status"], "interrupted", "{show:#}");
     assert_eq!(show["interrupted_by"], "signal", "{show:#}");
 }
+
+/// A second SIGTERM to `cairn serve` ends its ops' steps at once too: neither the drain's grace
+/// nor the steps' is waited for, and the op is still recorded interrupted by the shutdown.
+#[test]
+fn a_second_sigterm_to_serve_ends_the_steps_at_once() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: deaf\nsteps:\n  - id: deaf\n    run: |\n      trap '' TERM\n      touch started\n      sleep 1000\n",
+    );
+    assert_eq!(code(&sandbox.cairn(&["submit", "plan.yaml"])), Some(0));
+    let mut serve = sandbox.spawn(&["serve", "--poll", "100ms", "--grace", "10m"]);
+    let _sweeper = Sweeper("-", sandbox.path());
+    sandbox.wait_for("started", Duration::from_secs(20));
+    let uuid = sandbox.show(1)["uuid"].as_str().unwrap().to_owned();
+    signal(&serve, nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        serve.try_wait().unwrap().is_none(),
+        "serve left at the first SIGTERM"
+    );
+    assert!(
+        !step_processes(&uuid).is_empty(),
+        "the step was ended before its grace"
+    );
+    signal(&serve, nix::sys::signal::Signal::SIGTERM);
+    let since = Instant::now();
+    while serve.try_wait().unwrap().is_none() {
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "a second SIGTERM did not end serve"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        said.contains("second interrupt: ending the steps now"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("stopping now"),
+        "it left without recording: {said}"
+    );
+    assert!(step_processes(&uuid).is_empty(), "the step outlived serve");
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "interrupted", "{show:#}");
+    assert_eq!(show["interrupted_by"], "shutdown", "{show:#}");
+}
