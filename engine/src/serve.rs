@@ -75,6 +75,9 @@ struct Workers {
     running: JoinSet<(OpId, Result<RunEnd, Error>)>,
     tasks: HashMap<tokio::task::Id, OpId>,
     handles: BTreeMap<OpId, StopHandle>,
+    /// The serve's own stop: each op's handle is [`StopHandle::beneath`] it, so that a second
+    /// signal hurries their steps.
+    under: StopHandle,
 }
 
 impl Workers {
@@ -88,7 +91,7 @@ impl Workers {
 
     /// Starts a worker that starts or resumes `op`.
     fn spawn(&mut self, store: &Store, config: &Config, sink: Sink, op: OpId, what: Work) {
-        let handle = StopHandle::new();
+        let handle = self.under.beneath();
         self.handles.insert(op, handle.clone());
         let store = store.clone();
         let options = config.options.clone();
@@ -141,7 +144,10 @@ pub async fn serve(
     // An op waiting only for approvals holds no worker: it is parked until an answer comes.
     config.options.park = true;
     let mut stopped = stop.subscribe();
-    let mut workers = Workers::default();
+    let mut workers = Workers {
+        under: stop.clone(),
+        ..Workers::default()
+    };
     let mut seen = Seen::default();
     let started = Instant::now();
     let speed = config.schedule_clock.map_or(1.0, |(_, speed)| speed);
@@ -226,6 +232,9 @@ async fn drain(
         config.options.drain.drain();
         let deadline = tokio::time::sleep(config.options.grace);
         tokio::pin!(deadline);
+        // A second signal ends the drain's grace too.
+        let hurried = workers.under.hurried();
+        tokio::pin!(hurried);
         loop {
             tokio::select! {
                 next = workers.next() => match next {
@@ -233,6 +242,7 @@ async fn drain(
                     None => break,
                 },
                 () = &mut deadline => break,
+                () = &mut hurried => break,
             }
         }
     }

@@ -21,6 +21,9 @@ pub struct StopHandle(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     stopped: watch::Sender<bool>,
+    /// Set by a second ask: the steps' grace ends now. Shared with the handles of the runs this
+    /// one's stop reaches (sub-plans' ops, a serve's ops: [`StopHandle::beneath`]).
+    hurried: Arc<watch::Sender<bool>>,
     /// Who or what asked first, when it said (a signal); `None` for the engine's own stops.
     cause: Mutex<Option<Stop>>,
 }
@@ -60,8 +63,41 @@ impl StopHandle {
     pub fn new() -> Self {
         Self(Arc::new(Inner {
             stopped: watch::channel(false).0,
+            hurried: Arc::new(watch::channel(false).0),
             cause: Mutex::new(None),
         }))
+    }
+
+    /// A handle for a run under this one's (a sub-plan's op, an op of a serve): stopped on its own,
+    /// but hurried with this one.
+    #[must_use]
+    pub fn beneath(&self) -> Self {
+        Self(Arc::new(Inner {
+            stopped: watch::channel(false).0,
+            hurried: self.0.hurried.clone(),
+            cause: Mutex::new(None),
+        }))
+    }
+
+    /// Ends the grace of the steps being stopped: what is left of them is killed now (a second
+    /// Ctrl-C). Stops the run too, if it was not yet.
+    pub fn hurry(&self) {
+        self.0.hurried.send_replace(true);
+        self.stop();
+    }
+
+    pub(crate) fn subscribe_hurry(&self) -> watch::Receiver<bool> {
+        self.0.hurried.subscribe()
+    }
+
+    /// Completes once [`StopHandle::hurry`] was called (at once if it was).
+    pub(crate) fn hurried(&self) -> impl Future<Output = ()> + use<> {
+        let mut hurried = self.subscribe_hurry();
+        async move {
+            if hurried.wait_for(|h| *h).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Asks the run to stop (the first ask counts; later ones change nothing).

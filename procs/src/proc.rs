@@ -26,6 +26,7 @@ pub struct Identity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
     pub state: char,
+    pub ppid: u32,
     pub pgrp: u32,
     pub start: u64,
 }
@@ -35,6 +36,12 @@ impl Stat {
     #[must_use]
     pub fn is_gone(self) -> bool {
         matches!(self.state, 'Z' | 'X' | 'x')
+    }
+
+    /// Stopped by a signal (or by a tracer): it runs no code until continued.
+    #[must_use]
+    pub fn is_stopped(self) -> bool {
+        matches!(self.state, 'T' | 't')
     }
 }
 
@@ -70,9 +77,15 @@ pub fn stat(pid: u32) -> Option<Stat> {
     let rest = &text[text.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
-    let pgrp = fields.nth(1)?.parse().ok()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgrp = fields.next()?.parse().ok()?;
     let start = fields.nth(16)?.parse().ok()?;
-    Some(Stat { state, pgrp, start })
+    Some(Stat {
+        state,
+        ppid,
+        pgrp,
+        start,
+    })
 }
 
 /// This machine's boot and pid namespace: pids are comparable only within both. Neither changes
@@ -415,36 +428,158 @@ fn signal_all(pids: &[u32], signal: Signal) {
 }
 
 /// Ends every process `find` returns: TERM (and CONT, so a stopped process can act on it), up to
-/// `grace` for them to exit, then KILL. Returns how many processes it found at first.
+/// `grace` for them to exit, then [`kill_all`]. Returns how many processes it found at first.
 pub async fn terminate(find: impl Fn() -> Vec<u32>, grace: Duration) -> usize {
-    let first = find();
+    terminate_or_sooner(find, grace, std::future::pending()).await
+}
+
+/// [`terminate`], whose grace ends early when `hurry` completes (a second Ctrl-C): what is left
+/// is killed then.
+///
+/// A process `find` returns later than the others (started by a TERM trap, say) gets its TERM
+/// too, but never more than the grace that is left. Whatever the grace ends with, even nothing
+/// found, ends in [`kill_all`]: a process started while the last search ran, or between its
+/// fork and its `exec`, must not be missed because one search came up empty.
+pub async fn terminate_or_sooner(
+    find: impl Fn() -> Vec<u32>,
+    grace: Duration,
+    hurry: impl std::future::Future<Output = ()>,
+) -> usize {
+    let mut first = find();
     if first.is_empty() {
-        return 0;
+        // The common case after a step that exited by itself; a second look, without waiting,
+        // for a process that a search could not read (in the middle of its `exec`).
+        first = find();
+        if first.is_empty() {
+            return 0;
+        }
     }
+    let mut told: std::collections::HashSet<u32> = first.iter().copied().collect();
     signal_all(&first, Signal::SIGTERM);
     signal_all(&first, Signal::SIGCONT);
     let deadline = tokio::time::Instant::now() + grace;
+    let mut hurry = std::pin::pin!(hurry);
     loop {
         let left = find();
-        if left.is_empty() {
-            return first.len();
-        }
-        if tokio::time::Instant::now() >= deadline {
-            signal_all(&left, Signal::SIGKILL);
+        if left.is_empty() || tokio::time::Instant::now() >= deadline {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    // KILL cannot be ignored; wait (bounded) until the kernel has them gone.
-    for _ in 0..200 {
-        let left = find();
-        if left.is_empty() {
-            break;
+        let new: Vec<u32> = left.into_iter().filter(|p| told.insert(*p)).collect();
+        signal_all(&new, Signal::SIGTERM);
+        signal_all(&new, Signal::SIGCONT);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(25)) => {}
+            () = &mut hurry => break,
         }
-        signal_all(&left, Signal::SIGKILL);
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    kill_all(&find).await;
     first.len()
+}
+
+/// How many times [`kill_all`] freezes and kills before it gives up (each round ends every
+/// process it found; a new round is needed only for processes it could not see before).
+const KILL_ROUNDS: usize = 100;
+/// How long a freeze waits for the processes it sent SIGSTOP to be stopped (a process in an
+/// uninterruptible sleep stops only when it leaves it).
+const STOP_WAIT: Duration = Duration::from_millis(500);
+/// How long a round waits for the processes it killed to be gone.
+const GONE_WAIT: Duration = Duration::from_secs(2);
+
+/// Kills every process `find` returns, and every process they start meanwhile, completely: each
+/// round [`freeze`]s them all (no process can start another once stopped), then KILLs and CONTs
+/// them. Rounds go on until two searches in a row, a few milliseconds apart, find nothing: a
+/// process orphaned before the freeze, in the middle of its `exec` while one search ran (its
+/// environment unreadable then), is found by the next. A round that finds only processes already
+/// killed ends it too: they die when the kernel lets them (one in an uninterruptible sleep), and
+/// more rounds would only wait for them.
+pub async fn kill_all(find: &impl Fn() -> Vec<u32>) {
+    let mut quiet = 0;
+    let mut killed = std::collections::BTreeSet::new();
+    for _ in 0..KILL_ROUNDS {
+        let frozen = freeze(find).await;
+        if frozen.is_empty() {
+            quiet += 1;
+            if quiet == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        quiet = 0;
+        if frozen
+            .iter()
+            .all(|(&pid, &start)| killed.contains(&(pid, start)))
+        {
+            return;
+        }
+        for signal in [Signal::SIGKILL, Signal::SIGCONT] {
+            for (&pid, &start) in &frozen {
+                signal_if_same(pid, start, signal);
+            }
+        }
+        killed.extend(frozen.iter().map(|(&pid, &start)| (pid, start)));
+        let deadline = tokio::time::Instant::now() + GONE_WAIT;
+        while tokio::time::Instant::now() < deadline && frozen.iter().any(|(p, s)| runs(*p, *s)) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// Stops (SIGSTOP) every process `find` returns, and every child of one stopped, until a search
+/// finds none that is not stopped yet; returns them with their start times. A process is counted
+/// stopped only once `/proc` says so: until then it may still be completing a `fork`, whose child
+/// the next search must see. A stopped process's children keep it as their parent, so even one
+/// between its fork and its `exec` (neither in the group yet nor readable by its marker) is found.
+async fn freeze(find: &impl Fn() -> Vec<u32>) -> std::collections::BTreeMap<u32, u64> {
+    let mut frozen = std::collections::BTreeMap::new();
+    for _ in 0..1000 {
+        let mut new: Vec<u32> = find()
+            .into_iter()
+            .filter(|p| !frozen.contains_key(p))
+            .collect();
+        if !frozen.is_empty() {
+            for pid in all_pids() {
+                if !frozen.contains_key(&pid)
+                    && !new.contains(&pid)
+                    && stat(pid).is_some_and(|s| !s.is_gone() && frozen.contains_key(&s.ppid))
+                {
+                    new.push(pid);
+                }
+            }
+        }
+        if new.is_empty() {
+            break;
+        }
+        for pid in new {
+            if let Some(s) = stat(pid).filter(|s| !s.is_gone()) {
+                signal_if_same(pid, s.start, Signal::SIGSTOP);
+                frozen.insert(pid, s.start);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + STOP_WAIT;
+        while tokio::time::Instant::now() < deadline
+            && frozen.iter().any(|(&pid, &start)| {
+                stat(pid).is_some_and(|s| s.start == start && !s.is_gone() && !s.is_stopped())
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    frozen
+}
+
+/// Whether the process `pid` started at `start` still runs code (not a zombie).
+fn runs(pid: u32, start: u64) -> bool {
+    stat(pid).is_some_and(|s| s.start == start && !s.is_gone())
+}
+
+/// Sends `signal` to `pid` unless the pid is now another process's (its start time differs).
+fn signal_if_same(pid: u32, start: u64, signal: Signal) {
+    if runs(pid, start)
+        && let Ok(pid) = i32::try_from(pid)
+    {
+        let _ = kill(Pid::from_raw(pid), signal);
+    }
 }
 
 #[cfg(test)]

@@ -89,6 +89,8 @@ pub struct Running {
     grace: Duration,
     timeout: Option<Duration>,
     readers: Vec<tokio::task::JoinHandle<Vec<u8>>>,
+    /// Turns true when the grace must end now (a second Ctrl-C): see [`Running::hurried_by`].
+    hurry: Option<watch::Receiver<bool>>,
     /// Set once [`Running::wait`] has ended the attempt's processes; until then, dropping this
     /// kills its group (an error between spawn and wait must not leave a step running).
     waited: bool,
@@ -209,6 +211,7 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
         grace: spec.grace,
         timeout: spec.timeout,
         readers,
+        hurry: None,
         waited: false,
     })
 }
@@ -326,6 +329,27 @@ impl Running {
         proc::attempt_processes(Some(self.pgid), Some(self.identity.start), &self.marker)
     }
 
+    /// Ends the grace between TERM and KILL as soon as `hurry` turns true (or at once if it is):
+    /// whoever stopped the step wants it gone now.
+    #[must_use]
+    pub fn hurried_by(mut self, hurry: watch::Receiver<bool>) -> Self {
+        self.hurry = Some(hurry);
+        self
+    }
+
+    /// Completes when the grace must end now; never without [`Running::hurried_by`].
+    fn hurried(&self) -> impl Future<Output = ()> + use<> {
+        let hurry = self.hurry.clone();
+        async move {
+            if let Some(mut hurry) = hurry
+                && hurry.wait_for(|h| *h).await.is_ok()
+            {
+                return;
+            }
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Waits until the process ends, its timeout passes, or `stop` turns true; then ends whatever is
     /// left of its group, so that nothing of the attempt outlives it.
     pub async fn wait(self, stop: watch::Receiver<bool>) -> Exit {
@@ -370,14 +394,14 @@ impl Running {
             Some(status)
         } else {
             self.grace = grace();
-            proc::terminate(|| self.members(), self.grace).await;
+            proc::terminate_or_sooner(|| self.members(), self.grace, self.hurried()).await;
             self.child.wait().await.ok()
         };
         // The leader is gone; whatever it left running in its group goes too.
         let leftovers = if proc::none_started_since(self.pgid) {
             0
         } else {
-            proc::terminate(|| self.members(), self.grace).await
+            proc::terminate_or_sooner(|| self.members(), self.grace, self.hurried()).await
         };
         let mut tail = Vec::new();
         for mut reader in std::mem::take(&mut self.readers) {

@@ -163,3 +163,55 @@ fn outputs_are_key_value_lines() {
             .is_empty()
     );
 }
+
+/// A shell deaf to TERM that keeps starting processes in new sessions (each deaf to TERM too, and
+/// carrying the marker): after the grace, the freeze catches every one, and nothing of the attempt
+/// runs once the wait returns.
+#[tokio::test]
+async fn a_process_that_keeps_starting_others_is_ended_completely() {
+    let marker = unique("forker");
+    let (sink, _chunks) = mpsc::unbounded_channel();
+    let running = spawn(
+        &spec(
+            "trap '' TERM; while :; do setsid sleep 1000 < /dev/null > /dev/null 2>&1 & sleep 0.01; done",
+            &marker,
+        ),
+        &sink,
+    )
+    .unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    let waiter = tokio::spawn(running.wait(stop));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_tx.send(true).unwrap();
+    let exit = waiter.await.unwrap();
+    assert_eq!(exit.stopped, Some(Stopped::Asked));
+    let left = attempt_processes(None, None, &marker);
+    proc::kill_all(&|| attempt_processes(None, None, &marker)).await;
+    assert!(left.is_empty(), "{left:?} outlived the wait");
+}
+
+/// A hurry ends the grace: a step deaf to TERM, stopped with a grace of ten minutes, is gone as
+/// soon as the hurry comes.
+#[tokio::test]
+async fn a_hurry_ends_the_grace_at_once() {
+    let marker = unique("hurry");
+    let (sink, _chunks) = mpsc::unbounded_channel();
+    let mut s = spec("trap '' TERM; sleep 1000", &marker);
+    s.grace = Duration::from_secs(600);
+    let (hurry_tx, hurry) = watch::channel(false);
+    let running = spawn(&s, &sink).unwrap().hurried_by(hurry);
+    let (stop_tx, stop) = watch::channel(false);
+    let waiter = tokio::spawn(running.wait(stop));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_tx.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the grace was cut short unasked");
+    assert!(!attempt_processes(None, None, &marker).is_empty());
+    hurry_tx.send(true).unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(60), waiter)
+        .await
+        .expect("the hurry did not end the grace")
+        .unwrap();
+    assert_eq!(exit.stopped, Some(Stopped::Asked));
+    assert!(attempt_processes(None, None, &marker).is_empty());
+}

@@ -11,6 +11,7 @@ mod crash;
 mod damage;
 mod durable;
 mod dynamic;
+mod ending;
 mod examples;
 mod faults;
 mod graph;

@@ -39,8 +39,14 @@ use crate::shutdown::StopHandle;
 use crate::task::context::Shared;
 use crate::task::files::OutputFiles;
 
-/// Ends the processes an attempt left running (on this machine); how many there were.
-async fn end_leftovers(uuid: &str, attempt: &store::AttemptRow, options: &Options) -> usize {
+/// Ends the processes an attempt left running (on this machine); how many there were. A second
+/// Ctrl-C (`stop` hurried) ends their grace.
+async fn end_leftovers(
+    uuid: &str,
+    attempt: &store::AttemptRow,
+    options: &Options,
+    stop: &StopHandle,
+) -> usize {
     let marker = format!("{uuid}/{}/{}", attempt.task_no.0, attempt.n);
     let same_machine = attempt
         .process
@@ -52,13 +58,14 @@ async fn end_leftovers(uuid: &str, attempt: &store::AttemptRow, options: &Option
     let pgid = attempt.pgid;
     let start = attempt.process.as_ref().map(|p| p.start);
     let check_marker = format!("{marker}/check");
-    procs::proc::terminate(
+    procs::proc::terminate_or_sooner(
         || {
             let mut pids = procs::proc::attempt_processes(pgid, start, &marker);
             pids.extend(procs::proc::attempt_processes(None, None, &check_marker));
             pids
         },
         options.grace,
+        stop.hurried(),
     )
     .await
 }
@@ -71,6 +78,7 @@ fn end_children_leftovers<'a>(
     rule: owner::Rule,
     op: OpId,
     options: &'a Options,
+    stop: &'a StopHandle,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send + 'a>> {
     Box::pin(async move {
         for child in reader.children(op)? {
@@ -84,9 +92,9 @@ fn end_children_leftovers<'a>(
                 .into_iter()
                 .filter(|a| a.status == AttemptStatus::Running)
             {
-                end_leftovers(&child.uuid, &attempt, options).await;
+                end_leftovers(&child.uuid, &attempt, options, stop).await;
             }
-            end_children_leftovers(reader, rule, child.id, options).await?;
+            end_children_leftovers(reader, rule, child.id, options, stop).await?;
         }
         Ok(())
     })
@@ -111,7 +119,7 @@ async fn sweep(
     reader: &Reader,
     row: &store::OpRow,
     me: &ProcessId,
-    options: &Options,
+    (options, stop): (&Options, &StopHandle),
     progress: &Sink,
 ) -> Result<(), Error> {
     let names: std::collections::HashMap<TaskNo, String> = reader
@@ -128,7 +136,7 @@ async fn sweep(
             .get(&attempt.task_no)
             .map_or("?", String::as_str)
             .to_owned();
-        let count = end_leftovers(&row.uuid, &attempt, options).await;
+        let count = end_leftovers(&row.uuid, &attempt, options, stop).await;
         let mut batch = Vec::new();
         if count > 0 {
             batch.push(Change::Event {
@@ -296,9 +304,10 @@ impl Takeover<'_> {
                 ..self.options.clone()
             },
         );
-        sweep(store, reader, row, &me, &leftovers, &self.progress).await?;
+        let ending = (&leftovers, &self.stop);
+        sweep(store, reader, row, &me, ending, &self.progress).await?;
         let rule = owner::Rule::of(store.location());
-        end_children_leftovers(reader, rule, op, &leftovers).await?;
+        end_children_leftovers(reader, rule, op, &leftovers, &self.stop).await?;
         OutputFiles::remove_left(&row.uuid);
         if let Some((replan, drift)) = replace {
             let to = Replanned {

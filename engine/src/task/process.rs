@@ -311,7 +311,9 @@ impl ProcessAttempt<'_> {
             .await?;
         // The grace is decided when the stop comes: a cancel's own, or a sixth of the lease for a
         // run that lost its op (`Shared::step_grace`).
-        let wait = running.wait_with_grace(self.stop.clone(), || shared.step_grace());
+        let wait = running
+            .hurried_by(shared.stop_handle().subscribe_hurry())
+            .wait_with_grace(self.stop.clone(), || shared.step_grace());
         let exit = self
             .watch_progress(wait, &progress_file(&launch.output))
             .await;

@@ -197,7 +197,7 @@ async fn run_child(
             .map_err(|e| e.to_string())?;
         existing = None;
     }
-    let child_stop = StopHandle::new();
+    let child_stop = shared.stop_handle().beneath();
     // The step's `timeout` stops the child; the task then fails.
     let timed_out = Arc::new(AtomicBool::new(false));
     let timer = step.timeout.map(|limit| {
