@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::{Sandbox, code, sqlite_only, stderr};
 
@@ -31,19 +31,6 @@ fn recorded_times(sandbox: &Sandbox) -> Vec<(String, i64, i64)> {
         .collect()
 }
 
-/// Waits until `path` exists (a step made it).
-fn wait_for_file(path: &Path) {
-    let started = Instant::now();
-    while !path.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_wall_clock_set_back_during_a_run_never_ends_a_task_before_it_starts() {
     assert!(
@@ -64,7 +51,7 @@ fn a_wall_clock_set_back_during_a_run_never_ends_a_task_before_it_starts() {
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .stderr(Stdio::piped());
     let child = command.spawn().unwrap();
-    wait_for_file(&sandbox.path().join("started"));
+    sandbox.wait_for("started", Duration::from_secs(30));
     // Two hours back, while `slow` runs.
     std::fs::write(&offset, "-2h\n").unwrap();
     let out = child.wait_with_output().unwrap();
@@ -105,7 +92,7 @@ fn a_steps_time_runs_from_its_process_not_from_a_wait_for_the_database() {
         .env("CAIRN_BUSY_TIMEOUT_MS", "60000")
         .stderr(Stdio::piped());
     let child = command.spawn().unwrap();
-    wait_for_file(&sandbox.path().join("first-ran"));
+    sandbox.wait_for("first-ran", Duration::from_secs(30));
     // `second` is to start while another process holds the database for 4 s.
     let mut holder = sandbox.hold_the_database(false, "");
     std::thread::sleep(Duration::from_secs(4));

@@ -185,44 +185,43 @@ fn fifty_rounds_of_trap_respawns_leave_nothing() {
     respawning_step_leaves_nothing(&format!("trap \"\" TERM; setsid sleep {arg}"), &arg, 50);
 }
 
-/// A step deaf to TERM, with a long grace: the first Ctrl-C gives it the grace; the second ends it
-/// at once, says so, and the op is still recorded interrupted (not left by the owner vanishing).
-#[test]
-fn a_second_ctrl_c_ends_the_steps_at_once() {
-    let sandbox = Sandbox::new();
-    sandbox.write(
-        "plan.yaml",
-        "name: deaf\nsteps:\n  - id: deaf\n    run: |\n      trap '' TERM\n      touch started\n      sleep 1000\n",
-    );
-    let mut run = sandbox.spawn(&["run", "plan.yaml", "--grace", "10m"]);
+const DEAF: &str = "name: deaf\nsteps:\n  - id: deaf\n    run: |\n      trap '' TERM\n      touch started\n      sleep 1000\n";
+
+/// Signals `child` (`cairn run` or `serve`, running op 1's step deaf to TERM, with a long grace)
+/// twice: after the first, the step lives on through its grace and so does `child`; after the
+/// second, `child` leaves promptly, says so, having recorded the stop, and the step is gone.
+/// Returns `child`'s exit status and op 1 as `show --json` has it.
+fn signal_twice(
+    sandbox: &Sandbox,
+    child: &mut Child,
+    sig: nix::sys::signal::Signal,
+) -> (std::process::ExitStatus, serde_json::Value) {
     sandbox.wait_for("started", Duration::from_secs(20));
     let uuid = sandbox.show(1)["uuid"].as_str().unwrap().to_owned();
-    signal(&run, nix::sys::signal::Signal::SIGINT);
-    // The first Ctrl-C gives the step its grace: it lives on, and so does cairn.
+    signal(child, sig);
     std::thread::sleep(Duration::from_secs(1));
     assert!(
-        run.try_wait().unwrap().is_none(),
-        "cairn left at the first Ctrl-C"
+        child.try_wait().unwrap().is_none(),
+        "cairn left at the first {sig}"
     );
     assert!(
         !step_processes(&uuid).is_empty(),
         "the step was ended before its grace"
     );
-    signal(&run, nix::sys::signal::Signal::SIGINT);
+    signal(child, sig);
     let since = Instant::now();
     let status = loop {
-        if let Some(status) = run.try_wait().unwrap() {
+        if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         assert!(
             since.elapsed() < Duration::from_secs(60),
-            "a second Ctrl-C did not end the run"
+            "a second {sig} did not end cairn"
         );
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut said = String::new();
-    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut said).unwrap();
-    assert_eq!(status.code(), Some(4), "{said}");
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut said).unwrap();
     assert!(
         said.contains("second interrupt: ending the steps now"),
         "{said}"
@@ -231,12 +230,21 @@ fn a_second_ctrl_c_ends_the_steps_at_once() {
         !said.contains("stopping now"),
         "it left without recording: {said}"
     );
-    assert!(
-        step_processes(&uuid).is_empty(),
-        "the step outlived the run"
-    );
+    assert!(step_processes(&uuid).is_empty(), "the step outlived cairn");
     let show = sandbox.show(1);
     assert_eq!(show["status"], "interrupted", "{show:#}");
+    (status, show)
+}
+
+/// A step deaf to TERM, with a long grace: the first Ctrl-C gives it the grace; the second ends it
+/// at once, says so, and the op is still recorded interrupted (not left by the owner vanishing).
+#[test]
+fn a_second_ctrl_c_ends_the_steps_at_once() {
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", DEAF);
+    let mut run = sandbox.spawn(&["run", "plan.yaml", "--grace", "10m"]);
+    let (status, show) = signal_twice(&sandbox, &mut run, nix::sys::signal::Signal::SIGINT);
+    assert_eq!(status.code(), Some(4));
     assert_eq!(show["interrupted_by"], "signal", "{show:#}");
 }
 
@@ -245,46 +253,10 @@ fn a_second_ctrl_c_ends_the_steps_at_once() {
 #[test]
 fn a_second_sigterm_to_serve_ends_the_steps_at_once() {
     let sandbox = Sandbox::new();
-    sandbox.write(
-        "plan.yaml",
-        "name: deaf\nsteps:\n  - id: deaf\n    run: |\n      trap '' TERM\n      touch started\n      sleep 1000\n",
-    );
+    sandbox.write("plan.yaml", DEAF);
     assert_eq!(code(&sandbox.cairn(&["submit", "plan.yaml"])), Some(0));
     let mut serve = sandbox.spawn(&["serve", "--poll", "100ms", "--grace", "10m"]);
     let _sweeper = Sweeper("-", sandbox.path());
-    sandbox.wait_for("started", Duration::from_secs(20));
-    let uuid = sandbox.show(1)["uuid"].as_str().unwrap().to_owned();
-    signal(&serve, nix::sys::signal::Signal::SIGTERM);
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(
-        serve.try_wait().unwrap().is_none(),
-        "serve left at the first SIGTERM"
-    );
-    assert!(
-        !step_processes(&uuid).is_empty(),
-        "the step was ended before its grace"
-    );
-    signal(&serve, nix::sys::signal::Signal::SIGTERM);
-    let since = Instant::now();
-    while serve.try_wait().unwrap().is_none() {
-        assert!(
-            since.elapsed() < Duration::from_secs(60),
-            "a second SIGTERM did not end serve"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut said = String::new();
-    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut said).unwrap();
-    assert!(
-        said.contains("second interrupt: ending the steps now"),
-        "{said}"
-    );
-    assert!(
-        !said.contains("stopping now"),
-        "it left without recording: {said}"
-    );
-    assert!(step_processes(&uuid).is_empty(), "the step outlived serve");
-    let show = sandbox.show(1);
-    assert_eq!(show["status"], "interrupted", "{show:#}");
+    let (_, show) = signal_twice(&sandbox, &mut serve, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(show["interrupted_by"], "shutdown", "{show:#}");
 }

@@ -68,17 +68,29 @@ fn migrate(args: &MigrateArgs, _out: &Output) -> Result<(), Failure> {
     Ok(())
 }
 
-fn check(args: &CheckArgs, _out: &Output) -> Result<(), Failure> {
-    let location = args.db.location()?;
-    let store::Location::Sqlite(path) = &location else {
+/// The SQLite file `db` names, which must exist: `cairn db COMMAND` works on one; a PostgreSQL
+/// server does that work itself (`instead`).
+fn sqlite_file(db: &DbArgs, command: &str, instead: &str) -> Result<std::path::PathBuf, Failure> {
+    let location = db.location()?;
+    let store::Location::Sqlite(path) = location else {
         return Err(anyhow::anyhow!(
-            "`cairn db check` checks a SQLite file; `{location}` is a PostgreSQL server, which checks its own pages (`amcheck`, data checksums)"
+            "`cairn db {command}` works on a SQLite file; `{location}` is a PostgreSQL server, which {instead}"
         )
         .into());
     };
     if !path.exists() {
         return Err(anyhow::anyhow!("there is no database at `{}`", path.display()).into());
     }
+    Ok(path)
+}
+
+fn check(args: &CheckArgs, _out: &Output) -> Result<(), Failure> {
+    let path = sqlite_file(
+        &args.db,
+        "check",
+        "checks its own pages (`amcheck`, data checksums)",
+    )?;
+    let path = &path;
     store::check_sqlite(path)?;
     crate::output::data(&format!("{}: no damage found\n", path.display()))
         .context("cannot write")?;

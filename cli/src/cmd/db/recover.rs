@@ -21,16 +21,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
-    let location = args.db.location()?;
-    let store::Location::Sqlite(path) = &location else {
-        return Err(anyhow::anyhow!(
-            "`cairn db recover` recovers a SQLite file; `{location}` is a PostgreSQL server, which recovers its own log"
-        )
-        .into());
-    };
-    if !path.exists() {
-        return Err(anyhow::anyhow!("there is no database at `{}`", path.display()).into());
-    }
+    let path = &super::sqlite_file(&args.db, "recover", "recovers its own log")?;
     let recovered = store::recover_sqlite(path)
         .with_context(|| format!("cannot recover `{}`", path.display()))?;
     let Some(r) = recovered else {
