@@ -306,6 +306,19 @@ impl Retry {
     }
 }
 
+/// A step's `until`: its command run again, every `every`, until it exits 0, for at most
+/// `timeout`; with a `probe`, the command runs once and the probe is what runs again.
+#[derive(Debug, Clone)]
+pub struct Until {
+    pub every: Duration,
+    pub timeout: Duration,
+    /// A shell script run with the step's shell.
+    pub probe: Option<Template>,
+}
+
+/// The pause between two runs of an `until` wait when the plan names none.
+pub const DEFAULT_UNTIL_EVERY: Duration = Duration::from_secs(5);
+
 /// One step of a plan.
 #[derive(Debug, Clone)]
 pub struct Step {
@@ -321,6 +334,8 @@ pub struct Step {
     pub retry: Retry,
     /// The idempotency probe: a shell script run with the step's shell.
     pub check: Option<Template>,
+    /// A wait for a state: the command (or the probe) run again until it exits 0.
+    pub until: Option<Until>,
     pub for_each: Option<ForEach>,
     /// With `for_each`: items at once.
     pub max_parallel: Option<u32>,

@@ -142,6 +142,9 @@ pub struct RawStep {
     /// An idempotency probe (shell script): exit 0 means the work is already done and the step is not run.
     #[schemars(with = "Option<String>")]
     pub check: Option<Text>,
+    /// Wait for a state: run the step's command (or, with `probe`, the command once and then the probe) every `every` until it exits 0, up to `timeout`.
+    #[schemars(with = "Option<RawUntil>")]
+    pub until: Option<Spanned<RawUntil>>,
     /// Run the step once per item: an expression giving a list, or a list.
     #[schemars(with = "Option<RawForEach>")]
     pub for_each: Option<Spanned<RawForEach>>,
@@ -156,6 +159,21 @@ pub struct RawStep {
     /// How much of each attempt's stdout and stderr is kept, overriding the plan's.
     #[schemars(with = "Option<Scalar>")]
     pub log_limit: Option<Spanned<Scalar>>,
+}
+
+/// A wait for a state (`until`): a command run again until it exits 0.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawUntil {
+    /// How long to wait between two runs, e.g. `5s` (default 5s).
+    #[schemars(with = "Option<Scalar>")]
+    pub every: Option<Spanned<Scalar>>,
+    /// The longest the wait may last, e.g. `10m`; then the attempt fails.
+    #[schemars(with = "Scalar")]
+    pub timeout: Spanned<Scalar>,
+    /// A shell script run in place of the step's command after the command ran once (exit 0: the state is reached).
+    #[schemars(with = "Option<String>")]
+    pub probe: Option<Text>,
 }
 
 /// How a step's failed attempts are retried.

@@ -11,8 +11,9 @@ use sha2::{Digest, Sha256};
 use crate::dag::Dag;
 use crate::diag::{Problem, Problems, Span};
 use crate::model::{
-    Action, Arg, Backoff, DEFAULT_HOOK_TIMEOUT, DEFAULT_LOG_LIMIT, DEFAULT_MAX_PARALLEL, EnvVar,
-    ForEach, Hook, Hooks, OnFailure, Param, ParamType, Plan, Retry, Schedule, Shell, Step,
+    Action, Arg, Backoff, DEFAULT_HOOK_TIMEOUT, DEFAULT_LOG_LIMIT, DEFAULT_MAX_PARALLEL,
+    DEFAULT_UNTIL_EVERY, EnvVar, ForEach, Hook, Hooks, OnFailure, Param, ParamType, Plan, Retry,
+    Schedule, Shell, Step, Until,
 };
 use crate::raw::{self, Pairs, RawForEach, RawHook, RawPlan, RawStep, Scalar, Text};
 use crate::template::{Expr, Name, Quoting, Template, unsafe_insertions};
@@ -1537,6 +1538,10 @@ impl Checker<'_> {
             .check
             .as_ref()
             .and_then(|c| self.template(c, Quoting::Shell, known, scope("`check`", true)));
+        let until = step
+            .until
+            .as_ref()
+            .and_then(|u| self.until(u, step, known, scope("`until.probe`", true)));
         let timeout = self.duration(step.timeout.as_ref(), "timeout");
         let retry = step
             .retry
@@ -1597,6 +1602,7 @@ impl Checker<'_> {
             timeout,
             retry: retry?,
             check,
+            until,
             for_each,
             max_parallel,
             continue_on_error: step.continue_on_error.unwrap_or(false),
@@ -1712,6 +1718,54 @@ impl Checker<'_> {
             }
         }
         ok.then_some(Action::Exec { argv })
+    }
+
+    /// A step's `until`: only on a `run` or `exec` step; `every` shorter than `timeout`.
+    fn until(
+        &mut self,
+        until: &Spanned<raw::RawUntil>,
+        step: &RawStep,
+        known: &Known,
+        scope: Scope,
+    ) -> Option<Until> {
+        if step.run.is_none() && step.exec.is_none() {
+            self.report(
+                Problem::new(
+                    "until-without-command",
+                    span(until),
+                    "`until` runs the step's command again until it succeeds; this step has no `run` or `exec`",
+                )
+                .help("to wait a fixed time, use `sleep`"),
+            );
+            return None;
+        }
+        let u = &until.value;
+        let timeout = self.duration(Some(&u.timeout), "until.timeout")?;
+        let every = match &u.every {
+            Some(e) => self.duration(Some(e), "until.every")?,
+            None => DEFAULT_UNTIL_EVERY,
+        };
+        if every >= timeout {
+            self.report(Problem::new(
+                "until-every-too-long",
+                u.every.as_ref().and_then(span).or_else(|| span(&u.timeout)),
+                format!(
+                    "`until.every` ({}) is not shorter than `until.timeout` ({}): the command would run once",
+                    crate::units::format_duration(every),
+                    crate::units::format_duration(timeout)
+                ),
+            ));
+            return None;
+        }
+        let probe = match &u.probe {
+            Some(p) => Some(self.template(p, Quoting::Shell, known, scope)?),
+            None => None,
+        };
+        Some(Until {
+            every,
+            timeout,
+            probe,
+        })
     }
 
     fn retry(&mut self, retry: &Spanned<raw::RawRetry>) -> Option<Retry> {

@@ -26,3 +26,4 @@ mod secrets;
 mod serve;
 mod shown;
 mod sizes;
+mod waits;

@@ -615,6 +615,7 @@ pub(crate) fn with_hooks(plan: &Plan) -> (Vec<Step>, HookTasks) {
                 timeout: Some(hook.timeout),
                 retry: plans::model::Retry::default(),
                 check: None,
+                until: None,
                 for_each: None,
                 max_parallel: None,
                 continue_on_error: false,

@@ -39,10 +39,13 @@ pub(crate) async fn run(
     carry: &mut Carry,
 ) -> Result<TaskEnd, Fatal> {
     let step = shared.step(job.step);
-    let rendered = render_public(ctx, "the command line, `cwd` or `check`", USE_ENV, |c| {
-        render(shared, step, c)
-    });
-    let (cwd, argv, check) = match rendered {
+    let rendered = render_public(
+        ctx,
+        "the command line, `cwd`, `check` or `until.probe`",
+        USE_ENV,
+        |c| render(shared, step, c),
+    );
+    let (cwd, argv, (check, probe)) = match rendered {
         Ok(rendered) => rendered,
         Err(error) => {
             carry.flush(shared).await?;
@@ -58,6 +61,7 @@ pub(crate) async fn run(
         cwd,
         argv,
         check,
+        probe,
         stop,
         began: None,
     };
@@ -73,10 +77,16 @@ pub(crate) async fn run(
     .await
 }
 
-/// What a process task runs, rendered: its working directory, command line, and `check`'s.
-type Rendered = (PathBuf, Vec<String>, Option<Vec<String>>);
+/// What a process task runs, rendered: its working directory, command line, and the command
+/// lines of `check` and `until.probe`.
+type Rendered = (
+    PathBuf,
+    Vec<String>,
+    (Option<Vec<String>>, Option<Vec<String>>),
+);
 
-/// The step's working directory, command line and `check` command line, rendered.
+/// The step's working directory, command line and `check` and `until.probe` command lines,
+/// rendered.
 fn render(shared: &Shared, step: &Step, ctx: &Context) -> Result<Rendered, String> {
     let cwd = match &step.cwd {
         Some(t) => shared.workdir.join(
@@ -86,20 +96,26 @@ fn render(shared: &Shared, step: &Step, ctx: &Context) -> Result<Rendered, Strin
         None => shared.workdir.clone(),
     };
     let argv = command_line(step, ctx)?;
-    let check = match &step.check {
-        Some(t) => {
+    // A script of the step's own, run with its shell.
+    let script = |t: Option<&plans::template::Template>, what: &str| {
+        t.map(|t| {
             let script = t
                 .render(ctx)
-                .map_err(|e| format!("cannot render `check`: {e}"))?;
+                .map_err(|e| format!("cannot render `{what}`: {e}"))?;
             let shell = match &step.action {
                 Action::Run { shell, .. } => shell.clone(),
                 _ => plans::model::Shell::Bash,
             };
-            Some(shell.command_line(&script))
-        }
-        None => None,
+            Ok::<_, String>(shell.command_line(&script))
+        })
+        .transpose()
     };
-    Ok((cwd, argv, check))
+    let check = script(step.check.as_ref(), "check")?;
+    let probe = script(
+        step.until.as_ref().and_then(|u| u.probe.as_ref()),
+        "until.probe",
+    )?;
+    Ok((cwd, argv, (check, probe)))
 }
 
 /// The command line of a `run` or `exec` step, rendered.
@@ -132,6 +148,8 @@ struct ProcessAttempt<'a> {
     cwd: PathBuf,
     argv: Vec<String>,
     check: Option<Vec<String>>,
+    /// What an `until` wait runs again, when not the command itself.
+    probe: Option<Vec<String>>,
     stop: &'a watch::Receiver<bool>,
     /// When the task's first process started.
     began: Option<Instant>,
@@ -185,15 +203,19 @@ impl Attempt for ProcessAttempt<'_> {
         };
         let launch = Launch {
             argv: self.argv.clone(),
-            located,
+            located: located.clone(),
             env,
             output,
             cwd: self.cwd.clone(),
-            marker,
+            marker: marker.clone(),
         };
-        match self.spawn_and_wait(n, launch).await? {
-            Ok(run) => Ok(judge(shared, step, run)),
-            Err(error) => Ok(failed_early(error)),
+        let run = match self.spawn_and_wait(n, launch).await? {
+            Ok(run) => run,
+            Err(error) => return Ok(failed_early(error)),
+        };
+        match &step.until {
+            Some(until) => self.wait_until(n, until, run, (&marker, located)).await,
+            None => Ok(judge(shared, step, run)),
         }
     }
 
@@ -330,6 +352,124 @@ impl ProcessAttempt<'_> {
     }
 }
 
+impl ProcessAttempt<'_> {
+    /// A step's `until` wait, after its command's first run: the command (or the probe, once the
+    /// command succeeded) runs again every `until.every` until it exits 0, for at most
+    /// `until.timeout` from the command's start. Each run that does not succeed is a line of
+    /// progress (`waiting: ...`), not a failure; the wait's end is judged as one run would be.
+    async fn wait_until(
+        &mut self,
+        n: u32,
+        until: &plans::model::Until,
+        first: ProcessRun,
+        (marker, located): (&str, Option<PathBuf>),
+    ) -> Result<Ended, Fatal> {
+        let (shared, step) = (self.shared, self.step);
+        let began = Instant::now();
+        let probing = self.probe.is_some();
+        // With a probe, the command runs once and decides alone if it fails; its outputs are
+        // the step's.
+        if probing && (!first.exit.success()) {
+            return Ok(judge(shared, step, first));
+        }
+        let outputs = first.outputs.clone();
+        let mut last = first;
+        let (mut said, mut probed) = (None, false);
+        loop {
+            let reached = last.exit.success() && (!probing || probed);
+            if reached || last.exit.stopped.is_some() {
+                let run = if probing && reached {
+                    ProcessRun {
+                        exit: last.exit,
+                        outputs,
+                    }
+                } else {
+                    last
+                };
+                return Ok(judge(shared, step, run));
+            }
+            if began.elapsed() + until.every > until.timeout {
+                return Ok(match judge(shared, step, last) {
+                    Ended::Failed {
+                        error,
+                        exit_code,
+                        retryable,
+                    } => Ended::Failed {
+                        error: format!(
+                            "`until` gave up after {}: {error}",
+                            plans::units::format_duration(until.timeout)
+                        ),
+                        exit_code,
+                        retryable,
+                    },
+                    other => other,
+                });
+            }
+            let note = if probing && !probed {
+                "waiting for `until.probe`".to_owned()
+            } else {
+                format!("waiting: {}", how_it_ended(&last.exit))
+            };
+            self.show_progress(note, &mut said).await;
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                () = tokio::time::sleep(until.every) => {}
+                _ = stop.wait_for(|s| *s) => return Ok(Ended::Interrupted),
+            }
+            let (output, env) = match process_files(shared, step, self.ctx, self.job, n) {
+                Ok(made) => made,
+                Err(error) => return Ok(failed_early(error)),
+            };
+            let launch = match &self.probe {
+                Some(probe) => Launch {
+                    argv: probe.clone(),
+                    located: None,
+                    env,
+                    output,
+                    cwd: self.cwd.clone(),
+                    marker: format!("{marker}/until"),
+                },
+                None => Launch {
+                    argv: self.argv.clone(),
+                    located: located.clone(),
+                    env,
+                    output,
+                    cwd: self.cwd.clone(),
+                    marker: marker.to_owned(),
+                },
+            };
+            last = match self.spawn_and_wait(n, launch).await? {
+                Ok(run) => run,
+                Err(error) => return Ok(failed_early(error)),
+            };
+            probed = probing;
+        }
+    }
+}
+
+/// How a process ended: `exit code 1`, `killed by signal 9`.
+fn exit_status(exit: &spawn::Exit) -> String {
+    match (exit.code, exit.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => "ended without a status".to_owned(),
+    }
+}
+
+/// How a run that did not succeed ended, with its last line on stderr: `exit code 1: not yet`.
+fn how_it_ended(exit: &spawn::Exit) -> String {
+    let how = exit_status(exit);
+    match exit
+        .stderr_tail
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+    {
+        Some(line) => format!("{how}: {}", line.trim()),
+        None => how,
+    }
+}
+
 /// How often a running process's `$CAIRN_PROGRESS` is read.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -367,6 +507,11 @@ impl ProcessAttempt<'_> {
         let Some(text) = last_progress(file, ended) else {
             return;
         };
+        self.show_progress(text, said).await;
+    }
+
+    /// Records and shows `text` as the task's progress, unless it is what was `said` last.
+    async fn show_progress(&self, text: String, said: &mut Option<String>) {
         let text = shared_mask(self.shared, &text);
         if said.as_ref() == Some(&text) {
             return;
@@ -440,11 +585,7 @@ fn judge(shared: &Shared, step: &Step, run: ProcessRun) -> Ended {
                 .map(|k| format!("it did not publish its declared output `{k}`")),
         }
     } else {
-        let how = match (exit.code, exit.signal) {
-            (Some(code), _) => format!("exit code {code}"),
-            (None, Some(signal)) => format!("killed by signal {signal}"),
-            (None, None) => "ended without a status".to_owned(),
-        };
+        let how = exit_status(exit);
         Some(if exit.stderr_tail.is_empty() {
             how
         } else {
