@@ -177,6 +177,18 @@ pub fn describe(p: &Progress, verbose: bool) -> String {
         } => {
             format!("  {task}: ended {count} process(es) left running by attempt {attempt}")
         }
+        Progress::LogIncomplete {
+            task,
+            attempt,
+            bytes,
+            why,
+        } => {
+            let what = bytes.map_or("the rest".to_owned(), |b| format!("{b} bytes"));
+            format!(
+                "  {task}: {what} of attempt {attempt}'s output not in its log: {}",
+                first_line(why)
+            )
+        }
         Progress::Stopping { reason } => format!("stopping: {reason}; ending running steps"),
         Progress::AlreadyDone { op } => format!("op {op} already succeeded; nothing to resume"),
         Progress::OpEnded {

@@ -14,18 +14,19 @@ use plans::template::Context;
 use procs::spawn::{self, Spec, Stopped};
 use serde_json::{Map, Value};
 use store::Change;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::attempts::{Attempt, attempts};
 use super::carry::Carry;
 use super::context::Shared;
 use super::files::process_files;
-use super::logs::write_logs;
+use super::logs::{Unwritten, write_logs};
 use super::{
     Ended, Fatal, Job, TaskEnd, fail_before_start, failed_early, last_lines, missing_output,
     shared_mask, start_attempt,
 };
 use crate::owner::to_store;
+use crate::progress::Progress;
 
 /// Attempts of a `run` or `exec` task (`prior` attempts made, `retry_from` before this round).
 pub(crate) async fn run(
@@ -267,7 +268,7 @@ impl ProcessAttempt<'_> {
                 "the lease ran out before the step could start".to_owned(),
             ));
         }
-        let (sink, chunks) = mpsc::unbounded_channel();
+        let (sink, chunks) = spawn::sink();
         let running = match spawn::spawn(&spec, &sink) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e.to_string())),
@@ -277,10 +278,9 @@ impl ProcessAttempt<'_> {
         let logs = tokio::spawn(write_logs(
             shared.store.clone(),
             (shared.op, shared.me.clone()),
-            task,
-            n,
+            (task, n),
             chunks,
-            step.log_limit,
+            (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
         ));
         shared
@@ -294,12 +294,20 @@ impl ProcessAttempt<'_> {
             }])
             .await?;
         // The grace is decided when the stop comes: a cancel's own, or a sixth of the lease for a
-        // run that lost its op (`Shared::step_grace`).
-        let exit = running
-            .wait_with_grace(self.stop.clone(), || shared.step_grace())
-            .await;
-        // The log writer ends when the process's output closes (its readers end or are aborted).
-        let _ = tokio::time::timeout(Duration::from_secs(15), logs).await;
+        // run that lost its op (`Shared::step_grace`). The log writer ends when the process's
+        // output closes; it is waited for alongside, since the process's readers wait for it.
+        let (exit, unwritten) = tokio::join!(
+            running.wait_with_grace(self.stop.clone(), || shared.step_grace()),
+            finish_logs(shared, logs),
+        );
+        if !unwritten.why.is_empty() {
+            shared.say(&Progress::LogIncomplete {
+                task: job.name.clone(),
+                attempt: n,
+                bytes: unwritten.bytes,
+                why: unwritten.why,
+            });
+        }
         let outputs = if exit.success() {
             spawn::read_outputs(&launch.output)
         } else {
@@ -308,6 +316,26 @@ impl ProcessAttempt<'_> {
         // Read once: the op's directory does not fill up with a file per attempt.
         let _ = std::fs::remove_file(&launch.output);
         Ok(Ok(ProcessRun { exit, outputs }))
+    }
+}
+
+/// Waits for an attempt's log writer to write all of the output. Only a run that lost its op
+/// stops waiting (nothing more may be written, and the store may not answer): the writer is
+/// dropped, which lets the process's readers go on without it, and the output not written is
+/// said to be lost.
+async fn finish_logs(shared: &Shared, mut logs: tokio::task::JoinHandle<Unwritten>) -> Unwritten {
+    loop {
+        tokio::select! {
+            done = &mut logs => return done.unwrap_or_default(),
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if shared.is_lost() {
+            logs.abort();
+            return Unwritten {
+                bytes: None,
+                why: format!("the op was lost: {}", shared.lost_why()),
+            };
+        }
     }
 }
 
