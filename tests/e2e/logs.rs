@@ -194,3 +194,34 @@ fn logs_over_a_small_limit_keep_head_and_tail_and_count_what_was_cut() {
     );
     sandbox.assert_not_stored(secret);
 }
+
+/// A process that left the step's session and dropped its environment, and never stops writing to
+/// the step's stdout: the step ends when its leader does (its readers take what the pipe held, not
+/// the daemon's endless output), and what it printed before is in the log.
+#[test]
+fn a_daemon_that_never_stops_writing_does_not_hold_the_step() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: chatter\nsteps:\n  - id: start\n    run: |\n      echo before\n      setsid env -i /usr/bin/yes daemon-line &\n      echo $! > daemon.pid\n      sleep 0.5\n",
+    );
+    let started = Instant::now();
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    let took = started.elapsed();
+    let pid: i32 = sandbox.read("daemon.pid").trim().parse().unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(
+        took < Duration::from_secs(60),
+        "the step waited for the daemon: {took:?}"
+    );
+    let logs = sandbox.cairn(&["logs", "1", "start"]);
+    assert!(
+        stdout(&logs).starts_with("==> start (attempt 1) <==\nbefore\n"),
+        "{}",
+        &stdout(&logs)[..200]
+    );
+}
