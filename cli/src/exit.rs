@@ -70,6 +70,7 @@ pub fn of_run(end: &engine::RunEnd, op: store::OpId, lock: Option<&str>) -> Resu
         engine::RunEnd::Failed(_) => {
             // A failed op keeps its lock (its target is half-done): say so, and how to let go.
             let keeps = lock.map_or(String::new(), |key| {
+                let key = crate::output::shown(key);
                 format!(
                     "; until then it keeps its lock `{key}`, which `cairn cancel {op}` releases"
                 )
@@ -80,6 +81,7 @@ pub fn of_run(end: &engine::RunEnd, op: store::OpId, lock: Option<&str>) -> Resu
             Err(Failure::Op(OP_FAILED))
         }
         engine::RunEnd::Canceled(why) => {
+            let why = crate::output::shown(why);
             crate::output::diagnostic(&format!("op {op} canceled ({why})\n"));
             Err(Failure::Op(OP_CANCELED))
         }
@@ -97,12 +99,14 @@ pub fn of_run(end: &engine::RunEnd, op: store::OpId, lock: Option<&str>) -> Resu
             Err(Failure::Op(OP_INTERRUPTED))
         }
         engine::RunEnd::LostOwnership(why) => {
+            let why = crate::output::shown(why);
             crate::output::diagnostic(&format!(
                 "op {op}: stopped running it and wrote nothing more: {why}\n"
             ));
             Err(Failure::Op(OP_INTERRUPTED))
         }
         engine::RunEnd::StoreFailed(why) => {
+            let why = crate::output::shown(why);
             crate::output::diagnostic(&format!(
                 "op {op}: cannot record progress any more ({why}); its steps were stopped. Once the cause is fixed, `cairn resume {op}` continues it\n"
             ));

@@ -1,10 +1,12 @@
 //! Where output goes and how it looks: data on stdout, diagnostics on stderr, colour only on a
 //! terminal (or when asked), never when `NO_COLOR` is set.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 
 use clap::ValueEnum;
+pub use plans::diag::shown;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Color {
@@ -65,11 +67,21 @@ impl Output {
     }
 }
 
-/// Reports an error on stderr: its message, then its causes.
+/// Text of several lines as people are shown it: each line through [`shown`], the line breaks
+/// kept (a message that is meant to span lines, such as an error with its causes).
+pub fn shown_lines(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\n') {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(text.split('\n').map(shown).collect::<Vec<_>>().join("\n"))
+}
+
+/// Reports an error on stderr: its message, then its causes, each shown through [`shown_lines`]
+/// (errors quote titles, params, lock keys and paths as given).
 pub fn error(err: &anyhow::Error) {
-    let mut text = format!("error: {err}\n");
+    let mut text = format!("error: {}\n", shown_lines(&err.to_string()));
     for cause in err.chain().skip(1) {
-        writeln!(text, "  caused by: {cause}").ok();
+        writeln!(text, "  caused by: {}", shown_lines(&cause.to_string())).ok();
     }
     diagnostic(&text);
 }
@@ -93,9 +105,22 @@ pub fn plain_table() -> comfy_table::Table {
     table
 }
 
-/// `table` as text, one line per row without trailing spaces; `empty` (a line of its own) when it
-/// has no rows.
-pub fn render_table(mut table: comfy_table::Table, empty: &str) -> String {
+/// `table` with every cell through [`shown`]: a cell is one line, whatever its data holds.
+pub fn shown_cells(table: &comfy_table::Table) -> comfy_table::Table {
+    let mut shown_table = plain_table();
+    if let Some(header) = table.header() {
+        shown_table.set_header(header.cell_iter().map(comfy_table::Cell::content));
+    }
+    for row in table.row_iter() {
+        shown_table.add_row(row.cell_iter().map(|c| shown(&c.content()).into_owned()));
+    }
+    shown_table
+}
+
+/// `table` as text, one line per row without trailing spaces, its cells [`shown`]; `empty` (a
+/// line of its own) when it has no rows.
+pub fn render_table(table: &comfy_table::Table, empty: &str) -> String {
+    let mut table = shown_cells(table);
     for column in table.column_iter_mut() {
         column.set_padding((0, 2));
     }
@@ -109,4 +134,19 @@ pub fn render_table(mut table: comfy_table::Table, empty: &str) -> String {
         text.push('\n');
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_shown_visibly() {
+        assert_eq!(shown("plain \\ text"), "plain \\ text");
+        assert_eq!(
+            shown("a\x1b[1A\r\x1b[2K\x07\t\n\x7f\u{85}b"),
+            "a\\e[1A\\r\\e[2K\\x07\\t\\n\\x7f\\u{85}b"
+        );
+        assert_eq!(shown_lines("one\x1b\ntwo"), "one\\e\ntwo");
+    }
 }

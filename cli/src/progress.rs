@@ -9,6 +9,8 @@ use std::time::Duration;
 use engine::progress::{Progress, Sink, Start};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::output::{shown, shown_lines};
+
 fn clock() -> String {
     engine::time::local(engine::owner::now())
         .split(' ')
@@ -59,6 +61,7 @@ fn live(verbose: bool) -> Sink {
             Progress::TaskStarted { task, attempt } => {
                 let bar = multi.add(ProgressBar::new_spinner());
                 bar.set_style(style.clone());
+                let task = shown(task);
                 bar.set_message(if *attempt > 1 {
                     format!("{within}{task} (attempt {attempt})")
                 } else {
@@ -68,11 +71,19 @@ fn live(verbose: bool) -> Sink {
                 bars.insert(format!("{within}{task}"), bar);
                 return;
             }
+            Progress::TaskProgress { task, text } => {
+                // The spinner says it; no line above.
+                let task = shown(task);
+                if let Some(bar) = bars.get(&format!("{within}{task}")) {
+                    bar.set_message(format!("{within}{task}: {}", shown(text)));
+                    return;
+                }
+            }
             Progress::TaskSucceeded { task, .. }
             | Progress::TaskFailed { task, .. }
             | Progress::TaskSkipped { task }
             | Progress::TaskInterrupted { task } => {
-                if let Some(bar) = bars.remove(&format!("{within}{task}")) {
+                if let Some(bar) = bars.remove(&format!("{within}{}", shown(task))) {
                     bar.finish_and_clear();
                     multi.remove(&bar);
                 }
@@ -97,7 +108,8 @@ fn unwrap_child(mut p: &Progress) -> (String, &Progress) {
 
 /// `sub[a] (op 2)`: the parent's task, and the child op once known.
 fn child_label(task: &str, op: Option<store::OpId>) -> String {
-    op.map_or_else(|| task.to_owned(), |op| format!("{task} (op {op})"))
+    let task = shown(task);
+    op.map_or_else(|| task.to_string(), |op| format!("{task} (op {op})"))
 }
 
 /// The first line of a message, marked when there is more (`cairn show` and `cairn logs` have it all).
@@ -111,15 +123,27 @@ fn first_line(text: &str) -> String {
     }
 }
 
-/// The line for a transition.
+/// The line for a transition; the data in it (titles, task names, errors, lock keys) [`shown`].
 pub fn describe(p: &Progress, verbose: bool) -> String {
     let first_line = |text: &str| {
         if verbose {
-            text.to_owned()
+            shown_lines(text).into_owned()
         } else {
-            first_line(text)
+            shown(&first_line(text)).into_owned()
         }
     };
+    let task = |p: &Progress| match p {
+        Progress::TaskStarted { task, .. }
+        | Progress::TaskSucceeded { task, .. }
+        | Progress::TaskSkipped { task }
+        | Progress::TaskProgress { task, .. }
+        | Progress::TaskFailed { task, .. }
+        | Progress::TaskInterrupted { task }
+        | Progress::TaskWaiting { task, .. }
+        | Progress::LeftoversEnded { task, .. } => shown(task).into_owned(),
+        _ => String::new(),
+    };
+    let named = task(p);
     let ms = |d: &Duration| engine::time::elapsed(i64::try_from(d.as_millis()).unwrap_or(0));
     match p {
         Progress::OpStarted { op, title, how } => {
@@ -128,54 +152,51 @@ pub fn describe(p: &Progress, verbose: bool) -> String {
                 Start::Resumed => "resumed",
                 Start::ToCancel => "taken over to cancel it",
             };
-            format!("op {op} {how}: {title}")
+            format!("op {op} {how}: {}", shown(title))
         }
-        Progress::TaskStarted { task, attempt } if *attempt > 1 => {
-            format!("  {task}: started (attempt {attempt})")
+        Progress::TaskStarted { attempt, .. } if *attempt > 1 => {
+            format!("  {named}: started (attempt {attempt})")
         }
-        Progress::TaskStarted { task, .. } => format!("  {task}: started"),
+        Progress::TaskStarted { .. } => format!("  {named}: started"),
         Progress::TaskSucceeded {
-            task,
-            by_check,
-            elapsed,
+            by_check, elapsed, ..
         } => {
             let how = if *by_check {
                 " by its check (already done)"
             } else {
                 ""
             };
-            format!("  {task}: succeeded{how} in {}", ms(elapsed))
+            format!("  {named}: succeeded{how} in {}", ms(elapsed))
         }
-        Progress::TaskSkipped { task } => format!("  {task}: skipped"),
+        Progress::TaskSkipped { .. } => format!("  {named}: skipped"),
+        Progress::TaskProgress { text, .. } => format!("  {named}: {}", shown(text)),
         Progress::TaskFailed {
-            task,
-            error,
-            retry_in,
+            error, retry_in, ..
         } => {
             let retry = retry_in
                 .as_ref()
                 .map_or(String::new(), |d| format!(" (retry in {})", ms(d)));
-            format!("  {task}: failed: {}{retry}", first_line(error))
+            format!("  {named}: failed: {}{retry}", first_line(error))
         }
-        Progress::TaskInterrupted { task } => format!("  {task}: interrupted"),
-        Progress::TaskWaiting { op, task, prompt } => {
+        Progress::TaskInterrupted { .. } => format!("  {named}: interrupted"),
+        Progress::TaskWaiting { op, prompt, .. } => {
             format!(
-                "  {task}: waiting for approval: {prompt}\n           answer with `cairn approve {op} {task}` (or `--reject`)"
+                "  {named}: waiting for approval: {}\n           answer with `cairn approve {op} {named}` (or `--reject`)",
+                shown(prompt)
             )
         }
         Progress::Parked { op, gates } => format!(
             "op {op} waits for approval of {}: no process holds it until an answer comes",
-            gates.join(", ")
+            shown(&gates.join(", "))
         ),
         Progress::WaitingForLock { key, holder } => {
-            format!("waiting for lock `{key}`, held by op {holder}")
+            format!("waiting for lock `{}`, held by op {holder}", shown(key))
         }
-        Progress::LeftoversEnded {
-            task,
-            attempt,
-            count,
-        } => {
-            format!("  {task}: ended {count} process(es) left running by attempt {attempt}")
+        Progress::LeftoversEnded { attempt, count, .. } => {
+            format!("  {named}: ended {count} process(es) left running by attempt {attempt}")
+        }
+        Progress::Stopping { reason } => {
+            format!("stopping: {}; ending running steps", shown(reason))
         }
         Progress::LogIncomplete {
             task,
@@ -185,11 +206,11 @@ pub fn describe(p: &Progress, verbose: bool) -> String {
         } => {
             let what = bytes.map_or("the rest".to_owned(), |b| format!("{b} bytes"));
             format!(
-                "  {task}: {what} of attempt {attempt}'s output not in its log: {}",
+                "  {}: {what} of attempt {attempt}'s output not in its log: {}",
+                shown(task),
                 first_line(why)
             )
         }
-        Progress::Stopping { reason } => format!("stopping: {reason}; ending running steps"),
         Progress::AlreadyDone { op } => format!("op {op} already succeeded; nothing to resume"),
         Progress::OpEnded {
             op,
@@ -206,7 +227,7 @@ pub fn describe(p: &Progress, verbose: bool) -> String {
             let label = match **event {
                 Progress::OpStarted { .. }
                 | Progress::OpEnded { .. }
-                | Progress::AlreadyDone { .. } => task.clone(),
+                | Progress::AlreadyDone { .. } => shown(task).into_owned(),
                 _ => child_label(task, *op),
             };
             format!("  {label} › {}", describe(event, verbose).trim_start())

@@ -179,9 +179,30 @@ pub fn shown_task(
     }
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, never going back within this process: the wall clock,
+/// followed whenever it is ahead, else the time it showed plus the monotonic time since. A wall
+/// clock set back (by hand, or by NTP stepping it) leaves this process on its earlier timeline, so
+/// that an end is never recorded before its start nor an elapsed time below zero; a clock set
+/// forward is followed at once.
 #[must_use]
 pub fn now() -> Millis {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::time::Instant;
+    static ANCHOR: OnceLock<Instant> = OnceLock::new();
+    /// What to add to the monotonic milliseconds since `ANCHOR` for the time shown; only grows.
+    static OFFSET: AtomicI64 = AtomicI64::new(Millis::MIN);
+    let wall = wall_clock();
+    let mono = Millis::try_from(ANCHOR.get_or_init(Instant::now).elapsed().as_millis())
+        .unwrap_or(Millis::MAX);
+    let offset = OFFSET
+        .fetch_max(wall - mono, Ordering::SeqCst)
+        .max(wall - mono);
+    mono.saturating_add(offset)
+}
+
+/// The wall clock: milliseconds since the Unix epoch.
+fn wall_clock() -> Millis {
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

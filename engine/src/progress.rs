@@ -25,6 +25,11 @@ pub enum Progress {
     TaskSkipped {
         task: String,
     },
+    /// A running task's process said how far it is (`$CAIRN_PROGRESS`).
+    TaskProgress {
+        task: String,
+        text: String,
+    },
     TaskFailed {
         task: String,
         error: String,

@@ -142,8 +142,7 @@ pub async fn fire_due(
 /// Reads the schedule's plan as it is now and submits its op for the firing at `due`.
 async fn submit(store: &Store, schedule: &ScheduleRow, due: Millis) -> Result<OpId, Error> {
     let path = Path::new(&schedule.plan);
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::Refused(format!("cannot read `{}`: {e}", schedule.plan)))?;
+    let bytes = op::input::read(path).map_err(|e| Error::Refused(e.to_string()))?;
     let plan =
         plans::parse_bytes(&schedule.plan, &bytes).map_err(|p| Error::Refused(p.render(false)))?;
     let given: Vec<(String, String)> = schedule

@@ -5,10 +5,40 @@
 //! and the file name so that it can render `file:line:col`, the offending line and a caret (through
 //! miette), or a JSON list for editors and CI.
 
+use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 
 use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, SourceSpan};
 use serde::Serialize;
+
+/// `text` as people are shown it: every control character (C0 — `\n`, `\r` and `\t` too —, DEL,
+/// C1) written visibly, so that data (a title, a param, a lock key, an error quoting them) can
+/// never move the cursor, rewrite a line or ring a bell. ESC is `\e`; `\n`, `\r`, `\t` as
+/// written in code; any other below U+0080 `\x07`, above it `\u{85}`. A backslash stays as it is.
+/// JSON never goes through this: serde writes the exact value. One function for every crate
+/// that prints (the `cairn` binary re-exports it as `output::shown`).
+pub fn shown(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\x1b' => out.push_str("\\e"),
+            c if c.is_ascii_control() => {
+                write!(out, "\\x{:02x}", u32::from(c)).ok();
+            }
+            c if c.is_control() => {
+                write!(out, "\\u{{{:x}}}", u32::from(c)).ok();
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// A byte range in a plan's source text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -216,9 +246,15 @@ impl Problems {
             .collect();
         for problem in &self.list {
             if problem.span.is_none() {
-                writeln!(out, "  × {}: {}", self.file, problem.message).ok();
+                writeln!(
+                    out,
+                    "  × {}: {}",
+                    shown(&self.file),
+                    shown(&problem.message)
+                )
+                .ok();
                 if let Some(help) = &problem.help {
-                    writeln!(out, "  help: {help}").ok();
+                    writeln!(out, "  help: {}", shown(help)).ok();
                 }
                 out.push('\n');
                 continue;
@@ -228,7 +264,7 @@ impl Problems {
                 source: Excerpt::around(&self.file, &self.source, &starts, problem.span),
             };
             if handler.render_report(&mut out, &report).is_err() {
-                out.push_str(&problem.message);
+                out.push_str(&shown(&problem.message));
                 out.push('\n');
             }
             out.push('\n');
@@ -268,12 +304,29 @@ impl Excerpt {
         let offset = starts[first_line];
         let end = starts.get(last_line + 1).copied().unwrap_or(source.len());
         Self {
-            name: name.to_owned(),
-            text: source[offset..end].to_owned(),
+            name: shown(name).into_owned(),
+            text: placeholders(&source[offset..end]),
             offset,
             first_line,
         }
     }
+}
+
+/// `text` with each control character but a tab and a line break replaced by as many `?` as it
+/// has bytes: the snippet under a problem can never drive the terminal, and every span still
+/// points where it did.
+fn placeholders(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let kept = matches!(c, '\t' | '\n') || (c == '\r' && chars.peek() == Some(&'\n'));
+        if c.is_control() && !kept {
+            out.extend(std::iter::repeat_n('?', c.len_utf8()));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl miette::SourceCode for Excerpt {
@@ -307,7 +360,7 @@ impl fmt::Debug for Report<'_> {
 
 impl fmt::Display for Report<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.problem.message)
+        f.write_str(&shown(&self.problem.message))
     }
 }
 
@@ -318,7 +371,7 @@ impl miette::Diagnostic for Report<'_> {
         self.problem
             .help
             .as_ref()
-            .map(|h| Box::new(h) as Box<dyn fmt::Display>)
+            .map(|h| Box::new(shown(h)) as Box<dyn fmt::Display>)
     }
 
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
@@ -330,7 +383,7 @@ impl miette::Diagnostic for Report<'_> {
         // miette needs at least one byte to draw a caret under; an empty span marks its first byte.
         let span = SourceSpan::new(span.offset.into(), span.len.max(1));
         Some(Box::new(std::iter::once(LabeledSpan::new_with_span(
-            self.problem.label.clone(),
+            self.problem.label.as_deref().map(|l| shown(l).into_owned()),
             span,
         ))))
     }

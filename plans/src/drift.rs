@@ -285,10 +285,12 @@ fn masked(
 
 /// The plan's text as a generic document: steps by id, and the other top-level keys.
 fn document(plan: &Plan) -> (Vec<(String, Value)>, serde_json::Map<String, Value>) {
-    let mut top: serde_json::Map<String, Value> = serde_saphyr::from_str::<Value>(&plan.text)
-        .ok()
-        .and_then(|v| v.as_object().cloned())
-        .unwrap_or_default();
+    let options = serde_saphyr::options! { budget: Some(crate::limits::budget()) };
+    let mut top: serde_json::Map<String, Value> =
+        serde_saphyr::from_str_with_options::<Value>(&plan.text, options)
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default();
     let steps = match top.remove("steps") {
         Some(Value::Array(steps)) => steps
             .into_iter()

@@ -8,6 +8,7 @@
 //! - [`dag`]: topological order, cycles, upstream queries.
 //! - [`diag`]: problems with `file:line:col`, rendered for people or as JSON.
 //! - [`params`]: the values an op is given, read as their params' types.
+//! - [`limits`]: how large a plan or params file may be.
 //! - [`graph`]: the DAG as text, dot or mermaid. [`schema`]: the JSON Schema. [`units`]: durations
 //!   and sizes. [`cron`]: crontab expressions.
 
@@ -17,6 +18,7 @@ pub mod dag;
 pub mod diag;
 pub mod drift;
 pub mod graph;
+pub mod limits;
 pub mod model;
 pub mod params;
 pub mod raw;

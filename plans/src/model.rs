@@ -17,6 +17,17 @@ pub const DEFAULT_LOG_LIMIT: u64 = 1 << 20;
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A plan that passed validation.
+/// What an op that fails does with its lock key (`lock.on_failure`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Holds it until the op is resumed to success or canceled: its target is half-done.
+    #[default]
+    Keep,
+    /// Frees it, so that the next op on the key (the next scheduled backup) may run; a resume
+    /// takes it again.
+    Release,
+}
+
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub name: String,
@@ -26,6 +37,8 @@ pub struct Plan {
     pub title: Option<Template>,
     /// The lock key: ops with equal rendered keys never run at once.
     pub lock: Option<Template>,
+    /// What a failing op does with its lock.
+    pub lock_on_failure: OnFailure,
     pub cooldown: Option<Duration>,
     pub max_parallel: u32,
     pub timeout: Option<Duration>,

@@ -171,6 +171,27 @@ fn plain(value: &Value) -> String {
     }
 }
 
+/// Reads the text of a `--params` file (`file` names it in messages): a YAML or JSON mapping of
+/// param names to values, within the YAML budget of a plan ([`crate::limits`]).
+pub fn parse_file(file: &str, text: &str) -> Result<Map<String, Value>, ParamError> {
+    let options = serde_saphyr::options! { budget: Some(crate::limits::budget()) };
+    let value: Value = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        match crate::limits::breached(&e) {
+            Some(b) => error(format!(
+                "`{file}` is too large: {}",
+                crate::limits::breach(b)
+            )),
+            None => error(format!("`{file}` is not a YAML or JSON mapping: {e}")),
+        }
+    })?;
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(error(format!(
+            "`{file}` is not a mapping of param names to values"
+        ))),
+    }
+}
+
 /// Splits `KEY=VALUE`.
 pub fn split_pair(text: &str) -> Result<(String, String), ParamError> {
     text.split_once('=')

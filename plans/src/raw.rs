@@ -31,9 +31,9 @@ pub struct RawPlan {
     /// Template for the op's NAME column, e.g. `"{{ params.xstore }}/{{ params.target }}"`.
     #[schemars(with = "Option<String>")]
     pub title: Option<Text>,
-    /// Template for the lock key: ops whose rendered keys are equal never run at once.
-    #[schemars(with = "Option<String>")]
-    pub lock: Option<Text>,
+    /// Template for the lock key (ops whose rendered keys are equal never run at once), or `{key, on_failure}`.
+    #[schemars(with = "Option<RawLockSchema>")]
+    pub lock: Option<Spanned<RawLock>>,
     /// After an op on the lock key ends, a new op on that key is refused for this long unless acknowledged.
     #[schemars(with = "Option<Scalar>")]
     pub cooldown: Option<Spanned<Scalar>>,
@@ -185,6 +185,77 @@ pub struct RawRetry {
 pub enum RawForEach {
     Expression(String),
     Items(Vec<serde_json::Value>),
+}
+
+/// The plan's `lock`: a key template, or a key and what a failing op does with it. Read by hand
+/// (not an untagged enum), so that the mapping's values keep their places.
+#[derive(Debug)]
+pub enum RawLock {
+    Key(String),
+    Policy { key: Text, on_failure: Option<Text> },
+}
+
+/// A lock key's template, or the key and what a failing op does with it.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[expect(dead_code, reason = "a schema only")]
+enum RawLockSchema {
+    /// The lock key's template.
+    Key(String),
+    Policy(RawLockPolicySchema),
+}
+
+/// The lock key and what a failing op does with it.
+#[derive(JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[expect(dead_code, reason = "a schema only")]
+struct RawLockPolicySchema {
+    /// The lock key's template.
+    key: String,
+    /// `keep` (default: a failed op holds its key until it is resumed to success or canceled) or `release` (the key is freed when the op fails, and a resume takes it again).
+    on_failure: Option<OnFailureSchema>,
+}
+
+#[derive(JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[expect(dead_code, reason = "a schema only")]
+enum OnFailureSchema {
+    Keep,
+    Release,
+}
+
+impl<'de> Deserialize<'de> for RawLock {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LockVisitor;
+        impl<'de> Visitor<'de> for LockVisitor {
+            type Value = RawLock;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a lock key, or a mapping with `key` and `on_failure`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawLock, E> {
+                Ok(RawLock::Key(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<RawLock, E> {
+                Ok(RawLock::Key(v))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawLock, A::Error> {
+                // The parser refuses a key given twice.
+                let (mut key, mut on_failure) = (None, None);
+                while let Some(name) = map.next_key::<String>()? {
+                    match name.as_str() {
+                        "key" => key = Some(map.next_value()?),
+                        "on_failure" => on_failure = Some(map.next_value()?),
+                        other => {
+                            return Err(de::Error::unknown_field(other, &["key", "on_failure"]));
+                        }
+                    }
+                }
+                let key = key.ok_or_else(|| de::Error::missing_field("key"))?;
+                Ok(RawLock::Policy { key, on_failure })
+            }
+        }
+        deserializer.deserialize_any(LockVisitor)
+    }
 }
 
 /// The plan's default schedule.

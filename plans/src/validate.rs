@@ -12,9 +12,9 @@ use crate::dag::Dag;
 use crate::diag::{Problem, Problems, Span};
 use crate::model::{
     Action, Arg, Backoff, DEFAULT_HOOK_TIMEOUT, DEFAULT_LOG_LIMIT, DEFAULT_MAX_PARALLEL, EnvVar,
-    ForEach, Hook, Hooks, Param, ParamType, Plan, Retry, Schedule, Shell, Step,
+    ForEach, Hook, Hooks, OnFailure, Param, ParamType, Plan, Retry, Schedule, Shell, Step,
 };
-use crate::raw::{self, Pairs, RawForEach, RawHook, RawPlan, RawStep, Scalar};
+use crate::raw::{self, Pairs, RawForEach, RawHook, RawPlan, RawStep, Scalar, Text};
 use crate::template::{Expr, Name, Quoting, Template, unsafe_insertions};
 use crate::units::{parse_bytes as parse_size, parse_duration};
 
@@ -63,7 +63,10 @@ fn parse_unclamped(file: &str, text: &str) -> Result<Plan, Problems> {
                 .help("a plan needs at least `name` and `steps`"),
         ]));
     }
-    let options = serde_saphyr::options! { strict_booleans: true };
+    let options = serde_saphyr::options! {
+        strict_booleans: true,
+        budget: Some(crate::limits::budget()),
+    };
     let raw: RawPlan = match serde_saphyr::from_str_with_options(text, options) {
         Ok(raw) => raw,
         Err(err) => return Err(fail(vec![yaml_problem(&err, text)])),
@@ -95,6 +98,14 @@ fn parse_unclamped(file: &str, text: &str) -> Result<Plan, Problems> {
 /// Turns a YAML or shape error into a problem in cairn's voice.
 fn yaml_problem(err: &serde_saphyr::Error, text: &str) -> Problem {
     use serde_saphyr::Error as E;
+    if let Some(breach) = crate::limits::breached(err) {
+        return Problem::new(
+            "too-large",
+            None,
+            format!("the plan is too large: {}", crate::limits::breach(breach)),
+        )
+        .help("split it into sub-plans (`plan:` steps) or fan out over a list (`for_each`)");
+    }
     let mut err = err;
     while let E::WithSnippet { error, .. } | E::AliasError { error, .. } = err {
         err = error;
@@ -622,7 +633,8 @@ impl Checker<'_> {
                 },
             )
         });
-        let lock = raw.lock.as_ref().and_then(|t| {
+        let (lock_key, lock_on_failure) = self.lock(raw.lock.as_ref());
+        let lock = lock_key.as_ref().and_then(|t| {
             self.template(
                 t,
                 Quoting::Plain,
@@ -680,6 +692,7 @@ impl Checker<'_> {
             params,
             title,
             lock,
+            lock_on_failure,
             cooldown,
             max_parallel,
             timeout,
@@ -911,6 +924,37 @@ impl Checker<'_> {
             .find(|n| n.value == id)
             .and_then(span)
             .or_else(|| span(&step.value.id))
+    }
+
+    /// The lock key's template as written, and what a failing op does with the lock.
+    fn lock(&mut self, lock: Option<&Spanned<raw::RawLock>>) -> (Option<Text>, OnFailure) {
+        let Some(lock) = lock else {
+            return (None, OnFailure::Keep);
+        };
+        match &lock.value {
+            raw::RawLock::Key(key) => (
+                Some(Spanned::new(key.clone(), lock.referenced, lock.defined)),
+                OnFailure::Keep,
+            ),
+            raw::RawLock::Policy { key, on_failure } => {
+                let policy = match on_failure.as_ref().map(|p| (p, p.value.as_str())) {
+                    None | Some((_, "keep")) => OnFailure::Keep,
+                    Some((_, "release")) => OnFailure::Release,
+                    Some((p, other)) => {
+                        self.report(
+                            Problem::new(
+                                "bad-lock-policy",
+                                span(p),
+                                format!("unknown `on_failure` `{other}`"),
+                            )
+                            .help("use `keep` (a failed op holds its lock until it is resumed or canceled) or `release`"),
+                        );
+                        OnFailure::Keep
+                    }
+                };
+                (Some(key.clone()), policy)
+            }
+        }
     }
 
     fn schedule(&mut self, schedule: &Spanned<raw::RawSchedule>) -> Option<Schedule> {

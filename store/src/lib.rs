@@ -32,5 +32,7 @@ pub mod types;
 pub use api::{Backend, Committing, ReadBackend, Reader, Results, Store, Waiting};
 pub use error::{Error, ErrorKind, Result};
 pub use location::{Location, open, open_reader};
-pub use sqlite::{APPLICATION_ID, Recovered, SCHEMA_VERSION, recover as recover_sqlite};
+pub use sqlite::{
+    APPLICATION_ID, Recovered, SCHEMA_VERSION, check as check_sqlite, recover as recover_sqlite,
+};
 pub use types::*;

@@ -357,6 +357,8 @@ pub struct TaskRow {
     pub error: Option<String>,
     pub outputs: Option<serde_json::Map<String, serde_json::Value>>,
     pub by_check: bool,
+    /// The last progress its process reported (`$CAIRN_PROGRESS`).
+    pub progress: Option<String>,
 }
 
 /// One try of a task.
@@ -603,7 +605,16 @@ pub enum Change {
         retry_from: u32,
         at: Millis,
     },
-    /// The process that runs an attempt.
+    /// What a running task's process last said of its progress (`$CAIRN_PROGRESS`).
+    TaskProgress {
+        op: OpId,
+        owner: ProcessId,
+        task: TaskNo,
+        text: String,
+    },
+    /// The process that runs an attempt, started `at`. The attempt's first process starts its
+    /// time (and the task's, when the attempt started the task): a wait for the database before
+    /// it is not counted.
     AttemptProcess {
         op: OpId,
         owner: ProcessId,
@@ -611,6 +622,7 @@ pub enum Change {
         n: u32,
         process: ProcessId,
         pgid: u32,
+        at: Millis,
     },
     /// An attempt ended.
     FinishAttempt {
@@ -648,6 +660,13 @@ pub enum Change {
         op: OpId,
         at: Millis,
         ignore_cooldown: bool,
+    },
+    /// The failing op frees its lock key (its plan's `lock.on_failure: release`), fenced on its
+    /// owner; the key's cooldown starts. A resume takes the key again.
+    ReleaseLock {
+        op: OpId,
+        owner: ProcessId,
+        at: Millis,
     },
     /// Record a request to cancel the op; its owner (or `cairn cancel` itself) acts on it.
     RequestCancel {
@@ -886,7 +905,10 @@ impl Change {
     /// `serve`) writes it again. The next synced commit makes it durable with its own. Add a
     /// change here only if losing it to a power cut is harmless.
     pub(crate) fn dies_with_the_boot(&self) -> bool {
-        matches!(self, Self::AttemptProcess { .. } | Self::CurrentTask { .. })
+        matches!(
+            self,
+            Self::AttemptProcess { .. } | Self::CurrentTask { .. } | Self::TaskProgress { .. }
+        )
     }
 
     /// The op and writer an attempt's change is fenced on. These changes never alter who owns the
@@ -897,6 +919,7 @@ impl Change {
         match self {
             Self::StartAttempt { op, owner, .. }
             | Self::AttemptProcess { op, owner, .. }
+            | Self::TaskProgress { op, owner, .. }
             | Self::FinishAttempt { op, owner, .. }
             | Self::WholeAttempt { op, owner, .. }
             | Self::Log {
@@ -931,6 +954,7 @@ impl Change {
             | Self::CancelUnstarted { .. }
             | Self::Unpause
             | Self::Ack { .. }
+            | Self::ReleaseLock { .. }
             | Self::AddSchedule(_)
             | Self::PauseSchedule { .. }
             | Self::NodeGone { .. } => true,

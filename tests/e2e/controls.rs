@@ -943,3 +943,99 @@ fn cancel_grace_holds_when_the_owner_is_gone_whoever_finishes_the_cancel() {
     assert_eq!(code(&cancel), Some(0), "{}", stderr(&cancel));
     assert_killed_early(&sandbox);
 }
+
+/// `lock: {key, on_failure: release}`: a failing op frees its key (said in its events), so that the
+/// next op on it runs; its resume takes the key again, waiting while another op holds it, and
+/// keeps it across a `kill -9` as any running op does.
+#[test]
+fn a_lock_released_on_failure_is_taken_again_by_the_resume() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "backup.yaml",
+        "name: backup\nparams:\n  ds: {type: string}\nlock:\n  key: \"dataset/{{ params.ds }}\"\n  on_failure: release\nsteps:\n  - id: copy\n    run: |\n      if [ -f broken ]; then echo 'disk gone' >&2; exit 3; fi\n      touch copying-$CAIRN_OP_ID\n      while [ -f hold-$CAIRN_OP_ID ]; do sleep 0.05; done\n",
+    );
+    let held = |sandbox: &Sandbox| -> Vec<i64> {
+        sandbox.json(&["locks", "--json"])["locks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["op"].as_i64().unwrap())
+            .collect()
+    };
+    sandbox.write("broken", "");
+    let failed = sandbox.cairn(&["run", "backup.yaml", "-p", "ds=a"]);
+    assert_eq!(code(&failed), Some(1), "{}", stderr(&failed));
+    assert!(held(&sandbox).is_empty(), "op 1 failed and kept its lock");
+    let said = events(&sandbox.show(1));
+    assert!(
+        said.iter().any(|(kind, message)| kind == "lock-released"
+            && message.contains("dataset/a")
+            && message.contains("as the op fails")),
+        "{said:?}"
+    );
+    std::fs::remove_file(sandbox.path().join("broken")).unwrap();
+
+    // The next backup runs; op 1's resume waits for it, then takes the key again.
+    sandbox.write("hold-2", "");
+    let mut next = sandbox.spawn(&["run", "backup.yaml", "-p", "ds=a"]);
+    sandbox.wait_for("copying-2", Duration::from_secs(20));
+    assert_eq!(held(&sandbox), vec![2]);
+    let refused = sandbox.cairn(&["resume", "1", "--no-wait"]);
+    assert_eq!(code(&refused), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("held by op 2"),
+        "{}",
+        stderr(&refused)
+    );
+    sandbox.write("hold-1", "");
+    let mut resumed = sandbox.spawn(&["resume", "1"]);
+    std::fs::remove_file(sandbox.path().join("hold-2")).unwrap();
+    assert!(next.wait().unwrap().success());
+    sandbox.wait_for("copying-1", Duration::from_secs(20));
+    assert_eq!(held(&sandbox), vec![1]);
+
+    // kill -9 while it runs: op 1 keeps the key; a resume finishes it and frees the key.
+    resumed.kill().unwrap();
+    resumed.wait().unwrap();
+    assert_eq!(held(&sandbox), vec![1]);
+    let refused = sandbox.cairn(&["run", "backup.yaml", "-p", "ds=a", "--no-wait"]);
+    assert_eq!(code(&refused), Some(2), "{}", stderr(&refused));
+    std::fs::remove_file(sandbox.path().join("hold-1")).unwrap();
+    let out = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(held(&sandbox).is_empty());
+    let kinds: Vec<String> = events(&sandbox.show(1)).into_iter().map(|e| e.0).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "lock-taken").count(),
+        2,
+        "taken at the start and again by the resume: {kinds:?}"
+    );
+}
+
+/// `on_failure` takes `keep` or `release`; anything else is refused where it is written.
+#[test]
+fn a_lock_policy_is_validated_where_it_is_written() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: p\nlock:\n  key: k\n  on_failure: drop\nsteps:\n  - id: a\n    run: true\n",
+    );
+    let out = sandbox.cairn(&["validate", "plan.yaml"]);
+    assert_eq!(code(&out), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("unknown `on_failure` `drop`") && err.contains("plan.yaml:4:15"),
+        "{err}"
+    );
+    sandbox.write(
+        "plan.yaml",
+        "name: p\nlock:\n  key: k\n  on_falure: release\nsteps:\n  - id: a\n    run: true\n",
+    );
+    let out = sandbox.cairn(&["validate", "plan.yaml"]);
+    assert_eq!(code(&out), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("on_falure") && err.contains("plan.yaml:4"),
+        "{err}"
+    );
+}

@@ -6,7 +6,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use crate::support::{Sandbox, code, sqlite_only, stderr, step_processes};
+use crate::support::{Sandbox, code, sqlite_only, stderr, stdout, step_processes};
 
 const QUICK: &str = "name: quick\nsteps:\n  - id: one\n    run: echo one\n  - id: two\n    needs: [one]\n    run: echo two\n";
 
@@ -309,4 +309,80 @@ fn a_torn_tail_of_the_log_is_not_damage() {
     let out = sandbox.cairn(&["run", "plan.yaml"]);
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
     assert_eq!(op_ids(&sandbox)[0], 3);
+}
+
+/// Ops whose params (and the logs of their steps, which print them) fill pages, checkpointed
+/// into the file: the file's bytes and where `needle` first lies in them (`"marker-03-` is op 3's
+/// param in JSON, `log-marker-03-` its step's output).
+fn ops_on_pages(sandbox: &Sandbox, needle: &str) -> (Vec<u8>, usize) {
+    sandbox.write(
+        "plan.yaml",
+        "name: filled\nparams:\n  x: {type: string}\nsteps:\n  - id: one\n    run: echo log-{{ params.x }}\n",
+    );
+    for n in 1..=30 {
+        let x = format!("marker-{n:02}-{}", "q".repeat(200));
+        let out = sandbox.cairn(&["run", "plan.yaml", "-p", &format!("x={x}")]);
+        assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    }
+    sandbox.sql("PRAGMA wal_checkpoint(TRUNCATE);");
+    let bytes = std::fs::read(sandbox.path().join("cairn.db")).unwrap();
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .unwrap_or_else(|| panic!("`{needle}` is not in the file"));
+    (bytes, at)
+}
+
+/// A value that is no longer UTF-8 on a damaged page reads as damage, named, exit 2 — not as
+/// "invalid utf-8 sequence".
+#[test]
+fn a_damaged_value_reads_as_damage() {
+    if sqlite_only("the bytes of a SQLite file") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let (mut bytes, at) = ops_on_pages(&sandbox, "\"marker-07-");
+    bytes[at + 1..at + 5].copy_from_slice(&[0xff, 0xfe, 0x80, 0x81]);
+    std::fs::write(sandbox.path().join("cairn.db"), &bytes).unwrap();
+    let out = sandbox.cairn(&["show", "7"]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("cairn.db") && err.contains("is damaged") && err.contains(".recover"),
+        "{err}"
+    );
+}
+
+/// A page whose cells point nowhere, in a part of the file the next op would not touch (an old
+/// op's logs): the
+/// command that would write refuses (exit 2, damage named) and leaves the file as it was;
+/// `cairn db check` finds it too; an undamaged file checks clean.
+#[test]
+fn a_damaged_page_is_found_before_anything_is_written() {
+    if sqlite_only("the bytes of a SQLite file") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let out = sandbox.cairn(&["db", "check"]);
+    assert_eq!(code(&out), Some(2), "no database yet: {}", stderr(&out));
+    let (mut bytes, at) = ops_on_pages(&sandbox, "log-marker-03-");
+    let out = sandbox.cairn(&["db", "check"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("no damage found"), "{}", stdout(&out));
+    // The cell pointers of the page of op 3's logs, past its 8-byte header, overwritten.
+    let page = at / 4096 * 4096;
+    bytes[page + 8..page + 40].fill(0xff);
+    let db = sandbox.path().join("cairn.db");
+    std::fs::write(&db, &bytes).unwrap();
+    for args in [
+        &["run", "plan.yaml", "-p", "x=new"][..],
+        &["submit", "plan.yaml", "-p", "x=new"],
+        &["db", "check"],
+    ] {
+        let out = sandbox.cairn(args);
+        assert_eq!(code(&out), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("is damaged"), "{args:?}: {err}");
+        assert_eq!(std::fs::read(&db).unwrap(), bytes, "{args:?} wrote to it");
+    }
 }

@@ -150,7 +150,7 @@ fn a_corrupt_database_is_refused_unchanged() {
     for args in [&["status"][..], &["show", "1"], &["run", "plan.yaml"]] {
         let out = sandbox.cairn(args);
         assert_eq!(code(&out), Some(2), "{args:?}");
-        assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
+        assert!(stderr(&out).contains("damaged"), "{}", stderr(&out));
     }
     assert_eq!(std::fs::read(&db).unwrap(), bytes);
 }

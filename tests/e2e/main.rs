@@ -3,6 +3,7 @@
 mod support;
 
 mod architecture;
+mod clock;
 mod cluster;
 mod controls;
 mod copy;
@@ -22,3 +23,5 @@ mod outage;
 mod postgres;
 mod regressions;
 mod serve;
+mod shown;
+mod sizes;

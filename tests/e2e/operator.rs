@@ -688,3 +688,124 @@ fn a_waiting_gate_is_a_current_task_and_not_waiting_under_a_failed_op() {
     );
     assert_eq!(cur_task_cell(&sandbox), "-");
 }
+
+/// `-p KEY=@FILE` and `-p KEY=env:NAME` keep a secret off cairn's command line (where `ps` shows
+/// it); the step gets the value itself (a file's one trailing line break dropped). A secret
+/// written inline still works, with a warning saying how not to. `@@` is a literal `@`.
+#[test]
+fn a_secret_param_may_come_from_a_file_or_the_environment() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: login\nparams:\n  password: { secret: true, required: true }\n  handle: { required: true }\nsteps:\n  - id: login\n    env: { PW: \"{{ params.password }}\" }\n    run: |\n      printf %s \"$PW\" > got-password\n      printf %s {{ params.handle }} > got-handle\n",
+    );
+    sandbox.write("pw.txt", "s3cr3t-from-file\n");
+    let out = sandbox.cairn(&[
+        "run",
+        "plan.yaml",
+        "-p",
+        "password=@pw.txt",
+        "-p",
+        "handle=@@ops",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("got-password"), "s3cr3t-from-file");
+    assert_eq!(sandbox.read("got-handle"), "@ops");
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+
+    let out = sandbox
+        .command(&[
+            "run",
+            "plan.yaml",
+            "-p",
+            "password=env:LOGIN_PW",
+            "-p",
+            "handle=x",
+        ])
+        .env("LOGIN_PW", "s3cr3t-from-env")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("got-password"), "s3cr3t-from-env");
+
+    let out = sandbox.cairn(&[
+        "run",
+        "plan.yaml",
+        "-p",
+        "password=inline",
+        "-p",
+        "handle=x",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: the secret param `password` is on the command line")
+            && stderr(&out).contains("password=@FILE"),
+        "{}",
+        stderr(&out)
+    );
+
+    for (arg, says) in [
+        ("password=@missing.txt", "missing.txt"),
+        (
+            "password=env:NO_SUCH_VARIABLE_HERE",
+            "`NO_SUCH_VARIABLE_HERE` is not set",
+        ),
+        ("password=@", "name the file"),
+    ] {
+        let out = sandbox.cairn(&["run", "plan.yaml", "-p", arg, "-p", "handle=x"]);
+        assert_eq!(code(&out), Some(2), "{arg}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{arg}: {}", stderr(&out));
+    }
+    assert_eq!(sandbox.op_count(), 3, "a refused `-p` stores no op");
+}
+
+/// Polls `status --json` until the op's first current task reports `progress`.
+fn wait_for_progress(sandbox: &Sandbox, progress: &str) -> serde_json::Value {
+    let started = std::time::Instant::now();
+    loop {
+        let ops = sandbox.json(&["status", "--json"]);
+        if ops[0]["current_tasks"][0]["progress"] == progress {
+            return ops;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "never showed progress `{progress}`: {ops}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A step's `$CAIRN_PROGRESS` lines show in `status` (the table and `--json`) and `show`; a
+/// resume after `kill -9` starts the new attempt's progress afresh; the last one is kept when the
+/// task ends.
+#[test]
+fn a_steps_progress_shows_while_it_runs_and_across_a_resume() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: restore\nsteps:\n  - id: copy\n    run: |\n      if [ \"$CAIRN_ATTEMPT\" = 1 ]; then\n        echo 'progress=10' >> \"$CAIRN_PROGRESS\"\n        echo 'progress=45/100 restoring table x' >> \"$CAIRN_PROGRESS\"\n      else\n        echo 'progress=90' >> \"$CAIRN_PROGRESS\"\n      fi\n      while [ ! -f go ]; do sleep 0.05; done\n",
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    sandbox.wait_for_db();
+    let ops = wait_for_progress(&sandbox, "45/100 restoring table x");
+    assert_eq!(ops[0]["current_tasks"][0]["task"], "copy");
+    let table = stdout(&sandbox.cairn(&["status"]));
+    assert!(table.contains("copy (45/100 restoring table x)"), "{table}");
+    let show = sandbox.show(1);
+    assert_eq!(task(&show, "copy")["progress"], "45/100 restoring table x");
+    let text = stdout(&sandbox.cairn(&["show", "1"]));
+    assert!(
+        text.contains("progress: 45/100 restoring table x"),
+        "{text}"
+    );
+
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let mut resumed = sandbox.spawn(&["resume", "1"]);
+    wait_for_progress(&sandbox, "90%");
+    sandbox.write("go", "");
+    assert!(resumed.wait().unwrap().success());
+    let show = sandbox.show(1);
+    assert_eq!(task(&show, "copy")["status"], "succeeded");
+    assert_eq!(task(&show, "copy")["progress"], "90%");
+}

@@ -36,6 +36,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         args.comment.clone(),
     ))?;
     let verb = if args.reject { "rejected" } else { "approved" };
-    crate::output::diagnostic(&format!("op {op}: `{}` {verb}\n", args.step));
+    let step = crate::output::shown(&args.step);
+    crate::output::diagnostic(&format!("op {op}: `{step}` {verb}\n"));
     Ok(())
 }

@@ -49,6 +49,8 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         engine::op::CancelEnd::Canceled => format!("op {op} canceled\n"),
         engine::op::CancelEnd::AlreadyCanceled => format!("op {op} is already canceled\n"),
         engine::op::CancelEnd::Requested { owner } => {
+            let owner = owner.to_string();
+            let owner = crate::output::shown(&owner);
             format!("op {op}: cancel requested; {owner} is still ending it (see `cairn status`)\n")
         }
     };

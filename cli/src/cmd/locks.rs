@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::db::DbArgs;
 use crate::exit::Failure;
-use crate::output::Output;
+use crate::output::{Output, shown};
 
 /// List held locks with their holder op and since when, running cooldowns with their end, and
 /// whether cairn is paused (by whom, when, why).
@@ -55,9 +55,9 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             Some(p) => writeln!(
                 text,
                 "paused by {} since {}: {}",
-                p.by,
+                shown(&p.by),
                 time(p.at),
-                p.reason.as_deref().unwrap_or("no reason given")
+                shown(p.reason.as_deref().unwrap_or("no reason given"))
             )
             .ok(),
             None => writeln!(text, "not paused").ok(),
@@ -69,7 +69,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             writeln!(
                 text,
                 "lock      {}  held by op {} since {}",
-                l.key,
+                shown(&l.key),
                 l.op,
                 time(l.since)
             )
@@ -77,13 +77,13 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         }
         for c in &cooldowns {
             let state = match &c.acked {
-                Some(a) => format!("acknowledged by {}", a.by),
+                Some(a) => format!("acknowledged by {}", shown(&a.by)),
                 None => format!("{} left", engine::time::elapsed(c.until - now)),
             };
             writeln!(
                 text,
                 "cooldown  {}  after op {} until {} ({state})",
-                c.key,
+                shown(&c.key),
                 c.op,
                 time(c.until)
             )
@@ -108,7 +108,7 @@ pub fn ack(args: &AckArgs, _out: &Output) -> Result<(), Failure> {
     }])?;
     crate::output::diagnostic(&format!(
         "cooldown of `{}` acknowledged: a new op on it may start\n",
-        args.key
+        shown(&args.key)
     ));
     Ok(())
 }

@@ -91,7 +91,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     if let Some((first, _)) = children.first() {
         let list: Vec<String> = children
             .iter()
-            .map(|(id, task)| format!("op {id} (`{task}`)"))
+            .map(|(id, task)| format!("op {id} (`{}`)", crate::output::shown(task)))
             .collect();
         out.note(&format!(
             "sub-plan steps print in their own ops: {}; see `cairn logs {first}`\n",
@@ -159,7 +159,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
                 writeln!(
                     text,
                     "==> {} (attempt {}){dropped} <==",
-                    name(line.task_no),
+                    crate::output::shown(&name(line.task_no)),
                     line.attempt
                 )
                 .ok();

@@ -67,7 +67,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     ))?;
     crate::output::diagnostic(&format!(
         "op {op}: `{}` marked {status}; `cairn resume {op}` goes on from there\n",
-        args.step
+        crate::output::shown(&args.step)
     ));
     Ok(())
 }

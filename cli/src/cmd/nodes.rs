@@ -91,7 +91,7 @@ fn table(nodes: &[(NodeRow, Vec<OpId>)]) -> String {
         ]);
     }
     crate::output::render_table(
-        table,
+        &table,
         "(no live nodes: no `cairn serve` serves this database)",
     )
 }

@@ -59,10 +59,15 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         let reader = args.db.reader()?;
         let (row, planned) =
             engine::op::dry_run(&reader, args.db.rule()?, op, args.from.as_deref())?;
-        let mut text = format!("op {op} ({}, {}): a resume would\n", row.plan, row.title);
+        let shown = crate::output::shown;
+        let mut text = format!(
+            "op {op} ({}, {}): a resume would\n",
+            shown(&row.plan),
+            shown(&row.title)
+        );
         for p in &planned {
             let what = if p.kept { "keep" } else { "run " };
-            writeln!(text, "  {what}  {}  ({})", p.task, p.status).ok();
+            writeln!(text, "  {what}  {}  ({})", shown(&p.task), p.status).ok();
         }
         if let Some(step) = &args.from {
             writeln!(text, "(`--from {step}` runs it and what is downstream of it again; nothing upstream of it runs again)").ok();
@@ -89,8 +94,8 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
             let drift = engine::op::plan_drift(&reader, op, &replan)?;
             out.note(&format!(
                 "op {op}: resuming with {} (changes accepted):\n{}",
-                path.display(),
-                drift.drift.render()
+                crate::output::shown(&path.display().to_string()),
+                crate::output::shown_lines(&drift.drift.render())
             ));
             Some(replan)
         }

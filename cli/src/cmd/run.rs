@@ -68,17 +68,71 @@ pub(crate) fn duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Reads `--params FILE` as a mapping.
-fn params_file(path: &PathBuf) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read `{}`", path.display()))?;
-    let value: serde_json::Value = serde_saphyr::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("`{}` is not a YAML or JSON mapping: {e}", path.display()))?;
-    value.as_object().cloned().with_context(|| {
-        format!(
-            "`{}` is not a mapping of param names to values",
-            path.display()
-        )
-    })
+fn params_file(
+    path: &std::path::Path,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let text = engine::op::input::read_text(path)?;
+    Ok(plans::params::parse_file(
+        &path.display().to_string(),
+        &text,
+    )?)
+}
+
+/// Where a `-p` value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Written on the command line.
+    Inline,
+    /// `@FILE` or `env:NAME`.
+    Elsewhere,
+}
+
+/// A `-p KEY=VALUE`'s key and value: `@FILE` read from the file, `env:NAME` from the environment,
+/// `@@...` the value `@...`.
+fn param_value(pair: &str) -> anyhow::Result<(String, String, Source)> {
+    let (key, value) =
+        plans::params::split_pair(pair).map_err(|e| anyhow::anyhow!("bad `-p`: {e}"))?;
+    if let Some(literal) = value.strip_prefix("@@") {
+        return Ok((key, format!("@{literal}"), Source::Inline));
+    }
+    if let Some(path) = value.strip_prefix('@') {
+        if path.is_empty() {
+            anyhow::bail!(
+                "bad `-p {key}=@`: name the file to read the value from (`@@` for a value that starts with `@`)"
+            );
+        }
+        let text = engine::op::input::read_text(std::path::Path::new(path))
+            .with_context(|| format!("cannot read the value of `-p {key}`"))?;
+        let text = text
+            .strip_suffix('\n')
+            .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+        return Ok((key, text.to_owned(), Source::Elsewhere));
+    }
+    if let Some(name) = value.strip_prefix("env:") {
+        let value = std::env::var(name).map_err(|e| {
+            anyhow::anyhow!(
+                "bad `-p {key}=env:{name}`: the environment variable `{name}` {}",
+                match e {
+                    std::env::VarError::NotPresent => "is not set",
+                    std::env::VarError::NotUnicode(_) => "is not UTF-8",
+                }
+            )
+        })?;
+        return Ok((key, value, Source::Elsewhere));
+    }
+    Ok((key, value, Source::Inline))
+}
+
+/// Warns of each secret param written on the command line, where `ps` shows it to every user of
+/// the machine while cairn runs.
+fn warn_of_inline_secrets(plan: &plans::Plan, pairs: &[(String, String, Source)]) {
+    for (key, _, source) in pairs {
+        if *source == Source::Inline && plan.params.iter().any(|p| p.name == *key && p.secret) {
+            crate::output::diagnostic(&format!(
+                "warning: the secret param `{key}` is on the command line, where `ps` shows it to every user of this machine; give it as `-p {key}=@FILE` or `-p {key}=env:NAME`\n"
+            ));
+        }
+    }
 }
 
 /// The plan file and its params, as `run` and `submit` take them.
@@ -86,7 +140,9 @@ fn params_file(path: &PathBuf) -> anyhow::Result<serde_json::Map<String, serde_j
 pub struct PlanArgs {
     /// The plan file.
     plan: PathBuf,
-    /// A parameter, `KEY=VALUE` (repeatable).
+    /// A parameter, `KEY=VALUE` (repeatable). `KEY=@FILE` reads the value from a file (one trailing
+    /// line break dropped; `@@` for a value that starts with `@`), `KEY=env:NAME` from the
+    /// environment: a secret given so is not on the command line, where `ps` shows it.
     #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
     params: Vec<String>,
     /// A YAML or JSON file of parameters; `-p` values override it.
@@ -100,17 +156,20 @@ impl PlanArgs {
         &self.plan
     }
 
+    /// The `-p` params, each read from where it says.
+    fn pairs(&self) -> anyhow::Result<Vec<(String, String, Source)>> {
+        self.params.iter().map(|p| param_value(p)).collect()
+    }
+
     /// The params as given (`--params` file, then `-p`), not yet read as their types.
     pub fn given(&self) -> Result<serde_json::Map<String, serde_json::Value>, Failure> {
         let mut given = self
             .params_file
-            .as_ref()
+            .as_deref()
             .map(params_file)
             .transpose()?
             .unwrap_or_default();
-        for pair in &self.params {
-            let (key, value) =
-                plans::params::split_pair(pair).map_err(|e| anyhow::anyhow!("bad `-p`: {e}"))?;
+        for (key, value, _) in self.pairs()? {
             given.insert(key, serde_json::Value::String(value));
         }
         Ok(given)
@@ -125,18 +184,18 @@ impl PlanArgs {
                 return Err(Failure::Reported);
             }
         };
-        let given = self
-            .params
-            .iter()
-            .map(|p| plans::params::split_pair(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow::anyhow!("bad `-p`: {e}"))?;
-        let file = self.params_file.as_ref().map(params_file).transpose()?;
+        let pairs = self.pairs()?;
+        warn_of_inline_secrets(&plan, &pairs);
+        let given: Vec<(String, String)> = pairs.into_iter().map(|(k, v, _)| (k, v)).collect();
+        let file = self.params_file.as_deref().map(params_file).transpose()?;
         let params = match plans::params::resolve(&plan, &given, file.as_ref()) {
             Ok(params) => params,
             Err(problems) => {
                 for p in problems {
-                    crate::output::diagnostic(&format!("error: {p}\n"));
+                    crate::output::diagnostic(&format!(
+                        "error: {}\n",
+                        crate::output::shown(&p.message)
+                    ));
                 }
                 return Err(Failure::Reported);
             }

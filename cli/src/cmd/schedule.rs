@@ -118,14 +118,20 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
                 catch_up: !skip_missed,
                 created_at: engine::owner::now(),
             })])?;
-            crate::output::diagnostic(&format!("schedule `{name}` added\n"));
+            crate::output::diagnostic(&format!(
+                "schedule `{}` added\n",
+                crate::output::shown(name)
+            ));
             Ok(())
         }
         Command::List { json, db } => list(*json, db),
         Command::Remove { name, db } => {
             db.store()?
                 .apply_blocking(vec![store::Change::RemoveSchedule { name: name.clone() }])?;
-            crate::output::diagnostic(&format!("schedule `{name}` removed\n"));
+            crate::output::diagnostic(&format!(
+                "schedule `{}` removed\n",
+                crate::output::shown(name)
+            ));
             Ok(())
         }
         Command::Pause { name, db } | Command::Unpause { name, db } => {
@@ -209,7 +215,7 @@ fn list(json: bool, db: &DbArgs) -> Result<(), Failure> {
             s.note.clone().unwrap_or_default(),
         ]);
     }
-    let text = crate::output::render_table(table, "(no schedules)");
+    let text = crate::output::render_table(&table, "(no schedules)");
     crate::output::data(&text).context("cannot write")?;
     Ok(())
 }

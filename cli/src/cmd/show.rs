@@ -11,7 +11,7 @@ use store::{AttemptRow, OpStatus, TaskRow};
 use crate::cmd::status::op_json;
 use crate::db::{DbArgs, op_id};
 use crate::exit::Failure;
-use crate::output::Output;
+use crate::output::{Output, shown};
 
 /// Show one op: its params (secrets masked), every task with its status, attempts, times, exit
 /// code, error and outputs, and its events.
@@ -48,11 +48,14 @@ fn shown_params(params: &Value) -> Value {
     }
 }
 
-/// The last column of a task's row: its error, else its outputs; an item's whole value when its
-/// name holds only a short label.
+/// The last column of a task's row: its error, else its outputs, else the progress it last
+/// reported; an item's whole value when its name holds only a short label.
 fn detail(t: &TaskRow) -> String {
     let detail = match (&t.error, &t.outputs) {
         (Some(e), _) => e.lines().next().unwrap_or_default().to_owned(),
+        (None, None) if t.progress.is_some() => {
+            format!("progress: {}", t.progress.as_deref().unwrap_or_default())
+        }
         (None, Some(o)) if !o.is_empty() => o
             .iter()
             .map(|(k, v)| {
@@ -128,11 +131,18 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     }
     let tasks = in_step_order(reader.tasks(op)?);
     let events = reader.events(op)?;
-    let shown = rule.shown_status(&row, now);
-    let statuses = shown_statuses(&tasks, &reader.attempts(op)?, shown);
+    let status = rule.shown_status(&row, now);
+    let statuses = shown_statuses(&tasks, &reader.attempts(op)?, status);
     let summary = op_json(&reader, &row, rule, now)?;
     let mut text = String::new();
-    writeln!(text, "op {}  {}  {}", row.id, row.plan, row.title).ok();
+    writeln!(
+        text,
+        "op {}  {}  {}",
+        row.id,
+        shown(&row.plan),
+        shown(&row.title)
+    )
+    .ok();
     // An interrupted op says who or what stopped it, as `status` does.
     let why = summary["interrupted_by"]
         .as_str()
@@ -144,7 +154,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     )
     .ok();
     if let Some(current) = summary["current_task"].as_str() {
-        writeln!(text, "  current:  {current}").ok();
+        writeln!(text, "  current:  {}", shown(current)).ok();
     }
     writeln!(text, "  uuid:     {}", row.uuid).ok();
     writeln!(text, "  created:  {}", engine::time::local(row.created_at)).ok();
@@ -155,7 +165,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         writeln!(text, "  ended:    {}", engine::time::local(e)).ok();
     }
     if let Some(error) = &row.error {
-        writeln!(text, "  error:    {error}").ok();
+        writeln!(text, "  error:    {}", shown(error)).ok();
     }
     if let Some(owner) = summary.get("owner").filter(|o| !o.is_null()) {
         // On a shared store the lease is what keeps the owner alive: say until when.
@@ -169,7 +179,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             text,
             "  owner:    pid {} on {}{lease}",
             owner["pid"],
-            owner["host"].as_str().unwrap_or_default()
+            shown(owner["host"].as_str().unwrap_or_default())
         )
         .ok();
     }
@@ -177,7 +187,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         let step = reader
             .task(parent, task)
             .map_or_else(|_| format!("task {}", task.0), |t| t.name);
-        writeln!(text, "  parent:   op {parent} (step {step})").ok();
+        writeln!(text, "  parent:   op {parent} (step {})", shown(&step)).ok();
     }
     let children = reader.children(op)?;
     let by_number: std::collections::HashMap<store::TaskNo, &TaskRow> =
@@ -191,10 +201,11 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
                 .map_or("an earlier run", |t| t.name.as_str());
             writeln!(
                 text,
-                "    op {}  {}  {}  (step {step})",
+                "    op {}  {}  {}  (step {})",
                 child.id,
-                child.plan,
-                rule.shown_status(child, now)
+                shown(&child.plan),
+                rule.shown_status(child, now),
+                shown(step)
             )
             .ok();
         }
@@ -202,12 +213,8 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     writeln!(text, "\nparams:").ok();
     if let Value::Object(params) = shown_params(&row.params) {
         for (k, v) in params {
-            writeln!(
-                text,
-                "  {k} = {}",
-                v.as_str().map_or_else(|| v.to_string(), ToOwned::to_owned)
-            )
-            .ok();
+            let v = v.as_str().map_or_else(|| v.to_string(), ToOwned::to_owned);
+            writeln!(text, "  {} = {}", shown(&k), shown(&v)).ok();
         }
     }
     writeln!(text, "\ntasks:").ok();
@@ -237,6 +244,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
             detail,
         ]);
     }
+    let mut table = crate::output::shown_cells(&table);
     for column in table.column_iter_mut() {
         column.set_padding((2, 0));
     }
@@ -245,13 +253,16 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     }
     writeln!(text, "\nevents:").ok();
     for e in &events {
-        let task = e.task.as_deref().map_or(String::new(), |t| format!(" {t}"));
+        let task = e
+            .task
+            .as_deref()
+            .map_or(String::new(), |t| format!(" {}", shown(t)));
         writeln!(
             text,
             "  {}  {}{task}: {}",
             engine::time::local(e.at),
             e.kind,
-            e.message
+            shown(&e.message)
         )
         .ok();
     }
@@ -299,6 +310,7 @@ pub fn record(
                 "error": t.error,
                 "outputs": t.outputs,
                 "by_check": t.by_check,
+                "progress": t.progress,
                 "history": attempts.iter().filter(|a| a.task_no == t.task_no).map(|a| json!({
                     "attempt": a.n,
                     "status": a.status.as_str(),

@@ -87,14 +87,17 @@ pub struct Current {
     pub child: Option<store::OpId>,
     /// What a waiting approval gate asks.
     pub prompt: Option<String>,
+    /// What a running process last said of its progress (`$CAIRN_PROGRESS`).
+    pub progress: Option<String>,
 }
 
 impl Current {
-    /// As the table shows it: `restore[shard-3]`, `refresh → op 14`.
+    /// As the table shows it: `restore[shard-3]`, `refresh → op 14`, `copy (45%)`.
     fn label(&self) -> String {
-        match self.child {
-            Some(child) => format!("{} → op {child}", self.task),
-            None => self.task.clone(),
+        match (self.child, &self.progress) {
+            (Some(child), _) => format!("{} → op {child}", self.task),
+            (None, Some(progress)) => format!("{} ({progress})", self.task),
+            (None, None) => self.task.clone(),
         }
     }
 }
@@ -141,6 +144,7 @@ pub fn current_tasks(
                 status: t.status,
                 child: children.get(&t.task_no).copied(),
                 prompt,
+                progress: t.progress.clone(),
             })
         })
         .collect()
@@ -218,6 +222,7 @@ pub fn op_json(reader: &store::Reader, op: &OpRow, rule: Rule, now: i64) -> anyh
             "status": c.status.as_str(),
             "child": c.child.map(|id| id.0),
             "prompt": c.prompt,
+            "progress": c.progress,
             "host": null,
         })).collect::<Vec<_>>(),
         "error": op.error,
@@ -500,7 +505,7 @@ fn table(reader: &store::Reader, ops: &[Line], rule: Rule, now: i64) -> anyhow::
             table.add_row(row);
         }
     }
-    Ok(crate::output::render_table(table, "(no ops)"))
+    Ok(crate::output::render_table(&table, "(no ops)"))
 }
 
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {

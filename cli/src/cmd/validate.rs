@@ -37,25 +37,21 @@ struct FileResult<'a> {
 /// Reads and validates one plan file.
 pub fn load(path: &Path) -> Result<Plan, Problems> {
     let file = path.display().to_string();
-    match std::fs::read(path) {
+    match engine::op::input::read(path) {
         Ok(bytes) => plans::parse_bytes(&file, &bytes),
         Err(err) => Err(Problems {
             file,
             source: String::new(),
             list: vec![Problem::new(
-                "unreadable",
+                if err.too_large() {
+                    "too-large"
+                } else {
+                    "unreadable"
+                },
                 None,
-                format!("cannot read the plan: {}", io_reason(&err)),
+                format!("cannot read the plan: {}", err.failure),
             )],
         }),
-    }
-}
-
-fn io_reason(err: &std::io::Error) -> String {
-    match err.kind() {
-        std::io::ErrorKind::NotFound => "no such file".to_owned(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
-        _ => err.to_string(),
     }
 }
 
@@ -148,7 +144,8 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         for (result, file) in &results {
             match result {
                 Ok(plan) => out.note(&format!(
-                    "{file}: ok: plan `{}`, {} step{}\n",
+                    "{}: ok: plan `{}`, {} step{}\n",
+                    crate::output::shown(file),
                     plan.name,
                     plan.steps.len(),
                     if plan.steps.len() == 1 { "" } else { "s" }

@@ -48,10 +48,10 @@ fn walk(
         }
         let text = match files.get(&key) {
             Some(text) => text.clone(),
-            None => std::fs::read_to_string(&key).map_err(|e| {
+            None => super::input::read_text(std::path::Path::new(&key)).map_err(|e| {
                 Error::SubPlan(format!(
-                    "step `{}` of plan `{}` runs `{key}`, which cannot be read: {e}",
-                    plan.steps[step].id, plan.name
+                    "step `{}` of plan `{}` runs `{key}`, which cannot be read: {}",
+                    plan.steps[step].id, plan.name, e.failure
                 ))
             })?,
         };

@@ -8,6 +8,7 @@
 //!   `mark` ([`mark()`]), `approve` ([`approve()`]).
 //! - [`children`]: sub-plans: loads them at submit, and starts, resumes and cancels child ops
 //!   for `plan:` tasks (it implements `task::subplan::Children`).
+//! - [`input`]: reading plan and params files, capped in size.
 //! - Here: [`Error`], [`Overrides`], [`NewRun`], and what the use cases share (the run's context
 //!   built once per run, pause and lock checks, reading ops).
 //!
@@ -16,6 +17,7 @@
 mod approve;
 mod cancel;
 pub mod children;
+pub mod input;
 mod lock;
 mod mark;
 mod replan;

@@ -172,6 +172,14 @@ async fn record_final(
         Some(e) => format!("op {status}: {e}"),
         None => format!("op {status}"),
     };
+    if status == OpStatus::Failed && shared.plan.lock_on_failure == plans::model::OnFailure::Release
+    {
+        batch.push(Change::ReleaseLock {
+            op: shared.op,
+            owner: shared.me.clone(),
+            at: now(),
+        });
+    }
     batch.push(Change::SetOp {
         op: shared.op,
         owner: Some(shared.me.clone()),

@@ -27,6 +27,12 @@ pub(crate) trait Attempt {
         n: u32,
         carry: &mut Carry,
     ) -> impl Future<Output = Result<Ended, Fatal>> + Send;
+
+    /// When the task's work began, if not when its first start was asked for: a process task's
+    /// time runs from its first process's start, not counting a wait for the database before it.
+    fn began(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// After attempt `attempt_in_round` of a retry round failed (with `exit_code`), the delay before
@@ -74,7 +80,15 @@ pub(crate) async fn attempts<A: Attempt + Send>(
             } => retry_in(step, attempt_in_round, *exit_code),
             _ => None,
         };
-        let end = finish(shared, job, n, ended, retry, started).await?;
+        let end = finish(
+            shared,
+            job,
+            n,
+            ended,
+            retry,
+            kind.began().unwrap_or(started),
+        )
+        .await?;
         let Some(delay) = retry else {
             return Ok(end);
         };

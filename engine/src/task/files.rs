@@ -89,6 +89,10 @@ fn environment(
     }
     env.insert("CAIRN_ATTEMPT".into(), n.to_string());
     env.insert("CAIRN_OUTPUT".into(), output.display().to_string());
+    env.insert(
+        "CAIRN_PROGRESS".into(),
+        progress_file(output).display().to_string(),
+    );
     // Finishing hooks see the op's outcome, as orchestrator's hooks get their placeholders.
     if let Some(end) = shared.outcome() {
         env.insert("CAIRN_OP_STATUS".into(), end.status.to_string());
@@ -99,6 +103,14 @@ fn environment(
         );
     }
     Ok(env)
+}
+
+/// Where a process of the attempt whose outputs go to `output` says how far it is
+/// (`$CAIRN_PROGRESS`): beside it, made by the process if it says anything.
+pub(crate) fn progress_file(output: &std::path::Path) -> PathBuf {
+    let mut name = output.as_os_str().to_os_string();
+    name.push(".progress");
+    PathBuf::from(name)
 }
 
 /// The `$CAIRN_OUTPUT` file and the environment of one process of attempt `n` (`what`: `check` or

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use super::attempts::{Attempt, attempts};
 use super::carry::Carry;
 use super::context::Shared;
-use super::files::process_files;
+use super::files::{process_files, progress_file};
 use super::logs::{Unwritten, write_logs};
 use super::{
     Ended, Fatal, Job, TaskEnd, fail_before_start, failed_early, last_lines, missing_output,
@@ -57,6 +57,7 @@ pub(crate) async fn run(
         argv,
         check,
         stop,
+        began: None,
     };
     attempts(
         shared,
@@ -130,6 +131,8 @@ struct ProcessAttempt<'a> {
     argv: Vec<String>,
     check: Option<Vec<String>>,
     stop: &'a watch::Receiver<bool>,
+    /// When the task's first process started.
+    began: Option<Instant>,
 }
 
 /// One process to start: its command line (and the program found in its `PATH`, if looked up),
@@ -191,6 +194,10 @@ impl Attempt for ProcessAttempt<'_> {
             Err(error) => Ok(failed_early(error)),
         }
     }
+
+    fn began(&self) -> Option<Instant> {
+        self.began
+    }
 }
 
 type Prepared = Result<(PathBuf, BTreeMap<String, String>), String>;
@@ -199,7 +206,7 @@ impl ProcessAttempt<'_> {
     /// The idempotency probe, if the step has one: `Some` end when it says the work is done (or
     /// the attempt cannot go on); `None` when the step's command is to run.
     async fn check(
-        &self,
+        &mut self,
         n: u32,
         prepared: &mut Option<Prepared>,
         marker: &str,
@@ -247,7 +254,7 @@ impl ProcessAttempt<'_> {
 
     /// Spawns one process for attempt `n` of the task, records its pid, streams its logs, waits.
     async fn spawn_and_wait(
-        &self,
+        &mut self,
         n: u32,
         launch: Launch,
     ) -> Result<Result<ProcessRun, String>, Fatal> {
@@ -269,6 +276,8 @@ impl ProcessAttempt<'_> {
             ));
         }
         let (sink, chunks) = spawn::sink();
+        let spawned = crate::owner::now();
+        self.began.get_or_insert_with(Instant::now);
         let running = match spawn::spawn(&spec, &sink) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e.to_string())),
@@ -291,13 +300,16 @@ impl ProcessAttempt<'_> {
                 n,
                 process: to_store(&running.identity),
                 pgid: running.pgid,
+                at: spawned,
             }])
             .await?;
         // The grace is decided when the stop comes: a cancel's own, or a sixth of the lease for a
         // run that lost its op (`Shared::step_grace`). The log writer ends when the process's
         // output closes; it is waited for alongside, since the process's readers wait for it.
+        let wait = running.wait_with_grace(self.stop.clone(), || shared.step_grace());
+        let progress = progress_file(&launch.output);
         let (exit, unwritten) = tokio::join!(
-            running.wait_with_grace(self.stop.clone(), || shared.step_grace()),
+            self.watch_progress(wait, &progress),
             finish_logs(shared, logs),
         );
         if !unwritten.why.is_empty() {
@@ -337,6 +349,97 @@ async fn finish_logs(shared: &Shared, mut logs: tokio::task::JoinHandle<Unwritte
             };
         }
     }
+}
+
+/// How often a running process's `$CAIRN_PROGRESS` is read.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// The most of a progress line kept.
+const PROGRESS_CHARS: usize = 200;
+
+impl ProcessAttempt<'_> {
+    /// Waits for the process, recording what it says of its progress in `$CAIRN_PROGRESS` (read
+    /// every [`PROGRESS_EVERY`] and once more when it exits; the file is removed then).
+    async fn watch_progress(
+        &self,
+        wait: impl std::future::Future<Output = spawn::Exit>,
+        file: &std::path::Path,
+    ) -> spawn::Exit {
+        tokio::pin!(wait);
+        let mut said = None;
+        loop {
+            tokio::select! {
+                biased;
+                exit = &mut wait => {
+                    self.tell_progress(file, true, &mut said).await;
+                    let _ = std::fs::remove_file(file);
+                    return exit;
+                }
+                () = tokio::time::sleep(PROGRESS_EVERY) => {
+                    self.tell_progress(file, false, &mut said).await;
+                }
+            }
+        }
+    }
+
+    /// Records and shows the file's last progress line, if it is new. Best effort, as logs are:
+    /// a failure to record it fails nothing.
+    async fn tell_progress(&self, file: &std::path::Path, ended: bool, said: &mut Option<String>) {
+        let Some(text) = last_progress(file, ended) else {
+            return;
+        };
+        let text = shared_mask(self.shared, &text);
+        if said.as_ref() == Some(&text) {
+            return;
+        }
+        let shared = self.shared;
+        let _ = shared
+            .apply(vec![Change::TaskProgress {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task: self.job.task(),
+                text: text.clone(),
+            }])
+            .await;
+        shared.say(&Progress::TaskProgress {
+            task: self.job.name.clone(),
+            text: text.clone(),
+        });
+        *said = Some(text);
+    }
+}
+
+/// The last `progress=...` line of a `$CAIRN_PROGRESS` file, read from its last 4 KiB: the text
+/// after `progress=`, `45` shown as `45%`. A line still being written counts only once the
+/// process has `ended`.
+fn last_progress(file: &std::path::Path, ended: bool) -> Option<String> {
+    use std::io::{Read as _, Seek as _};
+    let mut f = std::fs::File::open(file).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(std::io::SeekFrom::Start(len.saturating_sub(4096)))
+        .ok()?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let complete = if ended || text.ends_with('\n') {
+        text.as_ref()
+    } else {
+        text.rsplit_once('\n').map_or("", |(done, _)| done)
+    };
+    let line = complete
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("progress="))?
+        .trim();
+    if line.is_empty() {
+        return None;
+    }
+    let shown = if line.bytes().all(|b| b.is_ascii_digit()) {
+        format!("{line}%")
+    } else {
+        line.to_owned()
+    };
+    Some(shown.chars().take(PROGRESS_CHARS).collect())
 }
 
 /// What the step's process's exit makes of the attempt: interrupted (asked to stop), succeeded

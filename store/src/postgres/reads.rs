@@ -470,6 +470,7 @@ fn task_row(r: &Row) -> PgResult<TaskRow> {
         outputs: outputs.and_then(|o| serde_json::from_str(&o).ok()),
         by_check: flag(r, 11)?,
         retry_from: num(r, 12)?,
+        progress: r.try_get(13)?,
     })
 }
 
@@ -477,7 +478,7 @@ fn task_row(r: &Row) -> PgResult<TaskRow> {
 fn task_rows(c: &mut Conn, op: OpId, only: Option<TaskNo>, active: bool) -> PgResult<Vec<TaskRow>> {
     c.query(
         "SELECT task_no, step, name, item, status, attempts, started_at, ended_at, exit_code, \
-         error, outputs, by_check, retry_from \
+         error, outputs, by_check, retry_from, progress \
          FROM tasks WHERE op_id = $1::bigint AND ($2::bigint IS NULL OR task_no = $2::bigint) \
          AND (NOT $3::boolean OR status IN ('running', 'waiting')) ORDER BY task_no",
         &[&op.0, &only.map(|t| i64::from(t.0)), &active],
@@ -825,6 +826,7 @@ mod tests {
     /// The schema, as the backend migrates a new database.
     const SCHEMA: &str = include_str!("../../migrations/postgres/0001_initial.sql");
     const SCHEMA_2: &str = include_str!("../../migrations/postgres/0002_stops.sql");
+    const SCHEMA_3: &str = include_str!("../../migrations/postgres/0003_progress.sql");
 
     /// Two plans, and five ops: 3 runs, owned, with a cancel asked and an ending decided; 4 and
     /// 5 are its children (tasks 1 and 0).
@@ -901,6 +903,7 @@ mod tests {
             let db = Self { name };
             db.exec(SCHEMA);
             db.exec(SCHEMA_2);
+            db.exec(SCHEMA_3);
             db.exec(sql);
             db
         }

@@ -327,6 +327,14 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    fn set_task_progress(&mut self, op: OpId, task: TaskNo, text: &str) -> Result<()> {
+        self.exec(
+            "UPDATE tasks SET progress = $3 WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &i64::from(task.0), &text],
+        )?;
+        Ok(())
+    }
+
     fn set_current_task(&mut self, op: OpId, text: Option<&str>) -> Result<()> {
         self.exec(
             "UPDATE ops SET current_task = $2 WHERE id = $1",
@@ -554,7 +562,7 @@ impl Tx for PgTx<'_> {
     ) -> Result<()> {
         self.exec(
             "UPDATE tasks SET status = 'running', attempts = $3, retry_from = $5, started_at = COALESCE(started_at, $4), \
-             ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = $1 AND task_no = $2",
+             progress = NULL, ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = $1 AND task_no = $2",
             &[
                 &op.0,
                 &i64::from(task.0),
@@ -573,9 +581,17 @@ impl Tx for PgTx<'_> {
         n: u32,
         process: &ProcessId,
         pgid: u32,
+        at: Millis,
     ) -> Result<()> {
+        // Before the attempt names its process: `pid IS NULL` marks its first.
         self.exec(
-            "UPDATE attempts SET host = $4, boot_id = $5, pid = $6, pgid = $7, proc_start = $8 \
+            "UPDATE tasks SET started_at = $4 WHERE op_id = $1 AND task_no = $2 AND started_at = \
+             (SELECT started_at FROM attempts WHERE op_id = $1 AND task_no = $2 AND n = $3 AND pid IS NULL)",
+            &[&op.0, &i64::from(task.0), &i64::from(n), &at],
+        )?;
+        self.exec(
+            "UPDATE attempts SET host = $4, boot_id = $5, pid = $6, pgid = $7, proc_start = $8, \
+             started_at = CASE WHEN pid IS NULL THEN $9 ELSE started_at END \
              WHERE op_id = $1 AND task_no = $2 AND n = $3",
             &[
                 &op.0,
@@ -586,6 +602,7 @@ impl Tx for PgTx<'_> {
                 &i64::from(process.pid),
                 &i64::from(pgid),
                 &ticks(process.start),
+                &at,
             ],
         )?;
         Ok(())

@@ -34,9 +34,19 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
             n,
             process,
             pgid,
+            at,
         } => {
             fence_unless(tx, *op, owner, fenced)?;
-            tx.attempt_process(*op, *task, *n, process, *pgid)
+            tx.attempt_process(*op, *task, *n, process, *pgid, *at)
+        }
+        Change::TaskProgress {
+            op,
+            owner,
+            task,
+            text,
+        } => {
+            fence_unless(tx, *op, owner, fenced)?;
+            tx.set_task_progress(*op, *task, text)
         }
         Change::FinishAttempt {
             op,

@@ -213,8 +213,15 @@ pub(crate) fn lock_taken(key: &str) -> (EventKind, String) {
 }
 
 /// `lock-released`, and the cooldown it starts.
-pub(crate) fn lock_released(key: &str, cooldown_ms: Option<i64>) -> (EventKind, String) {
+pub(crate) fn lock_released(
+    key: &str,
+    cooldown_ms: Option<i64>,
+    failing: bool,
+) -> (EventKind, String) {
     let mut message = format!("released lock `{key}`");
+    if failing {
+        message.push_str(" as the op fails (`on_failure: release`; a resume takes it again)");
+    }
     if let Some(ms) = cooldown_ms {
         write!(message, "; it cools down for {} s", ms / 1000).ok();
     }

@@ -1,6 +1,7 @@
 //! The rules of lock keys and cooldowns: an op takes its key unless another op holds it or it
 //! cools down after an earlier one (`--ignore-cooldown` says so in the trail); a succeeded or
-//! canceled op releases it and starts its cooldown; `cairn ack` ends a cooldown early. Pausing
+//! canceled op releases it and starts its cooldown (a failing one too, when its plan says
+//! `on_failure: release`); `cairn ack` ends a cooldown early. Pausing
 //! cairn is recorded here too.
 
 use super::{Tx, event, events};
@@ -32,6 +33,16 @@ pub(crate) fn take<T: Tx>(tx: &mut T, op: OpId, at: Millis, ignore_cooldown: boo
 
 /// Releases the op's lock (it succeeded or was canceled) and starts the key's cooldown.
 pub(crate) fn release<T: Tx>(tx: &mut T, op: OpId, at: Millis) -> Result<()> {
+    free(tx, op, at, false)
+}
+
+/// Releases the lock of an op that fails, as its plan asks (`lock.on_failure: release`), and
+/// starts the key's cooldown.
+pub(crate) fn release_on_failure<T: Tx>(tx: &mut T, op: OpId, at: Millis) -> Result<()> {
+    free(tx, op, at, true)
+}
+
+fn free<T: Tx>(tx: &mut T, op: OpId, at: Millis, failing: bool) -> Result<()> {
     let Some((key, cooldown)) = tx.held_lock(op)? else {
         return Ok(());
     };
@@ -40,7 +51,7 @@ pub(crate) fn release<T: Tx>(tx: &mut T, op: OpId, at: Millis) -> Result<()> {
     if let Some(ms) = cooldown {
         tx.start_cooldown(&key, op, at + ms)?;
     }
-    let (kind, message) = events::lock_released(&key, cooldown);
+    let (kind, message) = events::lock_released(&key, cooldown, failing);
     event(tx, op, at, kind, None, &message)
 }
 

@@ -131,7 +131,10 @@ pub(crate) trait Tx {
         retry_from: u32,
         at: Millis,
     ) -> Result<()>;
-    /// Records the process (and its group) that runs an attempt.
+    /// Records what a running task's process last said of its progress.
+    fn set_task_progress(&mut self, op: OpId, task: TaskNo, text: &str) -> Result<()>;
+    /// Records the process (and its group) that runs an attempt, started `at`: the attempt's
+    /// first process moves the attempt's start (and the task's, when they are the same) to `at`.
     fn attempt_process(
         &mut self,
         op: OpId,
@@ -139,6 +142,7 @@ pub(crate) trait Tx {
         n: u32,
         process: &ProcessId,
         pgid: u32,
+        at: Millis,
     ) -> Result<()>;
     /// Records how an attempt ended.
     fn end_attempt(
@@ -424,6 +428,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
         }
         Change::StartAttempt { .. }
         | Change::AttemptProcess { .. }
+        | Change::TaskProgress { .. }
         | Change::FinishAttempt { .. }
         | Change::WholeAttempt { .. }
         | Change::SetTask { .. }
@@ -439,6 +444,10 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
             at,
             ignore_cooldown,
         } => locks::take(tx, *op, *at, *ignore_cooldown).map(|()| Applied::Done),
+        Change::ReleaseLock { op, owner, at } => {
+            fence(tx, *op, owner)?;
+            locks::release_on_failure(tx, *op, *at).map(|()| Applied::Done)
+        }
         Change::Ack { key, request } => locks::ack(tx, key, request).map(|()| Applied::Done),
         Change::Pause { request } => locks::pause(tx, request).map(|()| Applied::Done),
         Change::Unpause => tx.clear_paused().map(|()| Applied::Done),

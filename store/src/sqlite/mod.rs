@@ -68,6 +68,20 @@ pub(crate) fn is_busy(err: &rusqlite::Error) -> bool {
 
 /// What went wrong, in the words of the path's owner.
 pub(crate) fn classify(path: &Path, err: &rusqlite::Error) -> Error {
+    // A stored value that is not what cairn wrote (text that is not UTF-8, a number where text
+    // belongs): a damaged page, read as such.
+    if matches!(
+        err,
+        rusqlite::Error::Utf8Error(..)
+            | rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+    ) {
+        return damaged(
+            path,
+            &format!("a stored value is not what cairn wrote ({err})"),
+        );
+    }
     let code = err.sqlite_error_code();
     let reason = match code {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
@@ -78,7 +92,7 @@ pub(crate) fn classify(path: &Path, err: &rusqlite::Error) -> Error {
             };
         }
         Some(ErrorCode::NotADatabase) => "it is not a SQLite database (nor a cairn one)".to_owned(),
-        Some(ErrorCode::DatabaseCorrupt) => "the file is corrupt".to_owned(),
+        Some(ErrorCode::DatabaseCorrupt) => return damaged(path, &err.to_string()),
         Some(ErrorCode::DiskFull) => {
             return Error::Write {
                 path: path.to_path_buf(),
@@ -124,6 +138,64 @@ pub(crate) fn classify(path: &Path, err: &rusqlite::Error) -> Error {
     }
 }
 
+/// The database file is damaged: nothing more is written to it.
+fn damaged(path: &Path, what: &str) -> Error {
+    Error::Unusable {
+        path: path.to_path_buf(),
+        reason: format!(
+            "it is damaged: {what}. Nothing was written to it. Restore it from a backup; `sqlite3 {} .recover` salvages what is still readable into a new file",
+            path.display()
+        ),
+    }
+}
+
+/// How long the check of a database before its first write may take: within it a file of a few
+/// hundred megabytes, in the page cache, is checked whole; beyond it the check stops where it is
+/// (`cairn db check` checks every page).
+const CHECK_BUDGET: Duration = Duration::from_millis(300);
+
+/// Damage found before anything is written: `PRAGMA quick_check` (every page's structure, every
+/// row's `NOT NULL` and `CHECK`), within [`CHECK_BUDGET`]. Without it, a damaged page that the
+/// next transactions do not touch goes unnoticed, and SQLite writes on around it.
+fn check_pages(conn: &Connection, path: &Path, budget: Option<Duration>) -> Result<()> {
+    let interrupt = conn.get_interrupt_handle();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let timer = budget.map(|budget| {
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(budget) {
+                interrupt.interrupt();
+            }
+        })
+    });
+    let found = conn.prepare("PRAGMA quick_check(20)").and_then(|mut s| {
+        s.query_map([], |row| row.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()
+    });
+    let _ = done.send(());
+    if let Some(timer) = timer {
+        let _ = timer.join();
+    }
+    match found {
+        Ok(problems) if problems == ["ok"] => Ok(()),
+        Ok(problems) => Err(damaged(path, &problems.join("; "))),
+        // Out of time: checked as far as it got.
+        Err(e) if e.sqlite_error_code() == Some(ErrorCode::OperationInterrupted) => Ok(()),
+        Err(e) => Err(classify(path, &e)),
+    }
+}
+
+/// Every page of the database at `path` checked, however long it takes (`cairn db check`).
+/// Opened as the writer opens it: on a read-only connection SQLite skips the `CHECK`s.
+pub fn check(path: &Path) -> Result<()> {
+    open_reader(path, false)?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, &e))?;
+    conn.busy_timeout(busy_timeout())
+        .map_err(|e| classify(path, &e))?;
+    check_identity(&conn, path)?;
+    check_pages(&conn, path, None)
+}
+
 /// Where the key that seals secret params is kept for the database at `path`: the file beside
 /// it, `<db>.key`.
 pub(crate) fn key_file(path: &Path) -> std::path::PathBuf {
@@ -164,6 +236,7 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection> {
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(|e| classify(path, &e))?;
     let version = check_identity(&conn, path)?;
+    check_pages(&conn, path, Some(CHECK_BUDGET))?;
     switch_to_wal(&conn, path)?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(|e| classify(path, &e))?;

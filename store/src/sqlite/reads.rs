@@ -196,7 +196,7 @@ impl Reads<'_> {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT task_no, step, name, item, status, attempts, started_at, ended_at, exit_code, error, outputs, by_check, retry_from \
+                "SELECT task_no, step, name, item, status, attempts, started_at, ended_at, exit_code, error, outputs, by_check, retry_from, progress \
                  FROM tasks WHERE op_id = ?1 AND (?2 IS NULL OR task_no = ?2) \
                  AND (NOT ?3 OR status IN ('running', 'waiting')) ORDER BY task_no",
             )
@@ -220,6 +220,7 @@ impl Reads<'_> {
                     outputs: outputs.and_then(|o| serde_json::from_str(&o).ok()),
                     by_check: r.get(11)?,
                     retry_from: r.get(12)?,
+                    progress: r.get(13)?,
                 })
             })
             .map_err(|e| self.err(&e))?;

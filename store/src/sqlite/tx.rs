@@ -149,6 +149,14 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
+    fn set_task_progress(&mut self, op: OpId, task: TaskNo, text: &str) -> Result<()> {
+        self.run(|c| {
+            c.prepare_cached("UPDATE tasks SET progress = ?3 WHERE op_id = ?1 AND task_no = ?2")?
+                .execute(params![op.0, task.0, text])?;
+            Ok(())
+        })
+    }
+
     fn set_current_task(&mut self, op: OpId, text: Option<&str>) -> Result<()> {
         self.run(|c| {
             c.prepare_cached("UPDATE ops SET current_task = ?2 WHERE id = ?1")?
@@ -375,7 +383,7 @@ impl Tx for SqliteTx<'_> {
         self.run(|c| {
             c.prepare_cached(
                 "UPDATE tasks SET status = 'running', attempts = ?3, retry_from = ?5, started_at = COALESCE(started_at, ?4), \
-                 ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = ?1 AND task_no = ?2",
+                 progress = NULL, ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = ?1 AND task_no = ?2",
             )?
             .execute(params![op.0, task.0, n, at, retry_from])?;
             Ok(())
@@ -389,10 +397,18 @@ impl Tx for SqliteTx<'_> {
         n: u32,
         process: &ProcessId,
         pgid: u32,
+        at: Millis,
     ) -> Result<()> {
         self.run(|c| {
+            // Before the attempt names its process: `pid IS NULL` marks its first.
             c.prepare_cached(
-                "UPDATE attempts SET host = ?4, boot_id = ?5, pid = ?6, pgid = ?7, proc_start = ?8 \
+                "UPDATE tasks SET started_at = ?4 WHERE op_id = ?1 AND task_no = ?2 AND started_at = \
+                 (SELECT started_at FROM attempts WHERE op_id = ?1 AND task_no = ?2 AND n = ?3 AND pid IS NULL)",
+            )?
+            .execute(params![op.0, task.0, n, at])?;
+            c.prepare_cached(
+                "UPDATE attempts SET host = ?4, boot_id = ?5, pid = ?6, pgid = ?7, proc_start = ?8, \
+                 started_at = CASE WHEN pid IS NULL THEN ?9 ELSE started_at END \
                  WHERE op_id = ?1 AND task_no = ?2 AND n = ?3",
             )?
             .execute(params![
@@ -403,7 +419,8 @@ impl Tx for SqliteTx<'_> {
                 process.boot_id,
                 process.pid,
                 pgid,
-                process.start as i64
+                process.start as i64,
+                at
             ])?;
             Ok(())
         })

@@ -496,6 +496,7 @@ mod tests {
                 start: 10,
             },
             pgid: 8,
+            at: 0,
         };
         let current = Change::CurrentTask {
             op: OpId(1),

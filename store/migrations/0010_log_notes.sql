@@ -1,4 +1,4 @@
--- cairn's schema, version 9: a log over its limit keeps its head and its tail, and a note of
+-- cairn's schema, version 10: a log over its limit keeps its head and its tail, and a note of
 -- what was cut between them.
 --
 -- `stream` 0 is cairn's own line in a log: the note `[cairn: N bytes cut here; ...]`, numbered
