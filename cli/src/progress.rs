@@ -198,6 +198,19 @@ pub fn describe(p: &Progress, verbose: bool) -> String {
         Progress::Stopping { reason } => {
             format!("stopping: {}; ending running steps", shown(reason))
         }
+        Progress::LogIncomplete {
+            task,
+            attempt,
+            bytes,
+            why,
+        } => {
+            let what = bytes.map_or("the rest".to_owned(), |b| format!("{b} bytes"));
+            format!(
+                "  {}: {what} of attempt {attempt}'s output not in its log: {}",
+                shown(task),
+                first_line(why)
+            )
+        }
         Progress::AlreadyDone { op } => format!("op {op} already succeeded; nothing to resume"),
         Progress::OpEnded {
             op,

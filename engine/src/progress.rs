@@ -61,6 +61,15 @@ pub enum Progress {
         attempt: u32,
         count: usize,
     },
+    /// Output of an attempt that is not in its log: a write failed, or the op was lost while
+    /// output was still coming.
+    LogIncomplete {
+        task: String,
+        attempt: u32,
+        /// `None`: not known (the rest of the output).
+        bytes: Option<u64>,
+        why: String,
+    },
     /// The op is stopping (Ctrl-C, SIGTERM, lost ownership): running tasks are being ended.
     Stopping {
         reason: String,

@@ -51,7 +51,7 @@ pub struct RawPlan {
     /// Environment variables for every step and hook; values are templates.
     #[schemars(with = "Option<std::collections::BTreeMap<String, Scalar>>")]
     pub env: Option<Pairs<Spanned<Scalar>>>,
-    /// How much of each attempt's stdout and stderr is kept (the tail), e.g. `1MiB` (default 1MiB).
+    /// How much of each attempt's stdout and stderr is kept (its start and its end), e.g. `1MiB` (default 1MiB).
     #[schemars(with = "Option<Scalar>")]
     pub log_limit: Option<Spanned<Scalar>>,
     /// The plan's default schedule, used by `cairn schedule add` when no `--cron` is given.

@@ -15,8 +15,15 @@ use crate::proc::{self, Identity, MARKER_VAR};
 
 /// How much of stderr is kept for the error message of a failed attempt.
 const STDERR_TAIL: usize = 2048;
-/// How long to wait for the output pipes after the group is gone (a daemon may hold them open).
+/// How long a reader waits for more output once the group is gone (a daemon may hold the pipe
+/// open). Only waiting on the pipe counts: time spent handing output on to a slow sink does not.
 const PIPE_DRAIN: Duration = Duration::from_secs(1);
+/// How much a reader takes from its pipe once the group is gone: what the pipe held then (at most
+/// the largest pipe an unprivileged process can make, `/proc/sys/fs/pipe-max-size`); more comes
+/// from a process outside the attempt's reach that still writes.
+const PIPE_LEFT: usize = 1 << 20;
+/// How many chunks (of up to 64 KiB) a sink made by [`sink`] holds before the readers wait.
+pub const SINK_CHUNKS: usize = 16;
 
 /// A process to start.
 #[derive(Debug, Clone)]
@@ -91,6 +98,8 @@ pub struct Running {
     readers: Vec<tokio::task::JoinHandle<Vec<u8>>>,
     /// Turns true when the grace must end now (a second Ctrl-C): see [`Running::hurried_by`].
     hurry: Option<watch::Receiver<bool>>,
+    /// Turned true once the group is gone: the readers then take only what is left in the pipes.
+    gone: watch::Sender<bool>,
     /// Set once [`Running::wait`] has ended the attempt's processes; until then, dropping this
     /// kills its group (an error between spawn and wait must not leave a step running).
     waited: bool,
@@ -146,8 +155,16 @@ fn too_long(spec: &Spec) -> String {
     }
 }
 
-/// Starts `spec` in a new process group; its output goes to `sink` in chunks.
-pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running, SpawnError> {
+/// A bounded channel for a process's output: [`SINK_CHUNKS`] chunks, about 1 MiB. When its
+/// receiver falls behind, the readers wait, the pipes fill, and the process blocks on its writes
+/// until the output is taken: memory stays bounded whatever a process prints.
+#[must_use]
+pub fn sink() -> (mpsc::Sender<Chunk>, mpsc::Receiver<Chunk>) {
+    mpsc::channel(SINK_CHUNKS)
+}
+
+/// Starts `spec` in a new process group; its output goes to `sink` in chunks (see [`sink`]).
+pub fn spawn(spec: &Spec, sink: &mpsc::Sender<Chunk>) -> Result<Running, SpawnError> {
     let program = spec.argv.first().cloned().unwrap_or_default();
     let command = |path: &std::path::Path| {
         let mut command = tokio::process::Command::new(path);
@@ -196,12 +213,15 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
         pid,
         start: proc::stat(pid).map_or(0, |s| s.start),
     };
+    let (gone, group_gone) = watch::channel(false);
     let mut readers = Vec::new();
     if let Some(out) = child.stdout.take() {
-        readers.push(tokio::spawn(read(out, Stream::Stdout, sink.clone())));
+        let reader = read(out, Stream::Stdout, sink.clone(), group_gone.clone());
+        readers.push(tokio::spawn(reader));
     }
     if let Some(err) = child.stderr.take() {
-        readers.push(tokio::spawn(read(err, Stream::Stderr, sink.clone())));
+        let reader = read(err, Stream::Stderr, sink.clone(), group_gone);
+        readers.push(tokio::spawn(reader));
     }
     Ok(Running {
         child,
@@ -212,6 +232,7 @@ pub fn spawn(spec: &Spec, sink: &mpsc::UnboundedSender<Chunk>) -> Result<Running
         timeout: spec.timeout,
         readers,
         hurry: None,
+        gone,
         waited: false,
     })
 }
@@ -292,33 +313,62 @@ fn found(program: &str, env: &BTreeMap<String, String>) -> Option<PathBuf> {
     None
 }
 
-/// Forwards a stream in chunks; returns the tail of what it read (kept for stderr).
+/// Forwards a stream in chunks; returns the tail of what it read (kept for stderr). A full sink
+/// is waited for (the process then blocks on its writes); a sink whose receiver is gone is no
+/// reason to stop reading: the process must not block on a pipe nobody reads. Once `gone` turns
+/// true, it takes what is left in the pipe ([`PIPE_LEFT`] at most) and stops when it would wait
+/// longer than [`PIPE_DRAIN`] for more.
 async fn read(
     mut stream: impl AsyncReadExt + Unpin,
     which: Stream,
-    sink: mpsc::UnboundedSender<Chunk>,
+    sink: mpsc::Sender<Chunk>,
+    mut gone: watch::Receiver<bool>,
 ) -> Vec<u8> {
     // Read into its spare capacity: a zeroed 64 KiB for each stream of each process cost more
     // than most steps print.
     let mut buffer = Vec::with_capacity(64 * 1024);
     let mut tail = Vec::new();
+    // Once the group is gone: until when a read may wait, and how much more may be read.
+    let mut draining: Option<(tokio::time::Instant, usize)> = None;
     loop {
         buffer.clear();
-        match stream.read_buf(&mut buffer).await {
-            Ok(0) | Err(_) => return tail,
-            Ok(_) => {
-                let data = buffer.clone();
-                if which == Stream::Stderr {
-                    tail.extend_from_slice(&data);
-                    if tail.len() > STDERR_TAIL {
-                        tail.drain(..tail.len() - STDERR_TAIL);
-                    }
+        let read = if let Some((deadline, _)) = draining {
+            // A read that finds data returns it even past the deadline (the read is polled first).
+            tokio::time::timeout_at(deadline, stream.read_buf(&mut buffer))
+                .await
+                .unwrap_or(Ok(0))
+        } else {
+            // `read_buf` is cancel safe: when the group goes first, nothing was read.
+            tokio::select! {
+                read = stream.read_buf(&mut buffer) => read,
+                _ = gone.wait_for(|gone| *gone) => {
+                    draining = Some((tokio::time::Instant::now() + PIPE_DRAIN, PIPE_LEFT));
+                    continue;
                 }
-                let _ = sink.send(Chunk {
-                    stream: which,
-                    data,
-                });
             }
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return tail,
+            Ok(n) => n,
+        };
+        if let Some((_, left)) = &mut draining {
+            *left = left.saturating_sub(n);
+        }
+        let data = buffer.clone();
+        if which == Stream::Stderr {
+            tail.extend_from_slice(&data);
+            if tail.len() > STDERR_TAIL {
+                tail.drain(..tail.len() - STDERR_TAIL);
+            }
+        }
+        let _ = sink
+            .send(Chunk {
+                stream: which,
+                data,
+            })
+            .await;
+        if draining.is_some_and(|(_, left)| left == 0) {
+            return tail;
         }
     }
 }
@@ -403,13 +453,13 @@ impl Running {
         } else {
             proc::terminate_or_sooner(|| self.members(), self.grace, self.hurried()).await
         };
+        // A process outside the attempt's reach (it left the group and dropped the marker) may
+        // hold a pipe open: the readers take what is left and stop, so that the output closes.
+        let _ = self.gone.send(true);
         let mut tail = Vec::new();
-        for mut reader in std::mem::take(&mut self.readers) {
-            match tokio::time::timeout(PIPE_DRAIN, &mut reader).await {
-                Ok(Ok(t)) => tail.extend(t),
-                // A process outside the attempt's reach (it left the group and dropped the marker)
-                // holds the pipe open: stop reading, so that the output channel closes.
-                _ => reader.abort(),
+        for reader in std::mem::take(&mut self.readers) {
+            if let Ok(t) = reader.await {
+                tail.extend(t);
             }
         }
         self.waited = true;

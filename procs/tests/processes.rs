@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use procs::proc::{self, attempt_processes};
 use procs::spawn::{Spec, Stopped, read_outputs, spawn};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 fn spec(script: &str, marker: &str) -> Spec {
     Spec {
@@ -31,7 +31,7 @@ fn unique(name: &str) -> String {
 #[tokio::test]
 async fn a_background_child_left_by_a_finished_step_is_ended() {
     let marker = unique("bg");
-    let (sink, mut chunks) = mpsc::unbounded_channel();
+    let (sink, mut chunks) = procs::spawn::sink();
     let running = spawn(&spec("sleep 1000 & echo started; exit 0", &marker), &sink).unwrap();
     let (_stop, stop) = watch::channel(false);
     let exit = running.wait(stop).await;
@@ -51,7 +51,7 @@ async fn a_background_child_left_by_a_finished_step_is_ended() {
 #[tokio::test]
 async fn a_timeout_ends_the_whole_group() {
     let marker = unique("timeout");
-    let (sink, _chunks) = mpsc::unbounded_channel();
+    let (sink, _chunks) = procs::spawn::sink();
     let mut s = spec("sleep 1000 & sleep 1000; echo never", &marker);
     s.timeout = Some(Duration::from_millis(300));
     let running = spawn(&s, &sink).unwrap();
@@ -66,7 +66,7 @@ async fn a_timeout_ends_the_whole_group() {
 #[tokio::test]
 async fn a_stop_request_ends_the_group_even_when_it_ignores_term() {
     let marker = unique("stop");
-    let (sink, _chunks) = mpsc::unbounded_channel();
+    let (sink, _chunks) = procs::spawn::sink();
     let running = spawn(
         &spec("trap '' TERM; sleep 1000 & sleep 1000", &marker),
         &sink,
@@ -86,7 +86,7 @@ async fn a_stop_request_ends_the_group_even_when_it_ignores_term() {
 #[tokio::test]
 async fn a_process_that_left_the_group_is_found_by_its_marker() {
     let marker = unique("setsid");
-    let (sink, _chunks) = mpsc::unbounded_channel();
+    let (sink, _chunks) = procs::spawn::sink();
     // `setsid` puts the sleep in a new session and group; only the marker still ties it to us.
     let running = spawn(
         &spec(
@@ -109,7 +109,7 @@ async fn a_process_that_left_the_group_is_found_by_its_marker() {
 
 #[tokio::test]
 async fn stderr_tail_and_exit_code_are_kept() {
-    let (sink, _chunks) = mpsc::unbounded_channel();
+    let (sink, _chunks) = procs::spawn::sink();
     let running = spawn(
         &spec(
             "echo out; echo 'disk is on fire' >&2; exit 3",
@@ -170,7 +170,7 @@ fn outputs_are_key_value_lines() {
 #[tokio::test]
 async fn a_process_that_keeps_starting_others_is_ended_completely() {
     let marker = unique("forker");
-    let (sink, _chunks) = mpsc::unbounded_channel();
+    let (sink, _chunks) = procs::spawn::sink();
     let running = spawn(
         &spec(
             "trap '' TERM; while :; do setsid sleep 1000 < /dev/null > /dev/null 2>&1 & sleep 0.01; done",
@@ -195,7 +195,7 @@ async fn a_process_that_keeps_starting_others_is_ended_completely() {
 #[tokio::test]
 async fn a_hurry_ends_the_grace_at_once() {
     let marker = unique("hurry");
-    let (sink, _chunks) = mpsc::unbounded_channel();
+    let (sink, _chunks) = procs::spawn::sink();
     let mut s = spec("trap '' TERM; sleep 1000", &marker);
     s.grace = Duration::from_secs(600);
     let (hurry_tx, hurry) = watch::channel(false);

@@ -549,35 +549,53 @@ fn a_refused_batch_does_not_undo_others_in_the_same_commit() {
     }
 }
 
+/// A log over its limit keeps its head (the first eighth) and its tail, and a note between them
+/// (`stream` 0) of how much was cut; one write larger than the tail's part is cut in its middle.
 #[test]
-fn logs_keep_the_tail_within_the_limit() {
+fn logs_keep_the_head_and_the_tail_within_the_limit_and_a_note_of_the_cut() {
     for fresh in fresh_stores() {
         eprintln!("backend: {}", fresh.backend);
         let store = fresh.store.clone();
         let op = submit(&store, 1);
+        let log = |attempt: u32, data: Vec<u8>| Change::Log {
+            op,
+            owner: None,
+            task: TaskNo(0),
+            attempt,
+            stream: 1,
+            at: 1,
+            data,
+            limit: 800,
+        };
         for i in 0..10u8 {
             store
-                .apply_blocking(vec![Change::Log {
-                    op,
-                    owner: None,
-                    task: TaskNo(0),
-                    attempt: 1,
-                    stream: 1,
-                    at: 1,
-                    data: vec![b'a' + i; 100],
-                    limit: 350,
-                }])
+                .apply_blocking(vec![log(1, vec![b'a' + i; 100])])
                 .unwrap();
         }
+        store
+            .apply_blocking(vec![log(2, vec![b'x'; 1000])])
+            .unwrap();
         let chunks = store.reader().unwrap().logs(op, None, None).unwrap();
-        let total: usize = chunks.iter().map(|c| c.data.len()).sum();
-        assert!(total <= 350);
+        let of = |attempt: u32| -> Vec<(u8, String)> {
+            chunks
+                .iter()
+                .filter(|c| c.attempt == attempt)
+                .map(|c| (c.stream, String::from_utf8(c.data.clone()).unwrap()))
+                .collect()
+        };
+        let note =
+            "[cairn: 200 bytes cut here; the log keeps its first 100 bytes and last 700 bytes]\n";
+        let mut expected = vec![(1, "a".repeat(100)), (0, note.to_owned())];
+        expected.extend((3..10u8).map(|i| (1, char::from(b'a' + i).to_string().repeat(100))));
+        assert_eq!(of(1), expected);
         assert_eq!(
-            chunks.last().unwrap().data[0],
-            b'a' + 9,
-            "the newest output is kept"
+            of(2),
+            [
+                (1, "x".repeat(100)),
+                (0, note.to_owned()),
+                (1, "x".repeat(700))
+            ]
         );
-        assert_eq!(chunks.first().unwrap().seq, 8);
     }
 }
 

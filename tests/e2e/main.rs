@@ -17,6 +17,7 @@ mod faults;
 mod graph;
 mod help;
 mod invalid_plans;
+mod logs;
 mod nodes;
 mod operator;
 mod outage;

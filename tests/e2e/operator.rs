@@ -290,7 +290,8 @@ fn json_is_honoured_by_submit_run_resume_logs_and_graph() {
 }
 
 /// `logs` picks what to read: `--tail N` lines of each attempt, `--attempt N`, `--since` (a
-/// duration back, or a time), `--timestamps`; a log cut at `log_limit` starts at a line.
+/// duration back, or a time), `--timestamps`; a log cut at `log_limit` keeps its start, says what
+/// was cut, and its end starts at a line.
 #[test]
 fn logs_take_tail_attempt_since_and_timestamps_and_a_cut_log_starts_at_a_line() {
     let sandbox = Sandbox::new();
@@ -330,9 +331,17 @@ fn logs_take_tail_attempt_since_and_timestamps_and_a_cut_log_starts_at_a_line() 
     );
     let bad = sandbox.cairn(&["logs", "1", "--since", "yesterday"]);
     assert_eq!(code(&bad), Some(2));
-    // One write over the limit keeps its end, from the start of a line.
+    // Over the limit: the start, a line saying what was cut, the end from the start of a line.
     let big = logs(&["big"]);
-    let first = big.lines().nth(1).unwrap();
+    let mut lines = big.lines().skip(1);
+    assert_eq!(lines.next(), Some("line number 1 of the output"), "{big}");
+    let mut after = lines.skip_while(|l| !l.starts_with("[cairn: "));
+    assert!(
+        after.next().is_some_and(|note| note
+            .ends_with(" bytes cut here; the log keeps its first 128 bytes and last 896 bytes]")),
+        "{big}"
+    );
+    let first = after.next().unwrap();
     assert!(
         first.starts_with("line number ") && first.ends_with(" of the output"),
         "{big}"

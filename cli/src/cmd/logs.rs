@@ -12,7 +12,8 @@ use crate::exit::Failure;
 use crate::output::Output;
 
 /// Print the output of an op's steps, attempt by attempt (stdout and stderr interleaved as they
-/// arrived, up to each step's `log_limit`, keeping the end).
+/// arrived, up to each step's `log_limit`: over it, the start and the end, and a line saying what
+/// was cut between them).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The op's id.
@@ -22,8 +23,8 @@ pub struct Args {
     /// Keep printing new output until the op stops running.
     #[arg(long, short)]
     follow: bool,
-    /// One JSON object per line of output: `task`, `attempt`, `stream` (`stdout`, `stderr`),
-    /// `time`, `text`.
+    /// One JSON object per line of output: `task`, `attempt`, `stream` (`stdout`, `stderr`, or
+    /// `cairn`: its note of output cut over `log_limit`), `time`, `text`.
     #[arg(long)]
     json: bool,
     /// Only the last N lines of each attempt's output (then, with `--follow`, what comes).
@@ -114,6 +115,8 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let mut current: Option<(TaskNo, u32)> = None;
     let since = args.since.map(|s| s.at(engine::owner::now()));
     let mut first_read = true;
+    // Whether the text printed last ended within a line.
+    let mut mid_line = false;
     let mut row = row;
     loop {
         let mut lines = Vec::new();
@@ -161,11 +164,16 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
                 )
                 .ok();
             }
+            // cairn's note of output cut over `log_limit` is a line of its own.
+            if line.stream == 0 && mid_line {
+                text.push('\n');
+            }
             if args.timestamps {
                 text.push_str(&engine::time::local(line.at));
                 text.push(' ');
             }
             text.push_str(&line.text);
+            mid_line = !line.text.ends_with('\n');
         }
         let mut std_out = std::io::stdout().lock();
         std::io::Write::write_all(&mut std_out, text.as_bytes()).context("cannot write")?;
@@ -221,7 +229,11 @@ impl Line {
         let object = serde_json::json!({
             "task": task,
             "attempt": self.attempt,
-            "stream": if self.stream == 2 { "stderr" } else { "stdout" },
+            "stream": match self.stream {
+                0 => "cairn",
+                2 => "stderr",
+                _ => "stdout",
+            },
             "time": engine::time::rfc3339(self.at),
             "text": self.text.strip_suffix('\n').unwrap_or(&self.text),
         });

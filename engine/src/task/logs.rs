@@ -9,11 +9,12 @@ use procs::spawn::Chunk;
 use store::{Change, OpId, ProcessId, Store, TaskNo};
 use tokio::sync::mpsc;
 
+use super::Fatal;
 use super::context::apply_patiently;
 use crate::owner::now;
 
-/// Masks secret values in output, across the boundaries of the chunks it arrives in: the last bytes
-/// that could begin a secret are held back until more output (or the end) shows what follows.
+/// Masks secret values in output, across the boundaries of the chunks it arrives in: the last bytes,
+/// when they could begin a secret, are held back until more output (or the end) shows what follows.
 pub(crate) struct Masker {
     secrets: Vec<Vec<u8>>,
     /// Held-back bytes, per stream (1 stdout, 2 stderr).
@@ -34,23 +35,36 @@ impl Masker {
         }
     }
 
-    /// Where the secrets occur in `data`: (start, end) of each, left to right, not overlapping.
+    /// Where the secrets occur in `data`: (start, end) of each, left to right, not overlapping;
+    /// where several begin at one place, the first secret given wins. Each secret is searched
+    /// for with `memmem` (a step may print gigabytes: a byte-by-byte scan costs more than the
+    /// writing).
     fn occurrences(&self, data: &[u8]) -> Vec<(usize, usize)> {
+        let mut starts: Vec<(usize, usize)> = Vec::new();
+        for (which, secret) in self.secrets.iter().enumerate() {
+            let finder = memchr::memmem::Finder::new(secret);
+            let mut from = 0;
+            while let Some(at) = finder.find(&data[from..]) {
+                starts.push((from + at, which));
+                from += at + 1;
+            }
+        }
+        starts.sort_unstable();
         let mut found = Vec::new();
-        let mut i = 0;
-        while i < data.len() {
-            match self.secrets.iter().find(|s| data[i..].starts_with(s)) {
-                Some(s) => {
-                    found.push((i, i + s.len()));
-                    i += s.len();
-                }
-                None => i += 1,
+        let mut free = 0;
+        for (start, which) in starts {
+            if start >= free {
+                free = start + self.secrets[which].len();
+                found.push((start, free));
             }
         }
         found
     }
 
     pub(crate) fn mask(&self, data: &[u8]) -> Vec<u8> {
+        if self.secrets.is_empty() {
+            return data.to_vec();
+        }
         let mut out = Vec::with_capacity(data.len());
         let mut at = 0;
         for (start, end) in self.occurrences(data) {
@@ -77,8 +91,15 @@ impl Masker {
         if last || keep == 0 {
             return self.mask(&buffer);
         }
-        // Hold back the last `keep` bytes, unless a whole secret straddles that point.
-        let mut split = buffer.len().saturating_sub(keep);
+        // Hold back from where the end could begin a secret (only there: output held back comes
+        // later than what the other stream prints meanwhile), unless a whole secret straddles
+        // that point.
+        let mut split = (buffer.len().saturating_sub(keep)..buffer.len())
+            .find(|&at| {
+                let rest = &buffer[at..];
+                self.secrets.iter().any(|s| s.starts_with(rest))
+            })
+            .unwrap_or(buffer.len());
         for (start, end) in self.occurrences(&buffer) {
             if start < split && split < end {
                 split = end;
@@ -89,39 +110,71 @@ impl Masker {
     }
 }
 
+/// Output that could not be written to the log: how many bytes (`None`: not known, the writer was
+/// given up), and why (the last failure; empty when all was written).
+#[derive(Debug, Default)]
+pub(crate) struct Unwritten {
+    pub(crate) bytes: Option<u64>,
+    pub(crate) why: String,
+}
+
+/// A log chunk holds at most this much: the unit in which a log over its limit is cut.
+const CHUNK: usize = 64 * 1024;
+/// One commit takes at most this much of the output already waiting: a step that prints faster
+/// than single chunks are written is written in fewer, larger commits.
+const BATCH: usize = 1 << 20;
+/// How long output waits for more before it is written.
+const LINGER: Duration = Duration::from_millis(200);
+
+/// Output taken from the process and not yet written: chunks of one stream each, in order.
+#[derive(Default)]
+struct Pending {
+    parts: Vec<(u8, Vec<u8>)>,
+    size: usize,
+}
+
+impl Pending {
+    fn add(&mut self, chunk: Chunk) {
+        self.size += chunk.data.len();
+        let stream = chunk.stream as u8;
+        match self.parts.last_mut() {
+            Some((s, data)) if *s == stream && data.len() + chunk.data.len() <= CHUNK => {
+                data.extend(chunk.data);
+            }
+            _ => self.parts.push((stream, chunk.data)),
+        }
+    }
+}
+
 /// Batches an attempt's output into log chunks: written when 64 KiB are pending or 200 ms after the
-/// first pending byte, secrets masked.
+/// first pending byte, secrets masked. Each batch is written before more output is taken, so a
+/// slow store holds the process back (through the bounded channel) rather than filling memory;
+/// the output is read to its end whatever happens, and what a failed write lost is returned.
 pub(crate) async fn write_logs(
     store: Store,
     (op, owner): (OpId, ProcessId),
-    task: TaskNo,
-    attempt: u32,
-    mut chunks: mpsc::UnboundedReceiver<Chunk>,
-    limit: u64,
+    (task, attempt): (TaskNo, u32),
+    mut chunks: mpsc::Receiver<Chunk>,
+    (limit, patience): (u64, Duration),
     secrets: Vec<String>,
-) {
+) -> Unwritten {
+    let mut unwritten = Unwritten::default();
     let mut masker = Masker::new(&secrets);
-    let mut pending: Vec<(u8, Vec<u8>)> = Vec::new();
-    let mut size = 0;
+    let mut pending = Pending::default();
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let next = match deadline {
             None => Some(chunks.recv().await),
             Some(at) => tokio::time::timeout_at(at, chunks.recv()).await.ok(),
         };
-        let closed = matches!(next, Some(None));
+        let mut closed = matches!(next, Some(None));
         if let Some(Some(chunk)) = next {
-            size += chunk.data.len();
-            deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(200));
-            let stream = chunk.stream as u8;
-            match pending.last_mut() {
-                Some((s, data)) if *s == stream => data.extend(chunk.data),
-                _ => pending.push((stream, chunk.data)),
-            }
-            if size < 64 * 1024 {
+            pending.add(chunk);
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
+            if pending.size < CHUNK {
                 continue;
             }
+            closed = take_waiting(&mut chunks, &mut pending);
         }
         // 64 KiB pending, the deadline passed, or the output ended: write what is pending.
         let mut batch = Vec::new();
@@ -139,7 +192,7 @@ pub(crate) async fn write_logs(
                 });
             }
         };
-        for (stream, data) in pending.drain(..) {
+        for (stream, data) in std::mem::take(&mut pending).parts {
             log(stream, masker.feed(stream, &data, false));
         }
         if closed {
@@ -147,17 +200,46 @@ pub(crate) async fn write_logs(
                 log(stream, masker.feed(stream, &[], true));
             }
         }
-        size = 0;
         deadline = None;
         if !batch.is_empty() {
             // Logs are best effort: a failure must not fail the step (its outcome is what counts),
-            // but a busy database is waited for.
-            let _ = apply_patiently(&store, batch, Duration::from_secs(10)).await;
+            // but a busy database is waited for, and what is lost is said.
+            let bytes = logged_bytes(&batch);
+            if let Err(e) = apply_patiently(&store, batch, patience).await {
+                unwritten.bytes = Some(unwritten.bytes.unwrap_or(0) + bytes);
+                unwritten.why = match e {
+                    Fatal::Lost(why) | Fatal::Store(why) => why,
+                };
+            }
         }
         if closed {
-            return;
+            return unwritten;
         }
     }
+}
+
+/// Adds the output already waiting in `chunks` to `pending`, up to [`BATCH`]; whether the output
+/// ended.
+fn take_waiting(chunks: &mut mpsc::Receiver<Chunk>, pending: &mut Pending) -> bool {
+    while pending.size < BATCH {
+        match chunks.try_recv() {
+            Ok(chunk) => pending.add(chunk),
+            Err(mpsc::error::TryRecvError::Empty) => return false,
+            Err(mpsc::error::TryRecvError::Disconnected) => return true,
+        }
+    }
+    false
+}
+
+/// The bytes of output a batch of `Log` changes carries.
+fn logged_bytes(batch: &[Change]) -> u64 {
+    batch
+        .iter()
+        .map(|c| match c {
+            Change::Log { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum()
 }
 
 #[cfg(test)]
@@ -171,6 +253,21 @@ mod tests {
         out.extend(m.feed(1, b"ery-secret and more", false));
         out.extend(m.feed(1, b"", true));
         assert_eq!(String::from_utf8(out).unwrap(), "oops ******** and more");
+    }
+
+    #[test]
+    fn only_an_end_that_could_begin_a_secret_is_held_back() {
+        let mut m = Masker::new(&["hunter2-very-secret".to_owned()]);
+        assert_eq!(m.feed(2, b"login refused\n", false), b"login refused\n");
+        assert_eq!(m.feed(2, b"as hunt", false), b"as ");
+        assert_eq!(m.feed(2, b"ing\n", false), b"hunting\n");
+        assert_eq!(m.feed(2, b"", true), b"");
+    }
+
+    #[test]
+    fn overlapping_secrets_are_all_masked() {
+        let m = Masker::new(&["xa".to_owned(), "aa".to_owned()]);
+        assert_eq!(m.mask(b"xaaa!"), b"****************!");
     }
 
     #[test]

@@ -14,13 +14,13 @@ use plans::template::Context;
 use procs::spawn::{self, Spec, Stopped};
 use serde_json::{Map, Value};
 use store::Change;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::attempts::{Attempt, attempts};
 use super::carry::Carry;
 use super::context::Shared;
 use super::files::{process_files, progress_file};
-use super::logs::write_logs;
+use super::logs::{Unwritten, write_logs};
 use super::{
     Ended, Fatal, Job, TaskEnd, USE_ENV, fail_before_start, failed_early, last_lines,
     missing_output, render_public, shared_mask, start_attempt,
@@ -302,7 +302,7 @@ impl ProcessAttempt<'_> {
                 "the lease ran out before the step could start".to_owned(),
             ));
         }
-        let (sink, chunks) = mpsc::unbounded_channel();
+        let (sink, chunks) = spawn::sink();
         let spawned = crate::owner::now();
         self.began.get_or_insert_with(Instant::now);
         let running = match spawn::spawn(&spec, &sink) {
@@ -314,10 +314,9 @@ impl ProcessAttempt<'_> {
         let logs = tokio::spawn(write_logs(
             shared.store.clone(),
             (shared.op, shared.me.clone()),
-            task,
-            n,
+            (task, n),
             chunks,
-            step.log_limit,
+            (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
         ));
         shared
@@ -332,15 +331,24 @@ impl ProcessAttempt<'_> {
             }])
             .await?;
         // The grace is decided when the stop comes: a cancel's own, or a sixth of the lease for a
-        // run that lost its op (`Shared::step_grace`).
+        // run that lost its op (`Shared::step_grace`). The log writer ends when the process's
+        // output closes; it is waited for alongside, since the process's readers wait for it.
         let wait = running
             .hurried_by(shared.stop_handle().subscribe_hurry())
             .wait_with_grace(self.stop.clone(), || shared.step_grace());
-        let exit = self
-            .watch_progress(wait, &progress_file(&launch.output))
-            .await;
-        // The log writer ends when the process's output closes (its readers end or are aborted).
-        let _ = tokio::time::timeout(Duration::from_secs(15), logs).await;
+        let progress = progress_file(&launch.output);
+        let (exit, unwritten) = tokio::join!(
+            self.watch_progress(wait, &progress),
+            finish_logs(shared, logs),
+        );
+        if !unwritten.why.is_empty() {
+            shared.say(&Progress::LogIncomplete {
+                task: job.name.clone(),
+                attempt: n,
+                bytes: unwritten.bytes,
+                why: unwritten.why,
+            });
+        }
         let outputs = if exit.success() {
             spawn::read_outputs(&launch.output)
         } else {
@@ -443,6 +451,26 @@ impl ProcessAttempt<'_> {
                 Err(error) => return Ok(failed_early(error)),
             };
             probed = probing;
+        }
+    }
+}
+
+/// Waits for an attempt's log writer to write all of the output. Only a run that lost its op
+/// stops waiting (nothing more may be written, and the store may not answer): the writer is
+/// dropped, which lets the process's readers go on without it, and the output not written is
+/// said to be lost.
+async fn finish_logs(shared: &Shared, mut logs: tokio::task::JoinHandle<Unwritten>) -> Unwritten {
+    loop {
+        tokio::select! {
+            done = &mut logs => return done.unwrap_or_default(),
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if shared.is_lost() {
+            logs.abort();
+            return Unwritten {
+                bytes: None,
+                why: format!("the op was lost: {}", shared.lost_why()),
+            };
         }
     }
 }

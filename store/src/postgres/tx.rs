@@ -809,22 +809,82 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    fn log_size(&mut self, op: OpId, task: TaskNo, attempt: u32) -> Result<i64> {
+    fn log_size(&mut self, op: OpId, task: TaskNo, attempt: u32, after: i64) -> Result<i64> {
         let row = self.one(
-            "SELECT COALESCE(SUM(length(data)), 0)::bigint FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3",
-            &[&op.0, &i64::from(task.0), &i64::from(attempt)],
+            "SELECT COALESCE(SUM(length(data)), 0)::bigint FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3 AND seq > $4 AND stream <> 0",
+            &[&op.0, &i64::from(task.0), &i64::from(attempt), &after],
         )?;
         self.get(&row, 0)
     }
 
-    fn drop_oldest_log(&mut self, op: OpId, task: TaskNo, attempt: u32) -> Result<bool> {
-        let removed = self.exec(
-            "DELETE FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3 AND seq = \
-             (SELECT MIN(seq) FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3) \
-             AND (SELECT count(*) FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3) > 1",
+    fn log_note(&mut self, op: OpId, task: TaskNo, attempt: u32) -> Result<Option<(i64, Vec<u8>)>> {
+        match self.opt(
+            "SELECT seq, data FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3 AND stream = 0",
             &[&op.0, &i64::from(task.0), &i64::from(attempt)],
+        )? {
+            Some(row) => Ok(Some((self.get(&row, 0)?, self.get(&row, 1)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn log_head_end(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        attempt: u32,
+        head: i64,
+    ) -> Result<Option<i64>> {
+        match self.opt(
+            "SELECT seq FROM (SELECT seq, SUM(length(data)) OVER (ORDER BY seq) AS upto FROM logs \
+             WHERE op_id = $1 AND task_no = $2 AND attempt = $3 AND stream <> 0) AS sums WHERE upto > $4 ORDER BY seq LIMIT 1",
+            &[&op.0, &i64::from(task.0), &i64::from(attempt), &head],
+        )? {
+            Some(row) => Ok(Some(self.get(&row, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn drop_log_after(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        attempt: u32,
+        after: i64,
+    ) -> Result<Option<i64>> {
+        match self.opt(
+            "DELETE FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3 AND seq = \
+             (SELECT MIN(seq) FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3 AND seq > $4 AND stream <> 0) \
+             AND seq < (SELECT MAX(seq) FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3) \
+             RETURNING length(data)::bigint",
+            &[&op.0, &i64::from(task.0), &i64::from(attempt), &after],
+        )? {
+            Some(row) => Ok(Some(self.get(&row, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_log_note(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        attempt: u32,
+        seq: i64,
+        at: Millis,
+        text: &[u8],
+    ) -> Result<()> {
+        self.exec(
+            "INSERT INTO logs (op_id, task_no, attempt, seq, stream, at, data) VALUES ($1, $2, $3, $4, 0, $5, $6) \
+             ON CONFLICT (op_id, task_no, attempt, seq) DO UPDATE SET data = excluded.data",
+            &[
+                &op.0,
+                &i64::from(task.0),
+                &i64::from(attempt),
+                &seq,
+                &at,
+                &text,
+            ],
         )?;
-        Ok(removed != 0)
+        Ok(())
     }
 
     fn unexpanded(&mut self, op: OpId, task: TaskNo) -> Result<bool> {

@@ -1,8 +1,8 @@
 //! The rules of a task's attempts: which task may start one (never a kept one), its process, its
 //! end (a task resolved by hand meanwhile keeps what the person said), a whole attempt in one
-//! change, a task's status set by its owner, log tails, and a gate's answer.
+//! change, a task's status set by its owner, logs (the rule in `logs.rs`), and a gate's answer.
 
-use super::{End, Tx, event, events, fence, is_kept, owner_of};
+use super::{End, Tx, event, events, fence, is_kept, logs, owner_of};
 use crate::error::{Error, Result};
 use crate::types::{
     AttemptStatus, Change, EventKind, Millis, OpId, OpStatus, Outcome, ProcessId, TaskNo,
@@ -111,13 +111,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
             if let Some(owner) = owner {
                 fence_unless(tx, *op, owner, fenced)?;
             }
-            tx.append_log(*op, *task, *attempt, *stream, *at, tail(data, *limit))?;
-            // Keep the tail: drop the oldest chunks while the attempt's log is over its limit.
-            let limit = i64::try_from(*limit).unwrap_or(i64::MAX);
-            while tx.log_size(*op, *task, *attempt)? > limit
-                && tx.drop_oldest_log(*op, *task, *attempt)?
-            {}
-            Ok(())
+            logs::append(tx, (*op, *task, *attempt), (*stream, *at), data, *limit)
         }
         Change::Approve {
             op,
@@ -277,20 +271,5 @@ fn end_of(outcome: &Outcome, at: Millis) -> End<'_> {
             .as_ref()
             .map(|o| serde_json::Value::Object(o.clone()).to_string()),
         by_check: outcome.by_check,
-    }
-}
-
-/// The end of `data` within `limit` bytes: one write larger than a log's limit keeps its end, from
-/// the start of a line (the part of a line whose start is gone is left out too), or the last
-/// `limit` bytes when they hold no line break.
-fn tail(data: &[u8], limit: u64) -> &[u8] {
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    if data.len() <= limit {
-        return data;
-    }
-    let kept = &data[data.len() - limit..];
-    match kept.iter().position(|&b| b == b'\n') {
-        Some(end) if end + 1 < kept.len() => &kept[end + 1..],
-        _ => kept,
     }
 }

@@ -19,6 +19,7 @@ pub(crate) mod attempts;
 pub(crate) mod events;
 pub(crate) mod fan_out;
 pub(crate) mod locks;
+mod logs;
 pub(crate) mod nodes;
 pub(crate) mod ops;
 pub(crate) mod schedules;
@@ -219,10 +220,38 @@ pub(crate) trait Tx {
         at: Millis,
         data: &[u8],
     ) -> Result<()>;
-    /// The bytes an attempt's log holds.
-    fn log_size(&mut self, op: OpId, task: TaskNo, attempt: u32) -> Result<i64>;
-    /// Drops the oldest chunk of an attempt's log unless it is the only one; whether it did.
-    fn drop_oldest_log(&mut self, op: OpId, task: TaskNo, attempt: u32) -> Result<bool>;
+    /// The bytes of output an attempt's log holds in its chunks numbered after `after` (its note
+    /// not counted).
+    fn log_size(&mut self, op: OpId, task: TaskNo, attempt: u32, after: i64) -> Result<i64>;
+    /// An attempt's note of what was cut from its log (its `stream` 0 chunk): its number and text.
+    fn log_note(&mut self, op: OpId, task: TaskNo, attempt: u32) -> Result<Option<(i64, Vec<u8>)>>;
+    /// The number of the first chunk of an attempt's log that ends more than `head` bytes into it.
+    fn log_head_end(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        attempt: u32,
+        head: i64,
+    ) -> Result<Option<i64>>;
+    /// Drops the first chunk of an attempt's log numbered after `after`, unless it is the last
+    /// chunk; its size, if it did.
+    fn drop_log_after(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        attempt: u32,
+        after: i64,
+    ) -> Result<Option<i64>>;
+    /// Writes an attempt's note of what was cut (`stream` 0) as chunk `seq`, or rewrites its text.
+    fn put_log_note(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        attempt: u32,
+        seq: i64,
+        at: Millis,
+        text: &[u8],
+    ) -> Result<()>;
 
     // --- fan-out and child ops ---
 

@@ -637,25 +637,77 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
-    fn log_size(&mut self, op: OpId, task: TaskNo, attempt: u32) -> Result<i64> {
+    fn log_size(&mut self, op: OpId, task: TaskNo, attempt: u32, after: i64) -> Result<i64> {
         self.run(|c| {
             c.prepare_cached(
-                "SELECT COALESCE(SUM(length(data)), 0) FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3",
+                "SELECT COALESCE(SUM(length(data)), 0) FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3 AND seq > ?4 AND stream <> 0",
             )?
-            .query_row(params![op.0, task.0, attempt], |r| r.get(0))
+            .query_row(params![op.0, task.0, attempt, after], |r| r.get(0))
         })
     }
 
-    fn drop_oldest_log(&mut self, op: OpId, task: TaskNo, attempt: u32) -> Result<bool> {
+    fn log_note(&mut self, op: OpId, task: TaskNo, attempt: u32) -> Result<Option<(i64, Vec<u8>)>> {
         self.run(|c| {
-            let removed = c
-                .prepare_cached(
-                    "DELETE FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3 AND seq = \
-                     (SELECT MIN(seq) FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3) \
-                     AND (SELECT count(*) FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3) > 1",
-                )?
-                .execute(params![op.0, task.0, attempt])?;
-            Ok(removed != 0)
+            c.prepare_cached(
+                "SELECT seq, data FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3 AND stream = 0",
+            )?
+            .query_row(params![op.0, task.0, attempt], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+        })
+    }
+
+    fn log_head_end(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        attempt: u32,
+        head: i64,
+    ) -> Result<Option<i64>> {
+        self.run(|c| {
+            c.prepare_cached(
+                "SELECT seq FROM (SELECT seq, SUM(length(data)) OVER (ORDER BY seq) AS upto FROM logs \
+                 WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3 AND stream <> 0) WHERE upto > ?4 ORDER BY seq LIMIT 1",
+            )?
+            .query_row(params![op.0, task.0, attempt, head], |r| r.get(0))
+            .optional()
+        })
+    }
+
+    fn drop_log_after(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        attempt: u32,
+        after: i64,
+    ) -> Result<Option<i64>> {
+        self.run(|c| {
+            c.prepare_cached(
+                "DELETE FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3 AND seq = \
+                 (SELECT MIN(seq) FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3 AND seq > ?4 AND stream <> 0) \
+                 AND seq < (SELECT MAX(seq) FROM logs WHERE op_id = ?1 AND task_no = ?2 AND attempt = ?3) \
+                 RETURNING length(data)",
+            )?
+            .query_row(params![op.0, task.0, attempt, after], |r| r.get(0))
+            .optional()
+        })
+    }
+
+    fn put_log_note(
+        &mut self,
+        op: OpId,
+        task: TaskNo,
+        attempt: u32,
+        seq: i64,
+        at: Millis,
+        text: &[u8],
+    ) -> Result<()> {
+        self.run(|c| {
+            c.prepare_cached(
+                "INSERT INTO logs (op_id, task_no, attempt, seq, stream, at, data) VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6) \
+                 ON CONFLICT (op_id, task_no, attempt, seq) DO UPDATE SET data = excluded.data",
+            )?
+            .execute(params![op.0, task.0, attempt, seq, at, text])?;
+            Ok(())
         })
     }
 
