@@ -70,7 +70,7 @@ impl Output {
 /// Text of several lines as people are shown it: each line through [`shown`], the line breaks
 /// kept (a message that is meant to span lines, such as an error with its causes).
 pub fn shown_lines(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(|c| c.is_control() && c != '\n') {
+    if !text.chars().any(|c| plans::diag::hidden(c) && c != '\n') {
         return Cow::Borrowed(text);
     }
     Cow::Owned(text.split('\n').map(shown).collect::<Vec<_>>().join("\n"))

@@ -12,13 +12,14 @@ use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, SourceSpan};
 use serde::Serialize;
 
 /// `text` as people are shown it: every control character (C0 — `\n`, `\r` and `\t` too —, DEL,
-/// C1) written visibly, so that data (a title, a param, a lock key, an error quoting them) can
-/// never move the cursor, rewrite a line or ring a bell. ESC is `\e`; `\n`, `\r`, `\t` as
-/// written in code; any other below U+0080 `\x07`, above it `\u{85}`. A backslash stays as it is.
-/// JSON never goes through this: serde writes the exact value. One function for every crate
-/// that prints (the `cairn` binary re-exports it as `output::shown`).
+/// C1) and bidirectional formatting character written visibly, so that data (a title, a param, a
+/// lock key, an error quoting them) can never move the cursor, rewrite a line, ring a bell or
+/// show its characters in another order than they are. ESC is `\e`; `\n`, `\r`, `\t` as
+/// written in code; any other below U+0080 `\x07`, above it `\u{85}`, `\u{202e}`. A backslash
+/// stays as it is. JSON never goes through this: serde writes the exact value. One function for
+/// every crate that prints (the `cairn` binary re-exports it as `output::shown`).
 pub fn shown(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(hidden) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
@@ -31,13 +32,24 @@ pub fn shown(text: &str) -> Cow<'_, str> {
             c if c.is_ascii_control() => {
                 write!(out, "\\x{:02x}", u32::from(c)).ok();
             }
-            c if c.is_control() => {
+            c if hidden(c) => {
                 write!(out, "\\u{{{:x}}}", u32::from(c)).ok();
             }
             c => out.push(c),
         }
     }
     Cow::Owned(out)
+}
+
+/// A character [`shown`] writes as an escape: a control character, or one that reorders the text
+/// around it (the bidirectional marks, embeddings, overrides and isolates).
+#[must_use]
+pub fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
 }
 
 /// A byte range in a plan's source text.
@@ -312,15 +324,15 @@ impl Excerpt {
     }
 }
 
-/// `text` with each control character but a tab and a line break replaced by as many `?` as it
-/// has bytes: the snippet under a problem can never drive the terminal, and every span still
+/// `text` with each control character but a tab and a line break (and each bidirectional
+/// formatting character) replaced by as many `?` as it has bytes: the snippet under a problem can never drive the terminal, and every span still
 /// points where it did.
 fn placeholders(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         let kept = matches!(c, '\t' | '\n') || (c == '\r' && chars.peek() == Some(&'\n'));
-        if c.is_control() && !kept {
+        if hidden(c) && !kept {
             out.extend(std::iter::repeat_n('?', c.len_utf8()));
         } else {
             out.push(c);
@@ -392,6 +404,14 @@ impl miette::Diagnostic for Report<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_reorders_or_drives_the_terminal_is_shown_escaped() {
+        assert_eq!(shown("plain é text"), "plain é text");
+        assert_eq!(shown("a\u{1b}[2Kb\r"), "a\\e[2Kb\\r");
+        assert_eq!(shown("x\u{85}y"), "x\\u{85}y");
+        assert_eq!(shown("ok\u{202e}ko\u{2066}"), "ok\\u{202e}ko\\u{2066}");
+    }
 
     #[test]
     fn line_col_counts_characters_not_bytes() {

@@ -6,9 +6,9 @@ use serde_json::Value;
 use crate::support::{Sandbox, code, stderr, stdout};
 
 /// Moves the cursor up, returns, clears the line and rings the bell: on a terminal it rewrites
-/// the line above.
-const RAW: &str = "\x1b[1A\r\x1b[2K\x07ok";
-const SHOWN: &str = "\\e[1A\\r\\e[2K\\x07ok";
+/// the line above; then shows what follows right to left (`ko` reads `ok`).
+const RAW: &str = "\x1b[1A\r\x1b[2K\x07ok\u{202e}ko";
+const SHOWN: &str = "\\e[1A\\r\\e[2K\\x07ok\\u{202e}ko";
 
 const PLAN: &str = r#"name: escapes
 params:
@@ -25,7 +25,7 @@ steps:
 "#;
 
 fn assert_shown(what: &str, text: &str) {
-    for raw in ['\x1b', '\r', '\x07'] {
+    for raw in ['\x1b', '\r', '\x07', '\u{202e}'] {
         assert!(!text.contains(raw), "{what} printed {raw:?} raw:\n{text:?}");
     }
     assert!(
