@@ -383,6 +383,65 @@ fn a_backup_then_a_restore_of_some_tables_gives_back_their_rows() {
     );
 }
 
+/// Backing up `app` with `keep=1` prunes `app`'s older dumps only, never those of `app-2`, whose
+/// name `app` begins; an empty database backs up, with no table in its dump.
+#[test]
+fn a_backup_prunes_only_its_own_dumps_and_an_empty_database_backs_up() {
+    let pg = Cluster::up();
+    let port = pg.primary_port.clone();
+    for db in ["app", "\"app-2\"", "fresh"] {
+        psql(&port, &format!("create database {db}")).unwrap();
+    }
+    for db in ["app", "app-2"] {
+        sql(&port, db, "create table t (id int primary key)").unwrap();
+    }
+    let dir = pg.path.join("backups");
+    let backup = |database: &str| {
+        let out = pg
+            .cairn(&[
+                "run",
+                "backup.yaml",
+                "-p",
+                &format!("port={port}"),
+                "-p",
+                &format!("database={database}"),
+                "-p",
+                &format!("dir={}", dir.display()),
+                "-p",
+                "keep=1",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), Some(0), "{database}: {}", stderr(&out));
+    };
+    backup("app-2");
+    backup("app");
+    backup("app");
+    let mut dumps: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "dump"))
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    dumps.sort();
+    assert_eq!(dumps.len(), 2, "{dumps:?}");
+    assert!(
+        dumps[0].starts_with("app-2-") && dumps[0].ends_with("-op1.dump"),
+        "{dumps:?}"
+    );
+    assert!(dumps[1].ends_with("-op3.dump"), "{dumps:?}");
+
+    backup("fresh");
+    let show: serde_json::Value =
+        serde_json::from_slice(&pg.cairn(&["show", "4", "--json"]).output().unwrap().stdout)
+            .unwrap();
+    assert_eq!(show["status"], "succeeded");
+    assert_eq!(
+        crate::support::task(&show, "verify")["outputs"]["tables"],
+        "0"
+    );
+}
+
 #[test]
 fn a_failover_aborted_by_its_pre_hook_changes_nothing_then_promotes_and_cools_down() {
     let pg = Cluster::up();
