@@ -202,8 +202,46 @@ fn a_broken_replica_is_rebuilt_and_streams_again() {
     let notices = std::fs::read_to_string(pg.path.join("notify")).unwrap();
     assert!(notices.contains("rebuilt"), "{notices}");
     // The backup set and the old data are gone.
-    assert!(!Path::new(&format!("{}.rebuild", pg.replica_data)).exists());
+    assert!(!Path::new(&format!("{}.rebuild-op1", pg.replica_data)).exists());
     assert!(!Path::new(&format!("{}.old", pg.replica_data)).exists());
+}
+
+/// The guard asks the servers: the primary's data directory given with the replica's port (or
+/// the replica's directory with the primary's port) is refused before anything stops, and both
+/// servers still run.
+#[test]
+fn a_rebuild_given_one_servers_directory_and_anothers_port_is_refused() {
+    let pg = Cluster::up();
+    for (data, port, says) in [
+        (&pg.primary_data, &pg.replica_port, "listens on port"),
+        (&pg.replica_data, &pg.primary_port, "listens on port"),
+    ] {
+        let out = pg
+            .cairn(&[
+                "run",
+                "rebuild-replica.yaml",
+                "-p",
+                &format!("replica_data={data}"),
+                "-p",
+                &format!("replica_port={port}"),
+                "-p",
+                &format!(
+                    "primary_port={}",
+                    if *port == pg.primary_port {
+                        &pg.replica_port
+                    } else {
+                        &pg.primary_port
+                    }
+                ),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
+        assert_eq!(psql(&pg.primary_port, "select 1").as_deref(), Some("1"));
+        assert_eq!(psql(&pg.replica_port, "select 1").as_deref(), Some("1"));
+    }
+    pg.assert_replicates("after the refusals");
 }
 
 #[test]
@@ -219,7 +257,7 @@ fn a_rebuild_killed_during_the_base_backup_resumes_and_the_replica_is_correct() 
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let staging = PathBuf::from(format!("{}.rebuild", pg.replica_data));
+    let staging = PathBuf::from(format!("{}.rebuild-op1", pg.replica_data));
     let started = Instant::now();
     while !staging.join("base").exists() {
         assert!(
