@@ -293,6 +293,25 @@ fn a_rebuild_killed_during_the_base_backup_resumes_and_the_replica_is_correct() 
     assert_eq!(crate::support::task(&show, "base-backup")["attempts"], 2);
 }
 
+/// A table's definition as the catalog has it: its columns (type, not null, default), indexes,
+/// constraints and comment, one per line, sorted.
+fn definition(port: &str, table: &str) -> String {
+    let query = format!(
+        "select string_agg(x, E'\\n' order by x) from ( \
+           select 'column ' || attname || ' ' || format_type(atttypid, atttypmod) || ' ' \
+                  || attnotnull || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '') \
+             from pg_attribute a left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum \
+            where attrelid = '{table}'::regclass and attnum > 0 and not attisdropped \
+           union all select 'index ' || pg_get_indexdef(indexrelid) from pg_index where indrelid = '{table}'::regclass \
+           union all select 'constraint ' || conname || ' ' || pg_get_constraintdef(oid) from pg_constraint where conrelid = '{table}'::regclass \
+           union all select 'comment ' || coalesce(obj_description('{table}'::regclass, 'pg_class'), '') \
+         ) s(x)"
+    );
+    let text = sql(port, "app", &query).unwrap();
+    assert!(text.contains("PRIMARY KEY"), "{text}");
+    text
+}
+
 /// Row count and checksum of a table's rows.
 fn fingerprint(port: &str, table: &str) -> String {
     sql(
@@ -311,14 +330,16 @@ fn a_backup_then_a_restore_of_some_tables_gives_back_their_rows() {
     sql(
         &port,
         "app",
-        "create table orders (id int primary key, v text); \
-         insert into orders select g, md5(g::text) from generate_series(1, 5000) g; \
+        "create table orders (id serial primary key, v text not null default 'none'); \
+         create index orders_v on orders (v); comment on table orders is 'what was ordered'; \
+         insert into orders (v) select md5(g::text) from generate_series(1, 5000) g; \
          create table items (id int, o int); \
          insert into items select g, g % 100 from generate_series(1, 3000) g; \
          create table other (x int); insert into other values (1)",
     )
     .unwrap();
     let before = [fingerprint(&port, "orders"), fingerprint(&port, "items")];
+    let defined = definition(&port, "orders");
     let dir = pg.path.join("backups");
     let out = pg
         .cairn(&[
@@ -406,6 +427,20 @@ fn a_backup_then_a_restore_of_some_tables_gives_back_their_rows() {
     assert_eq!(ended.status.code(), Some(0), "{}", stderr(&ended));
     assert_eq!(fingerprint(&port, "orders"), before[0]);
     assert_eq!(fingerprint(&port, "items"), before[1]);
+    // The table is whole again: key, index, default, sequence and comment, as before; the
+    // application's next insert takes the next key.
+    assert_eq!(definition(&port, "orders"), defined);
+    assert_eq!(
+        sql(
+            &port,
+            "app",
+            "insert into orders default values returning id"
+        )
+        .unwrap()
+        .lines()
+        .next(),
+        Some("5001")
+    );
     // The damaged tables were kept aside; the scratch database is gone.
     assert_eq!(
         sql(&port, "app", "select count(*) from orders_before_op2").as_deref(),
