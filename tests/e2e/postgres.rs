@@ -515,6 +515,85 @@ fn a_backup_prunes_only_its_own_dumps_and_an_empty_database_backs_up() {
     );
 }
 
+impl Cluster {
+    /// `cairn run failover.yaml` of this cluster's primary to its replica.
+    fn failover_args(&self) -> Vec<String> {
+        vec![
+            "run".to_owned(),
+            "failover.yaml".into(),
+            "-p".into(),
+            "cluster=main".into(),
+            "-p".into(),
+            format!("primary_port={}", self.primary_port),
+            "-p".into(),
+            format!("primary_data={}", self.primary_data),
+            "-p".into(),
+            format!("replica_port={}", self.replica_port),
+            "-p".into(),
+            format!("replica_data={}", self.replica_data),
+            "-p".into(),
+            format!("notify={}", self.path.join("notify").display()),
+        ]
+    }
+}
+
+/// A real crash, five times: the primary stopped with `-m immediate` while rows are written to
+/// it. The failover promotes the replica, rewinds the old primary (which keeps its own port) and
+/// succeeds only once the old primary replays what the new one wrote after it; then a row written
+/// on the new primary reaches the old one.
+#[test]
+fn a_failover_after_a_real_crash_leaves_the_old_primary_streaming() {
+    for round in 0..5 {
+        let pg = Cluster::up();
+        psql(&pg.primary_port, "create table w (v int)").unwrap();
+        // In the last rounds the primary keeps its WAL, so that pg_rewind can rewind it; in the
+        // first, the crash recovery pg_rewind runs recycles what it would need, and the old
+        // primary is rebuilt.
+        let keeps_wal = round >= 3;
+        if keeps_wal {
+            psql(&pg.primary_port, "alter system set wal_keep_size = '1GB'").unwrap();
+            psql(&pg.primary_port, "select pg_reload_conf()").unwrap();
+        }
+        let mut writer = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "while psql -X -q -h 127.0.0.1 -p {} -U postgres -c 'insert into w select generate_series(1, 100)' 2>/dev/null; do :; done",
+                pg.primary_port
+            ))
+            .spawn()
+            .unwrap();
+        wait_for(&pg.replica_port, "select count(*) > 0 from w", "t");
+        pg_ctl(&pg.primary_data, &["-m", "immediate", "stop"]);
+        writer.wait().unwrap();
+        let out = pg.cairn(&args(&pg.failover_args())).output().unwrap();
+        assert_eq!(code(&out), Some(0), "round {round}: {}", stderr(&out));
+        assert_eq!(
+            psql(&pg.primary_port, "select pg_is_in_recovery()").as_deref(),
+            Some("t"),
+            "round {round}: the old primary is not a standby on its own port"
+        );
+        psql(&pg.replica_port, "insert into w values (-1)").unwrap();
+        wait_for(&pg.primary_port, "select count(*) from w where v = -1", "1");
+        let show: serde_json::Value =
+            serde_json::from_slice(&pg.cairn(&["show", "1", "--json"]).output().unwrap().stdout)
+                .unwrap();
+        let rewound = &crate::support::task(&show, "repoint-old-primary")["outputs"]["rewound"];
+        let rebuilt = &crate::support::task(&show, "rebuild-old-primary")["status"];
+        // Rewound, or (its WAL gone) rebuilt by the sub-plan: never neither.
+        assert!(
+            (rewound == "yes" && rebuilt == "skipped")
+                || (rewound == "no" && rebuilt == "succeeded"),
+            "round {round}: rewound {rewound}, rebuilt {rebuilt}"
+        );
+        if keeps_wal {
+            assert_eq!(
+                rewound, "yes",
+                "round {round}: the WAL was kept, yet no rewind"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_failover_aborted_by_its_pre_hook_changes_nothing_then_promotes_and_cools_down() {
     let pg = Cluster::up();
