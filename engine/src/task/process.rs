@@ -435,7 +435,8 @@ impl ProcessAttempt<'_> {
                     env,
                     output,
                     cwd: self.cwd.clone(),
-                    marker: format!("{marker}/until"),
+                    // Marked as `check` is: a resume's sweep looks for both.
+                    marker: format!("{marker}/check"),
                 },
                 None => Launch {
                     argv: self.argv.clone(),
