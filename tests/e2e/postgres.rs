@@ -597,22 +597,7 @@ fn a_failover_after_a_real_crash_leaves_the_old_primary_streaming() {
 #[test]
 fn a_failover_aborted_by_its_pre_hook_changes_nothing_then_promotes_and_cools_down() {
     let pg = Cluster::up();
-    let run = vec![
-        "run".to_owned(),
-        "failover.yaml".into(),
-        "-p".into(),
-        "cluster=main".into(),
-        "-p".into(),
-        format!("primary_port={}", pg.primary_port),
-        "-p".into(),
-        format!("primary_data={}", pg.primary_data),
-        "-p".into(),
-        format!("replica_port={}", pg.replica_port),
-        "-p".into(),
-        format!("replica_data={}", pg.replica_data),
-        "-p".into(),
-        format!("notify={}", pg.path.join("notify").display()),
-    ];
+    let run = pg.failover_args();
     // The primary answers: the pre hook aborts, nothing changes.
     let out = pg.cairn(&args(&run)).output().unwrap();
     assert_eq!(code(&out), Some(1), "{}", stderr(&out));
