@@ -859,16 +859,16 @@ fn mark_without_declared_outputs_is_refused_and_a_missing_value_is_named() {
 /// A step that ignores TERM: only KILL ends it. It writes `late` once it ran 20 s.
 const STUBBORN: &str = "name: stubborn\nsteps:\n  - id: long\n    run: |\n      trap '' TERM\n      touch started\n      sleep 20\n      touch late\nhooks:\n  on_cancel:\n    - run: touch on-cancel\n";
 
-/// Waits until op `op`'s events hold one of `kind`.
-fn wait_for_event(sandbox: &Sandbox, op: i64, kind: &str) {
+/// Whether op `op`'s events come to hold one of `kind` within `limit`.
+fn event_within(sandbox: &Sandbox, op: i64, kind: &str, limit: Duration) -> bool {
     let started = Instant::now();
     while !events(&sandbox.show(op)).iter().any(|(k, _)| k == kind) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no {kind} event"
-        );
+        if started.elapsed() > limit {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    true
 }
 
 /// The op was canceled and its step killed (KILL) long before it could write `late`: nothing of it runs
@@ -921,11 +921,21 @@ fn cancel_grace_holds_when_the_owner_is_gone_whoever_finishes_the_cancel() {
     // 30 s: the request's 1 s is what the step's leftover gets.
     let mut run = sandbox.spawn(&["run", "plan.yaml", "--grace", "30s"]);
     sandbox.wait_for("started", Duration::from_secs(20));
-    crate::support::signal(&run, nix::sys::signal::Signal::SIGSTOP);
-    let mut cancel = sandbox.spawn(&["cancel", "1", "--grace", "1s"]);
-    wait_for_event(&sandbox, 1, "cancel-requested");
-    cancel.kill().unwrap();
-    cancel.wait().unwrap();
+    for attempt in 1.. {
+        crate::support::signal(&run, nix::sys::signal::Signal::SIGSTOP);
+        let mut cancel = sandbox.spawn(&["cancel", "1", "--grace", "1s"]);
+        let recorded = event_within(&sandbox, 1, "cancel-requested", Duration::from_secs(5));
+        cancel.kill().unwrap();
+        cancel.wait().unwrap();
+        if recorded || event_within(&sandbox, 1, "cancel-requested", Duration::ZERO) {
+            break;
+        }
+        // Stopped inside a transaction that holds the op's row (a lease renewal): the request
+        // waits for it. Let the owner finish it, and stop it again.
+        assert!(attempt < 5, "no cancel-requested event");
+        crate::support::signal(&run, nix::sys::signal::Signal::SIGCONT);
+        std::thread::sleep(Duration::from_millis(200));
+    }
     run.kill().unwrap();
     run.wait().unwrap();
     let serve = sandbox.cairn(&["serve", "--once", "--poll", "100ms", "--grace", "30s"]);
