@@ -341,8 +341,17 @@ fn a_damaged_value_reads_as_damage() {
         return;
     }
     let sandbox = Sandbox::new();
-    let (mut bytes, at) = ops_on_pages(&sandbox, "\"marker-07-");
-    bytes[at + 1..at + 5].copy_from_slice(&[0xff, 0xfe, 0x80, 0x81]);
+    let needle = b"\"marker-07-";
+    let (mut bytes, _) = ops_on_pages(&sandbox, "\"marker-07-");
+    // Every copy: a page's free space may still hold an older copy of the row before the live one.
+    let copies: Vec<usize> = bytes
+        .windows(needle.len())
+        .enumerate()
+        .filter_map(|(at, w)| (w == needle).then_some(at))
+        .collect();
+    for at in copies {
+        bytes[at + 1..at + 5].copy_from_slice(&[0xff, 0xfe, 0x80, 0x81]);
+    }
     std::fs::write(sandbox.path().join("cairn.db"), &bytes).unwrap();
     let out = sandbox.cairn(&["show", "7"]);
     assert_eq!(code(&out), Some(2), "{}", stderr(&out));
