@@ -418,7 +418,8 @@ async fn poll(
     seen: &mut Seen,
     busy: usize,
 ) -> Result<Vec<(OpId, Work)>, Error> {
-    if let Some(pause) = store.reader()?.paused()? {
+    let pauses = store.reader()?.pauses(owner::now())?;
+    if let Some(pause) = pauses.iter().find(|p| p.scope.is_global()) {
         if !seen.said_paused {
             tracing::info!(by = %pause.by, "cairn is paused: no op starts and no schedule fires until `cairn unpause`");
             seen.said_paused = true;
@@ -431,7 +432,7 @@ async fn poll(
     if busy >= config.workers {
         return Ok(Vec::new());
     }
-    let (found, waiting) = work(&store.reader()?, rule, running, seen)?;
+    let (found, waiting) = work(&store.reader()?, rule, running, seen, &pauses)?;
     // `status` says why a queued op does not start.
     let notes: Vec<Change> = waiting
         .into_iter()
@@ -583,6 +584,7 @@ fn work(
     rule: Rule,
     running: &BTreeMap<OpId, StopHandle>,
     seen: &mut Seen,
+    pauses: &[store::Pause],
 ) -> Result<Found, Error> {
     let mut waiting = Vec::new();
     let now = owner::now();
@@ -630,6 +632,18 @@ fn work(
             // own `timeout` passed (the woken run fails it). `cairn cancel` cancels it itself.
             let parked = row.status == OpStatus::Waiting && row.owner.is_none();
             if parked && (row.cancel.is_some() || !gate_due(reader, &row, now)) {
+                continue;
+            }
+            // A scoped pause (`cairn pause --plan`, `--key`) holds it where it is.
+            if row.cancel.is_none()
+                && let Some(pause) = pauses
+                    .iter()
+                    .find(|p| p.scope.holds(&row.plan, row.lock_key.as_deref()))
+            {
+                let text = op::pause_note(pause);
+                if row.current_task.as_deref() != Some(text.as_str()) {
+                    waiting.push((row.id, text));
+                }
                 continue;
             }
             if let Some((key, holder)) = row

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
     Applied, AttemptRow, Change, CooldownRow, EventKind, EventRow, LockRow, LogChunk, Millis,
-    NodeRow, OpFilter, OpId, OpRow, Request, ScheduleRow, Snapshot, TaskNo, TaskRow,
+    NodeRow, OpFilter, OpId, OpRow, Pause, ScheduleRow, Snapshot, TaskNo, TaskRow,
 };
 
 /// Each batch's result, in the batches' order.
@@ -90,8 +90,8 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     fn locks(&self) -> Result<Vec<LockRow>>;
     /// Cooldowns that still run at `now` (acknowledged ones included, marked).
     fn cooldowns(&self, now: Millis) -> Result<Vec<CooldownRow>>;
-    /// Who paused cairn, when and why; `None` when it is not paused.
-    fn paused(&self) -> Result<Option<Request>>;
+    /// Every pause stored, the global one and scoped ones, ended maintenance windows included.
+    fn pauses(&self) -> Result<Vec<Pause>>;
     /// Every serving node recorded, live or not (see [`NodeRow`]), by host then pid.
     fn nodes(&self) -> Result<Vec<NodeRow>>;
     /// Whether any op's params hold a sealed secret (`{"$secret": ...}`): then the secret key
@@ -268,8 +268,24 @@ impl Reader {
         self.backend.cooldowns(now)
     }
 
-    pub fn paused(&self) -> Result<Option<Request>> {
-        self.backend.paused()
+    /// The pauses that hold at `now` (a maintenance window that ended holds nothing).
+    pub fn pauses(&self, now: Millis) -> Result<Vec<Pause>> {
+        let mut pauses = self.backend.pauses()?;
+        pauses.retain(|p| p.holds_at(now));
+        Ok(pauses)
+    }
+
+    /// The first pause that holds an op of `plan` with `lock_key` at `now`, the global one first.
+    pub fn pause_of(
+        &self,
+        plan: &str,
+        lock_key: Option<&str>,
+        now: Millis,
+    ) -> Result<Option<Pause>> {
+        Ok(self
+            .pauses(now)?
+            .into_iter()
+            .find(|p| p.scope.holds(plan, lock_key)))
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {

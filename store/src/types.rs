@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// An op's id, the small integer people type (`cairn show 42`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -537,6 +537,85 @@ pub struct Request {
     pub reason: Option<String>,
 }
 
+/// What a pause holds: ops of one plan, ops whose lock key starts with a prefix, both, or (both
+/// `None`) every op.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseScope {
+    pub plan: Option<String>,
+    pub key: Option<String>,
+}
+
+impl PauseScope {
+    #[must_use]
+    pub fn is_global(&self) -> bool {
+        self.plan.is_none() && self.key.is_none()
+    }
+
+    /// Whether an op of `plan` with `lock_key` is in this scope (a key prefix holds only ops that
+    /// take a lock).
+    #[must_use]
+    pub fn holds(&self, plan: &str, lock_key: Option<&str>) -> bool {
+        self.plan.as_deref().is_none_or(|p| p == plan)
+            && self
+                .key
+                .as_deref()
+                .is_none_or(|k| lock_key.is_some_and(|l| l.starts_with(k)))
+    }
+
+    /// The settings row the pause of this scope is kept in: `paused` for the global one (as it
+    /// always was), else `paused:` and the scope as JSON (any text is a valid name or prefix).
+    #[must_use]
+    pub fn setting(&self) -> String {
+        if self.is_global() {
+            "paused".to_owned()
+        } else {
+            format!("paused:{}", serde_json::json!([self.plan, self.key]))
+        }
+    }
+
+    /// The scope in words: `every op`, `plan backup`, `lock keys starting with pg/`.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match (&self.plan, &self.key) {
+            (None, None) => "every op".to_owned(),
+            (Some(p), None) => format!("plan {p}"),
+            (None, Some(k)) => format!("lock keys starting with {k}"),
+            (Some(p), Some(k)) => format!("plan {p} with lock keys starting with {k}"),
+        }
+    }
+}
+
+/// A pause, as it is stored and listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    #[serde(flatten)]
+    pub scope: PauseScope,
+    pub by: String,
+    pub at: Millis,
+    pub reason: Option<String>,
+    /// The end of a maintenance window (`--for`): from then on the pause holds nothing.
+    pub until: Option<Millis>,
+}
+
+impl Pause {
+    /// Whether the pause still holds at `now`.
+    #[must_use]
+    pub fn holds_at(&self, now: Millis) -> bool {
+        self.until.is_none_or(|u| now < u)
+    }
+
+    /// Reads a pause from its settings row (a global pause of an older cairn has no scope).
+    #[must_use]
+    pub fn from_setting(value: &str) -> Option<Self> {
+        serde_json::from_str(value).ok()
+    }
+
+    #[must_use]
+    pub fn to_setting(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
 /// A held lock, as `cairn locks` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LockRow {
@@ -817,11 +896,15 @@ pub enum Change {
         key: String,
         request: Request,
     },
-    /// The global switch: while paused no new op starts.
+    /// A pause: while it holds, no new op in its scope starts (a global one: none at all). A
+    /// pause of the same scope is replaced.
     Pause {
-        request: Request,
+        pause: Pause,
     },
-    Unpause,
+    /// Lifts the pause of exactly this scope (none: nothing happens).
+    Unpause {
+        scope: PauseScope,
+    },
     /// Output of an attempt.
     Log {
         op: OpId,
@@ -952,7 +1035,7 @@ impl Change {
             | Self::Approve { .. }
             | Self::RequestCancel { .. }
             | Self::CancelUnstarted { .. }
-            | Self::Unpause
+            | Self::Unpause { .. }
             | Self::Ack { .. }
             | Self::ReleaseLock { .. }
             | Self::AddSchedule(_)

@@ -433,20 +433,26 @@ fn other_changes() -> Vec<Vec<Change>> {
             },
         }],
         vec![Change::Pause {
-            request: store::Request {
+            pause: store::Pause {
+                scope: store::PauseScope::default(),
                 by: "me".into(),
                 at: 32,
                 reason: Some("why".into()),
+                until: None,
             },
         }],
         vec![Change::Pause {
-            request: store::Request {
+            pause: store::Pause {
+                scope: store::PauseScope::default(),
                 by: "me".into(),
                 at: 33,
                 reason: None,
+                until: None,
             },
         }],
-        vec![Change::Unpause],
+        vec![Change::Unpause {
+            scope: store::PauseScope::default(),
+        }],
         vec![Change::AddSchedule(store::NewSchedule {
             name: "nightly".into(),
             plan: "/p.yaml".into(),

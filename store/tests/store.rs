@@ -1187,7 +1187,9 @@ fn a_faulty_backend_delays_commits_when_told() {
         .unwrap();
     let started = std::time::Instant::now();
     runtime
-        .block_on(store.apply(vec![Change::Unpause]))
+        .block_on(store.apply(vec![Change::Unpause {
+            scope: store::PauseScope::default(),
+        }]))
         .unwrap();
     assert!(started.elapsed() >= std::time::Duration::from_millis(200));
     assert_eq!(faulty.commits(), 1);

@@ -20,6 +20,8 @@ mod invalid_plans;
 mod logs;
 mod nodes;
 mod operator;
+mod pauses;
+
 mod outage;
 mod postgres;
 mod regressions;

@@ -35,33 +35,51 @@ pub struct AckArgs {
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let now = engine::owner::now();
     let reader = args.db.reader()?;
-    let (locks, cooldowns, paused) = (reader.locks()?, reader.cooldowns(now)?, reader.paused()?);
+    let (locks, cooldowns, pauses) = (reader.locks()?, reader.cooldowns(now)?, reader.pauses(now)?);
     let time = engine::time::local;
     let text = if args.json {
+        let pause = |p: &store::Pause| {
+            json!({
+                "plan": p.scope.plan, "key_prefix": p.scope.key,
+                "by": p.by, "at": engine::time::rfc3339(p.at), "reason": p.reason,
+                "until": p.until.map(engine::time::rfc3339),
+            })
+        };
         let value = json!({
             "locks": locks.iter().map(|l| json!({"key": l.key, "op": l.op.0, "since": engine::time::rfc3339(l.since)})).collect::<Vec<_>>(),
             "cooldowns": cooldowns.iter().map(|c| json!({
                 "key": c.key, "after_op": c.op.0, "until": engine::time::rfc3339(c.until),
                 "acked_by": c.acked.as_ref().map(|a| a.by.clone()),
             })).collect::<Vec<_>>(),
-            "paused": paused.as_ref().map(|p| json!({"by": p.by, "at": engine::time::rfc3339(p.at), "reason": p.reason})),
+            "paused": pauses.iter().find(|p| p.scope.is_global()).map(pause),
+            "pauses": pauses.iter().map(pause).collect::<Vec<_>>(),
         });
         let mut text = serde_json::to_string_pretty(&value).context("cannot encode")?;
         text.push('\n');
         text
     } else {
         let mut text = String::new();
-        match &paused {
-            Some(p) => writeln!(
+        if pauses.is_empty() {
+            writeln!(text, "not paused").ok();
+        }
+        for p in &pauses {
+            let scope = if p.scope.is_global() {
+                String::new()
+            } else {
+                format!(" {}", shown(&p.scope.describe()))
+            };
+            let until = p
+                .until
+                .map_or(String::new(), |u| format!(" until {}", time(u)));
+            writeln!(
                 text,
-                "paused by {} since {}: {}",
+                "paused{scope} by {} since {}{until}: {}",
                 shown(&p.by),
                 time(p.at),
                 shown(p.reason.as_deref().unwrap_or("no reason given"))
             )
-            .ok(),
-            None => writeln!(text, "not paused").ok(),
-        };
+            .ok();
+        }
         if locks.is_empty() {
             writeln!(text, "no lock is held").ok();
         }

@@ -157,14 +157,12 @@ impl Acquire<'_> {
         let paused = if self.overrides.ignore_pause {
             None
         } else {
-            store.reader()?.paused()?
+            store
+                .reader()?
+                .pause_of(&row.plan, row.lock_key.as_deref(), now())?
         };
         if let Some(pause) = &paused {
-            let why = pause
-                .reason
-                .clone()
-                .unwrap_or_else(|| "no reason given".to_owned());
-            let text = format!("waiting: cairn is paused by {}: {why}", pause.by);
+            let text = super::pause_note(pause);
             tell(
                 store,
                 op,

@@ -40,7 +40,10 @@ use std::sync::Arc;
 
 use plans::model::Plan;
 use serde_json::{Map, Value};
-use store::{Change, EventKind, Millis, OpId, OpStatus, ProcessId, Reader, Request, Store, TaskNo};
+use store::{
+    Change, EventKind, Millis, OpId, OpStatus, Pause, PauseScope, ProcessId, Reader, Request,
+    Store, TaskNo,
+};
 
 use crate::options::Options;
 use crate::owner::{OwnerState, Rule, now};
@@ -74,12 +77,18 @@ pub enum Error {
     #[error(transparent)]
     Secret(#[from] secrets::Error),
     #[error(
-        "cairn is paused (by {by} at {at}: {reason}); `cairn unpause` lifts it, `--ignore-pause` starts anyway"
+        "cairn is paused{scope} (by {by} at {at}{until}: {reason}); `{lift}` lifts it, `--ignore-pause` starts anyway"
     )]
     Paused {
+        /// ` for plan backup`, or nothing for the global pause.
+        scope: String,
         by: String,
         at: String,
+        /// `, until 03:00` for a maintenance window, else nothing.
+        until: String,
         reason: String,
+        /// The command that lifts this pause.
+        lift: String,
     },
     #[error(
         "lock `{key}` is held by op {holder}; wait for it (without --no-wait), or cancel that op"
@@ -220,10 +229,25 @@ pub fn whoami() -> String {
     procs::proc::user_name()
 }
 
-/// Refuses while cairn is paused, unless the caller overrides it; returns the pause it overrode.
-fn check_pause(store: &Store, overrides: Overrides) -> Result<Option<Request>, Error> {
-    match store.reader()?.paused()? {
+/// Refuses while a pause holds an op of `plan` with `lock_key`, unless the caller overrides it;
+/// returns the pause it overrode.
+fn check_pause(
+    store: &Store,
+    overrides: Overrides,
+    plan: &str,
+    lock_key: Option<&str>,
+) -> Result<Option<Pause>, Error> {
+    match store.reader()?.pause_of(plan, lock_key, now())? {
         Some(pause) if !overrides.ignore_pause => Err(Error::Paused {
+            scope: if pause.scope.is_global() {
+                String::new()
+            } else {
+                format!(" for {}", pause.scope.describe())
+            },
+            until: pause
+                .until
+                .map_or(String::new(), |u| format!(", until {}", show_time(u))),
+            lift: unpause_command(&pause.scope),
             by: pause.by,
             at: show_time(pause.at),
             reason: pause.reason.unwrap_or_else(|| "no reason given".to_owned()),
@@ -232,9 +256,47 @@ fn check_pause(store: &Store, overrides: Overrides) -> Result<Option<Request>, E
     }
 }
 
+/// The command that lifts the pause of `scope`: `cairn unpause --plan backup`.
+#[must_use]
+pub fn unpause_command(scope: &PauseScope) -> String {
+    let quote = |v: &str| {
+        shlex::try_quote(v)
+            .map(std::borrow::Cow::into_owned)
+            .unwrap_or_default()
+    };
+    let plan = scope
+        .plan
+        .as_deref()
+        .map(|p| format!(" --plan {}", quote(p)));
+    let key = scope.key.as_deref().map(|k| format!(" --key {}", quote(k)));
+    format!(
+        "cairn unpause{}{}",
+        plan.unwrap_or_default(),
+        key.unwrap_or_default()
+    )
+}
+
+/// Why a pause holds an op, for `status`: `cairn is paused for plan backup by ann: upgrade`.
+#[must_use]
+pub fn pause_note(pause: &Pause) -> String {
+    let scope = if pause.scope.is_global() {
+        String::new()
+    } else {
+        format!(" for {}", pause.scope.describe())
+    };
+    let until = pause
+        .until
+        .map_or(String::new(), |u| format!(" until {}", show_time(u)));
+    let why = pause.reason.as_deref().unwrap_or("no reason given");
+    format!(
+        "waiting: cairn is paused{scope}{until} by {}: {why}",
+        pause.by
+    )
+}
+
 /// The event of a start over a pause, written by `owner` (fenced: a process that lost the op
 /// writes nothing more for it).
-fn pause_event(op: OpId, owner: &ProcessId, pause: Option<Request>) -> Vec<Change> {
+fn pause_event(op: OpId, owner: &ProcessId, pause: Option<Pause>) -> Vec<Change> {
     pause
         .map(|p| Change::Event {
             op,

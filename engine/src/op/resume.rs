@@ -86,7 +86,12 @@ pub(crate) async fn resume_as(
         None => None,
     };
     let paused = if row.cancel.is_none() {
-        check_pause(store, takeover.overrides)?
+        check_pause(
+            store,
+            takeover.overrides,
+            &row.plan,
+            row.lock_key.as_deref(),
+        )?
     } else {
         None
     };

@@ -156,10 +156,10 @@ pub async fn run(
     progress: Sink,
     stop: StopHandle,
 ) -> Result<(OpId, RunEnd), Error> {
-    let paused = check_pause(store, overrides)?;
     let (ancestors, held) = children::lineage(&store.reader()?, new.parent)?;
     let me = owner::me();
     let mut op = new_op(store, &new, &held, overrides)?;
+    let paused = check_pause(store, overrides, &new.plan.name, op.lock.as_deref())?;
     // A claim made after waiting for the lock writes a later lease: this one is never more.
     let lease = lease_until(&options);
     op.owner = Some((me.clone(), lease));

@@ -25,8 +25,8 @@ use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
     AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, Interruption, LockRow, LogChunk,
-    Millis, NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot,
-    TaskNo, TaskRow, TaskStatus,
+    Millis, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request, ScheduleRow,
+    Snapshot, TaskNo, TaskRow, TaskStatus,
 };
 
 /// How long a caller waits for a read's answer: a server that stopped answering (a network cut
@@ -521,17 +521,6 @@ fn schedule_row(r: &Row) -> PgResult<ScheduleRow> {
     })
 }
 
-/// The `paused` setting's JSON, as [`Request`].
-fn paused_request(value: &str) -> Option<Request> {
-    serde_json::from_str::<serde_json::Value>(value)
-        .ok()
-        .map(|v| Request {
-            by: v["by"].as_str().unwrap_or_default().to_owned(),
-            at: v["at"].as_i64().unwrap_or_default(),
-            reason: v["reason"].as_str().map(ToOwned::to_owned),
-        })
-}
-
 fn snapshot_of(hash: String, name: String, text: String, files: &str) -> Snapshot {
     let files: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(files).unwrap_or_default();
@@ -803,13 +792,20 @@ impl ReadBackend for PgReader {
         })
     }
 
-    fn paused(&self) -> Result<Option<Request>> {
-        let value = self.run(|c| {
-            c.query_opt("SELECT value FROM settings WHERE key = 'paused'", &[])?
-                .map(|r| r.try_get::<_, String>(0))
-                .transpose()
+    fn pauses(&self) -> Result<Vec<Pause>> {
+        let values = self.run(|c| {
+            c.query(
+                "SELECT value FROM settings WHERE key = 'paused' OR key LIKE 'paused:%' ORDER BY key",
+                &[],
+            )?
+            .iter()
+            .map(|r| r.try_get::<_, String>(0))
+            .collect::<PgResult<Vec<_>>>()
         })?;
-        Ok(value.as_deref().and_then(paused_request))
+        Ok(values
+            .iter()
+            .filter_map(|v| Pause::from_setting(v))
+            .collect())
     }
 
     fn any_sealed(&self) -> Result<bool> {
@@ -1331,18 +1327,20 @@ mod tests {
     fn paused_is_read_from_its_setting() {
         let db = Db::new("");
         let reader = db.reader();
-        assert_eq!(reader.paused().expect("paused"), None);
+        assert_eq!(reader.pauses().expect("paused"), Vec::new());
         db.exec(
             r#"INSERT INTO settings (key, value)
                VALUES ('paused', '{"by": "ann", "at": 77, "reason": "upgrade"}')"#,
         );
         assert_eq!(
-            reader.paused().expect("paused"),
-            Some(Request {
+            reader.pauses().expect("paused"),
+            vec![Pause {
+                scope: crate::types::PauseScope::default(),
                 by: "ann".into(),
                 at: 77,
                 reason: Some("upgrade".into()),
-            })
+                until: None,
+            }]
         );
     }
 
@@ -1442,7 +1440,7 @@ mod tests {
             .parse()
             .expect("config");
         let err = PgReader::new(config, Location::parse("postgres://127.0.0.1/test"))
-            .paused()
+            .pauses()
             .expect_err("no TLS");
         assert!(err.to_string().contains("sslmode=require"), "{err}");
     }

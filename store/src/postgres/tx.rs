@@ -1047,16 +1047,16 @@ impl Tx for PgTx<'_> {
         }
     }
 
-    fn set_paused(&mut self, request: &str) -> Result<()> {
+    fn set_paused(&mut self, setting: &str, pause: &str) -> Result<()> {
         self.exec(
-            "INSERT INTO settings (key, value) VALUES ('paused', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            &[&request],
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&setting, &pause],
         )?;
         Ok(())
     }
 
-    fn clear_paused(&mut self) -> Result<()> {
-        self.exec("DELETE FROM settings WHERE key = 'paused'", &[])?;
+    fn clear_paused(&mut self, setting: &str) -> Result<()> {
+        self.exec("DELETE FROM settings WHERE key = $1", &[&setting])?;
         Ok(())
     }
 

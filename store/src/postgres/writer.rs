@@ -652,7 +652,11 @@ mod tests {
             }
             let before = waiter.changes.seen();
             let wait = waiter.wait_for_change(PATIENCE);
-            let results = other.commit(vec![vec![Change::Unpause]]).await;
+            let results = other
+                .commit(vec![vec![Change::Unpause {
+                    scope: crate::types::PauseScope::default(),
+                }]])
+                .await;
             assert!(results.iter().all(Result::is_ok), "{results:?}");
             wait.await;
             assert!(waiter.changes.seen() > before);
@@ -675,7 +679,9 @@ mod tests {
             tokens: Tokens::new(),
         };
         let (committed, refused) = (writer.tokens.next(), writer.tokens.next());
-        let unpause = vec![Change::Unpause];
+        let unpause = vec![Change::Unpause {
+            scope: crate::types::PauseScope::default(),
+        }];
         let conn = writer.conn.as_mut().unwrap();
         assert!(matches!(
             run(conn, &writer.path, &[&unpause], &committed, false),

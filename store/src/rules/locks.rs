@@ -6,7 +6,7 @@
 
 use super::{Tx, event, events};
 use crate::error::{Error, Result};
-use crate::types::{Millis, OpId, Request};
+use crate::types::{Millis, OpId, Pause, Request};
 
 /// Takes the op's lock key, unless another op holds it or it cools down.
 pub(crate) fn take<T: Tx>(tx: &mut T, op: OpId, at: Millis, ignore_cooldown: bool) -> Result<()> {
@@ -66,7 +66,7 @@ pub(crate) fn ack<T: Tx>(tx: &mut T, key: &str, request: &Request) -> Result<()>
     event(tx, op, request.at, kind, None, &message)
 }
 
-/// Records who paused cairn, when and why.
-pub(crate) fn pause<T: Tx>(tx: &mut T, request: &Request) -> Result<()> {
-    tx.set_paused(&serde_json::to_string(request).unwrap_or_default())
+/// Records a pause: its scope, who, when, why and until when.
+pub(crate) fn pause<T: Tx>(tx: &mut T, pause: &Pause) -> Result<()> {
+    tx.set_paused(&pause.scope.setting(), &pause.to_setting())
 }

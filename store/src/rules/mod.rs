@@ -298,9 +298,9 @@ pub(crate) trait Tx {
     fn start_cooldown(&mut self, key: &str, op: OpId, until: Millis) -> Result<()>;
     /// Acknowledges the key's cooldown; the op it follows, `None` when there is none.
     fn ack_cooldown(&mut self, key: &str, request: &Request) -> Result<Option<OpId>>;
-    /// Stores who paused cairn (JSON).
-    fn set_paused(&mut self, request: &str) -> Result<()>;
-    fn clear_paused(&mut self) -> Result<()>;
+    /// Stores a pause (JSON) in its settings row `setting`, replacing one of the same scope.
+    fn set_paused(&mut self, setting: &str, pause: &str) -> Result<()>;
+    fn clear_paused(&mut self, setting: &str) -> Result<()>;
 
     // --- schedules ---
 
@@ -449,8 +449,8 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
             locks::release_on_failure(tx, *op, *at).map(|()| Applied::Done)
         }
         Change::Ack { key, request } => locks::ack(tx, key, request).map(|()| Applied::Done),
-        Change::Pause { request } => locks::pause(tx, request).map(|()| Applied::Done),
-        Change::Unpause => tx.clear_paused().map(|()| Applied::Done),
+        Change::Pause { pause } => locks::pause(tx, pause).map(|()| Applied::Done),
+        Change::Unpause { scope } => tx.clear_paused(&scope.setting()).map(|()| Applied::Done),
         Change::AddSchedule(_)
         | Change::RemoveSchedule { .. }
         | Change::PauseSchedule { .. }

@@ -10,8 +10,8 @@ use crate::api::ReadBackend;
 use crate::error::{Error, Result};
 use crate::types::{
     AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, Interruption, LockRow, LogChunk,
-    Millis, NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, Request, ScheduleRow, Snapshot,
-    TaskNo, TaskRow, TaskStatus,
+    Millis, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request, ScheduleRow,
+    Snapshot, TaskNo, TaskRow, TaskStatus,
 };
 
 /// The process whose four columns start at `first`, if they are all set.
@@ -400,19 +400,21 @@ impl Reads<'_> {
             .map_err(|e| self.err(&e))
     }
 
-    pub fn paused(&self) -> Result<Option<Request>> {
-        let value: Option<String> = self
+    pub fn pauses(&self) -> Result<Vec<Pause>> {
+        let mut stmt = self
             .conn
-            .prepare_cached("SELECT value FROM settings WHERE key = 'paused'")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+            .prepare_cached(
+                "SELECT value FROM settings WHERE key = 'paused' OR key LIKE 'paused:%' ORDER BY key",
+            )
             .map_err(|e| self.err(&e))?;
-        Ok(value
-            .and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
-            .map(|v| Request {
-                by: v["by"].as_str().unwrap_or_default().to_owned(),
-                at: v["at"].as_i64().unwrap_or_default(),
-                reason: v["reason"].as_str().map(ToOwned::to_owned),
-            }))
+        let values = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .and_then(Iterator::collect::<rusqlite::Result<Vec<_>>>)
+            .map_err(|e| self.err(&e))?;
+        Ok(values
+            .iter()
+            .filter_map(|v| Pause::from_setting(v))
+            .collect())
     }
 
     pub fn snapshot(&self, op: OpId) -> Result<Snapshot> {
@@ -548,8 +550,8 @@ impl ReadBackend for SqliteReader {
         self.with(|r| r.cooldowns(now))
     }
 
-    fn paused(&self) -> Result<Option<Request>> {
-        self.with(|r| r.paused())
+    fn pauses(&self) -> Result<Vec<Pause>> {
+        self.with(|r| r.pauses())
     }
 
     fn nodes(&self) -> Result<Vec<NodeRow>> {

@@ -880,18 +880,18 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
-    fn set_paused(&mut self, request: &str) -> Result<()> {
+    fn set_paused(&mut self, setting: &str, pause: &str) -> Result<()> {
         self.run(|c| {
-            c.prepare_cached("INSERT OR REPLACE INTO settings (key, value) VALUES ('paused', ?1)")?
-                .execute([request])?;
+            c.prepare_cached("INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)")?
+                .execute([setting, pause])?;
             Ok(())
         })
     }
 
-    fn clear_paused(&mut self) -> Result<()> {
+    fn clear_paused(&mut self, setting: &str) -> Result<()> {
         self.run(|c| {
-            c.prepare_cached("DELETE FROM settings WHERE key = 'paused'")?
-                .execute([])?;
+            c.prepare_cached("DELETE FROM settings WHERE key = ?1")?
+                .execute([setting])?;
             Ok(())
         })
     }

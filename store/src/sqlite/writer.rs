@@ -374,7 +374,6 @@ fn commit_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::Request;
 
     /// A commit here never overtakes a request waiting for the writer, nor waits for the writer:
     /// the batches come back untouched, for the caller to queue.
@@ -382,7 +381,11 @@ mod tests {
     fn a_commit_here_steps_aside_while_the_writer_has_work() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("cairn.db")).unwrap();
-        let batch = || vec![vec![Change::Unpause]];
+        let batch = || {
+            vec![vec![Change::Unpause {
+                scope: crate::types::PauseScope::default(),
+            }]]
+        };
         // A request queued and not yet committed.
         store.queued.fetch_add(1, Ordering::SeqCst);
         assert_eq!(store.apply_here(batch()).err(), Some(batch()));
@@ -411,10 +414,12 @@ mod tests {
         };
         let durable = || {
             vec![Change::Pause {
-                request: Request {
+                pause: crate::types::Pause {
+                    scope: crate::types::PauseScope::default(),
                     by: "me".into(),
                     at: 0,
                     reason: None,
+                    until: None,
                 },
             }]
         };
@@ -428,7 +433,9 @@ mod tests {
         assert!(here.into_iter().all(|r| r.is_ok()));
         assert_eq!(now(&store), normal);
         store
-            .commit(vec![vec![Change::Unpause]])
+            .commit(vec![vec![Change::Unpause {
+                scope: crate::types::PauseScope::default(),
+            }]])
             .await
             .pop()
             .unwrap()
@@ -447,24 +454,26 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         let pause = || {
             vec![vec![Change::Pause {
-                request: Request {
+                pause: crate::types::Pause {
+                    scope: crate::types::PauseScope::default(),
                     by: "me".into(),
                     at: 1,
                     reason: None,
+                    until: None,
                 },
             }]]
         };
         let paused =
-            || crate::ReadBackend::paused(&SqliteReader::open(&path).unwrap().unwrap()).unwrap();
+            || crate::ReadBackend::pauses(&SqliteReader::open(&path).unwrap().unwrap()).unwrap();
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         let back = store.apply_here(pause()).unwrap_err();
         assert_eq!(back, pause());
         other.execute_batch("ROLLBACK").unwrap();
-        assert!(paused().is_none());
+        assert!(paused().is_empty());
         let results = store.apply_here(pause()).unwrap();
         assert!(results.iter().all(Result::is_ok), "{results:?}");
-        assert!(paused().is_some());
+        assert_eq!(paused().len(), 1);
     }
 
     fn level(conn: &Connection) -> i64 {
