@@ -26,6 +26,11 @@ struct Inner {
     hurried: Arc<watch::Sender<bool>>,
     /// Who or what asked first, when it said (a signal); `None` for the engine's own stops.
     cause: Mutex<Option<Stop>>,
+    /// Set when the run's approval gates can no longer lead anywhere: by the run itself when it
+    /// fails, or from above ([`StopHandle::close_gates`]) when a sub-plan's parent fails.
+    gates: Arc<watch::Sender<bool>>,
+    /// Why they were closed from above, for the gates' own record.
+    gates_why: Mutex<Option<String>>,
 }
 
 /// Who or what stopped a run, as the op's record says it.
@@ -65,6 +70,8 @@ impl StopHandle {
             stopped: watch::channel(false).0,
             hurried: Arc::new(watch::channel(false).0),
             cause: Mutex::new(None),
+            gates: Arc::new(watch::channel(false).0),
+            gates_why: Mutex::new(None),
         }))
     }
 
@@ -76,6 +83,8 @@ impl StopHandle {
             stopped: watch::channel(false).0,
             hurried: self.0.hurried.clone(),
             cause: Mutex::new(None),
+            gates: Arc::new(watch::channel(false).0),
+            gates_why: Mutex::new(None),
         }))
     }
 
@@ -130,6 +139,25 @@ impl StopHandle {
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<bool> {
         self.0.stopped.subscribe()
+    }
+
+    /// Ends the run's approval gates still waiting (they can lead nowhere: `why`), without
+    /// stopping its running steps, which go on to their end.
+    pub(crate) fn close_gates(&self, why: &str) {
+        if let Ok(mut slot) = self.0.gates_why.lock() {
+            slot.get_or_insert_with(|| why.to_owned());
+        }
+        self.0.gates.send_replace(true);
+    }
+
+    /// Why the gates were closed from above, if they were.
+    pub(crate) fn gates_why(&self) -> Option<String> {
+        self.0.gates_why.lock().ok().and_then(|w| w.clone())
+    }
+
+    /// The run's gates signal (see [`StopHandle::close_gates`]).
+    pub(crate) fn gates(&self) -> Arc<watch::Sender<bool>> {
+        self.0.gates.clone()
     }
 }
 

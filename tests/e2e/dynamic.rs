@@ -985,3 +985,79 @@ steps:
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
     assert_eq!(lines(&sandbox, "runs"), vec!["1", "2", "1", "2", "3"]);
 }
+
+/// When a step of the parent fails, a sub-plan's op running beside it goes on like any running
+/// task (its process is not ended), but its approval gates close ("the parent op failed"); the
+/// parent fails once the child has ended; a resume asks the gate again and runs no step twice.
+#[test]
+fn a_parent_failing_elsewhere_lets_its_child_finish_and_closes_the_child_s_gates() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "parent.yaml",
+        r"
+name: parent
+steps:
+  - id: sub
+    plan: ./child.yaml
+  - id: boom
+    run: |
+      while [ ! -e child-started ]; do sleep 0.05; done
+      echo boom >> booms
+      [ -e fixed ]
+",
+    );
+    sandbox.write(
+        "child.yaml",
+        r"
+name: child
+steps:
+  - id: work
+    run: |
+      echo work >> works
+      touch child-started
+      for i in $(seq 1200); do [ -e go ] && exit 0; sleep 0.05; done; exit 1
+  - id: confirm
+    needs: [work]
+    approve: carry on?
+  - id: after
+    needs: [confirm]
+    run: echo after >> afters
+",
+    );
+    let run = sandbox.spawn(&["run", "parent.yaml"]);
+    wait_lines(&sandbox, "booms", 1);
+    // The parent's `boom` failed: the child's `work` is not ended.
+    let started = Instant::now();
+    while task(&sandbox.show(1), "boom")["status"] != "failed" {
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(task(&sandbox.show(2), "work")["status"], "running");
+    sandbox.write("go", "");
+    let ended = run.wait_with_output().unwrap();
+    assert_eq!(ended.status.code(), Some(1), "{}", stderr(&ended));
+    let child = sandbox.show(2);
+    assert_eq!(task(&child, "work")["status"], "succeeded", "{child:#}");
+    assert_eq!(
+        task(&child, "confirm")["error"],
+        "no answer: the parent op failed",
+        "{child:#}"
+    );
+    assert!(!sandbox.path().join("afters").exists());
+
+    sandbox.write("fixed", "");
+    let resume = sandbox.spawn(&["resume", "1"]);
+    let started = Instant::now();
+    while task(&sandbox.show(2), "confirm")["status"] != "waiting" {
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = sandbox.cairn(&["approve", "2", "confirm"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let ended = resume.wait_with_output().unwrap();
+    assert_eq!(ended.status.code(), Some(0), "{}", stderr(&ended));
+    assert_eq!(lines(&sandbox, "works"), ["work"]);
+    assert_eq!(lines(&sandbox, "afters"), ["after"]);
+    assert_eq!(lines(&sandbox, "booms"), ["boom", "boom"]);
+}

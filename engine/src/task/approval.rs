@@ -138,10 +138,15 @@ pub(crate) async fn run(
                 end_gate(shared, task, TaskStatus::Canceled, error, message).await?;
                 // The next read returns the gate as it ended (answered meanwhile, or canceled).
             }
-            // The op failed elsewhere: the gate cannot lead anywhere; a resume asks again.
+            // The op (or its parent op) failed elsewhere: the gate cannot lead anywhere; a
+            // resume asks again.
             Woke::Failed => {
-                let error = "no answer: the op failed".to_owned();
-                let message = "no answer before the op failed; a resume asks again".to_owned();
+                let why = shared
+                    .stop_handle()
+                    .gates_why()
+                    .unwrap_or_else(|| "the op failed".to_owned());
+                let error = format!("no answer: {why}");
+                let message = format!("no answer before {why}; a resume asks again");
                 end_gate(shared, task, TaskStatus::Canceled, error, message).await?;
             }
         }

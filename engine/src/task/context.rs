@@ -91,7 +91,7 @@ pub(crate) struct Signals {
     /// The op's outcome, once decided, for its finishing hooks.
     outcome: std::sync::Mutex<Option<EndState>>,
     /// Set when the op failed: approval gates still waiting end (they cannot lead anywhere).
-    gates: watch::Sender<bool>,
+    gates: Arc<watch::Sender<bool>>,
     /// Set when the op is parked at its gates: they leave the run, still waiting.
     parked: watch::Sender<bool>,
     /// The gates (by task number) that wait for their answer, recorded and within their own
@@ -113,6 +113,7 @@ impl Signals {
         let (calm_tx, calm) = watch::channel(false);
         Self {
             stop: stop.subscribe(),
+            gates: stop.gates(),
             stop_handle: stop,
             stop_reason: Arc::new(std::sync::Mutex::new(None)),
             cancel_grace_ms: AtomicU64::new(u64::MAX),
@@ -120,7 +121,6 @@ impl Signals {
             lost_why: std::sync::Mutex::new(None),
             lease_until: AtomicI64::new(lease_until),
             outcome: std::sync::Mutex::new(None),
-            gates: watch::channel(false).0,
             parked: watch::channel(false).0,
             gates_waiting: watch::channel(std::collections::BTreeSet::new()).0,
             at_gates: watch::channel(false).0,

@@ -138,9 +138,9 @@ fn failed(shared: &Shared, error: &str, retryable: bool) -> Ended {
 }
 
 /// Stops the child when its parent stops (but for a cancel, which reaches the child through its
-/// watcher, so that it ends canceled, with its own `on_cancel` hooks), or when the parent fails
-/// elsewhere: the child could otherwise wait at an approval gate that can no longer lead anywhere
-/// (it is left interrupted, resumable).
+/// watcher, so that it ends canceled, with its own `on_cancel` hooks). When the parent fails
+/// elsewhere, the child goes on like any running task, but its approval gates close: they could
+/// otherwise wait for an answer that can no longer lead anywhere (a resume asks again).
 fn forward_stop(
     shared: &Shared,
     stop: &watch::Receiver<bool>,
@@ -152,11 +152,19 @@ fn forward_stop(
     let reason = shared.stop_reason_handle();
     let parent = shared.stop_handle();
     tokio::spawn(async move {
-        let stop_child = tokio::select! {
-            r = parent_stop.wait_for(|s| *s) => {
-                r.is_ok() && !matches!(reason(), Some(StopReason::Cancel(_)))
+        let mut failed = false;
+        let stop_child = loop {
+            tokio::select! {
+                r = parent_stop.wait_for(|s| *s) => {
+                    break r.is_ok() && !matches!(reason(), Some(StopReason::Cancel(_)));
+                }
+                r = parent_failed.wait_for(|s| *s), if !failed => {
+                    if r.is_ok() {
+                        child_stop.close_gates("the parent op failed");
+                    }
+                    failed = true;
+                }
             }
-            r = parent_failed.wait_for(|s| *s) => r.is_ok(),
         };
         if stop_child {
             // A signal's stop is the child's too, as the child's record says.
