@@ -241,6 +241,26 @@ fn a_rebuild_given_one_servers_directory_and_anothers_port_is_refused() {
         assert_eq!(psql(&pg.primary_port, "select 1").as_deref(), Some("1"));
         assert_eq!(psql(&pg.replica_port, "select 1").as_deref(), Some("1"));
     }
+    // `local: false` without `new_data`: refused before any op is stored (nor its lock taken).
+    let mut nowhere = pg.rebuild_args();
+    nowhere.extend(["-p".into(), "local=false".into()]);
+    let out = pg.cairn(&args(&nowhere)).output().unwrap();
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("`params.new_data` is not set"),
+        "{}",
+        stderr(&out)
+    );
+    let ops = pg.cairn(&["status", "--json"]).output().unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&ops.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "only the two refused ops"
+    );
     pg.assert_replicates("after the refusals");
 }
 
