@@ -27,4 +27,5 @@ mod secrets;
 mod serve;
 mod shown;
 mod sizes;
+mod sql;
 mod waits;
