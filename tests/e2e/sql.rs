@@ -555,3 +555,62 @@ fn a_statement_cut_by_kill_9_runs_again_on_resume_unless_its_check_says_done() {
         );
     }
 }
+
+/// Statements still running on the servers whose text holds `marker`.
+fn running(pg: &PgDb, marker: &str) -> (String, String) {
+    let on_pg = pg.sql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+    ));
+    let on_my = maria_try(
+        mariadb().port,
+        &format!(
+            "SELECT count(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE '%{marker}%' AND ID <> CONNECTION_ID()"
+        ),
+    )
+    .unwrap();
+    (on_pg, on_my)
+}
+
+#[test]
+fn a_timeout_or_a_cancel_ends_the_statement_on_the_server_too() {
+    let (pg, my) = (PgDb::new(), MyDb::new());
+    for (url, sleep) in [
+        (pg.url("pw-unused"), "pg_sleep(600 + 0.4242)"),
+        (my.url("pw-unused"), "SLEEP(600 + 0.4242)"),
+    ] {
+        // `timeout`: the attempt fails, and the server no longer runs the statement.
+        let plan = format!(
+            r#"
+name: slow
+steps:
+  - id: slow
+    timeout: 2s
+    sql: {{ url: "{url}", query: "SELECT {sleep}" }}
+"#
+        );
+        let sandbox = Sandbox::new();
+        let out = run(&sandbox, &plan, &[]);
+        assert_eq!(code(&out), Some(1), "{url}: {}", stderr(&out));
+        let error = task(&sandbox.show(1), "slow")["error"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(error, "timed out after 2s", "{url}");
+        wait_until("the timed-out statement's end", || {
+            running(&pg, "0.4242") == ("0".into(), "0".into())
+        });
+        // `cancel` while the statement runs: the op is canceled, the statement ended.
+        sandbox.write("plan.yaml", &plan.replace("    timeout: 2s\n", ""));
+        let mut child = sandbox.spawn(&["run", "plan.yaml"]);
+        wait_until("the statement's start", || {
+            running(&pg, "0.4242") != ("0".into(), "0".into())
+        });
+        let cancel = sandbox.cairn(&["cancel", "2"]);
+        assert_eq!(code(&cancel), Some(0), "{url}: {}", stderr(&cancel));
+        let _ = child.wait();
+        assert_eq!(sandbox.show(2)["status"], "canceled", "{url}");
+        wait_until("the canceled statement's end", || {
+            running(&pg, "0.4242") == ("0".into(), "0".into())
+        });
+    }
+}
