@@ -299,6 +299,11 @@ steps:
     let show = sandbox.show(1);
     assert_eq!(task(&show, "primary")["outputs"]["found"], 1);
     assert_eq!(task(&show, "primary")["outputs"]["port"], 3306);
+    assert_eq!(
+        task(&show, "primary")["exit_code"],
+        serde_json::Value::Null,
+        "a sql step runs no process"
+    );
     // Not exactly one row: the attempt fails, saying so.
     let none = plan.replace("default: db-1", "default: db-9");
     let out = run(&sandbox, &none, &[]);

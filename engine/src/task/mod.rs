@@ -340,11 +340,13 @@ fn outcome_of(
     match ended {
         Ended::Succeeded(outputs, by_check) => {
             let outputs = shared.seal_outputs(outputs);
+            // A `sql` step runs no process: it has no exit code to show.
+            let ran_process = !matches!(shared.step(job.step).action, Action::Sql(_));
             (
                 TaskOutcome {
                     task: TaskStatus::Succeeded,
                     attempt: AttemptStatus::Succeeded,
-                    exit_code: Some(0).filter(|_| !by_check),
+                    exit_code: Some(0).filter(|_| !by_check && ran_process),
                     error: None,
                     outputs: Some(outputs.clone()),
                     by_check,
