@@ -230,6 +230,7 @@ steps:
 #[test]
 fn a_value_with_quotes_and_sql_in_it_arrives_literally_on_postgresql_and_mariadb() {
     let (pg, my) = (PgDb::new(), MyDb::new());
+    let mut sandbox_logs = None;
     for (url, marker) in [(pg.url("pw-unused"), "$1"), (my.url("pw-unused"), "?")] {
         let sandbox = Sandbox::new();
         let value = format!("value={HOSTILE}");
@@ -238,7 +239,15 @@ fn a_value_with_quotes_and_sql_in_it_arrives_literally_on_postgresql_and_mariadb
         let outputs = task(&sandbox.show(1), "insert")["outputs"].clone();
         assert_eq!(outputs["name"], HOSTILE, "{url}");
         assert_eq!(outputs["seven"], 7, "{url}: numbers stay numbers");
+        sandbox_logs = Some(sandbox.cairn(&["logs", "1"]));
     }
+    // The attempt's log says what each statement did, without the values.
+    let logs = stdout(&sandbox_logs.unwrap());
+    assert!(
+        logs.contains("statement 2 of 3 (`INSERT INTO t (id, name) VALUES (1, ?)`): 1 row")
+            && !logs.contains("DROP TABLE"),
+        "{logs}"
+    );
     // The rows hold exactly the value; the tables are still there.
     assert_eq!(pg.sql("SELECT name FROM t"), HOSTILE);
     assert_eq!(my.sql("SELECT name FROM t"), HOSTILE);

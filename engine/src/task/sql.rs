@@ -8,19 +8,24 @@
 //!   which also cancel the statement on the server (`Canceller`).
 //! - `Conn`: one connection, `tokio-postgres` or `mysql_async`; `Answer`: one statement's result.
 //!
-//! The URL's password, and every secret, is masked in every error.
+//! Each attempt's log says what it did, a line per statement (`statement 1 of 2 (...): 1 row`),
+//! without the parameters' values. The URL's password, and every secret, is masked in every
+//! error and log line.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plans::model::{Action, Sql, Statement, Step};
 use plans::template::Context;
+use procs::spawn::{Chunk, Stream};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use super::attempts::{Attempt, attempts};
 use super::carry::Carry;
 use super::context::Shared;
+use super::logs::write_logs;
+use super::process::finish_logs;
 use super::{Ended, Fatal, Job, TaskEnd, fail_before_start, shared_mask, start_attempt};
 
 /// Attempts of a `sql` task (`prior` attempts made, `retry_from` before this round).
@@ -132,10 +137,24 @@ impl Attempt for SqlAttempt<'_> {
         }
         self.began.get_or_insert_with(Instant::now);
         let canceller = Canceller::default();
+        let (sink, chunks) = procs::spawn::sink();
+        let logs = tokio::spawn(write_logs(
+            shared.store.clone(),
+            (shared.op, shared.me.clone()),
+            (job.task(), n),
+            chunks,
+            (step.log_limit, shared.options.lease / 2),
+            shared.secrets.clone(),
+        ));
+        let log = Log {
+            sink,
+            url: self.rendered.url.clone(),
+        };
         let work = execute(
             Arc::clone(&self.rendered),
             self.sql.clone(),
             canceller.clone(),
+            log.clone(),
         );
         let limited = async {
             match step.timeout {
@@ -150,9 +169,27 @@ impl Attempt for SqlAttempt<'_> {
         };
         let Some(outcome) = outcome else {
             canceller.cancel().await;
+            log.line(
+                Stream::Stderr,
+                "stopped; the running statement was canceled",
+            )
+            .await;
+            drop(log);
+            finish_logs(shared, logs).await;
             return Ok(Ended::Interrupted);
         };
         let mask = |e: &str| shared_mask(shared, &hide_password(&self.rendered.url, e));
+        match &outcome {
+            None => log.line(
+                Stream::Stderr,
+                "timed out; the running statement was canceled",
+            ),
+            Some(Err(e)) => log.line(Stream::Stderr, e),
+            Some(Ok(_)) => log.line(Stream::Stdout, "done"),
+        }
+        .await;
+        drop(log);
+        finish_logs(shared, logs).await;
         Ok(match outcome {
             None => {
                 canceller.cancel().await;
@@ -185,11 +222,17 @@ async fn execute(
     rendered: Arc<Rendered>,
     sql: Sql,
     canceller: Canceller,
+    log: Log,
 ) -> Result<(Map<String, Value>, bool), String> {
     let mut conn = Conn::open(&rendered.url, &canceller)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", url_shown(&rendered.url)))?;
-    let result = statements(&mut conn, &rendered, &sql).await;
+    log.line(
+        Stream::Stdout,
+        &format!("connected to {}", url_shown(&rendered.url)),
+    )
+    .await;
+    let result = statements(&mut conn, &rendered, &sql, &log).await;
     conn.close().await;
     result
 }
@@ -198,12 +241,23 @@ async fn statements(
     conn: &mut Conn,
     rendered: &Rendered,
     sql: &Sql,
+    log: &Log,
 ) -> Result<(Map<String, Value>, bool), String> {
     if let Some(check) = &rendered.check {
         let answer = conn
             .run(check)
             .await
             .map_err(|e| format!("`sql.check` failed: {e}"))?;
+        let verdict = if answer.returned > 0 {
+            "the work is done"
+        } else {
+            "running the statements"
+        };
+        log.line(
+            Stream::Stdout,
+            &format!("`sql.check`: {}: {verdict}", rows(answer.returned)),
+        )
+        .await;
         if answer.returned > 0 {
             let outputs = publish(sql, &answer, "`sql.check`")?;
             return Ok((outputs, true));
@@ -218,7 +272,19 @@ async fn statements(
     let mut last = None;
     for (i, statement) in rendered.statements.iter().enumerate() {
         match conn.run(statement).await {
-            Ok(answer) => last = Some(answer),
+            Ok(answer) => {
+                log.line(
+                    Stream::Stdout,
+                    &format!(
+                        "statement {} of {total} (`{}`): {}",
+                        i + 1,
+                        short(&statement.query),
+                        rows(answer.count)
+                    ),
+                )
+                .await;
+                last = Some(answer);
+            }
             Err(e) => {
                 let rolled_back = if sql.transaction {
                     let _ = conn.end(false).await;
@@ -284,6 +350,30 @@ fn publish(sql: &Sql, answer: &Answer, what: &str) -> Result<Map<String, Value>,
         outputs.insert(key.clone(), value);
     }
     Ok(outputs)
+}
+
+/// `1 row`, `3 rows`.
+fn rows(n: u64) -> String {
+    if n == 1 {
+        "1 row".to_owned()
+    } else {
+        format!("{n} rows")
+    }
+}
+
+/// Where an attempt's log lines go: its log writer, through the chunks a process's output would
+/// take; the URL's password masked in each.
+#[derive(Clone)]
+struct Log {
+    sink: tokio::sync::mpsc::Sender<Chunk>,
+    url: String,
+}
+
+impl Log {
+    async fn line(&self, stream: Stream, text: &str) {
+        let data = format!("{}\n", hide_password(&self.url, text)).into_bytes();
+        let _ = self.sink.send(Chunk { stream, data }).await;
+    }
 }
 
 /// The first line of a statement, shortened, for messages.
