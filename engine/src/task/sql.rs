@@ -812,3 +812,29 @@ mod my {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{hide_password, password, url_shown};
+
+    #[test]
+    fn the_password_is_found_and_hidden_wherever_it_stands() {
+        assert_eq!(password("postgres://u:p@ss:w@host:5432/db"), Some("p@ss:w"));
+        assert_eq!(password("mysql://u@host/db?x=a:b@c"), None);
+        assert_eq!(password("postgres://u:@host/db"), None);
+        assert_eq!(
+            url_shown("mariadb://root:S3cret@127.0.0.1:3306/mysql?socket=/x"),
+            "mariadb://root:********@127.0.0.1:3306/mysql"
+        );
+        let url = "postgres://u:S3cret@h/db";
+        assert_eq!(
+            hide_password(url, "login S3cret failed"),
+            "login ******** failed"
+        );
+        // Too short to tell from other words: hidden only where it stands in a URL.
+        assert_eq!(
+            hide_password("postgres://u:x@h/db", "postgres://u:x@h/db: exit"),
+            "postgres://u:********@h/db: exit"
+        );
+    }
+}
