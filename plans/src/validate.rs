@@ -1796,6 +1796,42 @@ impl Checker<'_> {
                 .help("write `sql: { ..., check: { query: \"SELECT 1 FROM t WHERE id = $1\", params: [...] } }`"),
             );
         }
+        if let Some(codes) = step
+            .retry
+            .as_ref()
+            .and_then(|r| r.value.on_exit_codes.as_ref())
+        {
+            self.report(
+                Problem::new(
+                    "sql-on-exit-codes",
+                    codes.first().and_then(span).or_else(|| step.retry.as_ref().and_then(span)),
+                    "`retry.on_exit_codes` would never match: a `sql` attempt runs no process and has no exit code",
+                )
+                .help("remove `on_exit_codes`: a failed `sql` attempt is retried whatever its error"),
+            );
+        }
+        let unused = [
+            ("cwd", step.cwd.as_ref().and_then(span)),
+            (
+                "env",
+                step.env
+                    .as_ref()
+                    .and_then(|e| e.0.first())
+                    .and_then(|(k, _)| span(k)),
+            ),
+        ];
+        for (key, at) in unused {
+            if at.is_some() {
+                self.report(
+                    Problem::new(
+                        "not-for-sql",
+                        at,
+                        format!("`{key}` applies to a process; a `sql` step runs none"),
+                    )
+                    .help("remove it; values reach a statement through `params`"),
+                );
+            }
+        }
         let url_text = q.url.value.trim_start();
         let schemes = ["postgres://", "postgresql://", "mysql://", "mariadb://"];
         if !url_text.starts_with("{{") && !schemes.iter().any(|s| url_text.starts_with(s)) {
