@@ -209,6 +209,41 @@ pub enum Action {
         path: String,
         with: Vec<(String, Arg)>,
     },
+    /// SQL statements on a database server.
+    Sql(Box<Sql>),
+}
+
+/// A `sql` step: statements run in order on one connection, their values bound as parameters.
+#[derive(Debug, Clone)]
+pub struct Sql {
+    /// The server's URL (`postgres://`, `postgresql://`, `mysql://`, `mariadb://`).
+    pub url: Template,
+    pub statements: Vec<Statement>,
+    /// All statements in one transaction.
+    pub transaction: bool,
+    /// Output key and the column of the last statement's single row it is read from.
+    pub outputs: Vec<(String, String)>,
+    /// The output key that receives the last statement's row count.
+    pub row_count: Option<String>,
+    /// Run first: when it returns a row, the work is done.
+    pub check: Option<Statement>,
+}
+
+impl Sql {
+    /// The output keys the step publishes.
+    pub fn output_keys(&self) -> impl Iterator<Item = &str> {
+        self.outputs
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .chain(self.row_count.as_deref())
+    }
+}
+
+/// One SQL statement and its parameters' values.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    pub query: String,
+    pub params: Vec<Template>,
 }
 
 impl Action {
@@ -229,6 +264,7 @@ impl Action {
             Self::Sleep(_) => "sleep",
             Self::Approve { .. } => "approve",
             Self::Plan { .. } => "plan",
+            Self::Sql(_) => "sql",
         }
     }
 }

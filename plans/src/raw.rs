@@ -120,6 +120,9 @@ pub struct RawStep {
     /// Run another plan (a path relative to this file) as a child op.
     #[schemars(with = "Option<String>")]
     pub plan: Option<Text>,
+    /// SQL statements run on a PostgreSQL, MySQL or MariaDB server, their values bound as parameters.
+    #[schemars(with = "Option<RawSql>")]
+    pub sql: Option<Spanned<RawSql>>,
     /// The child plan's parameters (values are templates).
     #[schemars(with = "Option<std::collections::BTreeMap<String, serde_json::Value>>")]
     pub with: Option<Spanned<Pairs<Spanned<serde_json::Value>>>>,
@@ -159,6 +162,48 @@ pub struct RawStep {
     /// How much of each attempt's stdout and stderr is kept, overriding the plan's.
     #[schemars(with = "Option<Scalar>")]
     pub log_limit: Option<Spanned<Scalar>>,
+}
+
+/// A `sql` step: statements run in order on one connection.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawSql {
+    /// The server (template; secrets allowed, never shown): `postgres://USER:PASSWORD@HOST:PORT/DB` (or `postgresql://`), `mysql://...` or `mariadb://...`.
+    #[schemars(with = "String")]
+    pub url: Text,
+    /// One statement (instead of `statements`); `$1`, `$2` (PostgreSQL) or `?` (MySQL, MariaDB) mark its parameters.
+    #[schemars(with = "Option<String>")]
+    pub query: Option<Text>,
+    /// With `query`: the values of its parameters, in order (templates), bound, never inserted into the text.
+    #[schemars(with = "Option<Vec<Scalar>>")]
+    pub params: Option<Spanned<Vec<Spanned<Scalar>>>>,
+    /// Statements run in order (instead of `query`), each with its own `params`.
+    #[schemars(with = "Option<Vec<RawStatement>>")]
+    pub statements: Option<Spanned<Vec<Spanned<RawStatement>>>>,
+    /// Whether the statements run in one transaction: all of them or none (default false: each commits on its own).
+    #[schemars(with = "Option<bool>")]
+    pub transaction: Option<Spanned<bool>>,
+    /// Outputs from the last statement's result, which must be exactly one row: output key to column name, e.g. `{gtid: gtid_current_pos}`.
+    #[schemars(with = "Option<std::collections::BTreeMap<String, String>>")]
+    pub outputs: Option<Spanned<Pairs<Text>>>,
+    /// An output key that receives the number of rows the last statement returned or changed.
+    #[schemars(with = "Option<String>")]
+    pub row_count: Option<Text>,
+    /// An idempotency probe run first on the same connection: when it returns a row the work is done and the statements do not run (the outputs are then read from its result).
+    #[schemars(with = "Option<RawStatement>")]
+    pub check: Option<Spanned<RawStatement>>,
+}
+
+/// One SQL statement and the values of its parameters.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawStatement {
+    /// The statement; `$1`, `$2` (PostgreSQL) or `?` (MySQL, MariaDB) mark its parameters.
+    #[schemars(with = "String")]
+    pub query: Text,
+    /// The values of its parameters, in order (templates), bound, never inserted into the text.
+    #[schemars(with = "Option<Vec<Scalar>>")]
+    pub params: Option<Spanned<Vec<Spanned<Scalar>>>>,
 }
 
 /// A wait for a state (`until`): a command run again until it exits 0.

@@ -400,6 +400,36 @@ fn is_identifier(s: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
+/// A result column's name as `sql.outputs` may name it: `gtid`, `@@gtid_current_pos`, `count`.
+fn is_column_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$' | b'@'))
+}
+
+/// Whether a SQL query holds what reads as a template tag (`{{ params.x }}`, `{% if %}`), not an
+/// array literal such as `'{{1,2},{3,4}}'`.
+fn looks_templated(query: &str) -> bool {
+    query.contains("{%")
+        || query.split("{{").skip(1).any(|tag| {
+            let inner = tag.trim_start();
+            ["params", "steps", "item", "op.", "env."]
+                .iter()
+                .any(|root| inner.starts_with(root))
+        })
+}
+
+/// The output keys a `sql` step publishes, as written.
+fn sql_output_keys(sql: &raw::RawSql) -> Vec<String> {
+    sql.outputs
+        .iter()
+        .flat_map(|o| &o.value.0)
+        .map(|(k, _)| k.value.clone())
+        .chain(sql.row_count.as_ref().map(|r| r.value.clone()))
+        .collect()
+}
+
 fn is_step_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
@@ -609,6 +639,7 @@ impl Checker<'_> {
                         .outputs
                         .as_ref()
                         .map(|o| o.iter().map(|k| k.value.clone()).collect())
+                        .or_else(|| s.value.sql.as_ref().map(|q| sql_output_keys(&q.value)))
                 })
                 .collect(),
         };
@@ -1457,6 +1488,7 @@ impl Checker<'_> {
             ("sleep", step.sleep.as_ref().and_then(span)),
             ("approve", step.approve.as_ref().and_then(span)),
             ("plan", step.plan.as_ref().and_then(span)),
+            ("sql", step.sql.as_ref().and_then(span)),
         ]
         .into_iter()
         .zip([
@@ -1466,6 +1498,7 @@ impl Checker<'_> {
             step.sleep.is_some(),
             step.approve.is_some(),
             step.plan.is_some(),
+            step.sql.is_some(),
         ])
         .filter(|(_, present)| *present)
         .map(|(a, _)| a)
@@ -1478,7 +1511,9 @@ impl Checker<'_> {
                         span(&step.id),
                         format!("step `{}` has no action", step.id.value),
                     )
-                    .help("give it one of `run`, `exec`, `noop`, `sleep`, `approve`, `plan`"),
+                    .help(
+                        "give it one of `run`, `exec`, `noop`, `sleep`, `approve`, `plan`, `sql`",
+                    ),
                 );
                 None
             }
@@ -1609,7 +1644,8 @@ impl Checker<'_> {
             outputs: step
                 .outputs
                 .as_ref()
-                .map(|o| o.iter().map(|k| k.value.clone()).collect()),
+                .map(|o| o.iter().map(|k| k.value.clone()).collect())
+                .or_else(|| step.sql.as_ref().map(|q| sql_output_keys(&q.value))),
             log_limit,
             uses: std::mem::take(&mut self.uses).into_iter().collect(),
         })
@@ -1651,6 +1687,15 @@ impl Checker<'_> {
             return self
                 .template(prompt, Quoting::Plain, known, scope("`approve`", true))
                 .map(|prompt| Action::Approve { prompt });
+        }
+        if let Some(sql) = &step.sql {
+            let secrets = |what| Scope {
+                secrets: true,
+                ..scope(what, true)
+            };
+            return self
+                .sql(sql, step, known, secrets)
+                .map(|sql| Action::Sql(Box::new(sql)));
         }
         let path = step.plan.as_ref()?;
         if path.value.trim().is_empty() {
@@ -1718,6 +1763,263 @@ impl Checker<'_> {
             }
         }
         ok.then_some(Action::Exec { argv })
+    }
+
+    /// A `sql` step's keys: a URL of a known scheme, `query` or `statements`, output keys and
+    /// plain column names; its step has no `outputs` or `check` of its own.
+    fn sql<'s>(
+        &mut self,
+        sql: &Spanned<raw::RawSql>,
+        step: &RawStep,
+        known: &Known,
+        scope: impl Fn(&'static str) -> Scope<'s>,
+    ) -> Option<crate::model::Sql> {
+        let before = self.problems.len();
+        let q = &sql.value;
+        if let Some(outputs) = &step.outputs {
+            self.report(
+                Problem::new(
+                    "sql-step-outputs",
+                    outputs.first().and_then(span).or_else(|| span(sql)),
+                    "a `sql` step's outputs are named in `sql.outputs` and `sql.row_count`, not in the step's `outputs`",
+                )
+                .help("remove the step's `outputs`; write `sql: { ..., outputs: { key: column } }`"),
+            );
+        }
+        if let Some(check) = &step.check {
+            self.report(
+                Problem::new(
+                    "sql-step-check",
+                    span(check),
+                    "a `sql` step's idempotency probe is a query: `sql.check`",
+                )
+                .help("write `sql: { ..., check: { query: \"SELECT 1 FROM t WHERE id = $1\", params: [...] } }`"),
+            );
+        }
+        if let Some(codes) = step
+            .retry
+            .as_ref()
+            .and_then(|r| r.value.on_exit_codes.as_ref())
+        {
+            self.report(
+                Problem::new(
+                    "sql-on-exit-codes",
+                    codes.first().and_then(span).or_else(|| step.retry.as_ref().and_then(span)),
+                    "`retry.on_exit_codes` would never match: a `sql` attempt runs no process and has no exit code",
+                )
+                .help("remove `on_exit_codes`: a failed `sql` attempt is retried whatever its error"),
+            );
+        }
+        let unused = [
+            ("cwd", step.cwd.as_ref().and_then(span)),
+            (
+                "env",
+                step.env
+                    .as_ref()
+                    .and_then(|e| e.0.first())
+                    .and_then(|(k, _)| span(k)),
+            ),
+        ];
+        for (key, at) in unused {
+            if at.is_some() {
+                self.report(
+                    Problem::new(
+                        "not-for-sql",
+                        at,
+                        format!("`{key}` applies to a process; a `sql` step runs none"),
+                    )
+                    .help("remove it; values reach a statement through `params`"),
+                );
+            }
+        }
+        let url_text = q.url.value.trim_start();
+        let schemes = ["postgres://", "postgresql://", "mysql://", "mariadb://"];
+        if !url_text.starts_with("{{") && !schemes.iter().any(|s| url_text.starts_with(s)) {
+            self.report(
+                Problem::new(
+                    "bad-sql-url",
+                    span(&q.url),
+                    "`sql.url` names no server cairn can reach",
+                )
+                .help("write `postgres://USER:PASSWORD@HOST:PORT/DATABASE`, or `mysql://...` (also for MariaDB)"),
+            );
+        }
+        let url = self.template(&q.url, Quoting::Plain, known, scope("`sql.url`"));
+        let statements = self.sql_statements(sql, known, &scope);
+        let check = q.check.as_ref().and_then(|c| {
+            self.sql_statement(
+                &c.value.query,
+                c.value.params.as_ref(),
+                known,
+                scope("`sql.check`"),
+            )
+        });
+        let outputs = self.sql_outputs(q);
+        if self.problems.len() != before {
+            return None;
+        }
+        Some(crate::model::Sql {
+            url: url?,
+            statements: statements?,
+            transaction: q.transaction.as_ref().is_some_and(|t| t.value),
+            outputs,
+            row_count: q.row_count.as_ref().map(|r| r.value.clone()),
+            check,
+        })
+    }
+
+    /// `sql.query` (with `sql.params`) or `sql.statements`: exactly one of them.
+    fn sql_statements<'s>(
+        &mut self,
+        sql: &Spanned<raw::RawSql>,
+        known: &Known,
+        scope: &impl Fn(&'static str) -> Scope<'s>,
+    ) -> Option<Vec<crate::model::Statement>> {
+        let q = &sql.value;
+        match (&q.query, &q.statements) {
+            (Some(query), None) => self
+                .sql_statement(query, q.params.as_ref(), known, scope("`sql.params`"))
+                .map(|s| vec![s]),
+            (None, Some(statements)) => {
+                if let Some(params) = &q.params {
+                    self.report(
+                        Problem::new(
+                            "sql-params-without-query",
+                            span(params),
+                            "`sql.params` go with `sql.query`; with `statements`, each statement has its own `params`",
+                        ),
+                    );
+                }
+                if statements.value.is_empty() {
+                    self.report(Problem::new(
+                        "empty-sql",
+                        span(statements),
+                        "`sql.statements` is empty",
+                    ));
+                    return None;
+                }
+                let mut out = Vec::new();
+                for statement in &statements.value {
+                    let s = &statement.value;
+                    out.push(self.sql_statement(
+                        &s.query,
+                        s.params.as_ref(),
+                        known,
+                        scope("`sql.statements`"),
+                    ));
+                }
+                out.into_iter().collect()
+            }
+            (Some(_), Some(statements)) => {
+                self.report(
+                    Problem::new(
+                        "sql-query-and-statements",
+                        span(statements),
+                        "`sql` has both `query` and `statements`",
+                    )
+                    .help("put the query first in `statements`"),
+                );
+                None
+            }
+            (None, None) => {
+                self.report(
+                    Problem::new(
+                        "empty-sql",
+                        span(sql),
+                        "`sql` has no `query` or `statements`",
+                    )
+                    .help("write `sql: { url: ..., query: \"...\" }`"),
+                );
+                None
+            }
+        }
+    }
+
+    fn sql_statement(
+        &mut self,
+        query: &Text,
+        params: Option<&Spanned<Vec<Spanned<Scalar>>>>,
+        known: &Known,
+        scope: Scope,
+    ) -> Option<crate::model::Statement> {
+        if query.value.trim().is_empty() {
+            self.report(Problem::new(
+                "empty-sql",
+                span(query),
+                "the SQL query is empty",
+            ));
+            return None;
+        }
+        if looks_templated(&query.value) {
+            self.report(
+                Problem::new(
+                    "sql-query-template",
+                    span(query),
+                    "a SQL query is not a template: values go in `params`, bound by the server",
+                )
+                .help("write `$1` (PostgreSQL) or `?` (MySQL, MariaDB) in the query and the value in `params: [\"{{ ... }}\"]`"),
+            );
+            return None;
+        }
+        let mut values = Vec::new();
+        let mut ok = true;
+        for param in params.map(|p| p.value.as_slice()).unwrap_or_default() {
+            let text = Spanned {
+                value: param.value.0.clone(),
+                referenced: param.referenced,
+                defined: param.defined,
+            };
+            match self.template(&text, Quoting::Plain, known, scope) {
+                Some(t) => values.push(t),
+                None => ok = false,
+            }
+        }
+        ok.then(|| crate::model::Statement {
+            query: query.value.clone(),
+            params: values,
+        })
+    }
+
+    /// `sql.outputs` and `sql.row_count`: output keys that are identifiers, each once; columns
+    /// that are plain names.
+    fn sql_outputs(&mut self, q: &raw::RawSql) -> Vec<(String, String)> {
+        let mut seen: Vec<&str> = Vec::new();
+        let mut outputs = Vec::new();
+        let pairs = q.outputs.iter().flat_map(|o| &o.value.0);
+        let keys = pairs.clone().map(|(k, _)| k).chain(q.row_count.as_ref());
+        for key in keys {
+            if !is_identifier(&key.value) {
+                self.report(
+                    Problem::new(
+                        "bad-output-name",
+                        span(key),
+                        format!("`{}` is not a valid output key", key.value),
+                    )
+                    .help("use letters, digits and `_`, not starting with a digit"),
+                );
+            } else if seen.contains(&key.value.as_str()) {
+                self.report(Problem::new(
+                    "duplicate-output",
+                    span(key),
+                    format!("the output `{}` is named twice", key.value),
+                ));
+            }
+            seen.push(&key.value);
+        }
+        for (key, column) in pairs {
+            if !is_column_name(&column.value) {
+                self.report(
+                    Problem::new(
+                        "bad-sql-column",
+                        span(column),
+                        format!("`{}` is not a column name", column.value),
+                    )
+                    .help("name a column of the result as the server names it (letters, digits, `_`, `$`, `@`); give an expression a name in the query: `SELECT @@gtid_current_pos AS gtid`"),
+                );
+            }
+            outputs.push((key.value.clone(), column.value.clone()));
+        }
+        outputs
     }
 
     /// A step's `until`: only on a `run` or `exec` step; `every` shorter than `timeout`.

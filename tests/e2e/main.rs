@@ -29,4 +29,5 @@ mod secrets;
 mod serve;
 mod shown;
 mod sizes;
+mod sql;
 mod waits;

@@ -2,7 +2,7 @@
 //!
 //! - [`run`]: dispatch by the step's action, after its `when`.
 //! - [`noop`], [`sleep`], [`approval`], [`process`] (`run`/`exec` and their `check`),
-//!   [`subplan`] (a child op, through the [`subplan::Children`] interface the op layer provides).
+//!   [`sql`] (statements on a database server), [`subplan`] (a child op, through the [`subplan::Children`] interface the op layer provides).
 //! - [`attempts`]: the one attempt/retry loop of process and sub-plan tasks.
 //! - [`finish`]: recording an attempt's end ([`Ended`]) as the task's ([`TaskEnd`]).
 //! - [`context`] (what the tasks of a run share), [`carry`] (the commit-carrying protocol),
@@ -20,6 +20,7 @@ pub(crate) mod logs;
 pub(crate) mod noop;
 pub(crate) mod process;
 pub(crate) mod sleep;
+pub(crate) mod sql;
 pub(crate) mod subplan;
 
 use std::time::{Duration, Instant};
@@ -139,7 +140,7 @@ pub(crate) async fn run(
     }
     if !matches!(
         step.action,
-        Action::Run { .. } | Action::Exec { .. } | Action::Noop
+        Action::Run { .. } | Action::Exec { .. } | Action::Noop | Action::Sql(_)
     ) {
         carry.flush(shared).await?;
     }
@@ -176,6 +177,18 @@ pub(crate) async fn run(
                 fail_before_start(shared, job, prior + 1, error).await
             }
         },
+        Action::Sql(_) => {
+            Box::pin(sql::run(
+                shared,
+                job,
+                (prior, retry_from),
+                &ctx,
+                started,
+                stop,
+                carry,
+            ))
+            .await
+        }
         Action::Plan { .. } => {
             Box::pin(subplan::run(
                 shared,
@@ -327,11 +340,13 @@ fn outcome_of(
     match ended {
         Ended::Succeeded(outputs, by_check) => {
             let outputs = shared.seal_outputs(outputs);
+            // A `sql` step runs no process: it has no exit code to show.
+            let ran_process = !matches!(shared.step(job.step).action, Action::Sql(_));
             (
                 TaskOutcome {
                     task: TaskStatus::Succeeded,
                     attempt: AttemptStatus::Succeeded,
-                    exit_code: Some(0).filter(|_| !by_check),
+                    exit_code: Some(0).filter(|_| !by_check && ran_process),
                     error: None,
                     outputs: Some(outputs.clone()),
                     by_check,

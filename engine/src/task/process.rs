@@ -460,7 +460,10 @@ impl ProcessAttempt<'_> {
 /// stops waiting (nothing more may be written, and the store may not answer): the writer is
 /// dropped, which lets the process's readers go on without it, and the output not written is
 /// said to be lost.
-async fn finish_logs(shared: &Shared, mut logs: tokio::task::JoinHandle<Unwritten>) -> Unwritten {
+pub(crate) async fn finish_logs(
+    shared: &Shared,
+    mut logs: tokio::task::JoinHandle<Unwritten>,
+) -> Unwritten {
     loop {
         tokio::select! {
             done = &mut logs => return done.unwrap_or_default(),
