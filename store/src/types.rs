@@ -199,11 +199,15 @@ event_kinds! {
         Rerun => "rerun",
         /// The op goes on with an edited plan (`resume --plan`).
         PlanChanged => "plan-changed",
+        /// A param's value is changed (`resume --param`).
+        ParamChanged => "param-changed",
         // --- a task's life ---
         /// An attempt of the task starts.
         TaskStarted => "task-started",
         /// The processes an earlier attempt left running are ended before the task runs again.
         LeftoversEnded => "leftovers-ended",
+        /// A `daemon` step's server is recorded: it outlives the step.
+        DaemonKept => "daemon-kept",
         /// The task goes back to pending (a fan-out step whose items are not all done).
         TaskPending => "task-pending",
         /// The task is set running without an attempt, or an attempt is recorded still running.

@@ -8,6 +8,7 @@ mod cluster;
 mod controls;
 mod copy;
 mod crash;
+mod daemons;
 mod damage;
 mod durable;
 mod dynamic;

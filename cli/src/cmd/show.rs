@@ -254,6 +254,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     for l in table.lines() {
         writeln!(text, "{}", l.trim_end()).ok();
     }
+    daemons_text(&mut text, &engine::op::daemons(&reader, op)?);
     writeln!(text, "\nevents:").ok();
     for e in &events {
         let task = e
@@ -271,6 +272,35 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     }
     crate::output::data(&text).context("cannot write")?;
     Ok(())
+}
+
+/// The `daemons:` section of `show`: each daemon step's server, its pid and whether it runs.
+fn daemons_text(text: &mut String, daemons: &[engine::op::Daemon]) {
+    if daemons.is_empty() {
+        return;
+    }
+    writeln!(text, "\ndaemons:").ok();
+    for d in daemons {
+        writeln!(
+            text,
+            "  {}  pid {}{} on {}  {}",
+            shown(&d.task),
+            d.pid,
+            d.pgid.map_or_else(String::new, |g| format!(" (group {g})")),
+            shown(&d.host),
+            liveness(d.alive)
+        )
+        .ok();
+    }
+}
+
+/// A daemon's liveness as shown.
+fn liveness(alive: Option<bool>) -> &'static str {
+    match alive {
+        Some(true) => "alive",
+        Some(false) => "gone",
+        None => "unknown (another machine)",
+    }
 }
 
 /// An op as `show --json` prints it (and `run --json`, `resume --json` once it ends): its record,
@@ -322,6 +352,19 @@ pub fn record(
                     "exit_code": a.exit_code,
                     "error": a.error,
                 })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    object["daemons"] = engine::op::daemons(reader, op)?
+        .iter()
+        .map(|d| {
+            json!({
+                "task": d.task,
+                "attempt": d.attempt,
+                "pid": d.pid,
+                "pgid": d.pgid,
+                "host": d.host,
+                "alive": d.alive,
             })
         })
         .collect();

@@ -17,6 +17,7 @@
 mod approve;
 mod cancel;
 pub mod children;
+mod daemons;
 pub mod input;
 mod lock;
 mod mark;
@@ -27,6 +28,7 @@ mod take;
 
 pub use approve::approve;
 pub use cancel::{CancelEnd, cancel};
+pub use daemons::{Daemon, daemons};
 pub use mark::mark;
 pub use replan::{PlanDrift, Replan, plan_drift};
 pub(crate) use resume::resume_as;

@@ -40,10 +40,11 @@ use crate::task::context::Shared;
 use crate::task::files::OutputFiles;
 
 /// Ends the processes an attempt left running (on this machine); how many there were. A second
-/// Ctrl-C (`stop` hurried) ends their grace.
+/// Ctrl-C (`stop` hurried) ends their grace. Of a `daemon` step's attempt (`daemon`), only its
+/// probes: its server outlives the run that started it, and the next attempt waits for it again.
 async fn end_leftovers(
     uuid: &str,
-    attempt: &store::AttemptRow,
+    (attempt, daemon): (&store::AttemptRow, bool),
     options: &Options,
     stop: &StopHandle,
 ) -> usize {
@@ -60,7 +61,11 @@ async fn end_leftovers(
     let check_marker = format!("{marker}/check");
     procs::proc::terminate_or_sooner(
         || {
-            let mut pids = procs::proc::attempt_processes(pgid, start, &marker);
+            let mut pids = if daemon {
+                Vec::new()
+            } else {
+                procs::proc::attempt_processes(pgid, start, &marker)
+            };
             pids.extend(procs::proc::attempt_processes(None, None, &check_marker));
             pids
         },
@@ -87,17 +92,46 @@ fn end_children_leftovers<'a>(
             {
                 continue;
             }
+            let daemons = daemon_tasks(reader, &child)?;
             for attempt in reader
                 .attempts(child.id)?
                 .into_iter()
                 .filter(|a| a.status == AttemptStatus::Running)
             {
-                end_leftovers(&child.uuid, &attempt, options, stop).await;
+                let daemon = daemons.contains(&attempt.task_no);
+                end_leftovers(&child.uuid, (&attempt, daemon), options, stop).await;
             }
             end_children_leftovers(reader, rule, child.id, options, stop).await?;
         }
         Ok(())
     })
+}
+
+/// The tasks of `row`'s `daemon` steps whose server a takeover spares: none when the op is to be
+/// canceled (a daemon not yet seen ready is ended with its step).
+fn daemon_tasks(
+    reader: &Reader,
+    row: &store::OpRow,
+) -> Result<std::collections::HashSet<TaskNo>, Error> {
+    let canceling = reader
+        .op(row.id)
+        .map_or(row.cancel.is_some(), |r| r.cancel.is_some());
+    if canceling {
+        return Ok(std::collections::HashSet::new());
+    }
+    let plan = snapshot_plan(reader, row.id)?;
+    if !plan.steps.iter().any(|s| s.daemon) {
+        return Ok(std::collections::HashSet::new());
+    }
+    Ok(reader
+        .tasks(row.id)?
+        .into_iter()
+        .filter(|t| {
+            plan.step_index(&t.step)
+                .is_some_and(|i| plan.steps[i].daemon)
+        })
+        .map(|t| t.task_no)
+        .collect())
 }
 
 /// The grace a cancel request of `row` asks for, as the store has it now (the request may be newer
@@ -127,6 +161,7 @@ async fn sweep(
         .into_iter()
         .map(|t| (t.task_no, t.name))
         .collect();
+    let daemons = daemon_tasks(reader, row)?;
     for attempt in reader
         .attempts(row.id)?
         .into_iter()
@@ -136,7 +171,8 @@ async fn sweep(
             .get(&attempt.task_no)
             .map_or("?", String::as_str)
             .to_owned();
-        let count = end_leftovers(&row.uuid, &attempt, options, stop).await;
+        let daemon = daemons.contains(&attempt.task_no);
+        let count = end_leftovers(&row.uuid, (&attempt, daemon), options, stop).await;
         let mut batch = Vec::new();
         if count > 0 {
             batch.push(Change::Event {
