@@ -781,6 +781,17 @@ pub enum Change {
         at: Millis,
         message: String,
     },
+    /// New values for some of the op's params (`resume --param`): `params` is the whole map, as
+    /// stored (secrets sealed), with the op's kept environment (unchanged); one `param-changed`
+    /// event per line of `messages`. The op's outcome, if decided, is decided again.
+    SetParams {
+        op: OpId,
+        owner: ProcessId,
+        params: serde_json::Value,
+        env: serde_json::Map<String, serde_json::Value>,
+        at: Millis,
+        messages: Vec<String>,
+    },
     /// A `plan:` task's child op stays as history, no longer linked: the task's next attempt
     /// starts a new child (the old one was canceled).
     DetachChild {

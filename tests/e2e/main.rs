@@ -22,6 +22,7 @@ mod logs;
 mod nodes;
 mod operator;
 mod outage;
+mod params;
 mod postgres;
 mod regressions;
 mod secrets;

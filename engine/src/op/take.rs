@@ -22,6 +22,7 @@ use store::TaskNo;
 use store::TaskStatus;
 
 use super::lock::{Acquire, Acquired};
+use super::params::{ParamChanges, ParamEdit};
 use super::replan::{PlanDrift, Replan, Replanned};
 use super::{
     Error, Overrides, RunParts, children, dead_owner_or_refuse, secret_values, shared,
@@ -302,6 +303,7 @@ impl Takeover<'_> {
         reader: &Reader,
         row: &store::OpRow,
         replace: Option<(Replan, PlanDrift)>,
+        new_params: Option<&ParamChanges>,
     ) -> Result<Result<(Arc<Shared>, Vec<TaskState>), Acquired>, Error> {
         let store = self.store;
         let op = row.id;
@@ -312,7 +314,7 @@ impl Takeover<'_> {
         } else {
             None
         };
-        let sealed: Vec<String> = stored
+        let mut sealed: Vec<String> = stored
             .iter()
             .filter(|(_, v)| secrets::is_sealed(v))
             .map(|(k, _)| k.clone())
@@ -355,6 +357,17 @@ impl Takeover<'_> {
                 progress: &self.progress,
             };
             plan = to.apply(&plan, replan, drift, &mut params).await?;
+        }
+        if let Some(changes) = new_params {
+            let edit = ParamEdit {
+                store,
+                reader,
+                row,
+                me: &me,
+                options: &self.options,
+                progress: &self.progress,
+            };
+            edit.apply(&plan, changes, &mut params, &mut sealed).await?;
         }
         // Ending leftovers may take longer than the lease the claim wrote: renew it (a fenced
         // write, which also proves this process still owns the op) before anything runs, and
