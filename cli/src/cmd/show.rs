@@ -14,7 +14,8 @@ use crate::exit::Failure;
 use crate::output::{Output, shown};
 
 /// Show one op: its params (secrets masked), every task with its status, attempts, times, exit
-/// code, error and outputs, and its events.
+/// code, error and outputs, the servers its `daemon` steps left running (pid, and whether each
+/// still runs), and its events.
 ///
 /// Under an op that is not running, a task it left running or waiting, or whose last attempt it
 /// interrupted, shows `interrupted`.

@@ -117,7 +117,7 @@ fn daemon_tasks(
     let canceling = reader
         .op(row.id)
         .map_or(row.cancel.is_some(), |r| r.cancel.is_some());
-    if canceling {
+    if canceling || !reader.snapshot(row.id)?.text.contains("daemon") {
         return Ok(std::collections::HashSet::new());
     }
     let plan = snapshot_plan(reader, row.id)?;
