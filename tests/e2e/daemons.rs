@@ -1,7 +1,8 @@
 //! `daemon: true`: a step that starts a server which outlives it, through the real binary. The
 //! server is recorded and shown; it survives the step's end, a `kill -9` of cairn while the step
 //! waits for it to be ready (the resume waits again and starts no second server), and a cancel
-//! of the op afterwards. A server not yet ready when its step fails or is canceled is ended.
+//! of the op afterwards. A server not yet ready when its step fails or is canceled is ended. A
+//! real HTTP server serves the steps after it, and runs until a later op stops it.
 
 use std::time::{Duration, Instant};
 
@@ -178,4 +179,71 @@ fn a_daemon_not_yet_ready_is_ended_when_its_step_fails_or_is_canceled() {
     assert!(alive(pid));
     assert_eq!(code(&sandbox.cairn(&["cancel", "1"])), Some(0));
     assert!(!alive(pid), "the server of a canceled step still runs");
+}
+
+#[test]
+fn a_real_server_started_by_a_step_serves_the_steps_after_it_until_a_step_stops_it() {
+    assert!(
+        std::process::Command::new("python3")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "python3 runs the test's HTTP server"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sandbox = Sandbox::new();
+    sandbox.write("hello.txt", "hello from the daemon\n");
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            r#"name: http
+params:
+  port: {{ type: int, default: {port} }}
+steps:
+  - id: serve
+    daemon: true
+    run: |
+      python3 -m http.server {{{{ params.port }}}} --bind 127.0.0.2 >server.log 2>&1 &
+      echo $! > server.pid
+    until: {{ probe: "python3 -c 'import urllib.request as u, sys; u.urlopen(sys.argv[1], timeout=2)' http://127.0.0.2:{{{{ params.port }}}}/hello.txt", every: 200ms, timeout: 1m }}
+  - id: fetch
+    needs: [serve]
+    run: python3 -c 'import urllib.request as u, sys; print(u.urlopen(sys.argv[1]).read().decode(), end="")' http://127.0.0.2:{{{{ params.port }}}}/hello.txt > fetched
+  - id: check-alive
+    needs: [fetch]
+    run: kill -0 "$(cat server.pid)"
+"#
+        ),
+    );
+    let out = sandbox.cairn(&["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let pid: u32 = sandbox.read("server.pid").trim().parse().unwrap();
+    let server = Server(pid);
+    assert_eq!(sandbox.read("fetched"), "hello from the daemon\n");
+    assert!(alive(pid), "the server ended with the op");
+    let show = sandbox.show(1);
+    assert_eq!(show["daemons"][0]["pid"], pid, "{show:#}");
+    assert_eq!(show["daemons"][0]["alive"], true);
+
+    // A later op (or step) stops it, as the plan wants: cairn never does once it was ready.
+    sandbox.write(
+        "stop.yaml",
+        "name: stop\nsteps:\n  - id: stop\n    run: kill \"$(cat server.pid)\"\n",
+    );
+    let out = sandbox.cairn(&["run", "stop.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let started = Instant::now();
+    while alive(pid) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the server did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sandbox.show(1)["daemons"][0]["alive"], false);
+    drop(server);
 }
