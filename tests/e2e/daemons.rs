@@ -247,3 +247,53 @@ steps:
     assert_eq!(sandbox.show(1)["daemons"][0]["alive"], false);
     drop(server);
 }
+
+#[test]
+fn a_daemon_step_killed_before_its_command_ended_takes_over_the_server_on_resume() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        r#"name: slow-start
+steps:
+  - id: start
+    daemon: true
+    run: |
+      echo start >> starts
+      echo $$ > leader.pid
+      sh -c 'echo $$ > daemon.pid; while :; do if [ -f go ]; then touch ready; fi; sleep 0.1; done' >/dev/null 2>&1 &
+      while [ ! -f started ]; do sleep 0.05; done
+    until: { probe: "test -f ready", every: 200ms, timeout: 5m }
+"#,
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+    let pid = server_pid(&sandbox);
+    let _server = Server(pid);
+    // Killed while the command itself still runs.
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let resumed = sandbox
+        .command(&["resume", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_event(&sandbox, "daemon-kept", "not started again");
+    // The killed attempt's command ends; then the server is ready: the step's record names the
+    // server, not the command gone.
+    let leader: u32 = sandbox.read("leader.pid").trim().parse().unwrap();
+    sandbox.write("started", "");
+    let started = Instant::now();
+    while alive(leader) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the command never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sandbox.write("go", "");
+    let out = resumed.wait_with_output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("starts").lines().count(), 1, "a second server");
+    assert!(alive(pid), "the server ended with its step");
+    assert_eq!(sandbox.show(1)["daemons"][0]["alive"], true);
+}

@@ -15,6 +15,7 @@ params:
   a: { type: int, default: 1 }
   b: { default: x }
   pw: { secret: true, default: first-secret }
+  note: { default: none }
 steps:
   - id: first
     run: echo {{ params.a }} >> seen-a
@@ -99,9 +100,23 @@ fn a_param_is_fixed_on_resume_unless_done_work_used_it() {
     assert!(!all.contains("second-secret"), "{all}");
     sandbox.assert_not_stored("second-secret");
 
-    // The op succeeded; a param no step used changes nothing and is refused.
+    // The op succeeded: a param no step used would change nothing, and is refused.
+    let out = sandbox.cairn(&["resume", "1", "-p", "note=later"]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("none of its steps used `note`"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(sandbox.show(1)["params"]["note"], "none");
+    // `--rerun-changed` alone says what it goes with.
     let out = sandbox.cairn(&["resume", "1", "--rerun-changed"]);
     assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("`--param KEY=VALUE`"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -163,6 +163,8 @@ struct ProcessAttempt<'a> {
 /// `start`) and the marker of the attempt that started it.
 #[derive(Debug, Clone)]
 struct Kept {
+    /// The process the attempt's record names (0: none yet).
+    pid: u32,
     pgid: Option<u32>,
     start: Option<u64>,
     marker: String,
@@ -247,7 +249,7 @@ impl Attempt for ProcessAttempt<'_> {
             Some(until) => self.wait_until(n, until, run, (&marker, located)).await,
             None => Ok(judge(shared, step, run)),
         };
-        self.end_daemon_unless_ready(&ended).await;
+        self.settle_daemon(n, &ended).await?;
         ended
     }
 
@@ -710,6 +712,7 @@ impl ProcessAttempt<'_> {
         );
         self.record_daemon(n, &identity, pgid, message).await?;
         self.daemon = Some(Kept {
+            pid: identity.pid,
             pgid: Some(pgid),
             start: Some(identity.start),
             marker: marker.to_owned(),
@@ -787,6 +790,7 @@ impl ProcessAttempt<'_> {
                 continue;
             }
             let old = Kept {
+                pid: 0,
                 pgid: attempt.pgid,
                 start: attempt.process.as_ref().map(|p| p.start),
                 marker: format!("{}/{}/{}", shared.uuid, task.0, attempt.n),
@@ -800,6 +804,7 @@ impl ProcessAttempt<'_> {
             );
             self.record_daemon(n, &identity, pgid, message).await?;
             self.daemon = Some(Kept {
+                pid: identity.pid,
                 pgid: Some(pgid),
                 start: Some(identity.start),
                 marker: old.marker,
@@ -816,20 +821,41 @@ impl ProcessAttempt<'_> {
                 outputs: Ok(Map::new()),
             };
             let ended = self.wait_until(n, until, first, (marker, located)).await;
-            self.end_daemon_unless_ready(&ended).await;
+            self.settle_daemon(n, &ended).await?;
             return ended.map(Some);
         }
         Ok(None)
     }
 
     /// Ends a `daemon` step's server unless the step succeeded: a daemon outlives only a step
-    /// that saw it ready.
-    async fn end_daemon_unless_ready(&mut self, ended: &Result<Ended, Fatal>) {
-        if matches!(ended, Ok(Ended::Succeeded(..))) {
-            return;
-        }
-        if let Some(kept) = self.daemon.take() {
+    /// that saw it ready. A ready one whose recorded process ended meanwhile (the command of an
+    /// attempt cut off, taken over with its server) is recorded by the oldest process left.
+    async fn settle_daemon(&mut self, n: u32, ended: &Result<Ended, Fatal>) -> Result<(), Fatal> {
+        let Some(kept) = self.daemon.take() else {
+            return Ok(());
+        };
+        if !matches!(ended, Ok(Ended::Succeeded(..))) {
             procs::proc::terminate(|| kept.processes(), self.shared.step_grace()).await;
+            return Ok(());
         }
+        let Some((identity, pgid)) = daemon_of(&kept.processes()) else {
+            return Ok(());
+        };
+        if identity.pid == kept.pid {
+            return Ok(());
+        }
+        let shared = self.shared;
+        shared
+            .apply(vec![Change::AttemptProcess {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task: self.job.task(),
+                n,
+                process: to_store(&identity),
+                pgid,
+                at: crate::owner::now(),
+            }])
+            .await?;
+        Ok(())
     }
 }
