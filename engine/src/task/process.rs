@@ -322,6 +322,9 @@ impl ProcessAttempt<'_> {
     ) -> Result<Result<ProcessRun, String>, Fatal> {
         let (shared, job, step) = (self.shared, self.job, self.step);
         let task = job.task();
+        // A daemon step's probes (and `check`) leave the attempt's record naming its command, then
+        // its server: they are found by their marker.
+        let probe = step.daemon && launch.marker.ends_with("/check");
         let spec = Spec {
             argv: launch.argv,
             env: launch.env,
@@ -355,8 +358,7 @@ impl ProcessAttempt<'_> {
             (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
         ));
-        // A daemon's probes leave the attempt's record naming the daemon.
-        if self.daemon.is_none() {
+        if self.daemon.is_none() && !probe {
             shared
                 .apply(vec![Change::AttemptProcess {
                     op: shared.op,
