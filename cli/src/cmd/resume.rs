@@ -12,7 +12,8 @@ use crate::output::Output;
 /// Continue an op where it stopped, with the plan it was submitted with.
 ///
 /// Tasks that succeeded or were skipped are kept with their outputs; failed and interrupted ones
-/// run again. Processes left behind by a crashed run are ended first. Refused while another live
+/// run again. Processes left behind by a crashed run are ended first (not the server a `daemon` step
+/// started: its next attempt waits for it again). Refused while another live
 /// process runs the op. With `--from STEP`, STEP and every step downstream of it run again even if
 /// they succeeded (the op may have succeeded); steps upstream of it are kept, never re-run.
 ///
