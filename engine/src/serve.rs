@@ -388,7 +388,7 @@ async fn run_one(
         verb,
         reopen: false,
     };
-    op::resume_as(takeover, op, None, None).await
+    op::resume_as(takeover, op, op::Edits::default()).await
 }
 
 /// What `serve` remembers between polls: of ops, of the pause, of firings it could not fire.

@@ -381,6 +381,11 @@ pub struct Step {
     pub log_limit: u64,
     /// The steps whose outputs this step's templates use (all upstream of it).
     pub uses: Vec<usize>,
+    /// The params this step's templates use (`params.<name>`), sorted.
+    pub params: Vec<String>,
+    /// `daemon: true`: what the command leaves running outlives the step (it has an
+    /// `until.probe`).
+    pub daemon: bool,
 }
 
 /// A hook: a command run around the op.

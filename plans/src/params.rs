@@ -208,6 +208,42 @@ pub fn resolve(
     }
 }
 
+/// Reads new values for some of an op's params (`resume --param`, later pairs winning) as the
+/// plan's types, with the same checks as [`resolve`]: each must be a param of the plan.
+pub fn changes(
+    plan: &Plan,
+    given: &[(String, String)],
+) -> Result<Map<String, Value>, Vec<ParamError>> {
+    let mut problems = Vec::new();
+    let mut values = Map::new();
+    for (name, text) in given {
+        let Some(param) = plan.param(name) else {
+            let names = plan.params.iter().map(|p| p.name.as_str());
+            let hint =
+                suggest(name, names).map_or(String::new(), |s| format!("; did you mean `{s}`?"));
+            problems.push(error(format!(
+                "plan `{}` has no param `{name}`{hint}",
+                plan.name
+            )));
+            continue;
+        };
+        match coerce(param, text) {
+            Ok(v) => match refused(param, &v) {
+                Some(e) => problems.push(e),
+                None => {
+                    values.insert(name.clone(), v);
+                }
+            },
+            Err(e) => problems.push(e),
+        }
+    }
+    if problems.is_empty() {
+        Ok(values)
+    } else {
+        Err(problems)
+    }
+}
+
 fn plain(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),

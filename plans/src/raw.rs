@@ -148,6 +148,9 @@ pub struct RawStep {
     /// Wait for a state: run the step's command (or, with `probe`, the command once and then the probe) every `every` until it exits 0, up to `timeout`.
     #[schemars(with = "Option<RawUntil>")]
     pub until: Option<Spanned<RawUntil>>,
+    /// The step starts a server that outlives it: when its command exits 0, what it left running is kept (not ended), and the step succeeds once `until.probe` does. Needs `until` with a `probe`.
+    #[schemars(with = "Option<bool>")]
+    pub daemon: Option<Spanned<bool>>,
     /// Run the step once per item: an expression giving a list, or a list.
     #[schemars(with = "Option<RawForEach>")]
     pub for_each: Option<Spanned<RawForEach>>,

@@ -77,6 +77,7 @@ fn parse_unclamped(file: &str, text: &str) -> Result<Plan, Problems> {
         problems: Vec::new(),
         env_names: std::collections::BTreeSet::new(),
         uses: std::collections::BTreeSet::new(),
+        uses_params: std::collections::BTreeSet::new(),
     };
     let plan = checker.plan(raw);
     match plan {
@@ -482,6 +483,8 @@ struct Checker<'t> {
     env_names: std::collections::BTreeSet<String>,
     /// The steps whose outputs the step being checked uses.
     uses: std::collections::BTreeSet<usize>,
+    /// The params the step being checked uses.
+    uses_params: std::collections::BTreeSet<String>,
 }
 
 /// What the checks of templates need to know of the plan.
@@ -1175,6 +1178,9 @@ impl Checker<'_> {
                 Name::Step { index, .. } => {
                     self.uses.insert(*index);
                 }
+                Name::Param(param) => {
+                    self.uses_params.insert(param.clone());
+                }
                 _ => {}
             }
             match name {
@@ -1471,6 +1477,7 @@ impl Checker<'_> {
     ) -> Option<Step> {
         let before = self.problems.len();
         self.uses.clear();
+        self.uses_params.clear();
         let has_for_each = step.for_each.is_some();
         let scope = |what: &'static str, item: bool| -> Scope<'s> {
             Scope {
@@ -1577,6 +1584,7 @@ impl Checker<'_> {
             .until
             .as_ref()
             .and_then(|u| self.until(u, step, known, scope("`until.probe`", true)));
+        let daemon = self.daemon(step);
         let timeout = self.duration(step.timeout.as_ref(), "timeout");
         let retry = step
             .retry
@@ -1648,6 +1656,8 @@ impl Checker<'_> {
                 .or_else(|| step.sql.as_ref().map(|q| sql_output_keys(&q.value))),
             log_limit,
             uses: std::mem::take(&mut self.uses).into_iter().collect(),
+            params: std::mem::take(&mut self.uses_params).into_iter().collect(),
+            daemon,
         })
     }
 
@@ -2020,6 +2030,25 @@ impl Checker<'_> {
             outputs.push((key.value.clone(), column.value.clone()));
         }
         outputs
+    }
+
+    /// A step's `daemon`: only with an `until` that has a `probe` (what says the server is ready).
+    fn daemon(&mut self, step: &RawStep) -> bool {
+        let Some(daemon) = step.daemon.as_ref().filter(|d| d.value) else {
+            return false;
+        };
+        let probe = step.until.as_ref().is_some_and(|u| u.value.probe.is_some());
+        if !probe {
+            self.report(
+                Problem::new(
+                    "daemon-without-probe",
+                    span(daemon),
+                    "a `daemon` step needs `until` with a `probe`: what says that the server it starts is ready",
+                )
+                .help("add e.g. `until: { probe: \"curl -fs http://127.0.0.1:8080/\", every: 1s, timeout: 2m }`"),
+            );
+        }
+        probe
     }
 
     /// A step's `until`: only on a `run` or `exec` step; `every` shorter than `timeout`.

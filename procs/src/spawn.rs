@@ -43,6 +43,9 @@ pub struct Spec {
     /// Whether the spawning thread steps to another CPU once the child is started (see
     /// [`step_aside`]): for a process that runs alone, not one of many.
     pub alone: bool,
+    /// A daemon's start: when the leader exits 0, what it leaves running is kept, not ended
+    /// ([`Exit::kept`]). On any other end, the group is ended as always.
+    pub keep: bool,
 }
 
 /// Which stream a log chunk came from.
@@ -77,6 +80,8 @@ pub struct Exit {
     pub stderr_tail: String,
     /// How many processes of its group were still running after the leader ended, and were ended.
     pub leftovers: usize,
+    /// With [`Spec::keep`] and an exit 0: the attempt's processes left running, not ended.
+    pub kept: Vec<u32>,
 }
 
 impl Exit {
@@ -95,6 +100,7 @@ pub struct Running {
     marker: String,
     grace: Duration,
     timeout: Option<Duration>,
+    keep: bool,
     readers: Vec<tokio::task::JoinHandle<Vec<u8>>>,
     /// Turns true when the grace must end now (a second Ctrl-C): see [`Running::hurried_by`].
     hurry: Option<watch::Receiver<bool>>,
@@ -230,6 +236,7 @@ pub fn spawn(spec: &Spec, sink: &mpsc::Sender<Chunk>) -> Result<Running, SpawnEr
         marker: spec.marker.clone(),
         grace: spec.grace,
         timeout: spec.timeout,
+        keep: spec.keep,
         readers,
         hurry: None,
         gone,
@@ -447,8 +454,15 @@ impl Running {
             proc::terminate_or_sooner(|| self.members(), self.grace, self.hurried()).await;
             self.child.wait().await.ok()
         };
-        // The leader is gone; whatever it left running in its group goes too.
-        let leftovers = if proc::none_started_since(self.pgid) {
+        // The leader is gone; whatever it left running in its group goes too, unless it started
+        // a daemon that is to be kept.
+        let keep = self.keep && stopped.is_none() && status.is_some_and(|s| s.code() == Some(0));
+        let kept = if keep && !proc::none_started_since(self.pgid) {
+            self.members()
+        } else {
+            Vec::new()
+        };
+        let leftovers = if keep || proc::none_started_since(self.pgid) {
             0
         } else {
             proc::terminate_or_sooner(|| self.members(), self.grace, self.hurried()).await
@@ -469,6 +483,7 @@ impl Running {
             stopped,
             stderr_tail: String::from_utf8_lossy(&tail).trim_end().to_owned(),
             leftovers,
+            kept,
         }
     }
 }

@@ -17,6 +17,7 @@ fn spec(script: &str, marker: &str) -> Spec {
         grace: Duration::from_millis(500),
         located: None,
         alone: true,
+        keep: false,
     }
 }
 

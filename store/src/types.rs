@@ -199,11 +199,15 @@ event_kinds! {
         Rerun => "rerun",
         /// The op goes on with an edited plan (`resume --plan`).
         PlanChanged => "plan-changed",
+        /// A param's value is changed (`resume --param`).
+        ParamChanged => "param-changed",
         // --- a task's life ---
         /// An attempt of the task starts.
         TaskStarted => "task-started",
         /// The processes an earlier attempt left running are ended before the task runs again.
         LeftoversEnded => "leftovers-ended",
+        /// A `daemon` step's server is recorded: it outlives the step.
+        DaemonKept => "daemon-kept",
         /// The task goes back to pending (a fan-out step whose items are not all done).
         TaskPending => "task-pending",
         /// The task is set running without an attempt, or an attempt is recorded still running.
@@ -855,6 +859,17 @@ pub enum Change {
         env: serde_json::Map<String, serde_json::Value>,
         at: Millis,
         message: String,
+    },
+    /// New values for some of the op's params (`resume --param`): `params` is the whole map, as
+    /// stored (secrets sealed), with the op's kept environment (unchanged); one `param-changed`
+    /// event per line of `messages`. The op's outcome, if decided, is decided again.
+    SetParams {
+        op: OpId,
+        owner: ProcessId,
+        params: serde_json::Value,
+        env: serde_json::Map<String, serde_json::Value>,
+        at: Millis,
+        messages: Vec<String>,
     },
     /// A `plan:` task's child op stays as history, no longer linked: the task's next attempt
     /// starts a new child (the old one was canceled).

@@ -8,6 +8,7 @@ mod cluster;
 mod controls;
 mod copy;
 mod crash;
+mod daemons;
 mod damage;
 mod durable;
 mod dynamic;
@@ -23,6 +24,7 @@ mod operator;
 mod pauses;
 
 mod outage;
+mod params;
 mod postgres;
 mod regressions;
 mod secrets;

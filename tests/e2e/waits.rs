@@ -48,6 +48,17 @@ fn a_wait_is_progress_not_failure_and_a_killed_wait_waits_again() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // The resumed attempt waits (its command runs at least twice) before `a` is loaded: the
+    // progress the killed run stored may show before the resume runs anything.
+    let before = sandbox.read("runs-a").lines().count();
+    let started = Instant::now();
+    while sandbox.read("runs-a").lines().count() < before + 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the resume never waited"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     wait_for_waiting(&sandbox, "table a not loaded yet");
     sandbox.write("ready-a", "");
     let out = resumed.wait_with_output().unwrap();

@@ -12,7 +12,8 @@ use crate::output::Output;
 /// Continue an op where it stopped, with the plan it was submitted with.
 ///
 /// Tasks that succeeded or were skipped are kept with their outputs; failed and interrupted ones
-/// run again. Processes left behind by a crashed run are ended first. Refused while another live
+/// run again. Processes left behind by a crashed run are ended first (not the server a `daemon` step
+/// started: its next attempt waits for it again). Refused while another live
 /// process runs the op. With `--from STEP`, STEP and every step downstream of it run again even if
 /// they succeeded (the op may have succeeded); steps upstream of it are kept, never re-run.
 ///
@@ -21,6 +22,12 @@ use crate::output::Output;
 /// 20s`, or a line diff of a script), and nothing changes without `--accept-plan-change`. A change to a step
 /// that already succeeded is refused unless `--rerun-changed` (then it and what is downstream of
 /// it run again). The old snapshot is kept, named in the op's events.
+///
+/// With `--param KEY=VALUE` (repeatable; `KEY=@FILE` and `KEY=env:NAME` as for `run`), the op
+/// goes on with a new value for a param, read as the plan's type. Refused when a step that already
+/// ran (succeeded or skipped) used the param, unless `--rerun-changed`: then those steps and what
+/// is downstream of them run again, seeing the new value. The old and new values are recorded in
+/// the op's events (`param-changed`; secrets as `********`).
 #[allow(
     clippy::struct_excessive_bools,
     reason = "independent command-line switches"
@@ -41,8 +48,13 @@ pub struct Args {
     /// Accept the differences `--plan` shows.
     #[arg(long, requires = "plan")]
     accept_plan_change: bool,
-    /// With `--plan`: run changed steps that already succeeded again, and what is downstream.
-    #[arg(long, requires = "plan")]
+    /// A new value for a param, `KEY=VALUE` (repeatable): `KEY=@FILE` reads it from a file,
+    /// `KEY=env:NAME` from the environment.
+    #[arg(short = 'p', long = "param", value_name = "KEY=VALUE", conflicts_with_all = ["plan", "dry_run"])]
+    params: Vec<String>,
+    /// With `--plan` or `--param`: run changed steps (or steps that used a changed param) that
+    /// already ran again, and what is downstream of them.
+    #[arg(long)]
     rerun_changed: bool,
     #[command(flatten)]
     run: RunArgs,
@@ -75,6 +87,12 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         crate::output::data(&text).context("cannot write")?;
         return Ok(());
     }
+    if args.rerun_changed && args.plan.is_none() && args.params.is_empty() {
+        return Err(Failure::BadInput(anyhow::anyhow!(
+            "`--rerun-changed` goes with `--plan FILE` or `--param KEY=VALUE`"
+        )));
+    }
+    let params = new_params(args, op)?;
     let store = args.db.store()?;
     let replan = match &args.plan {
         Some(path) => {
@@ -105,8 +123,11 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         engine::op::resume(
             &store,
             op,
-            args.from.as_deref(),
-            replan,
+            engine::op::Edits {
+                from: args.from.as_deref(),
+                replan,
+                params,
+            },
             args.run.options(),
             args.run.overrides(),
             progress,
@@ -114,4 +135,35 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         )
     })?;
     crate::cmd::run::finish(&store, &args.db, op, &end, args.json)
+}
+
+/// `--param`s, read (`@FILE`, `env:NAME`) and checked against the op's plan's params.
+fn new_params(args: &Args, op: store::OpId) -> Result<Option<engine::op::NewParams>, Failure> {
+    if args.params.is_empty() {
+        return Ok(None);
+    }
+    let pairs = args
+        .params
+        .iter()
+        .map(|p| crate::cmd::run::param_value(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let reader = args.db.reader()?;
+    let plan = engine::op::snapshot_plan(&reader, op)?;
+    crate::cmd::run::warn_of_inline_secrets(&plan, &pairs);
+    let given: Vec<(String, String)> = pairs.into_iter().map(|(k, v, _)| (k, v)).collect();
+    match plans::params::changes(&plan, &given) {
+        Ok(values) => Ok(Some(engine::op::NewParams {
+            values,
+            rerun_changed: args.rerun_changed,
+        })),
+        Err(problems) => {
+            for p in problems {
+                crate::output::diagnostic(&format!(
+                    "error: {}\n",
+                    crate::output::shown(&p.message)
+                ));
+            }
+            Err(Failure::Reported)
+        }
+    }
 }

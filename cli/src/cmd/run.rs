@@ -80,7 +80,7 @@ fn params_file(
 
 /// Where a `-p` value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+pub(crate) enum Source {
     /// Written on the command line.
     Inline,
     /// `@FILE` or `env:NAME`.
@@ -89,7 +89,7 @@ enum Source {
 
 /// A `-p KEY=VALUE`'s key and value: `@FILE` read from the file, `env:NAME` from the environment,
 /// `@@...` the value `@...`.
-fn param_value(pair: &str) -> anyhow::Result<(String, String, Source)> {
+pub(crate) fn param_value(pair: &str) -> anyhow::Result<(String, String, Source)> {
     let (key, value) =
         plans::params::split_pair(pair).map_err(|e| anyhow::anyhow!("bad `-p`: {e}"))?;
     if let Some(literal) = value.strip_prefix("@@") {
@@ -125,7 +125,7 @@ fn param_value(pair: &str) -> anyhow::Result<(String, String, Source)> {
 
 /// Warns of each secret param written on the command line, where `ps` shows it to every user of
 /// the machine while cairn runs.
-fn warn_of_inline_secrets(plan: &plans::Plan, pairs: &[(String, String, Source)]) {
+pub(crate) fn warn_of_inline_secrets(plan: &plans::Plan, pairs: &[(String, String, Source)]) {
     for (key, _, source) in pairs {
         if *source == Source::Inline && plan.params.iter().any(|p| p.name == *key && p.secret) {
             crate::output::diagnostic(&format!(

@@ -14,7 +14,8 @@ use crate::exit::Failure;
 use crate::output::{Output, shown};
 
 /// Show one op: its params (secrets masked), every task with its status, attempts, times, exit
-/// code, error and outputs, and its events.
+/// code, error and outputs, the servers its `daemon` steps left running (pid, and whether each
+/// still runs), and its events.
 ///
 /// Under an op that is not running, a task it left running or waiting, or whose last attempt it
 /// interrupted, shows `interrupted`.
@@ -254,6 +255,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     for l in table.lines() {
         writeln!(text, "{}", l.trim_end()).ok();
     }
+    daemons_text(&mut text, &engine::op::daemons(&reader, op)?);
     writeln!(text, "\nevents:").ok();
     for e in &events {
         let task = e
@@ -271,6 +273,35 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     }
     crate::output::data(&text).context("cannot write")?;
     Ok(())
+}
+
+/// The `daemons:` section of `show`: each daemon step's server, its pid and whether it runs.
+fn daemons_text(text: &mut String, daemons: &[engine::op::Daemon]) {
+    if daemons.is_empty() {
+        return;
+    }
+    writeln!(text, "\ndaemons:").ok();
+    for d in daemons {
+        writeln!(
+            text,
+            "  {}  pid {}{} on {}  {}",
+            shown(&d.task),
+            d.pid,
+            d.pgid.map_or_else(String::new, |g| format!(" (group {g})")),
+            shown(&d.host),
+            liveness(d.alive)
+        )
+        .ok();
+    }
+}
+
+/// A daemon's liveness as shown.
+fn liveness(alive: Option<bool>) -> &'static str {
+    match alive {
+        Some(true) => "alive",
+        Some(false) => "gone",
+        None => "unknown (another machine)",
+    }
 }
 
 /// An op as `show --json` prints it (and `run --json`, `resume --json` once it ends): its record,
@@ -322,6 +353,19 @@ pub fn record(
                     "exit_code": a.exit_code,
                     "error": a.error,
                 })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    object["daemons"] = engine::op::daemons(reader, op)?
+        .iter()
+        .map(|d| {
+            json!({
+                "task": d.task,
+                "attempt": d.attempt,
+                "pid": d.pid,
+                "pgid": d.pgid,
+                "host": d.host,
+                "alive": d.alive,
             })
         })
         .collect();

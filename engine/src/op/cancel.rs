@@ -133,7 +133,7 @@ pub async fn cancel(
                     verb: "taken over to cancel it",
                     reopen: false,
                 };
-                let taken = takeover.take_and_load(&reader, &row, None).await;
+                let taken = takeover.take_and_load(&reader, &row, None, None).await;
                 let (shared, tasks) = match taken {
                     Ok(Ok(loaded)) => loaded,
                     Ok(Err(_)) => {

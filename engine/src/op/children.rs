@@ -205,8 +205,7 @@ impl Children for SubPlans {
             super::resume(
                 &parent.store,
                 op,
-                None,
-                None,
+                super::Edits::default(),
                 parent.options.clone(),
                 child_overrides(),
                 progress,

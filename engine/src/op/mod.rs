@@ -17,9 +17,11 @@
 mod approve;
 mod cancel;
 pub mod children;
+mod daemons;
 pub mod input;
 mod lock;
 mod mark;
+mod params;
 mod replan;
 mod resume;
 mod start;
@@ -27,10 +29,12 @@ mod take;
 
 pub use approve::approve;
 pub use cancel::{CancelEnd, cancel};
+pub use daemons::{Daemon, daemons};
 pub use mark::mark;
+pub use params::{NewParams, ParamChanges, param_changes};
 pub use replan::{PlanDrift, Replan, plan_drift};
 pub(crate) use resume::resume_as;
-pub use resume::{Planned, dry_run, resume};
+pub use resume::{Edits, Planned, dry_run, resume};
 pub use start::{run, submit};
 pub(crate) use take::Takeover;
 

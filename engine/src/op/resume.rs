@@ -13,6 +13,7 @@ use store::TaskNo;
 use store::TaskStatus;
 
 use super::lock::Acquired;
+use super::params::{NewParams, param_changes};
 use super::replan::{Replan, plan_drift};
 use super::take::Takeover;
 use super::{
@@ -28,14 +29,21 @@ use crate::run::scheduler::TaskState;
 use crate::shutdown::StopHandle;
 use crate::task::context::Shared;
 
+/// What a resume changes before the op goes on: the steps to run again from (`--from`), an
+/// edited plan (`--plan`), new param values (`--param`).
+#[derive(Debug, Clone, Default)]
+pub struct Edits<'a> {
+    pub from: Option<&'a str>,
+    pub replan: Option<Replan>,
+    pub params: Option<NewParams>,
+}
+
 /// Continues an op where it stopped, with its plan snapshot. An op with a cancel request is only
 /// finished as canceled.
-#[allow(clippy::too_many_arguments)] // `cairn resume`'s flags and handles, as the CLI holds them
 pub async fn resume(
     store: &Store,
     op: OpId,
-    from: Option<&str>,
-    replan: Option<Replan>,
+    edits: Edits<'_>,
     options: Options,
     overrides: Overrides,
     progress: Sink,
@@ -51,7 +59,7 @@ pub async fn resume(
         verb: "resumed",
         reopen: false,
     };
-    resume_as(takeover, op, from, replan).await
+    resume_as(takeover, op, edits).await
 }
 
 /// [`resume`], taking the op over as `takeover` says (its events say why, e.g.
@@ -59,13 +67,34 @@ pub async fn resume(
 pub(crate) async fn resume_as(
     mut takeover: Takeover<'_>,
     op: OpId,
-    from: Option<&str>,
-    replan: Option<Replan>,
+    edits: Edits<'_>,
 ) -> Result<RunEnd, Error> {
+    let Edits {
+        from,
+        replan,
+        params,
+    } = edits;
     let store = takeover.store;
     let reader = store.reader()?;
     let row = read_op(&reader, op)?;
-    if row.status == OpStatus::Succeeded && from.is_none() && replan.is_none() {
+    // New params: refused if work already done used an old value, unless it runs again.
+    let changes = match &params {
+        Some(new) => Some(param_changes(&reader, op, new)?),
+        None => None,
+    };
+    let rerun_params = changes.as_ref().is_some_and(|c| !c.used.is_empty());
+    if row.status == OpStatus::Succeeded
+        && let Some(c) = changes
+            .as_ref()
+            .filter(|c| !c.values.is_empty() && !rerun_params)
+    {
+        let names: Vec<String> = c.values.keys().map(|k| format!("`{k}`")).collect();
+        return Err(Error::Refused(format!(
+            "op {op} succeeded and none of its steps used {}: no step would run with the new values; nothing changed",
+            names.join(", ")
+        )));
+    }
+    if row.status == OpStatus::Succeeded && from.is_none() && replan.is_none() && !rerun_params {
         // Resuming after a crash must be safe to repeat: the work is done, and that is success.
         (takeover.progress)(&Progress::AlreadyDone { op });
         return Ok(RunEnd::Succeeded);
@@ -95,9 +124,13 @@ pub(crate) async fn resume_as(
     } else {
         None
     };
-    takeover.reopen = rerun.is_some() || replan.is_some();
+    takeover.reopen = rerun.is_some() || replan.is_some() || rerun_params;
     let replace = replan.map(|r| (r, drifted.clone().unwrap_or_default()));
-    let (shared, mut tasks) = match takeover.take_and_load(&reader, &row, replace).await? {
+    let changes = changes.filter(|c| !c.values.is_empty());
+    let loaded = takeover
+        .take_and_load(&reader, &row, replace, changes.as_ref())
+        .await?;
+    let (shared, mut tasks) = match loaded {
         Ok(loaded) => loaded,
         Err(Acquired::Canceled) => {
             return Ok(RunEnd::Canceled("while it waited to start".to_owned()));
@@ -117,8 +150,8 @@ pub(crate) async fn resume_as(
         ending = None;
         rerun_tasks(&shared, &mut tasks, again, &why).await?;
     }
-    if ending.is_some() && drifted.is_some() {
-        // An edited plan: the outcome is decided again, by the new plan's tasks.
+    if ending.is_some() && (drifted.is_some() || changes.is_some()) {
+        // An edited plan or new params: the outcome is decided again.
         ending = None;
     }
     if ending.is_none() {

@@ -22,6 +22,7 @@ use store::TaskNo;
 use store::TaskStatus;
 
 use super::lock::{Acquire, Acquired};
+use super::params::{ParamChanges, ParamEdit};
 use super::replan::{PlanDrift, Replan, Replanned};
 use super::{
     Error, Overrides, RunParts, children, dead_owner_or_refuse, secret_values, shared,
@@ -40,10 +41,11 @@ use crate::task::context::Shared;
 use crate::task::files::OutputFiles;
 
 /// Ends the processes an attempt left running (on this machine); how many there were. A second
-/// Ctrl-C (`stop` hurried) ends their grace.
+/// Ctrl-C (`stop` hurried) ends their grace. Of a `daemon` step's attempt (`daemon`), only its
+/// probes: its server outlives the run that started it, and the next attempt waits for it again.
 async fn end_leftovers(
     uuid: &str,
-    attempt: &store::AttemptRow,
+    (attempt, daemon): (&store::AttemptRow, bool),
     options: &Options,
     stop: &StopHandle,
 ) -> usize {
@@ -60,7 +62,11 @@ async fn end_leftovers(
     let check_marker = format!("{marker}/check");
     procs::proc::terminate_or_sooner(
         || {
-            let mut pids = procs::proc::attempt_processes(pgid, start, &marker);
+            let mut pids = if daemon {
+                Vec::new()
+            } else {
+                procs::proc::attempt_processes(pgid, start, &marker)
+            };
             pids.extend(procs::proc::attempt_processes(None, None, &check_marker));
             pids
         },
@@ -87,17 +93,46 @@ fn end_children_leftovers<'a>(
             {
                 continue;
             }
+            let daemons = daemon_tasks(reader, &child)?;
             for attempt in reader
                 .attempts(child.id)?
                 .into_iter()
                 .filter(|a| a.status == AttemptStatus::Running)
             {
-                end_leftovers(&child.uuid, &attempt, options, stop).await;
+                let daemon = daemons.contains(&attempt.task_no);
+                end_leftovers(&child.uuid, (&attempt, daemon), options, stop).await;
             }
             end_children_leftovers(reader, rule, child.id, options, stop).await?;
         }
         Ok(())
     })
+}
+
+/// The tasks of `row`'s `daemon` steps whose server a takeover spares: none when the op is to be
+/// canceled (a daemon not yet seen ready is ended with its step).
+fn daemon_tasks(
+    reader: &Reader,
+    row: &store::OpRow,
+) -> Result<std::collections::HashSet<TaskNo>, Error> {
+    let canceling = reader
+        .op(row.id)
+        .map_or(row.cancel.is_some(), |r| r.cancel.is_some());
+    if canceling || !reader.snapshot(row.id)?.text.contains("daemon") {
+        return Ok(std::collections::HashSet::new());
+    }
+    let plan = snapshot_plan(reader, row.id)?;
+    if !plan.steps.iter().any(|s| s.daemon) {
+        return Ok(std::collections::HashSet::new());
+    }
+    Ok(reader
+        .tasks(row.id)?
+        .into_iter()
+        .filter(|t| {
+            plan.step_index(&t.step)
+                .is_some_and(|i| plan.steps[i].daemon)
+        })
+        .map(|t| t.task_no)
+        .collect())
 }
 
 /// The grace a cancel request of `row` asks for, as the store has it now (the request may be newer
@@ -127,6 +162,7 @@ async fn sweep(
         .into_iter()
         .map(|t| (t.task_no, t.name))
         .collect();
+    let daemons = daemon_tasks(reader, row)?;
     for attempt in reader
         .attempts(row.id)?
         .into_iter()
@@ -136,7 +172,8 @@ async fn sweep(
             .get(&attempt.task_no)
             .map_or("?", String::as_str)
             .to_owned();
-        let count = end_leftovers(&row.uuid, &attempt, options, stop).await;
+        let daemon = daemons.contains(&attempt.task_no);
+        let count = end_leftovers(&row.uuid, (&attempt, daemon), options, stop).await;
         let mut batch = Vec::new();
         if count > 0 {
             batch.push(Change::Event {
@@ -266,6 +303,7 @@ impl Takeover<'_> {
         reader: &Reader,
         row: &store::OpRow,
         replace: Option<(Replan, PlanDrift)>,
+        new_params: Option<&ParamChanges>,
     ) -> Result<Result<(Arc<Shared>, Vec<TaskState>), Acquired>, Error> {
         let store = self.store;
         let op = row.id;
@@ -276,7 +314,7 @@ impl Takeover<'_> {
         } else {
             None
         };
-        let sealed: Vec<String> = stored
+        let mut sealed: Vec<String> = stored
             .iter()
             .filter(|(_, v)| secrets::is_sealed(v))
             .map(|(k, _)| k.clone())
@@ -319,6 +357,17 @@ impl Takeover<'_> {
                 progress: &self.progress,
             };
             plan = to.apply(&plan, replan, drift, &mut params).await?;
+        }
+        if let Some(changes) = new_params {
+            let edit = ParamEdit {
+                store,
+                reader,
+                row,
+                me: &me,
+                options: &self.options,
+                progress: &self.progress,
+            };
+            edit.apply(&plan, changes, &mut params, &mut sealed).await?;
         }
         // Ending leftovers may take longer than the lease the claim wrote: renew it (a fenced
         // write, which also proves this process still owns the op) before anything runs, and

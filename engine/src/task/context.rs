@@ -626,6 +626,8 @@ pub(crate) fn with_hooks(plan: &Plan) -> (Vec<Step>, HookTasks) {
                 } else {
                     all_steps.clone()
                 },
+                params: Vec::new(),
+                daemon: false,
             });
         }
     }

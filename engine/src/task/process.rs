@@ -64,6 +64,7 @@ pub(crate) async fn run(
         probe,
         stop,
         began: None,
+        daemon: None,
     };
     attempts(
         shared,
@@ -153,6 +154,26 @@ struct ProcessAttempt<'a> {
     stop: &'a watch::Receiver<bool>,
     /// When the task's first process started.
     began: Option<Instant>,
+    /// A `daemon` step's server, once its command left it running (or an earlier attempt's,
+    /// found alive).
+    daemon: Option<Kept>,
+}
+
+/// What a `daemon` step's command left running: found by its group (started no earlier than
+/// `start`) and the marker of the attempt that started it.
+#[derive(Debug, Clone)]
+struct Kept {
+    /// The process the attempt's record names (0: none yet).
+    pid: u32,
+    pgid: Option<u32>,
+    start: Option<u64>,
+    marker: String,
+}
+
+impl Kept {
+    fn processes(&self) -> Vec<u32> {
+        procs::proc::attempt_processes(self.pgid, self.start, &self.marker)
+    }
 }
 
 /// One process to start: its command line (and the program found in its `PATH`, if looked up),
@@ -164,6 +185,8 @@ struct Launch {
     output: PathBuf,
     cwd: PathBuf,
     marker: String,
+    /// A `daemon` step's command: what it leaves running when it exits 0 is kept.
+    keep: bool,
 }
 
 /// The outcome of running one process (a step's command or its `check`).
@@ -196,6 +219,11 @@ impl Attempt for ProcessAttempt<'_> {
         if let Some(done) = self.check(n, &mut prepared, &marker).await? {
             return Ok(done);
         }
+        if step.daemon
+            && let Some(ended) = self.adopt(n, &marker, located.clone()).await?
+        {
+            return Ok(ended);
+        }
         let made = prepared.take();
         let (output, env) = match made.unwrap_or_else(|| process_files(shared, step, ctx, job, n)) {
             Ok(prepared) => prepared,
@@ -208,15 +236,21 @@ impl Attempt for ProcessAttempt<'_> {
             output,
             cwd: self.cwd.clone(),
             marker: marker.clone(),
+            keep: step.daemon,
         };
         let run = match self.spawn_and_wait(n, launch).await? {
             Ok(run) => run,
             Err(error) => return Ok(failed_early(error)),
         };
-        match &step.until {
+        if step.daemon {
+            self.keep_daemon(n, &run.exit.kept, &marker).await?;
+        }
+        let ended = match &step.until {
             Some(until) => self.wait_until(n, until, run, (&marker, located)).await,
             None => Ok(judge(shared, step, run)),
-        }
+        };
+        self.settle_daemon(n, &ended).await?;
+        ended
     }
 
     fn began(&self) -> Option<Instant> {
@@ -251,6 +285,7 @@ impl ProcessAttempt<'_> {
             output,
             cwd: self.cwd.clone(),
             marker: format!("{marker}/check"),
+            keep: false,
         };
         match self.spawn_and_wait(n, launch).await? {
             Ok(run) if run.exit.stopped == Some(Stopped::Asked) => {
@@ -287,6 +322,9 @@ impl ProcessAttempt<'_> {
     ) -> Result<Result<ProcessRun, String>, Fatal> {
         let (shared, job, step) = (self.shared, self.job, self.step);
         let task = job.task();
+        // A daemon step's probes (and `check`) leave the attempt's record naming its command, then
+        // its server: they are found by their marker.
+        let probe = step.daemon && launch.marker.ends_with("/check");
         let spec = Spec {
             argv: launch.argv,
             env: launch.env,
@@ -296,6 +334,7 @@ impl ProcessAttempt<'_> {
             grace: shared.options.grace,
             located: launch.located,
             alone: shared.options.tasks.get() <= 1,
+            keep: launch.keep,
         };
         if !shared.lease_holds() {
             return Err(Fatal::Lost(
@@ -319,17 +358,19 @@ impl ProcessAttempt<'_> {
             (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
         ));
-        shared
-            .apply(vec![Change::AttemptProcess {
-                op: shared.op,
-                owner: shared.me.clone(),
-                task,
-                n,
-                process: to_store(&running.identity),
-                pgid: running.pgid,
-                at: spawned,
-            }])
-            .await?;
+        if self.daemon.is_none() && !probe {
+            shared
+                .apply(vec![Change::AttemptProcess {
+                    op: shared.op,
+                    owner: shared.me.clone(),
+                    task,
+                    n,
+                    process: to_store(&running.identity),
+                    pgid: running.pgid,
+                    at: spawned,
+                }])
+                .await?;
+        }
         // The grace is decided when the stop comes: a cancel's own, or a sixth of the lease for a
         // run that lost its op (`Shared::step_grace`). The log writer ends when the process's
         // output closes; it is waited for alongside, since the process's readers wait for it.
@@ -387,6 +428,15 @@ impl ProcessAttempt<'_> {
             let reached = last.exit.success() && (!probing || probed);
             if reached || last.exit.stopped.is_some() {
                 let run = if probing && reached {
+                    // A daemon's probe may publish outputs too (an adopted daemon's command
+                    // published none this attempt); the probe's win.
+                    let outputs = match (outputs, last.outputs) {
+                        (Ok(mut outputs), Ok(probed)) if step.daemon => {
+                            outputs.extend(probed);
+                            Ok(outputs)
+                        }
+                        (outputs, _) => outputs,
+                    };
                     ProcessRun {
                         exit: last.exit,
                         outputs,
@@ -437,6 +487,7 @@ impl ProcessAttempt<'_> {
                     cwd: self.cwd.clone(),
                     // Marked as `check` is: a resume's sweep looks for both.
                     marker: format!("{marker}/check"),
+                    keep: false,
                 },
                 None => Launch {
                     argv: self.argv.clone(),
@@ -445,6 +496,7 @@ impl ProcessAttempt<'_> {
                     output,
                     cwd: self.cwd.clone(),
                     marker: marker.to_owned(),
+                    keep: false,
                 },
             };
             last = match self.spawn_and_wait(n, launch).await? {
@@ -631,5 +683,184 @@ fn judge(shared: &Shared, step: &Step, run: ProcessRun) -> Ended {
             exit_code: exit.code,
             retryable: true,
         },
+    }
+}
+
+/// The process a daemon is recorded by, of those an attempt left running: the oldest (the first
+/// started, so the one the others came from), with its group.
+fn daemon_of(pids: &[u32]) -> Option<(procs::proc::Identity, u32)> {
+    pids.iter()
+        .filter_map(|&pid| procs::proc::stat(pid).map(|s| (s.start, pid, s.pgrp)))
+        .min()
+        .map(|(start, pid, pgrp)| {
+            let identity = procs::proc::Identity {
+                host: procs::proc::hostname(),
+                boot_id: procs::proc::boot_id(),
+                pid,
+                start,
+            };
+            (identity, pgrp)
+        })
+}
+
+impl ProcessAttempt<'_> {
+    /// Records what a `daemon` step's command left running as the attempt's process, and keeps
+    /// it: probes no longer replace that record, and it is not ended when the step succeeds.
+    async fn keep_daemon(&mut self, n: u32, kept: &[u32], marker: &str) -> Result<(), Fatal> {
+        let Some((identity, pgid)) = daemon_of(kept) else {
+            return Ok(());
+        };
+        let message = format!(
+            "attempt {n}'s command left {} process(es) running as a daemon: pid {} (group {pgid}); they outlive the step",
+            kept.len(),
+            identity.pid
+        );
+        self.record_daemon(n, &identity, pgid, message).await?;
+        self.daemon = Some(Kept {
+            pid: identity.pid,
+            pgid: Some(pgid),
+            start: Some(identity.start),
+            marker: marker.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// Records `identity` as attempt `n`'s process (its daemon), with an event.
+    async fn record_daemon(
+        &self,
+        n: u32,
+        identity: &procs::proc::Identity,
+        pgid: u32,
+        message: String,
+    ) -> Result<(), Fatal> {
+        let shared = self.shared;
+        let at = crate::owner::now();
+        shared
+            .apply(vec![
+                Change::AttemptProcess {
+                    op: shared.op,
+                    owner: shared.me.clone(),
+                    task: self.job.task(),
+                    n,
+                    process: to_store(identity),
+                    pgid,
+                    at,
+                },
+                Change::Event {
+                    op: shared.op,
+                    owner: Some(shared.me.clone()),
+                    at,
+                    kind: store::EventKind::DaemonKept,
+                    task: Some(self.job.name.clone()),
+                    message,
+                },
+            ])
+            .await?;
+        Ok(())
+    }
+
+    /// A `daemon` step whose earlier attempt was cut off (cairn killed) after its command
+    /// started: when what that attempt started still runs, this attempt starts nothing; it takes
+    /// that daemon as its own and waits for `until.probe` again. `None`: no such daemon runs, the
+    /// command is to run.
+    async fn adopt(
+        &mut self,
+        n: u32,
+        marker: &str,
+        located: Option<PathBuf>,
+    ) -> Result<Option<Ended>, Fatal> {
+        let shared = self.shared;
+        let Some(until) = &self.step.until else {
+            return Ok(None);
+        };
+        let task = self.job.task();
+        let mut earlier: Vec<store::AttemptRow> = shared
+            .store
+            .reader()
+            .and_then(|r| r.attempts(shared.op))
+            .map_err(Fatal::from)?
+            .into_iter()
+            .filter(|a| {
+                a.task_no == task && a.n < n && a.status == store::AttemptStatus::Interrupted
+            })
+            .collect();
+        earlier.sort_by_key(|a| std::cmp::Reverse(a.n));
+        for attempt in earlier {
+            // An attempt cut off before it recorded its pid is found by its marker alone.
+            if attempt
+                .process
+                .as_ref()
+                .is_some_and(|p| p.boot_id != procs::proc::boot_id())
+            {
+                continue;
+            }
+            let old = Kept {
+                pid: 0,
+                pgid: attempt.pgid,
+                start: attempt.process.as_ref().map(|p| p.start),
+                marker: format!("{}/{}/{}", shared.uuid, task.0, attempt.n),
+            };
+            let Some((identity, pgid)) = daemon_of(&old.processes()) else {
+                continue;
+            };
+            let message = format!(
+                "the daemon attempt {} started still runs (pid {}, group {pgid}): not started again; waiting for `until.probe`",
+                attempt.n, identity.pid
+            );
+            self.record_daemon(n, &identity, pgid, message).await?;
+            self.daemon = Some(Kept {
+                pid: identity.pid,
+                pgid: Some(pgid),
+                start: Some(identity.start),
+                marker: old.marker,
+            });
+            let first = ProcessRun {
+                exit: spawn::Exit {
+                    code: Some(0),
+                    signal: None,
+                    stopped: None,
+                    stderr_tail: String::new(),
+                    leftovers: 0,
+                    kept: Vec::new(),
+                },
+                outputs: Ok(Map::new()),
+            };
+            let ended = self.wait_until(n, until, first, (marker, located)).await;
+            self.settle_daemon(n, &ended).await?;
+            return ended.map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Ends a `daemon` step's server unless the step succeeded: a daemon outlives only a step
+    /// that saw it ready. A ready one whose recorded process ended meanwhile (the command of an
+    /// attempt cut off, taken over with its server) is recorded by the oldest process left.
+    async fn settle_daemon(&mut self, n: u32, ended: &Result<Ended, Fatal>) -> Result<(), Fatal> {
+        let Some(kept) = self.daemon.take() else {
+            return Ok(());
+        };
+        if !matches!(ended, Ok(Ended::Succeeded(..))) {
+            procs::proc::terminate(|| kept.processes(), self.shared.step_grace()).await;
+            return Ok(());
+        }
+        let Some((identity, pgid)) = daemon_of(&kept.processes()) else {
+            return Ok(());
+        };
+        if identity.pid == kept.pid {
+            return Ok(());
+        }
+        let shared = self.shared;
+        shared
+            .apply(vec![Change::AttemptProcess {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task: self.job.task(),
+                n,
+                process: to_store(&identity),
+                pgid,
+                at: crate::owner::now(),
+            }])
+            .await?;
+        Ok(())
     }
 }

@@ -422,7 +422,8 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
         | Change::SetEnding { .. }
         | Change::RequestCancel { .. }
         | Change::Park { .. }
-        | Change::Replan { .. } => ops::apply(tx, change).map(|()| Applied::Done),
+        | Change::Replan { .. }
+        | Change::SetParams { .. } => ops::apply(tx, change).map(|()| Applied::Done),
         Change::CurrentTask { .. } | Change::Event { .. } => {
             ops::note(tx, change, fenced).map(|()| Applied::Done)
         }

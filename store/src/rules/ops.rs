@@ -119,6 +119,22 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change) -> Result<()> {
             let (kind, message) = events::plan_changed(message, &old, &snapshot.hash);
             event(tx, *op, *at, kind, None, &message)
         }
+        Change::SetParams {
+            op,
+            owner,
+            params,
+            env,
+            at,
+            messages,
+        } => {
+            fence(tx, *op, owner)?;
+            let env = serde_json::Value::Object(env.clone()).to_string();
+            tx.set_params(*op, &params.to_string(), &env)?;
+            for message in messages {
+                event(tx, *op, *at, EventKind::ParamChanged, None, message)?;
+            }
+            Ok(())
+        }
         _ => unreachable!("not an op change: {change:?}"),
     }
 }
