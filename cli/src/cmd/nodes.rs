@@ -38,6 +38,7 @@ fn held(reader: &store::Reader) -> anyhow::Result<BTreeMap<ProcessKey, Vec<OpId>
             status: Some(status),
             plan: None,
             limit: None,
+            before: None,
         })?;
         for row in rows {
             if let Some(owner) = &row.owner {
