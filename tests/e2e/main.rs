@@ -28,3 +28,4 @@ mod serve;
 mod shown;
 mod sizes;
 mod waits;
+mod web;
