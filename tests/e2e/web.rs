@@ -555,3 +555,131 @@ fn http_on_an_address_other_than_loopback_needs_insecure_http() {
     let out = sandbox.cairn(&["serve", "--once", "--insecure-http"]);
     assert_eq!(code(&out), Some(2));
 }
+
+#[test]
+fn an_operator_resumes_a_failed_op_and_pages_of_ops_follow_each_other() {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "on-call", "operator");
+    let viewer = token(&sandbox, "lead", "viewer");
+    let server = start(&sandbox);
+    // Relative paths of a plan given as text start where `serve` runs.
+    let plan = "name: flaky\nsteps:\n  - id: check\n    run: test -f ready\n";
+    let body = json!({ "plan": plan }).to_string();
+    let answer = server.call("POST", "/ops", Some(&operator), Some(&body));
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    let op = answer.json["id"].as_i64().unwrap();
+    wait_status(&server, &viewer, op, "failed");
+    sandbox.write("ready", "");
+    let path = format!("/ops/{op}/resume");
+    let refused = server.call("POST", &path, Some(&viewer), None);
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    let unknown = server.call("POST", &path, Some(&operator), Some(r#"{"form": "check"}"#));
+    assert_eq!(
+        (unknown.status, unknown.json["code"].as_str()),
+        (400, Some("unknown-field"))
+    );
+    let resumed = server.call("POST", &path, Some(&operator), Some("{}"));
+    assert_eq!(resumed.status, 202, "{}", resumed.text);
+    let done = wait_status(&server, &viewer, op, "succeeded");
+    assert!(
+        events(&done)
+            .iter()
+            .any(|(k, m)| k == "resume-requested" && m == "resume asked by token on-call"),
+        "{:?}",
+        events(&done)
+    );
+
+    // Three ops: pages of two, newest first, each naming the next.
+    for _ in 0..2 {
+        let answer = server.call("POST", "/ops", Some(&operator), Some(&body));
+        assert_eq!(answer.status, 201, "{}", answer.text);
+    }
+    let first = server.call("GET", "/ops?limit=2", Some(&viewer), None);
+    let ids = |page: &Answer| -> Vec<i64> {
+        page.json["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["id"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(ids(&first), [op + 2, op + 1], "{}", first.text);
+    assert_eq!(first.json["next_before"], op + 1);
+    let second = server.call(
+        "GET",
+        &format!("/ops?limit=2&before={}", op + 1),
+        Some(&viewer),
+        None,
+    );
+    assert_eq!(ids(&second), [op], "{}", second.text);
+    assert_eq!(second.json["next_before"], Value::Null);
+    let failed = server.call(
+        "GET",
+        "/ops?plan=flaky&status=succeeded",
+        Some(&viewer),
+        None,
+    );
+    assert!(ids(&failed).contains(&op), "{}", failed.text);
+}
+
+#[test]
+fn a_task_s_log_is_followed_as_server_sent_events_until_the_op_ends() {
+    let sandbox = Sandbox::new();
+    let viewer = token(&sandbox, "screen", "viewer");
+    let operator = token(&sandbox, "hands", "operator");
+    let server = start(&sandbox);
+    let plan = "name: counting\nsteps:\n  - id: count\n    run: for i in 1 2 3; do echo line-$i; sleep 0.3; done\n";
+    let answer = server.call(
+        "POST",
+        "/ops",
+        Some(&operator),
+        Some(&json!({ "plan": plan }).to_string()),
+    );
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    let op = answer.json["id"].as_i64().unwrap();
+    // Followed from before the step prints; curl ends when the server ends the stream.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-N",
+            "--max-time",
+            "120",
+            "-H",
+            &format!("Authorization: Bearer {viewer}"),
+            &server.url(&format!("/api/v1/ops/{op}/tasks/count/logs?follow=1")),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "curl: {}", stderr(&out));
+    let text = stdout(&out);
+    let mut events = Vec::new();
+    let mut kind = String::new();
+    for line in text.lines() {
+        if let Some(k) = line.strip_prefix("event: ") {
+            kind = k.to_owned();
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            events.push((kind.clone(), serde_json::from_str::<Value>(data).unwrap()));
+        }
+    }
+    let lines: Vec<&str> = events
+        .iter()
+        .filter(|(k, _)| k == "line")
+        .map(|(_, v)| v["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(lines, ["line-1", "line-2", "line-3"], "{text}");
+    assert_eq!(
+        events.last().unwrap(),
+        &("end".to_owned(), json!({"status": "succeeded"})),
+        "{text}"
+    );
+    let bad = server.call(
+        "GET",
+        &format!("/ops/{op}/tasks/count/logs?follow=yes"),
+        Some(&viewer),
+        None,
+    );
+    assert_eq!(
+        (bad.status, bad.json["code"].as_str()),
+        (400, Some("bad-follow"))
+    );
+}

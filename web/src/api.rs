@@ -378,7 +378,9 @@ async fn show_op(State(app): State<App>, Path(id): Path<String>) -> Answer {
 }
 
 /// `GET /ops/{id}/tasks/{task}/logs`: the lines a task printed (a step's name takes its
-/// fan-out items' too), as `cairn logs --json` prints them; `attempt=N` for one attempt.
+/// fan-out items' too), as `cairn logs --json` prints them; `attempt=N` for one attempt;
+/// `follow=1` for Server-Sent Events: each line an event `line`, then new ones as they come, and
+/// an event `end` (the op's status) once the op no longer runs.
 async fn task_logs(
     State(app): State<App>,
     Path((id, task)): Path<(String, String)>,
@@ -386,6 +388,7 @@ async fn task_logs(
 ) -> Answer {
     let op = op_id(&id)?;
     let mut attempt = None;
+    let mut follow = false;
     for (key, value) in &query {
         match key.as_str() {
             "attempt" => {
@@ -393,44 +396,88 @@ async fn task_logs(
                     ApiError::bad("bad-attempt", format!("`{value}` is not an attempt number"))
                 })?);
             }
+            "follow" => {
+                follow = match value.as_str() {
+                    "1" | "true" => true,
+                    "0" | "false" => false,
+                    _ => {
+                        return Err(ApiError::bad(
+                            "bad-follow",
+                            format!("`follow={value}`: 1 or 0"),
+                        ));
+                    }
+                };
+            }
             other => {
                 return Err(ApiError::bad(
                     "unknown-parameter",
-                    format!("unknown parameter `{other}`; this takes attempt"),
+                    format!("unknown parameter `{other}`; this takes attempt, follow"),
                 ));
             }
         }
     }
-    let value = app
-        .read(move |reader, _| {
-            read_op(reader, op)?;
-            let tasks = reader.tasks(op)?;
-            let names: HashMap<store::TaskNo, String> =
-                tasks.iter().map(|t| (t.task_no, t.name.clone())).collect();
-            let wanted: Vec<store::TaskNo> = match tasks.iter().find(|t| t.name == task) {
-                Some(t) if t.name != t.step => vec![t.task_no],
-                _ => tasks
-                    .iter()
-                    .filter(|t| t.step == task)
-                    .map(|t| t.task_no)
-                    .collect(),
-            };
-            if wanted.is_empty() {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "unknown-task",
-                    format!("op {op} has no task or step `{task}`"),
-                ));
-            }
-            let mut lines = Vec::new();
-            for chunk in reader.logs(op, None, None)? {
-                if !wanted.contains(&chunk.task_no) || attempt.is_some_and(|a| a != chunk.attempt) {
+    let mut tail = LogTail {
+        op,
+        task,
+        attempt,
+        seen: HashMap::new(),
+    };
+    let (lines, tail, ended) = app
+        .read(move |reader, rule| {
+            let (lines, ended) = tail.read(reader, rule)?;
+            Ok((lines, tail, ended))
+        })
+        .await?;
+    if !follow {
+        return Ok(ok(&Value::Array(lines)));
+    }
+    Ok(follow_logs(app, tail, &lines, ended).into_response())
+}
+
+/// What a reader of a task's logs has seen so far.
+#[derive(Debug)]
+struct LogTail {
+    op: OpId,
+    task: String,
+    attempt: Option<u32>,
+    /// The last chunk read of each attempt.
+    seen: HashMap<(store::TaskNo, u32), i64>,
+}
+
+impl LogTail {
+    /// The lines written since the last read, and the op's status once it no longer runs.
+    fn read(
+        &mut self,
+        reader: &store::Reader,
+        rule: Rule,
+    ) -> Result<(Vec<Value>, Option<OpStatus>), ApiError> {
+        let (op, task) = (self.op, &self.task);
+        let row = read_op(reader, op)?;
+        let tasks = reader.tasks(op)?;
+        let wanted: Vec<&store::TaskRow> = match tasks.iter().find(|t| &t.name == task) {
+            Some(t) if t.name != t.step => vec![t],
+            _ => tasks.iter().filter(|t| &t.step == task).collect(),
+        };
+        if wanted.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown-task",
+                format!("op {op} has no task or step `{task}`"),
+            ));
+        }
+        let mut lines = Vec::new();
+        for t in wanted {
+            for chunk in reader.logs(op, Some(t.task_no), None)? {
+                let key = (chunk.task_no, chunk.attempt);
+                if self.attempt.is_some_and(|a| a != chunk.attempt)
+                    || self.seen.get(&key).is_some_and(|&last| chunk.seq <= last)
+                {
                     continue;
                 }
-                let name = names.get(&chunk.task_no).map_or("", String::as_str);
+                self.seen.insert(key, chunk.seq);
                 for line in String::from_utf8_lossy(&chunk.data).split_inclusive('\n') {
                     lines.push(view::log_line(
-                        name,
+                        &t.name,
                         chunk.attempt,
                         chunk.stream,
                         chunk.at,
@@ -438,10 +485,72 @@ async fn task_logs(
                     ));
                 }
             }
-            Ok(Value::Array(lines))
-        })
-        .await?;
-    Ok(ok(&value))
+        }
+        let shown = rule.shown_status(&row, engine::owner::now());
+        Ok((lines, shown.is_ended().then_some(shown)))
+    }
+}
+
+/// How often a followed log is read again.
+const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+/// The Server-Sent Events of a followed log: `lines` first, then what comes, then `end`.
+fn follow_logs(
+    app: App,
+    tail: LogTail,
+    lines: &[Value],
+    ended: Option<OpStatus>,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>
+    + use<>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    struct Follow {
+        app: App,
+        tail: Option<LogTail>,
+        queued: std::collections::VecDeque<Event>,
+        ended: Option<OpStatus>,
+    }
+    let line = |l: &Value| Event::default().event("line").data(l.to_string());
+    let end = |s: OpStatus| {
+        Event::default()
+            .event("end")
+            .data(json!({"status": s.as_str()}).to_string())
+    };
+    let state = Follow {
+        app,
+        tail: Some(tail),
+        queued: lines.iter().map(line).collect(),
+        ended,
+    };
+    let stream = futures_util::stream::unfold(state, move |mut state| async move {
+        loop {
+            if let Some(event) = state.queued.pop_front() {
+                return Some((Ok(event), state));
+            }
+            if let Some(status) = state.ended.take() {
+                state.tail = None;
+                return Some((Ok(end(status)), state));
+            }
+            let mut tail = state.tail.take()?;
+            tokio::time::sleep(FOLLOW_EVERY).await;
+            let read = state
+                .app
+                .read(move |reader, rule| {
+                    let read = tail.read(reader, rule);
+                    Ok((read, tail))
+                })
+                .await;
+            // A read that failed ends the stream; the client may follow again.
+            let Ok((Ok((lines, ended)), tail)) = read else {
+                return None;
+            };
+            state.queued.extend(lines.iter().map(line));
+            state.ended = ended;
+            state.tail = Some(tail);
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 /// `GET /locks`: held locks, cooldowns and the pause, as `cairn locks --json` prints them.

@@ -131,12 +131,19 @@ fn paths() -> Value {
                         op_id_param(),
                         json!({"name": "task", "in": "path", "required": true, "schema": {"type": "string"}}),
                         query("attempt", json!({"type": "integer", "minimum": 0}), "only this attempt"),
+                        query("follow", json!({"enum": ["1", "0", "true", "false"]}), "1: Server-Sent Events (`text/event-stream`): an event `line` (a LogLine) for each line, new ones as they come, and `end` (`{\"status\": ...}`) once the op no longer runs"),
                     ],
                     None,
-                    ("200", &json_response("the lines", &json!({
-                        "type": "array",
-                        "items": {"$ref": "#/components/schemas/LogLine"},
-                    }))),
+                    ("200", &json!({
+                        "description": "the lines",
+                        "content": {
+                            "application/json": {"schema": {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/LogLine"},
+                            }},
+                            "text/event-stream": {"schema": {"type": "string"}},
+                        },
+                    })),
                 ),
             },
             "/ops/{id}/resume": {
