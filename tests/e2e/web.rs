@@ -683,3 +683,30 @@ fn a_task_s_log_is_followed_as_server_sent_events_until_the_op_ends() {
         (400, Some("bad-follow"))
     );
 }
+
+#[test]
+fn a_rejected_gate_fails_its_op_and_names_the_token() {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "second-pair-of-eyes", "operator");
+    let server = start(&sandbox);
+    let op = submit(&server, &operator, false);
+    wait_status(&server, &operator, op, "waiting");
+    let path = format!("/ops/{op}/reject");
+    let wrong = server.call("POST", &path, Some(&operator), Some(r#"{"step": "hello"}"#));
+    assert!(wrong.status >= 400 && wrong.status < 500, "{}", wrong.text);
+    let rejected = server.call(
+        "POST",
+        &path,
+        Some(&operator),
+        Some(r#"{"step": "gate", "comment": "replica is behind"}"#),
+    );
+    assert_eq!(rejected.status, 200, "{}", rejected.text);
+    assert_eq!(rejected.json["answer"], "rejected");
+    let failed = wait_status(&server, &operator, op, "failed");
+    assert!(
+        events(&failed).iter().any(|(k, m)| k == "rejected"
+            && m == "rejected by token second-pair-of-eyes: replica is behind"),
+        "{:?}",
+        events(&failed)
+    );
+}
