@@ -578,6 +578,11 @@ fn an_operator_resumes_a_failed_op_and_pages_of_ops_follow_each_other() {
         (unknown.status, unknown.json["code"].as_str()),
         (400, Some("unknown-field"))
     );
+    let unknown = server.call("POST", &path, Some(&operator), Some(r#"{"from": "nope"}"#));
+    assert_eq!(
+        (unknown.status, unknown.json["code"].as_str()),
+        (404, Some("unknown-step"))
+    );
     let resumed = server.call("POST", &path, Some(&operator), Some("{}"));
     assert_eq!(resumed.status, 202, "{}", resumed.text);
     let done = wait_status(&server, &viewer, op, "succeeded");

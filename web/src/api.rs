@@ -166,8 +166,9 @@ async fn authenticate(State(app): State<App>, mut request: Request, next: Next) 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| token::hash(t.trim()));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| token::hash(t.trim()));
     let Some(hash) = given else {
         return unauthorized("this needs a token: `Authorization: Bearer TOKEN`");
     };
@@ -761,9 +762,19 @@ async fn resume(
     let op = op_id(&id)?;
     let map = body_object(&body)?;
     let from = Fields::new(&map, &["from"])?.text("from")?;
+    let step = from.clone();
     let shown = app
         .read(move |reader, rule| {
             let row = read_op(reader, op)?;
+            if let Some(step) = step
+                && !reader.tasks(op)?.iter().any(|t| t.step == step)
+            {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown-step",
+                    format!("op {op} has no step `{step}` to resume from"),
+                ));
+            }
             Ok(rule.shown_status(&row, engine::owner::now()))
         })
         .await?;
