@@ -715,3 +715,64 @@ fn a_rejected_gate_fails_its_op_and_names_the_token() {
         events(&failed)
     );
 }
+
+#[test]
+fn pause_unpause_and_ack_through_the_api_name_the_token() {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "lead", "operator");
+    let viewer = token(&sandbox, "wall", "viewer");
+    let server = start(&sandbox);
+    // An op that leaves its lock key cooling down.
+    sandbox.write(
+        "cool.yaml",
+        "name: cool\nlock: primary\ncooldown: 1h\nsteps:\n  - id: a\n    run: \"true\"\n",
+    );
+    let out = sandbox.cairn(&["run", "cool.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+
+    let refused = server.call("POST", "/pause", Some(&viewer), Some("{}"));
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    let paused = server.call(
+        "POST",
+        "/pause",
+        Some(&operator),
+        Some(r#"{"reason": "failover drill"}"#),
+    );
+    assert_eq!(paused.status, 200, "{}", paused.text);
+    let locks = server.call("GET", "/locks", Some(&viewer), None).json;
+    assert_eq!(locks["paused"]["by"], "token lead");
+    assert_eq!(locks["paused"]["reason"], "failover drill");
+    assert_eq!(locks["cooldowns"][0]["key"], "primary");
+    let unpaused = server.call("POST", "/unpause", Some(&operator), None);
+    assert_eq!(unpaused.status, 200, "{}", unpaused.text);
+    assert_eq!(sandbox.json(&["locks", "--json"])["paused"], Value::Null);
+
+    for (body, status, code) in [
+        ("{}", 400, "missing-field"),
+        (r#"{"key": "replica"}"#, 409, "no-cooldown"),
+    ] {
+        let answer = server.call("POST", "/ack", Some(&operator), Some(body));
+        assert_eq!(
+            (answer.status, answer.json["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {}",
+            answer.text
+        );
+    }
+    let acked = server.call(
+        "POST",
+        "/ack",
+        Some(&operator),
+        Some(r#"{"key": "primary", "reason": "checked by hand"}"#),
+    );
+    assert_eq!(acked.status, 200, "{}", acked.text);
+    let locks = sandbox.json(&["locks", "--json"]);
+    assert_eq!(locks["cooldowns"][0]["acked_by"], "token lead", "{locks}");
+    assert!(
+        events(&sandbox.show(1))
+            .iter()
+            .any(|(_, m)| m.contains("acknowledged by token lead")),
+        "{:?}",
+        events(&sandbox.show(1))
+    );
+}

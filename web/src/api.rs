@@ -90,6 +90,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/ops/{id}/approve"),
     ("POST", "/ops/{id}/reject"),
     ("GET", "/locks"),
+    ("POST", "/pause"),
+    ("POST", "/unpause"),
+    ("POST", "/ack"),
     ("GET", "/openapi.json"),
 ];
 
@@ -109,6 +112,9 @@ pub fn router(config: Config) -> Result<Router, store::Error> {
         .route("/ops/{id}/approve", post(approve))
         .route("/ops/{id}/reject", post(reject))
         .route("/locks", get(locks))
+        .route("/pause", post(pause))
+        .route("/unpause", post(unpause))
+        .route("/ack", post(ack))
         .route("/openapi.json", get(openapi))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .with_state(app);
@@ -813,4 +819,66 @@ async fn resume(
         axum::Json(json!({"id": op.0, "resume": "started"})),
     )
         .into_response())
+}
+
+/// `POST /pause` (`{"reason": "..."}`): no new op starts until `/unpause`; `locks` says who
+/// paused (the token) and why.
+async fn pause(
+    State(app): State<App>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    body: Bytes,
+) -> Answer {
+    let map = body_object(&body)?;
+    let reason = Fields::new(&map, &["reason"])?.text("reason")?;
+    let request = store::Request {
+        by: caller.by(),
+        at: engine::owner::now(),
+        reason,
+    };
+    app.config
+        .store
+        .apply(vec![Change::Pause { request }])
+        .await?;
+    Ok(ok(&json!({"paused": true})))
+}
+
+/// `POST /unpause`: new ops may start again.
+async fn unpause(State(app): State<App>, body: Bytes) -> Answer {
+    let map = body_object(&body)?;
+    Fields::new(&map, &[])?;
+    app.config.store.apply(vec![Change::Unpause]).await?;
+    Ok(ok(&json!({"paused": false})))
+}
+
+/// `POST /ack` (`{"key": "...", "reason": "..."}`): acknowledges a lock key's cooldown, so a new
+/// op on it may start now; recorded in the events of the op it follows.
+async fn ack(
+    State(app): State<App>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    body: Bytes,
+) -> Answer {
+    let map = body_object(&body)?;
+    let fields = Fields::new(&map, &["key", "reason"])?;
+    let key = fields
+        .text("key")?
+        .ok_or_else(|| ApiError::bad("missing-field", "`key` (the lock key) is missing"))?;
+    let request = store::Request {
+        by: caller.by(),
+        at: engine::owner::now(),
+        reason: fields.text("reason")?,
+    };
+    app.config
+        .store
+        .apply(vec![Change::Ack {
+            key: key.clone(),
+            request,
+        }])
+        .await
+        .map_err(|e| match e {
+            store::Error::NoCooldown { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "no-cooldown", e.to_string())
+            }
+            other => ApiError::from(other),
+        })?;
+    Ok(ok(&json!({"key": key, "acked": true})))
 }

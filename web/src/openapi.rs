@@ -192,6 +192,25 @@ fn paths() -> Value {
                     ("200", &json_response("locks", &object)),
                 ),
             },
+            "/pause": {
+                "post": operation(
+                    "Pause cairn: no new op starts (running ones go on)",
+                    &[],
+                    Some(body(&json!({"reason": text("why, for the people who will be refused")}), &[])),
+                    ("200", &json_response("paused", &object)),
+                ),
+            },
+            "/unpause": {
+                "post": operation("Let new ops start again", &[], Some(body(&json!({}), &[])), ("200", &json_response("unpaused", &object))),
+            },
+            "/ack": {
+                "post": operation(
+                    "Acknowledge a lock key's cooldown, so a new op on it may start now",
+                    &[],
+                    Some(body(&json!({"key": text("the lock key"), "reason": text("why, for the audit trail")}), &["key"])),
+                    ("200", &json_response("acknowledged", &object)),
+                ),
+            },
             "/openapi.json": {
                 "get": operation("This document", &[], None, ("200", &json_response("the document", &object))),
             },
