@@ -730,6 +730,17 @@ fn pause_unpause_and_ack_through_the_api_name_the_token() {
     let out = sandbox.cairn(&["run", "cool.yaml"]);
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
 
+    // The serve the API runs in is the one live node, as `cairn nodes --json` lists it.
+    let nodes = server.call("GET", "/nodes", Some(&viewer), None);
+    assert_eq!(nodes.status, 200, "{}", nodes.text);
+    assert_eq!(nodes.json[0]["pid"], server.child.id(), "{}", nodes.text);
+    let mut cli = sandbox.json(&["nodes", "--json"]);
+    let mut api = nodes.json.clone();
+    for list in [&mut cli, &mut api] {
+        list[0]["heartbeat_at"] = Value::Null;
+    }
+    assert_eq!(api, cli);
+
     let refused = server.call("POST", "/pause", Some(&viewer), Some("{}"));
     assert_eq!(refused.status, 403, "{}", refused.text);
     let paused = server.call(

@@ -93,6 +93,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/pause"),
     ("POST", "/unpause"),
     ("POST", "/ack"),
+    ("GET", "/nodes"),
     ("GET", "/openapi.json"),
 ];
 
@@ -115,6 +116,7 @@ pub fn router(config: Config) -> Result<Router, store::Error> {
         .route("/pause", post(pause))
         .route("/unpause", post(unpause))
         .route("/ack", post(ack))
+        .route("/nodes", get(nodes))
         .route("/openapi.json", get(openapi))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .with_state(app);
@@ -881,4 +883,18 @@ async fn ack(
             other => ApiError::from(other),
         })?;
     Ok(ok(&json!({"key": key, "acked": true})))
+}
+
+/// `GET /nodes`: the live serving nodes and the ops each holds, as `cairn nodes --json`.
+async fn nodes(State(app): State<App>) -> Answer {
+    let value = app
+        .read(|reader, _| {
+            let nodes = view::live_nodes(reader, engine::owner::now())?;
+            Ok(nodes
+                .iter()
+                .map(|(n, r)| view::node_json(n, r))
+                .collect::<Value>())
+        })
+        .await?;
+    Ok(ok(&value))
 }

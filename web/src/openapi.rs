@@ -211,6 +211,14 @@ fn paths() -> Value {
                     ("200", &json_response("acknowledged", &object)),
                 ),
             },
+            "/nodes": {
+                "get": operation(
+                    "The live serving nodes and the ops each holds (as `cairn nodes --json`)",
+                    &[],
+                    None,
+                    ("200", &json_response("nodes", &json!({"type": "array", "items": {"type": "object"}}))),
+                ),
+            },
             "/openapi.json": {
                 "get": operation("This document", &[], None, ("200", &json_response("the document", &object))),
             },

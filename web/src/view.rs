@@ -4,7 +4,9 @@
 
 use engine::owner::{Rule, ShownTask};
 use serde_json::{Value, json};
-use store::{AttemptRow, OpFilter, OpRow, OpStatus, TaskRow};
+use std::collections::BTreeMap;
+
+use store::{AttemptRow, NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, TaskRow};
 
 /// How long the op ran: until it ended, or until now while it runs. An op whose owner died without
 /// recording its end has no known end: `None`.
@@ -337,4 +339,72 @@ pub fn matching(
         out.truncate(limit as usize);
     }
     Ok(out)
+}
+
+/// The ops each owner holds that have not ended (queued waiting for a lock, running, waiting for
+/// an approval, canceling), by owner, in id order.
+pub fn held(reader: &store::Reader) -> anyhow::Result<BTreeMap<ProcessKey, Vec<OpId>>> {
+    let mut held: BTreeMap<ProcessKey, Vec<OpId>> = BTreeMap::new();
+    for status in [
+        OpStatus::Queued,
+        OpStatus::Running,
+        OpStatus::Waiting,
+        OpStatus::Canceling,
+    ] {
+        let rows = reader.list_ops(&OpFilter {
+            status: Some(status),
+            plan: None,
+            limit: None,
+            before: None,
+        })?;
+        for row in rows {
+            if let Some(owner) = &row.owner {
+                held.entry(key(owner)).or_default().push(row.id);
+            }
+        }
+    }
+    for ops in held.values_mut() {
+        ops.sort_unstable();
+    }
+    Ok(held)
+}
+
+/// A process as a map key: boot, pid and start time say which process it is.
+pub type ProcessKey = (String, u32, u64);
+
+#[must_use]
+pub fn key(id: &ProcessId) -> ProcessKey {
+    (id.boot_id.clone(), id.pid, id.start)
+}
+
+#[must_use]
+pub fn node_json(node: &NodeRow, running: &[OpId]) -> Value {
+    json!({
+        "host": node.id.host,
+        "pid": node.id.pid,
+        "workers": node.workers,
+        "started_at": engine::time::rfc3339(node.started_at),
+        "heartbeat_at": engine::time::rfc3339(node.heartbeat_at),
+        "running": running.iter().map(|op| op.0).collect::<Vec<_>>(),
+    })
+}
+
+/// The live serving nodes (their lease holds at `now`), by host and pid, each with the ops it
+/// holds, as `cairn nodes` lists them.
+pub fn live_nodes(
+    reader: &store::Reader,
+    now: i64,
+) -> anyhow::Result<Vec<(store::NodeRow, Vec<store::OpId>)>> {
+    let mut held = held(reader)?;
+    let mut nodes: Vec<(store::NodeRow, Vec<store::OpId>)> = reader
+        .nodes()?
+        .into_iter()
+        .filter(|n| n.lease_until >= now)
+        .map(|n| {
+            let running = held.remove(&key(&n.id)).unwrap_or_default();
+            (n, running)
+        })
+        .collect();
+    nodes.sort_by(|(a, _), (b, _)| (&a.id.host, a.id.pid).cmp(&(&b.id.host, b.id.pid)));
+    Ok(nodes)
 }
