@@ -714,6 +714,34 @@ fn a_rejected_gate_fails_its_op_and_names_the_token() {
         "{:?}",
         events(&failed)
     );
+    // Resolved by hand through the API, then resumed: it goes on past the gate.
+    let path = format!("/ops/{op}/mark");
+    let bad = server.call(
+        "POST",
+        &path,
+        Some(&operator),
+        Some(r#"{"step": "gate", "status": "done", "reason": "x"}"#),
+    );
+    assert_eq!(
+        (bad.status, bad.json["code"].as_str()),
+        (400, Some("bad-field"))
+    );
+    let marked = server.call(
+        "POST",
+        &path,
+        Some(&operator),
+        Some(r#"{"step": "gate", "status": "succeeded", "reason": "approved on the phone"}"#),
+    );
+    assert_eq!(marked.status, 200, "{}", marked.text);
+    let resumed = server.call("POST", &format!("/ops/{op}/resume"), Some(&operator), None);
+    assert_eq!(resumed.status, 202, "{}", resumed.text);
+    let done = wait_status(&server, &operator, op, "succeeded");
+    assert!(
+        events(&done).iter().any(|(_, m)| m
+            == "marked succeeded by hand by token second-pair-of-eyes: approved on the phone"),
+        "{:?}",
+        events(&done)
+    );
 }
 
 #[test]
@@ -740,6 +768,24 @@ fn pause_unpause_and_ack_through_the_api_name_the_token() {
         list[0]["heartbeat_at"] = Value::Null;
     }
     assert_eq!(api, cli);
+
+    // Schedules, as `cairn schedule list --json` lists them.
+    let out = sandbox.cairn(&[
+        "schedule",
+        "add",
+        "nightly",
+        "cool.yaml",
+        "--cron",
+        "0 2 * * *",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let schedules = server.call("GET", "/schedules", Some(&viewer), None);
+    assert_eq!(schedules.status, 200, "{}", schedules.text);
+    assert_eq!(schedules.json[0]["name"], "nightly");
+    assert_eq!(
+        schedules.json,
+        sandbox.json(&["schedule", "list", "--json"])
+    );
 
     let refused = server.call("POST", "/pause", Some(&viewer), Some("{}"));
     assert_eq!(refused.status, 403, "{}", refused.text);

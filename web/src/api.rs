@@ -94,6 +94,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/unpause"),
     ("POST", "/ack"),
     ("GET", "/nodes"),
+    ("GET", "/schedules"),
+    ("POST", "/ops/{id}/mark"),
     ("GET", "/openapi.json"),
 ];
 
@@ -117,6 +119,8 @@ pub fn router(config: Config) -> Result<Router, store::Error> {
         .route("/unpause", post(unpause))
         .route("/ack", post(ack))
         .route("/nodes", get(nodes))
+        .route("/schedules", get(schedules))
+        .route("/ops/{id}/mark", post(mark))
         .route("/openapi.json", get(openapi))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .with_state(app);
@@ -897,4 +901,96 @@ async fn nodes(State(app): State<App>) -> Answer {
         })
         .await?;
     Ok(ok(&value))
+}
+
+/// `GET /schedules`: the schedules and their next firings, as `cairn schedule list --json`.
+async fn schedules(State(app): State<App>) -> Answer {
+    let value = app
+        .read(|reader, _| {
+            let now = engine::owner::now();
+            Ok(reader
+                .schedules()?
+                .iter()
+                .map(|s| view::schedule_json(s, now))
+                .collect::<Value>())
+        })
+        .await?;
+    Ok(ok(&value))
+}
+
+/// `POST /ops/{id}/mark` (`{"step": "...", "status": "succeeded"|"skipped", "reason": "...",
+/// "outputs": {"key": "value"}, "allow_missing_outputs": false}`): resolves a step by hand, as
+/// `cairn mark`; the next resume goes on from there.
+async fn mark(
+    State(app): State<App>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Answer {
+    let op = op_id(&id)?;
+    let map = body_object(&body)?;
+    let fields = Fields::new(
+        &map,
+        &[
+            "step",
+            "status",
+            "reason",
+            "outputs",
+            "allow_missing_outputs",
+        ],
+    )?;
+    let missing = |key: &str, what: &str| {
+        ApiError::bad("missing-field", format!("`{key}` ({what}) is missing"))
+    };
+    let step = fields
+        .text("step")?
+        .ok_or_else(|| missing("step", "the step"))?;
+    let reason = fields
+        .text("reason")?
+        .ok_or_else(|| missing("reason", "why, for the audit trail"))?;
+    let status = match fields.text("status")?.as_deref() {
+        Some("succeeded") => store::TaskStatus::Succeeded,
+        Some("skipped") => store::TaskStatus::Skipped,
+        _ => {
+            return Err(ApiError::bad(
+                "bad-field",
+                "`status` must be `succeeded` or `skipped`",
+            ));
+        }
+    };
+    let outputs = match map.get("outputs") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(o)) if o.values().all(Value::is_string) => o.clone(),
+        Some(_) => {
+            return Err(ApiError::bad(
+                "bad-field",
+                "`outputs` must be an object of names and text values",
+            ));
+        }
+    };
+    let allow = match map.get("allow_missing_outputs") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "bad-field",
+                "`allow_missing_outputs` must be true or false",
+            ));
+        }
+    };
+    app.read(move |reader, _| read_op(reader, op).map(drop))
+        .await?;
+    engine::op::mark(
+        &app.config.store,
+        op,
+        &step,
+        status,
+        outputs,
+        (caller.by(), reason),
+        allow,
+    )
+    .await?;
+    Ok(ok(
+        &json!({"id": op.0, "step": step, "status": status.as_str()}),
+    ))
 }

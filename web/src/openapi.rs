@@ -71,14 +71,13 @@ pub fn document() -> Value {
         },
         "servers": [{"url": "/api/v1"}],
         "security": [{"bearer": []}],
-        "paths": paths(),
+        "paths": paths_of_ops().as_object().into_iter().chain(other_paths().as_object()).flatten().map(|(k, v)| (k.clone(), v.clone())).collect::<serde_json::Map<_, _>>(),
         "components": components(),
     })
 }
 
-/// Each path and its operations.
-fn paths() -> Value {
-    let object = json!({"type": "object"});
+/// The paths under `/ops` and their operations.
+fn paths_of_ops() -> Value {
     let op = json!({"$ref": "#/components/schemas/Op"});
     let answer = json!({"type": "object", "properties": {"id": {"type": "integer"}}});
     let query = |name: &str, schema: Value, description: &str| json!({"name": name, "in": "query", "required": false, "schema": schema, "description": description});
@@ -184,6 +183,16 @@ fn paths() -> Value {
                     ("200", &json_response("rejected", &answer)),
                 ),
             },
+
+    })
+}
+
+/// The paths of the whole of cairn (locks, the pause, nodes, schedules), marking a step, and
+/// this document.
+fn other_paths() -> Value {
+    let object = json!({"type": "object"});
+    let answer = json!({"type": "object", "properties": {"id": {"type": "integer"}}});
+    json!({
             "/locks": {
                 "get": operation(
                     "Held locks, cooldowns and the pause (as `cairn locks --json`)",
@@ -217,6 +226,28 @@ fn paths() -> Value {
                     &[],
                     None,
                     ("200", &json_response("nodes", &json!({"type": "array", "items": {"type": "object"}}))),
+                ),
+            },
+            "/schedules": {
+                "get": operation(
+                    "The schedules and their next firings (as `cairn schedule list --json`)",
+                    &[],
+                    None,
+                    ("200", &json_response("schedules", &json!({"type": "array", "items": {"type": "object"}}))),
+                ),
+            },
+            "/ops/{id}/mark": {
+                "post": operation(
+                    "Resolve a step by hand (as `cairn mark`); the next resume goes on from there",
+                    &[op_id_param()],
+                    Some(body(&json!({
+                        "step": text("the step"),
+                        "status": {"enum": ["succeeded", "skipped"]},
+                        "reason": text("why, for the audit trail"),
+                        "outputs": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "allow_missing_outputs": {"type": "boolean"},
+                    }), &["step", "status", "reason"])),
+                    ("200", &json_response("marked", &answer)),
                 ),
             },
             "/openapi.json": {

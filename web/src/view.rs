@@ -408,3 +408,15 @@ pub fn live_nodes(
     nodes.sort_by(|(a, _), (b, _)| (&a.id.host, a.id.pid).cmp(&(&b.id.host, b.id.pid)));
     Ok(nodes)
 }
+
+/// A schedule as `cairn schedule list --json` prints it, with its next firing after `now`.
+#[must_use]
+pub fn schedule_json(s: &store::ScheduleRow, now: i64) -> Value {
+    json!({
+        "name": s.name, "plan": s.plan, "params": s.params,
+        "cron": s.cron, "timezone": s.timezone, "paused": s.paused, "catch_up": s.catch_up,
+        "next": engine::schedule::next_firing(s, now).map(engine::time::rfc3339),
+        "last_fire": s.last_fire.map(engine::time::rfc3339),
+        "last_op": s.last_op.map(|o| o.0), "note": s.note,
+    })
+}
