@@ -1,11 +1,11 @@
-//! The JSON views of ops, tasks, locks and log lines: what `cairn status --json`, `show --json`,
-//! `locks --json` and `logs --json` print and what the HTTP API answers, built in one place so that
-//! both say the same.
+//! The JSON views of ops, tasks, locks, nodes, schedules and log lines: what `cairn status
+//! --json`, `show --json`, `locks --json`, `nodes --json`, `schedule list --json` and `logs --json`
+//! print and what the HTTP API answers, built in one place so that both say the same.
+
+use std::collections::BTreeMap;
 
 use engine::owner::{Rule, ShownTask};
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
-
 use store::{AttemptRow, NodeRow, OpFilter, OpId, OpRow, OpStatus, ProcessId, TaskRow};
 
 /// How long the op ran: until it ended, or until now while it runs. An op whose owner died without
