@@ -551,6 +551,16 @@ fn http_on_an_address_other_than_loopback_needs_insecure_http() {
         "{}",
         stderr(&out)
     );
+    // An address another process holds is named.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = sandbox.cairn(&["serve", "--once", "--http", &addr]);
+    assert_eq!(code(&out), Some(2));
+    assert!(
+        stderr(&out).contains(&format!("cannot serve HTTP on {addr}")),
+        "{}",
+        stderr(&out)
+    );
     // `--insecure-http` alone, without `--http`, is a usage error.
     let out = sandbox.cairn(&["serve", "--once", "--insecure-http"]);
     assert_eq!(code(&out), Some(2));
