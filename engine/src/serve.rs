@@ -602,6 +602,7 @@ fn work(
             status: Some(status),
             plan: None,
             limit: None,
+            before: None,
         })?;
         for row in rows {
             if running.contains_key(&row.id)

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
     Applied, AttemptRow, Change, CooldownRow, EventKind, EventRow, LockRow, LogChunk, Millis,
-    NodeRow, OpFilter, OpId, OpRow, Pause, ScheduleRow, Snapshot, TaskNo, TaskRow,
+    NodeRow, OpFilter, OpId, OpRow, Pause, ScheduleRow, Snapshot, TaskNo, TaskRow, TokenRow,
 };
 
 /// Each batch's result, in the batches' order.
@@ -94,6 +94,8 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     fn pauses(&self) -> Result<Vec<Pause>>;
     /// Every serving node recorded, live or not (see [`NodeRow`]), by host then pid.
     fn nodes(&self) -> Result<Vec<NodeRow>>;
+    /// Every token of the HTTP API, by name.
+    fn tokens(&self) -> Result<Vec<TokenRow>>;
     /// Whether any op's params hold a sealed secret (`{"$secret": ...}`): then the secret key
     /// exists somewhere, and a missing one must be restored, never made anew.
     fn any_sealed(&self) -> Result<bool>;
@@ -290,6 +292,10 @@ impl Reader {
 
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
         self.backend.nodes()
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRow>> {
+        self.backend.tokens()
     }
 
     pub fn any_sealed(&self) -> Result<bool> {

@@ -42,6 +42,9 @@ pub enum Error {
     /// A schedule that exists (or does not).
     #[error("{0}")]
     Schedule(String),
+    /// A token of the HTTP API that exists (or does not).
+    #[error("{0}")]
+    Token(String),
     /// The database file cannot be used; nothing was changed in it.
     #[error("cannot use the database `{path}`: {reason}")]
     Unusable { path: PathBuf, reason: String },
@@ -120,7 +123,8 @@ impl Error {
             | Self::CoolingDown { .. }
             | Self::NoCooldown { .. }
             | Self::Conflict { .. }
-            | Self::Schedule(_) => ErrorKind::Conflict,
+            | Self::Schedule(_)
+            | Self::Token(_) => ErrorKind::Conflict,
             Self::Locked { .. } => ErrorKind::Busy,
             Self::Unusable { .. } => ErrorKind::Unusable,
             Self::Write { .. } => ErrorKind::Write,

@@ -187,6 +187,9 @@ event_kinds! {
         OpInterrupted => "op-interrupted",
         /// Someone asked to cancel the op.
         CancelRequested => "cancel-requested",
+        /// Someone asked, through the HTTP API, to resume the op; the serving process that
+        /// answered resumes it.
+        ResumeRequested => "resume-requested",
         /// The op's owner acts on a cancel request: its steps end and its `on_cancel` hooks run.
         OpCanceling => "op-canceling",
         /// A child op of a canceled op could not be canceled.
@@ -620,6 +623,19 @@ impl Pause {
     }
 }
 
+/// A token of the HTTP API, as the store keeps it: its SHA-256, never the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenRow {
+    pub name: String,
+    /// `viewer` or `operator`.
+    pub role: String,
+    /// The token's SHA-256, in lowercase hex.
+    #[serde(skip)]
+    pub hash: String,
+    pub created_at: Millis,
+    pub created_by: String,
+}
+
 /// A held lock, as `cairn locks` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LockRow {
@@ -920,6 +936,12 @@ pub enum Change {
     Unpause {
         scope: PauseScope,
     },
+    /// A new token of the HTTP API; refused when one of that name exists.
+    AddToken(TokenRow),
+    /// Deletes the token of that name; refused when there is none.
+    RevokeToken {
+        name: String,
+    },
     /// Output of an attempt.
     Log {
         op: OpId,
@@ -1094,6 +1116,8 @@ pub struct OpFilter {
     pub status: Option<OpStatus>,
     pub plan: Option<String>,
     pub limit: Option<u32>,
+    /// Only ops older than this one (a page after the op it names).
+    pub before: Option<OpId>,
 }
 
 #[cfg(test)]

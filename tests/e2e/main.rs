@@ -33,3 +33,4 @@ mod shown;
 mod sizes;
 mod sql;
 mod waits;
+mod web;

@@ -34,6 +34,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         &args.step,
         !args.reject,
         args.comment.clone(),
+        engine::op::whoami(),
     ))?;
     let verb = if args.reject { "rejected" } else { "approved" };
     let step = crate::output::shown(&args.step);

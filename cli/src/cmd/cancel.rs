@@ -39,7 +39,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let end = runtime.block_on(engine::op::cancel(
         &store,
         op,
-        args.reason.clone(),
+        (engine::op::whoami(), args.reason.clone()),
         args.grace,
         options,
         wait,

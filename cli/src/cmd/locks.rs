@@ -3,7 +3,6 @@
 use std::fmt::Write as _;
 
 use anyhow::Context as _;
-use serde_json::json;
 
 use crate::db::DbArgs;
 use crate::exit::Failure;
@@ -38,22 +37,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
     let (locks, cooldowns, pauses) = (reader.locks()?, reader.cooldowns(now)?, reader.pauses(now)?);
     let time = engine::time::local;
     let text = if args.json {
-        let pause = |p: &store::Pause| {
-            json!({
-                "plan": p.scope.plan, "key_prefix": p.scope.key,
-                "by": p.by, "at": engine::time::rfc3339(p.at), "reason": p.reason,
-                "until": p.until.map(engine::time::rfc3339),
-            })
-        };
-        let value = json!({
-            "locks": locks.iter().map(|l| json!({"key": l.key, "op": l.op.0, "since": engine::time::rfc3339(l.since)})).collect::<Vec<_>>(),
-            "cooldowns": cooldowns.iter().map(|c| json!({
-                "key": c.key, "after_op": c.op.0, "until": engine::time::rfc3339(c.until),
-                "acked_by": c.acked.as_ref().map(|a| a.by.clone()),
-            })).collect::<Vec<_>>(),
-            "paused": pauses.iter().find(|p| p.scope.is_global()).map(pause),
-            "pauses": pauses.iter().map(pause).collect::<Vec<_>>(),
-        });
+        let value = web::view::locks(&reader, now)?;
         let mut text = serde_json::to_string_pretty(&value).context("cannot encode")?;
         text.push('\n');
         text

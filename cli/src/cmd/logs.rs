@@ -226,17 +226,7 @@ struct Line {
 
 impl Line {
     fn json(&self, task: &str) -> String {
-        let object = serde_json::json!({
-            "task": task,
-            "attempt": self.attempt,
-            "stream": match self.stream {
-                0 => "cairn",
-                2 => "stderr",
-                _ => "stdout",
-            },
-            "time": engine::time::rfc3339(self.at),
-            "text": self.text.strip_suffix('\n').unwrap_or(&self.text),
-        });
+        let object = web::view::log_line(task, self.attempt, self.stream, self.at, &self.text);
         format!("{object}\n")
     }
 }

@@ -62,7 +62,7 @@ pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
         &args.step,
         status,
         outputs,
-        args.reason.clone(),
+        (engine::op::whoami(), args.reason.clone()),
         args.allow_missing_outputs,
     ))?;
     crate::output::diagnostic(&format!(

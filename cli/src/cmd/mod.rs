@@ -18,4 +18,5 @@ pub mod serve;
 pub mod show;
 pub mod status;
 pub mod submit;
+pub mod token;
 pub mod validate;

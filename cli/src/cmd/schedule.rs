@@ -180,15 +180,7 @@ fn list(json: bool, db: &DbArgs) -> Result<(), Failure> {
     if json {
         let list: Vec<serde_json::Value> = schedules
             .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "name": s.name, "plan": s.plan, "params": s.params, "cron": s.cron,
-                    "timezone": s.timezone, "paused": s.paused, "catch_up": s.catch_up,
-                    "next": engine::schedule::next_firing(s, now).map(engine::time::rfc3339),
-                    "last_fire": s.last_fire.map(engine::time::rfc3339),
-                    "last_op": s.last_op.map(|o| o.0), "note": s.note,
-                })
-            })
+            .map(|s| web::view::schedule_json(s, now))
             .collect();
         let mut text = serde_json::to_string_pretty(&list).context("cannot encode")?;
         text.push('\n');

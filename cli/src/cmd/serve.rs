@@ -40,6 +40,15 @@ pub struct Args {
     /// How log lines are written.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Also serve the HTTP API (`/api/v1`, JSON; every request needs a token from `cairn token
+    /// create`) on ADDR, `127.0.0.1:7070` when none is given. Plain HTTP: an address other than a
+    /// loopback one is refused unless `--insecure-http`.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:7070")]
+    http: Option<String>,
+    /// Serve the HTTP API in plain text on an address other than a loopback one: tokens then
+    /// cross the network readable. Put a TLS proxy in front.
+    #[arg(long, requires = "http")]
+    insecure_http: bool,
     #[command(flatten)]
     run: RunArgs,
     #[command(flatten)]
@@ -76,7 +85,28 @@ fn lease_ttl(text: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
+/// The address `--http` names, refused when it is not a loopback one and `--insecure-http` was
+/// not given.
+fn http_addr(text: &str, insecure: bool) -> anyhow::Result<std::net::SocketAddr> {
+    let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+        anyhow::anyhow!("`--http {text}` is not an address: an IP and a port, `127.0.0.1:7070`")
+    })?;
+    if !addr.ip().is_loopback() && !insecure {
+        anyhow::bail!(
+            "`--http {addr}` is not a loopback address: the API is plain HTTP (no TLS yet), so tokens \
+             would cross the network readable; serve on 127.0.0.1 behind a TLS proxy, or give \
+             `--insecure-http` to do it anyway"
+        );
+    }
+    Ok(addr)
+}
+
 pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
+    let http = args
+        .http
+        .as_deref()
+        .map(|text| http_addr(text, args.insecure_http))
+        .transpose()?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -89,6 +119,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         LogFormat::Json => builder.json().init(),
     }
     let store = args.db.store()?;
+    let rule = args.db.rule()?;
     let config = engine::serve::Config {
         workers: usize::from(args.workers),
         once: args.once,
@@ -112,6 +143,27 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         let stop = engine::StopHandle::new();
         crate::signals::watch(stop.clone())
             .map_err(|e| anyhow::anyhow!("cannot watch for signals: {e}"))?;
+        if let Some(addr) = http {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot serve HTTP on {addr}: {e}"))?;
+            let web = web::Config {
+                store: store.clone(),
+                rule,
+                options: config.options.clone(),
+                stop: stop.clone(),
+                workdir: std::env::current_dir()
+                    .map_err(|e| anyhow::anyhow!("cannot read the current directory: {e}"))?,
+            };
+            let app = web::router(web)?;
+            tracing::info!("serving the HTTP API on http://{addr}/api/v1");
+            // It runs beside the engine, until `serve` returns.
+            tokio::spawn(async move {
+                if let Err(e) = web::serve_router(listener, app).await {
+                    tracing::error!("the HTTP API stopped: {e}");
+                }
+            });
+        }
         engine::serve::serve(&store, config, progress, stop).await?;
         Ok(())
     })

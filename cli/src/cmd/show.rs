@@ -4,14 +4,15 @@ use std::fmt::Write as _;
 
 use anyhow::Context as _;
 use comfy_table::{Table, presets};
-use engine::owner::ShownTask;
-use serde_json::{Value, json};
-use store::{AttemptRow, OpStatus, TaskRow};
+use serde_json::Value;
+use store::TaskRow;
 
-use crate::cmd::status::op_json;
 use crate::db::{DbArgs, op_id};
 use crate::exit::Failure;
 use crate::output::{Output, shown};
+use web::view::{
+    in_step_order, is_item, op_json, record, shown_params, shown_statuses, shown_values,
+};
 
 /// Show one op: its params (secrets masked), every task with its status, attempts, times, exit
 /// code, error and outputs, the servers its `daemon` steps left running (pid, and whether each
@@ -28,28 +29,6 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     db: DbArgs,
-}
-
-/// Params as shown: sealed secrets as `********`.
-fn shown_params(params: &Value) -> Value {
-    match params {
-        Value::Object(map) => Value::Object(shown_values(map)),
-        other => other.clone(),
-    }
-}
-
-/// Params or a step's outputs as shown: sealed values (secrets) as `********`.
-fn shown_values(map: &serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
-    map.iter()
-        .map(|(k, v)| {
-            let v = if engine::secrets::is_sealed(v) {
-                Value::from("********")
-            } else {
-                v.clone()
-            };
-            (k.clone(), v)
-        })
-        .collect()
 }
 
 /// The last column of a task's row: its error, else its outputs, else the progress it last
@@ -84,45 +63,6 @@ fn detail(t: &TaskRow) -> String {
         }
         _ => detail,
     }
-}
-
-/// A fan-out item's task (`restore[shard-3]`), as opposed to a step's or a hook's.
-pub(crate) fn is_item(t: &TaskRow) -> bool {
-    t.name != t.step && t.item.is_some()
-}
-
-/// Tasks in the order people read them: each step followed by its fan-out items.
-pub(crate) fn in_step_order(tasks: Vec<TaskRow>) -> Vec<TaskRow> {
-    let mut items: std::collections::HashMap<String, Vec<TaskRow>> =
-        std::collections::HashMap::new();
-    let mut steps = Vec::new();
-    for t in tasks {
-        if is_item(&t) {
-            items.entry(t.step.clone()).or_default().push(t);
-        } else {
-            steps.push(t);
-        }
-    }
-    let mut ordered = Vec::new();
-    for t in steps {
-        let mine = items.remove(&t.step).unwrap_or_default();
-        ordered.push(t);
-        ordered.extend(mine);
-    }
-    // Items of a step the plan no longer has (after `resume --plan`) come last.
-    ordered.extend(items.into_values().flatten());
-    ordered
-}
-
-/// Each task's status as shown under an op shown `op` ([`engine::owner::shown_task`]): a task
-/// its op's run left cut off shows `interrupted`, never `running` under an op that does not run.
-fn shown_statuses(tasks: &[TaskRow], attempts: &[AttemptRow], op: OpStatus) -> Vec<ShownTask> {
-    let last: std::collections::HashMap<store::TaskNo, store::AttemptStatus> =
-        attempts.iter().map(|a| (a.task_no, a.status)).collect();
-    tasks
-        .iter()
-        .map(|t| engine::owner::shown_task(op, t.status, last.get(&t.task_no).copied()))
-        .collect()
 }
 
 pub fn run(args: &Args, _out: &Output) -> Result<(), Failure> {
@@ -302,78 +242,6 @@ fn liveness(alive: Option<bool>) -> &'static str {
         Some(false) => "gone",
         None => "unknown (another machine)",
     }
-}
-
-/// An op as `show --json` prints it (and `run --json`, `resume --json` once it ends): its record,
-/// params (secrets masked), children, tasks with their attempts and outputs, events.
-pub fn record(
-    reader: &store::Reader,
-    row: &store::OpRow,
-    rule: engine::owner::Rule,
-    now: i64,
-) -> anyhow::Result<Value> {
-    let op = row.id;
-    let tasks = in_step_order(reader.tasks(op)?);
-    let attempts = reader.attempts(op)?;
-    let events = reader.events(op)?;
-    let statuses = shown_statuses(&tasks, &attempts, rule.shown_status(row, now));
-    let time = |t: Option<i64>| t.map(engine::time::rfc3339);
-    let mut object = op_json(reader, row, rule, now)?;
-    object["params"] = shown_params(&row.params);
-    object["children"] = reader
-        .children(op)?
-        .iter()
-        .map(
-            |c| json!({"id": c.id.0, "plan": c.plan, "status": rule.shown_status(c, now).as_str()}),
-        )
-        .collect();
-    object["tasks"] = tasks
-        .iter()
-        .zip(&statuses)
-        .map(|(t, status)| {
-            json!({
-                "id": t.name,
-                "step": t.step,
-                "item": if is_item(t) { t.item.clone() } else { None },
-                "items": if is_item(t) { None } else { t.item.clone() },
-                "status": status.as_str(),
-                "attempts": t.attempts,
-                "started_at": time(t.started_at),
-                "ended_at": time(t.ended_at),
-                "exit_code": t.exit_code,
-                "error": t.error,
-                "outputs": t.outputs.as_ref().map(shown_values),
-                "by_check": t.by_check,
-                "progress": t.progress,
-                "history": attempts.iter().filter(|a| a.task_no == t.task_no).map(|a| json!({
-                    "attempt": a.n,
-                    "status": a.status.as_str(),
-                    "started_at": engine::time::rfc3339(a.started_at),
-                    "ended_at": time(a.ended_at),
-                    "exit_code": a.exit_code,
-                    "error": a.error,
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    object["daemons"] = engine::op::daemons(reader, op)?
-        .iter()
-        .map(|d| {
-            json!({
-                "task": d.task,
-                "attempt": d.attempt,
-                "pid": d.pid,
-                "pgid": d.pgid,
-                "host": d.host,
-                "alive": d.alive,
-            })
-        })
-        .collect();
-    object["events"] = events
-        .iter()
-        .map(|e| json!({"at": engine::time::rfc3339(e.at), "kind": e.kind, "task": e.task, "message": e.message}))
-        .collect();
-    Ok(object)
 }
 
 /// Prints [`record`] as pretty JSON on stdout.

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use engine::owner::Rule;
-use serde_json::{Value, json};
 use store::{OpFilter, OpId, OpRow, OpStatus};
+
+use web::view::{Current, current_tasks, elapsed_ms, note, op_json};
 
 use crate::db::DbArgs;
 use crate::exit::Failure;
@@ -67,89 +68,6 @@ fn status(text: &str) -> Result<OpStatus, String> {
     })
 }
 
-/// How long the op ran: until it ended, or until now while it runs. An op whose owner died without
-/// recording its end has no known end: `None`.
-fn elapsed_ms(op: &OpRow, shown: OpStatus, now: i64) -> Option<i64> {
-    let start = op.started_at?;
-    match op.ended_at {
-        Some(end) => Some(end - start),
-        None if shown.is_ended() => None,
-        None => Some(now - start),
-    }
-}
-
-/// One task that `CUR_TASK` lists: running or waiting now.
-#[derive(Debug, Clone)]
-pub struct Current {
-    pub task: String,
-    pub status: store::TaskStatus,
-    /// The child op a running `plan:` task runs.
-    pub child: Option<store::OpId>,
-    /// What a waiting approval gate asks.
-    pub prompt: Option<String>,
-    /// What a running process last said of its progress (`$CAIRN_PROGRESS`).
-    pub progress: Option<String>,
-}
-
-impl Current {
-    /// As the table shows it: `restore[shard-3]`, `refresh → op 14`, `copy (45%)`.
-    fn label(&self) -> String {
-        match (self.child, &self.progress) {
-            (Some(child), _) => format!("{} → op {child}", self.task),
-            (None, Some(progress)) => format!("{} ({progress})", self.task),
-            (None, None) => self.task.clone(),
-        }
-    }
-}
-
-/// What `CUR_TASK` lists for `op`, shown `shown`: every task running or waiting (a process, a
-/// sleep, a sub-plan, an approval gate), in plan order, a fan-out's items in place of their step.
-/// Derived from the tasks when read; nothing for an op that does not run.
-pub fn current_tasks(
-    reader: &store::Reader,
-    op: &OpRow,
-    shown: OpStatus,
-) -> anyhow::Result<Vec<Current>> {
-    if shown.is_ended() {
-        return Ok(Vec::new());
-    }
-    let active = crate::cmd::show::in_step_order(reader.active_tasks(op.id)?);
-    if active.is_empty() {
-        return Ok(Vec::new());
-    }
-    let children: std::collections::HashMap<store::TaskNo, store::OpId> = reader
-        .children(op.id)?
-        .into_iter()
-        .filter_map(|c| c.parent.map(|(_, task)| (task, c.id)))
-        .collect();
-    let listed_items: std::collections::HashSet<&str> = active
-        .iter()
-        .filter(|t| crate::cmd::show::is_item(t))
-        .map(|t| t.step.as_str())
-        .collect();
-    active
-        .iter()
-        .filter(|t| crate::cmd::show::is_item(t) || !listed_items.contains(t.step.as_str()))
-        .map(|t| {
-            // A gate's prompt is in the event that says it waits.
-            let prompt = if t.status == store::TaskStatus::Waiting {
-                reader
-                    .last_event(op.id, &t.name, store::EventKind::TaskWaiting)?
-                    .map(|e| engine::gate_prompt(&e.message).to_owned())
-            } else {
-                None
-            };
-            Ok(Current {
-                task: t.name.clone(),
-                status: t.status,
-                child: children.get(&t.task_no).copied(),
-                prompt,
-                progress: t.progress.clone(),
-            })
-        })
-        .collect()
-}
-
 /// How many tasks the table's `CUR_TASK` names before it counts the rest (`a, b (+3)`), and the
 /// width past which it names fewer.
 const NAMED: usize = 2;
@@ -178,57 +96,6 @@ fn cur_task_cell(current: &[Current], note: Option<&str>) -> String {
         let _ = write!(cell, " (+{})", current.len() - named);
     }
     cell
-}
-
-/// What an op waits for when no task of it runs (its lock, a retry's delay): the `CUR_TASK`
-/// column its owner writes, for an op that runs.
-fn note(op: &OpRow, shown: OpStatus) -> Option<&str> {
-    op.current_task.as_deref().filter(|_| !shown.is_ended())
-}
-
-/// An op as `status --json` and `show --json` print it, its owner judged by `rule`.
-/// `current_tasks` lists every task running or waiting (see [`current_tasks`]); `current_task`
-/// says the same in one line (or what the op waits for, when no task runs).
-pub fn op_json(reader: &store::Reader, op: &OpRow, rule: Rule, now: i64) -> anyhow::Result<Value> {
-    let shown = rule.shown_status(op, now);
-    let elapsed = elapsed_ms(op, shown, now);
-    let current = current_tasks(reader, op, shown)?;
-    let line = if current.is_empty() {
-        note(op, shown).map(ToOwned::to_owned)
-    } else {
-        Some(
-            current
-                .iter()
-                .map(Current::label)
-                .collect::<Vec<_>>()
-                .join(", "),
-        )
-    };
-    Ok(json!({
-        "id": op.id.0,
-        "uuid": op.uuid,
-        "plan": op.plan,
-        "name": op.title,
-        "status": shown.as_str(),
-        "interrupted_by": rule.interrupted_by(op, now).map(store::Interruption::as_str),
-        "created_at": engine::time::rfc3339(op.created_at),
-        "started_at": op.started_at.map(engine::time::rfc3339),
-        "ended_at": op.ended_at.map(engine::time::rfc3339),
-        "elapsed_ms": elapsed,
-        "current_task": line,
-        // `host`: where the task runs; null while steps run on the owner's machine.
-        "current_tasks": current.iter().map(|c| json!({
-            "task": c.task,
-            "status": c.status.as_str(),
-            "child": c.child.map(|id| id.0),
-            "prompt": c.prompt,
-            "progress": c.progress,
-            "host": null,
-        })).collect::<Vec<_>>(),
-        "error": op.error,
-        "owner": op.owner.as_ref().filter(|_| !shown.is_ended()).map(|o| json!({"host": o.host, "pid": o.pid})),
-        "parent": op.parent.map(|(parent, _)| parent.0),
-    }))
 }
 
 /// The ops to list, and whether `--limit` left some out. The shown status decides, so
@@ -362,41 +229,13 @@ fn matching(
     (rule, now): (Rule, i64),
     limit: Option<u32>,
 ) -> anyhow::Result<Vec<OpRow>> {
-    let Some(wanted) = args.status else {
-        return Ok(reader.list_ops(&OpFilter {
-            status: None,
-            plan: args.plan.clone(),
-            limit,
-        })?);
+    let filter = OpFilter {
+        status: args.status,
+        plan: args.plan.clone(),
+        limit,
+        before: None,
     };
-    // Stored statuses that may be shown as `wanted`.
-    let stored: Vec<OpStatus> = match wanted {
-        OpStatus::Interrupted => vec![
-            OpStatus::Interrupted,
-            OpStatus::Running,
-            OpStatus::Waiting,
-            OpStatus::Canceling,
-        ],
-        other => vec![other],
-    };
-    let mut out = Vec::new();
-    for s in stored {
-        out.extend(
-            reader
-                .list_ops(&OpFilter {
-                    status: Some(s),
-                    plan: args.plan.clone(),
-                    limit: None,
-                })?
-                .into_iter()
-                .filter(|op| rule.shown_status(op, now) == wanted),
-        );
-    }
-    out.sort_by_key(|op| std::cmp::Reverse(op.id));
-    if let Some(limit) = limit {
-        out.truncate(limit as usize);
-    }
-    Ok(out)
+    web::view::matching(reader, &filter, rule, now)
 }
 
 /// The STATUS cell: the status, and for an interrupted op who or what stopped it

@@ -5,17 +5,18 @@ use store::OpId;
 use store::Request;
 use store::Store;
 
-use super::{Error, find_task, read_op, whoami};
+use super::{Error, find_task, read_op};
 use crate::owner::now;
 
 /// Answers an approval gate of an op, with or without a live owner (a waiting `run` goes on by
-/// itself; otherwise `cairn resume` does).
+/// itself; otherwise `cairn resume` does). `by`: who answers, for the audit trail.
 pub async fn approve(
     store: &Store,
     op: OpId,
     step: &str,
     approve: bool,
     comment: Option<String>,
+    by: String,
 ) -> Result<(), Error> {
     let reader = store.reader()?;
     read_op(&reader, op)?;
@@ -26,7 +27,7 @@ pub async fn approve(
             task: task.task_no,
             approve,
             request: Request {
-                by: whoami(),
+                by,
                 at: now(),
                 reason: comment,
             },

@@ -10,7 +10,7 @@ use store::Request;
 use store::Store;
 
 use super::take::Takeover;
-use super::{Error, Overrides, read_op, requester, whoami};
+use super::{Error, Overrides, read_op, requester};
 use crate::options::Options;
 use crate::outcome::RunEnd;
 use crate::owner;
@@ -34,11 +34,12 @@ pub enum CancelEnd {
 /// steps get between TERM and KILL (`None`: the owner's own `--grace`). A live owner acts on it,
 /// and this waits for it (up to `wait`). An op that never started is canceled as it is. One that
 /// started and has no live owner is taken over: what its dead owner left running is ended (with
-/// `grace`, else `options.grace`), its `on_cancel` hooks run, and it ends `canceled`.
+/// `grace`, else `options.grace`), its `on_cancel` hooks run, and it ends `canceled`. `by`: who
+/// asks, for the audit trail.
 pub async fn cancel(
     store: &Store,
     op: OpId,
-    reason: Option<String>,
+    (by, reason): (String, Option<String>),
     grace: Option<std::time::Duration>,
     mut options: Options,
     wait: std::time::Duration,
@@ -59,7 +60,7 @@ pub async fn cancel(
         _ => {}
     }
     let request = Request {
-        by: whoami(),
+        by,
         at: now(),
         reason,
     };
@@ -151,7 +152,7 @@ pub async fn cancel(
                         let _ = Box::pin(cancel(
                             store,
                             child.id,
-                            request.reason.clone(),
+                            (request.by.clone(), request.reason.clone()),
                             grace,
                             options.clone(),
                             wait,

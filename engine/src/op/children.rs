@@ -121,7 +121,10 @@ pub(crate) fn cancel_children<'a>(
             let ended = super::cancel(
                 store,
                 child.id,
-                Some(format!("its parent op {op} no longer needs it")),
+                (
+                    super::whoami(),
+                    Some(format!("its parent op {op} no longer needs it")),
+                ),
                 None,
                 options.clone(),
                 options.grace + std::time::Duration::from_secs(5),

@@ -8,7 +8,7 @@ use store::Request;
 use store::Store;
 use store::TaskStatus;
 
-use super::{Error, dead_owner_or_refuse, find_task, read_op, snapshot_plan, whoami};
+use super::{Error, dead_owner_or_refuse, find_task, read_op, snapshot_plan};
 use crate::owner::now;
 use crate::secrets;
 
@@ -21,7 +21,7 @@ pub async fn mark(
     step: &str,
     status: TaskStatus,
     outputs: Map<String, Value>,
-    reason: String,
+    (by, reason): (String, String),
     allow_missing_outputs: bool,
 ) -> Result<(), Error> {
     let reader = store.reader()?;
@@ -39,7 +39,7 @@ pub async fn mark(
     let outputs = seal_secrets(store, &row, outputs)?;
     let dead_owner = dead_owner_or_refuse(store, &row)?;
     let request = Request {
-        by: whoami(),
+        by,
         at: now(),
         reason: Some(reason),
     };

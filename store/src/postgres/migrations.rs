@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0002_stops.sql"),
     include_str!("../../migrations/postgres/0003_progress.sql"),
     include_str!("../../migrations/postgres/0004_log_notes.sql"),
+    include_str!("../../migrations/postgres/0005_tokens.sql"),
 ];
 
 /// The schema version this cairn writes on PostgreSQL.

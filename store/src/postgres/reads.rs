@@ -26,7 +26,7 @@ use crate::location::Location;
 use crate::types::{
     AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, Interruption, LockRow, LogChunk,
     Millis, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request, ScheduleRow,
-    Snapshot, TaskNo, TaskRow, TaskStatus,
+    Snapshot, TaskNo, TaskRow, TaskStatus, TokenRow,
 };
 
 /// How long a caller waits for a read's answer: a server that stopped answering (a network cut
@@ -538,6 +538,27 @@ fn snapshot_of(hash: String, name: String, text: String, files: &str) -> Snapsho
 /// Text keys sort by their bytes (`COLLATE "C"`), as SQLite sorts them, whatever the database's
 /// collation.
 impl ReadBackend for PgReader {
+    fn tokens(&self) -> Result<Vec<TokenRow>> {
+        self.run(|c| {
+            c.query(
+                "SELECT name, role, hash, created_at, created_by FROM tokens \
+                 ORDER BY name COLLATE \"C\"",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(TokenRow {
+                    name: r.try_get(0)?,
+                    role: r.try_get(1)?,
+                    hash: r.try_get(2)?,
+                    created_at: num(r, 3)?,
+                    created_by: r.try_get(4)?,
+                })
+            })
+            .collect()
+        })
+    }
+
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         self.run(|c| {
             c.query(
@@ -568,6 +589,7 @@ impl ReadBackend for PgReader {
         let status = filter.status.map(OpStatus::as_str);
         let plan = filter.plan.clone();
         let limit = filter.limit.map(i64::from);
+        let before = filter.before.map(|b| b.0);
         self.run(move |c| {
             // Only the filters given are in the SQL, so that the planner sees which index fits.
             let mut sql = format!("SELECT {OP_COLUMNS} FROM ops WHERE TRUE");
@@ -579,6 +601,10 @@ impl ReadBackend for PgReader {
             if let Some(plan) = &plan {
                 args.push(plan);
                 write!(sql, " AND plan = ${}::text", args.len()).ok();
+            }
+            if let Some(before) = &before {
+                args.push(before);
+                write!(sql, " AND id < ${}::bigint", args.len()).ok();
             }
             sql.push_str(" ORDER BY id DESC");
             if let Some(limit) = &limit {
@@ -978,6 +1004,7 @@ mod tests {
                 status,
                 plan: plan.map(ToOwned::to_owned),
                 limit,
+                before: None,
             };
             ids(&reader.list_ops(&filter).expect("list"))
         };

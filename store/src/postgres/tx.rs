@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::rules::{End, Ownership, Tx};
 use crate::types::{
     Interruption, Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus, ProcessId, Request,
-    Snapshot, TaskNo, TaskStatus,
+    Snapshot, TaskNo, TaskStatus, TokenRow,
 };
 
 /// A connection and the statements prepared on it, by their text.
@@ -1058,6 +1058,26 @@ impl Tx for PgTx<'_> {
     fn clear_paused(&mut self, setting: &str) -> Result<()> {
         self.exec("DELETE FROM settings WHERE key = $1", &[&setting])?;
         Ok(())
+    }
+
+    fn add_token(&mut self, token: &TokenRow) -> Result<bool> {
+        let added = self.exec(
+            "INSERT INTO tokens (name, role, hash, created_at, created_by) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[
+                &token.name,
+                &token.role,
+                &token.hash,
+                &token.created_at,
+                &token.created_by,
+            ],
+        )?;
+        Ok(added != 0)
+    }
+
+    fn delete_token(&mut self, name: &str) -> Result<bool> {
+        let removed = self.exec("DELETE FROM tokens WHERE name = $1", &[&name])?;
+        Ok(removed != 0)
     }
 
     fn add_schedule(&mut self, new: &NewSchedule) -> Result<bool> {

@@ -27,7 +27,7 @@ pub(crate) mod schedules;
 use crate::error::{Error, Result};
 use crate::types::{
     Applied, Change, EventKind, Interruption, Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus,
-    ProcessId, Request, Snapshot, TaskNo, TaskStatus,
+    ProcessId, Request, Snapshot, TaskNo, TaskStatus, TokenRow,
 };
 
 /// Who owns an op as stored: its status, its owner (if any) and the owner's lease.
@@ -302,6 +302,13 @@ pub(crate) trait Tx {
     fn set_paused(&mut self, setting: &str, pause: &str) -> Result<()>;
     fn clear_paused(&mut self, setting: &str) -> Result<()>;
 
+    // --- tokens ---
+
+    /// Inserts a token; false when one of that name (or hash) exists.
+    fn add_token(&mut self, token: &TokenRow) -> Result<bool>;
+    /// False when there was none.
+    fn delete_token(&mut self, name: &str) -> Result<bool>;
+
     // --- schedules ---
 
     /// Inserts a schedule; false when one of that name exists.
@@ -452,6 +459,23 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
         Change::Ack { key, request } => locks::ack(tx, key, request).map(|()| Applied::Done),
         Change::Pause { pause } => locks::pause(tx, pause).map(|()| Applied::Done),
         Change::Unpause { scope } => tx.clear_paused(&scope.setting()).map(|()| Applied::Done),
+        Change::AddToken(token) => {
+            if tx.add_token(token)? {
+                Ok(Applied::Done)
+            } else {
+                Err(Error::Token(format!(
+                    "a token named `{}` exists",
+                    token.name
+                )))
+            }
+        }
+        Change::RevokeToken { name } => {
+            if tx.delete_token(name)? {
+                Ok(Applied::Done)
+            } else {
+                Err(Error::Token(format!("no token is named `{name}`")))
+            }
+        }
         Change::AddSchedule(_)
         | Change::RemoveSchedule { .. }
         | Change::PauseSchedule { .. }

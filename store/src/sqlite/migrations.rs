@@ -24,6 +24,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0008_stops.sql"),
     include_str!("../../migrations/0009_progress.sql"),
     include_str!("../../migrations/0010_log_notes.sql"),
+    include_str!("../../migrations/0011_tokens.sql"),
 ];
 
 /// The schema version this cairn writes.

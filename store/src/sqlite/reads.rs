@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::types::{
     AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, Interruption, LockRow, LogChunk,
     Millis, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request, ScheduleRow,
-    Snapshot, TaskNo, TaskRow, TaskStatus,
+    Snapshot, TaskNo, TaskRow, TaskStatus, TokenRow,
 };
 
 /// The process whose four columns start at `first`, if they are all set.
@@ -101,12 +101,20 @@ impl Reads<'_> {
         if filter.plan.is_some() {
             sql.push_str(" AND plan = ?2");
         }
+        // Always in the SQL: a parameter never named would be refused.
+        sql.push_str(" AND (?4 IS NULL OR id < ?4)");
         sql.push_str(" ORDER BY id DESC LIMIT ?3");
         let limit = filter.limit.map_or(-1, i64::from);
+        let before = filter.before.map(|b| b.0);
         let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(&e))?;
         let rows = stmt
             .query_map(
-                params![filter.status.map(OpStatus::as_str), filter.plan, limit],
+                params![
+                    filter.status.map(OpStatus::as_str),
+                    filter.plan,
+                    limit,
+                    before
+                ],
                 op_row,
             )
             .map_err(|e| self.err(&e))?;
@@ -389,6 +397,28 @@ impl Reads<'_> {
             .map_err(|e| self.err(&e))
     }
 
+    pub fn tokens(&self) -> Result<Vec<TokenRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT name, role, hash, created_at, created_by FROM tokens ORDER BY name",
+            )
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(TokenRow {
+                    name: r.get(0)?,
+                    role: r.get(1)?,
+                    hash: r.get(2)?,
+                    created_at: r.get(3)?,
+                    created_by: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
     /// A scan of every op's params (compact JSON: a sealed value is `{"$secret":"v1:...`, text that
     /// only quotes it is escaped); asked only when the secret key is missing.
     pub fn any_sealed(&self) -> Result<bool> {
@@ -556,6 +586,10 @@ impl ReadBackend for SqliteReader {
 
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         self.with(|r| r.nodes())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRow>> {
+        self.with(|r| r.tokens())
     }
 
     fn any_sealed(&self) -> Result<bool> {

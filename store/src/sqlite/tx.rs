@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::rules::{End, Ownership, Tx};
 use crate::types::{
     Interruption, Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus, ProcessId, Request,
-    Snapshot, TaskNo, TaskStatus,
+    Snapshot, TaskNo, TaskStatus, TokenRow,
 };
 
 /// An open write transaction (or savepoint) of the writer's connection.
@@ -893,6 +893,33 @@ impl Tx for SqliteTx<'_> {
             c.prepare_cached("DELETE FROM settings WHERE key = ?1")?
                 .execute([setting])?;
             Ok(())
+        })
+    }
+
+    fn add_token(&mut self, token: &TokenRow) -> Result<bool> {
+        self.run(|c| {
+            let added = c
+                .prepare_cached(
+                    "INSERT INTO tokens (name, role, hash, created_at, created_by) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![
+                    token.name,
+                    token.role,
+                    token.hash,
+                    token.created_at,
+                    token.created_by
+                ])?;
+            Ok(added != 0)
+        })
+    }
+
+    fn delete_token(&mut self, name: &str) -> Result<bool> {
+        self.run(|c| {
+            let removed = c
+                .prepare_cached("DELETE FROM tokens WHERE name = ?1")?
+                .execute([name])?;
+            Ok(removed != 0)
         })
     }
 

@@ -1,0 +1,845 @@
+//! The HTTP API of `cairn serve --http`, through the real binary and `curl`: tokens made with the
+//! CLI, every path refused without one, a viewer refused an action, an operator's actions named
+//! in the op's events, errors as JSON with a code, and no token or secret in what is answered,
+//! logged or stored.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{Sandbox, code, events, stderr, stdout};
+
+/// A plan with a secret param, a step that prints it (masked), a gate, and a step that runs
+/// until it is canceled when `hold` is true.
+const PLAN: &str = r#"
+name: web-demo
+params:
+  password: { type: string, secret: true }
+  hold: { type: bool, default: false }
+steps:
+  - id: hello
+    run: echo "hello from the API"; echo "password=$PW" >&2
+    env: { PW: "{{ params.password }}" }
+  - id: gate
+    needs: [hello]
+    approve: "go on?"
+  - id: long
+    needs: [gate]
+    when: params.hold
+    run: sleep 60
+"#;
+
+const SECRET: &str = "hunter2-very-secret";
+
+/// A `cairn serve --http` on a free loopback port, killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `cairn serve --http 127.0.0.1:PORT`, its log in `serve.log`, and waits until it answers.
+fn start(sandbox: &Sandbox) -> Server {
+    let port = free_port();
+    let log = std::fs::File::create(sandbox.path().join("serve.log")).unwrap();
+    let child = sandbox
+        .command(&[
+            "serve",
+            "--poll",
+            "100ms",
+            "--grace",
+            "2s",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut server = Server { child, port };
+    let started = Instant::now();
+    loop {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", &server.url("/api/v1/ops")])
+            .output()
+            .expect("curl runs");
+        // 7: nothing listens yet.
+        if out.status.code() != Some(7) {
+            break;
+        }
+        assert!(
+            server.child.try_wait().unwrap().is_none(),
+            "serve exited: {}",
+            sandbox.read("serve.log")
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "serve never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server
+}
+
+/// One answer: its status, its body as JSON (`Null` when it is not), and the body as text.
+struct Answer {
+    status: u16,
+    json: Value,
+    text: String,
+}
+
+impl Server {
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `METHOD /api/v1PATH` with `token` (if any) and `body` (if any).
+    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Answer {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "-X", method, "-w", "\n%{http_code}"]);
+        if let Some(token) = token {
+            curl.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        if body.is_some() {
+            curl.args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@-",
+            ]);
+        }
+        curl.arg(self.url(&format!("/api/v1{path}")));
+        let mut child = curl
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin
+                .write_all(body.unwrap_or_default().as_bytes())
+                .unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let all = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (text, status) = all.rsplit_once('\n').unwrap();
+        Answer {
+            status: status.parse().unwrap(),
+            json: serde_json::from_str(text).unwrap_or(Value::Null),
+            text: text.to_owned(),
+        }
+    }
+}
+
+/// `cairn token create NAME --role ROLE`: the token, alone on stdout.
+fn token(sandbox: &Sandbox, name: &str, role: &str) -> String {
+    let out = sandbox.cairn(&["token", "create", name, "--role", role]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let token = stdout(&out).trim().to_owned();
+    assert!(token.starts_with("cairn_") && token.len() > 60, "{token}");
+    token
+}
+
+/// Waits until op `op`'s status, as the API shows it, is `status`.
+fn wait_status(server: &Server, token: &str, op: i64, status: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let answer = server.call("GET", &format!("/ops/{op}"), Some(token), None);
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        if answer.json["status"] == status {
+            return answer.json;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "op {op} never became {status}: {}",
+            answer.json["status"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn submit(server: &Server, token: &str, hold: bool) -> i64 {
+    let body = json!({"plan": PLAN, "params": {"password": SECRET, "hold": hold}}).to_string();
+    let answer = server.call("POST", "/ops", Some(token), Some(&body));
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    answer.json["id"].as_i64().unwrap()
+}
+
+#[test]
+fn the_api_serves_ops_to_tokens_and_names_who_acted() {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "ops-lead", "operator");
+    let viewer = token(&sandbox, "watcher", "viewer");
+    let server = start(&sandbox);
+    let mut bodies = Vec::new();
+
+    // Submitted through the API, run by the serve beside it, stopped at its gate.
+    let op = submit(&server, &operator, false);
+    let shown = wait_status(&server, &viewer, op, "waiting");
+    assert_eq!(shown["params"]["password"], "********");
+    // The same object `cairn show --json` prints, but for the clock-driven fields.
+    let mut cli = sandbox.show(op);
+    let mut api = shown.clone();
+    for object in [&mut cli, &mut api] {
+        object["elapsed_ms"] = Value::Null;
+    }
+    assert_eq!(api, cli);
+
+    // Listed with filters and pages.
+    let listed = server.call("GET", "/ops?status=waiting&limit=1", Some(&viewer), None);
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    assert_eq!(listed.json["ops"][0]["id"], op);
+    assert_eq!(listed.json["next_before"], Value::Null);
+    let none = server.call("GET", "/ops?status=failed", Some(&viewer), None);
+    assert_eq!(none.json["ops"], json!([]));
+
+    // The step's lines, its secret masked.
+    let logs = server.call(
+        "GET",
+        &format!("/ops/{op}/tasks/hello/logs"),
+        Some(&viewer),
+        None,
+    );
+    assert_eq!(logs.status, 200, "{}", logs.text);
+    let texts: Vec<&str> = logs
+        .json
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["text"].as_str())
+        .collect();
+    assert_eq!(
+        texts,
+        ["hello from the API", "password=********"],
+        "{}",
+        logs.text
+    );
+
+    answer_the_gate(&server, (&operator, &viewer), op);
+    let long = cancel_a_running_op(&sandbox, &server, (&operator, &viewer));
+    bodies.extend(bad_input(&server, &operator, op));
+    every_path_needs_a_token(&server, &viewer, op);
+
+    // Reads everyone may see: the locks.
+    let locks = server.call("GET", "/locks", Some(&viewer), None);
+    assert_eq!(locks.status, 200);
+    assert_eq!(locks.json, sandbox.json(&["locks", "--json"]));
+
+    // Neither token nor secret in anything answered, logged or stored.
+    for id in [op, long] {
+        bodies.push(
+            server
+                .call("GET", &format!("/ops/{id}"), Some(&viewer), None)
+                .text,
+        );
+        for task in ["hello", "gate", "long"] {
+            bodies.push(
+                server
+                    .call(
+                        "GET",
+                        &format!("/ops/{id}/tasks/{task}/logs"),
+                        Some(&viewer),
+                        None,
+                    )
+                    .text,
+            );
+        }
+        bodies.push(stdout(&sandbox.cairn(&["show", &id.to_string()])));
+        bodies.push(stdout(&sandbox.cairn(&["logs", &id.to_string()])));
+    }
+    bodies.push(server.call("GET", "/ops", Some(&viewer), None).text);
+    bodies.push(stdout(&sandbox.cairn(&["token", "list", "--json"])));
+    bodies.push(sandbox.read("serve.log"));
+    for text in &bodies {
+        for hidden in [operator.as_str(), viewer.as_str(), &operator[6..], SECRET] {
+            assert!(!text.contains(hidden), "{hidden} shown in: {text}");
+        }
+    }
+    for hidden in [operator.as_str(), viewer.as_str(), SECRET] {
+        sandbox.assert_not_stored(hidden);
+    }
+}
+
+fn answer_the_gate(server: &Server, (operator, viewer): (&str, &str), op: i64) {
+    // A viewer may not answer the gate; an operator may, and is named.
+    let refused = server.call(
+        "POST",
+        &format!("/ops/{op}/approve"),
+        Some(viewer),
+        Some("{}"),
+    );
+    assert_eq!(
+        (refused.status, refused.json["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let approved = server.call(
+        "POST",
+        &format!("/ops/{op}/approve"),
+        Some(operator),
+        Some(r#"{"comment": "looks fine"}"#),
+    );
+    assert_eq!(approved.status, 200, "{}", approved.text);
+    assert_eq!(approved.json["step"], "gate");
+    let done = wait_status(server, viewer, op, "succeeded");
+    assert!(
+        events(&done)
+            .iter()
+            .any(|(k, m)| k == "approved" && m == "approved by token ops-lead: looks fine"),
+        "{:?}",
+        events(&done)
+    );
+}
+
+fn cancel_a_running_op(
+    sandbox: &Sandbox,
+    server: &Server,
+    (operator, viewer): (&str, &str),
+) -> i64 {
+    // A running op: a viewer may not cancel it; an operator cancels it, named in its events.
+    let long = submit(server, operator, true);
+    let waiting = wait_status(server, viewer, long, "waiting");
+    assert_eq!(waiting["current_tasks"][0]["task"], "gate");
+    let approved = server.call(
+        "POST",
+        &format!("/ops/{long}/approve"),
+        Some(operator),
+        Some(r#"{"step": "gate"}"#),
+    );
+    assert_eq!(approved.status, 200, "{}", approved.text);
+    let started = Instant::now();
+    while server
+        .call("GET", &format!("/ops/{long}"), Some(viewer), None)
+        .json["current_task"]
+        != "long"
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "`long` never ran"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refused = server.call(
+        "POST",
+        &format!("/ops/{long}/cancel"),
+        Some(viewer),
+        Some(r#"{"reason": "no"}"#),
+    );
+    assert_eq!(
+        (refused.status, refused.json["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let canceled = server.call(
+        "POST",
+        &format!("/ops/{long}/cancel"),
+        Some(operator),
+        Some(r#"{"reason": "wrong target"}"#),
+    );
+    assert_eq!(
+        (canceled.status, canceled.json["cancel"].as_str()),
+        (200, Some("canceled")),
+        "{}",
+        canceled.text
+    );
+    let ended = sandbox.show(long);
+    assert_eq!(ended["status"], "canceled");
+    assert!(
+        events(&ended).iter().any(|(k, m)| k == "cancel-requested"
+            && m.starts_with("cancel requested by token ops-lead: wrong target")),
+        "{:?}",
+        events(&ended)
+    );
+    // Who submitted is named too.
+    assert!(
+        events(&ended)
+            .iter()
+            .any(|(_, m)| m == "submitted through the HTTP API by token ops-lead")
+    );
+
+    long
+}
+
+fn bad_input(server: &Server, operator: &str, op: i64) -> Vec<String> {
+    let mut bodies = Vec::new();
+    // Bad input: a 4xx with a code that names it; never a 5xx.
+    for (method, path, body, status, code) in [
+        ("POST", "/ops".to_owned(), "{not json", 400, "bad-json"),
+        ("POST", "/ops".to_owned(), "[1]", 400, "bad-json"),
+        (
+            "POST",
+            "/ops".to_owned(),
+            r#"{"params": {}}"#,
+            400,
+            "missing-field",
+        ),
+        (
+            "POST",
+            "/ops".to_owned(),
+            r#"{"plan": "name: x\nsteps: 3\n"}"#,
+            400,
+            "invalid-plan",
+        ),
+        (
+            "POST",
+            "/ops".to_owned(),
+            r#"{"plan": "x", "color": "red"}"#,
+            400,
+            "unknown-field",
+        ),
+        ("GET", "/ops/99999".to_owned(), "", 404, "unknown-op"),
+        ("GET", "/ops/abc".to_owned(), "", 400, "bad-op-id"),
+        ("GET", "/ops?limit=0".to_owned(), "", 400, "bad-limit"),
+        (
+            "GET",
+            "/ops?status=sleeping".to_owned(),
+            "",
+            400,
+            "bad-status",
+        ),
+        (
+            "GET",
+            "/ops?colour=red".to_owned(),
+            "",
+            400,
+            "unknown-parameter",
+        ),
+        (
+            "POST",
+            "/ops/99999/cancel".to_owned(),
+            "{}",
+            404,
+            "unknown-op",
+        ),
+        ("POST", format!("/ops/{op}/approve"), "{}", 409, "no-gate"),
+        (
+            "POST",
+            format!("/ops/{op}/resume"),
+            "{}",
+            409,
+            "not-resumable",
+        ),
+        (
+            "GET",
+            format!("/ops/{op}/tasks/nope/logs"),
+            "",
+            404,
+            "unknown-task",
+        ),
+        ("GET", "/nowhere".to_owned(), "", 404, "not-found"),
+        ("DELETE", "/ops".to_owned(), "", 405, "method-not-allowed"),
+    ] {
+        let body = (!body.is_empty()).then_some(body);
+        let answer = server.call(method, &path, Some(operator), body);
+        assert_eq!(
+            (answer.status, answer.json["code"].as_str()),
+            (status, Some(code)),
+            "{method} {path}: {}",
+            answer.text
+        );
+        assert!(
+            answer.json["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        bodies.push(answer.text);
+    }
+
+    bodies
+}
+
+fn every_path_needs_a_token(server: &Server, viewer: &str, op: i64) {
+    // Every path the OpenAPI document names refuses a request without a token, or with an
+    // unknown one: 401, as JSON.
+    let document = server.call("GET", "/openapi.json", Some(viewer), None);
+    assert_eq!(document.status, 200);
+    assert_eq!(document.json["openapi"], "3.1.0");
+    let paths = document.json["paths"].as_object().unwrap();
+    assert!(paths.len() >= 8, "{paths:?}");
+    for (path, operations) in paths {
+        let path = path
+            .replace("{id}", &op.to_string())
+            .replace("{task}", "hello");
+        for method in operations.as_object().unwrap().keys() {
+            let method = method.to_uppercase();
+            for token in [None, Some("cairn_0000")] {
+                let answer = server.call(&method, &path, token, (method == "POST").then_some("{}"));
+                assert_eq!(
+                    (answer.status, answer.json["code"].as_str()),
+                    (401, Some("unauthorized")),
+                    "{method} {path} with {token:?}: {}",
+                    answer.text
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_revoked_token_is_refused_and_names_are_checked() {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "night-shift", "operator");
+    // A name is taken once; a name or role that is not one is refused, named.
+    for (args, says) in [
+        (
+            vec!["token", "create", "night-shift", "--role", "viewer"],
+            "a token named `night-shift` exists",
+        ),
+        (
+            vec!["token", "create", "two words", "--role", "viewer"],
+            "is not a token name",
+        ),
+        (vec!["token", "create", "x", "--role", "admin"], "admin"),
+        (
+            vec!["token", "revoke", "nobody"],
+            "no token is named `nobody`",
+        ),
+    ] {
+        let out = sandbox.cairn(&args);
+        assert_eq!(code(&out), Some(2), "{args:?}");
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+    let listed = sandbox.json(&["token", "list", "--json"]);
+    assert_eq!(listed[0]["name"], "night-shift");
+    assert_eq!(listed[0]["role"], "operator");
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let server = start(&sandbox);
+    assert_eq!(
+        server.call("GET", "/ops", Some(&operator), None).status,
+        200
+    );
+    let out = sandbox.cairn(&["token", "revoke", "night-shift"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let refused = server.call("GET", "/ops", Some(&operator), None);
+    assert_eq!(
+        (refused.status, refused.json["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    assert_eq!(sandbox.json(&["token", "list", "--json"]), json!([]));
+}
+
+#[test]
+fn http_on_an_address_other_than_loopback_needs_insecure_http() {
+    let sandbox = Sandbox::new();
+    let out = sandbox.cairn(&["serve", "--once", "--http", "0.0.0.0:7070"]);
+    assert_eq!(code(&out), Some(2));
+    let said = stderr(&out);
+    assert!(
+        said.contains("not a loopback address")
+            && said.contains("TLS")
+            && said.contains("--insecure-http"),
+        "{said}"
+    );
+    let out = sandbox.cairn(&["serve", "--once", "--http", "somewhere"]);
+    assert_eq!(code(&out), Some(2));
+    assert!(
+        stderr(&out).contains("`--http somewhere` is not an address"),
+        "{}",
+        stderr(&out)
+    );
+    // An address another process holds is named.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = sandbox.cairn(&["serve", "--once", "--http", &addr]);
+    assert_eq!(code(&out), Some(2));
+    assert!(
+        stderr(&out).contains(&format!("cannot serve HTTP on {addr}")),
+        "{}",
+        stderr(&out)
+    );
+    // `--insecure-http` alone, without `--http`, is a usage error.
+    let out = sandbox.cairn(&["serve", "--once", "--insecure-http"]);
+    assert_eq!(code(&out), Some(2));
+}
+
+#[test]
+fn an_operator_resumes_a_failed_op_and_pages_of_ops_follow_each_other() {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "on-call", "operator");
+    let viewer = token(&sandbox, "lead", "viewer");
+    let server = start(&sandbox);
+    // Relative paths of a plan given as text start where `serve` runs.
+    let plan = "name: flaky\nsteps:\n  - id: check\n    run: test -f ready\n";
+    let body = json!({ "plan": plan }).to_string();
+    let answer = server.call("POST", "/ops", Some(&operator), Some(&body));
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    let op = answer.json["id"].as_i64().unwrap();
+    wait_status(&server, &viewer, op, "failed");
+    sandbox.write("ready", "");
+    let path = format!("/ops/{op}/resume");
+    let refused = server.call("POST", &path, Some(&viewer), None);
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    let unknown = server.call("POST", &path, Some(&operator), Some(r#"{"form": "check"}"#));
+    assert_eq!(
+        (unknown.status, unknown.json["code"].as_str()),
+        (400, Some("unknown-field"))
+    );
+    let unknown = server.call("POST", &path, Some(&operator), Some(r#"{"from": "nope"}"#));
+    assert_eq!(
+        (unknown.status, unknown.json["code"].as_str()),
+        (404, Some("unknown-step"))
+    );
+    let resumed = server.call("POST", &path, Some(&operator), Some("{}"));
+    assert_eq!(resumed.status, 202, "{}", resumed.text);
+    let done = wait_status(&server, &viewer, op, "succeeded");
+    assert!(
+        events(&done)
+            .iter()
+            .any(|(k, m)| k == "resume-requested" && m == "resume asked by token on-call"),
+        "{:?}",
+        events(&done)
+    );
+
+    // Three ops: pages of two, newest first, each naming the next.
+    for _ in 0..2 {
+        let answer = server.call("POST", "/ops", Some(&operator), Some(&body));
+        assert_eq!(answer.status, 201, "{}", answer.text);
+    }
+    let first = server.call("GET", "/ops?limit=2", Some(&viewer), None);
+    let ids = |page: &Answer| -> Vec<i64> {
+        page.json["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["id"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(ids(&first), [op + 2, op + 1], "{}", first.text);
+    assert_eq!(first.json["next_before"], op + 1);
+    let second = server.call(
+        "GET",
+        &format!("/ops?limit=2&before={}", op + 1),
+        Some(&viewer),
+        None,
+    );
+    assert_eq!(ids(&second), [op], "{}", second.text);
+    assert_eq!(second.json["next_before"], Value::Null);
+    let failed = server.call(
+        "GET",
+        "/ops?plan=flaky&status=succeeded",
+        Some(&viewer),
+        None,
+    );
+    assert!(ids(&failed).contains(&op), "{}", failed.text);
+}
+
+#[test]
+fn a_task_s_log_is_followed_as_server_sent_events_until_the_op_ends() {
+    let sandbox = Sandbox::new();
+    let viewer = token(&sandbox, "screen", "viewer");
+    let operator = token(&sandbox, "hands", "operator");
+    let server = start(&sandbox);
+    let plan = "name: counting\nsteps:\n  - id: count\n    run: for i in 1 2 3; do echo line-$i; sleep 0.3; done\n";
+    let answer = server.call(
+        "POST",
+        "/ops",
+        Some(&operator),
+        Some(&json!({ "plan": plan }).to_string()),
+    );
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    let op = answer.json["id"].as_i64().unwrap();
+    // Followed from before the step prints; curl ends when the server ends the stream.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-N",
+            "--max-time",
+            "120",
+            "-H",
+            &format!("Authorization: Bearer {viewer}"),
+            &server.url(&format!("/api/v1/ops/{op}/tasks/count/logs?follow=1")),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "curl: {}", stderr(&out));
+    let text = stdout(&out);
+    let mut events = Vec::new();
+    let mut kind = String::new();
+    for line in text.lines() {
+        if let Some(k) = line.strip_prefix("event: ") {
+            kind = k.to_owned();
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            events.push((kind.clone(), serde_json::from_str::<Value>(data).unwrap()));
+        }
+    }
+    let lines: Vec<&str> = events
+        .iter()
+        .filter(|(k, _)| k == "line")
+        .map(|(_, v)| v["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(lines, ["line-1", "line-2", "line-3"], "{text}");
+    assert_eq!(
+        events.last().unwrap(),
+        &("end".to_owned(), json!({"status": "succeeded"})),
+        "{text}"
+    );
+    let bad = server.call(
+        "GET",
+        &format!("/ops/{op}/tasks/count/logs?follow=yes"),
+        Some(&viewer),
+        None,
+    );
+    assert_eq!(
+        (bad.status, bad.json["code"].as_str()),
+        (400, Some("bad-follow"))
+    );
+}
+
+#[test]
+fn a_rejected_gate_fails_its_op_and_names_the_token() {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "second-pair-of-eyes", "operator");
+    let server = start(&sandbox);
+    let op = submit(&server, &operator, false);
+    wait_status(&server, &operator, op, "waiting");
+    let path = format!("/ops/{op}/reject");
+    let wrong = server.call("POST", &path, Some(&operator), Some(r#"{"step": "hello"}"#));
+    assert!(wrong.status >= 400 && wrong.status < 500, "{}", wrong.text);
+    let rejected = server.call(
+        "POST",
+        &path,
+        Some(&operator),
+        Some(r#"{"step": "gate", "comment": "replica is behind"}"#),
+    );
+    assert_eq!(rejected.status, 200, "{}", rejected.text);
+    assert_eq!(rejected.json["answer"], "rejected");
+    let failed = wait_status(&server, &operator, op, "failed");
+    assert!(
+        events(&failed).iter().any(|(k, m)| k == "rejected"
+            && m == "rejected by token second-pair-of-eyes: replica is behind"),
+        "{:?}",
+        events(&failed)
+    );
+    // Resolved by hand through the API, then resumed: it goes on past the gate.
+    let path = format!("/ops/{op}/mark");
+    let bad = server.call(
+        "POST",
+        &path,
+        Some(&operator),
+        Some(r#"{"step": "gate", "status": "done", "reason": "x"}"#),
+    );
+    assert_eq!(
+        (bad.status, bad.json["code"].as_str()),
+        (400, Some("bad-field"))
+    );
+    let marked = server.call(
+        "POST",
+        &path,
+        Some(&operator),
+        Some(r#"{"step": "gate", "status": "succeeded", "reason": "approved on the phone"}"#),
+    );
+    assert_eq!(marked.status, 200, "{}", marked.text);
+    let resumed = server.call("POST", &format!("/ops/{op}/resume"), Some(&operator), None);
+    assert_eq!(resumed.status, 202, "{}", resumed.text);
+    let done = wait_status(&server, &operator, op, "succeeded");
+    assert!(
+        events(&done).iter().any(|(_, m)| m
+            == "marked succeeded by hand by token second-pair-of-eyes: approved on the phone"),
+        "{:?}",
+        events(&done)
+    );
+}
+
+#[test]
+fn pause_unpause_and_ack_through_the_api_name_the_token() {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "lead", "operator");
+    let viewer = token(&sandbox, "wall", "viewer");
+    let server = start(&sandbox);
+    // An op that leaves its lock key cooling down.
+    sandbox.write(
+        "cool.yaml",
+        "name: cool\nlock: primary\ncooldown: 1h\nsteps:\n  - id: a\n    run: \"true\"\n",
+    );
+    let out = sandbox.cairn(&["run", "cool.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+
+    // The serve the API runs in is the one live node, as `cairn nodes --json` lists it.
+    let nodes = server.call("GET", "/nodes", Some(&viewer), None);
+    assert_eq!(nodes.status, 200, "{}", nodes.text);
+    assert_eq!(nodes.json[0]["pid"], server.child.id(), "{}", nodes.text);
+    let mut cli = sandbox.json(&["nodes", "--json"]);
+    let mut api = nodes.json.clone();
+    for list in [&mut cli, &mut api] {
+        list[0]["heartbeat_at"] = Value::Null;
+    }
+    assert_eq!(api, cli);
+
+    // Schedules, as `cairn schedule list --json` lists them.
+    let out = sandbox.cairn(&[
+        "schedule",
+        "add",
+        "nightly",
+        "cool.yaml",
+        "--cron",
+        "0 2 * * *",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let schedules = server.call("GET", "/schedules", Some(&viewer), None);
+    assert_eq!(schedules.status, 200, "{}", schedules.text);
+    assert_eq!(schedules.json[0]["name"], "nightly");
+    assert_eq!(
+        schedules.json,
+        sandbox.json(&["schedule", "list", "--json"])
+    );
+
+    let refused = server.call("POST", "/pause", Some(&viewer), Some("{}"));
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    let paused = server.call(
+        "POST",
+        "/pause",
+        Some(&operator),
+        Some(r#"{"reason": "failover drill"}"#),
+    );
+    assert_eq!(paused.status, 200, "{}", paused.text);
+    let locks = server.call("GET", "/locks", Some(&viewer), None).json;
+    assert_eq!(locks["paused"]["by"], "token lead");
+    assert_eq!(locks["paused"]["reason"], "failover drill");
+    assert_eq!(locks["cooldowns"][0]["key"], "primary");
+    let unpaused = server.call("POST", "/unpause", Some(&operator), None);
+    assert_eq!(unpaused.status, 200, "{}", unpaused.text);
+    assert_eq!(sandbox.json(&["locks", "--json"])["paused"], Value::Null);
+
+    for (body, status, code) in [
+        ("{}", 400, "missing-field"),
+        (r#"{"key": "replica"}"#, 409, "no-cooldown"),
+    ] {
+        let answer = server.call("POST", "/ack", Some(&operator), Some(body));
+        assert_eq!(
+            (answer.status, answer.json["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {}",
+            answer.text
+        );
+    }
+    let acked = server.call(
+        "POST",
+        "/ack",
+        Some(&operator),
+        Some(r#"{"key": "primary", "reason": "checked by hand"}"#),
+    );
+    assert_eq!(acked.status, 200, "{}", acked.text);
+    let locks = sandbox.json(&["locks", "--json"]);
+    assert_eq!(locks["cooldowns"][0]["acked_by"], "token lead", "{locks}");
+    assert!(
+        events(&sandbox.show(1))
+            .iter()
+            .any(|(_, m)| m.contains("acknowledged by token lead")),
+        "{:?}",
+        events(&sandbox.show(1))
+    );
+}
