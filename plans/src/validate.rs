@@ -1534,6 +1534,12 @@ impl Checker<'_> {
             .cwd
             .as_ref()
             .and_then(|c| self.template(c, Quoting::Plain, known, scope("`cwd`", true)));
+        let on = self.on(
+            step.on.as_ref(),
+            step.run.is_some() || step.exec.is_some(),
+            known,
+            scope("`on`", true),
+        );
         let check = step
             .check
             .as_ref()
@@ -1599,6 +1605,7 @@ impl Checker<'_> {
             action: action?,
             env,
             cwd,
+            on,
             timeout,
             retry: retry?,
             check,
@@ -1918,6 +1925,7 @@ impl Checker<'_> {
             .cwd
             .as_ref()
             .and_then(|c| self.template(c, Quoting::Plain, known, scope));
+        let on = self.on(hook.on.as_ref(), true, known, scope);
         let timeout = self
             .duration(hook.timeout.as_ref(), "timeout")
             .unwrap_or(DEFAULT_HOOK_TIMEOUT);
@@ -1929,8 +1937,41 @@ impl Checker<'_> {
             action: action?,
             env,
             cwd,
+            on,
             timeout,
         })
+    }
+
+    /// An `on` key: a template (no secret: a destination is on `ssh`'s command line and shown),
+    /// only where a process runs.
+    fn on(
+        &mut self,
+        on: Option<&raw::Text>,
+        process: bool,
+        known: &Known,
+        scope: Scope,
+    ) -> Option<Template> {
+        let on = on?;
+        if !process {
+            self.report(
+                Problem::new(
+                    "on-without-process",
+                    span(on),
+                    "`on` names the host a process runs on; this step has no `run` or `exec`",
+                )
+                .help("remove `on`, or give the step a `run` or `exec`"),
+            );
+            return None;
+        }
+        if on.value.trim().is_empty() {
+            self.report(Problem::new(
+                "empty-on",
+                span(on),
+                "`on` is empty: give an SSH destination (a `~/.ssh/config` alias or `user@host`)",
+            ));
+            return None;
+        }
+        self.template(on, Quoting::Plain, known, scope)
     }
 }
 

@@ -612,6 +612,7 @@ pub(crate) fn with_hooks(plan: &Plan) -> (Vec<Step>, HookTasks) {
                 action: hook.action.clone(),
                 env: hook.env.clone(),
                 cwd: hook.cwd.clone(),
+                on: hook.on.clone(),
                 timeout: Some(hook.timeout),
                 retry: plans::model::Retry::default(),
                 check: None,
