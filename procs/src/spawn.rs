@@ -43,6 +43,9 @@ pub struct Spec {
     /// Whether the spawning thread steps to another CPU once the child is started (see
     /// [`step_aside`]): for a process that runs alone, not one of many.
     pub alone: bool,
+    /// What the process reads on its standard input, then end of file; `None`: nothing
+    /// (`/dev/null`).
+    pub stdin: Option<Vec<u8>>,
 }
 
 /// Which stream a log chunk came from.
@@ -176,7 +179,11 @@ pub fn spawn(spec: &Spec, sink: &mpsc::Sender<Chunk>) -> Result<Running, SpawnEr
             .env(MARKER_VAR, &spec.marker)
             .current_dir(&spec.cwd)
             .process_group(0)
-            .stdin(Stdio::null())
+            .stdin(if spec.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         command
@@ -203,6 +210,12 @@ pub fn spawn(spec: &Spec, sink: &mpsc::Sender<Chunk>) -> Result<Running, SpawnEr
         },
         source,
     })?;
+    if let (Some(input), Some(mut pipe)) = (spec.stdin.clone(), child.stdin.take()) {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            let _ = pipe.write_all(&input).await;
+        });
+    }
     let pid = child.id().unwrap_or(0);
     if spec.alone {
         step_aside();
