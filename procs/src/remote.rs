@@ -228,7 +228,7 @@ const END_FUNCTIONS: &str = r#"cairn_members() {
   for f in /proc/[0-9]*/stat; do
     { read -r l < "$f"; } 2>/dev/null || continue
     set -- ${l##*) }
-    [ "$3" = "$pg" ] && [ "${20}" -ge "$st" ] && n=$((n+1))
+    [ "$3" = "$pg" ] && [ "$1" != Z ] && [ "${20}" -ge "$st" ] && n=$((n+1))
   done
   [ "$n" -gt 0 ]
 }
@@ -239,6 +239,7 @@ cairn_end() {
     [ "${20}" = "$st" ] || return 0
   fi
   cairn_members || return 0
+  found=$n
   kill -s TERM -- "-$pg" 2>/dev/null
   kill -s CONT -- "-$pg" 2>/dev/null
   while [ "$t" -gt 0 ] && cairn_members; do sleep 0.1; t=$((t-1)); done
@@ -553,16 +554,17 @@ async fn run(transport: &Transport, host: &str, script: &str) -> Result<String, 
 
 /// Ends the process group `remote` started on its host (TERM, then KILL after `grace`), unless
 /// its host rebooted or its pid is now another process's; with `dirs`, removes those directories
-/// of the host's `$TMPDIR` too (a resume's sweep: what a killed run left there).
+/// of the host's `$TMPDIR` too (a resume's sweep: what a killed run left there). Returns how many
+/// of its processes were running.
 pub async fn end(
     transport: &Transport,
     remote: &Remote,
     grace: Duration,
     dirs: Option<&[String]>,
-) -> Result<(), String> {
+) -> Result<usize, String> {
     transport.connect(&remote.host).await?;
     let mut script = format!(
-        "{END_FUNCTIONS}if [ \"$(cat /proc/sys/kernel/random/boot_id)\" = {boot} ]; then cairn_end {pid} {start} {grace}; fi\n",
+        "{END_FUNCTIONS}found=0\nif [ \"$(cat /proc/sys/kernel/random/boot_id)\" = {boot} ]; then cairn_end {pid} {start} {grace}; fi\necho \"$found\"\n",
         boot = quote(&remote.boot_id),
         pid = remote.pid,
         start = remote.start,
@@ -571,7 +573,8 @@ pub async fn end(
     for dir in dirs.unwrap_or_default() {
         let _ = writeln!(script, "rm -rf \"${{TMPDIR:-/tmp}}\"/{}", quote(dir));
     }
-    run(transport, &remote.host, &script).await.map(drop)
+    let said = run(transport, &remote.host, &script).await?;
+    Ok(said.trim().parse().unwrap_or(0))
 }
 
 /// The directory a transport's sockets are in.

@@ -296,6 +296,7 @@ pub fn record(
             |c| json!({"id": c.id.0, "plan": c.plan, "status": rule.shown_status(c, now).as_str()}),
         )
         .collect();
+    let hosts = remote_hosts(&attempts, false);
     object["tasks"] = tasks
         .iter()
         .zip(&statuses)
@@ -314,6 +315,7 @@ pub fn record(
                 "outputs": t.outputs.as_ref().map(shown_values),
                 "by_check": t.by_check,
                 "progress": t.progress,
+                "host": hosts.get(&t.task_no),
                 "history": attempts.iter().filter(|a| a.task_no == t.task_no).map(|a| json!({
                     "attempt": a.n,
                     "status": a.status.as_str(),
@@ -321,6 +323,7 @@ pub fn record(
                     "ended_at": time(a.ended_at),
                     "exit_code": a.exit_code,
                     "error": a.error,
+                    "host": a.process.as_ref().and_then(remote_host),
                 })).collect::<Vec<_>>(),
             })
         })
@@ -344,4 +347,25 @@ pub fn print_record(
     text.push('\n');
     crate::output::data(&text).context("cannot write")?;
     Ok(())
+}
+
+/// The host a recorded process ran on, when it ran on another host (`on:`).
+fn remote_host(process: &store::ProcessId) -> Option<String> {
+    process
+        .boot_id
+        .starts_with(engine::REMOTE_BOOT)
+        .then(|| process.host.clone())
+}
+
+/// The host each task's last attempt on another host ran on (only running attempts when
+/// `running`).
+pub fn remote_hosts(
+    attempts: &[store::AttemptRow],
+    running: bool,
+) -> std::collections::HashMap<store::TaskNo, String> {
+    attempts
+        .iter()
+        .filter(|a| !running || a.status == store::AttemptStatus::Running)
+        .filter_map(|a| Some((a.task_no, remote_host(a.process.as_ref()?)?)))
+        .collect()
 }

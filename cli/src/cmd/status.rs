@@ -89,15 +89,21 @@ pub struct Current {
     pub prompt: Option<String>,
     /// What a running process last said of its progress (`$CAIRN_PROGRESS`).
     pub progress: Option<String>,
+    /// The host a running process runs on, when not this one (`on:`).
+    pub host: Option<String>,
 }
 
 impl Current {
     /// As the table shows it: `restore[shard-3]`, `refresh → op 14`, `copy (45%)`.
     fn label(&self) -> String {
+        let task = match &self.host {
+            Some(host) => format!("{} @{host}", self.task),
+            None => self.task.clone(),
+        };
         match (self.child, &self.progress) {
-            (Some(child), _) => format!("{} → op {child}", self.task),
-            (None, Some(progress)) => format!("{} ({progress})", self.task),
-            (None, None) => self.task.clone(),
+            (Some(child), _) => format!("{task} → op {child}"),
+            (None, Some(progress)) => format!("{task} ({progress})"),
+            (None, None) => task,
         }
     }
 }
@@ -122,6 +128,7 @@ pub fn current_tasks(
         .into_iter()
         .filter_map(|c| c.parent.map(|(_, task)| (task, c.id)))
         .collect();
+    let hosts = crate::cmd::show::remote_hosts(&reader.attempts(op.id)?, true);
     let listed_items: std::collections::HashSet<&str> = active
         .iter()
         .filter(|t| crate::cmd::show::is_item(t))
@@ -145,6 +152,7 @@ pub fn current_tasks(
                 child: children.get(&t.task_no).copied(),
                 prompt,
                 progress: t.progress.clone(),
+                host: hosts.get(&t.task_no).cloned(),
             })
         })
         .collect()

@@ -801,7 +801,7 @@ fn remote_process(remote: &procs::remote::Remote) -> store::ProcessId {
 }
 
 /// How a recorded process's boot id starts when it runs on another host.
-pub(crate) const REMOTE_BOOT: &str = "ssh:";
+pub const REMOTE_BOOT: &str = "ssh:";
 
 /// The environment a step on another host gets on top of its login's: what the plan, the step,
 /// the params and cairn set, not this host's own variables (nor its local file paths).
