@@ -23,6 +23,7 @@ mod operator;
 mod outage;
 mod postgres;
 mod regressions;
+mod remote;
 mod secrets;
 mod serve;
 mod shown;
