@@ -238,6 +238,7 @@ cairn_end() {
     set -- ${l##*) }
     [ "${20}" = "$st" ] || return 0
   fi
+  kill -s 0 -- "-$pg" 2>/dev/null || return 0
   cairn_members || return 0
   found=$n
   kill -s TERM -- "-$pg" 2>/dev/null
@@ -268,8 +269,9 @@ fn tenths(d: Duration) -> u128 {
     d.as_millis().div_ceil(100)
 }
 
-/// The wrapper script for `job`, sent on the connection's standard input to `sh`.
-fn wrapper(job: &Job) -> String {
+/// The wrapper script for `job`, sent on the connection's standard input to `sh`; `end` is the
+/// line that ends the step's output (see [`Framing`]).
+fn wrapper(job: &Job, end: &str) -> String {
     let mut env = String::new();
     for (name, value) in &job.env {
         let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
@@ -306,6 +308,9 @@ wait "$pid"
 code=$?
 cairn_end "$pid" "$start" {grace}
 echo "$code" > "$d/exit"
+printf '\n%s\nexit=%s\n' {end} "$code"
+[ -f "$d/output" ] && cat "$d/output"
+rm -rf "$d"
 exit "$code"
 "#,
         dir = quote(&job.dir),
@@ -321,6 +326,8 @@ pub struct RemoteRunning {
     job: Job,
     /// Turns `Some` once the wrapper said where the step runs.
     hello: Option<oneshot::Receiver<Remote>>,
+    /// What the wrapper printed after the step's output: its exit code and outputs.
+    trailer: oneshot::Receiver<Option<Vec<u8>>>,
     remote: Option<Remote>,
     transport: std::sync::Arc<Transport>,
 }
@@ -340,6 +347,7 @@ pub fn spawn(
     marker: &str,
     sink: &mpsc::Sender<Chunk>,
 ) -> Result<RemoteRunning, SpawnError> {
+    let end = format!("CAIRN_END_{}", random_token());
     let spec = Spec {
         argv: transport.command(&job.host, "sh"),
         env: std::env::vars().collect(),
@@ -349,61 +357,124 @@ pub fn spawn(
         grace: Duration::from_secs(1),
         located: None,
         alone: false,
-        stdin: Some(wrapper(&job).into_bytes()),
+        stdin: Some(wrapper(&job, &end).into_bytes()),
     };
     let (inner, chunks) = spawn::sink();
     let local = spawn::spawn(&spec, &inner)?;
     let (hello_tx, hello) = oneshot::channel();
-    tokio::spawn(relay(chunks, sink.clone(), hello_tx, job.host.clone()));
+    let (trailer_tx, trailer) = oneshot::channel();
+    tokio::spawn(relay(
+        chunks,
+        sink.clone(),
+        (hello_tx, trailer_tx),
+        (job.host.clone(), end),
+    ));
     Ok(RemoteRunning {
         local,
         job,
         hello: Some(hello),
+        trailer,
         remote: None,
         transport: transport.clone(),
     })
 }
 
-/// Forwards the client's output to `sink`, less the wrapper's first line, which it parses.
+/// The client's standard output as the wrapper frames it: its first line (`cairn-remote ...`),
+/// then the step's output, then, once the step's group is gone, a line `\n<end>\n` and the
+/// trailer (`exit=N` and the step's `$CAIRN_OUTPUT`).
+#[derive(Debug)]
+struct Framing {
+    hello: Option<oneshot::Sender<Remote>>,
+    head: Vec<u8>,
+    /// `\n<end>\n`: unguessable, made for the job.
+    end: Vec<u8>,
+    /// Output not yet forwarded because it may begin the end line.
+    held: Vec<u8>,
+    /// Everything after the end line, once it was seen.
+    trailer: Option<Vec<u8>>,
+}
+
+impl Framing {
+    /// What of `data` (from stdout) is the step's output, to forward now.
+    fn stdout(&mut self, data: &[u8], host: &str) -> Vec<u8> {
+        let mut data = data.to_vec();
+        if self.hello.is_some() {
+            self.head.extend_from_slice(&data);
+            let Some(at) = self.head.iter().position(|b| *b == b'\n') else {
+                return Vec::new();
+            };
+            let line = String::from_utf8_lossy(&self.head[..at]).into_owned();
+            let tx = self.hello.take();
+            match (parse_hello(&line, host), tx) {
+                (Some(remote), Some(tx)) => {
+                    let _ = tx.send(remote);
+                    data = self.head.split_off(at + 1);
+                }
+                _ => data = std::mem::take(&mut self.head),
+            }
+            self.head.clear();
+        }
+        if let Some(trailer) = &mut self.trailer {
+            trailer.extend_from_slice(&data);
+            return Vec::new();
+        }
+        self.held.extend_from_slice(&data);
+        if let Some(at) = self
+            .held
+            .windows(self.end.len())
+            .position(|w| w == self.end.as_slice())
+        {
+            self.trailer = Some(self.held.split_off(at + self.end.len()));
+            self.held.truncate(at);
+            return std::mem::take(&mut self.held);
+        }
+        let keep = self.end.len().saturating_sub(1).min(self.held.len());
+        let rest = self.held.split_off(self.held.len() - keep);
+        std::mem::replace(&mut self.held, rest)
+    }
+}
+
+/// Forwards the client's output to `sink`, less the wrapper's framing (see [`Framing`]); sends
+/// the trailer when the output ends (`None` if it never came).
 async fn relay(
     mut chunks: mpsc::Receiver<Chunk>,
     sink: mpsc::Sender<Chunk>,
-    hello: oneshot::Sender<Remote>,
-    host: String,
+    (hello, trailer): (oneshot::Sender<Remote>, oneshot::Sender<Option<Vec<u8>>>),
+    (host, end): (String, String),
 ) {
-    let mut hello = Some(hello);
-    let mut head = Vec::new();
-    while let Some(mut chunk) = chunks.recv().await {
-        if chunk.stream == Stream::Stdout && hello.is_some() {
-            head.extend_from_slice(&chunk.data);
-            let Some(end) = head.iter().position(|b| *b == b'\n') else {
-                continue;
-            };
-            let line = String::from_utf8_lossy(&head[..end]).into_owned();
-            let parsed = parse_hello(&line, &host);
-            chunk.data = if parsed.is_some() {
-                head.split_off(end + 1)
-            } else {
-                std::mem::take(&mut head)
-            };
-            if let (Some(remote), Some(tx)) = (parsed, hello.take()) {
-                let _ = tx.send(remote);
-            }
-            hello = None;
-            if chunk.data.is_empty() {
-                continue;
-            }
+    let mut framing = Framing {
+        hello: Some(hello),
+        head: Vec::new(),
+        end: format!("\n{end}\n").into_bytes(),
+        held: Vec::new(),
+        trailer: None,
+    };
+    while let Some(chunk) = chunks.recv().await {
+        let data = if chunk.stream == Stream::Stdout {
+            framing.stdout(&chunk.data, &host)
+        } else {
+            chunk.data
+        };
+        if !data.is_empty() {
+            let _ = sink
+                .send(Chunk {
+                    stream: chunk.stream,
+                    data,
+                })
+                .await;
         }
-        let _ = sink.send(chunk).await;
     }
-    if !head.is_empty() && hello.is_some() {
+    let mut left = std::mem::take(&mut framing.head);
+    left.append(&mut framing.held);
+    if !left.is_empty() {
         let _ = sink
             .send(Chunk {
                 stream: Stream::Stdout,
-                data: head,
+                data: left,
             })
             .await;
     }
+    let _ = trailer.send(framing.trailer);
 }
 
 fn parse_hello(line: &str, host: &str) -> Option<Remote> {
@@ -439,6 +510,7 @@ impl RemoteRunning {
             local,
             job,
             transport,
+            trailer,
             ..
         } = self;
         let (stop_client, client_stop) = watch::channel(false);
@@ -452,7 +524,10 @@ impl RemoteRunning {
         };
         let stopped = tokio::select! {
             biased;
-            exit = &mut client => return collect(&transport, &job, remote.is_some(), exit, None).await,
+            exit = &mut client => {
+                let trailer = trailer.await.ok().flatten();
+                return collect(&transport, &job, (remote.is_some(), trailer), exit, None).await;
+            }
             () = timeout => Stopped::TimedOut,
             () = stopped(&mut stop) => Stopped::Asked,
         };
@@ -469,23 +544,36 @@ impl RemoteRunning {
                 client.await
             }
         };
-        collect(&transport, &job, remote.is_some(), exit, Some(stopped)).await
+        let trailer = trailer.await.ok().flatten();
+        collect(
+            &transport,
+            &job,
+            (remote.is_some(), trailer),
+            exit,
+            Some(stopped),
+        )
+        .await
     }
 }
 
-/// The step's exit code and outputs, read from its directory on the host, which is removed.
+/// The step's exit code and outputs: from the trailer the wrapper printed, else (the connection
+/// was lost) read from its directory on the host, which is removed.
 async fn collect(
     transport: &Transport,
     job: &Job,
-    started: bool,
+    (started, trailer): (bool, Option<Vec<u8>>),
     client: Exit,
     stopped: Option<Stopped>,
 ) -> RemoteExit {
-    let script = format!(
-        "d=\"${{TMPDIR:-/tmp}}\"/{dir}\n[ -f \"$d/exit\" ] && printf 'exit=%s\\n' \"$(cat \"$d/exit\")\"\n[ -f \"$d/output\" ] && cat \"$d/output\"\nrm -rf \"$d\"\n",
-        dir = quote(&job.dir)
-    );
-    let said = run(transport, &job.host, &script).await;
+    let said = if let Some(trailer) = trailer {
+        Ok(String::from_utf8_lossy(&trailer).into_owned())
+    } else {
+        let script = format!(
+            "d=\"${{TMPDIR:-/tmp}}\"/{dir}\n[ -f \"$d/exit\" ] && printf 'exit=%s\\n' \"$(cat \"$d/exit\")\"\n[ -f \"$d/output\" ] && cat \"$d/output\"\nrm -rf \"$d\"\n",
+            dir = quote(&job.dir)
+        );
+        run(transport, &job.host, &script).await
+    };
     let (code, outputs) = match said {
         Ok(text) => match text.strip_prefix("exit=") {
             Some(rest) => {
