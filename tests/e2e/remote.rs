@@ -280,12 +280,18 @@ fn a_cancel_ends_the_remote_group() {
         pid_in(&sandbox.path().join("leader.pid")),
         pid_in(&sandbox.path().join("child.pid")),
     ];
-    let status = hosts.cairn(&sandbox, &["status"]);
-    assert!(
-        stdout(&status).contains("slow @host-a"),
-        "{}",
-        stdout(&status)
-    );
+    // Recorded once the wrapper said where the step runs, which the step may precede.
+    let started = Instant::now();
+    loop {
+        let status = stdout(&hosts.cairn(&sandbox, &["status"]));
+        if status.contains("slow @host-a") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = sandbox.json(&["status", "--json"]);
+    assert_eq!(status[0]["current_tasks"][0]["host"], "host-a", "{status}");
     assert!(alive(pids[0]) && alive(pids[1]));
     let cancel = hosts.cairn(&sandbox, &["cancel", "1"]);
     assert_eq!(code(&cancel), Some(0), "{}", stderr(&cancel));

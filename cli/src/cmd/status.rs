@@ -224,14 +224,14 @@ pub fn op_json(reader: &store::Reader, op: &OpRow, rule: Rule, now: i64) -> anyh
         "ended_at": op.ended_at.map(engine::time::rfc3339),
         "elapsed_ms": elapsed,
         "current_task": line,
-        // `host`: where the task runs; null while steps run on the owner's machine.
+        // `host`: where the task runs (`on:`); null on the owner's machine.
         "current_tasks": current.iter().map(|c| json!({
             "task": c.task,
             "status": c.status.as_str(),
             "child": c.child.map(|id| id.0),
             "prompt": c.prompt,
             "progress": c.progress,
-            "host": null,
+            "host": c.host,
         })).collect::<Vec<_>>(),
         "error": op.error,
         "owner": op.owner.as_ref().filter(|_| !shown.is_ended()).map(|o| json!({"host": o.host, "pid": o.pid})),
