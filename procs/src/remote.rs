@@ -672,3 +672,62 @@ impl Transport {
         &self.dir
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing() -> (Framing, oneshot::Receiver<Remote>) {
+        let (tx, rx) = oneshot::channel();
+        let framing = Framing {
+            hello: Some(tx),
+            head: Vec::new(),
+            end: b"\nCAIRN_END_x\n".to_vec(),
+            held: Vec::new(),
+            trailer: None,
+        };
+        (framing, rx)
+    }
+
+    /// The output split at every byte: the hello line, the step's output and the trailer come
+    /// apart the same way.
+    #[test]
+    fn framing_separates_hello_output_and_trailer_at_any_split() {
+        let stream =
+            b"cairn-remote 42 7 boot-1\nout\nCAIRN_END_ not it\nlast\nCAIRN_END_x\nexit=3\nk=v\n";
+        for split in 1..stream.len() {
+            let (mut framing, mut rx) = framing();
+            let mut out = framing.stdout(&stream[..split], "h");
+            out.extend(framing.stdout(&stream[split..], "h"));
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                "out\nCAIRN_END_ not it\nlast",
+                "split at {split}"
+            );
+            assert_eq!(framing.trailer.as_deref(), Some(&b"exit=3\nk=v\n"[..]));
+            let remote = rx.try_recv().unwrap();
+            assert_eq!((remote.pid, remote.start), (42, 7));
+            assert_eq!(remote.boot_id, "boot-1");
+        }
+    }
+
+    /// Without a hello line (the wrapper failed), everything is output.
+    #[test]
+    fn output_without_hello_is_kept() {
+        let (mut framing, mut rx) = framing();
+        let mut out = framing.stdout(b"mkdir: cannot create\nmore", "h");
+        // What could begin the end line is held until the output ends (then the relay sends it).
+        out.append(&mut framing.held);
+        assert_eq!(String::from_utf8_lossy(&out), "mkdir: cannot create\nmore");
+        assert!(rx.try_recv().is_err());
+        assert!(framing.trailer.is_none());
+    }
+
+    #[test]
+    fn a_destination_that_is_an_option_is_refused() {
+        assert!(check_destination("-oProxyCommand=touch /tmp/x").is_err());
+        assert!(check_destination("a b").is_err());
+        assert!(check_destination("db-2").is_ok());
+        assert!(check_destination("root@10.0.0.1").is_ok());
+    }
+}
