@@ -257,6 +257,9 @@ pub struct Job {
     pub dir: String,
     /// Its variables, added to the login environment there.
     pub env: BTreeMap<String, String>,
+    /// Variables naming a file: each file is written into its directory there (a param too long
+    /// for the environment), the variable set to its path.
+    pub files: BTreeMap<String, String>,
     pub argv: Vec<String>,
     /// A directory on the host; `None`: the login's.
     pub cwd: Option<String>,
@@ -281,6 +284,12 @@ fn wrapper(job: &Job, end: &str) -> String {
         }
     }
     env.push_str("export CAIRN_OUTPUT=\"$1/output\" CAIRN_PROGRESS=\"$1/progress\"\n");
+    let mut files = String::new();
+    for (n, (name, text)) in job.files.iter().enumerate() {
+        let _ = writeln!(env, "export {name}=\"$1/file-{n}\"");
+        // `printf %s` of a quoted word: the text as it is, whatever lines it holds.
+        let _ = writeln!(files, "printf %s {} > \"$d/file-{n}\"", quote(text));
+    }
     if let Some(cwd) = &job.cwd {
         let _ = writeln!(env, "cd {} || exit 1", quote(cwd));
     }
@@ -296,7 +305,7 @@ fn wrapper(job: &Job, end: &str) -> String {
 mkdir -m 700 "$d" || exit 255
 cat > "$d/env" <<'{eof}'
 {env}{eof}
-mkfifo "$d/go" || exit 255
+{files}mkfifo "$d/go" || exit 255
 setsid sh -c 'read _ < "$1/go"; rm -f "$1/go"; . "$1/env" || exit 127; shift; exec "$@"' sh "$d" {argv} </dev/null &
 pid=$!
 {{ read -r l < "/proc/$pid/stat"; }} 2>/dev/null

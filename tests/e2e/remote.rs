@@ -478,3 +478,31 @@ steps:
     let logs = stdout(&hosts.cairn(&sandbox, &["logs", "1"]));
     assert!(logs.contains("second run"), "{logs}");
 }
+
+/// A param too long for the environment reaches a step on another host in a file there, as it
+/// reaches a local step.
+#[test]
+fn a_param_too_long_for_the_environment_reaches_the_host_in_a_file() {
+    let Some(hosts) = hosts() else { return };
+    let sandbox = Sandbox::new();
+    let dir = sandbox.path().display().to_string();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            "name: big\nparams:\n  big: {{ required: true }}\nsteps:\n  - id: there\n    on: host-b\n    run: cp \"$CAIRN_PARAM_BIG_FILE\" {dir}/got; printf %s \"$CAIRN_PARAM_BIG_FILE\" > {dir}/path\n"
+        ),
+    );
+    let big: String = (0..200_000)
+        .map(|i| if i % 80 == 79 { '\n' } else { 'x' })
+        .collect();
+    let big = format!("{big}'$(touch /tmp/cairn-remote-pwned)'end");
+    sandbox.write("big", &big);
+    let out = hosts.cairn(&sandbox, &["run", "plan.yaml", "-p", "big=@big"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("got"), big);
+    assert!(!Path::new("/tmp/cairn-remote-pwned").exists());
+    // A file of the step's directory there (removed with it), not cairn's local file.
+    let path = sandbox.read("path");
+    assert!(!path.ends_with("param-big"), "{path}");
+    assert!(!Path::new(&path).exists(), "{path}");
+}

@@ -714,6 +714,7 @@ impl ProcessAttempt<'_> {
             host: target.host.clone(),
             dir: format!("cairn-{}", launch.marker.replace('/', "-")),
             env: remote_env(shared, &launch.env),
+            files: remote_files(shared, &launch.env),
             argv: launch.argv,
             cwd: target.cwd,
             timeout: step.timeout,
@@ -809,6 +810,27 @@ fn remote_env(shared: &Shared, env: &BTreeMap<String, String>) -> BTreeMap<Strin
     env.iter()
         .filter(|(k, v)| shared.env.get(*k) != Some(*v))
         .filter(|(k, _)| !matches!(k.as_str(), "CAIRN_OUTPUT" | "CAIRN_PROGRESS"))
+        .filter(|(k, _)| !is_param_file(shared, k))
         .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Whether `var` is a `CAIRN_PARAM_<NAME>_FILE` variable naming the local file of a param too
+/// long for the environment (not a param of that name).
+fn is_param_file(shared: &Shared, var: &str) -> bool {
+    var.starts_with("CAIRN_PARAM_")
+        && var.ends_with("_FILE")
+        && !shared
+            .params
+            .keys()
+            .any(|name| format!("CAIRN_PARAM_{}", name.to_uppercase()) == var)
+}
+
+/// The params too long for the environment, by variable, as the files a step on another host
+/// gets: their text, read from the local files.
+fn remote_files(shared: &Shared, env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    env.iter()
+        .filter(|(k, _)| is_param_file(shared, k))
+        .filter_map(|(k, path)| Some((k.clone(), std::fs::read_to_string(path).ok()?)))
         .collect()
 }
