@@ -337,6 +337,8 @@ pub struct RemoteRunning {
     hello: Option<oneshot::Receiver<Remote>>,
     /// What the wrapper printed after the step's output: its exit code and outputs.
     trailer: oneshot::Receiver<Option<Vec<u8>>>,
+    /// Turns true when the grace must end now: see [`RemoteRunning::hurried_by`].
+    hurry: Option<watch::Receiver<bool>>,
     remote: Option<Remote>,
     transport: std::sync::Arc<Transport>,
 }
@@ -383,6 +385,7 @@ pub fn spawn(
         job,
         hello: Some(hello),
         trailer,
+        hurry: None,
         remote: None,
         transport: transport.clone(),
     })
@@ -497,6 +500,13 @@ fn parse_hello(line: &str, host: &str) -> Option<Remote> {
 }
 
 impl RemoteRunning {
+    /// Ends the grace between TERM and KILL as soon as `hurry` turns true.
+    #[must_use]
+    pub fn hurried_by(mut self, hurry: watch::Receiver<bool>) -> Self {
+        self.hurry = Some(hurry);
+        self
+    }
+
     /// Where the step runs, once the wrapper said it; `None` if it never will (the connection or
     /// the wrapper failed).
     pub async fn started(&mut self) -> Option<Remote> {
@@ -520,6 +530,7 @@ impl RemoteRunning {
             job,
             transport,
             trailer,
+            hurry,
             ..
         } = self;
         let (stop_client, client_stop) = watch::channel(false);
@@ -542,7 +553,19 @@ impl RemoteRunning {
         };
         let grace = grace();
         if let Some(remote) = &remote {
-            let _ = end(&transport, remote, grace, None).await;
+            // A hurry (a second Ctrl-C) ends the grace: what is left is killed at once.
+            let mut hurry = hurry;
+            tokio::select! {
+                _ = end(&transport, remote, grace, None) => {}
+                () = async {
+                    match hurry.as_mut() {
+                        Some(h) => self::stopped(h).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let _ = end(&transport, remote, Duration::ZERO, None).await;
+                }
+            }
         }
         // The wrapper exits once the group is gone; a client that does not (a lost connection)
         // is ended here.

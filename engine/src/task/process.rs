@@ -749,7 +749,9 @@ impl ProcessAttempt<'_> {
                 }])
                 .await?;
         }
-        let wait = running.wait_with_grace(self.stop.clone(), || shared.step_grace());
+        let wait = running
+            .hurried_by(shared.stop_handle().subscribe_hurry())
+            .wait_with_grace(self.stop.clone(), || shared.step_grace());
         let (ended, unwritten) = tokio::join!(wait, finish_logs(shared, logs));
         if !unwritten.why.is_empty() {
             shared.say(&Progress::LogIncomplete {
