@@ -203,6 +203,16 @@ steps:
   - id: back
     needs: [on-a, on-b]
     run: echo got {{ steps.on-a.outputs.address }} {{ steps.on-b.outputs.address }}
+  - id: checked
+    on: host-b
+    check: |
+      set -- $SSH_CONNECTION
+      test "$3" = 127.0.0.3
+    run: exit 1
+hooks:
+  on_success:
+    - on: host-a
+      run: echo hook on "$SSH_CONNECTION"
 "#;
 
 /// Steps on two hosts and one here pass outputs along; the logs hold each remote step's output,
@@ -225,6 +235,10 @@ fn steps_on_two_hosts_and_here_pass_outputs_along() {
     assert!(logs.contains("on b, after 127.0.0.2: 127.0.0.1 "), "{logs}");
     assert!(logs.contains("got 127.0.0.2 127.0.0.3"), "{logs}");
     assert!(!logs.contains("cairn-remote"), "{logs}");
+    // `check` runs where the step does, and so does a hook with `on`.
+    assert_eq!(task(&show, "checked")["by_check"], true);
+    assert_eq!(task(&show, "on_success[1]")["host"], "host-a");
+    assert!(logs.contains("hook on 127.0.0.1 "), "{logs}");
 }
 
 fn slow_plan(dir: &Path, timeout: &str) -> String {
