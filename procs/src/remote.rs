@@ -165,6 +165,8 @@ impl Transport {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
+            // Given up on (a stop, the step's timeout): the attempt to connect ends too.
+            .kill_on_drop(true)
             .status()
             .await;
         let said = std::fs::read_to_string(&log).unwrap_or_default();

@@ -695,8 +695,21 @@ impl ProcessAttempt<'_> {
         };
         let mut stop = self.stop.clone();
         self.began.get_or_insert_with(Instant::now);
+        // The step's timeout counts from here: a host that does not answer is waited for no
+        // longer than the step would run.
+        let limit = async {
+            match step.timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let connected = tokio::select! {
             connected = transport.connect(&target.host) => connected,
+            () = limit => Err(format!(
+                "cannot connect to `{}`: no answer within the step's timeout ({})",
+                target.host,
+                plans::units::format_duration(step.timeout.unwrap_or_default())
+            )),
             () = procs::remote::stopped(&mut stop) => return Ok(Ok(stopped_before_start())),
         };
         if let Err(error) = connected {
