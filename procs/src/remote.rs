@@ -303,6 +303,7 @@ fn wrapper(job: &Job, end: &str) -> String {
     let argv: Vec<String> = job.argv.iter().map(|a| quote(a)).collect();
     format!(
         r#"umask 077
+command -v setsid >/dev/null || {{ echo "cairn: this host has no setsid (util-linux)" >&2; exit 255; }}
 {END_FUNCTIONS}d="${{TMPDIR:-/tmp}}"/{dir}
 mkdir -m 700 "$d" || exit 255
 cat > "$d/env" <<'{eof}'
@@ -630,7 +631,8 @@ async fn collect(
             exit.signal = None;
         }
         None if !started => {
-            exit.stderr_tail = unreachable(&job.host, &exit.stderr_tail);
+            let said = exit.stderr_tail.lines().collect::<Vec<_>>().join("; ");
+            exit.stderr_tail = format!("the step did not start on `{}`: {said}", job.host);
             exit.code = None;
         }
         None => {}
