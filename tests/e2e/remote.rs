@@ -520,3 +520,27 @@ fn a_param_too_long_for_the_environment_reaches_the_host_in_a_file() {
     assert!(!path.ends_with("param-big"), "{path}");
     assert!(!Path::new(&path).exists(), "{path}");
 }
+
+/// `on` is checked like any template: a secret is refused there (it would be on `ssh`'s command
+/// line), and a step that runs no process cannot have it; both named at their place, exit 2.
+#[test]
+fn validate_refuses_a_secret_in_on_and_on_without_a_process() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: bad\nparams:\n  pw: { secret: true, default: x }\nsteps:\n  - id: a\n    on: \"{{ params.pw }}\"\n    run: \"true\"\n  - id: b\n    on: host-a\n    sleep: 1s\n",
+    );
+    let out = sandbox.cairn(&["validate", "plan.yaml"]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("`on` of step `a` inserts the secret param `pw`"),
+        "{said}"
+    );
+    assert!(said.contains("plan.yaml:6:"), "{said}");
+    assert!(
+        said.contains("`on` names the host a process runs on; this step has no `run` or `exec`"),
+        "{said}"
+    );
+    assert!(said.contains("plan.yaml:9:"), "{said}");
+}
