@@ -295,26 +295,21 @@ fn wrapper(job: &Job, end: &str) -> String {
     if let Some(cwd) = &job.cwd {
         let _ = writeln!(env, "cd {} || exit 1", quote(cwd));
     }
-    // The end of the here-document: a line the environment cannot hold, since no one knows it.
-    let mut eof = format!("CAIRN_EOF_{}", random_token());
-    while env.lines().any(|l| l == eof) {
-        eof = format!("CAIRN_EOF_{}", random_token());
-    }
     let argv: Vec<String> = job.argv.iter().map(|a| quote(a)).collect();
     format!(
         r#"umask 077
 command -v setsid >/dev/null || {{ echo "cairn: this host has no setsid (util-linux)" >&2; exit 255; }}
 {END_FUNCTIONS}d="${{TMPDIR:-/tmp}}"/{dir}
 mkdir -m 700 "$d" || exit 255
-cat > "$d/env" <<'{eof}'
-{env}{eof}
+printf %s {env} > "$d/env"
 {files}mkfifo "$d/go" || exit 255
 setsid sh -c 'read _ < "$1/go"; rm -f "$1/go"; . "$1/env" || exit 127; shift; exec "$@"' sh "$d" {argv} </dev/null &
 pid=$!
 {{ read -r l < "/proc/$pid/stat"; }} 2>/dev/null
 set -- ${{l##*) }}
 start=${{20}}
-echo "{HELLO}$pid $start $(cat /proc/sys/kernel/random/boot_id)"
+read -r boot < /proc/sys/kernel/random/boot_id
+echo "{HELLO}$pid $start $boot"
 echo go > "$d/go"
 wait "$pid"
 code=$?
@@ -326,6 +321,7 @@ rm -rf "$d"
 exit "$code"
 "#,
         dir = quote(&job.dir),
+        env = quote(&env),
         argv = argv.join(" "),
         grace = tenths(job.grace),
     )
