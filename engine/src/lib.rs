@@ -35,3 +35,4 @@ pub use options::Options;
 pub use outcome::RunEnd;
 pub use shutdown::{Drain, Stop, StopHandle};
 pub use task::approval::prompt_of as gate_prompt;
+pub use task::process::REMOTE_BOOT;

@@ -366,6 +366,8 @@ pub struct Step {
     pub action: Action,
     pub env: Vec<EnvVar>,
     pub cwd: Option<Template>,
+    /// The SSH destination its processes run on; `None`: this host.
+    pub on: Option<Template>,
     pub timeout: Option<Duration>,
     pub retry: Retry,
     /// The idempotency probe: a shell script run with the step's shell.
@@ -396,6 +398,8 @@ pub struct Hook {
     pub action: Action,
     pub env: Vec<EnvVar>,
     pub cwd: Option<Template>,
+    /// The SSH destination it runs on; `None`: this host.
+    pub on: Option<Template>,
     pub timeout: Duration,
 }
 

@@ -135,6 +135,10 @@ pub struct RawStep {
     /// The working directory (template).
     #[schemars(with = "Option<String>")]
     pub cwd: Option<Text>,
+    /// The host the step's `run` or `exec` (and its `check`) runs on, over SSH: a destination as
+    /// `ssh` takes it, a `~/.ssh/config` alias or `user@host` (template). Absent: this host.
+    #[schemars(with = "Option<String>")]
+    pub on: Option<Text>,
     /// The longest one attempt may run, e.g. `10m`; on an `approve` step, how long the gate waits
     /// for an answer.
     #[schemars(with = "Option<Scalar>")]
@@ -375,6 +379,9 @@ pub struct RawHook {
     /// The working directory (template).
     #[schemars(with = "Option<String>")]
     pub cwd: Option<Text>,
+    /// The host the hook runs on, over SSH (template): as a step's `on`.
+    #[schemars(with = "Option<String>")]
+    pub on: Option<Text>,
     /// The longest the hook may run (default 5m).
     #[schemars(with = "Option<Scalar>")]
     pub timeout: Option<Spanned<Scalar>>,

@@ -1576,6 +1576,12 @@ impl Checker<'_> {
             .cwd
             .as_ref()
             .and_then(|c| self.template(c, Quoting::Plain, known, scope("`cwd`", true)));
+        let on = self.on(
+            step.on.as_ref(),
+            step.run.is_some() || step.exec.is_some(),
+            known,
+            scope("`on`", true),
+        );
         let check = step
             .check
             .as_ref()
@@ -1642,6 +1648,7 @@ impl Checker<'_> {
             action: action?,
             env,
             cwd,
+            on,
             timeout,
             retry: retry?,
             check,
@@ -2048,6 +2055,17 @@ impl Checker<'_> {
                 .help("add e.g. `until: { probe: \"curl -fs http://127.0.0.1:8080/\", every: 1s, timeout: 2m }`"),
             );
         }
+        if let Some(on) = &step.on {
+            self.report(
+                Problem::new(
+                    "daemon-on-host",
+                    span(on),
+                    "a `daemon` step runs on cairn's own host: a server kept on another host is not supported yet",
+                )
+                .help("start the server with a step on its host that detaches it itself (`setsid`), and wait for it with `until`"),
+            );
+            return false;
+        }
         probe
     }
 
@@ -2249,6 +2267,7 @@ impl Checker<'_> {
             .cwd
             .as_ref()
             .and_then(|c| self.template(c, Quoting::Plain, known, scope));
+        let on = self.on(hook.on.as_ref(), true, known, scope);
         let timeout = self
             .duration(hook.timeout.as_ref(), "timeout")
             .unwrap_or(DEFAULT_HOOK_TIMEOUT);
@@ -2260,8 +2279,41 @@ impl Checker<'_> {
             action: action?,
             env,
             cwd,
+            on,
             timeout,
         })
+    }
+
+    /// An `on` key: a template (no secret: a destination is on `ssh`'s command line and shown),
+    /// only where a process runs.
+    fn on(
+        &mut self,
+        on: Option<&raw::Text>,
+        process: bool,
+        known: &Known,
+        scope: Scope,
+    ) -> Option<Template> {
+        let on = on?;
+        if !process {
+            self.report(
+                Problem::new(
+                    "on-without-process",
+                    span(on),
+                    "`on` names the host a process runs on; this step has no `run` or `exec`",
+                )
+                .help("remove `on`, or give the step a `run` or `exec`"),
+            );
+            return None;
+        }
+        if on.value.trim().is_empty() {
+            self.report(Problem::new(
+                "empty-on",
+                span(on),
+                "`on` is empty: give an SSH destination (a `~/.ssh/config` alias or `user@host`)",
+            ));
+            return None;
+        }
+        self.template(on, Quoting::Plain, known, scope)
     }
 }
 

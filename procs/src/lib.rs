@@ -6,7 +6,11 @@
 //! - [`proc`]: what `/proc` says: our identity, whether a recorded process lives, which processes
 //!   belong to an attempt (by group and by the [`proc::MARKER_VAR`] marker), and ending them.
 //!
+//! - [`remote`]: the same on another host over SSH: the OpenSSH transport, a step started there
+//!   by a shell wrapper, its process group ended there.
+//!
 //! Only this crate spawns or signals processes.
 
 pub mod proc;
+pub mod remote;
 pub mod spawn;

@@ -46,6 +46,9 @@ pub struct Spec {
     /// A daemon's start: when the leader exits 0, what it leaves running is kept, not ended
     /// ([`Exit::kept`]). On any other end, the group is ended as always.
     pub keep: bool,
+    /// What the process reads on its standard input, then end of file; `None`: nothing
+    /// (`/dev/null`).
+    pub stdin: Option<Vec<u8>>,
 }
 
 /// Which stream a log chunk came from.
@@ -182,7 +185,11 @@ pub fn spawn(spec: &Spec, sink: &mpsc::Sender<Chunk>) -> Result<Running, SpawnEr
             .env(MARKER_VAR, &spec.marker)
             .current_dir(&spec.cwd)
             .process_group(0)
-            .stdin(Stdio::null())
+            .stdin(if spec.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         command
@@ -209,6 +216,12 @@ pub fn spawn(spec: &Spec, sink: &mpsc::Sender<Chunk>) -> Result<Running, SpawnEr
         },
         source,
     })?;
+    if let (Some(input), Some(mut pipe)) = (spec.stdin.clone(), child.stdin.take()) {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            let _ = pipe.write_all(&input).await;
+        });
+    }
     let pid = child.id().unwrap_or(0);
     if spec.alone {
         step_aside();

@@ -27,6 +27,7 @@ mod outage;
 mod params;
 mod postgres;
 mod regressions;
+mod remote;
 mod secrets;
 mod serve;
 mod shown;

@@ -158,7 +158,10 @@ steps:
     assert!(!sandbox.path().join("got").exists(), "a step ran");
     let show = sandbox.show(1);
     for (id, what) in [
-        ("argv", "the command line, `cwd`, `check` or `until.probe`"),
+        (
+            "argv",
+            "the command line, `cwd`, `on`, `check` or `until.probe`",
+        ),
         ("each", "`for_each`"),
         ("child", "`with.note`"),
     ] {

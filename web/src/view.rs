@@ -31,16 +31,22 @@ pub struct Current {
     pub prompt: Option<String>,
     /// What a running process last said of its progress (`$CAIRN_PROGRESS`).
     pub progress: Option<String>,
+    /// The host a running process runs on, when not this one (`on:`).
+    pub host: Option<String>,
 }
 
 impl Current {
     /// As the table shows it: `restore[shard-3]`, `refresh → op 14`, `copy (45%)`.
     #[must_use]
     pub fn label(&self) -> String {
+        let task = match &self.host {
+            Some(host) => format!("{} @{host}", self.task),
+            None => self.task.clone(),
+        };
         match (self.child, &self.progress) {
-            (Some(child), _) => format!("{} → op {child}", self.task),
-            (None, Some(progress)) => format!("{} ({progress})", self.task),
-            (None, None) => self.task.clone(),
+            (Some(child), _) => format!("{task} → op {child}"),
+            (None, Some(progress)) => format!("{task} ({progress})"),
+            (None, None) => task,
         }
     }
 }
@@ -65,6 +71,7 @@ pub fn current_tasks(
         .into_iter()
         .filter_map(|c| c.parent.map(|(_, task)| (task, c.id)))
         .collect();
+    let hosts = remote_hosts(&reader.attempts(op.id)?, true);
     let listed_items: std::collections::HashSet<&str> = active
         .iter()
         .filter(|t| is_item(t))
@@ -88,6 +95,7 @@ pub fn current_tasks(
                 child: children.get(&t.task_no).copied(),
                 prompt,
                 progress: t.progress.clone(),
+                host: hosts.get(&t.task_no).cloned(),
             })
         })
         .collect()
@@ -130,14 +138,14 @@ pub fn op_json(reader: &store::Reader, op: &OpRow, rule: Rule, now: i64) -> anyh
         "ended_at": op.ended_at.map(engine::time::rfc3339),
         "elapsed_ms": elapsed,
         "current_task": line,
-        // `host`: where the task runs; null while steps run on the owner's machine.
+        // `host`: where the task runs (`on:`); null on the owner's machine.
         "current_tasks": current.iter().map(|c| json!({
             "task": c.task,
             "status": c.status.as_str(),
             "child": c.child.map(|id| id.0),
             "prompt": c.prompt,
             "progress": c.progress,
-            "host": null,
+            "host": c.host,
         })).collect::<Vec<_>>(),
         "error": op.error,
         "owner": op.owner.as_ref().filter(|_| !shown.is_ended()).map(|o| json!({"host": o.host, "pid": o.pid})),
@@ -234,6 +242,7 @@ pub fn record(
             |c| json!({"id": c.id.0, "plan": c.plan, "status": rule.shown_status(c, now).as_str()}),
         )
         .collect();
+    let hosts = remote_hosts(&attempts, false);
     object["tasks"] = tasks
         .iter()
         .zip(&statuses)
@@ -252,6 +261,7 @@ pub fn record(
                 "outputs": t.outputs.as_ref().map(shown_values),
                 "by_check": t.by_check,
                 "progress": t.progress,
+                "host": hosts.get(&t.task_no),
                 "history": attempts.iter().filter(|a| a.task_no == t.task_no).map(|a| json!({
                     "attempt": a.n,
                     "status": a.status.as_str(),
@@ -259,6 +269,7 @@ pub fn record(
                     "ended_at": time(a.ended_at),
                     "exit_code": a.exit_code,
                     "error": a.error,
+                    "host": a.process.as_ref().and_then(remote_host),
                 })).collect::<Vec<_>>(),
             })
         })
@@ -441,4 +452,26 @@ pub fn schedule_json(s: &store::ScheduleRow, now: i64) -> Value {
         "last_fire": s.last_fire.map(engine::time::rfc3339),
         "last_op": s.last_op.map(|o| o.0), "note": s.note,
     })
+}
+
+/// The host a recorded process ran on, when it ran on another host (`on:`).
+fn remote_host(process: &store::ProcessId) -> Option<String> {
+    process
+        .boot_id
+        .starts_with(engine::REMOTE_BOOT)
+        .then(|| process.host.clone())
+}
+
+/// The host each task's last attempt on another host ran on (only running attempts when
+/// `running`).
+#[must_use]
+pub fn remote_hosts(
+    attempts: &[store::AttemptRow],
+    running: bool,
+) -> std::collections::HashMap<store::TaskNo, String> {
+    attempts
+        .iter()
+        .filter(|a| !running || a.status == store::AttemptStatus::Running)
+        .filter_map(|a| Some((a.task_no, remote_host(a.process.as_ref()?)?)))
+        .collect()
 }

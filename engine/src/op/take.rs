@@ -50,6 +50,13 @@ async fn end_leftovers(
     stop: &StopHandle,
 ) -> usize {
     let marker = format!("{uuid}/{}/{}", attempt.task_no.0, attempt.n);
+    if let Some(process) = attempt
+        .process
+        .as_ref()
+        .filter(|p| p.boot_id.starts_with(crate::task::process::REMOTE_BOOT))
+    {
+        return end_remote_leftovers(process, &marker, options, stop).await;
+    }
     let same_machine = attempt
         .process
         .as_ref()
@@ -74,6 +81,48 @@ async fn end_leftovers(
         stop.hurried(),
     )
     .await
+}
+
+/// Ends what an attempt left running on another host (its process group there, recorded by pid,
+/// start time and boot id) and removes its directories there, then the local `ssh` clients that
+/// carry its marker. A host that cannot be reached is said, and the sweep goes on.
+async fn end_remote_leftovers(
+    process: &ProcessId,
+    marker: &str,
+    options: &Options,
+    stop: &StopHandle,
+) -> usize {
+    let remote = procs::remote::Remote {
+        host: process.host.clone(),
+        pid: process.pid,
+        start: process.start,
+        boot_id: process.boot_id[crate::task::process::REMOTE_BOOT.len()..].to_owned(),
+    };
+    let dir = format!("cairn-{}", marker.replace('/', "-"));
+    let dirs = [dir.clone(), format!("{dir}-check")];
+    let ended = match procs::remote::Transport::new() {
+        Ok(transport) => procs::remote::end(&transport, &remote, options.grace, Some(&dirs)).await,
+        Err(e) => Err(e.to_string()),
+    };
+    let remote_count = ended.unwrap_or_else(|e| {
+        eprintln!(
+            "warning: cannot end what an attempt left on `{}`: {e}",
+            remote.host
+        );
+        0
+    });
+    let check_marker = format!("{marker}/check");
+    let local = procs::proc::terminate_or_sooner(
+        || {
+            let mut pids = procs::proc::attempt_processes(None, None, marker);
+            pids.extend(procs::proc::attempt_processes(None, None, &check_marker));
+            pids
+        },
+        options.grace,
+        stop.hurried(),
+    )
+    .await;
+    remote_count + local
 }
 
 /// Ends the processes left by the running attempts of `op`'s child ops (and theirs) whose owner is

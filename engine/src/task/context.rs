@@ -140,6 +140,8 @@ pub(crate) struct Made {
     param_env: std::sync::OnceLock<BTreeMap<String, String>>,
     /// The key that seals and opens outputs holding a secret, read the first time one is met.
     key: std::sync::OnceLock<Option<SecretKey>>,
+    /// The SSH connections of the run's steps on other hosts.
+    ssh: std::sync::OnceLock<Result<std::sync::Arc<procs::remote::Transport>, String>>,
 }
 
 /// Applies a batch through the store's writer, waiting out a database that another process holds
@@ -339,6 +341,18 @@ impl Shared {
 
     /// The params as every process's environment passes them, made the first time (a failure, a
     /// full disk, is tried again by the next process).
+    /// The run's SSH transport, made the first time a step on another host needs it.
+    pub(crate) fn ssh(&self) -> Result<std::sync::Arc<procs::remote::Transport>, String> {
+        self.made
+            .ssh
+            .get_or_init(|| {
+                procs::remote::Transport::new()
+                    .map(std::sync::Arc::new)
+                    .map_err(|e| format!("cannot make the directory of SSH connections: {e}"))
+            })
+            .clone()
+    }
+
     pub(crate) fn param_env(
         &self,
         make: impl FnOnce() -> Result<BTreeMap<String, String>, String>,
@@ -612,6 +626,7 @@ pub(crate) fn with_hooks(plan: &Plan) -> (Vec<Step>, HookTasks) {
                 action: hook.action.clone(),
                 env: hook.env.clone(),
                 cwd: hook.cwd.clone(),
+                on: hook.on.clone(),
                 timeout: Some(hook.timeout),
                 retry: plans::model::Retry::default(),
                 check: None,

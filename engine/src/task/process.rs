@@ -41,11 +41,11 @@ pub(crate) async fn run(
     let step = shared.step(job.step);
     let rendered = render_public(
         ctx,
-        "the command line, `cwd`, `check` or `until.probe`",
+        "the command line, `cwd`, `on`, `check` or `until.probe`",
         USE_ENV,
-        |c| render(shared, step, c),
+        |c| Ok((render(shared, step, c)?, target(step, c)?)),
     );
-    let (cwd, argv, (check, probe)) = match rendered {
+    let ((cwd, argv, (check, probe)), remote) = match rendered {
         Ok(rendered) => rendered,
         Err(error) => {
             carry.flush(shared).await?;
@@ -65,6 +65,7 @@ pub(crate) async fn run(
         stop,
         began: None,
         daemon: None,
+        remote,
     };
     attempts(
         shared,
@@ -119,6 +120,32 @@ fn render(shared: &Shared, step: &Step, ctx: &Context) -> Result<Rendered, Strin
     Ok((cwd, argv, (check, probe)))
 }
 
+/// Where a step with `on` runs: the host, and the directory there (`cwd` as rendered).
+#[derive(Debug, Clone, PartialEq)]
+struct Target {
+    host: String,
+    cwd: Option<String>,
+}
+
+/// The step's host and directory there, rendered; `None` for a step on this host.
+fn target(step: &Step, ctx: &Context) -> Result<Option<Target>, String> {
+    let Some(on) = &step.on else {
+        return Ok(None);
+    };
+    let host = on
+        .render(ctx)
+        .map_err(|e| format!("cannot render `on`: {e}"))?;
+    let host = host.trim().to_owned();
+    procs::remote::check_destination(&host)?;
+    let cwd = step
+        .cwd
+        .as_ref()
+        .map(|t| t.render(ctx))
+        .transpose()
+        .map_err(|e| format!("cannot render `cwd`: {e}"))?;
+    Ok(Some(Target { host, cwd }))
+}
+
 /// The command line of a `run` or `exec` step, rendered.
 fn command_line(step: &Step, ctx: &Context) -> Result<Vec<String>, String> {
     match &step.action {
@@ -157,6 +184,8 @@ struct ProcessAttempt<'a> {
     /// A `daemon` step's server, once its command left it running (or an earlier attempt's,
     /// found alive).
     daemon: Option<Kept>,
+    /// The host its processes run on, if not this one.
+    remote: Option<Target>,
 }
 
 /// What a `daemon` step's command left running: found by its group (started no earlier than
@@ -193,6 +222,8 @@ struct Launch {
 struct ProcessRun {
     exit: spawn::Exit,
     outputs: Result<Map<String, Value>, String>,
+    /// Why its host could not be reached: the attempt fails (and may be retried).
+    unreached: Option<String>,
 }
 
 impl Attempt for ProcessAttempt<'_> {
@@ -320,12 +351,16 @@ impl ProcessAttempt<'_> {
         n: u32,
         launch: Launch,
     ) -> Result<Result<ProcessRun, String>, Fatal> {
+        if let Some(target) = self.remote.clone() {
+            return self.spawn_remote_and_wait(n, launch, target).await;
+        }
         let (shared, job, step) = (self.shared, self.job, self.step);
         let task = job.task();
         // A daemon step's probes (and `check`) leave the attempt's record naming its command, then
         // its server: they are found by their marker.
         let probe = step.daemon && launch.marker.ends_with("/check");
         let spec = Spec {
+            stdin: None,
             argv: launch.argv,
             env: launch.env,
             cwd: launch.cwd,
@@ -397,7 +432,11 @@ impl ProcessAttempt<'_> {
         };
         // Read once: the op's directory does not fill up with a file per attempt.
         let _ = std::fs::remove_file(&launch.output);
-        Ok(Ok(ProcessRun { exit, outputs }))
+        Ok(Ok(ProcessRun {
+            exit,
+            outputs,
+            unreached: None,
+        }))
     }
 }
 
@@ -440,6 +479,7 @@ impl ProcessAttempt<'_> {
                     ProcessRun {
                         exit: last.exit,
                         outputs,
+                        unreached: None,
                     }
                 } else {
                     last
@@ -657,6 +697,13 @@ fn judge(shared: &Shared, step: &Step, run: ProcessRun) -> Ended {
     if exit.stopped == Some(Stopped::Asked) {
         return Ended::Interrupted;
     }
+    if let Some(error) = run.unreached {
+        return Ended::Failed {
+            error: shared_mask(shared, &error),
+            exit_code: None,
+            retryable: true,
+        };
+    }
     let failure = if exit.stopped == Some(Stopped::TimedOut) {
         Some(format!(
             "timed out after {}",
@@ -824,6 +871,7 @@ impl ProcessAttempt<'_> {
                     kept: Vec::new(),
                 },
                 outputs: Ok(Map::new()),
+                unreached: None,
             };
             let ended = self.wait_until(n, until, first, (marker, located)).await;
             self.settle_daemon(n, &ended).await?;
@@ -863,4 +911,176 @@ impl ProcessAttempt<'_> {
             .await?;
         Ok(())
     }
+}
+impl ProcessAttempt<'_> {
+    /// [`ProcessAttempt::spawn_and_wait`] for a step on another host: connects (an unreachable
+    /// host fails the attempt), starts the step there, records where it runs, streams its logs,
+    /// waits, and collects its outputs.
+    async fn spawn_remote_and_wait(
+        &mut self,
+        n: u32,
+        launch: Launch,
+        target: Target,
+    ) -> Result<Result<ProcessRun, String>, Fatal> {
+        let (shared, job, step) = (self.shared, self.job, self.step);
+        let transport = match shared.ssh() {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut stop = self.stop.clone();
+        self.began.get_or_insert_with(Instant::now);
+        // The step's timeout counts from here: a host that does not answer is waited for no
+        // longer than the step would run.
+        let limit = async {
+            match step.timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let connected = tokio::select! {
+            connected = transport.connect(&target.host) => connected,
+            () = limit => Err(format!(
+                "cannot connect to `{}`: no answer within the step's timeout ({})",
+                target.host,
+                plans::units::format_duration(step.timeout.unwrap_or_default())
+            )),
+            () = procs::remote::stopped(&mut stop) => return Ok(Ok(stopped_before_start())),
+        };
+        if let Err(error) = connected {
+            let mut run = stopped_before_start();
+            run.exit.stopped = None;
+            run.unreached = Some(error);
+            return Ok(Ok(run));
+        }
+        if !shared.lease_holds() {
+            return Err(Fatal::Lost(
+                "the lease ran out before the step could start".to_owned(),
+            ));
+        }
+        let remote_job = procs::remote::Job {
+            host: target.host.clone(),
+            dir: format!("cairn-{}", launch.marker.replace('/', "-")),
+            env: remote_env(shared, &launch.env),
+            files: remote_files(shared, &launch.env),
+            argv: launch.argv,
+            cwd: target.cwd,
+            timeout: step.timeout,
+            grace: shared.options.grace,
+        };
+        let (sink, chunks) = spawn::sink();
+        let spawned = crate::owner::now();
+        let mut running = match procs::remote::spawn(&transport, remote_job, &launch.marker, &sink)
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        drop(sink);
+        let logs = tokio::spawn(write_logs(
+            shared.store.clone(),
+            (shared.op, shared.me.clone()),
+            (job.task(), n),
+            chunks,
+            (step.log_limit, shared.options.lease / 2),
+            shared.secrets.clone(),
+        ));
+        if let Some(remote) = running.started().await {
+            shared
+                .apply(vec![Change::AttemptProcess {
+                    op: shared.op,
+                    owner: shared.me.clone(),
+                    task: job.task(),
+                    n,
+                    process: remote_process(&remote),
+                    pgid: remote.pid,
+                    at: spawned,
+                }])
+                .await?;
+        }
+        let wait = running
+            .hurried_by(shared.stop_handle().subscribe_hurry())
+            .wait_with_grace(self.stop.clone(), || shared.step_grace());
+        let (ended, unwritten) = tokio::join!(wait, finish_logs(shared, logs));
+        if !unwritten.why.is_empty() {
+            shared.say(&Progress::LogIncomplete {
+                task: job.name.clone(),
+                attempt: n,
+                bytes: unwritten.bytes,
+                why: unwritten.why,
+            });
+        }
+        let outputs = if ended.exit.success() {
+            std::fs::write(&launch.output, ended.outputs.as_bytes())
+                .map_err(|e| format!("cannot write its outputs: {e}"))
+                .and_then(|()| spawn::read_outputs(&launch.output))
+        } else {
+            Ok(Map::new())
+        };
+        let _ = std::fs::remove_file(&launch.output);
+        Ok(Ok(ProcessRun {
+            exit: ended.exit,
+            outputs,
+            unreached: None,
+        }))
+    }
+}
+
+/// A run that never started: stopped before it could.
+fn stopped_before_start() -> ProcessRun {
+    ProcessRun {
+        exit: spawn::Exit {
+            code: None,
+            signal: None,
+            stopped: Some(Stopped::Asked),
+            stderr_tail: String::new(),
+            leftovers: 0,
+            kept: Vec::new(),
+        },
+        outputs: Ok(Map::new()),
+        unreached: None,
+    }
+}
+
+/// A process on another host as the store records it: its boot id marked `ssh:`, so that a
+/// resume's sweep ends it there.
+fn remote_process(remote: &procs::remote::Remote) -> store::ProcessId {
+    store::ProcessId {
+        host: remote.host.clone(),
+        boot_id: format!("{}{}", REMOTE_BOOT, remote.boot_id),
+        pid: remote.pid,
+        start: remote.start,
+    }
+}
+
+/// How a recorded process's boot id starts when it runs on another host.
+pub const REMOTE_BOOT: &str = "ssh:";
+
+/// The environment a step on another host gets on top of its login's: what the plan, the step,
+/// the params and cairn set, not this host's own variables (nor its local file paths).
+fn remote_env(shared: &Shared, env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    env.iter()
+        .filter(|(k, v)| shared.env.get(*k) != Some(*v))
+        .filter(|(k, _)| !matches!(k.as_str(), "CAIRN_OUTPUT" | "CAIRN_PROGRESS"))
+        .filter(|(k, _)| !is_param_file(shared, k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Whether `var` is a `CAIRN_PARAM_<NAME>_FILE` variable naming the local file of a param too
+/// long for the environment (not a param of that name).
+fn is_param_file(shared: &Shared, var: &str) -> bool {
+    var.starts_with("CAIRN_PARAM_")
+        && var.ends_with("_FILE")
+        && !shared
+            .params
+            .keys()
+            .any(|name| format!("CAIRN_PARAM_{}", name.to_uppercase()) == var)
+}
+
+/// The params too long for the environment, by variable, as the files a step on another host
+/// gets: their text, read from the local files.
+fn remote_files(shared: &Shared, env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    env.iter()
+        .filter(|(k, _)| is_param_file(shared, k))
+        .filter_map(|(k, path)| Some((k.clone(), std::fs::read_to_string(path).ok()?)))
+        .collect()
 }

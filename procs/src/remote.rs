@@ -1,0 +1,766 @@
+//! Steps on other hosts, over the system's OpenSSH client.
+//!
+//! - [`Transport`]: the `ssh` command lines of a run: `BatchMode`, strict host key checking, and
+//!   one master connection per host ([`Transport::connect`]) whose socket is in a private
+//!   directory of the run.
+//! - [`spawn`]: starts a step on a host. A POSIX shell wrapper, sent on the connection's standard
+//!   input, makes a private directory there, writes the step's environment into a file of it,
+//!   starts the step in a session (and process group) of its own, and says its pid, start time and
+//!   boot id on its first line of output ([`Remote`]).
+//! - [`RemoteRunning::wait`]: the step's end, its exit code and `$CAIRN_OUTPUT` collected; a
+//!   stop or a timeout ends its group on the host ([`end`]), as a resume's sweep does.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::spawn::{self, Chunk, Exit, SpawnError, Spec, Stopped, Stream};
+
+/// Names a file holding the `ssh` configuration to use in place of `~/.ssh/config` (`-F`).
+pub const CONFIG_VAR: &str = "CAIRN_SSH_CONFIG";
+/// How long an idle master connection stays up after its last client (`ControlPersist`): it
+/// outlives a killed cairn by no more than this.
+const PERSIST: &str = "120";
+/// The first line the wrapper prints: `cairn-remote PID START BOOT_ID`.
+const HELLO: &str = "cairn-remote ";
+
+/// A step process on another host, as a resume's sweep finds it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// The SSH destination.
+    pub host: String,
+    pub pid: u32,
+    /// Clock ticks since the host's boot (`/proc/PID/stat` field 22).
+    pub start: u64,
+    /// `/proc/sys/kernel/random/boot_id` of the host.
+    pub boot_id: String,
+}
+
+/// The `ssh` command lines of one run, and its master connections.
+#[derive(Debug)]
+pub struct Transport {
+    /// Private (0700) to this run: the masters' sockets.
+    dir: PathBuf,
+    config: Option<PathBuf>,
+    /// The hosts whose master connection this run started; held while one starts.
+    masters: tokio::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        let hosts = self.masters.get_mut().drain().collect::<Vec<_>>();
+        for host in hosts {
+            let mut argv = self.argv();
+            argv.extend(["-O".into(), "exit".into(), "--".into(), host]);
+            let _ = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether `host` may be given to `ssh` as a destination: not an option, no blank or control
+/// character.
+pub fn check_destination(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("`on` rendered empty: no host to run on".to_owned());
+    }
+    if host.starts_with('-') {
+        return Err(format!(
+            "`on` rendered `{host}`, which `ssh` would read as an option"
+        ));
+    }
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "`on` rendered `{}`, which holds a blank or control character",
+            host.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// `text` quoted for a POSIX shell: `'it'\''s'`.
+#[must_use]
+pub fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+impl Transport {
+    /// A transport whose sockets go in a new private directory `$TMPDIR/cairn-ssh-<random>`
+    /// (short: a socket's path holds at most 107 bytes, and `ssh` adds 58 to it).
+    pub fn new() -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let mut token = random_token();
+        token.truncate(8);
+        let dir = std::env::temp_dir().join(format!("cairn-ssh-{token}"));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(Self {
+            dir,
+            config: std::env::var_os(CONFIG_VAR).map(PathBuf::from),
+            masters: tokio::sync::Mutex::default(),
+        })
+    }
+
+    /// `ssh` and the options of every connection of this run.
+    fn argv(&self) -> Vec<String> {
+        let mut argv = vec!["ssh".to_owned()];
+        if let Some(config) = &self.config {
+            argv.extend(["-F".to_owned(), config.display().to_string()]);
+        }
+        for option in [
+            "BatchMode=yes".to_owned(),
+            "StrictHostKeyChecking=yes".to_owned(),
+            format!("ControlPath={}/%C", self.dir.display()),
+        ] {
+            argv.extend(["-o".to_owned(), option]);
+        }
+        argv
+    }
+
+    /// The command line that runs `command` on `host` through its master connection (or a
+    /// connection of its own, should the master be gone).
+    fn command(&self, host: &str, command: &str) -> Vec<String> {
+        let mut argv = self.argv();
+        argv.extend(["-o", "ControlMaster=no", "-T", "--", host, command].map(str::to_owned));
+        argv
+    }
+
+    /// Starts the master connection to `host` unless this run has one: fails with an error
+    /// naming the host and what `ssh` said.
+    pub async fn connect(&self, host: &str) -> Result<(), String> {
+        let mut masters = self.masters.lock().await;
+        if masters.contains(host) {
+            return Ok(());
+        }
+        let log = self.dir.join(format!("connect-{}", random_token()));
+        let stderr =
+            std::fs::File::create(&log).map_err(|e| format!("cannot connect to `{host}`: {e}"))?;
+        let mut argv = self.argv();
+        let persist = format!("ControlPersist={PERSIST}");
+        argv.extend(
+            [
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                &persist,
+                "-N",
+                "-f",
+                "--",
+                host,
+            ]
+            .map(str::to_owned),
+        );
+        // In a group of its own, without an attempt's marker: no step's sweep ends it.
+        let status = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env_remove(crate::proc::MARKER_VAR)
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            // Given up on (a stop, the step's timeout): the attempt to connect ends too.
+            .kill_on_drop(true)
+            .status()
+            .await;
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        match status {
+            Ok(s) if s.success() => {
+                masters.insert(host.to_owned());
+                Ok(())
+            }
+            Ok(_) => Err(unreachable(host, &said)),
+            Err(e) => Err(format!("cannot start `ssh` to connect to `{host}`: {e}")),
+        }
+    }
+}
+
+/// The error for a host `ssh` could not connect to, from what it said.
+fn unreachable(host: &str, said: &str) -> String {
+    let said: Vec<&str> = said
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let reason = if said.is_empty() {
+        "ssh failed and said nothing".to_owned()
+    } else {
+        said.join("; ")
+    };
+    let hint = if reason.contains("host key is known") || reason.contains("Host key verification") {
+        format!(
+            " (its host key is not in known_hosts: check its fingerprint, then add it with `ssh-keyscan -H HOST >> ~/.ssh/known_hosts` or by connecting once with `ssh {host}`)"
+        )
+    } else {
+        String::new()
+    };
+    format!("cannot connect to `{host}`: {reason}{hint}")
+}
+
+/// Random hex, for names no one can guess.
+fn random_token() -> String {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 8];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes = (nanos as u64 ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
+    }
+    bytes.iter().fold(String::new(), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
+}
+
+/// Shell functions of the wrapper and of [`end`]: `cairn_end PGID START TENTHS` ends the process
+/// group `PGID` whose leader started at `START` (TERM and CONT, up to `TENTHS` tenths of a second,
+/// then KILL). A leader alive with another start time means the pid is another process's: nothing
+/// is signalled. Only members started no earlier than the leader count.
+const END_FUNCTIONS: &str = r#"cairn_members() {
+  n=0
+  for f in /proc/[0-9]*/stat; do
+    { read -r l < "$f"; } 2>/dev/null || continue
+    set -- ${l##*) }
+    [ "$3" = "$pg" ] && [ "$1" != Z ] && [ "${20}" -ge "$st" ] && n=$((n+1))
+  done
+  [ "$n" -gt 0 ]
+}
+cairn_end() {
+  pg=$1 st=$2 t=$3
+  if { read -r l < "/proc/$pg/stat"; } 2>/dev/null; then
+    set -- ${l##*) }
+    [ "${20}" = "$st" ] || return 0
+  fi
+  kill -s 0 -- "-$pg" 2>/dev/null || return 0
+  cairn_members || return 0
+  found=$n
+  kill -s TERM -- "-$pg" 2>/dev/null
+  kill -s CONT -- "-$pg" 2>/dev/null
+  while [ "$t" -gt 0 ] && cairn_members; do sleep 0.1; t=$((t-1)); done
+  kill -s KILL -- "-$pg" 2>/dev/null
+  return 0
+}
+"#;
+
+/// A step to start on a host.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub host: String,
+    /// The name of its directory in the host's `$TMPDIR` (or `/tmp`): unique to the attempt.
+    pub dir: String,
+    /// Its variables, added to the login environment there.
+    pub env: BTreeMap<String, String>,
+    /// Variables naming a file: each file is written into its directory there (a param too long
+    /// for the environment), the variable set to its path.
+    pub files: BTreeMap<String, String>,
+    pub argv: Vec<String>,
+    /// A directory on the host; `None`: the login's.
+    pub cwd: Option<String>,
+    pub timeout: Option<Duration>,
+    /// Between TERM and KILL.
+    pub grace: Duration,
+}
+
+fn tenths(d: Duration) -> u128 {
+    d.as_millis().div_ceil(100)
+}
+
+/// The wrapper script for `job`, sent on the connection's standard input to `sh`; `end` is the
+/// line that ends the step's output (see [`Framing`]).
+fn wrapper(job: &Job, end: &str) -> String {
+    let mut env = String::new();
+    for (name, value) in &job.env {
+        let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if valid {
+            let _ = writeln!(env, "export {name}={}", quote(value));
+        }
+    }
+    env.push_str("export CAIRN_OUTPUT=\"$1/output\" CAIRN_PROGRESS=\"$1/progress\"\n");
+    let mut files = String::new();
+    for (n, (name, text)) in job.files.iter().enumerate() {
+        let _ = writeln!(env, "export {name}=\"$1/file-{n}\"");
+        // `printf %s` of a quoted word: the text as it is, whatever lines it holds.
+        let _ = writeln!(files, "printf %s {} > \"$d/file-{n}\"", quote(text));
+    }
+    if let Some(cwd) = &job.cwd {
+        let _ = writeln!(env, "cd {} || exit 1", quote(cwd));
+    }
+    let argv: Vec<String> = job.argv.iter().map(|a| quote(a)).collect();
+    format!(
+        r#"umask 077
+command -v setsid >/dev/null || {{ echo "cairn: this host has no setsid (util-linux)" >&2; exit 255; }}
+{END_FUNCTIONS}d="${{TMPDIR:-/tmp}}"/{dir}
+mkdir -m 700 "$d" || exit 255
+printf %s {env} > "$d/env"
+{files}mkfifo "$d/go" || exit 255
+setsid sh -c 'read _ < "$1/go"; rm -f "$1/go"; . "$1/env" || exit 127; shift; exec "$@"' sh "$d" {argv} </dev/null &
+pid=$!
+{{ read -r l < "/proc/$pid/stat"; }} 2>/dev/null
+set -- ${{l##*) }}
+start=${{20}}
+read -r boot < /proc/sys/kernel/random/boot_id
+echo "{HELLO}$pid $start $boot"
+echo go > "$d/go"
+wait "$pid"
+code=$?
+cairn_end "$pid" "$start" {grace}
+echo "$code" > "$d/exit"
+printf '\n%s\nexit=%s\n' {end} "$code"
+[ -f "$d/output" ] && cat "$d/output"
+rm -rf "$d"
+exit "$code"
+"#,
+        dir = quote(&job.dir),
+        env = quote(&env),
+        argv = argv.join(" "),
+        grace = tenths(job.grace),
+    )
+}
+
+/// A step started on a host.
+#[derive(Debug)]
+pub struct RemoteRunning {
+    local: spawn::Running,
+    job: Job,
+    /// Turns `Some` once the wrapper said where the step runs.
+    hello: Option<oneshot::Receiver<Remote>>,
+    /// What the wrapper printed after the step's output: its exit code and outputs.
+    trailer: oneshot::Receiver<Option<Vec<u8>>>,
+    /// Turns true when the grace must end now: see [`RemoteRunning::hurried_by`].
+    hurry: Option<watch::Receiver<bool>>,
+    remote: Option<Remote>,
+    transport: std::sync::Arc<Transport>,
+}
+
+/// How a step on a host ended, and what it wrote to `$CAIRN_OUTPUT` there.
+#[derive(Debug)]
+pub struct RemoteExit {
+    pub exit: Exit,
+    pub outputs: String,
+}
+
+/// Starts `job` on its host through `transport`'s master connection (connect first), its output
+/// going to `sink` in chunks. `marker` marks the local `ssh` client, as a local step is marked.
+pub fn spawn(
+    transport: &std::sync::Arc<Transport>,
+    job: Job,
+    marker: &str,
+    sink: &mpsc::Sender<Chunk>,
+) -> Result<RemoteRunning, SpawnError> {
+    let end = format!("CAIRN_END_{}", random_token());
+    let spec = Spec {
+        argv: transport.command(&job.host, "sh"),
+        env: std::env::vars().collect(),
+        cwd: std::env::temp_dir(),
+        marker: marker.to_owned(),
+        timeout: None,
+        grace: Duration::from_secs(1),
+        located: None,
+        alone: false,
+        stdin: Some(wrapper(&job, &end).into_bytes()),
+        keep: false,
+    };
+    let (inner, chunks) = spawn::sink();
+    let local = spawn::spawn(&spec, &inner)?;
+    let (hello_tx, hello) = oneshot::channel();
+    let (trailer_tx, trailer) = oneshot::channel();
+    tokio::spawn(relay(
+        chunks,
+        sink.clone(),
+        (hello_tx, trailer_tx),
+        (job.host.clone(), end),
+    ));
+    Ok(RemoteRunning {
+        local,
+        job,
+        hello: Some(hello),
+        trailer,
+        hurry: None,
+        remote: None,
+        transport: transport.clone(),
+    })
+}
+
+/// The client's standard output as the wrapper frames it: its first line (`cairn-remote ...`),
+/// then the step's output, then, once the step's group is gone, a line `\n<end>\n` and the
+/// trailer (`exit=N` and the step's `$CAIRN_OUTPUT`).
+#[derive(Debug)]
+struct Framing {
+    hello: Option<oneshot::Sender<Remote>>,
+    head: Vec<u8>,
+    /// `\n<end>\n`: unguessable, made for the job.
+    end: Vec<u8>,
+    /// Output not yet forwarded because it may begin the end line.
+    held: Vec<u8>,
+    /// Everything after the end line, once it was seen.
+    trailer: Option<Vec<u8>>,
+}
+
+impl Framing {
+    /// What of `data` (from stdout) is the step's output, to forward now.
+    fn stdout(&mut self, data: &[u8], host: &str) -> Vec<u8> {
+        let mut data = data.to_vec();
+        if self.hello.is_some() {
+            self.head.extend_from_slice(&data);
+            let Some(at) = self.head.iter().position(|b| *b == b'\n') else {
+                return Vec::new();
+            };
+            let line = String::from_utf8_lossy(&self.head[..at]).into_owned();
+            let tx = self.hello.take();
+            match (parse_hello(&line, host), tx) {
+                (Some(remote), Some(tx)) => {
+                    let _ = tx.send(remote);
+                    data = self.head.split_off(at + 1);
+                }
+                _ => data = std::mem::take(&mut self.head),
+            }
+            self.head.clear();
+        }
+        if let Some(trailer) = &mut self.trailer {
+            trailer.extend_from_slice(&data);
+            return Vec::new();
+        }
+        self.held.extend_from_slice(&data);
+        if let Some(at) = self
+            .held
+            .windows(self.end.len())
+            .position(|w| w == self.end.as_slice())
+        {
+            self.trailer = Some(self.held.split_off(at + self.end.len()));
+            self.held.truncate(at);
+            return std::mem::take(&mut self.held);
+        }
+        let keep = self.end.len().saturating_sub(1).min(self.held.len());
+        let rest = self.held.split_off(self.held.len() - keep);
+        std::mem::replace(&mut self.held, rest)
+    }
+}
+
+/// Forwards the client's output to `sink`, less the wrapper's framing (see [`Framing`]); sends
+/// the trailer when the output ends (`None` if it never came).
+async fn relay(
+    mut chunks: mpsc::Receiver<Chunk>,
+    sink: mpsc::Sender<Chunk>,
+    (hello, trailer): (oneshot::Sender<Remote>, oneshot::Sender<Option<Vec<u8>>>),
+    (host, end): (String, String),
+) {
+    let mut framing = Framing {
+        hello: Some(hello),
+        head: Vec::new(),
+        end: format!("\n{end}\n").into_bytes(),
+        held: Vec::new(),
+        trailer: None,
+    };
+    while let Some(chunk) = chunks.recv().await {
+        let data = if chunk.stream == Stream::Stdout {
+            framing.stdout(&chunk.data, &host)
+        } else {
+            chunk.data
+        };
+        if !data.is_empty() {
+            let _ = sink
+                .send(Chunk {
+                    stream: chunk.stream,
+                    data,
+                })
+                .await;
+        }
+    }
+    let mut left = std::mem::take(&mut framing.head);
+    left.append(&mut framing.held);
+    if !left.is_empty() {
+        let _ = sink
+            .send(Chunk {
+                stream: Stream::Stdout,
+                data: left,
+            })
+            .await;
+    }
+    let _ = trailer.send(framing.trailer);
+}
+
+fn parse_hello(line: &str, host: &str) -> Option<Remote> {
+    let mut words = line.strip_prefix(HELLO)?.split_whitespace();
+    Some(Remote {
+        host: host.to_owned(),
+        pid: words.next()?.parse().ok()?,
+        start: words.next()?.parse().ok()?,
+        boot_id: words.next()?.to_owned(),
+    })
+}
+
+impl RemoteRunning {
+    /// Ends the grace between TERM and KILL as soon as `hurry` turns true.
+    #[must_use]
+    pub fn hurried_by(mut self, hurry: watch::Receiver<bool>) -> Self {
+        self.hurry = Some(hurry);
+        self
+    }
+
+    /// Where the step runs, once the wrapper said it; `None` if it never will (the connection or
+    /// the wrapper failed).
+    pub async fn started(&mut self) -> Option<Remote> {
+        if let Some(hello) = self.hello.take() {
+            self.remote = hello.await.ok();
+        }
+        self.remote.clone()
+    }
+
+    /// Waits until the step ends, its timeout passes or `stop` turns true; then ends its group on
+    /// the host (the grace decided by `grace` when the stop comes) and collects its exit code and
+    /// outputs, and removes its directory there.
+    pub async fn wait_with_grace(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        grace: impl FnOnce() -> Duration,
+    ) -> RemoteExit {
+        let remote = self.started().await;
+        let Self {
+            local,
+            job,
+            transport,
+            trailer,
+            hurry,
+            ..
+        } = self;
+        let (stop_client, client_stop) = watch::channel(false);
+        let client = local.wait(client_stop);
+        tokio::pin!(client);
+        let timeout = async {
+            match job.timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let stopped = tokio::select! {
+            biased;
+            exit = &mut client => {
+                let trailer = trailer.await.ok().flatten();
+                return collect(&transport, &job, (remote.is_some(), trailer), exit, None).await;
+            }
+            () = timeout => Stopped::TimedOut,
+            () = stopped(&mut stop) => Stopped::Asked,
+        };
+        let grace = grace();
+        if let Some(remote) = &remote {
+            // A hurry (a second Ctrl-C) ends the grace: what is left is killed at once.
+            let mut hurry = hurry;
+            tokio::select! {
+                _ = end(&transport, remote, grace, None) => {}
+                () = async {
+                    match hurry.as_mut() {
+                        Some(h) => self::stopped(h).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let _ = end(&transport, remote, Duration::ZERO, None).await;
+                }
+            }
+        }
+        // The wrapper exits once the group is gone; a client that does not (a lost connection)
+        // is ended here.
+        let exit = tokio::select! {
+            exit = &mut client => exit,
+            () = tokio::time::sleep(grace + Duration::from_secs(10)) => {
+                let _ = stop_client.send(true);
+                client.await
+            }
+        };
+        let trailer = trailer.await.ok().flatten();
+        collect(
+            &transport,
+            &job,
+            (remote.is_some(), trailer),
+            exit,
+            Some(stopped),
+        )
+        .await
+    }
+}
+
+/// The step's exit code and outputs: from the trailer the wrapper printed, else (the connection
+/// was lost) read from its directory on the host, which is removed.
+async fn collect(
+    transport: &Transport,
+    job: &Job,
+    (started, trailer): (bool, Option<Vec<u8>>),
+    client: Exit,
+    stopped: Option<Stopped>,
+) -> RemoteExit {
+    let said = if let Some(trailer) = trailer {
+        Ok(String::from_utf8_lossy(&trailer).into_owned())
+    } else {
+        let script = format!(
+            "d=\"${{TMPDIR:-/tmp}}\"/{dir}\n[ -f \"$d/exit\" ] && printf 'exit=%s\\n' \"$(cat \"$d/exit\")\"\n[ -f \"$d/output\" ] && cat \"$d/output\"\nrm -rf \"$d\"\n",
+            dir = quote(&job.dir)
+        );
+        run(transport, &job.host, &script).await
+    };
+    let (code, outputs) = match said {
+        Ok(text) => match text.strip_prefix("exit=") {
+            Some(rest) => {
+                let (code, outputs) = rest.split_once('\n').unwrap_or((rest, ""));
+                (code.trim().parse::<i32>().ok(), outputs.to_owned())
+            }
+            None => (None, String::new()),
+        },
+        Err(_) => (None, String::new()),
+    };
+    let mut exit = client;
+    match code {
+        // A shell reports a process killed by signal N as 128 + N.
+        Some(c) if c > 128 && c < 128 + 65 => {
+            exit.code = None;
+            exit.signal = Some(c - 128);
+        }
+        Some(c) => {
+            exit.code = Some(c);
+            exit.signal = None;
+        }
+        None if !started => {
+            let said = exit.stderr_tail.lines().collect::<Vec<_>>().join("; ");
+            exit.stderr_tail = format!("the step did not start on `{}`: {said}", job.host);
+            exit.code = None;
+        }
+        None => {}
+    }
+    exit.stopped = stopped.or(exit.stopped);
+    RemoteExit { exit, outputs }
+}
+
+/// Completes once `stop` turns true; never if its sender is gone.
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Runs `script` with `sh` on `host`, sent on standard input; its standard output, or what
+/// went wrong.
+async fn run(transport: &Transport, host: &str, script: &str) -> Result<String, String> {
+    let argv = transport.command(host, "sh");
+    let mut child = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .env_remove(crate::proc::MARKER_VAR)
+        .process_group(0)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start `ssh`: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt as _;
+        let _ = stdin.write_all(script.as_bytes()).await;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("ssh to `{host}`: {e}"))?;
+    if out.status.code() == Some(255) {
+        return Err(unreachable(host, &String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Ends the process group `remote` started on its host (TERM, then KILL after `grace`), unless
+/// its host rebooted or its pid is now another process's; with `dirs`, removes those directories
+/// of the host's `$TMPDIR` too (a resume's sweep: what a killed run left there). Returns how many
+/// of its processes were running.
+pub async fn end(
+    transport: &Transport,
+    remote: &Remote,
+    grace: Duration,
+    dirs: Option<&[String]>,
+) -> Result<usize, String> {
+    transport.connect(&remote.host).await?;
+    let mut script = format!(
+        "{END_FUNCTIONS}found=0\nif [ \"$(cat /proc/sys/kernel/random/boot_id)\" = {boot} ]; then cairn_end {pid} {start} {grace}; fi\necho \"$found\"\n",
+        boot = quote(&remote.boot_id),
+        pid = remote.pid,
+        start = remote.start,
+        grace = tenths(grace),
+    );
+    for dir in dirs.unwrap_or_default() {
+        let _ = writeln!(script, "rm -rf \"${{TMPDIR:-/tmp}}\"/{}", quote(dir));
+    }
+    let said = run(transport, &remote.host, &script).await?;
+    Ok(said.trim().parse().unwrap_or(0))
+}
+
+/// The directory a transport's sockets are in.
+impl Transport {
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing() -> (Framing, oneshot::Receiver<Remote>) {
+        let (tx, rx) = oneshot::channel();
+        let framing = Framing {
+            hello: Some(tx),
+            head: Vec::new(),
+            end: b"\nCAIRN_END_x\n".to_vec(),
+            held: Vec::new(),
+            trailer: None,
+        };
+        (framing, rx)
+    }
+
+    /// The output split at every byte: the hello line, the step's output and the trailer come
+    /// apart the same way.
+    #[test]
+    fn framing_separates_hello_output_and_trailer_at_any_split() {
+        let stream =
+            b"cairn-remote 42 7 boot-1\nout\nCAIRN_END_ not it\nlast\nCAIRN_END_x\nexit=3\nk=v\n";
+        for split in 1..stream.len() {
+            let (mut framing, mut rx) = framing();
+            let mut out = framing.stdout(&stream[..split], "h");
+            out.extend(framing.stdout(&stream[split..], "h"));
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                "out\nCAIRN_END_ not it\nlast",
+                "split at {split}"
+            );
+            assert_eq!(framing.trailer.as_deref(), Some(&b"exit=3\nk=v\n"[..]));
+            let remote = rx.try_recv().unwrap();
+            assert_eq!((remote.pid, remote.start), (42, 7));
+            assert_eq!(remote.boot_id, "boot-1");
+        }
+    }
+
+    /// Without a hello line (the wrapper failed), everything is output.
+    #[test]
+    fn output_without_hello_is_kept() {
+        let (mut framing, mut rx) = framing();
+        let mut out = framing.stdout(b"mkdir: cannot create\nmore", "h");
+        // What could begin the end line is held until the output ends (then the relay sends it).
+        out.append(&mut framing.held);
+        assert_eq!(String::from_utf8_lossy(&out), "mkdir: cannot create\nmore");
+        assert!(rx.try_recv().is_err());
+        assert!(framing.trailer.is_none());
+    }
+
+    #[test]
+    fn a_destination_that_is_an_option_is_refused() {
+        assert!(check_destination("-oProxyCommand=touch /tmp/x").is_err());
+        assert!(check_destination("a b").is_err());
+        assert!(check_destination("db-2").is_ok());
+        assert!(check_destination("root@10.0.0.1").is_ok());
+    }
+}

@@ -1,0 +1,546 @@
+//! Steps on other hosts (`on:`), against real `sshd` servers: one on 127.0.0.2 and one on
+//! 127.0.0.3, each with its own host key, started once for this test binary. cairn reaches them
+//! through an `ssh` configuration file named by `CAIRN_SSH_CONFIG` (OpenSSH reads `~` from the
+//! password database, so a temporary `$HOME` would not do), which gives each host an alias:
+//! `host-a`, `host-b`; `stranger` (a host whose key is unknown), `closed` (a port nobody listens
+//! on), `nobody` (a user that does not exist).
+//!
+//! Both hosts are this machine: a step's pids can be checked here. The processes of a remote step
+//! are children of `sshd`, not of cairn, and carry no attempt marker: only an end over SSH ends
+//! them.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::support::{Sandbox, alive, code, events, stderr, stdout, task};
+
+/// The test hosts, started on first use and ended with the test binary.
+struct Hosts {
+    dir: PathBuf,
+}
+
+static HOSTS: OnceLock<Option<Hosts>> = OnceLock::new();
+
+/// The running test hosts; `None` (the test is skipped, said on stderr) without `sshd`.
+fn hosts() -> Option<&'static Hosts> {
+    HOSTS
+        .get_or_init(|| {
+            if !Path::new("/usr/sbin/sshd").exists() {
+                eprintln!("skipped: no /usr/sbin/sshd (install openssh-server)");
+                return None;
+            }
+            Some(start_hosts())
+        })
+        .as_ref()
+}
+
+fn free_port(address: &str) -> u16 {
+    std::net::TcpListener::bind((address, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn keygen(path: &Path) {
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "cairn-test", "-f"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+}
+
+fn start_hosts() -> Hosts {
+    // Never removed: the servers use it until the test binary ends.
+    let dir = tempfile::tempdir().unwrap().keep();
+    keygen(&dir.join("id"));
+    std::fs::copy(dir.join("id.pub"), dir.join("authorized_keys")).unwrap();
+    std::fs::write(dir.join("empty_known_hosts"), "").unwrap();
+    // As root, sshd wants its privilege separation directory.
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .unwrap()
+        .unwrap()
+        .name;
+    let mut known = String::new();
+    let mut config = String::new();
+    let mut servers = Vec::new();
+    for (name, address) in [("host-a", "127.0.0.2"), ("host-b", "127.0.0.3")] {
+        let key = dir.join(format!("{name}_key"));
+        keygen(&key);
+        let port = free_port(address);
+        let sshd_config = dir.join(format!("{name}_sshd_config"));
+        std::fs::write(
+            &sshd_config,
+            format!(
+                "Port {port}\nListenAddress {address}\nHostKey {key}\nPidFile {dir}/{name}.pid\nAuthorizedKeysFile {dir}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nMaxStartups 100\nMaxSessions 100\n",
+                key = key.display(),
+                dir = dir.display(),
+            ),
+        )
+        .unwrap();
+        servers.push((sshd_config, address, port));
+        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        let _ = write!(known, "[{address}]:{port} {public}");
+        let _ = write!(
+            config,
+            "Host {name}\n  HostName {address}\n  Port {port}\n  User {user}\n  UserKnownHostsFile {dir}/known_hosts\n\n",
+            dir = dir.display()
+        );
+    }
+    let a_port = servers[0].2;
+    let _ = write!(
+        config,
+        "Host stranger\n  HostName 127.0.0.2\n  Port {a_port}\n  User {user}\n  UserKnownHostsFile {dir}/empty_known_hosts\n\nHost closed\n  HostName 127.0.0.2\n  Port {closed}\n  User {user}\n  UserKnownHostsFile {dir}/known_hosts\n\nHost nobody\n  HostName 127.0.0.2\n  Port {a_port}\n  User cairn-no-such-user\n  UserKnownHostsFile {dir}/known_hosts\n\nHost *\n  IdentityFile {dir}/id\n  IdentitiesOnly yes\n  GlobalKnownHostsFile /dev/null\n",
+        closed = free_port("127.0.0.2"),
+        dir = dir.display()
+    );
+    std::fs::write(dir.join("known_hosts"), known).unwrap();
+    std::fs::write(dir.join("config"), config).unwrap();
+    // Each server is watched by a shell that ends it once the test binary is gone.
+    let me = std::process::id();
+    for (sshd_config, ..) in &servers {
+        let mut watcher = Command::new("sh")
+            .args([
+                "-c",
+                "/usr/sbin/sshd -D -e -f \"$1\" 2>/dev/null & s=$!; while kill -0 \"$2\" 2>/dev/null; do sleep 1; done; kill $s",
+                "sh",
+            ])
+            .arg(sshd_config)
+            .arg(me.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Reaped by a thread of its own: it ends with the test binary.
+        std::thread::spawn(move || watcher.wait());
+    }
+    for (_, address, port) in &servers {
+        let started = Instant::now();
+        while std::net::TcpStream::connect((*address, *port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "sshd never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Hosts { dir }
+}
+
+impl Hosts {
+    /// `cairn` in `sandbox` with this configuration.
+    fn cairn(&self, sandbox: &Sandbox, args: &[&str]) -> std::process::Output {
+        self.command(sandbox, args).output().unwrap()
+    }
+
+    fn command(&self, sandbox: &Sandbox, args: &[&str]) -> Command {
+        let mut command = sandbox.command(args);
+        command.env("CAIRN_SSH_CONFIG", self.dir.join("config"));
+        command
+    }
+}
+
+fn wait_for_file(path: &Path) {
+    let started = Instant::now();
+    while !path.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pid_in(path: &Path) -> u32 {
+    wait_for_file(path);
+    let started = Instant::now();
+    loop {
+        if let Ok(pid) = std::fs::read_to_string(path).unwrap().trim().parse() {
+            return pid;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to 30 s) until none of `pids` runs.
+fn all_gone(pids: &[u32]) -> bool {
+    let started = Instant::now();
+    while pids.iter().any(|p| alive(*p)) {
+        if started.elapsed() > Duration::from_secs(30) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+const TWO_HOSTS: &str = r#"name: two-hosts
+steps:
+  - id: pick
+    run: echo "target=host-b" >> "$CAIRN_OUTPUT"
+  - id: on-a
+    needs: [pick]
+    on: host-a
+    run: |
+      echo "on a: $SSH_CONNECTION"
+      set -- $SSH_CONNECTION
+      echo "address=$3" >> "$CAIRN_OUTPUT"
+  - id: on-b
+    needs: [pick, on-a]
+    on: "{{ steps.pick.outputs.target }}"
+    run: |
+      echo on b, after {{ steps.on-a.outputs.address }}: "$SSH_CONNECTION"
+      set -- $SSH_CONNECTION
+      echo "address=$3" >> "$CAIRN_OUTPUT"
+  - id: back
+    needs: [on-a, on-b]
+    run: echo got {{ steps.on-a.outputs.address }} {{ steps.on-b.outputs.address }}
+  - id: checked
+    on: host-b
+    check: |
+      set -- $SSH_CONNECTION
+      test "$3" = 127.0.0.3
+    run: exit 1
+hooks:
+  on_success:
+    - on: host-a
+      run: echo hook on "$SSH_CONNECTION"
+"#;
+
+/// Steps on two hosts and one here pass outputs along; the logs hold each remote step's output,
+/// `show --json` names each task's host.
+#[test]
+fn steps_on_two_hosts_and_here_pass_outputs_along() {
+    let Some(hosts) = hosts() else { return };
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", TWO_HOSTS);
+    let out = hosts.cairn(&sandbox, &["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = sandbox.show(1);
+    assert_eq!(task(&show, "on-a")["host"], "host-a");
+    assert_eq!(task(&show, "on-b")["host"], "host-b");
+    assert!(task(&show, "pick")["host"].is_null());
+    assert_eq!(task(&show, "on-a")["outputs"]["address"], "127.0.0.2");
+    assert_eq!(task(&show, "on-b")["outputs"]["address"], "127.0.0.3");
+    let logs = stdout(&hosts.cairn(&sandbox, &["logs", "1"]));
+    assert!(logs.contains("on a: 127.0.0.1 "), "{logs}");
+    assert!(logs.contains("on b, after 127.0.0.2: 127.0.0.1 "), "{logs}");
+    assert!(logs.contains("got 127.0.0.2 127.0.0.3"), "{logs}");
+    assert!(!logs.contains("cairn-remote"), "{logs}");
+    // `check` runs where the step does, and so does a hook with `on`.
+    assert_eq!(task(&show, "checked")["by_check"], true);
+    assert_eq!(task(&show, "on_success[1]")["host"], "host-a");
+    assert!(logs.contains("hook on 127.0.0.1 "), "{logs}");
+}
+
+fn slow_plan(dir: &Path, timeout: &str) -> String {
+    format!(
+        r"name: slow
+steps:
+  - id: slow
+    on: host-a
+    {timeout}
+    run: |
+      sleep 3600 &
+      echo $! > {dir}/child.pid
+      echo $$ > {dir}/leader.pid
+      sleep 3601
+",
+        dir = dir.display()
+    )
+}
+
+/// A step's `timeout` ends its whole process group on its host, a background child included.
+#[test]
+fn a_timeout_ends_the_remote_group() {
+    let Some(hosts) = hosts() else { return };
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", &slow_plan(sandbox.path(), "timeout: 3s"));
+    let out = hosts.cairn(&sandbox, &["run", "plan.yaml"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("timed out after 3s"),
+        "{}",
+        stderr(&out)
+    );
+    let pids = [
+        pid_in(&sandbox.path().join("leader.pid")),
+        pid_in(&sandbox.path().join("child.pid")),
+    ];
+    assert!(all_gone(&pids), "the remote step's processes outlived it");
+}
+
+/// `cairn cancel` ends the remote group, a background child included.
+#[test]
+fn a_cancel_ends_the_remote_group() {
+    let Some(hosts) = hosts() else { return };
+    let sandbox = Sandbox::new();
+    sandbox.write("plan.yaml", &slow_plan(sandbox.path(), ""));
+    let mut run = hosts
+        .command(&sandbox, &["run", "plan.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pids = [
+        pid_in(&sandbox.path().join("leader.pid")),
+        pid_in(&sandbox.path().join("child.pid")),
+    ];
+    // Recorded once the wrapper said where the step runs, which the step may precede.
+    let started = Instant::now();
+    loop {
+        let status = stdout(&hosts.cairn(&sandbox, &["status"]));
+        if status.contains("slow @host-a") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = sandbox.json(&["status", "--json"]);
+    assert_eq!(status[0]["current_tasks"][0]["host"], "host-a", "{status}");
+    assert!(alive(pids[0]) && alive(pids[1]));
+    let cancel = hosts.cairn(&sandbox, &["cancel", "1"]);
+    assert_eq!(code(&cancel), Some(0), "{}", stderr(&cancel));
+    run.wait().unwrap();
+    assert!(
+        all_gone(&pids),
+        "the remote step's processes outlived the cancel"
+    );
+    assert_eq!(sandbox.show(1)["status"], "canceled");
+}
+
+const VALUE: &str =
+    "a $(touch /tmp/cairn-remote-pwned) `touch /tmp/cairn-remote-pwned` ; 'q\" \n\tz";
+const SECRET: &str = "remote-secret-5f1c9e2a";
+
+/// Params with shell syntax arrive literally; a secret passes through the environment and is
+/// never on a command line there or here, nor in the logs, events or database.
+#[test]
+fn values_arrive_literally_and_a_secret_is_never_shown() {
+    let Some(hosts) = hosts() else { return };
+    let sandbox = Sandbox::new();
+    let dir = sandbox.path().display().to_string();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            r#"name: values
+params:
+  v: {{ required: true }}
+  pw: {{ secret: true, required: true }}
+steps:
+  - id: there
+    on: host-a
+    env: {{ PW: "{{{{ params.pw }}}}" }}
+    run: |
+      printf %s {{{{ params.v }}}} > {dir}/v.txt
+      printf %s "$CAIRN_PARAM_V" > {dir}/env.txt
+      printf %s "$PW" > {dir}/pw.txt
+      echo ready; touch {dir}/ready
+      while [ ! -f {dir}/go ]; do sleep 0.05; done
+      echo "the secret: $PW"
+"#
+        ),
+    );
+    sandbox.write("v", VALUE);
+    sandbox.write("pw", SECRET);
+    let run = hosts
+        .command(
+            &sandbox,
+            &["run", "plan.yaml", "-p", "v=@v", "-p", "pw=@pw"],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_file(&sandbox.path().join("ready"));
+    let ps = Command::new("ps")
+        .args(["-eww", "-o", "args"])
+        .output()
+        .unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(ps.contains("sleep 0.05") || ps.contains("sshd"), "{ps}");
+    assert!(
+        !ps.contains(SECRET),
+        "the secret is on a command line:\n{ps}"
+    );
+    std::fs::write(sandbox.path().join("go"), "").unwrap();
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The value ends in a line break, which the file reading drops: `-p v=@v`.
+    assert_eq!(sandbox.read("v.txt"), VALUE.trim_end_matches('\n'));
+    assert_eq!(sandbox.read("env.txt"), VALUE.trim_end_matches('\n'));
+    assert_eq!(sandbox.read("pw.txt"), SECRET);
+    assert!(!Path::new("/tmp/cairn-remote-pwned").exists());
+    let logs = stdout(&hosts.cairn(&sandbox, &["logs", "1"]));
+    assert!(logs.contains("the secret: ****"), "{logs}");
+    assert!(!logs.contains(SECRET), "{logs}");
+    let show = sandbox.show(1);
+    assert!(!show.to_string().contains(SECRET));
+    sandbox.assert_not_stored(SECRET);
+}
+
+/// An unknown host key, a refused connection and a wrong user: the attempt fails with the host's
+/// name and ssh's reason, exit 1, the op failed and resumable; retries apply, and no more.
+#[test]
+fn an_unreachable_host_fails_the_attempt_clearly() {
+    let Some(hosts) = hosts() else { return };
+    for (n, (host, said)) in [
+        ("stranger", "known_hosts"),
+        ("closed", "Connection refused"),
+        ("nobody", "Permission denied"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sandbox = Sandbox::new();
+        sandbox.write(
+            "plan.yaml",
+            &format!(
+                "name: unreachable\nsteps:\n  - id: there\n    on: {host}\n    retry: {{ attempts: 2, delay: 1s }}\n    run: echo never\n"
+            ),
+        );
+        let out = hosts.cairn(&sandbox, &["run", "plan.yaml"]);
+        assert_eq!(code(&out), Some(1), "{host}: {}", stderr(&out));
+        let error = format!("cannot connect to `{host}`");
+        assert!(stderr(&out).contains(&error), "{host}: {}", stderr(&out));
+        assert!(stderr(&out).contains(said), "{host}: {}", stderr(&out));
+        let show = sandbox.show(1);
+        assert_eq!(show["status"], "failed", "{n}");
+        let there = task(&show, "there");
+        assert_eq!(there["attempts"], 2, "{host}: {there}");
+        assert!(there["error"].as_str().unwrap().contains(said), "{there}");
+        // Resumable: the op is taken again, and fails the same way.
+        let again = hosts.cairn(&sandbox, &["resume", "1"]);
+        assert_eq!(code(&again), Some(1), "{host}: {}", stderr(&again));
+        assert!(stderr(&again).contains(&error), "{}", stderr(&again));
+    }
+}
+
+/// cairn killed while a remote step runs: the step goes on there; the resume's sweep ends it
+/// over SSH (by pid, start time and boot id) before the step runs again, and nothing is left.
+#[test]
+fn a_resume_ends_what_a_killed_run_left_on_a_host() {
+    let Some(hosts) = hosts() else { return };
+    let sandbox = Sandbox::new();
+    let dir = sandbox.path().display().to_string();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            r"name: killed
+steps:
+  - id: slow
+    on: host-a
+    run: |
+      if [ -f {dir}/first ]; then echo second run; exit 0; fi
+      touch {dir}/first
+      sleep 3600 &
+      echo $! > {dir}/child.pid
+      echo $$ > {dir}/leader.pid
+      sleep 3601
+"
+        ),
+    );
+    let mut run = hosts
+        .command(&sandbox, &["run", "plan.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pids = [
+        pid_in(&sandbox.path().join("leader.pid")),
+        pid_in(&sandbox.path().join("child.pid")),
+    ];
+    // Recorded once the wrapper said where it runs: wait for the host in `show`.
+    let started = Instant::now();
+    while task(&sandbox.show(1), "slow")["history"][0]["host"] != "host-a" {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run.kill().unwrap();
+    run.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        alive(pids[0]) && alive(pids[1]),
+        "the remote step did not outlive cairn"
+    );
+    let out = hosts.cairn(&sandbox, &["resume", "1"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(all_gone(&pids), "the remote leftovers outlived the resume");
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "succeeded");
+    assert_eq!(task(&show, "slow")["attempts"], 2);
+    assert!(
+        events(&show)
+            .iter()
+            .any(|(kind, _)| kind == "leftovers-ended"),
+        "{:?}",
+        events(&show)
+    );
+    let logs = stdout(&hosts.cairn(&sandbox, &["logs", "1"]));
+    assert!(logs.contains("second run"), "{logs}");
+}
+
+/// A param too long for the environment reaches a step on another host in a file there, as it
+/// reaches a local step.
+#[test]
+fn a_param_too_long_for_the_environment_reaches_the_host_in_a_file() {
+    let Some(hosts) = hosts() else { return };
+    let sandbox = Sandbox::new();
+    let dir = sandbox.path().display().to_string();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            "name: big\nparams:\n  big: {{ required: true }}\nsteps:\n  - id: there\n    on: host-b\n    run: cp \"$CAIRN_PARAM_BIG_FILE\" {dir}/got; printf %s \"$CAIRN_PARAM_BIG_FILE\" > {dir}/path\n"
+        ),
+    );
+    let big: String = (0..200_000)
+        .map(|i| if i % 80 == 79 { '\n' } else { 'x' })
+        .collect();
+    let big = format!("{big}'$(touch /tmp/cairn-remote-pwned)'end");
+    sandbox.write("big", &big);
+    let out = hosts.cairn(&sandbox, &["run", "plan.yaml", "-p", "big=@big"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(sandbox.read("got"), big);
+    assert!(!Path::new("/tmp/cairn-remote-pwned").exists());
+    // A file of the step's directory there (removed with it), not cairn's local file.
+    let path = sandbox.read("path");
+    assert!(!path.ends_with("param-big"), "{path}");
+    assert!(!Path::new(&path).exists(), "{path}");
+}
+
+/// `on` is checked like any template: a secret is refused there (it would be on `ssh`'s command
+/// line), and a step that runs no process cannot have it; both named at their place, exit 2.
+#[test]
+fn validate_refuses_a_secret_in_on_and_on_without_a_process() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: bad\nparams:\n  pw: { secret: true, default: x }\nsteps:\n  - id: a\n    on: \"{{ params.pw }}\"\n    run: \"true\"\n  - id: b\n    on: host-a\n    sleep: 1s\n",
+    );
+    let out = sandbox.cairn(&["validate", "plan.yaml"]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("`on` of step `a` inserts the secret param `pw`"),
+        "{said}"
+    );
+    assert!(said.contains("plan.yaml:6:"), "{said}");
+    assert!(
+        said.contains("`on` names the host a process runs on; this step has no `run` or `exec`"),
+        "{said}"
+    );
+    assert!(said.contains("plan.yaml:9:"), "{said}");
+}
