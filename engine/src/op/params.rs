@@ -1,15 +1,14 @@
 //! New values for an op's params on resume (`resume --param`): [`param_changes`] says what they
 //! change and refuses a value that work already done used (unless it is to run again);
-//! `ParamEdit::apply` stores them with the tasks that run again, in one transaction.
+//! `TakenOver::set_params` stores them with the tasks that run again, in one transaction.
 
 use plans::model::Plan;
 use serde_json::{Map, Value};
-use store::{Change, ProcessId, Reader, Store, TaskNo};
+use store::{Change, Reader, TaskNo};
 
+use super::replan::TakenOver;
 use super::{Error, children, read_op, snapshot_plan, whoami};
-use crate::options::Options;
 use crate::owner::now;
-use crate::progress::Sink;
 use crate::secrets;
 use crate::task::context::with_hooks;
 
@@ -113,21 +112,11 @@ pub fn param_changes(
     Ok(changes)
 }
 
-/// Where an op taken over takes its new params.
-pub(super) struct ParamEdit<'a> {
-    pub store: &'a Store,
-    pub reader: &'a Reader,
-    pub row: &'a store::OpRow,
-    pub me: &'a ProcessId,
-    pub options: &'a Options,
-    pub progress: &'a Sink,
-}
-
-impl ParamEdit<'_> {
+impl TakenOver<'_> {
     /// Stores `changes` (secrets sealed) and resets the steps that used an old value, what is
     /// downstream of them and the finishing hooks, in one transaction; updates `params` (in
     /// clear) and `sealed` (the names of the params stored sealed).
-    pub(super) async fn apply(
+    pub(super) async fn set_params(
         &self,
         plan: &Plan,
         changes: &ParamChanges,

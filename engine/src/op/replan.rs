@@ -191,8 +191,9 @@ fn renumber(
     (map, added)
 }
 
-/// Where an op taken over goes on with an edited plan.
-pub(super) struct Replanned<'a> {
+/// An op taken over, with what its edits at a resume need: an edited plan ([`TakenOver::replan`])
+/// and new params (`TakenOver::set_params`).
+pub(super) struct TakenOver<'a> {
     pub store: &'a Store,
     pub reader: &'a Reader,
     pub row: &'a store::OpRow,
@@ -201,11 +202,11 @@ pub(super) struct Replanned<'a> {
     pub progress: &'a Sink,
 }
 
-impl Replanned<'_> {
+impl TakenOver<'_> {
     /// Moves the op from `plan` to `replan`'s plan: its tasks renumbered, what `--rerun-changed`
     /// runs again reset, in one transaction; `params` gets the new plan's defaults. Returns the
     /// new plan.
-    pub(super) async fn apply(
+    pub(super) async fn replan(
         &self,
         plan: &Plan,
         replan: Replan,

@@ -22,8 +22,8 @@ use store::TaskNo;
 use store::TaskStatus;
 
 use super::lock::{Acquire, Acquired};
-use super::params::{ParamChanges, ParamEdit};
-use super::replan::{PlanDrift, Replan, Replanned};
+use super::params::ParamChanges;
+use super::replan::{PlanDrift, Replan, TakenOver};
 use super::{
     Error, Overrides, RunParts, children, dead_owner_or_refuse, secret_values, shared,
     snapshot_plan,
@@ -396,27 +396,21 @@ impl Takeover<'_> {
         let rule = owner::Rule::of(store.location());
         end_children_leftovers(reader, rule, op, &leftovers, &self.stop).await?;
         OutputFiles::remove_left(&row.uuid);
+        let taken = TakenOver {
+            store,
+            reader,
+            row,
+            me: &me,
+            options: &self.options,
+            progress: &self.progress,
+        };
         if let Some((replan, drift)) = replace {
-            let to = Replanned {
-                store,
-                reader,
-                row,
-                me: &me,
-                options: &self.options,
-                progress: &self.progress,
-            };
-            plan = to.apply(&plan, replan, drift, &mut params).await?;
+            plan = taken.replan(&plan, replan, drift, &mut params).await?;
         }
         if let Some(changes) = new_params {
-            let edit = ParamEdit {
-                store,
-                reader,
-                row,
-                me: &me,
-                options: &self.options,
-                progress: &self.progress,
-            };
-            edit.apply(&plan, changes, &mut params, &mut sealed).await?;
+            taken
+                .set_params(&plan, changes, &mut params, &mut sealed)
+                .await?;
         }
         // Ending leftovers may take longer than the lease the claim wrote: renew it (a fenced
         // write, which also proves this process still owns the op) before anything runs, and
