@@ -18,8 +18,9 @@ fn json_response(description: &str, schema: &Value) -> Value {
     })
 }
 
+/// An op id: a positive 64-bit number.
 fn op_id_param() -> Value {
-    json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 1}})
+    json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 1, "maximum": i64::MAX}})
 }
 
 fn body(properties: &Value, required: &[&str]) -> Value {
@@ -59,10 +60,15 @@ fn text(description: &str) -> Value {
     json!({"type": "string", "description": description})
 }
 
+/// A text that may be left out, or given as `null`, which reads the same.
+fn optional_text(description: &str) -> Value {
+    json!({"type": ["string", "null"], "description": description})
+}
+
 /// The document.
 #[must_use]
 pub fn document() -> Value {
-    json!({
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "cairn",
@@ -73,8 +79,53 @@ pub fn document() -> Value {
         "security": [{"bearer": []}],
         "paths": paths_of_ops().as_object().into_iter().chain(other_paths().as_object()).flatten().map(|(k, v)| (k.clone(), v.clone())).collect::<serde_json::Map<_, _>>(),
         "components": components(),
+    });
+    name_operations(&mut doc);
+    doc
+}
+
+/// Gives every operation an `operationId` made of its method and path (`post_ops_id_cancel`),
+/// which the links from a submit's answer name, so that a client (or a fuzzer) can follow a new
+/// op to the actions on it.
+fn name_operations(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, ops) in paths.iter_mut() {
+        let Some(ops) = ops.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in ops.iter_mut() {
+            op["operationId"] = json!(operation_id(method, path));
+        }
+    }
+}
+
+fn operation_id(method: &str, path: &str) -> String {
+    let words = path
+        .split('/')
+        .map(|part| part.trim_matches(['{', '}']).replace('.', "_"))
+        .filter(|part| !part.is_empty());
+    std::iter::once(method.to_owned())
+        .chain(words)
+        .collect::<Vec<_>>()
+        .join("_")
+}
+
+/// The links from a submit's answer to what may be done with the new op.
+fn links_of_a_new_op() -> Value {
+    let to = |path: &str, method: &str| json!({"operationId": operation_id(method, path), "parameters": {"id": "$response.body#/id"}});
+    json!({
+        "show": to("/ops/{id}", "get"),
+        "cancel": to("/ops/{id}/cancel", "post"),
+        "approve": to("/ops/{id}/approve", "post"),
+        "reject": to("/ops/{id}/reject", "post"),
+        "resume": to("/ops/{id}/resume", "post"),
     })
 }
+
+/// A plan that a submit of the document's example runs: a step, then a gate.
+const EXAMPLE_PLAN: &str = "name: example\nsteps:\n  - id: hello\n    run: echo hello\n  - id: gate\n    needs: [hello]\n    approve: go on?\n";
 
 /// The paths under `/ops` and their operations.
 fn paths_of_ops() -> Value {
@@ -86,10 +137,10 @@ fn paths_of_ops() -> Value {
                 "get": operation(
                     "List ops, newest first (as `cairn status --json --children`), a page at a time",
                     &[
-                        query("status", json!({"type": "string"}), "only ops shown with this status"),
+                        query("status", json!({"enum": store::OpStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>()}), "only ops shown with this status"),
                         query("plan", json!({"type": "string"}), "only ops of this plan"),
                         query("limit", json!({"type": "integer", "minimum": 1, "maximum": 500}), "ops per page (50)"),
-                        query("before", json!({"type": "integer", "minimum": 1}), "only ops older than this one: the next page"),
+                        query("before", json!({"type": "integer", "minimum": 1, "maximum": i64::MAX}), "only ops older than this one: the next page"),
                     ],
                     None,
                     ("200", &json_response("a page of ops", &json!({
@@ -105,14 +156,18 @@ fn paths_of_ops() -> Value {
                     "Submit a plan, given as YAML text, with params; `cairn serve` starts it",
                     &[],
                     Some(body(&json!({
-                        "plan": text("the plan's YAML"),
-                        "params": {"type": "object", "description": "the params, by name"},
+                        "plan": {"type": "string", "description": "the plan's YAML", "example": EXAMPLE_PLAN},
+                        "params": {"type": ["object", "null"], "description": "the params, by name"},
                     }), &["plan"])),
-                    ("201", &json_response("the op, queued", &json!({
-                        "type": "object",
-                        "properties": {"id": {"type": "integer"}, "uuid": {"type": "string"}},
-                        "required": ["id", "uuid"],
-                    }))),
+                    ("201", &{
+                        let mut answer = json_response("the op, queued", &json!({
+                            "type": "object",
+                            "properties": {"id": {"type": "integer"}, "uuid": {"type": "string"}},
+                            "required": ["id", "uuid"],
+                        }));
+                        answer["links"] = links_of_a_new_op();
+                        answer
+                    }),
                 ),
             },
             "/ops/{id}": {
@@ -129,7 +184,7 @@ fn paths_of_ops() -> Value {
                     &[
                         op_id_param(),
                         json!({"name": "task", "in": "path", "required": true, "schema": {"type": "string"}}),
-                        query("attempt", json!({"type": "integer", "minimum": 0}), "only this attempt"),
+                        query("attempt", json!({"type": "integer", "minimum": 0, "maximum": u32::MAX}), "only this attempt"),
                         query("follow", json!({"enum": ["1", "0", "true", "false"]}), "1: Server-Sent Events (`text/event-stream`): an event `line` (a LogLine) for each line, new ones as they come, and `end` (`{\"status\": ...}`) once the op no longer runs"),
                     ],
                     None,
@@ -149,7 +204,7 @@ fn paths_of_ops() -> Value {
                 "post": operation(
                     "Resume a failed or interrupted op in the serving process",
                     &[op_id_param()],
-                    Some(body(&json!({"from": text("run this step and what follows it again")}), &[])),
+                    Some(body(&json!({"from": optional_text("run this step and what follows it again")}), &[])),
                     ("202", &json_response("the op resumes", &answer)),
                 ),
             },
@@ -157,7 +212,7 @@ fn paths_of_ops() -> Value {
                 "post": operation(
                     "Cancel an op",
                     &[op_id_param()],
-                    Some(body(&json!({"reason": text("why, for the audit trail")}), &[])),
+                    Some(body(&json!({"reason": optional_text("why, for the audit trail")}), &[])),
                     ("200", &json_response("canceled (202: its owner still ends it)", &answer)),
                 ),
             },
@@ -166,8 +221,8 @@ fn paths_of_ops() -> Value {
                     "Approve a waiting gate",
                     &[op_id_param()],
                     Some(body(&json!({
-                        "step": text("the gate; may be left out when one waits"),
-                        "comment": text("why, for the audit trail"),
+                        "step": optional_text("the gate; may be left out when one waits"),
+                        "comment": optional_text("why, for the audit trail"),
                     }), &[])),
                     ("200", &json_response("approved", &answer)),
                 ),
@@ -177,8 +232,8 @@ fn paths_of_ops() -> Value {
                     "Reject a waiting gate: its task fails",
                     &[op_id_param()],
                     Some(body(&json!({
-                        "step": text("the gate; may be left out when one waits"),
-                        "comment": text("why, for the audit trail"),
+                        "step": optional_text("the gate; may be left out when one waits"),
+                        "comment": optional_text("why, for the audit trail"),
                     }), &[])),
                     ("200", &json_response("rejected", &answer)),
                 ),
@@ -203,20 +258,30 @@ fn other_paths() -> Value {
             },
             "/pause": {
                 "post": operation(
-                    "Pause cairn: no new op starts (running ones go on)",
+                    "Pause cairn, or one plan or lock-key prefix: no new op of it starts (running ones go on)",
                     &[],
-                    Some(body(&json!({"reason": text("why, for the people who will be refused")}), &[])),
+                    Some(body(&json!({
+                        "reason": optional_text("why, for the people who will be refused"),
+                        "plan": optional_text("only ops of this plan"),
+                        "key": optional_text("only ops whose lock key starts with this"),
+                        "for": optional_text("a duration (`2h`): the pause ends by itself then"),
+                    }), &[])),
                     ("200", &json_response("paused", &object)),
                 ),
             },
             "/unpause": {
-                "post": operation("Let new ops start again", &[], Some(body(&json!({}), &[])), ("200", &json_response("unpaused", &object))),
+                "post": operation(
+                    "Lift the pause of exactly this scope (none: the pause of every op)",
+                    &[],
+                    Some(body(&json!({"plan": optional_text("the pause of this plan"), "key": optional_text("the pause of this lock-key prefix")}), &[])),
+                    ("200", &json_response("unpaused", &object)),
+                ),
             },
             "/ack": {
                 "post": operation(
                     "Acknowledge a lock key's cooldown, so a new op on it may start now",
                     &[],
-                    Some(body(&json!({"key": text("the lock key"), "reason": text("why, for the audit trail")}), &["key"])),
+                    Some(body(&json!({"key": text("the lock key"), "reason": optional_text("why, for the audit trail")}), &["key"])),
                     ("200", &json_response("acknowledged", &object)),
                 ),
             },
@@ -244,8 +309,8 @@ fn other_paths() -> Value {
                         "step": text("the step"),
                         "status": {"enum": ["succeeded", "skipped"]},
                         "reason": text("why, for the audit trail"),
-                        "outputs": {"type": "object", "additionalProperties": {"type": "string"}},
-                        "allow_missing_outputs": {"type": "boolean"},
+                        "outputs": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+                        "allow_missing_outputs": {"type": ["boolean", "null"]},
                     }), &["step", "status", "reason"])),
                     ("200", &json_response("marked", &answer)),
                 ),
