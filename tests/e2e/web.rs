@@ -916,3 +916,157 @@ fn the_openapi_document_holds_under_schemathesis() {
     let log = sandbox.read("serve.log");
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// `openssl req` makes a self-signed certificate for 127.0.0.1 and its key in `dir`.
+fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cairn-test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (cert, key)
+}
+
+/// `--tls-cert` and `--tls-key`: the API over HTTPS (a client that trusts the certificate gets
+/// the same answers; plain HTTP on that port gets none), and every wrong file named, exit 2,
+/// before anything listens: a key others may read, a key of another certificate, a missing file.
+#[test]
+fn the_api_is_served_over_tls_with_a_private_key() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let sandbox = Sandbox::new();
+    let (cert, key) = self_signed(sandbox.path(), "server");
+    let (_, other_key) = self_signed(sandbox.path(), "other");
+    let viewer = token(&sandbox, "tls-viewer", "viewer");
+    let cert_arg = cert.to_str().unwrap();
+    let key_arg = key.to_str().unwrap();
+
+    let refused = |args: &[&str], says: &[&str]| {
+        let mut all = vec!["serve", "--once", "--http", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let out = sandbox.cairn(&all);
+        assert_eq!(code(&out), Some(2), "{args:?}: {}", stderr(&out));
+        for s in says {
+            assert!(stderr(&out).contains(s), "{args:?}: {}", stderr(&out));
+        }
+    };
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    refused(
+        &["--tls-cert", cert_arg, "--tls-key", key_arg],
+        &["may be read by others", "chmod 600", key_arg],
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    refused(
+        &[
+            "--tls-cert",
+            cert_arg,
+            "--tls-key",
+            other_key.to_str().unwrap(),
+        ],
+        &["do not make a TLS server", cert_arg],
+    );
+    refused(
+        &["--tls-cert", "/nonexistent/cert.pem", "--tls-key", key_arg],
+        &["`--tls-cert /nonexistent/cert.pem`"],
+    );
+    refused(&["--tls-cert", cert_arg], &["--tls-key"]);
+    refused(
+        &[
+            "--tls-cert",
+            cert_arg,
+            "--tls-key",
+            key_arg,
+            "--insecure-http",
+        ],
+        &["--insecure-http"],
+    );
+
+    let port = free_port();
+    let log = std::fs::File::create(sandbox.path().join("serve.log")).unwrap();
+    let mut server = Server {
+        child: sandbox
+            .command(&[
+                "serve",
+                "--poll",
+                "100ms",
+                "--http",
+                &format!("127.0.0.1:{port}"),
+                "--tls-cert",
+                cert_arg,
+                "--tls-key",
+                key_arg,
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+        port,
+    };
+    let https = |token: Option<&str>| {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "-w", "\n%{http_code}", "--cacert", cert_arg]);
+        if let Some(token) = token {
+            curl.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        curl.arg(format!("https://127.0.0.1:{port}/api/v1/ops"));
+        curl.output().expect("curl runs")
+    };
+    let started = Instant::now();
+    let answered = loop {
+        let out = https(Some(&viewer));
+        if out.status.code() != Some(7) {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            server.child.try_wait().unwrap().is_none(),
+            "serve exited: {}",
+            sandbox.read("serve.log")
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "serve never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (body, status) = answered.rsplit_once('\n').unwrap();
+    assert_eq!(status, "200", "{body}");
+    assert!(
+        serde_json::from_str::<Value>(body).unwrap()["ops"].is_array(),
+        "{body}"
+    );
+    let out = https(None);
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n401"));
+    // Plain HTTP on the TLS port gets no answer of the API's.
+    let plain = server.call("GET", "/ops", Some(&viewer), None);
+    assert_ne!(plain.status, 200, "{}", plain.text);
+    assert!(
+        sandbox
+            .read("serve.log")
+            .contains(&format!("https://127.0.0.1:{port}/api/v1"))
+    );
+}

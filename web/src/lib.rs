@@ -5,6 +5,7 @@
 pub mod api;
 mod error;
 mod openapi;
+pub mod tls;
 pub mod token;
 pub mod view;
 

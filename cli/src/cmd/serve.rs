@@ -41,13 +41,19 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Also serve the HTTP API (`/api/v1`, JSON; every request needs a token from `cairn token
-    /// create`) on ADDR, `127.0.0.1:7070` when none is given. Plain HTTP: an address other than a
-    /// loopback one is refused unless `--insecure-http`.
+    /// create`) on ADDR, `127.0.0.1:7070` when none is given. Plain HTTP unless `--tls-cert` and
+    /// `--tls-key`: then an address other than a loopback one is refused unless `--insecure-http`.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:7070")]
     http: Option<String>,
+    /// Serve the HTTP API over TLS with this certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["http", "tls_key"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `--tls-cert` (PEM), readable by its owner alone.
+    #[arg(long, value_name = "FILE", requires_all = ["http", "tls_cert"])]
+    tls_key: Option<std::path::PathBuf>,
     /// Serve the HTTP API in plain text on an address other than a loopback one: tokens then
-    /// cross the network readable. Put a TLS proxy in front.
-    #[arg(long, requires = "http")]
+    /// cross the network readable. Give `--tls-cert` and `--tls-key`, or put a TLS proxy in front.
+    #[arg(long, requires = "http", conflicts_with = "tls_cert")]
     insecure_http: bool,
     #[command(flatten)]
     run: RunArgs,
@@ -85,17 +91,17 @@ fn lease_ttl(text: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
-/// The address `--http` names, refused when it is not a loopback one and `--insecure-http` was
-/// not given.
-fn http_addr(text: &str, insecure: bool) -> anyhow::Result<std::net::SocketAddr> {
+/// The address `--http` names, refused when it is not a loopback one, served in plain text
+/// (no `--tls-cert`), and `--insecure-http` was not given.
+fn http_addr(text: &str, tls: bool, insecure: bool) -> anyhow::Result<std::net::SocketAddr> {
     let addr: std::net::SocketAddr = text.parse().map_err(|_| {
         anyhow::anyhow!("`--http {text}` is not an address: an IP and a port, `127.0.0.1:7070`")
     })?;
-    if !addr.ip().is_loopback() && !insecure {
+    if !addr.ip().is_loopback() && !tls && !insecure {
         anyhow::bail!(
-            "`--http {addr}` is not a loopback address: the API is plain HTTP (no TLS yet), so tokens \
-             would cross the network readable; serve on 127.0.0.1 behind a TLS proxy, or give \
-             `--insecure-http` to do it anyway"
+            "`--http {addr}` is not a loopback address: in plain HTTP, tokens would cross the \
+             network readable; give `--tls-cert FILE --tls-key FILE`, or serve on 127.0.0.1 \
+             behind a TLS proxy, or give `--insecure-http` to do it anyway"
         );
     }
     Ok(addr)
@@ -105,8 +111,15 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let http = args
         .http
         .as_deref()
-        .map(|text| http_addr(text, args.insecure_http))
+        .map(|text| http_addr(text, args.tls_cert.is_some(), args.insecure_http))
         .transpose()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(web::tls::Tls {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -144,8 +157,12 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         crate::signals::watch(stop.clone())
             .map_err(|e| anyhow::anyhow!("cannot watch for signals: {e}"))?;
         if let Some(addr) = http {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
+            // The certificate is read before anything listens: a wrong file is an error now.
+            let tls = match &tls {
+                Some(tls) => Some(tls.load().await.map_err(anyhow::Error::msg)?),
+                None => None,
+            };
+            let listener = std::net::TcpListener::bind(addr)
                 .map_err(|e| anyhow::anyhow!("cannot serve HTTP on {addr}: {e}"))?;
             let web = web::Config {
                 store: store.clone(),
@@ -156,10 +173,21 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
                     .map_err(|e| anyhow::anyhow!("cannot read the current directory: {e}"))?,
             };
             let app = web::router(web)?;
-            tracing::info!("serving the HTTP API on http://{addr}/api/v1");
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            tracing::info!("serving the HTTP API on {scheme}://{addr}/api/v1");
             // It runs beside the engine, until `serve` returns.
             tokio::spawn(async move {
-                if let Err(e) = web::serve_router(listener, app).await {
+                let served = match tls {
+                    Some(tls) => web::tls::serve_tls(listener, app, tls).await,
+                    None => match listener
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+                    {
+                        Ok(listener) => web::serve_router(listener, app).await,
+                        Err(e) => Err(e),
+                    },
+                };
+                if let Err(e) = served {
                     tracing::error!("the HTTP API stopped: {e}");
                 }
             });
