@@ -17,6 +17,7 @@
 //! handle, the drain handle, the count of running tasks), [`options`], [`outcome`] (how a run
 //! ends). The engine keeps no process-wide state: what runs share is passed in ([`Options`]).
 
+pub mod metrics;
 pub mod op;
 pub mod options;
 pub mod outcome;

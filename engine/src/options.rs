@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
+use crate::metrics::Metrics;
 use crate::shutdown::{Drain, TaskCount};
 
 /// Knobs of a run. The runs given clones of one `Options` (a `serve`'s ops, an op and its
-/// sub-plans' ops) share its [`Drain`] and [`TaskCount`].
+/// sub-plans' ops) share its [`Drain`], [`TaskCount`] and [`Metrics`].
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Between TERM and KILL when steps must stop.
@@ -21,9 +22,17 @@ pub struct Options {
     /// An op (not a sub-plan's) whose only tasks in flight are approval gates is given up until
     /// an answer comes (`cairn serve`: it holds no worker meanwhile); otherwise the run waits.
     pub park: bool,
+    /// What the process counts of its work, for `/metrics`.
+    pub metrics: Metrics,
 }
 
 impl Options {
+    /// How many tasks the runs sharing these options are running now.
+    #[must_use]
+    pub fn running_tasks(&self) -> usize {
+        self.tasks.get()
+    }
+
     /// These options with leases of `lease`, renewed every sixth of it (as the default 30 s
     /// lease is every 5 s): a renewal may fail a few times before the lease is in danger.
     #[must_use]
@@ -43,6 +52,7 @@ impl Default for Options {
             drain: Drain::default(),
             tasks: TaskCount::default(),
             park: false,
+            metrics: Metrics::default(),
         }
     }
 }

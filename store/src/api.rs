@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
     Applied, AttemptRow, Change, CooldownRow, EventKind, EventRow, LockRow, LogChunk, Millis,
-    NodeRow, OpFilter, OpId, OpRow, Pause, ScheduleRow, Snapshot, TaskNo, TaskRow, TokenRow,
+    NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ScheduleRow, Snapshot, TaskNo, TaskRow,
+    TokenRow,
 };
 
 /// Each batch's result, in the batches' order.
@@ -63,6 +64,8 @@ pub type Waiting<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 /// Reads of what is committed.
 pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>>;
+    /// How many ops are stored with `status` (through the index on it).
+    fn count_ops(&self, status: OpStatus) -> Result<u64>;
     fn op(&self, op: OpId) -> Result<OpRow>;
     /// Every schedule, by name.
     fn schedules(&self) -> Result<Vec<ScheduleRow>>;
@@ -105,6 +108,8 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
+    /// How long each commit took, as its caller waited for it (the queue included).
+    commits: Arc<crate::stats::Histogram>,
 }
 
 impl Store {
@@ -117,7 +122,14 @@ impl Store {
     pub fn from_backend(backend: impl Backend) -> Self {
         Self {
             backend: Arc::new(backend),
+            commits: Arc::new(crate::stats::Histogram::new(crate::stats::COMMIT_BOUNDS)),
         }
+    }
+
+    /// How long this process's commits took, each as its caller waited for it.
+    #[must_use]
+    pub fn commit_latency(&self) -> &crate::stats::Histogram {
+        &self.commits
     }
 
     /// Where the store is: the database file, or a server's address.
@@ -142,7 +154,10 @@ impl Store {
     /// [`Store::apply_together`] for a caller that waits for this commit and has nothing else to
     /// do meanwhile (the one task running in its process): the backend may commit it sooner.
     pub async fn apply_solo(&self, batches: Vec<Vec<Change>>) -> Results {
-        self.backend.commit_solo(batches).await
+        let started = std::time::Instant::now();
+        let results = self.backend.commit_solo(batches).await;
+        self.commits.observe(started.elapsed());
+        results
     }
 
     /// Makes `batch` durable, all or nothing; returns once it is committed (and synced, unless it
@@ -157,15 +172,18 @@ impl Store {
     /// Makes each batch durable, all or nothing each, in one transaction: they are committed
     /// together, and one refused does not undo the others. The results are in the batches' order.
     pub async fn apply_together(&self, batches: Vec<Vec<Change>>) -> Results {
-        self.backend.commit(batches).await
+        let started = std::time::Instant::now();
+        let results = self.backend.commit(batches).await;
+        self.commits.observe(started.elapsed());
+        results
     }
 
     /// [`Store::apply`] for callers outside an async runtime.
     pub fn apply_blocking(&self, batch: Vec<Change>) -> Result<Vec<Applied>> {
-        self.backend
-            .commit_blocking(vec![batch])
-            .pop()
-            .unwrap_or(Err(Error::Closed))
+        let started = std::time::Instant::now();
+        let results = self.backend.commit_blocking(vec![batch]);
+        self.commits.observe(started.elapsed());
+        results.into_iter().next().unwrap_or(Err(Error::Closed))
     }
 
     /// A reader of the same store.
@@ -198,6 +216,16 @@ impl Reader {
         Self {
             backend: Box::new(backend),
         }
+    }
+
+    /// How many ops are stored with each status that is not final (queued, running, ...): a
+    /// read of the status index, whose length is that of the open ops, not of the history.
+    pub fn open_op_counts(&self) -> Result<Vec<(OpStatus, u64)>> {
+        OpStatus::ALL
+            .iter()
+            .filter(|status| !status.is_final())
+            .map(|status| Ok((*status, self.backend.count_ops(*status)?)))
+            .collect()
     }
 
     pub fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>> {

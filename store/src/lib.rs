@@ -26,6 +26,7 @@ mod location;
 mod postgres;
 mod rules;
 mod sqlite;
+pub mod stats;
 pub mod testing;
 pub mod types;
 

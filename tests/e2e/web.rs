@@ -1070,3 +1070,87 @@ fn the_api_is_served_over_tls_with_a_private_key() {
             .contains(&format!("https://127.0.0.1:{port}/api/v1"))
     );
 }
+
+/// The value of the series `name` (with its labels as written) in Prometheus text.
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series `{name}` in:\n{text}"))
+}
+
+/// `GET /api/v1/metrics`: Prometheus text behind the same tokens, counting what the server did:
+/// ops by open status (a queued one under a lock counted in the queue), a step's duration
+/// by kind, the lease renewed while it ran, and the commits it made.
+#[test]
+#[allow(
+    clippy::float_cmp,
+    reason = "counts are whole numbers, exact in an f64"
+)]
+fn metrics_count_ops_tasks_leases_and_commits() {
+    let sandbox = Sandbox::new();
+    let viewer = token(&sandbox, "prometheus", "viewer");
+    let server = start(&sandbox);
+    let plan = "name: slow\nlock: one\nsteps:\n  - id: nap\n    run: sleep 3\n";
+    let body = json!({ "plan": plan }).to_string();
+    let operator = token(&sandbox, "metrics-op", "operator");
+    let first = server.call("POST", "/ops", Some(&operator), Some(&body));
+    assert_eq!(first.status, 201, "{}", first.text);
+    let first = first.json["id"].as_i64().unwrap();
+    wait_status(&server, &operator, first, "running");
+    let second = server.call("POST", "/ops", Some(&operator), Some(&body));
+    assert_eq!(second.status, 201, "{}", second.text);
+
+    assert_eq!(server.call("GET", "/metrics", None, None).status, 401);
+    let scrape = |server: &Server| {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-D",
+                "-",
+                "-H",
+                &format!("Authorization: Bearer {viewer}"),
+            ])
+            .arg(server.url("/api/v1/metrics"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let during = scrape(&server);
+    assert!(during.starts_with("HTTP/1.1 200"), "{during}");
+    assert!(
+        during
+            .to_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{during}"
+    );
+    assert_eq!(series(&during, "cairn_ops{status=\"running\"}"), 1.0);
+    assert!(
+        series(&during, "cairn_ops{status=\"queued\"}") >= 1.0,
+        "{during}"
+    );
+    assert!(series(&during, "cairn_queue_depth") >= 1.0, "{during}");
+    assert_eq!(series(&during, "cairn_tasks_running"), 1.0);
+
+    wait_status(&server, &operator, first, "succeeded");
+    let second = second.json["id"].as_i64().unwrap();
+    wait_status(&server, &operator, second, "succeeded");
+    let after = scrape(&server);
+    let process = "cairn_task_duration_seconds_count{kind=\"process\"}";
+    assert_eq!(series(&after, process), 2.0, "{after}");
+    assert!(series(&after, "cairn_task_duration_seconds_sum{kind=\"process\"}") >= 6.0);
+    // Three seconds under a 15 s lease renewed every 2.5 s: at least once per op.
+    assert!(
+        series(&after, "cairn_lease_renewals_total") >= 2.0,
+        "{after}"
+    );
+    assert!(
+        series(&after, "cairn_commit_duration_seconds_count") >= 4.0,
+        "{after}"
+    );
+    assert_eq!(series(&after, "cairn_ops{status=\"queued\"}"), 0.0);
+    assert_eq!(series(&after, "cairn_tasks_running"), 0.0);
+    for line in after.lines().filter(|l| l.starts_with("cairn_")) {
+        let value = line.rsplit_once(' ').unwrap().1;
+        assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
+    }
+}

@@ -36,8 +36,8 @@ pub struct Config {
 
 /// The state each request sees.
 #[derive(Debug, Clone)]
-struct App {
-    config: Arc<Config>,
+pub(crate) struct App {
+    pub(crate) config: Arc<Config>,
     reader: Arc<store::Reader>,
 }
 
@@ -68,7 +68,7 @@ const PAGE_MAX: u32 = 500;
 
 impl App {
     /// Runs `read` on the blocking pool (reads are synchronous).
-    async fn read<T: Send + 'static>(
+    pub(crate) async fn read<T: Send + 'static>(
         &self,
         read: impl FnOnce(&store::Reader, Rule) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
@@ -97,6 +97,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/schedules"),
     ("POST", "/ops/{id}/mark"),
     ("GET", "/openapi.json"),
+    ("GET", "/metrics"),
 ];
 
 /// The API's routes, behind the token check, with timeouts, a body limit and compression.
@@ -122,6 +123,7 @@ pub fn router(config: Config) -> Result<Router, store::Error> {
         .route("/schedules", get(schedules))
         .route("/ops/{id}/mark", post(mark))
         .route("/openapi.json", get(openapi))
+        .route("/metrics", get(crate::metrics::metrics))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .with_state(app);
     Ok(Router::new()

@@ -4,6 +4,7 @@
 
 pub mod api;
 mod error;
+mod metrics;
 mod openapi;
 pub mod tls;
 pub mod token;

@@ -315,6 +315,15 @@ fn other_paths() -> Value {
                     ("200", &json_response("marked", &answer)),
                 ),
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus text: ops by open status, the queue's depth, tasks running, tasks' durations by kind, lease renewals and their failures, takeovers, commits' latency (this process's)",
+                    "responses": {
+                        "200": {"description": "the metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        "401": error_response("no token, or one the store does not know"),
+                    },
+                },
+            },
             "/openapi.json": {
                 "get": operation("This document", &[], None, ("200", &json_response("the document", &object))),
             },

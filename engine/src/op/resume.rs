@@ -127,11 +127,18 @@ pub(crate) async fn resume_as(
     takeover.reopen = rerun.is_some() || replan.is_some() || rerun_params;
     let replace = replan.map(|r| (r, drifted.clone().unwrap_or_default()));
     let changes = changes.filter(|c| !c.values.is_empty());
+    let metrics = takeover.options.metrics.clone();
     let loaded = takeover
         .take_and_load(&reader, &row, replace, changes.as_ref())
         .await?;
     let (shared, mut tasks) = match loaded {
-        Ok(loaded) => loaded,
+        Ok(loaded) => {
+            if row.owner.is_some() {
+                // It had an owner, which the take found dead or gone.
+                metrics.took_over();
+            }
+            loaded
+        }
         Err(Acquired::Canceled) => {
             return Ok(RunEnd::Canceled("while it waited to start".to_owned()));
         }

@@ -189,13 +189,19 @@ async fn renew_while_the_lease_holds(shared: &Shared) -> Result<(), Fatal> {
         };
         match renewed {
             Err(Fatal::Store(why)) => {
+                shared.options.metrics.lease_renewal_failed();
                 failing.get_or_insert_with(|| (String::new(), tried_at)).0 = why;
                 if !shared.lease_holds() {
                     return Err(why_not(failing));
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            done => return done,
+            done => {
+                if done.is_ok() {
+                    shared.options.metrics.lease_renewed();
+                }
+                return done;
+            }
         }
     }
 }

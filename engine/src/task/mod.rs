@@ -151,7 +151,7 @@ pub(crate) async fn run(
         return Ok(end);
     }
     let started = Instant::now();
-    match &step.action {
+    let end = match &step.action {
         Action::Noop => noop::run(shared, job, prior + 1, started, carry).await,
         Action::Sleep(duration) => sleep::run(shared, job, prior + 1, *duration, stop).await,
         // Boxed, as the other long arms: a task's future is as large as its largest arm, and a
@@ -200,7 +200,12 @@ pub(crate) async fn run(
             ))
             .await
         }
-    }
+    };
+    shared
+        .options
+        .metrics
+        .task_ended(&step.action, started.elapsed());
+    end
 }
 
 /// A step's `when`: `None` when the task is to run, else its end (skipped, or failed when `when`

@@ -585,6 +585,18 @@ impl ReadBackend for PgReader {
         })
     }
 
+    fn count_ops(&self, status: OpStatus) -> Result<u64> {
+        self.run(move |c| {
+            let n: i64 = c
+                .query_opt(
+                    "SELECT COUNT(*) FROM ops WHERE status = $1::text",
+                    &[&status.as_str()],
+                )?
+                .map_or(Ok(0), |r| r.try_get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
     fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>> {
         let status = filter.status.map(OpStatus::as_str);
         let plan = filter.plan.clone();

@@ -122,6 +122,17 @@ impl Reads<'_> {
             .map_err(|e| self.err(&e))
     }
 
+    pub fn count_ops(&self, status: OpStatus) -> Result<u64> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM ops WHERE status = ?1")
+            .map_err(|e| self.err(&e))?;
+        let n: i64 = stmt
+            .query_row([status.as_str()], |r| r.get(0))
+            .map_err(|e| self.err(&e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Every schedule, by name.
     pub fn schedules(&self) -> Result<Vec<ScheduleRow>> {
         let mut stmt = self
@@ -517,6 +528,10 @@ impl SqliteReader {
 impl ReadBackend for SqliteReader {
     fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>> {
         self.with(|r| r.list_ops(filter))
+    }
+
+    fn count_ops(&self, status: OpStatus) -> Result<u64> {
+        self.with(|r| r.count_ops(status))
     }
 
     fn op(&self, op: OpId) -> Result<OpRow> {
