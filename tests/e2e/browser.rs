@@ -254,6 +254,7 @@ fn base64(text: &str) -> Vec<u8> {
 /// gate; then `work`, which waits for `done`.
 const PLAN: &str = r#"
 name: recovery
+lock: "target/{{ params.target }}"
 steps:
   - id: prepare
     run: |
@@ -277,16 +278,18 @@ steps:
     env: { DIR: "{{ params.dir }}" }
 params:
   dir: { type: string }
+  target: { type: string, default: db-1 }
 "#;
 
 /// Submits [`PLAN`] through the API; the files it waits for are made in `sandbox`.
 fn submit(sandbox: &Sandbox, server: &Server, operator: &str) -> i64 {
-    submit_in(&sandbox.path().display().to_string(), server, operator)
+    let dir = sandbox.path().display().to_string();
+    submit_with(server, operator, &json!({"dir": dir}))
 }
 
-/// Submits [`PLAN`], its files waited for in `dir`.
-fn submit_in(dir: &str, server: &Server, operator: &str) -> i64 {
-    let body = json!({"plan": PLAN, "params": {"dir": dir}}).to_string();
+/// Submits [`PLAN`] with `params`.
+fn submit_with(server: &Server, operator: &str, params: &Value) -> i64 {
+    let body = json!({"plan": PLAN, "params": params}).to_string();
     let answer = server.call("POST", "/ops", Some(operator), Some(&body));
     assert_eq!(answer.status, 201, "{}", answer.text);
     answer.json["id"].as_i64().unwrap()
@@ -332,7 +335,22 @@ fn the_ops_table_lists_ops_live_and_filters_them() {
     // The second op's step waits for files that never come.
     let elsewhere = sandbox.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
-    let second = submit_in(&elsewhere.display().to_string(), &server, &operator);
+    let second = submit_with(
+        &server,
+        &operator,
+        &json!({"dir": elsewhere.display().to_string(), "target": "db-2"}),
+    );
+    // A third on the first one's target waits for its lock: the table says why.
+    let third = submit_with(
+        &server,
+        &operator,
+        &json!({"dir": elsewhere.display().to_string()}),
+    );
+    browser.wait_for(
+        "why the third op waits",
+        &format!("const r = document.querySelector('#ops tr[data-op=\"{third}\"]'); return r && [r.dataset.status, r.querySelector('td.why').textContent]"),
+        &json!(["queued", format!("waiting for lock target/db-1 held by op {first}")]),
+    );
     browser.wait_for(
         "the first op waiting and the second listed",
         &format!(
@@ -348,6 +366,8 @@ fn the_ops_table_lists_ops_live_and_filters_them() {
         &[],
     );
     assert_eq!(cur, json!("gate"));
+
+    browser.screenshot("all-ops");
 
     // Filtered by status: only the waiting op.
     let select = browser.find("#filter-status");
@@ -373,6 +393,19 @@ fn the_ops_table_lists_ops_live_and_filters_them() {
         json!(0)
     );
     browser.screenshot("viewer-op-page");
+
+    // On a phone's screen, nothing runs off the side of the page (wide tables scroll in place).
+    browser.call(
+        "POST",
+        "/window/rect",
+        Some(&json!({"width": 390, "height": 844})),
+    );
+    browser.wait_for(
+        "a page as narrow as the screen",
+        "return window.innerWidth < 500 && document.documentElement.scrollWidth <= window.innerWidth",
+        &json!(true),
+    );
+    browser.screenshot("phone-op-page");
 }
 
 #[test]
@@ -437,7 +470,10 @@ fn a_gate_is_approved_by_clicking() {
     browser.screenshot("confirm");
     browser.click("#confirm-ok");
     browser.wait_for("work running", &node_status("work"), &json!("running"));
-    browser.screenshot("approved");
+    let approved = browser.screenshot("approved");
+    if let Some(to) = std::env::var_os("CAIRN_DASHBOARD_PNG") {
+        std::fs::copy(approved, to).unwrap();
+    }
     sandbox.write("done", "");
     let done = wait_status(&server, &operator, op, "succeeded");
     assert!(
@@ -461,10 +497,7 @@ fn a_gate_is_approved_by_clicking() {
         ),
         json!(0)
     );
-    let dashboard = browser.screenshot("dashboard");
-    if let Some(to) = std::env::var_os("CAIRN_DASHBOARD_PNG") {
-        std::fs::copy(dashboard, to).unwrap();
-    }
+    browser.screenshot("succeeded");
 }
 
 #[test]

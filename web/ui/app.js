@@ -165,7 +165,7 @@ function opPage(id) {
   const events = h("tbody");
   const logTitle = h("h2", {}, "Log");
   const log = h("pre", { class: "log", id: "log" });
-  main.replaceChildren(title, summary, actions, h("div", { class: "card" }, svg),
+  main.replaceChildren(title, summary, actions, h("div", { class: "card scroll" }, svg),
     h("h2", {}, "Tasks"), h("div", { class: "scroll" }, h("table", { id: "tasks" },
       h("thead", {}, h("tr", {}, ["task", "status", "attempts", "started", "ended", "exit", "outputs / error"].map((c) => h("th", {}, c)))), tasks)),
     logTitle, log,

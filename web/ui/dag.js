@@ -60,6 +60,8 @@ export function draw(svg, steps, tasks, selected, onPick) {
   svg.replaceChildren();
   svg.setAttribute("viewBox", `0 0 ${Math.max(width, W)} ${height}`);
   svg.setAttribute("class", "dag");
+  // Text stays legible on a narrow screen: the drawing scrolls sideways in its card instead.
+  svg.style.minWidth = `${Math.round(Math.max(width, W) * 0.75)}px`;
   const defs = el("defs");
   const marker = el("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5,
     markerWidth: 6, markerHeight: 6, orient: "auto-start-reverse" });
