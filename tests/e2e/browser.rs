@@ -600,3 +600,70 @@ fn a_task_s_log_is_followed_as_it_grows() {
     let out = sandbox.cairn(&["cancel", &op.to_string()]);
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
 }
+
+#[test]
+fn a_gate_is_rejected_and_the_failed_op_resumed_by_clicking() {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "on-call", "operator");
+    let server = start(&sandbox);
+    let browser = Browser::new("reject-resume");
+    let op = submit(&sandbox, &server, &operator);
+    release_prepare(&sandbox);
+    wait_status(&server, &operator, op, "waiting");
+    browser.log_in(&server, &operator);
+
+    // The locks page shows the lock the op holds.
+    browser.click("#nav a[href='#/locks']");
+    browser.wait(&format!("the lock of op {op}"), || {
+        let text = browser.run("return document.querySelector('main').innerText", &[]);
+        text.as_str()
+            .is_some_and(|t| t.contains("target/db-1") && t.contains("Held locks"))
+            .then_some(())
+    });
+    // An operator pauses everything there, with a reason, and lifts the pause.
+    browser.click("#actions button[data-action=pause]");
+    browser.type_in("#confirm-reason", "incident 42");
+    browser.click("#confirm-ok");
+    let pause = "return [...document.querySelectorAll('main tr')].map(r => r.innerText).filter(t => t.includes('everything')).join('|')";
+    browser.wait("the pause listed", || {
+        let text = browser.run(pause, &[]);
+        let text = text.as_str().unwrap_or("");
+        (text.contains("token on-call") && text.contains("incident 42")).then_some(())
+    });
+    let locks = sandbox.json(&["locks", "--json"]);
+    assert_eq!(locks["paused"]["reason"], "incident 42", "{locks}");
+    browser.screenshot("locks");
+    browser.click("main button[data-action=unpause]");
+    browser.click("#confirm-ok");
+    browser.wait_for("the pause lifted", pause, &json!(""));
+    assert_eq!(sandbox.json(&["locks", "--json"])["paused"], Value::Null);
+
+    browser.open(&server.url(&format!("/#/op/{op}")));
+    browser.click("#actions button[data-action=reject][data-task=gate]");
+    browser.type_in("#confirm-reason", "replica lags");
+    browser.click("#confirm-ok");
+    let status = "const s = document.querySelector('#op-status'); return s && s.dataset.status";
+    browser.wait_for("the op failed", status, &json!("failed"));
+    browser.screenshot("rejected");
+    browser.click("#actions button[data-action=resume]");
+    browser.click("#confirm-ok");
+    // Resumed by the server that answered: the gate asks again.
+    browser.wait_for("the op waiting again", status, &json!("waiting"));
+    browser.wait_for(
+        "the gate waiting again",
+        &node_status("gate"),
+        &json!("waiting"),
+    );
+    browser.screenshot("resumed");
+    let shown = wait_status(&server, &operator, op, "waiting");
+    let events = events(&shown);
+    for (kind, message) in [
+        ("rejected", "rejected by token on-call: replica lags"),
+        ("resume-requested", "resume asked by token on-call"),
+    ] {
+        assert!(
+            events.iter().any(|(k, m)| k == kind && m == message),
+            "{kind}: {events:?}"
+        );
+    }
+}

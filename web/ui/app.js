@@ -291,22 +291,40 @@ function opPage(id) {
 
 function locksPage() {
   const box = h("div");
-  main.replaceChildren(h("h1", {}, "Locks, cooldowns and pauses"), box);
+  const actions = h("div", { class: "buttons", id: "actions" });
+  main.replaceChildren(h("h1", {}, "Locks, cooldowns and pauses"), actions, box);
   const table = (head, rows) => rows.length
     ? h("div", { class: "scroll" }, h("table", {}, h("thead", {}, h("tr", {}, head.map((c) => h("th", {}, c)))),
       h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c) => h("td", {}, c)))))))
     : h("p", { class: "muted" }, "none");
+  // An operator's action on this page: asked, confirmed, then the page is read again.
+  const button = (label, action, title, text, body) => h("button", { "data-action": action, onclick: async () => {
+    const reason = await confirmAction(title, text);
+    if (reason === null) return;
+    try {
+      await api(`/${action}`, { method: "POST", body: body(reason || null) });
+    } catch (err) { fail(err); }
+    load();
+  } }, label);
   const load = throttle(async () => {
     try {
       const l = await api("/locks");
       const opLink = (op) => h("a", { href: `#/op/${op}` }, op);
+      const mine = operator();
+      fill(actions, mine && !l.paused
+        ? button("Pause everything", "pause", "Pause cairn?", "No new op starts until it is unpaused; running ones go on.", (reason) => ({ reason }))
+        : null);
       fill(box,
-        h("h2", {}, "Pauses"), table(["scope", "by", "since", "until", "reason"], (l.pauses || []).map((p) => [
+        h("h2", {}, "Pauses"), table(["scope", "by", "since", "until", "reason", ""], (l.pauses || []).map((p) => [
           [p.plan ? `plan ${p.plan}` : "", p.key_prefix ? `keys ${p.key_prefix}*` : ""].filter(Boolean).join(", ") || "everything",
-          p.by || "", time(p.at), time(p.until), p.reason || ""])),
+          p.by || "", time(p.at), time(p.until), p.reason || "",
+          mine ? button("Unpause", "unpause", "Lift this pause?", "Ops it held may start.",
+            () => ({ plan: p.plan || null, key: p.key_prefix || null })) : ""])),
         h("h2", {}, "Held locks"), table(["key", "op", "since"], l.locks.map((k) => [k.key, opLink(k.op), time(k.since)])),
-        h("h2", {}, "Cooldowns"), table(["key", "until", "after op", "acked by"], l.cooldowns.map((c) => [
-          c.key, time(c.until), opLink(c.after_op), c.acked_by || ""])));
+        h("h2", {}, "Cooldowns"), table(["key", "until", "after op", "acked by", ""], l.cooldowns.map((c) => [
+          c.key, time(c.until), opLink(c.after_op), c.acked_by || "",
+          mine && !c.acked_by ? button("Ack", "ack", `Acknowledge the cooldown of ${c.key}?`, "A new op on this key may start now.",
+            (reason) => ({ key: c.key, reason })) : ""])));
     } catch (err) { fail(err); }
   }, 400);
   load();
