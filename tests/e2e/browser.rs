@@ -249,7 +249,8 @@ fn base64(text: &str) -> Vec<u8> {
         .collect()
 }
 
-/// A plan whose steps wait for files in the op's directory: the test decides when they end.
+/// A plan whose steps wait for files in the op's directory: the test decides when they end (and
+/// they end when the test's directory goes, so none outlives the test).
 /// `prepare` prints a line per file `go1`..`go3`; `restore` fans out over three shards; then a
 /// gate; then `work`, which waits for `done`.
 const PLAN: &str = r#"
@@ -259,7 +260,7 @@ steps:
   - id: prepare
     run: |
       for i in 1 2 3; do
-        while [ ! -f "$DIR/go$i" ]; do sleep 0.05; done
+        while [ ! -f "$DIR/go$i" ]; do [ -d "$DIR" ] || exit 1; sleep 0.05; done
         echo "prepared part $i"
       done
     env: { DIR: "{{ params.dir }}" }
@@ -273,7 +274,7 @@ steps:
   - id: work
     needs: [gate]
     run: |
-      while [ ! -f "$DIR/done" ]; do sleep 0.05; done
+      while [ ! -f "$DIR/done" ]; do [ -d "$DIR" ] || exit 1; sleep 0.05; done
       echo "traffic switched"
     env: { DIR: "{{ params.dir }}" }
 params:
