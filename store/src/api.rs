@@ -80,6 +80,9 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow>;
     fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>>;
     fn events(&self, op: OpId) -> Result<Vec<EventRow>>;
+    /// Each op's newest event number (0 for an op with none), by op id: what moved since a
+    /// last look (every change of an op or a task records an event).
+    fn event_heads(&self) -> Result<Vec<(OpId, i64)>>;
     /// The op's newest event of `kind` on task `task`, if any.
     fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>>;
     /// Log chunks of the op (or of one task), in order, after `after` = (task, attempt, seq).
@@ -270,6 +273,11 @@ impl Reader {
 
     pub fn events(&self, op: OpId) -> Result<Vec<EventRow>> {
         self.backend.events(op)
+    }
+
+    /// Each op's newest event number, by op id (see [`ReadBackend::event_heads`]).
+    pub fn event_heads(&self) -> Result<Vec<(OpId, i64)>> {
+        self.backend.event_heads()
     }
 
     /// The op's newest event of `kind` on task `task` (a gate's `task-waiting`, with its prompt).

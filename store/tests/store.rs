@@ -128,6 +128,34 @@ fn fresh_stores() -> Vec<Fresh> {
 
 // --- The durable rules, on every backend ---
 
+/// `event_heads` gives each op's newest event number, and only an op that records an event moves.
+#[test]
+fn event_heads_move_with_an_op_s_events_only() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        assert_eq!(store.reader().unwrap().event_heads().unwrap(), vec![]);
+        let (a, b) = (submit(&store, 1), submit(&store, 2));
+        let reader = store.reader().unwrap();
+        let last = |op| reader.events(op).unwrap().last().map_or(0, |e| e.seq);
+        let before = reader.event_heads().unwrap();
+        assert_eq!(before, vec![(a, last(a)), (b, last(b))]);
+        assert!(before.iter().all(|(_, seq)| *seq > 0), "{before:?}");
+        store
+            .apply_blocking(vec![Change::Event {
+                op: a,
+                owner: None,
+                at: 1,
+                kind: EventKind::Note,
+                task: None,
+                message: "a note".into(),
+            }])
+            .unwrap();
+        let after = reader.event_heads().unwrap();
+        assert_eq!(after, vec![(a, before[0].1 + 1), (b, before[1].1)]);
+    }
+}
+
 /// `any_sealed` tells whether a secret key was ever used: false until an op's params hold a
 /// sealed value, whatever else they hold.
 #[test]

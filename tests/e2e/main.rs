@@ -3,6 +3,7 @@
 mod support;
 
 mod architecture;
+mod browser;
 mod clock;
 mod cluster;
 mod controls;

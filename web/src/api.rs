@@ -32,6 +32,8 @@ pub struct Config {
     pub stop: engine::StopHandle,
     /// Where a plan submitted as text has its relative paths start (sub-plans, files).
     pub workdir: PathBuf,
+    /// Served over TLS: the session cookie is `Secure`.
+    pub tls: bool,
 }
 
 /// The state each request sees.
@@ -39,13 +41,15 @@ pub struct Config {
 pub(crate) struct App {
     pub(crate) config: Arc<Config>,
     reader: Arc<store::Reader>,
+    /// Each op's newest event number, watched by the clients of `/changes`.
+    pub(crate) heads: crate::changes::Heads,
 }
 
 /// Who calls: the token's name and role, found by its hash.
 #[derive(Debug, Clone)]
-struct Caller {
-    name: String,
-    role: Role,
+pub(crate) struct Caller {
+    pub(crate) name: String,
+    pub(crate) role: Role,
 }
 
 impl Caller {
@@ -85,6 +89,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/ops"),
     ("GET", "/ops/{id}"),
     ("GET", "/ops/{id}/tasks/{task}/logs"),
+    ("GET", "/ops/{id}/graph"),
     ("POST", "/ops/{id}/resume"),
     ("POST", "/ops/{id}/cancel"),
     ("POST", "/ops/{id}/approve"),
@@ -98,6 +103,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/ops/{id}/mark"),
     ("GET", "/openapi.json"),
     ("GET", "/metrics"),
+    ("POST", "/login"),
+    ("POST", "/logout"),
+    ("GET", "/whoami"),
+    ("GET", "/changes"),
 ];
 
 /// The API's routes, behind the token check, with timeouts, a body limit and compression.
@@ -106,11 +115,13 @@ pub fn router(config: Config) -> Result<Router, store::Error> {
     let app = App {
         config: Arc::new(config),
         reader,
+        heads: crate::changes::Heads::default(),
     };
     let api = Router::new()
         .route("/ops", get(list_ops).post(submit))
         .route("/ops/{id}", get(show_op))
         .route("/ops/{id}/tasks/{task}/logs", get(task_logs))
+        .route("/ops/{id}/graph", get(graph))
         .route("/ops/{id}/resume", post(resume))
         .route("/ops/{id}/cancel", post(cancel))
         .route("/ops/{id}/approve", post(approve))
@@ -124,10 +135,16 @@ pub fn router(config: Config) -> Result<Router, store::Error> {
         .route("/ops/{id}/mark", post(mark))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(crate::metrics::metrics))
+        .route("/logout", post(crate::session::logout))
+        .route("/whoami", get(crate::session::whoami))
+        .route("/changes", get(crate::changes::follow))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate))
+        // Logging in is the one route without a token: it takes one.
+        .route("/login", post(crate::session::login))
         .with_state(app);
     Ok(Router::new()
         .nest("/api/v1", api)
+        .merge(crate::ui::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such path") })
         .layer(middleware::map_response(as_json_error))
         .layer(tower_http::compression::CompressionLayer::new())
@@ -174,36 +191,42 @@ async fn as_json_error(response: Response) -> Response {
     ApiError::new(status, code, message).into_response()
 }
 
-/// Lets in a request whose bearer token the store knows; a viewer's only to read.
+/// Lets in a request whose token the store knows, given as a bearer header or as the session
+/// cookie of `/login`; a viewer's only to read (and to log out).
 async fn authenticate(State(app): State<App>, mut request: Request, next: Next) -> Response {
-    let given = request
+    let bearer = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| token::hash(t.trim()));
-    let Some(hash) = given else {
-        return unauthorized("this needs a token: `Authorization: Bearer TOKEN`");
+    let cookie = crate::session::cookie_token(request.headers()).map(|t| token::hash(&t));
+    let by_cookie = bearer.is_none() && cookie.is_some();
+    let Some(hash) = bearer.or(cookie) else {
+        return unauthorized(
+            "this needs a token: `Authorization: Bearer TOKEN`, or the session cookie of `/login`",
+        );
     };
-    let found = app
-        .read(move |reader, _| {
-            Ok(reader
-                .tokens()?
-                .into_iter()
-                .find(|t| token::same(&t.hash, &hash)))
-        })
-        .await;
-    let caller = match found {
-        Ok(Some(row)) => Caller {
-            name: row.name,
-            role: Role::parse(&row.role).unwrap_or(Role::Viewer),
-        },
+    let caller = match find_caller(&app, hash).await {
+        Ok(Some(caller)) => caller,
         Ok(None) => return unauthorized("this token is not known (revoked?)"),
         Err(e) => return e.into_response(),
     };
     let reads = request.method() == Method::GET || request.method() == Method::HEAD;
-    if !reads && caller.role != Role::Operator {
+    let logout = request.uri().path().ends_with("/logout");
+    if !reads && by_cookie && !crate::session::same_origin(request.headers()) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "an action by session cookie needs the `{}` header (cross-site requests are refused)",
+                crate::session::ACTION_HEADER
+            ),
+        )
+        .into_response();
+    }
+    if !reads && !logout && caller.role != Role::Operator {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -218,7 +241,23 @@ async fn authenticate(State(app): State<App>, mut request: Request, next: Next) 
     next.run(request).await
 }
 
-fn unauthorized(message: &str) -> Response {
+/// The caller whose token has the SHA-256 `hash`, if the store knows it.
+pub(crate) async fn find_caller(app: &App, hash: String) -> Result<Option<Caller>, ApiError> {
+    let found = app
+        .read(move |reader, _| {
+            Ok(reader
+                .tokens()?
+                .into_iter()
+                .find(|t| token::same(&t.hash, &hash)))
+        })
+        .await?;
+    Ok(found.map(|row| Caller {
+        name: row.name,
+        role: Role::parse(&row.role).unwrap_or(Role::Viewer),
+    }))
+}
+
+pub(crate) fn unauthorized(message: &str) -> Response {
     let mut response =
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
     response.headers_mut().insert(
@@ -247,7 +286,7 @@ fn op_id(text: &str) -> Result<OpId, ApiError> {
 }
 
 /// A request's body as a JSON object (an empty body is an empty object).
-fn body_object(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
+pub(crate) fn body_object(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
@@ -262,12 +301,12 @@ fn body_object(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// Refuses keys a request does not take, and reads the text ones it does.
-struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     map: &'a Map<String, Value>,
 }
 
 impl<'a> Fields<'a> {
-    fn new(map: &'a Map<String, Value>, known: &[&str]) -> Result<Self, ApiError> {
+    pub(crate) fn new(map: &'a Map<String, Value>, known: &[&str]) -> Result<Self, ApiError> {
         if let Some(key) = map.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(ApiError::bad(
                 "unknown-field",
@@ -284,7 +323,7 @@ impl<'a> Fields<'a> {
         Ok(Self { map })
     }
 
-    fn text(&self, key: &str) -> Result<Option<String>, ApiError> {
+    pub(crate) fn text(&self, key: &str) -> Result<Option<String>, ApiError> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -387,6 +426,33 @@ async fn show_op(State(app): State<App>, Path(id): Path<String>) -> Answer {
         .read(move |reader, rule| {
             let row = read_op(reader, op)?;
             Ok(view::record(reader, &row, rule, engine::owner::now())?)
+        })
+        .await?;
+    Ok(ok(&value))
+}
+
+/// `GET /ops/{id}/graph`: the steps of the op's plan (its snapshot) and what each needs, in plan
+/// order: what the dashboard draws.
+async fn graph(State(app): State<App>, Path(id): Path<String>) -> Answer {
+    let op = op_id(&id)?;
+    let value = app
+        .read(move |reader, _| {
+            read_op(reader, op)?;
+            let snapshot = reader.snapshot(op)?;
+            let plan = plans::parse(&snapshot.name, &snapshot.text).map_err(|_| {
+                ApiError::internal(format!("op {op}'s stored plan no longer parses"))
+            })?;
+            let steps: Vec<Value> = plan
+                .steps
+                .iter()
+                .map(|step| {
+                    json!({
+                        "id": step.id,
+                        "needs": step.needs.iter().filter_map(|&n| plan.steps.get(n).map(|s| s.id.clone())).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            Ok(json!({"steps": steps}))
         })
         .await?;
     Ok(ok(&value))

@@ -178,6 +178,22 @@ fn paths_of_ops() -> Value {
                     ("200", &json_response("the op", &op)),
                 ),
             },
+            "/ops/{id}/graph": {
+                "get": operation(
+                    "The steps of the op's plan and what each needs, in plan order (what the dashboard draws)",
+                    &[op_id_param()],
+                    None,
+                    ("200", &json_response("the steps", &json!({
+                        "type": "object",
+                        "properties": {"steps": {"type": "array", "items": {
+                            "type": "object",
+                            "properties": {"id": {"type": "string"}, "needs": {"type": "array", "items": {"type": "string"}}},
+                            "required": ["id", "needs"],
+                        }}},
+                        "required": ["steps"],
+                    }))),
+                ),
+            },
             "/ops/{id}/tasks/{task}/logs": {
                 "get": operation(
                     "What a task printed (a step's name takes its fan-out items' too), as `cairn logs --json`",
@@ -195,7 +211,7 @@ fn paths_of_ops() -> Value {
                                 "type": "array",
                                 "items": {"$ref": "#/components/schemas/LogLine"},
                             }},
-                            "text/event-stream": {"schema": {"type": "string"}},
+                            "text/event-stream": {"schema": sse_event(&["line", "end"])},
                         },
                     })),
                 ),
@@ -246,6 +262,11 @@ fn paths_of_ops() -> Value {
 /// this document.
 fn other_paths() -> Value {
     let object = json!({"type": "object"});
+    let who = json!({
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "role": {"enum": ["viewer", "operator"]}},
+        "required": ["name", "role"],
+    });
     let answer = json!({"type": "object", "properties": {"id": {"type": "integer"}}});
     json!({
             "/locks": {
@@ -327,6 +348,43 @@ fn other_paths() -> Value {
             "/openapi.json": {
                 "get": operation("This document", &[], None, ("200", &json_response("the document", &object))),
             },
+            "/login": {
+                "post": operation(
+                    "Begin a browser session: the token, given once, comes back as an HttpOnly, SameSite=Strict cookie (`cairn_session`) that every path takes as it takes the bearer header; actions by cookie need the header `x-cairn-action`",
+                    &[],
+                    Some(body(&json!({"token": text("a token of `cairn token create`")}), &["token"])),
+                    ("200", &json_response("who the token is; the cookie is set", &who)),
+                ),
+            },
+            "/logout": {
+                "post": operation("End the browser session: the cookie is cleared (a body, if any, is not read)", &[], None, ("200", &json_response("logged out", &object))),
+            },
+            "/whoami": {
+                "get": operation("The token's name and role", &[], None, ("200", &json_response("who calls", &who))),
+            },
+            "/changes": {
+                "get": operation(
+                    "Server-Sent Events `ops`: `[[id, n], ...]`, each op's newest event number; every op first, then the ops whose number moved, as they move",
+                    &[],
+                    None,
+                    ("200", &json!({"description": "the events", "content": {"text/event-stream": {"schema": sse_event(&["ops"])}}})),
+                ),
+            },
+    })
+}
+
+/// One Server-Sent Event of the kinds `names`: its `data` is JSON text (described in the
+/// operation's summary).
+fn sse_event(names: &[&str]) -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "event": {"enum": names},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+        },
+        "required": ["data"],
     })
 }
 

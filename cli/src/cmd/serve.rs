@@ -171,6 +171,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
                 stop: stop.clone(),
                 workdir: std::env::current_dir()
                     .map_err(|e| anyhow::anyhow!("cannot read the current directory: {e}"))?,
+                tls: tls.is_some(),
             };
             let app = web::router(web)?;
             let scheme = if tls.is_some() { "https" } else { "http" };

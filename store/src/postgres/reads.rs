@@ -719,6 +719,19 @@ impl ReadBackend for PgReader {
         })
     }
 
+    fn event_heads(&self) -> Result<Vec<(OpId, i64)>> {
+        self.run(|c| {
+            c.query(
+                "SELECT id, COALESCE((SELECT MAX(seq) FROM events WHERE op_id = ops.id), 0) \
+                 FROM ops ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((OpId(r.try_get(0)?), r.try_get(1)?)))
+            .collect()
+        })
+    }
+
     fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {
         let task = task.to_owned();
         self.run(move |c| {

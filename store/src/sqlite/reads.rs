@@ -290,6 +290,21 @@ impl Reads<'_> {
             .map_err(|e| self.err(&e))
     }
 
+    pub fn event_heads(&self) -> Result<Vec<(OpId, i64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, COALESCE((SELECT MAX(seq) FROM events WHERE op_id = ops.id), 0) \
+                 FROM ops ORDER BY id",
+            )
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((OpId(r.get(0)?), r.get(1)?)))
+            .map_err(|e| self.err(&e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(&e))
+    }
+
     pub fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {
         self.conn
             .prepare_cached(
@@ -572,6 +587,10 @@ impl ReadBackend for SqliteReader {
 
     fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {
         self.with(|r| r.last_event(op, task, kind))
+    }
+
+    fn event_heads(&self) -> Result<Vec<(OpId, i64)>> {
+        self.with(|r| r.event_heads())
     }
 
     fn logs(
