@@ -48,7 +48,7 @@ start_member() { # NAME
   [ "$(id -u)" != 0 ] || user=(--user="$MYOWNER")
   setsid -f env -u CAIRN_ATTEMPT_ID mariadbd --no-defaults "${user[@]}" \
     --datadir="$dir/$name" --port="$port" --bind-address=127.0.0.1 \
-    --socket="$dir/$name.sock" --pid-file="$dir/$name.pid" --log-error="$dir/$name.err" \
+    --socket="$dir/$name.sock" --tmpdir="$dir/$name.tmp" --pid-file="$dir/$name.pid" --log-error="$dir/$name.err" \
     --server-id="$id" --log-bin=binlog --log-slave-updates --gtid-strict-mode=1 \
     --binlog-format=ROW --skip-slave-start --skip-name-resolve \
     --innodb-buffer-pool-size=16M --innodb-log-file-size=16M --performance-schema=0 \
@@ -86,7 +86,11 @@ up)
     upper=$(echo "$name" | tr a-z A-Z)
     echo "$upper""_DATA=$dir/$name" >> "$dir/env"
     echo "$name $n" >> "$dir/server-ids"
-    as_owner mariadb-install-db --no-defaults --datadir="$dir/$name" \
+    # A temporary directory of its own: servers bootstrapping at once in a shared /tmp can
+    # trip over each other's temporary tables.
+    mkdir -p "$dir/$name.tmp"
+    own "$dir/$name.tmp"
+    as_owner env TMPDIR="$dir/$name.tmp" mariadb-install-db --no-defaults --datadir="$dir/$name" \
       --auth-root-authentication-method=normal --skip-test-db >"$dir/$name.install.log" 2>&1 ||
       { cat "$dir/$name.install.log" >&2; exit 1; }
     # A free port may be taken by another program before the server binds it: then another.

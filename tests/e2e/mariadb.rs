@@ -461,3 +461,147 @@ fn walk(dir: &Path) -> usize {
         })
         .sum()
 }
+
+impl Cluster {
+    fn failover(&self, extra: &[&str]) -> std::process::Output {
+        let mut args = vec![
+            "run".to_owned(),
+            "failover.yaml".to_owned(),
+            "-p".to_owned(),
+            "cluster=test".to_owned(),
+            "-p".to_owned(),
+            format!("primary_port={}", self.primary_port),
+            "-p".to_owned(),
+            format!("replicas=[{}, {}]", self.replica1_port, self.replica2_port),
+            "-p".to_owned(),
+            format!("notify={}", self.path.join("notify").display()),
+        ];
+        args.extend(extra.iter().map(ToString::to_string));
+        self.cairn(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .output()
+            .unwrap()
+    }
+}
+
+/// A row written on `primary` arrives on the replica on `port`, which follows `primary`.
+fn assert_follows(port: &str, primary: &str, value: &str) {
+    sql(
+        primary,
+        &format!("INSERT INTO app.t (v) VALUES ('{value}')"),
+    )
+    .unwrap();
+    let gtid = sql(primary, "SELECT @@gtid_binlog_pos").unwrap();
+    assert_eq!(
+        sql(port, &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")).as_deref(),
+        Some("0"),
+        "port {port} never reached {gtid} of port {primary}"
+    );
+    assert_eq!(
+        sql(
+            port,
+            &format!("SELECT count(*) FROM app.t WHERE v = '{value}'")
+        )
+        .as_deref(),
+        Some("1")
+    );
+    let status = slave_status(port);
+    for line in [
+        "Slave_IO_Running: Yes".to_owned(),
+        "Slave_SQL_Running: Yes".to_owned(),
+        format!("Master_Port: {primary}"),
+        "Using_Gtid: Slave_Pos".to_owned(),
+    ] {
+        assert!(status.contains(&line), "{line} not in {status}");
+    }
+}
+
+/// orchestrator's shape on real servers: refused by its `pre` hook while the primary answers;
+/// once the primary is killed (`kill -9`) and the op resumed, the most advanced replica is
+/// promoted even though `prefer` names the other, which was behind (its replication stopped);
+/// the other then follows the new primary, catching up what it lacked; another failover of the
+/// cluster is refused by the cooldown.
+#[test]
+fn a_mariadb_failover_promotes_the_most_advanced_replica_after_the_primary_is_killed() {
+    let my = Cluster::up();
+    let prefer = format!("prefer={}", my.replica2_port);
+    let out = my.failover(&["-p", &prefer]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("answers: no failover"),
+        "{}",
+        stderr(&out)
+    );
+    my.assert_replicates(&my.replica1_port, "after the refusal");
+
+    // replica2 falls behind; the primary takes writes, then dies.
+    sql(&my.replica2_port, "STOP SLAVE").unwrap();
+    sql(
+        &my.primary_port,
+        "INSERT INTO app.t (v) VALUES ('only on replica1')",
+    )
+    .unwrap();
+    let gtid = sql(&my.primary_port, "SELECT @@gtid_binlog_pos").unwrap();
+    assert_eq!(
+        sql(
+            &my.replica1_port,
+            &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")
+        )
+        .as_deref(),
+        Some("0")
+    );
+    my.sandbox(&["crash", "primary"]);
+    assert!(sql(&my.primary_port, "SELECT 1").is_none());
+
+    let out = my.cairn(&["resume", "1"]).output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = my.show(1);
+    assert_eq!(
+        task(&show, "pick")["outputs"]["new_primary"],
+        my.replica1_port.as_str(),
+        "{show}"
+    );
+    // The new primary takes writes and replicates from nobody.
+    assert!(!slave_status(&my.replica1_port).contains("Master_Port"));
+    assert_eq!(
+        sql(&my.replica1_port, "SELECT @@read_only").as_deref(),
+        Some("0")
+    );
+    assert_follows(&my.replica2_port, &my.replica1_port, "after the failover");
+    assert_eq!(
+        sql(
+            &my.replica2_port,
+            "SELECT count(*) FROM app.t WHERE v = 'only on replica1'"
+        )
+        .as_deref(),
+        Some("1")
+    );
+    let notices = std::fs::read_to_string(my.path.join("notify")).unwrap();
+    assert!(
+        notices.contains(&format!("to port {} done", my.replica1_port)),
+        "{notices}"
+    );
+
+    // Anti-flapping: the cluster's next failover is refused for now.
+    let out = my.failover(&[]);
+    assert_ne!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cools down"), "{}", stderr(&out));
+}
+
+/// With both replicas as advanced, `prefer` picks the candidate: the primary killed, the preferred
+/// replica is promoted and the other follows it.
+#[test]
+fn a_mariadb_failover_promotes_the_preferred_replica_when_it_is_not_behind() {
+    let my = Cluster::up();
+    my.assert_replicates(&my.replica1_port, "before");
+    my.assert_replicates(&my.replica2_port, "before, on replica2");
+    my.sandbox(&["crash", "primary"]);
+    let out = my.failover(&["-p", &format!("prefer={}", my.replica2_port)]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = my.show(1);
+    assert_eq!(
+        task(&show, "pick")["outputs"]["new_primary"],
+        my.replica2_port.as_str(),
+        "{show}"
+    );
+    assert_follows(&my.replica1_port, &my.replica2_port, "after the failover");
+}
