@@ -588,20 +588,87 @@ fn a_mariadb_failover_promotes_the_most_advanced_replica_after_the_primary_is_ki
 }
 
 /// With both replicas as advanced, `prefer` picks the candidate: the primary killed, the preferred
-/// replica is promoted and the other follows it.
+/// replica is promoted and the other follows it. cairn is killed (`kill -9`) while it waits for the
+/// sibling (held back by a table lock on it), then resumed: nothing done is done again, and the
+/// wait ends once the sibling has the row written after the failover.
 #[test]
-fn a_mariadb_failover_promotes_the_preferred_replica_when_it_is_not_behind() {
+fn a_mariadb_failover_killed_while_it_waits_resumes_with_the_preferred_replica_promoted() {
     let my = Cluster::up();
+    sql(
+        &my.primary_port,
+        "CREATE DATABASE cairn_probe; CREATE TABLE cairn_probe.failovers \
+         (op VARCHAR(64) PRIMARY KEY, at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+    )
+    .unwrap();
     my.assert_replicates(&my.replica1_port, "before");
     my.assert_replicates(&my.replica2_port, "before, on replica2");
+    // The sibling cannot apply the failover's row while this session holds the table.
+    let mut locker = Command::new("mariadb")
+        .args(["--no-defaults", "-h", "127.0.0.1", "-u", "root"])
+        .arg(format!("--port={}", my.replica1_port))
+        .args([
+            "-e",
+            "LOCK TABLES cairn_probe.failovers WRITE; SELECT SLEEP(600)",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the table lock", || {
+        sql(
+            &my.replica1_port,
+            "SELECT count(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP%'",
+        )
+        .as_deref()
+            == Some("1")
+    });
     my.sandbox(&["crash", "primary"]);
-    let out = my.failover(&["-p", &format!("prefer={}", my.replica2_port)]);
+
+    let mut command = my.cairn(&[
+        "run",
+        "failover.yaml",
+        "-p",
+        "cluster=test",
+        "-p",
+        &format!("primary_port={}", my.primary_port),
+        "-p",
+        &format!("replicas=[{}, {}]", my.replica1_port, my.replica2_port),
+        "-p",
+        &format!("prefer={}", my.replica2_port),
+    ]);
+    let run = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the failover's row on the new primary", || {
+        sql(
+            &my.replica2_port,
+            "SELECT count(*) FROM cairn_probe.failovers",
+        )
+        .as_deref()
+            == Some("1")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    kill_9(run);
+    assert_eq!(
+        my.show(1)["status"],
+        "interrupted",
+        "the kill came after the end"
+    );
+    locker.kill().unwrap();
+    locker.wait().unwrap();
+
+    let out = my.cairn(&["resume", "1"]).output().unwrap();
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
     let show = my.show(1);
+    assert_eq!(show["status"], "succeeded", "{show}");
     assert_eq!(
         task(&show, "pick")["outputs"]["new_primary"],
         my.replica2_port.as_str(),
         "{show}"
     );
+    for done in ["apply-relay-logs", "pick", "promote", "write-probe"] {
+        assert_eq!(task(&show, done)["attempts"], 1, "{done}: {show}");
+    }
     assert_follows(&my.replica1_port, &my.replica2_port, "after the failover");
 }
