@@ -80,6 +80,8 @@ up)
   chmod 0755 "$dir"
   own "$dir"
   : > "$dir/env"
+  # A sandbox that fails half-way leaves no server running.
+  trap 'for name in $members; do crash_member "$name"; done' EXIT
   n=0
   for name in $members; do
     n=$((n + 1))
@@ -118,6 +120,7 @@ up)
     [ "$(sql "$port" "SELECT MASTER_GTID_WAIT('$gtid', 60)")" = 0 ] ||
       { echo "sandbox.sh: the replica on port $port did not catch up" >&2; exit 1; }
   done
+  trap - EXIT
   echo "primary on 127.0.0.1:$PRIMARY_PORT, replicas on 127.0.0.1:$REPLICA1_PORT and 127.0.0.1:$REPLICA2_PORT; . $dir/env"
   ;;
 start)
