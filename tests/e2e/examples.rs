@@ -6,7 +6,7 @@ use crate::support::{cairn_in, root, stderr, stdout};
 fn every_example_plan_is_valid() {
     let dir = root().join("examples");
     let mut plans: Vec<String> = Vec::new();
-    for sub in ["", "postgres"] {
+    for sub in ["", "postgres", "mariadb"] {
         for entry in std::fs::read_dir(dir.join(sub)).unwrap() {
             let name = entry.unwrap().file_name().into_string().unwrap();
             if std::path::Path::new(&name)

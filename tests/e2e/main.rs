@@ -20,6 +20,7 @@ mod graph;
 mod help;
 mod invalid_plans;
 mod logs;
+mod mariadb;
 mod nodes;
 mod operator;
 mod pauses;

@@ -1,0 +1,74 @@
+# Shared by the steps of the MariaDB examples (`. ./lib.sh`): talk to a server on loopback, ask
+# it for one value, and stop a server and wait until its process is gone.
+
+# The OS user the servers run as when started by root (mariadbd refuses to run as root).
+MYOWNER=${MYOWNER:-mysql}
+MYUSER=${MYUSER:-root}
+
+# sql PORT SQL...: the statements on 127.0.0.1:PORT as $MYUSER, tab-separated, no headers.
+sql() {
+  port=$1
+  shift
+  mariadb --no-defaults -h 127.0.0.1 -P "$port" -u "$MYUSER" -N -B -r -e "$*"
+}
+
+# answers PORT: whether a server answers on 127.0.0.1:PORT.
+answers() {
+  sql "$1" 'SELECT 1' >/dev/null 2>&1
+}
+
+# slave_field PORT FIELD: one field of SHOW SLAVE STATUS on the server on PORT (empty when it is
+# no replica).
+slave_field() {
+  mariadb --no-defaults -h 127.0.0.1 -P "$1" -u "$MYUSER" -e 'SHOW SLAVE STATUS\G' |
+    sed -n "s/^ *$2: //p"
+}
+
+# as_owner CMD...: CMD as the servers' owner when run by root, else as is.
+as_owner() {
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u "$MYOWNER" -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# own PATH: PATH (recursively) belongs to the servers' owner, when run by root.
+own() {
+  if [ "$(id -u)" = 0 ]; then chown -R "$MYOWNER:" "$1"; fi
+}
+
+# shutdown PORT: stop the server on PORT and wait until its process has exited (its data
+# directory is free then). Nothing to do when nothing answers there.
+shutdown() {
+  answers "$1" || return 0
+  pid=$(cat "$(sql "$1" 'SELECT @@pid_file')")
+  sql "$1" 'SHUTDOWN'
+  for _ in $(seq 1 600); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  echo "the server on port $1 (pid $pid) did not exit within a minute" >&2
+  return 1
+}
+
+# serving_from DIR: the pids of the mariadbd processes running from data directory DIR (none:
+# exit 1). Asked of the processes themselves, for a server that no longer answers.
+serving_from() {
+  local want found=1 pid dir
+  want=$(realpath -m "$1")
+  for pid in $(pgrep -x mariadbd); do
+    dir=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/^--datadir=//p' | tail -n 1)
+    if [ -n "$dir" ] && [ "$(realpath -m "$dir")" = "$want" ]; then
+      echo "$pid"
+      found=0
+    fi
+  done
+  return $found
+}
+
+# refuse MESSAGE...: say why on stderr and exit 2.
+refuse() {
+  echo "refusing: $*" >&2
+  exit 2
+}

@@ -1,0 +1,674 @@
+//! The MariaDB runbooks of `examples/mariadb/`, run by the real binary against real servers: a
+//! primary and two GTID replicas made by `examples/mariadb/sandbox.sh` on free loopback ports
+//! (never 3306, never the machine's own MariaDB), crashed with `kill -9`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{Sandbox, code, root, stderr, stdout, task};
+
+fn examples() -> PathBuf {
+    root().join("examples/mariadb")
+}
+
+/// A primary and two replicas, destroyed when dropped; cairn's database in a [`Sandbox`] (SQLite,
+/// or PostgreSQL with `CAIRN_TEST_BACKEND=postgres`).
+struct Cluster {
+    cairn: Sandbox,
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    primary_port: String,
+    replica1_port: String,
+    replica2_port: String,
+    primary_data: String,
+    replica1_data: String,
+}
+
+impl Cluster {
+    fn up() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let path = dir.path().join("my");
+        let out = Command::new(examples().join("sandbox.sh"))
+            .arg("up")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "sandbox.sh up: {}", stderr(&out));
+        let env = std::fs::read_to_string(path.join("env")).unwrap();
+        let get = |key: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap()
+                .to_owned()
+        };
+        for port in ["PRIMARY_PORT", "REPLICA1_PORT", "REPLICA2_PORT"] {
+            assert_ne!(get(port), "3306");
+        }
+        Self {
+            cairn: Sandbox::new(),
+            primary_port: get("PRIMARY_PORT"),
+            replica1_port: get("REPLICA1_PORT"),
+            replica2_port: get("REPLICA2_PORT"),
+            primary_data: get("PRIMARY_DATA"),
+            replica1_data: get("REPLICA1_DATA"),
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn sandbox(&self, args: &[&str]) {
+        let out = Command::new(examples().join("sandbox.sh"))
+            .arg(args[0])
+            .arg(&self.path)
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sandbox.sh {args:?}: {}",
+            stderr(&out)
+        );
+    }
+
+    /// `cairn` on the examples' plans, with the sandbox's database.
+    fn cairn(&self, args: &[&str]) -> Command {
+        let mut command = self.cairn.command(args);
+        command.current_dir(examples());
+        command
+    }
+
+    fn show(&self, op: u32) -> Value {
+        let out = self
+            .cairn(&["show", &op.to_string(), "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Rebuild replica1 from the primary.
+    fn rebuild_args(&self, extra: &[String]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "rebuild-replica.yaml".into(),
+            "-p".into(),
+            "cluster=test".into(),
+            "-p".into(),
+            format!("source_port={}", self.primary_port),
+            "-p".into(),
+            format!("target_port={}", self.replica1_port),
+            "-p".into(),
+            format!("target_data={}", self.replica1_data),
+            "-p".into(),
+            format!(
+                "start={} start {} replica1",
+                examples().join("sandbox.sh").display(),
+                self.path.display()
+            ),
+            "-p".into(),
+            format!("notify={}", self.path.join("notify").display()),
+        ];
+        args.extend(extra.iter().cloned());
+        args
+    }
+
+    /// A row written on the primary now arrives on the replica on `port`, which replicates from
+    /// the primary with both threads running.
+    fn assert_replicates(&self, port: &str, value: &str) {
+        sql(
+            &self.primary_port,
+            &format!("INSERT INTO app.t (v) VALUES ('{value}')"),
+        )
+        .unwrap();
+        let gtid = sql(&self.primary_port, "SELECT @@gtid_binlog_pos").unwrap();
+        assert_eq!(
+            sql(port, &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")).as_deref(),
+            Some("0"),
+            "the replica on port {port} never reached {gtid}"
+        );
+        assert_eq!(
+            sql(
+                port,
+                &format!("SELECT count(*) FROM app.t WHERE v = '{value}'")
+            )
+            .as_deref(),
+            Some("1")
+        );
+        let status = slave_status(port);
+        for line in [
+            "Slave_IO_Running: Yes".to_owned(),
+            "Slave_SQL_Running: Yes".to_owned(),
+            format!("Master_Port: {}", self.primary_port),
+            "Using_Gtid: Slave_Pos".to_owned(),
+        ] {
+            assert!(status.contains(&line), "{line} not in {status}");
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(examples().join("sandbox.sh"))
+            .arg("down")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// One query on the member on `port`; `None` when it fails.
+fn sql(port: &str, query: &str) -> Option<String> {
+    let out = Command::new("mariadb")
+        .args(["--no-defaults", "-h", "127.0.0.1", "-u", "root", "-N", "-B"])
+        .arg(format!("--port={port}"))
+        .args(["-e", query])
+        .output()
+        .unwrap();
+    out.status.success().then(|| stdout(&out).trim().to_owned())
+}
+
+/// `SHOW SLAVE STATUS` on the member on `port`, a `Field: value` line each.
+fn slave_status(port: &str) -> String {
+    let out = Command::new("mariadb")
+        .args(["--no-defaults", "-h", "127.0.0.1", "-u", "root", "-E"])
+        .arg(format!("--port={port}"))
+        .args(["-e", "SHOW SLAVE STATUS"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+}
+
+fn args(owned: &[String]) -> Vec<&str> {
+    owned.iter().map(String::as_str).collect()
+}
+
+/// Waits until `done` holds (or panics after two minutes, saying `what`).
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{what} never happened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a moment of a rebuild (of the op given) has come.
+type Moment<'a> = Box<dyn Fn(u32) -> bool + 'a>;
+
+fn kill_9(mut run: Child) {
+    run.kill().unwrap();
+    run.wait().unwrap();
+}
+
+#[test]
+fn a_broken_mariadb_replica_is_rebuilt_from_a_stream_and_replicates_again() {
+    let my = Cluster::up();
+    my.assert_replicates(&my.replica1_port, "before");
+    my.sandbox(&["break", "replica1"]);
+    assert!(!Path::new(&my.replica1_data).exists());
+    sql(
+        &my.primary_port,
+        "INSERT INTO app.t (v) VALUES ('while broken')",
+    )
+    .unwrap();
+
+    let out = my.cairn(&args(&my.rebuild_args(&[]))).output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    my.assert_replicates(&my.replica1_port, "after");
+    assert_eq!(
+        sql(
+            &my.replica1_port,
+            "SELECT count(*) FROM app.t WHERE v IN ('before', 'while broken')"
+        )
+        .as_deref(),
+        Some("2")
+    );
+    // Asked of the server: it runs from the replica's directory.
+    assert_eq!(
+        sql(&my.replica1_port, "SELECT @@datadir").map(|d| d.trim_end_matches('/').to_owned()),
+        Some(my.replica1_data.clone())
+    );
+    let notices = std::fs::read_to_string(my.path.join("notify")).unwrap();
+    assert!(notices.contains("rebuilt"), "{notices}");
+    // The backup set is gone.
+    for leftover in [".rebuild-op1", ".rebuild-op1.part", ".before-op1"] {
+        assert!(!Path::new(&format!("{}{leftover}", my.replica1_data)).exists());
+    }
+    // The other replica went on replicating throughout.
+    my.assert_replicates(&my.replica2_port, "sibling");
+}
+
+/// The guard asks the servers: the primary's directory with a replica's port, a replica's
+/// directory with the other replica's port, and a "source" the target does not replicate from
+/// are refused before anything stops; every server still runs.
+#[test]
+fn a_mariadb_rebuild_that_names_the_wrong_servers_is_refused() {
+    let my = Cluster::up();
+    let env = std::fs::read_to_string(my.path.join("env")).unwrap();
+    let replica2_data = env
+        .lines()
+        .find_map(|l| l.strip_prefix("REPLICA2_DATA="))
+        .unwrap()
+        .to_owned();
+    let cases = [
+        (
+            &my.primary_data,
+            &my.replica1_port,
+            &my.primary_port,
+            "is the data directory of the source",
+        ),
+        (
+            &my.replica1_data,
+            &my.replica2_port,
+            &my.primary_port,
+            "is served from",
+        ),
+        (
+            &replica2_data,
+            &my.replica2_port,
+            &my.replica1_port,
+            "is not a replica of port",
+        ),
+    ];
+    for (n, (data, port, source, says)) in cases.into_iter().enumerate() {
+        let out = my
+            .cairn(&[
+                "run",
+                "rebuild-replica.yaml",
+                "-p",
+                "cluster=test",
+                "-p",
+                &format!("source_port={source}"),
+                "-p",
+                &format!("target_port={port}"),
+                "-p",
+                &format!("target_data={data}"),
+                "-p",
+                "start=false",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{says}: {}", stderr(&out));
+        for port in [&my.primary_port, &my.replica1_port, &my.replica2_port] {
+            assert_eq!(sql(port, "SELECT 1").as_deref(), Some("1"));
+        }
+        // The failed op holds the cluster's lock until it is canceled.
+        let out = my
+            .cairn(&["cancel", &(n + 1).to_string()])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    }
+    my.assert_replicates(&my.replica1_port, "after the refusals");
+    my.assert_replicates(&my.replica2_port, "after the refusals, on replica2");
+}
+
+/// `kill -9` of cairn at three moments of a rebuild (during the stream, once the old data was
+/// moved aside, once the rebuilt server answers), then `resume`: each time the replica ends up
+/// replicating rows written on the primary while cairn was dead and after.
+#[test]
+fn a_mariadb_rebuild_killed_at_any_moment_resumes_to_a_replicating_replica() {
+    let my = Cluster::up();
+    let data = my.replica1_data.clone();
+    let moments: [(&str, Moment); 3] = [
+        (
+            "during the stream",
+            Box::new(|op| {
+                let part = PathBuf::from(format!("{data}.rebuild-op{op}.part"));
+                part.join("ibdata1").exists()
+            }),
+        ),
+        (
+            "with the old data moved aside",
+            Box::new(|op| Path::new(&format!("{data}.before-op{op}")).exists()),
+        ),
+        (
+            "once the rebuilt server answers",
+            Box::new(|op| {
+                Path::new(&format!("{data}.before-op{op}")).exists()
+                    && sql(&my.replica1_port, "SELECT 1").is_some()
+            }),
+        ),
+    ];
+    for (n, (moment, reached)) in moments.iter().enumerate() {
+        let op = n as u32 + 1;
+        let mut extra = Vec::new();
+        if op == 1 {
+            // A broken replica, and a slow copy, so that the kill lands in the stream.
+            my.sandbox(&["break", "replica1"]);
+            extra = vec!["-p".to_owned(), "throttle=100".to_owned()];
+        }
+        let run = my
+            .cairn(&args(&my.rebuild_args(&extra)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until(moment, || reached(op));
+        kill_9(run);
+        if op == 1 {
+            assert!(
+                !Path::new(&format!("{data}.rebuild-op1/xtrabackup_checkpoints")).exists(),
+                "the stream finished before the kill"
+            );
+        }
+        sql(
+            &my.primary_port,
+            &format!("INSERT INTO app.t (v) VALUES ('while dead {op}')"),
+        )
+        .unwrap();
+
+        let out = my.cairn(&["resume", &op.to_string()]).output().unwrap();
+        assert_eq!(code(&out), Some(0), "{moment}: {}", stderr(&out));
+        let show = my.show(op);
+        assert_eq!(show["status"], "succeeded", "{moment}: {show}");
+        assert_eq!(task(&show, "check-params")["attempts"], 1, "{moment}");
+        if op == 1 {
+            assert_eq!(task(&show, "stream-backup")["attempts"], 2, "{moment}");
+        }
+        my.assert_replicates(&my.replica1_port, &format!("after resume {op}"));
+        assert_eq!(
+            sql(
+                &my.replica1_port,
+                &format!("SELECT count(*) FROM app.t WHERE v = 'while dead {op}'")
+            )
+            .as_deref(),
+            Some("1"),
+            "{moment}"
+        );
+        assert!(!Path::new(&format!("{data}.before-op{op}")).exists());
+        assert!(!Path::new(&format!("{data}.rebuild-op{op}")).exists());
+    }
+}
+
+/// A backup is prepared and checked, its location and entry count are outputs; a second backup of
+/// the same server while one runs is refused (`--no-wait`), naming the holder.
+#[test]
+fn a_mariadb_backup_is_prepared_counted_and_one_per_server() {
+    let my = Cluster::up();
+    let dir = my.path.join("backups");
+    let backup = |extra: &[&str]| {
+        let mut args = vec![
+            "run".to_owned(),
+            "backup.yaml".to_owned(),
+            "-p".to_owned(),
+            format!("port={}", my.replica2_port),
+            "-p".to_owned(),
+            format!("dir={}", dir.display()),
+        ];
+        args.extend(extra.iter().map(ToString::to_string));
+        args
+    };
+    let first = my
+        .cairn(&args(&backup(&["-p", "throttle=100"])))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the first backup's copy", || {
+        dir.join("backup-op1.part").exists()
+    });
+    let out = my.cairn(&args(&backup(&["--no-wait"]))).output().unwrap();
+    assert_ne!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("op 1"), "{}", stderr(&out));
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+
+    let show = my.show(1);
+    assert_eq!(show["status"], "succeeded", "{show}");
+    let outputs = &task(&show, "verify")["outputs"];
+    let path = PathBuf::from(outputs["path"].as_str().unwrap());
+    assert_eq!(path, dir.join("backup-op1"));
+    assert!(!dir.join("backup-op1.part").exists());
+    let entries: usize = outputs["entries"].as_str().unwrap().parse().unwrap();
+    let files = walk(&path);
+    assert_eq!(entries, files, "{outputs}");
+    assert!(path.join("app/t.frm").exists());
+    let checkpoints = std::fs::read_to_string(path.join("xtrabackup_checkpoints")).unwrap();
+    assert!(
+        checkpoints.contains("backup_type = log-applied"),
+        "{checkpoints}"
+    );
+    // The backup's GTID is the server's.
+    assert_eq!(
+        outputs["gtid"].as_str().unwrap(),
+        sql(&my.replica2_port, "SELECT @@gtid_current_pos").unwrap()
+    );
+}
+
+/// Regular files under `dir`, counted.
+fn walk(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let kind = e.file_type().unwrap();
+            if kind.is_dir() {
+                walk(&e.path())
+            } else {
+                usize::from(kind.is_file())
+            }
+        })
+        .sum()
+}
+
+impl Cluster {
+    fn failover(&self, extra: &[&str]) -> std::process::Output {
+        let mut args = vec![
+            "run".to_owned(),
+            "failover.yaml".to_owned(),
+            "-p".to_owned(),
+            "cluster=test".to_owned(),
+            "-p".to_owned(),
+            format!("primary_port={}", self.primary_port),
+            "-p".to_owned(),
+            format!("replicas=[{}, {}]", self.replica1_port, self.replica2_port),
+            "-p".to_owned(),
+            format!("notify={}", self.path.join("notify").display()),
+        ];
+        args.extend(extra.iter().map(ToString::to_string));
+        self.cairn(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .output()
+            .unwrap()
+    }
+}
+
+/// A row written on `primary` arrives on the replica on `port`, which follows `primary`.
+fn assert_follows(port: &str, primary: &str, value: &str) {
+    sql(
+        primary,
+        &format!("INSERT INTO app.t (v) VALUES ('{value}')"),
+    )
+    .unwrap();
+    let gtid = sql(primary, "SELECT @@gtid_binlog_pos").unwrap();
+    assert_eq!(
+        sql(port, &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")).as_deref(),
+        Some("0"),
+        "port {port} never reached {gtid} of port {primary}"
+    );
+    assert_eq!(
+        sql(
+            port,
+            &format!("SELECT count(*) FROM app.t WHERE v = '{value}'")
+        )
+        .as_deref(),
+        Some("1")
+    );
+    let status = slave_status(port);
+    for line in [
+        "Slave_IO_Running: Yes".to_owned(),
+        "Slave_SQL_Running: Yes".to_owned(),
+        format!("Master_Port: {primary}"),
+        "Using_Gtid: Slave_Pos".to_owned(),
+    ] {
+        assert!(status.contains(&line), "{line} not in {status}");
+    }
+}
+
+/// orchestrator's shape on real servers: refused by its `pre` hook while the primary answers;
+/// once the primary is killed (`kill -9`) and the op resumed, the most advanced replica is
+/// promoted even though `prefer` names the other, which was behind (its replication stopped);
+/// the other then follows the new primary, catching up what it lacked; another failover of the
+/// cluster is refused by the cooldown.
+#[test]
+fn a_mariadb_failover_promotes_the_most_advanced_replica_after_the_primary_is_killed() {
+    let my = Cluster::up();
+    let prefer = format!("prefer={}", my.replica2_port);
+    let out = my.failover(&["-p", &prefer]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("answers: no failover"),
+        "{}",
+        stderr(&out)
+    );
+    my.assert_replicates(&my.replica1_port, "after the refusal");
+
+    // replica2 falls behind; the primary takes writes, then dies.
+    sql(&my.replica2_port, "STOP SLAVE").unwrap();
+    sql(
+        &my.primary_port,
+        "INSERT INTO app.t (v) VALUES ('only on replica1')",
+    )
+    .unwrap();
+    let gtid = sql(&my.primary_port, "SELECT @@gtid_binlog_pos").unwrap();
+    assert_eq!(
+        sql(
+            &my.replica1_port,
+            &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")
+        )
+        .as_deref(),
+        Some("0")
+    );
+    my.sandbox(&["crash", "primary"]);
+    assert!(sql(&my.primary_port, "SELECT 1").is_none());
+
+    let out = my.cairn(&["resume", "1"]).output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = my.show(1);
+    assert_eq!(
+        task(&show, "pick")["outputs"]["new_primary"],
+        my.replica1_port.as_str(),
+        "{show}"
+    );
+    // The new primary takes writes and replicates from nobody.
+    assert!(!slave_status(&my.replica1_port).contains("Master_Port"));
+    assert_eq!(
+        sql(&my.replica1_port, "SELECT @@read_only").as_deref(),
+        Some("0")
+    );
+    assert_follows(&my.replica2_port, &my.replica1_port, "after the failover");
+    assert_eq!(
+        sql(
+            &my.replica2_port,
+            "SELECT count(*) FROM app.t WHERE v = 'only on replica1'"
+        )
+        .as_deref(),
+        Some("1")
+    );
+    let notices = std::fs::read_to_string(my.path.join("notify")).unwrap();
+    assert!(
+        notices.contains(&format!("to port {} done", my.replica1_port)),
+        "{notices}"
+    );
+
+    // Anti-flapping: the cluster's next failover is refused for now.
+    let out = my.failover(&[]);
+    assert_ne!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cools down"), "{}", stderr(&out));
+}
+
+/// With both replicas as advanced, `prefer` picks the candidate: the primary killed, the preferred
+/// replica is promoted and the other follows it. cairn is killed (`kill -9`) while it waits for the
+/// sibling (held back by a table lock on it), then resumed: nothing done is done again, and the
+/// wait ends once the sibling has the row written after the failover.
+#[test]
+fn a_mariadb_failover_killed_while_it_waits_resumes_with_the_preferred_replica_promoted() {
+    let my = Cluster::up();
+    sql(
+        &my.primary_port,
+        "CREATE DATABASE cairn_probe; CREATE TABLE cairn_probe.failovers \
+         (op VARCHAR(64) PRIMARY KEY, at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+    )
+    .unwrap();
+    my.assert_replicates(&my.replica1_port, "before");
+    my.assert_replicates(&my.replica2_port, "before, on replica2");
+    // The sibling cannot apply the failover's row while this session holds the table.
+    let mut locker = Command::new("mariadb")
+        .args(["--no-defaults", "-h", "127.0.0.1", "-u", "root"])
+        .arg(format!("--port={}", my.replica1_port))
+        .args([
+            "-e",
+            "LOCK TABLES cairn_probe.failovers WRITE; SELECT SLEEP(600)",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the table lock", || {
+        sql(
+            &my.replica1_port,
+            "SELECT count(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP%'",
+        )
+        .as_deref()
+            == Some("1")
+    });
+    my.sandbox(&["crash", "primary"]);
+
+    let mut command = my.cairn(&[
+        "run",
+        "failover.yaml",
+        "-p",
+        "cluster=test",
+        "-p",
+        &format!("primary_port={}", my.primary_port),
+        "-p",
+        &format!("replicas=[{}, {}]", my.replica1_port, my.replica2_port),
+        "-p",
+        &format!("prefer={}", my.replica2_port),
+    ]);
+    let run = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the failover's row on the new primary", || {
+        sql(
+            &my.replica2_port,
+            "SELECT count(*) FROM cairn_probe.failovers",
+        )
+        .as_deref()
+            == Some("1")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    kill_9(run);
+    assert_eq!(
+        my.show(1)["status"],
+        "interrupted",
+        "the kill came after the end"
+    );
+    locker.kill().unwrap();
+    locker.wait().unwrap();
+
+    let out = my.cairn(&["resume", "1"]).output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = my.show(1);
+    assert_eq!(show["status"], "succeeded", "{show}");
+    assert_eq!(
+        task(&show, "pick")["outputs"]["new_primary"],
+        my.replica2_port.as_str(),
+        "{show}"
+    );
+    for done in ["apply-relay-logs", "pick", "promote", "write-probe"] {
+        assert_eq!(task(&show, done)["attempts"], 1, "{done}: {show}");
+    }
+    assert_follows(&my.replica1_port, &my.replica2_port, "after the failover");
+}
