@@ -3,7 +3,7 @@
 //! petgraph does the graph algorithms (`toposort`, `tarjan_scc`); the result is kept as plain
 //! adjacency lists, which is what the engine asks of it on every task completion.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -73,18 +73,22 @@ impl Dag {
     }
 
     /// Whether `ancestor` must finish before `step` starts (through `needs`, directly or not).
-    /// Searches breadth-first from `step`, so the usual case, a direct need, costs one look.
+    /// Searches breadth-first from `step`, so the usual case, a direct need, costs one look; the
+    /// steps seen are kept in a set, never a vector as long as the plan (the validator asks this
+    /// for every `steps.X` a template names: a vector made it quadratic in the plan's size).
     #[must_use]
     pub fn is_upstream(&self, ancestor: usize, step: usize) -> bool {
-        let mut seen = vec![false; self.needs.len()];
+        if self.needs[step].contains(&ancestor) {
+            return true;
+        }
+        let mut seen = HashSet::new();
         let mut queue = VecDeque::from([step]);
         while let Some(s) = queue.pop_front() {
             for &need in &self.needs[s] {
                 if need == ancestor {
                     return true;
                 }
-                if !seen[need] {
-                    seen[need] = true;
+                if seen.insert(need) {
                     queue.push_back(need);
                 }
             }

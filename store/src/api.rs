@@ -79,6 +79,9 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>>;
     fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow>;
     fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>>;
+    /// The op's attempts that are `running` (what a take-over ends and records interrupted), by
+    /// task then number: read without the op's other attempts, however many it has.
+    fn running_attempts(&self, op: OpId) -> Result<Vec<AttemptRow>>;
     fn events(&self, op: OpId) -> Result<Vec<EventRow>>;
     /// Each op's newest event number (0 for an op with none), by op id: what moved since a
     /// last look (every change of an op or a task records an event).
@@ -269,6 +272,11 @@ impl Reader {
 
     pub fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
         self.backend.attempts(op)
+    }
+
+    /// The op's attempts that are `running`, by task then number.
+    pub fn running_attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
+        self.backend.running_attempts(op)
     }
 
     pub fn events(&self, op: OpId) -> Result<Vec<EventRow>> {

@@ -1222,3 +1222,61 @@ fn a_faulty_backend_delays_commits_when_told() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(200));
     assert_eq!(faulty.commits(), 1);
 }
+
+/// `running_attempts` gives the op's attempts still `running` and no other: what a take-over
+/// sweeps, read without the op's ended attempts.
+#[test]
+fn running_attempts_are_read_without_the_ended_ones() {
+    for fresh in fresh_stores() {
+        eprintln!("backend: {}", fresh.backend);
+        let store = fresh.store.clone();
+        let op = submit(&store, 3);
+        let me = owner(1);
+        claim(&store, op, &me, 1, None).unwrap();
+        for task in 0..3 {
+            store
+                .apply_blocking(vec![Change::StartAttempt {
+                    op,
+                    owner: me.clone(),
+                    task: TaskNo(task),
+                    n: 1,
+                    retry_from: 0,
+                    at: 2,
+                }])
+                .unwrap();
+        }
+        store
+            .apply_blocking(vec![Change::FinishAttempt {
+                op,
+                owner: me.clone(),
+                task: TaskNo(1),
+                n: 1,
+                at: 3,
+                outcome: Outcome {
+                    task: TaskStatus::Succeeded,
+                    attempt: AttemptStatus::Succeeded,
+                    exit_code: Some(0),
+                    error: None,
+                    outputs: None,
+                    by_check: false,
+                },
+            }])
+            .unwrap();
+        let reader = store.reader().unwrap();
+        let running: Vec<(u32, u32)> = reader
+            .running_attempts(op)
+            .unwrap()
+            .iter()
+            .map(|a| (a.task_no.0, a.n))
+            .collect();
+        assert_eq!(running, vec![(0, 1), (2, 1)]);
+        assert!(
+            reader
+                .running_attempts(op)
+                .unwrap()
+                .iter()
+                .all(|a| a.status == AttemptStatus::Running)
+        );
+        assert_eq!(reader.attempts(op).unwrap().len(), 3);
+    }
+}

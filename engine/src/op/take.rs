@@ -142,12 +142,9 @@ fn end_children_leftovers<'a>(
             {
                 continue;
             }
-            let daemons = daemon_tasks(reader, &child)?;
-            for attempt in reader
-                .attempts(child.id)?
-                .into_iter()
-                .filter(|a| a.status == AttemptStatus::Running)
-            {
+            let running = reader.running_attempts(child.id)?;
+            let daemons = daemon_tasks(reader, &child, &running)?;
+            for attempt in running {
                 let daemon = daemons.contains(&attempt.task_no);
                 end_leftovers(&child.uuid, (&attempt, daemon), options, stop).await;
             }
@@ -157,31 +154,35 @@ fn end_children_leftovers<'a>(
     })
 }
 
-/// The tasks of `row`'s `daemon` steps whose server a takeover spares: none when the op is to be
-/// canceled (a daemon not yet seen ready is ended with its step).
+/// The tasks of `running` (attempts of `row`) that run `daemon` steps, whose server a takeover
+/// spares: none when the op is to be canceled (a daemon not yet seen ready is ended with its step).
+/// Only the running attempts' tasks are read, never all the op's (a fan-out may have a million).
 fn daemon_tasks(
     reader: &Reader,
     row: &store::OpRow,
+    running: &[store::AttemptRow],
 ) -> Result<std::collections::HashSet<TaskNo>, Error> {
     let canceling = reader
         .op(row.id)
         .map_or(row.cancel.is_some(), |r| r.cancel.is_some());
-    if canceling || !reader.snapshot(row.id)?.text.contains("daemon") {
+    if running.is_empty() || canceling || !reader.snapshot(row.id)?.text.contains("daemon") {
         return Ok(std::collections::HashSet::new());
     }
     let plan = snapshot_plan(reader, row.id)?;
     if !plan.steps.iter().any(|s| s.daemon) {
         return Ok(std::collections::HashSet::new());
     }
-    Ok(reader
-        .tasks(row.id)?
-        .into_iter()
-        .filter(|t| {
-            plan.step_index(&t.step)
-                .is_some_and(|i| plan.steps[i].daemon)
-        })
-        .map(|t| t.task_no)
-        .collect())
+    let mut daemons = std::collections::HashSet::new();
+    for attempt in running {
+        let task = reader.task(row.id, attempt.task_no)?;
+        if plan
+            .step_index(&task.step)
+            .is_some_and(|i| plan.steps[i].daemon)
+        {
+            daemons.insert(task.task_no);
+        }
+    }
+    Ok(daemons)
 }
 
 /// The grace a cancel request of `row` asks for, as the store has it now (the request may be newer
@@ -206,21 +207,16 @@ async fn sweep(
     (options, stop): (&Options, &StopHandle),
     progress: &Sink,
 ) -> Result<(), Error> {
-    let names: std::collections::HashMap<TaskNo, String> = reader
-        .tasks(row.id)?
-        .into_iter()
-        .map(|t| (t.task_no, t.name))
-        .collect();
-    let daemons = daemon_tasks(reader, row)?;
-    for attempt in reader
-        .attempts(row.id)?
-        .into_iter()
-        .filter(|a| a.status == AttemptStatus::Running)
-    {
-        let step = names
-            .get(&attempt.task_no)
-            .map_or("?", String::as_str)
-            .to_owned();
+    // Only the running attempts and their tasks are read: a resume of an op of a million tasks
+    // does not read them all before its first new task starts.
+    let running = reader.running_attempts(row.id)?;
+    let daemons = daemon_tasks(reader, row, &running)?;
+    for attempt in running {
+        let step = match reader.task(row.id, attempt.task_no) {
+            Ok(task) => task.name,
+            Err(store::Error::NotFound(_)) => "?".to_owned(),
+            Err(e) => return Err(e.into()),
+        };
         let daemon = daemons.contains(&attempt.task_no);
         let count = end_leftovers(&row.uuid, (&attempt, daemon), options, stop).await;
         let mut batch = Vec::new();

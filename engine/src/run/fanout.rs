@@ -118,7 +118,9 @@ impl Scheduler {
             }
         }
         self.items_of.insert(i, numbers);
-        self.tasks[i].item = Some(Value::Array(list.clone()));
+        // Only whether the step was expanded is asked of its own task's `item`: the list itself
+        // goes to the store, not a second copy of it (a list may hold a million items).
+        self.tasks[i].item = Some(Value::Array(Vec::new()));
         let change = Change::Expand {
             op: self.shared.op,
             owner: self.shared.me.clone(),

@@ -39,7 +39,9 @@ pub(crate) struct TaskState {
     /// plan no longer has (after `resume --plan`), which is kept as history and never runs.
     pub step: Option<usize>,
     pub name: String,
-    /// A fan-out item's value; on a fan-out step's own task, the frozen list once expanded.
+    /// A fan-out item's value; on a fan-out step's own task, `Some` once expanded (the frozen
+    /// list as stored after a take-over; an empty array when this run expanded it, whose list
+    /// went to the store: only whether there is one is asked of it).
     pub item: Option<Value>,
     /// Why it failed, as stored when the run started.
     pub error: Option<String>,
@@ -72,15 +74,21 @@ impl TaskState {
     /// The op's tasks as stored, in task order, for `steps` (the plan's steps, then its hooks).
     pub(crate) fn load(steps: &[Step], rows: Vec<store::TaskRow>) -> Vec<Self> {
         let mut tasks = Self::initial(steps);
+        tasks.reserve(rows.len().saturating_sub(tasks.len()));
+        // The fan-out steps by id: an item finds its step without a scan of the plan.
+        let fan_outs: std::collections::HashMap<&str, usize> = steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.for_each.is_some())
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect();
         for row in rows {
             let no = row.task_no.0 as usize;
             let step = if no < steps.len() && row.step == steps[no].id {
                 Some(no)
             } else if no >= steps.len() && row.item.is_some() {
                 // A fan-out item: its step must still fan out.
-                steps
-                    .iter()
-                    .position(|s| s.id == row.step && s.for_each.is_some())
+                fan_outs.get(row.step.as_str()).copied()
             } else {
                 None
             };

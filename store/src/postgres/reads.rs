@@ -706,6 +706,20 @@ impl ReadBackend for PgReader {
         })
     }
 
+    fn running_attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
+        self.run(move |c| {
+            c.query(
+                "SELECT task_no, n, status, started_at, ended_at, exit_code, error, host, boot_id, \
+                 pid, proc_start, pgid FROM attempts WHERE op_id = $1::bigint \
+                 AND status = 'running' ORDER BY task_no, n",
+                &[&op.0],
+            )?
+            .iter()
+            .map(attempt_row)
+            .collect()
+        })
+    }
+
     fn events(&self, op: OpId) -> Result<Vec<EventRow>> {
         self.run(move |c| {
             c.query(

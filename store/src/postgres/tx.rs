@@ -930,6 +930,15 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    fn has_items(&mut self, op: OpId, task: TaskNo) -> Result<bool> {
+        let row = self.one(
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE op_id = $1 AND name != step \
+             AND step = (SELECT step FROM tasks WHERE op_id = $1 AND task_no = $2))",
+            &[&op.0, &i64::from(task.0)],
+        )?;
+        self.get(&row, 0)
+    }
+
     fn drop_other_items(&mut self, op: OpId, task: TaskNo, numbers: &str) -> Result<()> {
         self.exec(
             "UPDATE tasks SET item = NULL, \

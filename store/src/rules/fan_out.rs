@@ -82,17 +82,26 @@ fn expand<T: Tx>(
             reason: format!("task {} was already expanded into its items", task.0),
         });
     }
-    let list = serde_json::Value::Array(items.to_vec()).to_string();
+    // Written straight from the items: no copy of a list that may hold a million.
+    let list = serde_json::to_string(items).expect("JSON values always serialize");
+    // Only a step expanded before (and rerun) has earlier items to unlink: on the first
+    // expansion there is nothing to compare the new items with.
+    let earlier = tx.has_items(op, task)?;
     let name = tx.freeze_list(op, task, &list, at)?;
+    drop(list);
     tx.upsert_items(op, tasks)?;
-    let numbers = serde_json::Value::Array(
-        tasks
-            .iter()
-            .map(|t| serde_json::Value::from(t.task_no.0))
-            .collect(),
-    )
-    .to_string();
-    tx.drop_other_items(op, task, &numbers)?;
+    if earlier {
+        let mut numbers = String::with_capacity(tasks.len() * 8 + 2);
+        numbers.push('[');
+        for (i, t) in tasks.iter().enumerate() {
+            if i > 0 {
+                numbers.push(',');
+            }
+            numbers.push_str(&t.task_no.0.to_string());
+        }
+        numbers.push(']');
+        tx.drop_other_items(op, task, &numbers)?;
+    }
     let (kind, message) = events::expanded(tasks);
     event(tx, op, at, kind, Some(&name), &message)
 }

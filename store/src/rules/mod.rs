@@ -262,6 +262,8 @@ pub(crate) trait Tx {
     /// Inserts the items' tasks; an item's existing task keeps its state unless it was no longer
     /// an item, which then runs again with a fresh retry round.
     fn upsert_items(&mut self, op: OpId, tasks: &[NewTask]) -> Result<()>;
+    /// Whether the fan-out step of `task` has any item's task stored (an earlier expansion's).
+    fn has_items(&mut self, op: OpId, task: TaskNo) -> Result<bool>;
     /// Unlinks the step's earlier items that are not in `numbers` (a JSON array); those still
     /// pending are skipped.
     fn drop_other_items(&mut self, op: OpId, task: TaskNo, numbers: &str) -> Result<()>;

@@ -248,15 +248,24 @@ impl Reads<'_> {
     }
 
     pub fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
+        self.attempt_rows(op, false)
+    }
+
+    /// The op's attempts that are `running`.
+    pub fn running_attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
+        self.attempt_rows(op, true)
+    }
+
+    fn attempt_rows(&self, op: OpId, running: bool) -> Result<Vec<AttemptRow>> {
         let mut stmt = self
             .conn
             .prepare_cached(
                 "SELECT task_no, n, status, started_at, ended_at, exit_code, error, host, boot_id, pid, proc_start, pgid \
-                 FROM attempts WHERE op_id = ?1 ORDER BY task_no, n",
+                 FROM attempts WHERE op_id = ?1 AND (NOT ?2 OR status = 'running') ORDER BY task_no, n",
             )
             .map_err(|e| self.err(&e))?;
         let rows = stmt
-            .query_map([op.0], |r| {
+            .query_map(params![op.0, running], |r| {
                 let status: String = r.get(2)?;
                 let pgid: Option<i64> = r.get(11)?;
                 Ok(AttemptRow {
@@ -579,6 +588,10 @@ impl ReadBackend for SqliteReader {
 
     fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
         self.with(|r| r.attempts(op))
+    }
+
+    fn running_attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
+        self.with(|r| r.running_attempts(op))
     }
 
     fn events(&self, op: OpId) -> Result<Vec<EventRow>> {

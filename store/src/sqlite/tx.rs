@@ -757,6 +757,16 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
+    fn has_items(&mut self, op: OpId, task: TaskNo) -> Result<bool> {
+        self.run(|c| {
+            c.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM tasks WHERE op_id = ?1 AND name != step \
+                 AND step = (SELECT step FROM tasks WHERE op_id = ?1 AND task_no = ?2))",
+            )?
+            .query_row(params![op.0, task.0], |r| r.get(0))
+        })
+    }
+
     fn drop_other_items(&mut self, op: OpId, task: TaskNo, numbers: &str) -> Result<()> {
         self.run(|c| {
             c.prepare_cached(
