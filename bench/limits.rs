@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod postgres;
+mod sse;
 
 use comfy_table::{Table, presets};
 use rusqlite::{Connection, OpenFlags};
@@ -178,7 +179,7 @@ fn main() {
         floor_ms: None,
         pg,
     };
-    let scenarios: [(&str, Scenario); 9] = [
+    let scenarios: [(&str, Scenario); 10] = [
         ("chain", Bench::chain),
         ("independent", Bench::independent),
         ("shell", Bench::shell),
@@ -188,6 +189,7 @@ fn main() {
         ("memory", Bench::memory),
         ("validate", Bench::validate),
         ("serve", Bench::serve),
+        ("sse", Bench::sse),
     ];
     let scenarios: &[(&str, Scenario)] = if bench.pg.is_some() {
         &postgres::SCENARIOS
