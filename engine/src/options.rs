@@ -21,6 +21,9 @@ pub struct Options {
     /// An op (not a sub-plan's) whose only tasks in flight are approval gates is given up until
     /// an answer comes (`cairn serve`: it holds no worker meanwhile); otherwise the run waits.
     pub park: bool,
+    /// A takeover ends the processes of `adopt` steps left running (`resume --restart-running`)
+    /// instead of taking their attempts again.
+    pub restart_running: bool,
 }
 
 impl Options {
@@ -43,6 +46,7 @@ impl Default for Options {
             drain: Drain::default(),
             tasks: TaskCount::default(),
             park: false,
+            restart_running: false,
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod adopt;
 mod architecture;
 mod clock;
 mod cluster;
