@@ -127,12 +127,16 @@ pub fn probe(dir: &Path) -> Found {
     }
 }
 
-/// Removes an attempt's directory (its result is recorded, or it is not to be adopted).
+/// Removes an attempt's directory (its result is recorded, or it is not to be adopted), or the
+/// `.sent` note of a remote attempt's.
 pub fn remove(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
+    if std::fs::remove_dir_all(dir).is_err() {
+        let _ = std::fs::remove_file(dir);
+    }
 }
 
-/// The directories of op `uuid`'s attempts on this host, with their task and attempt numbers.
+/// The directories of op `uuid`'s attempts on this host (and the `.sent` notes of its remote
+/// attempts), with their task and attempt numbers.
 #[must_use]
 pub fn dirs_of(uuid: &str) -> Vec<(u32, u32, PathBuf)> {
     let prefix = format!("cairn-adopt-{uuid}-");
@@ -143,7 +147,8 @@ pub fn dirs_of(uuid: &str) -> Vec<(u32, u32, PathBuf)> {
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let (task, n) = name.strip_prefix(&prefix)?.split_once('-')?;
+            let rest = name.strip_prefix(&prefix)?;
+            let (task, n) = rest.strip_suffix(".sent").unwrap_or(rest).split_once('-')?;
             Some((task.parse().ok()?, n.parse().ok()?, e.path()))
         })
         .collect()
@@ -158,20 +163,19 @@ pub struct Tail {
 }
 
 impl Tail {
-    /// A tail of `dir` from what its `sent` file says was streamed already.
+    /// A tail of `dir` from what its `sent` file says was recorded already.
     #[must_use]
     pub fn new(dir: &Path) -> Self {
-        let sent = std::fs::read_to_string(dir.join("sent"))
-            .ok()
-            .and_then(|text| {
-                let mut words = text.split_whitespace();
-                Some([words.next()?.parse().ok()?, words.next()?.parse().ok()?])
-            })
-            .unwrap_or([0, 0]);
         Self {
             dir: dir.to_owned(),
-            sent,
+            sent: read_sent(&dir.join("sent")),
         }
+    }
+
+    /// Where it starts: the bytes of `out` and `err` recorded before.
+    #[must_use]
+    pub fn start(&self) -> [u64; 2] {
+        self.sent
     }
 
     /// Sends what was written since the last call; whether anything was.
@@ -190,13 +194,6 @@ impl Tail {
                 if sink.send(Chunk { stream, data }).await.is_err() {
                     return any;
                 }
-            }
-        }
-        if any {
-            let tmp = self.dir.join("sent.tmp");
-            let text = format!("{} {}\n", self.sent[0], self.sent[1]);
-            if std::fs::write(&tmp, text).is_ok() {
-                let _ = std::fs::rename(&tmp, self.dir.join("sent"));
             }
         }
         any
@@ -236,4 +233,42 @@ pub fn stderr_tail(dir: &Path) -> String {
     let mut data = Vec::new();
     let _ = file.read_to_end(&mut data);
     String::from_utf8_lossy(&data).into_owned()
+}
+
+/// The offsets (bytes of stdout and stderr) a `sent` file holds; none: 0.
+#[must_use]
+pub fn read_sent(path: &Path) -> [u64; 2] {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| {
+            let mut words = text.split_whitespace();
+            Some([words.next()?.parse().ok()?, words.next()?.parse().ok()?])
+        })
+        .unwrap_or([0, 0])
+}
+
+/// Notes in `path` (`0600`, written then renamed) that the output up to `sent` is recorded.
+pub fn note_sent(path: &Path, sent: [u64; 2]) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| writeln!(f, "{} {}", sent[0], sent[1]));
+    if written.is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+/// Where cairn notes how far a supervised step on another host was recorded: a file beside
+/// this host's attempt directories, named after the attempt's.
+#[must_use]
+pub fn sent_file(dir_name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{dir_name}.sent"))
 }

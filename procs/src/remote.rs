@@ -357,7 +357,7 @@ exit "$code"
 }
 
 /// The end of a script that follows a supervised step in `$d` (pid `$pid`, start `$start`),
-/// its output streamed from offsets `$oo` and `$eo` (noted in `$d/sent`), until its result is
+/// its output streamed from offsets `$oo` and `$eo` (what cairn recorded before), until its result is
 /// written or its supervisor is gone; then the rest of its group is ended and the trailer
 /// printed (see [`Framing`]). The directory stays.
 fn attach(end: &str, grace: Duration) -> String {
@@ -377,7 +377,6 @@ while :; do
   f=; [ -f "$d/exit" ] && f=1
   cairn_tail "$d/out" "$oo"; oo=$t
   cairn_tail "$d/err" "$eo" >&2; eo=$t
-  printf '%s %s\n' "$oo" "$eo" > "$d/sent.tmp" && mv -f "$d/sent.tmp" "$d/sent"
   [ -n "$f" ] && break
   if ! cairn_alive; then [ -f "$d/exit" ] && continue; break; fi
   sleep 0.2
@@ -400,7 +399,7 @@ exit "${{code:-1}}"
 pub fn reattach(
     transport: &std::sync::Arc<Transport>,
     job: Job,
-    marker: &str,
+    (marker, sent): (&str, [u64; 2]),
     sink: &mpsc::Sender<Chunk>,
 ) -> Result<RemoteRunning, SpawnError> {
     let end = format!("CAIRN_END_{}", random_token());
@@ -408,12 +407,13 @@ pub fn reattach(
         r#"{END_FUNCTIONS}d="${{TMPDIR:-/tmp}}"/{dir}
 [ -f "$d/pid" ] || {{ echo "cairn: the step's directory {dir} is not on this host" >&2; exit 1; }}
 read -r pid start boot < "$d/pid"
-oo=0 eo=0
-[ -f "$d/sent" ] && read -r oo eo < "$d/sent"
+oo={oo} eo={eo}
 echo "{HELLO}$pid $start $boot"
 {attach_script}"#,
         dir = quote(&job.dir),
         attach_script = attach(&end, job.grace),
+        oo = sent[0],
+        eo = sent[1],
     );
     start_script(transport, job, marker, sink, (script, end))
 }

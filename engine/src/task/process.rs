@@ -20,7 +20,7 @@ use super::attempts::{Attempt, attempts};
 use super::carry::Carry;
 use super::context::Shared;
 use super::files::{process_files, progress_file};
-use super::logs::{Unwritten, write_logs};
+use super::logs::{Noted, Unwritten, write_logs_noting};
 use super::{
     Ended, Fatal, Job, TaskEnd, USE_ENV, fail_before_start, failed_early, last_lines,
     missing_output, render_public, shared_mask, start_attempt,
@@ -332,6 +332,7 @@ impl Attempt for ProcessAttempt<'_> {
                 if let Ok(transport) = self.shared.ssh() {
                     let _ = procs::remote::remove_dir(&transport, &host, &dir).await;
                 }
+                let _ = std::fs::remove_file(procs::adopt::sent_file(&dir));
             }
         }
     }
@@ -471,13 +472,17 @@ impl ProcessAttempt<'_> {
         };
         drop(sink);
         shared.outputs.make_spare();
-        let logs = tokio::spawn(write_logs(
+        let note = supervised
+            .as_ref()
+            .map(|dir| noting(dir.join("sent"), [0, 0]));
+        let logs = tokio::spawn(write_logs_noting(
             shared.store.clone(),
             (shared.op, shared.me.clone()),
             (task, n),
             chunks,
             (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
+            note,
         ));
         if self.daemon.is_none() && !probe {
             shared
@@ -1096,8 +1101,19 @@ impl ProcessAttempt<'_> {
         let (sink, chunks) = spawn::sink();
         let spawned = crate::owner::now();
         let deadline = step.timeout.map(|t| tokio::time::Instant::now() + t);
+        let sent_file = procs::adopt::sent_file(&remote_job.dir);
+        let base = if again {
+            procs::adopt::read_sent(&sent_file)
+        } else {
+            [0, 0]
+        };
         let started = if again {
-            procs::remote::reattach(&transport, remote_job.clone(), &launch.marker, &sink)
+            procs::remote::reattach(
+                &transport,
+                remote_job.clone(),
+                (&launch.marker, base),
+                &sink,
+            )
         } else {
             procs::remote::spawn(&transport, remote_job.clone(), &launch.marker, &sink)
         };
@@ -1105,13 +1121,14 @@ impl ProcessAttempt<'_> {
             Ok(r) => r,
             Err(e) => return Ok(Err(e.to_string())),
         };
-        let logs = tokio::spawn(write_logs(
+        let logs = tokio::spawn(write_logs_noting(
             shared.store.clone(),
             (shared.op, shared.me.clone()),
             (job.task(), n),
             chunks,
             (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
+            adopt.then(|| noting(sent_file.clone(), base)),
         ));
         if let Some(remote) = running.started().await.filter(|_| !again) {
             shared
@@ -1139,15 +1156,8 @@ impl ProcessAttempt<'_> {
                 }
                 // The connection was lost while the step runs on: attach again, backing off,
                 // until the step's timeout.
-                match reconnect(
-                    &transport,
-                    &remote_job,
-                    &launch.marker,
-                    &sink,
-                    (&stop, deadline),
-                )
-                .await
-                {
+                let marker = (launch.marker.as_str(), sent_file.as_path());
+                match reconnect(&transport, &remote_job, marker, &sink, (&stop, deadline)).await {
                     Ok(again) => running = again,
                     Err(error) => {
                         let mut ended = ended;
@@ -1275,7 +1285,7 @@ impl ProcessAttempt<'_> {
 async fn reconnect(
     transport: &std::sync::Arc<procs::remote::Transport>,
     job: &procs::remote::Job,
-    marker: &str,
+    (marker, sent): (&str, &std::path::Path),
     sink: &tokio::sync::mpsc::Sender<spawn::Chunk>,
     (stop, deadline): (&watch::Receiver<bool>, Option<tokio::time::Instant>),
 ) -> Result<procs::remote::RemoteRunning, String> {
@@ -1315,7 +1325,8 @@ async fn reconnect(
         }
         let mut again = job.clone();
         again.timeout = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
-        if let Ok(running) = procs::remote::reattach(transport, again, marker, sink) {
+        let from = procs::adopt::read_sent(sent);
+        if let Ok(running) = procs::remote::reattach(transport, again, (marker, from), sink) {
             return Ok(running);
         }
     }
@@ -1400,16 +1411,19 @@ impl ProcessAttempt<'_> {
         self.adopted = Some((n, None, dir.display().to_string()));
         let (sink, chunks) = spawn::sink();
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
-        let tail = tokio::spawn(procs::adopt::Tail::new(&dir).follow(sink, async {
+        let tail = procs::adopt::Tail::new(&dir);
+        let note = noting(dir.join("sent"), tail.start());
+        let tail = tokio::spawn(tail.follow(sink, async {
             let _ = finished.await;
         }));
-        let logs = tokio::spawn(write_logs(
+        let logs = tokio::spawn(write_logs_noting(
             shared.store.clone(),
             (shared.op, shared.me.clone()),
             (job.task(), n),
             chunks,
             (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
+            Some(note),
         ));
         let mut stop = self.stop.clone();
         let wait = async {
@@ -1486,4 +1500,12 @@ impl ProcessAttempt<'_> {
             unreached: None,
         }))
     }
+}
+
+/// Notes in `file` how far a supervised step's output is recorded: `base` (recorded by an
+/// earlier run) plus what the log writer committed since.
+fn noting(file: PathBuf, base: [u64; 2]) -> Noted {
+    Box::new(move |committed: [u64; 2]| {
+        procs::adopt::note_sent(&file, [base[0] + committed[0], base[1] + committed[1]]);
+    })
 }
