@@ -192,6 +192,11 @@ fn adopt_tasks(
     reader: &Reader,
     row: &store::OpRow,
 ) -> Result<std::collections::HashSet<TaskNo>, Error> {
+    // Read cheaply first: a plan naming neither `adopt` nor `on:` has no such step.
+    let text = reader.snapshot(row.id)?.text;
+    if !text.contains("adopt") && !text.contains("on:") {
+        return Ok(std::collections::HashSet::new());
+    }
     let plan = snapshot_plan(reader, row.id)?;
     if !plan.steps.iter().any(|s| s.adopt) {
         return Ok(std::collections::HashSet::new());
