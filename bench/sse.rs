@@ -34,7 +34,9 @@ impl Bench {
         );
         self.rows.push(Row {
             id: "sse",
-            what: format!("chain of {n} `true` steps under serve --http, {CLIENTS} dashboards following it"),
+            what: format!(
+                "chain of {n} `true` steps under serve --http, {CLIENTS} dashboards following it"
+            ),
             value: median(followed),
             unit: "steps/s",
             rate: true,
@@ -64,14 +66,27 @@ impl Bench {
             .port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut serve = Server(
-            self.cairn(&dir, &["-q", "serve", "--poll", "100ms", "--http", &addr.to_string()])
-                .spawn()
-                .unwrap(),
+            self.cairn(
+                &dir,
+                &[
+                    "-q",
+                    "serve",
+                    "--poll",
+                    "100ms",
+                    "--http",
+                    &addr.to_string(),
+                ],
+            )
+            .spawn()
+            .unwrap(),
         );
         let started = Instant::now();
         while TcpStream::connect(addr).is_err() {
             assert!(serve.0.try_wait().unwrap().is_none(), "serve exited");
-            assert!(started.elapsed() < Duration::from_secs(30), "serve never listened");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "serve never listened"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let done = Arc::new(AtomicBool::new(false));
@@ -86,7 +101,11 @@ impl Bench {
         std::thread::sleep(Duration::from_millis(300));
         let submitted = Instant::now();
         let out = self.cairn(&dir, &["submit", "plan.yaml"]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         wait_ended(&dir.join("cairn.db"), &mut serve.0);
         let rate = op_rate(&dir, n, submitted.elapsed());
         done.store(true, Ordering::Relaxed);
@@ -121,7 +140,10 @@ fn wait_ended(db: &Path, serve: &mut Child) {
             _ => {}
         }
         assert!(serve.try_wait().unwrap().is_none(), "serve exited");
-        assert!(started.elapsed() < Duration::from_secs(600), "the op never ended");
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the op never ended"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -142,10 +164,8 @@ fn follow(addr: SocketAddr, token: &str, done: &AtomicBool, reads: &AtomicU64) {
         line.clear();
         match lines.read_line(&mut line) {
             Ok(0) => return,
-            Ok(_) if line.starts_with("data:") && line.contains("[1,") => {
-                if read_op(addr, token) {
-                    reads.fetch_add(1, Ordering::Relaxed);
-                }
+            Ok(_) if line.starts_with("data:") && line.contains("[1,") && read_op(addr, token) => {
+                reads.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
         }

@@ -24,6 +24,9 @@ pub struct Options {
     pub park: bool,
     /// What the process counts of its work, for `/metrics`.
     pub metrics: Metrics,
+    /// A takeover ends the processes of `adopt` steps left running (`resume --restart-running`)
+    /// instead of taking their attempts again.
+    pub restart_running: bool,
 }
 
 impl Options {
@@ -53,6 +56,7 @@ impl Default for Options {
             tasks: TaskCount::default(),
             park: false,
             metrics: Metrics::default(),
+            restart_running: false,
         }
     }
 }

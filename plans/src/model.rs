@@ -388,6 +388,9 @@ pub struct Step {
     /// `daemon: true`: what the command leaves running outlives the step (it has an
     /// `until.probe`).
     pub daemon: bool,
+    /// `adopt` (default: a step with `on`, without `until`): its command runs under a supervisor
+    /// whose result a resume collects after cairn died.
+    pub adopt: bool,
 }
 
 /// A hook: a command run around the op.

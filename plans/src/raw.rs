@@ -155,6 +155,9 @@ pub struct RawStep {
     /// The step starts a server that outlives it: when its command exits 0, what it left running is kept (not ended), and the step succeeds once `until.probe` does. Needs `until` with a `probe`.
     #[schemars(with = "Option<bool>")]
     pub daemon: Option<Spanned<bool>>,
+    /// The step's process outlives cairn: it runs under a small supervisor that records its pid and exit code, so that a resume after cairn died collects its result (or waits for it) instead of running it again. Default: true for a step with `on`, false otherwise. Not with `until` or `daemon`.
+    #[schemars(with = "Option<bool>")]
+    pub adopt: Option<Spanned<bool>>,
     /// Run the step once per item: an expression giving a list, or a list.
     #[schemars(with = "Option<RawForEach>")]
     pub for_each: Option<Spanned<RawForEach>>,

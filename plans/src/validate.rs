@@ -1591,6 +1591,7 @@ impl Checker<'_> {
             .as_ref()
             .and_then(|u| self.until(u, step, known, scope("`until.probe`", true)));
         let daemon = self.daemon(step);
+        let adopt = self.adopt(step);
         let timeout = self.duration(step.timeout.as_ref(), "timeout");
         let retry = step
             .retry
@@ -1665,6 +1666,7 @@ impl Checker<'_> {
             uses: std::mem::take(&mut self.uses).into_iter().collect(),
             params: std::mem::take(&mut self.uses_params).into_iter().collect(),
             daemon,
+            adopt,
         })
     }
 
@@ -2067,6 +2069,41 @@ impl Checker<'_> {
             return false;
         }
         probe
+    }
+
+    /// A step's `adopt`: only on a `run` or `exec` step, without `until` or `daemon` (their
+    /// command runs again by design). Default: true for a step with `on`.
+    fn adopt(&mut self, step: &RawStep) -> bool {
+        let command = step.run.is_some() || step.exec.is_some();
+        let Some(adopt) = step.adopt.as_ref() else {
+            return command && step.on.is_some() && step.until.is_none();
+        };
+        if !adopt.value {
+            return false;
+        }
+        if !command {
+            self.report(
+                Problem::new(
+                    "adopt-without-command",
+                    span(adopt),
+                    "`adopt` keeps a step's process running when cairn dies; this step has no `run` or `exec`",
+                )
+                .help("remove `adopt`"),
+            );
+            return false;
+        }
+        if step.until.is_some() || step.daemon.as_ref().is_some_and(|d| d.value) {
+            self.report(
+                Problem::new(
+                    "adopt-with-until",
+                    span(adopt),
+                    "`adopt` collects the one run of a step's command; a step with `until` or `daemon` runs it again by design",
+                )
+                .help("remove `adopt`, or `until`"),
+            );
+            return false;
+        }
+        true
     }
 
     /// A step's `until`: only on a `run` or `exec` step; `every` shorter than `timeout`.

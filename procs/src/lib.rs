@@ -11,6 +11,7 @@
 //!
 //! Only this crate spawns or signals processes.
 
+pub mod adopt;
 pub mod proc;
 pub mod remote;
 pub mod spawn;

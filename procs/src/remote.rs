@@ -268,6 +268,9 @@ pub struct Job {
     pub timeout: Option<Duration>,
     /// Between TERM and KILL.
     pub grace: Duration,
+    /// Under the supervisor ([`crate::adopt`]): the step outlives the connection, its directory
+    /// stays until [`remove_dir`].
+    pub adopt: bool,
 }
 
 fn tenths(d: Duration) -> u128 {
@@ -295,15 +298,44 @@ fn wrapper(job: &Job, end: &str) -> String {
     if let Some(cwd) = &job.cwd {
         let _ = writeln!(env, "cd {} || exit 1", quote(cwd));
     }
-    let argv: Vec<String> = job.argv.iter().map(|a| quote(a)).collect();
-    format!(
+    let argv = job
+        .argv
+        .iter()
+        .map(|a| quote(a))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let head = format!(
         r#"umask 077
 command -v setsid >/dev/null || {{ echo "cairn: this host has no setsid (util-linux)" >&2; exit 255; }}
 {END_FUNCTIONS}d="${{TMPDIR:-/tmp}}"/{dir}
 mkdir -m 700 "$d" || exit 255
 printf %s {env} > "$d/env"
 {files}mkfifo "$d/go" || exit 255
-setsid sh -c 'read _ < "$1/go"; rm -f "$1/go"; . "$1/env" || exit 127; shift; exec "$@"' sh "$d" {argv} </dev/null &
+"#,
+        dir = quote(&job.dir),
+        env = quote(&env),
+    );
+    if job.adopt {
+        return format!(
+            r#"{head}printf %s {supervisor} > "$d/supervise"
+: > "$d/out"; : > "$d/err"
+setsid sh -c 'read _ < "$1/go"; rm -f "$1/go"; . "$1/env" || exit 127; exec sh "$1/supervise" "$@"' sh "$d" {argv} </dev/null >/dev/null 2>&1 &
+pid=$!
+{{ read -r l < "/proc/$pid/stat"; }} 2>/dev/null
+set -- ${{l##*) }}
+start=${{20}}
+read -r boot < /proc/sys/kernel/random/boot_id
+printf '%s %s %s\n' "$pid" "$start" "$boot" > "$d/launched"
+echo "{HELLO}$pid $start $boot"
+echo go > "$d/go"
+oo=0 eo=0
+{attach_script}"#,
+            supervisor = quote(crate::adopt::SUPERVISOR),
+            attach_script = attach(end, job.grace),
+        );
+    }
+    format!(
+        r#"{head}setsid sh -c 'read _ < "$1/go"; rm -f "$1/go"; . "$1/env" || exit 127; shift; exec "$@"' sh "$d" {argv} </dev/null &
 pid=$!
 {{ read -r l < "/proc/$pid/stat"; }} 2>/dev/null
 set -- ${{l##*) }}
@@ -320,11 +352,121 @@ printf '\n%s\nexit=%s\n' {end} "$code"
 rm -rf "$d"
 exit "$code"
 "#,
-        dir = quote(&job.dir),
-        env = quote(&env),
-        argv = argv.join(" "),
         grace = tenths(job.grace),
     )
+}
+
+/// The end of a script that follows a supervised step in `$d` (pid `$pid`, start `$start`),
+/// its output streamed from offsets `$oo` and `$eo` (what cairn recorded before), until its result is
+/// written or its supervisor is gone; then the rest of its group is ended and the trailer
+/// printed (see [`Framing`]). The directory stays.
+fn attach(end: &str, grace: Duration) -> String {
+    format!(
+        r#"cairn_tail() {{
+  t=$2
+  n=$(wc -c < "$1" 2>/dev/null) || return 0
+  n=$((n))
+  if [ "$n" -gt "$2" ]; then tail -c +$(($2+1)) "$1" | head -c $((n-$2)); t=$n; fi
+}}
+cairn_alive() {{
+  {{ read -r l < "/proc/$pid/stat"; }} 2>/dev/null || return 1
+  set -- ${{l##*) }}
+  [ "$1" != Z ] && [ "${{20}}" = "$start" ]
+}}
+while :; do
+  f=; [ -f "$d/exit" ] && f=1
+  cairn_tail "$d/out" "$oo"; oo=$t
+  cairn_tail "$d/err" "$eo" >&2; eo=$t
+  [ -n "$f" ] && break
+  if ! cairn_alive; then [ -f "$d/exit" ] && continue; break; fi
+  sleep 0.2
+done
+code=
+[ -f "$d/exit" ] && read -r code < "$d/exit"
+cairn_end "$pid" "$start" {grace}
+[ -n "$code" ] || echo "cairn: the step's supervisor ended without a result" >&2
+printf '\n%s\nexit=%s\n' {end} "$code"
+[ -n "$code" ] && [ -f "$d/output" ] && cat "$d/output"
+exit "${{code:-1}}"
+"#,
+        grace = tenths(grace),
+    )
+}
+
+/// Attaches again to a supervised step (`job.adopt`) started on its host by an earlier run:
+/// its output streamed from where the last reader left it, its end waited for and collected as
+/// [`spawn`]'s is. Its hello line names the supervisor from the directory's `pid` file.
+pub fn reattach(
+    transport: &std::sync::Arc<Transport>,
+    job: Job,
+    (marker, sent): (&str, [u64; 2]),
+    sink: &mpsc::Sender<Chunk>,
+) -> Result<RemoteRunning, SpawnError> {
+    let end = format!("CAIRN_END_{}", random_token());
+    let script = format!(
+        r#"{END_FUNCTIONS}d="${{TMPDIR:-/tmp}}"/{dir}
+[ -f "$d/pid" ] || {{ echo "cairn: the step's directory {dir} is not on this host" >&2; exit 1; }}
+read -r pid start boot < "$d/pid"
+oo={oo} eo={eo}
+echo "{HELLO}$pid $start $boot"
+{attach_script}"#,
+        dir = quote(&job.dir),
+        attach_script = attach(&end, job.grace),
+        oo = sent[0],
+        eo = sent[1],
+    );
+    start_script(transport, job, marker, sink, (script, end))
+}
+
+/// What a supervised step's directory on its host says ([`crate::adopt::Found`]); with `end`,
+/// or when its command never started or is gone without a result, what is left of its group is
+/// ended (TERM, KILL after `grace`) and the directory removed (then `Gone`).
+pub async fn probe(
+    transport: &Transport,
+    host: &str,
+    dir: &str,
+    (grace, end): (Duration, bool),
+) -> Result<crate::adopt::Found, String> {
+    use crate::adopt::Found;
+    transport.connect(host).await?;
+    let script = format!(
+        r#"{END_FUNCTIONS}d="${{TMPDIR:-/tmp}}"/{dir}
+alive() {{
+  {{ read -r l < "/proc/$pid/stat"; }} 2>/dev/null || return 1
+  set -- ${{l##*) }}
+  [ "$1" != Z ] && [ "${{20}}" = "$start" ] && [ "$(cat /proc/sys/kernel/random/boot_id)" = "$boot" ]
+}}
+pid= start= boot=
+[ -f "$d/pid" ] && read -r pid start boot < "$d/pid"
+if [ -z "$pid" ] && [ -f "$d/launched" ]; then read -r pid start boot < "$d/launched"; fi
+if [ {end} = no ] && [ -f "$d/exit" ]; then echo "finished $(cat "$d/exit")"; exit 0; fi
+if [ {end} = no ] && [ -n "$pid" ] && [ ! -p "$d/go" ] && alive; then echo "running $pid $start"; exit 0; fi
+if [ {end} = no ] && [ -f "$d/exit" ]; then echo "finished $(cat "$d/exit")"; exit 0; fi
+[ -n "$pid" ] && [ "$pid" -gt 1 ] && alive && cairn_end "$pid" "$start" {grace}
+rm -rf "$d"
+echo gone
+"#,
+        dir = quote(dir),
+        end = if end { "yes" } else { "no" },
+        grace = tenths(grace),
+    );
+    let said = run(transport, host, &script).await?;
+    let mut words = said.split_whitespace();
+    Ok(match (words.next(), words.next(), words.next()) {
+        (Some("finished"), Some(code), _) => Found::Finished(code.parse().unwrap_or(1)),
+        (Some("running"), Some(pid), Some(start)) => Found::Running {
+            pid: pid.parse().unwrap_or(0),
+            start: start.parse().unwrap_or(0),
+        },
+        _ => Found::Gone,
+    })
+}
+
+/// Removes a supervised step's directory on its host, once its end is recorded.
+pub async fn remove_dir(transport: &Transport, host: &str, dir: &str) -> Result<(), String> {
+    transport.connect(host).await?;
+    let script = format!("rm -rf \"${{TMPDIR:-/tmp}}\"/{}\n", quote(dir));
+    run(transport, host, &script).await.map(|_| ())
 }
 
 /// A step started on a host.
@@ -347,6 +489,9 @@ pub struct RemoteRunning {
 pub struct RemoteExit {
     pub exit: Exit,
     pub outputs: String,
+    /// A supervised step (`Job::adopt`) whose connection was lost while it ran on: no result
+    /// yet; attach again ([`reattach`]).
+    pub lost: bool,
 }
 
 /// Starts `job` on its host through `transport`'s master connection (connect first), its output
@@ -358,6 +503,18 @@ pub fn spawn(
     sink: &mpsc::Sender<Chunk>,
 ) -> Result<RemoteRunning, SpawnError> {
     let end = format!("CAIRN_END_{}", random_token());
+    let script = wrapper(&job, &end);
+    start_script(transport, job, marker, sink, (script, end))
+}
+
+/// Runs `script` (framed by `end`) with `sh` on `job`'s host, its output relayed to `sink`.
+fn start_script(
+    transport: &std::sync::Arc<Transport>,
+    job: Job,
+    marker: &str,
+    sink: &mpsc::Sender<Chunk>,
+    (script, end): (String, String),
+) -> Result<RemoteRunning, SpawnError> {
     let spec = Spec {
         argv: transport.command(&job.host, "sh"),
         env: std::env::vars().collect(),
@@ -367,7 +524,7 @@ pub fn spawn(
         grace: Duration::from_secs(1),
         located: None,
         alone: false,
-        stdin: Some(wrapper(&job, &end).into_bytes()),
+        stdin: Some(script.into_bytes()),
         keep: false,
     };
     let (inner, chunks) = spawn::sink();
@@ -597,6 +754,7 @@ async fn collect(
     client: Exit,
     stopped: Option<Stopped>,
 ) -> RemoteExit {
+    let cut = trailer.is_none();
     let said = if let Some(trailer) = trailer {
         Ok(String::from_utf8_lossy(&trailer).into_owned())
     } else {
@@ -604,6 +762,12 @@ async fn collect(
             "d=\"${{TMPDIR:-/tmp}}\"/{dir}\n[ -f \"$d/exit\" ] && printf 'exit=%s\\n' \"$(cat \"$d/exit\")\"\n[ -f \"$d/output\" ] && cat \"$d/output\"\nrm -rf \"$d\"\n",
             dir = quote(&job.dir)
         );
+        // A supervised step's directory stays until its end is recorded.
+        let script = if job.adopt {
+            script.replace("rm -rf \"$d\"\n", "")
+        } else {
+            script
+        };
         run(transport, &job.host, &script).await
     };
     let (code, outputs) = match said {
@@ -634,8 +798,13 @@ async fn collect(
         }
         None => {}
     }
+    let lost = job.adopt && cut && code.is_none() && stopped.is_none() && started;
     exit.stopped = stopped.or(exit.stopped);
-    RemoteExit { exit, outputs }
+    RemoteExit {
+        exit,
+        outputs,
+        lost,
+    }
 }
 
 /// Completes once `stop` turns true; never if its sender is gone.

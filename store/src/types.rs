@@ -211,6 +211,9 @@ event_kinds! {
         LeftoversEnded => "leftovers-ended",
         /// A `daemon` step's server is recorded: it outlives the step.
         DaemonKept => "daemon-kept",
+        /// An attempt's process that outlived its run (`adopt`) is taken by the next: its
+        /// result collected, or waited for.
+        Adopted => "adopted",
         /// The task goes back to pending (a fan-out step whose items are not all done).
         TaskPending => "task-pending",
         /// The task is set running without an attempt, or an attempt is recorded still running.

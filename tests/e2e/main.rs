@@ -2,6 +2,7 @@
 
 mod support;
 
+mod adopt;
 mod architecture;
 mod browser;
 mod clock;

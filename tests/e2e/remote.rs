@@ -443,6 +443,7 @@ fn a_resume_ends_what_a_killed_run_left_on_a_host() {
 steps:
   - id: slow
     on: host-a
+    adopt: false
     run: |
       if [ -f {dir}/first ]; then echo second run; exit 0; fi
       touch {dir}/first
@@ -543,4 +544,145 @@ fn validate_refuses_a_secret_in_on_and_on_without_a_process() {
         "{said}"
     );
     assert!(said.contains("plan.yaml:9:"), "{said}");
+}
+
+/// A chain over both hosts and here: each remote step notes its start, runs a while, then writes
+/// its side effect and an output the next step uses.
+fn chain_plan(dir: &Path) -> String {
+    let mut plan = String::from("name: chain\nsteps:\n");
+    let mut before: Option<String> = None;
+    for (i, host) in ["host-a", "host-b", "host-a", "host-b"].iter().enumerate() {
+        let id = format!("s{i}");
+        let needs = before
+            .as_ref()
+            .map(|b| format!("    needs: [{b}]\n"))
+            .unwrap_or_default();
+        let got = before.as_ref().map_or_else(
+            || "0".to_owned(),
+            |b| format!("{{{{ steps.{b}.outputs.n }}}}"),
+        );
+        write!(
+            plan,
+            "  - id: {id}\n{needs}    on: {host}\n    outputs: [n]\n    run: |\n      echo $$ >> {dir}/{id}.starts\n      echo {id} begins\n      sleep 0.4\n      echo {id} ends\n      echo once >> {dir}/{id}.effects\n      echo \"n=$(( {got} + 1 ))\" >> \"$CAIRN_OUTPUT\"\n",
+            dir = dir.display()
+        )
+        .unwrap();
+        before = Some(id);
+    }
+    write!(
+        plan,
+        "  - id: here\n    needs: [s3]\n    run: echo {{{{ steps.s3.outputs.n }}}} > {}/last\n",
+        dir.display()
+    )
+    .unwrap();
+    plan
+}
+
+/// Processes whose command line names `text`.
+fn processes_naming(text: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            alive(pid)
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(text))
+        })
+        .collect()
+}
+
+/// Acceptance 2 of issue 19: `kill -9` of cairn at random moments of a plan whose steps run on
+/// two hosts, 20 times (each on a new op), then `resume`: a step that finished while cairn was
+/// dead is collected and one still running is attached to again, so no step runs twice and each
+/// side effect happens once; nothing of the ops is left running on the hosts.
+#[test]
+fn kills_at_random_moments_across_hosts_never_run_a_step_twice() {
+    let Some(hosts) = hosts() else { return };
+    let sandbox = Sandbox::new();
+    let mut seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+    let mut adopted = 0;
+    for round in 1..=20 {
+        let dir = sandbox.path().join(format!("r{round}"));
+        std::fs::create_dir(&dir).unwrap();
+        sandbox.write("plan.yaml", &chain_plan(&dir));
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let after = Duration::from_millis(200 + (seed >> 33) % 2_800);
+        let mut run = hosts
+            .command(&sandbox, &["run", "plan.yaml"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(after);
+        run.kill().unwrap();
+        run.wait().unwrap();
+        let op = sandbox.op_count();
+        if op < round {
+            // Killed before the op was stored: nothing to resume; the round runs it again.
+            let out = hosts.cairn(&sandbox, &["run", "plan.yaml"]);
+            assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+        } else {
+            let out = hosts.cairn(&sandbox, &["resume", &round.to_string()]);
+            assert!(
+                matches!(code(&out), Some(0)),
+                "round {round}, killed after {after:?}: {}",
+                stderr(&out)
+            );
+        }
+        let show = sandbox.show(i64::try_from(round).unwrap());
+        assert_eq!(show["status"], "succeeded", "round {round}: {show:#}");
+        adopted += events(&show).iter().filter(|(k, _)| k == "adopted").count();
+        for i in 0..4 {
+            let starts =
+                std::fs::read_to_string(dir.join(format!("s{i}.starts"))).unwrap_or_default();
+            assert_eq!(
+                starts.lines().count(),
+                1,
+                "round {round} (killed after {after:?}): s{i} started {} times; {show:#}",
+                starts.lines().count()
+            );
+            let effects =
+                std::fs::read_to_string(dir.join(format!("s{i}.effects"))).unwrap_or_default();
+            assert_eq!(effects, "once\n", "round {round}: s{i}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.join("last")).unwrap().trim(),
+            "4"
+        );
+        let logs = stdout(&hosts.cairn(&sandbox, &["logs", &round.to_string()]));
+        for i in 0..4 {
+            assert!(
+                logs.contains(&format!("s{i} ends")),
+                "round {round}: {logs}"
+            );
+        }
+        // Nothing of the op runs on the hosts any more: no supervisor, no step, and no wrapper
+        // of a killed run once its step ended (each notices within a poll).
+        let uuid = show["uuid"].as_str().unwrap().to_owned();
+        let started = Instant::now();
+        loop {
+            let left = processes_naming(&uuid);
+            let dirs: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.contains(&uuid))
+                .collect();
+            if left.is_empty() && dirs.is_empty() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "round {round}: left running {left:?}, directories {dirs:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // The kills landed while steps ran at least once (else this test proves nothing).
+    assert!(adopted > 0, "no kill landed while a remote step ran");
 }

@@ -56,6 +56,10 @@ pub struct Args {
     /// already ran again, and what is downstream of them.
     #[arg(long)]
     rerun_changed: bool,
+    /// End the processes of `adopt` steps that outlived the op's last run (and run those steps
+    /// again after `check`) instead of collecting their results.
+    #[arg(long)]
+    restart_running: bool,
     #[command(flatten)]
     run: RunArgs,
     /// When the op ends, print its record on stdout, as `cairn show --json` does.
@@ -128,7 +132,10 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
                 replan,
                 params,
             },
-            args.run.options(),
+            engine::Options {
+                restart_running: args.restart_running,
+                ..args.run.options()
+            },
             args.run.overrides(),
             progress,
             stop,

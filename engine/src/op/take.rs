@@ -101,6 +101,9 @@ async fn end_remote_leftovers(
     let dir = format!("cairn-{}", marker.replace('/', "-"));
     let dirs = [dir.clone(), format!("{dir}-check")];
     let ended = match procs::remote::Transport::new() {
+        // A supervised step's attempt that died before its step said its pid (0) has only its
+        // directory there, handled by `adopt_or_end`.
+        Ok(_) if remote.pid == 0 => Ok(0),
         Ok(transport) => procs::remote::end(&transport, &remote, options.grace, Some(&dirs)).await,
         Err(e) => Err(e.to_string()),
     };
@@ -185,6 +188,83 @@ fn daemon_tasks(
     Ok(daemons)
 }
 
+/// The tasks of `running` (attempts of `row` left running) whose steps have `adopt`.
+fn adopt_tasks(
+    reader: &Reader,
+    row: &store::OpRow,
+    running: &[store::AttemptRow],
+) -> Result<std::collections::HashSet<TaskNo>, Error> {
+    // Read cheaply first: a plan naming neither `adopt` nor `on:` has no such step.
+    if running.is_empty() {
+        return Ok(std::collections::HashSet::new());
+    }
+    let text = reader.snapshot(row.id)?.text;
+    if !text.contains("adopt") && !text.contains("on:") {
+        return Ok(std::collections::HashSet::new());
+    }
+    let plan = snapshot_plan(reader, row.id)?;
+    if !plan.steps.iter().any(|s| s.adopt) {
+        return Ok(std::collections::HashSet::new());
+    }
+    let mut adopted = std::collections::HashSet::new();
+    for attempt in running {
+        let task = reader.task(row.id, attempt.task_no)?;
+        if plan
+            .step_index(&task.step)
+            .is_some_and(|i| plan.steps[i].adopt)
+        {
+            adopted.insert(task.task_no);
+        }
+    }
+    Ok(adopted)
+}
+
+/// For an attempt of an `adopt` step left `running`: whether its command is to be taken again
+/// (its result is in its directory, or it still runs); if not (`adopt` false: a cancel or
+/// `--restart-running`; or it is gone without a result), what is left of it there is ended and
+/// its directory removed, and the sweep goes on as for any step.
+async fn adopt_or_end(
+    uuid: &str,
+    attempt: &store::AttemptRow,
+    adopt: bool,
+    options: &Options,
+) -> bool {
+    use procs::adopt::Found;
+    let remote = attempt
+        .process
+        .as_ref()
+        .filter(|p| p.boot_id.starts_with(crate::task::process::REMOTE_BOOT));
+    let Some(process) = remote else {
+        let dir = procs::adopt::dir(uuid, attempt.task_no.0, attempt.n);
+        let found = procs::adopt::probe(&dir);
+        if adopt && found != Found::Gone {
+            return true;
+        }
+        // Its processes are found by its group and marker, as any step's.
+        procs::adopt::remove(&dir);
+        return false;
+    };
+    let dir = procs::adopt::dir_name(uuid, attempt.task_no.0, attempt.n);
+    let Ok(transport) = procs::remote::Transport::new() else {
+        return adopt;
+    };
+    match procs::remote::probe(&transport, &process.host, &dir, (options.grace, !adopt)).await {
+        Ok(Found::Gone) => false,
+        Ok(_) => adopt,
+        Err(e) => {
+            // Unreachable now: the attempt is taken again (its host is tried until the step's
+            // timeout), or, ended, said.
+            if !adopt {
+                eprintln!(
+                    "warning: cannot end what an attempt left on `{}`: {e}",
+                    process.host
+                );
+            }
+            adopt
+        }
+    }
+}
+
 /// The grace a cancel request of `row` asks for, as the store has it now (the request may be newer
 /// than `row`).
 fn cancel_grace(reader: &Reader, row: &store::OpRow) -> Option<std::time::Duration> {
@@ -206,12 +286,24 @@ async fn sweep(
     me: &ProcessId,
     (options, stop): (&Options, &StopHandle),
     progress: &Sink,
+    adopting: bool,
 ) -> Result<(), Error> {
     // Only the running attempts and their tasks are read: a resume of an op of a million tasks
     // does not read them all before its first new task starts.
     let running = reader.running_attempts(row.id)?;
     let daemons = daemon_tasks(reader, row, &running)?;
+    let adopted = adopt_tasks(reader, row, &running)?;
+    let canceling = reader
+        .op(row.id)
+        .map_or(row.cancel.is_some(), |r| r.cancel.is_some());
+    let adopting = adopting && !canceling && !options.restart_running;
     for attempt in running {
+        // Left `running`: the task takes this attempt again (`task::process`).
+        if adopted.contains(&attempt.task_no)
+            && adopt_or_end(&row.uuid, &attempt, adopting, options).await
+        {
+            continue;
+        }
         let step = match reader.task(row.id, attempt.task_no) {
             Ok(task) => task.name,
             Err(store::Error::NotFound(_)) => "?".to_owned(),
@@ -254,6 +346,17 @@ async fn sweep(
             },
         });
         store.apply(batch).await?;
+    }
+    // A supervised attempt's directory whose end was recorded just before a kill: it goes now.
+    let running: std::collections::HashSet<(u32, u32)> = reader
+        .running_attempts(row.id)?
+        .into_iter()
+        .map(|a| (a.task_no.0, a.n))
+        .collect();
+    for (task, n, dir) in procs::adopt::dirs_of(&row.uuid) {
+        if !running.contains(&(task, n)) {
+            procs::adopt::remove(&dir);
+        }
     }
     Ok(())
 }
@@ -388,7 +491,9 @@ impl Takeover<'_> {
             },
         );
         let ending = (&leftovers, &self.stop);
-        sweep(store, reader, row, &me, ending, &self.progress).await?;
+        // An edited plan or params renumber or reset tasks: attempts are not taken again then.
+        let adopting = replace.is_none() && new_params.is_none();
+        sweep(store, reader, row, &me, ending, &self.progress, adopting).await?;
         let rule = owner::Rule::of(store.location());
         end_children_leftovers(reader, rule, op, &leftovers, &self.stop).await?;
         OutputFiles::remove_left(&row.uuid);

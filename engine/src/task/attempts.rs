@@ -33,6 +33,12 @@ pub(crate) trait Attempt {
     fn began(&self) -> Option<Instant> {
         None
     }
+
+    /// Attempt `n`'s end is recorded (and durable, for a job not deferred): what it kept for
+    /// that moment may go.
+    fn recorded(&mut self, _n: u32) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// After attempt `attempt_in_round` of a retry round failed (with `exit_code`), the delay before
@@ -89,6 +95,7 @@ pub(crate) async fn attempts<A: Attempt + Send>(
             kind.began().unwrap_or(started),
         )
         .await?;
+        kind.recorded(n).await;
         let Some(delay) = retry else {
             return Ok(end);
         };

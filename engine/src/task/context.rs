@@ -643,6 +643,7 @@ pub(crate) fn with_hooks(plan: &Plan) -> (Vec<Step>, HookTasks) {
                 },
                 params: Vec::new(),
                 daemon: false,
+                adopt: false,
             });
         }
     }

@@ -154,10 +154,37 @@ pub(crate) async fn write_logs(
     store: Store,
     (op, owner): (OpId, ProcessId),
     (task, attempt): (TaskNo, u32),
-    mut chunks: mpsc::Receiver<Chunk>,
+    chunks: mpsc::Receiver<Chunk>,
     (limit, patience): (u64, Duration),
     secrets: Vec<String>,
 ) -> Unwritten {
+    write_logs_noting(
+        store,
+        (op, owner),
+        (task, attempt),
+        chunks,
+        (limit, patience),
+        secrets,
+        None,
+    )
+    .await
+}
+
+/// Told the bytes of stdout and stderr committed so far, after each commit of logs.
+pub(crate) type Noted = Box<dyn FnMut([u64; 2]) + Send>;
+
+/// [`write_logs`], telling `note` how far the output is committed (an adopted step's reader
+/// goes on from there after a kill).
+pub(crate) async fn write_logs_noting(
+    store: Store,
+    (op, owner): (OpId, ProcessId),
+    (task, attempt): (TaskNo, u32),
+    mut chunks: mpsc::Receiver<Chunk>,
+    (limit, patience): (u64, Duration),
+    secrets: Vec<String>,
+    mut note: Option<Noted>,
+) -> Unwritten {
+    let mut committed = [0u64; 2];
     let mut unwritten = Unwritten::default();
     let mut masker = Masker::new(&secrets);
     let mut pending = Pending::default();
@@ -192,7 +219,11 @@ pub(crate) async fn write_logs(
                 });
             }
         };
+        let mut sizes = [0u64; 2];
         for (stream, data) in std::mem::take(&mut pending).parts {
+            if let Some(size) = sizes.get_mut(usize::from(stream).saturating_sub(1)) {
+                *size += data.len() as u64;
+            }
             log(stream, masker.feed(stream, &data, false));
         }
         if closed {
@@ -210,6 +241,13 @@ pub(crate) async fn write_logs(
                 unwritten.why = match e {
                     Fatal::Lost(why) | Fatal::Store(why) => why,
                 };
+            }
+        }
+        if sizes != [0, 0] {
+            committed[0] += sizes[0];
+            committed[1] += sizes[1];
+            if let Some(note) = note.as_mut() {
+                note(committed);
             }
         }
         if closed {

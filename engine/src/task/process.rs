@@ -20,7 +20,7 @@ use super::attempts::{Attempt, attempts};
 use super::carry::Carry;
 use super::context::Shared;
 use super::files::{process_files, progress_file};
-use super::logs::{Unwritten, write_logs};
+use super::logs::{Noted, Unwritten, write_logs_noting};
 use super::{
     Ended, Fatal, Job, TaskEnd, USE_ENV, fail_before_start, failed_early, last_lines,
     missing_output, render_public, shared_mask, start_attempt,
@@ -52,6 +52,28 @@ pub(crate) async fn run(
             return fail_before_start(shared, job, prior + 1, error).await;
         }
     };
+    // An adopted step's end is recorded before its directory goes: never deferred.
+    let job = &Job {
+        defer: job.defer && !step.adopt,
+        ..job.clone()
+    };
+    // An attempt the resume's sweep left running (`adopt`): taken again, not started anew.
+    let adopting = if step.adopt {
+        shared
+            .store
+            .reader()
+            .and_then(|r| r.attempts(shared.op))
+            .map_err(Fatal::from)?
+            .into_iter()
+            .filter(|a| a.task_no == job.task() && a.status == store::AttemptStatus::Running)
+            .map(|a| a.n)
+            .max()
+            .filter(|&n| n >= 1 && n <= prior)
+    } else {
+        None
+    };
+    let prior = adopting.map_or(prior, |n| n - 1);
+    let retry_from = retry_from.min(prior);
     let mut attempt = ProcessAttempt {
         shared,
         job,
@@ -66,6 +88,8 @@ pub(crate) async fn run(
         began: None,
         daemon: None,
         remote,
+        adopting,
+        adopted: None,
     };
     attempts(
         shared,
@@ -186,6 +210,10 @@ struct ProcessAttempt<'a> {
     daemon: Option<Kept>,
     /// The host its processes run on, if not this one.
     remote: Option<Target>,
+    /// The attempt an earlier run left running, to take again (`adopt`).
+    adopting: Option<u32>,
+    /// The directory of a supervised attempt, removed once its end is recorded.
+    adopted: Option<(u32, Option<String>, String)>,
 }
 
 /// What a `daemon` step's command left running: found by its group (started no earlier than
@@ -228,6 +256,9 @@ struct ProcessRun {
 
 impl Attempt for ProcessAttempt<'_> {
     async fn attempt(&mut self, n: u32, carry: &mut Carry) -> Result<Ended, Fatal> {
+        if self.adopting.take() == Some(n) {
+            return self.reattach(n).await;
+        }
         let (shared, job, step, ctx) = (self.shared, self.job, self.step, self.ctx);
         // The first process's files and environment are made, and the step's program looked up
         // in its `PATH`, while its start commits: nothing of the attempt runs before that commit
@@ -286,6 +317,24 @@ impl Attempt for ProcessAttempt<'_> {
 
     fn began(&self) -> Option<Instant> {
         self.began
+    }
+
+    async fn recorded(&mut self, n: u32) {
+        let Some((m, host, dir)) = self.adopted.take() else {
+            return;
+        };
+        if m != n {
+            return;
+        }
+        match host {
+            None => procs::adopt::remove(std::path::Path::new(&dir)),
+            Some(host) => {
+                if let Ok(transport) = self.shared.ssh() {
+                    let _ = procs::remote::remove_dir(&transport, &host, &dir).await;
+                }
+                let _ = std::fs::remove_file(procs::adopt::sent_file(&dir));
+            }
+        }
     }
 }
 
@@ -359,6 +408,34 @@ impl ProcessAttempt<'_> {
         // A daemon step's probes (and `check`) leave the attempt's record naming its command, then
         // its server: they are found by their marker.
         let probe = step.daemon && launch.marker.ends_with("/check");
+        let mut launch = launch;
+        // A supervised command (`adopt`): its output, outputs and exit code go to its attempt's
+        // directory, which outlives this process.
+        let supervised = if step.adopt && !launch.marker.ends_with("/check") {
+            let dir = procs::adopt::dir(&shared.uuid, task.0, n);
+            if let Err(e) = procs::adopt::prepare(&dir) {
+                return Ok(Err(format!(
+                    "cannot make the step's directory {}: {e}",
+                    dir.display()
+                )));
+            }
+            let output = dir.join("output");
+            launch.env.insert(
+                "CAIRN_PROGRESS".to_owned(),
+                progress_file(&output).display().to_string(),
+            );
+            launch
+                .env
+                .insert("CAIRN_OUTPUT".to_owned(), output.display().to_string());
+            let _ = std::fs::remove_file(&launch.output);
+            launch.output = output;
+            launch.argv = procs::adopt::argv(&dir, &launch.argv);
+            launch.located = None;
+            self.adopted = Some((n, None, dir.display().to_string()));
+            Some(dir)
+        } else {
+            None
+        };
         let spec = Spec {
             stdin: None,
             argv: launch.argv,
@@ -383,15 +460,29 @@ impl ProcessAttempt<'_> {
             Ok(r) => r,
             Err(e) => return Ok(Err(e.to_string())),
         };
+        let (done, tail) = match &supervised {
+            Some(dir) => {
+                let (done, finished) = tokio::sync::oneshot::channel::<()>();
+                let follow = procs::adopt::Tail::new(dir).follow(sink.clone(), async {
+                    let _ = finished.await;
+                });
+                (Some(done), Some(tokio::spawn(follow)))
+            }
+            None => (None, None),
+        };
         drop(sink);
         shared.outputs.make_spare();
-        let logs = tokio::spawn(write_logs(
+        let note = supervised
+            .as_ref()
+            .map(|dir| noting(dir.join("sent"), [0, 0]));
+        let logs = tokio::spawn(write_logs_noting(
             shared.store.clone(),
             (shared.op, shared.me.clone()),
             (task, n),
             chunks,
             (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
+            note,
         ));
         if self.daemon.is_none() && !probe {
             shared
@@ -412,6 +503,19 @@ impl ProcessAttempt<'_> {
         let wait = running
             .hurried_by(shared.stop_handle().subscribe_hurry())
             .wait_with_grace(self.stop.clone(), || shared.step_grace());
+        let wait = async {
+            let mut exit = wait.await;
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+            if let Some(tail) = tail {
+                let _ = tail.await;
+            }
+            if let Some(dir) = &supervised {
+                supervised_exit(&mut exit, dir);
+            }
+            exit
+        };
         let progress = progress_file(&launch.output);
         let (exit, unwritten) = tokio::join!(
             self.watch_progress(wait, &progress),
@@ -430,8 +534,11 @@ impl ProcessAttempt<'_> {
         } else {
             Ok(Map::new())
         };
-        // Read once: the op's directory does not fill up with a file per attempt.
-        let _ = std::fs::remove_file(&launch.output);
+        // Read once: the op's directory does not fill up with a file per attempt (a supervised
+        // one's goes with its directory, once its end is recorded).
+        if supervised.is_none() {
+            let _ = std::fs::remove_file(&launch.output);
+        }
         Ok(Ok(ProcessRun {
             exit,
             outputs,
@@ -922,6 +1029,18 @@ impl ProcessAttempt<'_> {
         launch: Launch,
         target: Target,
     ) -> Result<Result<ProcessRun, String>, Fatal> {
+        self.remote_and_wait(n, launch, target, false).await
+    }
+
+    /// [`ProcessAttempt::spawn_remote_and_wait`]; `again`: attaches to the supervised command
+    /// an earlier run started (`adopt`) instead of starting one.
+    async fn remote_and_wait(
+        &mut self,
+        n: u32,
+        launch: Launch,
+        target: Target,
+        again: bool,
+    ) -> Result<Result<ProcessRun, String>, Fatal> {
         let (shared, job, step) = (self.shared, self.job, self.step);
         let transport = match shared.ssh() {
             Ok(t) => t,
@@ -957,33 +1076,61 @@ impl ProcessAttempt<'_> {
                 "the lease ran out before the step could start".to_owned(),
             ));
         }
+        let adopt = step.adopt && !launch.marker.ends_with("/check");
         let remote_job = procs::remote::Job {
             host: target.host.clone(),
-            dir: format!("cairn-{}", launch.marker.replace('/', "-")),
+            dir: if adopt {
+                procs::adopt::dir_name(&shared.uuid, job.task().0, n)
+            } else {
+                format!("cairn-{}", launch.marker.replace('/', "-"))
+            },
             env: remote_env(shared, &launch.env),
             files: remote_files(shared, &launch.env),
             argv: launch.argv,
             cwd: target.cwd,
             timeout: step.timeout,
             grace: shared.options.grace,
+            adopt,
         };
+        if adopt {
+            self.adopted = Some((n, Some(target.host.clone()), remote_job.dir.clone()));
+        }
+        if adopt && !again {
+            self.record_host(n, &target.host).await?;
+        }
         let (sink, chunks) = spawn::sink();
         let spawned = crate::owner::now();
-        let mut running = match procs::remote::spawn(&transport, remote_job, &launch.marker, &sink)
-        {
+        let deadline = step.timeout.map(|t| tokio::time::Instant::now() + t);
+        let sent_file = procs::adopt::sent_file(&remote_job.dir);
+        let base = if again {
+            procs::adopt::read_sent(&sent_file)
+        } else {
+            [0, 0]
+        };
+        let started = if again {
+            procs::remote::reattach(
+                &transport,
+                remote_job.clone(),
+                (&launch.marker, base),
+                &sink,
+            )
+        } else {
+            procs::remote::spawn(&transport, remote_job.clone(), &launch.marker, &sink)
+        };
+        let mut running = match started {
             Ok(r) => r,
             Err(e) => return Ok(Err(e.to_string())),
         };
-        drop(sink);
-        let logs = tokio::spawn(write_logs(
+        let logs = tokio::spawn(write_logs_noting(
             shared.store.clone(),
             (shared.op, shared.me.clone()),
             (job.task(), n),
             chunks,
             (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
+            adopt.then(|| noting(sent_file.clone(), base)),
         ));
-        if let Some(remote) = running.started().await {
+        if let Some(remote) = running.started().await.filter(|_| !again) {
             shared
                 .apply(vec![Change::AttemptProcess {
                     op: shared.op,
@@ -996,9 +1143,31 @@ impl ProcessAttempt<'_> {
                 }])
                 .await?;
         }
-        let wait = running
-            .hurried_by(shared.stop_handle().subscribe_hurry())
-            .wait_with_grace(self.stop.clone(), || shared.step_grace());
+        let stop = self.stop.clone();
+        let wait = async move {
+            let mut running = running;
+            loop {
+                let ended = running
+                    .hurried_by(shared.stop_handle().subscribe_hurry())
+                    .wait_with_grace(stop.clone(), || shared.step_grace())
+                    .await;
+                if !(adopt && ended.lost) {
+                    return ended;
+                }
+                // The connection was lost while the step runs on: attach again, backing off,
+                // until the step's timeout.
+                let marker = (launch.marker.as_str(), sent_file.as_path());
+                match reconnect(&transport, &remote_job, marker, &sink, (&stop, deadline)).await {
+                    Ok(again) => running = again,
+                    Err(error) => {
+                        let mut ended = ended;
+                        ended.exit.stderr_tail = error;
+                        ended.exit.code = None;
+                        return ended;
+                    }
+                }
+            }
+        };
         let (ended, unwritten) = tokio::join!(wait, finish_logs(shared, logs));
         if !unwritten.why.is_empty() {
             shared.say(&Progress::LogIncomplete {
@@ -1083,4 +1252,260 @@ fn remote_files(shared: &Shared, env: &BTreeMap<String, String>) -> BTreeMap<Str
         .filter(|(k, _)| is_param_file(shared, k))
         .filter_map(|(k, path)| Some((k.clone(), std::fs::read_to_string(path).ok()?)))
         .collect()
+}
+
+impl ProcessAttempt<'_> {
+    /// Records attempt `n`'s host before anything starts there (`adopt`): a resume finds the
+    /// step's directory there even if this run dies before the step says its pid.
+    async fn record_host(&self, n: u32, host: &str) -> Result<(), Fatal> {
+        let shared = self.shared;
+        shared
+            .apply(vec![Change::AttemptProcess {
+                op: shared.op,
+                owner: shared.me.clone(),
+                task: self.job.task(),
+                n,
+                process: remote_process(&procs::remote::Remote {
+                    host: host.to_owned(),
+                    pid: 0,
+                    start: 0,
+                    boot_id: String::new(),
+                }),
+                pgid: 0,
+                at: crate::owner::now(),
+            }])
+            .await?;
+        Ok(())
+    }
+}
+
+/// Attaches again to a supervised step on `job`'s host whose connection was lost: tries with a
+/// growing delay (half a second, doubling up to 10 s) until it answers, the run stops, or the
+/// step's timeout (`deadline`) passes, which fails the attempt naming the host.
+async fn reconnect(
+    transport: &std::sync::Arc<procs::remote::Transport>,
+    job: &procs::remote::Job,
+    (marker, sent): (&str, &std::path::Path),
+    sink: &tokio::sync::mpsc::Sender<spawn::Chunk>,
+    (stop, deadline): (&watch::Receiver<bool>, Option<tokio::time::Instant>),
+) -> Result<procs::remote::RemoteRunning, String> {
+    let mut delay = Duration::from_millis(500);
+    let mut stop = stop.clone();
+    loop {
+        let wait = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    return Err(format!(
+                        "lost the connection to `{}` and could not attach again within the step's timeout",
+                        job.host
+                    ));
+                }
+                delay.min(left)
+            }
+            None => delay,
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = procs::remote::stopped(&mut stop) => {
+                return Err(format!("stopped while reconnecting to `{}`", job.host));
+            }
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+        let found = procs::remote::probe(transport, &job.host, &job.dir, (job.grace, false)).await;
+        match found {
+            Err(_) => continue,
+            Ok(procs::adopt::Found::Gone) => {
+                return Err(format!(
+                    "lost the connection to `{}`; the step's process there ended without a result",
+                    job.host
+                ));
+            }
+            Ok(_) => {}
+        }
+        let mut again = job.clone();
+        again.timeout = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        let from = procs::adopt::read_sent(sent);
+        if let Ok(running) = procs::remote::reattach(transport, again, (marker, from), sink) {
+            return Ok(running);
+        }
+    }
+}
+
+/// A supervised command's exit as its directory says: its exit code (a shell's 128 + N is
+/// signal N) and the end of its stderr.
+fn supervised_exit(exit: &mut spawn::Exit, dir: &std::path::Path) {
+    if exit.stopped.is_none()
+        && let Some(code) = procs::adopt::exit_code(dir)
+    {
+        set_code(exit, code);
+    }
+    exit.stderr_tail = procs::adopt::stderr_tail(dir);
+}
+
+fn set_code(exit: &mut spawn::Exit, code: i32) {
+    if code > 128 && code < 128 + 65 {
+        exit.code = None;
+        exit.signal = Some(code - 128);
+    } else {
+        exit.code = Some(code);
+        exit.signal = None;
+    }
+}
+
+impl ProcessAttempt<'_> {
+    /// Attempt `n`, left running by a run that died (`adopt`): its result collected if it ended,
+    /// else waited for, its output streamed from where that run left it; no new attempt, the
+    /// command does not run again.
+    async fn reattach(&mut self, n: u32) -> Result<Ended, Fatal> {
+        let (shared, job, step) = (self.shared, self.job, self.step);
+        let at = crate::owner::now();
+        shared
+            .apply(vec![Change::Event {
+                op: shared.op,
+                owner: Some(shared.me.clone()),
+                at,
+                kind: store::EventKind::Adopted,
+                task: Some(job.name.clone()),
+                message: format!(
+                    "attempt {n}'s process outlived the run that started it: its result is collected, not run again"
+                ),
+            }])
+            .await?;
+        shared.say(&Progress::TaskStarted {
+            task: job.name.clone(),
+            attempt: n,
+        });
+        self.began.get_or_insert_with(Instant::now);
+        let run = if let Some(target) = self.remote.clone() {
+            let (output, env) = match process_files(shared, step, self.ctx, job, n) {
+                Ok(made) => made,
+                Err(error) => return Ok(failed_early(error)),
+            };
+            let launch = Launch {
+                argv: self.argv.clone(),
+                located: None,
+                env,
+                output,
+                cwd: self.cwd.clone(),
+                marker: format!("{}/{}/{n}", shared.uuid, job.no),
+                keep: false,
+            };
+            self.remote_and_wait(n, launch, target, true).await?
+        } else {
+            self.reattach_local(n).await?
+        };
+        Ok(match run {
+            Ok(run) => judge(shared, step, run),
+            Err(error) => failed_early(error),
+        })
+    }
+
+    /// [`ProcessAttempt::reattach`] on this host: watches the attempt's directory until its
+    /// result is written, the run stops or the step's timeout passes (both end its group).
+    async fn reattach_local(&mut self, n: u32) -> Result<Result<ProcessRun, String>, Fatal> {
+        use procs::adopt::Found;
+        let (shared, job, step) = (self.shared, self.job, self.step);
+        let dir = procs::adopt::dir(&shared.uuid, job.task().0, n);
+        let marker = format!("{}/{}/{n}", shared.uuid, job.no);
+        self.adopted = Some((n, None, dir.display().to_string()));
+        let (sink, chunks) = spawn::sink();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let tail = procs::adopt::Tail::new(&dir);
+        let note = noting(dir.join("sent"), tail.start());
+        let tail = tokio::spawn(tail.follow(sink, async {
+            let _ = finished.await;
+        }));
+        let logs = tokio::spawn(write_logs_noting(
+            shared.store.clone(),
+            (shared.op, shared.me.clone()),
+            (job.task(), n),
+            chunks,
+            (step.log_limit, shared.options.lease / 2),
+            shared.secrets.clone(),
+            Some(note),
+        ));
+        let mut stop = self.stop.clone();
+        let wait = async {
+            let limit = async {
+                match step.timeout {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(limit);
+            let mut leader = None;
+            let (found, stopped) = loop {
+                let found = procs::adopt::probe(&dir);
+                let Found::Running { pid, start } = found else {
+                    break (found, None);
+                };
+                leader = Some((pid, start));
+                tokio::select! {
+                    biased;
+                    () = procs::remote::stopped(&mut stop) => break (found, Some(Stopped::Asked)),
+                    () = &mut limit => break (found, Some(Stopped::TimedOut)),
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            };
+            // What is left of its group (or carries its marker) ends with it.
+            let (pgid, start) = leader.map_or((None, None), |(p, s)| (Some(p), Some(s)));
+            let grace = if stopped.is_some() {
+                shared.step_grace()
+            } else {
+                Duration::ZERO
+            };
+            let leftovers = procs::proc::terminate_or_sooner(
+                || procs::proc::attempt_processes(pgid, start, &marker),
+                grace,
+                shared.stop_handle().hurried(),
+            )
+            .await;
+            let _ = done.send(());
+            let _ = tail.await;
+            let mut exit = spawn::Exit {
+                code: None,
+                signal: None,
+                stopped,
+                stderr_tail: procs::adopt::stderr_tail(&dir),
+                leftovers,
+                kept: Vec::new(),
+            };
+            match found {
+                Found::Finished(code) if stopped.is_none() => set_code(&mut exit, code),
+                Found::Gone => {
+                    "its process ended without a result (its supervisor was killed, or the host rebooted)".clone_into(&mut exit.stderr_tail);
+                }
+                _ => {}
+            }
+            exit
+        };
+        let (exit, unwritten) = tokio::join!(wait, finish_logs(shared, logs));
+        if !unwritten.why.is_empty() {
+            shared.say(&Progress::LogIncomplete {
+                task: job.name.clone(),
+                attempt: n,
+                bytes: unwritten.bytes,
+                why: unwritten.why,
+            });
+        }
+        let outputs = if exit.success() {
+            spawn::read_outputs(&dir.join("output"))
+        } else {
+            Ok(Map::new())
+        };
+        Ok(Ok(ProcessRun {
+            exit,
+            outputs,
+            unreached: None,
+        }))
+    }
+}
+
+/// Notes in `file` how far a supervised step's output is recorded: `base` (recorded by an
+/// earlier run) plus what the log writer committed since.
+fn noting(file: PathBuf, base: [u64; 2]) -> Noted {
+    Box::new(move |committed: [u64; 2]| {
+        procs::adopt::note_sent(&file, [base[0] + committed[0], base[1] + committed[1]]);
+    })
 }
