@@ -43,7 +43,14 @@ pub(crate) struct App {
     reader: Arc<store::Reader>,
     /// Each op's newest event number, watched by the clients of `/changes`.
     pub(crate) heads: crate::changes::Heads,
+    /// `GET /ops/{id}` answers made in the last [`SHOWN_FOR`]: the dashboards following one op
+    /// each read it whenever it moves, and they share one read.
+    shown: Arc<std::sync::Mutex<HashMap<OpId, (std::time::Instant, Bytes)>>>,
 }
+
+/// How long an answer of `GET /ops/{id}` is given again: the feed of `/changes` looks for moves
+/// this often, so a dashboard sees nothing older than it would anyway.
+const SHOWN_FOR: Duration = Duration::from_millis(250);
 
 /// Who calls: the token's name and role, found by its hash.
 #[derive(Debug, Clone)]
@@ -116,6 +123,7 @@ pub fn router(config: Config) -> Result<Router, store::Error> {
         config: Arc::new(config),
         reader,
         heads: crate::changes::Heads::default(),
+        shown: Arc::default(),
     };
     let api = Router::new()
         .route("/ops", get(list_ops).post(submit))
@@ -238,7 +246,15 @@ async fn authenticate(State(app): State<App>, mut request: Request, next: Next) 
         .into_response();
     }
     request.extensions_mut().insert(caller);
-    next.run(request).await
+    let response = next.run(request).await;
+    if !reads {
+        // What an action changed is seen by the next read.
+        app.shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+    response
 }
 
 /// The caller whose token has the SHA-256 `hash`, if the store knows it.
@@ -422,13 +438,37 @@ fn read_op(reader: &store::Reader, op: OpId) -> Result<store::OpRow, ApiError> {
 /// `GET /ops/{id}`: the op as `cairn show --json` prints it, secrets masked.
 async fn show_op(State(app): State<App>, Path(id): Path<String>) -> Answer {
     let op = op_id(&id)?;
-    let value = app
-        .read(move |reader, rule| {
-            let row = read_op(reader, op)?;
-            Ok(view::record(reader, &row, rule, engine::owner::now())?)
-        })
-        .await?;
-    Ok(ok(&value))
+    let recent = |app: &App| {
+        let shown = app
+            .shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shown
+            .get(&op)
+            .filter(|(at, _)| at.elapsed() < SHOWN_FOR)
+            .map(|(_, body)| body.clone())
+    };
+    let body = if let Some(body) = recent(&app) {
+        body
+    } else {
+        {
+            let value = app
+                .read(move |reader, rule| {
+                    let row = read_op(reader, op)?;
+                    Ok(view::record(reader, &row, rule, engine::owner::now())?)
+                })
+                .await?;
+            let body = Bytes::from(serde_json::to_vec(&value).map_err(ApiError::internal)?);
+            let mut shown = app
+                .shown
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            shown.retain(|_, (at, _)| at.elapsed() < SHOWN_FOR);
+            shown.insert(op, (std::time::Instant::now(), body.clone()));
+            body
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `GET /ops/{id}/graph`: the steps of the op's plan (its snapshot) and what each needs, in plan
