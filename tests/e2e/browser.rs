@@ -215,6 +215,26 @@ impl Browser {
         self.click("#login-button");
         self.find("#nav:not([hidden])");
     }
+
+    /// Opens the page of op `op`.
+    fn open_op(&self, server: &Server, op: i64) {
+        self.open(&server.url(&format!("/#/op/{op}")));
+    }
+
+    /// Waits until the DAG shows `step` with `status`.
+    fn wait_node(&self, step: &str, status: &str) {
+        self.wait_for(
+            &format!("{step} {status}"),
+            &node_status(step),
+            &json!(status),
+        );
+    }
+
+    /// Asserts that the page offers no action button.
+    fn assert_no_buttons(&self) {
+        let script = "return document.querySelectorAll('#actions button').length";
+        assert_eq!(self.run(script, &[]), json!(0));
+    }
 }
 
 impl Drop for Browser {
@@ -296,6 +316,34 @@ fn submit_with(server: &Server, operator: &str, params: &Value) -> i64 {
     answer.json["id"].as_i64().unwrap()
 }
 
+/// What each test starts from: a sandbox, an operator's and a viewer's token in it, the server
+/// over it, and a browser named `name`.
+fn scene(name: &str) -> (Sandbox, String, String, Server, Browser) {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "on-call", "operator");
+    let viewer = token(&sandbox, "lead", "viewer");
+    let server = start(&sandbox);
+    let browser = Browser::new(name);
+    (sandbox, operator, viewer, server, browser)
+}
+
+/// Waits until the op `uuid`'s step processes are running (`running`) or all ended.
+fn wait_processes(uuid: &str, running: bool, what: &str) {
+    let started = Instant::now();
+    while step_processes(uuid).is_empty() == running {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{what}: {:?}",
+            step_processes(uuid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The script that reads the op page's status.
+const OP_STATUS: &str =
+    "const s = document.querySelector('#op-status'); return s && s.dataset.status";
+
 /// The status the op page's DAG shows for `step`.
 fn node_status(step: &str) -> String {
     format!(
@@ -313,11 +361,7 @@ fn release_prepare(sandbox: &Sandbox) {
 
 #[test]
 fn the_ops_table_lists_ops_live_and_filters_them() {
-    let sandbox = Sandbox::new();
-    let operator = token(&sandbox, "on-call", "operator");
-    let viewer = token(&sandbox, "lead", "viewer");
-    let server = start(&sandbox);
-    let browser = Browser::new("ops-table");
+    let (sandbox, operator, viewer, server, browser) = scene("ops-table");
     let first = submit(&sandbox, &server, &operator);
     wait_status(&server, &viewer, first, "running");
 
@@ -386,13 +430,7 @@ fn the_ops_table_lists_ops_live_and_filters_them() {
     // A viewer is offered no button on the op page.
     browser.click(&format!("#ops tr[data-op=\"{first}\"] a"));
     browser.wait_for("the op page", &node_status("gate"), &json!("waiting"));
-    assert_eq!(
-        browser.run(
-            "return document.querySelectorAll('#actions button').length",
-            &[]
-        ),
-        json!(0)
-    );
+    browser.assert_no_buttons();
     browser.screenshot("viewer-op-page");
 
     // On a phone's screen, nothing runs off the side of the page (wide tables scroll in place).
@@ -411,18 +449,11 @@ fn the_ops_table_lists_ops_live_and_filters_them() {
 
 #[test]
 fn a_running_task_turns_succeeded_on_the_page_without_a_reload() {
-    let sandbox = Sandbox::new();
-    let operator = token(&sandbox, "on-call", "operator");
-    let server = start(&sandbox);
-    let browser = Browser::new("task-succeeds");
+    let (sandbox, operator, _viewer, server, browser) = scene("task-succeeds");
     let op = submit(&sandbox, &server, &operator);
     browser.log_in(&server, &operator);
-    browser.open(&server.url(&format!("/#/op/{op}")));
-    browser.wait_for(
-        "prepare running",
-        &node_status("prepare"),
-        &json!("running"),
-    );
+    browser.open_op(&server, op);
+    browser.wait_node("prepare", "running");
     browser.wait_for(
         "the tasks table",
         "const r = document.querySelector('#tasks tr[data-task=\"prepare\"]'); return r && r.dataset.status",
@@ -456,15 +487,12 @@ fn a_running_task_turns_succeeded_on_the_page_without_a_reload() {
 
 #[test]
 fn a_gate_is_approved_by_clicking() {
-    let sandbox = Sandbox::new();
-    let operator = token(&sandbox, "on-call", "operator");
-    let server = start(&sandbox);
-    let browser = Browser::new("approve");
+    let (sandbox, operator, _viewer, server, browser) = scene("approve");
     let op = submit(&sandbox, &server, &operator);
     release_prepare(&sandbox);
     wait_status(&server, &operator, op, "waiting");
     browser.log_in(&server, &operator);
-    browser.open(&server.url(&format!("/#/op/{op}")));
+    browser.open_op(&server, op);
     browser.click("#actions button[data-action=approve][data-task=gate]");
     browser.find("dialog#confirm[open]");
     browser.type_in("#confirm-reason", "restore checked by hand");
@@ -491,37 +519,20 @@ fn a_gate_is_approved_by_clicking() {
         &json!("succeeded"),
     );
     // Backing out of the dialog does nothing: a finished op offers no button at all.
-    assert_eq!(
-        browser.run(
-            "return document.querySelectorAll('#actions button').length",
-            &[]
-        ),
-        json!(0)
-    );
+    browser.assert_no_buttons();
     browser.screenshot("succeeded");
 }
 
 #[test]
 fn a_running_op_is_canceled_by_clicking_and_its_processes_end() {
-    let sandbox = Sandbox::new();
-    let operator = token(&sandbox, "on-call", "operator");
-    let server = start(&sandbox);
-    let browser = Browser::new("cancel");
+    let (sandbox, operator, _viewer, server, browser) = scene("cancel");
     let op = submit(&sandbox, &server, &operator);
     let shown = wait_status(&server, &operator, op, "running");
     let uuid = shown["uuid"].as_str().unwrap().to_owned();
-    let started = Instant::now();
-    while step_processes(&uuid).is_empty() {
-        assert!(started.elapsed() < DEADLINE, "the step never ran");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_processes(&uuid, true, "the step never ran");
     browser.log_in(&server, &operator);
-    browser.open(&server.url(&format!("/#/op/{op}")));
-    browser.wait_for(
-        "prepare running",
-        &node_status("prepare"),
-        &json!("running"),
-    );
+    browser.open_op(&server, op);
+    browser.wait_node("prepare", "running");
     // Backing out of the dialog leaves the op alone.
     browser.click("#actions button[data-action=cancel]");
     browser.click("#confirm-no");
@@ -529,11 +540,7 @@ fn a_running_op_is_canceled_by_clicking_and_its_processes_end() {
     browser.click("#actions button[data-action=cancel]");
     browser.type_in("#confirm-reason", "wrong shard");
     browser.click("#confirm-ok");
-    browser.wait_for(
-        "the op canceled",
-        "const s = document.querySelector('#op-status'); return s && s.dataset.status",
-        &json!("canceled"),
-    );
+    browser.wait_for("the op canceled", OP_STATUS, &json!("canceled"));
     browser.screenshot("canceled");
     let done = wait_status(&server, &operator, op, "canceled");
     assert!(
@@ -543,35 +550,19 @@ fn a_running_op_is_canceled_by_clicking_and_its_processes_end() {
         "{:?}",
         events(&done)
     );
-    let started = Instant::now();
-    while !step_processes(&uuid).is_empty() {
-        assert!(
-            started.elapsed() < DEADLINE,
-            "processes of the canceled op live on: {:?}",
-            step_processes(&uuid)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_processes(&uuid, false, "processes of the canceled op live on");
 }
 
 #[test]
 fn a_task_s_log_is_followed_as_it_grows() {
-    let sandbox = Sandbox::new();
-    let operator = token(&sandbox, "on-call", "operator");
-    let viewer = token(&sandbox, "lead", "viewer");
-    let server = start(&sandbox);
-    let browser = Browser::new("log");
+    let (sandbox, operator, viewer, server, browser) = scene("log");
     let op = submit(&sandbox, &server, &operator);
     wait_status(&server, &viewer, op, "running");
     browser.log_in(&server, &viewer);
-    browser.open(&server.url(&format!("/#/op/{op}")));
+    browser.open_op(&server, op);
     // The running task's log, picked in the DAG, is followed: each line shows as it is printed,
     // not before.
-    browser.wait_for(
-        "prepare running",
-        &node_status("prepare"),
-        &json!("running"),
-    );
+    browser.wait_node("prepare", "running");
     browser.click("svg#dag g.node[data-step=prepare] rect");
     let log = "const l = document.querySelector('#log'); return l ? l.textContent : null";
     browser.wait_for(
@@ -604,10 +595,7 @@ fn a_task_s_log_is_followed_as_it_grows() {
 
 #[test]
 fn a_gate_is_rejected_and_the_failed_op_resumed_by_clicking() {
-    let sandbox = Sandbox::new();
-    let operator = token(&sandbox, "on-call", "operator");
-    let server = start(&sandbox);
-    let browser = Browser::new("reject-resume");
+    let (sandbox, operator, _viewer, server, browser) = scene("reject-resume");
     let op = submit(&sandbox, &server, &operator);
     release_prepare(&sandbox);
     wait_status(&server, &operator, op, "waiting");
@@ -639,17 +627,16 @@ fn a_gate_is_rejected_and_the_failed_op_resumed_by_clicking() {
     browser.wait_for("the pause lifted", pause, &json!(""));
     assert_eq!(sandbox.json(&["locks", "--json"])["paused"], Value::Null);
 
-    browser.open(&server.url(&format!("/#/op/{op}")));
+    browser.open_op(&server, op);
     browser.click("#actions button[data-action=reject][data-task=gate]");
     browser.type_in("#confirm-reason", "replica lags");
     browser.click("#confirm-ok");
-    let status = "const s = document.querySelector('#op-status'); return s && s.dataset.status";
-    browser.wait_for("the op failed", status, &json!("failed"));
+    browser.wait_for("the op failed", OP_STATUS, &json!("failed"));
     browser.screenshot("rejected");
     browser.click("#actions button[data-action=resume]");
     browser.click("#confirm-ok");
     // Resumed by the server that answered: the gate asks again.
-    browser.wait_for("the op waiting again", status, &json!("waiting"));
+    browser.wait_for("the op waiting again", OP_STATUS, &json!("waiting"));
     browser.wait_for(
         "the gate waiting again",
         &node_status("gate"),

@@ -10,12 +10,12 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use crate::support::{Sandbox, code, signal, stderr, stdout};
+use crate::support::{Sandbox, code, signal, stderr, stdout, wait_until};
 
 /// A child of the fleet: writes a line per step run to `runs`; `second` fails for the last four
 /// children until `go` exists.
@@ -97,18 +97,6 @@ fn ok(sandbox: &Sandbox, args: &[&str]) -> Output {
     let out = sandbox.cairn(args);
     assert_eq!(code(&out), Some(0), "{args:?}: {}", stderr(&out));
     out
-}
-
-/// Polls `done` until it holds, failing the test (naming `what`) rather than hanging it.
-fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "{what} never happened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// What people see of the history: every op's status, `show` and logs, the schedules, the
@@ -383,7 +371,7 @@ fn a_copy_is_refused_while_an_op_runs_or_a_serve_serves_the_sqlite_file() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    until("the node recording itself", || {
+    wait_until("the node recording itself", || {
         sqlite
             .json(&["nodes", "--json"])
             .as_array()
@@ -517,7 +505,7 @@ fn copy_until_the_logs(sqlite: &Sandbox, pg: &Sandbox) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    until("the copy streaming the logs in", || {
+    wait_until("the copy streaming the logs in", || {
         assert!(child.try_wait().unwrap().is_none(), "the copy ended first");
         pg.sql(copying).trim() == "1"
     });
@@ -555,7 +543,7 @@ fn a_copy_killed_or_overtaken_by_a_write_midway_leaves_the_target_without_ops() 
     let mut child = copy_until_the_logs(&sqlite, &pg);
     child.kill().unwrap();
     child.wait().unwrap();
-    until("the server ending the copy's session", || {
+    wait_until("the server ending the copy's session", || {
         let sessions = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
                         AND application_name = 'cairn'";
         pg.sql(sessions).trim() == "0"

@@ -4,11 +4,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Sandbox, code, root, stderr, stdout, task};
+use crate::support::{ExampleServers, Sandbox, code, root, stderr, stdout, task, wait_until};
 
 fn examples() -> PathBuf {
     root().join("examples/mariadb")
@@ -17,9 +17,8 @@ fn examples() -> PathBuf {
 /// A primary and two replicas, destroyed when dropped; cairn's database in a [`Sandbox`] (SQLite,
 /// or PostgreSQL with `CAIRN_TEST_BACKEND=postgres`).
 struct Cluster {
+    servers: ExampleServers,
     cairn: Sandbox,
-    _dir: tempfile::TempDir,
-    path: PathBuf,
     primary_port: String,
     replica1_port: String,
     replica2_port: String,
@@ -29,53 +28,23 @@ struct Cluster {
 
 impl Cluster {
     fn up() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        let path = dir.path().join("my");
-        let out = Command::new(examples().join("sandbox.sh"))
-            .arg("up")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "sandbox.sh up: {}", stderr(&out));
-        let env = std::fs::read_to_string(path.join("env")).unwrap();
-        let get = |key: &str| {
-            env.lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .unwrap()
-                .to_owned()
-        };
+        let servers = ExampleServers::up("mariadb", "my");
         for port in ["PRIMARY_PORT", "REPLICA1_PORT", "REPLICA2_PORT"] {
-            assert_ne!(get(port), "3306");
+            assert_ne!(servers.get(port), "3306");
         }
         Self {
             cairn: Sandbox::new(),
-            primary_port: get("PRIMARY_PORT"),
-            replica1_port: get("REPLICA1_PORT"),
-            replica2_port: get("REPLICA2_PORT"),
-            primary_data: get("PRIMARY_DATA"),
-            replica1_data: get("REPLICA1_DATA"),
-            path,
-            _dir: dir,
+            primary_port: servers.get("PRIMARY_PORT"),
+            replica1_port: servers.get("REPLICA1_PORT"),
+            replica2_port: servers.get("REPLICA2_PORT"),
+            primary_data: servers.get("PRIMARY_DATA"),
+            replica1_data: servers.get("REPLICA1_DATA"),
+            servers,
         }
     }
 
     fn sandbox(&self, args: &[&str]) {
-        let out = Command::new(examples().join("sandbox.sh"))
-            .arg(args[0])
-            .arg(&self.path)
-            .args(&args[1..])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "sandbox.sh {args:?}: {}",
-            stderr(&out)
-        );
+        self.servers.run(args[0], &args[1..]);
     }
 
     /// `cairn` on the examples' plans, with the sandbox's database.
@@ -110,10 +79,10 @@ impl Cluster {
             format!(
                 "start={} start {} replica1",
                 examples().join("sandbox.sh").display(),
-                self.path.display()
+                self.servers.path.display()
             ),
             "-p".into(),
-            format!("notify={}", self.path.join("notify").display()),
+            format!("notify={}", self.servers.path.join("notify").display()),
         ];
         args.extend(extra.iter().cloned());
         args
@@ -122,43 +91,7 @@ impl Cluster {
     /// A row written on the primary now arrives on the replica on `port`, which replicates from
     /// the primary with both threads running.
     fn assert_replicates(&self, port: &str, value: &str) {
-        sql(
-            &self.primary_port,
-            &format!("INSERT INTO app.t (v) VALUES ('{value}')"),
-        )
-        .unwrap();
-        let gtid = sql(&self.primary_port, "SELECT @@gtid_binlog_pos").unwrap();
-        assert_eq!(
-            sql(port, &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")).as_deref(),
-            Some("0"),
-            "the replica on port {port} never reached {gtid}"
-        );
-        assert_eq!(
-            sql(
-                port,
-                &format!("SELECT count(*) FROM app.t WHERE v = '{value}'")
-            )
-            .as_deref(),
-            Some("1")
-        );
-        let status = slave_status(port);
-        for line in [
-            "Slave_IO_Running: Yes".to_owned(),
-            "Slave_SQL_Running: Yes".to_owned(),
-            format!("Master_Port: {}", self.primary_port),
-            "Using_Gtid: Slave_Pos".to_owned(),
-        ] {
-            assert!(status.contains(&line), "{line} not in {status}");
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(examples().join("sandbox.sh"))
-            .arg("down")
-            .arg(&self.path)
-            .status();
+        assert_follows(port, &self.primary_port, value);
     }
 }
 
@@ -187,18 +120,6 @@ fn slave_status(port: &str) -> String {
 
 fn args(owned: &[String]) -> Vec<&str> {
     owned.iter().map(String::as_str).collect()
-}
-
-/// Waits until `done` holds (or panics after two minutes, saying `what`).
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "{what} never happened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Whether a moment of a rebuild (of the op given) has come.
@@ -237,7 +158,7 @@ fn a_broken_mariadb_replica_is_rebuilt_from_a_stream_and_replicates_again() {
         sql(&my.replica1_port, "SELECT @@datadir").map(|d| d.trim_end_matches('/').to_owned()),
         Some(my.replica1_data.clone())
     );
-    let notices = std::fs::read_to_string(my.path.join("notify")).unwrap();
+    let notices = std::fs::read_to_string(my.servers.path.join("notify")).unwrap();
     assert!(notices.contains("rebuilt"), "{notices}");
     // The backup set is gone.
     for leftover in [".rebuild-op1", ".rebuild-op1.part", ".before-op1"] {
@@ -253,7 +174,7 @@ fn a_broken_mariadb_replica_is_rebuilt_from_a_stream_and_replicates_again() {
 #[test]
 fn a_mariadb_rebuild_that_names_the_wrong_servers_is_refused() {
     let my = Cluster::up();
-    let env = std::fs::read_to_string(my.path.join("env")).unwrap();
+    let env = std::fs::read_to_string(my.servers.path.join("env")).unwrap();
     let replica2_data = env
         .lines()
         .find_map(|l| l.strip_prefix("REPLICA2_DATA="))
@@ -396,7 +317,7 @@ fn a_mariadb_rebuild_killed_at_any_moment_resumes_to_a_replicating_replica() {
 #[test]
 fn a_mariadb_backup_is_prepared_counted_and_one_per_server() {
     let my = Cluster::up();
-    let dir = my.path.join("backups");
+    let dir = my.servers.path.join("backups");
     let backup = |extra: &[&str]| {
         let mut args = vec![
             "run".to_owned(),
@@ -474,7 +395,7 @@ impl Cluster {
             "-p".to_owned(),
             format!("replicas=[{}, {}]", self.replica1_port, self.replica2_port),
             "-p".to_owned(),
-            format!("notify={}", self.path.join("notify").display()),
+            format!("notify={}", self.servers.path.join("notify").display()),
         ];
         args.extend(extra.iter().map(ToString::to_string));
         self.cairn(&args.iter().map(String::as_str).collect::<Vec<_>>())
@@ -575,7 +496,7 @@ fn a_mariadb_failover_promotes_the_most_advanced_replica_after_the_primary_is_ki
         .as_deref(),
         Some("1")
     );
-    let notices = std::fs::read_to_string(my.path.join("notify")).unwrap();
+    let notices = std::fs::read_to_string(my.servers.path.join("notify")).unwrap();
     assert!(
         notices.contains(&format!("to port {} done", my.replica1_port)),
         "{notices}"

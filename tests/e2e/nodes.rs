@@ -4,12 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use crate::support::{Sandbox, code, postgres, signal, stderr, stdout};
+use crate::support::{Sandbox, code, postgres, signal, stderr, stdout, wait_until};
 
 /// Each op says it started, waits for `go`, then says it ended.
 const GATED: &str = r"
@@ -40,18 +39,6 @@ fn serve(sandbox: &Sandbox, args: &[&str]) -> Child {
         .unwrap()
 }
 
-/// Polls `done` until it holds, failing the test (naming `what`) rather than hanging it.
-fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "{what} never happened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn lines(sandbox: &Sandbox) -> Vec<String> {
     sandbox
         .read("runs")
@@ -76,7 +63,7 @@ fn pids(nodes: &[Value]) -> Vec<u64> {
 fn stop(child: Child, what: &str) -> std::process::Output {
     signal(&child, Signal::SIGTERM);
     let mut child = child;
-    until(&format!("{what} exiting"), || {
+    wait_until(&format!("{what} exiting"), || {
         child.try_wait().unwrap().is_some()
     });
     child.wait_with_output().unwrap()
@@ -93,8 +80,8 @@ fn two_nodes_share_forty_queued_ops_and_no_op_runs_twice() {
     let second = serve(&sandbox, &["--workers", "2"]);
     let (a, b) = (u64::from(first.id()), u64::from(second.id()));
     // Every op waits for `go`: two workers each, so four run, two on each node.
-    until("four ops starting", || lines(&sandbox).len() == 4);
-    until("both nodes holding two ops", || {
+    wait_until("four ops starting", || lines(&sandbox).len() == 4);
+    wait_until("both nodes holding two ops", || {
         let listed = nodes(&sandbox);
         listed.len() == 2
             && listed
@@ -135,7 +122,7 @@ fn two_nodes_share_forty_queued_ops_and_no_op_runs_twice() {
         }
     }
     sandbox.write("go", "");
-    until("all forty ops succeeding", || {
+    wait_until("all forty ops succeeding", || {
         let status = sandbox.json(&["status", "--json", "--all"]);
         status
             .as_array()
@@ -168,7 +155,7 @@ fn a_killed_node_leaves_the_list_once_its_lease_runs_out() {
     let mut killed = serve(&sandbox, &["--lease-ttl", "2s"]);
     let kept = serve(&sandbox, &["--lease-ttl", "2s"]);
     sandbox.wait_for_db();
-    until("both nodes listed", || nodes(&sandbox).len() == 2);
+    wait_until("both nodes listed", || nodes(&sandbox).len() == 2);
     let out = sandbox.cairn(&["nodes"]);
     let table = stdout(&out);
     let header = table.lines().next().unwrap_or_default();
@@ -179,7 +166,7 @@ fn a_killed_node_leaves_the_list_once_its_lease_runs_out() {
     killed.kill().unwrap();
     killed.wait().unwrap();
     let gone = u64::from(killed.id());
-    until("the killed node leaving the list", || {
+    wait_until("the killed node leaving the list", || {
         !pids(&nodes(&sandbox)).contains(&gone)
     });
     assert_eq!(pids(&nodes(&sandbox)), vec![u64::from(kept.id())]);
@@ -206,7 +193,7 @@ fn status_names_the_owner_of_a_running_op_and_none_once_it_ended() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    until("the op starting", || lines(&sandbox).len() == 1);
+    wait_until("the op starting", || lines(&sandbox).len() == 1);
     let status = sandbox.json(&["status", "--json"]);
     assert_eq!(status[0]["status"], "running", "{status}");
     assert_eq!(status[0]["owner"]["pid"], u64::from(run.id()), "{status}");

@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{code, root, stderr, stdout};
+use crate::support::{ExampleServers, code, root, stderr, stdout};
 
 /// A primary and a replica, destroyed when dropped.
 struct Cluster {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
+    servers: ExampleServers,
     primary_port: String,
     replica_port: String,
     primary_data: String,
@@ -23,43 +22,18 @@ fn examples() -> PathBuf {
 
 impl Cluster {
     fn up() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        let path = dir.path().join("pg");
-        let out = Command::new(examples().join("sandbox.sh"))
-            .arg("up")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "sandbox.sh up: {}", stderr(&out));
-        let env = std::fs::read_to_string(path.join("env")).unwrap();
-        let get = |key: &str| {
-            env.lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .unwrap()
-                .to_owned()
-        };
+        let servers = ExampleServers::up("postgres", "pg");
         Self {
-            primary_port: get("PRIMARY_PORT"),
-            replica_port: get("REPLICA_PORT"),
-            primary_data: get("PRIMARY_DATA"),
-            replica_data: get("REPLICA_DATA"),
-            path,
-            _dir: dir,
+            primary_port: servers.get("PRIMARY_PORT"),
+            replica_port: servers.get("REPLICA_PORT"),
+            primary_data: servers.get("PRIMARY_DATA"),
+            replica_data: servers.get("REPLICA_DATA"),
+            servers,
         }
     }
 
     fn sandbox(&self, what: &str) {
-        let out = Command::new(examples().join("sandbox.sh"))
-            .arg(what)
-            .arg(&self.path)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "sandbox.sh {what}: {}", stderr(&out));
+        self.servers.run(what, &[]);
     }
 
     /// `cairn` on the examples' plans, with its database in the cluster's directory.
@@ -68,7 +42,7 @@ impl Cluster {
         command
             .args(args)
             .current_dir(examples())
-            .env("CAIRN_DB", self.path.join("cairn.db"))
+            .env("CAIRN_DB", self.servers.path.join("cairn.db"))
             .env("NO_COLOR", "1");
         command
     }
@@ -84,7 +58,7 @@ impl Cluster {
             "-p".into(),
             format!("primary_port={}", self.primary_port),
             "-p".into(),
-            format!("notify={}", self.path.join("notify").display()),
+            format!("notify={}", self.servers.path.join("notify").display()),
         ]
     }
 
@@ -109,15 +83,6 @@ impl Cluster {
             psql(&self.replica_port, "select pg_is_in_recovery()").as_deref(),
             Some("t")
         );
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(examples().join("sandbox.sh"))
-            .arg("down")
-            .arg(&self.path)
-            .status();
     }
 }
 
@@ -199,7 +164,7 @@ fn a_broken_replica_is_rebuilt_and_streams_again() {
     let out = pg.cairn(&args(&pg.rebuild_args())).output().unwrap();
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
     pg.assert_replicates("after");
-    let notices = std::fs::read_to_string(pg.path.join("notify")).unwrap();
+    let notices = std::fs::read_to_string(pg.servers.path.join("notify")).unwrap();
     assert!(notices.contains("rebuilt"), "{notices}");
     // The backup set and the old data are gone.
     assert!(!Path::new(&format!("{}.rebuild-op1", pg.replica_data)).exists());
@@ -360,7 +325,7 @@ fn a_backup_then_a_restore_of_some_tables_gives_back_their_rows() {
     .unwrap();
     let before = [fingerprint(&port, "orders"), fingerprint(&port, "items")];
     let defined = definition(&port, "orders");
-    let dir = pg.path.join("backups");
+    let dir = pg.servers.path.join("backups");
     let out = pg
         .cairn(&[
             "run",
@@ -488,7 +453,7 @@ fn a_backup_prunes_only_its_own_dumps_and_an_empty_database_backs_up() {
     for db in ["app", "app-2"] {
         sql(&port, db, "create table t (id int primary key)").unwrap();
     }
-    let dir = pg.path.join("backups");
+    let dir = pg.servers.path.join("backups");
     let backup = |database: &str| {
         let out = pg
             .cairn(&[
@@ -552,7 +517,7 @@ impl Cluster {
             "-p".into(),
             format!("replica_data={}", self.replica_data),
             "-p".into(),
-            format!("notify={}", self.path.join("notify").display()),
+            format!("notify={}", self.servers.path.join("notify").display()),
         ]
     }
 }
@@ -664,7 +629,7 @@ fn a_failover_aborted_by_its_pre_hook_changes_nothing_then_promotes_and_cools_do
         psql(&pg.primary_port, "select pg_is_in_recovery()").as_deref(),
         Some("t")
     );
-    let notices = std::fs::read_to_string(pg.path.join("notify")).unwrap();
+    let notices = std::fs::read_to_string(pg.servers.path.join("notify")).unwrap();
     assert!(
         notices.contains("unsuccessful at pre:primary-is-down") && notices.contains("done in op 1"),
         "{notices}"

@@ -462,3 +462,81 @@ pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
     )
     .unwrap();
 }
+
+/// Waits until `done` holds, polling; fails the test, naming `what`, after two minutes rather
+/// than hanging it.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{what} never happened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Servers made by `examples/<example>/sandbox.sh` in a directory `path` of their own (readable
+/// by the servers' user), with the `KEY=value` lines of the `env` file the script writes there;
+/// taken down when dropped.
+pub struct ExampleServers {
+    pub path: PathBuf,
+    script: PathBuf,
+    env: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ExampleServers {
+    pub fn up(example: &str, name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let path = dir.path().join(name);
+        let script = root().join("examples").join(example).join("sandbox.sh");
+        let out = Command::new(&script).arg("up").arg(&path).output().unwrap();
+        assert!(out.status.success(), "sandbox.sh up: {}", stderr(&out));
+        let env = std::fs::read_to_string(path.join("env")).unwrap();
+        Self {
+            path,
+            script,
+            env,
+            _dir: dir,
+        }
+    }
+
+    /// The value of `key` in the `env` file.
+    pub fn get(&self, key: &str) -> String {
+        self.env
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key} in {}", self.env))
+            .to_owned()
+    }
+
+    /// `sandbox.sh <what> <path> <args>`, which must succeed.
+    pub fn run(&self, what: &str, args: &[&str]) {
+        let out = Command::new(&self.script)
+            .arg(what)
+            .arg(&self.path)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sandbox.sh {what} {args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+impl Drop for ExampleServers {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.script)
+            .arg("down")
+            .arg(&self.path)
+            .status();
+    }
+}
