@@ -159,33 +159,20 @@ fn end_children_leftovers<'a>(
 
 /// The tasks of `running` (attempts of `row`) that run `daemon` steps, whose server a takeover
 /// spares: none when the op is to be canceled (a daemon not yet seen ready is ended with its step).
-/// Only the running attempts' tasks are read, never all the op's (a fan-out may have a million).
 fn daemon_tasks(
     reader: &Reader,
     row: &store::OpRow,
     running: &[store::AttemptRow],
 ) -> Result<std::collections::HashSet<TaskNo>, Error> {
-    let canceling = reader
-        .op(row.id)
-        .map_or(row.cancel.is_some(), |r| r.cancel.is_some());
-    if running.is_empty() || canceling || !reader.snapshot(row.id)?.text.contains("daemon") {
+    let canceling = || {
+        reader
+            .op(row.id)
+            .map_or(row.cancel.is_some(), |r| r.cancel.is_some())
+    };
+    if running.is_empty() || canceling() {
         return Ok(std::collections::HashSet::new());
     }
-    let plan = snapshot_plan(reader, row.id)?;
-    if !plan.steps.iter().any(|s| s.daemon) {
-        return Ok(std::collections::HashSet::new());
-    }
-    let mut daemons = std::collections::HashSet::new();
-    for attempt in running {
-        let task = reader.task(row.id, attempt.task_no)?;
-        if plan
-            .step_index(&task.step)
-            .is_some_and(|i| plan.steps[i].daemon)
-        {
-            daemons.insert(task.task_no);
-        }
-    }
-    Ok(daemons)
+    running_tasks_of(reader, row, running, &["daemon"], |step| step.daemon)
 }
 
 /// The tasks of `running` (attempts of `row` left running) whose steps have `adopt`.
@@ -194,29 +181,41 @@ fn adopt_tasks(
     row: &store::OpRow,
     running: &[store::AttemptRow],
 ) -> Result<std::collections::HashSet<TaskNo>, Error> {
-    // Read cheaply first: a plan naming neither `adopt` nor `on:` has no such step.
+    running_tasks_of(reader, row, running, &["adopt", "on:"], |step| step.adopt)
+}
+
+/// The tasks of `running` whose steps are `chosen`. The plan is parsed only when its text names
+/// one of `words` (a plan that names none has no such step), and only the running attempts'
+/// tasks are read, never all the op's (a fan-out may have a million).
+fn running_tasks_of(
+    reader: &Reader,
+    row: &store::OpRow,
+    running: &[store::AttemptRow],
+    words: &[&str],
+    chosen: impl Fn(&plans::model::Step) -> bool,
+) -> Result<std::collections::HashSet<TaskNo>, Error> {
+    let mut tasks = std::collections::HashSet::new();
     if running.is_empty() {
-        return Ok(std::collections::HashSet::new());
+        return Ok(tasks);
     }
     let text = reader.snapshot(row.id)?.text;
-    if !text.contains("adopt") && !text.contains("on:") {
-        return Ok(std::collections::HashSet::new());
+    if !words.iter().any(|word| text.contains(word)) {
+        return Ok(tasks);
     }
     let plan = snapshot_plan(reader, row.id)?;
-    if !plan.steps.iter().any(|s| s.adopt) {
-        return Ok(std::collections::HashSet::new());
+    if !plan.steps.iter().any(&chosen) {
+        return Ok(tasks);
     }
-    let mut adopted = std::collections::HashSet::new();
     for attempt in running {
         let task = reader.task(row.id, attempt.task_no)?;
         if plan
             .step_index(&task.step)
-            .is_some_and(|i| plan.steps[i].adopt)
+            .is_some_and(|i| chosen(&plan.steps[i]))
         {
-            adopted.insert(task.task_no);
+            tasks.insert(task.task_no);
         }
     }
-    Ok(adopted)
+    Ok(tasks)
 }
 
 /// For an attempt of an `adopt` step left `running`: whether its command is to be taken again
