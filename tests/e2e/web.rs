@@ -1322,3 +1322,29 @@ fn a_browser_session_is_an_http_only_cookie_that_every_route_takes() {
         }
     }
 }
+
+/// A NUL character, which no store keeps in a text (PostgreSQL refuses it), is bad input
+/// wherever a request carries it: 400 with a code, never a 500, and nothing stored.
+#[test]
+fn a_nul_character_in_a_request_is_bad_input() {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "nul", "operator");
+    let server = start(&sandbox);
+    for (method, path, body) in [
+        ("POST", "/ack", Some(r#"{"key": "a\u0000b"}"#)),
+        ("POST", "/pause", Some(r#"{"reason": "x\u0000"}"#)),
+        (
+            "POST",
+            "/ops",
+            Some(r#"{"plan": "name: x\nsteps: []\n", "params": {"n\u0000": 1}}"#),
+        ),
+        ("GET", "/ops?plan=a%00b", None),
+        ("GET", "/ops/1/tasks/a%00/logs", None),
+    ] {
+        let answer = server.call(method, path, Some(&operator), body);
+        assert_eq!(answer.status, 400, "{method} {path}: {}", answer.text);
+        assert_eq!(answer.json["code"], "bad-text", "{}", answer.text);
+    }
+    let locks = server.call("GET", "/locks", Some(&operator), None);
+    assert_eq!(locks.json["pauses"], json!([]), "{}", locks.text);
+}

@@ -221,6 +221,18 @@ async fn authenticate(State(app): State<App>, mut request: Request, next: Next) 
         Ok(None) => return unauthorized("this token is not known (revoked?)"),
         Err(e) => return e.into_response(),
     };
+    if request
+        .uri()
+        .to_string()
+        .to_ascii_lowercase()
+        .contains("%00")
+    {
+        return ApiError::bad(
+            "bad-text",
+            "the path or query holds a NUL character (`%00`), which no parameter takes",
+        )
+        .into_response();
+    }
     let reads = request.method() == Method::GET || request.method() == Method::HEAD;
     let logout = request.uri().path().ends_with("/logout");
     if !reads && by_cookie && !crate::session::same_origin(request.headers()) {
@@ -307,12 +319,27 @@ pub(crate) fn body_object(body: &Bytes) -> Result<Map<String, Value>, ApiError> 
         return Ok(Map::new());
     }
     match serde_json::from_slice::<Value>(body) {
+        Ok(value) if holds_nul(&value) => Err(ApiError::bad(
+            "bad-text",
+            "a text of the body holds a NUL character (`\\u0000`), which no field takes",
+        )),
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(ApiError::bad("bad-json", "the body must be a JSON object")),
         Err(e) => Err(ApiError::bad(
             "bad-json",
             format!("the body is not JSON: {e}"),
         )),
+    }
+}
+
+/// Whether a text (a key or a string value) anywhere in `value` holds a NUL character: no store
+/// keeps one in a text (PostgreSQL refuses it), so it is refused as bad input.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
     }
 }
 
