@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
     Applied, AttemptRow, Change, CooldownRow, EventKind, EventRow, LockRow, LogChunk, Millis,
-    NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ScheduleRow, Snapshot, TaskNo, TaskRow,
+    Moves, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ScheduleRow, Snapshot, TaskNo, TaskRow,
     TokenRow,
 };
 
@@ -83,9 +83,10 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     /// task then number: read without the op's other attempts, however many it has.
     fn running_attempts(&self, op: OpId) -> Result<Vec<AttemptRow>>;
     fn events(&self, op: OpId) -> Result<Vec<EventRow>>;
-    /// Each op's newest event number (0 for an op with none), by op id: what moved since a
-    /// last look (every change of an op or a task records an event).
-    fn event_heads(&self) -> Result<Vec<(OpId, i64)>>;
+    /// The ops that moved (recorded an event: every change of an op or a task records one)
+    /// after `after`, a cursor an earlier call gave; `None` asks where things stand now. It
+    /// reads what the writers logged since, never every op.
+    fn moves(&self, after: Option<u64>) -> Result<Moves>;
     /// The op's newest event of `kind` on task `task`, if any.
     fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>>;
     /// Log chunks of the op (or of one task), in order, after `after` = (task, attempt, seq).
@@ -283,9 +284,9 @@ impl Reader {
         self.backend.events(op)
     }
 
-    /// Each op's newest event number, by op id (see [`ReadBackend::event_heads`]).
-    pub fn event_heads(&self) -> Result<Vec<(OpId, i64)>> {
-        self.backend.event_heads()
+    /// The ops that moved after the cursor `after` (see [`ReadBackend::moves`]).
+    pub fn moves(&self, after: Option<u64>) -> Result<Moves> {
+        self.backend.moves(after)
     }
 
     /// The op's newest event of `kind` on task `task` (a gate's `task-waiting`, with its prompt).

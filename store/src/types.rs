@@ -626,6 +626,18 @@ impl Pause {
     }
 }
 
+/// Which ops moved after a cursor: what a follower of changes re-reads (see
+/// [`crate::ReadBackend::moves`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moves {
+    /// Where to ask from next time.
+    pub cursor: u64,
+    /// The ops that recorded an event after the cursor asked from, each once, in the order they
+    /// first moved; `None` when that is not known (the first ask, a cursor older than what is
+    /// kept, changes made while nothing listened): the follower reads everything again.
+    pub ops: Option<Vec<OpId>>,
+}
+
 /// A token of the HTTP API, as the store keeps it: its SHA-256, never the token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TokenRow {

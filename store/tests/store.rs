@@ -7,6 +7,7 @@
 mod pg;
 
 use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
 
 use store::testing::Faulty;
 use store::{
@@ -128,31 +129,61 @@ fn fresh_stores() -> Vec<Fresh> {
 
 // --- The durable rules, on every backend ---
 
-/// `event_heads` gives each op's newest event number, and only an op that records an event moves.
+/// `moves` names the ops that recorded events after a cursor, each once, in the order they first
+/// moved; asked with no cursor, or with one it cannot answer for, it says it does not know.
 #[test]
-fn event_heads_move_with_an_op_s_events_only() {
+fn moves_name_the_ops_that_recorded_events_after_a_cursor() {
     for fresh in fresh_stores() {
         eprintln!("backend: {}", fresh.backend);
         let store = fresh.store.clone();
-        assert_eq!(store.reader().unwrap().event_heads().unwrap(), vec![]);
-        let (a, b) = (submit(&store, 1), submit(&store, 2));
         let reader = store.reader().unwrap();
-        let last = |op| reader.events(op).unwrap().last().map_or(0, |e| e.seq);
-        let before = reader.event_heads().unwrap();
-        assert_eq!(before, vec![(a, last(a)), (b, last(b))]);
-        assert!(before.iter().all(|(_, seq)| *seq > 0), "{before:?}");
-        store
-            .apply_blocking(vec![Change::Event {
-                op: a,
-                owner: None,
-                at: 1,
-                kind: EventKind::Note,
-                task: None,
-                message: "a note".into(),
-            }])
-            .unwrap();
-        let after = reader.event_heads().unwrap();
-        assert_eq!(after, vec![(a, before[0].1 + 1), (b, before[1].1)]);
+        let (a, b) = (submit(&store, 1), submit(&store, 2));
+        let first = reader.moves(None).unwrap();
+        assert_eq!(first.ops, None);
+        // PostgreSQL knows what moved once its listener listens (the first ask starts it).
+        let listening = Instant::now();
+        let mut cursor = first.cursor;
+        loop {
+            let now = reader.moves(Some(cursor)).unwrap();
+            if now.ops.is_some() {
+                assert_eq!(now.ops, Some(vec![]), "nothing moved yet");
+                break;
+            }
+            cursor = now.cursor;
+            assert!(
+                listening.elapsed() < Duration::from_secs(10),
+                "never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let note = |op: OpId| Change::Event {
+            op,
+            owner: None,
+            at: 1,
+            kind: EventKind::Note,
+            task: None,
+            message: "a note".into(),
+        };
+        store.apply_blocking(vec![note(b)]).unwrap();
+        store.apply_blocking(vec![note(a), note(b)]).unwrap();
+        store.apply_blocking(vec![note(b)]).unwrap();
+        let waited = Instant::now();
+        loop {
+            let moved = reader.moves(Some(cursor)).unwrap();
+            if moved.ops.as_ref().is_some_and(|ops| ops.len() == 2) {
+                break;
+            }
+            assert!(waited.elapsed() < Duration::from_secs(10), "{moved:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The last note's notification may follow the others.
+        std::thread::sleep(Duration::from_millis(300));
+        let moved = reader.moves(Some(cursor)).unwrap();
+        assert_eq!(moved.ops, Some(vec![b, a]));
+        assert!(moved.cursor > cursor);
+        // Asked from where it stands: nothing more; from a cursor it never gave: not known.
+        assert_eq!(reader.moves(Some(moved.cursor)).unwrap().ops, Some(vec![]));
+        assert_eq!(reader.moves(Some(moved.cursor + 1000)).unwrap().ops, None);
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,6 +30,9 @@ pub struct Config {
     pub options: engine::Options,
     /// The stop of the process the API runs in: an op resumed through the API stops with it.
     pub stop: engine::StopHandle,
+    /// The runtime ops run on (the engine's): an op resumed through the API runs there, not on
+    /// the API's own.
+    pub ops: tokio::runtime::Handle,
     /// Where a plan submitted as text has its relative paths start (sub-plans, files).
     pub workdir: PathBuf,
     /// Served over TLS: the session cookie is `Secure`.
@@ -45,7 +48,31 @@ pub(crate) struct App {
     pub(crate) heads: crate::changes::Heads,
     /// `GET /ops/{id}` answers made in the last [`SHOWN_FOR`]: the dashboards following one op
     /// each read it whenever it moves, and they share one read.
-    shown: Arc<std::sync::Mutex<HashMap<OpId, (std::time::Instant, Bytes)>>>,
+    shown: Arc<std::sync::Mutex<HashMap<OpId, Arc<Shown>>>>,
+}
+
+/// An answer of `GET /ops/{id}`, given again for [`SHOWN_FOR`]: its JSON, read once however
+/// many ask meanwhile (the dashboards told of a move all ask at once), and that JSON gzipped once
+/// a client asks for it (browsers do).
+#[derive(Debug)]
+struct Shown {
+    at: std::time::Instant,
+    body: tokio::sync::OnceCell<Bytes>,
+    gzipped: std::sync::OnceLock<Bytes>,
+}
+
+impl Shown {
+    fn gzipped(&self, body: &[u8]) -> Bytes {
+        self.gzipped
+            .get_or_init(|| {
+                use std::io::Write as _;
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                // Writing to memory cannot fail.
+                let _ = gz.write_all(body);
+                Bytes::from(gz.finish().unwrap_or_default())
+            })
+            .clone()
+    }
 }
 
 /// How long an answer of `GET /ops/{id}` is given again: the feed of `/changes` looks for moves
@@ -119,6 +146,9 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// The API's routes, behind the token check, with timeouts, a body limit and compression.
 pub fn router(config: Config) -> Result<Router, store::Error> {
     let reader = Arc::new(config.store.reader()?);
+    // Asked once now, a store that hears of moves by listening (PostgreSQL) listens from the
+    // start, not from the first follower of `/changes`: what moves then is named, not lost.
+    reader.moves(None)?;
     let app = App {
         config: Arc::new(config),
         reader,
@@ -462,40 +492,65 @@ fn read_op(reader: &store::Reader, op: OpId) -> Result<store::OpRow, ApiError> {
     })
 }
 
-/// `GET /ops/{id}`: the op as `cairn show --json` prints it, secrets masked.
-async fn show_op(State(app): State<App>, Path(id): Path<String>) -> Answer {
+/// `GET /ops/{id}`: the op as `cairn show --json` prints it, secrets masked; gzipped when the
+/// client accepts it.
+async fn show_op(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Answer {
     let op = op_id(&id)?;
-    let recent = |app: &App| {
-        let shown = app
+    let shown = {
+        let mut all = app
             .shown
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        shown
-            .get(&op)
-            .filter(|(at, _)| at.elapsed() < SHOWN_FOR)
-            .map(|(_, body)| body.clone())
-    };
-    let body = if let Some(body) = recent(&app) {
-        body
-    } else {
-        {
-            let value = app
-                .read(move |reader, rule| {
-                    let row = read_op(reader, op)?;
-                    Ok(view::record(reader, &row, rule, engine::owner::now())?)
+        all.retain(|_, shown| shown.at.elapsed() < SHOWN_FOR);
+        all.entry(op)
+            .or_insert_with(|| {
+                Arc::new(Shown {
+                    at: std::time::Instant::now(),
+                    body: tokio::sync::OnceCell::new(),
+                    gzipped: std::sync::OnceLock::new(),
                 })
-                .await?;
-            let body = Bytes::from(serde_json::to_vec(&value).map_err(ApiError::internal)?);
-            let mut shown = app
-                .shown
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            shown.retain(|_, (at, _)| at.elapsed() < SHOWN_FOR);
-            shown.insert(op, (std::time::Instant::now(), body.clone()));
-            body
-        }
+            })
+            .clone()
     };
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    let body = shown
+        .body
+        .get_or_try_init(|| {
+            app.read(move |reader, rule| {
+                let row = read_op(reader, op)?;
+                let value = view::record(reader, &row, rule, engine::owner::now())?;
+                Ok(Bytes::from(
+                    serde_json::to_vec(&value).map_err(ApiError::internal)?,
+                ))
+            })
+        })
+        .await?
+        .clone();
+    let gzip = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            parts.next().is_some_and(|c| c.eq_ignore_ascii_case("gzip"))
+                && !parts.any(|p| {
+                    p.strip_prefix("q=")
+                        .and_then(|q| q.trim().parse::<f32>().ok())
+                        .is_some_and(|q| q <= 0.0)
+                })
+        });
+    let json = (
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let vary = (header::VARY, HeaderValue::from_static("accept-encoding"));
+    Ok(if gzip {
+        // The compression layer leaves an answer that has its encoding alone.
+        let encoding = (header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        ([json, vary, encoding], shown.gzipped(&body)).into_response()
+    } else {
+        ([json, vary], body).into_response()
+    })
 }
 
 /// `GET /ops/{id}/graph`: the steps of the op's plan (its snapshot) and what each needs, in plan
@@ -938,7 +993,7 @@ async fn resume(
     };
     note(&app, op, EventKind::ResumeRequested, None, asked).await?;
     let config = app.config.clone();
-    tokio::spawn(async move {
+    app.config.ops.clone().spawn(async move {
         let end = engine::op::resume(
             &config.store,
             op,

@@ -1,107 +1,109 @@
-//! `GET /changes`: Server-Sent Events that say which ops moved, driven by the store's event
-//! numbers (every change of an op or of a task records an event). One watcher per server reads
-//! each op's newest event number while anyone follows, and each client is sent only the ops whose
-//! number moved since it last heard; the dashboard then re-reads just those ops.
+//! `GET /changes`: Server-Sent Events that say which ops moved, read from the store's log of
+//! moves ([`store::Reader::moves`]: SQLite's `moves` table, PostgreSQL's notifications), never by
+//! reading every op. One watcher per server asks the store while anyone follows and hands what
+//! it heard to every client; the dashboard then re-reads just those ops.
+//!
+//! The events:
+//! - `resync` (`{}`): what moved before is not known, so read again what you show. The first
+//!   event of every feed, and sent again when the store cannot say what moved (its log was
+//!   pruned past the last look, its listener reconnected) or a client fell behind.
+//! - `ops` (`[id, ...]`): these ops moved (recorded an event: every change of an op or of one of
+//!   its tasks records one).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::broadcast;
 
 use crate::api::App;
 
-/// How often the watcher reads the event numbers while someone follows.
+/// How often the watcher asks the store what moved while someone follows.
 const EVERY: Duration = Duration::from_millis(250);
 
-/// Each op's newest event number, by op id; `None` until the watcher's first read.
-type Marks = Option<Arc<HashMap<i64, i64>>>;
+/// How many batches a client may fall behind before it is told to resync.
+const BEHIND: usize = 64;
 
-/// The newest event number of each op, shared by the clients of `/changes`; the watcher that
-/// fills it starts with the first client.
+/// What the watcher heard in one look.
+#[derive(Debug)]
+enum Heard {
+    /// The store could not say what moved.
+    Resync,
+    /// These ops moved.
+    Ops(Vec<i64>),
+}
+
+/// The watcher's batches, shared by the clients of `/changes`; the watcher starts with the
+/// first client and stops once none is left.
 #[derive(Debug, Clone, Default)]
 pub struct Heads {
-    sender: Arc<Mutex<Option<watch::Sender<Marks>>>>,
+    sender: Arc<Mutex<Option<broadcast::Sender<Arc<Heard>>>>>,
 }
 
 impl Heads {
-    fn subscribe(&self, app: &App) -> watch::Receiver<Marks> {
-        let mut sender = self
-            .sender
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(sender) = sender.as_ref() {
+    fn subscribe(&self, app: &App) -> broadcast::Receiver<Arc<Heard>> {
+        let mut slot = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(sender) = slot.as_ref() {
             return sender.subscribe();
         }
-        let (tx, rx) = watch::channel(Marks::default());
-        *sender = Some(tx.clone());
-        let app = app.clone();
+        let (tx, rx) = broadcast::channel(BEHIND);
+        *slot = Some(tx.clone());
+        let (app, slot) = (app.clone(), self.sender.clone());
         tokio::spawn(async move {
+            let mut cursor = None;
             loop {
-                if tx.receiver_count() > 0 {
-                    let read = app
-                        .read(|reader, _| {
-                            Ok(reader
-                                .event_heads()?
-                                .into_iter()
-                                .map(|(op, seq)| (op.0, seq))
-                                .collect::<HashMap<_, _>>())
-                        })
-                        .await;
-                    match read {
-                        Ok(marks) => {
-                            tx.send_if_modified(|old| {
-                                let moved = old.as_deref() != Some(&marks);
-                                if moved {
-                                    *old = Some(Arc::new(marks));
-                                }
-                                moved
-                            });
+                match app.read(move |reader, _| Ok(reader.moves(cursor)?)).await {
+                    Ok(moves) => {
+                        let heard = match moves.ops {
+                            // The first look only finds where things stand: each client was
+                            // told to resync when it came.
+                            None if cursor.is_none() => None,
+                            None => Some(Heard::Resync),
+                            Some(ops) if ops.is_empty() => None,
+                            Some(ops) => Some(Heard::Ops(ops.into_iter().map(|op| op.0).collect())),
+                        };
+                        cursor = Some(moves.cursor);
+                        if let Some(heard) = heard {
+                            let _ = tx.send(Arc::new(heard));
                         }
-                        Err(e) => tracing::warn!("reading the ops' event numbers: {}", e.message),
                     }
+                    Err(e) => tracing::warn!("reading which ops moved: {}", e.message),
                 }
                 tokio::time::sleep(EVERY).await;
+                // Checked under the lock that subscribing takes: a client coming now either
+                // finds this watcher going on or starts the next one.
+                let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+                if tx.receiver_count() == 0 {
+                    *slot = None;
+                    return;
+                }
             }
         });
         rx
     }
 }
 
-/// `GET /changes`: an event `ops` (`[[id, number], ...]`) with every op at first, then with the
-/// ops whose newest event number moved, as they move.
+/// `GET /changes`: `resync` first, then `ops` as ops move (see the module's words).
 pub async fn follow(State(app): State<App>) -> axum::response::Response {
     let rx = app.heads.subscribe(&app);
-    let stream = futures_util::stream::unfold(
-        (rx, HashMap::<i64, i64>::new(), true),
-        |(mut rx, mut seen, first)| async move {
-            loop {
-                let marks = rx.borrow_and_update().clone();
-                if let Some(marks) = marks {
-                    let mut moved: Vec<(i64, i64)> = marks
-                        .iter()
-                        .filter(|(op, seq)| seen.get(op) != Some(seq))
-                        .map(|(op, seq)| (*op, *seq))
-                        .collect();
-                    if first || !moved.is_empty() {
-                        moved.sort_unstable();
-                        seen.clone_from(&*marks);
-                        let event = Event::default().event("ops").data(json!(moved).to_string());
-                        return Some((Ok::<_, Infallible>(event), (rx, seen, false)));
-                    }
-                }
-                if rx.changed().await.is_err() {
-                    return None;
-                }
-            }
-        },
-    );
-    Sse::new(stream)
+    let resync = || Event::default().event("resync").data("{}");
+    let first = futures_util::stream::once(async move { Ok::<_, Infallible>(resync()) });
+    let rest = futures_util::stream::unfold(rx, move |mut rx| async move {
+        let event = match rx.recv().await {
+            Ok(heard) => match &*heard {
+                Heard::Resync => resync(),
+                Heard::Ops(ops) => Event::default().event("ops").data(json!(ops).to_string()),
+            },
+            Err(broadcast::error::RecvError::Lagged(_)) => resync(),
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok::<_, Infallible>(event), rx))
+    });
+    Sse::new(futures_util::StreamExt::chain(first, rest))
         .keep_alive(KeepAlive::default())
         .into_response()
 }

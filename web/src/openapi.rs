@@ -364,10 +364,10 @@ fn other_paths() -> Value {
             },
             "/changes": {
                 "get": operation(
-                    "Server-Sent Events `ops`: `[[id, n], ...]`, each op's newest event number; every op first, then the ops whose number moved, as they move",
+                    "Server-Sent Events: `resync` (`{}`: read again what you show) first and whenever what moved is not known, then `ops` (`[id, ...]`) naming the ops that moved, as they move",
                     &[],
                     None,
-                    ("200", &json!({"description": "the events", "content": {"text/event-stream": {"schema": sse_event(&["ops"])}}})),
+                    ("200", &json!({"description": "the events", "content": {"text/event-stream": {"schema": sse_event(&["resync", "ops"])}}})),
                 ),
             },
     })

@@ -1,6 +1,6 @@
 // cairn's dashboard: hash routes (#/, #/op/ID, #/locks) over the API under /api/v1, read with
-// the session cookie of /login. Live updates come from /api/v1/changes (which ops moved, by their
-// event numbers): a page re-reads only what moved.
+// the session cookie of /login. Live updates come from /api/v1/changes (which ops moved): a page
+// re-reads only what moved, and everything it shows when told to resync.
 import { draw } from "./dag.js";
 
 const main = document.getElementById("main");
@@ -361,9 +361,10 @@ function startFeed() {
   feed.addEventListener("open", () => live.classList.add("on"));
   feed.addEventListener("error", () => live.classList.remove("on"));
   feed.addEventListener("ops", (e) => {
-    const ids = new Set(JSON.parse(e.data).map(([op]) => op));
+    const ids = new Set(JSON.parse(e.data));
     if (view && ids.size) view.changed(ids);
   });
+  feed.addEventListener("resync", () => { if (view) view.refresh(); });
 }
 
 async function start() {

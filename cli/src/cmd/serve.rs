@@ -172,26 +172,35 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
                 workdir: std::env::current_dir()
                     .map_err(|e| anyhow::anyhow!("cannot read the current directory: {e}"))?,
                 tls: tls.is_some(),
+                ops: tokio::runtime::Handle::current(),
             };
             let app = web::router(web)?;
             let scheme = if tls.is_some() { "https" } else { "http" };
             tracing::info!("serving the HTTP API on {scheme}://{addr}/api/v1");
-            // It runs beside the engine, until `serve` returns.
-            tokio::spawn(async move {
-                let served = match tls {
-                    Some(tls) => web::tls::serve_tls(listener, app, tls).await,
-                    None => match listener
-                        .set_nonblocking(true)
-                        .and_then(|()| tokio::net::TcpListener::from_std(listener))
-                    {
-                        Ok(listener) => web::serve_router(listener, app).await,
-                        Err(e) => Err(e),
-                    },
-                };
-                if let Err(e) = served {
-                    tracing::error!("the HTTP API stopped: {e}");
-                }
-            });
+            // On a thread and runtime of its own, beside the engine until `serve` returns: what
+            // clients ask never delays the engine's next step.
+            std::thread::Builder::new()
+                .name("cairn-http".into())
+                .spawn(move || {
+                    let served = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .and_then(|runtime| {
+                            runtime.block_on(async move {
+                                if let Some(tls) = tls {
+                                    web::tls::serve_tls(listener, app, tls).await
+                                } else {
+                                    listener.set_nonblocking(true)?;
+                                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                                    web::serve_router(listener, app).await
+                                }
+                            })
+                        });
+                    if let Err(e) = served {
+                        tracing::error!("the HTTP API stopped: {e}");
+                    }
+                })
+                .map_err(|e| anyhow::anyhow!("cannot start the HTTP API's thread: {e}"))?;
         }
         engine::serve::serve(&store, config, progress, stop).await?;
         Ok(())

@@ -18,6 +18,10 @@ use crate::postgres::{Target, describe};
 /// longer kept since SQLite's schema version 4 (`store/migrations/postgres/0001_initial.sql`).
 const SQLITE_ONLY: &[(&str, &str)] = &[("ops", "event_seq")];
 
+/// SQLite's own tables, with nothing to copy from them: `moves`, the log of which ops moved that
+/// a follower of changes reads (PostgreSQL tells them by `NOTIFY`).
+const SQLITE_ONLY_TABLES: &[&str] = &["moves"];
+
 /// PostgreSQL's own tables, with nothing to copy into them: what the database is
 /// (`cairn_meta`), and the writers' commit tokens.
 const POSTGRES_ONLY: &[&str] = &["cairn_meta", "commit_tokens"];
@@ -288,7 +292,10 @@ fn matched(
 ) -> std::result::Result<Vec<Table>, Vec<String>> {
     let mut problems = Vec::new();
     let mut tables = Vec::new();
-    for table in source {
+    for table in source
+        .iter()
+        .filter(|t| !SQLITE_ONLY_TABLES.contains(&t.name.as_str()))
+    {
         let Some(found) = catalog.remove(&table.name) else {
             problems.push(format!("the source's table `{}` is not in it", table.name));
             continue;

@@ -1,11 +1,14 @@
-//! Wake-ups: a thread that listens on its own connection (`LISTEN cairn`) and tells every waiter
-//! when a transaction that may give a serving node work committed (the writer's `NOTIFY cairn`,
-//! from any process). It starts on first use, makes its connection again (with backoff) when it
-//! breaks, and stops once the store is dropped.
+//! Notifications, each heard by a thread that listens on its own connection, starts on first use,
+//! makes its connection again (with backoff) when it breaks, and stops once nothing uses it:
+//! - wake-ups ([`Changes`], `LISTEN cairn`): a transaction that may give a serving node work
+//!   committed (the writer's `NOTIFY cairn`, from any process);
+//! - moves ([`Moved`], `LISTEN cairn_moves`): which op recorded events (every `append_events`
+//!   notifies its op's id), numbered as they arrive, for the followers of changes.
 
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::thread;
 use std::time::Duration;
 
@@ -13,6 +16,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use tokio::sync::watch;
 
 use super::Target;
+use crate::types::{Moves, OpId};
 
 /// How often the listener looks whether its store is gone, while nothing is notified.
 const TICK: Duration = Duration::from_secs(1);
@@ -39,9 +43,13 @@ impl Changes {
         self.started.get_or_init(|| {
             let (target, seen) = (self.target.clone(), Arc::downgrade(&self.seen));
             // Without the thread, waiting is polling: the timeout still ends each wait.
+            let alive = {
+                let seen = seen.clone();
+                move || seen.strong_count() > 0
+            };
             let _ = thread::Builder::new()
                 .name("cairn-pg-listener".into())
-                .spawn(move || listen(&target, &seen));
+                .spawn(move || listen(&target, "cairn", alive, || bump(&seen), |_| bump(&seen)));
         });
         let mut seen = self.seen.subscribe();
         Box::pin(async move {
@@ -58,13 +66,20 @@ impl Changes {
     }
 }
 
-/// The listener thread: listens, tells the waiters of each notification, connects again when
-/// the connection breaks; returns once the store (the sender) is gone.
-fn listen(target: &Target, seen: &Weak<watch::Sender<u64>>) {
+/// A listener thread: listens on `channel`, tells `notified` of each notification's payload,
+/// calls `connected` each time it (re)starts listening (what was notified while it did not is
+/// lost), and returns once `alive` says nothing uses it.
+fn listen(
+    target: &Target,
+    channel: &str,
+    alive: impl Fn() -> bool,
+    connected: impl Fn(),
+    notified: impl Fn(&str),
+) {
     let mut backoff = Duration::from_millis(50);
-    while seen.strong_count() > 0 {
+    while alive() {
         let listening = target.connect().and_then(|mut c| {
-            c.batch_execute("LISTEN cairn")
+            c.batch_execute(&format!("LISTEN {channel}"))
                 .map(|()| c)
                 .map_err(|e| target.unusable(&super::tx::describe(&e)))
         });
@@ -74,18 +89,128 @@ fn listen(target: &Target, seen: &Weak<watch::Sender<u64>>) {
             continue;
         };
         backoff = Duration::from_millis(50);
-        // Changes made while no connection listened are not known: wake every waiter once.
-        bump(seen);
+        connected();
         loop {
             let next = client.notifications().timeout_iter(TICK).next();
             match next {
-                Ok(Some(_)) => bump(seen),
-                Ok(None) if seen.strong_count() == 0 => return,
+                Ok(Some(n)) => notified(n.payload()),
+                Ok(None) if !alive() => return,
                 Ok(None) if client.is_closed() => break,
                 Ok(None) => {}
                 Err(_) => break,
             }
         }
+    }
+}
+
+/// The channel the writers notify an op's id on when it records events.
+pub(super) const MOVES: &str = "cairn_moves";
+
+/// How many moves are kept for followers that have not asked yet.
+const MOVES_KEPT: usize = 1 << 17;
+
+/// The ops notified as moved, numbered as heard, shared by a store's readers.
+#[derive(Debug)]
+pub(crate) struct Moved {
+    target: Arc<Target>,
+    log: Arc<Mutex<MoveLog>>,
+    started: OnceLock<()>,
+}
+
+/// Moves `next - kept.len() .. next`; a cursor below `known_from` asks about a time nothing
+/// listened.
+#[derive(Debug)]
+struct MoveLog {
+    next: u64,
+    kept: VecDeque<OpId>,
+    known_from: u64,
+}
+
+impl MoveLog {
+    /// Nothing notified before now is known: when the listener (re)connects, or a payload is
+    /// not an op's id.
+    fn lost(&mut self) {
+        self.next += 1;
+        self.kept.clear();
+        self.known_from = self.next;
+    }
+
+    fn push(&mut self, payload: &str) {
+        let Ok(op) = payload.parse() else {
+            self.lost();
+            return;
+        };
+        self.kept.push_back(OpId(op));
+        self.next += 1;
+        if self.kept.len() > MOVES_KEPT {
+            self.kept.pop_front();
+        }
+    }
+
+    fn since(&self, after: Option<u64>) -> Moves {
+        let from = self.next - self.kept.len() as u64;
+        let ops = after
+            .filter(|a| *a >= self.known_from && *a >= from && *a <= self.next)
+            .map(|a| {
+                let mut seen = HashSet::new();
+                self.kept
+                    .iter()
+                    .skip(usize::try_from(a - from).unwrap_or(usize::MAX))
+                    .filter(|op| seen.insert(**op))
+                    .copied()
+                    .collect()
+            });
+        Moves {
+            cursor: self.next,
+            ops,
+        }
+    }
+}
+
+impl Moved {
+    pub(crate) fn new(target: Arc<Target>) -> Self {
+        Self {
+            target,
+            log: Arc::new(Mutex::new(MoveLog {
+                next: 0,
+                kept: VecDeque::new(),
+                // Nothing is known until the listener listens.
+                known_from: 1,
+            })),
+            started: OnceLock::new(),
+        }
+    }
+
+    /// The ops notified after `after` (see [`crate::ReadBackend::moves`]); the first call
+    /// starts the listener.
+    pub(crate) fn since(&self, after: Option<u64>) -> Moves {
+        self.started.get_or_init(|| {
+            let (target, log) = (self.target.clone(), Arc::downgrade(&self.log));
+            let with = move |f: &dyn Fn(&mut MoveLog)| {
+                if let Some(log) = log.upgrade() {
+                    f(&mut log.lock().unwrap_or_else(PoisonError::into_inner));
+                }
+            };
+            let alive = {
+                let log = Arc::downgrade(&self.log);
+                move || log.strong_count() > 0
+            };
+            let _ = thread::Builder::new()
+                .name("cairn-pg-moves".into())
+                .spawn(move || {
+                    listen(
+                        &target,
+                        MOVES,
+                        alive,
+                        || with(&MoveLog::lost),
+                        |payload| with(&|log| log.push(payload)),
+                    );
+                });
+        });
+        self.log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .since(after)
     }
 }
 

@@ -25,8 +25,8 @@ use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
     AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, Interruption, LockRow, LogChunk,
-    Millis, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request, ScheduleRow,
-    Snapshot, TaskNo, TaskRow, TaskStatus, TokenRow,
+    Millis, Moves, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request,
+    ScheduleRow, Snapshot, TaskNo, TaskRow, TaskStatus, TokenRow,
 };
 
 /// How long a caller waits for a read's answer: a server that stopped answering (a network cut
@@ -46,6 +46,8 @@ type PgResult<T> = std::result::Result<T, postgres::Error>;
 #[derive(Debug, Clone)]
 pub(crate) struct PgReader {
     pool: Arc<Pool>,
+    /// The store's log of moved ops, for a reader the store made; another reader knows of none.
+    moved: Option<Arc<super::listen::Moved>>,
 }
 
 /// The reader threads' queue of jobs, made on the first read. The threads end once every
@@ -98,7 +100,14 @@ impl PgReader {
                 server: Arc::new(server),
                 jobs: Mutex::new(None),
             }),
+            moved: None,
         }
+    }
+
+    /// This reader, telling moves from the store's log.
+    pub(crate) fn with_moves(mut self, moved: Arc<super::listen::Moved>) -> Self {
+        self.moved = Some(moved);
+        self
     }
 
     /// Runs `read` on a reader thread and waits for its answer.
@@ -733,17 +742,14 @@ impl ReadBackend for PgReader {
         })
     }
 
-    fn event_heads(&self) -> Result<Vec<(OpId, i64)>> {
-        self.run(|c| {
-            c.query(
-                "SELECT id, COALESCE((SELECT MAX(seq) FROM events WHERE op_id = ops.id), 0) \
-                 FROM ops ORDER BY id",
-                &[],
-            )?
-            .iter()
-            .map(|r| Ok((OpId(r.try_get(0)?), r.try_get(1)?)))
-            .collect()
-        })
+    fn moves(&self, after: Option<u64>) -> Result<Moves> {
+        Ok(self.moved.as_ref().map_or(
+            Moves {
+                cursor: 0,
+                ops: None,
+            },
+            |moved| moved.since(after),
+        ))
     }
 
     fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {

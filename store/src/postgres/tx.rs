@@ -1158,14 +1158,17 @@ impl Tx for PgTx<'_> {
         task: Option<&str>,
         events: &[(&str, &str)],
     ) -> Result<()> {
-        // One statement: the op's next numbers, in the order given.
+        // One statement: the op's next numbers, in the order given, and the op's id notified
+        // to the followers of changes when the transaction commits (`listen::MOVES`;
+        // PostgreSQL sends one notification of a payload per transaction).
         let kinds: Vec<&str> = events.iter().map(|(kind, _)| *kind).collect();
         let messages: Vec<&str> = events.iter().map(|(_, message)| *message).collect();
         self.exec(
-            "INSERT INTO events (op_id, seq, at, kind, task, message) \
+            "WITH appended AS (INSERT INTO events (op_id, seq, at, kind, task, message) \
              SELECT $1, next.seq + e.ord - 1, $2, e.kind, $3, e.message \
              FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM events WHERE op_id = $1) next, \
-             unnest($4::text[], $5::text[]) WITH ORDINALITY AS e(kind, message, ord)",
+             unnest($4::text[], $5::text[]) WITH ORDINALITY AS e(kind, message, ord)) \
+             SELECT pg_notify('cairn_moves', $1::bigint::text)",
             &[&op.0, &at, &task, &kinds, &messages],
         )?;
         Ok(())

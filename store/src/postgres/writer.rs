@@ -18,7 +18,7 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::listen::Changes;
+use super::listen::{Changes, Moved};
 use super::tx::{Conn, Fault, PgTx, Session, describe, fault_of};
 use super::{PgReader, Target, migrations};
 use crate::api::{Backend, Committing, Reader, Results, Waiting};
@@ -76,7 +76,8 @@ impl PgStore {
             .spawn(move || writer(&thread_target, Some(conn), &receiver))
             .map_err(|e| target.unusable(&format!("cannot start its writer: {e}")))?;
         Ok(Self {
-            reader: PgReader::new(target.config.clone(), location.clone()),
+            reader: PgReader::new(target.config.clone(), location.clone())
+                .with_moves(Arc::new(Moved::new(target.clone()))),
             changes: Changes::new(target.clone()),
             target,
             sender,

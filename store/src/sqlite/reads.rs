@@ -10,8 +10,8 @@ use crate::api::ReadBackend;
 use crate::error::{Error, Result};
 use crate::types::{
     AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, Interruption, LockRow, LogChunk,
-    Millis, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request, ScheduleRow,
-    Snapshot, TaskNo, TaskRow, TaskStatus, TokenRow,
+    Millis, Moves, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request,
+    ScheduleRow, Snapshot, TaskNo, TaskRow, TaskStatus, TokenRow,
 };
 
 /// The process whose four columns start at `first`, if they are all set.
@@ -299,19 +299,38 @@ impl Reads<'_> {
             .map_err(|e| self.err(&e))
     }
 
-    pub fn event_heads(&self) -> Result<Vec<(OpId, i64)>> {
+    pub fn moves(&self, after: Option<u64>) -> Result<Moves> {
+        let err = |e: &rusqlite::Error| self.err(e);
+        let (oldest, newest): (i64, i64) = self
+            .conn
+            .prepare_cached("SELECT COALESCE(MIN(tick), 0), COALESCE(MAX(tick), 0) FROM moves")
+            .and_then(|mut s| s.query_row([], |r| Ok((r.get(0)?, r.get(1)?))))
+            .map_err(|e| err(&e))?;
+        let cursor = u64::try_from(newest).unwrap_or(0);
+        let known = after
+            .and_then(|a| i64::try_from(a).ok())
+            .filter(|a| *a <= newest && *a >= oldest.saturating_sub(1));
+        let Some(after) = known else {
+            return Ok(Moves { cursor, ops: None });
+        };
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT id, COALESCE((SELECT MAX(seq) FROM events WHERE op_id = ops.id), 0) \
-                 FROM ops ORDER BY id",
-            )
-            .map_err(|e| self.err(&e))?;
+            .prepare_cached("SELECT op_id FROM moves WHERE tick > ?1 AND tick <= ?2 ORDER BY tick")
+            .map_err(|e| err(&e))?;
         let rows = stmt
-            .query_map([], |r| Ok((OpId(r.get(0)?), r.get(1)?)))
-            .map_err(|e| self.err(&e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.err(&e))
+            .query_map([after, newest], |r| r.get::<_, i64>(0))
+            .map_err(|e| err(&e))?;
+        let (mut ops, mut seen) = (Vec::new(), std::collections::HashSet::new());
+        for op in rows {
+            let op = OpId(op.map_err(|e| err(&e))?);
+            if seen.insert(op) {
+                ops.push(op);
+            }
+        }
+        Ok(Moves {
+            cursor,
+            ops: Some(ops),
+        })
     }
 
     pub fn last_event(&self, op: OpId, task: &str, kind: EventKind) -> Result<Option<EventRow>> {
@@ -602,8 +621,8 @@ impl ReadBackend for SqliteReader {
         self.with(|r| r.last_event(op, task, kind))
     }
 
-    fn event_heads(&self) -> Result<Vec<(OpId, i64)>> {
-        self.with(|r| r.event_heads())
+    fn moves(&self, after: Option<u64>) -> Result<Moves> {
+        self.with(|r| r.moves(after))
     }
 
     fn logs(

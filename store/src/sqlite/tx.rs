@@ -18,11 +18,21 @@ use crate::types::{
 pub(super) struct SqliteTx<'t> {
     conn: &'t Connection,
     path: &'t Path,
+    /// The op this batch last logged in `moves`: one row per op and batch is enough.
+    moved: Option<OpId>,
 }
+
+/// How many rows of `moves` are kept at least, and how often (in rows) older ones are deleted.
+const MOVES_KEPT: i64 = 1 << 17;
+const MOVES_PRUNED_EVERY: i64 = 1 << 12;
 
 impl<'t> SqliteTx<'t> {
     pub(super) fn new(conn: &'t Connection, path: &'t Path) -> Self {
-        Self { conn, path }
+        Self {
+            conn,
+            path,
+            moved: None,
+        }
     }
 
     /// Runs statements, a failure told in the database's words.
@@ -1095,6 +1105,20 @@ impl Tx for SqliteTx<'_> {
                 insert.execute(params![op.0, seq, at, kind, task, message])?;
             }
             Ok(())
-        })
+        })?;
+        if self.moved != Some(op) {
+            self.run(|c| {
+                c.prepare_cached("INSERT INTO moves (op_id) VALUES (?1)")?
+                    .execute([op.0])?;
+                let tick = c.last_insert_rowid();
+                if tick % MOVES_PRUNED_EVERY == 0 {
+                    c.prepare_cached("DELETE FROM moves WHERE tick <= ?1")?
+                        .execute([tick - MOVES_KEPT])?;
+                }
+                Ok(())
+            })?;
+            self.moved = Some(op);
+        }
+        Ok(())
     }
 }
