@@ -44,14 +44,14 @@ pub struct Config {
 pub(crate) struct App {
     pub(crate) config: Arc<Config>,
     reader: Arc<store::Reader>,
-    /// Each op's newest event number, watched by the clients of `/changes`.
-    pub(crate) heads: crate::changes::Heads,
-    /// `GET /ops/{id}` answers made in the last [`SHOWN_FOR`]: the dashboards following one op
-    /// each read it whenever it moves, and they share one read.
-    shown: Arc<std::sync::Mutex<HashMap<OpId, Arc<Shown>>>>,
+    /// The watcher of moves that the clients of `/changes` share.
+    pub(crate) watcher: crate::changes::Watcher,
+    /// Answers of `GET /ops/{id}` and `GET /ops` made in the last [`SHOWN_FOR`], by op or
+    /// filter: the dashboards re-read what they show whenever it moves, and share one read.
+    shown: Arc<std::sync::Mutex<HashMap<String, Arc<Shown>>>>,
 }
 
-/// An answer of `GET /ops/{id}`, given again for [`SHOWN_FOR`]: its JSON, read once however
+/// An answer of `GET /ops/{id}` or `GET /ops`, given again for [`SHOWN_FOR`]: its JSON, read once however
 /// many ask meanwhile (the dashboards told of a move all ask at once), and that JSON gzipped once
 /// a client asks for it (browsers do).
 #[derive(Debug)]
@@ -75,7 +75,7 @@ impl Shown {
     }
 }
 
-/// How long an answer of `GET /ops/{id}` is given again: the feed of `/changes` looks for moves
+/// How long an answer of `GET /ops/{id}` or `GET /ops` is given again: the feed of `/changes` looks for moves
 /// this often, so a dashboard sees nothing older than it would anyway.
 const SHOWN_FOR: Duration = Duration::from_millis(250);
 
@@ -152,7 +152,7 @@ pub fn router(config: Config) -> Result<Router, store::Error> {
     let app = App {
         config: Arc::new(config),
         reader,
-        heads: crate::changes::Heads::default(),
+        watcher: crate::changes::Watcher::default(),
         shown: Arc::default(),
     };
     let api = Router::new()
@@ -410,7 +410,11 @@ impl<'a> Fields<'a> {
 
 /// `GET /ops`: ops newest first; `status`, `plan`, `limit` (at most 500), `before` (an op id:
 /// the page after it). `next_before` names the next page, when there is one.
-async fn list_ops(State(app): State<App>, Query(query): Query<HashMap<String, String>>) -> Answer {
+async fn list_ops(
+    State(app): State<App>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Answer {
     let mut filter = OpFilter {
         limit: Some(PAGE),
         ..OpFilter::default()
@@ -456,30 +460,29 @@ async fn list_ops(State(app): State<App>, Query(query): Query<HashMap<String, St
             }
         }
     }
-    let value = app
-        .read(move |reader, rule| {
-            let now = engine::owner::now();
-            let limit = filter.limit.unwrap_or(PAGE) as usize;
-            let mut rows = view::matching(
-                reader,
-                &OpFilter {
-                    limit: filter.limit.map(|l| l + 1),
-                    ..filter
-                },
-                rule,
-                now,
-            )?;
-            let more = rows.len() > limit;
-            rows.truncate(limit);
-            let ops = rows
-                .iter()
-                .map(|row| view::op_json(reader, row, rule, now))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let next = rows.last().filter(|_| more).map(|r| r.id.0);
-            Ok(json!({"ops": ops, "next_before": next}))
-        })
-        .await?;
-    Ok(ok(&value))
+    let key = format!("ops {filter:?}");
+    shared(&app, key, &headers, move |reader, rule| {
+        let now = engine::owner::now();
+        let limit = filter.limit.unwrap_or(PAGE) as usize;
+        let mut rows = view::matching(
+            reader,
+            &OpFilter {
+                limit: filter.limit.map(|l| l + 1),
+                ..filter
+            },
+            rule,
+            now,
+        )?;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let ops = rows
+            .iter()
+            .map(|row| view::op_json(reader, row, rule, now))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let next = rows.last().filter(|_| more).map(|r| r.id.0);
+        Ok(json!({"ops": ops, "next_before": next}))
+    })
+    .await
 }
 
 /// The op `op`, read; an unknown op is a 404.
@@ -492,17 +495,31 @@ fn read_op(reader: &store::Reader, op: OpId) -> Result<store::OpRow, ApiError> {
     })
 }
 
-/// `GET /ops/{id}`: the op as `cairn show --json` prints it, secrets masked; gzipped when the
-/// client accepts it.
+/// `GET /ops/{id}`: the op as `cairn show --json` prints it, secrets masked.
 async fn show_op(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Answer {
     let op = op_id(&id)?;
+    shared(&app, format!("op {op}"), &headers, move |reader, rule| {
+        let row = read_op(reader, op)?;
+        Ok(view::record(reader, &row, rule, engine::owner::now())?)
+    })
+    .await
+}
+
+/// Answers a read that every request of the same `key` in the next [`SHOWN_FOR`] shares (see
+/// [`Shown`]), gzipped when the client accepts it.
+async fn shared(
+    app: &App,
+    key: String,
+    headers: &HeaderMap,
+    read: impl FnOnce(&store::Reader, Rule) -> Result<Value, ApiError> + Send + 'static,
+) -> Answer {
     let shown = {
         let mut all = app
             .shown
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         all.retain(|_, shown| shown.at.elapsed() < SHOWN_FOR);
-        all.entry(op)
+        all.entry(key)
             .or_insert_with(|| {
                 Arc::new(Shown {
                     at: std::time::Instant::now(),
@@ -516,8 +533,7 @@ async fn show_op(State(app): State<App>, Path(id): Path<String>, headers: Header
         .body
         .get_or_try_init(|| {
             app.read(move |reader, rule| {
-                let row = read_op(reader, op)?;
-                let value = view::record(reader, &row, rule, engine::owner::now())?;
+                let value = read(reader, rule)?;
                 Ok(Bytes::from(
                     serde_json::to_vec(&value).map_err(ApiError::internal)?,
                 ))

@@ -40,11 +40,11 @@ enum Heard {
 /// The watcher's batches, shared by the clients of `/changes`; the watcher starts with the
 /// first client and stops once none is left.
 #[derive(Debug, Clone, Default)]
-pub struct Heads {
+pub struct Watcher {
     sender: Arc<Mutex<Option<broadcast::Sender<Arc<Heard>>>>>,
 }
 
-impl Heads {
+impl Watcher {
     fn subscribe(&self, app: &App) -> broadcast::Receiver<Arc<Heard>> {
         let mut slot = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(sender) = slot.as_ref() {
@@ -89,7 +89,7 @@ impl Heads {
 
 /// `GET /changes`: `resync` first, then `ops` as ops move (see the module's words).
 pub async fn follow(State(app): State<App>) -> axum::response::Response {
-    let rx = app.heads.subscribe(&app);
+    let rx = app.watcher.subscribe(&app);
     let resync = || Event::default().event("resync").data("{}");
     let first = futures_util::stream::once(async move { Ok::<_, Infallible>(resync()) });
     let rest = futures_util::stream::unfold(rx, move |mut rx| async move {
