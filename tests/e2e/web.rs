@@ -1177,6 +1177,77 @@ fn raw(
     (status, head.to_lowercase(), body.to_owned())
 }
 
+/// A read of an op made after the feed named it shows the move, even while another dashboard
+/// keeps reading the op (answers are shared for a moment, and dropped when the op moves).
+#[test]
+fn a_read_after_the_feed_names_an_op_shows_its_move() {
+    let sandbox = Sandbox::new();
+    let operator = token(&sandbox, "on-call", "operator");
+    let viewer = token(&sandbox, "lead", "viewer");
+    let server = start(&sandbox);
+    let go = sandbox.path().join("go");
+    let plan = format!(
+        "name: waits\nsteps:\n  - id: wait\n    run: while [ ! -f '{}' ]; do sleep 0.02; done\n",
+        go.display()
+    );
+    let body = json!({ "plan": plan }).to_string();
+    let answer = server.call("POST", "/ops", Some(&operator), Some(&body));
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    let op = answer.json["id"].as_i64().unwrap();
+    let path = format!("/ops/{op}");
+    let step = |json: &Value| json["tasks"][0]["status"].clone();
+    let started = Instant::now();
+    while step(&server.call("GET", &path, Some(&viewer), None).json) != "running" {
+        assert!(started.elapsed() < Duration::from_secs(30), "never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The feed, into a file read from an offset: what it said before the step ends is not
+    // taken for what it says after.
+    let heard = sandbox.path().join("feed");
+    let mut feed = Command::new("curl")
+        .args(["-s", "-N", "-m", "60", "-o"])
+        .arg(&heard)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {viewer}"))
+        .arg(server.url("/api/v1/changes"))
+        .spawn()
+        .unwrap();
+    let said = || std::fs::read_to_string(&heard).unwrap_or_default();
+    while !said().contains("event: resync") {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another dashboard reads the op all along, so that a shared answer is always fresh.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                server.call("GET", &path, Some(&viewer), None);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(600));
+        let before = said().len();
+        std::fs::write(&go, "").unwrap();
+        let names = |text: &str| {
+            text.lines().any(|line| {
+                line.strip_prefix("data: ")
+                    .and_then(|ids| serde_json::from_str::<Vec<i64>>(ids).ok())
+                    .is_some_and(|ids| ids.contains(&op))
+            })
+        };
+        let waited = Instant::now();
+        while !names(&said()[before..]) {
+            assert!(waited.elapsed() < Duration::from_secs(30), "not named");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let read = server.call("GET", &path, Some(&viewer), None);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(step(&read.json), "succeeded", "{}", read.text);
+    });
+    let _ = feed.kill();
+    let _ = feed.wait();
+}
+
 /// Reads `path` plainly and gzipped (`curl --compressed`): the same JSON, and only the second
 /// says `content-encoding: gzip`.
 fn same_when_gzipped(server: &Server, path: &str, header: &str) {

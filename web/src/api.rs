@@ -105,6 +105,24 @@ const PAGE: u32 = 50;
 const PAGE_MAX: u32 = 500;
 
 impl App {
+    /// Drops the shared answers that show `ops` (each op's, and every page of ops): the next
+    /// read is made anew.
+    pub(crate) fn forget(&self, ops: &[OpId]) {
+        let keys: Vec<String> = ops.iter().map(|op| op_key(*op)).collect();
+        self.shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|key, _| !key.starts_with(PAGE_KEY) && !keys.contains(key));
+    }
+
+    /// Drops every shared answer.
+    pub(crate) fn forget_all(&self) {
+        self.shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
     /// Runs `read` on the blocking pool (reads are synchronous).
     pub(crate) async fn read<T: Send + 'static>(
         &self,
@@ -291,10 +309,7 @@ async fn authenticate(State(app): State<App>, mut request: Request, next: Next) 
     let response = next.run(request).await;
     if !reads {
         // What an action changed is seen by the next read.
-        app.shown
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        app.forget_all();
     }
     response
 }
@@ -460,7 +475,7 @@ async fn list_ops(
             }
         }
     }
-    let key = format!("ops {filter:?}");
+    let key = format!("{PAGE_KEY}{filter:?}");
     shared(&app, key, &headers, move |reader, rule| {
         let now = engine::owner::now();
         let limit = filter.limit.unwrap_or(PAGE) as usize;
@@ -498,12 +513,18 @@ fn read_op(reader: &store::Reader, op: OpId) -> Result<store::OpRow, ApiError> {
 /// `GET /ops/{id}`: the op as `cairn show --json` prints it, secrets masked.
 async fn show_op(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Answer {
     let op = op_id(&id)?;
-    shared(&app, format!("op {op}"), &headers, move |reader, rule| {
+    shared(&app, op_key(op), &headers, move |reader, rule| {
         let row = read_op(reader, op)?;
         Ok(view::record(reader, &row, rule, engine::owner::now())?)
     })
     .await
 }
+
+/// The key of an op's shared answer, and what the keys of pages of ops start with.
+fn op_key(op: OpId) -> String {
+    format!("op {op}")
+}
+const PAGE_KEY: &str = "ops ";
 
 /// Answers a read that every request of the same `key` in the next [`SHOWN_FOR`] shares (see
 /// [`Shown`]), gzipped when the client accepts it.

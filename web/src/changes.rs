@@ -12,7 +12,7 @@
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::response::IntoResponse;
@@ -24,6 +24,9 @@ use crate::api::App;
 
 /// How often the watcher asks the store what moved while someone follows.
 const EVERY: Duration = Duration::from_millis(250);
+
+/// The least time between two `resync`s the store's answers cause.
+const RESYNC_EVERY: Duration = Duration::from_secs(2);
 
 /// How many batches a client may fall behind before it is told to resync.
 const BEHIND: usize = 64;
@@ -55,20 +58,31 @@ impl Watcher {
         let (app, slot) = (app.clone(), self.sender.clone());
         tokio::spawn(async move {
             let mut cursor = None;
+            // When the last `resync` went out, and whether one is owed: a store that cannot say
+            // what moved for a while (a listener that cannot connect) is answered with one
+            // every [`RESYNC_EVERY`], not every look.
+            let mut resynced: Option<Instant> = None;
+            let mut owed = false;
             loop {
                 match app.read(move |reader, _| Ok(reader.moves(cursor)?)).await {
                     Ok(moves) => {
-                        let heard = match moves.ops {
-                            // The first look only finds where things stand: each client was
-                            // told to resync when it came.
-                            None if cursor.is_none() => None,
-                            None => Some(Heard::Resync),
-                            Some(ops) if ops.is_empty() => None,
-                            Some(ops) => Some(Heard::Ops(ops.into_iter().map(|op| op.0).collect())),
-                        };
                         cursor = Some(moves.cursor);
-                        if let Some(heard) = heard {
-                            let _ = tx.send(Arc::new(heard));
+                        match moves.ops {
+                            // Also the first look: a client's re-read may have come before it.
+                            None => owed = true,
+                            Some(ops) if !ops.is_empty() => {
+                                // What a dashboard reads next must not be an answer made
+                                // before the move.
+                                app.forget(&ops);
+                                let ops = ops.into_iter().map(|op| op.0).collect();
+                                let _ = tx.send(Arc::new(Heard::Ops(ops)));
+                            }
+                            Some(_) => {}
+                        }
+                        if owed && resynced.is_none_or(|at| at.elapsed() >= RESYNC_EVERY) {
+                            app.forget_all();
+                            let _ = tx.send(Arc::new(Heard::Resync));
+                            (resynced, owed) = (Some(Instant::now()), false);
                         }
                     }
                     Err(e) => tracing::warn!("reading which ops moved: {}", e.message),

@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0003_progress.sql"),
     include_str!("../../migrations/postgres/0004_log_notes.sql"),
     include_str!("../../migrations/postgres/0005_tokens.sql"),
+    include_str!("../../migrations/postgres/0006_moves.sql"),
 ];
 
 /// The schema version this cairn writes on PostgreSQL.

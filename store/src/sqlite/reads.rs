@@ -301,6 +301,9 @@ impl Reads<'_> {
 
     pub fn moves(&self, after: Option<u64>) -> Result<Moves> {
         let err = |e: &rusqlite::Error| self.err(e);
+        // One snapshot for both statements: a prune committed between them would delete rows
+        // past the cursor unseen.
+        let _snapshot = self.conn.unchecked_transaction().map_err(|e| err(&e))?;
         let (oldest, newest): (i64, i64) = self
             .conn
             .prepare_cached("SELECT COALESCE(MIN(tick), 0), COALESCE(MAX(tick), 0) FROM moves")
