@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod postgres;
+mod remote;
 mod sse;
 
 use comfy_table::{Table, presets};
@@ -179,7 +180,7 @@ fn main() {
         floor_ms: None,
         pg,
     };
-    let scenarios: [(&str, Scenario); 10] = [
+    let scenarios: [(&str, Scenario); 11] = [
         ("chain", Bench::chain),
         ("independent", Bench::independent),
         ("shell", Bench::shell),
@@ -190,6 +191,7 @@ fn main() {
         ("validate", Bench::validate),
         ("serve", Bench::serve),
         ("sse", Bench::sse),
+        ("remote", Bench::remote),
     ];
     let scenarios: &[(&str, Scenario)] = if bench.pg.is_some() {
         &postgres::SCENARIOS
