@@ -4,8 +4,8 @@
 //!
 //! The directory holds: `pid` (the supervisor's pid, `/proc` start time and boot id, written
 //! first, by rename), `out` and `err` (the command's output), `output` (its `$CAIRN_OUTPUT`),
-//! `exit` (its exit code, written by rename once it ended: the result), and `sent` (how far the
-//! output was streamed into the logs, in bytes of `out` and `err`). The supervisor runs the
+//! `exit` (its exit code, written by rename once it ended: the result). How far `out` and `err`
+//! are in the log is recorded with the log itself (the attempt's `logged`). The supervisor runs the
 //! command in the foreground: it lives exactly as long as the command, so its identity says
 //! whether the command still runs, and it leads the attempt's process group (cancel and timeout
 //! end that group as for any step).
@@ -128,15 +128,15 @@ pub fn probe(dir: &Path) -> Found {
 }
 
 /// Removes an attempt's directory (its result is recorded, or it is not to be adopted), or the
-/// `.sent` note of a remote attempt's.
+/// `.sent` note an older cairn kept here for a remote attempt.
 pub fn remove(dir: &Path) {
     if std::fs::remove_dir_all(dir).is_err() {
         let _ = std::fs::remove_file(dir);
     }
 }
 
-/// The directories of op `uuid`'s attempts on this host (and the `.sent` notes of its remote
-/// attempts), with their task and attempt numbers.
+/// The directories of op `uuid`'s attempts on this host (and the `.sent` notes an older cairn
+/// kept for its remote attempts), with their task and attempt numbers.
 #[must_use]
 pub fn dirs_of(uuid: &str) -> Vec<(u32, u32, PathBuf)> {
     let prefix = format!("cairn-adopt-{uuid}-");
@@ -155,27 +155,22 @@ pub fn dirs_of(uuid: &str) -> Vec<(u32, u32, PathBuf)> {
 }
 
 /// Streams a supervised command's output from its directory into the logs, from where the last
-/// reader left it (`sent`), noting how far it got.
+/// reader left it.
 #[derive(Debug)]
 pub struct Tail {
     dir: PathBuf,
+    /// The bytes of `out` and `err` sent on so far.
     sent: [u64; 2],
 }
 
 impl Tail {
-    /// A tail of `dir` from what its `sent` file says was recorded already.
+    /// A tail of `dir` from `from`: the bytes of `out` and `err` already in the log.
     #[must_use]
-    pub fn new(dir: &Path) -> Self {
+    pub fn new(dir: &Path, from: [u64; 2]) -> Self {
         Self {
             dir: dir.to_owned(),
-            sent: read_sent(&dir.join("sent")),
+            sent: from,
         }
-    }
-
-    /// Where it starts: the bytes of `out` and `err` recorded before.
-    #[must_use]
-    pub fn start(&self) -> [u64; 2] {
-        self.sent
     }
 
     /// Sends what was written since the last call; whether anything was.
@@ -233,42 +228,4 @@ pub fn stderr_tail(dir: &Path) -> String {
     let mut data = Vec::new();
     let _ = file.read_to_end(&mut data);
     String::from_utf8_lossy(&data).into_owned()
-}
-
-/// The offsets (bytes of stdout and stderr) a `sent` file holds; none: 0.
-#[must_use]
-pub fn read_sent(path: &Path) -> [u64; 2] {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| {
-            let mut words = text.split_whitespace();
-            Some([words.next()?.parse().ok()?, words.next()?.parse().ok()?])
-        })
-        .unwrap_or([0, 0])
-}
-
-/// Notes in `path` (`0600`, written then renamed) that the output up to `sent` is recorded.
-pub fn note_sent(path: &Path, sent: [u64; 2]) {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| writeln!(f, "{} {}", sent[0], sent[1]));
-    if written.is_ok() {
-        let _ = std::fs::rename(&tmp, path);
-    }
-}
-
-/// Where cairn notes how far a supervised step on another host was recorded: a file beside
-/// this host's attempt directories, named after the attempt's.
-#[must_use]
-pub fn sent_file(dir_name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("{dir_name}.sent"))
 }

@@ -26,6 +26,8 @@ pub const CONFIG_VAR: &str = "CAIRN_SSH_CONFIG";
 const PERSIST: &str = "120";
 /// The first line the wrapper prints: `cairn-remote PID START BOOT_ID`.
 const HELLO: &str = "cairn-remote ";
+/// What cairn sends a supervised step's wrapper once the attempt's end is recorded.
+const RECORDED: &str = "recorded";
 
 /// A step process on another host, as a resume's sweep finds it again.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,10 +49,33 @@ pub struct Transport {
     config: Option<PathBuf>,
     /// The hosts whose master connection this run started; held while one starts.
     masters: tokio::sync::Mutex<std::collections::HashSet<String>>,
+    /// The clients (pid, start time) of wrappers told their end is recorded ([`Recorded`]),
+    /// which may still be removing their directories.
+    told: std::sync::Mutex<Vec<(u32, u64)>>,
+}
+
+/// How long the end of a run waits for wrappers told their end is recorded to finish.
+const TOLD_WAIT: Duration = Duration::from_secs(3);
+
+/// Whether the process `pid` started at `start` still runs.
+fn runs(pid: u32, start: u64) -> bool {
+    crate::proc::stat(pid).is_some_and(|s| s.start == start && !s.is_gone())
 }
 
 impl Drop for Transport {
     fn drop(&mut self) {
+        // The wrappers told the end is recorded remove their directories, then end: not cut off
+        // by closing the masters under them.
+        let told = std::mem::take(
+            self.told
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let until = std::time::Instant::now() + TOLD_WAIT;
+        while told.iter().any(|&(pid, start)| runs(pid, start)) && std::time::Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let hosts = self.masters.get_mut().drain().collect::<Vec<_>>();
         for host in hosts {
             let mut argv = self.argv();
@@ -105,6 +130,7 @@ impl Transport {
             dir,
             config: std::env::var_os(CONFIG_VAR).map(PathBuf::from),
             masters: tokio::sync::Mutex::default(),
+            told: std::sync::Mutex::default(),
         })
     }
 
@@ -289,6 +315,10 @@ fn wrapper(job: &Job, end: &str) -> String {
         }
     }
     env.push_str("export CAIRN_OUTPUT=\"$1/output\" CAIRN_PROGRESS=\"$1/progress\"\n");
+    // The wrapper's shell counts as one level, as bash would count itself: a `bash` step, its
+    // `SSH_CLIENT` set and `SHLVL` still 1, would take itself for sshd's and read `~/.bashrc`
+    // (slow, and unlike a local step).
+    env.push_str("export SHLVL=$((${SHLVL:-0} + 1))\n");
     let mut files = String::new();
     for (n, (name, text)) in job.files.iter().enumerate() {
         let _ = writeln!(env, "export {name}=\"$1/file-{n}\"");
@@ -347,8 +377,10 @@ wait "$pid"
 code=$?
 cairn_end "$pid" "$start" {grace}
 echo "$code" > "$d/exit"
+printf '\n%s\n' {end} >&2
 printf '\n%s\nexit=%s\n' {end} "$code"
 [ -f "$d/output" ] && cat "$d/output"
+printf '\n%s\n' {end}
 rm -rf "$d"
 exit "$code"
 "#,
@@ -359,7 +391,9 @@ exit "$code"
 /// The end of a script that follows a supervised step in `$d` (pid `$pid`, start `$start`),
 /// its output streamed from offsets `$oo` and `$eo` (what cairn recorded before), until its result is
 /// written or its supervisor is gone; then the rest of its group is ended and the trailer
-/// printed (see [`Framing`]). The directory stays.
+/// printed (see [`Framing`]). The directory stays until cairn says on standard input that the
+/// attempt's end is recorded ([`Recorded`]): removed in the same session, no connection more.
+/// Checked at growing intervals (10 ms, doubling to 200 ms): a short step is seen ended at once.
 fn attach(end: &str, grace: Duration) -> String {
     format!(
         r#"cairn_tail() {{
@@ -373,21 +407,26 @@ cairn_alive() {{
   set -- ${{l##*) }}
   [ "$1" != Z ] && [ "${{20}}" = "$start" ]
 }}
+w=0.01
 while :; do
   f=; [ -f "$d/exit" ] && f=1
   cairn_tail "$d/out" "$oo"; oo=$t
   cairn_tail "$d/err" "$eo" >&2; eo=$t
   [ -n "$f" ] && break
   if ! cairn_alive; then [ -f "$d/exit" ] && continue; break; fi
-  sleep 0.2
+  sleep "$w"
+  case $w in 0.01) w=0.02 ;; 0.02) w=0.05 ;; 0.05) w=0.1 ;; *) w=0.2 ;; esac
 done
 code=
 [ -f "$d/exit" ] && read -r code < "$d/exit"
 cairn_end "$pid" "$start" {grace}
 [ -n "$code" ] || echo "cairn: the step's supervisor ended without a result" >&2
+printf '\n%s\n' {end} >&2
 printf '\n%s\nexit=%s\n' {end} "$code"
 [ -n "$code" ] && [ -f "$d/output" ] && cat "$d/output"
-exit "${{code:-1}}"
+printf '\n%s\n' {end}
+if read -r said && [ "$said" = {RECORDED} ]; then rm -rf "$d" && exit 0; exit 1; fi
+exit 2
 "#,
         grace = tenths(grace),
     )
@@ -476,12 +515,39 @@ pub struct RemoteRunning {
     job: Job,
     /// Turns `Some` once the wrapper said where the step runs.
     hello: Option<oneshot::Receiver<Remote>>,
-    /// What the wrapper printed after the step's output: its exit code and outputs.
-    trailer: oneshot::Receiver<Option<Vec<u8>>>,
+    /// What the wrapper printed after the step's output (see [`Framing`]).
+    trailer: oneshot::Receiver<Said>,
     /// Turns true when the grace must end now: see [`RemoteRunning::hurried_by`].
     hurry: Option<watch::Receiver<bool>>,
     remote: Option<Remote>,
     transport: std::sync::Arc<Transport>,
+    /// A supervised step's: what tells its wrapper that the end is recorded.
+    recorded: Option<Recorded>,
+}
+
+/// Tells a supervised step's wrapper, still connected, that the attempt's end is recorded: it
+/// removes the step's directory on its host and ends. Dropped unsent, the wrapper ends and the
+/// directory stays (a resume finds the result there again).
+#[derive(Debug)]
+pub struct Recorded {
+    tell: oneshot::Sender<Vec<u8>>,
+    /// The `ssh` client's pid and start time.
+    client: (u32, u64),
+    transport: std::sync::Arc<Transport>,
+}
+
+impl Recorded {
+    pub fn send(self) {
+        if self.tell.send(format!("{RECORDED}\n").into_bytes()).is_ok() {
+            let mut told = self
+                .transport
+                .told
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            told.retain(|&(pid, start)| runs(pid, start));
+            told.push(self.client);
+        }
+    }
 }
 
 /// How a step on a host ended, and what it wrote to `$CAIRN_OUTPUT` there.
@@ -492,6 +558,12 @@ pub struct RemoteExit {
     /// A supervised step (`Job::adopt`) whose connection was lost while it ran on: no result
     /// yet; attach again ([`reattach`]).
     pub lost: bool,
+    /// A supervised step whose wrapper is still connected, waiting to hear that the end is
+    /// recorded.
+    pub recorded: Option<Recorded>,
+    /// The bytes of the step's stdout and stderr this connection forwarded: where a reader
+    /// attaching again goes on from.
+    pub forwarded: [u64; 2],
 }
 
 /// Starts `job` on its host through `transport`'s master connection (connect first), its output
@@ -507,7 +579,10 @@ pub fn spawn(
     start_script(transport, job, marker, sink, (script, end))
 }
 
-/// Runs `script` (framed by `end`) with `sh` on `job`'s host, its output relayed to `sink`.
+/// Runs `script` (framed by `end`) with `sh` on `job`'s host, its output relayed to `sink`. The
+/// script is sent as one `{ ... }` group, which the shell reads whole before it runs any of it:
+/// what a supervised step's wrapper reads from standard input afterwards is cairn's word
+/// ([`Recorded`]), never the script's own text.
 fn start_script(
     transport: &std::sync::Arc<Transport>,
     job: Job,
@@ -524,11 +599,17 @@ fn start_script(
         grace: Duration::from_secs(1),
         located: None,
         alone: false,
-        stdin: Some(script.into_bytes()),
+        stdin: Some(format!("{{\n{script}\n}}\n").into_bytes()),
+        hold_stdin: job.adopt,
         keep: false,
     };
     let (inner, chunks) = spawn::sink();
-    let local = spawn::spawn(&spec, &inner)?;
+    let mut local = spawn::spawn(&spec, &inner)?;
+    let recorded = local.more_input().map(|tell| Recorded {
+        tell,
+        client: (local.identity.pid, local.identity.start),
+        transport: transport.clone(),
+    });
     let (hello_tx, hello) = oneshot::channel();
     let (trailer_tx, trailer) = oneshot::channel();
     tokio::spawn(relay(
@@ -545,25 +626,101 @@ fn start_script(
         hurry: None,
         remote: None,
         transport: transport.clone(),
+        recorded,
     })
 }
 
-/// The client's standard output as the wrapper frames it: its first line (`cairn-remote ...`),
-/// then the step's output, then, once the step's group is gone, a line `\n<end>\n` and the
-/// trailer (`exit=N` and the step's `$CAIRN_OUTPUT`).
+/// What the wrapper printed once the step ended: `exit=N` and the step's `$CAIRN_OUTPUT`; with
+/// the last of the step's standard error, for the message of a failure.
+#[derive(Debug)]
+struct Trailer {
+    text: Vec<u8>,
+    stderr_tail: Vec<u8>,
+}
+
+/// What a connection said: the trailer (`None` if it never came: the connection or the wrapper
+/// failed), and the bytes of output it forwarded.
+#[derive(Debug, Default)]
+struct Said {
+    trailer: Option<Trailer>,
+    forwarded: [u64; 2],
+}
+
+/// A stream cut at a line: what comes before it is forwarded as it arrives (less what could
+/// begin the line, held until it is clear), what follows is kept.
+#[derive(Debug)]
+struct Cut {
+    /// `\n<end>\n`: unguessable, made for the job.
+    end: Vec<u8>,
+    held: Vec<u8>,
+    /// Everything after the line, once it was seen.
+    after: Option<Vec<u8>>,
+}
+
+impl Cut {
+    fn new(end: &str) -> Self {
+        Self {
+            end: format!("\n{end}\n").into_bytes(),
+            held: Vec::new(),
+            after: None,
+        }
+    }
+
+    /// What of `data` comes before the line, to forward now.
+    fn feed(&mut self, data: &[u8]) -> Vec<u8> {
+        if let Some(after) = &mut self.after {
+            after.extend_from_slice(data);
+            return Vec::new();
+        }
+        self.held.extend_from_slice(data);
+        if let Some(at) = find(&self.held, &self.end) {
+            self.after = Some(self.held.split_off(at + self.end.len()));
+            self.held.truncate(at);
+            return std::mem::take(&mut self.held);
+        }
+        // Only an end that could begin the line is held back.
+        let keep = (1..self.end.len().min(self.held.len() + 1))
+            .rev()
+            .find(|&k| self.held.ends_with(&self.end[..k]))
+            .unwrap_or(0);
+        let rest = self.held.split_off(self.held.len() - keep);
+        std::mem::replace(&mut self.held, rest)
+    }
+
+    /// The trailer, once the line came a second time after the first (closing it).
+    fn closed(&self) -> Option<&[u8]> {
+        let after = self.after.as_deref()?;
+        find(after, &self.end).map(|at| &after[..at])
+    }
+}
+
+fn find(data: &[u8], what: &[u8]) -> Option<usize> {
+    data.windows(what.len()).position(|w| w == what)
+}
+
+/// The client's output as the wrapper frames it. Standard output: its first line
+/// (`cairn-remote ...`), then the step's output, then, once the step's group is gone, a line
+/// `\n<end>\n`, the trailer (`exit=N` and the step's `$CAIRN_OUTPUT`) and the line again.
+/// Standard error: the step's, then the line. Once both are in, the step's end is known without
+/// waiting for the connection to close.
 #[derive(Debug)]
 struct Framing {
     hello: Option<oneshot::Sender<Remote>>,
     head: Vec<u8>,
-    /// `\n<end>\n`: unguessable, made for the job.
-    end: Vec<u8>,
-    /// Output not yet forwarded because it may begin the end line.
-    held: Vec<u8>,
-    /// Everything after the end line, once it was seen.
-    trailer: Option<Vec<u8>>,
+    stdout: Cut,
+    stderr: Cut,
 }
 
 impl Framing {
+    fn new(hello: oneshot::Sender<Remote>, end: &str) -> Self {
+        Self {
+            hello: Some(hello),
+            head: Vec::new(),
+            stdout: Cut::new(end),
+            stderr: Cut::new(end),
+        }
+    }
+
     /// What of `data` (from stdout) is the step's output, to forward now.
     fn stdout(&mut self, data: &[u8], host: &str) -> Vec<u8> {
         let mut data = data.to_vec();
@@ -583,67 +740,94 @@ impl Framing {
             }
             self.head.clear();
         }
-        if let Some(trailer) = &mut self.trailer {
-            trailer.extend_from_slice(&data);
-            return Vec::new();
-        }
-        self.held.extend_from_slice(&data);
-        if let Some(at) = self
-            .held
-            .windows(self.end.len())
-            .position(|w| w == self.end.as_slice())
-        {
-            self.trailer = Some(self.held.split_off(at + self.end.len()));
-            self.held.truncate(at);
-            return std::mem::take(&mut self.held);
-        }
-        let keep = self.end.len().saturating_sub(1).min(self.held.len());
-        let rest = self.held.split_off(self.held.len() - keep);
-        std::mem::replace(&mut self.held, rest)
+        self.stdout.feed(&data)
+    }
+
+    /// The trailer, once both streams are at their end line and the trailer is closed.
+    fn complete(&self) -> Option<Vec<u8>> {
+        self.stderr.after.as_ref()?;
+        self.stdout.closed().map(<[u8]>::to_vec)
+    }
+
+    /// What is left when the output ended: held bytes (output), and the trailer if its first
+    /// line came (closed or not: the connection ended).
+    fn finish(&mut self) -> (Vec<u8>, Option<Vec<u8>>) {
+        let mut left = std::mem::take(&mut self.head);
+        left.append(&mut self.stdout.held);
+        let trailer = self
+            .stdout
+            .closed()
+            .map(<[u8]>::to_vec)
+            .or_else(|| self.stdout.after.clone());
+        (left, trailer)
     }
 }
 
 /// Forwards the client's output to `sink`, less the wrapper's framing (see [`Framing`]); sends
-/// the trailer when the output ends (`None` if it never came).
+/// the trailer as soon as the wrapper printed it whole (then stops forwarding: `sink` is
+/// dropped, and what the client says after is read and dropped), or when the output ends
+/// (`None` if it never came).
 async fn relay(
     mut chunks: mpsc::Receiver<Chunk>,
     sink: mpsc::Sender<Chunk>,
-    (hello, trailer): (oneshot::Sender<Remote>, oneshot::Sender<Option<Vec<u8>>>),
+    (hello, trailer): (oneshot::Sender<Remote>, oneshot::Sender<Said>),
     (host, end): (String, String),
 ) {
-    let mut framing = Framing {
-        hello: Some(hello),
-        head: Vec::new(),
-        end: format!("\n{end}\n").into_bytes(),
-        held: Vec::new(),
-        trailer: None,
-    };
+    let mut framing = Framing::new(hello, &end);
+    let mut stderr_tail: Vec<u8> = Vec::new();
+    let mut sink = Some(sink);
+    let mut trailer = Some(trailer);
+    let mut forwarded = [0u64; 2];
     while let Some(chunk) = chunks.recv().await {
+        let Some(to) = &sink else { continue };
         let data = if chunk.stream == Stream::Stdout {
             framing.stdout(&chunk.data, &host)
         } else {
-            chunk.data
+            let data = framing.stderr.feed(&chunk.data);
+            stderr_tail.extend_from_slice(&data);
+            let over = stderr_tail.len().saturating_sub(spawn::STDERR_TAIL);
+            stderr_tail.drain(..over);
+            data
         };
         if !data.is_empty() {
-            let _ = sink
+            forwarded[usize::from(chunk.stream == Stream::Stderr)] += data.len() as u64;
+            let _ = to
                 .send(Chunk {
                     stream: chunk.stream,
                     data,
                 })
                 .await;
         }
+        if let Some(text) = framing.complete() {
+            sink = None;
+            if let Some(tx) = trailer.take() {
+                let _ = tx.send(Said {
+                    trailer: Some(Trailer {
+                        text,
+                        stderr_tail: std::mem::take(&mut stderr_tail),
+                    }),
+                    forwarded,
+                });
+            }
+        }
     }
-    let mut left = std::mem::take(&mut framing.head);
-    left.append(&mut framing.held);
-    if !left.is_empty() {
-        let _ = sink
+    let Some(tx) = trailer else { return };
+    let (left, text) = framing.finish();
+    if let Some(to) = &sink
+        && !left.is_empty()
+    {
+        forwarded[0] += left.len() as u64;
+        let _ = to
             .send(Chunk {
                 stream: Stream::Stdout,
                 data: left,
             })
             .await;
     }
-    let _ = trailer.send(framing.trailer);
+    let _ = tx.send(Said {
+        trailer: text.map(|text| Trailer { text, stderr_tail }),
+        forwarded,
+    });
 }
 
 fn parse_hello(line: &str, host: &str) -> Option<Remote> {
@@ -675,7 +859,8 @@ impl RemoteRunning {
 
     /// Waits until the step ends, its timeout passes or `stop` turns true; then ends its group on
     /// the host (the grace decided by `grace` when the stop comes) and collects its exit code and
-    /// outputs, and removes its directory there.
+    /// outputs. A step not supervised has its directory removed there; a supervised one's stays
+    /// until [`RemoteExit::recorded`] is sent.
     pub async fn wait_with_grace(
         mut self,
         mut stop: watch::Receiver<bool>,
@@ -686,13 +871,13 @@ impl RemoteRunning {
             local,
             job,
             transport,
-            trailer,
+            mut trailer,
             hurry,
+            recorded,
             ..
         } = self;
         let (stop_client, client_stop) = watch::channel(false);
-        let client = local.wait(client_stop);
-        tokio::pin!(client);
+        let client = Box::pin(local.wait(client_stop));
         let timeout = async {
             match job.timeout {
                 Some(t) => tokio::time::sleep(t).await,
@@ -701,9 +886,9 @@ impl RemoteRunning {
         };
         let stopped = tokio::select! {
             biased;
-            exit = &mut client => {
-                let trailer = trailer.await.ok().flatten();
-                return collect(&transport, &job, (remote.is_some(), trailer), exit, None).await;
+            said = &mut trailer => {
+                let said = said.unwrap_or_default();
+                return collect(&transport, &job, (remote.is_some(), said, recorded), client, None).await;
             }
             () = timeout => Stopped::TimedOut,
             () = stopped(&mut stop) => Stopped::Asked,
@@ -724,40 +909,60 @@ impl RemoteRunning {
                 }
             }
         }
-        // The wrapper exits once the group is gone; a client that does not (a lost connection)
-        // is ended here.
-        let exit = tokio::select! {
-            exit = &mut client => exit,
+        // The wrapper says the end once the group is gone; a client that does not (a lost
+        // connection) is ended here.
+        let said = tokio::select! {
+            said = &mut trailer => said.unwrap_or_default(),
             () = tokio::time::sleep(grace + Duration::from_secs(10)) => {
                 let _ = stop_client.send(true);
-                client.await
+                trailer.await.unwrap_or_default()
             }
         };
-        let trailer = trailer.await.ok().flatten();
         collect(
             &transport,
             &job,
-            (remote.is_some(), trailer),
-            exit,
+            (remote.is_some(), said, recorded),
+            client,
             Some(stopped),
         )
         .await
     }
 }
 
-/// The step's exit code and outputs: from the trailer the wrapper printed, else (the connection
-/// was lost) read from its directory on the host, which is removed.
+/// The step's exit code and outputs: from the trailer the wrapper printed (the client is then
+/// left to end in the background), else (the connection was lost) read from its directory on
+/// the host once the client ended; a step not supervised has that directory removed.
 async fn collect(
     transport: &Transport,
     job: &Job,
-    (started, trailer): (bool, Option<Vec<u8>>),
-    client: Exit,
+    (started, said, recorded): (bool, Said, Option<Recorded>),
+    client: std::pin::Pin<Box<impl Future<Output = Exit> + Send + 'static>>,
     stopped: Option<Stopped>,
 ) -> RemoteExit {
+    let Said { trailer, forwarded } = said;
     let cut = trailer.is_none();
-    let said = if let Some(trailer) = trailer {
-        Ok(String::from_utf8_lossy(&trailer).into_owned())
+    let (said, mut exit, recorded) = if let Some(trailer) = trailer {
+        // The wrapper ends by itself (a supervised one once told the end is recorded).
+        tokio::spawn(client);
+        let exit = Exit {
+            code: None,
+            signal: None,
+            stopped: None,
+            stderr_tail: String::from_utf8_lossy(&trailer.stderr_tail)
+                .trim_end()
+                .to_owned(),
+            leftovers: 0,
+            kept: Vec::new(),
+        };
+        (
+            Ok(String::from_utf8_lossy(&trailer.text).into_owned()),
+            exit,
+            recorded,
+        )
     } else {
+        // Nothing more to tell a wrapper whose output ended.
+        drop(recorded);
+        let exit = client.await;
         let script = format!(
             "d=\"${{TMPDIR:-/tmp}}\"/{dir}\n[ -f \"$d/exit\" ] && printf 'exit=%s\\n' \"$(cat \"$d/exit\")\"\n[ -f \"$d/output\" ] && cat \"$d/output\"\nrm -rf \"$d\"\n",
             dir = quote(&job.dir)
@@ -768,7 +973,7 @@ async fn collect(
         } else {
             script
         };
-        run(transport, &job.host, &script).await
+        (run(transport, &job.host, &script).await, exit, None)
     };
     let (code, outputs) = match said {
         Ok(text) => match text.strip_prefix("exit=") {
@@ -780,7 +985,6 @@ async fn collect(
         },
         Err(_) => (None, String::new()),
     };
-    let mut exit = client;
     match code {
         // A shell reports a process killed by signal N as 128 + N.
         Some(c) if c > 128 && c < 128 + 65 => {
@@ -804,6 +1008,8 @@ async fn collect(
         exit,
         outputs,
         lost,
+        recorded,
+        forwarded,
     }
 }
 
@@ -881,22 +1087,14 @@ mod tests {
 
     fn framing() -> (Framing, oneshot::Receiver<Remote>) {
         let (tx, rx) = oneshot::channel();
-        let framing = Framing {
-            hello: Some(tx),
-            head: Vec::new(),
-            end: b"\nCAIRN_END_x\n".to_vec(),
-            held: Vec::new(),
-            trailer: None,
-        };
-        (framing, rx)
+        (Framing::new(tx, "CAIRN_END_x"), rx)
     }
 
     /// The output split at every byte: the hello line, the step's output and the trailer come
-    /// apart the same way.
+    /// apart the same way, and the trailer is whole once both streams reached their end line.
     #[test]
     fn framing_separates_hello_output_and_trailer_at_any_split() {
-        let stream =
-            b"cairn-remote 42 7 boot-1\nout\nCAIRN_END_ not it\nlast\nCAIRN_END_x\nexit=3\nk=v\n";
+        let stream = b"cairn-remote 42 7 boot-1\nout\nCAIRN_END_ not it\nlast\nCAIRN_END_x\nexit=3\nk=v\n\nCAIRN_END_x\n";
         for split in 1..stream.len() {
             let (mut framing, mut rx) = framing();
             let mut out = framing.stdout(&stream[..split], "h");
@@ -906,11 +1104,35 @@ mod tests {
                 "out\nCAIRN_END_ not it\nlast",
                 "split at {split}"
             );
-            assert_eq!(framing.trailer.as_deref(), Some(&b"exit=3\nk=v\n"[..]));
+            assert_eq!(framing.complete(), None, "stderr's end line is not in yet");
+            let err = framing.stderr.feed(b"oops\n\nCAIRN_END_x\nssh: closed\n");
+            assert_eq!(err, b"oops\n");
+            assert_eq!(framing.complete().as_deref(), Some(&b"exit=3\nk=v\n"[..]));
             let remote = rx.try_recv().unwrap();
             assert_eq!((remote.pid, remote.start), (42, 7));
             assert_eq!(remote.boot_id, "boot-1");
         }
+    }
+
+    /// Output is held back only while its end could begin the end line.
+    #[test]
+    fn only_what_could_begin_the_end_line_is_held_back() {
+        let mut cut = Cut::new("CAIRN_END_x");
+        assert_eq!(cut.feed(b"last line\n"), b"last line");
+        assert_eq!(cut.feed(b"more\nCAI"), b"\nmore");
+        assert_eq!(cut.feed(b"RN things"), b"\nCAIRN things");
+        assert!(cut.after.is_none());
+    }
+
+    /// A trailer cut short by a lost connection is still what came after the first end line.
+    #[test]
+    fn a_trailer_cut_short_is_what_came() {
+        let (mut framing, _rx) = framing();
+        framing.stdout(b"cairn-remote 1 2 b\nx\nCAIRN_END_x\nexit=0\nk=", "h");
+        assert_eq!(framing.complete(), None);
+        let (left, trailer) = framing.finish();
+        assert!(left.is_empty());
+        assert_eq!(trailer.as_deref(), Some(&b"exit=0\nk="[..]));
     }
 
     /// Without a hello line (the wrapper failed), everything is output.
@@ -919,10 +1141,11 @@ mod tests {
         let (mut framing, mut rx) = framing();
         let mut out = framing.stdout(b"mkdir: cannot create\nmore", "h");
         // What could begin the end line is held until the output ends (then the relay sends it).
-        out.append(&mut framing.held);
+        let (left, trailer) = framing.finish();
+        out.extend(left);
         assert_eq!(String::from_utf8_lossy(&out), "mkdir: cannot create\nmore");
         assert!(rx.try_recv().is_err());
-        assert!(framing.trailer.is_none());
+        assert!(trailer.is_none());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::proc::{self, Identity, MARKER_VAR};
 
 /// How much of stderr is kept for the error message of a failed attempt.
-const STDERR_TAIL: usize = 2048;
+pub(crate) const STDERR_TAIL: usize = 2048;
 /// How long a reader waits for more output once the group is gone (a daemon may hold the pipe
 /// open). Only waiting on the pipe counts: time spent handing output on to a slow sink does not.
 const PIPE_DRAIN: Duration = Duration::from_secs(1);
@@ -49,6 +49,9 @@ pub struct Spec {
     /// What the process reads on its standard input, then end of file; `None`: nothing
     /// (`/dev/null`).
     pub stdin: Option<Vec<u8>>,
+    /// Standard input stays open after `stdin` until [`Running::more_input`]'s sender sends what
+    /// follows, or is dropped (then end of file).
+    pub hold_stdin: bool,
 }
 
 /// Which stream a log chunk came from.
@@ -112,6 +115,8 @@ pub struct Running {
     /// Set once [`Running::wait`] has ended the attempt's processes; until then, dropping this
     /// kills its group (an error between spawn and wait must not leave a step running).
     waited: bool,
+    /// With [`Spec::hold_stdin`]: what the process reads after its input, once sent.
+    more_input: Option<tokio::sync::oneshot::Sender<Vec<u8>>>,
 }
 
 impl Drop for Running {
@@ -216,10 +221,22 @@ pub fn spawn(spec: &Spec, sink: &mpsc::Sender<Chunk>) -> Result<Running, SpawnEr
         },
         source,
     })?;
+    let mut more_input = None;
     if let (Some(input), Some(mut pipe)) = (spec.stdin.clone(), child.stdin.take()) {
+        let more = spec.hold_stdin.then(|| {
+            let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+            more_input = Some(tx);
+            rx
+        });
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt as _;
             let _ = pipe.write_all(&input).await;
+            if let Some(Ok(more)) = match more {
+                Some(rx) => Some(rx.await),
+                None => None,
+            } {
+                let _ = pipe.write_all(&more).await;
+            }
         });
     }
     let pid = child.id().unwrap_or(0);
@@ -254,6 +271,7 @@ pub fn spawn(spec: &Spec, sink: &mpsc::Sender<Chunk>) -> Result<Running, SpawnEr
         hurry: None,
         gone,
         waited: false,
+        more_input,
     })
 }
 
@@ -394,6 +412,12 @@ async fn read(
 }
 
 impl Running {
+    /// With [`Spec::hold_stdin`], the sender of what the process reads after its input (once);
+    /// dropping it ends its input.
+    pub fn more_input(&mut self) -> Option<tokio::sync::oneshot::Sender<Vec<u8>>> {
+        self.more_input.take()
+    }
+
     /// The running processes of this attempt's group (and any carrying its marker).
     fn members(&self) -> Vec<u32> {
         proc::attempt_processes(Some(self.pgid), Some(self.identity.start), &self.marker)

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 fn spec(script: &str, marker: &str) -> Spec {
     Spec {
         stdin: None,
+        hold_stdin: false,
         argv: vec!["bash".into(), "-c".into(), script.into()],
         env: BTreeMap::from([("PATH".to_owned(), std::env::var("PATH").unwrap())]),
         cwd: std::env::temp_dir(),

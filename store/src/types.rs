@@ -383,6 +383,9 @@ pub struct AttemptRow {
     pub error: Option<String>,
     pub process: Option<ProcessId>,
     pub pgid: Option<u32>,
+    /// Of a supervised attempt (`adopt`): the bytes of its stdout and stderr files whose log
+    /// chunks are recorded, committed with those chunks.
+    pub logged: [u64; 2],
 }
 
 /// One line of an op's audit trail.
@@ -969,6 +972,16 @@ pub enum Change {
         data: Vec<u8>,
         limit: u64,
     },
+    /// How far a supervised attempt's output files (stdout, stderr) are in its log: sent in the
+    /// batch of the chunks that got them there, so that a reader taking the attempt again goes
+    /// on from exactly there.
+    Logged {
+        op: OpId,
+        owner: ProcessId,
+        task: TaskNo,
+        attempt: u32,
+        bytes: [u64; 2],
+    },
     /// The op moves to `status`. `release` gives up ownership (the op ended or stopped).
     SetOp {
         op: OpId,
@@ -1057,6 +1070,7 @@ impl Change {
             | Self::TaskProgress { op, owner, .. }
             | Self::FinishAttempt { op, owner, .. }
             | Self::WholeAttempt { op, owner, .. }
+            | Self::Logged { op, owner, .. }
             | Self::Log {
                 op,
                 owner: Some(owner),

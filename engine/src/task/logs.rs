@@ -76,6 +76,11 @@ impl Masker {
         out
     }
 
+    /// The bytes of `stream` held back, not yet written.
+    fn held(&self, stream: u8) -> usize {
+        self.carry[usize::from(stream.min(2))].len()
+    }
+
     /// The masked bytes that can be written now; with `last`, everything that is left.
     fn feed(&mut self, stream: u8, data: &[u8], last: bool) -> Vec<u8> {
         let slot = usize::from(stream.min(2));
@@ -170,11 +175,10 @@ pub(crate) async fn write_logs(
     .await
 }
 
-/// Told the bytes of stdout and stderr committed so far, after each commit of logs.
-pub(crate) type Noted = Box<dyn FnMut([u64; 2]) + Send>;
-
-/// [`write_logs`], telling `note` how far the output is committed (an adopted step's reader
-/// goes on from there after a kill).
+/// [`write_logs`] for a supervised attempt (`adopt`), whose output was recorded up to `logged`
+/// bytes of stdout and stderr before (by an earlier run): each batch also records how far the
+/// output is in the log ([`Change::Logged`]), in the same commit, so that a reader taking the
+/// attempt again goes on from exactly there.
 pub(crate) async fn write_logs_noting(
     store: Store,
     (op, owner): (OpId, ProcessId),
@@ -182,9 +186,10 @@ pub(crate) async fn write_logs_noting(
     mut chunks: mpsc::Receiver<Chunk>,
     (limit, patience): (u64, Duration),
     secrets: Vec<String>,
-    mut note: Option<Noted>,
+    logged: Option<[u64; 2]>,
 ) -> Unwritten {
-    let mut committed = [0u64; 2];
+    // Bytes of each stream taken from the output so far (held back by the masker or not).
+    let mut taken = [0u64; 2];
     let mut unwritten = Unwritten::default();
     let mut masker = Masker::new(&secrets);
     let mut pending = Pending::default();
@@ -219,9 +224,8 @@ pub(crate) async fn write_logs_noting(
                 });
             }
         };
-        let mut sizes = [0u64; 2];
         for (stream, data) in std::mem::take(&mut pending).parts {
-            if let Some(size) = sizes.get_mut(usize::from(stream).saturating_sub(1)) {
+            if let Some(size) = taken.get_mut(usize::from(stream).saturating_sub(1)) {
                 *size += data.len() as u64;
             }
             log(stream, masker.feed(stream, &data, false));
@@ -230,6 +234,18 @@ pub(crate) async fn write_logs_noting(
             for stream in [1u8, 2] {
                 log(stream, masker.feed(stream, &[], true));
             }
+        }
+        if let Some(base) = logged
+            && !batch.is_empty()
+        {
+            let written = |i: usize, stream: u8| base[i] + taken[i] - masker.held(stream) as u64;
+            batch.push(Change::Logged {
+                op,
+                owner: owner.clone(),
+                task,
+                attempt,
+                bytes: [written(0, 1), written(1, 2)],
+            });
         }
         deadline = None;
         if !batch.is_empty() {
@@ -241,13 +257,6 @@ pub(crate) async fn write_logs_noting(
                 unwritten.why = match e {
                     Fatal::Lost(why) | Fatal::Store(why) => why,
                 };
-            }
-        }
-        if sizes != [0, 0] {
-            committed[0] += sizes[0];
-            committed[1] += sizes[1];
-            if let Some(note) = note.as_mut() {
-                note(committed);
             }
         }
         if closed {

@@ -20,7 +20,7 @@ use super::attempts::{Attempt, attempts};
 use super::carry::Carry;
 use super::context::Shared;
 use super::files::{process_files, progress_file};
-use super::logs::{Noted, Unwritten, write_logs_noting};
+use super::logs::{Unwritten, write_logs_noting};
 use super::{
     Ended, Fatal, Job, TaskEnd, USE_ENV, fail_before_start, failed_early, last_lines,
     missing_output, render_public, shared_mask, start_attempt,
@@ -66,13 +66,13 @@ pub(crate) async fn run(
             .map_err(Fatal::from)?
             .into_iter()
             .filter(|a| a.task_no == job.task() && a.status == store::AttemptStatus::Running)
-            .map(|a| a.n)
+            .map(|a| (a.n, a.logged))
             .max()
-            .filter(|&n| n >= 1 && n <= prior)
+            .filter(|&(n, _)| n >= 1 && n <= prior)
     } else {
         None
     };
-    let prior = adopting.map_or(prior, |n| n - 1);
+    let prior = adopting.map_or(prior, |(n, _)| n - 1);
     let retry_from = retry_from.min(prior);
     let mut attempt = ProcessAttempt {
         shared,
@@ -90,6 +90,7 @@ pub(crate) async fn run(
         remote,
         adopting,
         adopted: None,
+        told: None,
     };
     attempts(
         shared,
@@ -210,10 +211,14 @@ struct ProcessAttempt<'a> {
     daemon: Option<Kept>,
     /// The host its processes run on, if not this one.
     remote: Option<Target>,
-    /// The attempt an earlier run left running, to take again (`adopt`).
-    adopting: Option<u32>,
+    /// The attempt an earlier run left running, to take again (`adopt`), and how far its
+    /// output is in its log.
+    adopting: Option<(u32, [u64; 2])>,
     /// The directory of a supervised attempt, removed once its end is recorded.
     adopted: Option<(u32, Option<String>, String)>,
+    /// A supervised attempt on another host whose wrapper, still connected, removes its
+    /// directory when told the end is recorded.
+    told: Option<(u32, procs::remote::Recorded)>,
 }
 
 /// What a `daemon` step's command left running: found by its group (started no earlier than
@@ -256,8 +261,10 @@ struct ProcessRun {
 
 impl Attempt for ProcessAttempt<'_> {
     async fn attempt(&mut self, n: u32, carry: &mut Carry) -> Result<Ended, Fatal> {
-        if self.adopting.take() == Some(n) {
-            return self.reattach(n).await;
+        if let Some((m, logged)) = self.adopting.take()
+            && m == n
+        {
+            return self.reattach(n, logged).await;
         }
         let (shared, job, step, ctx) = (self.shared, self.job, self.step, self.ctx);
         // The first process's files and environment are made, and the step's program looked up
@@ -326,13 +333,15 @@ impl Attempt for ProcessAttempt<'_> {
         if m != n {
             return;
         }
-        match host {
-            None => procs::adopt::remove(std::path::Path::new(&dir)),
-            Some(host) => {
-                if let Ok(transport) = self.shared.ssh() {
+        let told = self.told.take().filter(|(m, _)| *m == n);
+        match (host, told) {
+            (None, _) => procs::adopt::remove(std::path::Path::new(&dir)),
+            (Some(host), told) => {
+                if let Some((_, told)) = told {
+                    told.send();
+                } else if let Ok(transport) = self.shared.ssh() {
                     let _ = procs::remote::remove_dir(&transport, &host, &dir).await;
                 }
-                let _ = std::fs::remove_file(procs::adopt::sent_file(&dir));
             }
         }
     }
@@ -438,6 +447,7 @@ impl ProcessAttempt<'_> {
         };
         let spec = Spec {
             stdin: None,
+            hold_stdin: false,
             argv: launch.argv,
             env: launch.env,
             cwd: launch.cwd,
@@ -463,7 +473,7 @@ impl ProcessAttempt<'_> {
         let (done, tail) = match &supervised {
             Some(dir) => {
                 let (done, finished) = tokio::sync::oneshot::channel::<()>();
-                let follow = procs::adopt::Tail::new(dir).follow(sink.clone(), async {
+                let follow = procs::adopt::Tail::new(dir, [0, 0]).follow(sink.clone(), async {
                     let _ = finished.await;
                 });
                 (Some(done), Some(tokio::spawn(follow)))
@@ -472,9 +482,7 @@ impl ProcessAttempt<'_> {
         };
         drop(sink);
         shared.outputs.make_spare();
-        let note = supervised
-            .as_ref()
-            .map(|dir| noting(dir.join("sent"), [0, 0]));
+        let logged = supervised.as_ref().map(|_| [0, 0]);
         let logs = tokio::spawn(write_logs_noting(
             shared.store.clone(),
             (shared.op, shared.me.clone()),
@@ -482,7 +490,7 @@ impl ProcessAttempt<'_> {
             chunks,
             (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
-            note,
+            logged,
         ));
         if self.daemon.is_none() && !probe {
             shared
@@ -1029,17 +1037,18 @@ impl ProcessAttempt<'_> {
         launch: Launch,
         target: Target,
     ) -> Result<Result<ProcessRun, String>, Fatal> {
-        self.remote_and_wait(n, launch, target, false).await
+        self.remote_and_wait(n, launch, target, None).await
     }
 
     /// [`ProcessAttempt::spawn_remote_and_wait`]; `again`: attaches to the supervised command
-    /// an earlier run started (`adopt`) instead of starting one.
+    /// an earlier run started (`adopt`) instead of starting one, its output in the log up to
+    /// these bytes of stdout and stderr.
     async fn remote_and_wait(
         &mut self,
         n: u32,
         launch: Launch,
         target: Target,
-        again: bool,
+        again: Option<[u64; 2]>,
     ) -> Result<Result<ProcessRun, String>, Fatal> {
         let (shared, job, step) = (self.shared, self.job, self.step);
         let transport = match shared.ssh() {
@@ -1095,19 +1104,14 @@ impl ProcessAttempt<'_> {
         if adopt {
             self.adopted = Some((n, Some(target.host.clone()), remote_job.dir.clone()));
         }
-        if adopt && !again {
+        if adopt && again.is_none() {
             self.record_host(n, &target.host).await?;
         }
         let (sink, chunks) = spawn::sink();
         let spawned = crate::owner::now();
         let deadline = step.timeout.map(|t| tokio::time::Instant::now() + t);
-        let sent_file = procs::adopt::sent_file(&remote_job.dir);
-        let base = if again {
-            procs::adopt::read_sent(&sent_file)
-        } else {
-            [0, 0]
-        };
-        let started = if again {
+        let mut base = again.unwrap_or_default();
+        let started = if again.is_some() {
             procs::remote::reattach(
                 &transport,
                 remote_job.clone(),
@@ -1128,9 +1132,9 @@ impl ProcessAttempt<'_> {
             chunks,
             (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
-            adopt.then(|| noting(sent_file.clone(), base)),
+            adopt.then_some(base),
         ));
-        if let Some(remote) = running.started().await.filter(|_| !again) {
+        if let Some(remote) = running.started().await.filter(|_| again.is_none()) {
             shared
                 .apply(vec![Change::AttemptProcess {
                     op: shared.op,
@@ -1155,8 +1159,9 @@ impl ProcessAttempt<'_> {
                     return ended;
                 }
                 // The connection was lost while the step runs on: attach again, backing off,
-                // until the step's timeout.
-                let marker = (launch.marker.as_str(), sent_file.as_path());
+                // until the step's timeout, going on after what came over the lost connection.
+                base = [base[0] + ended.forwarded[0], base[1] + ended.forwarded[1]];
+                let marker = (launch.marker.as_str(), base);
                 match reconnect(&transport, &remote_job, marker, &sink, (&stop, deadline)).await {
                     Ok(again) => running = again,
                     Err(error) => {
@@ -1168,7 +1173,8 @@ impl ProcessAttempt<'_> {
                 }
             }
         };
-        let (ended, unwritten) = tokio::join!(wait, finish_logs(shared, logs));
+        let (mut ended, unwritten) = tokio::join!(wait, finish_logs(shared, logs));
+        self.told = ended.recorded.take().map(|told| (n, told));
         if !unwritten.why.is_empty() {
             shared.say(&Progress::LogIncomplete {
                 task: job.name.clone(),
@@ -1285,7 +1291,7 @@ impl ProcessAttempt<'_> {
 async fn reconnect(
     transport: &std::sync::Arc<procs::remote::Transport>,
     job: &procs::remote::Job,
-    (marker, sent): (&str, &std::path::Path),
+    (marker, from): (&str, [u64; 2]),
     sink: &tokio::sync::mpsc::Sender<spawn::Chunk>,
     (stop, deadline): (&watch::Receiver<bool>, Option<tokio::time::Instant>),
 ) -> Result<procs::remote::RemoteRunning, String> {
@@ -1325,7 +1331,6 @@ async fn reconnect(
         }
         let mut again = job.clone();
         again.timeout = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
-        let from = procs::adopt::read_sent(sent);
         if let Ok(running) = procs::remote::reattach(transport, again, (marker, from), sink) {
             return Ok(running);
         }
@@ -1357,7 +1362,7 @@ impl ProcessAttempt<'_> {
     /// Attempt `n`, left running by a run that died (`adopt`): its result collected if it ended,
     /// else waited for, its output streamed from where that run left it; no new attempt, the
     /// command does not run again.
-    async fn reattach(&mut self, n: u32) -> Result<Ended, Fatal> {
+    async fn reattach(&mut self, n: u32, logged: [u64; 2]) -> Result<Ended, Fatal> {
         let (shared, job, step) = (self.shared, self.job, self.step);
         let at = crate::owner::now();
         shared
@@ -1391,9 +1396,10 @@ impl ProcessAttempt<'_> {
                 marker: format!("{}/{}/{n}", shared.uuid, job.no),
                 keep: false,
             };
-            self.remote_and_wait(n, launch, target, true).await?
+            self.remote_and_wait(n, launch, target, Some(logged))
+                .await?
         } else {
-            self.reattach_local(n).await?
+            self.reattach_local(n, logged).await?
         };
         Ok(match run {
             Ok(run) => judge(shared, step, run),
@@ -1403,7 +1409,11 @@ impl ProcessAttempt<'_> {
 
     /// [`ProcessAttempt::reattach`] on this host: watches the attempt's directory until its
     /// result is written, the run stops or the step's timeout passes (both end its group).
-    async fn reattach_local(&mut self, n: u32) -> Result<Result<ProcessRun, String>, Fatal> {
+    async fn reattach_local(
+        &mut self,
+        n: u32,
+        logged: [u64; 2],
+    ) -> Result<Result<ProcessRun, String>, Fatal> {
         use procs::adopt::Found;
         let (shared, job, step) = (self.shared, self.job, self.step);
         let dir = procs::adopt::dir(&shared.uuid, job.task().0, n);
@@ -1411,8 +1421,7 @@ impl ProcessAttempt<'_> {
         self.adopted = Some((n, None, dir.display().to_string()));
         let (sink, chunks) = spawn::sink();
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
-        let tail = procs::adopt::Tail::new(&dir);
-        let note = noting(dir.join("sent"), tail.start());
+        let tail = procs::adopt::Tail::new(&dir, logged);
         let tail = tokio::spawn(tail.follow(sink, async {
             let _ = finished.await;
         }));
@@ -1423,7 +1432,7 @@ impl ProcessAttempt<'_> {
             chunks,
             (step.log_limit, shared.options.lease / 2),
             shared.secrets.clone(),
-            Some(note),
+            Some(logged),
         ));
         let mut stop = self.stop.clone();
         let wait = async {
@@ -1500,12 +1509,4 @@ impl ProcessAttempt<'_> {
             unreached: None,
         }))
     }
-}
-
-/// Notes in `file` how far a supervised step's output is recorded: `base` (recorded by an
-/// earlier run) plus what the log writer committed since.
-fn noting(file: PathBuf, base: [u64; 2]) -> Noted {
-    Box::new(move |committed: [u64; 2]| {
-        procs::adopt::note_sent(&file, [base[0] + committed[0], base[1] + committed[1]]);
-    })
 }

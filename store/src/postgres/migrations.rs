@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0004_log_notes.sql"),
     include_str!("../../migrations/postgres/0005_tokens.sql"),
     include_str!("../../migrations/postgres/0006_moves.sql"),
+    include_str!("../../migrations/postgres/0007_logged.sql"),
 ];
 
 /// The schema version this cairn writes on PostgreSQL.

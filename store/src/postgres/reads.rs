@@ -510,6 +510,7 @@ fn attempt_row(r: &Row) -> PgResult<AttemptRow> {
         error: r.try_get(6)?,
         process: process_at(r, 7)?,
         pgid: pgid.and_then(|p| u32::try_from(p).ok()),
+        logged: [num::<i64>(r, 12)?, num::<i64>(r, 13)?].map(|b| u64::try_from(b).unwrap_or(0)),
     })
 }
 
@@ -706,7 +707,7 @@ impl ReadBackend for PgReader {
         self.run(move |c| {
             c.query(
                 "SELECT task_no, n, status, started_at, ended_at, exit_code, error, host, boot_id, \
-                 pid, proc_start, pgid FROM attempts WHERE op_id = $1::bigint ORDER BY task_no, n",
+                 pid, proc_start, pgid, out_logged, err_logged FROM attempts WHERE op_id = $1::bigint ORDER BY task_no, n",
                 &[&op.0],
             )?
             .iter()
@@ -719,7 +720,7 @@ impl ReadBackend for PgReader {
         self.run(move |c| {
             c.query(
                 "SELECT task_no, n, status, started_at, ended_at, exit_code, error, host, boot_id, \
-                 pid, proc_start, pgid FROM attempts WHERE op_id = $1::bigint \
+                 pid, proc_start, pgid, out_logged, err_logged FROM attempts WHERE op_id = $1::bigint \
                  AND status = 'running' ORDER BY task_no, n",
                 &[&op.0],
             )?
@@ -904,6 +905,7 @@ mod tests {
     const SCHEMA: &str = include_str!("../../migrations/postgres/0001_initial.sql");
     const SCHEMA_2: &str = include_str!("../../migrations/postgres/0002_stops.sql");
     const SCHEMA_3: &str = include_str!("../../migrations/postgres/0003_progress.sql");
+    const SCHEMA_7: &str = include_str!("../../migrations/postgres/0007_logged.sql");
 
     /// Two plans, and five ops: 3 runs, owned, with a cancel asked and an ending decided; 4 and
     /// 5 are its children (tasks 1 and 0).
@@ -981,6 +983,7 @@ mod tests {
             db.exec(SCHEMA);
             db.exec(SCHEMA_2);
             db.exec(SCHEMA_3);
+            db.exec(SCHEMA_7);
             db.exec(sql);
             db
         }
@@ -1203,6 +1206,7 @@ mod tests {
                     start: 555,
                 }),
                 pgid: Some(77),
+                logged: [0, 0],
             }
         );
     }

@@ -574,6 +574,20 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    fn attempt_logged(&mut self, op: OpId, task: TaskNo, n: u32, bytes: [u64; 2]) -> Result<()> {
+        self.exec(
+            "UPDATE attempts SET out_logged = $4, err_logged = $5 WHERE op_id = $1 AND task_no = $2 AND n = $3",
+            &[
+                &op.0,
+                &i64::from(task.0),
+                &i64::from(n),
+                &i64::try_from(bytes[0]).unwrap_or(i64::MAX),
+                &i64::try_from(bytes[1]).unwrap_or(i64::MAX),
+            ],
+        )?;
+        Ok(())
+    }
+
     fn attempt_process(
         &mut self,
         op: OpId,

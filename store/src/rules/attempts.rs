@@ -113,6 +113,16 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
             }
             logs::append(tx, (*op, *task, *attempt), (*stream, *at), data, *limit)
         }
+        Change::Logged {
+            op,
+            owner,
+            task,
+            attempt,
+            bytes,
+        } => {
+            fence_unless(tx, *op, owner, fenced)?;
+            tx.attempt_logged(*op, *task, *attempt, *bytes)
+        }
         Change::Approve {
             op,
             task,

@@ -131,6 +131,8 @@ pub(crate) trait Tx {
         retry_from: u32,
         at: Millis,
     ) -> Result<()>;
+    /// Records how far a supervised attempt's output files are in its log (see `Change::Logged`).
+    fn attempt_logged(&mut self, op: OpId, task: TaskNo, n: u32, bytes: [u64; 2]) -> Result<()>;
     /// Records what a running task's process last said of its progress.
     fn set_task_progress(&mut self, op: OpId, task: TaskNo, text: &str) -> Result<()>;
     /// Records the process (and its group) that runs an attempt, started `at`: the attempt's
@@ -443,6 +445,7 @@ pub(crate) fn apply<T: Tx>(tx: &mut T, change: &Change, fenced: bool) -> Result<
         | Change::WholeAttempt { .. }
         | Change::SetTask { .. }
         | Change::Log { .. }
+        | Change::Logged { .. }
         | Change::Approve { .. }
         | Change::EndGate { .. } => attempts::apply(tx, change, fenced).map(|()| Applied::Done),
         Change::Expand { .. }

@@ -26,6 +26,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0010_log_notes.sql"),
     include_str!("../../migrations/0011_tokens.sql"),
     include_str!("../../migrations/0012_moves.sql"),
+    include_str!("../../migrations/0013_logged.sql"),
 ];
 
 /// The schema version this cairn writes.

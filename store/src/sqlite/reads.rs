@@ -260,8 +260,8 @@ impl Reads<'_> {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT task_no, n, status, started_at, ended_at, exit_code, error, host, boot_id, pid, proc_start, pgid \
-                 FROM attempts WHERE op_id = ?1 AND (NOT ?2 OR status = 'running') ORDER BY task_no, n",
+                "SELECT task_no, n, status, started_at, ended_at, exit_code, error, host, boot_id, pid, proc_start, pgid, \
+                 out_logged, err_logged FROM attempts WHERE op_id = ?1 AND (NOT ?2 OR status = 'running') ORDER BY task_no, n",
             )
             .map_err(|e| self.err(&e))?;
         let rows = stmt
@@ -278,6 +278,8 @@ impl Reads<'_> {
                     error: r.get(6)?,
                     process: process_at(r, 7)?,
                     pgid: pgid.and_then(|p| u32::try_from(p).ok()),
+                    logged: [r.get::<_, i64>(12)?, r.get::<_, i64>(13)?]
+                        .map(|b| u64::try_from(b).unwrap_or(0)),
                 })
             })
             .map_err(|e| self.err(&e))?;

@@ -400,6 +400,22 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
+    fn attempt_logged(&mut self, op: OpId, task: TaskNo, n: u32, bytes: [u64; 2]) -> Result<()> {
+        self.run(|c| {
+            c.prepare_cached(
+                "UPDATE attempts SET out_logged = ?4, err_logged = ?5 WHERE op_id = ?1 AND task_no = ?2 AND n = ?3",
+            )?
+            .execute(params![
+                op.0,
+                task.0,
+                n,
+                i64::try_from(bytes[0]).unwrap_or(i64::MAX),
+                i64::try_from(bytes[1]).unwrap_or(i64::MAX)
+            ])?;
+            Ok(())
+        })
+    }
+
     fn attempt_process(
         &mut self,
         op: OpId,
