@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::support::{Sandbox, alive, code, events, stderr, stdout, task};
 
 /// The test hosts, started on first use and ended with the test binary.
-struct Hosts {
+pub(crate) struct Hosts {
     dir: PathBuf,
 }
 
@@ -26,7 +26,7 @@ static HOSTS: OnceLock<Hosts> = OnceLock::new();
 
 /// The running test hosts. Without `sshd` the test fails, saying what to install (`.ci/test`
 /// installs it): a test that skipped would prove nothing.
-fn hosts() -> &'static Hosts {
+pub(crate) fn hosts() -> &'static Hosts {
     HOSTS.get_or_init(|| {
         assert!(
             Path::new("/usr/sbin/sshd").exists(),
@@ -138,7 +138,8 @@ impl Hosts {
         self.command(sandbox, args).output().unwrap()
     }
 
-    fn command(&self, sandbox: &Sandbox, args: &[&str]) -> Command {
+    /// `cairn` in `sandbox` with this configuration, to run.
+    pub(crate) fn command(&self, sandbox: &Sandbox, args: &[&str]) -> Command {
         let mut command = sandbox.command(args);
         command.env("CAIRN_SSH_CONFIG", self.dir.join("config"));
         command
