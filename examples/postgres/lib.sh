@@ -1,5 +1,5 @@
 # Shared by the steps of the PostgreSQL examples (`. ./lib.sh`): run server programs as the
-# server's OS user, and talk to a server on loopback.
+# server's OS user, talk to a server on loopback, ask a server on another host for its identity.
 
 PGBIN=${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
 PGOWNER=${PGOWNER:-postgres}
@@ -19,6 +19,12 @@ sql() {
   port=$1
   shift
   psql -X -h 127.0.0.1 -p "$port" -U postgres -d "${PGDATABASE:-postgres}" -v ON_ERROR_STOP=1 -Atc "$*"
+}
+
+# system_id ADDRESS PORT: the system identifier of the server on ADDRESS:PORT, asked over a
+# replication connection (the one `pg_basebackup` and a standby make).
+system_id() {
+  psql -X "host=$1 port=$2 user=postgres replication=true" -Atc IDENTIFY_SYSTEM | cut -d'|' -f1
 }
 
 # running DATA: whether a server runs on data directory DATA.

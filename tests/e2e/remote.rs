@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::support::{Sandbox, alive, code, events, stderr, stdout, task};
 
 /// The test hosts, started on first use and ended with the test binary.
-struct Hosts {
+pub(crate) struct Hosts {
     dir: PathBuf,
 }
 
@@ -26,7 +26,7 @@ static HOSTS: OnceLock<Hosts> = OnceLock::new();
 
 /// The running test hosts. Without `sshd` the test fails, saying what to install (`.ci/test`
 /// installs it): a test that skipped would prove nothing.
-fn hosts() -> &'static Hosts {
+pub(crate) fn hosts() -> &'static Hosts {
     HOSTS.get_or_init(|| {
         assert!(
             Path::new("/usr/sbin/sshd").exists(),
@@ -138,7 +138,8 @@ impl Hosts {
         self.command(sandbox, args).output().unwrap()
     }
 
-    fn command(&self, sandbox: &Sandbox, args: &[&str]) -> Command {
+    /// `cairn` in `sandbox` with this configuration, to run.
+    pub(crate) fn command(&self, sandbox: &Sandbox, args: &[&str]) -> Command {
         let mut command = sandbox.command(args);
         command.env("CAIRN_SSH_CONFIG", self.dir.join("config"));
         command
@@ -246,6 +247,35 @@ fn steps_on_two_hosts_and_here_pass_outputs_along() {
         .filter(|n| n.starts_with(&format!("cairn-adopt-{uuid}")))
         .collect();
     assert!(left.is_empty(), "directories left: {left:?}");
+}
+
+/// An `on` that renders empty runs the step here, so that a param decides where a plan's steps
+/// run: absent or blank, here; given, on that host.
+#[test]
+fn an_on_that_renders_empty_runs_the_step_here() {
+    let hosts = hosts();
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: either\nparams:\n  host: { type: string }\nsteps:\n  - id: where\n    on: \"{{ params.host | default('') }}\"\n    run: |\n      set -- ${SSH_CONNECTION:-here}\n      echo \"from=${3:-$1}\" >> \"$CAIRN_OUTPUT\"\n",
+    );
+    for (n, given, host, from) in [
+        (1, None, None, "here"),
+        (2, Some("host= "), None, "here"),
+        (3, Some("host=host-b"), Some("host-b"), "127.0.0.3"),
+    ] {
+        let mut args = vec!["run", "plan.yaml"];
+        args.extend(given.iter().flat_map(|g| ["-p", g]));
+        let out = hosts.cairn(&sandbox, &args);
+        assert_eq!(code(&out), Some(0), "{given:?}: {}", stderr(&out));
+        let show = sandbox.show(n);
+        let step = task(&show, "where");
+        assert_eq!(step["outputs"]["from"], from, "{given:?}: {step}");
+        match host {
+            Some(host) => assert_eq!(step["host"], host, "{step}"),
+            None => assert!(step["host"].is_null(), "{step}"),
+        }
+    }
 }
 
 fn slow_plan(dir: &Path, timeout: &str) -> String {

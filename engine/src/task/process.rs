@@ -152,7 +152,9 @@ struct Target {
     cwd: Option<String>,
 }
 
-/// The step's host and directory there, rendered; `None` for a step on this host.
+/// The step's host and directory there, rendered; `None` for a step on this host: without `on`,
+/// or with an `on` that renders empty (`on: "{{ params.host | default('') }}"`), so that one plan
+/// runs both here and on other hosts.
 fn target(step: &Step, ctx: &Context) -> Result<Option<Target>, String> {
     let Some(on) = &step.on else {
         return Ok(None);
@@ -161,6 +163,9 @@ fn target(step: &Step, ctx: &Context) -> Result<Option<Target>, String> {
         .render(ctx)
         .map_err(|e| format!("cannot render `on`: {e}"))?;
     let host = host.trim().to_owned();
+    if host.is_empty() {
+        return Ok(None);
+    }
     procs::remote::check_destination(&host)?;
     let cwd = step
         .cwd
