@@ -1024,3 +1024,100 @@ steps:
     nothing_left_of(show["uuid"].as_str().unwrap());
 }
 
+/// The cut too long: the host down past the step's `timeout` fails the attempt, and the op
+/// (exit 1), with an error naming the host; the step's process, out of reach, lives on. Once
+/// the host is back, the op's `cancel` ends it there and removes its directory: nothing is left.
+#[test]
+fn a_host_down_past_the_timeout_fails_the_attempt_then_a_cancel_ends_it() {
+    host_down_past_the_timeout("cancel");
+}
+
+/// The same, then `resume`: what the first attempt left there is ended before the step runs
+/// again (its second run sees the first one gone), and the op succeeds.
+#[test]
+fn a_host_down_past_the_timeout_fails_the_attempt_then_a_resume_ends_it() {
+    host_down_past_the_timeout("resume");
+}
+
+/// A step on `host-c` cut off (sshd killed) until past its timeout; then, the host back,
+/// `then` (`cancel` or `resume`).
+fn host_down_past_the_timeout(then: &str) {
+    let mut host = cut_host();
+    let hosts = hosts();
+    let sandbox = Sandbox::new();
+    let dir = sandbox.path().display().to_string();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            r"name: cut-too-long
+steps:
+  - id: long
+    on: host-c
+    timeout: 5s
+    run: |
+      if [ -f {dir}/step.pid ]; then
+        state=$(sed 's/.*) //' /proc/$(cat {dir}/step.pid)/stat 2>/dev/null | cut -c1) || state=
+        case $state in ''|Z|X) echo gone ;; *) echo running ;; esac > {dir}/first-seen
+        echo second run
+        exit 0
+      fi
+      echo $$ > {dir}/step.pid
+      sleep 120 &
+      echo $! > {dir}/child.pid
+      echo before the cut
+      touch {dir}/ready
+      wait
+"
+        ),
+    );
+    let run = hosts
+        .command(&sandbox, &["run", "plan.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pids = [
+        pid_in(&sandbox.path().join("step.pid")),
+        pid_in(&sandbox.path().join("child.pid")),
+    ];
+    wait_for_file(&sandbox.path().join("ready"));
+    assert!(host.kill() > 1, "no connection of cairn's was cut");
+    let out = run.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("lost the connection to `host-c`"), "{said}");
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "failed", "{show:#}");
+    let long = task(&show, "long");
+    assert_eq!(long["attempts"], 1, "{long}");
+    assert!(
+        long["error"].as_str().unwrap().contains("`host-c`"),
+        "{long}"
+    );
+    // Out of reach, the step could not be ended.
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "the step did not outlive the cut"
+    );
+    host.start();
+    let out = hosts.cairn(&sandbox, &[then, "1"]);
+    assert_eq!(code(&out), Some(0), "{then}: {}", stderr(&out));
+    assert!(all_gone(&pids), "the step outlived the {then}");
+    let show = sandbox.show(1);
+    if then == "resume" {
+        assert_eq!(show["status"], "succeeded", "{show:#}");
+        assert_eq!(task(&show, "long")["attempts"], 2);
+        assert_eq!(sandbox.read("first-seen"), "gone\n");
+    } else {
+        assert_eq!(show["status"], "canceled", "{show:#}");
+        assert!(!sandbox.path().join("first-seen").exists());
+    }
+    assert!(
+        events(&show)
+            .iter()
+            .any(|(kind, said)| kind == "leftovers-ended" && said.contains("`host-c`")),
+        "{:?}",
+        events(&show)
+    );
+    nothing_left_of(show["uuid"].as_str().unwrap());
+}
