@@ -229,3 +229,49 @@ pub fn stderr_tail(dir: &Path) -> String {
     let _ = file.read_to_end(&mut data);
     String::from_utf8_lossy(&data).into_owned()
 }
+
+/// Where cairn notes the host a supervised step of another host has its directory on: written
+/// before the step starts there, removed once that directory is. A note left for an attempt no
+/// longer running says its run could not remove the directory (the host was out of reach when
+/// the attempt's end was recorded, or cairn was killed first): what is left there, maybe the
+/// step still running, is for the next resume or cancel to end.
+#[must_use]
+pub fn host_file(dir_name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{dir_name}.host"))
+}
+
+/// Writes the `.host` note of the attempt whose directory is `dir_name` ([`host_file`]).
+pub fn note_host(dir_name: &str, host: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(host_file(dir_name))
+        .and_then(|mut f| writeln!(f, "{host}"))
+}
+
+/// The `.host` notes of op `uuid`'s attempts on this host: task, attempt number, host and the
+/// note's path.
+#[must_use]
+pub fn hosts_of(uuid: &str) -> Vec<(u32, u32, String, PathBuf)> {
+    let prefix = format!("cairn-adopt-{uuid}-");
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let (task, n) = name
+                .strip_prefix(&prefix)?
+                .strip_suffix(".host")?
+                .split_once('-')?;
+            let host = std::fs::read_to_string(e.path()).ok()?.trim().to_owned();
+            crate::remote::check_destination(&host).ok()?;
+            Some((task.parse().ok()?, n.parse().ok()?, host, e.path()))
+        })
+        .collect()
+}

@@ -3,7 +3,8 @@
 //! through an `ssh` configuration file named by `CAIRN_SSH_CONFIG` (OpenSSH reads `~` from the
 //! password database, so a temporary `$HOME` would not do), which gives each host an alias:
 //! `host-a`, `host-b`; `stranger` (a host whose key is unknown), `closed` (a port nobody listens
-//! on), `nobody` (a user that does not exist).
+//! on), `nobody` (a user that does not exist). A third, `host-c` (127.0.0.4), is for the tests
+//! that cut connections: they kill its `sshd` and start it again ([`cut_host`]).
 //!
 //! Both hosts are this machine: a step's pids can be checked here. The processes of a remote step
 //! are children of `sshd`, not of cairn, and carry no attempt marker: only an end over SSH ends
@@ -12,10 +13,10 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::support::{Sandbox, alive, code, events, stderr, stdout, task};
+use crate::support::{Sandbox, alive, code, events, stderr, stdout, task, wait_until};
 
 /// The test hosts, started on first use and ended with the test binary.
 pub(crate) struct Hosts {
@@ -91,6 +92,8 @@ fn start_hosts() -> Hosts {
             dir = dir.display()
         );
     }
+    let c = CutHost::prepare(&dir, &user, (&mut known, &mut config));
+    let _ = CUT_HOST.set(Mutex::new(c));
     let a_port = servers[0].2;
     let _ = write!(
         config,
@@ -722,4 +725,437 @@ fn kills_at_random_moments_across_hosts_never_run_a_step_twice() {
     }
     // The kills landed while steps ran at least once (else this test proves nothing).
     assert!(adopted > 0, "no kill landed while a remote step ran");
+}
+
+/// `host-c` (127.0.0.4): a server of its own for the tests that cut connections, so that killing
+/// it never disturbs the tests on `host-a` and `host-b`. Prepared with them (its host key, its
+/// lines in `known_hosts` and the `ssh` configuration), started on first use ([`cut_host`]),
+/// killed and started again on the same address, port and host key by the test that holds it.
+struct CutHost {
+    sshd_config: PathBuf,
+    address: &'static str,
+    port: u16,
+    /// While it runs: the shell that watches it (it ends the server once the test binary is
+    /// gone) and the server's pid.
+    running: Option<(std::process::Child, u32)>,
+}
+
+static CUT_HOST: OnceLock<Mutex<CutHost>> = OnceLock::new();
+
+/// `host-c`, running, held by the calling test until the guard is dropped (a test that failed
+/// while it was down left it down: it is started again).
+fn cut_host() -> MutexGuard<'static, CutHost> {
+    hosts();
+    let mut host = CUT_HOST
+        .get()
+        .expect("prepared with the other hosts")
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if host.running.is_none() {
+        host.start();
+    }
+    host
+}
+
+impl CutHost {
+    const NAME: &'static str = "host-c";
+
+    /// Its host key and `sshd` configuration in `dir`, as `start_hosts` makes the others', its
+    /// key added to `known` and its alias to `config`.
+    fn prepare(dir: &Path, user: &str, (known, config): (&mut String, &mut String)) -> Self {
+        let (name, address) = (Self::NAME, "127.0.0.4");
+        let key = dir.join(format!("{name}_key"));
+        keygen(&key);
+        let port = free_port(address);
+        let sshd_config = dir.join(format!("{name}_sshd_config"));
+        std::fs::write(
+            &sshd_config,
+            format!(
+                "Port {port}\nListenAddress {address}\nHostKey {key}\nPidFile {dir}/{name}.pid\nAuthorizedKeysFile {dir}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nMaxStartups 100\nMaxSessions 100\n",
+                key = key.display(),
+                dir = dir.display(),
+            ),
+        )
+        .unwrap();
+        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        let _ = write!(known, "[{address}]:{port} {public}");
+        let _ = write!(
+            config,
+            "Host {name}\n  HostName {address}\n  Port {port}\n  User {user}\n  UserKnownHostsFile {dir}/known_hosts\n\n",
+            dir = dir.display()
+        );
+        Self {
+            sshd_config,
+            address,
+            port,
+            running: None,
+        }
+    }
+
+    /// Starts the server, watched as the others are, and waits until it listens.
+    fn start(&mut self) {
+        assert!(self.running.is_none(), "host-c already runs");
+        let mut watcher = Command::new("sh")
+            .args([
+                "-c",
+                "/usr/sbin/sshd -D -e -f \"$1\" >/dev/null 2>&1 & s=$!; echo $s; while kill -0 \"$2\" 2>/dev/null; do sleep 1; done; kill $s",
+                "sh",
+            ])
+            .arg(&self.sshd_config)
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(watcher.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let pid: u32 = line.trim().parse().unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect((self.address, self.port)).is_err() {
+            assert!(alive(pid), "sshd of host-c exited (port {})", self.port);
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "sshd of host-c never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.running = Some((watcher, pid));
+    }
+
+    /// Kills the server and every `sshd` process serving its connections, with SIGKILL: the
+    /// connections drop at once, as when a host dies. Only `sshd` processes: what they started
+    /// (a step runs in a session of its own) lives on. Returns how many were killed.
+    fn kill(&mut self) -> usize {
+        use nix::sys::signal::{Signal, kill};
+        let (mut watcher, listener) = self.running.take().expect("host-c runs");
+        // The watcher first: it would signal the server's pid later, by then maybe another's.
+        let _ = watcher.kill();
+        let _ = watcher.wait();
+        // Stopped, then looked for again with their children until none is new (one forking
+        // meanwhile cannot escape), then killed.
+        let mut stopped: Vec<u32> = Vec::new();
+        loop {
+            let new: Vec<u32> = sshd_tree(listener)
+                .into_iter()
+                .filter(|p| !stopped.contains(p))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            for pid in new {
+                let _ = kill(
+                    nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+                    Signal::SIGSTOP,
+                );
+                stopped.push(pid);
+            }
+        }
+        for pid in &stopped {
+            let _ = kill(
+                nix::unistd::Pid::from_raw(i32::try_from(*pid).unwrap()),
+                Signal::SIGKILL,
+            );
+        }
+        assert!(all_gone(&stopped), "sshd of host-c outlived SIGKILL");
+        assert!(
+            std::net::TcpStream::connect((self.address, self.port)).is_err(),
+            "host-c still answers"
+        );
+        stopped.len()
+    }
+}
+
+/// `root` and its descendants through `sshd` processes (the server, the processes serving its
+/// connections), if `root` is one: those whose command is `sshd` (or `sshd-session`, `sshd-auth`).
+fn sshd_tree(root: u32) -> Vec<u32> {
+    let mut stats: Vec<(u32, u32, String)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `PID (COMM) STATE PPID ...`: the command may hold blanks and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_owned();
+        let mut rest = stat[close + 1..].split_whitespace();
+        let (state, ppid) = (rest.next(), rest.next().and_then(|p| p.parse().ok()));
+        if let (Some(state), Some(ppid)) = (state, ppid)
+            && state != "Z"
+            && state != "X"
+        {
+            stats.push((pid, ppid, comm));
+        }
+    }
+    let sshd = |pid: u32| {
+        stats
+            .iter()
+            .any(|(p, _, comm)| *p == pid && comm.starts_with("sshd"))
+    };
+    if !sshd(root) {
+        return Vec::new();
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        for (pid, ppid, comm) in &stats {
+            if *ppid == parent && comm.starts_with("sshd") && !tree.contains(pid) {
+                tree.push(*pid);
+            }
+        }
+        i += 1;
+    }
+    tree
+}
+
+/// Waits (up to 30 s) until nothing of op `uuid` is left on this machine (which the test hosts
+/// are): no process naming it (a supervisor, a wrapper) and no directory in `$TMPDIR`.
+fn nothing_left_of(uuid: &str) {
+    let started = Instant::now();
+    loop {
+        let left = processes_naming(uuid);
+        let dirs: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.contains(uuid))
+            .collect();
+        if left.is_empty() && dirs.is_empty() {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "left running {left:?}, directories {dirs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What op 1 of `sandbox` printed on `stream` (`stdout` or `stderr`), from `logs --json`: the
+/// text of its lines, one after the other (`--json` does not say where a line that arrived in
+/// pieces was cut, so none is told from the next).
+fn stream_text(hosts: &Hosts, sandbox: &Sandbox, stream: &str) -> String {
+    let out = hosts.cairn(sandbox, &["logs", "1", "--json"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let mut text = String::new();
+    for line in stdout(&out).lines() {
+        let piece: serde_json::Value = serde_json::from_str(line).unwrap();
+        if piece["stream"] == stream {
+            text.push_str(piece["text"].as_str().unwrap());
+        }
+    }
+    text
+}
+
+/// Acceptance 3 of issue 19: the connection cut while a remote step runs (its host's `sshd`
+/// killed, every process of it), then the host back: the step's process outlives the cut and
+/// goes on writing; cairn attaches again once the host answers, streams what the step wrote
+/// meanwhile and after, and records its result: one attempt, its side effect once, each line
+/// of its output once in the logs, its output passed on to a later step.
+#[test]
+fn a_cut_connection_is_attached_again_when_the_host_is_back() {
+    let mut host = cut_host();
+    let hosts = hosts();
+    let sandbox = Sandbox::new();
+    let dir = sandbox.path().display().to_string();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            r#"name: cut
+steps:
+  - id: long
+    on: host-c
+    timeout: 10m
+    outputs: [k]
+    run: |
+      echo $$ >> {dir}/starts
+      echo before the cut
+      echo an error before >&2
+      touch {dir}/ready
+      while [ ! -f {dir}/cut ]; do sleep 0.05; done
+      echo while the host is down
+      echo an error during >&2
+      touch {dir}/written
+      while [ ! -f {dir}/back ]; do sleep 0.05; done
+      echo after the host is back
+      echo once >> {dir}/effects
+      echo "k=v-$$" >> "$CAIRN_OUTPUT"
+  - id: here
+    needs: [long]
+    run: echo got {{{{ steps.long.outputs.k }}}} > {dir}/got
+"#
+        ),
+    );
+    let run = hosts
+        .command(&sandbox, &["run", "plan.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = pid_in(&sandbox.path().join("starts"));
+    wait_for_file(&sandbox.path().join("ready"));
+    let logs = || stdout(&hosts.cairn(&sandbox, &["logs", "1"]));
+    // What the step wrote to stderr is recorded before the cut (the rest after it goes on from
+    // there).
+    wait_until("the step's first error in the logs", || {
+        logs().contains("an error before")
+    });
+    // The server and the processes serving cairn's connections (its master's, the step's).
+    assert!(host.kill() > 1, "no connection of cairn's was cut");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(pid), "the step did not outlive the cut");
+    std::fs::write(sandbox.path().join("cut"), "").unwrap();
+    // The step goes on writing while its host cannot be reached, and cairn tries again.
+    wait_for_file(&sandbox.path().join("written"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(alive(pid), "the step did not outlive the cut");
+    assert!(!logs().contains("an error during"), "{}", logs());
+    host.start();
+    // Attached again while the step runs: what it wrote while its host was down streams in
+    // (its stderr; the last bytes of its stdout may be held until more comes).
+    wait_until(
+        "the step's error written during the cut in the logs",
+        || logs().contains("an error during"),
+    );
+    std::fs::write(sandbox.path().join("back"), "").unwrap();
+    let out = run.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "succeeded", "{show:#}");
+    let long = task(&show, "long");
+    assert_eq!(long["attempts"], 1, "{long}");
+    assert_eq!(long["history"].as_array().unwrap().len(), 1, "{long}");
+    assert_eq!(sandbox.read("starts").lines().count(), 1);
+    assert_eq!(sandbox.read("effects"), "once\n");
+    assert_eq!(sandbox.read("got"), format!("got v-{pid}\n"));
+    // Each line once, in order, on its stream (`logs` interleaves the streams as the output
+    // arrived, which may split a line).
+    let logs = logs();
+    assert_eq!(
+        stream_text(hosts, &sandbox, "stdout"),
+        [
+            "before the cut",
+            "while the host is down",
+            "after the host is back"
+        ]
+        .concat(),
+        "{logs}"
+    );
+    assert_eq!(
+        stream_text(hosts, &sandbox, "stderr"),
+        ["an error before", "an error during"].concat(),
+        "{logs}"
+    );
+    nothing_left_of(show["uuid"].as_str().unwrap());
+}
+
+/// The cut too long: the host down past the step's `timeout` fails the attempt, and the op
+/// (exit 1), with an error naming the host; the step's process, out of reach, lives on. Once
+/// the host is back, the op's `cancel` ends it there and removes its directory: nothing is left.
+#[test]
+fn a_host_down_past_the_timeout_fails_the_attempt_then_a_cancel_ends_it() {
+    host_down_past_the_timeout("cancel");
+}
+
+/// The same, then `resume`: what the first attempt left there is ended before the step runs
+/// again (its second run sees the first one gone), and the op succeeds.
+#[test]
+fn a_host_down_past_the_timeout_fails_the_attempt_then_a_resume_ends_it() {
+    host_down_past_the_timeout("resume");
+}
+
+/// A step on `host-c` cut off (sshd killed) until past its timeout; then, the host back,
+/// `then` (`cancel` or `resume`).
+fn host_down_past_the_timeout(then: &str) {
+    let mut host = cut_host();
+    let hosts = hosts();
+    let sandbox = Sandbox::new();
+    let dir = sandbox.path().display().to_string();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            r"name: cut-too-long
+steps:
+  - id: long
+    on: host-c
+    timeout: 5s
+    run: |
+      if [ -f {dir}/step.pid ]; then
+        state=$(sed 's/.*) //' /proc/$(cat {dir}/step.pid)/stat 2>/dev/null | cut -c1) || state=
+        case $state in ''|Z|X) echo gone ;; *) echo running ;; esac > {dir}/first-seen
+        echo second run
+        exit 0
+      fi
+      echo $$ > {dir}/step.pid
+      sleep 120 &
+      echo $! > {dir}/child.pid
+      echo before the cut
+      touch {dir}/ready
+      wait
+"
+        ),
+    );
+    let run = hosts
+        .command(&sandbox, &["run", "plan.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pids = [
+        pid_in(&sandbox.path().join("step.pid")),
+        pid_in(&sandbox.path().join("child.pid")),
+    ];
+    wait_for_file(&sandbox.path().join("ready"));
+    assert!(host.kill() > 1, "no connection of cairn's was cut");
+    let out = run.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("lost the connection to `host-c`"), "{said}");
+    let show = sandbox.show(1);
+    assert_eq!(show["status"], "failed", "{show:#}");
+    let long = task(&show, "long");
+    assert_eq!(long["attempts"], 1, "{long}");
+    assert!(
+        long["error"].as_str().unwrap().contains("`host-c`"),
+        "{long}"
+    );
+    // Out of reach, the step could not be ended.
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "the step did not outlive the cut"
+    );
+    host.start();
+    let out = hosts.cairn(&sandbox, &[then, "1"]);
+    assert_eq!(code(&out), Some(0), "{then}: {}", stderr(&out));
+    assert!(all_gone(&pids), "the step outlived the {then}");
+    let show = sandbox.show(1);
+    if then == "resume" {
+        assert_eq!(show["status"], "succeeded", "{show:#}");
+        assert_eq!(task(&show, "long")["attempts"], 2);
+        assert_eq!(sandbox.read("first-seen"), "gone\n");
+    } else {
+        assert_eq!(show["status"], "canceled", "{show:#}");
+        assert!(!sandbox.path().join("first-seen").exists());
+    }
+    assert!(
+        events(&show)
+            .iter()
+            .any(|(kind, said)| kind == "leftovers-ended" && said.contains("`host-c`")),
+        "{:?}",
+        events(&show)
+    );
+    nothing_left_of(show["uuid"].as_str().unwrap());
 }

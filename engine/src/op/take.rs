@@ -352,10 +352,83 @@ async fn sweep(
         .into_iter()
         .map(|a| (a.task_no.0, a.n))
         .collect();
+    // And one on another host, the same (first: that host may be this one).
+    let left: Vec<_> = procs::adopt::hosts_of(&row.uuid)
+        .into_iter()
+        .filter(|(task, n, ..)| !running.contains(&(*task, *n)))
+        .collect();
+    if !left.is_empty() {
+        end_left_on_hosts(store, reader, row, (me, options), progress, left).await?;
+    }
     for (task, n, dir) in procs::adopt::dirs_of(&row.uuid) {
         if !running.contains(&(task, n)) {
             procs::adopt::remove(&dir);
         }
+    }
+    Ok(())
+}
+
+/// Ends what attempts no longer running left on other hosts, and removes their directories there:
+/// those whose `.host` note is still here ([`procs::adopt::host_file`]), because their run could
+/// not remove them (the host was out of reach when the attempt's end was recorded, even past the
+/// step's timeout while its command ran on, or cairn was killed first). A host still out of reach
+/// is said, its note kept for the next time.
+async fn end_left_on_hosts(
+    store: &Store,
+    reader: &Reader,
+    row: &store::OpRow,
+    (me, options): (&ProcessId, &Options),
+    progress: &Sink,
+    left: Vec<(u32, u32, String, PathBuf)>,
+) -> Result<(), Error> {
+    use procs::adopt::Found;
+    let Ok(transport) = procs::remote::Transport::new() else {
+        return Ok(());
+    };
+    for (task, n, host, note) in left {
+        let dir = procs::adopt::dir_name(&row.uuid, task, n);
+        let ended =
+            match procs::remote::probe(&transport, &host, &dir, (options.grace, false)).await {
+                // Nothing left running there (what was left of the directory is removed).
+                Ok(Found::Gone) => Ok(false),
+                Ok(found) => procs::remote::probe(&transport, &host, &dir, (options.grace, true))
+                    .await
+                    .map(|_| matches!(found, Found::Running { .. })),
+                Err(e) => Err(e),
+            };
+        let ran = match ended {
+            Ok(ran) => ran,
+            Err(e) => {
+                eprintln!("warning: cannot end what attempt {n} left on `{host}`: {e}");
+                continue;
+            }
+        };
+        let _ = std::fs::remove_file(&note);
+        if !ran {
+            continue;
+        }
+        let step = match reader.task(row.id, TaskNo(task)) {
+            Ok(task) => task.name,
+            Err(store::Error::NotFound(_)) => "?".to_owned(),
+            Err(e) => return Err(e.into()),
+        };
+        store
+            .apply(vec![Change::Event {
+                op: row.id,
+                owner: Some(me.clone()),
+                at: now(),
+                kind: EventKind::LeftoversEnded,
+                task: Some(step.clone()),
+                message: format!(
+                    "ended what attempt {n} left running on `{host}`, out of reach when its end was recorded"
+                ),
+            }])
+            .await?;
+        progress(&Progress::LeftoversEnded {
+            task: step,
+            attempt: n,
+            count: 1,
+        });
     }
     Ok(())
 }

@@ -339,13 +339,25 @@ impl Attempt for ProcessAttempt<'_> {
             return;
         }
         let told = self.told.take().filter(|(m, _)| *m == n);
-        match (host, told) {
-            (None, _) => procs::adopt::remove(std::path::Path::new(&dir)),
-            (Some(host), told) => {
-                if let Some((_, told)) = told {
+        match host {
+            None => procs::adopt::remove(std::path::Path::new(&dir)),
+            Some(host) => {
+                let removed = if let Some((_, told)) = told {
+                    // The wrapper, still connected, removes the directory once told.
                     told.send();
-                } else if let Ok(transport) = self.shared.ssh() {
-                    let _ = procs::remote::remove_dir(&transport, &host, &dir).await;
+                    true
+                } else {
+                    match self.shared.ssh() {
+                        Ok(transport) => procs::remote::remove_dir(&transport, &host, &dir)
+                            .await
+                            .is_ok(),
+                        Err(_) => false,
+                    }
+                };
+                // Out of reach: the note stays, for the next resume or cancel to end what is
+                // left there (`op::take`).
+                if removed {
+                    let _ = std::fs::remove_file(procs::adopt::host_file(&dir));
                 }
             }
         }
@@ -1267,9 +1279,12 @@ fn remote_files(shared: &Shared, env: &BTreeMap<String, String>) -> BTreeMap<Str
 
 impl ProcessAttempt<'_> {
     /// Records attempt `n`'s host before anything starts there (`adopt`): a resume finds the
-    /// step's directory there even if this run dies before the step says its pid.
+    /// step's directory there even if this run dies before the step says its pid. Notes it on
+    /// this host too, until the directory is removed ([`procs::adopt::host_file`]).
     async fn record_host(&self, n: u32, host: &str) -> Result<(), Fatal> {
         let shared = self.shared;
+        let dir = procs::adopt::dir_name(&shared.uuid, self.job.task().0, n);
+        let _ = procs::adopt::note_host(&dir, host);
         shared
             .apply(vec![Change::AttemptProcess {
                 op: shared.op,
@@ -1388,6 +1403,9 @@ impl ProcessAttempt<'_> {
         });
         self.began.get_or_insert_with(Instant::now);
         let run = if let Some(target) = self.remote.clone() {
+            // Noted again: the run that started it may have been another node's.
+            let dir = procs::adopt::dir_name(&shared.uuid, job.task().0, n);
+            let _ = procs::adopt::note_host(&dir, &target.host);
             let (output, env) = match process_files(shared, step, self.ctx, job, n) {
                 Ok(made) => made,
                 Err(error) => return Ok(failed_early(error)),
