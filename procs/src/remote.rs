@@ -208,6 +208,14 @@ impl Transport {
     }
 }
 
+impl Transport {
+    /// Forgets `host`'s master connection, lost with the connection: the next
+    /// [`Transport::connect`] starts another, rather than every later session connecting anew.
+    pub async fn forget(&self, host: &str) {
+        self.masters.lock().await.remove(host);
+    }
+}
+
 /// The error for a host `ssh` could not connect to, from what it said.
 fn unreachable(host: &str, said: &str) -> String {
     let said: Vec<&str> = said

@@ -1338,6 +1338,7 @@ async fn reconnect(
             }
         }
         delay = (delay * 2).min(Duration::from_secs(10));
+        transport.forget(&job.host).await;
         let found = procs::remote::probe(transport, &job.host, &job.dir, (job.grace, false)).await;
         match found {
             Err(_) => continue,
