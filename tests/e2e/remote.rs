@@ -1159,3 +1159,89 @@ steps:
     );
     nothing_left_of(show["uuid"].as_str().unwrap());
 }
+
+/// The cut too long, and the step retried: once the host is back, its second attempt first ends
+/// what the first one left running there (out of reach when it failed), so the step never runs
+/// beside itself.
+#[test]
+fn a_retry_after_a_host_was_down_ends_the_attempt_it_left_there_first() {
+    let mut host = cut_host();
+    let hosts = hosts();
+    let sandbox = Sandbox::new();
+    let dir = sandbox.path().display().to_string();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            r"name: cut-then-retried
+steps:
+  - id: long
+    on: host-c
+    timeout: 5s
+    retry: {{ attempts: 2, delay: 5s }}
+    run: |
+      if [ -f {dir}/step.pid ]; then
+        state=$(sed 's/.*) //' /proc/$(cat {dir}/step.pid)/stat 2>/dev/null | cut -c1) || state=
+        case $state in ''|Z|X) echo gone ;; *) echo running ;; esac > {dir}/first-seen
+        exit 0
+      fi
+      echo $$ > {dir}/step.pid
+      sleep 120 &
+      echo $! > {dir}/child.pid
+      touch {dir}/ready
+      wait
+"
+        ),
+    );
+    let run = hosts
+        .command(&sandbox, &["run", "plan.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pids = [
+        pid_in(&sandbox.path().join("step.pid")),
+        pid_in(&sandbox.path().join("child.pid")),
+    ];
+    wait_for_file(&sandbox.path().join("ready"));
+    assert!(host.kill() > 1, "no connection of cairn's was cut");
+    // The host comes back while the retry waits: once the first attempt failed.
+    let started = Instant::now();
+    while !sandbox.show(1)["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| {
+            e["kind"] == "task-failed" || e["message"].as_str().is_some_and(|m| m.contains("retry"))
+        })
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the first attempt never failed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "the step did not outlive the cut"
+    );
+    host.start();
+    let out = run.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    let show = sandbox.show(1);
+    assert_eq!(task(&show, "long")["attempts"], 2, "{show:#}");
+    assert_eq!(
+        sandbox.read("first-seen"),
+        "gone\n",
+        "the second attempt ran beside the first"
+    );
+    assert!(all_gone(&pids));
+    assert!(
+        events(&show)
+            .iter()
+            .any(|(kind, said)| kind == "leftovers-ended" && said.contains("before attempt 2")),
+        "{:?}",
+        events(&show)
+    );
+    nothing_left_of(show["uuid"].as_str().unwrap());
+}

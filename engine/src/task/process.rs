@@ -1072,30 +1072,12 @@ impl ProcessAttempt<'_> {
             Ok(t) => t,
             Err(e) => return Ok(Err(e)),
         };
-        let mut stop = self.stop.clone();
         self.began.get_or_insert_with(Instant::now);
-        // The step's timeout counts from here: a host that does not answer is waited for no
-        // longer than the step would run.
-        let limit = async {
-            match step.timeout {
-                Some(t) => tokio::time::sleep(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let connected = tokio::select! {
-            connected = transport.connect(&target.host) => connected,
-            () = limit => Err(format!(
-                "cannot connect to `{}`: no answer within the step's timeout ({})",
-                target.host,
-                plans::units::format_duration(step.timeout.unwrap_or_default())
-            )),
-            () = procs::remote::stopped(&mut stop) => return Ok(Ok(stopped_before_start())),
-        };
-        if let Err(error) = connected {
-            let mut run = stopped_before_start();
-            run.exit.stopped = None;
-            run.unreached = Some(error);
-            return Ok(Ok(run));
+        let mut stop = self.stop.clone();
+        match connect_in_time(&transport, &target.host, step.timeout, &mut stop).await {
+            None => return Ok(Ok(stopped_before_start())),
+            Some(Err(error)) => return Ok(Ok(unreached(error))),
+            Some(Ok(())) => {}
         }
         if !shared.lease_holds() {
             return Err(Fatal::Lost(
@@ -1120,6 +1102,13 @@ impl ProcessAttempt<'_> {
         };
         if adopt {
             self.adopted = Some((n, Some(target.host.clone()), remote_job.dir.clone()));
+        }
+        if adopt && again.is_none() && n > 1 {
+            // A retry: what the attempt before left on its host, out of reach then, is ended
+            // first; the step never runs beside itself.
+            if let Err(error) = self.end_earlier(n - 1, &transport).await? {
+                return Ok(Ok(unreached(error)));
+            }
         }
         if adopt && again.is_none() {
             self.record_host(n, &target.host).await?;
@@ -1216,6 +1205,39 @@ impl ProcessAttempt<'_> {
     }
 }
 
+/// Connects to `host`, within the step's `timeout` (counted from here: a host that does not
+/// answer is waited for no longer than the step would run); `None` when the run stopped first.
+async fn connect_in_time(
+    transport: &procs::remote::Transport,
+    host: &str,
+    timeout: Option<Duration>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Result<(), String>> {
+    let limit = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        connected = transport.connect(host) => Some(connected),
+        () = limit => Some(Err(format!(
+            "cannot connect to `{host}`: no answer within the step's timeout ({})",
+            plans::units::format_duration(timeout.unwrap_or_default())
+        ))),
+        () = procs::remote::stopped(stop) => None,
+    }
+}
+
+/// A run that never started because its host could not be reached, or its leftovers there
+/// ended: the attempt fails with `error`.
+fn unreached(error: String) -> ProcessRun {
+    let mut run = stopped_before_start();
+    run.exit.stopped = None;
+    run.unreached = Some(error);
+    run
+}
+
 /// A run that never started: stopped before it could.
 fn stopped_before_start() -> ProcessRun {
     ProcessRun {
@@ -1278,6 +1300,58 @@ fn remote_files(shared: &Shared, env: &BTreeMap<String, String>) -> BTreeMap<Str
 }
 
 impl ProcessAttempt<'_> {
+    /// Ends what attempt `m` of this task left on its host when its note says it may still run
+    /// there (the host was out of reach when the attempt ended), and removes its directory; an
+    /// error when the host still cannot be reached.
+    async fn end_earlier(
+        &self,
+        m: u32,
+        transport: &procs::remote::Transport,
+    ) -> Result<Result<(), String>, Fatal> {
+        use procs::adopt::Found;
+        let shared = self.shared;
+        let dir = procs::adopt::dir_name(&shared.uuid, self.job.task().0, m);
+        let note = procs::adopt::host_file(&dir);
+        let Ok(host) = std::fs::read_to_string(&note) else {
+            return Ok(Ok(()));
+        };
+        let host = host.trim();
+        let grace = shared.options.grace;
+        let found = match procs::remote::probe(transport, host, &dir, (grace, false)).await {
+            Ok(Found::Gone) => Ok(Found::Gone),
+            Ok(found) => procs::remote::probe(transport, host, &dir, (grace, true))
+                .await
+                .map(|_| found),
+            Err(e) => Err(e),
+        };
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "attempt {m} may still run on `{host}`, which could not be reached to end it: {e}"
+                )));
+            }
+        };
+        let _ = std::fs::remove_file(&note);
+        if !matches!(found, Found::Running { .. }) {
+            return Ok(Ok(()));
+        }
+        shared
+            .apply(vec![Change::Event {
+                op: shared.op,
+                owner: Some(shared.me.clone()),
+                at: crate::owner::now(),
+                kind: store::EventKind::LeftoversEnded,
+                task: Some(self.job.name.clone()),
+                message: format!(
+                    "ended what attempt {m} left on `{host}`, out of reach when it ended, before attempt {}",
+                    m + 1
+                ),
+            }])
+            .await?;
+        Ok(Ok(()))
+    }
+
     /// Records attempt `n`'s host before anything starts there (`adopt`): a resume finds the
     /// step's directory there even if this run dies before the step says its pid. Notes it on
     /// this host too, until the directory is removed ([`procs::adopt::host_file`]).
