@@ -139,19 +139,28 @@ pub fn remove(dir: &Path) {
 /// kept for its remote attempts), with their task and attempt numbers.
 #[must_use]
 pub fn dirs_of(uuid: &str) -> Vec<(u32, u32, PathBuf)> {
+    attempts_of(uuid, |rest| {
+        Some(rest.strip_suffix(".sent").unwrap_or(rest))
+    })
+    .collect()
+}
+
+/// The entries of `$TMPDIR` named after op `uuid`'s attempts, `which` cutting the name's rest
+/// (`<task>-<n>...`) down to `<task>-<n>`, or refusing it: task, attempt number and path.
+fn attempts_of(
+    uuid: &str,
+    which: impl Fn(&str) -> Option<&str>,
+) -> impl Iterator<Item = (u32, u32, PathBuf)> {
     let prefix = format!("cairn-adopt-{uuid}-");
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return Vec::new();
-    };
-    entries
+    std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
         .filter_map(Result::ok)
-        .filter_map(|e| {
+        .filter_map(move |e| {
             let name = e.file_name().into_string().ok()?;
-            let rest = name.strip_prefix(&prefix)?;
-            let (task, n) = rest.strip_suffix(".sent").unwrap_or(rest).split_once('-')?;
+            let (task, n) = which(name.strip_prefix(&prefix)?)?.split_once('-')?;
             Some((task.parse().ok()?, n.parse().ok()?, e.path()))
         })
-        .collect()
 }
 
 /// Streams a supervised command's output from its directory into the logs, from where the last
@@ -257,21 +266,11 @@ pub fn note_host(dir_name: &str, host: &str) -> std::io::Result<()> {
 /// note's path.
 #[must_use]
 pub fn hosts_of(uuid: &str) -> Vec<(u32, u32, String, PathBuf)> {
-    let prefix = format!("cairn-adopt-{uuid}-");
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let (task, n) = name
-                .strip_prefix(&prefix)?
-                .strip_suffix(".host")?
-                .split_once('-')?;
-            let host = std::fs::read_to_string(e.path()).ok()?.trim().to_owned();
+    attempts_of(uuid, |rest| rest.strip_suffix(".host"))
+        .filter_map(|(task, n, path)| {
+            let host = std::fs::read_to_string(&path).ok()?.trim().to_owned();
             crate::remote::check_destination(&host).ok()?;
-            Some((task.parse().ok()?, n.parse().ok()?, host, e.path()))
+            Some((task, n, host, path))
         })
         .collect()
 }

@@ -69,11 +69,7 @@ fn assert_collected(sandbox: &Sandbox) {
         assert_eq!(logs.matches(line).count(), 1, "{line}: {logs}");
     }
     let uuid = show["uuid"].as_str().unwrap().to_owned();
-    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&format!("cairn-adopt-{uuid}")))
-        .collect();
+    let left = crate::support::adopt_left(&uuid);
     assert!(left.is_empty(), "directories left: {left:?}");
 }
 

@@ -302,28 +302,13 @@ fn a_rebuild_killed_during_the_base_backup_resumes_and_the_replica_is_correct() 
     let mut run_args = pg.rebuild_args();
     // Throttled, so that the copy takes a few seconds.
     run_args.extend(["-p".into(), "max_rate=6M".into()]);
-    let mut run = pg
+    let run = pg
         .cairn(&args(&run_args))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let staging = PathBuf::from(format!("{}.rebuild-op1", pg.replica_data));
-    let started = Instant::now();
-    while !staging.join("base").exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the backup never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    run.kill().unwrap();
-    run.wait().unwrap();
-    assert!(
-        !staging.join("backup_manifest").exists(),
-        "the backup finished before the kill"
-    );
+    let staging = kill_during_the_base_backup(run, &pg.replica_data);
 
     let out = pg.cairn(&["resume", "1"]).output().unwrap();
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
@@ -409,27 +394,12 @@ fn a_rebuild_across_hosts_killed_during_the_base_backup_resumes_and_the_replica_
     pg.sandbox("break");
     // Throttled, so that the copy takes a few seconds.
     run_args.extend(["-p".into(), "max_rate=6M".into()]);
-    let mut run = Cluster::cairn_on_hosts(&store, &args(&run_args))
+    let run = Cluster::cairn_on_hosts(&store, &args(&run_args))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let staging = PathBuf::from(format!("{}.rebuild-op1", pg.replica_data));
-    let started = Instant::now();
-    while !staging.join("base").exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the backup never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    run.kill().unwrap();
-    run.wait().unwrap();
-    assert!(
-        !staging.join("backup_manifest").exists(),
-        "the backup finished before the kill"
-    );
+    let staging = kill_during_the_base_backup(run, &pg.replica_data);
 
     let out = Cluster::cairn_on_hosts(&store, &["resume", "1"])
         .output()
@@ -811,4 +781,27 @@ fn a_failover_aborted_by_its_pre_hook_changes_nothing_then_promotes_and_cools_do
     let out = pg.cairn(&args(&run)).output().unwrap();
     assert_eq!(code(&out), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("cools down"), "{}", stderr(&out));
+}
+
+/// Kills `run` (`kill -9`) half a second into the copy of the base backup into the rebuild's
+/// staging directory beside `replica_data`, and checks that the copy had not finished: that
+/// directory.
+fn kill_during_the_base_backup(mut run: std::process::Child, replica_data: &str) -> PathBuf {
+    let staging = PathBuf::from(format!("{replica_data}.rebuild-op1"));
+    let started = Instant::now();
+    while !staging.join("base").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the backup never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert!(
+        !staging.join("backup_manifest").exists(),
+        "the backup finished before the kill"
+    );
+    staging
 }

@@ -54,6 +54,37 @@ fn keygen(path: &Path) {
     assert!(made.success());
 }
 
+/// A test host's key and `sshd` configuration in `dir` (listening on a free port of `address`),
+/// its key added to `known` and its alias `name` to `config`: the configuration and the port.
+fn sshd_host(
+    dir: &Path,
+    (name, address): (&str, &str),
+    user: &str,
+    (known, config): (&mut String, &mut String),
+) -> (PathBuf, u16) {
+    let key = dir.join(format!("{name}_key"));
+    keygen(&key);
+    let port = free_port(address);
+    let sshd_config = dir.join(format!("{name}_sshd_config"));
+    std::fs::write(
+        &sshd_config,
+        format!(
+            "Port {port}\nListenAddress {address}\nHostKey {key}\nPidFile {dir}/{name}.pid\nAuthorizedKeysFile {dir}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nMaxStartups 100\nMaxSessions 100\n",
+            key = key.display(),
+            dir = dir.display(),
+        ),
+    )
+    .unwrap();
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let _ = write!(known, "[{address}]:{port} {public}");
+    let _ = write!(
+        config,
+        "Host {name}\n  HostName {address}\n  Port {port}\n  User {user}\n  UserKnownHostsFile {dir}/known_hosts\n\n",
+        dir = dir.display()
+    );
+    (sshd_config, port)
+}
+
 fn start_hosts() -> Hosts {
     // Never removed: the servers use it until the test binary ends.
     let dir = tempfile::tempdir().unwrap().keep();
@@ -70,27 +101,9 @@ fn start_hosts() -> Hosts {
     let mut config = String::new();
     let mut servers = Vec::new();
     for (name, address) in [("host-a", "127.0.0.2"), ("host-b", "127.0.0.3")] {
-        let key = dir.join(format!("{name}_key"));
-        keygen(&key);
-        let port = free_port(address);
-        let sshd_config = dir.join(format!("{name}_sshd_config"));
-        std::fs::write(
-            &sshd_config,
-            format!(
-                "Port {port}\nListenAddress {address}\nHostKey {key}\nPidFile {dir}/{name}.pid\nAuthorizedKeysFile {dir}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nMaxStartups 100\nMaxSessions 100\n",
-                key = key.display(),
-                dir = dir.display(),
-            ),
-        )
-        .unwrap();
+        let (sshd_config, port) =
+            sshd_host(&dir, (name, address), &user, (&mut known, &mut config));
         servers.push((sshd_config, address, port));
-        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-        let _ = write!(known, "[{address}]:{port} {public}");
-        let _ = write!(
-            config,
-            "Host {name}\n  HostName {address}\n  Port {port}\n  User {user}\n  UserKnownHostsFile {dir}/known_hosts\n\n",
-            dir = dir.display()
-        );
     }
     let c = CutHost::prepare(&dir, &user, (&mut known, &mut config));
     let _ = CUT_HOST.set(Mutex::new(c));
@@ -243,12 +256,7 @@ fn steps_on_two_hosts_and_here_pass_outputs_along() {
     assert_eq!(task(&show, "on_success[1]")["host"], "host-a");
     assert!(logs.contains("hook on 127.0.0.1 "), "{logs}");
     // Each step's directory on its host is gone once its end is recorded, the last one's too.
-    let uuid = show["uuid"].as_str().unwrap();
-    let left: Vec<_> = std::fs::read_dir("/tmp")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&format!("cairn-adopt-{uuid}")))
-        .collect();
+    let left = crate::support::adopt_left(show["uuid"].as_str().unwrap());
     assert!(left.is_empty(), "directories left: {left:?}");
 }
 
@@ -763,27 +771,8 @@ impl CutHost {
     /// Its host key and `sshd` configuration in `dir`, as `start_hosts` makes the others', its
     /// key added to `known` and its alias to `config`.
     fn prepare(dir: &Path, user: &str, (known, config): (&mut String, &mut String)) -> Self {
-        let (name, address) = (Self::NAME, "127.0.0.4");
-        let key = dir.join(format!("{name}_key"));
-        keygen(&key);
-        let port = free_port(address);
-        let sshd_config = dir.join(format!("{name}_sshd_config"));
-        std::fs::write(
-            &sshd_config,
-            format!(
-                "Port {port}\nListenAddress {address}\nHostKey {key}\nPidFile {dir}/{name}.pid\nAuthorizedKeysFile {dir}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nMaxStartups 100\nMaxSessions 100\n",
-                key = key.display(),
-                dir = dir.display(),
-            ),
-        )
-        .unwrap();
-        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-        let _ = write!(known, "[{address}]:{port} {public}");
-        let _ = write!(
-            config,
-            "Host {name}\n  HostName {address}\n  Port {port}\n  User {user}\n  UserKnownHostsFile {dir}/known_hosts\n\n",
-            dir = dir.display()
-        );
+        let address = "127.0.0.4";
+        let (sshd_config, port) = sshd_host(dir, (Self::NAME, address), user, (known, config));
         Self {
             sshd_config,
             address,
@@ -1083,43 +1072,7 @@ fn host_down_past_the_timeout(then: &str) {
     let mut host = cut_host();
     let hosts = hosts();
     let sandbox = Sandbox::new();
-    let dir = sandbox.path().display().to_string();
-    sandbox.write(
-        "plan.yaml",
-        &format!(
-            r"name: cut-too-long
-steps:
-  - id: long
-    on: host-c
-    timeout: 5s
-    run: |
-      if [ -f {dir}/step.pid ]; then
-        state=$(sed 's/.*) //' /proc/$(cat {dir}/step.pid)/stat 2>/dev/null | cut -c1) || state=
-        case $state in ''|Z|X) echo gone ;; *) echo running ;; esac > {dir}/first-seen
-        echo second run
-        exit 0
-      fi
-      echo $$ > {dir}/step.pid
-      sleep 120 &
-      echo $! > {dir}/child.pid
-      echo before the cut
-      touch {dir}/ready
-      wait
-"
-        ),
-    );
-    let run = hosts
-        .command(&sandbox, &["run", "plan.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pids = [
-        pid_in(&sandbox.path().join("step.pid")),
-        pid_in(&sandbox.path().join("child.pid")),
-    ];
-    wait_for_file(&sandbox.path().join("ready"));
-    assert!(host.kill() > 1, "no connection of cairn's was cut");
+    let (run, pids) = run_and_cut(&mut host, hosts, &sandbox, "timeout: 5s");
     let out = run.wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{said}");
@@ -1168,42 +1121,8 @@ fn a_retry_after_a_host_was_down_ends_the_attempt_it_left_there_first() {
     let mut host = cut_host();
     let hosts = hosts();
     let sandbox = Sandbox::new();
-    let dir = sandbox.path().display().to_string();
-    sandbox.write(
-        "plan.yaml",
-        &format!(
-            r"name: cut-then-retried
-steps:
-  - id: long
-    on: host-c
-    timeout: 5s
-    retry: {{ attempts: 2, delay: 5s }}
-    run: |
-      if [ -f {dir}/step.pid ]; then
-        state=$(sed 's/.*) //' /proc/$(cat {dir}/step.pid)/stat 2>/dev/null | cut -c1) || state=
-        case $state in ''|Z|X) echo gone ;; *) echo running ;; esac > {dir}/first-seen
-        exit 0
-      fi
-      echo $$ > {dir}/step.pid
-      sleep 120 &
-      echo $! > {dir}/child.pid
-      touch {dir}/ready
-      wait
-"
-        ),
-    );
-    let run = hosts
-        .command(&sandbox, &["run", "plan.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pids = [
-        pid_in(&sandbox.path().join("step.pid")),
-        pid_in(&sandbox.path().join("child.pid")),
-    ];
-    wait_for_file(&sandbox.path().join("ready"));
-    assert!(host.kill() > 1, "no connection of cairn's was cut");
+    let retried = "timeout: 5s\n    retry: { attempts: 2, delay: 5s }";
+    let (run, pids) = run_and_cut(&mut host, hosts, &sandbox, retried);
     // The host comes back while the retry waits: once the first attempt failed.
     let started = Instant::now();
     while !sandbox.show(1)["events"]
@@ -1244,4 +1163,53 @@ steps:
         events(&show)
     );
     nothing_left_of(show["uuid"].as_str().unwrap());
+}
+
+/// Runs a step on `host-c` with `settings` (its `timeout`, ...) that starts a background child and
+/// waits; once it runs, cuts the host off. A later run of the step writes `first-seen`: whether
+/// the first one's process was `gone` or still `running` then. The run and the first's pids.
+fn run_and_cut(
+    host: &mut CutHost,
+    hosts: &Hosts,
+    sandbox: &Sandbox,
+    settings: &str,
+) -> (std::process::Child, [u32; 2]) {
+    let dir = sandbox.path().display().to_string();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            r"name: cut-too-long
+steps:
+  - id: long
+    on: host-c
+    {settings}
+    run: |
+      if [ -f {dir}/step.pid ]; then
+        state=$(sed 's/.*) //' /proc/$(cat {dir}/step.pid)/stat 2>/dev/null | cut -c1) || state=
+        case $state in ''|Z|X) echo gone ;; *) echo running ;; esac > {dir}/first-seen
+        echo second run
+        exit 0
+      fi
+      echo $$ > {dir}/step.pid
+      sleep 120 &
+      echo $! > {dir}/child.pid
+      echo before the cut
+      touch {dir}/ready
+      wait
+"
+        ),
+    );
+    let run = hosts
+        .command(sandbox, &["run", "plan.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pids = [
+        pid_in(&sandbox.path().join("step.pid")),
+        pid_in(&sandbox.path().join("child.pid")),
+    ];
+    wait_for_file(&sandbox.path().join("ready"));
+    assert!(host.kill() > 1, "no connection of cairn's was cut");
+    (run, pids)
 }

@@ -27,6 +27,16 @@ pub fn cairn_in(dir: &Path, args: &[&str]) -> Output {
         .expect("cairn runs")
 }
 
+/// What of op `uuid`'s adopted attempts is left in `$TMPDIR` (which the test hosts share): their
+/// directories and notes, by name.
+pub fn adopt_left(uuid: &str) -> Vec<String> {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("cairn-adopt-{uuid}")))
+        .collect()
+}
+
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
