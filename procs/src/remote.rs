@@ -49,33 +49,16 @@ pub struct Transport {
     config: Option<PathBuf>,
     /// The hosts whose master connection this run started; held while one starts.
     masters: tokio::sync::Mutex<std::collections::HashSet<String>>,
-    /// The clients (pid, start time) of wrappers told their end is recorded ([`Recorded`]),
-    /// which may still be removing their directories.
-    told: std::sync::Mutex<Vec<(u32, u64)>>,
+    /// The wrappers told their end is recorded ([`Recorded`]), which may still be removing their
+    /// directories: the tasks that wait for their clients to end.
+    told: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// How long the end of a run waits for wrappers told their end is recorded to finish.
 const TOLD_WAIT: Duration = Duration::from_secs(3);
 
-/// Whether the process `pid` started at `start` still runs.
-fn runs(pid: u32, start: u64) -> bool {
-    crate::proc::stat(pid).is_some_and(|s| s.start == start && !s.is_gone())
-}
-
 impl Drop for Transport {
     fn drop(&mut self) {
-        // The wrappers told the end is recorded remove their directories, then end: not cut off
-        // by closing the masters under them.
-        let told = std::mem::take(
-            self.told
-                .get_mut()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        let until = std::time::Instant::now() + TOLD_WAIT;
-        while told.iter().any(|&(pid, start)| runs(pid, start)) && std::time::Instant::now() < until
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
         let hosts = self.masters.get_mut().drain().collect::<Vec<_>>();
         for host in hosts {
             let mut argv = self.argv();
@@ -140,9 +123,14 @@ impl Transport {
         if let Some(config) = &self.config {
             argv.extend(["-F".to_owned(), config.display().to_string()]);
         }
+        // A host that stops answering is noticed within 15 s, and one that never answers within
+        // 15 s: no stop, timeout or probe waits on TCP's own minutes.
         for option in [
             "BatchMode=yes".to_owned(),
             "StrictHostKeyChecking=yes".to_owned(),
+            "ServerAliveInterval=5".to_owned(),
+            "ServerAliveCountMax=3".to_owned(),
+            "ConnectTimeout=15".to_owned(),
             format!("ControlPath={}/%C", self.dir.display()),
         ] {
             argv.extend(["-o".to_owned(), option]);
@@ -209,6 +197,33 @@ impl Transport {
 }
 
 impl Transport {
+    /// Waits (up to 3 s) for the wrappers told their end is recorded to remove their
+    /// directories and end: the end of a run, before its master connections close under them.
+    pub async fn settle(&self) {
+        let told = std::mem::take(
+            &mut *self
+                .told
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let _ = tokio::time::timeout(TOLD_WAIT, async {
+            for task in told {
+                let _ = task.await;
+            }
+        })
+        .await;
+    }
+
+    /// Keeps `task` (waiting for a told wrapper's client) for [`Transport::settle`].
+    fn keep_told(&self, task: tokio::task::JoinHandle<()>) {
+        let mut told = self
+            .told
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        told.retain(|t| !t.is_finished());
+        told.push(task);
+    }
+
     /// Forgets `host`'s master connection, lost with the connection: the next
     /// [`Transport::connect`] starts another, rather than every later session connecting anew.
     pub async fn forget(&self, host: &str) {
@@ -365,6 +380,7 @@ start=${{20}}
 read -r boot < /proc/sys/kernel/random/boot_id
 printf '%s %s %s\n' "$pid" "$start" "$boot" > "$d/launched"
 echo "{HELLO}$pid $start $boot"
+printf '\n%s\n' {end}_S >&2
 echo go > "$d/go"
 oo=0 eo=0
 {attach_script}"#,
@@ -380,6 +396,7 @@ set -- ${{l##*) }}
 start=${{20}}
 read -r boot < /proc/sys/kernel/random/boot_id
 echo "{HELLO}$pid $start $boot"
+printf '\n%s\n' {end}_S >&2
 echo go > "$d/go"
 wait "$pid"
 code=$?
@@ -428,6 +445,8 @@ done
 code=
 [ -f "$d/exit" ] && read -r code < "$d/exit"
 cairn_end "$pid" "$start" {grace}
+cairn_tail "$d/out" "$oo"; oo=$t
+cairn_tail "$d/err" "$eo" >&2; eo=$t
 [ -n "$code" ] || echo "cairn: the step's supervisor ended without a result" >&2
 printf '\n%s\n' {end} >&2
 printf '\n%s\nexit=%s\n' {end} "$code"
@@ -456,6 +475,7 @@ pub fn reattach(
 read -r pid start boot < "$d/pid"
 oo={oo} eo={eo}
 echo "{HELLO}$pid $start $boot"
+printf '\n%s\n' {end}_S >&2
 {attach_script}"#,
         dir = quote(&job.dir),
         attach_script = attach(&end, job.grace),
@@ -536,24 +556,33 @@ pub struct RemoteRunning {
 /// Tells a supervised step's wrapper, still connected, that the attempt's end is recorded: it
 /// removes the step's directory on its host and ends. Dropped unsent, the wrapper ends and the
 /// directory stays (a resume finds the result there again).
-#[derive(Debug)]
 pub struct Recorded {
-    tell: oneshot::Sender<Vec<u8>>,
-    /// The `ssh` client's pid and start time.
-    client: (u32, u64),
+    tell: Option<oneshot::Sender<Vec<u8>>>,
     transport: std::sync::Arc<Transport>,
+    /// The task that waits for the `ssh` client's end: 0 once the wrapper removed the directory.
+    client: Option<tokio::task::JoinHandle<Exit>>,
+}
+
+impl std::fmt::Debug for Recorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorded").finish_non_exhaustive()
+    }
 }
 
 impl Recorded {
-    pub fn send(self) {
-        if self.tell.send(format!("{RECORDED}\n").into_bytes()).is_ok() {
-            let mut told = self
-                .transport
-                .told
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            told.retain(|&(pid, start)| runs(pid, start));
-            told.push(self.client);
+    /// Tells the wrapper; `removed` runs once it says it removed the directory (its client ended
+    /// with 0). [`Transport::settle`] waits for it.
+    pub fn send(mut self, removed: impl FnOnce() + Send + 'static) {
+        let told = self
+            .tell
+            .take()
+            .is_some_and(|tell| tell.send(format!("{RECORDED}\n").into_bytes()).is_ok());
+        if let Some(client) = self.client.take() {
+            self.transport.keep_told(tokio::spawn(async move {
+                if told && client.await.is_ok_and(|exit| exit.code == Some(0)) {
+                    removed();
+                }
+            }));
         }
     }
 }
@@ -614,9 +643,9 @@ fn start_script(
     let (inner, chunks) = spawn::sink();
     let mut local = spawn::spawn(&spec, &inner)?;
     let recorded = local.more_input().map(|tell| Recorded {
-        tell,
-        client: (local.identity.pid, local.identity.start),
+        tell: Some(tell),
         transport: transport.clone(),
+        client: None,
     });
     let (hello_tx, hello) = oneshot::channel();
     let (trailer_tx, trailer) = oneshot::channel();
@@ -716,6 +745,9 @@ struct Framing {
     hello: Option<oneshot::Sender<Remote>>,
     head: Vec<u8>,
     stdout: Cut,
+    /// Standard error before the wrapper's start line (`\n<end>_S\n`): the login's, not the
+    /// step's.
+    begin: Option<Cut>,
     stderr: Cut,
 }
 
@@ -725,30 +757,48 @@ impl Framing {
             hello: Some(hello),
             head: Vec::new(),
             stdout: Cut::new(end),
+            begin: Some(Cut::new(&format!("{end}_S"))),
             stderr: Cut::new(end),
         }
     }
 
-    /// What of `data` (from stdout) is the step's output, to forward now.
-    fn stdout(&mut self, data: &[u8], host: &str) -> Vec<u8> {
-        let mut data = data.to_vec();
-        if self.hello.is_some() {
-            self.head.extend_from_slice(&data);
-            let Some(at) = self.head.iter().position(|b| *b == b'\n') else {
-                return Vec::new();
-            };
-            let line = String::from_utf8_lossy(&self.head[..at]).into_owned();
-            let tx = self.hello.take();
-            match (parse_hello(&line, host), tx) {
-                (Some(remote), Some(tx)) => {
-                    let _ = tx.send(remote);
-                    data = self.head.split_off(at + 1);
-                }
-                _ => data = std::mem::take(&mut self.head),
-            }
-            self.head.clear();
+    /// What of `data` (from stdout) to forward now: what the login printed before the hello
+    /// line, and the step's output.
+    fn stdout(&mut self, data: &[u8], host: &str) -> (Vec<u8>, Vec<u8>) {
+        if self.hello.is_none() {
+            return (Vec::new(), self.stdout.feed(data));
         }
-        self.stdout.feed(&data)
+        self.head.extend_from_slice(data);
+        let mut noise = Vec::new();
+        while let Some(at) = self.head.iter().position(|b| *b == b'\n') {
+            let line = String::from_utf8_lossy(&self.head[..at]).into_owned();
+            if let Some(remote) = parse_hello(&line, host) {
+                if let Some(tx) = self.hello.take() {
+                    let _ = tx.send(remote);
+                }
+                let rest = self.head.split_off(at + 1);
+                self.head.clear();
+                return (noise, self.stdout.feed(&rest));
+            }
+            noise.extend(self.head.drain(..=at));
+        }
+        (noise, Vec::new())
+    }
+
+    /// What of `data` (from stderr) to forward now: what came before the start line, and the
+    /// step's.
+    fn stderr(&mut self, data: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let Some(begin) = self.begin.as_mut() else {
+            return (Vec::new(), self.stderr.feed(data));
+        };
+        let noise = begin.feed(data);
+        match begin.after.take() {
+            Some(after) => {
+                self.begin = None;
+                (noise, self.stderr.feed(&after))
+            }
+            None => (noise, Vec::new()),
+        }
     }
 
     /// The trailer, once both streams are at their end line and the trailer is closed.
@@ -757,17 +807,24 @@ impl Framing {
         self.stdout.closed().map(<[u8]>::to_vec)
     }
 
-    /// What is left when the output ended: held bytes (output), and the trailer if its first
-    /// line came (closed or not: the connection ended).
-    fn finish(&mut self) -> (Vec<u8>, Option<Vec<u8>>) {
-        let mut left = std::mem::take(&mut self.head);
-        left.append(&mut self.stdout.held);
+    /// What is left when the output ended: held bytes (of stdout: noise, output; of stderr:
+    /// noise, output), and the trailer if its first line came (closed or not: the connection
+    /// ended).
+    fn finish(&mut self) -> ([[Vec<u8>; 2]; 2], Option<Vec<u8>>) {
+        let noise = std::mem::take(&mut self.head);
+        let output = std::mem::take(&mut self.stdout.held);
+        let err_noise = self
+            .begin
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.held))
+            .unwrap_or_default();
+        let err = std::mem::take(&mut self.stderr.held);
         let trailer = self
             .stdout
             .closed()
             .map(<[u8]>::to_vec)
             .or_else(|| self.stdout.after.clone());
-        (left, trailer)
+        ([[noise, output], [err_noise, err]], trailer)
     }
 }
 
@@ -788,24 +845,19 @@ async fn relay(
     let mut forwarded = [0u64; 2];
     while let Some(chunk) = chunks.recv().await {
         let Some(to) = &sink else { continue };
-        let data = if chunk.stream == Stream::Stdout {
+        let parts = if chunk.stream == Stream::Stdout {
             framing.stdout(&chunk.data, &host)
         } else {
-            let data = framing.stderr.feed(&chunk.data);
-            stderr_tail.extend_from_slice(&data);
-            let over = stderr_tail.len().saturating_sub(spawn::STDERR_TAIL);
-            stderr_tail.drain(..over);
-            data
+            framing.stderr(&chunk.data)
         };
-        if !data.is_empty() {
-            forwarded[usize::from(chunk.stream == Stream::Stderr)] += data.len() as u64;
-            let _ = to
-                .send(Chunk {
-                    stream: chunk.stream,
-                    data,
-                })
-                .await;
-        }
+        let [noise, data] = [parts.0, parts.1];
+        forward(
+            to,
+            chunk.stream,
+            [noise, data],
+            (&mut forwarded, &mut stderr_tail),
+        )
+        .await;
         if let Some(text) = framing.complete() {
             sink = None;
             if let Some(tx) = trailer.take() {
@@ -820,22 +872,39 @@ async fn relay(
         }
     }
     let Some(tx) = trailer else { return };
-    let (left, text) = framing.finish();
-    if let Some(to) = &sink
-        && !left.is_empty()
-    {
-        forwarded[0] += left.len() as u64;
-        let _ = to
-            .send(Chunk {
-                stream: Stream::Stdout,
-                data: left,
-            })
-            .await;
+    let ([out, err], text) = framing.finish();
+    if let Some(to) = &sink {
+        forward(to, Stream::Stdout, out, (&mut forwarded, &mut stderr_tail)).await;
+        forward(to, Stream::Stderr, err, (&mut forwarded, &mut stderr_tail)).await;
     }
     let _ = tx.send(Said {
         trailer: text.map(|text| Trailer { text, stderr_tail }),
         forwarded,
     });
+}
+
+/// Sends `data` (the step's output, counted in `forwarded`) of `stream` to `to`. `noise` (the
+/// login's, before the wrapper's framing: a `.bashrc` that prints) is not the step's and not in
+/// its files: it goes only to `tail`, the last of stderr kept for the message of a step that did
+/// not start, never into the log, whose offsets count the step's files.
+async fn forward(
+    to: &mpsc::Sender<Chunk>,
+    stream: Stream,
+    [noise, data]: [Vec<u8>; 2],
+    (forwarded, tail): (&mut [u64; 2], &mut Vec<u8>),
+) {
+    if stream == Stream::Stderr {
+        for part in [&noise, &data] {
+            tail.extend_from_slice(part);
+            let over = tail.len().saturating_sub(spawn::STDERR_TAIL);
+            tail.drain(..over);
+        }
+    }
+    if data.is_empty() {
+        return;
+    }
+    forwarded[usize::from(stream == Stream::Stderr)] += data.len() as u64;
+    let _ = to.send(Chunk { stream, data }).await;
 }
 
 fn parse_hello(line: &str, host: &str) -> Option<Remote> {
@@ -950,8 +1019,13 @@ async fn collect(
     let Said { trailer, forwarded } = said;
     let cut = trailer.is_none();
     let (said, mut exit, recorded) = if let Some(trailer) = trailer {
-        // The wrapper ends by itself (a supervised one once told the end is recorded).
-        tokio::spawn(client);
+        // The wrapper ends by itself (a supervised one once told the end is recorded, or at the
+        // end of its input).
+        let client = tokio::spawn(client);
+        let recorded = recorded.map(|mut recorded| {
+            recorded.client = Some(client);
+            recorded
+        });
         let exit = Exit {
             code: None,
             signal: None,
@@ -1010,7 +1084,9 @@ async fn collect(
         }
         None => {}
     }
-    let lost = job.adopt && cut && code.is_none() && stopped.is_none() && started;
+    // A supervised step's cut connection is attached to again even when its directory shows the
+    // result: the rest of its output is streamed from there.
+    let lost = job.adopt && cut && stopped.is_none() && started;
     exit.stopped = stopped.or(exit.stopped);
     RemoteExit {
         exit,
@@ -1028,9 +1104,11 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Runs `script` with `sh` on `host`, sent on standard input; its standard output, or what
-/// went wrong.
+/// Runs `script` with `sh` on `host`, sent on standard input; its standard output (after a line
+/// it prints first: what the login printed before is not its), or what went wrong.
 async fn run(transport: &Transport, host: &str, script: &str) -> Result<String, String> {
+    let mark = format!("CAIRN_SAID_{}", random_token());
+    let script = format!("printf '\\n%s\\n' {mark}\n{{\n{script}\n}}\n");
     let argv = transport.command(host, "sh");
     let mut child = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
@@ -1053,7 +1131,14 @@ async fn run(transport: &Transport, host: &str, script: &str) -> Result<String, 
     if out.status.code() == Some(255) {
         return Err(unreachable(host, &String::from_utf8_lossy(&out.stderr)));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let said = String::from_utf8_lossy(&out.stdout);
+    match said.split_once(&format!("\n{mark}\n")) {
+        Some((_, said)) => Ok(said.to_owned()),
+        None => Err(format!(
+            "`{host}` did not run cairn's script: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
 }
 
 /// Ends the process group `remote` started on its host (TERM, then KILL after `grace`), unless
@@ -1102,19 +1187,28 @@ mod tests {
     /// apart the same way, and the trailer is whole once both streams reached their end line.
     #[test]
     fn framing_separates_hello_output_and_trailer_at_any_split() {
-        let stream = b"cairn-remote 42 7 boot-1\nout\nCAIRN_END_ not it\nlast\nCAIRN_END_x\nexit=3\nk=v\n\nCAIRN_END_x\n";
+        let stream = b"motd\ncairn-remote 42 7 boot-1\nout\nCAIRN_END_ not it\nlast\nCAIRN_END_x\nexit=3\nk=v\n\nCAIRN_END_x\n";
+        let err = b"login noise\n\nCAIRN_END_x_S\noops\n\nCAIRN_END_x\nssh: closed\n";
         for split in 1..stream.len() {
             let (mut framing, mut rx) = framing();
-            let mut out = framing.stdout(&stream[..split], "h");
-            out.extend(framing.stdout(&stream[split..], "h"));
+            let (mut noise, mut out) = framing.stdout(&stream[..split], "h");
+            let (more_noise, more) = framing.stdout(&stream[split..], "h");
+            noise.extend(more_noise);
+            out.extend(more);
+            assert_eq!(String::from_utf8_lossy(&noise), "motd\n");
             assert_eq!(
                 String::from_utf8_lossy(&out),
                 "out\nCAIRN_END_ not it\nlast",
                 "split at {split}"
             );
             assert_eq!(framing.complete(), None, "stderr's end line is not in yet");
-            let err = framing.stderr.feed(b"oops\n\nCAIRN_END_x\nssh: closed\n");
-            assert_eq!(err, b"oops\n");
+            let at = split.min(err.len() - 1);
+            let (mut err_noise, mut step_err) = framing.stderr(&err[..at]);
+            let (more_noise, more) = framing.stderr(&err[at..]);
+            err_noise.extend(more_noise);
+            step_err.extend(more);
+            assert_eq!(err_noise, b"login noise\n", "split at {at}");
+            assert_eq!(step_err, b"oops\n", "split at {at}");
             assert_eq!(framing.complete().as_deref(), Some(&b"exit=3\nk=v\n"[..]));
             let remote = rx.try_recv().unwrap();
             assert_eq!((remote.pid, remote.start), (42, 7));
@@ -1138,8 +1232,8 @@ mod tests {
         let (mut framing, _rx) = framing();
         framing.stdout(b"cairn-remote 1 2 b\nx\nCAIRN_END_x\nexit=0\nk=", "h");
         assert_eq!(framing.complete(), None);
-        let (left, trailer) = framing.finish();
-        assert!(left.is_empty());
+        let ([[noise, output], _], trailer) = framing.finish();
+        assert!(noise.is_empty() && output.is_empty());
         assert_eq!(trailer.as_deref(), Some(&b"exit=0\nk="[..]));
     }
 
@@ -1147,9 +1241,10 @@ mod tests {
     #[test]
     fn output_without_hello_is_kept() {
         let (mut framing, mut rx) = framing();
-        let mut out = framing.stdout(b"mkdir: cannot create\nmore", "h");
-        // What could begin the end line is held until the output ends (then the relay sends it).
-        let (left, trailer) = framing.finish();
+        let (mut out, none) = framing.stdout(b"mkdir: cannot create\nmore", "h");
+        assert!(none.is_empty());
+        // A line not yet ended is held until the output ends (then the relay sends it).
+        let ([[left, _], _], trailer) = framing.finish();
         out.extend(left);
         assert_eq!(String::from_utf8_lossy(&out), "mkdir: cannot create\nmore");
         assert!(rx.try_recv().is_err());

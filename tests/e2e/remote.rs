@@ -91,6 +91,19 @@ fn start_hosts() -> Hosts {
     keygen(&dir.join("id"));
     std::fs::copy(dir.join("id.pub"), dir.join("authorized_keys")).unwrap();
     std::fs::write(dir.join("empty_known_hosts"), "").unwrap();
+    // The login of `noisy` (host-a on a port of its own) prints on both streams before it runs
+    // the command, as a chatty `.bashrc` does.
+    let noisy_login = dir.join("noisy-login");
+    std::fs::write(
+        &noisy_login,
+        "#!/bin/sh\necho login-noise-out\necho login-noise-err >&2\nexec /bin/sh -c \"$SSH_ORIGINAL_COMMAND\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &noisy_login,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     // As root, sshd wants its privilege separation directory.
     let _ = std::fs::create_dir_all("/run/sshd");
     let user = nix::unistd::User::from_uid(nix::unistd::getuid())
@@ -105,12 +118,21 @@ fn start_hosts() -> Hosts {
             sshd_host(&dir, (name, address), &user, (&mut known, &mut config));
         servers.push((sshd_config, address, port));
     }
+    let noisy_port = free_port("127.0.0.2");
+    let mut a_config = std::fs::read_to_string(&servers[0].0).unwrap();
+    let _ = write!(
+        a_config,
+        "Port {a}\nPort {noisy_port}\nMatch LocalPort {noisy_port}\n  ForceCommand {login}\n",
+        a = servers[0].2,
+        login = noisy_login.display()
+    );
+    std::fs::write(&servers[0].0, a_config).unwrap();
     let c = CutHost::prepare(&dir, &user, (&mut known, &mut config));
     let _ = CUT_HOST.set(Mutex::new(c));
     let a_port = servers[0].2;
     let _ = write!(
         config,
-        "Host stranger\n  HostName 127.0.0.2\n  Port {a_port}\n  User {user}\n  UserKnownHostsFile {dir}/empty_known_hosts\n\nHost closed\n  HostName 127.0.0.2\n  Port {closed}\n  User {user}\n  UserKnownHostsFile {dir}/known_hosts\n\nHost nobody\n  HostName 127.0.0.2\n  Port {a_port}\n  User cairn-no-such-user\n  UserKnownHostsFile {dir}/known_hosts\n\nHost *\n  IdentityFile {dir}/id\n  IdentitiesOnly yes\n  GlobalKnownHostsFile /dev/null\n",
+        "Host stranger\n  HostName 127.0.0.2\n  Port {a_port}\n  User {user}\n  UserKnownHostsFile {dir}/empty_known_hosts\n\nHost closed\n  HostName 127.0.0.2\n  Port {closed}\n  User {user}\n  UserKnownHostsFile {dir}/known_hosts\n\nHost nobody\n  HostName 127.0.0.2\n  Port {a_port}\n  User cairn-no-such-user\n  UserKnownHostsFile {dir}/known_hosts\n\nHost noisy\n  HostName 127.0.0.2\n  Port {noisy_port}\n  User {user}\n  UserKnownHostsFile {dir}/known_hosts\n  HostKeyAlias [127.0.0.2]:{a_port}\n\nHost *\n  IdentityFile {dir}/id\n  IdentitiesOnly yes\n  GlobalKnownHostsFile /dev/null\n",
         closed = free_port("127.0.0.2"),
         dir = dir.display()
     );
@@ -1158,7 +1180,8 @@ fn a_retry_after_a_host_was_down_ends_the_attempt_it_left_there_first() {
     assert!(
         events(&show)
             .iter()
-            .any(|(kind, said)| kind == "leftovers-ended" && said.contains("before attempt 2")),
+            .any(|(kind, said)| kind == "leftovers-ended"
+                && said.contains("before the step runs again")),
         "{:?}",
         events(&show)
     );
@@ -1212,4 +1235,47 @@ steps:
     wait_for_file(&sandbox.path().join("ready"));
     assert!(host.kill() > 1, "no connection of cairn's was cut");
     (run, pids)
+}
+
+/// A login that prints on both streams (a chatty `.bashrc`) is not the step's output: it is
+/// neither in the log nor counted where a resume goes on from, so after a `kill -9` of cairn
+/// and a resume each line of the step is in the log once.
+#[test]
+fn a_chatty_login_is_not_in_the_log_and_a_resume_goes_on_from_the_right_place() {
+    let hosts = hosts();
+    let sandbox = Sandbox::new();
+    let dir = sandbox.path().display().to_string();
+    sandbox.write(
+        "plan.yaml",
+        &format!(
+            "name: chatty\nsteps:\n  - id: talk\n    on: noisy\n    run: |\n      echo first out\n      echo first err >&2\n      touch {dir}/started\n      while [ ! -f {dir}/go ]; do sleep 0.05; done\n      echo second out\n      echo second err >&2\n"
+        ),
+    );
+    let mut run = hosts
+        .command(&sandbox, &["run", "plan.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_file(&sandbox.path().join("started"));
+    let started = Instant::now();
+    loop {
+        let logs = stdout(&hosts.cairn(&sandbox, &["logs", "1"]));
+        if logs.contains("first out") && logs.contains("first err") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{logs}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run.kill().unwrap();
+    run.wait().unwrap();
+    sandbox.write("go", "");
+    let out = hosts.cairn(&sandbox, &["resume", "1"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let logs = stdout(&hosts.cairn(&sandbox, &["logs", "1"]));
+    for line in ["first out", "first err", "second out", "second err"] {
+        assert_eq!(logs.matches(line).count(), 1, "{line}: {logs}");
+    }
+    assert!(!logs.contains("login-noise"), "{logs}");
+    assert_eq!(task(&sandbox.show(1), "talk")["attempts"], 1);
 }

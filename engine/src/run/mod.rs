@@ -43,6 +43,19 @@ pub(crate) async fn run(
     ending: Option<EndState>,
     answered: bool,
 ) -> RunEnd {
+    let end = run_steps(shared.clone(), tasks, cancel, ending, answered).await;
+    shared.settle_ssh().await;
+    end
+}
+
+/// [`run`], until its end is decided.
+async fn run_steps(
+    shared: Arc<Shared>,
+    tasks: Vec<TaskState>,
+    cancel: Option<String>,
+    ending: Option<EndState>,
+    answered: bool,
+) -> RunEnd {
     if let Some(by) = cancel {
         shared.stop_because(StopReason::Cancel(by));
     }

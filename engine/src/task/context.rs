@@ -353,6 +353,14 @@ impl Shared {
             .clone()
     }
 
+    /// Waits for the wrappers of steps on other hosts told their end is recorded (see
+    /// [`procs::remote::Transport::settle`]), if any step of the run went to another host.
+    pub(crate) async fn settle_ssh(&self) {
+        if let Some(Ok(transport)) = self.made.ssh.get() {
+            transport.settle().await;
+        }
+    }
+
     pub(crate) fn param_env(
         &self,
         make: impl FnOnce() -> Result<BTreeMap<String, String>, String>,

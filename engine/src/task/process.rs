@@ -342,15 +342,24 @@ impl Attempt for ProcessAttempt<'_> {
         match host {
             None => procs::adopt::remove(std::path::Path::new(&dir)),
             Some(host) => {
+                let note = procs::adopt::host_file(&dir);
                 let removed = if let Some((_, told)) = told {
-                    // The wrapper, still connected, removes the directory once told.
-                    told.send();
-                    true
+                    // The wrapper, still connected, removes the directory once told; the note
+                    // goes once it says it did.
+                    told.send(move || {
+                        let _ = std::fs::remove_file(note);
+                    });
+                    false
                 } else {
+                    // No wrapper to tell (the connection was lost): what may still run there is
+                    // ended, then the directory removed.
+                    let grace = self.shared.options.grace;
                     match self.shared.ssh() {
-                        Ok(transport) => procs::remote::remove_dir(&transport, &host, &dir)
-                            .await
-                            .is_ok(),
+                        Ok(transport) => {
+                            procs::remote::probe(&transport, &host, &dir, (grace, true))
+                                .await
+                                .is_ok()
+                        }
                         Err(_) => false,
                     }
                 };
@@ -1103,15 +1112,15 @@ impl ProcessAttempt<'_> {
         if adopt {
             self.adopted = Some((n, Some(target.host.clone()), remote_job.dir.clone()));
         }
-        if adopt && again.is_none() && n > 1 {
-            // A retry: what the attempt before left on its host, out of reach then, is ended
-            // first; the step never runs beside itself.
-            if let Err(error) = self.end_earlier(n - 1, &transport).await? {
+        if adopt && again.is_none() {
+            // A retry first ends what attempts before left on their hosts, out of reach then:
+            // the step never runs beside itself.
+            if let Err(error) = self.end_earlier(n, &transport).await? {
                 return Ok(Ok(unreached(error)));
             }
-        }
-        if adopt && again.is_none() {
-            self.record_host(n, &target.host).await?;
+            if let Err(error) = self.record_host(n, &target.host).await? {
+                return Ok(Ok(unreached(error)));
+            }
         }
         let (sink, chunks) = spawn::sink();
         let spawned = crate::owner::now();
@@ -1174,6 +1183,9 @@ impl ProcessAttempt<'_> {
                         let mut ended = ended;
                         ended.exit.stderr_tail = error;
                         ended.exit.code = None;
+                        if *stop.borrow() {
+                            ended.exit.stopped = Some(Stopped::Asked);
+                        }
                         return ended;
                     }
                 }
@@ -1300,22 +1312,40 @@ fn remote_files(shared: &Shared, env: &BTreeMap<String, String>) -> BTreeMap<Str
 }
 
 impl ProcessAttempt<'_> {
-    /// Ends what attempt `m` of this task left on its host when its note says it may still run
-    /// there (the host was out of reach when the attempt ended), and removes its directory; an
-    /// error when the host still cannot be reached.
+    /// Ends what the attempts of this task before `n` left on their hosts when their notes say
+    /// they may still run there (the host was out of reach when the attempt ended), and removes
+    /// their directories; an error when a host still cannot be reached.
     async fn end_earlier(
         &self,
+        n: u32,
+        transport: &procs::remote::Transport,
+    ) -> Result<Result<(), String>, Fatal> {
+        if n <= 1 {
+            return Ok(Ok(()));
+        }
+        let task = self.job.task().0;
+        let left = procs::adopt::hosts_of(&self.shared.uuid)
+            .into_iter()
+            .filter(|&(t, m, ..)| t == task && m < n);
+        for (_, m, host, note) in left {
+            if let Err(error) = self.end_left(m, &host, &note, transport).await? {
+                return Ok(Err(error));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// [`ProcessAttempt::end_earlier`] for attempt `m`, noted at `note` as on `host`.
+    async fn end_left(
+        &self,
         m: u32,
+        host: &str,
+        note: &std::path::Path,
         transport: &procs::remote::Transport,
     ) -> Result<Result<(), String>, Fatal> {
         use procs::adopt::Found;
         let shared = self.shared;
         let dir = procs::adopt::dir_name(&shared.uuid, self.job.task().0, m);
-        let note = procs::adopt::host_file(&dir);
-        let Ok(host) = std::fs::read_to_string(&note) else {
-            return Ok(Ok(()));
-        };
-        let host = host.trim();
         let grace = shared.options.grace;
         let found = match procs::remote::probe(transport, host, &dir, (grace, false)).await {
             Ok(Found::Gone) => Ok(Found::Gone),
@@ -1332,7 +1362,7 @@ impl ProcessAttempt<'_> {
                 )));
             }
         };
-        let _ = std::fs::remove_file(&note);
+        let _ = std::fs::remove_file(note);
         if !matches!(found, Found::Running { .. }) {
             return Ok(Ok(()));
         }
@@ -1344,8 +1374,7 @@ impl ProcessAttempt<'_> {
                 kind: store::EventKind::LeftoversEnded,
                 task: Some(self.job.name.clone()),
                 message: format!(
-                    "ended what attempt {m} left on `{host}`, out of reach when it ended, before attempt {}",
-                    m + 1
+                    "ended what attempt {m} left on `{host}`, out of reach when it ended, before the step runs again"
                 ),
             }])
             .await?;
@@ -1355,10 +1384,14 @@ impl ProcessAttempt<'_> {
     /// Records attempt `n`'s host before anything starts there (`adopt`): a resume finds the
     /// step's directory there even if this run dies before the step says its pid. Notes it on
     /// this host too, until the directory is removed ([`procs::adopt::host_file`]).
-    async fn record_host(&self, n: u32, host: &str) -> Result<(), Fatal> {
+    async fn record_host(&self, n: u32, host: &str) -> Result<Result<(), String>, Fatal> {
         let shared = self.shared;
         let dir = procs::adopt::dir_name(&shared.uuid, self.job.task().0, n);
-        let _ = procs::adopt::note_host(&dir, host);
+        if let Err(e) = procs::adopt::note_host(&dir, host) {
+            return Ok(Err(format!(
+                "cannot note on this host where attempt {n} runs, so it could not be ended if `{host}` went out of reach: {e}"
+            )));
+        }
         shared
             .apply(vec![Change::AttemptProcess {
                 op: shared.op,
@@ -1375,7 +1408,7 @@ impl ProcessAttempt<'_> {
                 at: crate::owner::now(),
             }])
             .await?;
-        Ok(())
+        Ok(Ok(()))
     }
 }
 
