@@ -372,7 +372,7 @@ printf %s {env} > "$d/env"
         return format!(
             r#"{head}printf %s {supervisor} > "$d/supervise"
 : > "$d/out"; : > "$d/err"
-setsid sh -c 'read _ < "$1/go"; rm -f "$1/go"; . "$1/env" || exit 127; exec sh "$1/supervise" "$@"' sh "$d" {argv} </dev/null >/dev/null 2>&1 &
+setsid sh -c 'read _ < "$1/go"; . "$1/env" || exit 127; rm -f "$1/go" "$1/env"; exec sh "$1/supervise" "$@"' sh "$d" {argv} </dev/null >/dev/null 2>&1 &
 pid=$!
 {{ read -r l < "/proc/$pid/stat"; }} 2>/dev/null
 set -- ${{l##*) }}
@@ -389,7 +389,7 @@ oo=0 eo=0
         );
     }
     format!(
-        r#"{head}setsid sh -c 'read _ < "$1/go"; rm -f "$1/go"; . "$1/env" || exit 127; shift; exec "$@"' sh "$d" {argv} </dev/null &
+        r#"{head}setsid sh -c 'read _ < "$1/go"; . "$1/env" || exit 127; rm -f "$1/go" "$1/env"; shift; exec "$@"' sh "$d" {argv} </dev/null &
 pid=$!
 {{ read -r l < "/proc/$pid/stat"; }} 2>/dev/null
 set -- ${{l##*) }}

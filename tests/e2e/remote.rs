@@ -441,6 +441,22 @@ steps:
         !ps.contains(SECRET),
         "the secret is on a command line:\n{ps}"
     );
+    // Nor in a file of the step's directory there once the step started (its environment file
+    // is removed once read): the host is this machine.
+    let uuid = sandbox.show(1)["uuid"].as_str().unwrap().to_owned();
+    let dirs = crate::support::adopt_left(&uuid);
+    assert!(!dirs.is_empty(), "no directory of the step on the host");
+    for dir in &dirs {
+        let dir = std::env::temp_dir().join(dir);
+        for file in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let text = std::fs::read(file.path()).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&text).contains(SECRET),
+                "the secret is in {}",
+                file.path().display()
+            );
+        }
+    }
     std::fs::write(sandbox.path().join("go"), "").unwrap();
     let out = run.wait_with_output().unwrap();
     assert_eq!(
