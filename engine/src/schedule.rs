@@ -101,7 +101,7 @@ pub async fn fire_due(
         // resumed).
         let active = schedule
             .last_op
-            .and_then(|previous| reader.op(previous).ok())
+            .and_then(|previous| reader.op_head(previous).ok())
             .map(|row| rule.shown_status(&row, owner::now()))
             .filter(|status| !status.is_final() && *status != store::OpStatus::Failed);
         if let (Some(status), Some(previous)) = (active, schedule.last_op) {

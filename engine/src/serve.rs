@@ -511,7 +511,7 @@ async fn release(store: &Store, me: &store::ProcessId, seen: &mut Seen) {
 
 /// Releases `op` if this process still owns it: `false` when the database does not let it yet.
 async fn release_one(store: &Store, me: &store::ProcessId, op: OpId, why: &str) -> bool {
-    let row = match store.reader().and_then(|r| r.op(op)) {
+    let row = match store.reader().and_then(|r| r.op_head(op)) {
         Ok(row) => row,
         Err(e) => return !(e.is_transient() || e.kind() == store::ErrorKind::Closed),
     };

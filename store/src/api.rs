@@ -14,9 +14,9 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
-    Applied, AttemptRow, Change, CooldownRow, EventKind, EventRow, LockRow, LogChunk, Millis,
-    Moves, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ScheduleRow, Snapshot, TaskNo, TaskRow,
-    TokenRow,
+    Applied, AttemptRow, Briefs, Change, CooldownRow, EventKind, EventRow, LockRow, LogChunk,
+    Millis, Moves, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ScheduleRow, Snapshot,
+    TaskBrief, TaskNo, TaskRow, TokenRow,
 };
 
 /// Each batch's result, in the batches' order.
@@ -67,6 +67,9 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     /// How many ops are stored with `status` (through the index on it).
     fn count_ops(&self, status: OpStatus) -> Result<u64>;
     fn op(&self, op: OpId) -> Result<OpRow>;
+    /// The op's row without its params and env (read as `null` and empty): for the checks that
+    /// read an op again and again, whose params may hold a list of a million items.
+    fn op_head(&self, op: OpId) -> Result<OpRow>;
     /// Every schedule, by name.
     fn schedules(&self) -> Result<Vec<ScheduleRow>>;
     /// The child op that runs task `task` of `op`, if any.
@@ -78,6 +81,10 @@ pub trait ReadBackend: fmt::Debug + Send + Sync + 'static {
     /// lists.
     fn active_tasks(&self, op: OpId) -> Result<Vec<TaskRow>>;
     fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow>;
+    /// The op's tasks that `which` names, as a run takes them up ([`TaskBrief`]), by number.
+    fn task_briefs(&self, op: OpId, which: Briefs) -> Result<Vec<TaskBrief>>;
+    /// The op's highest task number, if it has a task: read through the key, not by counting.
+    fn last_task(&self, op: OpId) -> Result<Option<TaskNo>>;
     fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>>;
     /// The op's attempts that are `running` (what a take-over ends and records interrupted), by
     /// task then number: read without the op's other attempts, however many it has.
@@ -243,6 +250,11 @@ impl Reader {
         self.backend.op(op)
     }
 
+    /// [`ReadBackend::op_head`].
+    pub fn op_head(&self, op: OpId) -> Result<OpRow> {
+        self.backend.op_head(op)
+    }
+
     /// Every schedule, by name.
     pub fn schedules(&self) -> Result<Vec<ScheduleRow>> {
         self.backend.schedules()
@@ -269,6 +281,16 @@ impl Reader {
 
     pub fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
         self.backend.task(op, task)
+    }
+
+    /// [`ReadBackend::task_briefs`].
+    pub fn task_briefs(&self, op: OpId, which: Briefs) -> Result<Vec<TaskBrief>> {
+        self.backend.task_briefs(op, which)
+    }
+
+    /// [`ReadBackend::last_task`].
+    pub fn last_task(&self, op: OpId) -> Result<Option<TaskNo>> {
+        self.backend.last_task(op)
     }
 
     pub fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {

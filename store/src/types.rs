@@ -316,6 +316,14 @@ impl fmt::Display for ProcessId {
     }
 }
 
+/// A backend's list of an op's columns with its params and env read as `null` and `{}` (see
+/// [`crate::ReadBackend::op_head`]).
+pub(crate) fn head_columns(columns: &str) -> String {
+    columns
+        .replacen(" params,", " 'null',", 1)
+        .replacen(" env,", " '{}',", 1)
+}
+
 /// An op as `status` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OpRow {
@@ -369,6 +377,65 @@ pub struct TaskRow {
     pub by_check: bool,
     /// The last progress its process reported (`$CAIRN_PROGRESS`).
     pub progress: Option<String>,
+}
+
+/// A task as a run takes it up: what its scheduler keeps, without the columns only `show` needs.
+/// Its item is its JSON text as stored (a fan-out step's own task holds the whole list), parsed
+/// only where the item runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskBrief {
+    pub task_no: TaskNo,
+    /// The step's id, shared by the rows of one step (a fan-out's items are a run of rows).
+    pub step: std::sync::Arc<str>,
+    pub name: String,
+    pub item: Option<Box<str>>,
+    pub status: TaskStatus,
+    pub attempts: u32,
+    pub retry_from: u32,
+    pub error: Option<String>,
+    pub outputs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Which of an op's tasks [`crate::ReadBackend::task_briefs`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Briefs {
+    /// Every task.
+    All,
+    /// The tasks numbered below `steps` (the plan's steps and hooks), and the first `items`
+    /// tasks after them that are not kept (succeeded or skipped): what a take-over of a large
+    /// fan-out starts running with while it reads the rest.
+    First { steps: u32, items: u32 },
+}
+
+impl Briefs {
+    /// The SQL that reads them on either backend (`$1`: the op; `$2`, `$3`: `steps`, `items`),
+    /// `tasks`' columns in [`TaskBrief`]'s order.
+    pub(crate) fn sql(self) -> &'static str {
+        match self {
+            Self::All => {
+                "SELECT task_no, step, name, item, status, attempts, retry_from, error, outputs \
+                 FROM tasks WHERE op_id = CAST($1 AS BIGINT) ORDER BY task_no"
+            }
+            Self::First { .. } => {
+                "SELECT * FROM (SELECT task_no, step, name, item, status, attempts, retry_from, \
+                 error, outputs FROM tasks WHERE op_id = CAST($1 AS BIGINT) AND task_no < CAST($2 AS BIGINT) \
+                 UNION ALL SELECT * FROM (SELECT task_no, step, name, item, status, attempts, \
+                 retry_from, error, outputs FROM tasks WHERE op_id = CAST($1 AS BIGINT) AND task_no >= CAST($2 AS BIGINT) \
+                 AND status <> 'succeeded' AND status <> 'skipped' ORDER BY task_no LIMIT CAST($3 AS BIGINT)) AS items) \
+                 AS first ORDER BY task_no"
+            }
+        }
+    }
+}
+
+impl TaskBrief {
+    /// `step`, or the same text as `previous` shares it.
+    pub(crate) fn step_id(step: &str, previous: Option<&TaskBrief>) -> std::sync::Arc<str> {
+        match previous {
+            Some(p) if &*p.step == step => p.step.clone(),
+            _ => step.into(),
+        }
+    }
 }
 
 /// One try of a task.

@@ -1061,3 +1061,80 @@ steps:
     assert_eq!(lines(&sandbox, "afters"), ["after"]);
     assert_eq!(lines(&sandbox, "booms"), ["boom", "boom"]);
 }
+
+/// More items than a take-over reads before its first task starts (its steps and hooks, and the
+/// first 2,048 items still to run; the rest are read while those run).
+const MANY_ITEMS: usize = 2600;
+
+#[test]
+fn a_large_fan_out_taken_over_runs_every_item_it_had_not_and_gathers_them_all() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        r#"
+name: many
+shell: sh
+max_parallel: 16
+params:
+  items: { type: list, required: true }
+steps:
+  - id: work
+    for_each: "{{ params.items }}"
+    outputs: [n]
+    run: |
+      echo {{ item }} >> runs
+      echo n={{ item }} >> "$CAIRN_OUTPUT"
+  - id: report
+    needs: [work]
+    run: |
+      for n in {{ steps.work.outputs.n }}; do echo "$n"; done > report
+"#,
+    );
+    let items: Vec<String> = (1..=MANY_ITEMS).map(|n| format!("i{n:04}")).collect();
+    sandbox.write(
+        "items.json",
+        &serde_json::json!({ "items": items }).to_string(),
+    );
+    let mut run = sandbox.spawn(&["run", "plan.yaml", "--params", "items.json"]);
+    wait_lines(&sandbox, "runs", 300);
+    kill_9(&mut run);
+    let before = sandbox.show(1);
+    let done_before: Vec<String> = before["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["step"] == "work" && t["id"] != "work" && t["status"] == "succeeded")
+        .map(|t| t["item"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        done_before.len() >= 250 && done_before.len() < MANY_ITEMS - 2048,
+        "{} items done at the kill",
+        done_before.len()
+    );
+
+    let out = sandbox.cairn(&["resume", "1"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+
+    let runs = lines(&sandbox, "runs");
+    let mut times: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in &runs {
+        *times.entry(line.as_str()).or_default() += 1;
+    }
+    // Every item ran; those recorded done before the kill never again.
+    for item in &items {
+        assert!(times.contains_key(item.as_str()), "{item} never ran");
+    }
+    for item in &done_before {
+        assert_eq!(times[item.as_str()], 1, "{item} ran again");
+    }
+    let show = sandbox.show(1);
+    let tasks = show["tasks"].as_array().unwrap();
+    let succeeded = tasks
+        .iter()
+        .filter(|t| t["step"] == "work" && t["id"] != "work" && t["status"] == "succeeded")
+        .count();
+    assert_eq!(succeeded, MANY_ITEMS);
+    assert_eq!(show["status"], "succeeded");
+    // The gathering saw every item's output, in item order.
+    assert_eq!(lines(&sandbox, "report"), items);
+}

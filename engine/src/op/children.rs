@@ -83,7 +83,7 @@ pub(crate) fn lineage(
         if ops.contains(&op) {
             break;
         }
-        let row = reader.op(op)?;
+        let row = reader.op_head(op)?;
         ops.push(op);
         locks.extend(row.lock_key.clone());
         parent = row.parent;

@@ -7,7 +7,7 @@
 
 use store::{Change, EventKind, OpId, OpRow, OpStatus, ProcessId, Reader, Store};
 
-use super::{Error, Overrides, children, lease_until, lock_error, read_op, requeued};
+use super::{Error, Overrides, children, lease_until, lock_error, read_op_head, requeued};
 use crate::options::Options;
 use crate::owner::{Rule, now};
 use crate::progress::{Progress, Sink};
@@ -55,9 +55,9 @@ impl Acquire<'_> {
         let reader = self.store.reader()?;
         let owns_queued = self.dead.is_none()
             && reader
-                .op(self.op)
+                .op_head(self.op)
                 .is_ok_and(|r| r.owner.as_ref() == Some(self.me));
-        let (ancestors, _) = children::lineage(&reader, reader.op(self.op)?.parent)?;
+        let (ancestors, _) = children::lineage(&reader, reader.op_head(self.op)?.parent)?;
         let mut wait = Waiting {
             said: String::new(),
             owns_queued,
@@ -65,7 +65,7 @@ impl Acquire<'_> {
         };
         let mut stopped = stop.subscribe();
         loop {
-            let row = read_op(&reader, self.op)?;
+            let row = read_op_head(&reader, self.op)?;
             if let Some(ended) = self.before_try(&reader, &row, &wait).await? {
                 return Ok(ended);
             }
@@ -120,7 +120,7 @@ impl Acquire<'_> {
         let cancel = row.cancel.clone().or_else(|| {
             wait.ancestors
                 .iter()
-                .find_map(|&a| reader.op(a).ok().and_then(|r| r.cancel))
+                .find_map(|&a| reader.op_head(a).ok().and_then(|r| r.cancel))
         });
         let (true, Some(request)) = (wait.owns_queued, &cancel) else {
             return Ok(None);
@@ -190,7 +190,7 @@ impl Acquire<'_> {
             Err(store::Error::LockHeld { key, holder })
                 if !self.overrides.no_wait
                     && (wait.ancestors.is_empty()
-                        || reader.op(holder).is_ok_and(|h| {
+                        || reader.op_head(holder).is_ok_and(|h| {
                             !Rule::of(self.store.location())
                                 .shown_status(&h, now())
                                 .is_ended()
@@ -271,7 +271,7 @@ impl Acquire<'_> {
     /// ends interrupted.
     async fn stopped_waiting(&self, reader: &Reader, stop: &StopHandle) -> Result<Acquired, Error> {
         let (op, me) = (self.op, self.me);
-        let requeue = self.overrides.requeue && read_op(reader, op)?.started_at.is_none();
+        let requeue = self.overrides.requeue && read_op_head(reader, op)?.started_at.is_none();
         let change = if requeue {
             requeued(op, me, "stopped while waiting to start")
         } else {

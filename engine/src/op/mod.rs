@@ -447,10 +447,19 @@ pub fn snapshot_plan(reader: &Reader, op: OpId) -> Result<Plan, Error> {
 }
 
 fn read_op(reader: &Reader, op: OpId) -> Result<store::OpRow, Error> {
-    reader.op(op).map_err(|e| match e {
+    reader.op(op).map_err(unknown_op)
+}
+
+/// [`read_op`] without the op's params and env ([`Reader::op_head`]).
+fn read_op_head(reader: &Reader, op: OpId) -> Result<store::OpRow, Error> {
+    reader.op_head(op).map_err(unknown_op)
+}
+
+fn unknown_op(e: store::Error) -> Error {
+    match e {
         store::Error::NotFound(op) => Error::UnknownOp(op),
         other => Error::Store(other),
-    })
+    }
 }
 
 /// A time for messages: RFC 3339, UTC.

@@ -155,7 +155,9 @@ pub(crate) async fn resume_as(
     again.dedup();
     if let Some(why) = why.filter(|_| !again.is_empty()) {
         ending = None;
-        rerun_tasks(&shared, &mut tasks, again, &why).await?;
+        // A step's items run again with it: every task is needed.
+        tasks.complete().await?;
+        rerun_tasks(&shared, &mut tasks.tasks, again, &why).await?;
     }
     if ending.is_some() && (drifted.is_some() || changes.is_some()) {
         // An edited plan or new params: the outcome is decided again.
@@ -171,7 +173,7 @@ pub(crate) async fn resume_as(
             .chain(&hooks.on_failure)
             .chain(&hooks.on_cancel)
             .copied()
-            .filter(|&i| tasks.get(i).is_some_and(|t| t.status.is_kept()))
+            .filter(|&i| tasks.tasks.get(i).is_some_and(|t| t.status.is_kept()))
             .collect();
         if !done.is_empty() {
             store
@@ -186,10 +188,12 @@ pub(crate) async fn resume_as(
                     message: "the finishing hooks run again for this run's outcome".to_owned(),
                 }])
                 .await?;
+            // Hooks are in the first part of the tasks read.
             for i in done {
-                tasks[i].status = TaskStatus::Pending;
-                tasks[i].retry_from = tasks[i].attempts;
-                tasks[i].outputs = None;
+                let hook = &mut tasks.tasks[i];
+                hook.status = TaskStatus::Pending;
+                hook.retry_from = hook.attempts;
+                hook.outputs = None;
             }
         }
     }

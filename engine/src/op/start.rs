@@ -29,6 +29,7 @@ use crate::owner;
 use crate::owner::now;
 use crate::progress::Sink;
 use crate::progress::{Progress, Start};
+use crate::run::rest::Loaded;
 use crate::run::scheduler::TaskState;
 use crate::secrets;
 use crate::shutdown::StopHandle;
@@ -229,6 +230,6 @@ pub async fn run(
         lease_until: lease,
     };
     let shared = shared(store, run, options, progress, stop)?;
-    let tasks = TaskState::initial(&shared.steps);
+    let tasks = Loaded::whole(TaskState::initial(&shared.steps));
     Ok((id, crate::run::run(shared, tasks, None, None, false).await))
 }

@@ -34,6 +34,7 @@ use crate::owner::OwnerState;
 use crate::owner::now;
 use crate::progress::Sink;
 use crate::progress::{Progress, Start};
+use crate::run::rest::Loaded;
 use crate::run::scheduler::TaskState;
 use crate::secrets;
 use crate::shutdown::StopHandle;
@@ -166,7 +167,7 @@ fn daemon_tasks(
 ) -> Result<std::collections::HashSet<TaskNo>, Error> {
     let canceling = || {
         reader
-            .op(row.id)
+            .op_head(row.id)
             .map_or(row.cancel.is_some(), |r| r.cancel.is_some())
     };
     if running.is_empty() || canceling() {
@@ -267,7 +268,7 @@ async fn adopt_or_end(
 /// The grace a cancel request of `row` asks for, as the store has it now (the request may be newer
 /// than `row`).
 fn cancel_grace(reader: &Reader, row: &store::OpRow) -> Option<std::time::Duration> {
-    let now = reader.op(row.id).ok();
+    let now = reader.op_head(row.id).ok();
     let row = now.as_ref().unwrap_or(row);
     row.cancel.as_ref()?;
     let ms = row.cancel_grace_ms?;
@@ -293,7 +294,7 @@ async fn sweep(
     let daemons = daemon_tasks(reader, row, &running)?;
     let adopted = adopt_tasks(reader, row, &running)?;
     let canceling = reader
-        .op(row.id)
+        .op_head(row.id)
         .map_or(row.cancel.is_some(), |r| r.cancel.is_some());
     let adopting = adopting && !canceling && !options.restart_running;
     for attempt in running {
@@ -466,7 +467,7 @@ impl Takeover<'_> {
                     let now_row = self
                         .store
                         .reader()
-                        .and_then(|reader| reader.op(row.id))
+                        .and_then(|reader| reader.op_head(row.id))
                         .map_err(Error::from_store)?;
                     let rule = owner::Rule::of(self.store.location());
                     if !matches!(rule.owner_state(&now_row, now()), OwnerState::Dead(_)) {
@@ -524,7 +525,7 @@ impl Takeover<'_> {
         row: &store::OpRow,
         replace: Option<(Replan, PlanDrift)>,
         new_params: Option<&ParamChanges>,
-    ) -> Result<Result<(Arc<Shared>, Vec<TaskState>), Acquired>, Error> {
+    ) -> Result<Result<(Arc<Shared>, Loaded), Acquired>, Error> {
         let store = self.store;
         let op = row.id;
         let mut plan = snapshot_plan(reader, op)?;
@@ -564,7 +565,8 @@ impl Takeover<'_> {
         );
         let ending = (&leftovers, &self.stop);
         // An edited plan or params renumber or reset tasks: attempts are not taken again then.
-        let adopting = replace.is_none() && new_params.is_none();
+        let edited = replace.is_some() || new_params.is_some();
+        let adopting = !edited;
         sweep(store, reader, row, &me, ending, &self.progress, adopting).await?;
         let rule = owner::Rule::of(store.location());
         end_children_leftovers(reader, rule, op, &leftovers, &self.stop).await?;
@@ -612,7 +614,14 @@ impl Takeover<'_> {
             lease_until: lease,
         };
         let shared = shared(store, run, self.options, self.progress, self.stop)?;
-        let tasks = TaskState::load(&shared.steps, reader.tasks(op)?);
+        // An edited plan or params take every task at once; a plain take-over starts with the
+        // first part of a large op's.
+        let tasks = if edited {
+            let rows = reader.task_briefs(op, store::Briefs::All)?;
+            Loaded::whole(TaskState::load(&shared.steps, rows))
+        } else {
+            Loaded::read(&shared, reader)?
+        };
         Ok(Ok((shared, tasks)))
     }
 }

@@ -12,7 +12,7 @@ use plans::template::Context;
 use serde_json::{Map, Value};
 use store::{Change, NewTask, TaskNo, TaskStatus};
 
-use super::scheduler::{Counted, Scheduler, TaskState};
+use super::scheduler::{Counted, Item, Scheduler, TaskState};
 use crate::owner::now;
 use crate::task::carry::Carry;
 use crate::task::{self, Job, TaskEnd};
@@ -93,11 +93,14 @@ impl Scheduler {
                     t.retry_from = t.attempts;
                 }
                 t.step = Some(i);
-                t.item = Some(item.clone());
+                t.item = Some(Item::Evaluated(item.clone()));
                 no
             } else {
-                self.tasks
-                    .push(TaskState::new(i, name.clone(), Some(item.clone())));
+                self.tasks.push(TaskState::new(
+                    i,
+                    name.clone(),
+                    Some(Item::Evaluated(item.clone())),
+                ));
                 self.tasks.len() - 1
             };
             new.push(NewTask {
@@ -120,7 +123,7 @@ impl Scheduler {
         self.items_of.insert(i, numbers);
         // Only whether the step was expanded is asked of its own task's `item`: the list itself
         // goes to the store, not a second copy of it (a list may hold a million items).
-        self.tasks[i].item = Some(Value::Array(Vec::new()));
+        self.tasks[i].item = Some(Item::Evaluated(Value::Array(Vec::new())));
         let change = Change::Expand {
             op: self.shared.op,
             owner: self.shared.me.clone(),
@@ -202,7 +205,9 @@ impl Scheduler {
             .iter()
             .copied()
             .filter(|s| {
-                self.busy.get(s).copied().unwrap_or(0) == 0
+                // Only once every item is known (see `rest`).
+                self.rest_read()
+                    && self.busy.get(s).copied().unwrap_or(0) == 0
                     && (!launching || self.queued.get(s).is_none_or(VecDeque::is_empty))
             })
             .collect();

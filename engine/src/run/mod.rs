@@ -18,6 +18,7 @@
 mod fanout;
 mod hooks;
 mod lease;
+pub(crate) mod rest;
 pub(crate) mod scheduler;
 
 use std::sync::Arc;
@@ -30,15 +31,16 @@ use crate::progress::Progress;
 use crate::shutdown::Stop;
 use crate::task::Fatal;
 use crate::task::context::{Shared, StopReason};
+use rest::Loaded;
 use scheduler::{Scheduler, TaskState, satisfied};
 
 /// Runs the op until it ends or stops. `tasks` is the op's state as stored, indexed by task number
-/// (the steps, then the hooks). With `cancel` set, the op is only finished as canceled: nothing
+/// (the steps, then the hooks), or the first part of it (see `rest`). With `cancel` set, the op is only finished as canceled: nothing
 /// new starts, the `on_cancel` hooks run. With `ending`, the outcome was decided by a run that
 /// crashed among its finishing hooks: only the hooks that had not finished are left to run.
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    tasks: Vec<TaskState>,
+    tasks: Loaded,
     cancel: Option<String>,
     ending: Option<EndState>,
     answered: bool,
@@ -51,7 +53,7 @@ pub(crate) async fn run(
 /// [`run`], until its end is decided.
 async fn run_steps(
     shared: Arc<Shared>,
-    tasks: Vec<TaskState>,
+    tasks: Loaded,
     cancel: Option<String>,
     ending: Option<EndState>,
     answered: bool,

@@ -21,6 +21,7 @@ use store::{Change, EventKind, OpStatus, TaskNo, TaskStatus};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::rest::{self, Loaded, Rest};
 use crate::owner::now;
 use crate::progress::Progress;
 use crate::task::carry::{Carry, Ledger};
@@ -42,14 +43,33 @@ pub(crate) struct TaskState {
     /// A fan-out item's value; on a fan-out step's own task, `Some` once expanded (the frozen
     /// list as stored after a take-over; an empty array when this run expanded it, whose list
     /// went to the store: only whether there is one is asked of it).
-    pub item: Option<Value>,
+    pub item: Option<Item>,
     /// Why it failed, as stored when the run started.
     pub error: Option<String>,
 }
 
+/// A fan-out item as the scheduler keeps it: as stored (its JSON text, parsed only when the item
+/// runs: a take-over of a million items parses none of those already done), or as this run
+/// evaluated it.
+#[derive(Debug, Clone)]
+pub(crate) enum Item {
+    Stored(Box<str>),
+    Evaluated(Value),
+}
+
+impl Item {
+    pub(crate) fn value(&self) -> Value {
+        match self {
+            // The store wrote it from a value: it parses.
+            Self::Stored(text) => serde_json::from_str(text).unwrap_or(Value::Null),
+            Self::Evaluated(value) => value.clone(),
+        }
+    }
+}
+
 impl TaskState {
     /// A task not yet stored or not yet run.
-    pub(crate) fn new(step: usize, name: String, item: Option<Value>) -> Self {
+    pub(crate) fn new(step: usize, name: String, item: Option<Item>) -> Self {
         Self {
             status: TaskStatus::Pending,
             attempts: 0,
@@ -59,6 +79,14 @@ impl TaskState {
             name,
             item,
             error: None,
+        }
+    }
+
+    /// In place of a task number with no row: history that never runs.
+    pub(crate) fn gone() -> Self {
+        Self {
+            step: None,
+            ..Self::new(0, String::new(), None)
         }
     }
 
@@ -72,7 +100,7 @@ impl TaskState {
     }
 
     /// The op's tasks as stored, in task order, for `steps` (the plan's steps, then its hooks).
-    pub(crate) fn load(steps: &[Step], rows: Vec<store::TaskRow>) -> Vec<Self> {
+    pub(crate) fn load(steps: &[Step], rows: Vec<store::TaskBrief>) -> Vec<Self> {
         let mut tasks = Self::initial(steps);
         tasks.reserve(rows.len().saturating_sub(tasks.len()));
         // The fan-out steps by id: an item finds its step without a scan of the plan.
@@ -82,13 +110,23 @@ impl TaskState {
             .filter(|(_, s)| s.for_each.is_some())
             .map(|(i, s)| (s.id.as_str(), i))
             .collect();
+        // The step of the last item read: a fan-out's items are a run of rows sharing their
+        // step's id.
+        let mut last: Option<(std::sync::Arc<str>, Option<usize>)> = None;
         for row in rows {
             let no = row.task_no.0 as usize;
-            let step = if no < steps.len() && row.step == steps[no].id {
+            let step = if no < steps.len() && *row.step == *steps[no].id {
                 Some(no)
             } else if no >= steps.len() && row.item.is_some() {
                 // A fan-out item: its step must still fan out.
-                fan_outs.get(row.step.as_str()).copied()
+                match &last {
+                    Some((id, step)) if std::sync::Arc::ptr_eq(id, &row.step) => *step,
+                    _ => {
+                        let step = fan_outs.get(&*row.step).copied();
+                        last = Some((row.step.clone(), step));
+                        step
+                    }
+                }
             } else {
                 None
             };
@@ -99,14 +137,15 @@ impl TaskState {
                 outputs: row.outputs,
                 step,
                 name: row.name,
-                item: row.item,
+                item: row.item.map(Item::Stored),
                 error: row.error,
             };
-            if no >= tasks.len() {
-                tasks.resize_with(no + 1, || Self {
-                    step: None,
-                    ..Self::new(0, String::new(), None)
-                });
+            if no == tasks.len() {
+                tasks.push(state);
+                continue;
+            }
+            if no > tasks.len() {
+                tasks.resize_with(no + 1, Self::gone);
             }
             tasks[no] = state;
         }
@@ -135,7 +174,7 @@ impl TaskState {
             item: if self.step == Some(no) {
                 None
             } else {
-                self.item.clone()
+                self.item.as_ref().map(Item::value)
             },
             defer: false,
         })
@@ -146,6 +185,17 @@ impl TaskState {
 /// `continue_on_error`.
 pub(super) fn satisfied(state: &TaskState, step: &Step) -> bool {
     state.status.is_kept() || (state.status == TaskStatus::Failed && step.continue_on_error)
+}
+
+/// Each fan-out step's items (task numbers, in order).
+fn items_of(tasks: &[TaskState]) -> BTreeMap<usize, Vec<usize>> {
+    let mut items_of: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (no, t) in tasks.iter().enumerate() {
+        if let Some(s) = t.step.filter(|&s| s != no) {
+            items_of.entry(s).or_default().push(no);
+        }
+    }
+    items_of
 }
 
 /// What a running task's future returns: its task number and its end.
@@ -204,6 +254,9 @@ pub(crate) struct Scheduler {
     /// Per fan-out step, the template context its items share (built once per step).
     pub(super) step_contexts: BTreeMap<usize, Context>,
     ledger: Ledger,
+    /// The op's tasks still being read (see `rest`): until they are merged, `tasks` holds the
+    /// steps, the hooks and the first items to run, and nothing needing every task happens.
+    rest: Option<Rest>,
     /// The first task that failed (its name, and the op's error).
     pub(super) first_failure: Option<(String, String)>,
     /// What ended the run: ownership lost, or the store failed.
@@ -215,12 +268,8 @@ impl Scheduler {
     /// run and no step runs (only finishing hooks are left). With `answered`, the op goes on after
     /// an answer to its gates (it was parked): a gate that failed (rejected, or no answer in
     /// time) is this run's failure, not asked again.
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        tasks: Vec<TaskState>,
-        decided: bool,
-        answered: bool,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, loaded: Loaded, decided: bool, answered: bool) -> Self {
+        let Loaded { tasks, rest } = loaded;
         let plan = &shared.plan;
         let answer_failed = |i: usize| {
             answered
@@ -253,12 +302,7 @@ impl Scheduler {
                 let why = format!("task `{name}` failed: {error}");
                 (name, why)
             });
-        let mut items_of: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (no, t) in tasks.iter().enumerate() {
-            if let Some(s) = t.step.filter(|&s| s != no) {
-                items_of.entry(s).or_default().push(no);
-            }
-        }
+        let items_of = items_of(&tasks);
         let max = usize::try_from(plan.max_parallel).unwrap_or(usize::MAX);
         let stop = shared.stop_signal().clone();
         let gate_news = shared.gates_waiting();
@@ -280,9 +324,15 @@ impl Scheduler {
             open: BTreeSet::new(),
             step_contexts: BTreeMap::new(),
             ledger: Ledger::default(),
+            rest,
             first_failure,
             fatal: None,
         }
+    }
+
+    /// Whether every task of the op is in `tasks` (none still being read).
+    pub(super) fn rest_read(&self) -> bool {
+        self.rest.is_none()
     }
 
     /// Whether new tasks may be launched: nothing failed or is fatal, and the run goes on.
@@ -317,6 +367,12 @@ impl Scheduler {
                 self.gather_ended(plan, launching);
             }
             self.show_waiting().await;
+            if self.running.is_empty() && self.rest.is_some() && self.fatal.is_none() {
+                // Nothing runs, and what comes next (more items, a gathering, the outcome)
+                // needs every task.
+                self.complete().await;
+                continue;
+            }
             if self.running.is_empty() && (self.open.is_empty() || self.fatal.is_some()) {
                 // Every end is durable before the op's outcome is decided and recorded.
                 if let Err(f) = self.ledger.wait_all().await {
@@ -325,6 +381,9 @@ impl Scheduler {
                 return;
             }
             tokio::select! {
+                read = rest::arrival(&mut self.rest), if self.rest.is_some() => {
+                    self.took_rest(read);
+                }
                 joined = self.running.join_next() => {
                     if let Some(joined) = joined {
                         self.joined(plan, joined);
@@ -338,6 +397,35 @@ impl Scheduler {
                 // A gate now waits: the op may be shown waiting, or parked (see `show_waiting`).
                 _ = self.gate_news.changed(), if !self.parked => {}
             }
+        }
+    }
+
+    /// Waits for the rest of the op's tasks, if still being read, and merges them.
+    pub(super) async fn complete(&mut self) {
+        if self.rest.is_some() {
+            let read = rest::arrival(&mut self.rest).await;
+            self.took_rest(read);
+        }
+    }
+
+    /// Merges the rest of the op's tasks (see `rest`): the items not yet known that are to
+    /// run join their open steps' queues, in order, after those of the first part.
+    fn took_rest(&mut self, read: (Vec<usize>, Result<Vec<TaskState>, store::Error>)) {
+        self.rest = None;
+        let (first, all) = read;
+        let all = match all {
+            Ok(all) => all,
+            Err(e) => {
+                self.fail_fatally(Fatal::from(e));
+                return;
+            }
+        };
+        rest::merge(&mut self.tasks, &first, all);
+        self.items_of = items_of(&self.tasks);
+        let first: std::collections::HashSet<usize> = first.into_iter().collect();
+        for (s, queue) in &mut self.queued {
+            let new = self.items_of.get(s).into_iter().flatten().copied();
+            queue.extend(new.filter(|no| !first.contains(no) && !self.tasks[*no].status.is_kept()));
         }
     }
 
@@ -362,6 +450,10 @@ impl Scheduler {
                 }
             };
             let outputs = self.outputs_for(step);
+            if step.for_each.is_some() && self.tasks[i].item.is_none() {
+                // Expanding names its items after those of earlier expansions: all of them.
+                self.complete().await;
+            }
             let Some(job) = self.tasks[i].job(i) else {
                 continue;
             };

@@ -665,7 +665,7 @@ pub(crate) fn cancel_request_in(
     ops: &[OpId],
 ) -> Option<(store::Request, Option<Duration>)> {
     ops.iter().find_map(|&op| {
-        let row = reader.op(op).ok()?;
+        let row = reader.op_head(op).ok()?;
         let grace = row
             .cancel_grace_ms
             .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)));

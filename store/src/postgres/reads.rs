@@ -24,9 +24,9 @@ use crate::api::ReadBackend;
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::types::{
-    AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, Interruption, LockRow, LogChunk,
-    Millis, Moves, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request,
-    ScheduleRow, Snapshot, TaskNo, TaskRow, TaskStatus, TokenRow,
+    AttemptRow, AttemptStatus, Briefs, CooldownRow, EventKind, EventRow, Interruption, LockRow,
+    LogChunk, Millis, Moves, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request,
+    ScheduleRow, Snapshot, TaskBrief, TaskNo, TaskRow, TaskStatus, TokenRow,
 };
 
 /// How long a caller waits for a read's answer: a server that stopped answering (a network cut
@@ -134,6 +134,21 @@ impl PgReader {
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::Closed),
         }
+    }
+}
+
+impl PgReader {
+    fn op_with(&self, op: OpId, columns: String) -> Result<OpRow> {
+        self.run(move |c| {
+            c.query_opt(
+                &format!("SELECT {columns} FROM ops WHERE id = $1::bigint"),
+                &[&op.0],
+            )?
+            .as_ref()
+            .map(op_row)
+            .transpose()
+        })?
+        .ok_or(Error::NotFound(op))
     }
 }
 
@@ -497,6 +512,35 @@ fn task_rows(c: &mut Conn, op: OpId, only: Option<TaskNo>, active: bool) -> PgRe
     .collect()
 }
 
+/// An op's tasks as a run takes them up, by number.
+fn task_briefs(c: &mut Conn, op: OpId, which: Briefs) -> PgResult<Vec<TaskBrief>> {
+    let rows = match which {
+        Briefs::All => c.query(which.sql(), &[&op.0])?,
+        Briefs::First { steps, items } => {
+            c.query(which.sql(), &[&op.0, &i64::from(steps), &i64::from(items)])?
+        }
+    };
+    let mut briefs: Vec<TaskBrief> = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let step: &str = r.try_get(1)?;
+        let status: &str = r.try_get(4)?;
+        let outputs: Option<&str> = r.try_get(8)?;
+        let brief = TaskBrief {
+            task_no: TaskNo(num(r, 0)?),
+            step: TaskBrief::step_id(step, briefs.last()),
+            name: r.try_get(2)?,
+            item: r.try_get::<_, Option<&str>>(3)?.map(Box::from),
+            status: TaskStatus::parse(status).unwrap_or(TaskStatus::Failed),
+            attempts: num(r, 5)?,
+            retry_from: num(r, 6)?,
+            error: r.try_get(7)?,
+            outputs: outputs.and_then(|o| serde_json::from_str(o).ok()),
+        };
+        briefs.push(brief);
+    }
+    Ok(briefs)
+}
+
 fn attempt_row(r: &Row) -> PgResult<AttemptRow> {
     let status: String = r.try_get(2)?;
     let pgid: Option<i64> = num_opt(r, 11)?;
@@ -638,16 +682,11 @@ impl ReadBackend for PgReader {
     }
 
     fn op(&self, op: OpId) -> Result<OpRow> {
-        self.run(move |c| {
-            c.query_opt(
-                &format!("SELECT {OP_COLUMNS} FROM ops WHERE id = $1::bigint"),
-                &[&op.0],
-            )?
-            .as_ref()
-            .map(op_row)
-            .transpose()
-        })?
-        .ok_or(Error::NotFound(op))
+        self.op_with(op, OP_COLUMNS.to_owned())
+    }
+
+    fn op_head(&self, op: OpId) -> Result<OpRow> {
+        self.op_with(op, crate::types::head_columns(OP_COLUMNS))
     }
 
     fn schedules(&self) -> Result<Vec<ScheduleRow>> {
@@ -701,6 +740,23 @@ impl ReadBackend for PgReader {
         self.run(move |c| task_rows(c, op, Some(task), false))?
             .pop()
             .ok_or(Error::NotFound(op))
+    }
+
+    fn task_briefs(&self, op: OpId, which: Briefs) -> Result<Vec<TaskBrief>> {
+        self.run(move |c| task_briefs(c, op, which))
+    }
+
+    fn last_task(&self, op: OpId) -> Result<Option<TaskNo>> {
+        self.run(move |c| {
+            let last: Option<i64> = match c.query_opt(
+                "SELECT max(task_no)::bigint FROM tasks WHERE op_id = $1::bigint",
+                &[&op.0],
+            )? {
+                Some(row) => row.try_get(0)?,
+                None => None,
+            };
+            Ok(last.and_then(|n| u32::try_from(n).ok()).map(TaskNo))
+        })
     }
 
     fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {

@@ -27,6 +27,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0011_tokens.sql"),
     include_str!("../../migrations/0012_moves.sql"),
     include_str!("../../migrations/0013_logged.sql"),
+    include_str!("../../migrations/0014_running_attempts.sql"),
 ];
 
 /// The schema version this cairn writes.

@@ -9,9 +9,9 @@ use super::classify;
 use crate::api::ReadBackend;
 use crate::error::{Error, Result};
 use crate::types::{
-    AttemptRow, AttemptStatus, CooldownRow, EventKind, EventRow, Interruption, LockRow, LogChunk,
-    Millis, Moves, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request,
-    ScheduleRow, Snapshot, TaskNo, TaskRow, TaskStatus, TokenRow,
+    AttemptRow, AttemptStatus, Briefs, CooldownRow, EventKind, EventRow, Interruption, LockRow,
+    LogChunk, Millis, Moves, NodeRow, OpFilter, OpId, OpRow, OpStatus, Pause, ProcessId, Request,
+    ScheduleRow, Snapshot, TaskBrief, TaskNo, TaskRow, TaskStatus, TokenRow,
 };
 
 /// The process whose four columns start at `first`, if they are all set.
@@ -38,6 +38,13 @@ const OP_COLUMNS: &str = "id, uuid, plan, title, status, params, created_at, sta
      owner_host, owner_boot, owner_pid, owner_start, lease_until, current_task, error, workdir, env, \
      lock_key, cancel_requested_at, cancel_by, cancel_reason, ending, parent_id, parent_task, \
      interrupted_by, cancel_grace_ms";
+
+/// Column `i` of `r` as text borrowed from the row (`None` for NULL).
+fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<&'r str>> {
+    r.get_ref(i)?.as_str_or_null().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
 
 fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
     let status: String = r.get(4)?;
@@ -188,8 +195,16 @@ impl Reads<'_> {
     }
 
     pub fn op(&self, op: OpId) -> Result<OpRow> {
+        self.op_with(op, OP_COLUMNS)
+    }
+
+    pub fn op_head(&self, op: OpId) -> Result<OpRow> {
+        self.op_with(op, &crate::types::head_columns(OP_COLUMNS))
+    }
+
+    fn op_with(&self, op: OpId, columns: &str) -> Result<OpRow> {
         self.conn
-            .prepare_cached(&format!("SELECT {OP_COLUMNS} FROM ops WHERE id = ?1"))
+            .prepare_cached(&format!("SELECT {columns} FROM ops WHERE id = ?1"))
             .and_then(|mut s| s.query_row([op.0], op_row).optional())
             .map_err(|e| self.err(&e))?
             .ok_or(Error::NotFound(op))
@@ -247,6 +262,47 @@ impl Reads<'_> {
             .map_err(|e| self.err(&e))
     }
 
+    pub fn task_briefs(&self, op: OpId, which: Briefs) -> Result<Vec<TaskBrief>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(which.sql())
+            .map_err(|e| self.err(&e))?;
+        let mut rows = match which {
+            Briefs::All => stmt.query(params![op.0]),
+            Briefs::First { steps, items } => stmt.query(params![op.0, steps, items]),
+        }
+        .map_err(|e| self.err(&e))?;
+        let mut briefs: Vec<TaskBrief> = Vec::new();
+        while let Some(r) = rows.next().map_err(|e| self.err(&e))? {
+            let brief = (|| {
+                let step = text(r, 1)?.unwrap_or_default();
+                Ok::<_, rusqlite::Error>(TaskBrief {
+                    task_no: TaskNo(r.get(0)?),
+                    step: TaskBrief::step_id(step, briefs.last()),
+                    name: r.get(2)?,
+                    item: text(r, 3)?.map(Box::from),
+                    status: TaskStatus::parse(text(r, 4)?.unwrap_or_default())
+                        .unwrap_or(TaskStatus::Failed),
+                    attempts: r.get(5)?,
+                    retry_from: r.get(6)?,
+                    error: r.get(7)?,
+                    outputs: text(r, 8)?.and_then(|o| serde_json::from_str(o).ok()),
+                })
+            })()
+            .map_err(|e| self.err(&e))?;
+            briefs.push(brief);
+        }
+        Ok(briefs)
+    }
+
+    pub fn last_task(&self, op: OpId) -> Result<Option<TaskNo>> {
+        self.conn
+            .prepare_cached("SELECT max(task_no) FROM tasks WHERE op_id = ?1")
+            .and_then(|mut s| s.query_row([op.0], |r| r.get::<_, Option<u32>>(0)))
+            .map(|last| last.map(TaskNo))
+            .map_err(|e| self.err(&e))
+    }
+
     pub fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
         self.attempt_rows(op, false)
     }
@@ -257,15 +313,22 @@ impl Reads<'_> {
     }
 
     fn attempt_rows(&self, op: OpId, running: bool) -> Result<Vec<AttemptRow>> {
+        // The status written out, not bound, and the index named: without statistics SQLite
+        // would take the primary key and read all the op's attempts.
+        let (index, only) = if running {
+            ("INDEXED BY attempts_running", "AND status = 'running'")
+        } else {
+            ("", "")
+        };
         let mut stmt = self
             .conn
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT task_no, n, status, started_at, ended_at, exit_code, error, host, boot_id, pid, proc_start, pgid, \
-                 out_logged, err_logged FROM attempts WHERE op_id = ?1 AND (NOT ?2 OR status = 'running') ORDER BY task_no, n",
-            )
+                 out_logged, err_logged FROM attempts {index} WHERE op_id = ?1 {only} ORDER BY task_no, n",
+            ))
             .map_err(|e| self.err(&e))?;
         let rows = stmt
-            .query_map(params![op.0, running], |r| {
+            .query_map(params![op.0], |r| {
                 let status: String = r.get(2)?;
                 let pgid: Option<i64> = r.get(11)?;
                 Ok(AttemptRow {
@@ -586,6 +649,10 @@ impl ReadBackend for SqliteReader {
         self.with(|r| r.op(op))
     }
 
+    fn op_head(&self, op: OpId) -> Result<OpRow> {
+        self.with(|r| r.op_head(op))
+    }
+
     fn schedules(&self) -> Result<Vec<ScheduleRow>> {
         self.with(|r| r.schedules())
     }
@@ -608,6 +675,14 @@ impl ReadBackend for SqliteReader {
 
     fn task(&self, op: OpId, task: TaskNo) -> Result<TaskRow> {
         self.with(|r| r.task(op, task))
+    }
+
+    fn task_briefs(&self, op: OpId, which: Briefs) -> Result<Vec<TaskBrief>> {
+        self.with(|r| r.task_briefs(op, which))
+    }
+
+    fn last_task(&self, op: OpId) -> Result<Option<TaskNo>> {
+        self.with(|r| r.last_task(op))
     }
 
     fn attempts(&self, op: OpId) -> Result<Vec<AttemptRow>> {
