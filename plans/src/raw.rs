@@ -10,10 +10,55 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
-use serde_saphyr::Spanned;
+
+use crate::diag::Span;
 
 /// A string with the place it was written.
 pub type Text = Spanned<String>;
+
+/// A value with the place it was written: the bytes of its text in the file, when the parser knew
+/// them. Read through serde-saphyr's `Spanned`, of which it keeps only what problems point at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spanned<T> {
+    pub value: T,
+    offset: u32,
+    len: u32,
+}
+
+/// `offset` of a value whose place is not known.
+const UNKNOWN: u32 = u32::MAX;
+
+impl<T> Spanned<T> {
+    /// `value` at the place of `at`.
+    pub fn at<U>(value: U, at: &Spanned<T>) -> Spanned<U> {
+        Spanned {
+            value,
+            offset: at.offset,
+            len: at.len,
+        }
+    }
+
+    /// The value's bytes in the file; `None` where the parser did not know them.
+    #[must_use]
+    pub fn span(&self) -> Option<Span> {
+        (self.offset != UNKNOWN).then(|| Span::new(self.offset as usize, self.len as usize))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Spanned<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let read = serde_saphyr::Spanned::<T>::deserialize(deserializer)?;
+        let place = Span::of(&read.referenced)
+            .and_then(|s| Some((u32::try_from(s.offset).ok()?, u32::try_from(s.len).ok()?)))
+            .filter(|&(offset, _)| offset != UNKNOWN);
+        let (offset, len) = place.unwrap_or((UNKNOWN, 0));
+        Ok(Self {
+            value: read.value,
+            offset,
+            len,
+        })
+    }
+}
 
 /// A cairn plan: parameters, steps and their dependencies, hooks, lock.
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
 use crate::dag::Dag;
@@ -15,7 +14,7 @@ use crate::model::{
     DEFAULT_UNTIL_EVERY, EnvVar, ForEach, Hook, Hooks, OnFailure, Param, ParamType, Plan, Retry,
     Schedule, Shell, Step, Until,
 };
-use crate::raw::{self, Pairs, RawForEach, RawHook, RawPlan, RawStep, Scalar, Text};
+use crate::raw::{self, Pairs, RawForEach, RawHook, RawPlan, RawStep, Scalar, Spanned, Text};
 use crate::template::{Expr, Name, Quoting, Template, unsafe_insertions};
 use crate::units::{parse_bytes as parse_size, parse_duration};
 
@@ -440,7 +439,7 @@ fn is_step_id(s: &str) -> bool {
 }
 
 fn span<T>(s: &Spanned<T>) -> Option<Span> {
-    Span::of(&s.referenced)
+    s.span()
 }
 
 /// What a template may name, where it stands.
@@ -967,10 +966,7 @@ impl Checker<'_> {
             return (None, OnFailure::Keep);
         };
         match &lock.value {
-            raw::RawLock::Key(key) => (
-                Some(Spanned::new(key.clone(), lock.referenced, lock.defined)),
-                OnFailure::Keep,
-            ),
+            raw::RawLock::Key(key) => (Some(Spanned::at(key.clone(), lock)), OnFailure::Keep),
             raw::RawLock::Policy { key, on_failure } => {
                 let policy = match on_failure.as_ref().map(|p| (p, p.value.as_str())) {
                     None | Some((_, "keep")) => OnFailure::Keep,
@@ -1059,11 +1055,7 @@ impl Checker<'_> {
                     ),
                 ));
             }
-            let text = Spanned {
-                value: value.value.0.clone(),
-                referenced: value.referenced,
-                defined: value.defined,
-            };
+            let text = Spanned::at(value.value.0.clone(), value);
             if let Some(template) = self.template(&text, Quoting::Plain, known, scope) {
                 out.push(EnvVar {
                     name: name.value.clone(),
@@ -1600,11 +1592,7 @@ impl Checker<'_> {
         let for_each = step.for_each.as_ref().and_then(|f| match &f.value {
             RawForEach::Items(items) => Some(ForEach::Items(items.clone())),
             RawForEach::Expression(e) => {
-                let text = Spanned {
-                    value: e.clone(),
-                    referenced: f.referenced,
-                    defined: f.defined,
-                };
+                let text = Spanned::at(e.clone(), f);
                 self.expr(&text, known, scope("`for_each`", false))
                     .map(ForEach::Expr)
             }
@@ -1729,11 +1717,7 @@ impl Checker<'_> {
         for (name, value) in step.with.iter().flat_map(|w| &w.value.0) {
             let arg = match &value.value {
                 Value::String(s) => {
-                    let text = Spanned {
-                        value: s.clone(),
-                        referenced: value.referenced,
-                        defined: value.defined,
-                    };
+                    let text = Spanned::at(s.clone(), value);
                     Arg::Template(self.template(
                         &text,
                         Quoting::Plain,
@@ -1771,11 +1755,7 @@ impl Checker<'_> {
         let mut argv = Vec::with_capacity(exec.value.len());
         let mut ok = true;
         for arg in &exec.value {
-            let text = Spanned {
-                value: arg.value.0.clone(),
-                referenced: arg.referenced,
-                defined: arg.defined,
-            };
+            let text = Spanned::at(arg.value.0.clone(), arg);
             match self.template(&text, Quoting::Plain, known, scope) {
                 Some(t) => argv.push(t),
                 None => ok = false,
@@ -1983,11 +1963,7 @@ impl Checker<'_> {
         let mut values = Vec::new();
         let mut ok = true;
         for param in params.map(|p| p.value.as_slice()).unwrap_or_default() {
-            let text = Spanned {
-                value: param.value.0.clone(),
-                referenced: param.referenced,
-                defined: param.defined,
-            };
+            let text = Spanned::at(param.value.0.clone(), param);
             match self.template(&text, Quoting::Plain, known, scope) {
                 Some(t) => values.push(t),
                 None => ok = false,
