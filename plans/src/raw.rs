@@ -167,7 +167,7 @@ pub struct RawStep {
     pub plan: Option<Text>,
     /// SQL statements run on a PostgreSQL, MySQL or MariaDB server, their values bound as parameters.
     #[schemars(with = "Option<RawSql>")]
-    pub sql: Option<Spanned<RawSql>>,
+    pub sql: Option<Box<Spanned<RawSql>>>,
     /// The child plan's parameters (values are templates).
     #[schemars(with = "Option<std::collections::BTreeMap<String, serde_json::Value>>")]
     pub with: Option<Spanned<Pairs<Spanned<serde_json::Value>>>>,
@@ -190,13 +190,13 @@ pub struct RawStep {
     pub timeout: Option<Spanned<Scalar>>,
     /// How failed attempts are retried.
     #[schemars(with = "Option<RawRetry>")]
-    pub retry: Option<Spanned<RawRetry>>,
+    pub retry: Option<Box<Spanned<RawRetry>>>,
     /// An idempotency probe (shell script): exit 0 means the work is already done and the step is not run.
     #[schemars(with = "Option<String>")]
     pub check: Option<Text>,
     /// Wait for a state: run the step's command (or, with `probe`, the command once and then the probe) every `every` until it exits 0, up to `timeout`.
     #[schemars(with = "Option<RawUntil>")]
-    pub until: Option<Spanned<RawUntil>>,
+    pub until: Option<Box<Spanned<RawUntil>>>,
     /// The step starts a server that outlives it: when its command exits 0, what it left running is kept (not ended), and the step succeeds once `until.probe` does. Needs `until` with a `probe`.
     #[schemars(with = "Option<bool>")]
     pub daemon: Option<Spanned<bool>>,
