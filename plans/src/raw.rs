@@ -10,10 +10,55 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
-use serde_saphyr::Spanned;
+
+use crate::diag::Span;
 
 /// A string with the place it was written.
 pub type Text = Spanned<String>;
+
+/// A value with the place it was written: the bytes of its text in the file, when the parser knew
+/// them. Read through serde-saphyr's `Spanned`, of which it keeps only what problems point at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spanned<T> {
+    pub value: T,
+    offset: u32,
+    len: u32,
+}
+
+/// `offset` of a value whose place is not known.
+const UNKNOWN: u32 = u32::MAX;
+
+impl<T> Spanned<T> {
+    /// `value` at the place of `at`.
+    pub fn at<U>(value: U, at: &Spanned<T>) -> Spanned<U> {
+        Spanned {
+            value,
+            offset: at.offset,
+            len: at.len,
+        }
+    }
+
+    /// The value's bytes in the file; `None` where the parser did not know them.
+    #[must_use]
+    pub fn span(&self) -> Option<Span> {
+        (self.offset != UNKNOWN).then(|| Span::new(self.offset as usize, self.len as usize))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Spanned<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let read = serde_saphyr::Spanned::<T>::deserialize(deserializer)?;
+        let place = Span::of(&read.referenced)
+            .and_then(|s| Some((u32::try_from(s.offset).ok()?, u32::try_from(s.len).ok()?)))
+            .filter(|&(offset, _)| offset != UNKNOWN);
+        let (offset, len) = place.unwrap_or((UNKNOWN, 0));
+        Ok(Self {
+            value: read.value,
+            offset,
+            len,
+        })
+    }
+}
 
 /// A cairn plan: parameters, steps and their dependencies, hooks, lock.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -122,7 +167,7 @@ pub struct RawStep {
     pub plan: Option<Text>,
     /// SQL statements run on a PostgreSQL, MySQL or MariaDB server, their values bound as parameters.
     #[schemars(with = "Option<RawSql>")]
-    pub sql: Option<Spanned<RawSql>>,
+    pub sql: Option<Box<Spanned<RawSql>>>,
     /// The child plan's parameters (values are templates).
     #[schemars(with = "Option<std::collections::BTreeMap<String, serde_json::Value>>")]
     pub with: Option<Spanned<Pairs<Spanned<serde_json::Value>>>>,
@@ -145,13 +190,13 @@ pub struct RawStep {
     pub timeout: Option<Spanned<Scalar>>,
     /// How failed attempts are retried.
     #[schemars(with = "Option<RawRetry>")]
-    pub retry: Option<Spanned<RawRetry>>,
+    pub retry: Option<Box<Spanned<RawRetry>>>,
     /// An idempotency probe (shell script): exit 0 means the work is already done and the step is not run.
     #[schemars(with = "Option<String>")]
     pub check: Option<Text>,
     /// Wait for a state: run the step's command (or, with `probe`, the command once and then the probe) every `every` until it exits 0, up to `timeout`.
     #[schemars(with = "Option<RawUntil>")]
-    pub until: Option<Spanned<RawUntil>>,
+    pub until: Option<Box<Spanned<RawUntil>>>,
     /// The step starts a server that outlives it: when its command exits 0, what it left running is kept (not ended), and the step succeeds once `until.probe` does. Needs `until` with a `probe`.
     #[schemars(with = "Option<bool>")]
     pub daemon: Option<Spanned<bool>>,

@@ -10,7 +10,7 @@
 //! - **Step ids with dashes.** `steps.pick-source.outputs.x` would be a subtraction in Jinja, so
 //!   every `steps.<id>` is rewritten to an index key (`steps.s3`) before compiling.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::LazyLock;
 
@@ -372,6 +372,40 @@ fn classify(names: impl IntoIterator<Item = String>, unknown_steps: &[String]) -
     out
 }
 
+/// The names used by the templates (`Some(quoting)`) and expressions (`None`) compiled so far, by
+/// the text minijinja compiles: the steps of a large plan often repeat one template.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    /// Shell templates, plain templates, expressions.
+    seen: [HashMap<String, Result<Vec<String>, SyntaxError>>; 3],
+}
+
+impl Compiled {
+    /// The most texts kept of each kind.
+    const MAX: usize = 4096;
+
+    fn names(
+        &mut self,
+        quoting: Option<Quoting>,
+        text: &str,
+        compile: impl FnOnce() -> Result<Vec<String>, SyntaxError>,
+    ) -> Result<Vec<String>, SyntaxError> {
+        let seen = &mut self.seen[match quoting {
+            Some(Quoting::Shell) => 0,
+            Some(Quoting::Plain) => 1,
+            None => 2,
+        }];
+        if let Some(known) = seen.get(text) {
+            return known.clone();
+        }
+        let names = compile();
+        if seen.len() < Self::MAX {
+            seen.insert(text.to_owned(), names.clone());
+        }
+        names
+    }
+}
+
 /// A template or expression that does not compile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyntaxError {
@@ -397,14 +431,23 @@ impl Template {
         quoting: Quoting,
         step_index: &dyn Fn(&str) -> Option<usize>,
     ) -> Result<(Self, Vec<Name>), SyntaxError> {
+        Self::compile_with(source, quoting, step_index, &mut Compiled::default())
+    }
+
+    /// [`Template::compile`], parsing a text `compiled` has seen before only once.
+    pub fn compile_with(
+        source: &str,
+        quoting: Quoting,
+        step_index: &dyn Fn(&str) -> Option<usize>,
+        compiled: &mut Compiled,
+    ) -> Result<(Self, Vec<Name>), SyntaxError> {
         let rewritten = rewrite(source, false, step_index);
-        let template = ENV
-            .template_from_named_str(quoting.template_name(), &rewritten.text)
-            .map_err(|e| syntax_error(&e))?;
-        let names = classify(
-            template.undeclared_variables(true),
-            &rewritten.unknown_steps,
-        );
+        let used = compiled.names(Some(quoting), &rewritten.text, || {
+            ENV.template_from_named_str(quoting.template_name(), &rewritten.text)
+                .map(|t| t.undeclared_variables(true).into_iter().collect())
+                .map_err(|e| syntax_error(&e))
+        })?;
+        let names = classify(used, &rewritten.unknown_steps);
         Ok((
             Self {
                 source: source.to_owned(),
@@ -454,12 +497,23 @@ impl Expr {
         source: &str,
         step_index: &dyn Fn(&str) -> Option<usize>,
     ) -> Result<(Self, Vec<Name>), SyntaxError> {
+        Self::compile_with(source, step_index, &mut Compiled::default())
+    }
+
+    /// [`Expr::compile`], parsing a text `compiled` has seen before only once.
+    pub fn compile_with(
+        source: &str,
+        step_index: &dyn Fn(&str) -> Option<usize>,
+        compiled: &mut Compiled,
+    ) -> Result<(Self, Vec<Name>), SyntaxError> {
         let inner = unwrap_braces(source);
         let rewritten = rewrite(inner, true, step_index);
-        let expr = ENV
-            .compile_expression(&rewritten.text)
-            .map_err(|e| syntax_error(&e))?;
-        let names = classify(expr.undeclared_variables(true), &rewritten.unknown_steps);
+        let used = compiled.names(None, &rewritten.text, || {
+            ENV.compile_expression(&rewritten.text)
+                .map(|e| e.undeclared_variables(true).into_iter().collect())
+                .map_err(|e| syntax_error(&e))
+        })?;
+        let names = classify(used, &rewritten.unknown_steps);
         Ok((
             Self {
                 source: source.to_owned(),

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
 use crate::dag::Dag;
@@ -15,7 +14,7 @@ use crate::model::{
     DEFAULT_UNTIL_EVERY, EnvVar, ForEach, Hook, Hooks, OnFailure, Param, ParamType, Plan, Retry,
     Schedule, Shell, Step, Until,
 };
-use crate::raw::{self, Pairs, RawForEach, RawHook, RawPlan, RawStep, Scalar, Text};
+use crate::raw::{self, Pairs, RawForEach, RawHook, RawPlan, RawStep, Scalar, Spanned, Text};
 use crate::template::{Expr, Name, Quoting, Template, unsafe_insertions};
 use crate::units::{parse_bytes as parse_size, parse_duration};
 
@@ -78,6 +77,7 @@ fn parse_unclamped(file: &str, text: &str) -> Result<Plan, Problems> {
         env_names: std::collections::BTreeSet::new(),
         uses: std::collections::BTreeSet::new(),
         uses_params: std::collections::BTreeSet::new(),
+        compiled: crate::template::Compiled::default(),
     };
     let plan = checker.plan(raw);
     match plan {
@@ -440,7 +440,7 @@ fn is_step_id(s: &str) -> bool {
 }
 
 fn span<T>(s: &Spanned<T>) -> Option<Span> {
-    Span::of(&s.referenced)
+    s.span()
 }
 
 /// What a template may name, where it stands.
@@ -485,6 +485,7 @@ struct Checker<'t> {
     uses: std::collections::BTreeSet<usize>,
     /// The params the step being checked uses.
     uses_params: std::collections::BTreeSet<String>,
+    compiled: crate::template::Compiled,
 }
 
 /// What the checks of templates need to know of the plan.
@@ -642,7 +643,7 @@ impl Checker<'_> {
                         .outputs
                         .as_ref()
                         .map(|o| o.iter().map(|k| k.value.clone()).collect())
-                        .or_else(|| s.value.sql.as_ref().map(|q| sql_output_keys(&q.value)))
+                        .or_else(|| s.value.sql.as_deref().map(|q| sql_output_keys(&q.value)))
                 })
                 .collect(),
         };
@@ -967,10 +968,7 @@ impl Checker<'_> {
             return (None, OnFailure::Keep);
         };
         match &lock.value {
-            raw::RawLock::Key(key) => (
-                Some(Spanned::new(key.clone(), lock.referenced, lock.defined)),
-                OnFailure::Keep,
-            ),
+            raw::RawLock::Key(key) => (Some(Spanned::at(key.clone(), lock)), OnFailure::Keep),
             raw::RawLock::Policy { key, on_failure } => {
                 let policy = match on_failure.as_ref().map(|p| (p, p.value.as_str())) {
                     None | Some((_, "keep")) => OnFailure::Keep,
@@ -1059,11 +1057,7 @@ impl Checker<'_> {
                     ),
                 ));
             }
-            let text = Spanned {
-                value: value.value.0.clone(),
-                referenced: value.referenced,
-                defined: value.defined,
-            };
+            let text = Spanned::at(value.value.0.clone(), value);
             if let Some(template) = self.template(&text, Quoting::Plain, known, scope) {
                 out.push(EnvVar {
                     name: name.value.clone(),
@@ -1082,7 +1076,7 @@ impl Checker<'_> {
         known: &Known,
         scope: Scope,
     ) -> Option<Template> {
-        match Template::compile(&text.value, quoting, &known.lookup()) {
+        match Template::compile_with(&text.value, quoting, &known.lookup(), &mut self.compiled) {
             Ok((template, names)) => {
                 let before = self.problems.len();
                 self.names(&names, text, known, scope);
@@ -1099,7 +1093,7 @@ impl Checker<'_> {
     }
 
     fn expr(&mut self, text: &raw::Text, known: &Known, scope: Scope) -> Option<Expr> {
-        match Expr::compile(&text.value, &known.lookup()) {
+        match Expr::compile_with(&text.value, &known.lookup(), &mut self.compiled) {
             Ok((expr, names)) => {
                 let before = self.problems.len();
                 self.names(&names, text, known, scope);
@@ -1169,7 +1163,7 @@ impl Checker<'_> {
         reason = "one match arm per kind of template name, each a short rule"
     )]
     fn names(&mut self, names: &[Name], text: &raw::Text, known: &Known, scope: Scope) {
-        let what = scope.what.describe();
+        let what = scope.what;
         for name in names {
             match name {
                 Name::Env(Some(var)) => {
@@ -1495,7 +1489,7 @@ impl Checker<'_> {
             ("sleep", step.sleep.as_ref().and_then(span)),
             ("approve", step.approve.as_ref().and_then(span)),
             ("plan", step.plan.as_ref().and_then(span)),
-            ("sql", step.sql.as_ref().and_then(span)),
+            ("sql", step.sql.as_deref().and_then(span)),
         ]
         .into_iter()
         .zip([
@@ -1588,23 +1582,19 @@ impl Checker<'_> {
             .and_then(|c| self.template(c, Quoting::Shell, known, scope("`check`", true)));
         let until = step
             .until
-            .as_ref()
+            .as_deref()
             .and_then(|u| self.until(u, step, known, scope("`until.probe`", true)));
         let daemon = self.daemon(step);
         let adopt = self.adopt(step);
         let timeout = self.duration(step.timeout.as_ref(), "timeout");
         let retry = step
             .retry
-            .as_ref()
+            .as_deref()
             .map_or_else(|| Some(Retry::default()), |r| self.retry(r));
         let for_each = step.for_each.as_ref().and_then(|f| match &f.value {
             RawForEach::Items(items) => Some(ForEach::Items(items.clone())),
             RawForEach::Expression(e) => {
-                let text = Spanned {
-                    value: e.clone(),
-                    referenced: f.referenced,
-                    defined: f.defined,
-                };
+                let text = Spanned::at(e.clone(), f);
                 self.expr(&text, known, scope("`for_each`", false))
                     .map(ForEach::Expr)
             }
@@ -1661,7 +1651,7 @@ impl Checker<'_> {
                 .outputs
                 .as_ref()
                 .map(|o| o.iter().map(|k| k.value.clone()).collect())
-                .or_else(|| step.sql.as_ref().map(|q| sql_output_keys(&q.value))),
+                .or_else(|| step.sql.as_deref().map(|q| sql_output_keys(&q.value))),
             log_limit,
             uses: std::mem::take(&mut self.uses).into_iter().collect(),
             params: std::mem::take(&mut self.uses_params).into_iter().collect(),
@@ -1729,11 +1719,7 @@ impl Checker<'_> {
         for (name, value) in step.with.iter().flat_map(|w| &w.value.0) {
             let arg = match &value.value {
                 Value::String(s) => {
-                    let text = Spanned {
-                        value: s.clone(),
-                        referenced: value.referenced,
-                        defined: value.defined,
-                    };
+                    let text = Spanned::at(s.clone(), value);
                     Arg::Template(self.template(
                         &text,
                         Quoting::Plain,
@@ -1771,11 +1757,7 @@ impl Checker<'_> {
         let mut argv = Vec::with_capacity(exec.value.len());
         let mut ok = true;
         for arg in &exec.value {
-            let text = Spanned {
-                value: arg.value.0.clone(),
-                referenced: arg.referenced,
-                defined: arg.defined,
-            };
+            let text = Spanned::at(arg.value.0.clone(), arg);
             match self.template(&text, Quoting::Plain, known, scope) {
                 Some(t) => argv.push(t),
                 None => ok = false,
@@ -1817,13 +1799,13 @@ impl Checker<'_> {
         }
         if let Some(codes) = step
             .retry
-            .as_ref()
+            .as_deref()
             .and_then(|r| r.value.on_exit_codes.as_ref())
         {
             self.report(
                 Problem::new(
                     "sql-on-exit-codes",
-                    codes.first().and_then(span).or_else(|| step.retry.as_ref().and_then(span)),
+                    codes.first().and_then(span).or_else(|| step.retry.as_deref().and_then(span)),
                     "`retry.on_exit_codes` would never match: a `sql` attempt runs no process and has no exit code",
                 )
                 .help("remove `on_exit_codes`: a failed `sql` attempt is retried whatever its error"),
@@ -1983,11 +1965,7 @@ impl Checker<'_> {
         let mut values = Vec::new();
         let mut ok = true;
         for param in params.map(|p| p.value.as_slice()).unwrap_or_default() {
-            let text = Spanned {
-                value: param.value.0.clone(),
-                referenced: param.referenced,
-                defined: param.defined,
-            };
+            let text = Spanned::at(param.value.0.clone(), param);
             match self.template(&text, Quoting::Plain, known, scope) {
                 Some(t) => values.push(t),
                 None => ok = false,
@@ -2046,7 +2024,10 @@ impl Checker<'_> {
         let Some(daemon) = step.daemon.as_ref().filter(|d| d.value) else {
             return false;
         };
-        let probe = step.until.as_ref().is_some_and(|u| u.value.probe.is_some());
+        let probe = step
+            .until
+            .as_deref()
+            .is_some_and(|u| u.value.probe.is_some());
         if !probe {
             self.report(
                 Problem::new(
@@ -2356,10 +2337,16 @@ impl Checker<'_> {
 
 impl Where<'_> {
     fn describe(self) -> String {
+        self.to_string()
+    }
+}
+
+impl std::fmt::Display for Where<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Plan(key) => format!("the plan's `{key}`"),
-            Self::Step(key, id) => format!("{key} of step `{id}`"),
-            Self::Hook(phase, position) => format!("hook `{phase}[{}]`", position + 1),
+            Self::Plan(key) => write!(f, "the plan's `{key}`"),
+            Self::Step(key, id) => write!(f, "{key} of step `{id}`"),
+            Self::Hook(phase, position) => write!(f, "hook `{phase}[{}]`", position + 1),
         }
     }
 }
