@@ -26,6 +26,17 @@ fn wait_lines(sandbox: &Sandbox, name: &str, count: usize) {
     }
 }
 
+/// The items of fan-out step `step` that succeeded, as `show --json` has them.
+fn items_done(show: &Value, step: &str) -> Vec<String> {
+    show["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["step"] == step && t["id"] != step && t["status"] == "succeeded")
+        .map(|t| t["item"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn kill_9(child: &mut std::process::Child) {
     child.kill().unwrap();
     child.wait().unwrap();
@@ -89,14 +100,7 @@ fn a_fan_out_keeps_its_limit_and_a_crash_reruns_only_unfinished_items() {
     // About half of the items have finished.
     wait_lines(&sandbox, "runs", 11);
     kill_9(&mut run);
-    let before = sandbox.show(1);
-    let done_before: Vec<String> = before["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|t| t["step"] == "restore" && t["id"] != "restore" && t["status"] == "succeeded")
-        .map(|t| t["item"].as_str().unwrap().to_owned())
-        .collect();
+    let done_before = items_done(&sandbox.show(1), "restore");
     assert!(
         !done_before.is_empty() && done_before.len() < 20,
         "{done_before:?}"
@@ -1098,14 +1102,7 @@ steps:
     let mut run = sandbox.spawn(&["run", "plan.yaml", "--params", "items.json"]);
     wait_lines(&sandbox, "runs", 300);
     kill_9(&mut run);
-    let before = sandbox.show(1);
-    let done_before: Vec<String> = before["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|t| t["step"] == "work" && t["id"] != "work" && t["status"] == "succeeded")
-        .map(|t| t["item"].as_str().unwrap().to_owned())
-        .collect();
+    let done_before = items_done(&sandbox.show(1), "work");
     assert!(
         done_before.len() >= 250 && done_before.len() < MANY_ITEMS - 2048,
         "{} items done at the kill",
@@ -1128,12 +1125,7 @@ steps:
         assert_eq!(times[item.as_str()], 1, "{item} ran again");
     }
     let show = sandbox.show(1);
-    let tasks = show["tasks"].as_array().unwrap();
-    let succeeded = tasks
-        .iter()
-        .filter(|t| t["step"] == "work" && t["id"] != "work" && t["status"] == "succeeded")
-        .count();
-    assert_eq!(succeeded, MANY_ITEMS);
+    assert_eq!(items_done(&show, "work").len(), MANY_ITEMS);
     assert_eq!(show["status"], "succeeded");
     // The gathering saw every item's output, in item order.
     assert_eq!(lines(&sandbox, "report"), items);
