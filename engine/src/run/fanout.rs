@@ -61,6 +61,12 @@ impl Scheduler {
 
     /// Expands fan-out step `i` into the tasks of `list`'s items, stored in one change.
     fn expand(&mut self, step: &Step, i: usize, job: &Job, list: Vec<Value>) {
+        // Its items are numbered after every task of the op: all must be read.
+        if !self.rest_read() {
+            let why = "a fan-out was to be expanded before every task was read".to_owned();
+            self.fail_fatally(crate::task::Fatal::Store(why));
+            return;
+        }
         // After a rerun, an item named as before keeps its task (and history); earlier items not
         // in the list any more stay as history only.
         let mut earlier: BTreeMap<String, usize> = self

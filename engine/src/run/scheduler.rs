@@ -451,8 +451,13 @@ impl Scheduler {
             };
             let outputs = self.outputs_for(step);
             if step.for_each.is_some() && self.tasks[i].item.is_none() {
-                // Expanding names its items after those of earlier expansions: all of them.
+                // Expanding numbers and names its items after every task: all of them read.
                 self.complete().await;
+                if !self.launching() {
+                    // The read failed (or the run stops meanwhile): nothing is expanded.
+                    self.ready.push_front(i);
+                    break;
+                }
             }
             let Some(job) = self.tasks[i].job(i) else {
                 continue;
@@ -593,10 +598,13 @@ impl Scheduler {
     /// The op is `waiting` while approval gates are all that is in flight: said when that changes.
     /// Under `cairn serve` (`Options::park`) the op is parked then, when nothing else can start.
     async fn show_waiting(&mut self) {
-        // Gates that have recorded themselves waiting (and whose own `timeout` has not passed).
+        // Gates that have recorded themselves waiting (and whose own `timeout` has not passed),
+        // with no item of the op still being read (see `rest`).
         let only_gates = {
             let waiting = self.gate_news.borrow();
-            !self.in_flight.is_empty() && self.in_flight.iter().all(|i| waiting.contains(i))
+            self.rest.is_none()
+                && !self.in_flight.is_empty()
+                && self.in_flight.iter().all(|i| waiting.contains(i))
         };
         if self.parked || self.fatal.is_some() || self.shared.stopping() {
             return;
@@ -648,6 +656,7 @@ impl Scheduler {
             && self.launching()
             && self.ready.is_empty()
             && self.queued.values().all(VecDeque::is_empty)
+            && self.rest.is_none()
     }
 
     /// Gives the op up until an answer comes: every end is made durable, then one commit records
