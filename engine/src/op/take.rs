@@ -35,7 +35,6 @@ use crate::owner::now;
 use crate::progress::Sink;
 use crate::progress::{Progress, Start};
 use crate::run::rest::Loaded;
-use crate::run::scheduler::TaskState;
 use crate::secrets;
 use crate::shutdown::StopHandle;
 use crate::task::context::Shared;
@@ -617,8 +616,7 @@ impl Takeover<'_> {
         // An edited plan or params take every task at once; a plain take-over starts with the
         // first part of a large op's.
         let tasks = if edited {
-            let rows = reader.task_briefs(op, store::Briefs::All)?;
-            Loaded::whole(TaskState::load(&shared.steps, rows))
+            Loaded::read_whole(&shared, reader)?
         } else {
             Loaded::read(&shared, reader)?
         };

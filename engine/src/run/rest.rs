@@ -38,6 +38,12 @@ impl Loaded {
         Self { tasks, rest: None }
     }
 
+    /// Every task of the op, in one read.
+    pub(crate) fn read_whole(shared: &Shared, reader: &Reader) -> Result<Self, store::Error> {
+        let rows = reader.task_briefs(shared.op, Briefs::All)?;
+        Ok(Self::whole(TaskState::load(&shared.steps, rows)))
+    }
+
     /// `op`'s tasks: in one read when it has fewer than its steps and hooks and
     /// [`FIRST_ITEMS`] more, else in two parts.
     pub(crate) fn read(shared: &Arc<Shared>, reader: &Reader) -> Result<Self, store::Error> {
@@ -47,8 +53,7 @@ impl Loaded {
             .last_task(op)?
             .is_none_or(|last| last.0 < steps.saturating_add(FIRST_ITEMS));
         if small {
-            let rows = reader.task_briefs(op, Briefs::All)?;
-            return Ok(Self::whole(TaskState::load(&shared.steps, rows)));
+            return Self::read_whole(shared, reader);
         }
         let which = Briefs::First {
             steps,
