@@ -522,6 +522,11 @@ fn a_node_stopped_past_its_lease_is_fenced_off_the_op_it_lost_and_serves_on() {
     );
     // It serves on: the other node is busy, so it runs the next op.
     let next = submit(&sandbox, "fenced.yaml", 2);
+    // Both ops wait at `long` until `go` is written, so neither node is freed before the next
+    // op is claimed; writing it sooner lets the other node finish the first op and race for it.
+    wait_until("the next op at long", Duration::from_secs(60), || {
+        !runs_of(&sandbox, "long", 2).is_empty()
+    });
     sandbox.write("go", "");
     wait_until("the next op succeeded", Duration::from_secs(60), || {
         sandbox.show(next)["status"] == "succeeded"
