@@ -39,11 +39,6 @@ pub(crate) trait Attempt {
     fn recorded(&mut self, _n: u32) -> impl Future<Output = ()> + Send {
         async {}
     }
-
-    /// What attempt `n` held back to be recorded with its end, if anything.
-    fn held(&mut self, _n: u32) -> Option<Change> {
-        None
-    }
 }
 
 /// After attempt `attempt_in_round` of a retry round failed (with `exit_code`), the delay before
@@ -94,7 +89,7 @@ pub(crate) async fn attempts<A: Attempt + Send>(
         let end = finish(
             shared,
             job,
-            (n, kind.held(n)),
+            n,
             ended,
             retry,
             kind.began().unwrap_or(started),
