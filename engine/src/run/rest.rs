@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use store::{Briefs, OpId, Reader};
+use store::{Briefs, Reader};
 use tokio::sync::oneshot;
 
 use super::scheduler::TaskState;
@@ -40,8 +40,7 @@ impl Loaded {
 
     /// Every task of the op, in one read.
     pub(crate) fn read_whole(shared: &Shared, reader: &Reader) -> Result<Self, store::Error> {
-        let rows = reader.task_briefs(shared.op, Briefs::All)?;
-        Ok(Self::whole(TaskState::load(&shared.steps, rows)))
+        every_task(shared, reader).map(Self::whole)
     }
 
     /// `op`'s tasks: in one read when it has fewer than its steps and hooks and
@@ -71,7 +70,11 @@ impl Loaded {
         let shared = shared.clone();
         tokio::task::spawn_blocking(move || {
             // Nobody waits any more when the run ended first (it failed at once): dropped.
-            let _ = tell.send(read_all(&shared, op));
+            let all = shared
+                .store
+                .reader()
+                .and_then(|reader| every_task(&shared, &reader));
+            let _ = tell.send(all);
         });
         Ok(Self {
             tasks,
@@ -81,28 +84,17 @@ impl Loaded {
 
     /// Waits for the rest, if any, and merges it.
     pub(crate) async fn complete(&mut self) -> Result<(), store::Error> {
-        if let Some(rest) = self.rest.take() {
-            let (first, all) = rest.wait().await;
+        if self.rest.is_some() {
+            let (first, all) = arrival(&mut self.rest).await;
             merge(&mut self.tasks, &first, all?);
         }
         Ok(())
     }
 }
 
-impl Rest {
-    /// The answer, once read: the first part's task numbers and every task.
-    pub(crate) async fn wait(self) -> (Vec<usize>, Result<Vec<TaskState>, store::Error>) {
-        // The reading thread goes without answering only as the runtime shuts down.
-        let all = self.answer.await.unwrap_or(Err(store::Error::Closed));
-        (self.first, all)
-    }
-}
-
-fn read_all(shared: &Shared, op: OpId) -> Result<Vec<TaskState>, store::Error> {
-    let rows = shared
-        .store
-        .reader()
-        .and_then(|reader| reader.task_briefs(op, Briefs::All))?;
+/// Every task of the op, as the run keeps them.
+fn every_task(shared: &Shared, reader: &Reader) -> Result<Vec<TaskState>, store::Error> {
+    let rows = reader.task_briefs(shared.op, Briefs::All)?;
     Ok(TaskState::load(&shared.steps, rows))
 }
 
@@ -120,8 +112,8 @@ pub(crate) fn merge(tasks: &mut Vec<TaskState>, first: &[usize], mut all: Vec<Ta
     *tasks = all;
 }
 
-/// The rest, once read (as [`Rest::wait`] answers), and `rest` emptied; never resolves when
-/// there is none. Dropped before it resolves (another branch of a `select!` won), it leaves
+/// The rest, once read: the first part's task numbers and every task; `rest` emptied. Never
+/// resolves when there is none. Dropped before it resolves (another branch of a `select!` won), it leaves
 /// `rest` as it was.
 pub(super) async fn arrival(
     rest: &mut Option<Rest>,
@@ -129,6 +121,7 @@ pub(super) async fn arrival(
     let Some(waiting) = rest.as_mut() else {
         return std::future::pending().await;
     };
+    // The reading thread goes without answering only as the runtime shuts down.
     let all = (&mut waiting.answer)
         .await
         .unwrap_or(Err(store::Error::Closed));

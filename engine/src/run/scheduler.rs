@@ -367,7 +367,7 @@ impl Scheduler {
                 self.gather_ended(plan, launching);
             }
             self.show_waiting().await;
-            if self.running.is_empty() && self.rest.is_some() && self.fatal.is_none() {
+            if self.running.is_empty() && !self.rest_read() && self.fatal.is_none() {
                 // Nothing runs, and what comes next (more items, a gathering, the outcome)
                 // needs every task.
                 self.complete().await;
@@ -381,7 +381,7 @@ impl Scheduler {
                 return;
             }
             tokio::select! {
-                read = rest::arrival(&mut self.rest), if self.rest.is_some() => {
+                read = rest::arrival(&mut self.rest), if !self.rest_read() => {
                     self.took_rest(read);
                 }
                 joined = self.running.join_next() => {
@@ -402,7 +402,7 @@ impl Scheduler {
 
     /// Waits for the rest of the op's tasks, if still being read, and merges them.
     pub(super) async fn complete(&mut self) {
-        if self.rest.is_some() {
+        if !self.rest_read() {
             let read = rest::arrival(&mut self.rest).await;
             self.took_rest(read);
         }
@@ -602,7 +602,7 @@ impl Scheduler {
         // with no item of the op still being read (see `rest`).
         let only_gates = {
             let waiting = self.gate_news.borrow();
-            self.rest.is_none()
+            self.rest_read()
                 && !self.in_flight.is_empty()
                 && self.in_flight.iter().all(|i| waiting.contains(i))
         };
@@ -656,7 +656,7 @@ impl Scheduler {
             && self.launching()
             && self.ready.is_empty()
             && self.queued.values().all(VecDeque::is_empty)
-            && self.rest.is_none()
+            && self.rest_read()
     }
 
     /// Gives the op up until an answer comes: every end is made durable, then one commit records

@@ -138,7 +138,7 @@ impl PgReader {
 }
 
 impl PgReader {
-    fn op_with(&self, op: OpId, columns: String) -> Result<OpRow> {
+    fn op_with(&self, op: OpId, columns: &'static str) -> Result<OpRow> {
         self.run(move |c| {
             c.query_opt(
                 &format!("SELECT {columns} FROM ops WHERE id = $1::bigint"),
@@ -428,6 +428,10 @@ const OP_COLUMNS: &str = "id, uuid, plan, title, status, params, created_at, sta
      lock_key, cancel_requested_at, cancel_by, cancel_reason, ending, parent_id, parent_task, \
      interrupted_by, cancel_grace_ms";
 
+/// [`OP_COLUMNS`] with the params and env left out ([`ReadBackend::op_head`]).
+static OP_HEAD_COLUMNS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| crate::types::head_columns(OP_COLUMNS));
+
 fn op_row(r: &Row) -> PgResult<OpRow> {
     let status: String = r.try_get(4)?;
     let params: String = r.try_get(5)?;
@@ -682,11 +686,11 @@ impl ReadBackend for PgReader {
     }
 
     fn op(&self, op: OpId) -> Result<OpRow> {
-        self.op_with(op, OP_COLUMNS.to_owned())
+        self.op_with(op, OP_COLUMNS)
     }
 
     fn op_head(&self, op: OpId) -> Result<OpRow> {
-        self.op_with(op, crate::types::head_columns(OP_COLUMNS))
+        self.op_with(op, &OP_HEAD_COLUMNS)
     }
 
     fn schedules(&self) -> Result<Vec<ScheduleRow>> {

@@ -39,6 +39,10 @@ const OP_COLUMNS: &str = "id, uuid, plan, title, status, params, created_at, sta
      lock_key, cancel_requested_at, cancel_by, cancel_reason, ending, parent_id, parent_task, \
      interrupted_by, cancel_grace_ms";
 
+/// [`OP_COLUMNS`] with the params and env left out (`op_head`).
+static OP_HEAD_COLUMNS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| crate::types::head_columns(OP_COLUMNS));
+
 /// Column `i` of `r` as text borrowed from the row (`None` for NULL).
 fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<&'r str>> {
     r.get_ref(i)?.as_str_or_null().map_err(|e| {
@@ -199,7 +203,7 @@ impl Reads<'_> {
     }
 
     pub fn op_head(&self, op: OpId) -> Result<OpRow> {
-        self.op_with(op, &crate::types::head_columns(OP_COLUMNS))
+        self.op_with(op, &OP_HEAD_COLUMNS)
     }
 
     fn op_with(&self, op: OpId, columns: &str) -> Result<OpRow> {
