@@ -593,3 +593,259 @@ fn a_mariadb_failover_killed_while_it_waits_resumes_with_the_preferred_replica_p
     }
     assert_follows(&my.replica1_port, &my.replica2_port, "after the failover");
 }
+
+/// Three shards, each a primary and two replicas, for `recover-shards.yaml`; made at once.
+struct Shards {
+    shards: Vec<ExampleServers>,
+    cairn: Sandbox,
+}
+
+impl Shards {
+    fn up() -> Self {
+        let shards = std::thread::scope(|s| {
+            let made: Vec<_> = (1..=3)
+                .map(|n| s.spawn(move || ExampleServers::up("mariadb", &format!("shard{n}"))))
+                .collect();
+            made.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        Self {
+            shards,
+            cairn: Sandbox::new(),
+        }
+    }
+
+    /// The port of `member` (`PRIMARY`, `REPLICA1`, `REPLICA2`) of shard `n` (from 1).
+    fn port(&self, n: usize, member: &str) -> String {
+        self.shards[n - 1].get(&format!("{member}_PORT"))
+    }
+
+    /// `cairn` on the examples' plans with the sandbox's database; the shards as a params file.
+    fn cairn(&self, args: &[&str]) -> Command {
+        let shards: Vec<Value> = (1..=3)
+            .map(|n| {
+                let port = |m: &str| self.port(n, m).parse::<u16>().unwrap();
+                serde_json::json!({
+                    "name": format!("shard{n}"),
+                    "primary_port": port("PRIMARY"),
+                    "replicas": [port("REPLICA1"), port("REPLICA2")],
+                })
+            })
+            .collect();
+        let params = self.cairn.path().join("shards.json");
+        std::fs::write(&params, serde_json::json!({ "shards": shards }).to_string()).unwrap();
+        let mut command = self.cairn.command(args);
+        command.current_dir(examples());
+        command
+    }
+
+    fn recover(&self) -> Command {
+        let params = self.cairn.path().join("shards.json");
+        let mut command = self.cairn(&[
+            "run",
+            "recover-shards.yaml",
+            "--params",
+            params.to_str().unwrap(),
+        ]);
+        command.stdout(Stdio::null()).stderr(Stdio::piped());
+        command
+    }
+
+    fn show(&self, op: u64) -> Value {
+        self.try_show(op)
+            .unwrap_or_else(|| panic!("no op {op} to show"))
+    }
+
+    /// `show --json` of `op`; `None` while it is not submitted yet.
+    fn try_show(&self, op: u64) -> Option<Value> {
+        let out = self
+            .cairn(&["show", &op.to_string(), "--json"])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// The failover op of each shard the recovery `op` fanned out to, by the shard's name.
+    fn failovers(&self, op: u64) -> std::collections::BTreeMap<String, Value> {
+        self.show(op)["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|child| {
+                let show = self.show(child["id"].as_u64().unwrap());
+                (show["name"].as_str().unwrap().to_owned(), show)
+            })
+            .collect()
+    }
+}
+
+/// OpenMLDB's endpoint recovery on real servers: with every primary answering, the recovery finds
+/// nothing to do and says so; then every primary is killed (`kill -9`), one shard's replica having
+/// fallen behind in a second replication domain, and the recovery fans out over the shards, two at
+/// a time, promoting in each the replica with the greatest GTID position in every domain. cairn is killed (`kill -9`) once two shards are
+/// recovered and the third waits for its sibling (held back by a table lock), then resumed: no
+/// shard's finished work runs again, and each shard ends with one primary whose replica has the
+/// rows written before the crash and after the recovery. `status` lists each shard's failover.
+#[test]
+fn every_shard_whose_primary_was_killed_is_recovered_once_across_a_kill_of_cairn() {
+    let my = Shards::up();
+    let out = my.recover().output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = my.show(1);
+    assert_eq!(task(&show, "find-dead")["outputs"]["dead"], "[]", "{show}");
+    assert_eq!(show["children"], serde_json::json!([]), "{show}");
+
+    // Shard 2's first replica falls behind: its second has a row the first lacks, written in
+    // another replication domain (both are as far in domain 0).
+    sql(&my.port(2, "REPLICA1"), "STOP SLAVE").unwrap();
+    sql(
+        &my.port(2, "PRIMARY"),
+        "SET SESSION gtid_domain_id = 1; INSERT INTO app.t (v) VALUES ('only on replica2')",
+    )
+    .unwrap();
+    let gtid = sql(&my.port(2, "PRIMARY"), "SELECT @@gtid_binlog_pos").unwrap();
+    assert_eq!(
+        sql(
+            &my.port(2, "REPLICA2"),
+            &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")
+        )
+        .as_deref(),
+        Some("0")
+    );
+    // Shard 3's second replica cannot apply its failover's row while this session holds the table.
+    sql(
+        &my.port(3, "PRIMARY"),
+        "CREATE DATABASE cairn_probe; CREATE TABLE cairn_probe.failovers \
+         (op VARCHAR(64) PRIMARY KEY, at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+    )
+    .unwrap();
+    let gtid = sql(&my.port(3, "PRIMARY"), "SELECT @@gtid_binlog_pos").unwrap();
+    assert_eq!(
+        sql(
+            &my.port(3, "REPLICA2"),
+            &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")
+        )
+        .as_deref(),
+        Some("0")
+    );
+    let mut locker = Command::new("mariadb")
+        .args(["--no-defaults", "-h", "127.0.0.1", "-u", "root"])
+        .arg(format!("--port={}", my.port(3, "REPLICA2")))
+        .args([
+            "-e",
+            "LOCK TABLES cairn_probe.failovers WRITE; SELECT SLEEP(600)",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the table lock", || {
+        sql(
+            &my.port(3, "REPLICA2"),
+            "SELECT count(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP%'",
+        )
+        .as_deref()
+            == Some("1")
+    });
+    for shard in &my.shards {
+        shard.run("crash", &["primary"]);
+    }
+
+    let run = my.recover().spawn().unwrap();
+    wait_until("two shards recovered and the third's row written", || {
+        let Some(show) = my.try_show(2) else {
+            return false;
+        };
+        ["recover[shard1]", "recover[shard2]"].iter().all(|t| {
+            show["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["id"] == *t && x["status"] == "succeeded")
+        }) && sql(
+            &my.port(3, "REPLICA1"),
+            "SELECT count(*) FROM cairn_probe.failovers",
+        )
+        .as_deref()
+            == Some("1")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    kill_9(run);
+    assert_eq!(
+        my.show(2)["status"],
+        "interrupted",
+        "the kill came after the end"
+    );
+    locker.kill().unwrap();
+    locker.wait().unwrap();
+
+    let out = my.cairn(&["resume", "2"]).output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = my.show(2);
+    assert_eq!(task(&show, "find-dead")["attempts"], 1, "{show}");
+    for done in ["recover[shard1]", "recover[shard2]"] {
+        assert_eq!(task(&show, done)["attempts"], 1, "{done}: {show}");
+    }
+    let failovers = my.failovers(2);
+    assert_eq!(failovers.len(), 3, "{failovers:?}");
+    for (name, failover) in &failovers {
+        assert_eq!(failover["status"], "succeeded", "{name}: {failover}");
+        for done in ["apply-relay-logs", "pick", "promote", "write-probe"] {
+            assert_eq!(
+                task(failover, done)["attempts"],
+                1,
+                "{name} {done}: {failover}"
+            );
+        }
+    }
+    // The greatest position in each: shard 2's second replica, which had the last row; the first
+    // replica where both were as advanced.
+    for (n, promoted, sibling) in [
+        (1, "REPLICA1", "REPLICA2"),
+        (2, "REPLICA2", "REPLICA1"),
+        (3, "REPLICA1", "REPLICA2"),
+    ] {
+        let (promoted, sibling) = (my.port(n, promoted), my.port(n, sibling));
+        let failover = &failovers[&format!("shard{n}")];
+        assert_eq!(
+            task(failover, "pick")["outputs"]["new_primary"],
+            promoted.as_str(),
+            "shard{n}: {failover}"
+        );
+        assert_follows(
+            &sibling,
+            &promoted,
+            &format!("after the recovery of shard{n}"),
+        );
+    }
+    assert_eq!(
+        sql(
+            &my.port(2, "REPLICA1"),
+            "SELECT count(*) FROM app.t WHERE v = 'only on replica2'"
+        )
+        .as_deref(),
+        Some("1")
+    );
+    let verified = task(&show, "verify")["outputs"]["primaries"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (n, promoted) in [(1, "REPLICA1"), (2, "REPLICA2"), (3, "REPLICA1")] {
+        assert!(
+            verified.contains(&format!("\"shard{n}\": {}", my.port(n, promoted))),
+            "{verified}"
+        );
+    }
+
+    // `status` is the recovery's `showopstatus`: the op and each shard's failover under it.
+    let out = my.cairn(&["status"]).output().unwrap();
+    let table = stdout(&out);
+    for n in 1..=3 {
+        assert!(
+            table.lines().any(|l| l.contains("mariadb-failover")
+                && l.contains(&format!("shard{n} (recover[shard{n}])"))
+                && l.contains("succeeded")),
+            "{table}"
+        );
+    }
+}
