@@ -27,6 +27,29 @@ system_id() {
   psql -X "host=$1 port=$2 user=postgres replication=true" -Atc IDENTIFY_SYSTEM | cut -d'|' -f1
 }
 
+# cluster_of ADDRESS PORT: the `cluster_name` of the server on ADDRESS:PORT, asked over a
+# replication connection (as `system_id`).
+cluster_of() {
+  psql -X "host=$1 port=$2 user=postgres replication=true" -Atc 'SHOW cluster_name'
+}
+
+# of_cluster NAME SERVER FOUND: refuses (exit 2) unless FOUND, the `cluster_name` of the server
+# SERVER describes, is NAME (the runbooks' lock key). An empty one cannot say: that is said, and
+# it passes.
+of_cluster() {
+  if [ -z "$3" ]; then
+    echo "$2 has no cluster_name: it cannot be checked to be of cluster $1 (set cluster_name to check it)" >&2
+  elif [ "$3" != "$1" ]; then
+    refuse "$2 is of cluster $3 (its cluster_name), not $1"
+  fi
+}
+
+# refuse MESSAGE...: say why on stderr and exit 2.
+refuse() {
+  echo "refusing: $*" >&2
+  exit 2
+}
+
 # running DATA: whether a server runs on data directory DATA.
 running() {
   [ -f "$1/postmaster.pid" ] && as_pg pg_ctl -D "$1" status >/dev/null 2>&1

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A PostgreSQL primary and a streaming replica on free loopback ports, in one directory, for
-# trying the examples (and for their tests). Run as root (the servers run as `postgres`) or as
+# trying the examples (and for their tests): cluster `main` (its `cluster_name`, which the
+# runbooks check their `cluster` param against). Run as root (the servers run as `postgres`) or as
 # the user who will own the servers.
 #
 #   sandbox.sh up DIR      create DIR/primary and DIR/replica, start both; write DIR/env
@@ -44,6 +45,7 @@ wal_level = replica
 max_wal_senders = 10
 hot_standby = on
 wal_log_hints = on
+cluster_name = 'main'
 CONF
   echo "host replication all 127.0.0.1/32 trust" >> "$dir/primary/pg_hba.conf"
   start "$dir/primary"

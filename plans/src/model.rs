@@ -39,6 +39,9 @@ pub struct Plan {
     pub lock: Option<Template>,
     /// What a failing op does with its lock.
     pub lock_on_failure: OnFailure,
+    /// With [`OnFailure::Release`]: the step (by index) from whose start a failing op keeps its
+    /// lock anyway.
+    pub lock_keep_from: Option<usize>,
     pub cooldown: Option<Duration>,
     pub max_parallel: u32,
     pub timeout: Option<Duration>,

@@ -310,7 +310,11 @@ pub enum RawForEach {
 #[derive(Debug)]
 pub enum RawLock {
     Key(String),
-    Policy { key: Text, on_failure: Option<Text> },
+    Policy {
+        key: Text,
+        on_failure: Option<Text>,
+        keep_from: Option<Text>,
+    },
 }
 
 /// A lock key's template, or the key and what a failing op does with it.
@@ -332,6 +336,8 @@ struct RawLockPolicySchema {
     key: String,
     /// `keep` (default: a failed op holds its key until it is resumed to success or canceled) or `release` (the key is freed when the op fails, and a resume takes it again).
     on_failure: Option<OnFailureSchema>,
+    /// With `on_failure: release`: the step from whose start a failed op keeps its key anyway (what it changes from there on is half-done); before it started, the key is freed.
+    keep_from: Option<String>,
 }
 
 #[derive(JsonSchema)]
@@ -348,7 +354,7 @@ impl<'de> Deserialize<'de> for RawLock {
         impl<'de> Visitor<'de> for LockVisitor {
             type Value = RawLock;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a lock key, or a mapping with `key` and `on_failure`")
+                f.write_str("a lock key, or a mapping with `key`, `on_failure` and `keep_from`")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawLock, E> {
                 Ok(RawLock::Key(v.to_owned()))
@@ -358,18 +364,26 @@ impl<'de> Deserialize<'de> for RawLock {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawLock, A::Error> {
                 // The parser refuses a key given twice.
-                let (mut key, mut on_failure) = (None, None);
+                let (mut key, mut on_failure, mut keep_from) = (None, None, None);
                 while let Some(name) = map.next_key::<String>()? {
                     match name.as_str() {
                         "key" => key = Some(map.next_value()?),
                         "on_failure" => on_failure = Some(map.next_value()?),
+                        "keep_from" => keep_from = Some(map.next_value()?),
                         other => {
-                            return Err(de::Error::unknown_field(other, &["key", "on_failure"]));
+                            return Err(de::Error::unknown_field(
+                                other,
+                                &["key", "on_failure", "keep_from"],
+                            ));
                         }
                     }
                 }
                 let key = key.ok_or_else(|| de::Error::missing_field("key"))?;
-                Ok(RawLock::Policy { key, on_failure })
+                Ok(RawLock::Policy {
+                    key,
+                    on_failure,
+                    keep_from,
+                })
             }
         }
         deserializer.deserialize_any(LockVisitor)

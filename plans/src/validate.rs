@@ -669,7 +669,8 @@ impl Checker<'_> {
                 },
             )
         });
-        let (lock_key, lock_on_failure) = self.lock(raw.lock.as_ref());
+        let (lock_key, lock_on_failure, keep_from) = self.lock(raw.lock.as_ref());
+        let lock_keep_from = keep_from.and_then(|k| self.keep_from(&k, &raw.steps.value));
         let lock = lock_key.as_ref().and_then(|t| {
             self.template(
                 t,
@@ -729,6 +730,7 @@ impl Checker<'_> {
             title,
             lock,
             lock_on_failure,
+            lock_keep_from,
             cooldown,
             max_parallel,
             timeout,
@@ -962,14 +964,22 @@ impl Checker<'_> {
             .or_else(|| span(&step.value.id))
     }
 
-    /// The lock key's template as written, and what a failing op does with the lock.
-    fn lock(&mut self, lock: Option<&Spanned<raw::RawLock>>) -> (Option<Text>, OnFailure) {
+    /// The lock key's template as written, what a failing op does with the lock, and the step
+    /// named by `keep_from` (checked against the steps by [`Self::keep_from`]).
+    fn lock(
+        &mut self,
+        lock: Option<&Spanned<raw::RawLock>>,
+    ) -> (Option<Text>, OnFailure, Option<Text>) {
         let Some(lock) = lock else {
-            return (None, OnFailure::Keep);
+            return (None, OnFailure::Keep, None);
         };
         match &lock.value {
-            raw::RawLock::Key(key) => (Some(Spanned::at(key.clone(), lock)), OnFailure::Keep),
-            raw::RawLock::Policy { key, on_failure } => {
+            raw::RawLock::Key(key) => (Some(Spanned::at(key.clone(), lock)), OnFailure::Keep, None),
+            raw::RawLock::Policy {
+                key,
+                on_failure,
+                keep_from,
+            } => {
                 let policy = match on_failure.as_ref().map(|p| (p, p.value.as_str())) {
                     None | Some((_, "keep")) => OnFailure::Keep,
                     Some((_, "release")) => OnFailure::Release,
@@ -985,9 +995,48 @@ impl Checker<'_> {
                         OnFailure::Keep
                     }
                 };
-                (Some(key.clone()), policy)
+                if let Some(k) = keep_from
+                    && policy != OnFailure::Release
+                {
+                    self.report(
+                        Problem::new(
+                            "keep-from-without-release",
+                            span(k),
+                            "`keep_from` says from which step a failed op keeps a lock it would otherwise free; this lock is never freed on failure",
+                        )
+                        .help("add `on_failure: release`, or drop `keep_from`"),
+                    );
+                }
+                (Some(key.clone()), policy, keep_from.clone())
             }
         }
+    }
+
+    /// The index of the step `lock.keep_from` names.
+    fn keep_from(&mut self, keep_from: &Text, steps: &[Spanned<RawStep>]) -> Option<usize> {
+        let found = steps
+            .iter()
+            .position(|s| s.value.id.value == keep_from.value);
+        if found.is_none() {
+            let problem = Problem::new(
+                "unknown-keep-from",
+                span(keep_from),
+                format!(
+                    "`keep_from` names `{}`, which is not a step of this plan",
+                    keep_from.value
+                ),
+            );
+            self.report(
+                match suggest(
+                    &keep_from.value,
+                    steps.iter().map(|s| s.value.id.value.as_str()),
+                ) {
+                    Some(s) => problem.label(format!("did you mean `{s}`?")),
+                    None => problem.label("no step has this id"),
+                },
+            );
+        }
+        found
     }
 
     fn schedule(&mut self, schedule: &Spanned<raw::RawSchedule>) -> Option<Schedule> {

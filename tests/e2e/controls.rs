@@ -1022,6 +1022,64 @@ fn a_lock_released_on_failure_is_taken_again_by_the_resume() {
     );
 }
 
+/// `lock: {key, on_failure: release, keep_from: STEP}`: an op that fails before STEP began (its
+/// check of the target refused it) frees the key, and the next op on the key runs; one that fails
+/// once STEP began (and when STEP is a fan-out, once one of its items began) keeps it: its target
+/// is half-done.
+#[test]
+fn a_lock_is_freed_on_failure_only_before_its_keep_from_step_began() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "rebuild.yaml",
+        "name: rebuild\nparams:\n  n: {type: string}\nlock:\n  key: cluster/main\n  on_failure: release\n  keep_from: stop\nsteps:\n  - id: check\n    run: test ! -f refuse-$CAIRN_PARAM_N\n  - id: stop\n    needs: [check]\n    for_each: [a, b]\n    run: test ! -f break-{{ item }}-$CAIRN_PARAM_N\n  - id: start\n    needs: [stop]\n    run: test ! -f break-start-$CAIRN_PARAM_N\n",
+    );
+    let held = |sandbox: &Sandbox| -> Vec<i64> {
+        sandbox.json(&["locks", "--json"])["locks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["op"].as_i64().unwrap())
+            .collect()
+    };
+    let run =
+        |n: &str| sandbox.cairn(&["run", "rebuild.yaml", "-p", &format!("n={n}"), "--no-wait"]);
+
+    // Refused by its check: nothing changed, the key is free.
+    sandbox.write("refuse-1", "");
+    assert_eq!(code(&run("1")), Some(1));
+    assert!(
+        held(&sandbox).is_empty(),
+        "op 1 failed before `stop` and kept its lock"
+    );
+    assert!(
+        events(&sandbox.show(1))
+            .iter()
+            .any(|(kind, message)| kind == "lock-released" && message.contains("as the op fails")),
+        "{:?}",
+        events(&sandbox.show(1))
+    );
+
+    // An item of `stop` failed: the key is kept, and the next op is refused.
+    sandbox.write("break-b-2", "");
+    assert_eq!(code(&run("2")), Some(1));
+    assert_eq!(held(&sandbox), vec![2]);
+    let refused = run("x");
+    assert_eq!(code(&refused), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("held by op 2"),
+        "{}",
+        stderr(&refused)
+    );
+    std::fs::remove_file(sandbox.path().join("break-b-2")).unwrap();
+    assert_eq!(code(&sandbox.cairn(&["resume", "2"])), Some(0));
+    assert!(held(&sandbox).is_empty());
+
+    // A step after `stop` failed: kept too.
+    sandbox.write("break-start-3", "");
+    assert_eq!(code(&run("3")), Some(1));
+    assert_eq!(held(&sandbox), vec![3]);
+}
+
 /// `on_failure` takes `keep` or `release`; anything else is refused where it is written.
 #[test]
 fn a_lock_policy_is_validated_where_it_is_written() {
@@ -1046,6 +1104,31 @@ fn a_lock_policy_is_validated_where_it_is_written() {
     let err = stderr(&out);
     assert!(
         err.contains("on_falure") && err.contains("plan.yaml:4"),
+        "{err}"
+    );
+    // `keep_from` names a step, and only where a failed op would free its lock.
+    sandbox.write(
+        "plan.yaml",
+        "name: p\nlock:\n  key: k\n  on_failure: release\n  keep_from: stpo\nsteps:\n  - id: stop\n    run: true\n",
+    );
+    let out = sandbox.cairn(&["validate", "plan.yaml"]);
+    assert_eq!(code(&out), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("`keep_from` names `stpo`")
+            && err.contains("did you mean `stop`?")
+            && err.contains("plan.yaml:5:14"),
+        "{err}"
+    );
+    sandbox.write(
+        "plan.yaml",
+        "name: p\nlock:\n  key: k\n  keep_from: stop\nsteps:\n  - id: stop\n    run: true\n",
+    );
+    let out = sandbox.cairn(&["validate", "plan.yaml"]);
+    assert_eq!(code(&out), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("never freed on failure") && err.contains("plan.yaml:4:14"),
         "{err}"
     );
 }

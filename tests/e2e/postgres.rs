@@ -52,6 +52,8 @@ impl Cluster {
             "run".into(),
             "rebuild-replica.yaml".into(),
             "-p".into(),
+            "cluster=main".into(),
+            "-p".into(),
             format!("replica_data={}", self.replica_data),
             "-p".into(),
             format!("replica_port={}", self.replica_port),
@@ -252,6 +254,8 @@ fn a_rebuild_given_one_servers_directory_and_anothers_port_is_refused() {
                 "run",
                 "rebuild-replica.yaml",
                 "-p",
+                "cluster=main",
+                "-p",
                 &format!("replica_data={data}"),
                 "-p",
                 &format!("replica_port={port}"),
@@ -293,6 +297,38 @@ fn a_rebuild_given_one_servers_directory_and_anothers_port_is_refused() {
         "only the two refused ops"
     );
     pg.assert_replicates("after the refusals");
+    // Refused before anything stopped, each freed the cluster's lock.
+    let locks = pg.cairn(&["locks", "--json"]).output().unwrap();
+    let locks: serde_json::Value = serde_json::from_slice(&locks.stdout).unwrap();
+    assert_eq!(locks["locks"], serde_json::json!([]), "{locks}");
+
+    // The servers say which cluster they are: a rebuild that names another is refused.
+    let mut other = pg.rebuild_args();
+    other[3] = "cluster=other".into();
+    let out = pg.cairn(&args(&other)).output().unwrap();
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is of cluster main (its cluster_name), not other"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A failover and a rebuild of one cluster exclude each other: the failover refused by its
+    // hook (the primary answers) keeps the cluster's lock, and the rebuild waits for it.
+    let out = pg.cairn(&args(&pg.failover_args())).output().unwrap();
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    let mut rebuild = pg.rebuild_args();
+    rebuild.push("--no-wait".into());
+    let out = pg.cairn(&args(&rebuild)).output().unwrap();
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("pg-cluster/main") && stderr(&out).contains("held by op 4"),
+        "{}",
+        stderr(&out)
+    );
+    let out = pg.cairn(&["cancel", "4"]).output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    pg.assert_replicates("after the failover was canceled");
 }
 
 #[test]
@@ -376,7 +412,10 @@ fn a_rebuild_across_two_hosts_runs_each_step_where_its_server_is() {
     assert!(psql(&pg.replica_port, rows).unwrap().starts_with("20000:"));
     let show = store.show(2);
     assert_eq!(show["status"], "succeeded");
-    assert_eq!(show["name"], format!("replica host-b:{}", pg.replica_data));
+    assert_eq!(
+        show["name"],
+        format!("main: replica host-b:{}", pg.replica_data)
+    );
     Cluster::assert_ran_where_the_servers_are(&show);
     assert!(!Path::new(&format!("{}.rebuild-op2", pg.replica_data)).exists());
     assert!(!Path::new(&format!("{}.old", pg.replica_data)).exists());

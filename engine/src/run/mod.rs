@@ -142,6 +142,22 @@ fn decide(run: &Scheduler, ending: Option<EndState>) -> Result<(RunEnd, EndState
     ))
 }
 
+/// Whether a failing op frees its lock: its plan says `on_failure: release`, and the step named by
+/// `keep_from`, if any, never began (a task of it left pending or skipped): from that step on, the
+/// target is half-done.
+fn frees_lock_on_failure(plan: &plans::model::Plan, tasks: &[TaskState]) -> bool {
+    plan.lock_on_failure == plans::model::OnFailure::Release
+        && plan.lock_keep_from.is_none_or(|keep| {
+            tasks.iter().all(|t| {
+                t.step != Some(keep)
+                    || matches!(
+                        t.status,
+                        store::TaskStatus::Pending | store::TaskStatus::Skipped
+                    )
+            })
+        })
+}
+
 /// Records the op's final status (and, for a canceled op, its tasks that never got to run), once
 /// its finishing hooks are recorded.
 async fn record_final(
@@ -187,8 +203,7 @@ async fn record_final(
         Some(e) => format!("op {status}: {e}"),
         None => format!("op {status}"),
     };
-    if status == OpStatus::Failed && shared.plan.lock_on_failure == plans::model::OnFailure::Release
-    {
+    if status == OpStatus::Failed && frees_lock_on_failure(&shared.plan, tasks) {
         batch.push(Change::ReleaseLock {
             op: shared.op,
             owner: shared.me.clone(),
