@@ -223,12 +223,15 @@ fn a_mariadb_rebuild_that_names_the_wrong_servers_is_refused() {
         for port in [&my.primary_port, &my.replica1_port, &my.replica2_port] {
             assert_eq!(sql(port, "SELECT 1").as_deref(), Some("1"));
         }
-        // The failed op holds the cluster's lock until it is canceled.
-        let out = my
-            .cairn(&["cancel", &(n + 1).to_string()])
-            .output()
-            .unwrap();
-        assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+        // Refused before anything stopped, the op freed the cluster's lock.
+        let locks = my.cairn(&["locks", "--json"]).output().unwrap();
+        let locks: Value = serde_json::from_slice(&locks.stdout).unwrap();
+        assert_eq!(
+            locks["locks"],
+            serde_json::json!([]),
+            "op {}: {locks}",
+            n + 1
+        );
     }
     my.assert_replicates(&my.replica1_port, "after the refusals");
     my.assert_replicates(&my.replica2_port, "after the refusals, on replica2");
