@@ -24,6 +24,17 @@ slave_field() {
     sed -n "s/^ *$2: //p"
 }
 
+# gtid_covers A B: GTID position A has reached position B in each of B's replication domains
+# (the sequence number of each domain; the server-id part does not order them).
+gtid_covers() {
+  awk -v a="$1" -v b="$2" 'BEGIN {
+    n = split(a, xs, ","); for (i = 1; i <= n; i++) { split(xs[i], g, "-"); seq[g[1]] = g[3] + 0 }
+    n = split(b, xs, ","); for (i = 1; i <= n; i++) {
+      split(xs[i], g, "-"); if (xs[i] != "" && (!(g[1] in seq) || seq[g[1]] < g[3] + 0)) exit 1
+    }
+  }'
+}
+
 # as_owner CMD...: CMD as the servers' owner when run by root, else as is.
 as_owner() {
   if [ "$(id -u)" = 0 ]; then

@@ -168,6 +168,108 @@ fn a_broken_mariadb_replica_is_rebuilt_from_a_stream_and_replicates_again() {
     my.assert_replicates(&my.replica2_port, "sibling");
 }
 
+/// PolarDB-X's logger rebuild on MariaDB (`role: logger`): no data is copied. The broken replica
+/// comes back on a fresh data directory with the source's schema (its tables BLACKHOLE, without
+/// the rows written before) and replicates from the source's position, keeping in its own binary
+/// log what follows, changes to rows it never had included. cairn is killed (`kill -9`) once the
+/// fresh directory is in place, then resumed: the schema is not read again.
+#[test]
+fn a_mariadb_logger_is_rebuilt_without_data_and_logs_what_follows() {
+    let my = Cluster::up();
+    my.assert_replicates(&my.replica1_port, "before");
+    my.sandbox(&["break", "replica1"]);
+    sql(
+        &my.primary_port,
+        "INSERT INTO app.t (v) VALUES ('while broken')",
+    )
+    .unwrap();
+
+    let logger = ["-p".to_owned(), "role=logger".to_owned()];
+    let run = my
+        .cairn(&args(&my.rebuild_args(&logger)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the fresh data directory in place", || {
+        my.cairn(&["show", "1", "--json"])
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+            .is_some_and(|show| {
+                show["tasks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|t| t["id"] == "swap-in" && t["status"] == "succeeded")
+            })
+    });
+    kill_9(run);
+    assert_eq!(
+        my.show(1)["status"],
+        "interrupted",
+        "the kill came after the end"
+    );
+    let out = my.cairn(&["resume", "1"]).output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let show = my.show(1);
+    assert_eq!(
+        show["name"],
+        format!("test: logger on port {}", my.replica1_port)
+    );
+    for (step, status) in [("stream-backup", "skipped"), ("prepare", "skipped")] {
+        assert_eq!(task(&show, step)["status"], status, "{step}: {show}");
+    }
+    assert_eq!(task(&show, "dump-schema")["attempts"], 1, "{show}");
+
+    // The schema, no rows: the table is there, BLACKHOLE and empty.
+    assert_eq!(
+        sql(
+            &my.replica1_port,
+            "SELECT engine FROM information_schema.tables WHERE table_schema = 'app' AND table_name = 't'"
+        )
+        .as_deref(),
+        Some("BLACKHOLE")
+    );
+    assert_eq!(
+        sql(&my.replica1_port, "SELECT count(*) FROM app.t").as_deref(),
+        Some("0")
+    );
+    // What follows, a change to a row it never had included, is replicated and logged.
+    sql(
+        &my.primary_port,
+        "INSERT INTO app.t (v) VALUES ('after'); UPDATE app.t SET v = 'changed' WHERE v = 'before'",
+    )
+    .unwrap();
+    let gtid = sql(&my.primary_port, "SELECT @@gtid_binlog_pos").unwrap();
+    assert_eq!(
+        sql(
+            &my.replica1_port,
+            &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")
+        )
+        .as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        sql(&my.replica1_port, "SELECT @@gtid_binlog_pos").as_deref(),
+        Some(gtid.as_str()),
+        "the logger's binary log holds what it replicated"
+    );
+    let status = slave_status(&my.replica1_port);
+    for line in [
+        "Slave_IO_Running: Yes".to_owned(),
+        "Slave_SQL_Running: Yes".to_owned(),
+        format!("Master_Port: {}", my.primary_port),
+        "Using_Gtid: Slave_Pos".to_owned(),
+    ] {
+        assert!(status.contains(&line), "{line} not in {status}");
+    }
+    for leftover in [".rebuild-op1", ".rebuild-op1.part", ".before-op1", ".new"] {
+        assert!(!Path::new(&format!("{}{leftover}", my.replica1_data)).exists());
+    }
+    my.assert_replicates(&my.replica2_port, "sibling");
+}
+
 /// The guard asks the servers: the primary's directory with a replica's port, a replica's
 /// directory with the other replica's port, and a "source" the target does not replicate from
 /// are refused before anything stops; every server still runs.
