@@ -7,9 +7,28 @@ MYUSER=${MYUSER:-root}
 
 # sql PORT SQL...: the statements on 127.0.0.1:PORT as $MYUSER, tab-separated, no headers.
 sql() {
-  port=$1
+  sql_at 127.0.0.1 "$@"
+}
+
+# sql_at ADDRESS PORT SQL...: the same on ADDRESS:PORT (a server on another host).
+sql_at() {
+  local address=$1 port=$2
+  shift 2
+  mariadb --no-defaults -h "$address" -P "$port" -u "$MYUSER" -N -B -r -e "$*"
+}
+
+# on_host HOST CMD...: CMD on HOST over SSH (with $SSH_CONFIG when set: the plan passes on the
+# configuration cairn reaches hosts with, `CAIRN_SSH_CONFIG`), in $LIB_DIR there when set; here
+# when HOST is empty. Each word of CMD arrives as one word.
+on_host() {
+  local host=$1
   shift
-  mariadb --no-defaults -h 127.0.0.1 -P "$port" -u "$MYUSER" -N -B -r -e "$*"
+  if [ -z "$host" ]; then
+    "$@"
+    return
+  fi
+  ssh ${SSH_CONFIG:+-F "$SSH_CONFIG"} -o BatchMode=yes "$host" -- \
+    "${LIB_DIR:+cd $(printf '%q' "$LIB_DIR") && }$(printf '%q ' "$@")"
 }
 
 # answers PORT: whether a server answers on 127.0.0.1:PORT.

@@ -46,6 +46,8 @@ start_member() { # NAME
   if answers "$port"; then return 0; fi
   local user=()
   [ "$(id -u)" != 0 ] || user=(--user="$MYOWNER")
+  # One already starting on the directory (a start tried again before it answered) is waited for.
+  serving_from "$dir/$name" >/dev/null ||
   setsid -f env -u CAIRN_ATTEMPT_ID mariadbd --no-defaults "${user[@]}" \
     --datadir="$dir/$name" --port="$port" --bind-address=127.0.0.1 \
     --socket="$dir/$name.sock" --tmpdir="$dir/$name.tmp" --pid-file="$dir/$name.pid" --log-error="$dir/$name.err" \
@@ -160,6 +162,13 @@ down)
   # Every server of the sandbox, whatever runs it now.
   [ -f "$dir/env" ] || { rm -rf "$dir"; exit 0; }
   for name in $members; do crash_member "$name"; done
+  # And any other server running from the sandbox's directories (the pid file names only the
+  # last one started on a member).
+  for pid in $(pgrep -x mariadbd); do
+    case "$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/^--datadir=//p' | tail -n 1)" in
+    "$dir"/*) kill -9 "$pid" 2>/dev/null || true ;;
+    esac
+  done
   rm -rf "$dir"
   ;;
 *) usage ;;

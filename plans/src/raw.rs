@@ -336,7 +336,7 @@ struct RawLockPolicySchema {
     key: String,
     /// `keep` (default: a failed op holds its key until it is resumed to success or canceled) or `release` (the key is freed when the op fails, and a resume takes it again).
     on_failure: Option<OnFailureSchema>,
-    /// With `on_failure: release`: the step from whose start a failed op keeps its key anyway (what it changes from there on is half-done); before it started, the key is freed.
+    /// With `on_failure: release`: the step from which on a failed op keeps its key anyway (what it changes from there on is half-done): once a task of it was launched, in any run, or it was skipped. Before that, the key is freed.
     keep_from: Option<String>,
 }
 

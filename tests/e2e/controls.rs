@@ -1078,6 +1078,24 @@ fn a_lock_is_freed_on_failure_only_before_its_keep_from_step_began() {
     sandbox.write("break-start-3", "");
     assert_eq!(code(&run("3")), Some(1));
     assert_eq!(held(&sandbox), vec![3]);
+    // Resumed from the check, which now refuses it: `stop` ran in an earlier run, so the key
+    // stays held.
+    sandbox.write("refuse-3", "");
+    let out = sandbox.cairn(&["resume", "3", "--from", "check"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert_eq!(held(&sandbox), vec![3]);
+    std::fs::remove_file(sandbox.path().join("refuse-3")).unwrap();
+    std::fs::remove_file(sandbox.path().join("break-start-3")).unwrap();
+    assert_eq!(code(&sandbox.cairn(&["resume", "3"])), Some(0));
+
+    // The op's timeout ends it while `stop` runs: kept.
+    sandbox.write(
+        "slow.yaml",
+        "name: slow\nlock:\n  key: cluster/main\n  on_failure: release\n  keep_from: stop\ntimeout: 2s\nsteps:\n  - id: check\n    run: 'true'\n  - id: stop\n    needs: [check]\n    run: sleep 30\n",
+    );
+    let out = sandbox.cairn(&["run", "slow.yaml"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert_eq!(held(&sandbox), vec![4]);
 }
 
 /// `on_failure` takes `keep` or `release`; anything else is refused where it is written.

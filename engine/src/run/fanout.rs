@@ -192,6 +192,7 @@ impl Scheduler {
                 let round = self.tasks[no].round();
                 *count += 1;
                 self.in_flight.insert(no);
+                self.tasks[no].launched = true;
                 let counted = Counted::new(&self.shared);
                 self.running.spawn(async move {
                     let shared = counted.shared();

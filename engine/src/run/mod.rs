@@ -142,18 +142,17 @@ fn decide(run: &Scheduler, ending: Option<EndState>) -> Result<(RunEnd, EndState
     ))
 }
 
-/// Whether a failing op frees its lock: its plan says `on_failure: release`, and the step named by
-/// `keep_from`, if any, never began (a task of it left pending or skipped): from that step on, the
-/// target is half-done.
+/// Whether a failing op frees its lock: its plan says `on_failure: release`, and the op never
+/// reached the step named by `keep_from`, if any: every task of it is pending, was never tried
+/// (no attempt, in any run: a reset by `resume --from` keeps the count) and was not launched by
+/// this run. One skipped, or tried, or running when the op stopped, keeps the lock: from that step
+/// on, the target may be half-done.
 fn frees_lock_on_failure(plan: &plans::model::Plan, tasks: &[TaskState]) -> bool {
     plan.lock_on_failure == plans::model::OnFailure::Release
         && plan.lock_keep_from.is_none_or(|keep| {
             tasks.iter().all(|t| {
                 t.step != Some(keep)
-                    || matches!(
-                        t.status,
-                        store::TaskStatus::Pending | store::TaskStatus::Skipped
-                    )
+                    || (t.status == store::TaskStatus::Pending && t.attempts == 0 && !t.launched)
             })
         })
 }

@@ -46,6 +46,8 @@ pub(crate) struct TaskState {
     pub item: Option<Item>,
     /// Why it failed, as stored when the run started.
     pub error: Option<String>,
+    /// Launched by this run (its status in memory changes only when it ends).
+    pub launched: bool,
 }
 
 /// A fan-out item as the scheduler keeps it: as stored (its JSON text, parsed only when the item
@@ -78,6 +80,7 @@ impl TaskState {
             step: Some(step),
             name,
             item,
+            launched: false,
             error: None,
         }
     }
@@ -139,6 +142,7 @@ impl TaskState {
                 name: row.name,
                 item: row.item.map(Item::Stored),
                 error: row.error,
+                launched: false,
             };
             if no == tasks.len() {
                 tasks.push(state);
@@ -481,6 +485,7 @@ impl Scheduler {
         let step = &plan.steps[i];
         let (prior, retry_from) = self.tasks[i].round();
         self.in_flight.insert(i);
+        self.tasks[i].launched = true;
         // A `noop` chain's step has nothing to render: no context to build, clone and drop.
         let ctx = if step.when.is_some() || step.action.renders() {
             self.shared.context(step, outputs)
