@@ -884,78 +884,7 @@ fn every_shard_whose_primary_was_killed_is_recovered_once_across_a_kill_of_cairn
     assert_eq!(task(&show, "find-dead")["outputs"]["dead"], "[]", "{show}");
     assert_eq!(show["children"], serde_json::json!([]), "{show}");
 
-    // Shard 2's first replica falls behind: its second has a row the first lacks, written in
-    // another replication domain (both are as far in domain 0).
-    sql(&my.port(2, "REPLICA1"), "STOP SLAVE").unwrap();
-    sql(
-        &my.port(2, "PRIMARY"),
-        "SET SESSION gtid_domain_id = 1; INSERT INTO app.t (v) VALUES ('only on replica2')",
-    )
-    .unwrap();
-    let gtid = sql(&my.port(2, "PRIMARY"), "SELECT @@gtid_binlog_pos").unwrap();
-    assert_eq!(
-        sql(
-            &my.port(2, "REPLICA2"),
-            &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")
-        )
-        .as_deref(),
-        Some("0")
-    );
-    // Shard 3's second replica cannot apply its failover's row while this session holds the table.
-    sql(
-        &my.port(3, "PRIMARY"),
-        "CREATE DATABASE cairn_probe; CREATE TABLE cairn_probe.failovers \
-         (op VARCHAR(64) PRIMARY KEY, at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
-    )
-    .unwrap();
-    let gtid = sql(&my.port(3, "PRIMARY"), "SELECT @@gtid_binlog_pos").unwrap();
-    assert_eq!(
-        sql(
-            &my.port(3, "REPLICA2"),
-            &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")
-        )
-        .as_deref(),
-        Some("0")
-    );
-    let mut locker = Command::new("mariadb")
-        .args(["--no-defaults", "-h", "127.0.0.1", "-u", "root"])
-        .arg(format!("--port={}", my.port(3, "REPLICA2")))
-        .args([
-            "-e",
-            "LOCK TABLES cairn_probe.failovers WRITE; SELECT SLEEP(600)",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the table lock", || {
-        sql(
-            &my.port(3, "REPLICA2"),
-            "SELECT count(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP%'",
-        )
-        .as_deref()
-            == Some("1")
-    });
-    // Every replica that follows has what its primary wrote, so that the positions compare as
-    // this test expects: both replicas of shards 1 and 3 as advanced.
-    for n in 1..=3 {
-        let gtid = sql(&my.port(n, "PRIMARY"), "SELECT @@gtid_binlog_pos").unwrap();
-        for replica in ["REPLICA1", "REPLICA2"] {
-            if (n, replica) != (2, "REPLICA1") {
-                assert_eq!(
-                    sql(
-                        &my.port(n, replica),
-                        &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")
-                    )
-                    .as_deref(),
-                    Some("0"),
-                    "shard{n} {replica}"
-                );
-            }
-        }
-    }
-    for shard in &my.shards {
-        shard.run("crash", &["primary"]);
-    }
+    let mut locker = crash_every_primary(&my);
 
     let run = my.recover().spawn().unwrap();
     wait_until("two shards recovered and the third's row written", || {
@@ -1004,6 +933,120 @@ fn every_shard_whose_primary_was_killed_is_recovered_once_across_a_kill_of_cairn
             );
         }
     }
+    assert_each_shard_recovered(&my, &failovers, &show);
+
+    // Run again, it finds every shard recovered already (the old primaries still down) and says
+    // all is well.
+    let out = my.recover().output().unwrap();
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let again = my.show(6);
+    assert_eq!(
+        task(&again, "find-dead")["outputs"]["dead"],
+        "[]",
+        "{again}"
+    );
+    assert_eq!(again["children"], serde_json::json!([]), "{again}");
+
+    // `status` is the recovery's `showopstatus`: the op and each shard's failover under it.
+    let out = my.cairn(&["status"]).output().unwrap();
+    let table = stdout(&out);
+    for n in 1..=3 {
+        assert!(
+            table.lines().any(|l| l.contains("mariadb-failover")
+                && l.contains(&format!("shard{n} (recover[shard{n}])"))
+                && l.contains("succeeded")),
+            "{table}"
+        );
+    }
+}
+
+/// Every primary of `my` killed (`kill -9`) once shard 2's first replica has fallen behind (its
+/// second has a row the first lacks) and shard 3's second replica is held back by a table lock,
+/// which the returned session holds.
+fn crash_every_primary(my: &Shards) -> Child {
+    // Shard 2's first replica falls behind: its second has a row the first lacks, written in
+    // another replication domain (both are as far in domain 0).
+    sql(&my.port(2, "REPLICA1"), "STOP SLAVE").unwrap();
+    sql(
+        &my.port(2, "PRIMARY"),
+        "SET SESSION gtid_domain_id = 1; INSERT INTO app.t (v) VALUES ('only on replica2')",
+    )
+    .unwrap();
+    let gtid = sql(&my.port(2, "PRIMARY"), "SELECT @@gtid_binlog_pos").unwrap();
+    assert_eq!(
+        sql(
+            &my.port(2, "REPLICA2"),
+            &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")
+        )
+        .as_deref(),
+        Some("0")
+    );
+    // Shard 3's second replica cannot apply its failover's row while this session holds the table.
+    sql(
+        &my.port(3, "PRIMARY"),
+        "CREATE DATABASE cairn_probe; CREATE TABLE cairn_probe.failovers \
+         (op VARCHAR(64) PRIMARY KEY, at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+    )
+    .unwrap();
+    let gtid = sql(&my.port(3, "PRIMARY"), "SELECT @@gtid_binlog_pos").unwrap();
+    assert_eq!(
+        sql(
+            &my.port(3, "REPLICA2"),
+            &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")
+        )
+        .as_deref(),
+        Some("0")
+    );
+    let locker = Command::new("mariadb")
+        .args(["--no-defaults", "-h", "127.0.0.1", "-u", "root"])
+        .arg(format!("--port={}", my.port(3, "REPLICA2")))
+        .args([
+            "-e",
+            "LOCK TABLES cairn_probe.failovers WRITE; SELECT SLEEP(600)",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the table lock", || {
+        sql(
+            &my.port(3, "REPLICA2"),
+            "SELECT count(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP%'",
+        )
+        .as_deref()
+            == Some("1")
+    });
+    // Every replica that follows has what its primary wrote, so that the positions compare as
+    // this test expects: both replicas of shards 1 and 3 as advanced.
+    for n in 1..=3 {
+        let gtid = sql(&my.port(n, "PRIMARY"), "SELECT @@gtid_binlog_pos").unwrap();
+        for replica in ["REPLICA1", "REPLICA2"] {
+            if (n, replica) != (2, "REPLICA1") {
+                assert_eq!(
+                    sql(
+                        &my.port(n, replica),
+                        &format!("SELECT MASTER_GTID_WAIT('{gtid}', 60)")
+                    )
+                    .as_deref(),
+                    Some("0"),
+                    "shard{n} {replica}"
+                );
+            }
+        }
+    }
+    for shard in &my.shards {
+        shard.run("crash", &["primary"]);
+    }
+
+    locker
+}
+
+/// Each shard of `my` has its most advanced replica as its primary, which its other replica follows
+/// with every row.
+fn assert_each_shard_recovered(
+    my: &Shards,
+    failovers: &std::collections::BTreeMap<String, Value>,
+    show: &Value,
+) {
     // The greatest position in each: shard 2's second replica, which had the last row; the first
     // replica where both were as advanced.
     for (n, promoted, sibling) in [
@@ -1032,7 +1075,7 @@ fn every_shard_whose_primary_was_killed_is_recovered_once_across_a_kill_of_cairn
         .as_deref(),
         Some("1")
     );
-    let verified = task(&show, "verify")["outputs"]["primaries"]
+    let verified = task(show, "verify")["outputs"]["primaries"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -1040,30 +1083,6 @@ fn every_shard_whose_primary_was_killed_is_recovered_once_across_a_kill_of_cairn
         assert!(
             verified.contains(&format!("\"shard{n}\": {}", my.port(n, promoted))),
             "{verified}"
-        );
-    }
-
-    // Run again, it finds every shard recovered already (the old primaries still down) and says
-    // all is well.
-    let out = my.recover().output().unwrap();
-    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
-    let again = my.show(6);
-    assert_eq!(
-        task(&again, "find-dead")["outputs"]["dead"],
-        "[]",
-        "{again}"
-    );
-    assert_eq!(again["children"], serde_json::json!([]), "{again}");
-
-    // `status` is the recovery's `showopstatus`: the op and each shard's failover under it.
-    let out = my.cairn(&["status"]).output().unwrap();
-    let table = stdout(&out);
-    for n in 1..=3 {
-        assert!(
-            table.lines().any(|l| l.contains("mariadb-failover")
-                && l.contains(&format!("shard{n} (recover[shard{n}])"))
-                && l.contains("succeeded")),
-            "{table}"
         );
     }
 }
