@@ -954,6 +954,16 @@ fn cancel_grace_holds_when_the_owner_is_gone_whoever_finishes_the_cancel() {
     assert_killed_early(&sandbox);
 }
 
+/// The ops that hold a lock, as `cairn locks --json` lists them.
+fn held(sandbox: &Sandbox) -> Vec<i64> {
+    sandbox.json(&["locks", "--json"])["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["op"].as_i64().unwrap())
+        .collect()
+}
+
 /// `lock: {key, on_failure: release}`: a failing op frees its key (said in its events), so that the
 /// next op on it runs; its resume takes the key again, waiting while another op holds it, and
 /// keeps it across a `kill -9` as any running op does.
@@ -964,14 +974,6 @@ fn a_lock_released_on_failure_is_taken_again_by_the_resume() {
         "backup.yaml",
         "name: backup\nparams:\n  ds: {type: string}\nlock:\n  key: \"dataset/{{ params.ds }}\"\n  on_failure: release\nsteps:\n  - id: copy\n    run: |\n      if [ -f broken ]; then echo 'disk gone' >&2; exit 3; fi\n      touch copying-$CAIRN_OP_ID\n      while [ -f hold-$CAIRN_OP_ID ]; do sleep 0.05; done\n",
     );
-    let held = |sandbox: &Sandbox| -> Vec<i64> {
-        sandbox.json(&["locks", "--json"])["locks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["op"].as_i64().unwrap())
-            .collect()
-    };
     sandbox.write("broken", "");
     let failed = sandbox.cairn(&["run", "backup.yaml", "-p", "ds=a"]);
     assert_eq!(code(&failed), Some(1), "{}", stderr(&failed));
@@ -1033,14 +1035,6 @@ fn a_lock_is_freed_on_failure_only_before_its_keep_from_step_began() {
         "rebuild.yaml",
         "name: rebuild\nparams:\n  n: {type: string}\nlock:\n  key: cluster/main\n  on_failure: release\n  keep_from: stop\nsteps:\n  - id: check\n    run: test ! -f refuse-$CAIRN_PARAM_N\n  - id: stop\n    needs: [check]\n    for_each: [a, b]\n    run: test ! -f break-{{ item }}-$CAIRN_PARAM_N\n  - id: start\n    needs: [stop]\n    run: test ! -f break-start-$CAIRN_PARAM_N\n",
     );
-    let held = |sandbox: &Sandbox| -> Vec<i64> {
-        sandbox.json(&["locks", "--json"])["locks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["op"].as_i64().unwrap())
-            .collect()
-    };
     let run =
         |n: &str| sandbox.cairn(&["run", "rebuild.yaml", "-p", &format!("n={n}"), "--no-wait"]);
 

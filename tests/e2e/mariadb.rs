@@ -70,6 +70,20 @@ impl Cluster {
         command
     }
 
+    /// Nothing is left of rebuild `op` of replica1: no backup set, old data or fresh directory
+    /// beside its data directory.
+    fn assert_nothing_left(&self, op: u32) {
+        for leftover in [
+            format!(".rebuild-op{op}"),
+            format!(".rebuild-op{op}.part"),
+            format!(".before-op{op}"),
+            ".new".to_owned(),
+        ] {
+            let path = format!("{}{leftover}", self.replica1_data);
+            assert!(!Path::new(&path).exists(), "{path} is left");
+        }
+    }
+
     /// Rebuild replica1 from the primary.
     fn rebuild_args(&self, extra: &[String]) -> Vec<String> {
         let mut args: Vec<String> = vec![
@@ -168,10 +182,8 @@ fn a_broken_mariadb_replica_is_rebuilt_from_a_stream_and_replicates_again() {
     );
     let notices = std::fs::read_to_string(my.servers.path.join("notify")).unwrap();
     assert!(notices.contains("rebuilt"), "{notices}");
-    // The backup set is gone.
-    for leftover in [".rebuild-op1", ".rebuild-op1.part", ".before-op1"] {
-        assert!(!Path::new(&format!("{}{leftover}", my.replica1_data)).exists());
-    }
+    // The backup set and the old data are gone.
+    my.assert_nothing_left(1);
     // The other replica went on replicating throughout.
     my.assert_replicates(&my.replica2_port, "sibling");
 }
@@ -263,18 +275,8 @@ fn a_mariadb_logger_is_rebuilt_without_data_and_logs_what_follows() {
         Some(gtid.as_str()),
         "the logger's binary log holds what it replicated"
     );
-    let status = slave_status(&my.replica1_port);
-    for line in [
-        "Slave_IO_Running: Yes".to_owned(),
-        "Slave_SQL_Running: Yes".to_owned(),
-        format!("Master_Port: {}", my.primary_port),
-        "Using_Gtid: Slave_Pos".to_owned(),
-    ] {
-        assert!(status.contains(&line), "{line} not in {status}");
-    }
-    for leftover in [".rebuild-op1", ".rebuild-op1.part", ".before-op1", ".new"] {
-        assert!(!Path::new(&format!("{}{leftover}", my.replica1_data)).exists());
-    }
+    assert_replica_of(&my.replica1_port, &my.primary_port);
+    my.assert_nothing_left(1);
     my.assert_replicates(&my.replica2_port, "sibling");
 }
 
@@ -348,9 +350,8 @@ fn a_mariadb_rebuild_across_two_hosts_runs_each_step_where_its_server_is() {
         .as_deref(),
         Some("2")
     );
-    for leftover in [".rebuild-op1", ".rebuild-op1.part", ".before-op1"] {
-        assert!(!Path::new(&format!("{}{leftover}", my.replica1_data)).exists());
-    }
+    // The backup set and the old data are gone.
+    my.assert_nothing_left(1);
 }
 
 /// The guard asks the servers: the primary's directory with a replica's port, a replica's
@@ -592,6 +593,44 @@ impl Cluster {
     }
 }
 
+/// A session that holds `cairn_probe.failovers` on the member on `port` (`LOCK TABLES ... WRITE`),
+/// so that the failover's row cannot be applied there, until it is killed.
+fn hold_probe_table(port: &str) -> Child {
+    let locker = Command::new("mariadb")
+        .args(["--no-defaults", "-h", "127.0.0.1", "-u", "root"])
+        .arg(format!("--port={port}"))
+        .args([
+            "-e",
+            "LOCK TABLES cairn_probe.failovers WRITE; SELECT SLEEP(600)",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the table lock", || {
+        sql(
+            port,
+            "SELECT count(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP%'",
+        )
+        .as_deref()
+            == Some("1")
+    });
+    locker
+}
+
+/// `kill -9` of `run` a moment into its wait for the row `locker` holds back, then the table let
+/// go: the op (`show` shows it) is interrupted, not ended.
+fn kill_while_held(run: Child, mut locker: Child, show: impl Fn() -> Value) {
+    std::thread::sleep(Duration::from_millis(1500));
+    kill_9(run);
+    assert_eq!(
+        show()["status"],
+        "interrupted",
+        "the kill came after the end"
+    );
+    locker.kill().unwrap();
+    locker.wait().unwrap();
+}
+
 /// A row written on `primary` arrives on the replica on `port`, which follows `primary`.
 fn assert_follows(port: &str, primary: &str, value: &str) {
     sql(
@@ -613,6 +652,11 @@ fn assert_follows(port: &str, primary: &str, value: &str) {
         .as_deref(),
         Some("1")
     );
+    assert_replica_of(port, primary);
+}
+
+/// The member on `port` replicates from `primary` by GTID, both threads running.
+fn assert_replica_of(port: &str, primary: &str) {
     let status = slave_status(port);
     for line in [
         "Slave_IO_Running: Yes".to_owned(),
@@ -712,24 +756,7 @@ fn a_mariadb_failover_killed_while_it_waits_resumes_with_the_preferred_replica_p
     my.assert_replicates(&my.replica1_port, "before");
     my.assert_replicates(&my.replica2_port, "before, on replica2");
     // The sibling cannot apply the failover's row while this session holds the table.
-    let mut locker = Command::new("mariadb")
-        .args(["--no-defaults", "-h", "127.0.0.1", "-u", "root"])
-        .arg(format!("--port={}", my.replica1_port))
-        .args([
-            "-e",
-            "LOCK TABLES cairn_probe.failovers WRITE; SELECT SLEEP(600)",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the table lock", || {
-        sql(
-            &my.replica1_port,
-            "SELECT count(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP%'",
-        )
-        .as_deref()
-            == Some("1")
-    });
+    let locker = hold_probe_table(&my.replica1_port);
     my.sandbox(&["crash", "primary"]);
 
     let mut command = my.cairn(&[
@@ -757,16 +784,7 @@ fn a_mariadb_failover_killed_while_it_waits_resumes_with_the_preferred_replica_p
         .as_deref()
             == Some("1")
     });
-    std::thread::sleep(Duration::from_millis(1500));
-    kill_9(run);
-    assert_eq!(
-        my.show(1)["status"],
-        "interrupted",
-        "the kill came after the end"
-    );
-    locker.kill().unwrap();
-    locker.wait().unwrap();
-
+    kill_while_held(run, locker, || my.show(1));
     let out = my.cairn(&["resume", "1"]).output().unwrap();
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
     let show = my.show(1);
@@ -884,7 +902,7 @@ fn every_shard_whose_primary_was_killed_is_recovered_once_across_a_kill_of_cairn
     assert_eq!(task(&show, "find-dead")["outputs"]["dead"], "[]", "{show}");
     assert_eq!(show["children"], serde_json::json!([]), "{show}");
 
-    let mut locker = crash_every_primary(&my);
+    let locker = crash_every_primary(&my);
 
     let run = my.recover().spawn().unwrap();
     wait_until("two shards recovered and the third's row written", || {
@@ -904,16 +922,7 @@ fn every_shard_whose_primary_was_killed_is_recovered_once_across_a_kill_of_cairn
         .as_deref()
             == Some("1")
     });
-    std::thread::sleep(Duration::from_millis(1500));
-    kill_9(run);
-    assert_eq!(
-        my.show(2)["status"],
-        "interrupted",
-        "the kill came after the end"
-    );
-    locker.kill().unwrap();
-    locker.wait().unwrap();
-
+    kill_while_held(run, locker, || my.show(2));
     let out = my.cairn(&["resume", "2"]).output().unwrap();
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
     let show = my.show(2);
@@ -997,24 +1006,7 @@ fn crash_every_primary(my: &Shards) -> Child {
         .as_deref(),
         Some("0")
     );
-    let locker = Command::new("mariadb")
-        .args(["--no-defaults", "-h", "127.0.0.1", "-u", "root"])
-        .arg(format!("--port={}", my.port(3, "REPLICA2")))
-        .args([
-            "-e",
-            "LOCK TABLES cairn_probe.failovers WRITE; SELECT SLEEP(600)",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the table lock", || {
-        sql(
-            &my.port(3, "REPLICA2"),
-            "SELECT count(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP%'",
-        )
-        .as_deref()
-            == Some("1")
-    });
+    let locker = hold_probe_table(&my.port(3, "REPLICA2"));
     // Every replica that follows has what its primary wrote, so that the positions compare as
     // this test expects: both replicas of shards 1 and 3 as advanced.
     for n in 1..=3 {
