@@ -27,8 +27,16 @@ on_host() {
     "$@"
     return
   fi
-  ssh ${SSH_CONFIG:+-F "$SSH_CONFIG"} -o BatchMode=yes "$host" -- \
-    "${LIB_DIR:+cd $(printf '%q' "$LIB_DIR") && }$(printf '%q ' "$@")"
+  local command="" word
+  for word in "$@"; do command+="$(sh_quote "$word") "; done
+  ssh ${SSH_CONFIG:+-F "$SSH_CONFIG"} -o BatchMode=yes -o ConnectTimeout=10 \
+    -o ServerAliveInterval=15 -o ServerAliveCountMax=3 "$host" -- \
+    "${LIB_DIR:+cd $(sh_quote "$LIB_DIR") && }$command"
+}
+
+# sh_quote WORD: WORD quoted for any POSIX shell (the remote login shell may be `sh`).
+sh_quote() {
+  printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"
 }
 
 # answers PORT: whether a server answers on 127.0.0.1:PORT.

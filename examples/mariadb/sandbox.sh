@@ -165,8 +165,11 @@ down)
   # And any other server running from the sandbox's directories (the pid file names only the
   # last one started on a member).
   for pid in $(pgrep -x mariadbd); do
-    case "$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/^--datadir=//p' | tail -n 1)" in
-    "$dir"/*) kill -9 "$pid" 2>/dev/null || true ;;
+    case "$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/cmdline" | sed -n 's/^--datadir=//p' | tail -n 1)" in
+    "$dir"/*)
+      kill -9 "$pid" 2>/dev/null || continue
+      while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+      ;;
     esac
   done
   rm -rf "$dir"

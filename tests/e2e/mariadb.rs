@@ -423,6 +423,45 @@ fn a_mariadb_rebuild_that_names_the_wrong_servers_is_refused() {
     my.assert_replicates(&my.replica2_port, "after the refusals, on replica2");
 }
 
+/// A rebuild's checks are not run again on a resume: a target re-pointed meanwhile (as a failover
+/// re-points a sibling) is refused by `stop-target`, which stops nothing.
+#[test]
+fn a_mariadb_rebuild_resumed_after_its_target_was_repointed_stops_nothing() {
+    let my = Cluster::up();
+    let throttled = ["-p".to_owned(), "throttle=100".to_owned()];
+    let run = my
+        .cairn(&args(&my.rebuild_args(&throttled)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let part = PathBuf::from(format!("{}.rebuild-op1.part", my.replica1_data));
+    wait_until("the stream", || part.join("ibdata1").exists());
+    kill_9(run);
+    sql(
+        &my.replica1_port,
+        &format!(
+            "STOP SLAVE; CHANGE MASTER TO MASTER_PORT={}; START SLAVE",
+            my.replica2_port
+        ),
+    )
+    .unwrap();
+
+    let out = my.cairn(&["resume", "1"]).output().unwrap();
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "is no longer a replica of port {}",
+            my.primary_port
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(task(&my.show(1), "stop-target")["status"], "failed");
+    assert!(!Path::new(&format!("{}.before-op1", my.replica1_data)).exists());
+    assert_follows(&my.replica1_port, &my.replica2_port, "after the refusal");
+}
+
 /// `kill -9` of cairn at three moments of a rebuild (during the stream, once the old data was
 /// moved aside, once the rebuilt server answers), then `resume`: each time the replica ends up
 /// replicating rows written on the primary while cairn was dead and after.
