@@ -58,6 +58,34 @@ fn lines(sandbox: &Sandbox, name: &str) -> Vec<String> {
     sandbox.read(name).lines().map(ToOwned::to_owned).collect()
 }
 
+/// `cairn -q serve` logs only what went wrong: a failed step and op, not each step that started
+/// or succeeded; without `-q` those are logged too.
+#[test]
+fn quiet_serve_logs_only_failures() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "plan.yaml",
+        "name: p\nparams:\n  n: {type: int}\nsteps:\n  - id: work\n    run: test {{ params.n }} != 2\n",
+    );
+    submit(&sandbox, "plan.yaml", 1);
+    submit(&sandbox, "plan.yaml", 2);
+    let out = sandbox.cairn(&["-q", "serve", "--once", "--poll", "100ms"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("WARN") && said.contains("op=2") && said.contains("failed"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("INFO") && !said.contains("op=1"),
+        "-q logged more than the failures: {said}"
+    );
+    submit(&sandbox, "plan.yaml", 3);
+    let out = sandbox.cairn(&["serve", "--once", "--poll", "100ms"]);
+    let said = stderr(&out);
+    assert!(said.contains("INFO") && said.contains("op=3"), "{said}");
+}
+
 #[test]
 fn submit_prints_the_op_id_and_queues_it() {
     let sandbox = Sandbox::new();

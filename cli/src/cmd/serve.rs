@@ -15,8 +15,9 @@ use crate::output::Output;
 /// schedules (`cairn schedule`). Several `serve` processes may share one database: an op is only
 /// ever run by one, and `cairn nodes` lists them. SIGTERM or Ctrl-C: no new step starts; running
 /// steps get `--grace` to finish, then TERM, then KILL after `--grace`; the ops are recorded
-/// interrupted and released, so that the next `serve` resumes them at once. Logs go to stderr
-/// (`RUST_LOG` filters them; `--log-format json` for machines).
+/// interrupted and released, so that the next `serve` resumes them at once. Logs go to stderr:
+/// each step's start and end; with `-q` only what failed (warnings), with `-v` debugging too
+/// (`RUST_LOG` filters them instead; `--log-format json` for machines).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// How many ops run at once.
@@ -107,6 +108,18 @@ fn http_addr(text: &str, tls: bool, insecure: bool) -> anyhow::Result<std::net::
     Ok(addr)
 }
 
+/// Whether a progress event says something failed: an op that ended otherwise than succeeded, a
+/// task that failed (in a child op too). Logged as warnings, which `-q` keeps.
+fn failed(p: &engine::progress::Progress) -> bool {
+    use engine::progress::Progress;
+    match p {
+        Progress::OpEnded { status, .. } => *status != store::OpStatus::Succeeded,
+        Progress::TaskFailed { .. } => true,
+        Progress::Child { event, .. } => failed(event),
+        _ => false,
+    }
+}
+
 pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let http = args
         .http
@@ -120,8 +133,17 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
         }),
         _ => None,
     };
+    // `-q`: warnings only (an op or a step that failed, a store in trouble); `-v`: debug.
+    // `RUST_LOG` overrides either.
+    let level = if out.quiet {
+        "warn"
+    } else if out.verbose {
+        "debug"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -144,11 +166,12 @@ pub fn run(args: &Args, out: &Output) -> Result<(), Failure> {
     let progress: Arc<dyn Fn(store::OpId) -> engine::progress::Sink + Send + Sync> =
         Arc::new(|op: store::OpId| -> engine::progress::Sink {
             Arc::new(move |p: &engine::progress::Progress| {
-                tracing::info!(
-                    op = op.0,
-                    "{}",
-                    crate::progress::describe(p, false).trim_start()
-                );
+                let line = crate::progress::describe(p, false);
+                if failed(p) {
+                    tracing::warn!(op = op.0, "{}", line.trim_start());
+                } else {
+                    tracing::info!(op = op.0, "{}", line.trim_start());
+                }
             })
         });
     let runtime = crate::runtime()?;
