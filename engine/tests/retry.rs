@@ -9,6 +9,13 @@ use engine::{Options, RunEnd};
 use store::{AttemptStatus, TaskStatus};
 use support::{attempts, run, store, task};
 
+/// The options of these runs: a lease of ten minutes. They are about backoff, not leases; the
+/// lease is judged by the real clock, and a virtual machine's storage can freeze for tens of
+/// seconds, which would end a run's lease mid-test.
+fn options() -> Options {
+    Options::default().with_lease(Duration::from_secs(600))
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failing_step_is_retried_after_its_backoff_without_sleeping_through_it() {
     let (dir, store) = store();
@@ -20,7 +27,7 @@ steps:
 ";
     let wall = Instant::now();
     let clock = tokio::time::Instant::now();
-    let (op, end) = run(&store, dir.path(), plan, Options::default()).await;
+    let (op, end) = run(&store, dir.path(), plan, options()).await;
     assert!(matches!(end, RunEnd::Failed(_)), "{end:?}");
     let tried = attempts(&store, op, "flaky");
     assert_eq!(tried.len(), 3, "the first attempt and two retries");
@@ -49,7 +56,7 @@ steps:
     run: test -f done || { touch done; exit 1; }
     retry: { attempts: 5, delay: 1h }
 ";
-    let (op, end) = run(&store, dir.path(), plan, Options::default()).await;
+    let (op, end) = run(&store, dir.path(), plan, options()).await;
     assert_eq!(end, RunEnd::Succeeded);
     let tried = attempts(&store, op, "once");
     assert_eq!(tried.len(), 2);
@@ -66,7 +73,7 @@ steps:
     run: exit 3
     retry: { attempts: 3, delay: 1s, on_exit_codes: [75] }
 ";
-    let (op, end) = run(&store, dir.path(), plan, Options::default()).await;
+    let (op, end) = run(&store, dir.path(), plan, options()).await;
     assert!(matches!(end, RunEnd::Failed(_)), "{end:?}");
     assert_eq!(attempts(&store, op, "picky").len(), 1);
 }

@@ -261,6 +261,24 @@ pub fn attempt_processes(pgid: Option<u32>, leader_start: Option<u64>, marker: &
     }
 }
 
+/// The processes that carry `marker` and lead a process group, each with its start time: an
+/// attempt's own process (which leads its group from its spawn) while it lives, and any of its
+/// descendants that made a group of its own. A resume's sweep ends their groups with the attempt
+/// ([`attempt_processes`] for each): what joined one of them and dropped the marker is found so,
+/// even when the attempt's record (its group) was not in yet. Read once, before anything is ended:
+/// a leader ended by the sweep's TERM no longer tells whose its group was.
+#[must_use]
+pub fn marked_leaders(marker: &str) -> Vec<(u32, u64)> {
+    let me = std::process::id();
+    all_pids()
+        .into_iter()
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| Some((pid, stat(pid)?)))
+        .filter(|(pid, s)| s.pgrp == *pid && !s.is_gone() && carries(*pid, marker))
+        .map(|(pid, s)| (pid, s.start))
+        .collect()
+}
+
 fn attempt_pass(
     older: &mut Older,
     skipped: &mut Vec<u32>,

@@ -218,3 +218,50 @@ async fn a_hurry_ends_the_grace_at_once() {
     assert_eq!(exit.stopped, Some(Stopped::Asked));
     assert!(attempt_processes(None, None, &marker).is_empty());
 }
+
+#[tokio::test]
+async fn the_group_of_a_marked_leader_is_found_without_a_recorded_group() {
+    let marker = unique("unrecorded");
+    let (sink, _chunks) = procs::spawn::sink();
+    // The child drops the marker but stays in the leader's group: found only through the leader,
+    // as a resume finds an attempt whose record was not in yet.
+    let script = format!("env -u {} sleep 1000 & sleep 1000", procs::proc::MARKER_VAR);
+    let running = spawn(&spec(&script, &marker), &sink).unwrap();
+    let leader = running.pgid;
+    let started = Instant::now();
+    let child = loop {
+        let members: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&pid| {
+                pid != leader
+                    && proc::stat(pid).is_some_and(|s| s.pgrp == leader && !s.is_gone())
+                    && std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|e| {
+                        !String::from_utf8_lossy(&e).contains(procs::proc::MARKER_VAR)
+                    })
+            })
+            .collect();
+        if let [child] = members[..] {
+            break child;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the child never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let leaders = proc::marked_leaders(&marker);
+    assert_eq!(leaders.len(), 1, "{leaders:?}");
+    assert_eq!(leaders[0].0, leader);
+    let found = attempt_processes(Some(leaders[0].0), Some(leaders[0].1), &marker);
+    assert!(
+        found.contains(&leader),
+        "{found:?} holds the leader {leader}"
+    );
+    assert!(
+        found.contains(&child),
+        "{found:?} holds the child {child} that dropped the marker"
+    );
+    // Dropping the process ends its group.
+    drop(running);
+}

@@ -618,6 +618,58 @@ steps:
     );
 }
 
+/// A step's process is recorded once it has run 10 ms, or with its end: cairn killed before that
+/// leaves a `running` attempt with no process. The resume still ends a child of the step's group
+/// that carries no marker: through the group its marked leader leads. The kill has to land in
+/// those 10 ms, so the test tries again (a fresh run) until one did.
+#[test]
+fn a_run_killed_before_its_step_s_process_is_recorded_ends_a_markerless_child_on_resume() {
+    for _ in 0..20 {
+        let sandbox = Sandbox::new();
+        sandbox.write(
+            "plan.yaml",
+            r#"name: unrecorded
+steps:
+  - id: spawner
+    run: |
+      if [ "$CAIRN_ATTEMPT" = 1 ]; then
+        env -u CAIRN_ATTEMPT_ID sleep 1000 &
+        echo $! > child
+        touch started
+        sleep 1000
+      fi
+"#,
+        );
+        let mut run = sandbox.spawn(&["run", "plan.yaml"]);
+        let started = sandbox.path().join("started");
+        let waited = Instant::now();
+        while !started.exists() {
+            assert!(waited.elapsed() < Duration::from_secs(20), "never started");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        run.kill().unwrap();
+        run.wait().unwrap();
+        let child: u32 = sandbox.read("child").trim().parse().unwrap();
+        let recorded = sandbox.sql("SELECT COUNT(*) FROM attempts WHERE pid IS NOT NULL");
+        if recorded.trim() != "0" {
+            // Too late: the record was in. End what is left and try again.
+            let out = sandbox.cairn(&["cancel", "1"]);
+            assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+            assert!(!alive(child));
+            continue;
+        }
+        assert!(alive(child), "the child outlived the engine");
+        let out = sandbox.cairn(&["resume", "1", "--grace", "1s"]);
+        assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+        assert!(
+            !alive(child),
+            "the resume ended it through its marked leader's group"
+        );
+        return;
+    }
+    panic!("no kill landed before the step's process was recorded in 20 runs");
+}
+
 /// An attempt interrupted by Ctrl-C or by `kill -9` of cairn is not a failure: it does not use up
 /// one of the step's `retry.attempts` (issue 22, item 13). With `attempts: 2`, the step that fails
 /// every time after the interruption still gets both of its tries.

@@ -67,6 +67,14 @@ async fn end_leftovers(
     let pgid = attempt.pgid;
     let start = attempt.process.as_ref().map(|p| p.start);
     let check_marker = format!("{marker}/check");
+    // The groups its marked processes lead, with the recorded one: the record may not be in yet
+    // (a process is recorded once it has run 10 ms), or name an earlier process of the attempt.
+    let leaders = if daemon {
+        Vec::new()
+    } else {
+        procs::proc::marked_leaders(&marker)
+    };
+    let checks = procs::proc::marked_leaders(&check_marker);
     procs::proc::terminate_or_sooner(
         || {
             let mut pids = if daemon {
@@ -75,6 +83,20 @@ async fn end_leftovers(
                 procs::proc::attempt_processes(pgid, start, &marker)
             };
             pids.extend(procs::proc::attempt_processes(None, None, &check_marker));
+            for &(leader, since) in &leaders {
+                pids.extend(procs::proc::attempt_processes(
+                    Some(leader),
+                    Some(since),
+                    &marker,
+                ));
+            }
+            for &(leader, since) in &checks {
+                let found =
+                    procs::proc::attempt_processes(Some(leader), Some(since), &check_marker);
+                pids.extend(found);
+            }
+            pids.sort_unstable();
+            pids.dedup();
             pids
         },
         options.grace,

@@ -39,6 +39,11 @@ pub(crate) trait Attempt {
     fn recorded(&mut self, _n: u32) -> impl Future<Output = ()> + Send {
         async {}
     }
+
+    /// What attempt `n` held back to be recorded with its end, if anything.
+    fn held(&mut self, _n: u32) -> Option<Change> {
+        None
+    }
 }
 
 /// After attempt `attempt_in_round` of a retry round failed (with `exit_code`), the delay before
@@ -89,7 +94,7 @@ pub(crate) async fn attempts<A: Attempt + Send>(
         let end = finish(
             shared,
             job,
-            n,
+            (n, kind.held(n)),
             ended,
             retry,
             kind.began().unwrap_or(started),

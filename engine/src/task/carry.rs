@@ -27,10 +27,10 @@ use super::Fatal;
 use super::context::{Shared, patiently};
 use crate::progress::Progress;
 
-/// The end of a task that is not yet durable: the change that records it and the line that says
+/// The end of a task that is not yet durable: the changes that record it and the line that says
 /// so once it is.
 pub(crate) struct Record {
-    change: Change,
+    changes: Vec<Change>,
     progress: Progress,
     /// `Some(true)` once durable, `Some(false)` if it could not be recorded.
     recorded: watch::Sender<Option<bool>>,
@@ -43,12 +43,12 @@ impl std::fmt::Debug for Record {
 }
 
 impl Record {
-    pub(crate) fn new(change: Change, progress: Progress) -> Box<Self> {
-        Box::new(Self {
-            change,
+    pub(crate) fn new(changes: Vec<Change>, progress: Progress) -> Self {
+        Self {
+            changes,
             progress,
             recorded: watch::channel(None).0,
-        })
+        }
     }
 
     /// Records this end on its own, in the background; the receiver says when it is durable.
@@ -92,7 +92,7 @@ impl Carry {
             record.recorded.send_replace(Some(false));
             return Err(lost);
         }
-        let mut batches = vec![vec![record.change.clone()]];
+        let mut batches = vec![record.changes.clone()];
         if !batch.is_empty() {
             batches.push(batch);
         }

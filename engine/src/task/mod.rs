@@ -427,26 +427,28 @@ fn outcome_of(
 }
 
 /// Records attempt `n`'s end and reports it; returns the task's end. `retry_in`: the attempt
-/// failed and the task tries again after that delay (it stays pending). A job with `defer` leaves
-/// its final end to the run loop ([`TaskEnd::Unrecorded`]).
+/// failed and the task tries again after that delay (it stays pending). `held`: what the attempt
+/// held back to go in with its end (its process's record: see `task::process`). A job with
+/// `defer` leaves its final end to the run loop ([`TaskEnd::Unrecorded`]).
 pub(crate) async fn finish(
     shared: &Shared,
     job: &Job,
-    n: u32,
+    (n, held): (u32, Option<Change>),
     ended: Ended,
     retry_in: Option<Duration>,
     started: Instant,
 ) -> Result<TaskEnd, Fatal> {
     let (outcome, end, progress) = outcome_of(shared, job, ended, retry_in, started);
     let final_end = outcome.task != TaskStatus::Pending;
-    let change = Change::FinishAttempt {
+    let mut changes: Vec<Change> = held.into_iter().collect();
+    changes.push(Change::FinishAttempt {
         op: shared.op,
         owner: shared.me.clone(),
         task: job.task(),
         n,
         at: now(),
         outcome,
-    };
+    });
     if let (
         true,
         true,
@@ -461,10 +463,10 @@ pub(crate) async fn finish(
             status: *status,
             outputs: outputs.clone(),
             error: error.clone(),
-            record: Record::new(change, progress),
+            record: Box::new(Record::new(changes, progress)),
         });
     }
-    shared.apply_own(vec![change]).await?;
+    shared.apply_own(changes).await?;
     shared.say(&progress);
     Ok(end)
 }

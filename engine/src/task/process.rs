@@ -91,6 +91,7 @@ pub(crate) async fn run(
         adopting,
         adopted: None,
         told: None,
+        held: None,
     };
     attempts(
         shared,
@@ -224,7 +225,17 @@ struct ProcessAttempt<'a> {
     /// A supervised attempt on another host whose wrapper, still connected, removes its
     /// directory when told the end is recorded.
     told: Option<(u32, procs::remote::Recorded)>,
+    /// The record of attempt `n`'s process, which ended within [`NOTE_AFTER`]: it goes in with
+    /// the attempt's end (or before the attempt's next process starts).
+    held: Option<(u32, Change)>,
 }
+
+/// How long a step's process may run before its record (pid, group, start time) is written on
+/// its own. A process that ends sooner is recorded in its attempt's end commit: a short step then
+/// costs its start's durable commit and its end's, not a third write between them. Until the
+/// record is in, a resume after a crash finds what the attempt left running by its marker alone
+/// (ARCHITECTURE.md, crash rule 2).
+const NOTE_AFTER: Duration = Duration::from_millis(10);
 
 /// What a `daemon` step's command left running: found by its group (started no earlier than
 /// `start`) and the marker of the attempt that started it.
@@ -329,6 +340,12 @@ impl Attempt for ProcessAttempt<'_> {
 
     fn began(&self) -> Option<Instant> {
         self.began
+    }
+
+    fn held(&mut self, n: u32) -> Option<Change> {
+        self.held
+            .take()
+            .and_then(|(m, note)| (m == n).then_some(note))
     }
 
     async fn recorded(&mut self, n: u32) {
@@ -489,6 +506,11 @@ impl ProcessAttempt<'_> {
                 "the lease ran out before the step could start".to_owned(),
             ));
         }
+        // An earlier process of this attempt whose record was held: recorded first, so that the
+        // attempt's time runs from the first of them.
+        if let Some((_, note)) = self.held.take() {
+            shared.apply(vec![note]).await?;
+        }
         let (sink, chunks) = spawn::sink();
         let spawned = crate::owner::now();
         self.began.get_or_insert_with(Instant::now);
@@ -518,19 +540,25 @@ impl ProcessAttempt<'_> {
             shared.secrets.clone(),
             logged,
         ));
-        if self.daemon.is_none() && !probe {
-            shared
-                .apply(vec![Change::AttemptProcess {
-                    op: shared.op,
-                    owner: shared.me.clone(),
-                    task,
-                    n,
-                    process: to_store(&running.identity),
-                    pgid: running.pgid,
-                    at: spawned,
-                }])
-                .await?;
-        }
+        let note = (self.daemon.is_none() && !probe).then(|| Change::AttemptProcess {
+            op: shared.op,
+            owner: shared.me.clone(),
+            task,
+            n,
+            process: to_store(&running.identity),
+            pgid: running.pgid,
+            at: spawned,
+        });
+        // A supervised or `daemon` step's record is what a resume takes it again by: at once.
+        // Any other's waits up to `NOTE_AFTER` to go in with the attempt's end.
+        let note = match note {
+            Some(note) if supervised.is_some() || step.daemon => {
+                shared.apply(vec![note]).await?;
+                None
+            }
+            note => note,
+        };
+        let attempt = (running.pgid, running.identity.start, spec.marker.clone());
         // The grace is decided when the stop comes: a cancel's own, or a sixth of the lease for a
         // run that lost its op (`Shared::step_grace`). The log writer ends when the process's
         // output closes; it is waited for alongside, since the process's readers wait for it.
@@ -551,10 +579,15 @@ impl ProcessAttempt<'_> {
             exit
         };
         let progress = progress_file(&launch.output);
-        let (exit, unwritten) = tokio::join!(
-            self.watch_progress(wait, &progress),
-            finish_logs(shared, logs),
-        );
+        // On the heap: the futures of a step's run would otherwise be too large to move.
+        let ended = Box::pin(async {
+            tokio::join!(
+                self.watch_progress(wait, &progress),
+                finish_logs(shared, logs),
+            )
+        });
+        let ((exit, unwritten), held) = noted(shared, ended, note, &attempt).await?;
+        self.held = held.map(|note| (n, note));
         if !unwritten.why.is_empty() {
             shared.say(&Progress::LogIncomplete {
                 task: job.name.clone(),
@@ -685,6 +718,38 @@ impl ProcessAttempt<'_> {
                 Err(error) => return Ok(failed_early(error)),
             };
             probed = probing;
+        }
+    }
+}
+
+/// Waits for a process's run (`ended`), writing its record (`note`) once it has run
+/// [`NOTE_AFTER`]; returns the record still unwritten when the run ended sooner. When the record
+/// cannot be written, the attempt's processes (`attempt`: its group, its start, its marker) are
+/// ended at once, with what the process started outside its group meanwhile (dropping the process
+/// would kill only its group).
+async fn noted<T>(
+    shared: &Shared,
+    mut ended: std::pin::Pin<Box<impl Future<Output = T>>>,
+    note: Option<Change>,
+    (pgid, start, marker): &(u32, u64, String),
+) -> Result<(T, Option<Change>), Fatal> {
+    let Some(note) = note else {
+        return Ok((ended.await, None));
+    };
+    tokio::select! {
+        biased;
+        done = &mut ended => Ok((done, Some(note))),
+        () = tokio::time::sleep(NOTE_AFTER) => {
+            if let Err(fatal) = shared.apply(vec![note]).await {
+                procs::proc::terminate_or_sooner(
+                    || procs::proc::attempt_processes(Some(*pgid), Some(*start), marker),
+                    Duration::ZERO,
+                    std::future::ready(()),
+                )
+                .await;
+                return Err(fatal);
+            }
+            Ok((ended.await, None))
         }
     }
 }

@@ -44,5 +44,5 @@ pub(crate) async fn run(
     } else {
         Ended::Succeeded(Map::new(), false)
     };
-    finish(shared, job, n, ended, None, started).await
+    finish(shared, job, (n, None), ended, None, started).await
 }
