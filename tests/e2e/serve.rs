@@ -487,7 +487,10 @@ fn a_program_holding_the_database_past_the_lease_is_named_and_the_op_goes_on_aft
     let sandbox = Sandbox::new();
     sandbox.write(
         "slow.yaml",
-        "name: slow\nsteps:\n  - id: a\n    run: |\n      echo \"$CAIRN_ATTEMPT\" >> a-runs\n      if [ \"$CAIRN_ATTEMPT\" = 1 ]; then sleep 60; fi\n  - id: c\n    needs: [a]\n    run: echo c >> c-runs\n",
+        // The first attempt says it runs only once its process is recorded (10 ms after its
+        // start): the database is held while the step runs, not in its first moment, where the
+        // record's write would fail and stop the run on the store's error instead.
+        "name: slow\nsteps:\n  - id: a\n    run: |\n      if [ \"$CAIRN_ATTEMPT\" = 1 ]; then sleep 0.5; fi\n      echo \"$CAIRN_ATTEMPT\" >> a-runs\n      if [ \"$CAIRN_ATTEMPT\" = 1 ]; then sleep 60; fi\n  - id: c\n    needs: [a]\n    run: echo c >> c-runs\n",
     );
     let out = sandbox.cairn(&["submit", "slow.yaml"]);
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
