@@ -649,6 +649,54 @@ fn a_refused_batch_does_not_undo_the_others_in_a_group_commit() {
     );
 }
 
+/// A group commit reads its tasks' states ahead, all at once: a task that two batches of one
+/// group name is read when its second change comes, so the second attempt of a task the first
+/// finished is refused, and the others run. (Read with the others, its state would be the one
+/// from before the first attempt.)
+#[test]
+fn a_task_ended_earlier_in_a_group_commit_is_not_started_again_in_it() {
+    let db = Db::new("cairn_t");
+    let store = db.open();
+    let op = submit(&store, 3, "u-ahead");
+    let me = owner(1);
+    claim(&store, op, &me, 100).unwrap();
+    let whole = |task: u32, n: u32| {
+        vec![Change::WholeAttempt {
+            op,
+            owner: me.clone(),
+            task: TaskNo(task),
+            n,
+            retry_from: 0,
+            at: 200,
+            outcome: succeeded(),
+        }]
+    };
+    let batches = vec![whole(0, 1), whole(1, 1), whole(0, 2), whole(2, 1)];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = runtime.block_on(store.apply_together(batches));
+    let refused: Vec<usize> = (0..results.len())
+        .filter(|&i| results[i].is_err())
+        .collect();
+    assert_eq!(refused, [2], "{results:?}");
+    assert!(
+        results[2]
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("must not run again")),
+        "{results:?}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM attempts WHERE task_no = 0"),
+        1
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM tasks WHERE status = 'succeeded'"),
+        3
+    );
+}
+
 // --- Opening ---
 
 #[test]

@@ -1,6 +1,6 @@
 //! The PostgreSQL backend: a server that several cairn processes (on several machines) share.
 //!
-//! The `postgres` client runs its own small runtime and blocks on it, which must never happen on
+//! The clients run their own small runtimes and block on them, which must never happen on
 //! a thread that drives async tasks (the engine calls the store from tokio workers). So every
 //! connection belongs to a thread this backend owns, and callers only send it work:
 //!
@@ -10,11 +10,13 @@
 //! - [`writer`]: [`PgStore`], the [`Backend`](crate::Backend): the writer thread, group commit,
 //!   SERIALIZABLE transactions run again on conflict, reconnecting, commit tokens, `NOTIFY`.
 //! - [`tx`]: the rules' transaction ([`crate::rules::Tx`]) in SQL.
+//! - [`pipe`]: the writer's connection, which sends what nothing reads without waiting for it.
 //! - [`listen`]: the listener thread (`LISTEN cairn`) behind `wait_for_change`.
 //! - [`reads`]: `PgReader`, the [`ReadBackend`](crate::ReadBackend), over reader threads.
 
 mod listen;
 mod migrations;
+mod pipe;
 mod reads;
 mod tx;
 mod writer;
@@ -23,8 +25,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use postgres::config::{Host, SslMode};
-use postgres::{Client, Config, NoTls};
+use postgres::{Client, NoTls};
+use tokio_postgres::Config;
+use tokio_postgres::config::{Host, SslMode};
 
 use crate::api::Reader;
 use crate::error::{Error, Result};
@@ -43,7 +46,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where and as whom to connect: the client's settings, and what they resolve to, for messages.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
-    pub(crate) config: Config,
+    /// The settings for the blocking client (the readers, the listener, migrations).
+    pub(crate) config: postgres::Config,
+    /// The same settings, for the writer's pipelined connection ([`pipe::Pipe`]).
+    pipe_config: Config,
     pub(crate) location: Location,
     host: String,
     port: u16,
@@ -94,7 +100,7 @@ impl Target {
         config.ssl_mode(SslMode::Disable);
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         if config.get_hosts().is_empty() {
-            config.host(&var("PGHOST").unwrap_or_else(|| "localhost".to_owned()));
+            config.host(var("PGHOST").unwrap_or_else(|| "localhost".to_owned()));
         }
         if config.get_ports().is_empty() {
             let port = match var("PGPORT") {
@@ -118,7 +124,7 @@ impl Target {
         }
         let user = config.get_user().unwrap_or_default().to_owned();
         if config.get_dbname().is_none() {
-            config.dbname(&var("PGDATABASE").unwrap_or_else(|| user.clone()));
+            config.dbname(var("PGDATABASE").unwrap_or_else(|| user.clone()));
         }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -161,7 +167,8 @@ impl Target {
             port,
             dbname: config.get_dbname().unwrap_or_default().to_owned(),
             user,
-            config,
+            config: postgres::Config::from(config.clone()),
+            pipe_config: config,
             location: location.clone(),
         })
     }
@@ -186,6 +193,17 @@ impl Target {
     pub(crate) fn connect(&self) -> Result<Client> {
         self.config
             .connect(NoTls)
+            .map_err(|e| self.unusable(&self.connect_failure(&e)))
+    }
+
+    /// A new connection for the writer, which can send statements without waiting for their
+    /// answers; its failure told as [`Target::connect`]'s.
+    fn connect_pipe(&self) -> Result<pipe::Pipe> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| self.unusable(&format!("cannot start its connection's runtime: {e}")))?;
+        pipe::Pipe::connect(runtime, &self.pipe_config)
             .map_err(|e| self.unusable(&self.connect_failure(&e)))
     }
 

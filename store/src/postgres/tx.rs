@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use postgres::types::ToSql;
-use postgres::{Client, Row, Statement};
+use postgres::{Row, Statement};
+
+use super::pipe::{Pipe, Ticket};
 
 use crate::error::{Error, Result};
 use crate::rules::{End, Ownership, Tx};
@@ -21,10 +23,12 @@ use crate::types::{
 
 /// A connection and the statements prepared on it, by their text.
 pub(super) struct Conn {
-    pub(super) client: Client,
+    pub(super) client: Pipe,
     statements: HashMap<&'static str, Statement>,
     /// Its session on the server, when known.
     pub(super) session: Option<Session>,
+    /// The tasks whose state was read ahead in the open transaction ([`Conn::read_ahead`]).
+    ahead: Vec<((OpId, TaskNo), Ticket)>,
 }
 
 /// A server session (backend process): its pid and when it started, which together name it even
@@ -37,12 +41,36 @@ pub(super) struct Session {
 }
 
 impl Conn {
-    pub(super) fn new(client: Client) -> Self {
+    pub(super) fn new(client: Pipe) -> Self {
         Self {
             client,
             statements: HashMap::new(),
             session: None,
+            ahead: Vec::new(),
         }
+    }
+
+    /// Sends the reads of these tasks' state without waiting (see `rules::read_ahead`): they go
+    /// with the transaction's first read, and [`Tx::task_state`] takes their rows.
+    pub(super) fn read_ahead(
+        &mut self,
+        tasks: &[(OpId, TaskNo)],
+    ) -> std::result::Result<(), postgres::Error> {
+        self.ahead.clear();
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        // Prepared once per connection: its wait also answers what was sent before (`BEGIN`).
+        let statement = self.statement(TASK_STATE)?;
+        for &(op, task) in tasks {
+            if let Some(ticket) = self
+                .client
+                .send_read(&statement, &[&op.0, &i64::from(task.0)])
+            {
+                self.ahead.push(((op, task), ticket));
+            }
+        }
+        Ok(())
     }
 
     /// The statement `sql`, prepared on this connection the first time it is asked for.
@@ -56,6 +84,9 @@ impl Conn {
     }
 }
 
+/// A task's stored status and name.
+const TASK_STATE: &str = "SELECT status, name FROM tasks WHERE op_id = $1 AND task_no = $2";
+
 /// Why a transaction cannot go on, beyond the one statement that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Fault {
@@ -66,7 +97,7 @@ pub(super) enum Fault {
 }
 
 /// What a failure of `client` means for its transaction; `None`: only this statement failed.
-pub(super) fn fault_of(err: &postgres::Error, client: &Client) -> Option<Fault> {
+pub(super) fn fault_of(err: &postgres::Error, client: &Pipe) -> Option<Fault> {
     let code = err.code().map(postgres::error::SqlState::code);
     match code {
         Some("40001" | "40P01") => Some(Fault::Conflict),
@@ -126,6 +157,16 @@ impl<'t> PgTx<'t> {
         let run = |conn: &mut Conn| {
             let statement = conn.statement(sql)?;
             conn.client.execute(&statement, params)
+        };
+        run(self.conn).map_err(|e| self.fail(&e))
+    }
+
+    /// Sends a statement whose answer nothing reads, without waiting for it (see [`Pipe`]): a
+    /// failure is reported by the next statement waited for, or before the commit.
+    fn send(&mut self, sql: &'static str, params: &Params<'_>) -> Result<()> {
+        let run = |conn: &mut Conn| {
+            let statement = conn.statement(sql)?;
+            conn.client.send(&statement, params)
         };
         run(self.conn).map_err(|e| self.fail(&e))
     }
@@ -219,7 +260,7 @@ impl Tx for PgTx<'_> {
             .map(|(path, text)| (path.clone(), serde_json::Value::String(text.clone())))
             .collect();
         let files = serde_json::Value::Object(files).to_string();
-        self.exec(
+        self.send(
             "INSERT INTO plan_snapshots (hash, name, text, files) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING",
             &[&snapshot.hash, &snapshot.name, &snapshot.text, &files],
         )?;
@@ -259,7 +300,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn set_owner(&mut self, op: OpId, owner: &ProcessId, lease_until: Millis) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET owner_host = $2, owner_boot = $3, owner_pid = $4, owner_start = $5, lease_until = $6 WHERE id = $1",
             &[
                 &op.0,
@@ -280,7 +321,7 @@ impl Tx for PgTx<'_> {
         lease_until: Millis,
         at: Millis,
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET owner_host = $2, owner_boot = $3, owner_pid = $4, owner_start = $5, lease_until = $6, \
              status = 'running', started_at = $7 WHERE id = $1",
             &[
@@ -303,7 +344,7 @@ impl Tx for PgTx<'_> {
         lease_until: Millis,
         now: Millis,
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET owner_host = $2, owner_boot = $3, owner_pid = $4, owner_start = $5, lease_until = $6, \
              status = 'running', started_at = COALESCE(started_at, $7), ended_at = NULL, error = NULL, interrupted_by = NULL WHERE id = $1",
             &[
@@ -320,7 +361,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn set_lease(&mut self, op: OpId, lease_until: Millis) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET lease_until = $2 WHERE id = $1",
             &[&op.0, &lease_until],
         )?;
@@ -328,7 +369,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn set_task_progress(&mut self, op: OpId, task: TaskNo, text: &str) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE tasks SET progress = $3 WHERE op_id = $1 AND task_no = $2",
             &[&op.0, &i64::from(task.0), &text],
         )?;
@@ -336,7 +377,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn set_current_task(&mut self, op: OpId, text: Option<&str>) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET current_task = $2 WHERE id = $1",
             &[&op.0, &text],
         )?;
@@ -352,7 +393,7 @@ impl Tx for PgTx<'_> {
         release: bool,
         interrupted_by: Option<Interruption>,
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET status = $2::text, error = $3, ended_at = $4::bigint, interrupted_by = $6, \
              current_task = CASE WHEN $4::bigint IS NULL THEN current_task ELSE NULL END, \
              ending = CASE WHEN $2::text IN ('succeeded', 'failed', 'canceled') THEN NULL ELSE ending END, \
@@ -379,7 +420,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn cancel_unstarted(&mut self, op: OpId, error: &str, at: Millis) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET status = 'canceled', error = $2, ended_at = $3, current_task = NULL, owner_host = NULL, \
              owner_boot = NULL, owner_pid = NULL, owner_start = NULL, lease_until = NULL WHERE id = $1",
             &[&op.0, &error, &at],
@@ -393,7 +434,7 @@ impl Tx for PgTx<'_> {
         request: &Request,
         grace_ms: Option<Millis>,
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET cancel_grace_ms = CASE WHEN cancel_requested_at IS NULL THEN $5::bigint ELSE cancel_grace_ms END, \
              cancel_requested_at = COALESCE(cancel_requested_at, $2), cancel_by = COALESCE(cancel_by, $3), \
              cancel_reason = COALESCE(cancel_reason, $4) WHERE id = $1",
@@ -403,7 +444,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn set_ending(&mut self, op: OpId, ending: &str) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET ending = $2 WHERE id = $1",
             &[&op.0, &ending],
         )?;
@@ -411,12 +452,12 @@ impl Tx for PgTx<'_> {
     }
 
     fn clear_ending(&mut self, op: OpId) -> Result<()> {
-        self.exec("UPDATE ops SET ending = NULL WHERE id = $1", &[&op.0])?;
+        self.send("UPDATE ops SET ending = NULL WHERE id = $1", &[&op.0])?;
         Ok(())
     }
 
     fn set_params(&mut self, op: OpId, params: &str, env: &str) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET params = $2, env = $3, ending = NULL WHERE id = $1",
             &[&op.0, &params, &env],
         )?;
@@ -432,7 +473,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn set_snapshot(&mut self, op: OpId, snapshot: i64) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET snapshot_id = $2 WHERE id = $1",
             &[&op.0, &snapshot],
         )?;
@@ -495,7 +536,7 @@ impl Tx for PgTx<'_> {
 
     fn insert_tasks(&mut self, op: OpId, tasks: &[NewTask]) -> Result<()> {
         for t in tasks {
-            self.exec(
+            self.send(
                 "INSERT INTO tasks (op_id, task_no, step, name, item, status) VALUES ($1, $2, $3, $4, $5, 'pending') \
                  ON CONFLICT (op_id, task_no) DO NOTHING",
                 &[
@@ -519,10 +560,18 @@ impl Tx for PgTx<'_> {
     }
 
     fn task_state(&mut self, op: OpId, task: TaskNo) -> Result<(String, String)> {
-        let row = self.one(
-            "SELECT status, name FROM tasks WHERE op_id = $1 AND task_no = $2",
-            &[&op.0, &i64::from(task.0)],
-        )?;
+        if let Some(at) = self.conn.ahead.iter().position(|(t, _)| *t == (op, task)) {
+            let (_, ticket) = self.conn.ahead.swap_remove(at);
+            match self.conn.client.take(ticket) {
+                Some(Ok(rows)) if !rows.is_empty() => {
+                    return Ok((self.get(&rows[0], 0)?, self.get(&rows[0], 1)?));
+                }
+                Some(Err(e)) => return Err(self.fail(&e)),
+                // No row, or no answer to give: read as usual (which names what is missing).
+                Some(Ok(_)) | None => {}
+            }
+        }
+        let row = self.one(TASK_STATE, &[&op.0, &i64::from(task.0)])?;
         Ok((self.get(&row, 0)?, self.get(&row, 1)?))
     }
 
@@ -545,7 +594,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn insert_attempt(&mut self, op: OpId, task: TaskNo, n: u32, at: Millis) -> Result<()> {
-        self.exec(
+        self.send(
             "INSERT INTO attempts (op_id, task_no, n, status, started_at) VALUES ($1, $2, $3, 'running', $4)",
             &[&op.0, &i64::from(task.0), &i64::from(n), &at],
         )?;
@@ -560,7 +609,7 @@ impl Tx for PgTx<'_> {
         retry_from: u32,
         at: Millis,
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE tasks SET status = 'running', attempts = $3, retry_from = $5, started_at = COALESCE(started_at, $4), \
              progress = NULL, ended_at = NULL, exit_code = NULL, error = NULL WHERE op_id = $1 AND task_no = $2",
             &[
@@ -575,7 +624,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn attempt_logged(&mut self, op: OpId, task: TaskNo, n: u32, bytes: [u64; 2]) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE attempts SET out_logged = $4, err_logged = $5 WHERE op_id = $1 AND task_no = $2 AND n = $3",
             &[
                 &op.0,
@@ -598,12 +647,12 @@ impl Tx for PgTx<'_> {
         at: Millis,
     ) -> Result<()> {
         // Before the attempt names its process: `pid IS NULL` marks its first.
-        self.exec(
+        self.send(
             "UPDATE tasks SET started_at = $4 WHERE op_id = $1 AND task_no = $2 AND started_at = \
              (SELECT started_at FROM attempts WHERE op_id = $1 AND task_no = $2 AND n = $3 AND pid IS NULL)",
             &[&op.0, &i64::from(task.0), &i64::from(n), &at],
         )?;
-        self.exec(
+        self.send(
             "UPDATE attempts SET host = $4, boot_id = $5, pid = $6, pgid = $7, proc_start = $8, \
              started_at = CASE WHEN pid IS NULL THEN $9 ELSE started_at END \
              WHERE op_id = $1 AND task_no = $2 AND n = $3",
@@ -630,7 +679,7 @@ impl Tx for PgTx<'_> {
         at: Millis,
         end: &End<'_>,
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE attempts SET status = $4, ended_at = $5, exit_code = $6, error = $7 \
              WHERE op_id = $1 AND task_no = $2 AND n = $3",
             &[
@@ -647,7 +696,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn end_task(&mut self, op: OpId, task: TaskNo, end: &End<'_>) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE tasks SET status = $3, ended_at = $4, exit_code = $5, error = $6, \
              outputs = COALESCE($7, outputs), by_check = $8 WHERE op_id = $1 AND task_no = $2",
             &[
@@ -665,7 +714,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn uncount_attempt(&mut self, op: OpId, task: TaskNo) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE tasks SET retry_from = retry_from + 1 WHERE op_id = $1 AND task_no = $2",
             &[&op.0, &i64::from(task.0)],
         )?;
@@ -680,7 +729,7 @@ impl Tx for PgTx<'_> {
         at: Millis,
         end: &End<'_>,
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "INSERT INTO attempts (op_id, task_no, n, status, started_at, ended_at, exit_code, error) \
              VALUES ($1, $2, $3, $4, $5, $5, $6, $7)",
             &[
@@ -705,7 +754,7 @@ impl Tx for PgTx<'_> {
         at: Millis,
         end: &End<'_>,
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE tasks SET status = $3, attempts = $4, retry_from = $5, started_at = COALESCE(started_at, $6), \
              ended_at = $7, exit_code = $8, error = $9, outputs = COALESCE($10, outputs), by_check = $11 \
              WHERE op_id = $1 AND task_no = $2",
@@ -727,7 +776,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn clear_answer(&mut self, op: OpId, task: TaskNo, at: Millis) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE tasks SET outputs = NULL, error = NULL, ended_at = NULL, started_at = $3 WHERE op_id = $1 AND task_no = $2",
             &[&op.0, &i64::from(task.0), &at],
         )?;
@@ -769,13 +818,13 @@ impl Tx for PgTx<'_> {
     fn reset_tasks(&mut self, op: OpId, tasks: &[TaskNo]) -> Result<()> {
         for task in tasks {
             let task = i64::from(task.0);
-            self.exec(
+            self.send(
                 "UPDATE tasks SET status = 'pending', outputs = NULL, ended_at = NULL, error = NULL, exit_code = NULL, \
                  by_check = 0, retry_from = attempts, \
                  item = CASE WHEN name = step THEN NULL ELSE item END WHERE op_id = $1 AND task_no = $2",
                 &[&op.0, &task],
             )?;
-            self.exec(
+            self.send(
                 "UPDATE ops SET parent_task = NULL WHERE parent_id = $1 AND parent_task = $2",
                 &[&op.0, &task],
             )?;
@@ -792,7 +841,7 @@ impl Tx for PgTx<'_> {
         error: Option<&str>,
         outputs: &str,
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE tasks SET status = $3, ended_at = $4, error = $5, outputs = $6 WHERE op_id = $1 AND task_no = $2",
             &[&op.0, &i64::from(task.0), &status, &at, &error, &outputs],
         )?;
@@ -808,7 +857,7 @@ impl Tx for PgTx<'_> {
         at: Millis,
         data: &[u8],
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "INSERT INTO logs (op_id, task_no, attempt, seq, stream, at, data) VALUES ($1, $2, $3, \
              (SELECT COALESCE(MAX(seq), 0) + 1 FROM logs WHERE op_id = $1 AND task_no = $2 AND attempt = $3), $4, $5, $6)",
             &[
@@ -886,7 +935,7 @@ impl Tx for PgTx<'_> {
         at: Millis,
         text: &[u8],
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "INSERT INTO logs (op_id, task_no, attempt, seq, stream, at, data) VALUES ($1, $2, $3, $4, 0, $5, $6) \
              ON CONFLICT (op_id, task_no, attempt, seq) DO UPDATE SET data = excluded.data",
             &[
@@ -924,7 +973,7 @@ impl Tx for PgTx<'_> {
         // An item of an expansion before the last (no longer linked: `item` NULL) that comes
         // back runs again, with a fresh retry round.
         for t in tasks {
-            self.exec(
+            self.send(
                 "INSERT INTO tasks (op_id, task_no, step, name, item, status) VALUES ($1, $2, $3, $4, $5, 'pending') \
                  ON CONFLICT (op_id, task_no) DO UPDATE SET item = excluded.item, \
                  status = CASE WHEN tasks.item IS NULL THEN 'pending' ELSE tasks.status END, \
@@ -954,7 +1003,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn drop_other_items(&mut self, op: OpId, task: TaskNo, numbers: &str) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE tasks SET item = NULL, \
              status = CASE WHEN status = 'pending' THEN 'skipped' ELSE status END, \
              error = CASE WHEN status = 'pending' THEN 'no longer in the fan-out list' ELSE error END \
@@ -991,7 +1040,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn detach_child(&mut self, op: OpId, task: TaskNo) -> Result<()> {
-        self.exec(
+        self.send(
             "UPDATE ops SET parent_task = NULL WHERE parent_id = $1 AND parent_task = $2",
             &[&op.0, &i64::from(task.0)],
         )?;
@@ -1023,7 +1072,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn insert_lock(&mut self, key: &str, op: OpId, at: Millis) -> Result<()> {
-        self.exec(
+        self.send(
             "INSERT INTO locks (key, op_id, since) VALUES ($1, $2, $3)",
             &[&key, &op.0, &at],
         )?;
@@ -1031,7 +1080,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn delete_cooldown(&mut self, key: &str) -> Result<()> {
-        self.exec("DELETE FROM cooldowns WHERE key = $1", &[&key])?;
+        self.send("DELETE FROM cooldowns WHERE key = $1", &[&key])?;
         Ok(())
     }
 
@@ -1046,13 +1095,13 @@ impl Tx for PgTx<'_> {
     }
 
     fn delete_lock(&mut self, key: &str) -> Result<()> {
-        self.exec("DELETE FROM locks WHERE key = $1", &[&key])?;
+        self.send("DELETE FROM locks WHERE key = $1", &[&key])?;
         Ok(())
     }
 
     fn start_cooldown(&mut self, key: &str, op: OpId, until: Millis) -> Result<()> {
         // As SQLite's `INSERT OR REPLACE`: a new row, any acknowledgement of the old one gone.
-        self.exec(
+        self.send(
             "INSERT INTO cooldowns (key, op_id, until) VALUES ($1, $2, $3) ON CONFLICT (key) DO UPDATE SET \
              op_id = excluded.op_id, until = excluded.until, acked_by = NULL, acked_at = NULL",
             &[&key, &op.0, &until],
@@ -1071,7 +1120,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn set_paused(&mut self, setting: &str, pause: &str) -> Result<()> {
-        self.exec(
+        self.send(
             "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             &[&setting, &pause],
         )?;
@@ -1079,7 +1128,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn clear_paused(&mut self, setting: &str) -> Result<()> {
-        self.exec("DELETE FROM settings WHERE key = $1", &[&setting])?;
+        self.send("DELETE FROM settings WHERE key = $1", &[&setting])?;
         Ok(())
     }
 
@@ -1177,7 +1226,7 @@ impl Tx for PgTx<'_> {
         // PostgreSQL sends one notification of a payload per transaction).
         let kinds: Vec<&str> = events.iter().map(|(kind, _)| *kind).collect();
         let messages: Vec<&str> = events.iter().map(|(_, message)| *message).collect();
-        self.exec(
+        self.send(
             "WITH appended AS (INSERT INTO events (op_id, seq, at, kind, task, message) \
              SELECT $1, next.seq + e.ord - 1, $2, e.kind, $3, e.message \
              FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM events WHERE op_id = $1) next, \
@@ -1199,7 +1248,7 @@ impl Tx for PgTx<'_> {
         at: Millis,
         lease_until: Millis,
     ) -> Result<()> {
-        self.exec(
+        self.send(
             "INSERT INTO nodes (host, boot_id, pid, start, workers, started_at, heartbeat_at, lease_until) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (boot_id, pid, start) DO UPDATE SET \
              host = excluded.host, workers = excluded.workers, started_at = excluded.started_at, \
@@ -1220,7 +1269,7 @@ impl Tx for PgTx<'_> {
 
     /// Deletes a node's row.
     fn delete_node(&mut self, node: &ProcessId) -> Result<()> {
-        self.exec(
+        self.send(
             "DELETE FROM nodes WHERE boot_id = $1 AND pid = $2 AND start = $3",
             &[&node.boot_id, &i64::from(node.pid), &ticks(node.start)],
         )?;
@@ -1229,7 +1278,7 @@ impl Tx for PgTx<'_> {
 
     /// Deletes the rows of nodes whose lease ran out before `before`.
     fn prune_nodes(&mut self, before: Millis) -> Result<()> {
-        self.exec("DELETE FROM nodes WHERE lease_until < $1", &[&before])?;
+        self.send("DELETE FROM nodes WHERE lease_until < $1", &[&before])?;
         Ok(())
     }
 

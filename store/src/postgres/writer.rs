@@ -64,10 +64,10 @@ impl PgStore {
     /// Connects, brings the schema up to date (or refuses the database), and starts the writer.
     pub(crate) fn open(location: &Location) -> Result<Self> {
         let target = Arc::new(Target::new(location)?);
-        let mut conn = connect_writer(&target)?;
         let unusable = |reason: String| target.unusable(&reason);
         let fail = |e: &postgres::Error| target.unusable(&describe(e));
-        migrations::migrate(&mut conn.client, &unusable, &fail)?;
+        migrations::migrate(&mut target.connect()?, &unusable, &fail)?;
+        let mut conn = connect_writer(&target)?;
         refuse_clock_skew(&mut conn, &target)?;
         let (sender, receiver) = mpsc::channel::<Queued>();
         let thread_target = target.clone();
@@ -150,7 +150,7 @@ pub(crate) fn secret_key_file() -> PathBuf {
 
 /// A connection for the writer: `synchronous_commit = on`, whatever the server's default.
 fn connect_writer(target: &Target) -> Result<Conn> {
-    let mut client = target.connect()?;
+    let mut client = target.connect_pipe()?;
     client
         .batch_execute("SET synchronous_commit = on")
         .map_err(|e| target.unusable(&describe(&e)))?;
@@ -451,7 +451,13 @@ impl Patience {
 
 /// Runs the transaction once: the batches (each in its savepoint when `savepoints`; without, a
 /// refused batch abandons the run), then the commit token, `NOTIFY cairn` when a change may give a
-/// serving node work, and `COMMIT`, sent together.
+/// serving node work, and `COMMIT`.
+///
+/// Statements whose answers the rules do not read are sent without waiting (`BEGIN`, the writes,
+/// the commit: see [`super::pipe`]), so a transaction takes a round trip for each read and one
+/// for its writes and commit together. A write refused that way is found before the commit is
+/// trusted, and its batch counts as refused; with savepoints, each batch's writes are answered
+/// before its savepoint is released.
 fn run(
     conn: &mut Conn,
     path: &Path,
@@ -467,11 +473,15 @@ fn run(
             reason: describe(e),
         }),
     };
-    if let Err(e) = conn
+    let refused = |e: &postgres::Error| Error::Write {
+        path: path.to_path_buf(),
+        reason: describe(e),
+    };
+    let begin = conn
         .client
-        .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
-    {
-        return broke(conn, &e);
+        .send_batch("BEGIN ISOLATION LEVEL SERIALIZABLE".to_owned());
+    if let Err(e) = conn.read_ahead(&rules::read_ahead(batches)) {
+        return abandon(conn, broke(conn, &e));
     }
     let alone = batches.len() == 1;
     let savepoints = savepoints && !alone;
@@ -484,8 +494,21 @@ fn run(
             return abandon(conn, broke(conn, &e));
         }
         let mut tx = PgTx::new(conn, path);
-        let applied = rules::apply_batch(&mut tx, batch, &mut fenced);
-        match tx.fault {
+        let mut applied = rules::apply_batch(&mut tx, batch, &mut fenced);
+        let fault = tx.fault;
+        if savepoints
+            && fault.is_none()
+            && applied.is_ok()
+            && let Err(failed) = conn.client.settle()
+        {
+            if fault_of(&failed.error, &conn.client).is_some() {
+                return abandon(conn, broke(conn, &failed.error));
+            }
+            applied = Err(refused(&failed.error));
+            // Its savepoint is rolled back, and the owner's row lock with it.
+            fenced = None;
+        }
+        match fault {
             Some(Fault::Conflict) => return abandon(conn, Run::Again),
             Some(Fault::Lost) => {
                 let why = applied.err().map(|e| e.to_string()).unwrap_or_default();
@@ -508,28 +531,44 @@ fn run(
             Err(_) if !savepoints => return abandon(conn, Run::Refused),
             Err(e) => {
                 results.push(Err(e));
-                conn.client
-                    .batch_execute("ROLLBACK TO request; RELEASE request")
+                // The batch's writes answered first: a refusal among them is this batch's, not
+                // the rollback's.
+                match conn.client.settle() {
+                    Err(failed) if fault_of(&failed.error, &conn.client).is_some() => {
+                        Err(failed.error)
+                    }
+                    _ => conn
+                        .client
+                        .batch_execute("ROLLBACK TO request; RELEASE request"),
+                }
             }
         };
         if let Err(e) = step {
             return abandon(conn, broke(conn, &e));
         }
     }
-    // One round trip for the token, the notification and the commit. The token is the writer's
-    // own (hex digits, dashes), never anything a caller gave.
+    // The token, the notification and the commit as one message, after the writes. The token is
+    // the writer's own (hex digits, dashes), never anything a caller gave.
     let notify = if wakes { " NOTIFY cairn;" } else { "" };
-    let commit = format!(
+    let commit = conn.client.send_batch(format!(
         "INSERT INTO commit_tokens (token, at) VALUES ('{token}', {});{notify} COMMIT",
         now_ms()
-    );
-    match conn.client.batch_execute(&commit) {
-        Ok(()) => Run::Done(results),
+    ));
+    let Err(failed) = conn.client.settle() else {
+        return Run::Done(results);
+    };
+    match broke(conn, &failed.error) {
         // Whether it failed before the `COMMIT` or during it, the token says.
-        Err(e) => match broke(conn, &e) {
-            Run::Lost(why) => Run::InDoubt(results, why),
-            other => abandon(conn, other),
-        },
+        Run::Lost(why) => Run::InDoubt(results, why),
+        // A write refused: the `COMMIT` after it was not run. (Not `BEGIN`: without it, each
+        // write would have stood alone, and running them again could not be right.)
+        Run::Failed(_) if failed.ticket > begin && failed.ticket < commit && alone => {
+            abandon(conn, Run::Done(vec![Err(refused(&failed.error))]))
+        }
+        Run::Failed(_) if failed.ticket > begin && failed.ticket < commit => {
+            abandon(conn, Run::Refused)
+        }
+        other => abandon(conn, other),
     }
 }
 
@@ -676,7 +715,7 @@ mod tests {
         let mut writer = Writer {
             target: &target,
             path: target.location.as_path().to_path_buf(),
-            conn: Some(Conn::new(client)),
+            conn: Some(Conn::new(target.connect_pipe().unwrap())),
             tokens: Tokens::new(),
         };
         let (committed, refused) = (writer.tokens.next(), writer.tokens.next());

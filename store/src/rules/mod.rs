@@ -392,6 +392,35 @@ pub(crate) fn event<T: Tx>(
     tx.append_events(op, at, task, &[(kind.as_str(), message)])
 }
 
+/// The tasks whose state (status and name) the rules will read in a transaction of `batches`,
+/// and that nothing in it changes before they are read: a backend may read them all first, in one
+/// go (PostgreSQL sends the reads together). Empty unless every change is an attempt's (see
+/// [`Change::attempt_fence`]) or a heartbeat, of which only a start, an end or a whole attempt
+/// changes a task's state; a task that two of those name is left to be read when its change
+/// comes, after the other's writes.
+pub(crate) fn read_ahead(batches: &[&Vec<Change>]) -> Vec<(OpId, TaskNo)> {
+    let mut tasks = Vec::new();
+    for change in batches.iter().flat_map(|batch| batch.iter()) {
+        match change {
+            Change::StartAttempt { op, task, .. }
+            | Change::WholeAttempt { op, task, .. }
+            | Change::FinishAttempt { op, task, .. } => tasks.push((*op, *task)),
+            Change::Heartbeat { .. } => {}
+            other if other.attempt_fence().is_some() => {}
+            _ => return Vec::new(),
+        }
+    }
+    let mut sorted = tasks.clone();
+    sorted.sort_unstable();
+    let twice: Vec<_> = sorted
+        .windows(2)
+        .filter(|pair| pair[0] == pair[1])
+        .map(|pair| pair[0])
+        .collect();
+    tasks.retain(|task| !twice.contains(task));
+    tasks
+}
+
 /// Applies a batch, all of its changes or the first refusal. `fenced` carries, from one batch to
 /// the next of the same transaction, the op and writer the last change proved ownership for (see
 /// [`Change::attempt_fence`]); any other change, or a refusal, forgets it.

@@ -1,0 +1,356 @@
+//! The writer's connection, on which a statement whose answer nothing reads is sent without
+//! waiting for it (pipelined): it goes out with the next statement that is waited for, and its
+//! answer is read then, in order. A transaction's writes and its `COMMIT` thus share one round
+//! trip to the server.
+//!
+//! The client is `tokio-postgres` on a runtime of the connection's own, one thread, which runs
+//! only while the writer waits (as the blocking `postgres` client does): the `postgres` client
+//! cannot have more than one statement in flight.
+//!
+//! A statement sent ahead may fail. PostgreSQL then refuses every later statement of the
+//! transaction (and a `COMMIT` that comes in the same message as a failed statement is never
+//! run), so the failure is reported by the next wait: as that wait's own answer
+//! ([`Pipe::wait`]), or by [`Pipe::settle`] before a commit is trusted.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::BytesMut;
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use postgres::{Error, NoTls, Row, Statement};
+use tokio::runtime::Runtime;
+use tokio_postgres::ToStatement;
+
+/// A statement on its way: its answer once read.
+type Sent = Pin<Box<dyn Future<Output = Result<Answer, Error>> + Send>>;
+
+enum Answer {
+    /// What a write answers: nothing anyone reads.
+    Done,
+    /// A read sent ahead: its rows, kept until taken ([`Pipe::take`]).
+    Rows(Vec<Row>),
+}
+
+/// A statement sent and not yet answered.
+struct Flying {
+    ticket: Ticket,
+    /// A read whose rows are kept for [`Pipe::take`].
+    read: bool,
+    answer: Sent,
+}
+
+/// Sent and not yet answered, in the order they were sent.
+type InFlight = Vec<Flying>;
+
+/// The rows of reads sent ahead, answered and not yet taken (`None`: the read failed, and the
+/// failure was reported as the first of its wait).
+type Kept = Vec<(Ticket, Option<Vec<Row>>)>;
+
+/// Names a statement sent ahead (a read's, to take its rows); later statements have greater ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Ticket(u64);
+
+pub(super) struct Pipe {
+    runtime: Runtime,
+    client: Arc<tokio_postgres::Client>,
+    sent: InFlight,
+    kept: Kept,
+    tickets: u64,
+}
+
+/// The first failure among statements sent ahead: which one and why.
+pub(super) struct Failed {
+    pub(super) ticket: Ticket,
+    pub(super) error: Error,
+}
+
+impl Pipe {
+    /// Connects on `runtime`, which the connection keeps (one thread, started by the caller).
+    pub(super) fn connect(
+        runtime: Runtime,
+        config: &tokio_postgres::Config,
+    ) -> Result<Self, Error> {
+        let (client, connection) = runtime.block_on(config.connect(NoTls))?;
+        runtime.spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Self {
+            runtime,
+            client: Arc::new(client),
+            sent: Vec::new(),
+            kept: Vec::new(),
+            tickets: 0,
+        })
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Sends `statement` without waiting for its answer. Its parameters are encoded now, so
+    /// nothing borrowed is kept. (One that cannot be encoded is run at once, for the client's
+    /// own error.)
+    pub(super) fn send(
+        &mut self,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(), Error> {
+        let Some(encoded) = encode(statement, params) else {
+            return self.execute(statement, params).map(|_| ());
+        };
+        let client = Arc::clone(&self.client);
+        let statement = statement.clone();
+        self.go(
+            false,
+            Box::pin(async move {
+                client
+                    .execute_raw(&statement, encoded)
+                    .await
+                    .map(|_| Answer::Done)
+            }),
+        );
+        Ok(())
+    }
+
+    /// Sends the read `statement` without waiting for its rows, which [`Pipe::take`] gives once
+    /// answered; `None` when its parameters cannot be encoded (read it the usual way then).
+    pub(super) fn send_read(
+        &mut self,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Option<Ticket> {
+        let encoded = encode(statement, params)?;
+        let client = Arc::clone(&self.client);
+        let statement = statement.clone();
+        Some(self.go(
+            true,
+            Box::pin(async move {
+                let rows = client.query_raw(&statement, encoded).await?;
+                futures_util::TryStreamExt::try_collect(rows)
+                    .await
+                    .map(Answer::Rows)
+            }),
+        ))
+    }
+
+    /// The rows of the read sent ahead as `ticket`, waiting for them if they have not come;
+    /// `None` when they cannot be given (taken, dropped, or the read failed and said so before):
+    /// read them the usual way then. A failure of anything sent before them is the answer.
+    pub(super) fn take(&mut self, ticket: Ticket) -> Option<Result<Vec<Row>, Error>> {
+        if self.sent.iter().any(|flying| flying.ticket == ticket) {
+            let sent = std::mem::take(&mut self.sent);
+            if let Err(failed) = self.runtime.block_on(answers(sent, &mut self.kept)) {
+                return Some(Err(failed.error));
+            }
+        }
+        let at = self.kept.iter().position(|(t, _)| *t == ticket)?;
+        self.kept.swap_remove(at).1.map(Ok)
+    }
+
+    /// Sends `sql` (statements without parameters, as one message) without waiting for it.
+    pub(super) fn send_batch(&mut self, sql: String) -> Ticket {
+        let client = Arc::clone(&self.client);
+        self.go(
+            false,
+            Box::pin(async move { client.batch_execute(&sql).await.map(|()| Answer::Done) }),
+        )
+    }
+
+    /// Polls a statement once, which hands it to the connection, and keeps it for its answer.
+    fn go(&mut self, read: bool, mut answer: Sent) -> Ticket {
+        self.tickets += 1;
+        let ticket = Ticket(self.tickets);
+        if let Poll::Ready(done) = answer
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            answer = Box::pin(std::future::ready(done));
+        }
+        self.sent.push(Flying {
+            ticket,
+            read,
+            answer,
+        });
+        ticket
+    }
+
+    /// Reads the answers of everything sent ahead; the first failure, if any. Rows read ahead and
+    /// not taken are dropped.
+    pub(super) fn settle(&mut self) -> Result<(), Failed> {
+        let sent = std::mem::take(&mut self.sent);
+        let settled = self.runtime.block_on(answers(sent, &mut self.kept));
+        self.kept.clear();
+        settled
+    }
+
+    /// Sends `request` after what was sent ahead and waits for all of them; the first failure of
+    /// one sent ahead comes before the request's own answer (later statements of its transaction
+    /// fail because of it).
+    fn wait<T>(
+        runtime: &Runtime,
+        (sent, kept): (&mut InFlight, &mut Kept),
+        request: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let sent = std::mem::take(sent);
+        runtime.block_on(async move {
+            let mut request = std::pin::pin!(request);
+            // Handed to the connection before the earlier answers are awaited, so that it goes
+            // out with them.
+            let early = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
+            let before = answers(sent, kept).await;
+            let answer = match early {
+                Poll::Ready(answer) => answer,
+                Poll::Pending => request.await,
+            };
+            before.map_err(|f| f.error)?;
+            answer
+        })
+    }
+
+    pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), Error> {
+        Self::wait(
+            &self.runtime,
+            (&mut self.sent, &mut self.kept),
+            self.client.batch_execute(sql),
+        )
+    }
+
+    pub(super) fn prepare(&mut self, sql: &str) -> Result<Statement, Error> {
+        Self::wait(
+            &self.runtime,
+            (&mut self.sent, &mut self.kept),
+            self.client.prepare(sql),
+        )
+    }
+
+    pub(super) fn execute<S: ?Sized + ToStatement>(
+        &mut self,
+        statement: &S,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        let client = &self.client;
+        Self::wait(
+            &self.runtime,
+            (&mut self.sent, &mut self.kept),
+            client.execute(statement, params),
+        )
+    }
+
+    pub(super) fn query<S: ?Sized + ToStatement>(
+        &mut self,
+        statement: &S,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        let client = &self.client;
+        Self::wait(
+            &self.runtime,
+            (&mut self.sent, &mut self.kept),
+            client.query(statement, params),
+        )
+    }
+
+    pub(super) fn query_opt<S: ?Sized + ToStatement>(
+        &mut self,
+        statement: &S,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
+        let client = &self.client;
+        Self::wait(
+            &self.runtime,
+            (&mut self.sent, &mut self.kept),
+            client.query_opt(statement, params),
+        )
+    }
+
+    pub(super) fn query_one<S: ?Sized + ToStatement>(
+        &mut self,
+        statement: &S,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        let client = &self.client;
+        Self::wait(
+            &self.runtime,
+            (&mut self.sent, &mut self.kept),
+            client.query_one(statement, params),
+        )
+    }
+}
+
+/// The answers of `sent`, in order, the rows of reads kept in `kept`; the first failure.
+async fn answers(sent: InFlight, kept: &mut Kept) -> Result<(), Failed> {
+    let mut first = None;
+    for Flying {
+        ticket,
+        read,
+        answer,
+    } in sent
+    {
+        let failure = match answer.await {
+            Ok(Answer::Rows(rows)) => {
+                kept.push((ticket, Some(rows)));
+                None
+            }
+            Ok(Answer::Done) => None,
+            Err(error) => {
+                if read {
+                    kept.push((ticket, None));
+                }
+                Some(error)
+            }
+        };
+        if let Some(error) = failure
+            && first.is_none()
+        {
+            first = Some(Failed { ticket, error });
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// A parameter encoded ahead, in the binary form the statement's type wants.
+#[derive(Debug)]
+struct Encoded(Option<BytesMut>);
+
+impl ToSql for Encoded {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(match &self.0 {
+            Some(bytes) => {
+                out.extend_from_slice(bytes);
+                IsNull::No
+            }
+            None => IsNull::Yes,
+        })
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+/// The parameters encoded for the statement's types; `None` when one does not fit (or their
+/// count is wrong), which the client reports in its own words when the statement is run.
+fn encode(statement: &Statement, params: &[&(dyn ToSql + Sync)]) -> Option<Vec<Encoded>> {
+    let types = statement.params();
+    if types.len() != params.len() {
+        return None;
+    }
+    params
+        .iter()
+        .zip(types)
+        .map(|(param, ty)| {
+            let mut bytes = BytesMut::new();
+            match param.to_sql_checked(ty, &mut bytes).ok()? {
+                IsNull::No => Some(Encoded(Some(bytes))),
+                IsNull::Yes => Some(Encoded(None)),
+            }
+        })
+        .collect()
+}
