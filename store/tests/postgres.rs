@@ -575,6 +575,20 @@ fn two_stores_racing_for_each_op_leave_exactly_one_owner() {
     }
 }
 
+/// Commits the batches in one group, as the engine does: each batch's result, and which were
+/// refused.
+fn together(store: &Store, batches: Vec<Vec<Change>>) -> (store::Results, Vec<usize>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = runtime.block_on(store.apply_together(batches));
+    let refused = (0..results.len())
+        .filter(|&i| results[i].is_err())
+        .collect();
+    (results, refused)
+}
+
 #[test]
 fn a_refused_batch_does_not_undo_the_others_in_a_group_commit() {
     let db = Db::new("cairn_t");
@@ -606,14 +620,7 @@ fn a_refused_batch_does_not_undo_the_others_in_a_group_commit() {
             message: String::new(),
         },
     ];
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let results = runtime.block_on(store.apply_together(batches));
-    let refused: Vec<usize> = (0..results.len())
-        .filter(|&i| results[i].is_err())
-        .collect();
+    let (_, refused) = together(&store, batches);
     assert_eq!(refused, [50]);
     assert_eq!(
         db.count("SELECT count(*) FROM events WHERE kind = 'note'"),
@@ -672,14 +679,7 @@ fn a_task_ended_earlier_in_a_group_commit_is_not_started_again_in_it() {
         }]
     };
     let batches = vec![whole(0, 1), whole(1, 1), whole(0, 2), whole(2, 1)];
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let results = runtime.block_on(store.apply_together(batches));
-    let refused: Vec<usize> = (0..results.len())
-        .filter(|&i| results[i].is_err())
-        .collect();
+    let (results, refused) = together(&store, batches);
     assert_eq!(refused, [2], "{results:?}");
     assert!(
         results[2]

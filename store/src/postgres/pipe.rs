@@ -209,74 +209,65 @@ impl Pipe {
         })
     }
 
-    pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), Error> {
+    /// Runs `request` on the client after what was sent ahead, as [`Pipe::wait`] does.
+    fn call<'a, T, F>(
+        &'a mut self,
+        request: impl FnOnce(&'a tokio_postgres::Client) -> F,
+    ) -> Result<T, Error>
+    where
+        F: Future<Output = Result<T, Error>> + 'a,
+    {
+        let client = &self.client;
         Self::wait(
             &self.runtime,
             (&mut self.sent, &mut self.kept),
-            self.client.batch_execute(sql),
+            request(client),
         )
     }
 
+    pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), Error> {
+        self.call(|c| c.batch_execute(sql))
+    }
+
     pub(super) fn prepare(&mut self, sql: &str) -> Result<Statement, Error> {
-        Self::wait(
-            &self.runtime,
-            (&mut self.sent, &mut self.kept),
-            self.client.prepare(sql),
-        )
+        self.call(|c| c.prepare(sql))
     }
 
     pub(super) fn execute<S: ?Sized + ToStatement>(
         &mut self,
-        statement: &S,
-        params: &[&(dyn ToSql + Sync)],
+        s: &S,
+        p: &Params,
     ) -> Result<u64, Error> {
-        let client = &self.client;
-        Self::wait(
-            &self.runtime,
-            (&mut self.sent, &mut self.kept),
-            client.execute(statement, params),
-        )
+        self.call(|c| c.execute(s, p))
     }
 
     pub(super) fn query<S: ?Sized + ToStatement>(
         &mut self,
-        statement: &S,
-        params: &[&(dyn ToSql + Sync)],
+        s: &S,
+        p: &Params,
     ) -> Result<Vec<Row>, Error> {
-        let client = &self.client;
-        Self::wait(
-            &self.runtime,
-            (&mut self.sent, &mut self.kept),
-            client.query(statement, params),
-        )
+        self.call(|c| c.query(s, p))
     }
 
     pub(super) fn query_opt<S: ?Sized + ToStatement>(
         &mut self,
-        statement: &S,
-        params: &[&(dyn ToSql + Sync)],
+        s: &S,
+        p: &Params,
     ) -> Result<Option<Row>, Error> {
-        let client = &self.client;
-        Self::wait(
-            &self.runtime,
-            (&mut self.sent, &mut self.kept),
-            client.query_opt(statement, params),
-        )
+        self.call(|c| c.query_opt(s, p))
     }
 
     pub(super) fn query_one<S: ?Sized + ToStatement>(
         &mut self,
-        statement: &S,
-        params: &[&(dyn ToSql + Sync)],
+        s: &S,
+        p: &Params,
     ) -> Result<Row, Error> {
-        let client = &self.client;
-        Self::wait(
-            &self.runtime,
-            (&mut self.sent, &mut self.kept),
-            client.query_one(statement, params),
-        )
+        self.call(|c| c.query_one(s, p))
     }
 }
+
+/// A statement's parameters.
+type Params<'a> = [&'a (dyn ToSql + Sync)];
 
 /// The answers of `sent`, in order, the rows of reads kept in `kept`; the first failure.
 async fn answers(sent: InFlight, kept: &mut Kept) -> Result<(), Failed> {
