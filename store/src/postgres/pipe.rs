@@ -91,14 +91,11 @@ impl Pipe {
 
     /// Sends `statement` without waiting for its answer. Its parameters are encoded now, so
     /// nothing borrowed is kept. (One that cannot be encoded is run at once, for the client's
-    /// own error.)
-    pub(super) fn send(
-        &mut self,
-        statement: &Statement,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<(), Error> {
+    /// own error, which is then its answer.)
+    pub(super) fn send(&mut self, statement: &Statement, params: &Params) -> Ticket {
         let Some(encoded) = encode(statement, params) else {
-            return self.execute(statement, params).map(|_| ());
+            let done = self.execute(statement, params).map(|_| Answer::Done);
+            return self.go(false, Box::pin(std::future::ready(done)));
         };
         let client = Arc::clone(&self.client);
         let statement = statement.clone();
@@ -110,8 +107,7 @@ impl Pipe {
                     .await
                     .map(|_| Answer::Done)
             }),
-        );
-        Ok(())
+        )
     }
 
     /// Sends the read `statement` without waiting for its rows, which [`Pipe::take`] gives once

@@ -73,8 +73,21 @@ impl Conn {
         Ok(())
     }
 
+    /// Sends the insert of the transaction's commit token (see `writer.rs`) without waiting.
+    pub(super) fn send_token(
+        &mut self,
+        token: &str,
+        at: i64,
+    ) -> std::result::Result<Ticket, postgres::Error> {
+        let statement = self.statement(TOKEN)?;
+        Ok(self.client.send(&statement, &[&token, &at]))
+    }
+
     /// The statement `sql`, prepared on this connection the first time it is asked for.
-    fn statement(&mut self, sql: &'static str) -> std::result::Result<Statement, postgres::Error> {
+    pub(super) fn statement(
+        &mut self,
+        sql: &'static str,
+    ) -> std::result::Result<Statement, postgres::Error> {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
         }
@@ -83,6 +96,9 @@ impl Conn {
         Ok(statement)
     }
 }
+
+/// A transaction's commit token.
+pub(super) const TOKEN: &str = "INSERT INTO commit_tokens (token, at) VALUES ($1, $2)";
 
 /// A task's stored status and name.
 const TASK_STATE: &str = "SELECT status, name FROM tasks WHERE op_id = $1 AND task_no = $2";
@@ -164,11 +180,9 @@ impl<'t> PgTx<'t> {
     /// Sends a statement whose answer nothing reads, without waiting for it (see [`Pipe`]): a
     /// failure is reported by the next statement waited for, or before the commit.
     fn send(&mut self, sql: &'static str, params: &Params<'_>) -> Result<()> {
-        let run = |conn: &mut Conn| {
-            let statement = conn.statement(sql)?;
-            conn.client.send(&statement, params)
-        };
-        run(self.conn).map_err(|e| self.fail(&e))
+        let statement = self.conn.statement(sql).map_err(|e| self.fail(&e))?;
+        self.conn.client.send(&statement, params);
+        Ok(())
     }
 
     fn opt(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Option<Row>> {

@@ -19,7 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::listen::{Changes, Moved};
-use super::tx::{Conn, Fault, PgTx, Session, describe, fault_of};
+use super::tx::{Conn, Fault, PgTx, Session, TOKEN, describe, fault_of};
 use super::{PgReader, Target, migrations};
 use crate::api::{Backend, Committing, Reader, Results, Waiting};
 use crate::error::{Error, Result};
@@ -166,6 +166,9 @@ fn connect_writer(target: &Target) -> Result<Conn> {
         pid: session.get(0),
         started: session.get(1),
     });
+    // Prepared now, so that a transaction's commit never waits for it.
+    conn.statement(TOKEN)
+        .map_err(|e| target.unusable(&describe(&e)))?;
     Ok(conn)
 }
 
@@ -547,13 +550,20 @@ fn run(
             return abandon(conn, broke(conn, &e));
         }
     }
-    // The token, the notification and the commit as one message, after the writes. The token is
-    // the writer's own (hex digits, dashes), never anything a caller gave.
-    let notify = if wakes { " NOTIFY cairn;" } else { "" };
-    let commit = conn.client.send_batch(format!(
-        "INSERT INTO commit_tokens (token, at) VALUES ('{token}', {});{notify} COMMIT",
-        now_ms()
-    ));
+    // The token (a statement prepared when the connection was made), the notification and the
+    // commit, sent after the writes.
+    let commit = match conn.send_token(token, now_ms()) {
+        Ok(ticket) => ticket,
+        Err(e) => return abandon(conn, broke(conn, &e)),
+    };
+    conn.client.send_batch(
+        if wakes {
+            "NOTIFY cairn; COMMIT"
+        } else {
+            "COMMIT"
+        }
+        .to_owned(),
+    );
     let Err(failed) = conn.client.settle() else {
         return Run::Done(results);
     };
