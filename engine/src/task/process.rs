@@ -6,7 +6,7 @@
 //! - `judge`: what a finished process's exit makes of the attempt.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use plans::model::{Action, Step};
@@ -461,32 +461,9 @@ impl ProcessAttempt<'_> {
         // its server: they are found by their marker.
         let probe = step.daemon && launch.marker.ends_with("/check");
         let mut launch = launch;
-        // A supervised command (`adopt`): its output, outputs and exit code go to its attempt's
-        // directory, which outlives this process.
-        let supervised = if step.adopt && !launch.marker.ends_with("/check") {
-            let dir = procs::adopt::dir(&shared.uuid, task.0, n);
-            if let Err(e) = procs::adopt::prepare(&dir) {
-                return Ok(Err(format!(
-                    "cannot make the step's directory {}: {e}",
-                    dir.display()
-                )));
-            }
-            let output = dir.join("output");
-            launch.env.insert(
-                "CAIRN_PROGRESS".to_owned(),
-                progress_file(&output).display().to_string(),
-            );
-            launch
-                .env
-                .insert("CAIRN_OUTPUT".to_owned(), output.display().to_string());
-            let _ = std::fs::remove_file(&launch.output);
-            launch.output = output;
-            launch.argv = procs::adopt::argv(&dir, &launch.argv);
-            launch.located = None;
-            self.adopted = Some((n, None, dir.display().to_string()));
-            Some(dir)
-        } else {
-            None
+        let supervised = match self.supervise(n, &mut launch) {
+            Ok(supervised) => supervised,
+            Err(why) => return Ok(Err(why)),
         };
         let spec = Spec {
             stdin: None,
@@ -596,21 +573,52 @@ impl ProcessAttempt<'_> {
                 why: unwritten.why,
             });
         }
-        let outputs = if exit.success() {
-            spawn::read_outputs(&launch.output)
-        } else {
-            Ok(Map::new())
-        };
-        // Read once: the op's directory does not fill up with a file per attempt (a supervised
-        // one's goes with its directory, once its end is recorded).
-        if supervised.is_none() {
-            let _ = std::fs::remove_file(&launch.output);
+        Ok(Ok(ran(exit, &launch.output, supervised.is_some())))
+    }
+
+    /// Makes a supervised command (`adopt`) of `launch`: its output, outputs and exit code go to
+    /// its attempt's directory, which outlives this process. That directory; `None` for any other
+    /// command.
+    fn supervise(&mut self, n: u32, launch: &mut Launch) -> Result<Option<PathBuf>, String> {
+        if !self.step.adopt || launch.marker.ends_with("/check") {
+            return Ok(None);
         }
-        Ok(Ok(ProcessRun {
-            exit,
-            outputs,
-            unreached: None,
-        }))
+        let dir = procs::adopt::dir(&self.shared.uuid, self.job.task().0, n);
+        procs::adopt::prepare(&dir)
+            .map_err(|e| format!("cannot make the step's directory {}: {e}", dir.display()))?;
+        let output = dir.join("output");
+        launch.env.insert(
+            "CAIRN_PROGRESS".to_owned(),
+            progress_file(&output).display().to_string(),
+        );
+        launch
+            .env
+            .insert("CAIRN_OUTPUT".to_owned(), output.display().to_string());
+        let _ = std::fs::remove_file(&launch.output);
+        launch.output = output;
+        launch.argv = procs::adopt::argv(&dir, &launch.argv);
+        launch.located = None;
+        self.adopted = Some((n, None, dir.display().to_string()));
+        Ok(Some(dir))
+    }
+}
+
+/// A process's run once it ended: its outputs read from `output` if it succeeded. The file is read
+/// once, then removed, so that the op's directory does not fill up with a file per attempt (a
+/// supervised one's goes with its directory, once its end is recorded).
+fn ran(exit: spawn::Exit, output: &Path, supervised: bool) -> ProcessRun {
+    let outputs = if exit.success() {
+        spawn::read_outputs(output)
+    } else {
+        Ok(Map::new())
+    };
+    if !supervised {
+        let _ = std::fs::remove_file(output);
+    }
+    ProcessRun {
+        exit,
+        outputs,
+        unreached: None,
     }
 }
 
