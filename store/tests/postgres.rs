@@ -575,6 +575,41 @@ fn two_stores_racing_for_each_op_leave_exactly_one_owner() {
     }
 }
 
+/// A batch of one whole attempt (`n`) of `task` by `me`.
+fn whole(
+    op: OpId,
+    me: &ProcessId,
+    (task, n): (u32, u32),
+    at: i64,
+    outcome: Outcome,
+) -> Vec<Change> {
+    vec![Change::WholeAttempt {
+        op,
+        owner: me.clone(),
+        task: TaskNo(task),
+        n,
+        retry_from: 0,
+        at,
+        outcome,
+    }]
+}
+
+/// Failed with an exit code: `task` waits to be tried again when `retry`.
+fn failed(code: i32, retry: bool) -> Outcome {
+    Outcome {
+        task: if retry {
+            TaskStatus::Pending
+        } else {
+            TaskStatus::Failed
+        },
+        attempt: AttemptStatus::Failed,
+        exit_code: Some(code),
+        error: Some(format!("exit {code}")),
+        outputs: None,
+        by_check: false,
+    }
+}
+
 /// Commits the batches in one group, as the engine does: each batch's result, and which were
 /// refused.
 fn together(store: &Store, batches: Vec<Vec<Change>>) -> (store::Results, Vec<usize>) {
@@ -667,17 +702,7 @@ fn a_task_ended_earlier_in_a_group_commit_is_not_started_again_in_it() {
     let op = submit(&store, 3, "u-ahead");
     let me = owner(1);
     claim(&store, op, &me, 100).unwrap();
-    let whole = |task: u32, n: u32| {
-        vec![Change::WholeAttempt {
-            op,
-            owner: me.clone(),
-            task: TaskNo(task),
-            n,
-            retry_from: 0,
-            at: 200,
-            outcome: succeeded(),
-        }]
-    };
+    let whole = |task, n| whole(op, &me, (task, n), 200, succeeded());
     let batches = vec![whole(0, 1), whole(1, 1), whole(0, 2), whole(2, 1)];
     let (results, refused) = together(&store, batches);
     assert_eq!(refused, [2], "{results:?}");
@@ -694,6 +719,139 @@ fn a_task_ended_earlier_in_a_group_commit_is_not_started_again_in_it() {
     assert_eq!(
         db.count("SELECT count(*) FROM tasks WHERE status = 'succeeded'"),
         3
+    );
+}
+
+/// The attempts, tasks and events of a group go as one statement each: each task ends with its
+/// own attempt's outcome, and each op's events are numbered on from its last, without gaps, in the
+/// order the changes came.
+#[test]
+fn a_group_commits_its_rows_together_and_numbers_each_ops_events_in_order() {
+    let db = Db::new("cairn_t");
+    let store = db.open();
+    let me = owner(1);
+    let (a, b) = (submit(&store, 40, "u-a"), submit(&store, 40, "u-b"));
+    claim(&store, a, &me, 100).unwrap();
+    claim(&store, b, &me, 100).unwrap();
+    let before = |op: OpId| {
+        db.count(&format!(
+            "SELECT max(seq) FROM events WHERE op_id = {}",
+            op.0
+        ))
+    };
+    let (a_before, b_before) = (before(a), before(b));
+    let whole = |op, task: u32| {
+        let outcome = if task.is_multiple_of(3) {
+            failed(i32::try_from(task).unwrap(), false)
+        } else {
+            succeeded()
+        };
+        whole(op, &me, (task, 1), 1000 + i64::from(task), outcome)
+    };
+    let batches = (0..40).flat_map(|t| [whole(a, t), whole(b, t)]).collect();
+    let (results, refused) = together(&store, batches);
+    assert!(refused.is_empty(), "{results:?}");
+    let sql = &mut db.connect();
+    for (op, first) in [(a, a_before), (b, b_before)] {
+        let seqs: Vec<i64> = sql
+            .query(
+                "SELECT seq FROM events WHERE op_id = $1 AND seq > $2 ORDER BY seq",
+                &[&op.0, &first],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(seqs, ((first + 1)..=(first + 80)).collect::<Vec<_>>());
+        // In the order the changes came: each task's start, then its end, task after task.
+        let tasks: Vec<String> = sql
+            .query(
+                "SELECT e.task FROM events e WHERE e.op_id = $1 AND e.seq > $2 ORDER BY e.seq",
+                &[&op.0, &first],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let names: Vec<String> = sql
+            .query(
+                "SELECT name FROM tasks WHERE op_id = $1 ORDER BY task_no",
+                &[&op.0],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let expected: Vec<String> = names.iter().flat_map(|n| [n.clone(), n.clone()]).collect();
+        assert_eq!(tasks, expected);
+        let ended: Vec<(i64, String, Option<i64>, i64)> = sql
+            .query(
+                "SELECT t.task_no, t.status, t.exit_code, a.ended_at FROM tasks t \
+                 JOIN attempts a ON a.op_id = t.op_id AND a.task_no = t.task_no WHERE t.op_id = $1 \
+                 ORDER BY t.task_no",
+                &[&op.0],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        assert_eq!(ended.len(), 40);
+        for (task, status, code, at) in ended {
+            let failed = task % 3 == 0;
+            assert_eq!(
+                status,
+                if failed { "failed" } else { "succeeded" },
+                "task {task}"
+            );
+            assert_eq!(code, Some(if failed { task } else { 0 }), "task {task}");
+            assert_eq!(at, 1000 + task, "task {task}");
+        }
+    }
+}
+
+/// A batch the server refuses inside a group's gathered statements (its attempt's key exists)
+/// leaves nothing of itself, and the others commit.
+#[test]
+fn a_batch_the_server_refuses_in_a_gathered_group_leaves_nothing_and_the_others_commit() {
+    let db = Db::new("cairn_t");
+    let store = db.open();
+    let me = owner(1);
+    let op = submit(&store, 3, "u-refused");
+    claim(&store, op, &me, 100).unwrap();
+    let whole = |task, at, outcome| whole(op, &me, (task, 1), at, outcome);
+    // Task 0's first attempt failed and it waits to be tried again: a second attempt numbered 1
+    // is refused by the attempts' key, not by the rules.
+    let retry = failed(1, true);
+    store.apply_blocking(whole(0, 200, retry)).unwrap();
+    let events = db.count(&format!(
+        "SELECT count(*) FROM events WHERE op_id = {}",
+        op.0
+    ));
+    let batches = vec![
+        whole(1, 300, succeeded()),
+        whole(0, 300, succeeded()),
+        whole(2, 300, succeeded()),
+    ];
+    let (results, refused) = together(&store, batches);
+    assert_eq!(refused, [1], "{results:?}");
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM events WHERE op_id = {}",
+            op.0
+        )),
+        events + 4
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM attempts WHERE task_no = 0"),
+        1
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM tasks WHERE task_no = 0 AND status = 'pending' AND ended_at IS NULL"),
+        1
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM tasks WHERE task_no IN (1, 2) AND status = 'succeeded'"),
+        2
     );
 }
 

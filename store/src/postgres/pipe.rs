@@ -12,6 +12,7 @@
 //! run), so the failure is reported by the next wait: as that wait's own answer
 //! ([`Pipe::wait`]), or by [`Pipe::settle`] before a commit is trusted.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -58,6 +59,82 @@ pub(super) struct Pipe {
     sent: InFlight,
     kept: Kept,
     tickets: u64,
+    /// Rows gathered to go as one statement a slot ([`Pipe::gather`]).
+    gathered: [Option<Gathered>; SLOTS],
+}
+
+/// How many statements may gather rows at once.
+pub(super) const SLOTS: usize = 3;
+
+/// A value of a gathered row.
+pub(super) enum Value<'a> {
+    Int(Option<i64>),
+    Text(Option<&'a str>),
+}
+
+/// A gathered column: its values, bound as one array.
+enum Column {
+    Int(Vec<Option<i64>>),
+    Text(Vec<Option<String>>),
+}
+
+/// The forms of a gathered statement: the one for any rows, which takes every column as an
+/// array; and where it is cheaper to run, one for a single row (every column a value) and one for
+/// rows whose first column is the same (that column a value, the others arrays).
+#[derive(Clone)]
+pub(super) struct Forms {
+    pub(super) many: Statement,
+    pub(super) one_row: Option<Statement>,
+    pub(super) one_first: Option<Statement>,
+}
+
+/// The rows of one statement gathered so far, and the keys they were gathered under.
+struct Gathered {
+    forms: Forms,
+    columns: Vec<Column>,
+    rows: usize,
+    keys: HashSet<(i64, i64)>,
+}
+
+impl Gathered {
+    /// The statement that runs these rows, and its parameters.
+    fn statement(self) -> (Statement, Vec<Box<dyn ToSql + Sync>>) {
+        let same_first = match self.columns.first() {
+            Some(Column::Int(values)) => values.windows(2).all(|w| w[0] == w[1]),
+            Some(Column::Text(values)) => values.windows(2).all(|w| w[0] == w[1]),
+            None => true,
+        };
+        let (statement, scalars) = match (self.forms, self.rows) {
+            (
+                Forms {
+                    one_row: Some(one), ..
+                },
+                1,
+            ) => (one, self.columns.len()),
+            (
+                Forms {
+                    one_first: Some(one),
+                    ..
+                },
+                _,
+            ) if same_first => (one, 1),
+            (Forms { many, .. }, _) => (many, 0),
+        };
+        let params = self
+            .columns
+            .into_iter()
+            .enumerate()
+            .map(|(i, column)| -> Box<dyn ToSql + Sync> {
+                match (column, i < scalars) {
+                    (Column::Int(mut values), true) => Box::new(values.swap_remove(0)),
+                    (Column::Text(mut values), true) => Box::new(values.swap_remove(0)),
+                    (Column::Int(values), false) => Box::new(values),
+                    (Column::Text(values), false) => Box::new(values),
+                }
+            })
+            .collect();
+        (statement, params)
+    }
 }
 
 /// The first failure among statements sent ahead: which one and why.
@@ -82,6 +159,7 @@ impl Pipe {
             sent: Vec::new(),
             kept: Vec::new(),
             tickets: 0,
+            gathered: [None, None, None],
         })
     }
 
@@ -93,6 +171,7 @@ impl Pipe {
     /// nothing borrowed is kept. (One that cannot be encoded is run at once, for the client's
     /// own error, which is then its answer.)
     pub(super) fn send(&mut self, statement: &Statement, params: &Params) -> Ticket {
+        self.flush();
         let Some(encoded) = encode(statement, params) else {
             let done = self.execute(statement, params).map(|_| Answer::Done);
             return self.go(false, Box::pin(std::future::ready(done)));
@@ -154,8 +233,64 @@ impl Pipe {
         )
     }
 
+    /// Gathers a row of `statement`, which takes each of its columns as an array, to be sent
+    /// with the others gathered in its slot as one statement, before any other statement is sent
+    /// or waited for. Slots are sent in their order, so the statements of different slots must
+    /// commute (they are sent in the slots' order, not in the order their rows came). A row whose
+    /// `key` is already gathered in its slot sends what was gathered first: one statement never
+    /// holds two rows of one key.
+    pub(super) fn gather(
+        &mut self,
+        slot: usize,
+        forms: &Forms,
+        key: Option<(i64, i64)>,
+        row: &[Value<'_>],
+    ) {
+        if let Some(key) = key
+            && self.gathered[slot]
+                .as_ref()
+                .is_some_and(|g| g.keys.contains(&key))
+        {
+            self.flush();
+        }
+        let gathered = self.gathered[slot].get_or_insert_with(|| Gathered {
+            forms: forms.clone(),
+            rows: 0,
+            columns: row
+                .iter()
+                .map(|value| match value {
+                    Value::Int(_) => Column::Int(Vec::new()),
+                    Value::Text(_) => Column::Text(Vec::new()),
+                })
+                .collect(),
+            keys: HashSet::new(),
+        });
+        for (column, value) in gathered.columns.iter_mut().zip(row) {
+            match (column, value) {
+                (Column::Int(values), Value::Int(value)) => values.push(*value),
+                (Column::Text(values), Value::Text(value)) => {
+                    values.push(value.map(str::to_owned));
+                }
+                _ => unreachable!("a slot's rows have the same columns"),
+            }
+        }
+        gathered.rows += 1;
+        gathered.keys.extend(key);
+    }
+
+    /// Sends what was gathered, one statement a slot, in the slots' order.
+    fn flush(&mut self) {
+        let gathered: Vec<Gathered> = self.gathered.iter_mut().filter_map(Option::take).collect();
+        for gathered in gathered {
+            let (statement, values) = gathered.statement();
+            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
+            self.send(&statement, &params);
+        }
+    }
+
     /// Polls a statement once, which hands it to the connection, and keeps it for its answer.
     fn go(&mut self, read: bool, mut answer: Sent) -> Ticket {
+        self.flush();
         self.tickets += 1;
         let ticket = Ticket(self.tickets);
         if let Poll::Ready(done) = answer
@@ -175,6 +310,7 @@ impl Pipe {
     /// Reads the answers of everything sent ahead; the first failure, if any. Rows read ahead and
     /// not taken are dropped.
     pub(super) fn settle(&mut self) -> Result<(), Failed> {
+        self.flush();
         let sent = std::mem::take(&mut self.sent);
         let settled = self.runtime.block_on(answers(sent, &mut self.kept));
         self.kept.clear();
@@ -213,6 +349,7 @@ impl Pipe {
     where
         F: Future<Output = Result<T, Error>> + 'a,
     {
+        self.flush();
         let client = &self.client;
         Self::wait(
             &self.runtime,

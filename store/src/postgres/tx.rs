@@ -12,7 +12,7 @@ use std::path::Path;
 use postgres::types::ToSql;
 use postgres::{Row, Statement};
 
-use super::pipe::{Pipe, Ticket};
+use super::pipe::{Forms, Pipe, Ticket, Value};
 
 use crate::error::{Error, Result};
 use crate::rules::{End, Ownership, Tx};
@@ -83,6 +83,17 @@ impl Conn {
         Ok(self.client.send(&statement, &[&token, &at]))
     }
 
+    /// A gathered statement's forms, prepared on this connection the first time.
+    fn forms(&mut self, slot: &Slot) -> std::result::Result<Forms, postgres::Error> {
+        let mut optional =
+            |sql: Option<&'static str>| sql.map(|sql| self.statement(sql)).transpose();
+        Ok(Forms {
+            one_row: optional(slot.one_row)?,
+            one_first: optional(slot.one_op)?,
+            many: self.statement(slot.many)?,
+        })
+    }
+
     /// The statement `sql`, prepared on this connection the first time it is asked for.
     pub(super) fn statement(
         &mut self,
@@ -96,6 +107,75 @@ impl Conn {
         Ok(statement)
     }
 }
+
+// Statements whose rows are gathered (`Pipe::gather`), by slot. They commute: whole attempts
+// (each of its own key), their tasks' ends (each task once a statement), events (numbered in the
+// order they came, per op).
+
+/// A statement whose rows are gathered: its slot, and its forms (see `pipe::Forms`).
+struct Slot {
+    at: usize,
+    many: &'static str,
+    one_row: Option<&'static str>,
+    one_op: Option<&'static str>,
+}
+
+/// Whole attempts' rows.
+const WHOLE_ATTEMPTS: Slot = Slot {
+    at: 0,
+    many: "INSERT INTO attempts (op_id, task_no, n, status, started_at, ended_at, exit_code, error) \
+           SELECT v.op, v.task, v.n, v.status, v.at, v.at, v.exit_code, v.error \
+           FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[], $7::text[]) \
+           AS v(op, task, n, status, at, exit_code, error)",
+    one_row: Some(
+        "INSERT INTO attempts (op_id, task_no, n, status, started_at, ended_at, exit_code, error) \
+         VALUES ($1, $2, $3, $4, $5, $5, $6, $7)",
+    ),
+    one_op: None,
+};
+
+/// The ends of whole attempts' tasks.
+const WHOLE_TASKS: Slot = Slot {
+    at: 1,
+    many: "UPDATE tasks SET status = v.status, attempts = v.n, retry_from = v.retry_from, \
+           started_at = COALESCE(tasks.started_at, v.at), ended_at = v.ended, exit_code = v.exit_code, \
+           error = v.error, outputs = COALESCE(v.outputs, tasks.outputs), by_check = v.by_check \
+           FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], \
+           $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::bigint[]) \
+           AS v(op, task, status, n, retry_from, at, ended, exit_code, error, outputs, by_check) \
+           WHERE tasks.op_id = v.op AND tasks.task_no = v.task",
+    one_row: Some(
+        "UPDATE tasks SET status = $3, attempts = $4, retry_from = $5, started_at = COALESCE(started_at, $6), \
+         ended_at = $7, exit_code = $8, error = $9, outputs = COALESCE($10, outputs), by_check = $11 \
+         WHERE op_id = $1 AND task_no = $2",
+    ),
+    one_op: None,
+};
+
+/// Events, each op's numbered on from its last in the order they came; each op that has new ones
+/// is notified to the followers of changes when the transaction commits (`listen::MOVES`;
+/// PostgreSQL sends one notification of a payload per transaction). Each op's last number is read
+/// once (`base`, materialized, read whole before a row is inserted), not per row: a row's look
+/// back would step over every row this statement inserted before it, which it cannot see.
+const EVENTS: Slot = Slot {
+    at: 2,
+    many: "WITH e AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) \
+           WITH ORDINALITY AS e(op, at, task, kind, message, ord)), \
+           base AS MATERIALIZED (SELECT d.op, COALESCE((SELECT MAX(x.seq) FROM events x WHERE x.op_id = d.op), 0) \
+           AS seq FROM (SELECT DISTINCT op FROM e) d), \
+           appended AS (INSERT INTO events (op_id, seq, at, kind, task, message) \
+           SELECT e.op, base.seq + row_number() OVER (PARTITION BY e.op ORDER BY e.ord), e.at, e.kind, e.task, \
+           e.message FROM e JOIN base ON base.op = e.op) \
+           SELECT pg_notify('cairn_moves', base.op::text) FROM base",
+    one_row: None,
+    one_op: Some(
+        "WITH appended AS (INSERT INTO events (op_id, seq, at, kind, task, message) \
+         SELECT $1, next.seq + e.ord - 1, e.at, e.kind, e.task, e.message \
+         FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM events WHERE op_id = $1) next, \
+         unnest($2::bigint[], $3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS e(at, task, kind, message, ord)) \
+         SELECT pg_notify('cairn_moves', $1::bigint::text)",
+    ),
+};
 
 /// A transaction's commit token.
 pub(super) const TOKEN: &str = "INSERT INTO commit_tokens (token, at) VALUES ($1, $2)";
@@ -182,6 +262,14 @@ impl<'t> PgTx<'t> {
     fn send(&mut self, sql: &'static str, params: &Params<'_>) -> Result<()> {
         let statement = self.conn.statement(sql).map_err(|e| self.fail(&e))?;
         self.conn.client.send(&statement, params);
+        Ok(())
+    }
+
+    /// Gathers a row of a multi-row statement, sent as one with the others of its slot (see
+    /// [`Pipe::gather`]).
+    fn gather(&mut self, slot: &Slot, key: Option<(i64, i64)>, row: &[Value<'_>]) -> Result<()> {
+        let forms = self.conn.forms(slot).map_err(|e| self.fail(&e))?;
+        self.conn.client.gather(slot.at, &forms, key, row);
         Ok(())
     }
 
@@ -743,20 +831,20 @@ impl Tx for PgTx<'_> {
         at: Millis,
         end: &End<'_>,
     ) -> Result<()> {
-        self.send(
-            "INSERT INTO attempts (op_id, task_no, n, status, started_at, ended_at, exit_code, error) \
-             VALUES ($1, $2, $3, $4, $5, $5, $6, $7)",
+        let key = (op.0, (i64::from(task.0) << 32) | i64::from(n));
+        self.gather(
+            &WHOLE_ATTEMPTS,
+            Some(key),
             &[
-                &op.0,
-                &i64::from(task.0),
-                &i64::from(n),
-                &end.attempt,
-                &at,
-                &end.exit_code.map(i64::from),
-                &end.error,
+                Value::Int(Some(op.0)),
+                Value::Int(Some(i64::from(task.0))),
+                Value::Int(Some(i64::from(n))),
+                Value::Text(Some(end.attempt)),
+                Value::Int(Some(at)),
+                Value::Int(end.exit_code.map(i64::from)),
+                Value::Text(end.error),
             ],
-        )?;
-        Ok(())
+        )
     }
 
     fn whole_task(
@@ -768,25 +856,23 @@ impl Tx for PgTx<'_> {
         at: Millis,
         end: &End<'_>,
     ) -> Result<()> {
-        self.send(
-            "UPDATE tasks SET status = $3, attempts = $4, retry_from = $5, started_at = COALESCE(started_at, $6), \
-             ended_at = $7, exit_code = $8, error = $9, outputs = COALESCE($10, outputs), by_check = $11 \
-             WHERE op_id = $1 AND task_no = $2",
+        self.gather(
+            &WHOLE_TASKS,
+            Some((op.0, i64::from(task.0))),
             &[
-                &op.0,
-                &i64::from(task.0),
-                &end.task.as_str(),
-                &i64::from(n),
-                &i64::from(retry_from),
-                &at,
-                &end.ended,
-                &end.exit_code.map(i64::from),
-                &end.error,
-                &end.outputs,
-                &i64::from(end.by_check),
+                Value::Int(Some(op.0)),
+                Value::Int(Some(i64::from(task.0))),
+                Value::Text(Some(end.task.as_str())),
+                Value::Int(Some(i64::from(n))),
+                Value::Int(Some(i64::from(retry_from))),
+                Value::Int(Some(at)),
+                Value::Int(end.ended),
+                Value::Int(end.exit_code.map(i64::from)),
+                Value::Text(end.error),
+                Value::Text(end.outputs.as_deref()),
+                Value::Int(Some(i64::from(end.by_check))),
             ],
-        )?;
-        Ok(())
+        )
     }
 
     fn clear_answer(&mut self, op: OpId, task: TaskNo, at: Millis) -> Result<()> {
@@ -1235,19 +1321,20 @@ impl Tx for PgTx<'_> {
         task: Option<&str>,
         events: &[(&str, &str)],
     ) -> Result<()> {
-        // One statement: the op's next numbers, in the order given, and the op's id notified
-        // to the followers of changes when the transaction commits (`listen::MOVES`;
-        // PostgreSQL sends one notification of a payload per transaction).
-        let kinds: Vec<&str> = events.iter().map(|(kind, _)| *kind).collect();
-        let messages: Vec<&str> = events.iter().map(|(_, message)| *message).collect();
-        self.send(
-            "WITH appended AS (INSERT INTO events (op_id, seq, at, kind, task, message) \
-             SELECT $1, next.seq + e.ord - 1, $2, e.kind, $3, e.message \
-             FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM events WHERE op_id = $1) next, \
-             unnest($4::text[], $5::text[]) WITH ORDINALITY AS e(kind, message, ord)) \
-             SELECT pg_notify('cairn_moves', $1::bigint::text)",
-            &[&op.0, &at, &task, &kinds, &messages],
-        )?;
+        // Gathered with every other event until a statement that is not (`EVENTS`).
+        for (kind, message) in events {
+            self.gather(
+                &EVENTS,
+                None,
+                &[
+                    Value::Int(Some(op.0)),
+                    Value::Int(Some(at)),
+                    Value::Text(task),
+                    Value::Text(Some(kind)),
+                    Value::Text(Some(message)),
+                ],
+            )?;
+        }
         Ok(())
     }
 

@@ -152,7 +152,14 @@ pub(crate) fn secret_key_file() -> PathBuf {
 fn connect_writer(target: &Target) -> Result<Conn> {
     let mut client = target.connect_pipe()?;
     client
-        .batch_execute("SET synchronous_commit = on")
+        // Every statement of the writer finds its rows by key: an index scan always, joins by
+        // nested loop, so that a gathered statement (`Pipe::gather`) is planned as its rows one
+        // by one, and `SERIALIZABLE` locks those rows, not the table (which would conflict with
+        // every other node's writes).
+        .batch_execute(
+            "SET synchronous_commit = on; SET enable_seqscan = off; \
+             SET enable_hashjoin = off; SET enable_mergejoin = off",
+        )
         .map_err(|e| target.unusable(&describe(&e)))?;
     let session = client
         .query_one(
