@@ -12,7 +12,7 @@
 //! run), so the failure is reported by the next wait: as that wait's own answer
 //! ([`Pipe::wait`]), or by [`Pipe::settle`] before a commit is trusted.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -47,10 +47,10 @@ type InFlight = Vec<Flying>;
 
 /// The rows of reads sent ahead, answered and not yet taken (`None`: the read failed, and the
 /// failure was reported as the first of its wait).
-type Kept = Vec<(Ticket, Option<Vec<Row>>)>;
+type Kept = HashMap<Ticket, Option<Vec<Row>>>;
 
 /// Names a statement sent ahead (a read's, to take its rows); later statements have greater ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) struct Ticket(u64);
 
 pub(super) struct Pipe {
@@ -157,9 +157,9 @@ impl Pipe {
             runtime,
             client: Arc::new(client),
             sent: Vec::new(),
-            kept: Vec::new(),
+            kept: HashMap::new(),
             tickets: 0,
-            gathered: [None, None, None],
+            gathered: Default::default(),
         })
     }
 
@@ -171,7 +171,6 @@ impl Pipe {
     /// nothing borrowed is kept. (One that cannot be encoded is run at once, for the client's
     /// own error, which is then its answer.)
     pub(super) fn send(&mut self, statement: &Statement, params: &Params) -> Ticket {
-        self.flush();
         let Some(encoded) = encode(statement, params) else {
             let done = self.execute(statement, params).map(|_| Answer::Done);
             return self.go(false, Box::pin(std::future::ready(done)));
@@ -214,14 +213,18 @@ impl Pipe {
     /// `None` when they cannot be given (taken, dropped, or the read failed and said so before):
     /// read them the usual way then. A failure of anything sent before them is the answer.
     pub(super) fn take(&mut self, ticket: Ticket) -> Option<Result<Vec<Row>, Error>> {
-        if self.sent.iter().any(|flying| flying.ticket == ticket) {
+        // Tickets grow: one at or after the first unanswered is still on its way.
+        if self
+            .sent
+            .first()
+            .is_some_and(|first| first.ticket <= ticket)
+        {
             let sent = std::mem::take(&mut self.sent);
             if let Err(failed) = self.runtime.block_on(answers(sent, &mut self.kept)) {
                 return Some(Err(failed.error));
             }
         }
-        let at = self.kept.iter().position(|(t, _)| *t == ticket)?;
-        self.kept.swap_remove(at).1.map(Ok)
+        self.kept.remove(&ticket)?.map(Ok)
     }
 
     /// Sends `sql` (statements without parameters, as one message) without waiting for it.
@@ -413,13 +416,13 @@ async fn answers(sent: InFlight, kept: &mut Kept) -> Result<(), Failed> {
     {
         let failure = match answer.await {
             Ok(Answer::Rows(rows)) => {
-                kept.push((ticket, Some(rows)));
+                kept.insert(ticket, Some(rows));
                 None
             }
             Ok(Answer::Done) => None,
             Err(error) => {
                 if read {
-                    kept.push((ticket, None));
+                    kept.insert(ticket, None);
                 }
                 Some(error)
             }

@@ -28,7 +28,7 @@ pub(super) struct Conn {
     /// Its session on the server, when known.
     pub(super) session: Option<Session>,
     /// The tasks whose state was read ahead in the open transaction ([`Conn::read_ahead`]).
-    ahead: Vec<((OpId, TaskNo), Ticket)>,
+    ahead: HashMap<(OpId, TaskNo), Ticket>,
 }
 
 /// A server session (backend process): its pid and when it started, which together name it even
@@ -46,7 +46,7 @@ impl Conn {
             client,
             statements: HashMap::new(),
             session: None,
-            ahead: Vec::new(),
+            ahead: HashMap::new(),
         }
     }
 
@@ -67,7 +67,7 @@ impl Conn {
                 .client
                 .send_read(&statement, &[&op.0, &i64::from(task.0)])
             {
-                self.ahead.push(((op, task), ticket));
+                self.ahead.insert((op, task), ticket);
             }
         }
         Ok(())
@@ -662,8 +662,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn task_state(&mut self, op: OpId, task: TaskNo) -> Result<(String, String)> {
-        if let Some(at) = self.conn.ahead.iter().position(|(t, _)| *t == (op, task)) {
-            let (_, ticket) = self.conn.ahead.swap_remove(at);
+        if let Some(ticket) = self.conn.ahead.remove(&(op, task)) {
             match self.conn.client.take(ticket) {
                 Some(Ok(rows)) if !rows.is_empty() => {
                     return Ok((self.get(&rows[0], 0)?, self.get(&rows[0], 1)?));

@@ -417,7 +417,7 @@ pub(crate) fn read_ahead(batches: &[&Vec<Change>]) -> Vec<(OpId, TaskNo)> {
         .filter(|pair| pair[0] == pair[1])
         .map(|pair| pair[0])
         .collect();
-    tasks.retain(|task| !twice.contains(task));
+    tasks.retain(|task| twice.binary_search(task).is_err());
     tasks
 }
 
