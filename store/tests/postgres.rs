@@ -880,7 +880,7 @@ fn nodes_opening_a_new_database_together_migrate_it_once() {
         meta,
         [
             ("application".to_owned(), "cairn".to_owned()),
-            ("schema_version".to_owned(), "8".to_owned())
+            ("schema_version".to_owned(), "9".to_owned())
         ]
     );
     // A reader of a database that holds nothing yet finds nothing, and writes nothing.

@@ -19,6 +19,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0006_moves.sql"),
     include_str!("../../migrations/postgres/0007_logged.sql"),
     include_str!("../../migrations/postgres/0008_running_attempts.sql"),
+    include_str!("../../migrations/postgres/0009_writer_indexes.sql"),
 ];
 
 /// The schema version this cairn writes on PostgreSQL.

@@ -43,6 +43,9 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one attempt to reach the server may take, unless the URL says (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The session setting every connection starts with (see [`Target::new`]).
+const NO_JIT: &str = "-c jit=off";
+
 /// Where and as whom to connect: the client's settings, and what they resolve to, for messages.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
@@ -142,6 +145,13 @@ impl Target {
             config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
         config.application_name("cairn");
+        // No JIT: the server compiles a statement whose planned cost passes `jit_above_cost`,
+        // tens of milliseconds at every run of it, and cairn's statements find their rows by
+        // key. The URL's own `options` come after, so that they decide.
+        let options = config
+            .get_options()
+            .map_or_else(|| NO_JIT.to_owned(), |own| format!("{NO_JIT} {own}"));
+        config.options(&options);
         let host = match config.get_hosts().first() {
             Some(Host::Tcp(name)) => name.clone(),
             Some(Host::Unix(path)) => path.display().to_string(),

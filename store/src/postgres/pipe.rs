@@ -61,6 +61,15 @@ pub(super) struct Pipe {
     tickets: u64,
     /// Rows gathered to go as one statement a slot ([`Pipe::gather`]).
     gathered: [Option<Gathered>; SLOTS],
+    fused: Option<Fused>,
+}
+
+/// One statement that does what its parts, one statement a slot, do in the slots' order: sent
+/// instead of them when every slot's rows go as its part, with their parameters one after the
+/// other (each statement costs the server its own start and end).
+pub(super) struct Fused {
+    pub(super) parts: [&'static str; SLOTS],
+    pub(super) whole: Statement,
 }
 
 /// How many statements may gather rows at once.
@@ -83,9 +92,16 @@ enum Column {
 /// rows whose first column is the same (that column a value, the others arrays).
 #[derive(Clone)]
 pub(super) struct Forms {
-    pub(super) many: Statement,
-    pub(super) one_row: Option<Statement>,
-    pub(super) one_first: Option<Statement>,
+    pub(super) many: Form,
+    pub(super) one_row: Option<Form>,
+    pub(super) one_first: Option<Form>,
+}
+
+/// A statement prepared, and its text.
+#[derive(Clone)]
+pub(super) struct Form {
+    pub(super) statement: Statement,
+    pub(super) sql: &'static str,
 }
 
 /// The rows of one statement gathered so far, and the keys they were gathered under.
@@ -98,7 +114,7 @@ struct Gathered {
 
 impl Gathered {
     /// The statement that runs these rows, and its parameters.
-    fn statement(self) -> (Statement, Vec<Box<dyn ToSql + Sync>>) {
+    fn statement(self) -> (Form, Vec<Box<dyn ToSql + Sync>>) {
         let same_first = match self.columns.first() {
             Some(Column::Int(values)) => values.windows(2).all(|w| w[0] == w[1]),
             Some(Column::Text(values)) => values.windows(2).all(|w| w[0] == w[1]),
@@ -160,6 +176,7 @@ impl Pipe {
             kept: HashMap::new(),
             tickets: 0,
             gathered: Default::default(),
+            fused: None,
         })
     }
 
@@ -281,13 +298,35 @@ impl Pipe {
         gathered.keys.extend(key);
     }
 
-    /// Sends what was gathered, one statement a slot, in the slots' order.
+    /// Sends what was gathered from now on as `fused` where it can.
+    pub(super) fn fuse(&mut self, fused: Fused) {
+        self.fused = Some(fused);
+    }
+
+    /// Sends what was gathered, one statement a slot, in the slots' order; or as one statement
+    /// when every slot's is a part of the fused one, in its place.
     fn flush(&mut self) {
-        let gathered: Vec<Gathered> = self.gathered.iter_mut().filter_map(Option::take).collect();
-        for gathered in gathered {
-            let (statement, values) = gathered.statement();
+        let statements: Vec<_> = self
+            .gathered
+            .iter_mut()
+            .filter_map(Option::take)
+            .map(Gathered::statement)
+            .collect();
+        let whole = self.fused.as_ref().and_then(|fused| {
+            let parts = statements.iter().map(|(form, _)| form.sql);
+            parts.eq(fused.parts).then(|| fused.whole.clone())
+        });
+        if let Some(whole) = whole {
+            let params: Vec<&(dyn ToSql + Sync)> = statements
+                .iter()
+                .flat_map(|(_, values)| values.iter().map(AsRef::as_ref))
+                .collect();
+            self.send(&whole, &params);
+            return;
+        }
+        for (form, values) in statements {
             let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
-            self.send(&statement, &params);
+            self.send(&form.statement, &params);
         }
     }
 

@@ -175,6 +175,7 @@ fn connect_writer(target: &Target) -> Result<Conn> {
     });
     // Prepared now, so that a transaction's commit never waits for it.
     conn.statement(TOKEN)
+        .and_then(|_| conn.fuse())
         .map_err(|e| target.unusable(&describe(&e)))?;
     Ok(conn)
 }
