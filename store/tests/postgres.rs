@@ -722,6 +722,129 @@ fn a_task_ended_earlier_in_a_group_commit_is_not_started_again_in_it() {
     );
 }
 
+/// A step alone takes the rows earlier transactions read as read (the op's owner row, its next
+/// tasks) and sends a guard for each: a row changed behind the writer's back aborts the
+/// transaction, which runs again reading and decides on what is there. Nothing is recorded on a
+/// stale row, and no refusal is given on one.
+#[test]
+fn a_row_taken_as_read_that_changed_is_read_again_before_anything_is_decided() {
+    let db = Db::new("cairn_t");
+    let store = db.open();
+    let op = submit(&store, 8, "u-taken");
+    let me = owner(1);
+    claim(&store, op, &me, 100).unwrap();
+    let sql = &mut db.connect();
+    let set = |sql: &mut postgres::Client, task: i64, status: &str| {
+        sql.execute(
+            "UPDATE tasks SET status = $3 WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &task, &status],
+        )
+        .unwrap();
+    };
+    let step = |who: &ProcessId, task: u32| {
+        store.apply_blocking(whole(
+            op,
+            who,
+            (task, 1),
+            200 + i64::from(task),
+            succeeded(),
+        ))
+    };
+    let attempts = |task: i64| {
+        db.count(&format!(
+            "SELECT count(*) FROM attempts WHERE op_id = {} AND task_no = {task}",
+            op.0
+        ))
+    };
+    // Task 2 looks done when task 0's step reads the op's next tasks along with its own; it is
+    // pending again (marked for a rerun) when its turn comes: it runs, not refused.
+    set(sql, 2, "succeeded");
+    step(&me, 0).unwrap();
+    set(sql, 2, "pending");
+    step(&me, 2).unwrap();
+    assert_eq!(attempts(2), 1);
+    // Task 3, known pending from task 1's step, ended meanwhile: refused as the rules refuse what
+    // they read, and nothing recorded.
+    step(&me, 1).unwrap();
+    set(sql, 3, "succeeded");
+    let ended = step(&me, 3);
+    assert!(
+        ended
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("must not run again")),
+        "{ended:?}"
+    );
+    assert_eq!(attempts(3), 0);
+    // The op, known owned by this writer from task 4's step, was taken over: fenced off.
+    step(&me, 4).unwrap();
+    sql.execute("UPDATE ops SET owner_pid = 2 WHERE id = $1", &[&op.0])
+        .unwrap();
+    let err = step(&me, 5).unwrap_err();
+    assert!(matches!(err, Error::Owned { .. }), "{err}");
+    assert_eq!(attempts(5), 0);
+    // The new owner's steps: read, then taken as read.
+    step(&owner(2), 6).unwrap();
+    step(&owner(2), 7).unwrap();
+    let ran = db.count(&format!(
+        "SELECT count(*) FROM events WHERE op_id = {} AND task IN ('s0', 's1', 's2', 's4', 's6', 's7')",
+        op.0
+    ));
+    assert_eq!(ran, 12);
+    assert_eq!(
+        db.count("SELECT count(*) FROM attempts WHERE task_no IN (3, 5)"),
+        0
+    );
+}
+
+/// A refusal decided on a row taken as read is given only once the row's guard has answered:
+/// when a write sent before the guard failed, the guard never ran, and the transaction runs again
+/// reading, for its own answer.
+#[test]
+fn a_refusal_is_not_given_on_a_row_whose_guard_never_ran() {
+    let db = Db::new("cairn_t");
+    let store = db.open();
+    let op = submit(&store, 8, "u-unguarded");
+    let me = owner(1);
+    claim(&store, op, &me, 100).unwrap();
+    let sql = &mut db.connect();
+    let set = |sql: &mut postgres::Client, task: i64, status: &str| {
+        sql.execute(
+            "UPDATE tasks SET status = $3 WHERE op_id = $1 AND task_no = $2",
+            &[&op.0, &task, &status],
+        )
+        .unwrap();
+    };
+    let start = |task| Change::StartAttempt {
+        op,
+        owner: me.clone(),
+        task: TaskNo(task),
+        n: 1,
+        retry_from: 0,
+        at: 300,
+    };
+    // Task 2 is known done from task 0's step; a start of task 5 prepares every statement.
+    set(sql, 2, "succeeded");
+    store
+        .apply_blocking(whole(op, &me, (0, 1), 200, succeeded()))
+        .unwrap();
+    store.apply_blocking(vec![start(5)]).unwrap();
+    // Behind the writer's back task 2 is pending again, and task 1's first attempt exists.
+    set(sql, 2, "pending");
+    sql.execute(
+        "INSERT INTO attempts (op_id, task_no, n, status, started_at) VALUES ($1, 1, 1, 'running', 1)",
+        &[&op.0],
+    )
+    .unwrap();
+    let mut batch = vec![start(1)];
+    batch.extend(whole(op, &me, (2, 1), 400, succeeded()));
+    let err = store.apply_blocking(batch).unwrap_err();
+    assert!(err.to_string().contains("attempts_pkey"), "{err}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM attempts WHERE task_no = 2"),
+        0
+    );
+}
+
 /// The attempts, tasks and events of a group go as one statement each: each task ends with its
 /// own attempt's outcome, and each op's events are numbered on from its last, without gaps, in the
 /// order the changes came.
@@ -880,7 +1003,7 @@ fn nodes_opening_a_new_database_together_migrate_it_once() {
         meta,
         [
             ("application".to_owned(), "cairn".to_owned()),
-            ("schema_version".to_owned(), "9".to_owned())
+            ("schema_version".to_owned(), "10".to_owned())
         ]
     );
     // A reader of a database that holds nothing yet finds nothing, and writes nothing.

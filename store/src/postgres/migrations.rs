@@ -20,6 +20,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0007_logged.sql"),
     include_str!("../../migrations/postgres/0008_running_attempts.sql"),
     include_str!("../../migrations/postgres/0009_writer_indexes.sql"),
+    include_str!("../../migrations/postgres/0010_read_changed.sql"),
 ];
 
 /// The schema version this cairn writes on PostgreSQL.

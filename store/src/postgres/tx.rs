@@ -15,7 +15,7 @@ use postgres::{Row, Statement};
 use super::pipe::{Form, Forms, Fused, Pipe, Ticket, Value};
 
 use crate::error::{Error, Result};
-use crate::rules::{End, Ownership, Tx};
+use crate::rules::{End, Ownership, ReadAhead, Tx};
 use crate::types::{
     Interruption, Millis, NewOp, NewSchedule, NewTask, OpId, OpStatus, ProcessId, Request,
     Snapshot, TaskNo, TaskStatus, TokenRow,
@@ -28,8 +28,64 @@ pub(super) struct Conn {
     /// Its session on the server, when known.
     pub(super) session: Option<Session>,
     /// The tasks whose state was read ahead in the open transaction ([`Conn::read_ahead`]).
-    ahead: HashMap<(OpId, TaskNo), Ticket>,
+    ahead: HashMap<(OpId, TaskNo), Ahead>,
+    /// Rows read by earlier transactions, which a transaction of one batch may take as read.
+    known: Known,
+    /// Whether the open transaction takes [`Known`] rows as read.
+    taking: bool,
+    /// Whether it sent a guard for one (see [`Known`]).
+    guarded: bool,
+    /// Whether the next transaction reads everything (set when one taken as read had changed).
+    fresh: bool,
+    /// The tasks the open transaction may change: no row of theirs is kept for the next.
+    named: Vec<(OpId, TaskNo)>,
 }
+
+/// A task's state in the open transaction, before it is read.
+enum Ahead {
+    /// Its row is on its way.
+    Read(Ticket),
+    /// The rows of the op's tasks from it on, its own first, are on their way.
+    From(Ticket),
+    /// Known from an earlier transaction: taken as read, with a guard (see [`Known`]).
+    Taken(String, String),
+}
+
+/// Rows that earlier transactions on this connection read: each op's owner row as last read, and
+/// the state of tasks read along with another's and not yet used.
+///
+/// A transaction of one batch takes such a row as read instead of waiting for it, and sends a
+/// guard in its place ([`OWNER_GUARD`], [`TASK_GUARD`]): a statement that finds the row as it is
+/// now (locked as the read would have locked it) and raises [`CHANGED`] unless it is the same in
+/// every column. The transaction's writes and `COMMIT` go behind it, so a row that changed since
+/// aborts the transaction before it commits anything, and it runs again reading ([`Fault`]); so
+/// a row taken as read can make a transaction slower, never different. A `noop` chain's step
+/// then needs one round trip instead of two.
+#[derive(Default)]
+struct Known {
+    owners: HashMap<OpId, OwnerRow>,
+    tasks: HashMap<(OpId, TaskNo), (String, String)>,
+}
+
+/// An op's row as the fence reads it: status, owner (host, boot id, pid, start) and lease.
+#[derive(Clone)]
+struct OwnerRow {
+    status: String,
+    host: Option<String>,
+    boot: Option<String>,
+    pid: Option<i64>,
+    start: Option<i64>,
+    lease: Option<i64>,
+}
+
+/// The most task rows [`Known`] keeps; past it, it forgets them all.
+const KNOWN_TASKS: usize = 4096;
+
+/// How many of an op's tasks one read ahead takes, the one asked for first.
+const TASKS_FROM: i64 = 64;
+
+/// What a guard raises when a row taken as read has changed (`cairn_read_changed()`, schema 10).
+pub(super) const CHANGED: &str = "CA001";
 
 /// A server session (backend process): its pid and when it started, which together name it even
 /// after the pid is given to another.
@@ -47,27 +103,73 @@ impl Conn {
             statements: HashMap::new(),
             session: None,
             ahead: HashMap::new(),
+            known: Known::default(),
+            taking: false,
+            guarded: false,
+            fresh: false,
+            named: Vec::new(),
         }
+    }
+
+    /// Whether the open transaction took a row as read (and sent its guard).
+    pub(super) fn took(&self) -> bool {
+        self.guarded
+    }
+
+    /// Forgets every row earlier transactions read (one taken as read had changed, or its guard
+    /// did not answer): the next transaction reads everything.
+    pub(super) fn forget(&mut self) {
+        self.known = Known::default();
+        self.fresh = true;
     }
 
     /// Sends the reads of these tasks' state without waiting (see `rules::read_ahead`): they go
     /// with the transaction's first read, and [`Tx::task_state`] takes their rows.
+    ///
+    /// With `take` (a transaction of one batch) and tasks to read, a task [`Known`] is taken as
+    /// read, and for one that is not, the op's next tasks are read with it, to be known by the
+    /// transactions after.
     pub(super) fn read_ahead(
         &mut self,
-        tasks: &[(OpId, TaskNo)],
+        ahead: ReadAhead,
+        take: bool,
     ) -> std::result::Result<(), postgres::Error> {
         self.ahead.clear();
+        // Only attempt changes (a step's) take rows as read: they never change the op's owner
+        // row, so the one read for a step is still right for the next. Any other transaction may,
+        // and may change tasks: what is kept is dropped.
+        let tasks = ahead.once;
+        self.taking = take && !tasks.is_empty() && !std::mem::take(&mut self.fresh);
+        self.guarded = false;
+        self.named = ahead.named;
+        if !self.taking {
+            self.known = Known::default();
+        }
         if tasks.is_empty() {
             return Ok(());
         }
+        if self.known.tasks.len() > KNOWN_TASKS {
+            self.known.tasks.clear();
+        }
         // Prepared once per connection: its wait also answers what was sent before (`BEGIN`).
-        let statement = self.statement(TASK_STATE)?;
-        for &(op, task) in tasks {
-            if let Some(ticket) = self
-                .client
-                .send_read(&statement, &[&op.0, &i64::from(task.0)])
+        let one = self.statement(TASK_STATE)?;
+        let from = self.statement(TASKS_FROM_SQL)?;
+        for (op, task) in tasks {
+            let ahead = if self.taking
+                && let Some((status, name)) = self.known.tasks.remove(&(op, task))
             {
-                self.ahead.insert((op, task), ticket);
+                Some(Ahead::Taken(status, name))
+            } else if self.taking {
+                self.client
+                    .send_read(&from, &[&op.0, &i64::from(task.0), &TASKS_FROM])
+                    .map(Ahead::From)
+            } else {
+                self.client
+                    .send_read(&one, &[&op.0, &i64::from(task.0)])
+                    .map(Ahead::Read)
+            };
+            if let Some(ahead) = ahead {
+                self.ahead.insert((op, task), ahead);
             }
         }
         Ok(())
@@ -206,8 +308,45 @@ const WHOLE_STEP: &str = "WITH attempt AS (INSERT INTO attempts (op_id, task_no,
 /// A transaction's commit token.
 pub(super) const TOKEN: &str = "INSERT INTO commit_tokens (token, at) VALUES ($1, $2)";
 
+impl OwnerRow {
+    fn ownership(&self) -> Ownership {
+        let owner = match (&self.host, &self.boot, self.pid, self.start) {
+            (Some(host), Some(boot), Some(pid), Some(start)) => Some(ProcessId {
+                host: host.clone(),
+                boot_id: boot.clone(),
+                pid: u32::try_from(pid).unwrap_or(0),
+                start: u64::try_from(start).unwrap_or(0),
+            }),
+            _ => None,
+        };
+        (
+            OpStatus::parse(&self.status).unwrap_or(OpStatus::Failed),
+            owner,
+            self.lease,
+        )
+    }
+}
+
 /// A task's stored status and name.
 const TASK_STATE: &str = "SELECT status, name FROM tasks WHERE op_id = $1 AND task_no = $2";
+
+/// The state of an op's tasks from one on, at most `$3` (see [`Conn::read_ahead`]).
+const TASKS_FROM_SQL: &str = "SELECT task_no, status, name FROM tasks \
+     WHERE op_id = $1 AND task_no >= $2 ORDER BY task_no LIMIT $3";
+
+/// The fence's read of an op's row.
+const OWNER: &str = "SELECT status, owner_host, owner_boot, owner_pid, owner_start, lease_until \
+     FROM ops WHERE id = $1 FOR UPDATE";
+
+/// [`OWNER`] taken as read: raises [`CHANGED`] unless the row is as known (see [`Known`]).
+const OWNER_GUARD: &str = "SELECT COALESCE((SELECT 0 FROM ops WHERE id = $1 AND status = $2 \
+     AND owner_host IS NOT DISTINCT FROM $3 AND owner_boot IS NOT DISTINCT FROM $4 \
+     AND owner_pid IS NOT DISTINCT FROM $5 AND owner_start IS NOT DISTINCT FROM $6 \
+     AND lease_until IS NOT DISTINCT FROM $7 FOR UPDATE), cairn_read_changed())";
+
+/// [`TASK_STATE`] taken as read: raises [`CHANGED`] unless the task is as known.
+const TASK_GUARD: &str = "SELECT COALESCE((SELECT 0 FROM tasks WHERE op_id = $1 AND task_no = $2 \
+     AND status = $3 AND name = $4), cairn_read_changed())";
 
 /// Why a transaction cannot go on, beyond the one statement that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +361,8 @@ pub(super) enum Fault {
 pub(super) fn fault_of(err: &postgres::Error, client: &Pipe) -> Option<Fault> {
     let code = err.code().map(postgres::error::SqlState::code);
     match code {
-        Some("40001" | "40P01") => Some(Fault::Conflict),
+        // Or a row taken as read has changed (see `Known`).
+        Some("40001" | "40P01" | CHANGED) => Some(Fault::Conflict),
         // Another node's transaction took the same new op id first (see `insert_op`).
         Some("23505") if err.as_db_error().and_then(|e| e.constraint()) == Some("ops_pkey") => {
             Some(Fault::Conflict)
@@ -349,36 +489,38 @@ fn first_words(sql: &str) -> String {
     sql.split_whitespace().take(6).collect::<Vec<_>>().join(" ")
 }
 
-/// The process stored in four columns from `first` (host, boot, pid, start), if all are set.
-fn process_at(row: &Row, first: usize) -> Option<ProcessId> {
-    let host: Option<String> = row.try_get(first).ok()?;
-    let boot: Option<String> = row.try_get(first + 1).ok()?;
-    let pid: Option<i64> = row.try_get(first + 2).ok()?;
-    let start: Option<i64> = row.try_get(first + 3).ok()?;
-    Some(ProcessId {
-        host: host?,
-        boot_id: boot?,
-        pid: u32::try_from(pid?).unwrap_or(0),
-        start: u64::try_from(start?).unwrap_or(0),
-    })
-}
-
 impl Tx for PgTx<'_> {
     fn owner_of(&mut self, op: OpId) -> Result<Option<Ownership>> {
+        if self.conn.taking
+            && let Some(known) = self.conn.known.owners.get(&op).cloned()
+        {
+            let r = &known;
+            self.conn.guarded = true;
+            self.send(
+                OWNER_GUARD,
+                &[
+                    &op.0, &r.status, &r.host, &r.boot, &r.pid, &r.start, &r.lease,
+                ],
+            )?;
+            return Ok(Some(known.ownership()));
+        }
         // Locked: a claim and a fenced write on the same op wait for each other.
-        let Some(row) = self.opt(
-            "SELECT status, owner_host, owner_boot, owner_pid, owner_start, lease_until FROM ops WHERE id = $1 FOR UPDATE",
-            &[&op.0],
-        )?
-        else {
+        let Some(row) = self.opt(OWNER, &[&op.0])? else {
             return Ok(None);
         };
-        let status: String = self.get(&row, 0)?;
-        Ok(Some((
-            OpStatus::parse(&status).unwrap_or(OpStatus::Failed),
-            process_at(&row, 1),
-            self.get(&row, 5)?,
-        )))
+        let known = OwnerRow {
+            status: self.get(&row, 0)?,
+            host: self.get(&row, 1)?,
+            boot: self.get(&row, 2)?,
+            pid: self.get(&row, 3)?,
+            start: self.get(&row, 4)?,
+            lease: self.get(&row, 5)?,
+        };
+        let ownership = known.ownership();
+        if self.conn.taking {
+            self.conn.known.owners.insert(op, known);
+        }
+        Ok(Some(ownership))
     }
 
     fn store_snapshot(&mut self, snapshot: &Snapshot) -> Result<i64> {
@@ -493,6 +635,10 @@ impl Tx for PgTx<'_> {
             "UPDATE ops SET lease_until = $2 WHERE id = $1",
             &[&op.0, &lease_until],
         )?;
+        // A heartbeat rides with a step's changes: the next step knows the row as it is now.
+        if let Some(known) = self.conn.known.owners.get_mut(&op) {
+            known.lease = Some(lease_until);
+        }
         Ok(())
     }
 
@@ -688,8 +834,35 @@ impl Tx for PgTx<'_> {
     }
 
     fn task_state(&mut self, op: OpId, task: TaskNo) -> Result<(String, String)> {
-        if let Some(ticket) = self.conn.ahead.remove(&(op, task)) {
+        let (ticket, from) = match self.conn.ahead.remove(&(op, task)) {
+            Some(Ahead::Taken(status, name)) => {
+                self.conn.guarded = true;
+                self.send(TASK_GUARD, &[&op.0, &i64::from(task.0), &status, &name])?;
+                return Ok((status, name));
+            }
+            Some(Ahead::Read(ticket)) => (Some(ticket), false),
+            Some(Ahead::From(ticket)) => (Some(ticket), true),
+            None => (None, false),
+        };
+        if let Some(ticket) = ticket {
             match self.conn.client.take(ticket) {
+                Some(Ok(rows)) if from => {
+                    // Its own row first; the others are known for the transactions after.
+                    let mut own = None;
+                    for row in &rows {
+                        let no: i64 = self.get(row, 0)?;
+                        let state = (self.get(row, 1)?, self.get(row, 2)?);
+                        let key = (op, TaskNo(u32::try_from(no).unwrap_or(u32::MAX)));
+                        if key.1 == task {
+                            own = Some(state);
+                        } else if self.conn.named.binary_search(&key).is_err() {
+                            self.conn.known.tasks.insert(key, state);
+                        }
+                    }
+                    if let Some(own) = own {
+                        return Ok(own);
+                    }
+                }
                 Some(Ok(rows)) if !rows.is_empty() => {
                     return Ok((self.get(&rows[0], 0)?, self.get(&rows[0], 1)?));
                 }

@@ -308,6 +308,8 @@ impl Writer<'_> {
                     return results;
                 }
                 Run::Again => {
+                    // Perhaps a row taken as read had changed: read them all again.
+                    conn.forget();
                     conflicts += 1;
                     if conflicts >= CONFLICT_RUNS {
                         let why = format!(
@@ -491,10 +493,11 @@ fn run(
     let begin = conn
         .client
         .send_batch("BEGIN ISOLATION LEVEL SERIALIZABLE".to_owned());
-    if let Err(e) = conn.read_ahead(&rules::read_ahead(batches)) {
+    let alone = batches.len() == 1;
+    // A batch alone may take rows earlier transactions read as read (see `tx::Known`).
+    if let Err(e) = conn.read_ahead(rules::read_ahead(batches), alone && !savepoints) {
         return abandon(conn, broke(conn, &e));
     }
-    let alone = batches.len() == 1;
     let savepoints = savepoints && !alone;
     let mut results = Vec::with_capacity(batches.len());
     let mut wakes = false;
@@ -537,8 +540,25 @@ fn run(
                     Ok(())
                 }
             }
-            // Nothing of it is kept: the transaction ends here.
-            Err(e) if alone => return abandon(conn, Run::Done(vec![Err(e)])),
+            // Nothing of it is kept: the transaction ends here. A refusal decided on rows taken
+            // as read holds only if they had not changed: their guards answer first.
+            Err(e) if alone => {
+                let settled = if conn.took() {
+                    conn.client.settle()
+                } else {
+                    Ok(())
+                };
+                let run = match settled {
+                    Err(failed) if fault_of(&failed.error, &conn.client).is_some() => {
+                        broke(conn, &failed.error)
+                    }
+                    // A statement before a guard failed, so the guard never ran: run it again
+                    // reading (`Writer::commit` forgets the rows kept), for its own answer.
+                    Err(_) => Run::Again,
+                    Ok(()) => Run::Done(vec![Err(e)]),
+                };
+                return abandon(conn, run);
+            }
             Err(_) if !savepoints => return abandon(conn, Run::Refused),
             Err(e) => {
                 results.push(Err(e));

@@ -392,13 +392,22 @@ pub(crate) fn event<T: Tx>(
     tx.append_events(op, at, task, &[(kind.as_str(), message)])
 }
 
-/// The tasks whose state (status and name) the rules will read in a transaction of `batches`,
-/// and that nothing in it changes before they are read: a backend may read them all first, in one
-/// go (PostgreSQL sends the reads together). Empty unless every change is an attempt's (see
-/// [`Change::attempt_fence`]) or a heartbeat, of which only a start, an end or a whole attempt
-/// changes a task's state; a task that two of those name is left to be read when its change
-/// comes, after the other's writes.
-pub(crate) fn read_ahead(batches: &[&Vec<Change>]) -> Vec<(OpId, TaskNo)> {
+/// The tasks a transaction's attempt changes name (see [`read_ahead`]).
+#[derive(Debug, Default)]
+pub(crate) struct ReadAhead {
+    /// Those whose state the rules will read and nothing in the transaction changes before they
+    /// are read: a backend may read them all first, in one go (PostgreSQL sends the reads
+    /// together).
+    pub(crate) once: Vec<(OpId, TaskNo)>,
+    /// Every task whose state the transaction may change, sorted.
+    pub(crate) named: Vec<(OpId, TaskNo)>,
+}
+
+/// The tasks of a transaction of `batches` ([`ReadAhead`]). Empty unless every change is an
+/// attempt's (see [`Change::attempt_fence`]) or a heartbeat, of which only a start, an end or a
+/// whole attempt changes a task's state; a task that two of those name is left to be read when
+/// its change comes, after the other's writes.
+pub(crate) fn read_ahead(batches: &[&Vec<Change>]) -> ReadAhead {
     let mut tasks = Vec::new();
     for change in batches.iter().flat_map(|batch| batch.iter()) {
         match change {
@@ -407,18 +416,19 @@ pub(crate) fn read_ahead(batches: &[&Vec<Change>]) -> Vec<(OpId, TaskNo)> {
             | Change::FinishAttempt { op, task, .. } => tasks.push((*op, *task)),
             Change::Heartbeat { .. } => {}
             other if other.attempt_fence().is_some() => {}
-            _ => return Vec::new(),
+            _ => return ReadAhead::default(),
         }
     }
-    let mut sorted = tasks.clone();
-    sorted.sort_unstable();
-    let twice: Vec<_> = sorted
+    let mut named = tasks.clone();
+    named.sort_unstable();
+    let twice: Vec<_> = named
         .windows(2)
         .filter(|pair| pair[0] == pair[1])
         .map(|pair| pair[0])
         .collect();
     tasks.retain(|task| twice.binary_search(task).is_err());
-    tasks
+    named.dedup();
+    ReadAhead { once: tasks, named }
 }
 
 /// Applies a batch, all of its changes or the first refusal. `fenced` carries, from one batch to
