@@ -722,25 +722,34 @@ fn a_task_ended_earlier_in_a_group_commit_is_not_started_again_in_it() {
     );
 }
 
+/// A database with an op of `tasks` tasks, claimed by `owner(1)`.
+fn claimed(tasks: u32, uuid: &str) -> (Db, Store, OpId, ProcessId) {
+    let db = Db::new("cairn_t");
+    let store = db.open();
+    let op = submit(&store, tasks, uuid);
+    let me = owner(1);
+    claim(&store, op, &me, 100).unwrap();
+    (db, store, op, me)
+}
+
+/// Sets a task's status behind the writer's back.
+fn set_status(sql: &mut postgres::Client, op: OpId, task: i64, status: &str) {
+    sql.execute(
+        "UPDATE tasks SET status = $3 WHERE op_id = $1 AND task_no = $2",
+        &[&op.0, &task, &status],
+    )
+    .unwrap();
+}
+
 /// A step alone takes the rows earlier transactions read as read (the op's owner row, its next
 /// tasks) and sends a guard for each: a row changed behind the writer's back aborts the
 /// transaction, which runs again reading and decides on what is there. Nothing is recorded on a
 /// stale row, and no refusal is given on one.
 #[test]
 fn a_row_taken_as_read_that_changed_is_read_again_before_anything_is_decided() {
-    let db = Db::new("cairn_t");
-    let store = db.open();
-    let op = submit(&store, 8, "u-taken");
-    let me = owner(1);
-    claim(&store, op, &me, 100).unwrap();
+    let (db, store, op, me) = claimed(8, "u-taken");
     let sql = &mut db.connect();
-    let set = |sql: &mut postgres::Client, task: i64, status: &str| {
-        sql.execute(
-            "UPDATE tasks SET status = $3 WHERE op_id = $1 AND task_no = $2",
-            &[&op.0, &task, &status],
-        )
-        .unwrap();
-    };
+    let set = |sql: &mut postgres::Client, task, status| set_status(sql, op, task, status);
     let step = |who: &ProcessId, task: u32| {
         store.apply_blocking(whole(
             op,
@@ -801,19 +810,9 @@ fn a_row_taken_as_read_that_changed_is_read_again_before_anything_is_decided() {
 /// reading, for its own answer.
 #[test]
 fn a_refusal_is_not_given_on_a_row_whose_guard_never_ran() {
-    let db = Db::new("cairn_t");
-    let store = db.open();
-    let op = submit(&store, 8, "u-unguarded");
-    let me = owner(1);
-    claim(&store, op, &me, 100).unwrap();
+    let (db, store, op, me) = claimed(8, "u-unguarded");
     let sql = &mut db.connect();
-    let set = |sql: &mut postgres::Client, task: i64, status: &str| {
-        sql.execute(
-            "UPDATE tasks SET status = $3 WHERE op_id = $1 AND task_no = $2",
-            &[&op.0, &task, &status],
-        )
-        .unwrap();
-    };
+    let set = |sql: &mut postgres::Client, task, status| set_status(sql, op, task, status);
     let start = |task| Change::StartAttempt {
         op,
         owner: me.clone(),
