@@ -37,9 +37,18 @@ enum Answer {
 /// A statement sent and not yet answered.
 struct Flying {
     ticket: Ticket,
-    /// A read whose rows are kept for [`Pipe::take`].
-    read: bool,
+    kind: Kind,
     answer: Sent,
+}
+
+/// What a statement sent ahead is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Write,
+    /// A read whose rows are kept for [`Pipe::take`].
+    Read,
+    /// A read outside any transaction, whose failure is its own: never another's answer.
+    Aside,
 }
 
 /// Sent and not yet answered, in the order they were sent.
@@ -190,12 +199,12 @@ impl Pipe {
     pub(super) fn send(&mut self, statement: &Statement, params: &Params) -> Ticket {
         let Some(encoded) = encode(statement, params) else {
             let done = self.execute(statement, params).map(|_| Answer::Done);
-            return self.go(false, Box::pin(std::future::ready(done)));
+            return self.go(Kind::Write, Box::pin(std::future::ready(done)));
         };
         let client = Arc::clone(&self.client);
         let statement = statement.clone();
         self.go(
-            false,
+            Kind::Write,
             Box::pin(async move {
                 client
                     .execute_raw(&statement, encoded)
@@ -212,11 +221,30 @@ impl Pipe {
         statement: &Statement,
         params: &[&(dyn ToSql + Sync)],
     ) -> Option<Ticket> {
+        self.read(Kind::Read, statement, params)
+    }
+
+    /// As [`Pipe::send_read`], for a read sent outside any transaction: its failure is never
+    /// reported as another statement's (it gives no rows, that is all).
+    pub(super) fn send_aside(
+        &mut self,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Option<Ticket> {
+        self.read(Kind::Aside, statement, params)
+    }
+
+    fn read(
+        &mut self,
+        kind: Kind,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Option<Ticket> {
         let encoded = encode(statement, params)?;
         let client = Arc::clone(&self.client);
         let statement = statement.clone();
         Some(self.go(
-            true,
+            kind,
             Box::pin(async move {
                 let rows = client.query_raw(&statement, encoded).await?;
                 futures_util::TryStreamExt::try_collect(rows)
@@ -248,7 +276,7 @@ impl Pipe {
     pub(super) fn send_batch(&mut self, sql: String) -> Ticket {
         let client = Arc::clone(&self.client);
         self.go(
-            false,
+            Kind::Write,
             Box::pin(async move { client.batch_execute(&sql).await.map(|()| Answer::Done) }),
         )
     }
@@ -331,7 +359,7 @@ impl Pipe {
     }
 
     /// Polls a statement once, which hands it to the connection, and keeps it for its answer.
-    fn go(&mut self, read: bool, mut answer: Sent) -> Ticket {
+    fn go(&mut self, kind: Kind, mut answer: Sent) -> Ticket {
         self.flush();
         self.tickets += 1;
         let ticket = Ticket(self.tickets);
@@ -343,20 +371,23 @@ impl Pipe {
         }
         self.sent.push(Flying {
             ticket,
-            read,
+            kind,
             answer,
         });
         ticket
     }
 
     /// Reads the answers of everything sent ahead; the first failure, if any. Rows read ahead and
-    /// not taken are dropped.
+    /// not taken are kept until [`Pipe::drop_kept`].
     pub(super) fn settle(&mut self) -> Result<(), Failed> {
         self.flush();
         let sent = std::mem::take(&mut self.sent);
-        let settled = self.runtime.block_on(answers(sent, &mut self.kept));
+        self.runtime.block_on(answers(sent, &mut self.kept))
+    }
+
+    /// Drops the rows read ahead and not taken.
+    pub(super) fn drop_kept(&mut self) {
         self.kept.clear();
-        settled
     }
 
     /// Sends `request` after what was sent ahead and waits for all of them; the first failure of
@@ -449,7 +480,7 @@ async fn answers(sent: InFlight, kept: &mut Kept) -> Result<(), Failed> {
     let mut first = None;
     for Flying {
         ticket,
-        read,
+        kind,
         answer,
     } in sent
     {
@@ -460,10 +491,10 @@ async fn answers(sent: InFlight, kept: &mut Kept) -> Result<(), Failed> {
             }
             Ok(Answer::Done) => None,
             Err(error) => {
-                if read {
+                if kind != Kind::Write {
                     kept.insert(ticket, None);
                 }
-                Some(error)
+                (kind != Kind::Aside).then_some(error)
             }
         };
         if let Some(error) = failure

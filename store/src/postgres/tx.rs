@@ -37,22 +37,22 @@ pub(super) struct Conn {
     guarded: bool,
     /// Whether the next transaction reads everything (set when one taken as read had changed).
     fresh: bool,
-    /// The tasks the open transaction may change: no row of theirs is kept for the next.
-    named: Vec<(OpId, TaskNo)>,
+    /// The tasks whose next ones are read once the open transaction's `COMMIT` is sent, and
+    /// then the reads on their way (see [`Conn::send_next_tasks`]).
+    next_tasks: Vec<(OpId, TaskNo)>,
+    next_reads: Vec<(OpId, Ticket)>,
 }
 
 /// A task's state in the open transaction, before it is read.
 enum Ahead {
     /// Its row is on its way.
     Read(Ticket),
-    /// The rows of the op's tasks from it on, its own first, are on their way.
-    From(Ticket),
     /// Known from an earlier transaction: taken as read, with a guard (see [`Known`]).
     Taken(String, String),
 }
 
 /// Rows that earlier transactions on this connection read: each op's owner row as last read, and
-/// the state of tasks read along with another's and not yet used.
+/// the state of the op's next tasks, read just after a step's commit and not yet used.
 ///
 /// A transaction of one batch takes such a row as read instead of waiting for it, and sends a
 /// guard in its place ([`OWNER_GUARD`], [`TASK_GUARD`]): a statement that finds the row as it is
@@ -81,8 +81,8 @@ struct OwnerRow {
 /// The most task rows [`Known`] keeps; past it, it forgets them all.
 const KNOWN_TASKS: usize = 4096;
 
-/// How many of an op's tasks one read ahead takes, the one asked for first.
-const TASKS_FROM: i64 = 64;
+/// How many of an op's next tasks one read takes (see [`Conn::send_next_tasks`]).
+const KNOWN_FROM_ONE: i64 = 64;
 
 /// What a guard raises when a row taken as read has changed (`cairn_read_changed()`, schema 10).
 pub(super) const CHANGED: &str = "CA001";
@@ -107,7 +107,8 @@ impl Conn {
             taking: false,
             guarded: false,
             fresh: false,
-            named: Vec::new(),
+            next_tasks: Vec::new(),
+            next_reads: Vec::new(),
         }
     }
 
@@ -127,23 +128,34 @@ impl Conn {
     /// with the transaction's first read, and [`Tx::task_state`] takes their rows.
     ///
     /// With `take` (a transaction of one batch) and tasks to read, a task [`Known`] is taken as
-    /// read, and for one that is not, the op's next tasks are read with it, to be known by the
-    /// transactions after.
+    /// read, and for one that is not, the op's next tasks are read after the commit, to be known
+    /// by the transactions after.
     pub(super) fn read_ahead(
         &mut self,
         ahead: ReadAhead,
         take: bool,
     ) -> std::result::Result<(), postgres::Error> {
         self.ahead.clear();
+        self.client.drop_kept();
+        self.next_tasks.clear();
+        self.next_reads.clear();
         // Only attempt changes (a step's) take rows as read: they never change the op's owner
         // row, so the one read for a step is still right for the next. Any other transaction may,
         // and may change tasks: what is kept is dropped.
         let tasks = ahead.once;
         self.taking = take && !tasks.is_empty() && !std::mem::take(&mut self.fresh);
         self.guarded = false;
-        self.named = ahead.named;
         if !self.taking {
             self.known = Known::default();
+        }
+        // The tasks read once are taken as read where known; every task this transaction may
+        // change is then forgotten, as the next transaction must not take it.
+        let known: Vec<_> = tasks
+            .iter()
+            .map(|task| self.known.tasks.remove(task).filter(|_| self.taking))
+            .collect();
+        for task in &ahead.named {
+            self.known.tasks.remove(task);
         }
         if tasks.is_empty() {
             return Ok(());
@@ -153,17 +165,13 @@ impl Conn {
         }
         // Prepared once per connection: its wait also answers what was sent before (`BEGIN`).
         let one = self.statement(TASK_STATE)?;
-        let from = self.statement(TASKS_FROM_SQL)?;
-        for (op, task) in tasks {
-            let ahead = if self.taking
-                && let Some((status, name)) = self.known.tasks.remove(&(op, task))
-            {
+        for ((op, task), known) in tasks.into_iter().zip(known) {
+            let ahead = if let Some((status, name)) = known {
                 Some(Ahead::Taken(status, name))
-            } else if self.taking {
-                self.client
-                    .send_read(&from, &[&op.0, &i64::from(task.0), &TASKS_FROM])
-                    .map(Ahead::From)
             } else {
+                if self.taking {
+                    self.next_tasks.push((op, task));
+                }
                 self.client
                     .send_read(&one, &[&op.0, &i64::from(task.0)])
                     .map(Ahead::Read)
@@ -185,15 +193,58 @@ impl Conn {
         Ok(self.client.send(&statement, &[&token, &at]))
     }
 
-    /// Prepares [`WHOLE_STEP`] and gives it to the connection, which sends it instead of its
-    /// three parts when a transaction's gathered rows are just those (`pipe::Fused`).
-    pub(super) fn fuse(&mut self) -> std::result::Result<(), postgres::Error> {
+    /// Prepares what a step's transaction sends without waiting: [`WHOLE_STEP`], which the
+    /// connection sends instead of its three parts when a transaction's gathered rows are just
+    /// those (`pipe::Fused`), and the read of an op's next tasks.
+    pub(super) fn prepare_steps(&mut self) -> std::result::Result<(), postgres::Error> {
         let fused = Fused {
             parts: [ATTEMPT_ROW, TASK_ROW, OP_EVENTS],
             whole: self.statement(WHOLE_STEP)?,
         };
         self.client.fuse(fused);
+        self.statement(NEXT_TASKS)?;
         Ok(())
+    }
+
+    /// Once the open transaction's `COMMIT` is sent: reads the state of the next tasks of the ops
+    /// whose task it read, outside the transaction (so that they lock nothing under
+    /// `SERIALIZABLE`, and see its writes), for the transactions after to take as read. Their
+    /// answers come with the commit's; a failed one just gives no rows.
+    pub(super) fn send_next_tasks(&mut self) {
+        let Some(statement) = self.statements.get(NEXT_TASKS).cloned() else {
+            return;
+        };
+        for (op, task) in std::mem::take(&mut self.next_tasks) {
+            let after = i64::from(task.0) + 1;
+            if let Some(ticket) = self
+                .client
+                .send_aside(&statement, &[&op.0, &after, &KNOWN_FROM_ONE])
+            {
+                self.next_reads.push((op, ticket));
+            }
+        }
+    }
+
+    /// Keeps the rows read by [`Conn::send_next_tasks`], once the transaction committed.
+    pub(super) fn keep_next_tasks(&mut self) {
+        if self.known.tasks.len() > KNOWN_TASKS {
+            self.known.tasks.clear();
+        }
+        for (op, ticket) in std::mem::take(&mut self.next_reads) {
+            let Some(Ok(rows)) = self.client.take(ticket) else {
+                continue;
+            };
+            for row in rows {
+                let (Ok(no), Ok(status), Ok(name)) =
+                    (row.try_get::<_, i64>(0), row.try_get(1), row.try_get(2))
+                else {
+                    continue;
+                };
+                if let Ok(no) = u32::try_from(no) {
+                    self.known.tasks.insert((op, TaskNo(no)), (status, name));
+                }
+            }
+        }
     }
 
     /// A gathered statement's forms, prepared on this connection the first time.
@@ -330,8 +381,8 @@ impl OwnerRow {
 /// A task's stored status and name.
 const TASK_STATE: &str = "SELECT status, name FROM tasks WHERE op_id = $1 AND task_no = $2";
 
-/// The state of an op's tasks from one on, at most `$3` (see [`Conn::read_ahead`]).
-const TASKS_FROM_SQL: &str = "SELECT task_no, status, name FROM tasks \
+/// The state of an op's tasks from one on, at most `$3` (see [`Conn::send_next_tasks`]).
+const NEXT_TASKS: &str = "SELECT task_no, status, name FROM tasks \
      WHERE op_id = $1 AND task_no >= $2 ORDER BY task_no LIMIT $3";
 
 /// The fence's read of an op's row.
@@ -834,35 +885,17 @@ impl Tx for PgTx<'_> {
     }
 
     fn task_state(&mut self, op: OpId, task: TaskNo) -> Result<(String, String)> {
-        let (ticket, from) = match self.conn.ahead.remove(&(op, task)) {
+        let ticket = match self.conn.ahead.remove(&(op, task)) {
             Some(Ahead::Taken(status, name)) => {
                 self.conn.guarded = true;
                 self.send(TASK_GUARD, &[&op.0, &i64::from(task.0), &status, &name])?;
                 return Ok((status, name));
             }
-            Some(Ahead::Read(ticket)) => (Some(ticket), false),
-            Some(Ahead::From(ticket)) => (Some(ticket), true),
-            None => (None, false),
+            Some(Ahead::Read(ticket)) => Some(ticket),
+            None => None,
         };
         if let Some(ticket) = ticket {
             match self.conn.client.take(ticket) {
-                Some(Ok(rows)) if from => {
-                    // Its own row first; the others are known for the transactions after.
-                    let mut own = None;
-                    for row in &rows {
-                        let no: i64 = self.get(row, 0)?;
-                        let state = (self.get(row, 1)?, self.get(row, 2)?);
-                        let key = (op, TaskNo(u32::try_from(no).unwrap_or(u32::MAX)));
-                        if key.1 == task {
-                            own = Some(state);
-                        } else if self.conn.named.binary_search(&key).is_err() {
-                            self.conn.known.tasks.insert(key, state);
-                        }
-                    }
-                    if let Some(own) = own {
-                        return Ok(own);
-                    }
-                }
                 Some(Ok(rows)) if !rows.is_empty() => {
                     return Ok((self.get(&rows[0], 0)?, self.get(&rows[0], 1)?));
                 }

@@ -155,10 +155,12 @@ fn connect_writer(target: &Target) -> Result<Conn> {
         // Every statement of the writer finds its rows by key: an index scan always, joins by
         // nested loop, so that a gathered statement (`Pipe::gather`) is planned as its rows one
         // by one, and `SERIALIZABLE` locks those rows, not the table (which would conflict with
-        // every other node's writes).
+        // every other node's writes). Its transactions say `SERIALIZABLE`; what it reads outside
+        // one (the next tasks after a step's commit, `Conn::send_next_tasks`) locks nothing.
         .batch_execute(
             "SET synchronous_commit = on; SET enable_seqscan = off; \
-             SET enable_hashjoin = off; SET enable_mergejoin = off",
+             SET enable_hashjoin = off; SET enable_mergejoin = off; \
+             SET default_transaction_isolation = 'read committed'",
         )
         .map_err(|e| target.unusable(&describe(&e)))?;
     let session = client
@@ -175,7 +177,7 @@ fn connect_writer(target: &Target) -> Result<Conn> {
     });
     // Prepared now, so that a transaction's commit never waits for it.
     conn.statement(TOKEN)
-        .and_then(|_| conn.fuse())
+        .and_then(|_| conn.prepare_steps())
         .map_err(|e| target.unusable(&describe(&e)))?;
     Ok(conn)
 }
@@ -592,7 +594,9 @@ fn run(
         }
         .to_owned(),
     );
+    conn.send_next_tasks();
     let Err(failed) = conn.client.settle() else {
+        conn.keep_next_tasks();
         return Run::Done(results);
     };
     match broke(conn, &failed.error) {
