@@ -745,6 +745,26 @@ mod tests {
         });
     }
 
+    /// A read sent aside gives its rows, or none when it fails, and never answers for another
+    /// statement: a failed one leaves the others' answers as they are, and a failed read sent
+    /// the usual way is the first failure.
+    #[test]
+    fn a_failed_read_sent_aside_answers_for_no_other_statement() {
+        let db = Db::new("aside");
+        let target = Target::new(&db.location()).unwrap();
+        let mut pipe = target.connect_pipe().unwrap();
+        let read = pipe.prepare("SELECT 10 / $1::bigint").unwrap();
+        let zero = pipe.send_aside(&read, &[&0_i64]).unwrap();
+        let five = pipe.send_aside(&read, &[&2_i64]).unwrap();
+        assert!(pipe.settle().is_ok());
+        assert!(pipe.take(zero).is_none());
+        let rows = pipe.take(five).unwrap().unwrap();
+        assert_eq!(rows[0].get::<_, i64>(0), 5);
+        let failing = pipe.send_read(&read, &[&0_i64]).unwrap();
+        let failed = pipe.settle().err().unwrap();
+        assert_eq!(failed.ticket, failing);
+    }
+
     /// What a writer whose connection broke during `COMMIT` asks on its new connection: the token
     /// of a transaction that committed is there, one that did not commit is not.
     #[test]
