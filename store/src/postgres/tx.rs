@@ -82,7 +82,7 @@ struct OwnerRow {
 const KNOWN_TASKS: usize = 4096;
 
 /// How many of an op's next tasks one read takes (see [`Conn::send_next_tasks`]).
-const KNOWN_FROM_ONE: i64 = 64;
+const NEXT_TASKS_AT_ONCE: i64 = 64;
 
 /// What a guard raises when a row taken as read has changed (`cairn_read_changed()`, schema 10).
 pub(super) const CHANGED: &str = "CA001";
@@ -148,20 +148,19 @@ impl Conn {
         if !self.taking {
             self.known = Known::default();
         }
-        // The tasks read once are taken as read where known; every task this transaction may
-        // change is then forgotten, as the next transaction must not take it.
+        // The tasks read once are taken as read where known (nothing is, unless taking); every
+        // task this transaction may change is then forgotten, as the next must not take it.
         let known: Vec<_> = tasks
             .iter()
-            .map(|task| self.known.tasks.remove(task).filter(|_| self.taking))
+            .map(|task| self.known.tasks.remove(task))
             .collect();
-        for task in &ahead.named {
-            self.known.tasks.remove(task);
+        if !self.known.tasks.is_empty() {
+            for task in &ahead.named {
+                self.known.tasks.remove(task);
+            }
         }
         if tasks.is_empty() {
             return Ok(());
-        }
-        if self.known.tasks.len() > KNOWN_TASKS {
-            self.known.tasks.clear();
         }
         // Prepared once per connection: its wait also answers what was sent before (`BEGIN`).
         let one = self.statement(TASK_STATE)?;
@@ -218,7 +217,7 @@ impl Conn {
             let after = i64::from(task.0) + 1;
             if let Some(ticket) = self
                 .client
-                .send_aside(&statement, &[&op.0, &after, &KNOWN_FROM_ONE])
+                .send_aside(&statement, &[&op.0, &after, &NEXT_TASKS_AT_ONCE])
             {
                 self.next_reads.push((op, ticket));
             }
@@ -885,34 +884,28 @@ impl Tx for PgTx<'_> {
     }
 
     fn task_state(&mut self, op: OpId, task: TaskNo) -> Result<(String, String)> {
-        let ticket = match self.conn.ahead.remove(&(op, task)) {
+        match self.conn.ahead.remove(&(op, task)) {
             Some(Ahead::Taken(status, name)) => {
                 self.conn.guarded = true;
                 self.send(TASK_GUARD, &[&op.0, &i64::from(task.0), &status, &name])?;
                 return Ok((status, name));
             }
-            Some(Ahead::Read(ticket)) => Some(ticket),
-            None => None,
-        };
-        if let Some(ticket) = ticket {
-            match self.conn.client.take(ticket) {
+            Some(Ahead::Read(ticket)) => match self.conn.client.take(ticket) {
                 Some(Ok(rows)) if !rows.is_empty() => {
                     return Ok((self.get(&rows[0], 0)?, self.get(&rows[0], 1)?));
                 }
                 Some(Err(e)) => return Err(self.fail(&e)),
                 // No row, or no answer to give: read as usual (which names what is missing).
                 Some(Ok(_)) | None => {}
-            }
+            },
+            None => {}
         }
         let row = self.one(TASK_STATE, &[&op.0, &i64::from(task.0)])?;
         Ok((self.get(&row, 0)?, self.get(&row, 1)?))
     }
 
     fn find_task_state(&mut self, op: OpId, task: TaskNo) -> Result<Option<(String, String)>> {
-        match self.opt(
-            "SELECT status, name FROM tasks WHERE op_id = $1 AND task_no = $2",
-            &[&op.0, &i64::from(task.0)],
-        )? {
+        match self.opt(TASK_STATE, &[&op.0, &i64::from(task.0)])? {
             Some(row) => Ok(Some((self.get(&row, 0)?, self.get(&row, 1)?))),
             None => Ok(None),
         }
