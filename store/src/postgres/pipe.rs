@@ -1,7 +1,9 @@
 //! The writer's connection, on which a statement whose answer nothing reads is sent without
 //! waiting for it (pipelined): it goes out with the next statement that is waited for, and its
 //! answer is read then, in order. A transaction's writes and its `COMMIT` thus share one round
-//! trip to the server.
+//! trip to the server. A statement may also be held back until the next is sent, so that a run
+//! of them goes as one statement that does the same ([`Fused`]): the server answers each
+//! statement with a message and a flush of its own.
 //!
 //! The client is `tokio-postgres` on a runtime of the connection's own, one thread, which runs
 //! only while the writer waits (as the blocking `postgres` client does): the `postgres` client
@@ -12,7 +14,7 @@
 //! run), so the failure is reported by the next wait: as that wait's own answer
 //! ([`Pipe::wait`]), or by [`Pipe::settle`] before a commit is trusted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -68,17 +70,34 @@ pub(super) struct Pipe {
     sent: InFlight,
     kept: Kept,
     tickets: u64,
+    /// Statements held back to go with the next one sent ([`Pipe::hold`]), in order.
+    held: Vec<Held>,
     /// Rows gathered to go as one statement a slot ([`Pipe::gather`]).
     gathered: [Option<Gathered>; SLOTS],
-    fused: Option<Fused>,
+    fused: Vec<Fused>,
 }
 
-/// One statement that does what its parts, one statement a slot, do in the slots' order: sent
-/// instead of them when every slot's rows go as its part, with their parameters one after the
-/// other (each statement costs the server its own start and end).
+/// One statement that does what its parts do, in their order: sent instead of them when they
+/// are to go one after the other, with their parameters one after the other (each statement
+/// costs the server its own start and end, and its answer a message of its own).
 pub(super) struct Fused {
-    pub(super) parts: [&'static str; SLOTS],
+    pub(super) parts: Vec<&'static str>,
     pub(super) whole: Statement,
+}
+
+/// A statement to be sent, and its ticket.
+struct Held {
+    /// Its text: what a fused statement's parts are matched against.
+    sql: &'static str,
+    what: Part,
+    ticket: Ticket,
+}
+
+enum Part {
+    /// A prepared statement, its parameters encoded.
+    Statement(Statement, Vec<Encoded>),
+    /// Statements without parameters, as one message: the text.
+    Batch,
 }
 
 /// How many statements may gather rows at once.
@@ -184,8 +203,9 @@ impl Pipe {
             sent: Vec::new(),
             kept: HashMap::new(),
             tickets: 0,
+            held: Vec::new(),
             gathered: Default::default(),
-            fused: None,
+            fused: Vec::new(),
         })
     }
 
@@ -212,6 +232,35 @@ impl Pipe {
                     .map(|_| Answer::Done)
             }),
         )
+    }
+
+    /// As [`Pipe::send`], but held back until the next statement is sent or waited for, so that
+    /// it may go fused with those after it (`form` is its text and statement).
+    pub(super) fn hold(&mut self, form: &Form, params: &Params) -> Ticket {
+        let Some(encoded) = encode(&form.statement, params) else {
+            return self.send(&form.statement, params);
+        };
+        // What was gathered before it goes before it.
+        self.hold_gathered();
+        let ticket = self.ticket();
+        self.held.push(Held {
+            sql: form.sql,
+            what: Part::Statement(form.statement.clone(), encoded),
+            ticket,
+        });
+        ticket
+    }
+
+    /// As [`Pipe::send_batch`], held back as [`Pipe::hold`] holds a statement.
+    pub(super) fn hold_batch(&mut self, sql: &'static str) -> Ticket {
+        self.hold_gathered();
+        let ticket = self.ticket();
+        self.held.push(Held {
+            sql,
+            what: Part::Batch,
+            ticket,
+        });
+        ticket
     }
 
     /// Sends the read `statement` without waiting for its rows, which [`Pipe::take`] gives once
@@ -274,9 +323,18 @@ impl Pipe {
 
     /// Sends `sql` (statements without parameters, as one message) without waiting for it.
     pub(super) fn send_batch(&mut self, sql: String) -> Ticket {
+        self.batch(Kind::Write, sql)
+    }
+
+    /// As [`Pipe::send_batch`], outside any transaction of the writer's: as [`Pipe::send_aside`].
+    pub(super) fn send_batch_aside(&mut self, sql: String) -> Ticket {
+        self.batch(Kind::Aside, sql)
+    }
+
+    fn batch(&mut self, kind: Kind, sql: String) -> Ticket {
         let client = Arc::clone(&self.client);
         self.go(
-            Kind::Write,
+            kind,
             Box::pin(async move { client.batch_execute(&sql).await.map(|()| Answer::Done) }),
         )
     }
@@ -326,43 +384,103 @@ impl Pipe {
         gathered.keys.extend(key);
     }
 
-    /// Sends what was gathered from now on as `fused` where it can.
+    /// Sends statements that come one after the other as `fused` from now on, where they can.
     pub(super) fn fuse(&mut self, fused: Fused) {
-        self.fused = Some(fused);
+        self.fused.push(fused);
     }
 
-    /// Sends what was gathered, one statement a slot, in the slots' order; or as one statement
-    /// when every slot's is a part of the fused one, in its place.
-    fn flush(&mut self) {
+    /// How many fused statements are in use.
+    #[cfg(test)]
+    pub(super) fn fused(&self) -> usize {
+        self.fused.len()
+    }
+
+    /// Moves what was gathered to the held statements, one statement a slot, in the slots' order.
+    fn hold_gathered(&mut self) {
         let statements: Vec<_> = self
             .gathered
             .iter_mut()
             .filter_map(Option::take)
             .map(Gathered::statement)
             .collect();
-        let whole = self.fused.as_ref().and_then(|fused| {
-            let parts = statements.iter().map(|(form, _)| form.sql);
-            parts.eq(fused.parts).then(|| fused.whole.clone())
-        });
-        if let Some(whole) = whole {
-            let params: Vec<&(dyn ToSql + Sync)> = statements
-                .iter()
-                .flat_map(|(_, values)| values.iter().map(AsRef::as_ref))
-                .collect();
-            self.send(&whole, &params);
-            return;
-        }
         for (form, values) in statements {
             let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
-            self.send(&form.statement, &params);
+            self.hold(&form, &params);
         }
     }
 
-    /// Polls a statement once, which hands it to the connection, and keeps it for its answer.
-    fn go(&mut self, kind: Kind, mut answer: Sent) -> Ticket {
-        self.flush();
+    /// Sends what is held and what was gathered, in order; a run of them that a fused statement
+    /// does goes as that statement (the longest first), under the ticket of its first statement
+    /// with parameters (a batch's, `BEGIN` say, is not the fused statement's).
+    fn flush(&mut self) {
+        self.hold_gathered();
+        let mut held: VecDeque<Held> = std::mem::take(&mut self.held).into();
+        while let Some(first) = held.pop_front() {
+            let fused = self
+                .fused
+                .iter()
+                .filter(|f| {
+                    let sqls = std::iter::once(first.sql).chain(held.iter().map(|h| h.sql));
+                    sqls.take(f.parts.len()).eq(f.parts.iter().copied())
+                })
+                .max_by_key(|f| f.parts.len());
+            let (statement, params, ticket) = match (fused, first.what) {
+                (Some(fused), what) => {
+                    let rest = held.drain(..fused.parts.len() - 1);
+                    let mut ticket = None;
+                    let mut params = Vec::new();
+                    for (part, at) in std::iter::once((what, first.ticket))
+                        .chain(rest.map(|h| (h.what, h.ticket)))
+                    {
+                        if let Part::Statement(_, values) = part {
+                            ticket.get_or_insert(at);
+                            params.extend(values);
+                        }
+                    }
+                    (fused.whole.clone(), params, ticket.unwrap_or(first.ticket))
+                }
+                (None, Part::Statement(statement, params)) => (statement, params, first.ticket),
+                (None, Part::Batch) => {
+                    let client = Arc::clone(&self.client);
+                    let sql = first.sql;
+                    self.fly(
+                        Kind::Write,
+                        first.ticket,
+                        Box::pin(
+                            async move { client.batch_execute(sql).await.map(|()| Answer::Done) },
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let client = Arc::clone(&self.client);
+            self.fly(
+                Kind::Write,
+                ticket,
+                Box::pin(async move {
+                    client
+                        .execute_raw(&statement, params)
+                        .await
+                        .map(|_| Answer::Done)
+                }),
+            );
+        }
+    }
+
+    fn ticket(&mut self) -> Ticket {
         self.tickets += 1;
-        let ticket = Ticket(self.tickets);
+        Ticket(self.tickets)
+    }
+
+    /// Polls a statement once, which hands it to the connection, and keeps it for its answer.
+    fn go(&mut self, kind: Kind, answer: Sent) -> Ticket {
+        self.flush();
+        let ticket = self.ticket();
+        self.fly(kind, ticket, answer);
+        ticket
+    }
+
+    fn fly(&mut self, kind: Kind, ticket: Ticket, mut answer: Sent) {
         if let Poll::Ready(done) = answer
             .as_mut()
             .poll(&mut Context::from_waker(Waker::noop()))
@@ -374,7 +492,6 @@ impl Pipe {
             kind,
             answer,
         });
-        ticket
     }
 
     /// Reads the answers of everything sent ahead; the first failure, if any. Rows read ahead and

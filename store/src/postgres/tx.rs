@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::LazyLock;
 
 use postgres::types::ToSql;
 use postgres::{Row, Statement};
@@ -57,10 +58,11 @@ enum Ahead {
 /// A transaction of one batch takes such a row as read instead of waiting for it, and sends a
 /// guard in its place ([`OWNER_GUARD`], [`TASK_GUARD`]): a statement that finds the row as it is
 /// now (locked as the read would have locked it) and raises [`CHANGED`] unless it is the same in
-/// every column. The transaction's writes and `COMMIT` go behind it, so a row that changed since
-/// aborts the transaction before it commits anything, and it runs again reading ([`Fault`]); so
-/// a row taken as read can make a transaction slower, never different. A `noop` chain's step
-/// then needs one round trip instead of two.
+/// every column. The transaction's writes and `COMMIT` go behind it (or in the same statement,
+/// behind its guards' row: [`GUARDED_STEP`]), so a row that changed since aborts the transaction
+/// before it commits anything, and it runs again reading ([`Fault`]); so a row taken as read can
+/// make a transaction slower, never different. A `noop` chain's step then needs one round trip
+/// instead of two, and one statement.
 #[derive(Default)]
 struct Known {
     owners: HashMap<OpId, OwnerRow>,
@@ -182,27 +184,58 @@ impl Conn {
         Ok(())
     }
 
-    /// Sends the insert of the transaction's commit token (see `writer.rs`) without waiting.
+    /// Sends the insert of the transaction's commit token (see `writer.rs`) without waiting
+    /// (held, to go with the step it ends: [`GUARDED_STEP`]).
     pub(super) fn send_token(
         &mut self,
         token: &str,
         at: i64,
     ) -> std::result::Result<Ticket, postgres::Error> {
-        let statement = self.statement(TOKEN)?;
-        Ok(self.client.send(&statement, &[&token, &at]))
+        let form = self.form(TOKEN)?;
+        Ok(self.client.hold(&form, &[&token, &at]))
     }
 
-    /// Prepares what a step's transaction sends without waiting: [`WHOLE_STEP`], which the
-    /// connection sends instead of its three parts when a transaction's gathered rows are just
-    /// those (`pipe::Fused`), and the read of an op's next tasks.
+    /// Prepares what a step's transaction sends without waiting: the statements the connection
+    /// sends instead of their parts when those come one after the other (`pipe::Fused`), and the
+    /// read of an op's next tasks.
     pub(super) fn prepare_steps(&mut self) -> std::result::Result<(), postgres::Error> {
-        let fused = Fused {
-            parts: [ATTEMPT_ROW, TASK_ROW, OP_EVENTS],
-            whole: self.statement(WHOLE_STEP)?,
-        };
-        self.client.fuse(fused);
+        const GUARDED_PARTS: [&str; 6] = [
+            OWNER_GUARD,
+            TASK_GUARD,
+            ATTEMPT_ROW,
+            TASK_ROW,
+            OP_EVENTS,
+            TOKEN,
+        ];
+        // The same, as a transaction of its own: the session's transactions are `SERIALIZABLE`
+        // (`writer.rs`, `connect_writer`), a statement outside one commits when it ends, and
+        // nothing else is in the transaction.
+        let alone = std::iter::once(BEGIN)
+            .chain(GUARDED_PARTS)
+            .chain(std::iter::once(COMMIT))
+            .collect();
+        for (whole, parts) in [
+            (WHOLE_STEP, vec![ATTEMPT_ROW, TASK_ROW, OP_EVENTS]),
+            (GUARDED_STEP.as_str(), GUARDED_PARTS.to_vec()),
+            (GUARDED_STEP.as_str(), alone),
+        ] {
+            let whole = self.statement(whole)?;
+            let mut types = Vec::new();
+            for &part in parts.iter().filter(|&&p| p != BEGIN && p != COMMIT) {
+                types.extend_from_slice(self.statement(part)?.params());
+            }
+            // Each part's parameters are encoded for its own statement's types.
+            if whole.params() == types.as_slice() {
+                self.client.fuse(Fused { parts, whole });
+            }
+        }
         self.statement(NEXT_TASKS)?;
         Ok(())
+    }
+
+    /// The statement `sql` and its text.
+    fn form(&mut self, sql: &'static str) -> std::result::Result<Form, postgres::Error> {
+        self.statement(sql).map(|statement| Form { statement, sql })
     }
 
     /// Once the open transaction's `COMMIT` is sent: reads the state of the next tasks of the ops
@@ -213,6 +246,12 @@ impl Conn {
         let Some(statement) = self.statements.get(NEXT_TASKS).cloned() else {
             return;
         };
+        if self.next_tasks.is_empty() {
+            return;
+        }
+        // The session's transactions are `SERIALIZABLE`; these reads lock nothing.
+        self.client
+            .send_batch_aside("BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY".to_owned());
         for (op, task) in std::mem::take(&mut self.next_tasks) {
             let after = i64::from(task.0) + 1;
             if let Some(ticket) = self
@@ -222,6 +261,7 @@ impl Conn {
                 self.next_reads.push((op, ticket));
             }
         }
+        self.client.send_batch_aside(COMMIT.to_owned());
     }
 
     /// Keeps the rows read by [`Conn::send_next_tasks`], once the transaction committed.
@@ -248,12 +288,10 @@ impl Conn {
 
     /// A gathered statement's forms, prepared on this connection the first time.
     fn forms(&mut self, slot: &Slot) -> std::result::Result<Forms, postgres::Error> {
-        let mut form =
-            |sql: &'static str| self.statement(sql).map(|statement| Form { statement, sql });
         Ok(Forms {
-            one_row: slot.one_row.map(&mut form).transpose()?,
-            one_first: slot.one_op.map(&mut form).transpose()?,
-            many: form(slot.many)?,
+            one_row: slot.one_row.map(|sql| self.form(sql)).transpose()?,
+            one_first: slot.one_op.map(|sql| self.form(sql)).transpose()?,
+            many: self.form(slot.many)?,
         })
     }
 
@@ -354,6 +392,75 @@ const WHOLE_STEP: &str = "WITH attempt AS (INSERT INTO attempts (op_id, task_no,
      FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM events WHERE op_id = $19) next, \
      unnest($20::bigint[], $21::text[], $22::text[], $23::text[]) WITH ORDINALITY AS e(at, task, kind, message, ord)) \
      SELECT pg_notify('cairn_moves', $19::bigint::text)";
+
+/// A step whose owner and task were taken as read, in one statement: [`WHOLE_STEP`] with the
+/// guards of its rows ([`OWNER_GUARD`], [`TASK_GUARD`]) and its transaction's [`TOKEN`], their
+/// parameters numbered on in that order. Every write takes its rows from the guards' (a `WITH` of
+/// one row, run once), so none writes anything before both guards passed, whatever order the
+/// server runs the parts in: a changed row stops the statement as when they were statements of
+/// their own.
+static GUARDED_STEP: LazyLock<String> = LazyLock::new(|| {
+    // As a transaction of its own it is `SERIALIZABLE` by the session's default, not by a
+    // `BEGIN` of its own: were that default ever lost, it raises, and runs again reading (as a
+    // transaction that says `SERIALIZABLE`).
+    const SERIALIZABLE: &str = "CASE WHEN current_setting('transaction_isolation') = 'serializable' \
+         THEN 0 ELSE cairn_read_changed() END";
+    const PASSED: &str = "(SELECT owner + task + serializable FROM guards) = 0";
+    let guard = |sql: &str, by| numbered_on(sql.strip_prefix("SELECT ").unwrap_or(sql), by);
+    let whole = numbered_on(WHOLE_STEP, 11)
+        .replacen(" VALUES (", " SELECT ", 1)
+        .replacen(
+            "$18)), task AS (",
+            &format!("$18 WHERE {PASSED}), task AS ("),
+            1,
+        )
+        .replacen(
+            " WHERE op_id = $19",
+            &format!(" WHERE {PASSED} AND op_id = $19"),
+            1,
+        )
+        .replacen(
+            "message, ord)) ",
+            &format!("message, ord) WHERE {PASSED}) "),
+            1,
+        );
+    let (writes, notify) = whole.rsplit_once(" SELECT ").unwrap_or((&whole, ""));
+    let writes = writes.strip_prefix("WITH ").unwrap_or(writes);
+    format!(
+        "WITH guards AS MATERIALIZED (SELECT {} AS owner, {} AS task, {SERIALIZABLE} AS serializable), {writes}, \
+         token AS ({}) SELECT {notify}",
+        guard(OWNER_GUARD, 0),
+        guard(TASK_GUARD, 7),
+        numbered_on(TOKEN, 34).replacen(
+            " VALUES ($35, $36)",
+            &format!(" SELECT $35, $36 WHERE {PASSED}"),
+            1
+        ),
+    )
+});
+
+/// `sql` with each parameter `$n` numbered `$n + by`.
+fn numbered_on(sql: &str, by: usize) -> String {
+    let mut out = String::new();
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        match rest[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&rest[..digits]),
+        }
+        rest = &rest[digits..];
+    }
+    out + rest
+}
+
+/// What begins each of the writer's transactions, and what ends it.
+pub(super) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
+pub(super) const COMMIT: &str = "COMMIT";
 
 /// A transaction's commit token.
 pub(super) const TOKEN: &str = "INSERT INTO commit_tokens (token, at) VALUES ($1, $2)";
@@ -481,6 +588,13 @@ impl<'t> PgTx<'t> {
         Ok(())
     }
 
+    /// As [`PgTx::send`], held to go fused with what follows where it can (`Pipe::hold`).
+    fn hold(&mut self, sql: &'static str, params: &Params<'_>) -> Result<()> {
+        let form = self.conn.form(sql).map_err(|e| self.fail(&e))?;
+        self.conn.client.hold(&form, params);
+        Ok(())
+    }
+
     /// Gathers a row of a multi-row statement, sent as one with the others of its slot (see
     /// [`Pipe::gather`]).
     fn gather(&mut self, slot: &Slot, key: Option<(i64, i64)>, row: &[Value<'_>]) -> Result<()> {
@@ -546,7 +660,7 @@ impl Tx for PgTx<'_> {
         {
             let r = &known;
             self.conn.guarded = true;
-            self.send(
+            self.hold(
                 OWNER_GUARD,
                 &[
                     &op.0, &r.status, &r.host, &r.boot, &r.pid, &r.start, &r.lease,
@@ -887,7 +1001,7 @@ impl Tx for PgTx<'_> {
         match self.conn.ahead.remove(&(op, task)) {
             Some(Ahead::Taken(status, name)) => {
                 self.conn.guarded = true;
-                self.send(TASK_GUARD, &[&op.0, &i64::from(task.0), &status, &name])?;
+                self.hold(TASK_GUARD, &[&op.0, &i64::from(task.0), &status, &name])?;
                 return Ok((status, name));
             }
             Some(Ahead::Read(ticket)) => match self.conn.client.take(ticket) {
@@ -1625,31 +1739,41 @@ impl Tx for PgTx<'_> {
 mod tests {
     use super::*;
 
-    /// `sql` with each parameter `$n` numbered `$n + by`.
-    fn shifted(sql: &str, by: usize) -> String {
-        let mut out = String::new();
-        let mut rest = sql;
-        while let Some(at) = rest.find('$') {
-            out.push_str(&rest[..=at]);
-            rest = &rest[at + 1..];
-            let digits = rest
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            let n: usize = rest[..digits].parse().unwrap();
-            out.push_str(&(n + by).to_string());
-            rest = &rest[digits..];
-        }
-        out + rest
-    }
-
     #[test]
     fn the_whole_step_is_its_three_parts_with_their_parameters_numbered_on() {
-        let events = shifted(OP_EVENTS, 18);
+        let events = numbered_on(OP_EVENTS, 18);
         let expected = format!(
             "WITH attempt AS ({ATTEMPT_ROW}), task AS ({}), {}",
-            shifted(TASK_ROW, 7),
+            numbered_on(TASK_ROW, 7),
             events.strip_prefix("WITH ").unwrap()
         );
         assert_eq!(WHOLE_STEP, expected);
+    }
+
+    #[test]
+    fn the_guarded_step_writes_nothing_but_from_its_guards_row() {
+        let passed = "(SELECT owner + task + serializable FROM guards) = 0";
+        let expected = format!(
+            "WITH guards AS MATERIALIZED (SELECT COALESCE((SELECT 0 FROM ops WHERE id = $1 \
+             AND status = $2 AND owner_host IS NOT DISTINCT FROM $3 AND owner_boot IS NOT DISTINCT FROM $4 \
+             AND owner_pid IS NOT DISTINCT FROM $5 AND owner_start IS NOT DISTINCT FROM $6 \
+             AND lease_until IS NOT DISTINCT FROM $7 FOR UPDATE), cairn_read_changed()) AS owner, \
+             COALESCE((SELECT 0 FROM tasks WHERE op_id = $8 AND task_no = $9 AND status = $10 AND name = $11), \
+             cairn_read_changed()) AS task, CASE WHEN current_setting('transaction_isolation') = 'serializable' \
+             THEN 0 ELSE cairn_read_changed() END AS serializable), \
+             attempt AS (INSERT INTO attempts (op_id, task_no, n, status, started_at, ended_at, exit_code, error) \
+             SELECT $12, $13, $14, $15, $16, $16, $17, $18 WHERE {passed}), \
+             task AS (UPDATE tasks SET status = $21, attempts = $22, retry_from = $23, \
+             started_at = COALESCE(started_at, $24), ended_at = $25, exit_code = $26, error = $27, \
+             outputs = COALESCE($28, outputs), by_check = $29 WHERE {passed} AND op_id = $19 AND task_no = $20), \
+             appended AS (INSERT INTO events (op_id, seq, at, kind, task, message) \
+             SELECT $30, next.seq + e.ord - 1, e.at, e.kind, e.task, e.message \
+             FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM events WHERE op_id = $30) next, \
+             unnest($31::bigint[], $32::text[], $33::text[], $34::text[]) WITH ORDINALITY AS e(at, task, kind, message, ord) \
+             WHERE {passed}), \
+             token AS (INSERT INTO commit_tokens (token, at) SELECT $35, $36 WHERE {passed}) \
+             SELECT pg_notify('cairn_moves', $30::bigint::text)"
+        );
+        assert_eq!(GUARDED_STEP.as_str(), expected);
     }
 }

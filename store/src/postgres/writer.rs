@@ -19,7 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::listen::{Changes, Moved};
-use super::tx::{Conn, Fault, PgTx, Session, TOKEN, describe, fault_of};
+use super::tx::{BEGIN, COMMIT, Conn, Fault, PgTx, Session, TOKEN, describe, fault_of};
 use super::{PgReader, Target, migrations};
 use crate::api::{Backend, Committing, Reader, Results, Waiting};
 use crate::error::{Error, Result};
@@ -155,12 +155,14 @@ fn connect_writer(target: &Target) -> Result<Conn> {
         // Every statement of the writer finds its rows by key: an index scan always, joins by
         // nested loop, so that a gathered statement (`Pipe::gather`) is planned as its rows one
         // by one, and `SERIALIZABLE` locks those rows, not the table (which would conflict with
-        // every other node's writes). Its transactions say `SERIALIZABLE`; what it reads outside
-        // one (the next tasks after a step's commit, `Conn::send_next_tasks`) locks nothing.
+        // every other node's writes). Every transaction is `SERIALIZABLE`, a statement that is
+        // one (a fused step) too; what it reads or deletes outside them (the next tasks after a
+        // step's commit, `Conn::send_next_tasks`; old tokens) says `READ COMMITTED`: it locks
+        // nothing.
         .batch_execute(
             "SET synchronous_commit = on; SET enable_seqscan = off; \
              SET enable_hashjoin = off; SET enable_mergejoin = off; \
-             SET default_transaction_isolation = 'read committed'",
+             SET default_transaction_isolation = 'serializable'",
         )
         .map_err(|e| target.unusable(&describe(&e)))?;
     let session = client
@@ -357,12 +359,18 @@ impl Writer<'_> {
     ) -> Option<bool> {
         loop {
             let conn = connection(&mut self.conn, self.target, patience)?;
+            // Read as committed (the lost session is gone): it locks nothing.
             let asked = session
                 .map_or(Ok(()), |old| end_session(conn, old, patience))
                 .and_then(|()| {
                     conn.client
+                        .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY")
+                })
+                .and_then(|()| {
+                    conn.client
                         .query_opt("SELECT 1 FROM commit_tokens WHERE token = $1", &[&token])
-                });
+                })
+                .and_then(|row| conn.client.batch_execute(COMMIT).map(|()| row));
             match asked {
                 Ok(row) => return Some(row.is_some()),
                 Err(e) => {
@@ -470,7 +478,10 @@ impl Patience {
 ///
 /// Statements whose answers the rules do not read are sent without waiting (`BEGIN`, the writes,
 /// the commit: see [`super::pipe`]), so a transaction takes a round trip for each read and one
-/// for its writes and commit together. A write refused that way is found before the commit is
+/// for its writes and commit together. `BEGIN` and a plain `COMMIT` are held with the guards and
+/// the token, so that a step that takes its rows as read goes as one statement, a transaction of
+/// its own (`tx::GUARDED_STEP`): its failure answers under its first guard's ticket, between
+/// `begin`'s and `commit`'s, as a write's would. A write refused that way is found before the commit is
 /// trusted, and its batch counts as refused; with savepoints, each batch's writes are answered
 /// before its savepoint is released.
 fn run(
@@ -492,9 +503,9 @@ fn run(
         path: path.to_path_buf(),
         reason: describe(e),
     };
-    let begin = conn
-        .client
-        .send_batch("BEGIN ISOLATION LEVEL SERIALIZABLE".to_owned());
+    // Held, as the `COMMIT` is: a step whose statements fuse into one goes without either, as a
+    // transaction of its own (`tx::GUARDED_STEP`).
+    let begin = conn.client.hold_batch(BEGIN);
     let alone = batches.len() == 1;
     // A batch alone may take rows earlier transactions read as read (see `tx::Known`).
     if let Err(e) = conn.read_ahead(rules::read_ahead(batches), alone && !savepoints) {
@@ -586,14 +597,11 @@ fn run(
         Ok(ticket) => ticket,
         Err(e) => return abandon(conn, broke(conn, &e)),
     };
-    conn.client.send_batch(
-        if wakes {
-            "NOTIFY cairn; COMMIT"
-        } else {
-            "COMMIT"
-        }
-        .to_owned(),
-    );
+    if wakes {
+        conn.client.send_batch("NOTIFY cairn; COMMIT".to_owned());
+    } else {
+        conn.client.hold_batch(COMMIT);
+    }
     conn.send_next_tasks();
     let Err(failed) = conn.client.settle() else {
         conn.keep_next_tasks();
@@ -670,10 +678,16 @@ impl Tokens {
     fn committed(&mut self, conn: &mut Conn) {
         self.commits += 1;
         if self.commits.is_multiple_of(PRUNE_EVERY) {
-            let _ = conn.client.execute(
-                "DELETE FROM commit_tokens WHERE at < $1",
-                &[&(now_ms() - TOKEN_AGE_MS)],
-            );
+            let pruned = conn.client.batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; \
+                 DELETE FROM commit_tokens WHERE at < {}; COMMIT",
+                now_ms() - TOKEN_AGE_MS
+            ));
+            // A failed `DELETE` skips the `COMMIT` after it: its transaction is ended here, not
+            // left open under the next one.
+            if pruned.is_err() {
+                let _ = conn.client.batch_execute("ROLLBACK");
+            }
         }
     }
 }
@@ -707,6 +721,16 @@ mod tests {
             let _ =
                 admin().batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0));
         }
+    }
+
+    /// A database of the test's own, migrated: its target, and a client of it.
+    fn migrated(tag: &str) -> (Db, Target, postgres::Client) {
+        let db = Db::new(tag);
+        let target = Target::new(&db.location()).unwrap();
+        let mut client = target.connect().unwrap();
+        let fail = |e: &postgres::Error| target.unusable(&describe(e));
+        migrations::migrate(&mut client, &|r| target.unusable(&r), &fail).unwrap();
+        (db, target, client)
     }
 
     fn admin() -> postgres::Client {
@@ -765,15 +789,52 @@ mod tests {
         assert_eq!(failed.ticket, failing);
     }
 
+    /// A prune of old tokens that fails (here: it waits on a locked token past `lock_timeout`)
+    /// leaves no transaction open under the writer's next one.
+    #[test]
+    fn a_failed_prune_leaves_no_transaction_open() {
+        let (_db, target, mut client) = migrated("prune");
+        client
+            .batch_execute("INSERT INTO commit_tokens (token, at) VALUES ('old', 1)")
+            .unwrap();
+        let mut locker = target.connect().unwrap();
+        let mut holding = locker.transaction().unwrap();
+        holding
+            .batch_execute("SELECT 1 FROM commit_tokens WHERE token = 'old' FOR UPDATE")
+            .unwrap();
+        let mut conn = connect_writer(&target).unwrap();
+        conn.client
+            .batch_execute("SET lock_timeout = '50ms'")
+            .unwrap();
+        let mut tokens = Tokens::new();
+        tokens.commits = PRUNE_EVERY - 1;
+        tokens.committed(&mut conn);
+        let left: i64 = client
+            .query_one("SELECT count(*) FROM commit_tokens", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 1, "the prune failed");
+        // The writer's next transaction runs as on a fresh session.
+        conn.client
+            .batch_execute(&format!("{BEGIN}; SELECT count(*) FROM ops; {COMMIT}"))
+            .unwrap();
+        holding.rollback().unwrap();
+    }
+
+    /// A fused statement goes in its parts' place only if it takes their parameters as they are
+    /// encoded; all of the writer's do, on a migrated database.
+    #[test]
+    fn every_fused_statement_takes_its_parts_parameters() {
+        let (_db, target, _client) = migrated("fused");
+        let conn = connect_writer(&target).unwrap();
+        assert_eq!(conn.client.fused(), 3);
+    }
+
     /// What a writer whose connection broke during `COMMIT` asks on its new connection: the token
     /// of a transaction that committed is there, one that did not commit is not.
     #[test]
     fn a_commit_in_doubt_is_settled_by_its_token() {
-        let db = Db::new("doubt");
-        let target = Target::new(&db.location()).unwrap();
-        let mut client = target.connect().unwrap();
-        let fail = |e: &postgres::Error| target.unusable(&describe(e));
-        migrations::migrate(&mut client, &|r| target.unusable(&r), &fail).unwrap();
+        let (_db, target, _client) = migrated("doubt");
         let mut writer = Writer {
             target: &target,
             path: target.location.as_path().to_path_buf(),
