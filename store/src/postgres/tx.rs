@@ -399,7 +399,7 @@ const WHOLE_STEP: &str = "WITH attempt AS (INSERT INTO attempts (op_id, task_no,
 /// one row, run once), so none writes anything before both guards passed, whatever order the
 /// server runs the parts in: a changed row stops the statement as when they were statements of
 /// their own.
-static GUARDED_STEP: LazyLock<String> = LazyLock::new(|| {
+pub(super) static GUARDED_STEP: LazyLock<String> = LazyLock::new(|| {
     // As a transaction of its own it is `SERIALIZABLE` by the session's default, not by a
     // `BEGIN` of its own: were that default ever lost, it raises, and runs again reading (as a
     // transaction that says `SERIALIZABLE`).

@@ -821,6 +821,105 @@ mod tests {
         holding.rollback().unwrap();
     }
 
+    /// A step sent as a transaction of its own (`tx::GUARDED_STEP`) is `SERIALIZABLE` by the
+    /// session's default: run in any other isolation, it raises and writes nothing (the writer
+    /// then runs it again reading, in a transaction that says `SERIALIZABLE`).
+    #[test]
+    fn a_step_alone_writes_nothing_unless_serializable() {
+        let (_db, target, mut client) = migrated("isolation");
+        client
+            .batch_execute(
+                "INSERT INTO plan_snapshots (hash, name, text) VALUES ('h', 'p', 'steps: []'); \
+                 INSERT INTO ops (id, uuid, plan, snapshot_id, title, status, params, workdir, env, created_at) \
+                 VALUES (1, 'u', 'p', (SELECT id FROM plan_snapshots), 't', 'running', '{}', '/', '{}', 1); \
+                 INSERT INTO tasks (op_id, task_no, step, name, status) VALUES (1, 0, 's', 's', 'pending')",
+            )
+            .unwrap();
+        let mut conn = connect_writer(&target).unwrap();
+        let step = conn
+            .statement(super::super::tx::GUARDED_STEP.as_str())
+            .unwrap();
+        let none_text: Option<&str> = None;
+        let none_int: Option<i64> = None;
+        let (op, task, n, at) = (1_i64, 0_i64, 1_i64, 5_i64);
+        let (ats, names) = (vec![at, at], vec!["s", "s"]);
+        let kinds = vec!["task-started", "task-succeeded"];
+        let messages = vec!["attempt 1", "attempt 1 succeeded"];
+        let run_step = |conn: &mut Conn, token: &str| {
+            let params: [&(dyn postgres::types::ToSql + Sync); 36] = [
+                &op,
+                &"running",
+                &none_text,
+                &none_text,
+                &none_int,
+                &none_int,
+                &none_int,
+                &op,
+                &task,
+                &"pending",
+                &"s",
+                &op,
+                &task,
+                &n,
+                &"succeeded",
+                &at,
+                &none_int,
+                &none_text,
+                &op,
+                &task,
+                &"succeeded",
+                &n,
+                &0_i64,
+                &at,
+                &at,
+                &none_int,
+                &none_text,
+                &none_text,
+                &0_i64,
+                &op,
+                &ats,
+                &names,
+                &kinds,
+                &messages,
+                &token,
+                &at,
+            ];
+            conn.client.execute(&step, &params)
+        };
+        conn.client
+            .batch_execute("SET default_transaction_isolation = 'read committed'")
+            .unwrap();
+        let err = run_step(&mut conn, "t1").unwrap_err();
+        assert!(
+            matches!(fault_of(&err, &conn.client), Some(Fault::Conflict)),
+            "{err}"
+        );
+        let count = |client: &mut postgres::Client, sql: &str| -> i64 {
+            client.query_one(sql, &[]).unwrap().get(0)
+        };
+        assert_eq!(count(&mut client, "SELECT count(*) FROM attempts"), 0);
+        assert_eq!(count(&mut client, "SELECT count(*) FROM commit_tokens"), 0);
+        conn.client
+            .batch_execute("SET default_transaction_isolation = 'serializable'")
+            .unwrap();
+        run_step(&mut conn, "t2").unwrap();
+        assert_eq!(count(&mut client, "SELECT count(*) FROM attempts"), 1);
+        assert_eq!(
+            count(
+                &mut client,
+                "SELECT count(*) FROM tasks WHERE status = 'succeeded'"
+            ),
+            1
+        );
+        assert_eq!(
+            count(
+                &mut client,
+                "SELECT count(*) FROM commit_tokens WHERE token = 't2'"
+            ),
+            1
+        );
+    }
+
     /// A fused statement goes in its parts' place only if it takes their parameters as they are
     /// encoded; all of the writer's do, on a migrated database.
     #[test]
