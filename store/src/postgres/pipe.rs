@@ -221,17 +221,8 @@ impl Pipe {
             let done = self.execute(statement, params).map(|_| Answer::Done);
             return self.go(Kind::Write, Box::pin(std::future::ready(done)));
         };
-        let client = Arc::clone(&self.client);
-        let statement = statement.clone();
-        self.go(
-            Kind::Write,
-            Box::pin(async move {
-                client
-                    .execute_raw(&statement, encoded)
-                    .await
-                    .map(|_| Answer::Done)
-            }),
-        )
+        let answer = self.executed(statement.clone(), encoded);
+        self.go(Kind::Write, answer)
     }
 
     /// As [`Pipe::send`], but held back until the next statement is sent or waited for, so that
@@ -240,26 +231,19 @@ impl Pipe {
         let Some(encoded) = encode(&form.statement, params) else {
             return self.send(&form.statement, params);
         };
-        // What was gathered before it goes before it.
-        self.hold_gathered();
-        let ticket = self.ticket();
-        self.held.push(Held {
-            sql: form.sql,
-            what: Part::Statement(form.statement.clone(), encoded),
-            ticket,
-        });
-        ticket
+        self.push_held(form.sql, Part::Statement(form.statement.clone(), encoded))
     }
 
     /// As [`Pipe::send_batch`], held back as [`Pipe::hold`] holds a statement.
     pub(super) fn hold_batch(&mut self, sql: &'static str) -> Ticket {
+        self.push_held(sql, Part::Batch)
+    }
+
+    fn push_held(&mut self, sql: &'static str, what: Part) -> Ticket {
+        // What was gathered before it goes before it.
         self.hold_gathered();
         let ticket = self.ticket();
-        self.held.push(Held {
-            sql,
-            what: Part::Batch,
-            ticket,
-        });
+        self.held.push(Held { sql, what, ticket });
         ticket
     }
 
@@ -332,11 +316,30 @@ impl Pipe {
     }
 
     fn batch(&mut self, kind: Kind, sql: String) -> Ticket {
+        let answer = self.batched(sql);
+        self.go(kind, answer)
+    }
+
+    /// The answer of `statement` run with `params`, once sent ([`Pipe::fly`]).
+    fn executed(&self, statement: Statement, params: Vec<Encoded>) -> Sent {
         let client = Arc::clone(&self.client);
-        self.go(
-            kind,
-            Box::pin(async move { client.batch_execute(&sql).await.map(|()| Answer::Done) }),
-        )
+        Box::pin(async move {
+            client
+                .execute_raw(&statement, params)
+                .await
+                .map(|_| Answer::Done)
+        })
+    }
+
+    /// The answer of the statements `sql` (without parameters, one message), once sent.
+    fn batched(&self, sql: impl AsRef<str> + Send + 'static) -> Sent {
+        let client = Arc::clone(&self.client);
+        Box::pin(async move {
+            client
+                .batch_execute(sql.as_ref())
+                .await
+                .map(|()| Answer::Done)
+        })
     }
 
     /// Gathers a row of `statement`, which takes each of its columns as an array, to be sent
@@ -424,7 +427,7 @@ impl Pipe {
                     sqls.take(f.parts.len()).eq(f.parts.iter().copied())
                 })
                 .max_by_key(|f| f.parts.len());
-            let (statement, params, ticket) = match (fused, first.what) {
+            let (answer, ticket) = match (fused, first.what) {
                 (Some(fused), what) => {
                     let rest = held.drain(..fused.parts.len() - 1);
                     let mut ticket = None;
@@ -437,33 +440,15 @@ impl Pipe {
                             params.extend(values);
                         }
                     }
-                    (fused.whole.clone(), params, ticket.unwrap_or(first.ticket))
+                    let answer = self.executed(fused.whole.clone(), params);
+                    (answer, ticket.unwrap_or(first.ticket))
                 }
-                (None, Part::Statement(statement, params)) => (statement, params, first.ticket),
-                (None, Part::Batch) => {
-                    let client = Arc::clone(&self.client);
-                    let sql = first.sql;
-                    self.fly(
-                        Kind::Write,
-                        first.ticket,
-                        Box::pin(
-                            async move { client.batch_execute(sql).await.map(|()| Answer::Done) },
-                        ),
-                    );
-                    continue;
+                (None, Part::Statement(statement, params)) => {
+                    (self.executed(statement, params), first.ticket)
                 }
+                (None, Part::Batch) => (self.batched(first.sql), first.ticket),
             };
-            let client = Arc::clone(&self.client);
-            self.fly(
-                Kind::Write,
-                ticket,
-                Box::pin(async move {
-                    client
-                        .execute_raw(&statement, params)
-                        .await
-                        .map(|_| Answer::Done)
-                }),
-            );
+            self.fly(Kind::Write, ticket, answer);
         }
     }
 

@@ -195,9 +195,9 @@ impl Conn {
         Ok(self.client.hold(&form, &[&token, &at]))
     }
 
-    /// Prepares what a step's transaction sends without waiting: the statements the connection
-    /// sends instead of their parts when those come one after the other (`pipe::Fused`), and the
-    /// read of an op's next tasks.
+    /// Prepares what a step's transaction sends without waiting (the commit token among them):
+    /// the statements the connection sends instead of their parts when those come one after the
+    /// other (`pipe::Fused`), and the read of an op's next tasks.
     pub(super) fn prepare_steps(&mut self) -> std::result::Result<(), postgres::Error> {
         const GUARDED_PARTS: [&str; 6] = [
             OWNER_GUARD,
@@ -250,8 +250,7 @@ impl Conn {
             return;
         }
         // The session's transactions are `SERIALIZABLE`; these reads lock nothing.
-        self.client
-            .send_batch_aside("BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY".to_owned());
+        self.client.send_batch_aside(BEGIN_READ.to_owned());
         for (op, task) in std::mem::take(&mut self.next_tasks) {
             let after = i64::from(task.0) + 1;
             if let Some(ticket) = self
@@ -461,6 +460,8 @@ fn numbered_on(sql: &str, by: usize) -> String {
 /// What begins each of the writer's transactions, and what ends it.
 pub(super) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
 pub(super) const COMMIT: &str = "COMMIT";
+/// What begins the writer's reads outside its transactions: they lock nothing.
+pub(super) const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY";
 
 /// A transaction's commit token.
 pub(super) const TOKEN: &str = "INSERT INTO commit_tokens (token, at) VALUES ($1, $2)";

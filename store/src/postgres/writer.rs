@@ -19,7 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::listen::{Changes, Moved};
-use super::tx::{BEGIN, COMMIT, Conn, Fault, PgTx, Session, TOKEN, describe, fault_of};
+use super::tx::{BEGIN, BEGIN_READ, COMMIT, Conn, Fault, PgTx, Session, describe, fault_of};
 use super::{PgReader, Target, migrations};
 use crate::api::{Backend, Committing, Reader, Results, Waiting};
 use crate::error::{Error, Result};
@@ -157,8 +157,8 @@ fn connect_writer(target: &Target) -> Result<Conn> {
         // by one, and `SERIALIZABLE` locks those rows, not the table (which would conflict with
         // every other node's writes). Every transaction is `SERIALIZABLE`, a statement that is
         // one (a fused step) too; what it reads or deletes outside them (the next tasks after a
-        // step's commit, `Conn::send_next_tasks`; old tokens) says `READ COMMITTED`: it locks
-        // nothing.
+        // step's commit, `Conn::send_next_tasks`; a token after a lost connection; old tokens)
+        // says `READ COMMITTED`: it locks nothing.
         .batch_execute(
             "SET synchronous_commit = on; SET enable_seqscan = off; \
              SET enable_hashjoin = off; SET enable_mergejoin = off; \
@@ -177,9 +177,8 @@ fn connect_writer(target: &Target) -> Result<Conn> {
         pid: session.get(0),
         started: session.get(1),
     });
-    // Prepared now, so that a transaction's commit never waits for it.
-    conn.statement(TOKEN)
-        .and_then(|_| conn.prepare_steps())
+    // Prepared now, so that a transaction's commit never waits for them.
+    conn.prepare_steps()
         .map_err(|e| target.unusable(&describe(&e)))?;
     Ok(conn)
 }
@@ -362,10 +361,7 @@ impl Writer<'_> {
             // Read as committed (the lost session is gone): it locks nothing.
             let asked = session
                 .map_or(Ok(()), |old| end_session(conn, old, patience))
-                .and_then(|()| {
-                    conn.client
-                        .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY")
-                })
+                .and_then(|()| conn.client.batch_execute(BEGIN_READ))
                 .and_then(|()| {
                     conn.client
                         .query_opt("SELECT 1 FROM commit_tokens WHERE token = $1", &[&token])
@@ -477,11 +473,11 @@ impl Patience {
 /// serving node work, and `COMMIT`.
 ///
 /// Statements whose answers the rules do not read are sent without waiting (`BEGIN`, the writes,
-/// the commit: see [`super::pipe`]), so a transaction takes a round trip for each read and one
-/// for its writes and commit together. `BEGIN` and a plain `COMMIT` are held with the guards and
-/// the token, so that a step that takes its rows as read goes as one statement, a transaction of
-/// its own (`tx::GUARDED_STEP`): its failure answers under its first guard's ticket, between
-/// `begin`'s and `commit`'s, as a write's would. A write refused that way is found before the commit is
+/// the commit: see [`super::pipe`]), so a transaction takes a round trip for each read and one for
+/// its writes and commit together. `BEGIN` and a plain `COMMIT` are held with the guards and the
+/// token, so that a step that takes its rows as read goes as one statement, a transaction of its
+/// own (`tx::GUARDED_STEP`): its failure answers under its first guard's ticket, between `begin`'s
+/// and `commit`'s, as a write's would. A write refused that way is found before the commit is
 /// trusted, and its batch counts as refused; with savepoints, each batch's writes are answered
 /// before its savepoint is released.
 fn run(
@@ -821,12 +817,10 @@ mod tests {
         holding.rollback().unwrap();
     }
 
-    /// A step sent as a transaction of its own (`tx::GUARDED_STEP`) is `SERIALIZABLE` by the
-    /// session's default: run in any other isolation, it raises and writes nothing (the writer
-    /// then runs it again reading, in a transaction that says `SERIALIZABLE`).
-    #[test]
-    fn a_step_alone_writes_nothing_unless_serializable() {
-        let (_db, target, mut client) = migrated("isolation");
+    /// A database holding op 1 (`running`, unowned) and its task 0 (`s`, `pending`), and the
+    /// writer's connection to it with [`super::super::tx::GUARDED_STEP`] prepared.
+    fn one_task(tag: &str) -> (Db, postgres::Client, Conn, postgres::Statement) {
+        let (db, target, mut client) = migrated(tag);
         client
             .batch_execute(
                 "INSERT INTO plan_snapshots (hash, name, text) VALUES ('h', 'p', 'steps: []'); \
@@ -839,70 +833,89 @@ mod tests {
         let step = conn
             .statement(super::super::tx::GUARDED_STEP.as_str())
             .unwrap();
+        (db, client, conn, step)
+    }
+
+    /// [`super::super::tx::GUARDED_STEP`] for [`one_task`]'s task, known `pending`: its first
+    /// attempt succeeded, its commit token `token`.
+    fn guarded_step(
+        conn: &mut Conn,
+        step: &postgres::Statement,
+        token: &str,
+    ) -> std::result::Result<u64, postgres::Error> {
         let none_text: Option<&str> = None;
         let none_int: Option<i64> = None;
         let (op, task, n, at) = (1_i64, 0_i64, 1_i64, 5_i64);
         let (ats, names) = (vec![at, at], vec!["s", "s"]);
         let kinds = vec!["task-started", "task-succeeded"];
         let messages = vec!["attempt 1", "attempt 1 succeeded"];
-        let run_step = |conn: &mut Conn, token: &str| {
-            let params: [&(dyn postgres::types::ToSql + Sync); 36] = [
-                &op,
-                &"running",
-                &none_text,
-                &none_text,
-                &none_int,
-                &none_int,
-                &none_int,
-                &op,
-                &task,
-                &"pending",
-                &"s",
-                &op,
-                &task,
-                &n,
-                &"succeeded",
-                &at,
-                &none_int,
-                &none_text,
-                &op,
-                &task,
-                &"succeeded",
-                &n,
-                &0_i64,
-                &at,
-                &at,
-                &none_int,
-                &none_text,
-                &none_text,
-                &0_i64,
-                &op,
-                &ats,
-                &names,
-                &kinds,
-                &messages,
-                &token,
-                &at,
-            ];
-            conn.client.execute(&step, &params)
-        };
+        let params: [&(dyn postgres::types::ToSql + Sync); 36] = [
+            // The owner's guard, the task's guard.
+            &op,
+            &"running",
+            &none_text,
+            &none_text,
+            &none_int,
+            &none_int,
+            &none_int,
+            &op,
+            &task,
+            &"pending",
+            &"s",
+            // The attempt, the task's end, the events, the token.
+            &op,
+            &task,
+            &n,
+            &"succeeded",
+            &at,
+            &none_int,
+            &none_text,
+            &op,
+            &task,
+            &"succeeded",
+            &n,
+            &0_i64,
+            &at,
+            &at,
+            &none_int,
+            &none_text,
+            &none_text,
+            &0_i64,
+            &op,
+            &ats,
+            &names,
+            &kinds,
+            &messages,
+            &token,
+            &at,
+        ];
+        conn.client.execute(step, &params)
+    }
+
+    fn count(client: &mut postgres::Client, sql: &str) -> i64 {
+        client.query_one(sql, &[]).unwrap().get(0)
+    }
+
+    /// A step sent as a transaction of its own (`tx::GUARDED_STEP`) is `SERIALIZABLE` by the
+    /// session's default: run in any other isolation, it raises and writes nothing (the writer
+    /// then runs it again reading, in a transaction that says `SERIALIZABLE`).
+    #[test]
+    fn a_step_alone_writes_nothing_unless_serializable() {
+        let (_db, mut client, mut conn, step) = one_task("isolation");
         conn.client
             .batch_execute("SET default_transaction_isolation = 'read committed'")
             .unwrap();
-        let err = run_step(&mut conn, "t1").unwrap_err();
+        let err = guarded_step(&mut conn, &step, "t1").unwrap_err();
         assert!(
             matches!(fault_of(&err, &conn.client), Some(Fault::Conflict)),
             "{err}"
         );
-        let count = |client: &mut postgres::Client, sql: &str| -> i64 {
-            client.query_one(sql, &[]).unwrap().get(0)
-        };
         assert_eq!(count(&mut client, "SELECT count(*) FROM attempts"), 0);
         assert_eq!(count(&mut client, "SELECT count(*) FROM commit_tokens"), 0);
         conn.client
             .batch_execute("SET default_transaction_isolation = 'serializable'")
             .unwrap();
-        run_step(&mut conn, "t2").unwrap();
+        guarded_step(&mut conn, &step, "t2").unwrap();
         assert_eq!(count(&mut client, "SELECT count(*) FROM attempts"), 1);
         assert_eq!(
             count(
@@ -918,6 +931,27 @@ mod tests {
             ),
             1
         );
+    }
+
+    /// A step alone whose task changed behind the writer's back, and whose attempt was written
+    /// meanwhile, answers with its guard (a conflict: run again, reading), never with its write's
+    /// refusal: no write of it runs before its guards passed.
+    #[test]
+    fn a_step_alone_answers_with_its_guard_before_any_write() {
+        let (_db, mut client, mut conn, step) = one_task("guard_first");
+        client
+            .batch_execute(
+                "UPDATE tasks SET status = 'running'; \
+                 INSERT INTO attempts (op_id, task_no, n, status, started_at) VALUES (1, 0, 1, 'running', 1)",
+            )
+            .unwrap();
+        let err = guarded_step(&mut conn, &step, "t1").unwrap_err();
+        assert_eq!(
+            err.code().map(postgres::error::SqlState::code),
+            Some(super::super::tx::CHANGED),
+            "{err}"
+        );
+        assert_eq!(count(&mut client, "SELECT count(*) FROM commit_tokens"), 0);
     }
 
     /// A fused statement goes in its parts' place only if it takes their parameters as they are
