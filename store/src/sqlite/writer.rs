@@ -125,10 +125,7 @@ impl SqliteStore {
             }
             return Ok(failed(&classify(&self.path, &e), &self.path, refs.len()));
         }
-        let tx = match conn
-            .0
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        {
+        let tx = match Immediate::begin(conn.0) {
             Ok(tx) => tx,
             Err(e) if is_busy(&e) => return Err(batches),
             Err(e) => {
@@ -322,15 +319,56 @@ fn commit(
 ) -> Result<Vec<Result<Vec<Applied>>>> {
     let Writable { conn, unsynced } = writable;
     sync_for(conn, unsynced, batches).map_err(|e| classify(path, &e))?;
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|e| classify(path, &e))?;
+    let tx = Immediate::begin(conn).map_err(|e| classify(path, &e))?;
     commit_in(tx, path, batches)
+}
+
+/// A write transaction of the writer's connection, begun with `BEGIN IMMEDIATE` and rolled back
+/// unless committed. Its `BEGIN IMMEDIATE` and `COMMIT` stay prepared, as every statement of a
+/// commit does: parsing them anew (as `rusqlite::Transaction` does) costs a step more than running
+/// them.
+struct Immediate<'c>(&'c Connection);
+
+impl<'c> Immediate<'c> {
+    fn begin(conn: &'c Connection) -> rusqlite::Result<Self> {
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        Ok(Self(conn))
+    }
+
+    /// Commits; on failure the transaction is rolled back, if SQLite left it open.
+    fn commit(self) -> rusqlite::Result<()> {
+        self.0.prepare_cached("COMMIT")?.execute([]).map(drop)
+    }
+
+    /// Rolls back, unless SQLite already did (it does after some errors, a full disk among them):
+    /// a `ROLLBACK` then would fail, and its error hide the one that ended the transaction.
+    fn rollback(self) -> rusqlite::Result<()> {
+        if self.0.is_autocommit() {
+            return Ok(());
+        }
+        self.0.prepare_cached("ROLLBACK")?.execute([]).map(drop)
+    }
+}
+
+impl std::ops::Deref for Immediate<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.0
+    }
+}
+
+impl Drop for Immediate<'_> {
+    fn drop(&mut self) {
+        if !self.0.is_autocommit() {
+            let _ = self.0.execute_batch("ROLLBACK");
+        }
+    }
 }
 
 /// [`commit`] once its transaction has begun.
 fn commit_in(
-    tx: rusqlite::Transaction<'_>,
+    tx: Immediate<'_>,
     path: &Path,
     batches: &[&Vec<Change>],
 ) -> Result<Vec<Result<Vec<Applied>>>> {
@@ -538,5 +576,47 @@ mod tests {
             assert_eq!(level(&conn), *expected, "case {i}");
             assert_eq!(unsynced, *expected == normal);
         }
+    }
+
+    /// A `COMMIT` that fails (here a deferred foreign key, which SQLite checks at the commit and
+    /// leaves the transaction open for) does not leave its transaction open under the next one:
+    /// what it wrote is rolled back, and the connection can begin again.
+    #[test]
+    fn a_failed_commit_leaves_no_transaction_open() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "PRAGMA foreign_keys = ON;
+             CREATE TABLE parent (id INTEGER PRIMARY KEY);
+             CREATE TABLE child (parent INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);",
+        )
+        .unwrap();
+        let tx = Immediate::begin(&conn).unwrap();
+        tx.execute("INSERT INTO child (parent) VALUES (1)", [])
+            .unwrap();
+        let failed = tx.commit().unwrap_err();
+        assert!(failed.to_string().contains("FOREIGN KEY"), "{failed}");
+        assert!(conn.is_autocommit());
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM child", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+        let tx = Immediate::begin(&conn).unwrap();
+        tx.execute("INSERT INTO parent (id) VALUES (1)", [])
+            .unwrap();
+        tx.commit().unwrap();
+    }
+
+    /// A transaction SQLite already ended by itself (as after a full disk) is not rolled back
+    /// again: that `ROLLBACK` would fail, and its error replace the one that ended it.
+    #[test]
+    fn a_rollback_after_sqlite_rolled_back_is_not_an_error() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (v INTEGER)").unwrap();
+        let tx = Immediate::begin(&conn).unwrap();
+        tx.execute("INSERT INTO t (v) VALUES (1)", []).unwrap();
+        // What SQLite does by itself after such an error.
+        conn.execute_batch("ROLLBACK").unwrap();
+        tx.rollback().unwrap();
+        assert!(conn.is_autocommit());
     }
 }
