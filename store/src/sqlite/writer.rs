@@ -340,9 +340,13 @@ impl<'c> Immediate<'c> {
         self.0.prepare_cached("COMMIT")?.execute([]).map(drop)
     }
 
+    fn rollback(self) -> rusqlite::Result<()> {
+        self.end()
+    }
+
     /// Rolls back, unless SQLite already did (it does after some errors, a full disk among them):
     /// a `ROLLBACK` then would fail, and its error hide the one that ended the transaction.
-    fn rollback(self) -> rusqlite::Result<()> {
+    fn end(&self) -> rusqlite::Result<()> {
         if self.0.is_autocommit() {
             return Ok(());
         }
@@ -360,9 +364,7 @@ impl std::ops::Deref for Immediate<'_> {
 
 impl Drop for Immediate<'_> {
     fn drop(&mut self) {
-        if !self.0.is_autocommit() {
-            let _ = self.0.execute_batch("ROLLBACK");
-        }
+        let _ = self.end();
     }
 }
 
